@@ -1,0 +1,153 @@
+"""Client side: one connection to the cluster that follows the leader.
+
+Masters answer writes on a follower with `not_leader` and the leader's RPC
+address; `ClusterClient` reconnects there and retries. Every attempt has a
+timeout and the whole call has a deadline, so a caller never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from .connection import Connection, Handler, open_connection
+from .errors import NO_QUORUM, NOT_LEADER, UNAVAILABLE, RpcError
+
+RETRYABLE = frozenset({NOT_LEADER, UNAVAILABLE, NO_QUORUM, "busy", "leader_starting"})
+
+
+def parse_addr(addr: str, default_port: int = 7441) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or 'host' -> (host, port); ValueError on nonsense."""
+    addr = addr.strip()
+    if not addr:
+        raise ValueError("empty address")
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif addr.count(":") == 1:
+        host, port_s = addr.split(":")
+    else:
+        host, port_s = addr, ""
+    if not host:
+        raise ValueError(f"address {addr!r} has no host")
+    try:
+        port = int(port_s) if port_s else default_port
+    except ValueError:
+        raise ValueError(f"address {addr!r} has a bad port") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"address {addr!r} has a port out of range")
+    return host, port
+
+
+def parse_addrs(spec: str | Sequence[str], default_port: int = 7441) -> list[tuple[str, int]]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = [parse_addr(a, default_port) for a in items if a.strip()]
+    if not out:
+        raise ValueError("no master address given")
+    return out
+
+
+class ClusterClient:
+    """Calls the cluster through whichever master leads, reconnecting as needed."""
+
+    def __init__(
+        self,
+        addrs: Sequence[tuple[str, int]],
+        *,
+        key_id: str,
+        psk: bytes,
+        handlers: Mapping[str, Handler] | None = None,
+        connect_timeout_s: float = 3.0,
+    ) -> None:
+        self.addrs = list(addrs)
+        self.key_id = key_id
+        self.psk = psk
+        self.handlers = handlers
+        self.connect_timeout_s = connect_timeout_s
+        self.conn: Connection | None = None
+        self.current: tuple[str, int] | None = None
+        self._next = 0
+        self._lock = asyncio.Lock()
+        self.bytes_hint: dict[str, int] = {}
+
+    async def connection(self, prefer: tuple[str, int] | None = None) -> Connection:
+        async with self._lock:
+            if self.conn is not None and not self.conn.is_closing() and prefer in (None, self.current):
+                return self.conn
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            candidates: list[tuple[str, int]] = []
+            if prefer is not None:
+                candidates.append(prefer)
+            n = len(self.addrs)
+            candidates += [self.addrs[(self._next + k) % n] for k in range(n)]
+            last: RpcError | None = None
+            for addr in candidates:
+                try:
+                    self.conn = await open_connection(
+                        addr[0], addr[1], key_id=self.key_id, psk=self.psk,
+                        handlers=self.handlers, timeout_s=self.connect_timeout_s,
+                    )
+                    self.current = addr
+                    return self.conn
+                except RpcError as exc:
+                    if exc.code == "unauthenticated":
+                        raise
+                    last = exc
+                    self._next = (self._next + 1) % n
+            raise last or RpcError(UNAVAILABLE, "no master address")
+
+    async def call(self, method: str, args: Any = None, *, timeout_s: float = 15.0, attempt_timeout_s: float = 6.0) -> Any:
+        """Call on the leader, following redirects and retrying until the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        prefer: tuple[str, int] | None = None
+        delay = 0.05
+        last: RpcError | None = None
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise last or RpcError("timeout", f"{method}: no answer within {timeout_s:g}s")
+            try:
+                conn = await asyncio.wait_for(self.connection(prefer), left)
+                prefer = None
+                return await conn.call(method, args, timeout_s=min(attempt_timeout_s, max(left, 0.01)))
+            except TimeoutError:
+                last = RpcError(UNAVAILABLE, f"{method}: could not reach a master in time")
+            except RpcError as exc:
+                if exc.code not in RETRYABLE and exc.code != "timeout":
+                    raise
+                last = exc
+                if exc.code == NOT_LEADER:
+                    leader = exc.extra.get("leader")
+                    if isinstance(leader, str) and leader:
+                        prefer = parse_addr(leader)
+                        continue
+                elif exc.code in (UNAVAILABLE, "timeout") and self.conn is not None:
+                    self.conn.close()
+                    self.conn = None
+                    self._next = (self._next + 1) % len(self.addrs)
+            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)) * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+    async def stream(self, method: str, args: Any = None, *, item_timeout_s: float | None = None) -> AsyncIterator[Any]:
+        """Stream from the leader; only the connection set-up is retried."""
+        conn = await self.connection()
+        try:
+            async for item in conn.stream(method, args, item_timeout_s=item_timeout_s):
+                yield item
+        except RpcError as exc:
+            leader = exc.extra.get("leader")
+            if exc.code != NOT_LEADER or not isinstance(leader, str):
+                raise
+            conn = await self.connection(parse_addr(leader))
+            async for item in conn.stream(method, args, item_timeout_s=item_timeout_s):
+                yield item
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None

@@ -1,0 +1,460 @@
+"""One RPC connection over asyncio: handshake, sealed frames, multiplexing.
+
+Both ends are symmetric after the handshake: either side may call methods the
+other side registered, push notifications, or stream results. Messages:
+
+  {"t": "q", "i": id, "m": method, "a": args}        request
+  {"t": "r", "i": id, "r": result} | {..., "e": err}  response (ends a stream)
+  {"t": "s", "i": id, "d": item}                      stream item
+  {"t": "x", "i": id}                                 cancel a call or stream
+  {"t": "n", "m": method, "a": args}                  notification, no reply
+  {"t": "p"} / {"t": "o"}                              ping / pong
+  {"t": "h"}                                          hello, first sealed message
+
+A frame that breaks any rule closes the connection and is counted; it never
+raises out of the event loop and never reaches a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from . import handshake as hs
+from .codec import (
+    MAX_FRAME,
+    FrameReader,
+    Opener,
+    PlainCodec,
+    Sealer,
+    decode_body,
+    encode_body,
+    frame,
+)
+from .errors import INTERNAL, UNKNOWN_METHOD, ConnectionLost, ProtocolError, RpcError
+
+log = logging.getLogger("lepton.wire")
+
+Handler = Callable[["Connection", Any], Awaitable[Any]] | Callable[["Connection", Any], AsyncIterator[Any]]
+PskLookup = Callable[[str], bytes | None]
+# Before authentication a peer gets tiny frames only, so an unauthenticated
+# client cannot make us buffer megabytes.
+HANDSHAKE_MAX_FRAME = 256
+MAX_IN_FLIGHT = 4096
+_STREAM_END = object()
+
+
+class Connection(asyncio.Protocol):
+    """A sealed, multiplexed RPC connection (client or server side)."""
+
+    def __init__(
+        self,
+        *,
+        is_client: bool,
+        handlers: Mapping[str, Handler] | None = None,
+        psk: bytes | None = None,
+        key_id: str = "",
+        psk_lookup: PskLookup | None = None,
+        on_error: Callable[[Connection, ProtocolError], None] | None = None,
+        on_close: Callable[[Connection], None] | None = None,
+        handshake_timeout_s: float = 5.0,
+        sealed: bool = True,
+    ) -> None:
+        self.is_client = is_client
+        self.handlers: Mapping[str, Handler] = handlers or {}
+        self.key_id = key_id
+        self._psk = psk
+        self._psk_lookup = psk_lookup
+        self._on_error = on_error
+        self._on_close = on_close
+        self._handshake_timeout_s = handshake_timeout_s
+        self._sealed = sealed
+        self._reader = FrameReader(HANDSHAKE_MAX_FRAME if sealed else MAX_FRAME)
+        self._hs = hs.HandshakeState()
+        self._sealer: Sealer | PlainCodec | None = None if sealed else PlainCodec()
+        self._opener: Opener | PlainCodec | None = None if sealed else PlainCodec()
+        self._authenticated = not sealed
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self._served: dict[int, asyncio.Task[None]] = {}
+        self._notified: set[asyncio.Task[None]] = set()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._paused: asyncio.Future[None] | None = None
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self.last_activity = self.loop.time()
+        self.peer: tuple[str, int] | None = None
+        self.context: dict[str, Any] = {}  # application data: token, node id...
+        self.error_reason: str | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        self._hs_timer = self.loop.call_later(self._handshake_timeout_s, self._handshake_expired)
+        if self.is_client:
+            if self._sealed:
+                self._write_raw(frame(hs.client_hello(self._hs, self.key_id)))
+            else:
+                self._opened()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        try:
+            for payload in self._reader.feed(data):
+                if self._opener is None:
+                    self._handshake_frame(payload)
+                else:
+                    self._message(decode_body(self._opener.open(payload)))
+                if self.transport is None or self.transport.is_closing():
+                    return
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown(ConnectionLost("connection closed by peer"))
+
+    def pause_writing(self) -> None:
+        if self._paused is None:
+            self._paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._paused is not None:
+            if not self._paused.done():
+                self._paused.set_result(None)
+            self._paused = None
+
+    # -- handshake --------------------------------------------------------
+    def _handshake_frame(self, payload: bytes) -> None:
+        if self.is_client:
+            status, nonce, pub = hs.parse_server_hello(payload)
+            if status == hs.STATUS_UNKNOWN_KEY:
+                self._fail_ready(RpcError("unauthenticated", f"the cluster does not know key id {self.key_id!r}"))
+                self.close()
+                return
+            if status != hs.STATUS_OK:
+                self._fail_ready(RpcError("unavailable", "server is busy, try again"))
+                self.close()
+                return
+            assert self._psk is not None
+            keys = hs.derive_keys(self._hs, pub, nonce, self._psk, is_client=True)
+            self._install(keys)
+            self._send({"t": "h"})
+        else:
+            key_id, nonce, pub = hs.parse_client_hello(payload)
+            psk = self._psk_lookup(key_id) if self._psk_lookup else None
+            if psk is None:
+                self._write_raw(frame(hs.server_hello(self._hs, hs.STATUS_UNKNOWN_KEY)))
+                self._protocol_error(ProtocolError("unknown_key", f"unknown key id {key_id!r}"))
+                return
+            self.key_id = key_id
+            keys = hs.derive_keys(self._hs, pub, nonce, psk, is_client=False)
+            self._write_raw(frame(hs.server_hello(self._hs)))
+            self._install(keys)
+
+    def _install(self, keys: hs.Keys) -> None:
+        self._sealer = Sealer(keys.send)
+        self._opener = Opener(keys.recv)
+
+    def _opened(self) -> None:
+        self._authenticated = True
+        self._reader.max_frame = MAX_FRAME
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _handshake_expired(self) -> None:
+        if not self._authenticated:
+            self._protocol_error(ProtocolError("handshake_timeout", "no handshake in time"))
+
+    # -- messages ---------------------------------------------------------
+    def _message(self, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if not self._authenticated:
+            # The first sealed message proves the peer holds the key.
+            if t != "h":
+                raise ProtocolError("no_hello", "expected hello")
+            if not self.is_client:
+                self._send({"t": "h"})
+            self._opened()
+            return
+        if t == "r":
+            self._on_response(msg)
+        elif t == "s":
+            q = self._streams.get(_int(msg, "i"))
+            if q is not None:
+                q.put_nowait(msg.get("d"))
+        elif t == "q":
+            self._on_request(msg)
+        elif t == "n":
+            self._on_notify(msg)
+        elif t == "x":
+            task = self._served.pop(_int(msg, "i"), None)
+            if task is not None:
+                task.cancel()
+        elif t == "p":
+            self._send({"t": "o"})
+        elif t in ("o", "h"):
+            pass
+        else:
+            raise ProtocolError("bad_type", f"unknown message type {t!r}")
+
+    def _on_response(self, msg: dict[str, Any]) -> None:
+        i = _int(msg, "i")
+        err = msg.get("e")
+        fut = self._calls.pop(i, None)
+        if fut is not None:
+            if fut.done():
+                return
+            if err is not None:
+                fut.set_exception(RpcError.from_wire(err))
+            else:
+                fut.set_result(msg.get("r"))
+            return
+        q = self._streams.get(i)
+        if q is not None:
+            q.put_nowait(RpcError.from_wire(err) if err is not None else _STREAM_END)
+
+    def _on_request(self, msg: dict[str, Any]) -> None:
+        i = _int(msg, "i")
+        method = msg.get("m")
+        if not isinstance(method, str):
+            raise ProtocolError("bad_request", "request without a method name")
+        if len(self._served) >= MAX_IN_FLIGHT:
+            self._send({"t": "r", "i": i, "e": {"code": "busy", "message": "too many requests in flight"}})
+            return
+        handler = self.handlers.get(method)
+        if handler is None:
+            self._send({"t": "r", "i": i, "e": {"code": UNKNOWN_METHOD, "message": f"unknown method {method!r}"}})
+            return
+        if i in self._served:
+            raise ProtocolError("dup_id", "request id reused while in flight")
+        self._served[i] = self.loop.create_task(self._serve(i, method, handler, msg.get("a")))
+
+    async def _serve(self, i: int, method: str, handler: Handler, args: Any) -> None:
+        try:
+            out = handler(self, args)
+            if inspect.isasyncgen(out):
+                async for item in out:
+                    self._send({"t": "s", "i": i, "d": item})
+                    if self._paused is not None:
+                        await self._paused
+                reply: dict[str, Any] = {"t": "r", "i": i, "r": None}
+            else:
+                assert inspect.isawaitable(out)
+                reply = {"t": "r", "i": i, "r": await out}
+        except RpcError as exc:
+            reply = {"t": "r", "i": i, "e": exc.to_wire()}
+        except asyncio.CancelledError:
+            self._served.pop(i, None)
+            raise
+        except Exception as exc:
+            log.exception("handler %s failed", method)
+            reply = {"t": "r", "i": i, "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"}}
+        self._served.pop(i, None)
+        if not self.is_closing():
+            self._send(reply)
+
+    def _on_notify(self, msg: dict[str, Any]) -> None:
+        method = msg.get("m")
+        handler = self.handlers.get(method) if isinstance(method, str) else None
+        if handler is None:
+            return
+        coro = handler(self, msg.get("a"))
+        if inspect.isawaitable(coro):
+            task = self.loop.create_task(_quiet(coro, str(method)))
+            self._notified.add(task)
+            task.add_done_callback(self._notified.discard)
+
+    # -- sending ----------------------------------------------------------
+    def _send(self, msg: dict[str, Any], compress: bool = True) -> None:
+        if self.transport is None or self.transport.is_closing() or self._sealer is None:
+            raise ConnectionLost()
+        payload = self._sealer.seal(encode_body(msg, compress))
+        self._out.append(len(payload).to_bytes(4, "big"))
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        # Coalesce every frame produced in one loop iteration into one write.
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def _write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._paused is not None:
+            await self._paused
+
+    # -- public API -------------------------------------------------------
+    async def call(self, method: str, args: Any = None, timeout_s: float = 30.0) -> Any:
+        i = next(self._ids)
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self._calls[i] = fut
+        try:
+            self._send({"t": "q", "i": i, "m": method, "a": args})
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            self._cancel_remote(i)
+            raise RpcError("timeout", f"{method} got no answer within {timeout_s:g}s") from None
+        finally:
+            self._calls.pop(i, None)
+
+    async def stream(self, method: str, args: Any = None, item_timeout_s: float | None = None) -> AsyncIterator[Any]:
+        i = next(self._ids)
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[i] = q
+        try:
+            self._send({"t": "q", "i": i, "m": method, "a": args})
+            while True:
+                item = await asyncio.wait_for(q.get(), item_timeout_s)
+                if item is _STREAM_END:
+                    return
+                if isinstance(item, RpcError):
+                    raise item
+                yield item
+        except TimeoutError:
+            raise RpcError("timeout", f"{method} stream stalled") from None
+        finally:
+            self._streams.pop(i, None)
+            self._cancel_remote(i)
+
+    def notify(self, method: str, args: Any = None) -> None:
+        self._send({"t": "n", "m": method, "a": args})
+
+    def ping(self) -> None:
+        self._send({"t": "p"})
+
+    def _cancel_remote(self, i: int) -> None:
+        if not self.is_closing():
+            try:
+                self._send({"t": "x", "i": i})
+            except ConnectionLost:
+                pass
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- failure ----------------------------------------------------------
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.error_reason = exc.reason
+        if self._on_error is not None:
+            self._on_error(self, exc)
+        if not self.ready.done():
+            msg = exc.args[0] if exc.args else exc.reason
+            if exc.reason == "bad_seal" and self.is_client:
+                msg = "authentication failed: the server rejected our key (wrong token or cluster secret)"
+            self._fail_ready(RpcError("unauthenticated" if exc.reason == "bad_seal" else "protocol", msg))
+        if self.transport is not None:
+            # A server hello sent just before must still go out; close flushes it.
+            self.transport.close()
+
+    def _fail_ready(self, err: RpcError) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(err)
+            self.ready.exception()  # mark retrieved: nobody may be waiting
+
+    def _teardown(self, err: RpcError) -> None:
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+        self._fail_ready(
+            RpcError("unauthenticated", "connection closed during the handshake: wrong key or token?")
+        )
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._calls.clear()
+        for q in self._streams.values():
+            q.put_nowait(err)
+        for task in [*self._served.values(), *self._notified]:
+            task.cancel()
+        self._served.clear()
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_exception(err)
+            self._paused.exception()
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._on_close is not None:
+            self._on_close(self)
+
+
+def _int(msg: dict[str, Any], key: str) -> int:
+    v = msg.get(key)
+    if not isinstance(v, int):
+        raise ProtocolError("bad_id", f"message field {key!r} is not an integer")
+    return v
+
+
+async def _quiet(coro: Awaitable[Any], method: str) -> None:
+    try:
+        await coro
+    except Exception:
+        log.exception("notification handler %s failed", method)
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    key_id: str,
+    psk: bytes,
+    handlers: Mapping[str, Handler] | None = None,
+    timeout_s: float = 5.0,
+    sealed: bool = True,
+    on_close: Callable[[Connection], None] | None = None,
+) -> Connection:
+    """Connect and complete the handshake, or raise RpcError with a clear message."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: Connection(
+                    is_client=True, handlers=handlers, psk=psk, key_id=key_id,
+                    handshake_timeout_s=timeout_s, sealed=sealed, on_close=on_close,
+                ),
+                host,
+                port,
+            ),
+            timeout_s,
+        )
+    except TimeoutError:
+        raise RpcError("unavailable", f"cannot reach {host}:{port}: timed out") from None
+    except OSError as exc:
+        raise RpcError("unavailable", f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        await asyncio.wait_for(asyncio.shield(conn.ready), timeout_s)
+    except TimeoutError:
+        conn.abort()
+        raise RpcError("unavailable", f"{host}:{port} did not complete the handshake in {timeout_s:g}s") from None
+    except RpcError:
+        conn.abort()
+        raise
+    return conn

@@ -1,0 +1,61 @@
+"""Errors that cross the wire.
+
+Every error a person can see is an `RpcError` with a short machine code and a
+one-line message; the CLI prints the message alone.
+"""
+
+from __future__ import annotations
+
+
+class RpcError(Exception):
+    """A typed error reply: `{code, message}` on the wire."""
+
+    def __init__(self, code: str, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def to_wire(self) -> dict[str, object]:
+        out: dict[str, object] = {"code": self.code, "message": self.message}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_wire(cls, obj: object) -> RpcError:
+        if not isinstance(obj, dict):
+            return cls("protocol", "malformed error reply")
+        code = obj.get("code")
+        message = obj.get("message")
+        extra = {k: v for k, v in obj.items() if k not in ("code", "message") and isinstance(k, str)}
+        return cls(str(code), str(message), **extra)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection is closed, nothing else happens."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConnectionLost(RpcError):
+    def __init__(self, message: str = "connection lost") -> None:
+        super().__init__("unavailable", message)
+
+
+# Codes used across the project. Kept as plain strings on the wire.
+NOT_LEADER = "not_leader"
+NO_QUORUM = "no_quorum"
+UNAVAILABLE = "unavailable"
+TIMEOUT = "timeout"
+BAD_REQUEST = "bad_request"
+NOT_FOUND = "not_found"
+FORBIDDEN = "forbidden"
+UNAUTHENTICATED = "unauthenticated"
+CONFLICT = "conflict"
+INTERNAL = "internal"
+UNKNOWN_METHOD = "unknown_method"

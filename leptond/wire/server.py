@@ -1,0 +1,142 @@
+"""The RPC server: accepts connections, enforces limits, counts bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+from .connection import Connection, Handler, PskLookup
+from .errors import ProtocolError
+
+log = logging.getLogger("lepton.wire")
+
+
+class RateLimitedLog:
+    """At most one line per reason per interval, with a count of what was held back."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+
+    def warning(self, reason: str, msg: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -1e18) < self._interval_s:
+            self._held[reason] += 1
+            return
+        self._last[reason] = now
+        held = self._held.pop(reason, 0)
+        suffix = f" ({held} more like it since the last line)" if held else ""
+        self._log.warning("%s%s", msg, suffix)
+
+
+class RpcServer:
+    """Serves sealed RPC on one TCP port.
+
+    Limits: a handshake must finish within `handshake_timeout_s`; a connection
+    with no traffic for `idle_timeout_s` is closed; at most `max_connections`
+    are open at once (the next one is closed at accept).
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        psk_lookup: PskLookup,
+        *,
+        max_connections: int = 4096,
+        handshake_timeout_s: float = 5.0,
+        idle_timeout_s: float = 120.0,
+        on_connect: Callable[[Connection], None] | None = None,
+        on_disconnect: Callable[[Connection], None] | None = None,
+        sealed: bool = True,
+    ) -> None:
+        self.handlers = handlers
+        self.psk_lookup = psk_lookup
+        self.max_connections = max_connections
+        self.handshake_timeout_s = handshake_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.sealed = sealed
+        self.connections: set[Connection] = set()
+        self.counters: Counter[str] = Counter()
+        self._log = RateLimitedLog(log)
+        self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make, host, port, backlog=1024, reuse_address=True)
+        self._reaper = loop.create_task(self._reap_idle())
+        sock = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    def _make(self) -> Connection:
+        conn = Connection(
+            is_client=False,
+            handlers=self.handlers,
+            psk_lookup=self.psk_lookup,
+            on_error=self._on_error,
+            on_close=self._on_close,
+            handshake_timeout_s=self.handshake_timeout_s,
+            sealed=self.sealed,
+        )
+        if len(self.connections) >= self.max_connections:
+            self.counters["over_capacity"] += 1
+            self._log.warning("over_capacity", f"refusing connection: {self.max_connections} already open")
+            conn.ready.add_done_callback(lambda _: None)
+            asyncio.get_running_loop().call_soon(conn.abort)
+        else:
+            self.connections.add(conn)
+            conn.ready.add_done_callback(self._on_ready)
+        self.counters["accepted"] += 1
+        return conn
+
+    def _on_ready(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        for conn in self.connections:
+            if conn.ready is fut:
+                self.counters["authenticated"] += 1
+                if self.on_connect is not None:
+                    self.on_connect(conn)
+                return
+
+    def _on_error(self, conn: Connection, exc: ProtocolError) -> None:
+        self.counters[f"rejected_{exc.reason}"] += 1
+        self.counters["rejected"] += 1
+        peer = f"{conn.peer[0]}:{conn.peer[1]}" if conn.peer else "?"
+        self._log.warning(exc.reason, f"closed connection from {peer}: {exc}")
+
+    def _on_close(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            if self.on_disconnect is not None and conn.ready.done() and conn.ready.exception() is None:
+                self.on_disconnect(conn)
+
+    async def _reap_idle(self) -> None:
+        interval = max(0.5, min(self.idle_timeout_s / 4, 10.0))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            deadline = loop.time() - self.idle_timeout_s
+            for conn in [c for c in self.connections if c.last_activity < deadline]:
+                self.counters["idle_closed"] += 1
+                conn.close()
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def stats(self) -> dict[str, int]:
+        return {"connections": len(self.connections), **self.counters}
