@@ -74,7 +74,11 @@ class ClusterClient:
 
     async def connection(self, prefer: tuple[str, int] | None = None) -> Connection:
         async with self._lock:
-            if self.conn is not None and not self.conn.is_closing() and prefer in (None, self.current):
+            if (
+                self.conn is not None
+                and not self.conn.is_closing()
+                and prefer in (None, self.current)
+            ):
                 return self.conn
             if self.conn is not None:
                 self.conn.close()
@@ -88,8 +92,12 @@ class ClusterClient:
             for addr in candidates:
                 try:
                     self.conn = await open_connection(
-                        addr[0], addr[1], key_id=self.key_id, psk=self.psk,
-                        handlers=self.handlers, timeout_s=self.connect_timeout_s,
+                        addr[0],
+                        addr[1],
+                        key_id=self.key_id,
+                        psk=self.psk,
+                        handlers=self.handlers,
+                        timeout_s=self.connect_timeout_s,
                     )
                     self.current = addr
                     return self.conn
@@ -100,7 +108,14 @@ class ClusterClient:
                     self._next = (self._next + 1) % n
             raise last or RpcError(UNAVAILABLE, "no master address")
 
-    async def call(self, method: str, args: Any = None, *, timeout_s: float = 15.0, attempt_timeout_s: float = 6.0) -> Any:
+    async def call(
+        self,
+        method: str,
+        args: Any = None,
+        *,
+        timeout_s: float = 15.0,
+        attempt_timeout_s: float = 6.0,
+    ) -> Any:
         """Call on the leader, following redirects and retrying until the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -114,7 +129,9 @@ class ClusterClient:
             try:
                 conn = await asyncio.wait_for(self.connection(prefer), left)
                 prefer = None
-                return await conn.call(method, args, timeout_s=min(attempt_timeout_s, max(left, 0.01)))
+                return await conn.call(
+                    method, args, timeout_s=min(attempt_timeout_s, max(left, 0.01))
+                )
             except TimeoutError:
                 last = RpcError(UNAVAILABLE, f"{method}: could not reach a master in time")
             except RpcError as exc:
@@ -130,10 +147,14 @@ class ClusterClient:
                     self.conn.close()
                     self.conn = None
                     self._next = (self._next + 1) % len(self.addrs)
-            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)) * (0.5 + random.random()))
+            await asyncio.sleep(
+                min(delay, max(deadline - loop.time(), 0)) * (0.5 + random.random())
+            )
             delay = min(delay * 2, 1.0)
 
-    async def stream(self, method: str, args: Any = None, *, item_timeout_s: float | None = None) -> AsyncIterator[Any]:
+    async def stream(
+        self, method: str, args: Any = None, *, item_timeout_s: float | None = None
+    ) -> AsyncIterator[Any]:
         """Stream from the leader; only the connection set-up is retried."""
         conn = await self.connection()
         try:

@@ -18,6 +18,7 @@ raises out of the event loop and never reaches a handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -39,7 +40,10 @@ from .errors import INTERNAL, UNKNOWN_METHOD, ConnectionLost, ProtocolError, Rpc
 
 log = logging.getLogger("lepton.wire")
 
-Handler = Callable[["Connection", Any], Awaitable[Any]] | Callable[["Connection", Any], AsyncIterator[Any]]
+Handler = (
+    Callable[["Connection", Any], Awaitable[Any]]
+    | Callable[["Connection", Any], AsyncIterator[Any]]
+)
 PskLookup = Callable[[str], bytes | None]
 # Before authentication a peer gets tiny frames only, so an unauthenticated
 # client cannot make us buffer megabytes.
@@ -139,7 +143,9 @@ class Connection(asyncio.Protocol):
         if self.is_client:
             status, nonce, pub = hs.parse_server_hello(payload)
             if status == hs.STATUS_UNKNOWN_KEY:
-                self._fail_ready(RpcError("unauthenticated", f"the cluster does not know key id {self.key_id!r}"))
+                self._fail_ready(
+                    RpcError("unauthenticated", f"the cluster does not know key id {self.key_id!r}")
+                )
                 self.close()
                 return
             if status != hs.STATUS_OK:
@@ -233,11 +239,19 @@ class Connection(asyncio.Protocol):
         if not isinstance(method, str):
             raise ProtocolError("bad_request", "request without a method name")
         if len(self._served) >= MAX_IN_FLIGHT:
-            self._send({"t": "r", "i": i, "e": {"code": "busy", "message": "too many requests in flight"}})
+            self._send(
+                {"t": "r", "i": i, "e": {"code": "busy", "message": "too many requests in flight"}}
+            )
             return
         handler = self.handlers.get(method)
         if handler is None:
-            self._send({"t": "r", "i": i, "e": {"code": UNKNOWN_METHOD, "message": f"unknown method {method!r}"}})
+            self._send(
+                {
+                    "t": "r",
+                    "i": i,
+                    "e": {"code": UNKNOWN_METHOD, "message": f"unknown method {method!r}"},
+                }
+            )
             return
         if i in self._served:
             raise ProtocolError("dup_id", "request id reused while in flight")
@@ -262,7 +276,11 @@ class Connection(asyncio.Protocol):
             raise
         except Exception as exc:
             log.exception("handler %s failed", method)
-            reply = {"t": "r", "i": i, "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"}}
+            reply = {
+                "t": "r",
+                "i": i,
+                "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"},
+            }
         self._served.pop(i, None)
         if not self.is_closing():
             self._send(reply)
@@ -318,7 +336,9 @@ class Connection(asyncio.Protocol):
         finally:
             self._calls.pop(i, None)
 
-    async def stream(self, method: str, args: Any = None, item_timeout_s: float | None = None) -> AsyncIterator[Any]:
+    async def stream(
+        self, method: str, args: Any = None, item_timeout_s: float | None = None
+    ) -> AsyncIterator[Any]:
         i = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[i] = q
@@ -345,10 +365,8 @@ class Connection(asyncio.Protocol):
 
     def _cancel_remote(self, i: int) -> None:
         if not self.is_closing():
-            try:
+            with contextlib.suppress(ConnectionLost):
                 self._send({"t": "x", "i": i})
-            except ConnectionLost:
-                pass
 
     def is_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
@@ -371,7 +389,9 @@ class Connection(asyncio.Protocol):
             msg = exc.args[0] if exc.args else exc.reason
             if exc.reason == "bad_seal" and self.is_client:
                 msg = "authentication failed: the server rejected our key (wrong token or cluster secret)"
-            self._fail_ready(RpcError("unauthenticated" if exc.reason == "bad_seal" else "protocol", msg))
+            self._fail_ready(
+                RpcError("unauthenticated" if exc.reason == "bad_seal" else "protocol", msg)
+            )
         if self.transport is not None:
             # A server hello sent just before must still go out; close flushes it.
             self.transport.close()
@@ -385,7 +405,9 @@ class Connection(asyncio.Protocol):
         if self._hs_timer is not None:
             self._hs_timer.cancel()
         self._fail_ready(
-            RpcError("unauthenticated", "connection closed during the handshake: wrong key or token?")
+            RpcError(
+                "unauthenticated", "connection closed during the handshake: wrong key or token?"
+            )
         )
         for fut in self._calls.values():
             if not fut.done():
@@ -437,8 +459,13 @@ async def open_connection(
         _, conn = await asyncio.wait_for(
             loop.create_connection(
                 lambda: Connection(
-                    is_client=True, handlers=handlers, psk=psk, key_id=key_id,
-                    handshake_timeout_s=timeout_s, sealed=sealed, on_close=on_close,
+                    is_client=True,
+                    handlers=handlers,
+                    psk=psk,
+                    key_id=key_id,
+                    handshake_timeout_s=timeout_s,
+                    sealed=sealed,
+                    on_close=on_close,
                 ),
                 host,
                 port,
@@ -448,12 +475,16 @@ async def open_connection(
     except TimeoutError:
         raise RpcError("unavailable", f"cannot reach {host}:{port}: timed out") from None
     except OSError as exc:
-        raise RpcError("unavailable", f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+        raise RpcError(
+            "unavailable", f"cannot reach {host}:{port}: {exc.strerror or exc}"
+        ) from None
     try:
         await asyncio.wait_for(asyncio.shield(conn.ready), timeout_s)
     except TimeoutError:
         conn.abort()
-        raise RpcError("unavailable", f"{host}:{port} did not complete the handshake in {timeout_s:g}s") from None
+        raise RpcError(
+            "unavailable", f"{host}:{port} did not complete the handshake in {timeout_s:g}s"
+        ) from None
     except RpcError:
         conn.abort()
         raise

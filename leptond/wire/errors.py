@@ -27,7 +27,9 @@ class RpcError(Exception):
             return cls("protocol", "malformed error reply")
         code = obj.get("code")
         message = obj.get("message")
-        extra = {k: v for k, v in obj.items() if k not in ("code", "message") and isinstance(k, str)}
+        extra = {
+            k: v for k, v in obj.items() if k not in ("code", "message") and isinstance(k, str)
+        }
         return cls(str(code), str(message), **extra)
 
     def __str__(self) -> str:

@@ -70,7 +70,9 @@ class RpcServer:
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._make, host, port, backlog=1024, reuse_address=True)
+        self._server = await loop.create_server(
+            self._make, host, port, backlog=1024, reuse_address=True
+        )
         self._reaper = loop.create_task(self._reap_idle())
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
@@ -87,7 +89,9 @@ class RpcServer:
         )
         if len(self.connections) >= self.max_connections:
             self.counters["over_capacity"] += 1
-            self._log.warning("over_capacity", f"refusing connection: {self.max_connections} already open")
+            self._log.warning(
+                "over_capacity", f"refusing connection: {self.max_connections} already open"
+            )
             conn.ready.add_done_callback(lambda _: None)
             asyncio.get_running_loop().call_soon(conn.abort)
         else:
@@ -115,7 +119,11 @@ class RpcServer:
     def _on_close(self, conn: Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            if self.on_disconnect is not None and conn.ready.done() and conn.ready.exception() is None:
+            if (
+                self.on_disconnect is not None
+                and conn.ready.done()
+                and conn.ready.exception() is None
+            ):
                 self.on_disconnect(conn)
 
     async def _reap_idle(self) -> None:
