@@ -1,0 +1,67 @@
+"""Replicated commands: msgpack maps `{op, v, rid, args}`.
+
+Timestamps, ids and random choices are made by the proposer and travel in the
+command, so every replica applies the same bytes to the same result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+COMMAND_VERSION = 1
+MAX_COMMAND_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    op: str
+    v: int
+    rid: str
+    args: dict[str, Any]
+
+
+class BadCommand(Exception):
+    pass
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(op: str, args: dict[str, Any], rid: str | None = None) -> bytes:
+    return msgpack.packb(
+        {"op": op, "v": COMMAND_VERSION, "rid": rid or new_request_id(), "args": args},
+        use_bin_type=True,
+    )
+
+
+def decode(data: bytes) -> Command:
+    """Parse command bytes; any defect is a BadCommand with a one-line reason."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise BadCommand("command is not bytes")
+    if len(data) > MAX_COMMAND_BYTES:
+        raise BadCommand("command too large")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BadCommand(f"command is not msgpack ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise BadCommand("command is not a map")
+    op, v, rid, args = obj.get("op"), obj.get("v"), obj.get("rid"), obj.get("args")
+    if not isinstance(op, str) or not op:
+        raise BadCommand("command has no op")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise BadCommand("command has no version")
+    if v > COMMAND_VERSION:
+        raise BadCommand(
+            f"command version {v} is newer than this master understands ({COMMAND_VERSION})"
+        )
+    if not isinstance(rid, str) or not rid or len(rid) > 128:
+        raise BadCommand("command has no request id")
+    if not isinstance(args, dict):
+        raise BadCommand("command args are not a map")
+    return Command(op, v, rid, args)

@@ -1,0 +1,128 @@
+"""Typed records of the replicated state.
+
+Records are plain dataclasses with `to_wire`/`from_wire` so snapshots are
+msgpack, never pickle. Field order is part of the snapshot format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T", bound="Record")
+
+NODE_STATES = ("ready", "draining", "down")
+JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+TASK_STATES = (
+    "pending",
+    "assigned",
+    "running",
+    "succeeded",
+    "failed",
+    "lost",
+    "preempted",
+    "cancelled",
+)
+LIVE_TASK_STATES = frozenset({"assigned", "running"})
+FINAL_TASK_STATES = frozenset({"succeeded", "failed", "cancelled", "lost"})
+FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+ROLES = ("admin", "submit", "read")
+
+
+class Record:
+    _names: ClassVar[tuple[str, ...]] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_wire(cls: type[T], obj: dict[str, Any]) -> T:
+        names = cls._names or tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+        return cls(**{k: obj[k] for k in names if k in obj})
+
+
+@dataclass(slots=True)
+class Node(Record):
+    id: str
+    name: str
+    addr: str
+    cpus: float
+    mem_bytes: int
+    gpus: list[dict[str, Any]]  # {index, uuid, model, mem_bytes, domain}
+    labels: dict[str, str] = field(default_factory=dict)
+    state: str = "ready"
+    registered_at: float = 0.0
+    updated_at: float = 0.0
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class JobSpec(Record):
+    argv: list[str]
+    gpus: int = 0
+    cpus: float = 1.0
+    mem_bytes: int = 0
+    nodes: int = 1
+    priority: int = 0
+    retries: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    gpu_type: str | None = None
+    gpu_mem_min: int = 0
+    constraints: dict[str, str] = field(default_factory=dict)
+    spread: bool = False
+    preemptible: bool = True
+    time_limit_s: float | None = None
+    workdir: str | None = None  # manifest id
+    cwd: str | None = None
+
+
+@dataclass(slots=True)
+class Job(Record):
+    id: str
+    name: str
+    user: str
+    spec: dict[str, Any]
+    submitted_at: float
+    state: str = "pending"
+    finished_at: float | None = None
+    tasks: list[str] = field(default_factory=list)
+    retries_left: int = 0
+    message: str = ""
+
+
+@dataclass(slots=True)
+class Task(Record):
+    id: str
+    job_id: str
+    rank: int
+    state: str = "pending"
+    node_id: str | None = None
+    gpus: list[int] = field(default_factory=list)
+    cpus: float = 0.0
+    mem_bytes: int = 0
+    attempt: int = 0
+    exit_code: int | None = None
+    message: str = ""
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    stop: str | None = None  # why the leader wants it stopped: cancel, preempt, gang, drain
+    preemptions: int = 0
+    priority: int = 0
+
+
+@dataclass(slots=True)
+class Token(Record):
+    id: str
+    name: str
+    role: str
+    sealed: bytes
+    created_at: float
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class Member(Record):
+    raft_addr: str
+    rpc_addr: str
+    http_addr: str = ""

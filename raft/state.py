@@ -1,0 +1,456 @@
+"""ClusterState: the pure, deterministic replicated state machine.
+
+Rules (DESIGN §4): apply never reads a clock, never does I/O and never raises;
+an invalid command is a no-op that returns an error value; a command whose
+request id was applied recently returns the first result again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import msgpack
+
+from . import tasks as tl
+from .commands import BadCommand, Command, decode
+from .model import (
+    FINAL_JOB_STATES,
+    LIVE_TASK_STATES,
+    NODE_STATES,
+    ROLES,
+    Job,
+    Member,
+    Node,
+    Task,
+    Token,
+)
+from .validate import SpecError, validate_name, validate_spec
+
+log = logging.getLogger("lepton.raft")
+
+SNAPSHOT_VERSION = 1
+RECENT_LIMIT = 100_000
+Result = dict[str, Any]
+
+
+def error(code: str, message: str) -> Result:
+    return {"error": {"code": code, "message": message}}
+
+
+class ArgError(Exception):
+    """A command whose arguments do not fit the state: becomes an error value."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClusterState:
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.jobs: dict[str, Job] = {}
+        self.tasks: dict[str, Task] = {}
+        self.tokens: dict[str, Token] = {}
+        self.members: dict[str, Member] = {}
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.recent: OrderedDict[str, Any] = OrderedDict()
+        self.applied_index = 0
+        # Derived indexes, rebuilt from the records on restore.
+        self.gpu_owner: dict[tuple[str, int], str] = {}
+        self.node_tasks: dict[str, set[str]] = {}
+        self.pending: dict[str, None] = {}  # insertion-ordered set of pending task ids
+
+    # -- entry point --------------------------------------------------------
+    def apply(self, command: bytes, index: int) -> Any:
+        """Apply one committed command. Never raises."""
+        try:
+            cmd = decode(command)
+        except BadCommand as exc:
+            self.applied_index = max(self.applied_index, index)
+            return error("bad_command", str(exc))
+        if cmd.rid in self.recent:
+            return self.recent[cmd.rid]
+        result = self._dispatch(cmd, index)
+        self.applied_index = max(self.applied_index, index)
+        self.recent[cmd.rid] = result
+        if len(self.recent) > RECENT_LIMIT:
+            self.recent.popitem(last=False)
+        return result
+
+    def _dispatch(self, cmd: Command, index: int) -> Any:
+        fn = getattr(self, f"apply_{cmd.op}", None) if cmd.op in OPS else None
+        if fn is None:
+            return error("unknown_op", f"unknown command op {cmd.op!r}")
+        try:
+            return fn(cmd.args, index)
+        except ArgError as exc:
+            return error(exc.code, str(exc))
+        except SpecError as exc:
+            return error("bad_request", str(exc))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return error("bad_command", f"malformed {cmd.op} command: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # apply must never raise: pysyncobj would stall
+            log.exception("apply %s failed", cmd.op)
+            return error("internal", f"{cmd.op} failed: {exc}")
+
+    # -- nodes ----------------------------------------------------------------
+    def apply_register_node(self, a: dict[str, Any], index: int) -> Result:
+        n = a["node"]
+        node_id = _str(n, "id")
+        gpus = [_gpu(g) for g in n.get("gpus", [])]
+        labels = {str(k): str(v) for k, v in (n.get("labels") or {}).items()}
+        now = float(a["now"])
+        node = self.nodes.get(node_id)
+        if node is None:
+            node = Node(
+                id=node_id,
+                name=validate_name(n.get("name"), "node name"),
+                addr=str(n.get("addr", "")),
+                cpus=float(n["cpus"]),
+                mem_bytes=int(n["mem_bytes"]),
+                gpus=gpus,
+                labels=labels,
+                registered_at=now,
+                updated_at=now,
+            )
+            self.nodes[node_id] = node
+            self.node_tasks[node_id] = set()
+        else:
+            node.name = validate_name(n.get("name"), "node name")
+            node.addr = str(n.get("addr", node.addr))
+            node.cpus, node.mem_bytes, node.labels = float(n["cpus"]), int(n["mem_bytes"]), labels
+            node.gpus = gpus
+            if node.state == "down":
+                node.state = "ready"
+            node.updated_at = now
+            node.reason = ""
+        return {"node_id": node_id, "state": node.state, "tasks": self.node_assignments(node_id)}
+
+    def node_assignments(self, node_id: str) -> list[dict[str, Any]]:
+        """What the node should be running: live tasks placed on it."""
+        out = []
+        for tid in sorted(self.node_tasks.get(node_id, ())):
+            t = self.tasks[tid]
+            if t.state in LIVE_TASK_STATES:
+                out.append({"task_id": tid, "attempt": t.attempt, "stop": t.stop})
+        return out
+
+    def apply_node_state(self, a: dict[str, Any], index: int) -> Result:
+        node = self._node(a)
+        state = a["state"]
+        if state not in ("ready", "draining"):
+            raise ArgError("bad_request", f"node state must be ready or draining, not {state!r}")
+        if node.state == "down" and state == "ready":
+            raise ArgError(
+                "conflict", f"node {node.name} is down; it becomes ready when its agent returns"
+            )
+        node.state = state
+        node.reason = str(a.get("reason", ""))
+        node.updated_at = float(a["now"])
+        return {"node_id": node.id, "state": node.state}
+
+    def apply_node_down(self, a: dict[str, Any], index: int) -> Result:
+        node = self._node(a)
+        now = float(a["now"])
+        if node.state == "down":
+            return {"node_id": node.id, "lost": []}
+        node.state = "down"
+        node.reason = str(a.get("reason", "no heartbeat"))
+        node.updated_at = now
+        lost = []
+        for tid in sorted(self.node_tasks.get(node.id, ())):
+            t = self.tasks[tid]
+            if t.state in LIVE_TASK_STATES:
+                lost.append(tid)
+                tl.task_exited(self, t, "lost", None, f"lost: node {node.name} went down", now)
+        return {"node_id": node.id, "lost": lost}
+
+    def apply_remove_node(self, a: dict[str, Any], index: int) -> Result:
+        node = self._node(a)
+        live = [
+            tid
+            for tid in self.node_tasks.get(node.id, ())
+            if self.tasks[tid].state in LIVE_TASK_STATES
+        ]
+        if live and not a.get("force"):
+            raise ArgError(
+                "conflict", f"node {node.name} still runs {len(live)} task(s); drain it first"
+            )
+        now = float(a["now"])
+        for tid in sorted(live):
+            tl.task_exited(
+                self, self.tasks[tid], "lost", None, f"lost: node {node.name} removed", now
+            )
+        del self.nodes[node.id]
+        self.node_tasks.pop(node.id, None)
+        return {"node_id": node.id, "removed": True}
+
+    def _node(self, a: dict[str, Any]) -> Node:
+        node = self.nodes.get(_str(a, "node_id"))
+        if node is None:
+            raise ArgError("not_found", f"no node {a['node_id']!r}")
+        return node
+
+    # -- jobs -----------------------------------------------------------------
+    def apply_submit_jobs(self, a: dict[str, Any], index: int) -> Result:
+        out: list[Result] = []
+        for j in a["jobs"]:
+            try:
+                out.append(self._submit(j))
+            except (SpecError, ArgError) as exc:
+                out.append(error("bad_request", str(exc)))
+        return {"results": out}
+
+    def _submit(self, j: dict[str, Any]) -> Result:
+        job_id = _str(j, "id")
+        if job_id in self.jobs:
+            return {"id": job_id}
+        spec = validate_spec(j["spec"])
+        job = Job(
+            id=job_id,
+            name=str(j.get("name") or spec.argv[0].rsplit("/", 1)[-1])[:128],
+            user=_str(j, "user"),
+            spec=spec.to_wire(),
+            submitted_at=float(j["submitted_at"]),
+            retries_left=spec.retries,
+        )
+        if spec.workdir is not None and spec.workdir not in self.manifests:
+            raise ArgError(
+                "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
+            )
+        self.jobs[job_id] = job
+        for rank in range(spec.nodes):
+            t = Task(
+                id=f"{job_id}.{rank}",
+                job_id=job_id,
+                rank=rank,
+                cpus=spec.cpus,
+                mem_bytes=spec.mem_bytes,
+                priority=spec.priority,
+            )
+            self.tasks[t.id] = t
+            job.tasks.append(t.id)
+            self.pending[t.id] = None
+        return {"id": job_id}
+
+    def apply_cancel_job(self, a: dict[str, Any], index: int) -> Result:
+        job = self.jobs.get(_str(a, "job_id"))
+        if job is None:
+            raise ArgError("not_found", f"no job {a['job_id']!r}")
+        if not a.get("admin") and job.user != a.get("user"):
+            raise ArgError(
+                "forbidden",
+                f"job {job.id} belongs to {job.user}; only its owner or an admin can cancel it",
+            )
+        if job.state in FINAL_JOB_STATES:
+            raise ArgError("conflict", f"job {job.id} already {job.state}")
+        now = float(a["now"])
+        job.state = "cancelled"
+        job.message = f"cancelled by {a.get('user', '?')}"
+        for tid in job.tasks:
+            t = self.tasks[tid]
+            if t.state == "pending":
+                self.pending.pop(tid, None)
+                t.state, t.finished_at, t.message = "cancelled", now, "cancelled before it started"
+            elif t.state in LIVE_TASK_STATES:
+                t.stop = "cancel"
+        tl.refresh_job(self, job, now)
+        return {"id": job.id, "state": job.state}
+
+    def apply_gc_jobs(self, a: dict[str, Any], index: int) -> Result:
+        """Forget finished jobs older than `before` (the proposer's clock)."""
+        before = float(a["before"])
+        gone = [
+            j.id
+            for j in self.jobs.values()
+            if j.state in FINAL_JOB_STATES and (j.finished_at or 0) < before
+        ]
+        for jid in gone:
+            for tid in self.jobs.pop(jid).tasks:
+                t = self.tasks.pop(tid)
+                if t.node_id is not None:
+                    self.node_tasks.get(t.node_id, set()).discard(tid)
+        return {"removed": len(gone)}
+
+    # -- scheduling -------------------------------------------------------------
+    def apply_plan(self, a: dict[str, Any], index: int) -> Result:
+        return tl.apply_plan(self, a)
+
+    def apply_task_events(self, a: dict[str, Any], index: int) -> Result:
+        return tl.apply_task_events(self, a)
+
+    # -- tokens, members, manifests ----------------------------------------------
+    def apply_token_create(self, a: dict[str, Any], index: int) -> Result:
+        tid = _str(a, "id")
+        if tid in self.tokens or tid in ("admin", "cluster"):
+            raise ArgError("conflict", f"token id {tid} exists")
+        role = a["role"]
+        if role not in ROLES:
+            raise ArgError("bad_request", f"role must be one of {', '.join(ROLES)}")
+        sealed = a["sealed"]
+        if not isinstance(sealed, bytes):
+            raise ArgError("bad_request", "sealed token secret must be bytes")
+        self.tokens[tid] = Token(
+            id=tid,
+            name=validate_name(a["name"], "token name"),
+            role=role,
+            sealed=sealed,
+            created_at=float(a["now"]),
+        )
+        return {"id": tid}
+
+    def apply_token_revoke(self, a: dict[str, Any], index: int) -> Result:
+        tok = self.tokens.get(_str(a, "id"))
+        if tok is None:
+            raise ArgError("not_found", f"no token {a['id']!r}")
+        tok.revoked = True
+        return {"id": tok.id, "revoked": True}
+
+    def apply_member_info(self, a: dict[str, Any], index: int) -> Result:
+        m = Member(
+            raft_addr=_str(a, "raft_addr"),
+            rpc_addr=_str(a, "rpc_addr"),
+            http_addr=str(a.get("http_addr", "")),
+        )
+        self.members[m.raft_addr] = m
+        return {"ok": True}
+
+    def apply_member_remove(self, a: dict[str, Any], index: int) -> Result:
+        self.members.pop(_str(a, "raft_addr"), None)
+        return {"ok": True}
+
+    def apply_put_manifest(self, a: dict[str, Any], index: int) -> Result:
+        mid = _str(a, "id")
+        if not isinstance(a["manifest"], dict):
+            raise ArgError("bad_request", "manifest must be a map")
+        self.manifests.setdefault(mid, a["manifest"])
+        return {"id": mid}
+
+    def apply_restore(self, a: dict[str, Any], index: int) -> Result:
+        data = a["state"]
+        if not isinstance(data, bytes):
+            raise ArgError("bad_request", "restore needs snapshot bytes")
+        fresh = ClusterState()
+        fresh.restore(data)  # raises ValueError on a bad snapshot: an error value, state untouched
+        recent = self.recent
+        self.__dict__.update(fresh.__dict__)
+        self.recent = recent
+        return {"jobs": len(self.jobs), "nodes": len(self.nodes)}
+
+    def apply_noop(self, a: dict[str, Any], index: int) -> Result:
+        return {"ok": True}
+
+    # -- snapshots ---------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": SNAPSHOT_VERSION,
+                "applied_index": self.applied_index,
+                "nodes": [n.to_wire() for n in self.nodes.values()],
+                "jobs": [j.to_wire() for j in self.jobs.values()],
+                "tasks": [t.to_wire() for t in self.tasks.values()],
+                "tokens": [t.to_wire() for t in self.tokens.values()],
+                "members": [m.to_wire() for m in self.members.values()],
+                "manifests": self.manifests,
+                "recent": list(self.recent.items()),
+            },
+            use_bin_type=True,
+        )
+
+    def restore(self, data: bytes) -> None:
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if not isinstance(obj, dict) or obj.get("v") != SNAPSHOT_VERSION:
+                raise ValueError("not a leptond state snapshot of a known version")
+            nodes = {n["id"]: Node.from_wire(n) for n in obj["nodes"]}
+            jobs = {j["id"]: Job.from_wire(j) for j in obj["jobs"]}
+            tasks = {t["id"]: Task.from_wire(t) for t in obj["tasks"]}
+            tokens = {t["id"]: Token.from_wire(t) for t in obj["tokens"]}
+            members = {m["raft_addr"]: Member.from_wire(m) for m in obj["members"]}
+            recent = OrderedDict((k, v) for k, v in obj["recent"])
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            raise ValueError(f"bad state snapshot: {exc}") from None
+        self.nodes, self.jobs, self.tasks, self.tokens, self.members = (
+            nodes,
+            jobs,
+            tasks,
+            tokens,
+            members,
+        )
+        self.manifests = dict(obj.get("manifests") or {})
+        self.recent = recent
+        self.applied_index = int(obj.get("applied_index", 0))
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self.gpu_owner = {}
+        self.node_tasks = {nid: set() for nid in self.nodes}
+        self.pending = {}
+        for t in self.tasks.values():
+            if t.state == "pending":
+                self.pending[t.id] = None
+            if t.node_id is not None and t.node_id in self.node_tasks:
+                self.node_tasks[t.node_id].add(t.id)
+            if t.state in LIVE_TASK_STATES and t.node_id is not None:
+                for g in t.gpus:
+                    self.gpu_owner[(t.node_id, g)] = t.id
+
+    # -- read helpers -----------------------------------------------------------
+    def node_usage(self, node_id: str) -> tuple[set[int], float, int]:
+        """GPUs held, CPUs and memory used by live tasks on a node."""
+        gpus: set[int] = set()
+        cpus = 0.0
+        mem = 0
+        for tid in self.node_tasks.get(node_id, ()):
+            t = self.tasks[tid]
+            if t.state in LIVE_TASK_STATES:
+                gpus.update(t.gpus)
+                cpus += t.cpus
+                mem += t.mem_bytes
+        return gpus, cpus, mem
+
+    def digest(self) -> bytes:
+        """A canonical encoding for comparing replicas in tests."""
+        return self.snapshot()
+
+
+def _str(d: dict[str, Any], key: str) -> str:
+    v = d[key]
+    if not isinstance(v, str) or not v or len(v) > 256:
+        raise ArgError("bad_request", f"{key} must be a non-empty string")
+    return v
+
+
+def _gpu(g: Any) -> dict[str, Any]:
+    return {
+        "index": int(g["index"]),
+        "uuid": str(g.get("uuid", "")),
+        "model": str(g.get("model", "")),
+        "mem_bytes": int(g.get("mem_bytes", 0)),
+        "domain": int(g.get("domain", -1)),
+    }
+
+
+OPS = frozenset(
+    {
+        "register_node",
+        "node_state",
+        "node_down",
+        "remove_node",
+        "submit_jobs",
+        "cancel_job",
+        "gc_jobs",
+        "plan",
+        "task_events",
+        "token_create",
+        "token_revoke",
+        "member_info",
+        "member_remove",
+        "put_manifest",
+        "restore",
+        "noop",
+    }
+)
+_ = NODE_STATES

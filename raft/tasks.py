@@ -1,0 +1,216 @@
+"""Task lifecycle inside apply: placement, exits, retries, gangs, job states.
+
+Invariant (DESIGN §7), enforced here at apply time whatever the plan says:
+no GPU is held by two live tasks, and no node goes over its CPUs or memory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .model import FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
+
+if TYPE_CHECKING:
+    from .state import ClusterState
+
+
+def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
+    now = float(a["now"])
+    placed: list[str] = []
+    dropped: list[dict[str, str]] = []
+    preempting: list[str] = []
+    for p in a.get("preemptions", []):
+        t = s.tasks.get(str(p["task_id"]))
+        if t is None or t.state not in LIVE_TASK_STATES or t.stop is not None:
+            continue
+        t.stop = "preempt"
+        t.message = f"preempted for {p.get('for_task', '?')}"
+        preempting.append(t.id)
+    # Group placements by job so a gang is placed whole or not at all.
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for p in a.get("placements", []):
+        t = s.tasks.get(str(p["task_id"]))
+        if t is None:
+            dropped.append({"task_id": str(p["task_id"]), "reason": "no such task"})
+            continue
+        by_job.setdefault(t.job_id, []).append(p)
+    for job_id, group in by_job.items():
+        job = s.jobs[job_id]
+        reason = _check_group(s, job, group)
+        if reason:
+            dropped.extend({"task_id": str(p["task_id"]), "reason": reason} for p in group)
+            continue
+        for p in group:
+            t = s.tasks[str(p["task_id"])]
+            node_id = str(p["node_id"])
+            gpus = [int(g) for g in p["gpus"]]
+            t.state, t.node_id, t.gpus = "assigned", node_id, gpus
+            t.attempt += 1
+            t.assigned_at, t.started_at, t.finished_at = now, None, None
+            t.exit_code, t.message, t.stop = None, "", None
+            s.pending.pop(t.id, None)
+            s.node_tasks.setdefault(node_id, set()).add(t.id)
+            for g in gpus:
+                s.gpu_owner[(node_id, g)] = t.id
+            placed.append(t.id)
+        refresh_job(s, job, now)
+    return {"placed": placed, "dropped": dropped, "preempting": preempting}
+
+
+def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
+    """Why this job's placements cannot apply now ('' when they can)."""
+    if job.state not in ("pending", "running"):
+        return f"job is {job.state}"
+    nodes_used: set[str] = set()
+    claimed: dict[str, tuple[set[int], float, int]] = {}
+    gang = int(job.spec.get("nodes", 1)) > 1
+    if gang:
+        pending_ranks = {tid for tid in job.tasks if s.tasks[tid].state == "pending"}
+        if {str(p["task_id"]) for p in group} != pending_ranks or len(pending_ranks) != len(
+            job.tasks
+        ):
+            return "a gang is placed whole or not at all"
+    for p in group:
+        t = s.tasks[str(p["task_id"])]
+        if t.state != "pending":
+            return f"task {t.id} is {t.state}"
+        node = s.nodes.get(str(p["node_id"]))
+        if node is None or node.state != "ready":
+            return "node is not ready"
+        if gang and node.id in nodes_used:
+            return "gang tasks need distinct nodes"
+        nodes_used.add(node.id)
+        gpus = p["gpus"]
+        if (
+            not isinstance(gpus, list)
+            or len(set(gpus)) != len(gpus)
+            or len(gpus) != int(job.spec.get("gpus", 0))
+        ):
+            return "wrong GPU list"
+        valid = {g["index"] for g in node.gpus}
+        if node.id not in claimed:
+            claimed[node.id] = s.node_usage(node.id)
+        held, cpus, mem = claimed[node.id]
+        for g in gpus:
+            if g not in valid:
+                return f"node {node.name} has no GPU {g}"
+            if g in held:
+                return f"GPU {g} on {node.name} is taken"
+        if cpus + t.cpus > node.cpus + 1e-9 or mem + t.mem_bytes > node.mem_bytes:
+            return f"node {node.name} lacks CPUs or memory"
+        claimed[node.id] = (held | set(gpus), cpus + t.cpus, mem + t.mem_bytes)
+    return ""
+
+
+def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
+    applied = 0
+    stale = 0
+    for ev in a["events"]:
+        t = s.tasks.get(str(ev["task_id"]))
+        # Events from an earlier attempt or another node are stale: ignore.
+        if (
+            t is None
+            or t.attempt != int(ev["attempt"])
+            or t.node_id != ev.get("node_id", t.node_id)
+        ):
+            stale += 1
+            continue
+        at = float(ev["at"])
+        kind = ev["state"]
+        if kind == "running":
+            if t.state == "assigned":
+                t.state, t.started_at = "running", at
+                refresh_job(s, s.jobs[t.job_id], at)
+                applied += 1
+        elif kind == "exited":
+            if t.state in LIVE_TASK_STATES:
+                code = ev.get("exit_code")
+                code = int(code) if code is not None else None
+                outcome = "succeeded" if code == 0 else "failed"
+                task_exited(s, t, outcome, code, str(ev.get("message", ""))[:1024], at)
+                applied += 1
+        else:
+            stale += 1
+    return {"applied": applied, "stale": stale}
+
+
+def _release(s: ClusterState, t: Task) -> None:
+    if t.node_id is not None:
+        for g in t.gpus:
+            if s.gpu_owner.get((t.node_id, g)) == t.id:
+                del s.gpu_owner[(t.node_id, g)]
+
+
+def _requeue(s: ClusterState, t: Task, message: str) -> None:
+    _release(s, t)
+    if t.node_id is not None:
+        s.node_tasks.get(t.node_id, set()).discard(t.id)
+    t.state, t.node_id, t.gpus, t.stop = "pending", None, [], None
+    t.message = message
+    s.pending[t.id] = None
+
+
+def task_exited(
+    s: ClusterState, t: Task, outcome: str, code: int | None, message: str, now: float
+) -> None:
+    """A live task stopped (or was lost). Decide its next state and its job's."""
+    job = s.jobs[t.job_id]
+    stop = t.stop
+    t.exit_code, t.finished_at = code, now
+    if stop == "preempt" and job.state not in ("cancelled", "failed"):
+        t.preemptions += 1
+        _requeue(s, t, f"preempted (exit {code}); waiting to run again")
+    elif stop == "gang" and job.state not in ("cancelled", "failed"):
+        _requeue(s, t, "restarting with its gang")
+    elif stop == "cancel" or job.state == "cancelled":
+        _release(s, t)
+        t.state, t.message = "cancelled", message or "cancelled"
+    elif outcome == "succeeded":
+        _release(s, t)
+        t.state, t.message = "succeeded", message
+    elif job.retries_left > 0 and job.state not in ("cancelled", "failed"):
+        job.retries_left -= 1
+        _requeue(
+            s,
+            t,
+            f"{outcome}: {message or f'exit {code}'}; retrying ({job.retries_left} retries left)",
+        )
+        _stop_gang(s, job, t, "gang")
+    else:
+        _release(s, t)
+        t.state, t.message = outcome, message
+        _stop_gang(s, job, t, "cancel")
+    refresh_job(s, job, now)
+
+
+def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str) -> None:
+    """When one rank of a gang fails, the other ranks stop (and restart with it)."""
+    for tid in job.tasks:
+        other = s.tasks[tid]
+        if other is failed:
+            continue
+        if other.state in LIVE_TASK_STATES and other.stop is None:
+            other.stop = how
+        elif other.state == "pending" and how == "cancel":
+            s.pending.pop(tid, None)
+            other.state, other.message = "cancelled", f"gang member {failed.rank} failed"
+
+
+def refresh_job(s: ClusterState, job: Job, now: float) -> None:
+    states = [s.tasks[tid].state for tid in job.tasks]
+    if job.state == "cancelled":
+        if all(st in FINAL_TASK_STATES for st in states) and job.finished_at is None:
+            job.finished_at = now
+        return
+    if any(st in ("failed", "lost") for st in states):
+        job.state = "failed"
+        failed = [s.tasks[tid] for tid in job.tasks if s.tasks[tid].state in ("failed", "lost")]
+        job.message = f"task {failed[0].rank} {failed[0].state}: {failed[0].message}"[:1024]
+    elif all(st == "succeeded" for st in states):
+        job.state = "succeeded"
+    elif any(st in LIVE_TASK_STATES for st in states):
+        job.state = "running"
+    elif all(st == "pending" for st in states):
+        job.state = "pending"
+    if job.state in ("succeeded", "failed") and all(st in FINAL_TASK_STATES for st in states):
+        job.finished_at = job.finished_at or now

@@ -1,0 +1,102 @@
+"""Validation of job specs and names, shared by the API (clear errors before a
+proposal) and by apply (which must never trust its input)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .model import JobSpec
+
+MAX_GPUS = 1024
+MAX_CPUS = 4096
+MAX_MEM = 64 << 40
+MAX_NODES = 1024
+MAX_ARGV = 4096
+MAX_ARG_BYTES = 256 * 1024
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class SpecError(ValueError):
+    """A user mistake in a job spec; the message is one line meant for people."""
+
+
+def _num(spec: dict[str, Any], key: str, lo: float, hi: float, integer: bool, default: Any) -> Any:
+    v = spec.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise SpecError(f"{key} must be a number, got {v!r}")
+    if integer and (not float(v).is_integer()):
+        raise SpecError(f"{key} must be a whole number, got {v!r}")
+    if not lo <= v <= hi:
+        raise SpecError(f"{key} must be between {lo:g} and {hi:g}, got {v:g}")
+    return int(v) if integer else float(v)
+
+
+def _str_map(spec: dict[str, Any], key: str, key_re: re.Pattern[str], what: str) -> dict[str, str]:
+    v = spec.get(key) or {}
+    if not isinstance(v, dict):
+        raise SpecError(f"{key} must be a map of {what}")
+    out: dict[str, str] = {}
+    for k, val in v.items():
+        if not isinstance(k, str) or not key_re.match(k):
+            raise SpecError(f"{key}: {k!r} is not a valid {what} name")
+        if not isinstance(val, str) or len(val) > 64 * 1024 or "\x00" in val:
+            raise SpecError(f"{key}: value of {k} must be a string")
+        out[k] = val
+    return out
+
+
+def validate_spec(spec: Any) -> JobSpec:
+    if not isinstance(spec, dict):
+        raise SpecError("job spec must be a map")
+    known = set(JobSpec.__dataclass_fields__)
+    unknown = sorted(str(k) for k in spec if k not in known)
+    if unknown:
+        raise SpecError(f"unknown job field(s): {', '.join(unknown)}")
+    argv = spec.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise SpecError("a job needs a command: give it after --")
+    if len(argv) > MAX_ARGV or sum(len(a) for a in argv) > MAX_ARG_BYTES:
+        raise SpecError("command line too long")
+    if any("\x00" in a for a in argv) or not argv[0]:
+        raise SpecError("command contains an empty program name or a NUL byte")
+    gpu_type = spec.get("gpu_type")
+    if gpu_type is not None and (not isinstance(gpu_type, str) or not 0 < len(gpu_type) <= 64):
+        raise SpecError("gpu_type must be a short string such as A100")
+    tl = spec.get("time_limit_s")
+    time_limit = None if tl is None else _num(spec, "time_limit_s", 1, 366 * 86400, False, None)
+    for flag in ("spread", "preemptible"):
+        if flag in spec and not isinstance(spec[flag], bool):
+            raise SpecError(f"{flag} must be true or false")
+    for opt in ("workdir", "cwd"):
+        if spec.get(opt) is not None and not isinstance(spec[opt], str):
+            raise SpecError(f"{opt} must be a string")
+    out = JobSpec(
+        argv=list(argv),
+        gpus=_num(spec, "gpus", 0, MAX_GPUS, True, 0),
+        cpus=_num(spec, "cpus", 0.01, MAX_CPUS, False, 1.0),
+        mem_bytes=_num(spec, "mem_bytes", 0, MAX_MEM, True, 0),
+        nodes=_num(spec, "nodes", 1, MAX_NODES, True, 1),
+        priority=_num(spec, "priority", -1000, 1000, True, 0),
+        retries=_num(spec, "retries", 0, 100, True, 0),
+        env=_str_map(spec, "env", ENV_NAME, "environment variable"),
+        gpu_type=gpu_type,
+        gpu_mem_min=_num(spec, "gpu_mem_min", 0, MAX_MEM, True, 0),
+        constraints=_str_map(spec, "constraints", LABEL, "label"),
+        spread=bool(spec.get("spread", False)),
+        preemptible=bool(spec.get("preemptible", True)),
+        time_limit_s=time_limit,
+        workdir=spec.get("workdir"),
+        cwd=spec.get("cwd"),
+    )
+    return out
+
+
+def validate_name(name: Any, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise SpecError(f"{what} must be 1-128 letters, digits, '.', '_' or '-', got {name!r}")
+    return name
