@@ -1,0 +1,172 @@
+"""The leader's side of the agents: registration, heartbeats, task events,
+and pushing assignments and stops to each agent's connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from raft.model import LIVE_TASK_STATES
+
+from . import views
+from .auth import require
+from .batcher import Batcher
+from .wire.connection import Connection, Handler
+from .wire.errors import BAD_REQUEST, RpcError
+
+if TYPE_CHECKING:
+    from .master import Master
+
+log = logging.getLogger("lepton.master")
+
+
+class AgentRegistry:
+    def __init__(self, master: Master) -> None:
+        self.m = master
+        self.conns: dict[str, Connection] = {}  # node id -> agent connection (leader only)
+        self.last_seen: dict[str, float] = {}  # monotonic, leader memory only
+        self.live: dict[str, dict[str, Any]] = {}  # node id -> last stats
+        self.events: Batcher[dict[str, Any], int] | None = None
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "agent_register": self.register,
+            "heartbeat": self.heartbeat,
+            "task_events": self.task_events,
+        }
+
+    def reset(self, node_ids: list[str]) -> None:
+        """A new leader gives every node a full TTL before judging it."""
+        now = time.monotonic()
+        self.last_seen = dict.fromkeys(node_ids, now)
+        self.events = Batcher(self._flush_events, max_batch=2000)
+        self.events.start()
+
+    async def stop(self) -> None:
+        if self.events is not None:
+            await self.events.close()
+            self.events = None
+        for conn in list(self.conns.values()):
+            conn.close()
+        self.conns.clear()
+
+    def on_disconnect(self, conn: Connection) -> None:
+        nid = conn.context.get("node_id")
+        if nid and self.conns.get(nid) is conn:
+            del self.conns[nid]
+
+    # -- handlers ---------------------------------------------------------------
+    async def register(self, conn: Connection, a: Any) -> dict[str, Any]:
+        require(conn.context, "cluster")
+        self.m.ensure_leader()
+        if not isinstance(a, dict) or not isinstance(a.get("node"), dict):
+            raise RpcError(BAD_REQUEST, "register needs a node description")
+        node = a["node"]
+        res = await self.m.propose("register_node", {"node": node, "now": time.time()})
+        nid = res["node_id"]
+        old = self.conns.get(nid)
+        if old is not None and old is not conn:
+            old.close()
+        self.conns[nid] = conn
+        conn.context["node_id"] = nid
+        self.last_seen[nid] = time.monotonic()
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            should_run = [
+                views.launch_spec(self.m.state, self.m.state.tasks[x["task_id"]])
+                for x in res["tasks"]
+            ]
+            masters = [mb.rpc_addr for mb in self.m.state.members.values()]
+        self.m.controllers.wake() if self.m.controllers else None
+        log.info(
+            "node %s (%s) registered with %d GPUs", node.get("name"), nid, len(node.get("gpus", []))
+        )
+        return {"node_id": nid, "state": res["state"], "tasks": should_run, "masters": masters}
+
+    async def heartbeat(self, conn: Connection, a: Any) -> dict[str, Any]:
+        require(conn.context, "cluster")
+        self.m.ensure_leader()
+        nid = conn.context.get("node_id")
+        if not nid or not isinstance(a, dict):
+            raise RpcError("unregistered", "register before sending heartbeats")
+        self.last_seen[nid] = time.monotonic()
+        self.live[nid] = {
+            "stats": a.get("host"),
+            "gpus": a.get("gpus"),
+            "cache": a.get("cache"),
+            "at": time.monotonic(),
+        }
+        running = {
+            (r["task_id"], r["attempt"]) for r in a.get("running", []) if isinstance(r, dict)
+        }
+        return self.reconcile(nid, running, set(a.get("exited", [])))
+
+    def reconcile(
+        self, nid: str, running: set[tuple[str, int]], exited: set[str]
+    ) -> dict[str, Any]:
+        """Compare what the agent runs with what it should; answer the difference."""
+        s = self.m.state
+        assert self.m.raft is not None
+        start: list[dict[str, Any]] = []
+        stop: list[str] = []
+        with self.m.raft.lock:
+            node = s.nodes.get(nid)
+            if node is None or node.state == "down":
+                return {"start": [], "stop": [tid for tid, _ in running], "state": "unknown"}
+            should = {}
+            for tid in s.node_tasks.get(nid, ()):
+                t = s.tasks[tid]
+                if t.state in LIVE_TASK_STATES:
+                    should[tid] = t
+            for tid, attempt in running:
+                t = should.get(tid)
+                if t is None or t.attempt != attempt or t.stop is not None:
+                    stop.append(tid)
+            have = {tid for tid, _ in running}
+            for tid, t in should.items():
+                if tid not in have and tid not in exited and t.stop is None:
+                    start.append(views.launch_spec(s, t))
+            state = node.state
+        return {"start": start, "stop": stop, "state": state, "grace_s": self.m.cfg.kill_grace_s}
+
+    async def task_events(self, conn: Connection, a: Any) -> dict[str, Any]:
+        require(conn.context, "cluster")
+        self.m.ensure_leader()
+        nid = conn.context.get("node_id")
+        if not nid or not isinstance(a, dict) or not isinstance(a.get("events"), list):
+            raise RpcError(BAD_REQUEST, "task_events needs a list of events")
+        assert self.events is not None
+        evs = [dict(e, node_id=nid) for e in a["events"] if isinstance(e, dict)]
+        await asyncio.gather(*(self.events.submit(e) for e in evs))
+        return {"ok": True, "count": len(evs)}
+
+    async def _flush_events(self, evs: list[dict[str, Any]]) -> list[int]:
+        await self.m.propose("task_events", {"events": evs})
+        if self.m.controllers is not None:
+            self.m.controllers.wake()
+        return [0] * len(evs)
+
+    # -- pushes -----------------------------------------------------------------
+    def push_start(self, specs: list[dict[str, Any]]) -> None:
+        by_node: dict[str, list[dict[str, Any]]] = {}
+        with self.m.raft.lock:  # type: ignore[union-attr]
+            for sp in specs:
+                t = self.m.state.tasks.get(sp["task_id"])
+                if t is not None and t.node_id:
+                    by_node.setdefault(t.node_id, []).append(sp)
+        for nid, items in by_node.items():
+            self._notify(nid, "start", {"tasks": items})
+
+    def push_stop(self, node_id: str, task_ids: list[str]) -> None:
+        self._notify(node_id, "stop", {"tasks": task_ids, "grace_s": self.m.cfg.kill_grace_s})
+
+    def _notify(self, nid: str, method: str, args: dict[str, Any]) -> None:
+        conn = self.conns.get(nid)
+        if conn is None or conn.is_closing():
+            return  # the next heartbeat's reconcile repairs it
+        try:
+            conn.notify(method, args)
+        except RpcError:
+            pass

@@ -1,0 +1,393 @@
+"""RPC methods for people (leptonctl): jobs, nodes, cluster, tokens, backups.
+
+Each method checks the caller's role, validates its input into one clear
+error line, and writes every mutating call to the audit log.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import scheduler as sch
+from raft import snapshot as snapfile
+from raft.model import FINAL_JOB_STATES
+from raft.validate import SpecError, validate_name, validate_spec
+
+from . import views
+from .auth import require
+from .wire.connection import Connection, Handler
+from .wire.errors import BAD_REQUEST, NOT_FOUND, RpcError
+from .wire.tokens import new_token
+
+if TYPE_CHECKING:
+    from .master import Master
+
+log = logging.getLogger("lepton.master")
+Method = Callable[["Master", Connection, dict[str, Any]], Awaitable[Any]]
+_REGISTRY: dict[str, tuple[Method, str, bool]] = {}
+
+
+def method(name: str, role: str, mutating: bool = False) -> Callable[[Method], Method]:
+    def deco(fn: Method) -> Method:
+        _REGISTRY[name] = (fn, role, mutating)
+        return fn
+
+    return deco
+
+
+def handlers(m: Master) -> dict[str, Handler]:
+    out: dict[str, Handler] = {}
+    for name, (fn, role, mutating) in _REGISTRY.items():
+        out[name] = functools.partial(_call, m, name, fn, role, mutating)  # type: ignore[assignment]
+    return out
+
+
+async def _call(
+    m: Master, name: str, fn: Method, role: str, mutating: bool, conn: Connection, args: Any
+) -> Any:
+    assert m.keys is not None
+    user, have = m.keys.identity(conn.key_id)
+    if not have:
+        raise RpcError("unauthenticated", "this token has been revoked")
+    conn.context["user"], conn.context["role"] = user, have
+    require(conn.context, role)
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise RpcError(BAD_REQUEST, f"{name}: arguments must be a map")
+    if not mutating:
+        return await fn(m, conn, args)
+    try:
+        out = await fn(m, conn, args)
+    except RpcError as exc:
+        if exc.code != "not_leader":
+            m.audit.record(user, have, name, _target(args), f"error: {exc.code}: {exc.message}")
+        raise
+    m.audit.record(user, have, name, _target(args), "ok")
+    return out
+
+
+def _target(args: dict[str, Any]) -> Any:
+    for key in ("job_id", "node", "id", "name", "addr"):
+        if key in args:
+            return args[key]
+    return None
+
+
+def _lock(m: Master) -> Any:
+    assert m.raft is not None
+    return m.raft.lock
+
+
+# -- jobs -----------------------------------------------------------------------
+@method("submit", "submit", mutating=True)
+async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    try:
+        spec = validate_spec(a.get("spec"))
+        name = validate_name(a["name"], "job name") if a.get("name") else None
+    except SpecError as exc:
+        raise RpcError(BAD_REQUEST, str(exc)) from None
+    if spec.workdir is not None:
+        with _lock(m):
+            if spec.workdir not in m.state.manifests:
+                raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded")
+    rid = a.get("rid")
+    if not isinstance(rid, str) or not 8 <= len(rid) <= 64:
+        raise RpcError(BAD_REQUEST, "submit needs a request id (8-64 characters)")
+    user = conn.context["user"]
+    # The id comes from the client's request id, so a retry after a lost answer
+    # or a leader change finds the same job instead of making a second one.
+    job_id = "j-" + hashlib.sha256(f"{user}\0{rid}".encode()).hexdigest()[:12]
+    item = {
+        "id": job_id,
+        "name": name,
+        "user": user,
+        "spec": spec.to_wire(),
+        "submitted_at": time.time(),
+    }
+    assert m.submits is not None
+    res = await m.submits.submit(item)
+    if "error" in res:
+        raise RpcError(res["error"]["code"], res["error"]["message"])
+    return {"id": job_id}
+
+
+@method("jobs", "read")
+async def jobs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    _prefer_leader(m)
+    limit = int(a.get("limit") or 1000)
+    want_all = bool(a.get("all"))
+    with _lock(m):
+        js = [
+            j
+            for j in m.state.jobs.values()
+            if want_all
+            or j.state not in FINAL_JOB_STATES
+            or (j.finished_at or 0) > time.time() - 3600
+        ]
+        js = js[-limit:]
+        return [views.job_summary(j) for j in js]
+
+
+@method("status", "read")
+async def status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    _prefer_leader(m)
+    jid = str(a.get("job_id", ""))
+    reasons = m.controllers.reasons if m.controllers else {}
+    with _lock(m):
+        job = m.state.jobs.get(jid)
+        if job is None:
+            raise RpcError(NOT_FOUND, f"no job {jid!r}")
+        out = views.job_summary(job)
+        out["spec"] = job.spec
+        out["tasks"] = [views.task_detail(m.state, m.state.tasks[t]) for t in job.tasks]
+    for t in out["tasks"]:
+        if t["state"] == "pending" and t["id"] in reasons:
+            t["reason"] = reasons[t["id"]]
+    pend = [t for t in out["tasks"] if t.get("reason")]
+    if pend and job.state == "pending":
+        out["reason"] = pend[0]["reason"]
+    return out
+
+
+@method("cancel", "submit", mutating=True)
+async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    res = await m.propose(
+        "cancel_job",
+        {
+            "job_id": str(a.get("job_id", "")),
+            "user": conn.context["user"],
+            "admin": conn.context["role"] == "admin",
+            "now": time.time(),
+        },
+    )
+    if m.controllers:
+        m.controllers.wake()
+    return res
+
+
+@method("queue", "read")
+async def queue(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    _prefer_leader(m)
+    with _lock(m):
+        nodes, allocs, pending = views.scheduler_inputs(m.state)
+    policy = m.controllers.policy if m.controllers else sch.Policy()
+    return [
+        vars(u) if not hasattr(u, "__dataclass_fields__") else _dc(u)
+        for u in sch.queue_report(nodes, allocs, pending, policy)
+    ]
+
+
+def _dc(obj: Any) -> dict[str, Any]:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
+
+
+# -- nodes ------------------------------------------------------------------------
+@method("nodes", "read")
+async def nodes(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    _prefer_leader(m)
+    now = time.monotonic()
+    with _lock(m):
+        out = []
+        for n in m.state.nodes.values():
+            live = m.agents.live.get(n.id)
+            if live is not None:
+                live = dict(live, age_s=round(now - live["at"], 1))
+            out.append(views.node_summary(m.state, n, live))
+    return out
+
+
+def _find_node(m: Master, ref: Any) -> str:
+    ref = str(ref or "")
+    with _lock(m):
+        if ref in m.state.nodes:
+            return ref
+        hits = [n.id for n in m.state.nodes.values() if n.name == ref]
+    if len(hits) == 1:
+        return hits[0]
+    raise RpcError(
+        NOT_FOUND,
+        f"no node named {ref!r}" if not hits else f"several nodes are named {ref!r}; use the id",
+    )
+
+
+@method("node_drain", "admin", mutating=True)
+async def node_drain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    nid = _find_node(m, a.get("node"))
+    return await m.propose(
+        "node_state",
+        {
+            "node_id": nid,
+            "state": "draining",
+            "now": time.time(),
+            "reason": str(a.get("reason") or "drained"),
+        },
+    )
+
+
+@method("node_undrain", "admin", mutating=True)
+async def node_undrain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    nid = _find_node(m, a.get("node"))
+    res = await m.propose("node_state", {"node_id": nid, "state": "ready", "now": time.time()})
+    if m.controllers:
+        m.controllers.wake()
+    return res
+
+
+@method("node_rm", "admin", mutating=True)
+async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    nid = _find_node(m, a.get("node"))
+    return await m.propose(
+        "remove_node", {"node_id": nid, "now": time.time(), "force": bool(a.get("force"))}
+    )
+
+
+# -- cluster ----------------------------------------------------------------------
+@method("cluster_status", "read")
+async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    assert m.raft is not None
+    st = m.raft.status()
+    with _lock(m):
+        members = {k: v.to_wire() for k, v in m.state.members.items()}
+    for mb in st.get("members", []):
+        info = members.get(mb.get("addr"), {})
+        mb["rpc_addr"] = info.get("rpc_addr", "")
+    leader = st.get("leader")
+    return {
+        **st,
+        "leader": leader,
+        "leader_rpc": m.leader_rpc_addr(),
+        "self": m.cfg.raft_addr,
+        "is_leader": m.is_leader(),
+    }
+
+
+@method("cluster_add", "admin", mutating=True)
+async def cluster_add(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    assert m.raft is not None
+    addr = _raft_addr(a)
+    await m.raft.add_member(addr, timeout_s=m.cfg.commit_timeout_s * 2)
+    return {"added": addr}
+
+
+@method("cluster_remove", "admin", mutating=True)
+async def cluster_remove(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    assert m.raft is not None
+    addr = _raft_addr(a)
+    if addr == m.cfg.raft_addr:
+        raise RpcError(
+            BAD_REQUEST,
+            "the leader cannot remove itself; stop it and remove it from another master",
+        )
+    await m.raft.remove_member(addr, timeout_s=m.cfg.commit_timeout_s * 2)
+    await m.propose("member_remove", {"raft_addr": addr})
+    return {"removed": addr}
+
+
+def _raft_addr(a: dict[str, Any]) -> str:
+    addr = str(a.get("addr", ""))
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RpcError(BAD_REQUEST, f"expected HOST:RAFTPORT, got {addr!r}")
+    return addr
+
+
+# -- backups ---------------------------------------------------------------------
+@method("snapshot_save", "admin")
+async def snapshot_save(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    _prefer_leader(m)
+    with _lock(m):
+        data = m.state.snapshot()
+        index = m.state.applied_index
+    return {
+        "data": snapfile.encode_snapshot(data, {"index": index, "saved_at": time.time()}),
+        "index": index,
+    }
+
+
+@method("snapshot_restore", "admin", mutating=True)
+async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    blob = a.get("data")
+    if not isinstance(blob, bytes):
+        raise RpcError(BAD_REQUEST, "restore needs the snapshot file's bytes")
+    try:
+        state_bytes, _meta = snapfile.decode_snapshot(blob)
+    except Exception as exc:
+        raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
+    res = await m.propose("restore", {"state": state_bytes}, timeout_s=30)
+    if m.controllers:
+        m.controllers.wake()
+    return res
+
+
+# -- tokens ---------------------------------------------------------------------
+@method("token_create", "admin", mutating=True)
+async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    assert m.keys is not None
+    role = a.get("role")
+    if role not in ("admin", "submit", "read"):
+        raise RpcError(BAD_REQUEST, "role must be admin, submit or read")
+    try:
+        name = validate_name(a.get("name") or f"{role}-user", "token name")
+    except SpecError as exc:
+        raise RpcError(BAD_REQUEST, str(exc)) from None
+    tok = new_token()
+    await m.propose(
+        "token_create",
+        {"id": tok.id, "name": name, "role": role, "sealed": m.keys.seal(tok), "now": time.time()},
+    )
+    return {"id": tok.id, "name": name, "role": role, "token": str(tok)}
+
+
+@method("token_ls", "admin")
+async def token_ls(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    with _lock(m):
+        return [
+            {
+                "id": t.id,
+                "name": t.name,
+                "role": t.role,
+                "created_at": t.created_at,
+                "revoked": t.revoked,
+            }
+            for t in m.state.tokens.values()
+        ]
+
+
+@method("token_revoke", "admin", mutating=True)
+async def token_revoke(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    res = await m.propose("token_revoke", {"id": str(a.get("id", ""))})
+    # Close live connections made with that token.
+    assert m.rpc is not None
+    for c in list(m.rpc.connections):
+        if c.key_id == res["id"]:
+            c.close()
+    return res
+
+
+@method("whoami", "read")
+async def whoami(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    return {"user": conn.context.get("user"), "role": conn.context.get("role")}
+
+
+def _prefer_leader(m: Master) -> None:
+    """Reads go to the leader when one is known, so a client reads its own writes."""
+    if not m.is_leader():
+        addr = m.leader_rpc_addr()
+        if addr and addr != m.cfg.rpc_addr:
+            raise m.not_leader()

@@ -1,0 +1,113 @@
+"""Who is calling: keys for the handshake, roles for each method, the audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from raft.state import ClusterState
+
+from .wire.errors import FORBIDDEN, RpcError
+from .wire.tokens import ADMIN_TOKEN_ID, CLUSTER_KEY_ID, Token, cluster_psk, derive
+
+# Roles in order of power; "cluster" is what agents and masters authenticate as.
+ROLE_RANK = {"read": 0, "submit": 1, "admin": 2, "cluster": 3}
+
+
+class KeyStore:
+    """Maps a handshake key id to its pre-shared key.
+
+    Token secrets live in the replicated state sealed under a key derived from
+    the cluster secret, so a leaked snapshot alone gives no working token.
+    """
+
+    def __init__(self, cluster_secret: bytes, admin: Token, state: ClusterState, lock: Any) -> None:
+        self._cluster_psk = cluster_psk(cluster_secret)
+        self._seal_key = AESGCM(derive(cluster_secret, b"leptond token seal"))
+        self._admin = admin
+        self._state = state
+        self._lock = lock
+        self._cache: dict[str, bytes] = {}
+
+    def psk(self, key_id: str) -> bytes | None:
+        if key_id == CLUSTER_KEY_ID:
+            return self._cluster_psk
+        if key_id == ADMIN_TOKEN_ID:
+            return self._admin.psk
+        with self._lock:
+            tok = self._state.tokens.get(key_id)
+            if tok is None or tok.revoked:
+                return None
+            sealed = tok.sealed
+        cached = self._cache.get(key_id)
+        if cached is not None:
+            return cached
+        try:
+            secret = self._seal_key.decrypt(sealed[:12], sealed[12:], key_id.encode())
+        except (InvalidTag, ValueError):
+            return None
+        psk = Token(key_id, secret).psk
+        self._cache[key_id] = psk
+        return psk
+
+    def seal(self, token: Token) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._seal_key.encrypt(nonce, token.secret, token.id.encode())
+
+    def identity(self, key_id: str) -> tuple[str, str]:
+        """(user name, role) for an authenticated key id."""
+        if key_id == CLUSTER_KEY_ID:
+            return "cluster", "cluster"
+        if key_id == ADMIN_TOKEN_ID:
+            return "admin", "admin"
+        with self._lock:
+            tok = self._state.tokens.get(key_id)
+            if tok is None or tok.revoked:
+                return "", ""
+            return tok.name, tok.role
+
+
+def require(ctx: dict[str, Any], role: str, is_revoked: Callable[[], bool] | None = None) -> None:
+    have = ctx.get("role", "")
+    if ROLE_RANK.get(have, -1) < ROLE_RANK[role]:
+        raise RpcError(
+            FORBIDDEN, f"this needs a token with role {role}; yours is {have or 'unknown'}"
+        )
+    if is_revoked is not None and is_revoked():
+        raise RpcError("unauthenticated", "this token has been revoked")
+
+
+class AuditLog:
+    """Append-only JSON lines: who, what, when, result. One file per master."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the master
+        os.chmod(path, 0o600)
+
+    def record(self, who: str, role: str, action: str, target: Any, result: str) -> None:
+        line = json.dumps(
+            {
+                "ts": round(time.time(), 3),
+                "who": who,
+                "role": role,
+                "action": action,
+                "target": target,
+                "result": result,
+            },
+            default=str,
+        )
+        with self._lock:
+            self._f.write(line + "\n")
+
+    def close(self) -> None:
+        self._f.close()

@@ -1,0 +1,45 @@
+"""Master configuration, as parsed from `leptond run` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    data_dir: Path
+    secret_file: Path
+    admin_token_file: Path
+    bind: str = "127.0.0.1"
+    advertise: str = ""  # host other machines reach us at; defaults to bind
+    rpc_port: int = 7441
+    http_port: int = 7440
+    raft_port: int = 7442
+    peers: tuple[str, ...] = ()  # other masters' HOST:RAFTPORT
+    heartbeat_ttl_s: float = 10.0
+    commit_timeout_s: float = 5.0
+    kill_grace_s: float = 10.0
+    preemption: bool = True
+    quotas: dict[str, int] = field(default_factory=dict)
+    raft_min_timeout_s: float = 0.6
+    raft_max_timeout_s: float = 1.6
+    job_retention_s: float = 7 * 86400.0
+    block_cache_bytes: int = 256 << 20
+    block_cache_policy: str = "lru"
+
+    @property
+    def host(self) -> str:
+        return self.advertise or self.bind
+
+    @property
+    def raft_addr(self) -> str:
+        return f"{self.host}:{self.raft_port}"
+
+    @property
+    def rpc_addr(self) -> str:
+        return f"{self.host}:{self.rpc_port}"
+
+    @property
+    def http_addr(self) -> str:
+        return f"{self.host}:{self.http_port}"

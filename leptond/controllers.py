@@ -1,0 +1,187 @@
+"""Leader-only reconcile loops: liveness, scheduling, membership upkeep.
+
+They start when this master becomes leader (after its log is applied) and stop
+when it is not; each loop logs, counts and keeps going after its own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import scheduler as sch
+from raft.model import LIVE_TASK_STATES
+
+from . import views
+from .wire.errors import RpcError
+
+if TYPE_CHECKING:
+    from .master import Master
+
+log = logging.getLogger("lepton.master")
+
+
+class Controllers:
+    def __init__(self, master: Master) -> None:
+        self.m = master
+        self.active = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self.reasons: dict[str, str] = {}
+        self.errors = 0
+        self.plans = 0
+        self.start_latencies: list[float] = []
+        self.policy = sch.Policy(preemption=master.cfg.preemption, quotas=dict(master.cfg.quotas))
+
+    async def start(self) -> None:
+        if self.active:
+            return
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            node_ids = list(self.m.state.nodes)
+        self.m.agents.reset(node_ids)
+        self.active = True
+        loop = asyncio.get_running_loop()
+        for name, fn in (
+            ("liveness", self._liveness),
+            ("scheduler", self._scheduling),
+            ("members", self._members),
+        ):
+            self._tasks.append(loop.create_task(self._forever(name, fn)))
+        self.wake()
+
+    async def stop(self) -> None:
+        self.active = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.m.agents.stop()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _forever(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        while self.active:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except RpcError as exc:
+                self.errors += 1
+                log.warning("%s: %s", name, exc)
+                await asyncio.sleep(0.5)
+            except Exception:
+                self.errors += 1
+                log.exception("%s loop failed; restarting it", name)
+                await asyncio.sleep(0.5)
+
+    # -- liveness ---------------------------------------------------------------
+    async def _liveness(self) -> None:
+        ttl = self.m.cfg.heartbeat_ttl_s
+        await asyncio.sleep(min(0.5, ttl / 4))
+        now = time.monotonic()
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            nodes = [(n.id, n.name) for n in self.m.state.nodes.values() if n.state != "down"]
+        for nid, name in nodes:
+            seen = self.m.agents.last_seen.setdefault(nid, now)
+            if now - seen > ttl:
+                log.warning("node %s silent for %.1fs: marking it down", name, now - seen)
+                res = await self.m.propose(
+                    "node_down",
+                    {"node_id": nid, "now": time.time(), "reason": f"no heartbeat for {ttl:g}s"},
+                )
+                if res.get("lost"):
+                    log.warning("node %s down: %d task(s) lost", name, len(res["lost"]))
+                self.wake()
+
+    # -- membership ---------------------------------------------------------------
+    async def _members(self) -> None:
+        cfg = self.m.cfg
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            mine = self.m.state.members.get(cfg.raft_addr)
+        if mine is None or mine.rpc_addr != cfg.rpc_addr or mine.http_addr != cfg.http_addr:
+            await self.m.propose(
+                "member_info",
+                {"raft_addr": cfg.raft_addr, "rpc_addr": cfg.rpc_addr, "http_addr": cfg.http_addr},
+            )
+        # Forget finished jobs past their retention, now and then.
+        await self.m.propose("gc_jobs", {"before": time.time() - cfg.job_retention_s})
+        await asyncio.sleep(60)
+
+    # -- scheduling -----------------------------------------------------------------
+    async def _scheduling(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), 2.0)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            if not self.m.state.pending and not self._stops_outstanding():
+                return
+            nodes, allocs, pending = views.scheduler_inputs(self.m.state)
+        if len(pending) > 2000:
+            plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
+        else:
+            plan = sch.schedule(nodes, allocs, pending, self.policy)
+        self.reasons = dict(plan.reasons)
+        if plan.placements or plan.preemptions:
+            await self._commit(plan)
+        self._dispatch_stops()
+
+    def _stops_outstanding(self) -> bool:
+        return any(t.stop is not None for t in self._live_tasks())
+
+    def _live_tasks(self) -> list[Any]:
+        s = self.m.state
+        return [
+            s.tasks[tid]
+            for tids in s.node_tasks.values()
+            for tid in tids
+            if s.tasks[tid].state in LIVE_TASK_STATES
+        ]
+
+    async def _commit(self, plan: sch.Plan) -> None:
+        args: dict[str, Any] = {
+            "now": time.time(),
+            "placements": [
+                {"task_id": p.task_id, "node_id": p.node_id, "gpus": list(p.gpus)}
+                for p in plan.placements
+            ],
+            "preemptions": [
+                {"task_id": p.task_id, "for_task": p.for_task} for p in plan.preemptions
+            ],
+        }
+        res = await self.m.propose("plan", args)
+        self.plans += 1
+        if res["dropped"]:
+            log.info(
+                "plan: %d placement(s) dropped at apply: %s",
+                len(res["dropped"]),
+                res["dropped"][0]["reason"],
+            )
+            self.wake()
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            specs = [
+                views.launch_spec(self.m.state, self.m.state.tasks[tid]) for tid in res["placed"]
+            ]
+        self.m.agents.push_start(specs)
+        if res["preempting"]:
+            self.wake()
+
+    def _dispatch_stops(self) -> None:
+        assert self.m.raft is not None
+        by_node: dict[str, list[str]] = {}
+        with self.m.raft.lock:
+            for t in self._live_tasks():
+                if t.stop is not None and t.node_id:
+                    by_node.setdefault(t.node_id, []).append(t.id)
+        for nid, tids in by_node.items():
+            self.m.agents.push_stop(nid, tids)

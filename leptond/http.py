@@ -1,0 +1,158 @@
+"""The masters' HTTP port: /healthz, /metrics (Prometheus) and a read-only JSON API."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from raft.model import JOB_STATES, NODE_STATES, TASK_STATES
+
+from . import views
+
+if TYPE_CHECKING:
+    from .master import Master
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class StateCollector(Collector):
+    """Reads the replicated state at scrape time; nothing is kept twice."""
+
+    def __init__(self, m: Master) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Any]:
+        m = self.m
+        assert m.raft is not None
+        st = m.raft.status()
+        with m.raft.lock:
+            s = m.state
+            node_states = Counter(n.state for n in s.nodes.values())
+            job_states = Counter(j.state for j in s.jobs.values())
+            task_states = Counter(t.state for t in s.tasks.values())
+            gpus_total = sum(len(n.gpus) for n in s.nodes.values())
+            gpus_alloc = len(s.gpu_owner)
+            names = {n.id: n.name for n in s.nodes.values()}
+            latencies = [
+                t.started_at - j.submitted_at
+                for t in s.tasks.values()
+                if t.started_at is not None and t.attempt == 1
+                for j in (s.jobs[t.job_id],)
+            ]
+        g = GaugeMetricFamily("lepton_nodes", "Nodes by state", labels=["state"])
+        for state in NODE_STATES:
+            g.add_metric([state], node_states.get(state, 0))
+        yield g
+        yield GaugeMetricFamily("lepton_gpus_total", "GPUs registered", value=gpus_total)
+        yield GaugeMetricFamily(
+            "lepton_gpus_allocated", "GPUs held by live tasks", value=gpus_alloc
+        )
+        g = GaugeMetricFamily("lepton_jobs", "Jobs by state", labels=["state"])
+        for state in JOB_STATES:
+            g.add_metric([state], job_states.get(state, 0))
+        yield g
+        g = GaugeMetricFamily("lepton_tasks", "Tasks by state", labels=["state"])
+        for state in TASK_STATES:
+            g.add_metric([state], task_states.get(state, 0))
+        yield g
+        yield GaugeMetricFamily("lepton_raft_term", "Raft term", value=st.get("term", 0))
+        yield GaugeMetricFamily(
+            "lepton_raft_commit_index", "Raft commit index", value=st.get("commit_index", 0)
+        )
+        yield GaugeMetricFamily(
+            "lepton_raft_leader", "1 if this master leads", value=1 if m.is_leader() else 0
+        )
+        per_gpu = {
+            "lepton_gpu_utilization_pct": ("GPU utilisation", "util_pct"),
+            "lepton_gpu_memory_used_bytes": ("GPU memory used", "mem_used_bytes"),
+            "lepton_gpu_memory_total_bytes": ("GPU memory total", "mem_total_bytes"),
+            "lepton_gpu_temperature_celsius": ("GPU temperature", "temperature_c"),
+            "lepton_gpu_power_watts": ("GPU power draw", "power_w"),
+        }
+        fams = {k: GaugeMetricFamily(k, d, labels=["node", "gpu"]) for k, (d, _) in per_gpu.items()}
+        for nid, live in list(m.agents.live.items()):
+            for gpu in live.get("gpus") or []:
+                if not isinstance(gpu, dict):
+                    continue
+                for k, (_, field) in per_gpu.items():
+                    v = gpu.get(field)
+                    if isinstance(v, int | float):
+                        fams[k].add_metric([names.get(nid, nid), str(gpu.get("index"))], v)
+        yield from fams.values()
+        buckets = []
+        acc = 0
+        for b in LATENCY_BUCKETS:
+            acc = sum(1 for x in latencies if x <= b)
+            buckets.append((str(b), acc))
+        buckets.append(("+Inf", len(latencies)))
+        yield HistogramMetricFamily(
+            "lepton_submit_to_start_seconds",
+            "Submit to task start latency",
+            buckets=buckets,
+            sum_value=sum(latencies),
+        )
+
+
+class HttpServer:
+    def __init__(self, m: Master) -> None:
+        self.m = m
+        self.registry = CollectorRegistry()
+        self.registry.register(StateCollector(m))
+        self.app = web.Application()
+        self.app.add_routes(
+            [
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.metrics),
+                web.get("/api/jobs", self.jobs),
+                web.get("/api/nodes", self.nodes),
+            ]
+        )
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        m = self.m
+        assert m.raft is not None
+        st = m.raft.status()
+        body = {
+            "role": "leader" if m.is_leader() else "follower",
+            "leader": st.get("leader"),
+            "quorum": bool(st.get("has_quorum")),
+            "applied_index": m.state.applied_index,
+            "commit_index": st.get("commit_index"),
+            "term": st.get("term"),
+            "uptime_s": round(time.time() - m.started_at, 1),
+        }
+        return web.json_response(body, status=200 if body["quorum"] else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), content_type="text/plain", charset="utf-8"
+        )
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            out = [views.job_summary(j) for j in self.m.state.jobs.values()]
+        return web.json_response(out[-1000:])
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            out = [views.node_summary(self.m.state, n, None) for n in self.m.state.nodes.values()]
+        return web.json_response(out)

@@ -1,0 +1,183 @@
+"""The master daemon: Raft shell, RPC and HTTP servers, leader-only controllers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from raft.errors import NoQuorum, NotLeader, ProposeTimeout
+from raft.node import RaftNode
+
+from raft import commands
+from raft.state import ClusterState
+
+from . import agents, api, http
+from .auth import AuditLog, KeyStore
+from .batcher import Batcher
+from .config import MasterConfig
+from .controllers import Controllers
+from .wire.errors import NO_QUORUM, NOT_LEADER, TIMEOUT, RpcError
+from .wire.server import RpcServer
+from .wire.tokens import read_secret_file, read_token_file
+
+log = logging.getLogger("lepton.master")
+
+
+class Master:
+    def __init__(self, cfg: MasterConfig) -> None:
+        self.cfg = cfg
+        self.secret = read_secret_file(cfg.secret_file)
+        self.admin = read_token_file(cfg.admin_token_file)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state = ClusterState()
+        self.raft: RaftNode | None = None
+        self.keys: KeyStore | None = None
+        self.audit = AuditLog(cfg.data_dir / "audit.log")
+        self.rpc: RpcServer | None = None
+        self.http: http.HttpServer | None = None
+        self.controllers: Controllers | None = None
+        self.agents = agents.AgentRegistry(self)
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._leader_events: asyncio.Queue[bool] = asyncio.Queue()
+        self.submits: Batcher[dict[str, Any], dict[str, Any]] | None = None
+        self._bg: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        peers = [p for p in cfg.peers if p and p != cfg.raft_addr]
+        self.raft = RaftNode(
+            self.state,
+            cfg.raft_addr,
+            peers,
+            cfg.data_dir / "raft",
+            self.secret,
+            on_leadership=self._leader_events.put_nowait,
+            loop=loop,
+            raft_min_timeout_s=cfg.raft_min_timeout_s,
+            raft_max_timeout_s=cfg.raft_max_timeout_s,
+        )
+        self.keys = KeyStore(self.secret, self.admin, self.state, self.raft.lock)
+        handlers = {**api.handlers(self), **self.agents.handlers()}
+        self.rpc = RpcServer(
+            handlers,
+            self.keys.psk,
+            on_connect=self._on_connect,
+            on_disconnect=self.agents.on_disconnect,
+        )
+        await self.rpc.start(cfg.bind, cfg.rpc_port)
+        self.http = http.HttpServer(self)
+        await self.http.start(cfg.bind, cfg.http_port)
+        self.controllers = Controllers(self)
+        self.submits = Batcher(self._flush_submits, max_batch=5000)
+        self.submits.start()
+        self._bg = loop.create_task(self._leadership_loop())
+        log.info(
+            "master %s: rpc %s, http %s, raft %s, peers %s",
+            cfg.host,
+            cfg.rpc_addr,
+            cfg.http_addr,
+            cfg.raft_addr,
+            ",".join(peers) or "-",
+        )
+
+    async def _leadership_loop(self) -> None:
+        # Leader-only work starts and stops here, in one place (Nomad's leader.go).
+        while True:
+            is_leader = await self._leader_events.get()
+            assert self.controllers is not None
+            if is_leader:
+                log.info("became leader")
+                await self.controllers.start()
+            else:
+                log.info("no longer leader")
+                await self.controllers.stop()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        await self.close()
+
+    async def _flush_submits(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        res = await self.propose("submit_jobs", {"jobs": jobs})
+        if self.controllers is not None:
+            self.controllers.wake()
+        return list(res["results"])
+
+    async def close(self) -> None:
+        if self._bg is not None:
+            self._bg.cancel()
+        if self.submits is not None:
+            await self.submits.close()
+        if self.controllers is not None:
+            await self.controllers.stop()
+        if self.rpc is not None:
+            await self.rpc.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.raft is not None:
+            await asyncio.to_thread(self.raft.close)
+        self.audit.close()
+
+    def _on_connect(self, conn: Any) -> None:
+        assert self.keys is not None
+        user, role = self.keys.identity(conn.key_id)
+        conn.context["user"], conn.context["role"] = user, role
+
+    # -- Raft -----------------------------------------------------------------
+    def is_leader(self) -> bool:
+        return (
+            self.raft is not None
+            and self.raft.is_leader()
+            and bool(self.controllers and self.controllers.active)
+        )
+
+    def leader_rpc_addr(self) -> str | None:
+        assert self.raft is not None
+        leader = self.raft.leader()
+        if leader is None:
+            return None
+        if leader == self.cfg.raft_addr:
+            return self.cfg.rpc_addr
+        with self.raft.lock:
+            m = self.state.members.get(leader)
+            return m.rpc_addr if m else None
+
+    def not_leader(self) -> RpcError:
+        addr = self.leader_rpc_addr()
+        if addr and addr != self.cfg.rpc_addr:
+            return RpcError(NOT_LEADER, f"not the leader; the leader is {addr}", leader=addr)
+        return RpcError(NOT_LEADER, "no leader elected yet; try again in a moment", leader="")
+
+    def ensure_leader(self) -> None:
+        if not self.is_leader():
+            raise self.not_leader()
+
+    async def propose(
+        self, op: str, args: dict[str, Any], rid: str | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Commit one command on this (leader) master and return its result."""
+        assert self.raft is not None
+        data = commands.encode(op, args, rid)
+        try:
+            result = await self.raft.propose(data, timeout_s or self.cfg.commit_timeout_s)
+        except NotLeader:
+            raise self.not_leader() from None
+        except NoQuorum as exc:
+            raise RpcError(NO_QUORUM, str(exc)) from None
+        except ProposeTimeout as exc:
+            raise RpcError(TIMEOUT, str(exc)) from None
+        if isinstance(result, dict) and "error" in result:
+            err = result["error"]
+            raise RpcError(str(err.get("code")), str(err.get("message")))
+        if not isinstance(result, dict):
+            raise RpcError("internal", f"{op}: unexpected result {result!r}")
+        return result

@@ -1,0 +1,208 @@
+"""Read-only views of ClusterState: scheduler inputs and what people see.
+
+Callers hold the Raft lock while these run; the results are plain values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import scheduler as sch
+from raft.model import LIVE_TASK_STATES, Job, Node, Task
+from raft.state import ClusterState
+
+
+def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
+    return sch.NodeView(
+        node_id=n.id,
+        name=n.name,
+        cpus=n.cpus,
+        mem_bytes=n.mem_bytes,
+        gpus=tuple(
+            sch.Gpu(
+                index=g["index"],
+                uuid=g["uuid"],
+                model=g["model"],
+                mem_bytes=g["mem_bytes"],
+                domain=g.get("domain", -1),
+            )
+            for g in n.gpus
+        ),
+        labels=dict(n.labels),
+        schedulable=n.state == "ready",
+        cached_blocks=cached,
+    )
+
+
+def scheduler_inputs(
+    s: ClusterState,
+    cached: dict[str, frozenset[str]] | None = None,
+    block_sets: dict[str, frozenset[str]] | None = None,
+) -> tuple[list[sch.NodeView], list[sch.Allocation], list[sch.TaskRequest]]:
+    cached = cached or {}
+    nodes = [node_view(n, cached.get(n.id, frozenset())) for n in s.nodes.values()]
+    allocs: list[sch.Allocation] = []
+    for tids in s.node_tasks.values():
+        for tid in tids:
+            t = s.tasks[tid]
+            if t.state in LIVE_TASK_STATES and t.node_id is not None:
+                job = s.jobs[t.job_id]
+                allocs.append(
+                    sch.Allocation(
+                        task_id=t.id,
+                        job_id=t.job_id,
+                        user=job.user,
+                        node_id=t.node_id,
+                        gpus=tuple(t.gpus),
+                        cpus=t.cpus,
+                        mem_bytes=t.mem_bytes,
+                        priority=t.priority,
+                        started_at=t.started_at or t.assigned_at or 0.0,
+                        preemptible=bool(job.spec.get("preemptible", True)) and t.stop is None,
+                    )
+                )
+    pending: list[sch.TaskRequest] = []
+    block_sets = block_sets or {}
+    for tid in s.pending:
+        t = s.tasks[tid]
+        job = s.jobs[t.job_id]
+        if job.state not in ("pending", "running"):
+            continue
+        sp = job.spec
+        pending.append(
+            sch.TaskRequest(
+                task_id=t.id,
+                job_id=job.id,
+                user=job.user,
+                priority=t.priority,
+                submitted_at=job.submitted_at,
+                gpus=int(sp.get("gpus", 0)),
+                cpus=t.cpus,
+                mem_bytes=t.mem_bytes,
+                gpu_type=sp.get("gpu_type"),
+                gpu_mem_min=int(sp.get("gpu_mem_min", 0)),
+                constraints=dict(sp.get("constraints") or {}),
+                gang_size=int(sp.get("nodes", 1)),
+                rank=t.rank,
+                spread=bool(sp.get("spread", False)),
+                preemptible=bool(sp.get("preemptible", True)),
+                blocks=block_sets.get(str(sp.get("workdir")), frozenset()),
+                time_limit_s=sp.get("time_limit_s"),
+            )
+        )
+    return nodes, allocs, pending
+
+
+def gang_port(job_id: str) -> int:
+    """A rendezvous port for a gang's rank 0, stable for the job."""
+    return 20000 + int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") % 20000
+
+
+def launch_spec(s: ClusterState, t: Task) -> dict[str, Any]:
+    """What an agent needs to start one task attempt."""
+    job = s.jobs[t.job_id]
+    sp = job.spec
+    nnodes = int(sp.get("nodes", 1))
+    env = dict(sp.get("env") or {})
+    env.update(
+        {
+            "LEPTON_JOB_ID": job.id,
+            "LEPTON_TASK_ID": t.id,
+            "LEPTON_TASK_RANK": str(t.rank),
+            "LEPTON_NNODES": str(nnodes),
+            "LEPTON_NODE_RANK": str(t.rank),
+            "LEPTON_ATTEMPT": str(t.attempt),
+        }
+    )
+    if nnodes > 1:
+        rank0 = s.tasks[job.tasks[0]]
+        host = s.nodes[rank0.node_id].addr if rank0.node_id in s.nodes else "127.0.0.1"
+        env.update(
+            {
+                "MASTER_ADDR": host or "127.0.0.1",
+                "MASTER_PORT": str(gang_port(job.id)),
+                "WORLD_SIZE": str(nnodes),
+                "RANK": str(t.rank),
+                "NODE_RANK": str(t.rank),
+            }
+        )
+    manifest = s.manifests.get(sp["workdir"]) if sp.get("workdir") else None
+    return {
+        "task_id": t.id,
+        "job_id": job.id,
+        "attempt": t.attempt,
+        "rank": t.rank,
+        "argv": sp["argv"],
+        "env": env,
+        "gpus": list(t.gpus),
+        "time_limit_s": sp.get("time_limit_s"),
+        "cwd": sp.get("cwd"),
+        "workdir": sp.get("workdir"),
+        "manifest": manifest,
+        "stop": t.stop,
+    }
+
+
+def job_summary(j: Job) -> dict[str, Any]:
+    sp = j.spec
+    return {
+        "id": j.id,
+        "name": j.name,
+        "user": j.user,
+        "state": j.state,
+        "submitted_at": j.submitted_at,
+        "finished_at": j.finished_at,
+        "gpus": sp.get("gpus", 0),
+        "nodes": sp.get("nodes", 1),
+        "priority": sp.get("priority", 0),
+        "command": sp.get("argv", []),
+        "message": j.message,
+    }
+
+
+def task_detail(s: ClusterState, t: Task) -> dict[str, Any]:
+    node = s.nodes.get(t.node_id) if t.node_id else None
+    return {
+        "id": t.id,
+        "rank": t.rank,
+        "state": t.state,
+        "node": node.name if node else t.node_id,
+        "node_id": t.node_id,
+        "gpus": list(t.gpus),
+        "exit_code": t.exit_code,
+        "attempt": t.attempt,
+        "message": t.message,
+        "assigned_at": t.assigned_at,
+        "started_at": t.started_at,
+        "finished_at": t.finished_at,
+        "stopping": t.stop,
+        "preemptions": t.preemptions,
+    }
+
+
+def node_summary(s: ClusterState, n: Node, live: dict[str, Any] | None) -> dict[str, Any]:
+    held, cpus_used, mem_used = s.node_usage(n.id)
+    stats = (live or {}).get("stats") or {}
+    gpu_stats = (live or {}).get("gpus") or []
+    utils = [g.get("util_pct", 0) for g in gpu_stats if isinstance(g, dict)]
+    return {
+        "id": n.id,
+        "name": n.name,
+        "state": n.state,
+        "addr": n.addr,
+        "labels": dict(n.labels),
+        "gpus_total": len(n.gpus),
+        "gpus_free": len(n.gpus) - len(held),
+        "gpu_models": sorted({g["model"] for g in n.gpus}),
+        "gpu_util_pct": round(sum(utils) / len(utils), 1) if utils else 0.0,
+        "cpus": n.cpus,
+        "cpus_used": cpus_used,
+        "mem_bytes": n.mem_bytes,
+        "mem_used_bytes": mem_used,
+        "reason": n.reason,
+        "gpus": gpu_stats,
+        "host": stats,
+        "cache": (live or {}).get("cache") or {},
+        "last_heartbeat_s": (live or {}).get("age_s"),
+    }
