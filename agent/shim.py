@@ -142,11 +142,14 @@ class Shim:
             return 0
         log = RotatingLog(self.dir, int(spec["log_cap_bytes"]))
         try:
-            return self.supervise(log)
+            code, sig, msg = self.supervise(log)
         finally:
             log.close()
+        # Last: once exit.json exists the runner may delete the directory.
+        self.finish(code, sig, msg)
+        return 0
 
-    def supervise(self, log: RotatingLog) -> int:
+    def supervise(self, log: RotatingLog) -> tuple[int | None, int | None, str]:
         argv = [str(a) for a in self.spec["argv"]]
         cwd = str(self.spec["cwd"])
         env = base_env()
@@ -167,15 +170,13 @@ class Shim:
         except OSError as e:
             code, msg = self.start_error(e, argv[0], cwd)
             log.write(msg.encode() + b"\n")
-            self.finish(code, None, msg)
-            return 0
+            return code, None, msg
         rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, time.time())
         rec.save(self.dir / TASK_PID)
         assert proc.stdout is not None
         returncode = self.loop(proc, proc.stdout.fileno(), log)
         code, sig = exit_code_of(returncode)
-        self.finish(code, sig, self.message(returncode, log))
-        return 0
+        return code, sig, self.message(returncode, log)
 
     @staticmethod
     def start_error(e: OSError, cmd: str, cwd: str) -> tuple[int, str]:
@@ -280,6 +281,7 @@ class Shim:
                 "finished_at": time.time(),
                 "message": message,
             },
+            exclusive=True,  # a runner may already have declared this task lost
         )
 
 

@@ -42,11 +42,15 @@ SHIM_MODULE = "agent.shim"
 CREATE_TIME_SLACK_S = 1.0
 
 
-def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
+def atomic_write_json(
+    path: Path, obj: Any, durable: bool = True, exclusive: bool = False
+) -> bool:
     """Replace `path` with JSON so readers see the old or the new file, never half.
 
     durable=True also fsyncs the file and its directory, so the content
     survives a power cut once this returns (used for spec.json and exit.json).
+    exclusive=True never replaces an existing file and returns False instead:
+    exit.json is written once, by whoever first knows how the task ended.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps(obj, sort_keys=True).encode() + b"\n"
@@ -57,13 +61,22 @@ def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    if exclusive:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
     if durable:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    return True
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -121,4 +134,6 @@ def is_shim_of(p: psutil.Process, task_dir: Path) -> bool:
         cmd = p.cmdline()
     except psutil.Error:
         return False
-    return SHIM_MODULE in cmd and str(task_dir) in cmd
+    if len(cmd) < 2 or SHIM_MODULE not in cmd:
+        return False
+    return Path(cmd[-1]).resolve() == task_dir.resolve()
