@@ -1,0 +1,425 @@
+"""The task runner: start, stop, watch and re-adopt tasks on this host.
+
+Every task runs under its own shim (agent/shim.py) in a new session, so tasks
+survive a crash or `kill -9` of the agent. All state lives in the task
+directories under `root` (layout in agent/taskdir.py); this object only caches
+which shim belongs to which task. A restarted agent calls `adopt()` and gets
+back the tasks still running and the exits it has not yet reported.
+
+Exits are delivered at least once: `poll()` keeps returning a finished task
+until `ack()` records (on disk) that the leader has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+import agent
+from agent import tasklog
+from agent.taskdir import (
+    ACKED,
+    EXIT,
+    SHIM_LOG,
+    SHIM_MODULE,
+    SHIM_PID,
+    SPEC,
+    STOP,
+    TASK_PID,
+    WORK,
+    ProcRecord,
+    atomic_write_json,
+    is_shim_of,
+    read_json,
+)
+
+log = logging.getLogger("lepton.agent")
+
+SUPERVISOR_LOST = "supervisor lost"
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# A shim that has not written shim.pid this long after spec.json appeared is
+# taken as dead (it normally takes well under a second).
+SHIM_START_TIMEOUT_S = 30.0
+
+
+class RunnerError(Exception):
+    """A request the runner cannot carry out; the message is one clear line."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task_id: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None  # None: TASK_DIR/work, created by the runner
+    time_limit_s: float | None = None
+    log_cap_bytes: int = 16 << 20
+    kill_grace_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class TaskExit:
+    task_id: str
+    exit_code: int | None  # 128+signo when killed by a signal; None if unknown
+    signal: int | None
+    message: str
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class TaskUsage:
+    cpu_s: float  # user+system seconds of the task's live processes
+    rss_bytes: int
+    processes: int
+
+
+@dataclass
+class _Shim:
+    pid: int
+    popen: subprocess.Popen[bytes] | None  # set when this runner started it
+    started: float  # monotonic, for the shim start timeout
+
+
+class TaskRunner:
+    def __init__(self, root: Path) -> None:
+        # Resolved, because shims are recognised by the task dir on their command
+        # line, and a restarted agent may be handed another spelling of root.
+        self.root = Path(root).resolve()
+        self._lock = threading.RLock()
+        self._shims: dict[str, _Shim] = {}  # tasks believed running
+
+    # ------------------------------------------------------------- start
+
+    def task_dir(self, task_id: str) -> Path:
+        if not _TASK_ID.fullmatch(task_id):
+            raise RunnerError(
+                f"invalid task id {task_id!r}: use up to 128 letters, digits, '.', '_' or '-'"
+            )
+        return self.root / task_id
+
+    def start(self, spec: TaskSpec) -> int:
+        """Start a task under a new shim; returns the shim's pid."""
+        _validate(spec)
+        tdir = self.task_dir(spec.task_id)
+        with self._lock:
+            self._refresh()
+            unadopted = not (tdir / EXIT).exists() and self._live_shim(tdir) is not None
+            if spec.task_id in self._shims or unadopted:
+                raise RunnerError(f"task {spec.task_id} is already running")
+            if tdir.exists():
+                if not (tdir / ACKED).exists() and (tdir / SPEC).exists():
+                    raise RunnerError(
+                        f"task {spec.task_id} has an unreported exit in {tdir}; ack it first"
+                    )
+                shutil.rmtree(tdir, ignore_errors=True)
+            try:
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                tdir.mkdir(mode=0o700)
+                cwd = spec.cwd
+                if cwd is None:
+                    (tdir / WORK).mkdir(mode=0o700)
+                    cwd = str(tdir / WORK)
+                body = asdict(spec)
+                body["cwd"] = cwd
+                atomic_write_json(tdir / SPEC, body)
+                shim_log = open(tdir / SHIM_LOG, "ab")  # noqa: SIM115 - handed to the child
+            except OSError as e:
+                raise RunnerError(
+                    f"cannot use task directory {tdir}: {e.strerror or e}"
+                ) from None
+            try:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", SHIM_MODULE, str(tdir)],
+                    cwd=tdir,
+                    env=_shim_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=shim_log,
+                    stderr=shim_log,
+                    start_new_session=True,  # outlive the agent and its signals
+                    close_fds=True,
+                )
+            except OSError as e:
+                raise RunnerError(f"cannot start the task shim: {e.strerror or e}") from None
+            finally:
+                shim_log.close()
+            self._shims[spec.task_id] = _Shim(popen.pid, popen, time.monotonic())
+            return popen.pid
+
+    # -------------------------------------------------------------- stop
+
+    def stop(self, task_id: str, grace_s: float | None = None) -> None:
+        """Ask the task's shim to stop it: SIGTERM, then SIGKILL after the grace.
+
+        The request is a file, so it holds even if the shim is still starting
+        or this agent dies right after; the signal only makes it prompt.
+        """
+        tdir = self.task_dir(task_id)
+        with self._lock:
+            if not tdir.is_dir() or (tdir / EXIT).exists():
+                return
+            body = {"grace_s": grace_s} if grace_s is not None else {}
+            try:
+                atomic_write_json(tdir / STOP, body, durable=False)
+            except OSError as e:
+                raise RunnerError(f"cannot stop task {task_id}: {e.strerror or e}") from None
+            proc = self._live_shim(tdir)
+            if proc is not None:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGTERM)
+
+    def kill_all_not_in(self, keep: set[str]) -> list[str]:
+        """Reconcile with the leader: stop every running task it did not name."""
+        doomed = [t for t in self.running() if t not in keep]
+        for task_id in doomed:
+            log.info("stopping task %s: the leader does not expect it here", task_id)
+            self.stop(task_id)
+        return doomed
+
+    # ---------------------------------------------------------- watching
+
+    def running(self) -> list[str]:
+        with self._lock:
+            self._refresh()
+            return sorted(self._shims)
+
+    def poll(self) -> list[TaskExit]:
+        """Every finished task whose exit has not been acked, oldest first."""
+        with self._lock:
+            self._refresh()
+            return self._unacked_exits()
+
+    def ack(self, task_id: str) -> None:
+        """Record that the leader has this task's exit; poll() stops reporting it."""
+        tdir = self.task_dir(task_id)
+        with self._lock:
+            if not tdir.is_dir():
+                return
+            if not (tdir / EXIT).exists():
+                raise RunnerError(f"task {task_id} has not finished; nothing to ack")
+            try:
+                atomic_write_json(tdir / ACKED, {"acked_at": time.time()})
+            except OSError as e:
+                raise RunnerError(f"cannot ack task {task_id}: {e.strerror or e}") from None
+
+    def cleanup(self, task_id: str) -> None:
+        """Remove an acked task's directory (its log goes with it)."""
+        tdir = self.task_dir(task_id)
+        with self._lock:
+            if not tdir.exists():
+                return
+            if not (tdir / ACKED).exists():
+                raise RunnerError(f"task {task_id} is not acked yet; refusing to delete its files")
+            shutil.rmtree(tdir)
+
+    def adopt(self) -> tuple[list[str], list[TaskExit]]:
+        """On agent start: find the tasks still running and the exits not yet acked."""
+        with self._lock:
+            try:
+                entries = sorted(self.root.iterdir()) if self.root.is_dir() else []
+            except OSError as e:
+                raise RunnerError(f"cannot read task root {self.root}: {e.strerror}") from None
+            for tdir in entries:
+                task_id = tdir.name
+                if task_id in self._shims or not _TASK_ID.fullmatch(task_id):
+                    continue
+                if not (tdir / SPEC).exists() or (tdir / EXIT).exists():
+                    continue
+                proc = self._live_shim(tdir)
+                if proc is not None:
+                    self._shims[task_id] = _Shim(proc.pid, None, time.monotonic())
+                elif not self._maybe_starting(tdir):
+                    self._supervisor_lost(tdir)
+                else:
+                    self._shims[task_id] = _Shim(-1, None, time.monotonic())
+            self._refresh()
+            return sorted(self._shims), self._unacked_exits()
+
+    def usage(self) -> dict[str, TaskUsage]:
+        """CPU time and memory of each running task's processes."""
+        out: dict[str, TaskUsage] = {}
+        for task_id in self.running():
+            rec = ProcRecord.load(self.root / task_id / TASK_PID)
+            leader = rec.process() if rec is not None else None
+            if leader is None:
+                continue
+            cpu, rss, n = 0.0, 0, 0
+            with contextlib.suppress(psutil.Error):
+                for p in [leader, *leader.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        t = p.cpu_times()
+                        cpu += t.user + t.system
+                        rss += p.memory_info().rss
+                        n += 1
+            out[task_id] = TaskUsage(cpu, rss, n)
+        return out
+
+    # -------------------------------------------------------------- logs
+
+    def log_path(self, task_id: str) -> Path:
+        return self.task_dir(task_id) / tasklog.LOG
+
+    def read_log(self, task_id: str, offset: int, limit: int) -> tuple[bytes, int]:
+        """Output from absolute `offset` (negative: from the end) and the next offset."""
+        tdir = self.task_dir(task_id)
+        if not tdir.is_dir():
+            raise RunnerError(f"no task {task_id} on this node")
+        return tasklog.read_log(tdir, offset, max(0, limit))
+
+    # --------------------------------------------------------- internals
+
+    def _refresh(self) -> None:
+        """Move tasks whose shim is gone from running to finished."""
+        for task_id, shim in list(self._shims.items()):
+            tdir = self.root / task_id
+            if shim.popen is not None:
+                alive = shim.popen.poll() is None  # also reaps our own child
+            elif shim.pid < 0:
+                proc = self._live_shim(tdir)
+                if proc is not None:
+                    shim.pid = proc.pid
+                alive = proc is not None or self._maybe_starting(tdir)
+            else:
+                alive = self._live_shim(tdir) is not None
+            # A shim writes exit.json before it exits, so checking liveness
+            # first and exit.json second cannot misreport a clean exit as lost.
+            if (tdir / EXIT).exists() or not tdir.is_dir():
+                del self._shims[task_id]
+            elif not alive:
+                self._supervisor_lost(tdir)
+                del self._shims[task_id]
+
+    def _live_shim(self, tdir: Path) -> psutil.Process | None:
+        rec = ProcRecord.load(tdir / SHIM_PID)
+        proc = rec.process() if rec is not None else None
+        if proc is not None and is_shim_of(proc, tdir):
+            return proc
+        return None
+
+    def _maybe_starting(self, tdir: Path) -> bool:
+        # No shim.pid yet: the shim may still be importing. Give it a while,
+        # measured from spec.json, which the runner wrote just before.
+        if (tdir / SHIM_PID).exists():
+            return False
+        try:
+            age = time.time() - (tdir / SPEC).stat().st_mtime
+        except OSError:
+            return False
+        return age < SHIM_START_TIMEOUT_S
+
+    def _supervisor_lost(self, tdir: Path) -> None:
+        """The shim died without writing exit.json: kill what is left, record it."""
+        log.warning("task %s: its shim died without recording an exit", tdir.name)
+        started = _kill_orphaned_group(tdir)
+        with contextlib.suppress(OSError):
+            atomic_write_json(
+                tdir / EXIT,
+                {
+                    "exit_code": None,
+                    "signal": None,
+                    "started_at": started,
+                    "finished_at": time.time(),
+                    "message": SUPERVISOR_LOST,
+                },
+                exclusive=True,
+            )
+
+    def _unacked_exits(self) -> list[TaskExit]:
+        exits: list[TaskExit] = []
+        try:
+            entries = list(self.root.iterdir()) if self.root.is_dir() else []
+        except OSError:
+            return []
+        for tdir in entries:
+            if (tdir / ACKED).exists() or tdir.name in self._shims:
+                continue
+            obj = read_json(tdir / EXIT)
+            if obj is not None:
+                exits.append(_task_exit(tdir.name, obj))
+        exits.sort(key=lambda e: (e.finished_at or 0.0, e.task_id))
+        return exits
+
+
+def _validate(spec: TaskSpec) -> None:
+    if not spec.argv or not all(isinstance(a, str) for a in spec.argv):
+        raise RunnerError(f"task {spec.task_id}: argv must be a non-empty list of strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.env.items()):
+        raise RunnerError(f"task {spec.task_id}: env must map strings to strings")
+    if spec.log_cap_bytes < tasklog.MIN_CAP_BYTES:
+        raise RunnerError(
+            f"task {spec.task_id}: log_cap_bytes must be at least {tasklog.MIN_CAP_BYTES}"
+        )
+    if spec.kill_grace_s < 0:
+        raise RunnerError(f"task {spec.task_id}: kill_grace_s must be >= 0")
+    if spec.time_limit_s is not None and spec.time_limit_s <= 0:
+        raise RunnerError(f"task {spec.task_id}: time_limit_s must be > 0 (or unset)")
+
+
+def _shim_env() -> dict[str, str]:
+    # The shim needs to import this package, wherever it is installed; the
+    # task's environment is built by the shim from scratch, not from this one.
+    pkg_root = str(Path(agent.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
+def _task_exit(task_id: str, obj: dict[str, object]) -> TaskExit:
+    def num(key: str) -> float | None:
+        v = obj.get(key)
+        return float(v) if isinstance(v, int | float) else None
+
+    def whole(key: str) -> int | None:
+        v = obj.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    return TaskExit(
+        task_id=task_id,
+        exit_code=whole("exit_code"),
+        signal=whole("signal"),
+        message=str(obj.get("message", "")),
+        started_at=num("started_at"),
+        finished_at=num("finished_at"),
+    )
+
+
+def _kill_orphaned_group(tdir: Path) -> float | None:
+    """SIGKILL whatever remains of the task's process group; its start time.
+
+    The shim arranged for the group leader to die with it, but the leader's
+    children stay in the group. A group is only ours if its members started
+    no earlier than the recorded leader (pid reuse).
+    """
+    rec = ProcRecord.load(tdir / TASK_PID)
+    if rec is None:
+        return None
+    pgid = rec.pid
+    try:
+        if abs(psutil.Process(pgid).create_time() - rec.create_time) > 1.0:
+            return rec.create_time  # the leader's pid was reused: not our group
+    except psutil.Error:
+        pass  # the leader is gone; its children may still hold the group
+    for p in psutil.process_iter(["create_time"]):
+        try:
+            if os.getpgid(p.pid) != pgid:
+                continue
+            if p.info["create_time"] + 1.0 < rec.create_time:
+                continue
+            p.kill()
+        except (OSError, psutil.Error):
+            continue
+    return rec.create_time

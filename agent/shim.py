@@ -1,0 +1,310 @@
+"""The per-task supervisor: `python -m agent.shim TASK_DIR`.
+
+The runner starts one shim per task in a new session, so the shim outlives an
+agent that crashes or is killed. The shim starts the task, pipes its output
+into the capped log, enforces the stop request and the time limit (SIGTERM to
+the task's process group, SIGKILL after the grace period), and finally writes
+exit.json. A restarted agent learns everything from the task directory.
+
+Ordering rules (the runner relies on them):
+- shim.pid is written only after the signal handlers are installed, so a
+  SIGTERM sent to a pid from shim.pid is always handled as a stop request.
+- exit.json is written (durably) before the shim exits; a dead shim without
+  exit.json therefore means the supervisor was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent.taskdir import (
+    EXIT,
+    SHIM_PID,
+    SPEC,
+    STOP,
+    TASK_PID,
+    ProcRecord,
+    atomic_write_json,
+    read_json,
+)
+from agent.tasklog import RotatingLog
+
+# How often the stop file and the clock are looked at when nothing else
+# wakes the loop up (signals and output wake it at once).
+TICK_S = 0.1
+# After the main process exits, stragglers in its group are killed and the
+# pipe is drained for at most this long (a setsid'd grandchild may hold it).
+DRAIN_S = 1.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PR_SET_PDEATHSIG = 1
+
+
+def base_env() -> dict[str, str]:
+    """The minimal environment a task starts from; the spec's env goes on top."""
+    return {
+        "PATH": os.environ.get("PATH") or DEFAULT_PATH,
+        "HOME": os.environ.get("HOME") or "/",
+        "LANG": os.environ.get("LANG") or "C.UTF-8",
+    }
+
+
+def exit_code_of(returncode: int) -> tuple[int, int | None]:
+    """(exit_code, signal) with the shell convention 128+signo for signals."""
+    if returncode < 0:
+        return 128 - returncode, -returncode
+    return returncode, None
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with code {returncode}"
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the task gets SIGKILL when the shim dies, even by SIGKILL."""
+
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            return  # not Linux: the runner's "supervisor lost" cleanup still applies
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # the shim died before prctl took effect
+
+    return preexec
+
+
+@dataclass
+class StopRequest:
+    reason: str
+    grace_s: float
+
+
+class Shim:
+    def __init__(self, task_dir: Path) -> None:
+        self.dir = task_dir
+        self.spec: dict[str, Any] = {}
+        self.stop_signalled = False
+        self.stop: StopRequest | None = None
+        self.kill_at: float | None = None  # monotonic time of the SIGKILL escalation
+        self.escalated = False
+        self.started_at = time.time()
+        self._wake_r, self._wake_w = os.pipe()
+
+    # ------------------------------------------------------------ signals
+
+    def install_signals(self) -> None:
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)  # wakes select() on any handled signal
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_stop_signal)
+        # SIGCHLD needs a Python handler for the wakeup fd to see it; the
+        # handler itself does nothing, the loop reaps.
+        signal.signal(signal.SIGCHLD, lambda s, f: None)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signalled = True
+
+    # --------------------------------------------------------------- main
+
+    def run(self) -> int:
+        self.install_signals()
+        me = ProcRecord.of(os.getpid())
+        if me is not None:
+            me.save(self.dir / SHIM_PID)
+        spec = read_json(self.dir / SPEC)
+        if spec is None:
+            self.finish(None, None, f"leptond: cannot read {SPEC} in {self.dir}")
+            return 1
+        self.spec = spec
+        if (self.dir / STOP).exists() or self.stop_signalled:
+            self.finish(None, None, "stopped before start")
+            return 0
+        log = RotatingLog(self.dir, int(spec["log_cap_bytes"]))
+        try:
+            code, sig, msg = self.supervise(log)
+        finally:
+            log.close()
+        # Last: once exit.json exists the runner may delete the directory.
+        self.finish(code, sig, msg)
+        return 0
+
+    def supervise(self, log: RotatingLog) -> tuple[int | None, int | None, str]:
+        argv = [str(a) for a in self.spec["argv"]]
+        cwd = str(self.spec["cwd"])
+        env = base_env()
+        env.update({str(k): str(v) for k, v in dict(self.spec.get("env") or {}).items()})
+        self.started_at = time.time()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                process_group=0,  # the task's own group: stop signals reach its children
+                preexec_fn=_die_with_parent(os.getpid()),
+                close_fds=True,
+            )
+        except OSError as e:
+            code, msg = self.start_error(e, argv[0], cwd)
+            log.write(msg.encode() + b"\n")
+            return code, None, msg
+        rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, time.time())
+        rec.save(self.dir / TASK_PID)
+        assert proc.stdout is not None
+        returncode = self.loop(proc, proc.stdout.fileno(), log)
+        code, sig = exit_code_of(returncode)
+        return code, sig, self.message(returncode, log)
+
+    @staticmethod
+    def start_error(e: OSError, cmd: str, cwd: str) -> tuple[int, str]:
+        # subprocess reports a failed chdir with the directory as filename.
+        if e.filename == cwd and cmd != cwd:
+            return 127, f"leptond: cannot enter working directory {cwd}: {e.strerror}"
+        if e.errno == errno.ENOENT:
+            return 127, f"leptond: command not found: {cmd}"
+        if e.errno == errno.EACCES:
+            return 126, f"leptond: permission denied: {cmd}"
+        return 126, f"leptond: cannot execute {cmd}: {e.strerror}"
+
+    def loop(self, proc: subprocess.Popen[bytes], out_fd: int, log: RotatingLog) -> int:
+        started = time.monotonic()
+        raw_limit = self.spec.get("time_limit_s")
+        limit_s = float(raw_limit) if raw_limit is not None else None
+        deadline = started + limit_s if limit_s is not None else None
+        fds = [out_fd, self._wake_r]
+        next_stop_check = 0.0
+        while True:
+            readable, _, _ = select.select(fds, [], [], TICK_S)
+            if out_fd in readable and not self._pump(out_fd, log):
+                fds.remove(out_fd)  # EOF: the task closed its output, it may still run
+            if self._wake_r in readable:
+                self._drain_wakeups()
+            now = time.monotonic()
+            if self.stop is None:
+                if self.stop_signalled or (now >= next_stop_check and self._stop_file()):
+                    self.request_stop("stopped by request", self._stop_grace_s(), proc.pid)
+                elif deadline is not None and now >= deadline:
+                    self.request_stop(
+                        f"time limit of {limit_s:g}s exceeded",
+                        float(self.spec["kill_grace_s"]),
+                        proc.pid,
+                    )
+                if now >= next_stop_check:
+                    next_stop_check = now + TICK_S
+            if self.kill_at is not None and not self.escalated and now >= self.kill_at:
+                self.escalated = True
+                _killpg(proc.pid, signal.SIGKILL)
+            if _exited(proc.pid):
+                # The leader is a zombie now, which keeps its pgid reserved, so
+                # the group kill cannot hit a reused id. Then reap it.
+                _killpg(proc.pid, signal.SIGKILL)
+                self._drain(out_fd, log, fds)
+                return proc.wait()
+
+    def _pump(self, fd: int, log: RotatingLog) -> bool:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if data:
+            log.write(data)
+        return bool(data)
+
+    def _drain(self, fd: int, log: RotatingLog, fds: list[int]) -> None:
+        end = time.monotonic() + DRAIN_S
+        while fd in fds and time.monotonic() < end:
+            readable, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+            if fd in readable and not self._pump(fd, log):
+                break
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
+
+    def _stop_file(self) -> bool:
+        return (self.dir / STOP).exists()
+
+    def _stop_grace_s(self) -> float:
+        req = read_json(self.dir / STOP) or {}
+        grace = req.get("grace_s")
+        if isinstance(grace, int | float) and grace >= 0:
+            return float(grace)
+        return float(self.spec["kill_grace_s"])
+
+    def request_stop(self, reason: str, grace_s: float, pgid: int) -> None:
+        self.stop = StopRequest(reason, grace_s)
+        self.kill_at = time.monotonic() + grace_s
+        _killpg(pgid, signal.SIGTERM)
+
+    def message(self, returncode: int, log: RotatingLog) -> str:
+        if self.stop is None:
+            msg = describe_exit(returncode)
+        else:
+            msg = self.stop.reason
+            if self.escalated:
+                msg += f"; killed after {self.stop.grace_s:g}s grace"
+        if log.dropped:
+            msg += f" ({log.dropped} bytes of early output dropped by the log cap)"
+        return msg
+
+    def finish(self, exit_code: int | None, sig: int | None, message: str) -> None:
+        atomic_write_json(
+            self.dir / EXIT,
+            {
+                "exit_code": exit_code,
+                "signal": sig,
+                "started_at": self.started_at,
+                "finished_at": time.time(),
+                "message": message,
+            },
+            exclusive=True,  # a runner may already have declared this task lost
+        )
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _exited(pid: int) -> bool:
+    # WNOWAIT: look without reaping, so the caller can still signal the group.
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None and info.si_pid != 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m agent.shim TASK_DIR", file=sys.stderr)
+        return 2
+    return Shim(Path(argv[1])).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,139 @@
+"""The on-disk layout of one task directory, shared by the runner and the shim.
+
+A task directory is the only channel between the agent and a task's shim, so
+that either side can die and the other still finds out what happened:
+
+    spec.json      written by the runner before the shim starts (TaskSpec)
+    shim.pid       written by the shim once its signal handlers are installed
+    task.pid       written by the shim once the task process exists
+    output.log     the task's stdout+stderr, newest part (see tasklog.py)
+    output.log.1   the part before that; older output is dropped
+    stop           written by the runner: please stop (JSON with grace_s)
+    exit.json      written once, atomically, when the task is over
+    acked          written by the runner once the leader recorded the exit
+    shim.log       the shim's own stderr, for debugging the shim itself
+    work/          the task's default working directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SPEC = "spec.json"
+SHIM_PID = "shim.pid"
+TASK_PID = "task.pid"
+EXIT = "exit.json"
+STOP = "stop"
+ACKED = "acked"
+SHIM_LOG = "shim.log"
+WORK = "work"
+
+SHIM_MODULE = "agent.shim"
+
+# psutil derives create_time from the boot time, which the kernel reports
+# with up to a second of jitter between readers; a reused pid that also has
+# our exact command line and started within this window is not a real risk.
+CREATE_TIME_SLACK_S = 1.0
+
+
+def atomic_write_json(
+    path: Path, obj: Any, durable: bool = True, exclusive: bool = False
+) -> bool:
+    """Replace `path` with JSON so readers see the old or the new file, never half.
+
+    durable=True also fsyncs the file and its directory, so the content
+    survives a power cut once this returns (used for spec.json and exit.json).
+    exclusive=True never replaces an existing file and returns False instead:
+    exit.json is written once, by whoever first knows how the task ended.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(obj, sort_keys=True).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if exclusive:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return True
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing or unreadable."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+@dataclass(frozen=True)
+class ProcRecord:
+    """A pid plus its start time: enough to tell our process from a reused pid."""
+
+    pid: int
+    create_time: float
+
+    @staticmethod
+    def of(pid: int) -> ProcRecord | None:
+        try:
+            return ProcRecord(pid, psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
+
+    @staticmethod
+    def load(path: Path) -> ProcRecord | None:
+        obj = read_json(path)
+        if obj is None:
+            return None
+        try:
+            return ProcRecord(int(obj["pid"]), float(obj["create_time"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, {"pid": self.pid, "create_time": self.create_time}, durable=False)
+
+    def process(self) -> psutil.Process | None:
+        """The live process this record names, or None (gone, zombie or reused pid)."""
+        try:
+            p = psutil.Process(self.pid)
+            if abs(p.create_time() - self.create_time) > CREATE_TIME_SLACK_S:
+                return None
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return p
+        except psutil.Error:
+            return None
+
+
+def is_shim_of(p: psutil.Process, task_dir: Path) -> bool:
+    """Whether `p` is the shim supervising `task_dir` (guards against pid reuse)."""
+    try:
+        cmd = p.cmdline()
+    except psutil.Error:
+        return False
+    if len(cmd) < 2 or SHIM_MODULE not in cmd:
+        return False
+    return Path(cmd[-1]).resolve() == task_dir.resolve()
