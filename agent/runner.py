@@ -137,9 +137,7 @@ class TaskRunner:
                 atomic_write_json(tdir / SPEC, body)
                 shim_log = open(tdir / SHIM_LOG, "ab")  # noqa: SIM115 - handed to the child
             except OSError as e:
-                raise RunnerError(
-                    f"cannot use task directory {tdir}: {e.strerror or e}"
-                ) from None
+                raise RunnerError(f"cannot use task directory {tdir}: {e.strerror or e}") from None
             try:
                 popen = subprocess.Popen(
                     [sys.executable, "-m", SHIM_MODULE, str(tdir)],

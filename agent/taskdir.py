@@ -42,9 +42,7 @@ SHIM_MODULE = "agent.shim"
 CREATE_TIME_SLACK_S = 1.0
 
 
-def atomic_write_json(
-    path: Path, obj: Any, durable: bool = True, exclusive: bool = False
-) -> bool:
+def atomic_write_json(path: Path, obj: Any, durable: bool = True, exclusive: bool = False) -> bool:
     """Replace `path` with JSON so readers see the old or the new file, never half.
 
     durable=True also fsyncs the file and its directory, so the content

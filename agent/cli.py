@@ -1,0 +1,94 @@
+"""`lepton-agent run`: the host daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from leptond.wire.tokens import SecretError
+
+
+def _labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise argparse.ArgumentTypeError(f"labels are k=v,...; got {item!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lepton-agent", description="leptond host agent")
+    p.add_argument("--log-level", default=os.environ.get("LEPTON_LOG", "info"))
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the agent")
+    r.add_argument("--masters", required=True, help="HOST:RPCPORT,... of the masters")
+    r.add_argument("--secret-file", required=True)
+    r.add_argument("--data-dir", required=True)
+    r.add_argument("--node-name", default="")
+    r.add_argument("--labels", type=_labels, default={})
+    r.add_argument("--advertise-addr", default="")
+    r.add_argument("--simulate-gpus", default=None, metavar="N[:MODEL[:MEM]]")
+    r.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    r.add_argument("--leave-on-stop", action="store_true", help="drain and deregister on SIGTERM")
+    r.add_argument("--log-cap", type=int, default=64 << 20, help="bytes of output kept per task")
+    r.add_argument("--kill-grace", type=float, default=10.0)
+    return p
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from .daemon import Agent, AgentConfig
+    from .probes import parse_simulate_spec
+
+    if args.simulate_gpus is not None:
+        try:
+            parse_simulate_spec(args.simulate_gpus)
+        except ValueError as exc:
+            print(f"lepton-agent: --simulate-gpus: {exc}", file=sys.stderr)
+            return 2
+    cfg = AgentConfig(
+        masters=args.masters,
+        secret_file=Path(args.secret_file),
+        data_dir=Path(args.data_dir),
+        node_name=args.node_name,
+        labels=args.labels,
+        advertise_addr=args.advertise_addr,
+        simulate_gpus=args.simulate_gpus,
+        heartbeat_s=args.heartbeat,
+        leave_on_stop=args.leave_on_stop,
+        log_cap_bytes=args.log_cap,
+        kill_grace_s=args.kill_grace,
+    )
+    try:
+        agent = Agent(cfg)
+    except (SecretError, ValueError) as exc:
+        print(f"lepton-agent: {exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.request_stop)
+    await agent.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from leptond.wire.loop import run
+
+    return run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

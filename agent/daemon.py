@@ -1,0 +1,379 @@
+"""lepton-agent: registers the host, heartbeats, and runs the tasks placed on it.
+
+The agent holds one RPC connection to the leader. Assignments arrive as pushes
+(fast path) and in every heartbeat's answer (repair path), so a lost push or a
+leader change costs at most one heartbeat. Task exits are reported until the
+leader has committed them; only then are they acknowledged to the runner, so
+an exit is never lost to an agent crash or a leader change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leptond.wire.client import ClusterClient, parse_addrs
+from leptond.wire.connection import Connection
+from leptond.wire.errors import RpcError
+from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, read_secret_file
+
+from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
+from .runner import RunnerError, TaskRunner, TaskSpec
+
+log = logging.getLogger("lepton.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    masters: str
+    secret_file: Path
+    data_dir: Path
+    node_name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    advertise_addr: str = ""
+    simulate_gpus: str | None = None
+    heartbeat_s: float = 1.0
+    leave_on_stop: bool = False
+    log_cap_bytes: int = 64 << 20
+    kill_grace_s: float = 10.0
+
+
+def run_id(task_id: str, attempt: int) -> str:
+    """The runner's id for one attempt, so a retry on the same host gets a fresh dir."""
+    return f"{task_id}_a{attempt}"
+
+
+def split_run_id(rid: str) -> tuple[str, int]:
+    tid, _, a = rid.rpartition("_a")
+    return tid, int(a) if a.isdigit() else 0
+
+
+def stable_node_id(data_dir: Path) -> str:
+    """The node id lives in the data dir: a reboot is the same node coming back."""
+    p = data_dir / "node_id"
+    try:
+        nid = p.read_text().strip()
+        if nid:
+            return nid
+    except FileNotFoundError:
+        pass
+    nid = "n-" + uuid.uuid4().hex[:12]
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(nid + "\n")
+    os.replace(tmp, p)
+    return nid
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secret = read_secret_file(cfg.secret_file)
+        self.node_id = stable_node_id(cfg.data_dir)
+        self.name = cfg.node_name or socket.gethostname()
+        self.runner = TaskRunner(cfg.data_dir / "tasks")
+        self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
+        self.client = ClusterClient(
+            parse_addrs(cfg.masters),
+            key_id=CLUSTER_KEY_ID,
+            psk=cluster_psk(secret),
+            handlers={"start": self._on_start, "stop": self._on_stop, "logs": self._on_logs},
+        )
+        self.events: list[dict[str, Any]] = []  # reported until committed
+        self.registered_on: Connection | None = None
+        self.state = "unknown"
+        self._stopping = asyncio.Event()
+        self._start_lock = asyncio.Lock()
+
+    # -- description ------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        hs = host_stats(self.cfg.data_dir)
+        gpus = self.probe.gpus()
+        return {
+            "id": self.node_id,
+            "name": self.name,
+            "addr": self.cfg.advertise_addr or _guess_addr(),
+            "cpus": float(hs.cpu_count),
+            "mem_bytes": hs.mem_total_bytes,
+            "labels": self.cfg.labels,
+            "gpus": [
+                {
+                    "index": g.index,
+                    "uuid": g.uuid,
+                    "model": g.name,
+                    "mem_bytes": g.mem_total_bytes,
+                    "domain": g.domain,
+                }
+                for g in gpus
+            ],
+        }
+
+    def running(self) -> list[dict[str, Any]]:
+        out = []
+        for rid in self.runner.running():
+            tid, attempt = split_run_id(rid)
+            out.append({"task_id": tid, "attempt": attempt})
+        return out
+
+    # -- main loop ----------------------------------------------------------------
+    async def run(self) -> None:
+        running, exits = self.runner.adopt()
+        if running or exits:
+            log.info(
+                "adopted %d running task(s) and %d unreported exit(s)", len(running), len(exits)
+            )
+        self._collect_exits(exits)
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                await self._register()
+                delay = 0.2
+                await self._heartbeat_loop()
+            except RpcError as exc:
+                if exc.code == "unauthenticated":
+                    log.error("the masters refused this agent's key: %s", exc)
+                else:
+                    log.warning("lost the leader (%s); reconnecting", exc)
+                self.registered_on = None
+                await self.client.close()
+                # Backoff with jitter so a restarted leader is not hit by every agent at once.
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+        await self._leave_if_asked()
+
+    async def _register(self) -> None:
+        res = await self.client.call(
+            "agent_register", {"node": self.describe(), "running": self.running()}, timeout_s=30
+        )
+        self.registered_on = self.client.conn
+        self.state = res.get("state", "ready")
+        masters = [a for a in res.get("masters", []) if isinstance(a, str) and a]
+        if masters:
+            known = {f"{h}:{p}" for h, p in self.client.addrs}
+            for a in masters:
+                if a not in known:
+                    self.client.addrs.extend(parse_addrs(a))
+        should = {t["task_id"]: t for t in res.get("tasks", [])}
+        # Reconcile before new work: kill what the leader no longer wants here.
+        keep = {run_id(tid, int(t["attempt"])) for tid, t in should.items() if not t.get("stop")}
+        killed = self.runner.kill_all_not_in(keep)
+        if killed:
+            log.warning("stopped %d task(s) the leader no longer places here", len(killed))
+        await self._start_tasks([t for t in should.values() if not t.get("stop")])
+        log.info("registered as %s (%s), state %s", self.name, self.node_id, self.state)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._collect_exits(self.runner.poll())
+            await self._flush_events()
+            res = await self.client.call("heartbeat", self._heartbeat_body(), timeout_s=10)
+            self.state = res.get("state", self.state)
+            for tid in res.get("stop", []):
+                self._stop_task(tid, res.get("grace_s"))
+            if res.get("start"):
+                await self._start_tasks(res["start"])
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.cfg.heartbeat_s)
+            except TimeoutError:
+                pass
+
+    def _heartbeat_body(self) -> dict[str, Any]:
+        gpus = self.probe.gpus()
+        return {
+            "host": asdict(host_stats(self.cfg.data_dir)),
+            "gpus": [asdict(g) for g in gpus],
+            "running": self.running(),
+            "exited": sorted({e["task_id"] for e in self.events if e["state"] == "exited"}),
+        }
+
+    # -- tasks -------------------------------------------------------------------
+    async def _start_tasks(self, specs: list[dict[str, Any]]) -> None:
+        async with self._start_lock:
+            have = set(self.runner.running())
+            for sp in specs:
+                rid = run_id(sp["task_id"], int(sp["attempt"]))
+                if rid in have or (self.runner.task_dir(rid) / "exit.json").exists():
+                    continue
+                env = dict(sp.get("env") or {})
+                gpus = [int(g) for g in sp.get("gpus") or []]
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+                env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+                env["LEPTON_GPUS"] = env["CUDA_VISIBLE_DEVICES"]
+                spec = TaskSpec(
+                    task_id=rid,
+                    argv=list(sp["argv"]),
+                    env=env,
+                    cwd=sp.get("cwd"),
+                    time_limit_s=sp.get("time_limit_s"),
+                    log_cap_bytes=self.cfg.log_cap_bytes,
+                    kill_grace_s=self.cfg.kill_grace_s,
+                )
+                try:
+                    self.runner.start(spec)
+                except RunnerError as exc:
+                    log.error("cannot start %s: %s", rid, exc)
+                    self.events.append(
+                        _exit_event(sp["task_id"], int(sp["attempt"]), 127, str(exc))
+                    )
+                    continue
+                self._mark_busy()
+                self.events.append(
+                    {
+                        "task_id": sp["task_id"],
+                        "attempt": int(sp["attempt"]),
+                        "state": "running",
+                        "at": time.time(),
+                    }
+                )
+                log.info("started %s on GPUs [%s]", rid, env["CUDA_VISIBLE_DEVICES"])
+        await self._flush_events()
+
+    def _stop_task(self, task_id: str, grace_s: Any = None) -> None:
+        for rid in self.runner.running():
+            if split_run_id(rid)[0] == task_id or rid == task_id:
+                try:
+                    self.runner.stop(rid, float(grace_s) if grace_s is not None else None)
+                except RunnerError as exc:
+                    log.warning("cannot stop %s: %s", rid, exc)
+
+    def _collect_exits(self, exits: list[Any]) -> None:
+        for ex in exits:
+            tid, attempt = split_run_id(ex.task_id)
+            if any(
+                e["task_id"] == tid and e["attempt"] == attempt and e["state"] == "exited"
+                for e in self.events
+            ):
+                continue
+            ev = _exit_event(tid, attempt, ex.exit_code, ex.message)
+            ev["at"] = ex.finished_at or time.time()
+            ev["rid"] = ex.task_id
+            self.events.append(ev)
+        if exits:
+            self._mark_busy()
+
+    async def _flush_events(self) -> None:
+        if not self.events or self.registered_on is None:
+            return
+        batch = list(self.events)
+        await self.client.call(
+            "task_events",
+            {"events": [{k: v for k, v in e.items() if k != "rid"} for e in batch]},
+            timeout_s=10,
+        )
+        # Committed: now the runner may forget these exits.
+        for e in batch:
+            if e in self.events:
+                self.events.remove(e)
+            if e["state"] == "exited" and e.get("rid"):
+                self.runner.ack(e["rid"])
+
+    def _mark_busy(self) -> None:
+        if isinstance(self.probe, SimulatedGpuProbe):
+            busy: set[int] = set()
+            for rid in self.runner.running():
+                try:
+                    import json
+
+                    spec = json.loads((self.runner.task_dir(rid) / "spec.json").read_text())
+                    busy.update(
+                        int(x) for x in spec.get("env", {}).get("LEPTON_GPUS", "").split(",") if x
+                    )
+                except (OSError, ValueError):
+                    continue
+            self.probe.set_busy(busy)
+
+    # -- pushes from the leader ----------------------------------------------------
+    async def _on_start(self, conn: Connection, a: Any) -> None:
+        if isinstance(a, dict):
+            await self._start_tasks([t for t in a.get("tasks", []) if isinstance(t, dict)])
+
+    async def _on_stop(self, conn: Connection, a: Any) -> None:
+        if isinstance(a, dict):
+            for tid in a.get("tasks", []):
+                self._stop_task(str(tid), a.get("grace_s"))
+
+    async def _on_logs(self, conn: Connection, a: Any) -> AsyncIterator[Any]:
+        if not isinstance(a, dict):
+            raise RpcError("bad_request", "logs needs a task id")
+        tid = str(a.get("task_id", ""))
+        rid = self._latest_run(tid, a.get("attempt"))
+        if rid is None:
+            raise RpcError("not_found", f"no output for task {tid} on this host")
+        offset = int(a.get("offset") or 0)
+        follow = bool(a.get("follow"))
+        while True:
+            data, offset = self.runner.read_log(rid, offset, 256 * 1024)
+            if data:
+                yield {"data": data, "offset": offset}
+                continue
+            if not follow or rid not in self.runner.running():
+                # One more read: output written just before the exit.
+                data, offset = self.runner.read_log(rid, offset, 256 * 1024)
+                if data:
+                    yield {"data": data, "offset": offset}
+                    continue
+                return
+            await asyncio.sleep(0.2)
+
+    def _latest_run(self, task_id: str, attempt: Any) -> str | None:
+        if isinstance(attempt, int) and attempt > 0:
+            rid = run_id(task_id, attempt)
+            return rid if self.runner.task_dir(rid).exists() else None
+        best: tuple[int, str] | None = None
+        root = self.runner.root
+        if root.exists():
+            for p in root.iterdir():
+                tid, a = split_run_id(p.name)
+                if tid == task_id and (best is None or a > best[0]):
+                    best = (a, p.name)
+        return best[1] if best else None
+
+    # -- leaving -----------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def _leave_if_asked(self) -> None:
+        if not self.cfg.leave_on_stop:
+            return
+        try:
+            await self.client.call("agent_leave", {"node_id": self.node_id}, timeout_s=10)
+            for rid in self.runner.running():
+                self.runner.stop(rid)
+            deadline = time.monotonic() + self.cfg.kill_grace_s + 5
+            while self.runner.running() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            self._collect_exits(self.runner.poll())
+            await self._flush_events()
+            await self.client.call("agent_deregister", {"node_id": self.node_id}, timeout_s=10)
+            log.info("left the cluster")
+        except RpcError as exc:
+            log.warning("could not leave the cluster cleanly: %s", exc)
+        finally:
+            await self.client.close()
+
+
+def _exit_event(task_id: str, attempt: int, code: int | None, message: str) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "attempt": attempt,
+        "state": "exited",
+        "exit_code": code,
+        "message": message,
+        "at": time.time(),
+    }
+
+
+def _guess_addr() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
