@@ -35,6 +35,8 @@ class AgentRegistry:
             "agent_register": self.register,
             "heartbeat": self.heartbeat,
             "task_events": self.task_events,
+            "agent_leave": self.leave,
+            "agent_deregister": self.deregister,
         }
 
     def reset(self, node_ids: list[str]) -> None:
@@ -141,6 +143,30 @@ class AgentRegistry:
         evs = [dict(e, node_id=nid) for e in a["events"] if isinstance(e, dict)]
         await asyncio.gather(*(self.events.submit(e) for e in evs))
         return {"ok": True, "count": len(evs)}
+
+    async def leave(self, conn: Connection, a: Any) -> dict[str, Any]:
+        """An agent stopping with leave-on-stop: no new work is placed on it."""
+        require(conn.context, "cluster")
+        self.m.ensure_leader()
+        nid = conn.context.get("node_id")
+        if not nid:
+            raise RpcError("unregistered", "register first")
+        return await self.m.propose(
+            "node_state",
+            {"node_id": nid, "state": "draining", "now": time.time(), "reason": "agent leaving"},
+        )
+
+    async def deregister(self, conn: Connection, a: Any) -> dict[str, Any]:
+        require(conn.context, "cluster")
+        self.m.ensure_leader()
+        nid = conn.context.get("node_id")
+        if not nid:
+            raise RpcError("unregistered", "register first")
+        res = await self.m.propose(
+            "remove_node", {"node_id": nid, "now": time.time(), "force": True}
+        )
+        self.conns.pop(nid, None)
+        return res
 
     async def _flush_events(self, evs: list[dict[str, Any]]) -> list[int]:
         await self.m.propose("task_events", {"events": evs})

@@ -173,6 +173,41 @@ async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     return res
 
 
+@method("logs", "read", stream=True)
+async def logs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """Stream a task's output from its agent, through the leader."""
+    m.ensure_leader()
+    jid = str(a.get("job_id", ""))
+    rank = int(a.get("rank") or 0)
+    with _lock(m):
+        job = m.state.jobs.get(jid)
+        if job is None:
+            raise RpcError(NOT_FOUND, f"no job {jid!r}")
+        if not 0 <= rank < len(job.tasks):
+            raise RpcError(BAD_REQUEST, f"job {jid} has ranks 0-{len(job.tasks) - 1}")
+        t = m.state.tasks[job.tasks[rank]]
+        node_id, attempt, state = t.node_id, t.attempt, t.state
+    if node_id is None or attempt == 0:
+        raise RpcError("not_started", f"task {rank} of {jid} has not started yet ({state})")
+    agent = m.agents.conns.get(node_id)
+    if agent is None or agent.is_closing():
+        raise RpcError(
+            "unavailable", f"the host of task {rank} is not connected; its output is kept there"
+        )
+    args = {
+        "task_id": f"{jid}.{rank}",
+        "attempt": attempt,
+        "offset": int(a.get("offset") or 0),
+        "follow": bool(a.get("follow")),
+    }
+    return _relay(agent, args)
+
+
+async def _relay(agent: Connection, args: dict[str, Any]) -> Any:
+    async for item in agent.stream("logs", args):
+        yield item
+
+
 @method("queue", "read")
 async def queue(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     _prefer_leader(m)

@@ -1,0 +1,342 @@
+"""What each leptonctl command does, on top of the cluster client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from leptond.wire.client import ClusterClient
+from leptond.wire.errors import RpcError
+
+from . import jobfile
+from .output import ago, emit_json, size, table
+
+
+class UsageError(Exception):
+    pass
+
+
+async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
+    cmd = a.cmd
+    if cmd == "submit":
+        return await submit(c, a)
+    if cmd == "jobs":
+        return await jobs(c, a)
+    if cmd == "status":
+        return await status(c, a)
+    if cmd == "cancel":
+        res = await c.call("cancel", {"job_id": a.job}, timeout_s=a.timeout)
+        print(f"{res['id']} {res['state']}")
+        return 0
+    if cmd == "logs":
+        return await logs(c, a)
+    if cmd == "queue":
+        return await queue(c, a)
+    if cmd == "nodes":
+        return await nodes(c, a)
+    if cmd in ("node", "drain"):
+        sub = "drain" if cmd == "drain" else a.node_cmd
+        method = {"drain": "node_drain", "undrain": "node_undrain", "rm": "node_rm"}[sub]
+        args = {"node": a.node, "force": bool(getattr(a, "force", False))}
+        res = await c.call(method, args, timeout_s=a.timeout)
+        print(f"{a.node}: {res.get('state', 'removed')}")
+        return 0
+    if cmd == "cluster":
+        return await cluster(c, a)
+    if cmd == "snapshot":
+        return await snapshot(c, a)
+    if cmd == "token":
+        return await token(c, a)
+    raise UsageError(f"unknown command {cmd}")
+
+
+# -- jobs ------------------------------------------------------------------------
+def build_spec(a: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    d: dict[str, Any] = jobfile.load_toml(Path(a.file)) if a.file else {}
+    flags = {
+        "name": a.name,
+        "gpus": a.gpus,
+        "cpus": a.cpus,
+        "mem": a.mem,
+        "nodes": a.nodes,
+        "priority": a.priority,
+        "retries": a.retries,
+        "gpu_type": a.gpu_type,
+        "gpu_mem": a.gpu_mem,
+        "spread": a.spread,
+        "no_preempt": a.no_preempt,
+        "time_limit": a.time_limit,
+        "workdir": a.workdir,
+    }
+    d.update({k: v for k, v in flags.items() if v is not None})
+    if a.env:
+        d["env"] = {**(d.get("env") or {}), **jobfile.parse_kv(a.env, "--env")}
+    if a.constraint:
+        d["constraints"] = {
+            **(d.get("constraints") or {}),
+            **jobfile.parse_kv(a.constraint, "--constraint"),
+        }
+    if a.command:
+        d["command"] = list(a.command)
+    if not d.get("command"):
+        raise UsageError(
+            "no command: put it after --, e.g. leptonctl submit --gpus 1 -- python train.py"
+        )
+    return jobfile.to_spec(d)
+
+
+async def submit(c: ClusterClient, a: argparse.Namespace) -> int:
+    name, spec = build_spec(a)
+    workdir = spec.pop("workdir", None) if "workdir" in spec else None
+    d_workdir = a.workdir or (jobfile.load_toml(Path(a.file)).get("workdir") if a.file else None)
+    if d_workdir or workdir:
+        from .workdir import upload_workdir
+
+        spec["workdir"] = await upload_workdir(
+            c, Path(str(d_workdir or workdir)), timeout_s=max(a.timeout, 600)
+        )
+    # One request id for every retry of this submit: the cluster makes one job.
+    rid = uuid.uuid4().hex
+    res = await c.call("submit", {"spec": spec, "name": name, "rid": rid}, timeout_s=a.timeout)
+    job_id = res["id"]
+    if a.output == "json" and not a.wait:
+        emit_json({"id": job_id})
+    else:
+        print(job_id, flush=True)
+    if not a.wait:
+        return 0
+    return await wait_job(c, job_id, a)
+
+
+async def wait_job(c: ClusterClient, job_id: str, a: argparse.Namespace) -> int:
+    delay = 0.1
+    while True:
+        st = await c.call("status", {"job_id": job_id}, timeout_s=a.timeout)
+        if st["state"] in ("succeeded", "failed", "cancelled"):
+            if a.output == "json":
+                emit_json(st)
+            codes = [t["exit_code"] for t in st["tasks"] if t.get("exit_code")]
+            if st["state"] == "succeeded":
+                return 0
+            if st["state"] == "cancelled":
+                print(f"leptonctl: job {job_id} was cancelled", file=sys.stderr)
+                return 130 if not codes else int(codes[0])
+            print(f"leptonctl: job {job_id} failed: {st.get('message', '')}", file=sys.stderr)
+            return int(codes[0]) if codes else 1
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+async def jobs(c: ClusterClient, a: argparse.Namespace) -> int:
+    rows = await c.call("jobs", {"all": a.all}, timeout_s=a.timeout)
+    if a.output == "json":
+        emit_json(rows)
+        return 0
+    table(
+        ["ID", "NAME", "USER", "STATE", "GPUS", "NODES", "SUBMITTED"],
+        [
+            [
+                r["id"],
+                r["name"],
+                r["user"],
+                r["state"],
+                r["gpus"],
+                r["nodes"],
+                ago(r["submitted_at"]),
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+async def status(c: ClusterClient, a: argparse.Namespace) -> int:
+    st = await c.call("status", {"job_id": a.job}, timeout_s=a.timeout)
+    if a.output == "json":
+        emit_json(st)
+        return 0
+    print(f"job      {st['id']}  ({st['name']}, by {st['user']})")
+    print(f"state    {st['state']}" + (f"  - {st['message']}" if st.get("message") else ""))
+    print(f"command  {' '.join(st['command'])}")
+    print(
+        f"submitted {ago(st['submitted_at'])}; gpus {st['gpus']} x {st['nodes']} node(s); priority {st['priority']}"
+    )
+    if st.get("reason"):
+        print(f"pending  {st['reason']}")
+    table(
+        ["RANK", "STATE", "NODE", "GPUS", "EXIT", "ATTEMPT", "MESSAGE"],
+        [
+            [
+                t["rank"],
+                t["state"] + (" (stopping)" if t.get("stopping") else ""),
+                t["node"] or "-",
+                ",".join(map(str, t["gpus"])) or "-",
+                "-" if t["exit_code"] is None else t["exit_code"],
+                t["attempt"],
+                t.get("reason") or t["message"],
+            ]
+            for t in st["tasks"]
+        ],
+    )
+    return 0
+
+
+async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
+    args = {"job_id": a.job, "rank": a.rank, "follow": a.follow, "offset": 0}
+    out = sys.stdout.buffer
+    if a.follow:
+        # Wait for the task to start so `submit ... && logs -f` just works.
+        deadline = time.monotonic() + a.timeout
+        while True:
+            try:
+                async for item in c.stream("logs", args):
+                    out.write(item["data"])
+                    out.flush()
+                    args["offset"] = item["offset"]
+                return 0
+            except RpcError as exc:
+                if exc.code != "not_started" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.3)
+    async for item in c.stream("logs", args):
+        out.write(item["data"])
+    out.flush()
+    return 0
+
+
+async def queue(c: ClusterClient, a: argparse.Namespace) -> int:
+    rows = await c.call("queue", {}, timeout_s=a.timeout)
+    if a.output == "json":
+        emit_json(rows)
+        return 0
+    table(
+        ["USER", "GPUS", "CPUS", "MEM", "SHARE", "PENDING", "PENDING GPUS", "QUOTA"],
+        [
+            [
+                r["user"],
+                r["gpus"],
+                r["cpus"],
+                size(r["mem_bytes"]),
+                f"{r['dominant_share']:.3f}",
+                r["pending_tasks"],
+                r["pending_gpus"],
+                r.get("quota_gpus") or "-",
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+# -- nodes and cluster ---------------------------------------------------------
+async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
+    rows = await c.call("nodes", {}, timeout_s=a.timeout)
+    if a.output == "json":
+        emit_json(rows)
+        return 0
+    table(
+        ["NAME", "ID", "STATE", "GPUS FREE", "GPU UTIL", "MODEL", "CPUS", "MEM", "LABELS"],
+        [
+            [
+                r["name"],
+                r["id"],
+                r["state"],
+                f"{r['gpus_free']}/{r['gpus_total']}",
+                f"{r['gpu_util_pct']:.0f}%",
+                ",".join(r["gpu_models"]) or "-",
+                f"{r['cpus_used']:g}/{r['cpus']:g}",
+                f"{size(r['mem_used_bytes'])}/{size(r['mem_bytes'])}",
+                ",".join(f"{k}={v}" for k, v in r["labels"].items()) or "-",
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
+    if a.cluster_cmd == "status":
+        st = await c.call("cluster_status", {}, timeout_s=a.timeout)
+        if a.output == "json":
+            emit_json(st)
+            return 0
+        print(f"leader  {st.get('leader') or '-'} (rpc {st.get('leader_rpc') or '-'})")
+        print(
+            f"term    {st.get('term')}   commit index {st.get('commit_index')}   quorum {st.get('has_quorum')}"
+        )
+        table(
+            ["MEMBER", "RPC", "MATCH INDEX", "LAG", "HEALTH"],
+            [
+                [
+                    m.get("addr"),
+                    m.get("rpc_addr") or "-",
+                    m.get("match_index", "-"),
+                    m.get("lag", "-"),
+                    "ok" if m.get("connected") else "unreachable",
+                ]
+                for m in st.get("members", [])
+            ],
+        )
+        return 0
+    method = "cluster_add" if a.cluster_cmd == "add-master" else "cluster_remove"
+    res = await c.call(method, {"addr": a.addr}, timeout_s=max(a.timeout, 30))
+    print(next(iter(res.values())))
+    return 0
+
+
+async def snapshot(c: ClusterClient, a: argparse.Namespace) -> int:
+    path = Path(a.file)
+    if a.snap_cmd == "save":
+        res = await c.call("snapshot_save", {}, timeout_s=max(a.timeout, 60))
+        import os
+
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(res["data"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        print(f"saved state at index {res['index']} to {path} ({size(len(res['data']))})")
+        return 0
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    res = await c.call("snapshot_restore", {"data": data}, timeout_s=max(a.timeout, 60))
+    print(f"restored {res['jobs']} job(s) and {res['nodes']} node(s) from {path}")
+    return 0
+
+
+async def token(c: ClusterClient, a: argparse.Namespace) -> int:
+    if a.token_cmd == "create":
+        res = await c.call("token_create", {"role": a.role, "name": a.name}, timeout_s=a.timeout)
+        print(res["token"])
+        return 0
+    if a.token_cmd == "ls":
+        rows = await c.call("token_ls", {}, timeout_s=a.timeout)
+        if a.output == "json":
+            emit_json(rows)
+            return 0
+        table(
+            ["ID", "NAME", "ROLE", "CREATED", "REVOKED"],
+            [
+                [
+                    r["id"],
+                    r["name"],
+                    r["role"],
+                    ago(r["created_at"]),
+                    "yes" if r["revoked"] else "no",
+                ]
+                for r in rows
+            ],
+        )
+        return 0
+    res = await c.call("token_revoke", {"id": a.id}, timeout_s=a.timeout)
+    print(f"revoked {res['id']}")
+    return 0
