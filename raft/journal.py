@@ -39,7 +39,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, overload
 
@@ -106,8 +106,11 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes]]:
 class DurableJournal:
     """pysyncobj journal backed by an fsynced, append-only record file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_synced: Callable[[int], None] | None = None) -> None:
         self.path = Path(path)
+        # Test hook: told the durable file size after every fsync, so a test
+        # can cut the file there to simulate a power loss.
+        self.on_synced = on_synced
         self._lock = threading.RLock()
         self._entries: list[Entry] = []
         self._term = 0
@@ -203,6 +206,8 @@ class DurableJournal:
             self._pending.clear()
             self._must_sync = False
             self.fsync_count += 1
+            if self.on_synced is not None:
+                self.on_synced(self.synced_size)
 
     def sync_if_needed(self) -> None:
         """Fsync only when a peer could rely on what is buffered."""
@@ -228,6 +233,8 @@ class DurableJournal:
             self._must_sync = False
             self.synced_size = len(content)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            if self.on_synced is not None:
+                self.on_synced(self.synced_size)
 
     # -- pysyncobj Journal interface -----------------------------------------
 
