@@ -107,7 +107,11 @@ class _ShellSyncObj(SyncObj):
 
 
 class RaftNode:
-    """A master's Raft membership: propose commands, watch leadership."""
+    """A master's Raft membership: propose commands, watch leadership.
+
+    Construct it on a long-lived thread (normally the main thread): pysyncobj's
+    Raft thread stops by itself once the thread that built it has exited.
+    """
 
     def __init__(
         self,
@@ -394,6 +398,8 @@ class RaftNode:
         if self._closed:
             return
         self._closed = True
+        if self._announced_leader:
+            self._announce(False)
         self._obj.destroy()
         thread = self._obj.private("thread")
         if thread is not None and thread is not threading.current_thread():

@@ -307,6 +307,9 @@ class Cluster:
             if stop is not None and stop():
                 return False
             alive = [m for m in self.members if m.proc is not None]
+            if not alive:
+                time.sleep(0.05)
+                continue
             if target is None or target.proc is None:
                 target = alive[i % len(alive)]
                 i += 1

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from raft.errors import NotLeader, SnapshotError
+from raft.errors import NoQuorum, NotLeader, SnapshotError
 from raft.node import RaftNode, derive_password
 from tests.raft_kv_proc import KVStateMachine, free_port, kv_command
 
@@ -156,12 +156,14 @@ async def test_single_node_restart_replays_the_journal(nodes: Nodes, tmp_path: P
     node.close()
 
     again = nodes.make(addr, [addr])
+    again.wait_ready(10.0)
     await nodes.leader([again])
     await eventually(lambda: len(nodes.states[addr].lists.get("log", [])) == 20, 5.0, "replay")
     assert nodes.states[addr].lists["log"] == [f"v{i}" for i in range(20)]
 
 
-async def test_restart_from_snapshot_and_compacted_log(nodes: Nodes) -> None:
+async def test_restart_from_snapshot_and_compacted_log(
+        nodes: Nodes, caplog: pytest.LogCaptureFixture) -> None:
     cluster = nodes.cluster(3, log_compaction_min_entries=30)
     addrs = [n.self_addr for n in cluster]
     leader = await nodes.leader(cluster)
@@ -183,6 +185,16 @@ async def test_restart_from_snapshot_and_compacted_log(nodes: Nodes) -> None:
     await eventually(lambda: all(s.lists.get("log") == [*expected, "after-restart"]
                                  for s in nodes.states.values()), 10.0,
                      "snapshot + journal restored on every node")
+    # A node joining now can only get the state as a snapshot sent over the
+    # wire (the leader's log no longer starts at 1): our msgpack file, no pickle.
+    joiner_addr = f"127.0.0.1:{free_port()}"
+    joiner = nodes.make(joiner_addr, [*addrs, joiner_addr])
+    await leader.add_member(joiner_addr, timeout_s=10.0)
+    await eventually(lambda: nodes.states[joiner_addr].lists.get("log")
+                     == [*expected, "after-restart"], 15.0, "joiner to install the snapshot")
+    assert (joiner.data_dir / "raft.snapshot").exists()  # installed, not compacted itself
+    assert "failed to load full dump" not in caplog.text
+    joiner.close()
     for n in restarted:
         n.close()
 
@@ -289,3 +301,25 @@ async def test_wrong_password_node_cannot_join_and_raw_pickles_are_not_loaded(
             closed += chunk
     assert not marker.exists()
     assert (await write(leader, "still", "fine"))["len"] == 6
+
+
+async def test_leader_that_loses_quorum_fails_fast_and_steps_down(nodes: Nodes) -> None:
+    cluster = nodes.cluster(3)
+    leader = await nodes.leader(cluster)
+    await write(leader, "r0", "v0")
+    await eventually(lambda: (leader.self_addr, True) in {(a, v) for a, v, _ in
+                                                          nodes.leadership}, 5.0, "announce")
+    for n in cluster:
+        if n is not leader:
+            n.close()
+    t0 = time.monotonic()
+    with pytest.raises((NoQuorum, NotLeader)) as info:
+        await write(leader, "r1", "v1")
+    assert time.monotonic() - t0 < 8.0
+    if isinstance(info.value, NoQuorum):
+        assert "1 of 3 masters reachable" in str(info.value)
+    # pysyncobj's leaderFallbackTimeout (set to 3x the max election timeout)
+    await eventually(lambda: not leader.is_leader(), 10.0, "the leader to step down")
+    await eventually(lambda: (leader.self_addr, False) in {(a, v) for a, v, _ in
+                                                           nodes.leadership}, 5.0,
+                     "on_leadership(False)")
