@@ -1,0 +1,407 @@
+"""The thin pysyncobj shell under the replicated cluster state.
+
+``RaftNode`` owns one private ``SyncObj`` subclass with exactly one
+``@replicated`` method. pysyncobj runs on its own thread (autoTick); results
+come back to asyncio through ``loop.call_soon_threadsafe``, and every wait is
+bounded by a timeout because pysyncobj can drop callbacks (leader change).
+
+Storage: ``raft.journal.DurableJournal`` (fsynced log), ``raft.transport``
+(fsync before send), ``raft.snapshot`` (msgpack snapshots instead of pickle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import pysyncobj.syncobj as _pso
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+
+from raft.errors import NoQuorum, NotLeader, ProposeTimeout, RaftError
+from raft.journal import DurableJournal, fsync_dir
+from raft.snapshot import read_snapshot_file, write_snapshot_file
+from raft.transport import SyncBeforeSendTransport
+
+log = logging.getLogger(__name__)
+
+PASSWORD_LABEL = b"leptond/raft-transport-password/v1"
+JOURNAL_NAME = "raft.journal"
+SNAPSHOT_NAME = "raft.snapshot"
+
+
+class StateMachine(Protocol):
+    def apply(self, command: bytes, index: int) -> Any: ...  # total, deterministic
+    def snapshot(self) -> bytes: ...
+    def restore(self, data: bytes) -> None: ...
+
+
+def derive_password(secret: bytes) -> str:
+    """pysyncobj password from the cluster secret (HMAC with a fixed label).
+
+    The raw secret is never handed to pysyncobj, so a leak of the Raft key
+    does not give away the secret used elsewhere (RPC, token sealing).
+    """
+    if not secret:
+        raise ValueError(
+            "a cluster secret is required for Raft: without a password pysyncobj "
+            "unpickles whatever reaches its port; run `leptond init` to create one"
+        )
+    return hmac.new(secret, PASSWORD_LABEL, hashlib.sha256).hexdigest()
+
+
+# pysyncobj builds its journal with the module-level ``createJournal`` of
+# syncobj.py (SyncObj.__init__: ``createJournal(self.__conf.journalFile)``).
+# We pass our journal *object* as ``journalFile``; this wrapper hands it back
+# and leaves every other SyncObj in the process on pysyncobj's own factory.
+_original_create_journal = _pso.createJournal
+
+
+def _create_journal(journal_file: Any = None) -> Any:
+    if isinstance(journal_file, DurableJournal):
+        return journal_file
+    return _original_create_journal(journal_file)
+
+
+_pso.createJournal = _create_journal
+
+_NOT_LEADER_REASONS = {
+    FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER,
+    FAIL_REASON.LEADER_CHANGED, FAIL_REASON.DISCARDED,
+}
+
+
+class _ShellSyncObj(SyncObj):
+    """SyncObj with exactly one replicated method.
+
+    pysyncobj numbers replicated methods by sorted name and journals the
+    number, so a second ``@replicated`` method would change what existing
+    journal entries mean. Never add one.
+    """
+
+    def __init__(self, apply_fn: Callable[[bytes, int], Any], journal: DurableJournal,
+                 self_addr: str, peers: Sequence[str], conf: SyncObjConf) -> None:
+        self._apply_fn = apply_fn
+        self.raft_journal = journal  # read by SyncBeforeSendTransport.__init__
+        super().__init__(self_addr, [p for p in peers if p != self_addr], conf,
+                         transportClass=SyncBeforeSendTransport)
+
+    @replicated
+    def apply_command(self, command: bytes) -> Any:
+        # pysyncobj increments raftLastApplied right after this returns
+        # (syncobj.py __applyLogEntries), so this entry's index is one more.
+        return self._apply_fn(command, self.raftLastApplied + 1)
+
+    def private(self, name: str) -> Any:
+        """Read a SyncObj private attribute (pysyncobj pinned to 0.3.17)."""
+        return getattr(self, "_SyncObj__" + name)
+
+
+class RaftNode:
+    """A master's Raft membership: propose commands, watch leadership.
+
+    Construct it on a long-lived thread (normally the main thread): pysyncobj's
+    Raft thread stops by itself once the thread that built it has exited.
+    """
+
+    def __init__(
+        self,
+        state: StateMachine,
+        self_addr: str,
+        peers: Sequence[str],
+        data_dir: Path,
+        secret: bytes,
+        on_leadership: Callable[[bool], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        raft_min_timeout_s: float = 0.6,
+        raft_max_timeout_s: float = 1.6,
+        dynamic_membership: bool = True,
+        leader_fallback_timeout_s: float | None = None,
+        connection_retry_s: float = 1.0,
+        log_compaction_min_entries: int = 5000,
+        log_compaction_min_time_s: float = 600.0,
+    ) -> None:
+        password = derive_password(secret)  # refuses an empty secret first
+        self._state = state
+        self.self_addr = self_addr
+        self.lock = threading.RLock()  # held while applying; readers take it too
+        self._on_leadership = on_leadership
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        self._loop = loop
+        self._announced_leader = False
+        self._closed = False
+
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._snapshot_path = self.data_dir / SNAPSHOT_NAME
+        self.journal = DurableJournal(self.data_dir / JOURNAL_NAME)
+        self._check_snapshot_on_start()
+
+        conf = SyncObjConf(
+            password=password,
+            journalFile=self.journal,
+            fullDumpFile=str(self._snapshot_path),
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            useFork=False,
+            appendEntriesUseBatch=False,
+            dynamicMembershipChange=dynamic_membership,
+            raftMinTimeout=raft_min_timeout_s,
+            raftMaxTimeout=raft_max_timeout_s,
+            # A leader that has not heard from a majority for this long steps
+            # down (pysyncobj's default is 30 s, far too long for clients).
+            leaderFallbackTimeout=leader_fallback_timeout_s or 3 * raft_max_timeout_s,
+            connectionRetryTime=connection_retry_s,
+            connectionTimeout=max(1.0, raft_max_timeout_s),
+            logCompactionMinEntries=log_compaction_min_entries,
+            logCompactionMinTime=log_compaction_min_time_s,
+            onStateChanged=self._on_state_changed,
+            commandsWaitLeader=False,
+        )
+        self._obj = _ShellSyncObj(self._apply, self.journal, self_addr, peers, conf)
+        self._obj.addOnTickCallback(self._on_tick)
+
+    # -- applying -----------------------------------------------------------
+
+    def _apply(self, command: bytes, index: int) -> Any:
+        # Runs on the Raft thread. Must never raise: an exception escaping a
+        # replicated method stops pysyncobj from ever applying the next entry.
+        try:
+            with self.lock:
+                return self._state.apply(command, index)
+        except Exception as e:
+            log.exception("apply of entry %d failed; treating it as a no-op", index)
+            return {"error": {"code": "apply_failed", "message": f"{type(e).__name__}: {e}"}}
+
+    # -- snapshots ----------------------------------------------------------
+
+    def _check_snapshot_on_start(self) -> None:
+        # pysyncobj only logs a bad dump and carries on with an empty state;
+        # refuse to start instead (read_snapshot_file raises SnapshotError).
+        if not self._snapshot_path.exists():
+            return
+        _, meta = read_snapshot_file(self._snapshot_path)
+        entries = meta.get("raft_entries")
+        if entries and len(entries) == 2:
+            last, before = (tuple(e) for e in entries)
+            self.journal.align_with_snapshot(before, last)
+
+    def _serialize(self, path: str, data: tuple[Any, Any, Any]) -> None:
+        # pysyncobj passes (entry at lastApplied, the entry before, cluster)
+        # and writes nothing itself when a serializer is set (serializer.py
+        # Serializer.serialize). Runs on the Raft thread, so the state is
+        # exactly as of that last applied entry.
+        last, before, cluster = data
+        with self.lock:
+            state_bytes = self._state.snapshot()
+        members = sorted(str(n.id) for n in cluster if n is not None)
+        write_snapshot_file(path, state_bytes, {
+            "index": last[1], "term": last[2], "cluster_members": members,
+            "raft_entries": [[bytes(e[0]), e[1], e[2]] for e in (last, before)],
+        })
+
+    def _deserialize(self, path: str) -> tuple[Any, Any, list[str]]:
+        # The file may have been received from the leader and renamed into
+        # place by pysyncobj without fsync (serializer.py setTransmissionData);
+        # make it durable before the journal is cleared behind it.
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        fsync_dir(Path(path).parent)
+        state_bytes, meta = read_snapshot_file(path)
+        with self.lock:
+            self._state.restore(state_bytes)
+        entries = meta.get("raft_entries") or []
+        if len(entries) != 2:
+            raise RaftError(f"{path}: snapshot lacks the Raft entries it ends with")
+        last, before = (tuple(e) for e in entries)
+        # Only addresses, never pickled Node objects: pysyncobj accepts ids
+        # (syncobj.py __updateClusterConfiguration).
+        return last, before, list(meta.get("cluster_members") or [])
+
+    # -- leadership -----------------------------------------------------------
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        if new != 2 and self._announced_leader:  # 2 = _RAFT_STATE.LEADER
+            self._announce(False)
+
+    def _on_tick(self) -> None:
+        # Raft thread, every tick. Announce leadership only once everything
+        # committed in this term has been applied here: the term's first entry
+        # (the no-op pysyncobj appends on election) committing proves that.
+        try:
+            obj = self._obj
+            if not obj._isLeader():
+                if self._announced_leader:
+                    self._announce(False)
+                return
+            if self._announced_leader:
+                return
+            commit = obj.raftCommitIndex
+            if (self.journal.term_at(commit) == obj.raftCurrentTerm
+                    and obj.raftLastApplied >= commit):
+                self._announce(True)
+        except Exception:
+            log.exception("leadership monitor failed")
+
+    def _announce(self, is_leader: bool) -> None:
+        self._announced_leader = is_leader
+        cb = self._on_leadership
+        if cb is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(cb, is_leader)
+        else:
+            cb(is_leader)
+
+    # -- queries --------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        return bool(self._obj._isLeader())
+
+    def leader(self) -> str | None:
+        node = self._obj._getLeader()
+        return None if node is None else str(node.id)
+
+    def _reachable(self) -> tuple[int, int]:
+        others = list(self._obj.otherNodes)
+        connected = sum(1 for n in others if self._obj.isNodeConnected(n))
+        return connected + 1, len(others) + 1
+
+    def status(self) -> dict[str, Any]:
+        for _ in range(5):  # getStatus iterates dicts the Raft thread mutates
+            try:
+                raw = self._obj.getStatus()
+                break
+            except RuntimeError:
+                time.sleep(0.001)
+        else:
+            raise RaftError("status unavailable: Raft thread kept changing it")
+        commit = int(raw["commit_idx"])
+        members = []
+        for node in sorted(self._obj.otherNodes, key=lambda n: str(n.id)):
+            nid = str(node.id)
+            match = raw.get("match_idx_server_" + nid)
+            members.append({
+                "addr": nid,
+                "match_index": match,
+                "next_index": raw.get("next_node_idx_server_" + nid),
+                "connected": bool(self._obj.isNodeConnected(node)),
+                "lag": None if match is None else max(0, commit - int(match)),
+            })
+        leader = raw["leader"]
+        return {
+            "self": self.self_addr,
+            "term": int(raw["raft_term"]),
+            "commit_index": commit,
+            "last_applied": int(raw["last_applied"]),
+            "leader": None if leader is None else str(leader.id),
+            "is_leader": self.is_leader(),
+            "has_quorum": bool(raw["has_quorum"]),
+            "members": members,
+            "log_len": int(raw["log_len"]),
+        }
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until bound and caught up with the leader's commit index."""
+        deadline = time.monotonic() + timeout_s
+        while not self._obj.isReady():
+            if time.monotonic() > deadline:
+                raise ProposeTimeout(f"raft node {self.self_addr} not ready within "
+                                     f"{timeout_s:g}s: no leader reachable or still catching up")
+            time.sleep(0.02)
+
+    # -- writes ---------------------------------------------------------------
+
+    async def propose(self, command: bytes, timeout_s: float = 5.0) -> Any:
+        """Commit ``command`` and return what ``apply`` returned on this node."""
+        if not self.is_leader():
+            raise NotLeader(self.leader())
+        reason, result = await self._submit(
+            lambda cb: self._obj.apply_command(bytes(command), callback=cb), timeout_s)
+        if reason == FAIL_REASON.SUCCESS:
+            return result
+        self._raise_failure(reason, timeout_s, "the command")
+
+    async def add_member(self, addr: str, timeout_s: float = 10.0) -> None:
+        await self._change_member(self._obj.addNodeToCluster, addr, timeout_s)
+
+    async def remove_member(self, addr: str, timeout_s: float = 10.0) -> None:
+        await self._change_member(self._obj.removeNodeFromCluster, addr, timeout_s)
+
+    async def _change_member(self, fn: Callable[..., None], addr: str, timeout_s: float) -> None:
+        if not self.is_leader():
+            raise NotLeader(self.leader())
+        reason, _ = await self._submit(lambda cb: fn(addr, callback=cb), timeout_s)
+        if reason == FAIL_REASON.REQUEST_DENIED:
+            raise RaftError(f"membership change for {addr} refused: another change is "
+                            "still committing, or the member is already in that state")
+        if reason != FAIL_REASON.SUCCESS:
+            self._raise_failure(reason, timeout_s, f"the membership change for {addr}")
+
+    async def _submit(self, start: Callable[[Callable[[Any, int], None]], None],
+                      timeout_s: float) -> tuple[int | None, Any]:
+        """Run ``start(callback)`` and wait, bounded, for pysyncobj's callback.
+
+        Returns (fail reason, result); reason None means the wait timed out,
+        which must be possible: pysyncobj may never call back at all.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, Any]] = loop.create_future()
+
+        def settle(res: Any, err: int) -> None:
+            if not fut.done():
+                fut.set_result((err, res))
+
+        def callback(res: Any, err: int) -> None:  # Raft thread
+            # A closed loop means nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, res, err)
+
+        start(callback)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            return None, None
+
+    def _raise_failure(self, reason: int | None, timeout_s: float, what: str) -> Any:
+        if reason in _NOT_LEADER_REASONS or not self.is_leader():
+            raise NotLeader(None if self.is_leader() else self.leader())
+        reachable, members = self._reachable()
+        if reason is None and reachable * 2 <= members:
+            raise NoQuorum(timeout_s, reachable, members)
+        if reason is None:
+            raise ProposeTimeout(f"{what} was not committed within {timeout_s:g}s "
+                                 f"({reachable} of {members} masters reachable); "
+                                 "retry with the same request id")
+        if reason == FAIL_REASON.QUEUE_FULL:
+            raise ProposeTimeout("the Raft command queue is full; retry shortly")
+        raise ProposeTimeout(f"{what} has an unknown outcome (pysyncobj reason {reason}); "
+                             "retry with the same request id")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the Raft thread, then sync and close the journal."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._announced_leader:
+            self._announce(False)
+        self._obj.destroy()
+        thread = self._obj.private("thread")
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        self.journal.close()  # idempotent; the Raft thread normally closed it
