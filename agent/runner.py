@@ -31,6 +31,7 @@ import agent
 from agent import tasklog
 from agent.taskdir import (
     ACKED,
+    CREATE_TIME_SLACK_S,
     EXIT,
     SHIM_LOG,
     SHIM_MODULE,
@@ -320,19 +321,22 @@ class TaskRunner:
     def _supervisor_lost(self, tdir: Path) -> None:
         """The shim died without writing exit.json: kill what is left, record it."""
         log.warning("task %s: its shim died without recording an exit", tdir.name)
-        started = _kill_orphaned_group(tdir)
+        task = ProcRecord.load(tdir / TASK_PID)
+        # The verdict is recorded first: exit.json is write-once, so should
+        # the shim be alive after all, its report and ours cannot both stand.
         with contextlib.suppress(OSError):
             atomic_write_json(
                 tdir / EXIT,
                 {
                     "exit_code": None,
                     "signal": None,
-                    "started_at": started,
+                    "started_at": task.create_time if task is not None else None,
                     "finished_at": time.time(),
                     "message": SUPERVISOR_LOST,
                 },
                 exclusive=True,
             )
+        _kill_orphaned_group(tdir)
 
     def _unacked_exits(self) -> list[TaskExit]:
         exits: list[TaskExit] = []
@@ -395,8 +399,8 @@ def _task_exit(task_id: str, obj: dict[str, object]) -> TaskExit:
     )
 
 
-def _kill_orphaned_group(tdir: Path) -> float | None:
-    """SIGKILL whatever remains of the task's process group; its start time.
+def _kill_orphaned_group(tdir: Path) -> None:
+    """SIGKILL whatever remains of the task's process group.
 
     The shim arranged for the group leader to die with it, but the leader's
     children stay in the group. A group is only ours if its members started
@@ -404,20 +408,19 @@ def _kill_orphaned_group(tdir: Path) -> float | None:
     """
     rec = ProcRecord.load(tdir / TASK_PID)
     if rec is None:
-        return None
+        return
     pgid = rec.pid
     try:
-        if abs(psutil.Process(pgid).create_time() - rec.create_time) > 1.0:
-            return rec.create_time  # the leader's pid was reused: not our group
+        if abs(psutil.Process(pgid).create_time() - rec.create_time) > CREATE_TIME_SLACK_S:
+            return  # the leader's pid was reused: not our group
     except psutil.Error:
         pass  # the leader is gone; its children may still hold the group
     for p in psutil.process_iter(["create_time"]):
         try:
             if os.getpgid(p.pid) != pgid:
                 continue
-            if p.info["create_time"] + 1.0 < rec.create_time:
+            if p.info["create_time"] + CREATE_TIME_SLACK_S < rec.create_time:
                 continue
             p.kill()
         except (OSError, psutil.Error):
             continue
-    return rec.create_time
