@@ -1,0 +1,315 @@
+"""The scheduler's private, mutable working copy of one immutable view.
+
+A pass only ever takes resources away from the free pool (placements, holds
+for gangs and for tasks waiting on preemptions).  That monotonicity is what
+lets the caller cache "this request shape fits nowhere" for the rest of the
+pass.  The only exception is a gang's rollback, which returns exactly what the
+same gang took a moment before.
+
+Nodes with the same labels and the same GPU make-up share a *pool*; each pool
+keeps one heap of node indices per free-GPU count, so best fit is "the first
+non-empty bucket at or above the request", not a scan of every node.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .types import Allocation, Gpu, NodeView, TaskRequest
+
+EPS = 1e-9
+
+# (gpus, cpus, mem_bytes, gpu_type lower-cased or None, gpu_mem_min, constraints)
+Shape = tuple[int, float, int, str | None, int, tuple[tuple[str, str], ...]]
+
+
+def shape_of(t: TaskRequest) -> Shape:
+    gpu_type = t.gpu_type.lower() if t.gpu_type and t.gpus > 0 else None
+    return (
+        t.gpus,
+        float(t.cpus),
+        t.mem_bytes,
+        gpu_type,
+        t.gpu_mem_min if t.gpus > 0 else 0,
+        tuple(sorted(t.constraints.items())),
+    )
+
+
+def gpu_matches(model_lower: str, mem_bytes: int, shape: Shape) -> bool:
+    gpu_type, mem_min = shape[3], shape[4]
+    return (gpu_type is None or gpu_type in model_lower) and mem_bytes >= mem_min
+
+
+def labels_ok(labels: Mapping[str, str], constraints: tuple[tuple[str, str], ...]) -> bool:
+    return all(labels.get(k) == v for k, v in constraints)
+
+
+@dataclass
+class Pool:
+    labels: Mapping[str, str]
+    # GPU make-up shared by every node of the pool: (model lower, mem, count)
+    makeup: tuple[tuple[str, int, int], ...]
+    nodes: list[int] = field(default_factory=list)
+    buckets: list[list[int]] = field(default_factory=list)  # free count -> heap
+
+
+@dataclass
+class Claim:
+    """Resources held back on a node for someone who is not placed yet."""
+
+    owner: str  # in words: "older gang job-x" / "task t, waiting on preemptions"
+    gpus: tuple[int, ...]
+    cpus: float
+    mem_bytes: int
+
+
+class Cluster:
+    def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
+        self.nodes = list(nodes)
+        n = len(self.nodes)
+        self.index_of: dict[str, int] = {nd.node_id: i for i, nd in enumerate(self.nodes)}
+        self.gpu_info: list[dict[int, Gpu]] = [{g.index: g for g in nd.gpus} for nd in nodes]
+        self.multi_domain = [len({g.domain for g in nd.gpus}) > 1 for nd in nodes]
+        self.free_cpu = [float(nd.cpus) for nd in nodes]
+        self.free_mem = [nd.mem_bytes for nd in nodes]
+        used: list[set[int]] = [set() for _ in range(n)]
+        self.allocs_on: list[list[Allocation]] = [[] for _ in range(n)]
+        for a in allocations:
+            i = self.index_of.get(a.node_id)
+            if i is None:
+                continue  # a task on a node the view no longer has holds nothing here
+            used[i].update(a.gpus)
+            self.free_cpu[i] -= a.cpus
+            self.free_mem[i] -= a.mem_bytes
+            self.allocs_on[i].append(a)
+        self.free: list[list[int]] = [
+            sorted(g for g in self.gpu_info[i] if g not in used[i]) for i in range(n)
+        ]
+        self.nfree = np.array([len(f) for f in self.free], dtype=np.int64)
+        self.claims: dict[int, list[Claim]] = {}
+        self.pools: list[Pool] = []
+        self.pool_of = [-1] * n
+        pool_ids: dict[tuple[object, ...], int] = {}
+        for i, nd in enumerate(self.nodes):
+            if not nd.schedulable:
+                continue
+            counts: dict[tuple[str, int], int] = {}
+            for g in nd.gpus:
+                k = (g.model.lower(), g.mem_bytes)
+                counts[k] = counts.get(k, 0) + 1
+            makeup = tuple(sorted((m, mem, c) for (m, mem), c in counts.items()))
+            key = (tuple(sorted(nd.labels.items())), makeup)
+            pid = pool_ids.get(key)
+            if pid is None:
+                pid = pool_ids[key] = len(self.pools)
+                total = sum(c for _, _, c in makeup)
+                self.pools.append(
+                    Pool(dict(nd.labels), makeup, buckets=[[] for _ in range(total + 1)])
+                )
+            pool = self.pools[pid]
+            pool.nodes.append(i)
+            pool.buckets[len(self.free[i])].append(i)  # appended in index order: a heap
+            self.pool_of[i] = pid
+        self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
+        self._block_holders: dict[str, list[int]] | None = None
+
+    # -- matching ---------------------------------------------------------
+
+    def shape_pools(self, shape: Shape) -> tuple[list[int], list[int]]:
+        """(pools where every GPU matches, pools where only some do) for a shape."""
+        hit = self._shape_pools.get(shape)
+        if hit is not None:
+            return hit
+        whole: list[int] = []
+        mixed: list[int] = []
+        for pid, p in enumerate(self.pools):
+            if not labels_ok(p.labels, shape[5]):
+                continue
+            if shape[0] == 0:
+                whole.append(pid)
+                continue
+            ok = [gpu_matches(m, mem, shape) for m, mem, _ in p.makeup]
+            n_ok = sum(c for (_, _, c), y in zip(p.makeup, ok, strict=True) if y)
+            if n_ok < shape[0]:
+                continue  # no node of this pool could ever host it
+            (whole if all(ok) else mixed).append(pid)
+        self._shape_pools[shape] = (whole, mixed)
+        return whole, mixed
+
+    def matching_free(self, i: int, shape: Shape) -> list[int]:
+        if shape[0] == 0:
+            return []
+        info = self.gpu_info[i]
+        return [
+            g for g in self.free[i] if gpu_matches(info[g].model.lower(), info[g].mem_bytes, shape)
+        ]
+
+    def fits_cpu_mem(self, i: int, shape: Shape) -> bool:
+        return self.free_cpu[i] + EPS >= shape[1] and self.free_mem[i] >= shape[2]
+
+    def block_hits(self, blocks: frozenset[str]) -> dict[int, int]:
+        if self._block_holders is None:
+            holders: dict[str, list[int]] = {}
+            for i, nd in enumerate(self.nodes):
+                for b in nd.cached_blocks:
+                    holders.setdefault(b, []).append(i)
+            self._block_holders = holders
+        hits: dict[int, int] = {}
+        for b in blocks:
+            for i in self._block_holders.get(b, ()):
+                hits[i] = hits.get(i, 0) + 1
+        return hits
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def _rebucket(self, i: int) -> None:
+        f = len(self.free[i])
+        self.nfree[i] = f
+        pid = self.pool_of[i]
+        if pid >= 0:
+            heapq.heappush(self.pools[pid].buckets[f], i)
+
+    def take(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
+        if gpus:
+            gone = set(gpus)
+            self.free[i] = [g for g in self.free[i] if g not in gone]
+        self.free_cpu[i] -= cpus
+        self.free_mem[i] -= mem
+        if gpus:
+            self._rebucket(i)
+
+    def give(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
+        if gpus:
+            self.free[i] = sorted([*self.free[i], *gpus])
+        self.free_cpu[i] += cpus
+        self.free_mem[i] += mem
+        if gpus:
+            self._rebucket(i)
+
+    def hold(self, i: int, claim: Claim) -> None:
+        self.take(i, claim.gpus, claim.cpus, claim.mem_bytes)
+        self.claims.setdefault(i, []).append(claim)
+
+    # -- choosing a node ------------------------------------------------------
+
+    def _bucket_first(
+        self, heap: list[int], f: int, shape: Shape, exclude: frozenset[int] | set[int]
+    ) -> int | None:
+        """Lowest-index live node of a bucket that fits cpu/mem and is not excluded.
+
+        Entries are lazy: a node is pushed again whenever its free count changes,
+        and an entry whose node no longer has `f` free GPUs is dropped on sight.
+        """
+        skipped: list[int] = []
+        found = None
+        nfree = self.nfree
+        while heap:
+            i = heap[0]
+            if nfree[i] != f:
+                heapq.heappop(heap)
+                continue
+            if i in exclude or not self.fits_cpu_mem(i, shape):
+                skipped.append(heapq.heappop(heap))
+                continue
+            found = i
+            break
+        for i in skipped:
+            heapq.heappush(heap, i)
+        return found
+
+    def find_node(
+        self,
+        shape: Shape,
+        exclude: frozenset[int] | set[int] = frozenset(),
+        spread: bool = False,
+        blocks: frozenset[str] = frozenset(),
+    ) -> int | None:
+        """Best node for one task, or None.
+
+        Bin-packing takes the node left with the fewest free GPUs (whole nodes
+        stay whole for the big requests); `spread` takes the least-loaded one.
+        Among nodes equally good by that measure, more cached blocks win, then
+        the lower index (input order), so the choice is deterministic.
+        """
+        g = shape[0]
+        whole, mixed = self.shape_pools(shape)
+        if not whole and not mixed:
+            return None
+        # Mixed pools (only some GPU models match) are rare; scan them directly.
+        extra: dict[int, list[int]] = {}
+        for pid in mixed:
+            for i in self.pools[pid].nodes:
+                if i in exclude or not self.fits_cpu_mem(i, shape):
+                    continue
+                if len(self.matching_free(i, shape)) >= g:
+                    extra.setdefault(len(self.free[i]), []).append(i)
+        hits = self.block_hits(blocks) if blocks else {}
+        top = max(len(self.pools[pid].buckets) for pid in (*whole, *mixed)) - 1
+        order = range(top, g - 1, -1) if spread else range(g, top + 1)
+        for f in order:
+            best: int | None = None
+            for pid in whole:
+                buckets = self.pools[pid].buckets
+                if f >= len(buckets):
+                    continue
+                first = self._bucket_first(buckets[f], f, shape, exclude)
+                if first is not None and (best is None or first < best):
+                    best = first
+            for j in extra.get(f, ()):
+                if best is None or j < best:
+                    best = j
+            if best is None:
+                continue
+            if hits:
+                best = self._cache_tiebreak(best, f, shape, exclude, hits, whole, extra)
+            return best
+        return None
+
+    def _cache_tiebreak(
+        self,
+        best: int,
+        f: int,
+        shape: Shape,
+        exclude: frozenset[int] | set[int],
+        hits: dict[int, int],
+        whole: list[int],
+        extra: dict[int, list[int]],
+    ) -> int:
+        whole_set = set(whole)
+        in_extra = set(extra.get(f, ()))
+        key = (-hits.get(best, 0), best)
+        for i, h in hits.items():
+            if self.nfree[i] != f or i in exclude or not self.fits_cpu_mem(i, shape):
+                continue
+            if self.pool_of[i] not in whole_set and i not in in_extra:
+                continue
+            if (-h, i) < key:
+                key = (-h, i)
+        return key[1]
+
+    def pick_gpus(
+        self, i: int, shape: Shape, candidates: list[int] | None = None
+    ) -> tuple[int, ...]:
+        """Concrete GPUs on node i: the smallest NVLink/NUMA domain that holds
+        them all (keeps bigger domains whole), then the lowest indices."""
+        g = shape[0]
+        if g == 0:
+            return ()
+        cands = self.matching_free(i, shape) if candidates is None else sorted(candidates)
+        if not self.multi_domain[i]:
+            return tuple(cands[:g])
+        info = self.gpu_info[i]
+        by_domain: dict[int, list[int]] = {}
+        for x in cands:
+            by_domain.setdefault(info[x].domain, []).append(x)
+        best: tuple[tuple[int, bool, int], list[int]] | None = None
+        for d, xs in by_domain.items():
+            if len(xs) >= g:
+                key = (len(xs), d == -1, xs[0])
+                if best is None or key < best[0]:
+                    best = (key, xs)
+        return tuple(best[1][:g]) if best else tuple(cands[:g])

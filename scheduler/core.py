@@ -1,0 +1,232 @@
+"""One scheduling pass: immutable view in, Plan out.
+
+Order of work (see fairshare.py): priority levels from the top; inside a
+level, Dominant Resource Fairness between users.  Each unit (a task, or a
+whole gang) is placed, or failing that may evict lower-priority work on one
+node, or stays pending with a reason.  The first gang that cannot start gets
+nodes held back for it, so the smaller work that comes after it in the pass is
+backfilled around the hold instead of starving it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .cluster import Claim, Cluster, Shape, shape_of
+from .explain import explain_shape, gang_reason, preempting_reason, quota_reason
+from .fairshare import FairShare, Unit, build_units
+from .preempt import Preemptor
+from .types import (
+    DEFAULT_POLICY,
+    Allocation,
+    NodeView,
+    Placement,
+    Plan,
+    Policy,
+    Preemption,
+    TaskRequest,
+)
+
+
+class _Pass:
+    def __init__(
+        self,
+        nodes: Sequence[NodeView],
+        allocations: Sequence[Allocation],
+        policy: Policy,
+    ) -> None:
+        self.cl = Cluster(nodes, allocations)
+        self.policy = policy
+        self.fair = FairShare(nodes, allocations, policy)
+        self.pre = Preemptor(self.cl, allocations, policy) if policy.preemption else None
+        self.job_nodes: dict[str, set[int]] = {}
+        for a in allocations:
+            i = self.cl.index_of.get(a.node_id)
+            if i is not None:
+                self.job_nodes.setdefault(a.job_id, set()).add(i)
+        self.placements: list[Placement] = []
+        self.preemptions: list[Preemption] = []
+        self.reasons: dict[str, str] = {}
+        self.unexplained: list[tuple[TaskRequest, Shape]] = []
+        # Free resources only shrink during a pass, so a shape that fit nowhere
+        # (or could evict nothing at a priority) keeps failing: skip the search.
+        self.no_fit: set[Shape] = set()
+        self.no_evict: set[tuple[Shape, int]] = set()
+        self.no_gang: dict[tuple[tuple[Shape, ...], bool], str] = {}
+        self.gang_held = False
+        self._started: list[float] | None = None
+
+    def run(self, pending: Sequence[TaskRequest]) -> Plan:
+        for unit in self.fair.order(build_units(pending)):
+            quota = self.fair.quota_blocks(unit.user, unit.gpus)
+            if quota is not None:
+                for t in unit.tasks:
+                    self.reasons[t.task_id] = quota_reason(unit.user, quota)
+            elif unit.is_gang:
+                self._gang(unit)
+            else:
+                self._single(unit.tasks[0])
+        explained: dict[Shape, str] = {}
+        for t, shape in self.unexplained:
+            if shape not in explained:
+                explained[shape] = explain_shape(self.cl, t, shape)
+            self.reasons[t.task_id] = explained[shape]
+        reserved: dict[str, tuple[int, ...]] = {}
+        for i in sorted(self.cl.claims):
+            gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
+            reserved[self.cl.nodes[i].node_id] = tuple(gpus)
+        return Plan(
+            placements=tuple(self.placements),
+            preemptions=tuple(self.preemptions),
+            reasons=self.reasons,
+            reserved=reserved,
+        )
+
+    def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
+        self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
+        self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
+        self.job_nodes.setdefault(t.job_id, set()).add(i)
+
+    def _single(self, t: TaskRequest) -> None:
+        cl = self.cl
+        shape = shape_of(t)
+        i: int | None = None
+        if t.spread and self.job_nodes.get(t.job_id):
+            # Spread: a node without this job first, any node as a fallback.
+            i = cl.find_node(shape, self.job_nodes[t.job_id], spread=True, blocks=t.blocks)
+        if i is None and shape not in self.no_fit:
+            i = cl.find_node(shape, spread=t.spread, blocks=t.blocks)
+            if i is None:
+                self.no_fit.add(shape)
+        if i is not None:
+            gpus = cl.pick_gpus(i, shape)
+            cl.take(i, gpus, t.cpus, t.mem_bytes)
+            self._grant(t, i, gpus)
+            return
+        if self.pre is not None and (shape, t.priority) not in self.no_evict:
+            ev = self.pre.find(shape, t.priority)
+            if ev is None:
+                self.no_evict.add((shape, t.priority))
+            else:
+                self.pre.take(ev)
+                node = cl.nodes[ev.node]
+                for k in ev.victims:
+                    a = self.pre.allocs[k]
+                    self.preemptions.append(Preemption(a.task_id, node.node_id, t.task_id))
+                # The victims' resources stay busy until they stop; hold the free
+                # part of what the task needs too, so nobody else takes it.
+                cl.take(ev.node, ev.extra_gpus, ev.extra_cpus, ev.extra_mem)
+                cl.claims.setdefault(ev.node, []).append(
+                    Claim(
+                        f"task {t.task_id}, waiting on preemptions",
+                        ev.gpus,
+                        ev.extra_cpus,
+                        ev.extra_mem,
+                    )
+                )
+                # It will hold these soon: count them against share and quota now.
+                self.fair.charge(t.user, t.gpus, t.cpus, t.mem_bytes)
+                self.reasons[t.task_id] = preempting_reason(node.name)
+                return
+        self.unexplained.append((t, shape))
+
+    def _gang(self, unit: Unit) -> None:
+        cl = self.cl
+        shapes = tuple(shape_of(t) for t in unit.tasks)
+        busy = self.job_nodes.get(unit.job_id, set())
+        spread = any(t.spread for t in unit.tasks)
+        key = (shapes, spread)
+        if not busy and key in self.no_gang:
+            for t in unit.tasks:
+                self.reasons[t.task_id] = self.no_gang[key]
+            return
+        chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
+        exclude = set(busy)
+        for t, shape in zip(unit.tasks, shapes, strict=True):
+            i = None if shape in self.no_fit else cl.find_node(shape, exclude, spread, t.blocks)
+            if i is None:
+                break
+            gpus = cl.pick_gpus(i, shape)
+            cl.take(i, gpus, t.cpus, t.mem_bytes)
+            chosen.append((t, i, gpus))
+            exclude.add(i)
+        if len(chosen) == len(unit.tasks):
+            for t, i, gpus in chosen:
+                self._grant(t, i, gpus)
+            return
+        for t, i, gpus in reversed(chosen):  # all or nothing
+            cl.give(i, gpus, t.cpus, t.mem_bytes)
+        reason = gang_reason(len(unit.tasks), self._count_hosts(shapes[0], busy))
+        if self.policy.backfill and not self.gang_held and self._hold_for_gang(unit, shapes, busy):
+            self.gang_held = True
+        if not busy:
+            self.no_gang[key] = reason
+        for t in unit.tasks:
+            self.reasons[t.task_id] = reason
+
+    def _count_hosts(self, shape: Shape, exclude: set[int]) -> int:
+        cl = self.cl
+        whole, mixed = cl.shape_pools(shape)
+        count = 0
+        for pid in whole:
+            idx = np.asarray(cl.pools[pid].nodes, dtype=np.int64)
+            for i in idx[cl.nfree[idx] >= shape[0]].tolist():
+                count += i not in exclude and cl.fits_cpu_mem(i, shape)
+        for pid in mixed:
+            for i in cl.pools[pid].nodes:
+                count += (
+                    i not in exclude
+                    and cl.fits_cpu_mem(i, shape)
+                    and len(cl.matching_free(i, shape)) >= shape[0]
+                )
+        return count
+
+    def _hold_for_gang(self, unit: Unit, shapes: tuple[Shape, ...], busy: set[int]) -> bool:
+        """Hold back, for this gang, the nodes it is closest to fitting on:
+        the most matching free GPUs now, then the ones whose running work
+        started earliest (likely to end first).  False when it could never fit."""
+        cl = self.cl
+        if self._started is None:
+            self._started = [
+                min((a.started_at for a in cl.allocs_on[i]), default=float("inf"))
+                for i in range(len(cl.nodes))
+            ]
+        started = self._started
+        taken: set[int] = set(busy)
+        picks: list[tuple[int, Shape]] = []
+        for shape in shapes:
+            whole, mixed = cl.shape_pools(shape)
+            best: tuple[int, float, int] | None = None
+            for pid in (*whole, *mixed):
+                for i in cl.pools[pid].nodes:
+                    nd = cl.nodes[i]
+                    if i in taken or nd.cpus < shape[1] or nd.mem_bytes < shape[2]:
+                        continue
+                    key = (-min(len(cl.matching_free(i, shape)), shape[0]), started[i], i)
+                    if best is None or key < best:
+                        best = key
+            if best is None:
+                return False
+            taken.add(best[2])
+            picks.append((best[2], shape))
+        owner = f"older gang {unit.job_id}"
+        for i, shape in picks:
+            n = min(len(cl.matching_free(i, shape)), shape[0])
+            gpus = cl.pick_gpus(i, (n, *shape[1:]))
+            cpus = max(0.0, min(cl.free_cpu[i], shape[1]))
+            mem = max(0, min(cl.free_mem[i], shape[2]))
+            cl.hold(i, Claim(owner, gpus, cpus, mem))
+        return True
+
+
+def schedule(
+    nodes: Sequence[NodeView],
+    allocations: Sequence[Allocation],
+    pending: Sequence[TaskRequest],
+    policy: Policy = DEFAULT_POLICY,
+) -> Plan:
+    """Plan placements and preemptions for `pending` on a snapshot.  Pure and
+    deterministic: the same arguments always give the same Plan."""
+    return _Pass(nodes, allocations, policy).run(pending)

@@ -1,0 +1,149 @@
+"""Queue order: priority first, then Dominant Resource Fairness between users.
+
+Within one priority level the next unit of work always comes from the user
+with the smallest dominant share (share of cluster GPUs, CPUs or memory,
+whichever is largest), and shares move as the plan assigns, so two users with
+equal demand end up with equal allocations.  Ties go to the older unit, then
+to the smaller task id: nothing depends on hash seeds or dict order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from .types import DEFAULT_POLICY, Allocation, NodeView, Policy, TaskRequest, UserShare
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What the scheduler places as one: a single task or a whole gang."""
+
+    tasks: tuple[TaskRequest, ...]  # gangs sorted by rank
+    priority: int
+    user: str
+    job_id: str
+    key: tuple[float, str]  # (submitted_at, task_id) of the oldest task
+
+    @property
+    def is_gang(self) -> bool:
+        return len(self.tasks) > 1 or self.tasks[0].gang_size > 1
+
+    @property
+    def gpus(self) -> int:
+        return sum(t.gpus for t in self.tasks)
+
+
+def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
+    gangs: dict[str, list[TaskRequest]] = {}
+    units: list[Unit] = []
+    for t in pending:
+        if t.gang_size > 1:
+            gangs.setdefault(t.job_id, []).append(t)
+        else:
+            units.append(Unit((t,), t.priority, t.user, t.job_id, (t.submitted_at, t.task_id)))
+    for job_id, ts in gangs.items():
+        ts.sort(key=lambda t: (t.rank, t.task_id))
+        oldest = min((t.submitted_at, t.task_id) for t in ts)
+        # A gang runs at the priority of its most important member, owned by rank 0's user.
+        prio = max(t.priority for t in ts)
+        units.append(Unit(tuple(ts), prio, ts[0].user, job_id, oldest))
+    return units
+
+
+class FairShare:
+    def __init__(
+        self, nodes: Sequence[NodeView], allocations: Sequence[Allocation], policy: Policy
+    ) -> None:
+        live = [nd for nd in nodes if nd.schedulable]
+        self.total = (
+            float(sum(len(nd.gpus) for nd in live)),
+            float(sum(nd.cpus for nd in live)),
+            float(sum(nd.mem_bytes for nd in live)),
+        )
+        self.quotas: Mapping[str, int] = policy.quotas
+        self.gpus: dict[str, int] = {}
+        self.cpus: dict[str, float] = {}
+        self.mem: dict[str, int] = {}
+        for a in allocations:
+            self.charge(a.user, len(a.gpus), a.cpus, a.mem_bytes)
+
+    def charge(self, user: str, gpus: int, cpus: float, mem: int) -> None:
+        self.gpus[user] = self.gpus.get(user, 0) + gpus
+        self.cpus[user] = self.cpus.get(user, 0.0) + cpus
+        self.mem[user] = self.mem.get(user, 0) + mem
+
+    def share(self, user: str) -> float:
+        held = (self.gpus.get(user, 0), self.cpus.get(user, 0.0), self.mem.get(user, 0))
+        return max((h / t for h, t in zip(held, self.total, strict=True) if t > 0), default=0.0)
+
+    def within_quota(self, user: str) -> bool:
+        q = self.quotas.get(user)
+        return q is None or self.gpus.get(user, 0) <= q
+
+    def quota_blocks(self, user: str, gpus: int) -> int | None:
+        """The user's quota when granting `gpus` more would break it, else None.
+        A user already over quota gets nothing more, not even CPU-only work."""
+        q = self.quotas.get(user)
+        if q is None:
+            return None
+        held = self.gpus.get(user, 0)
+        if held > q or held + gpus > q:
+            return q
+        return None
+
+    def order(self, units: Sequence[Unit]) -> Iterator[Unit]:
+        """Yield units in scheduling order.  The caller charges what it grants
+        before asking for the next unit; shares are read when a user is
+        queued again, so grants steer the rest of the pass."""
+        levels: dict[int, dict[str, list[Unit]]] = {}
+        for u in units:
+            levels.setdefault(u.priority, {}).setdefault(u.user, []).append(u)
+        for prio in sorted(levels, reverse=True):
+            queues = levels[prio]
+            heap: list[tuple[float, float, str, str]] = []
+            pos: dict[str, int] = {}
+            for user, q in queues.items():
+                q.sort(key=lambda u: u.key)
+                pos[user] = 0
+                heap.append((self.share(user), *q[0].key, user))
+            heapq.heapify(heap)
+            while heap:
+                _, _, _, user = heapq.heappop(heap)
+                q = queues[user]
+                k = pos[user]
+                pos[user] = k + 1
+                yield q[k]
+                if k + 1 < len(q):
+                    heapq.heappush(heap, (self.share(user), *q[k + 1].key, user))
+
+
+def queue_report(
+    nodes: Sequence[NodeView],
+    allocations: Sequence[Allocation],
+    pending: Sequence[TaskRequest],
+    policy: Policy = DEFAULT_POLICY,
+) -> list[UserShare]:
+    """Per-user holdings and demand for `leptonctl queue`, largest share first."""
+    fair = FairShare(nodes, allocations, policy)
+    waiting: dict[str, tuple[int, int]] = {}
+    for t in pending:
+        n, g = waiting.get(t.user, (0, 0))
+        waiting[t.user] = (n + 1, g + t.gpus)
+    users = sorted(set(fair.gpus) | set(waiting))
+    rows = [
+        UserShare(
+            user=u,
+            gpus=fair.gpus.get(u, 0),
+            cpus=fair.cpus.get(u, 0.0),
+            mem_bytes=fair.mem.get(u, 0),
+            dominant_share=fair.share(u),
+            pending_tasks=waiting.get(u, (0, 0))[0],
+            pending_gpus=waiting.get(u, (0, 0))[1],
+            quota_gpus=policy.quotas.get(u),
+        )
+        for u in users
+    ]
+    rows.sort(key=lambda r: (-r.dominant_share, r.user))
+    return rows

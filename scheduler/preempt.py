@@ -1,0 +1,150 @@
+"""Choosing what to evict for a task that fits nowhere.
+
+Rules: evict on ONE node only; only allocations of strictly lower priority;
+prefer the lowest priorities, then the fewest tasks, then the most recently
+started (they lose the least work).  A --no-preempt allocation is protected,
+under `no_preempt_only_within_quota` only while its owner is within quota.
+
+Evicted tasks keep their resources until they stop, so nothing is handed back
+to the free pool here: the victims are marked taken (no second preemptor may
+count on them) and the caller holds whatever free resources the preemptor will
+also need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cluster import EPS, Cluster, Shape, gpu_matches
+from .types import Allocation, Policy
+
+# Stop examining candidate nodes once this many workable ones were found; the
+# first feasible node is enough for correctness, a few more buy a better choice.
+MAX_FEASIBLE_NODES = 32
+
+
+@dataclass(frozen=True)
+class Eviction:
+    node: int
+    victims: tuple[int, ...]  # indices into Preemptor.allocs
+    gpus: tuple[int, ...]  # the GPUs the preemptor will get
+    extra_gpus: tuple[int, ...]  # of those, the ones that are free today
+    extra_cpus: float  # free CPUs/memory it needs besides the victims'
+    extra_mem: int
+
+
+def protected_users(allocations: Sequence[Allocation], policy: Policy) -> set[str]:
+    """Users whose --no-preempt allocations are protected right now."""
+    held: dict[str, int] = {}
+    for a in allocations:
+        held[a.user] = held.get(a.user, 0) + len(a.gpus)
+    users = set(held)
+    if not policy.no_preempt_only_within_quota:
+        return users
+    return {u for u in users if u not in policy.quotas or held[u] <= policy.quotas[u]}
+
+
+class Preemptor:
+    def __init__(self, cl: Cluster, allocations: Sequence[Allocation], policy: Policy) -> None:
+        self.cl = cl
+        safe = protected_users(allocations, policy)
+        self.allocs = [a for a in allocations if a.node_id in cl.index_of]
+        self.node = np.array([cl.index_of[a.node_id] for a in self.allocs], dtype=np.int64)
+        self.ngpus = np.array([len(a.gpus) for a in self.allocs], dtype=np.float64)
+        self.prio = np.array([a.priority for a in self.allocs], dtype=np.int64)
+        self.open = np.array([a.preemptible or a.user not in safe for a in self.allocs], dtype=bool)
+        self.on_node: dict[int, list[int]] = {}
+        for k, a in enumerate(self.allocs):
+            self.on_node.setdefault(cl.index_of[a.node_id], []).append(k)
+
+    def take(self, ev: Eviction) -> None:
+        for k in ev.victims:
+            self.open[k] = False
+
+    def find(self, shape: Shape, priority: int) -> Eviction | None:
+        cl = self.cl
+        if not len(self.allocs):
+            return None
+        mask = self.open & (self.prio < priority)
+        if not mask.any():
+            return None
+        n = len(cl.nodes)
+        # Upper bound on GPUs each node could offer: free plus every candidate's.
+        pot = np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
+        whole, mixed = cl.shape_pools(shape)
+        ok_pools = set(whole) | set(mixed)
+        cand = np.flatnonzero(np.bincount(self.node[mask], minlength=n) > 0)
+        cand = cand[pot[cand] + cl.nfree[cand] >= shape[0]]
+        best: tuple[tuple[int, int, int, int], Eviction] | None = None
+        feasible = 0
+        for i in cand.tolist():
+            if cl.pool_of[i] not in ok_pools:
+                continue
+            ev = self._evict_on(i, shape, priority)
+            if ev is None:
+                continue
+            vs = [self.allocs[k] for k in ev.victims]
+            key = (max(a.priority for a in vs), len(vs), sum(len(a.gpus) for a in vs), i)
+            if best is None or key < best[0]:
+                best = (key, ev)
+            feasible += 1
+            if feasible >= MAX_FEASIBLE_NODES:
+                break
+        return best[1] if best else None
+
+    def _evict_on(self, i: int, shape: Shape, priority: int) -> Eviction | None:
+        cl = self.cl
+        g, cpus, mem = shape[0], shape[1], shape[2]
+        info = cl.gpu_info[i]
+        free_gpus = cl.matching_free(i, shape)
+        victims = sorted(
+            (k for k in self.on_node.get(i, ()) if self.open[k] and self.prio[k] < priority),
+            key=lambda k: (
+                self.allocs[k].priority,
+                -self.allocs[k].started_at,
+                self.allocs[k].task_id,
+            ),
+        )
+
+        def usable(k: int) -> list[int]:
+            return [
+                x
+                for x in self.allocs[k].gpus
+                if x in info and gpu_matches(info[x].model.lower(), info[x].mem_bytes, shape)
+            ]
+
+        def fits(chosen: list[int]) -> bool:
+            n_gpu = len(free_gpus) + sum(len(usable(k)) for k in chosen)
+            c = cl.free_cpu[i] + sum(self.allocs[k].cpus for k in chosen)
+            m = cl.free_mem[i] + sum(self.allocs[k].mem_bytes for k in chosen)
+            return n_gpu >= g and c + EPS >= cpus and m >= mem
+
+        chosen: list[int] = []
+        for k in victims:
+            if fits(chosen):
+                break
+            chosen.append(k)
+        if not chosen or not fits(chosen):
+            return None
+        # Greedy by priority can overshoot; drop whoever turns out unnecessary,
+        # most valuable (highest priority, oldest) first.
+        for k in reversed(list(chosen)):
+            rest = [x for x in chosen if x != k]
+            if rest and fits(rest):
+                chosen = rest
+        pool = sorted({*free_gpus, *(x for k in chosen for x in usable(k))})
+        gpus = cl.pick_gpus(i, shape, pool)
+        free_set = set(free_gpus)
+        freed_cpu = sum(self.allocs[k].cpus for k in chosen)
+        freed_mem = sum(self.allocs[k].mem_bytes for k in chosen)
+        return Eviction(
+            node=i,
+            victims=tuple(sorted(chosen)),
+            gpus=gpus,
+            extra_gpus=tuple(x for x in gpus if x in free_set),
+            extra_cpus=max(0.0, cpus - freed_cpu),
+            extra_mem=max(0, mem - freed_mem),
+        )
