@@ -6,7 +6,7 @@ Runs `RpcServer` on uvloop on 127.0.0.1 with one pre-shared key under the key id
 
 Handlers:
   echo(x)                -> x
-  stream({"n", "size"})  -> yields n items (ints, or `size` random bytes each)
+  stream({"n", "size", "zeros"}) -> yields n items (ints, or `size` bytes each)
   sink(blob)             -> len(blob)
   stats()                -> {"server": server.stats(), "rss": bytes}
 """
@@ -40,7 +40,8 @@ async def echo(conn: Connection, args: Any) -> Any:
 async def stream(conn: Connection, args: Any) -> AsyncIterator[Any]:
     n = int(args.get("n", 0)) if isinstance(args, dict) else int(args or 0)
     size = int(args.get("size", 0)) if isinstance(args, dict) else 0
-    blob = os.urandom(size) if size else b""
+    zeros = isinstance(args, dict) and bool(args.get("zeros"))
+    blob = (bytes(size) if zeros else os.urandom(size)) if size else b""
     for k in range(n):
         yield blob if size else k
 
