@@ -37,61 +37,112 @@ TAG_LEN = 16
 
 
 class FrameReader:
-    """Splits a byte stream into frames. Feed bytes, then iterate frames.
+    """Splits a byte stream into frames: `append` bytes, then take frames with `next`.
 
-    Keeps large frames as a list of chunks until complete so that a 16 MiB frame
-    arriving in 64 KiB pieces costs one join, not quadratic copying.
+    Frames come out one at a time so that the caller can tighten or relax
+    `max_frame` between two frames that arrived in the same read (the cap rises
+    when the handshake completes). Large frames are kept as a list of chunks
+    until complete, so a 16 MiB frame arriving in 64 KiB pieces costs one join,
+    not quadratic copying.
     """
 
-    __slots__ = ("_buf", "_chunks", "_chunks_len", "_need", "max_frame")
+    __slots__ = ("_buf", "_chunks", "_chunks_len", "_need", "_pos", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._pos = 0  # start of unread bytes in _buf
         self._need = -1  # body length of the frame being collected in _chunks
         self._chunks: list[bytes] = []
         self._chunks_len = 0
 
     def feed(self, data: bytes) -> list[bytes]:
+        """Appends `data` and returns every frame now complete."""
+        self.append(data)
         frames: list[bytes] = []
+        while (payload := self.next()) is not None:
+            frames.append(payload)
+        return frames
+
+    def append(self, data: bytes) -> None:
         if self._need >= 0:
             self._chunks.append(data)
             self._chunks_len += len(data)
-            if self._chunks_len < self._need:
-                return frames
-            joined = b"".join(self._chunks)
-            self._chunks = []
-            self._chunks_len = 0
-            frames.append(joined[: self._need])
-            data = joined[self._need :]
-            self._need = -1
+        else:
+            self._buf += data
+
+    def next(self) -> bytes | None:
+        """The next complete frame's payload, or None until more bytes arrive.
+
+        Raises ProtocolError when a length is over `max_frame`.
+        """
+        if self._need >= 0:
+            return self._next_chunked()
         buf = self._buf
-        buf += data
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            (length,) = _LEN.unpack_from(buf, pos)
-            if length > self.max_frame:
-                raise ProtocolError("frame_too_large", f"frame of {length} bytes over the cap")
-            if end - pos - 4 < length:
-                if length > 65536:
-                    # Switch to chunk collection for big frames.
-                    self._need = length
-                    rest = bytes(buf[pos + 4 :])
-                    self._chunks = [rest]
-                    self._chunks_len = len(rest)
-                    del buf[:]
-                    return frames
-                break
-            frames.append(bytes(buf[pos + 4 : pos + 4 + length]))
-            pos += 4 + length
-        if pos:
-            del buf[:pos]
-        return frames
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 4:
+            self._compact()
+            return None
+        (length,) = _LEN.unpack_from(buf, pos)
+        if length > self.max_frame:
+            raise ProtocolError("frame_too_large", f"frame of {length} bytes over the cap")
+        start = pos + 4
+        if avail - 4 < length:
+            if length > 65536:
+                # Collect the rest of a big frame as a list of chunks.
+                with memoryview(buf) as view:
+                    first = bytes(view[start:])
+                self._need = length
+                self._chunks = [first]
+                self._chunks_len = len(first)
+                buf.clear()
+                self._pos = 0
+            else:
+                self._compact()
+            return None
+        end = start + length
+        if length > 4096:
+            with memoryview(buf) as view:
+                payload = bytes(view[start:end])
+        else:
+            payload = bytes(buf[start:end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return payload
+
+    def _next_chunked(self) -> bytes | None:
+        need = self._need
+        if self._chunks_len < need:
+            return None
+        chunks = self._chunks
+        extra = self._chunks_len - need
+        rest = b""
+        if extra:
+            # Split only the last chunk, not the joined frame.
+            last = chunks[-1]
+            cut = len(last) - extra
+            chunks[-1] = last[:cut]
+            rest = last[cut:]
+        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._chunks_len = 0
+        self._need = -1
+        self._buf += rest
+        return payload
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) + self._chunks_len
+        """Bytes received that are not yet part of a returned frame."""
+        return len(self._buf) - self._pos + self._chunks_len
 
 
 def frame(payload: bytes) -> bytes:

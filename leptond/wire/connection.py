@@ -23,7 +23,7 @@ import inspect
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from . import handshake as hs
 from .codec import (
@@ -49,6 +49,9 @@ PskLookup = Callable[[str], bytes | None]
 # client cannot make us buffer megabytes.
 HANDSHAKE_MAX_FRAME = 256
 MAX_IN_FLIGHT = 4096
+# Pending output beyond this is written at once instead of at the end of the
+# loop iteration.
+FLUSH_AT = 256 * 1024
 _STREAM_END = object()
 
 
@@ -92,6 +95,7 @@ class Connection(asyncio.Protocol):
         self._served: dict[int, asyncio.Task[None]] = {}
         self._notified: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._paused: asyncio.Future[None] | None = None
         self._hs_timer: asyncio.TimerHandle | None = None
@@ -102,8 +106,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         self._hs_timer = self.loop.call_later(self._handshake_timeout_s, self._handshake_expired)
         if self.is_client:
@@ -114,8 +118,12 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        reader = self._reader
+        reader.append(data)
         try:
-            for payload in self._reader.feed(data):
+            # One frame at a time: the handshake raises the frame cap, and a
+            # frame right behind the hello in the same read must see the new cap.
+            while (payload := reader.next()) is not None:
                 if self._opener is None:
                     self._handshake_frame(payload)
                 else:
@@ -124,6 +132,16 @@ class Connection(asyncio.Protocol):
                     return
         except ProtocolError as exc:
             self._protocol_error(exc)
+
+    def eof_received(self) -> bool | None:
+        if self._reader.buffered:
+            self._protocol_error(
+                ProtocolError(
+                    "truncated",
+                    f"connection ended inside a frame ({self._reader.buffered} bytes buffered)",
+                )
+            )
+        return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._teardown(ConnectionLost("connection closed by peer"))
@@ -303,7 +321,12 @@ class Connection(asyncio.Protocol):
         payload = self._sealer.seal(encode_body(msg, compress))
         self._out.append(len(payload).to_bytes(4, "big"))
         self._out.append(payload)
-        if not self._flush_scheduled:
+        self._out_bytes += len(payload)
+        if self._out_bytes >= FLUSH_AT:
+            # A handler that produces much without awaiting must not pile up
+            # output here: hand it to the transport, which applies flow control.
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
@@ -311,6 +334,7 @@ class Connection(asyncio.Protocol):
         # Coalesce every frame produced in one loop iteration into one write.
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
 
@@ -367,6 +391,11 @@ class Connection(asyncio.Protocol):
         if not self.is_closing():
             with contextlib.suppress(ConnectionLost):
                 self._send({"t": "x", "i": i})
+
+    @property
+    def busy(self) -> bool:
+        """Whether calls, streams or served requests are in flight on this connection."""
+        return bool(self._calls or self._streams or self._served)
 
     def is_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()

@@ -96,25 +96,22 @@ class RpcServer:
             asyncio.get_running_loop().call_soon(conn.abort)
         else:
             self.connections.add(conn)
-            conn.ready.add_done_callback(self._on_ready)
+            conn.ready.add_done_callback(lambda fut: self._on_ready(conn, fut))
         self.counters["accepted"] += 1
         return conn
 
-    def _on_ready(self, fut: asyncio.Future[None]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
+    def _on_ready(self, conn: Connection, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None or conn not in self.connections:
             return
-        for conn in self.connections:
-            if conn.ready is fut:
-                self.counters["authenticated"] += 1
-                if self.on_connect is not None:
-                    self.on_connect(conn)
-                return
+        self.counters["authenticated"] += 1
+        if self.on_connect is not None:
+            self.on_connect(conn)
 
     def _on_error(self, conn: Connection, exc: ProtocolError) -> None:
         self.counters[f"rejected_{exc.reason}"] += 1
         self.counters["rejected"] += 1
         peer = f"{conn.peer[0]}:{conn.peer[1]}" if conn.peer else "?"
-        self._log.warning(exc.reason, f"closed connection from {peer}: {exc}")
+        self._log.warning(exc.reason, f"closed connection from {peer} [{exc.reason}]: {exc}")
 
     def _on_close(self, conn: Connection) -> None:
         if conn in self.connections:
@@ -132,7 +129,9 @@ class RpcServer:
         while True:
             await asyncio.sleep(interval)
             deadline = loop.time() - self.idle_timeout_s
-            for conn in [c for c in self.connections if c.last_activity < deadline]:
+            # A connection with work in flight (a long stream, a slow call) is
+            # not idle even when the peer has nothing to say.
+            for conn in [c for c in self.connections if c.last_activity < deadline and not c.busy]:
                 self.counters["idle_closed"] += 1
                 conn.close()
 

@@ -1,0 +1,170 @@
+"""RPC benchmark on loopback: sealed protocol against the same framing unsealed.
+
+The server is tests/wire_server_proc.py in its own process (uvloop); the
+client runs here (uvloop). Measures:
+
+  round trips/s on one connection with 1, 16 and 256 requests in flight,
+  sealed and plain (no encryption, no compression), side by side;
+  bulk throughput of 1 MiB bodies, sealed: upload (calls to `sink`) and
+  download (a `stream` of 1 MiB items), random (incompressible) and compressible.
+
+    python3 bench/rpc.py [--duration 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from leptond.wire import Connection, open_connection  # noqa: E402
+from leptond.wire.loop import run  # noqa: E402
+
+SERVER = ROOT / "tests" / "wire_server_proc.py"
+PSK = os.urandom(32)
+MiB = 1024 * 1024
+IN_FLIGHT = (1, 16, 256)
+
+
+def start_server(plain: bool) -> tuple[subprocess.Popen[bytes], int]:
+    env = {**os.environ, "LEPTON_TEST_PSK": PSK.hex()}
+    args = [sys.executable, str(SERVER), "--idle-timeout-s", "600"]
+    if plain:
+        args.append("--plain")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.strip():
+        proc.kill()
+        raise SystemExit("benchmark server did not start")
+    return proc, int(line)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+async def timed(duration_s: float, workers: int, one: Callable[[], Awaitable[int]]) -> float:
+    """Runs `workers` loops of `one` for duration_s; returns units of work per second."""
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + duration_s
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while loop.time() < stop_at:
+            n = await one()  # not `done += await one()`: that reads `done` before awaiting
+            done += n
+
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(workers):
+            tg.create_task(worker())
+    return done / (time.perf_counter() - t0)
+
+
+async def round_trips(conn: Connection, in_flight: int, duration_s: float) -> float:
+    async def one() -> int:
+        await conn.call("echo", 7)
+        return 1
+
+    await timed(min(0.3, duration_s), in_flight, one)  # warm up
+    return await timed(duration_s, in_flight, one)
+
+
+async def upload(conn: Connection, body: bytes, duration_s: float) -> float:
+    async def one() -> int:
+        n = await conn.call("sink", body)
+        assert n == len(body)
+        return len(body)
+
+    return await timed(duration_s, 4, one) / 1e6
+
+
+async def download(conn: Connection, random: bool, duration_s: float) -> float:
+    loop = asyncio.get_running_loop()
+    total = 0
+    t0 = time.perf_counter()
+    stop_at = loop.time() + duration_s
+    while loop.time() < stop_at:
+        args = {"n": 64, "size": MiB} if random else {"n": 64, "size": MiB, "zeros": True}
+        async for item in conn.stream("stream", args):
+            total += len(item)
+    return total / (time.perf_counter() - t0) / 1e6
+
+
+async def measure(plain: bool, port: int, duration_s: float, out: dict[str, float]) -> None:
+    conn = await open_connection("127.0.0.1", port, key_id="cluster", psk=PSK, sealed=not plain)
+    name = "plain" if plain else "sealed"
+    try:
+        for k in IN_FLIGHT:
+            out[f"{name}_rps_{k}"] = await round_trips(conn, k, duration_s)
+        random_body = os.urandom(MiB)
+        zeros_body = bytes(MiB)
+        out[f"{name}_up_random_mb_s"] = await upload(conn, random_body, duration_s)
+        out[f"{name}_down_random_mb_s"] = await download(conn, True, duration_s)
+        if not plain:
+            out["sealed_up_compressible_mb_s"] = await upload(conn, zeros_body, duration_s)
+            out["sealed_down_compressible_mb_s"] = await download(conn, False, duration_s)
+    finally:
+        conn.close()
+
+
+async def bench(duration_s: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for plain in (False, True):
+        proc, port = start_server(plain)
+        try:
+            await measure(plain, port, duration_s, out)
+        finally:
+            stop_server(proc)
+    out["bulk_mb_s"] = min(out["sealed_up_random_mb_s"], out["sealed_down_random_mb_s"])
+    return out
+
+
+def table(r: dict[str, float]) -> str:
+    rows = [f"{'':28}{'sealed':>12}{'plain':>12}{'ratio':>8}"]
+    for k in IN_FLIGHT:
+        s, p = r[f"sealed_rps_{k}"], r[f"plain_rps_{k}"]
+        rows.append(f"{f'round trips/s, {k} in flight':28}{s:12,.0f}{p:12,.0f}{s / p:8.2f}")
+    for d in ("up", "down"):
+        s, p = r[f"sealed_{d}_random_mb_s"], r[f"plain_{d}_random_mb_s"]
+        rows.append(f"{f'1 MiB random {d}, MB/s':28}{s:12,.0f}{p:12,.0f}{s / p:8.2f}")
+    for d in ("up", "down"):
+        s = r[f"sealed_{d}_compressible_mb_s"]
+        rows.append(f"{f'1 MiB zeros {d}, MB/s':28}{s:12,.0f}{'-':>12}")
+    rows.append(f"bulk_mb_s (min of sealed random up/down): {r['bulk_mb_s']:,.0f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="RPC benchmark (sealed vs plain, loopback)")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args()
+    result = run(bench(args.duration))
+    if args.json:
+        print(json.dumps({k: round(v, 1) for k, v in result.items()}))
+    else:
+        print(
+            f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores"
+        )
+        print(table(result))
+
+
+if __name__ == "__main__":
+    main()
