@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RpcError as exc:
         print(f"leptonctl: {_explain(exc)}", file=sys.stderr)
-        return 1
+        return 2 if exc.code == "bad_request" else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -117,14 +117,14 @@ class AgentRegistry:
             node = s.nodes.get(nid)
             if node is None or node.state == "down":
                 return {"start": [], "stop": [tid for tid, _ in running], "state": "unknown"}
-            should = {}
-            for tid in s.node_tasks.get(nid, ()):
-                t = s.tasks[tid]
-                if t.state in LIVE_TASK_STATES:
-                    should[tid] = t
+            should = {
+                tid: s.tasks[tid]
+                for tid in s.node_tasks.get(nid, ())
+                if s.tasks[tid].state in LIVE_TASK_STATES
+            }
             for tid, attempt in running:
-                t = should.get(tid)
-                if t is None or t.attempt != attempt or t.stop is not None:
+                cur = should.get(tid)
+                if cur is None or cur.attempt != attempt or cur.stop is not None:
                     stop.append(tid)
             have = {tid for tid, _ in running}
             for tid, t in should.items():

@@ -29,12 +29,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lepton.master")
 Method = Callable[["Master", Connection, dict[str, Any]], Awaitable[Any]]
-_REGISTRY: dict[str, tuple[Method, str, bool]] = {}
+_REGISTRY: dict[str, tuple[Method, str, bool, bool]] = {}
 
 
-def method(name: str, role: str, mutating: bool = False) -> Callable[[Method], Method]:
+def method(
+    name: str, role: str, mutating: bool = False, stream: bool = False
+) -> Callable[[Method], Method]:
     def deco(fn: Method) -> Method:
-        _REGISTRY[name] = (fn, role, mutating)
+        _REGISTRY[name] = (fn, role, mutating, stream)
         return fn
 
     return deco
@@ -42,9 +44,18 @@ def method(name: str, role: str, mutating: bool = False) -> Callable[[Method], M
 
 def handlers(m: Master) -> dict[str, Handler]:
     out: dict[str, Handler] = {}
-    for name, (fn, role, mutating) in _REGISTRY.items():
-        out[name] = functools.partial(_call, m, name, fn, role, mutating)  # type: ignore[assignment]
+    for name, (fn, role, mutating, stream) in _REGISTRY.items():
+        call = _stream if stream else _call
+        out[name] = functools.partial(call, m, name, fn, role, mutating)
     return out
+
+
+async def _stream(
+    m: Master, name: str, fn: Method, role: str, mutating: bool, conn: Connection, args: Any
+) -> Any:
+    gen = await _call(m, name, fn, role, mutating, conn, args)
+    async for item in gen:
+        yield item
 
 
 async def _call(
