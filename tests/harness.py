@@ -1,0 +1,354 @@
+"""Real leptond masters and lepton-agents as processes on 127.0.0.1.
+
+Every process is started by a `Cluster` and stopped by it, by pid, in
+`close()` (which the fixture calls even when a test fails). Waits poll a
+condition with a deadline; nothing sleeps and then asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for(cond: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
+    """Poll `cond` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while True:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as exc:  # the condition may fail while things start
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout_s:g}s waiting for {what}"
+                + (f" (last error: {last_exc})" if last_exc else "")
+            )
+        time.sleep(interval_s)
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("LEPTON_ADDR", None)
+    e.pop("LEPTON_TOKEN", None)
+    return e
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def start(self) -> None:
+        f = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env(),
+            cwd=str(ROOT),
+        )
+        f.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def kill9(self) -> None:
+        if self.popen is not None and self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self, timeout_s: float = 10) -> None:
+        if self.popen is None:
+            return
+        if self.alive():
+            os.kill(self.pid, signal.SIGCONT)
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Master:
+    index: int
+    rpc: int
+    http: int
+    raft: int
+    proc: Proc
+
+    @property
+    def rpc_addr(self) -> str:
+        return f"127.0.0.1:{self.rpc}"
+
+    @property
+    def raft_addr(self) -> str:
+        return f"127.0.0.1:{self.raft}"
+
+
+@dataclass
+class Cluster:
+    root: Path
+    n_masters: int = 3
+    ttl_s: float = 3.0
+    masters: list[Master] = field(default_factory=list)
+    agents: list[Proc] = field(default_factory=list)
+    extra: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        secrets = self.root / "secrets"
+        out = subprocess.run(
+            [sys.executable, "-m", "leptond.cli", "init", str(secrets)],
+            env=env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        self.secret = secrets / "cluster.key"
+        self.admin_token_file = secrets / "admin.token"
+        self.admin_token = self.admin_token_file.read_text().strip()
+        ports = free_ports(3 * self.n_masters)
+        for i in range(self.n_masters):
+            self.masters.append(self._master(i, ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]))
+
+    def _master(
+        self, i: int, rpc: int, http: int, raft: int, peers: list[str] | None = None
+    ) -> Master:
+        return Master(i, rpc, http, raft, Proc(f"master-{i}", [], self.root / f"master-{i}.log"))
+
+    def _master_argv(self, m: Master, peers: list[str]) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "leptond.cli",
+            "run",
+            "--data-dir",
+            str(self.root / f"master-{m.index}"),
+            "--secret-file",
+            str(self.secret),
+            "--admin-token-file",
+            str(self.admin_token_file),
+            "--bind",
+            "127.0.0.1",
+            "--rpc-port",
+            str(m.rpc),
+            "--http-port",
+            str(m.http),
+            "--raft-port",
+            str(m.raft),
+            "--peers",
+            ",".join(peers),
+            "--heartbeat-ttl",
+            str(self.ttl_s),
+            "--kill-grace",
+            "2",
+        ]
+
+    @property
+    def addrs(self) -> str:
+        return ",".join(m.rpc_addr for m in self.masters)
+
+    def start_masters(self) -> None:
+        peers = [m.raft_addr for m in self.masters]
+        for m in self.masters:
+            m.proc.argv = self._master_argv(m, peers)
+            m.proc.start()
+        self.wait_leader()
+
+    def add_master_proc(self) -> Master:
+        """Start one more master that joins the existing members (for add-master)."""
+        rpc, http, raft = free_ports(3)
+        m = self._master(len(self.masters), rpc, http, raft)
+        peers = [x.raft_addr for x in self.masters] + [m.raft_addr]
+        m.proc.argv = self._master_argv(m, peers)
+        self.masters.append(m)
+        m.proc.start()
+        return m
+
+    def restart_master(self, m: Master) -> None:
+        m.proc.stop()
+        m.proc.start()
+
+    def start_agent(self, name: str, gpus: str = "2", extra: list[str] | None = None) -> Proc:
+        p = Proc(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--masters",
+                self.addrs,
+                "--secret-file",
+                str(self.secret),
+                "--data-dir",
+                str(self.root / f"agent-{name}"),
+                "--node-name",
+                name,
+                "--advertise-addr",
+                "127.0.0.1",
+                "--simulate-gpus",
+                gpus,
+                "--kill-grace",
+                "2",
+                *(extra or []),
+            ],
+            self.root / f"agent-{name}.log",
+        )
+        p.start()
+        self.agents.append(p)
+        return p
+
+    # -- leptonctl -----------------------------------------------------------------
+    def ctl(
+        self,
+        *args: str,
+        token: str | None = None,
+        timeout_s: float = 60,
+        addr: str | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        e = env()
+        e["LEPTON_ADDR"] = addr or self.addrs
+        e["LEPTON_TOKEN"] = token or self.admin_token
+        e["LEPTON_CONFIG"] = str(self.root / "no-config.toml")
+        out = subprocess.run(
+            [sys.executable, "-m", "leptonctl.cli", *args],
+            env=e,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(
+                f"leptonctl {' '.join(args)} exited {out.returncode}: {out.stderr.strip()}"
+            )
+        return out
+
+    def ctl_json(self, *args: str, **kw: Any) -> Any:
+        return json.loads(self.ctl(*args, "-o", "json", **kw).stdout)
+
+    # -- observations ----------------------------------------------------------------
+    def leader(self) -> Master | None:
+        for m in self.masters:
+            if not m.proc.alive():
+                continue
+            try:
+                st = self.ctl_json("cluster", "status", addr=m.rpc_addr, timeout_s=10)
+            except Exception:
+                continue
+            if st.get("is_leader"):
+                return m
+        return None
+
+    def wait_leader(self, timeout_s: float = 30) -> Master:
+        return wait_for(self.leader, timeout_s, "a leader with its controllers running")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.ctl_json("nodes", timeout_s=20))
+
+    def wait_nodes_ready(self, n: int, timeout_s: float = 30) -> list[dict[str, Any]]:
+        return wait_for(
+            lambda: (ns := self.nodes()) and sum(x["state"] == "ready" for x in ns) >= n and ns,
+            timeout_s,
+            f"{n} ready nodes",
+        )
+
+    def status(self, job: str) -> dict[str, Any]:
+        return dict(self.ctl_json("status", job, timeout_s=20))
+
+    def wait_job(self, job: str, states: set[str], timeout_s: float = 60) -> dict[str, Any]:
+        return wait_for(
+            lambda: (st := self.status(job))["state"] in states and st,
+            timeout_s,
+            f"job {job} to reach {states}",
+        )
+
+    def submit(self, *args: str, **kw: Any) -> str:
+        return self.ctl("submit", *args, **kw).stdout.strip()
+
+    def close(self) -> None:
+        for p in [*self.agents, *self.extra, *(m.proc for m in self.masters)]:
+            try:
+                p.stop()
+            except Exception:
+                pass
+        self.kill_strays()
+
+    def kill_strays(self) -> None:
+        """Task shims run in their own sessions so they outlive a killed agent; end them too."""
+        try:
+            import psutil
+        except ImportError:
+            return
+        root = str(self.root)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(p.info.get("cmdline") or [])
+            if root in cmd and p.pid != os.getpid():
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+
+    def logs(self) -> str:
+        parts = []
+        for p in [*(m.proc for m in self.masters), *self.agents]:
+            parts.append(f"--- {p.name} ---\n{p.tail(40)}")
+        return "\n".join(parts)
