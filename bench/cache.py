@@ -24,7 +24,7 @@ import cachetools
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from leptond.blocks.cache import ByteCache  # noqa: E402
+from leptond.blocks.cache import ByteCache
 
 Trace = list[int]
 
