@@ -10,8 +10,10 @@ Invariants kept by every operation:
 * A pinned key (pin count > 0) is never evicted.  Pins are counted per key and
   may be taken before the key is stored, so a block can be protected while it
   is still being fetched.
-* After ``put``/``unpin`` the cache is within its budget unless every stored
-  item is pinned; ``over_budget`` reports that case.
+* Room for a new item is made before it goes in, so a put never evicts the
+  item it stores.  An unpinned item that would not fit even after evicting
+  every unpinned item is not stored; a pinned one is stored anyway, and the
+  cache is then over its budget (``over_budget``) until pins are released.
 
 ``on_evict`` runs after the evicted item has left the cache; it must not call
 back into the same cache.  Values must not be ``None``: ``get`` returns
@@ -70,6 +72,7 @@ class ByteCache(Generic[K, V]):
         "_bytes",
         "_capacity",
         "_on_evict",
+        "_pinned_bytes",
         "_pins",
         "_values",
         "evicted_bytes",
@@ -103,6 +106,7 @@ class ByteCache(Generic[K, V]):
         self._capacity = capacity_bytes
         self._on_evict = on_evict
         self._bytes = 0
+        self._pinned_bytes = 0  # bytes of stored items that are pinned
         self._values: dict[K, V] = {}  # every stored item, pinned or not
         self._pins: dict[K, int] = {}  # pin counts; a key may be pinned before it is stored
         self.hits = 0
@@ -146,7 +150,7 @@ class ByteCache(Generic[K, V]):
         count = pins.get(key, 0)
         pins[key] = count + 1
         if count == 0 and key in self._values:
-            self._to_pinned(key)
+            self._pinned_bytes += self._to_pinned(key)
 
     def unpin(self, key: K) -> None:
         pins = self._pins
@@ -158,9 +162,9 @@ class ByteCache(Generic[K, V]):
             return
         del pins[key]
         if key in self._values:
-            self._to_evictable(key)
+            self._pinned_bytes -= self._to_evictable(key)
             if self._bytes > self._capacity:
-                self._evict_with_callback()
+                self._evict_with_callback(self._capacity)
 
     def discard(self, key: K) -> None:
         """Remove ``key`` if stored (not an eviction: ``on_evict`` is not called).
@@ -168,7 +172,10 @@ class ByteCache(Generic[K, V]):
         Its pin count, if any, is kept: pins belong to the caller, not the item.
         """
         if self._values.pop(key, None) is not None:
-            self._bytes -= self._forget(key)
+            size = self._forget(key)
+            self._bytes -= size
+            if key in self._pins:
+                self._pinned_bytes -= size
 
     def stats(self) -> CacheStats:
         pins = self._pins
@@ -184,11 +191,21 @@ class ByteCache(Generic[K, V]):
             pinned_items=sum(1 for k in self._values if k in pins) if pins else 0,
         )
 
-    def _check_size(self, size: int) -> bool:
-        """True when an item of ``size`` may be stored at all."""
+    def _admit(self, key: K, size: int) -> bool:
+        """Make room for a new item of ``size``; False if it is not to be stored.
+
+        Slow path of ``put``, taken only when the item does not fit as is.
+        """
         if size < 0:
             raise ValueError(f"item size must be >= 0, got {size}")
-        return size <= self._capacity  # a bigger item would evict all and still not fit
+        cap = self._capacity
+        if size > cap:
+            return False  # would evict everything and still not fit
+        pinned = key in self._pins
+        if not pinned and self._pinned_bytes + size > cap:
+            return False  # pinned items leave no room: evict nothing for it
+        self._evict_with_callback(cap - size)
+        return True
 
     # -- policy hooks ------------------------------------------------------
 
@@ -201,10 +218,12 @@ class ByteCache(Generic[K, V]):
     def size_of(self, key: K) -> int | None:
         raise NotImplementedError
 
-    def _to_pinned(self, key: K) -> None:
+    def _to_pinned(self, key: K) -> int:
+        """Move a stored key out of the eviction order; returns its size."""
         raise NotImplementedError
 
-    def _to_evictable(self, key: K) -> None:
+    def _to_evictable(self, key: K) -> int:
+        """Move a stored key back into the eviction order; returns its size."""
         raise NotImplementedError
 
     def _forget(self, key: K) -> int:
@@ -215,12 +234,13 @@ class ByteCache(Generic[K, V]):
         """Remove and return the next evictable key and its size, or None."""
         raise NotImplementedError
 
-    def _evict_with_callback(self) -> None:
-        # Slow path: fields are updated before each callback so that the
-        # cache is consistent even if ``on_evict`` raises.
+    def _evict_with_callback(self, target_bytes: int) -> None:
+        """Evict until at most ``target_bytes`` are used or only pinned items
+        are left.  Fields are updated before each callback, so the cache is
+        consistent even if ``on_evict`` raises."""
         values = self._values
         on_evict = self._on_evict
-        while self._bytes > self._capacity:
+        while self._bytes > target_bytes:
             victim = self._pop_victim()
             if victim is None:
                 return  # everything left is pinned: over budget for now
@@ -266,49 +286,53 @@ class LRUByteCache(ByteCache[K, V]):
         values = self._values
         if key in values:
             self.discard(key)  # replacing: the new value starts as most recent
-        cap = self._capacity
-        if size > cap or size < 0:
-            self._check_size(size)
-            return
+        used = self._bytes + size
+        if used > self._capacity or size < 0:
+            if self._on_evict is not None or size < 0 or self._pins:
+                if not self._admit(key, size):
+                    return
+                used = self._bytes + size
+            else:
+                # Hot path (no callback, no pins): evict with locals and
+                # write the fields once.
+                cap = self._capacity
+                if size > cap:
+                    return
+                order = self._order
+                target = cap - size
+                used -= size
+                count = 0
+                freed = 0
+                while used > target:
+                    victim, victim_size = order.popitem(False)
+                    del values[victim]
+                    used -= victim_size
+                    freed += victim_size
+                    count += 1
+                self.evictions += count
+                self.evicted_bytes += freed
+                used += size
         values[key] = value
+        self._bytes = used
         pins = self._pins
-        order = self._order
         if pins and key in pins:
             self._pinned[key] = size
+            self._pinned_bytes += size
         else:
-            order[key] = size
-        used = self._bytes + size
-        if used <= cap:
-            self._bytes = used
-            return
-        if self._on_evict is not None:
-            self._bytes = used
-            self._evict_with_callback()
-            return
-        # No callback: evict with locals and write the fields once.
-        count = 0
-        freed = 0
-        while used > cap and order:
-            victim, victim_size = order.popitem(False)
-            del values[victim]
-            used -= victim_size
-            freed += victim_size
-            count += 1
-        self._bytes = used
-        if count:
-            self.evictions += count
-            self.evicted_bytes += freed
+            self._order[key] = size
 
     def size_of(self, key: K) -> int | None:
         size = self._order.get(key)
         return size if size is not None else self._pinned.get(key)
 
-    def _to_pinned(self, key: K) -> None:
-        self._pinned[key] = self._order.pop(key)
+    def _to_pinned(self, key: K) -> int:
+        size = self._pinned[key] = self._order.pop(key)
+        return size
 
-    def _to_evictable(self, key: K) -> None:
+    def _to_evictable(self, key: K) -> int:
         # Unpinning counts as a use: the item comes back as most recent.
-        self._order[key] = self._pinned.pop(key)
+        size = self._order[key] = self._pinned.pop(key)
+        return size
 
     def _forget(self, key: K) -> int:
         size = self._order.pop(key, None)
@@ -425,54 +449,50 @@ class LFUByteCache(ByteCache[K, V]):
         values = self._values
         if key in values:
             self.discard(key)  # replacing: the new value starts with one use
-        cap = self._capacity
-        if size > cap or size < 0:
-            self._check_size(size)
-            return
-        values[key] = value
+        used = self._bytes + size
         root = self._root
+        bucket_of = self._bucket_of
+        if used > self._capacity or size < 0:
+            if self._on_evict is not None or size < 0 or self._pins:
+                if not self._admit(key, size):
+                    return
+                used = self._bytes + size
+            else:
+                # Hot path (no callback, no pins): evict with locals and
+                # write the fields once.
+                cap = self._capacity
+                if size > cap:
+                    return
+                target = cap - size
+                used -= size
+                count = 0
+                freed = 0
+                while used > target:
+                    bucket = root.next  # no pins: the head has evictable keys
+                    items = bucket.items
+                    victim, victim_size = items.popitem(False)
+                    if not items:
+                        self._drop_bucket(bucket)
+                    del bucket_of[victim]
+                    del values[victim]
+                    used -= victim_size
+                    freed += victim_size
+                    count += 1
+                self.evictions += count
+                self.evicted_bytes += freed
+                used += size
+        values[key] = value
+        self._bytes = used
         head = root.next
         if head.freq != 1:
             head = self._new_bucket(1, root)
         pins = self._pins
         if pins and key in pins:
             head.pinned_map()[key] = size
+            self._pinned_bytes += size
         else:
             head.items[key] = size
-        bucket_of = self._bucket_of
         bucket_of[key] = head
-        used = self._bytes + size
-        if used <= cap:
-            self._bytes = used
-            return
-        if self._on_evict is not None:
-            self._bytes = used
-            self._evict_with_callback()
-            return
-        # No callback: evict with locals and write the fields once.
-        count = 0
-        freed = 0
-        bucket = root.next
-        while used > cap:
-            while bucket is not root and not bucket.items:
-                bucket = bucket.next  # only pinned keys here
-            if bucket is root:
-                break  # everything left is pinned: over budget for now
-            items = bucket.items
-            victim, victim_size = items.popitem(False)
-            if not items and not bucket.pinned:
-                nxt = bucket.next
-                self._drop_bucket(bucket)
-                bucket = nxt
-            del bucket_of[victim]
-            del values[victim]
-            used -= victim_size
-            freed += victim_size
-            count += 1
-        self._bytes = used
-        if count:
-            self.evictions += count
-            self.evicted_bytes += freed
 
     def size_of(self, key: K) -> int | None:
         bucket = self._bucket_of.get(key)
@@ -481,14 +501,16 @@ class LFUByteCache(ByteCache[K, V]):
         size = bucket.items.get(key)
         return size if size is not None else bucket.pinned_map().get(key)
 
-    def _to_pinned(self, key: K) -> None:
+    def _to_pinned(self, key: K) -> int:
         bucket = self._bucket_of[key]
-        bucket.pinned_map()[key] = bucket.items.pop(key)
+        size = bucket.pinned_map()[key] = bucket.items.pop(key)
+        return size
 
-    def _to_evictable(self, key: K) -> None:
+    def _to_evictable(self, key: K) -> int:
         # Back as the most recent key of its count.
         bucket = self._bucket_of[key]
-        bucket.items[key] = bucket.pinned_map().pop(key)
+        size = bucket.items[key] = bucket.pinned_map().pop(key)
+        return size
 
     def _forget(self, key: K) -> int:
         bucket = self._bucket_of.pop(key)
