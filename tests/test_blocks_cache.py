@@ -264,8 +264,10 @@ def test_matches_reference_model(
         if op == "get":
             assert cache.get(key) == model.get(key)
         elif op == "put":
+            admitted = cache.admits(key, size)
             cache.put(key, key, size)
             model.put(key, size)
+            assert (key in cache) == admitted
         elif op == "pin":
             cache.pin(key)
             model.pin(key)

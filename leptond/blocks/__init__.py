@@ -26,7 +26,7 @@ from .manifest import (
 )
 from .materialize import materialize
 from .scan import DEFAULT_MAX_BYTES, BlockRef, read_block, scan_workdir
-from .store import BlockCorrupt, BlockStore, StoreStats, pack_block, unpack_block
+from .store import BlockCorrupt, BlockStore, StoreFull, StoreStats, pack_block, unpack_block
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -45,6 +45,7 @@ __all__ = [
     "LRUByteCache",
     "LinkEntry",
     "Manifest",
+    "StoreFull",
     "StoreStats",
     "WorkdirError",
     "block_id",

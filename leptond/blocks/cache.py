@@ -141,6 +141,12 @@ class ByteCache(Generic[K, V]):
         """The value without counting a use or a hit."""
         return self._values.get(key)
 
+    def admits(self, key: K, size: int) -> bool:
+        """Would ``put(key, _, size)`` store the item (evicting as needed)?"""
+        if not 0 <= size <= self._capacity:
+            return False
+        return key in self._pins or self._pinned_bytes + size <= self._capacity
+
     def pin_count(self, key: K) -> int:
         return self._pins.get(key, 0)
 

@@ -27,6 +27,11 @@ from .manifest import is_block_id
 _TMP_DIR = "tmp"
 
 
+class StoreFull(Exception):
+    """A block does not fit the disk budget, even after evicting every
+    block that is not pinned."""
+
+
 class BlockCorrupt(Exception):
     """Bytes that do not match their block id, or a payload that cannot be
     unpacked safely."""
@@ -98,6 +103,9 @@ class BlockStore:
         # files' age order.
         found.sort()
         for _, block_id, size in found:
+            if self._disk is not None and not self._disk.admits(block_id, size):
+                self.path_of(block_id).unlink()  # the budget shrank below one block
+                continue
             self._index(block_id, size)
 
     # -- paths and index -----------------------------------------------------
@@ -155,10 +163,12 @@ class BlockStore:
         path = self.path_of(block_id)
         if hashlib.sha256(data).hexdigest() != block_id:
             raise BlockCorrupt(f"block {block_id[:12]}… does not match its sha256")
-        if self._disk_budget is not None and len(data) > self._disk_budget:
-            raise ValueError(
-                f"block of {len(data)} bytes is larger than the disk budget of "
-                f"{self._disk_budget} bytes"
+        disk = self._disk
+        if disk is not None and not disk.admits(block_id, len(data)):
+            raise StoreFull(
+                f"block of {len(data)} bytes does not fit the disk budget of "
+                f"{self._disk_budget} bytes ({self.pinned_bytes()} bytes pinned); "
+                "unpin finished tasks' blocks or raise the budget"
             )
         if block_id in self._sizes:
             try:
@@ -242,6 +252,10 @@ class BlockStore:
     def is_pinned(self, block_id: str) -> bool:
         return block_id in self._pins
 
+    def pinned_bytes(self) -> int:
+        sizes = self._sizes
+        return sum(sizes.get(b, 0) for b in self._pins)
+
     def collect_garbage(self, keep: set[str], older_than_s: float, now: float) -> int:
         """Delete blocks that are neither in ``keep`` nor pinned and whose file
         is older than ``older_than_s`` (so an upload whose manifest is not yet
@@ -308,4 +322,4 @@ def unpack_block(payload: bytes, compressed: bool, expected_size_cap: int) -> by
     return data
 
 
-__all__ = ["BlockCorrupt", "BlockStore", "StoreStats", "pack_block", "unpack_block"]
+__all__ = ["BlockCorrupt", "BlockStore", "StoreFull", "StoreStats", "pack_block", "unpack_block"]
