@@ -318,7 +318,7 @@ class DurableJournal:
         # Bounds how stale the stored commit index can get while idle.
         self.sync()
 
-    # -- helpers for the shell and tests -----------------------------------
+    # -- queries and hooks for the shell and tests -----------------------------------
 
     def term_at(self, index: int) -> int | None:
         """Term of the entry at Raft ``index``, or None if not in the log."""

@@ -27,7 +27,7 @@ import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 
-from raft.errors import NoQuorum, NotLeader, ProposeTimeout, RaftError
+from raft.errors import NoQuorum, NotLeader, ProposeTimeout, RaftError, SnapshotError
 from raft.journal import DurableJournal, fsync_dir
 from raft.snapshot import read_snapshot_file, write_snapshot_file
 from raft.transport import SyncBeforeSendTransport
@@ -195,9 +195,13 @@ class RaftNode:
             return
         _, meta = read_snapshot_file(self._snapshot_path)
         entries = meta.get("raft_entries")
-        if entries and len(entries) == 2:
-            last, before = (tuple(e) for e in entries)
-            self.journal.align_with_snapshot(before, last)
+        if not entries or len(entries) != 2:
+            raise SnapshotError(
+                f"{self._snapshot_path}: snapshot has no Raft log position (a state "
+                "export, not a node snapshot); move it away before starting the node"
+            )
+        last, before = (tuple(e) for e in entries)
+        self.journal.align_with_snapshot(before, last)
 
     def _serialize(self, path: str, data: tuple[Any, Any, Any]) -> None:
         # pysyncobj passes (entry at lastApplied, the entry before, cluster)

@@ -23,6 +23,7 @@ import pytest
 
 from raft.errors import NoQuorum, NotLeader, SnapshotError
 from raft.node import RaftNode, derive_password
+from raft.snapshot import write_snapshot_file
 from tests.raft_kv_proc import KVStateMachine, free_port, kv_command
 
 SECRET = b"cluster-secret-for-tests"
@@ -96,6 +97,14 @@ async def write(node: RaftNode, rid: str, value: str, key: str = "log") -> Any:
 def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cluster secret is required"):
         RaftNode(KVStateMachine(), "127.0.0.1:1", [], tmp_path, b"")
+
+
+def test_refuses_a_snapshot_without_a_raft_position(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    write_snapshot_file(data_dir / "raft.snapshot", b"\x80", {"index": 5, "term": 1})
+    with pytest.raises(SnapshotError, match="no Raft log position"):
+        RaftNode(KVStateMachine(), "127.0.0.1:1", [], data_dir, SECRET)
 
 
 def test_password_is_derived_from_the_secret_not_the_secret_itself() -> None:
