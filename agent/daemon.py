@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import socket
 import time
 import uuid
@@ -28,6 +29,7 @@ from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, read_secret_file
 
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
+from .workdir import WorkdirCache
 
 log = logging.getLogger("lepton.agent")
 
@@ -45,6 +47,8 @@ class AgentConfig:
     leave_on_stop: bool = False
     log_cap_bytes: int = 64 << 20
     kill_grace_s: float = 10.0
+    cache_bytes: int = 10 << 30
+    cache_policy: str = "lru"
 
 
 def run_id(task_id: str, attempt: int) -> str:
@@ -81,6 +85,7 @@ class Agent:
         self.node_id = stable_node_id(cfg.data_dir)
         self.name = cfg.node_name or socket.gethostname()
         self.runner = TaskRunner(cfg.data_dir / "tasks")
+        self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
         self.client = ClusterClient(
             parse_addrs(cfg.masters),
@@ -193,6 +198,7 @@ class Agent:
             "gpus": [asdict(g) for g in gpus],
             "running": self.running(),
             "exited": sorted({e["task_id"] for e in self.events if e["state"] == "exited"}),
+            "cache": self.workdirs.stats(),
         }
 
     # -- tasks -------------------------------------------------------------------
@@ -275,6 +281,8 @@ class Agent:
                 self.events.remove(e)
             if e["state"] == "exited" and e.get("rid"):
                 self.runner.ack(e["rid"])
+                self.workdirs.release(e["rid"])
+                shutil.rmtree(self.cfg.data_dir / "workdirs" / e["rid"], ignore_errors=True)
 
     def _mark_busy(self) -> None:
         if isinstance(self.probe, SimulatedGpuProbe):

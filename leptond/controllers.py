@@ -125,7 +125,9 @@ class Controllers:
         with self.m.raft.lock:
             if not self.m.state.pending and not self._stops_outstanding():
                 return
-            nodes, allocs, pending = views.scheduler_inputs(self.m.state)
+            nodes, allocs, pending = views.scheduler_inputs(
+                self.m.state, self.m.cached_sets(), self.m.block_sets()
+            )
         if len(pending) > 2000:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:

@@ -282,7 +282,7 @@ class LRUByteCache(ByteCache[K, V]):
             self.misses += 1
             return None
         self.hits += 1
-        try:  # noqa: SIM105 - contextlib.suppress costs a call on the hot path
+        try:
             self._order.move_to_end(key)
         except KeyError:
             pass  # pinned: outside the eviction order until unpinned
