@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leptond.blocks import WorkdirError
+from leptond.blocks.manifest import check_relative_path
 from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
@@ -214,11 +216,27 @@ class Agent:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
                 env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
                 env["LEPTON_GPUS"] = env["CUDA_VISIBLE_DEVICES"]
+                cwd = sp.get("cwd")
+                if sp.get("manifest") is not None:
+                    dest = self.cfg.data_dir / "workdirs" / rid
+                    try:
+                        if cwd:
+                            cwd = check_relative_path(cwd, "cwd")  # stays inside the workdir
+                        conn = await self.client.connection()
+                        await self.workdirs.prepare(rid, sp["manifest"], dest, conn)
+                    except (WorkdirError, RpcError) as exc:
+                        self.workdirs.release(rid)
+                        log.error("cannot prepare the workdir of %s: %s", rid, exc)
+                        self.events.append(
+                            _exit_event(sp["task_id"], int(sp["attempt"]), 1, f"workdir: {exc}")
+                        )
+                        continue
+                    cwd = str(dest / cwd) if cwd else str(dest)
                 spec = TaskSpec(
                     task_id=rid,
                     argv=list(sp["argv"]),
                     env=env,
-                    cwd=sp.get("cwd"),
+                    cwd=cwd,
                     time_limit_s=sp.get("time_limit_s"),
                     log_cap_bytes=self.cfg.log_cap_bytes,
                     kill_grace_s=self.cfg.kill_grace_s,

@@ -12,8 +12,10 @@ import time
 
 def main() -> None:
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    print(f"job {os.environ.get('LEPTON_JOB_ID')} rank {os.environ.get('LEPTON_TASK_RANK')} "
-          f"on {socket.gethostname()}, GPUs [{gpus}]")
+    print(
+        f"job {os.environ.get('LEPTON_JOB_ID')} rank {os.environ.get('LEPTON_TASK_RANK')} "
+        f"on {socket.gethostname()}, GPUs [{gpus}]"
+    )
     t0 = time.perf_counter()
     try:
         import torch
@@ -29,10 +31,10 @@ def main() -> None:
     except ImportError:
         import numpy as np
 
-        a = np.random.default_rng(0).standard_normal((512, 512))
+        a = np.random.default_rng(0).standard_normal((256, 256)) / 16
         for _ in range(10):
             a = np.tanh(a @ a)
-        print("no CUDA here: numpy on the CPU, 10 matmuls of 512x512")
+        print("no CUDA here: numpy on the CPU, 10 matmuls of 256x256")
     print(f"done in {time.perf_counter() - t0:.2f}s")
 
 
