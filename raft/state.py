@@ -265,7 +265,9 @@ class ClusterState:
         gone = [
             j.id
             for j in self.jobs.values()
-            if j.state in FINAL_JOB_STATES and (j.finished_at or 0) < before
+            # finished_at is set only once every task is final: a cancelled job
+            # whose tasks still run keeps them (and their GPUs) until they exit.
+            if j.state in FINAL_JOB_STATES and j.finished_at is not None and j.finished_at < before
         ]
         for jid in gone:
             for tid in self.jobs.pop(jid).tasks:
