@@ -64,6 +64,8 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
     nodes_used: set[str] = set()
     claimed: dict[str, tuple[set[int], float, int]] = {}
     gang = int(job.spec.get("nodes", 1)) > 1
+    if len({str(p["task_id"]) for p in group}) != len(group):
+        return "a task is placed twice in one plan"
     if gang:
         pending_ranks = {tid for tid in job.tasks if s.tasks[tid].state == "pending"}
         if {str(p["task_id"]) for p in group} != pending_ranks or len(pending_ranks) != len(
