@@ -162,6 +162,7 @@ def task_exited(
     if stop == "preempt" and job.state not in ("cancelled", "failed"):
         t.preemptions += 1
         _requeue(s, t, f"preempted (exit {code}); waiting to run again")
+        _stop_gang(s, job, t, "gang")
     elif stop == "gang" and job.state not in ("cancelled", "failed"):
         _requeue(s, t, "restarting with its gang")
     elif stop == "cancel" or job.state == "cancelled":
@@ -186,7 +187,11 @@ def task_exited(
 
 
 def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str) -> None:
-    """When one rank of a gang fails, the other ranks stop (and restart with it)."""
+    """When one rank of a gang fails, the other ranks stop (and restart with it).
+
+    A gang is placed only when every rank is pending, so on a restart ("gang")
+    ranks that already succeeded run again too; otherwise the job never runs.
+    """
     for tid in job.tasks:
         other = s.tasks[tid]
         if other is failed:
@@ -196,6 +201,8 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str) -> None:
         elif other.state == "pending" and how == "cancel":
             s.pending.pop(tid, None)
             other.state, other.message = "cancelled", f"gang member {failed.rank} failed"
+        elif other.state == "succeeded" and how == "gang":
+            _requeue(s, other, f"restarting with its gang (rank {failed.rank} stopped)")
 
 
 def refresh_job(s: ClusterState, job: Job, now: float) -> None:
