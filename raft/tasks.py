@@ -23,6 +23,8 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         t = s.tasks.get(str(p["task_id"]))
         if t is None or t.state not in LIVE_TASK_STATES or t.stop is not None:
             continue
+        if s.jobs[t.job_id].spec.get("preemptible") is False:
+            continue
         t.stop = "preempt"
         t.message = f"preempted for {p.get('for_task', '?')}"
         preempting.append(t.id)
