@@ -116,7 +116,9 @@ class ClusterState:
                 updated_at=now,
             )
             self.nodes[node_id] = node
-            self.node_tasks[node_id] = set()
+            # A node removed and joining again may still be named by finished
+            # tasks; index them as _reindex would.
+            self.node_tasks[node_id] = {t.id for t in self.tasks.values() if t.node_id == node_id}
         else:
             node.name = validate_name(n.get("name"), "node name")
             node.addr = str(n.get("addr", node.addr))
