@@ -120,9 +120,12 @@ class ClusterState:
             # tasks; index them as _reindex would.
             self.node_tasks[node_id] = {t.id for t in self.tasks.values() if t.node_id == node_id}
         else:
-            node.name = validate_name(n.get("name"), "node name")
+            # Everything that can fail comes before the first write.
+            name = validate_name(n.get("name"), "node name")
+            cpus, mem_bytes = float(n["cpus"]), int(n["mem_bytes"])
+            node.name = name
             node.addr = str(n.get("addr", node.addr))
-            node.cpus, node.mem_bytes, node.labels = float(n["cpus"]), int(n["mem_bytes"]), labels
+            node.cpus, node.mem_bytes, node.labels = cpus, mem_bytes, labels
             node.gpus = gpus
             if node.state == "down":
                 node.state = "ready"
@@ -148,9 +151,10 @@ class ClusterState:
             raise ArgError(
                 "conflict", f"node {node.name} is down; it becomes ready when its agent returns"
             )
+        now = float(a["now"])
         node.state = state
         node.reason = str(a.get("reason", ""))
-        node.updated_at = float(a["now"])
+        node.updated_at = now
         return {"node_id": node.id, "state": node.state}
 
     def apply_node_down(self, a: dict[str, Any], index: int) -> Result:
