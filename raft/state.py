@@ -207,6 +207,10 @@ class ClusterState:
                 out.append(self._submit(j))
             except (SpecError, ArgError) as exc:
                 out.append(error("bad_request", str(exc)))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # One malformed job must not fail the batch after earlier jobs
+                # were taken: _submit writes nothing until it cannot fail.
+                out.append(error("bad_command", f"malformed job: {type(exc).__name__}: {exc}"))
         return {"results": out}
 
     def _submit(self, j: dict[str, Any]) -> Result:
