@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     now = float(a["now"])
+    _check_plan_shape(a)  # a malformed plan applies nothing, not its first half
     placed: list[str] = []
     dropped: list[dict[str, str]] = []
     preempting: list[str] = []
@@ -57,6 +58,26 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             placed.append(t.id)
         refresh_job(s, job, now)
     return {"placed": placed, "dropped": dropped, "preempting": preempting}
+
+
+def _check_plan_shape(a: dict[str, Any]) -> None:
+    """Raise on a placement or preemption that would fail halfway through apply.
+
+    Values that are merely wrong (an unknown node, a GPU list of the wrong
+    length) are not malformed: they drop their placement with a reason.
+    """
+    preemptions, placements = a.get("preemptions", []), a.get("placements", [])
+    if not isinstance(preemptions, list) or not isinstance(placements, list):
+        raise ValueError("plan preemptions and placements must be lists")
+    for p in preemptions + placements:
+        if not isinstance(p, dict) or "task_id" not in p:
+            raise ValueError("plan entries must be maps with a task_id")
+    for p in placements:
+        gpus = p.get("gpus")
+        if "node_id" not in p or not isinstance(gpus, list):
+            raise ValueError("plan placements need a node_id and a list of gpus")
+        if any(isinstance(g, list | dict) for g in gpus):
+            raise ValueError("plan placement gpus must be GPU indexes")
 
 
 def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
