@@ -130,17 +130,14 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
 def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     applied = 0
     stale = 0
-    for ev in a["events"]:
-        t = s.tasks.get(str(ev["task_id"]))
+    # Convert every event before applying any: a malformed one applies none.
+    events = [(ev, *_event_fields(ev)) for ev in a["events"]]
+    for ev, task_id, attempt, at, code in events:
+        t = s.tasks.get(task_id)
         # Events from an earlier attempt or another node are stale: ignore.
-        if (
-            t is None
-            or t.attempt != int(ev["attempt"])
-            or t.node_id != ev.get("node_id", t.node_id)
-        ):
+        if t is None or t.attempt != attempt or t.node_id != ev.get("node_id", t.node_id):
             stale += 1
             continue
-        at = float(ev["at"])
         kind = ev["state"]
         if kind == "running":
             if t.state == "assigned":
@@ -149,14 +146,25 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
                 applied += 1
         elif kind == "exited":
             if t.state in LIVE_TASK_STATES:
-                code = ev.get("exit_code")
-                code = int(code) if code is not None else None
                 outcome = "succeeded" if code == 0 else "failed"
                 task_exited(s, t, outcome, code, str(ev.get("message", ""))[:1024], at)
                 applied += 1
         else:
             stale += 1
     return {"applied": applied, "stale": stale}
+
+
+def _event_fields(ev: dict[str, Any]) -> tuple[str, int, float, int | None]:
+    """task_id, attempt, at and exit_code of one event; raises when malformed."""
+    code = ev.get("exit_code")
+    if "state" not in ev:
+        raise KeyError("state")
+    return (
+        str(ev["task_id"]),
+        int(ev["attempt"]),
+        float(ev["at"]),
+        None if code is None else int(code),
+    )
 
 
 def _release(s: ClusterState, t: Task) -> None:
