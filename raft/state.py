@@ -382,6 +382,8 @@ class ClusterState:
             tokens = {t["id"]: Token.from_wire(t) for t in obj["tokens"]}
             members = {m["raft_addr"]: Member.from_wire(m) for m in obj["members"]}
             recent = OrderedDict((k, v) for k, v in obj["recent"])
+            manifests = dict(obj.get("manifests") or {})
+            applied_index = int(obj.get("applied_index", 0))
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"bad state snapshot: {exc}") from None
         self.nodes, self.jobs, self.tasks, self.tokens, self.members = (
@@ -391,9 +393,9 @@ class ClusterState:
             tokens,
             members,
         )
-        self.manifests = dict(obj.get("manifests") or {})
+        self.manifests = manifests
         self.recent = recent
-        self.applied_index = int(obj.get("applied_index", 0))
+        self.applied_index = applied_index
         self._reindex()
 
     def _reindex(self) -> None:
