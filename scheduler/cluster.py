@@ -28,6 +28,8 @@ Shape = tuple[int, float, int, str | None, int, tuple[tuple[str, str], ...]]
 
 
 def shape_of(t: TaskRequest) -> Shape:
+    if t.gpu_type is None and not t.constraints and not t.gpu_mem_min:
+        return (t.gpus, float(t.cpus), t.mem_bytes, None, 0, ())
     gpu_type = t.gpu_type.lower() if t.gpu_type and t.gpus > 0 else None
     return (
         t.gpus,
@@ -89,7 +91,10 @@ class Cluster:
         self.free: list[list[int]] = [
             sorted(g for g in self.gpu_info[i] if g not in used[i]) for i in range(n)
         ]
-        self.nfree = np.array([len(f) for f in self.free], dtype=np.int64)
+        # Free GPU count per node twice: a list for the per-task hot path (numpy
+        # scalar access is slow) and an array for whole-cluster questions.
+        self.nfree_l = [len(f) for f in self.free]
+        self.nfree = np.array(self.nfree_l, dtype=np.int64)
         self.claims: dict[int, list[Claim]] = {}
         self.pools: list[Pool] = []
         self.pool_of = [-1] * n
@@ -115,6 +120,8 @@ class Cluster:
             pool.buckets[len(self.free[i])].append(i)  # appended in index order: a heap
             self.pool_of[i] = pid
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
+        self._whole_sets: dict[Shape, frozenset[int]] = {}
+        self._top: dict[Shape, int] = {}
         self._block_holders: dict[str, list[int]] | None = None
 
     # -- matching ---------------------------------------------------------
@@ -140,9 +147,17 @@ class Cluster:
         self._shape_pools[shape] = (whole, mixed)
         return whole, mixed
 
+    def whole_pools(self, shape: Shape) -> frozenset[int]:
+        hit = self._whole_sets.get(shape)
+        if hit is None:
+            hit = self._whole_sets[shape] = frozenset(self.shape_pools(shape)[0])
+        return hit
+
     def matching_free(self, i: int, shape: Shape) -> list[int]:
         if shape[0] == 0:
             return []
+        if self.pool_of[i] in self.whole_pools(shape):
+            return list(self.free[i])
         info = self.gpu_info[i]
         return [
             g for g in self.free[i] if gpu_matches(info[g].model.lower(), info[g].mem_bytes, shape)
@@ -168,6 +183,7 @@ class Cluster:
 
     def _rebucket(self, i: int) -> None:
         f = len(self.free[i])
+        self.nfree_l[i] = f
         self.nfree[i] = f
         pid = self.pool_of[i]
         if pid >= 0:
@@ -206,7 +222,7 @@ class Cluster:
         """
         skipped: list[int] = []
         found = None
-        nfree = self.nfree
+        nfree = self.nfree_l
         while heap:
             i = heap[0]
             if nfree[i] != f:
@@ -241,14 +257,18 @@ class Cluster:
             return None
         # Mixed pools (only some GPU models match) are rare; scan them directly.
         extra: dict[int, list[int]] = {}
-        for pid in mixed:
+        for pid in mixed or ():
             for i in self.pools[pid].nodes:
                 if i in exclude or not self.fits_cpu_mem(i, shape):
                     continue
                 if len(self.matching_free(i, shape)) >= g:
                     extra.setdefault(len(self.free[i]), []).append(i)
         hits = self.block_hits(blocks) if blocks else {}
-        top = max(len(self.pools[pid].buckets) for pid in (*whole, *mixed)) - 1
+        nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
+        cpus, mem = shape[1], shape[2]
+        top = self._top.get(shape)
+        if top is None:
+            top = self._top[shape] = max(len(self.pools[p].buckets) for p in (*whole, *mixed)) - 1
         order = range(top, g - 1, -1) if spread else range(g, top + 1)
         for f in order:
             best: int | None = None
@@ -256,7 +276,18 @@ class Cluster:
                 buckets = self.pools[pid].buckets
                 if f >= len(buckets):
                     continue
-                first = self._bucket_first(buckets[f], f, shape, exclude)
+                heap = buckets[f]
+                if not heap:
+                    continue
+                first: int | None = heap[0]
+                # Fast path: the top entry is live, fits and is not excluded.
+                if first is None or not (
+                    nfree[first] == f
+                    and first not in exclude
+                    and free_cpu[first] + EPS >= cpus
+                    and free_mem[first] >= mem
+                ):
+                    first = self._bucket_first(heap, f, shape, exclude)
                 if first is not None and (best is None or first < best):
                     best = first
             for j in extra.get(f, ()):
@@ -283,7 +314,7 @@ class Cluster:
         in_extra = set(extra.get(f, ()))
         key = (-hits.get(best, 0), best)
         for i, h in hits.items():
-            if self.nfree[i] != f or i in exclude or not self.fits_cpu_mem(i, shape):
+            if self.nfree_l[i] != f or i in exclude or not self.fits_cpu_mem(i, shape):
                 continue
             if self.pool_of[i] not in whole_set and i not in in_extra:
                 continue

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .cluster import Claim, Cluster, Shape, shape_of
-from .explain import explain_shape, gang_reason, preempting_reason, quota_reason
+from .cluster import Claim, Cluster, Shape
+from .explain import Explainer, gang_reason, preempting_reason, quota_reason
 from .fairshare import FairShare, Unit, build_units
 from .preempt import Preemptor
 from .types import (
@@ -59,7 +59,7 @@ class _Pass:
         self._started: list[float] | None = None
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
-        for unit in self.fair.order(build_units(pending)):
+        for unit in self.fair.order(build_units(pending), self._dead):
             quota = self.fair.quota_blocks(unit.user, unit.gpus)
             if quota is not None:
                 for t in unit.tasks:
@@ -67,12 +67,10 @@ class _Pass:
             elif unit.is_gang:
                 self._gang(unit)
             else:
-                self._single(unit.tasks[0])
-        explained: dict[Shape, str] = {}
+                self._single(unit.tasks[0], unit.shapes[0])
+        explain = Explainer(self.cl)
         for t, shape in self.unexplained:
-            if shape not in explained:
-                explained[shape] = explain_shape(self.cl, t, shape)
-            self.reasons[t.task_id] = explained[shape]
+            self.reasons[t.task_id] = explain(t, shape)
         reserved: dict[str, tuple[int, ...]] = {}
         for i in sorted(self.cl.claims):
             gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
@@ -84,14 +82,24 @@ class _Pass:
             reserved=reserved,
         )
 
+    def _dead(self, unit: Unit) -> bool:
+        """True when this unit can get nothing more in this pass."""
+        if unit.is_gang:
+            return (unit.shapes, False) in self.no_gang and unit.job_id not in self.job_nodes
+        t, shape = unit.tasks[0], unit.shapes[0]
+        return (
+            not t.spread
+            and shape in self.no_fit
+            and (self.pre is None or (shape, t.priority) in self.no_evict)
+        )
+
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
         self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
         self.job_nodes.setdefault(t.job_id, set()).add(i)
 
-    def _single(self, t: TaskRequest) -> None:
+    def _single(self, t: TaskRequest, shape: Shape) -> None:
         cl = self.cl
-        shape = shape_of(t)
         i: int | None = None
         if t.spread and self.job_nodes.get(t.job_id):
             # Spread: a node without this job first, any node as a fallback.
@@ -134,7 +142,7 @@ class _Pass:
 
     def _gang(self, unit: Unit) -> None:
         cl = self.cl
-        shapes = tuple(shape_of(t) for t in unit.tasks)
+        shapes = unit.shapes
         busy = self.job_nodes.get(unit.job_id, set())
         spread = any(t.spread for t in unit.tasks)
         key = (shapes, spread)

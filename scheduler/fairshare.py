@@ -10,29 +10,25 @@ to the smaller task id: nothing depends on hash seeds or dict order.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
+from .cluster import Shape, shape_of
 from .types import DEFAULT_POLICY, Allocation, NodeView, Policy, TaskRequest, UserShare
 
 
-@dataclass(frozen=True)
-class Unit:
-    """What the scheduler places as one: a single task or a whole gang."""
+class Unit(NamedTuple):
+    """What the scheduler places as one: a single task or a whole gang.
+    (A NamedTuple, not a dataclass: a pass builds 100,000 of them.)"""
 
     tasks: tuple[TaskRequest, ...]  # gangs sorted by rank
+    shapes: tuple[Shape, ...]
     priority: int
     user: str
     job_id: str
     key: tuple[float, str]  # (submitted_at, task_id) of the oldest task
-
-    @property
-    def is_gang(self) -> bool:
-        return len(self.tasks) > 1 or self.tasks[0].gang_size > 1
-
-    @property
-    def gpus(self) -> int:
-        return sum(t.gpus for t in self.tasks)
+    gpus: int
+    is_gang: bool
 
 
 def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
@@ -42,13 +38,26 @@ def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
         if t.gang_size > 1:
             gangs.setdefault(t.job_id, []).append(t)
         else:
-            units.append(Unit((t,), t.priority, t.user, t.job_id, (t.submitted_at, t.task_id)))
+            units.append(
+                Unit(
+                    (t,),
+                    (shape_of(t),),
+                    t.priority,
+                    t.user,
+                    t.job_id,
+                    (t.submitted_at, t.task_id),
+                    t.gpus,
+                    False,
+                )
+            )
     for job_id, ts in gangs.items():
         ts.sort(key=lambda t: (t.rank, t.task_id))
         oldest = min((t.submitted_at, t.task_id) for t in ts)
         # A gang runs at the priority of its most important member, owned by rank 0's user.
         prio = max(t.priority for t in ts)
-        units.append(Unit(tuple(ts), prio, ts[0].user, job_id, oldest))
+        shapes = tuple(shape_of(t) for t in ts)
+        gpus = sum(t.gpus for t in ts)
+        units.append(Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True))
     return units
 
 
@@ -62,6 +71,8 @@ class FairShare:
             float(sum(nd.cpus for nd in live)),
             float(sum(nd.mem_bytes for nd in live)),
         )
+        # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
+        self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas
         self.gpus: dict[str, int] = {}
         self.cpus: dict[str, float] = {}
@@ -75,8 +86,10 @@ class FairShare:
         self.mem[user] = self.mem.get(user, 0) + mem
 
     def share(self, user: str) -> float:
-        held = (self.gpus.get(user, 0), self.cpus.get(user, 0.0), self.mem.get(user, 0))
-        return max((h / t for h, t in zip(held, self.total, strict=True) if t > 0), default=0.0)
+        g, c, m = self.inverse
+        return max(
+            self.gpus.get(user, 0) * g, self.cpus.get(user, 0.0) * c, self.mem.get(user, 0) * m
+        )
 
     def within_quota(self, user: str) -> bool:
         q = self.quotas.get(user)
@@ -93,10 +106,17 @@ class FairShare:
             return q
         return None
 
-    def order(self, units: Sequence[Unit]) -> Iterator[Unit]:
+    def order(
+        self, units: Sequence[Unit], dead: Callable[[Unit], bool] = lambda u: False
+    ) -> Iterator[Unit]:
         """Yield units in scheduling order.  The caller charges what it grants
         before asking for the next unit; shares are read when a user is
-        queued again, so grants steer the rest of the pass."""
+        queued again, so grants steer the rest of the pass.
+
+        `dead(unit)` says a unit can get nothing in this pass any more (the
+        caller knows its shape fits nowhere).  Such units are yielded at once,
+        without a trip through the heap: they change no share, so the order
+        of the live units is the same as without the shortcut."""
         levels: dict[int, dict[str, list[Unit]]] = {}
         for u in units:
             levels.setdefault(u.priority, {}).setdefault(u.user, []).append(u)
@@ -113,10 +133,14 @@ class FairShare:
                 _, _, _, user = heapq.heappop(heap)
                 q = queues[user]
                 k = pos[user]
-                pos[user] = k + 1
                 yield q[k]
-                if k + 1 < len(q):
-                    heapq.heappush(heap, (self.share(user), *q[k + 1].key, user))
+                k += 1
+                while k < len(q) and dead(q[k]):
+                    yield q[k]
+                    k += 1
+                pos[user] = k
+                if k < len(q):
+                    heapq.heappush(heap, (self.share(user), *q[k].key, user))
 
 
 def queue_report(
