@@ -31,7 +31,7 @@ sed -n '/^====/,/^====/p' "$DEV/dev.out"
 
 echo "\$ leptonctl nodes"
 leptonctl nodes
-echo "\$ leptonctl submit --gpus 1 --workdir examples --wait -- python gpu_job.py"
+echo "\$ leptonctl submit --gpus 1 --workdir examples -- .venv/bin/python gpu_job.py"
 JOB=$(leptonctl submit --gpus 1 --workdir examples -- "$ROOT/.venv/bin/python" gpu_job.py)
 echo "$JOB"
 set +e
