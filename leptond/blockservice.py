@@ -48,6 +48,8 @@ class BlockService:
         )
         self._psk = cluster_psk(m.secret)
         self._peers: dict[str, Connection] = {}
+        self._pushes: set[asyncio.Task[None]] = set()
+        self._push_slots = asyncio.Semaphore(4)
         self.counters: Counter[str] = Counter()
         # node id -> blocks the leader served it: what its cache likely holds,
         # for cache-aware placement. Leader memory only; a guess, never a promise.
@@ -80,10 +82,30 @@ class BlockService:
         self._role(conn, "submit")
         self.m.ensure_leader()
         bid, data = self._unpack(a)
-        self._put(bid, data)
+        await asyncio.to_thread(self._put, bid, data)
         self.counters["upload_blocks"] += 1
         self.counters["upload_bytes"] += len(data)
+        # Start copying to the other masters now, overlapping the rest of the
+        # upload; manifest_put later checks what is still missing and waits.
+        task = asyncio.get_running_loop().create_task(
+            self._early_push(bid, a["data"], bool(a.get("z")))
+        )
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
         return {"ok": True}
+
+    async def _early_push(self, bid: str, payload: bytes, compressed: bool) -> None:
+        async with self._push_slots:
+            for addr in self.m.peer_rpc_addrs():
+                try:
+                    conn = await self._peer(addr)
+                    await conn.call(
+                        "peer_block_put",
+                        {"id": bid, "data": payload, "z": compressed},
+                        timeout_s=60,
+                    )
+                except RpcError as exc:
+                    log.debug("early copy of %s to %s: %s", bid[:12], addr, exc)
 
     async def manifest_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
@@ -96,6 +118,8 @@ class BlockService:
         missing = self.store.missing(ids)
         if missing:
             raise RpcError(BAD_REQUEST, f"{len(missing)} block(s) of the workdir were not uploaded")
+        if self._pushes:
+            await asyncio.wait(list(self._pushes), timeout=60)
         await self._replicate(ids)
         mid = manifest_id(manifest)
         await self.m.propose("put_manifest", {"id": mid, "manifest": dict(manifest)}, timeout_s=30)
@@ -158,7 +182,7 @@ class BlockService:
     async def peer_block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "cluster")
         bid, data = self._unpack(a)
-        self._put(bid, data)
+        await asyncio.to_thread(self._put, bid, data)
         return {"ok": True}
 
     async def peer_block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
@@ -174,7 +198,7 @@ class BlockService:
     async def block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "cluster")
         bid = _one_id(a)
-        data = self.store.get(bid)
+        data = await asyncio.to_thread(self.store.get, bid)
         if data is None:
             data = await self._fetch_from_peers(bid)
         nid = conn.context.get("node_id")
@@ -195,7 +219,7 @@ class BlockService:
                 continue
             if res.get("found"):
                 data = unpack_block(res["data"], bool(res.get("z")), MAX_BLOCK_SIZE)
-                self._put(bid, data)
+                await asyncio.to_thread(self._put, bid, data)
                 self.counters["peer_fetched"] += 1
                 return data
         raise RpcError("not_found", f"block {bid[:12]} is on no reachable master")
@@ -231,6 +255,8 @@ class BlockService:
         return {**asdict(self.store.stats()), **self.counters}
 
     async def close(self) -> None:
+        for t in list(self._pushes):
+            t.cancel()
         for c in self._peers.values():
             c.close()
         self._peers.clear()

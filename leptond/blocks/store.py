@@ -291,8 +291,17 @@ class BlockStore:
 _SIZE_HEADER = 4  # lz4.block's store_size prefix: uint32, little-endian
 
 
+# Compressing a large incompressible block (random weights, already-compressed
+# data) costs more than sending it: try a sample first.
+_SAMPLE = 64 * 1024
+
+
 def pack_block(data: bytes) -> tuple[bytes, bool]:
     """``(payload, compressed)``: lz4 only when that makes it smaller."""
+    if len(data) > 4 * _SAMPLE:
+        sample = lz4.block.compress(data[:_SAMPLE], store_size=False)
+        if len(sample) > _SAMPLE * 0.9:
+            return bytes(data), False
     packed: bytes = lz4.block.compress(data, store_size=True)
     if len(packed) < len(data):
         return packed, True
