@@ -322,7 +322,9 @@ class TaskRunner:
 
     def _supervisor_lost(self, tdir: Path) -> None:
         """The shim died without writing exit.json: kill what is left, record it."""
-        log.warning("task %s: its shim died without recording an exit", tdir.name)
+        log.warning(
+            "task %s: its shim died without recording an exit (see %s)", tdir.name, tdir / SHIM_LOG
+        )
         task = ProcRecord.load(tdir / TASK_PID)
         # The verdict is recorded first: exit.json is write-once, so should
         # the shim be alive after all, its report and ours cannot both stand.
