@@ -147,6 +147,13 @@ def test_command_not_found_exits_127_with_a_message_in_the_log(runner: TaskRunne
     assert "leptond: command not found: no-such-command-anywhere" in log_text(runner, "t1")
 
 
+def test_missing_working_directory_is_a_start_failure(runner: TaskRunner, tmp_path: Path) -> None:
+    runner.start(spec("t1", ["true"], cwd=str(tmp_path / "gone")))
+    ex = exit_of(runner, "t1")
+    assert ex.exit_code == 127
+    assert ex.message.startswith(f"leptond: cannot enter working directory {tmp_path / 'gone'}")
+
+
 def test_file_that_is_not_executable_exits_126(runner: TaskRunner, tmp_path: Path) -> None:
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\necho hi\n")
