@@ -140,6 +140,7 @@ class Cluster:
     root: Path
     n_masters: int = 3
     ttl_s: float = 3.0
+    master_args: list[str] = field(default_factory=list)
     masters: list[Master] = field(default_factory=list)
     agents: list[Proc] = field(default_factory=list)
     extra: list[Proc] = field(default_factory=list)
@@ -194,6 +195,7 @@ class Cluster:
             str(self.ttl_s),
             "--kill-grace",
             "2",
+            *self.master_args,
         ]
 
     @property
