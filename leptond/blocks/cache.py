@@ -71,6 +71,7 @@ class ByteCache(Generic[K, V]):
     __slots__ = (
         "_bytes",
         "_capacity",
+        "_careful",
         "_on_evict",
         "_pinned_bytes",
         "_pins",
@@ -109,6 +110,9 @@ class ByteCache(Generic[K, V]):
         self._pinned_bytes = 0  # bytes of stored items that are pinned
         self._values: dict[K, V] = {}  # every stored item, pinned or not
         self._pins: dict[K, int] = {}  # pin counts; a key may be pinned before it is stored
+        # True while pins or a callback exist: ``put`` then takes the general
+        # path instead of the lean one that the benchmark measures.
+        self._careful = on_evict is not None
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -155,6 +159,7 @@ class ByteCache(Generic[K, V]):
         pins = self._pins
         count = pins.get(key, 0)
         pins[key] = count + 1
+        self._careful = True
         if count == 0 and key in self._values:
             self._pinned_bytes += self._to_pinned(key)
 
@@ -167,6 +172,7 @@ class ByteCache(Generic[K, V]):
             pins[key] = count - 1
             return
         del pins[key]
+        self._careful = bool(pins) or self._on_evict is not None
         if key in self._values:
             self._pinned_bytes -= self._to_evictable(key)
             if self._bytes > self._capacity:
@@ -292,36 +298,38 @@ class LRUByteCache(ByteCache[K, V]):
         values = self._values
         if key in values:
             self.discard(key)  # replacing: the new value starts as most recent
+        if self._careful or size < 0:
+            self._put_careful(key, value, size)
+            return
         used = self._bytes + size
-        if used > self._capacity or size < 0:
-            if self._on_evict is not None or size < 0 or self._pins:
-                if not self._admit(key, size):
-                    return
-                used = self._bytes + size
-            else:
-                # Hot path (no callback, no pins): evict with locals and
-                # write the fields once.
-                cap = self._capacity
-                if size > cap:
-                    return
-                order = self._order
-                target = cap - size
-                used -= size
-                count = 0
-                freed = 0
-                while used > target:
-                    victim, victim_size = order.popitem(False)
-                    del values[victim]
-                    used -= victim_size
-                    freed += victim_size
-                    count += 1
-                self.evictions += count
-                self.evicted_bytes += freed
-                used += size
+        cap = self._capacity
+        if used > cap:
+            if size > cap:
+                return  # would evict everything and still not fit
+            # No pins, no callback: evict with locals, write the fields once.
+            # Terminates before the order runs dry, since size <= cap.
+            order = self._order
+            count = 0
+            freed = 0
+            while used > cap:
+                victim, victim_size = order.popitem(False)
+                del values[victim]
+                used -= victim_size
+                freed += victim_size
+                count += 1
+            self.evictions += count
+            self.evicted_bytes += freed
         values[key] = value
+        self._order[key] = size
         self._bytes = used
-        pins = self._pins
-        if pins and key in pins:
+
+    def _put_careful(self, key: K, value: V, size: int) -> None:
+        needs_room = self._bytes + size > self._capacity or size < 0
+        if needs_room and not self._admit(key, size):
+            return
+        self._values[key] = value
+        self._bytes += size
+        if key in self._pins:
             self._pinned[key] = size
             self._pinned_bytes += size
         else:
@@ -455,50 +463,57 @@ class LFUByteCache(ByteCache[K, V]):
         values = self._values
         if key in values:
             self.discard(key)  # replacing: the new value starts with one use
+        if self._careful or size < 0:
+            self._put_careful(key, value, size)
+            return
         used = self._bytes + size
+        cap = self._capacity
         root = self._root
         bucket_of = self._bucket_of
-        if used > self._capacity or size < 0:
-            if self._on_evict is not None or size < 0 or self._pins:
-                if not self._admit(key, size):
-                    return
-                used = self._bytes + size
-            else:
-                # Hot path (no callback, no pins): evict with locals and
-                # write the fields once.
-                cap = self._capacity
-                if size > cap:
-                    return
-                target = cap - size
-                used -= size
-                count = 0
-                freed = 0
-                while used > target:
-                    bucket = root.next  # no pins: the head has evictable keys
-                    items = bucket.items
-                    victim, victim_size = items.popitem(False)
-                    if not items:
-                        self._drop_bucket(bucket)
-                    del bucket_of[victim]
-                    del values[victim]
-                    used -= victim_size
-                    freed += victim_size
-                    count += 1
-                self.evictions += count
-                self.evicted_bytes += freed
-                used += size
+        if used > cap:
+            if size > cap:
+                return
+            # No pins, no callback: evict with locals, write the fields once.
+            # With no pins the lowest bucket always has evictable keys.
+            count = 0
+            freed = 0
+            while used > cap:
+                bucket = root.next
+                items = bucket.items
+                victim, victim_size = items.popitem(False)
+                if not items:
+                    self._drop_bucket(bucket)
+                del bucket_of[victim]
+                del values[victim]
+                used -= victim_size
+                freed += victim_size
+                count += 1
+            self.evictions += count
+            self.evicted_bytes += freed
         values[key] = value
         self._bytes = used
         head = root.next
         if head.freq != 1:
             head = self._new_bucket(1, root)
-        pins = self._pins
-        if pins and key in pins:
+        head.items[key] = size
+        bucket_of[key] = head
+
+    def _put_careful(self, key: K, value: V, size: int) -> None:
+        needs_room = self._bytes + size > self._capacity or size < 0
+        if needs_room and not self._admit(key, size):
+            return
+        self._values[key] = value
+        self._bytes += size
+        root = self._root
+        head = root.next
+        if head.freq != 1:
+            head = self._new_bucket(1, root)
+        if key in self._pins:
             head.pinned_map()[key] = size
             self._pinned_bytes += size
         else:
             head.items[key] = size
-        bucket_of[key] = head
+        self._bucket_of[key] = head
 
     def size_of(self, key: K) -> int | None:
         bucket = self._bucket_of.get(key)
