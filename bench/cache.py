@@ -6,8 +6,9 @@ against Belady's offline optimum (MIN), all on the same traces in one run.
 
 Times are the process's CPU time (``time.process_time``), so other load on
 the machine does not distort the comparison; each figure is the best of
-several interleaved rounds.  Every item has size 1, so our byte budget equals cachetools' maxsize and the
-two libraries must agree on hit ratios; a disagreement is reported as a bug.
+several interleaved rounds.  Every item has size 1, so our byte budget
+equals cachetools' maxsize and the two libraries must agree on hit ratios;
+a disagreement is reported as a bug.
 """
 
 from __future__ import annotations

@@ -309,9 +309,12 @@ class LRUByteCache(ByteCache[K, V]):
             # No pins, no callback: evict with locals, write the fields once.
             # Terminates before the order runs dry, since size <= cap.
             order = self._order
-            count = 0
-            freed = 0
-            while used > cap:
+            victim, victim_size = order.popitem(False)
+            del values[victim]
+            used -= victim_size
+            freed = victim_size
+            count = 1
+            while used > cap:  # more than one victim: items of mixed sizes
                 victim, victim_size = order.popitem(False)
                 del values[victim]
                 used -= victim_size
