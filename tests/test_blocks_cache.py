@@ -106,8 +106,9 @@ def test_byte_budget_counts_sizes(policy: Any) -> None:
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_negative_size_is_refused(policy: Any) -> None:
+    cache: ByteCache[str, str] = ByteCache(10, policy)
     with pytest.raises(ValueError, match="size must be >= 0"):
-        ByteCache(10, policy).put("a", "A", -1)
+        cache.put("a", "A", -1)
 
 
 # -- pinning ---------------------------------------------------------------------

@@ -143,3 +143,8 @@ def test_unpack_refuses_claims_over_the_cap() -> None:
         unpack_block(b"x" * 11, False, 10)
     with pytest.raises(BlockCorrupt, match="does not decompress"):
         unpack_block(b"\x10\x00\x00\x00garbage", True, 100)
+
+
+def test_unknown_policy_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
+        BlockStore(tmp_path / "s", policy="mru")  # type: ignore[arg-type]
