@@ -33,9 +33,6 @@ V = TypeVar("V")
 Policy = Literal["lru", "lfu"]
 POLICIES: tuple[str, ...] = ("lru", "lfu")
 
-# Sentinel for "absent" so that a stored falsy value is still a hit.
-_MISSING: Any = object()
-
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
@@ -176,7 +173,7 @@ class ByteCache(Generic[K, V]):
         if key in self._values:
             self._pinned_bytes -= self._to_evictable(key)
             if self._bytes > self._capacity:
-                self._evict_with_callback(self._capacity)
+                self._evict_to(self._capacity)
 
     def discard(self, key: K) -> None:
         """Remove ``key`` if stored (not an eviction: ``on_evict`` is not called).
@@ -190,7 +187,7 @@ class ByteCache(Generic[K, V]):
                 self._pinned_bytes -= size
 
     def stats(self) -> CacheStats:
-        pins = self._pins
+        pins = self._pins  # usually few: count over them, not over the items
         return CacheStats(
             hits=self.hits,
             misses=self.misses,
@@ -200,7 +197,7 @@ class ByteCache(Generic[K, V]):
             items=len(self._values),
             capacity_bytes=self._capacity,
             policy=self.policy,
-            pinned_items=sum(1 for k in self._values if k in pins) if pins else 0,
+            pinned_items=sum(1 for k in pins if k in self._values),
         )
 
     def _admit(self, key: K, size: int) -> bool:
@@ -216,7 +213,7 @@ class ByteCache(Generic[K, V]):
         pinned = key in self._pins
         if not pinned and self._pinned_bytes + size > cap:
             return False  # pinned items leave no room: evict nothing for it
-        self._evict_with_callback(cap - size)
+        self._evict_to(cap - size)
         return True
 
     # -- policy hooks ------------------------------------------------------
@@ -246,7 +243,7 @@ class ByteCache(Generic[K, V]):
         """Remove and return the next evictable key and its size, or None."""
         raise NotImplementedError
 
-    def _evict_with_callback(self, target_bytes: int) -> None:
+    def _evict_to(self, target_bytes: int) -> None:
         """Evict until at most ``target_bytes`` are used or only pinned items
         are left.  Fields are updated before each callback, so the cache is
         consistent even if ``on_evict`` raises."""
