@@ -104,7 +104,9 @@ def materialize(manifest: object, dest: Path, get_block: Callable[[str], bytes])
         raise WorkdirError(f"destination {str(dest)!r} is not usable: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise WorkdirError(f"destination {str(dest)!r} is not a directory (or is a symlink)")
-    if any(os.scandir(dest)):
+    with os.scandir(dest) as entries:
+        occupied = any(entries)
+    if occupied:
         raise WorkdirError(f"destination {str(dest)!r} is not empty")
 
     tree = _Tree(dest)
