@@ -295,17 +295,17 @@ class LRUByteCache(ByteCache[K, V]):
         values = self._values
         if key in values:
             self.discard(key)  # replacing: the new value starts as most recent
-        if self._careful or size < 0:
+        if self._careful:
             self._put_careful(key, value, size)
             return
         used = self._bytes + size
         cap = self._capacity
-        if used > cap:
+        order = self._order
+        if used > cap:  # then size > 0: without pins the cache is within budget
             if size > cap:
                 return  # would evict everything and still not fit
             # No pins, no callback: evict with locals, write the fields once.
             # Terminates before the order runs dry, since size <= cap.
-            order = self._order
             victim, victim_size = order.popitem(False)
             del values[victim]
             used -= victim_size
@@ -319,8 +319,10 @@ class LRUByteCache(ByteCache[K, V]):
                 count += 1
             self.evictions += count
             self.evicted_bytes += freed
+        elif size < 0:
+            self._admit(key, size)  # raises
         values[key] = value
-        self._order[key] = size
+        order[key] = size
         self._bytes = used
 
     def _put_careful(self, key: K, value: V, size: int) -> None:
@@ -463,14 +465,14 @@ class LFUByteCache(ByteCache[K, V]):
         values = self._values
         if key in values:
             self.discard(key)  # replacing: the new value starts with one use
-        if self._careful or size < 0:
+        if self._careful:
             self._put_careful(key, value, size)
             return
         used = self._bytes + size
         cap = self._capacity
         root = self._root
         bucket_of = self._bucket_of
-        if used > cap:
+        if used > cap:  # then size > 0: without pins the cache is within budget
             if size > cap:
                 return
             # No pins, no callback: evict with locals, write the fields once.
@@ -490,6 +492,8 @@ class LFUByteCache(ByteCache[K, V]):
                 count += 1
             self.evictions += count
             self.evicted_bytes += freed
+        elif size < 0:
+            self._admit(key, size)  # raises
         values[key] = value
         self._bytes = used
         head = root.next
