@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,16 +62,18 @@ def _special_kind(mode: int) -> str:
 
 
 def _link_target(root_real: str, full: str, rel: str) -> str:
-    """The in-tree target of the symlink at ``full``, made relative.
+    """The in-tree target of the symlink at ``full``.
 
-    An absolute target that lands inside the tree is rewritten relative to
-    the link, so the tree still works when materialized elsewhere.
+    An absolute target, or one that leaves the tree and comes back (such as
+    ``../wd/x``), is rewritten relative to the link, so the tree still works
+    when materialized elsewhere and passes ``validate_manifest``.
     """
     target = os.readlink(full)
     resolved = os.path.realpath(full)
     if resolved != root_real and not resolved.startswith(root_real + os.sep):
         raise WorkdirError(f"symlink {rel!r} points outside the working directory ({target})")
-    if os.path.isabs(target):
+    lexical = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+    if os.path.isabs(target) or lexical == ".." or lexical.startswith("../"):
         target = os.path.relpath(resolved, os.path.dirname(os.path.join(root_real, rel)))
     return target
 
