@@ -193,3 +193,20 @@ def test_writes_stay_inside_even_without_validation(
     after = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("outer/dest/")}
     assert after == before
     assert not Path("/tmp/outside.txt").exists()
+
+
+def test_many_directories_do_not_exhaust_file_descriptors(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    dirs = [f"d{i}" for i in range(600)] + [f"d0/sub{i}" for i in range(50)]
+    manifest = hostile([f"{d}/f" for d in dirs], [], dirs)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        materialize(manifest, dest, lambda b: PAYLOAD)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (dest / "d599" / "f").read_bytes() == PAYLOAD
+    assert (dest / "d0" / "sub49" / "f").read_bytes() == PAYLOAD

@@ -23,7 +23,7 @@ back into the same cache.  Values must not be ``None``: ``get`` returns
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -125,6 +125,9 @@ class ByteCache(Generic[K, V]):
 
     def keys(self) -> list[K]:
         return list(self._values)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._values))  # a snapshot: safe to discard while iterating
 
     @property
     def bytes_used(self) -> int:
