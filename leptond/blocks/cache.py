@@ -453,7 +453,17 @@ class LFUByteCache(ByteCache[K, V]):
             if len(items) + (len(pinned) if pinned else 0) == 1:
                 bucket.freq = freq  # alone in its bucket: renumber, no move
                 return value
-            nxt = self._new_bucket(freq, bucket)
+            # _new_bucket(freq, bucket), written out: this is the hot path.
+            spare = self._spare
+            if spare is None:
+                spare = _Bucket(freq)
+            else:
+                self._spare = None
+                spare.freq = freq
+            spare.prev = bucket
+            spare.next = nxt
+            bucket.next = nxt.prev = spare
+            nxt = spare
         size = items.pop(key, None)
         if size is None:
             nxt.pinned_map()[key] = pinned.pop(key)  # type: ignore[union-attr]
@@ -461,7 +471,12 @@ class LFUByteCache(ByteCache[K, V]):
             nxt.items[key] = size
         bucket_of[key] = nxt
         if not items and not pinned:
-            self._drop_bucket(bucket)
+            # _drop_bucket(bucket), written out.
+            prev = bucket.prev
+            prev.next = nxt
+            nxt.prev = prev
+            bucket.pinned = None
+            self._spare = bucket
         return value
 
     def put(self, key: K, value: V, size: int) -> None:
