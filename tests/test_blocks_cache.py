@@ -26,6 +26,9 @@ def test_policy_picks_implementation() -> None:
     assert isinstance(ByteCache(10, "lru"), LRUByteCache)
     assert isinstance(ByteCache(10, "lfu"), LFUByteCache)
     assert make_policy_cache("lfu", 10).policy == "lfu"
+    typed = ByteCache[str, bytes](10, "lfu")
+    typed.put("a", b"x", 1)
+    assert isinstance(typed, LFUByteCache) and typed.get("a") == b"x"
 
 
 def test_unknown_policy_is_a_clear_value_error() -> None:

@@ -54,14 +54,9 @@ def test_round_trip_through_a_block_store(tmp_path: Path) -> None:
     for block in store.missing(refs):
         store.put(block, read_block(refs[block]))
 
-    def get(block: str) -> bytes:
-        data = store.get(block)
-        assert data is not None
-        return data
-
     dest = tmp_path / "dest"
     dest.mkdir()
-    materialize(manifest, dest, get)
+    materialize(manifest, dest, store.get)
     assert snapshot(dest) == snapshot(src)
 
 
@@ -153,7 +148,7 @@ def test_corrupt_or_missing_block_is_refused(tmp_path: Path) -> None:
     dest2 = tmp_path / "dest2"
     dest2.mkdir()
     with pytest.raises(WorkdirError, match="not available"):
-        materialize(hostile(["f"], [], []), dest2, lambda b: None)  # type: ignore[arg-type,return-value]
+        materialize(hostile(["f"], [], []), dest2, lambda b: None)
 
 
 def test_full_disk_is_a_clear_error(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ class _Tree:
 
 
 def _write_file(
-    tree: _Tree, entry: FileEntry, block_size: int, get_block: Callable[[str], bytes]
+    tree: _Tree, entry: FileEntry, block_size: int, get_block: Callable[[str], bytes | None]
 ) -> None:
     path = entry["path"]
     parent, name = tree.parent_fd(path)
@@ -124,10 +124,12 @@ def _write_file(
         os.close(fd)
 
 
-def materialize(manifest: object, dest: Path, get_block: Callable[[str], bytes]) -> None:
+def materialize(manifest: object, dest: Path, get_block: Callable[[str], bytes | None]) -> None:
     """Create the manifest's tree inside ``dest``, which must be an existing,
-    empty directory.  Raises WorkdirError on any problem; what was written so
-    far is left for the caller to remove with ``dest``."""
+    empty directory.  ``get_block`` returns a block's bytes, or None if it
+    is not available (``BlockStore.get`` fits).  Raises WorkdirError on any
+    problem; what was written so far is left for the caller to remove with
+    ``dest``."""
     checked: Manifest = validate_manifest(manifest)
     dest = Path(dest)
     try:
