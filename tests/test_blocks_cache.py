@@ -26,6 +26,9 @@ def test_policy_picks_implementation() -> None:
     assert isinstance(ByteCache(10, "lru"), LRUByteCache)
     assert isinstance(ByteCache(10, "lfu"), LFUByteCache)
     assert make_policy_cache("lfu", 10).policy == "lfu"
+    typed = ByteCache[str, bytes](10, "lfu")
+    typed.put("a", b"x", 1)
+    assert isinstance(typed, LFUByteCache) and typed.get("a") == b"x"
 
 
 def test_unknown_policy_is_a_clear_value_error() -> None:
@@ -106,8 +109,9 @@ def test_byte_budget_counts_sizes(policy: Any) -> None:
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_negative_size_is_refused(policy: Any) -> None:
+    cache: ByteCache[str, str] = ByteCache(10, policy)
     with pytest.raises(ValueError, match="size must be >= 0"):
-        ByteCache(10, policy).put("a", "A", -1)
+        cache.put("a", "A", -1)
 
 
 # -- pinning ---------------------------------------------------------------------

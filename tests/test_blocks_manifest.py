@@ -7,6 +7,7 @@ import copy
 import hashlib
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,12 @@ def test_absolute_symlink_inside_is_made_relative(tmp_path: Path) -> None:
     root = tmp_path / "wd"
     write(root / "a" / "f.txt", b"f")
     os.symlink(root / "a" / "f.txt", root / "abs")
+    os.symlink("../../wd/a/f.txt", root / "a" / "round-trip")  # out and back in
     manifest, _ = scan_workdir(root)
-    assert manifest["links"] == [{"path": "abs", "target": "a/f.txt"}]
+    assert sorted(manifest["links"], key=lambda ln: ln["path"]) == [
+        {"path": "a/round-trip", "target": "f.txt"},
+        {"path": "abs", "target": "a/f.txt"},
+    ]
 
 
 def test_symlink_pointing_outside_is_refused(tmp_path: Path) -> None:
@@ -117,6 +122,17 @@ def test_socket_is_refused(tmp_path: Path) -> None:
             scan_workdir(root)
     finally:
         sock.close()
+
+
+def test_device_file_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "wd"
+    root.mkdir()
+    try:
+        os.mknod(root / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating device nodes is not permitted here")
+    with pytest.raises(WorkdirError, match="'null' is a device file"):
+        scan_workdir(root)
 
 
 def test_ignored_fifo_is_not_a_problem(tmp_path: Path) -> None:

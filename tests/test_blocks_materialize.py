@@ -54,14 +54,9 @@ def test_round_trip_through_a_block_store(tmp_path: Path) -> None:
     for block in store.missing(refs):
         store.put(block, read_block(refs[block]))
 
-    def get(block: str) -> bytes:
-        data = store.get(block)
-        assert data is not None
-        return data
-
     dest = tmp_path / "dest"
     dest.mkdir()
-    materialize(manifest, dest, get)
+    materialize(manifest, dest, store.get)
     assert snapshot(dest) == snapshot(src)
 
 
@@ -153,7 +148,7 @@ def test_corrupt_or_missing_block_is_refused(tmp_path: Path) -> None:
     dest2 = tmp_path / "dest2"
     dest2.mkdir()
     with pytest.raises(WorkdirError, match="not available"):
-        materialize(hostile(["f"], [], []), dest2, lambda b: None)  # type: ignore[arg-type,return-value]
+        materialize(hostile(["f"], [], []), dest2, lambda b: None)
 
 
 def test_full_disk_is_a_clear_error(tmp_path: Path) -> None:
@@ -193,3 +188,20 @@ def test_writes_stay_inside_even_without_validation(
     after = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("outer/dest/")}
     assert after == before
     assert not Path("/tmp/outside.txt").exists()
+
+
+def test_many_directories_do_not_exhaust_file_descriptors(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    dirs = [f"d{i}" for i in range(600)] + [f"d0/sub{i}" for i in range(50)]
+    manifest = hostile([f"{d}/f" for d in dirs], [], dirs)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        materialize(manifest, dest, lambda b: PAYLOAD)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (dest / "d599" / "f").read_bytes() == PAYLOAD
+    assert (dest / "d0" / "sub49" / "f").read_bytes() == PAYLOAD

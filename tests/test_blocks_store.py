@@ -143,3 +143,21 @@ def test_unpack_refuses_claims_over_the_cap() -> None:
         unpack_block(b"x" * 11, False, 10)
     with pytest.raises(BlockCorrupt, match="does not decompress"):
         unpack_block(b"\x10\x00\x00\x00garbage", True, 100)
+
+
+def test_unknown_policy_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
+        BlockStore(tmp_path / "s", policy="mru")  # type: ignore[arg-type]
+
+
+def test_restart_with_a_smaller_budget_keeps_the_newest(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    store = BlockStore(root)
+    blocks = [bytes([i]) * 100 for i in range(4)]
+    for age, data in enumerate(blocks):
+        store.put(bid(data), data)
+        os.utime(store.path_of(bid(data)), (1000.0 + age, 1000.0 + age))
+    smaller = BlockStore(root, disk_budget_bytes=250)
+    assert sorted(smaller.ids()) == sorted(bid(d) for d in blocks[2:])
+    assert not store.path_of(bid(blocks[0])).exists()
+    assert smaller.bytes_on_disk == 200

@@ -8,6 +8,17 @@ imports only the standard library, msgpack and lz4.
 - ``scan``: ``scan_workdir`` -> manifest + ``BlockRef`` per block, ``read_block``
 - ``store``: ``BlockStore`` on disk, ``pack_block`` / ``unpack_block`` (lz4)
 - ``materialize``: write a manifest's tree safely into a fresh directory
+
+The flow these pieces are made for (the RPC in between lives elsewhere):
+
+1. submitter: ``manifest, refs = scan_workdir(dir)``; ask the masters which
+   of ``manifest_blocks(manifest)`` they lack; for each,
+   ``pack_block(read_block(refs[id]))`` and send; then commit the manifest.
+2. master: ``store.put(id, unpack_block(payload, compressed, block_size))``
+   (``put`` re-checks the hash); ``store.missing(ids)`` answers step 1.
+3. agent: ``validate_manifest(m)``; ``store.pin(manifest_blocks(m))``;
+   fetch and ``put`` what ``store.missing`` lists;
+   ``materialize(m, dest, store.get)``; ``store.unpin(...)`` when the task ends.
 """
 
 from .cache import POLICIES, ByteCache, CacheStats, LFUByteCache, LRUByteCache, make_policy_cache

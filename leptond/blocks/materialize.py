@@ -18,6 +18,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from .cache import ByteCache
 from .manifest import FileEntry, Manifest, WorkdirError, validate_manifest
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -34,35 +35,66 @@ def _os_error(e: OSError, action: str, path: str) -> WorkdirError:
     return WorkdirError(f"cannot {action} {path!r}: {e.strerror}")
 
 
+# Directory descriptors kept open at once: enough for locality, far below
+# the usual limit of 1024 open files however many directories a tree has.
+_OPEN_DIRS = 64
+
+
 class _Tree:
-    """Open directory descriptors of the tree being written, by relative path."""
+    """Directory descriptors of the tree being written, by relative path.
+
+    Only directories this run created can be opened, each one relative to
+    its parent's descriptor with O_NOFOLLOW, so a path can never pass
+    through a symlink.  Recently used descriptors stay open (LRU).
+    """
 
     def __init__(self, dest: Path) -> None:
-        self.fds: dict[str, int] = {"": os.open(dest, _DIR_FLAGS)}
+        self.root_fd = os.open(dest, _DIR_FLAGS)
+        self.created: set[str] = set()
+        self.open_dirs: ByteCache[str, int] = ByteCache(
+            _OPEN_DIRS, "lru", lambda _path, fd: os.close(fd)
+        )
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        for path in self.open_dirs:
+            fd = self.open_dirs.peek(path)
+            if fd is not None:
+                os.close(fd)
+            self.open_dirs.discard(path)
+        os.close(self.root_fd)
+
+    def dir_fd(self, path: str) -> int:
+        if path == "":
+            return self.root_fd
+        fd = self.open_dirs.get(path)
+        if fd is not None:
+            return fd
+        if path not in self.created:  # validate_manifest lists parents first
+            raise WorkdirError(f"directory {path!r} was not created by this manifest")
+        parent_fd, name = self.parent_fd(path)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as e:
+            raise _os_error(e, "open directory", path) from None
+        # May close the parent's descriptor: it is not used after this.
+        self.open_dirs.put(path, fd, 1)
+        return fd
 
     def parent_fd(self, path: str) -> tuple[int, str]:
         parent, name = posixpath.split(path)
-        fd = self.fds.get(parent)
-        if fd is None:  # validate_manifest guarantees parents are listed dirs
-            raise WorkdirError(f"parent of {path!r} was not created first")
-        return fd, name
+        return self.dir_fd(parent), name
 
     def mkdir(self, path: str) -> None:
         fd, name = self.parent_fd(path)
         try:
             os.mkdir(name, 0o755, dir_fd=fd)
-            self.fds[path] = os.open(name, _DIR_FLAGS, dir_fd=fd)
         except OSError as e:
             raise _os_error(e, "create directory", path) from None
+        self.created.add(path)
 
 
 def _write_file(
-    tree: _Tree, entry: FileEntry, block_size: int, get_block: Callable[[str], bytes]
+    tree: _Tree, entry: FileEntry, block_size: int, get_block: Callable[[str], bytes | None]
 ) -> None:
     path = entry["path"]
     parent, name = tree.parent_fd(path)
@@ -92,10 +124,12 @@ def _write_file(
         os.close(fd)
 
 
-def materialize(manifest: object, dest: Path, get_block: Callable[[str], bytes]) -> None:
+def materialize(manifest: object, dest: Path, get_block: Callable[[str], bytes | None]) -> None:
     """Create the manifest's tree inside ``dest``, which must be an existing,
-    empty directory.  Raises WorkdirError on any problem; what was written so
-    far is left for the caller to remove with ``dest``."""
+    empty directory.  ``get_block`` returns a block's bytes, or None if it
+    is not available (``BlockStore.get`` fits).  Raises WorkdirError on any
+    problem; what was written so far is left for the caller to remove with
+    ``dest``."""
     checked: Manifest = validate_manifest(manifest)
     dest = Path(dest)
     try:
@@ -104,7 +138,9 @@ def materialize(manifest: object, dest: Path, get_block: Callable[[str], bytes])
         raise WorkdirError(f"destination {str(dest)!r} is not usable: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise WorkdirError(f"destination {str(dest)!r} is not a directory (or is a symlink)")
-    if any(os.scandir(dest)):
+    with os.scandir(dest) as entries:
+        occupied = any(entries)
+    if occupied:
         raise WorkdirError(f"destination {str(dest)!r} is not empty")
 
     tree = _Tree(dest)

@@ -3,14 +3,17 @@ bytes live, so an uploader can send only the missing blocks, one at a time.
 
 Two passes: the first walks the tree with lstat only (so refusals — special
 files, outside symlinks, a tree over the size limit — come before any file is
-read); the second reads each regular file once, in block-size pieces, hashing.
+read); the second reads each regular file once, in block-size pieces, and
+hashes the pieces on a few threads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,16 +62,18 @@ def _special_kind(mode: int) -> str:
 
 
 def _link_target(root_real: str, full: str, rel: str) -> str:
-    """The in-tree target of the symlink at ``full``, made relative.
+    """The in-tree target of the symlink at ``full``.
 
-    An absolute target that lands inside the tree is rewritten relative to
-    the link, so the tree still works when materialized elsewhere.
+    An absolute target, or one that leaves the tree and comes back (such as
+    ``../wd/x``), is rewritten relative to the link, so the tree still works
+    when materialized elsewhere and passes ``validate_manifest``.
     """
     target = os.readlink(full)
     resolved = os.path.realpath(full)
     if resolved != root_real and not resolved.startswith(root_real + os.sep):
         raise WorkdirError(f"symlink {rel!r} points outside the working directory ({target})")
-    if os.path.isabs(target):
+    lexical = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+    if os.path.isabs(target) or lexical == ".." or lexical.startswith("../"):
         target = os.path.relpath(resolved, os.path.dirname(os.path.join(root_real, rel)))
     return target
 
@@ -122,49 +127,34 @@ def _walk(root: str, rules: IgnoreRules, max_bytes: int) -> _Found:
     return found
 
 
-def _hash_file(
-    full: str, rel: str, size: int, block_size: int, buf: bytearray
-) -> tuple[list[str], list[tuple[str, int, int]]]:
-    """Block ids of a file and their (id, offset, length), read once."""
-    blocks: list[str] = []
-    spans: list[tuple[str, int, int]] = []
-    view = memoryview(buf)
+def _hash_span(span: tuple[str, str, int, int]) -> str:
+    """sha256 of ``length`` bytes at ``offset``; runs on a worker thread
+    (pread and sha256 release the GIL, so blocks hash in parallel)."""
+    full, rel, offset, length = span
     try:
         fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise WorkdirError(f"cannot read {rel!r}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            offset = 0
-            while True:
-                n = f.readinto(view)
-                if n is None or n == 0:
-                    break
-                # A short read mid-file (pipes aside) still fills the block.
-                while n < block_size:
-                    more = f.readinto(view[n:])
-                    if not more:
-                        break
-                    n += more
-                digest = hashlib.sha256(view[:n]).hexdigest()
-                blocks.append(digest)
-                spans.append((digest, offset, n))
-                offset += n
-                if n < block_size:
-                    break
-    except OSError as e:
-        raise WorkdirError(f"cannot read {rel!r}: {e.strerror}") from None
-    if offset != size:
+    if len(data) != length:
         raise WorkdirError(f"{rel!r} changed while it was being scanned; try again")
-    return blocks, spans
+    return hashlib.sha256(data).hexdigest()
 
 
 def scan_workdir(
     directory: str | os.PathLike[str],
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    workers: int | None = None,
 ) -> tuple[Manifest, dict[str, BlockRef]]:
-    """Manifest of ``directory`` and, for each distinct block, where to read it."""
+    """Manifest of ``directory`` and, for each distinct block, where to read it.
+
+    ``workers`` threads hash blocks in parallel (default: up to 4, one per
+    CPU); at most one block per worker is in memory at a time.
+    """
     if not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise ValueError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
     root = os.fspath(directory)
@@ -177,16 +167,27 @@ def scan_workdir(
 
     found = _walk(root, rules, max_bytes)
 
-    buf = bytearray(block_size)
-    files: list[FileEntry] = []
-    refs: dict[str, BlockRef] = {}
-    for rel, mode, size in found.files:
+    spans: list[tuple[str, str, int, int]] = []
+    for rel, _, size in found.files:
         full = os.path.join(root, rel)
-        blocks, spans = _hash_file(full, rel, size, block_size, buf)
-        files.append({"path": rel, "mode": mode, "size": size, "blocks": blocks})
-        for digest, offset, length in spans:
-            if digest not in refs:
-                refs[digest] = BlockRef(digest, full, offset, length)
+        for offset in range(0, size, block_size):
+            spans.append((full, rel, offset, min(block_size, size - offset)))
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        digests = iter(pool.map(_hash_span, spans))
+        files: list[FileEntry] = []
+        refs: dict[str, BlockRef] = {}
+        spans_iter = iter(spans)
+        for rel, mode, size in found.files:
+            blocks: list[str] = []
+            for _ in range(0, size, block_size):
+                digest = next(digests)
+                full, _, offset, length = next(spans_iter)
+                blocks.append(digest)
+                if digest not in refs:
+                    refs[digest] = BlockRef(digest, full, offset, length)
+            files.append({"path": rel, "mode": mode, "size": size, "blocks": blocks})
     manifest: Manifest = {
         "v": MANIFEST_VERSION,
         "block_size": block_size,

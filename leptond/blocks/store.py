@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lz4.block
 
-from .cache import ByteCache, CacheStats, Policy, make_policy_cache
+from .cache import POLICIES, ByteCache, CacheStats, Policy, make_policy_cache
 from .manifest import is_block_id
 
 _TMP_DIR = "tmp"
@@ -63,6 +63,8 @@ class BlockStore:
         policy: Policy = "lru",
         disk_budget_bytes: int | None = None,
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}: use one of {', '.join(POLICIES)}")
         self.root = Path(root)
         self._tmp = self.root / _TMP_DIR
         self._tmp.mkdir(parents=True, exist_ok=True)
