@@ -10,8 +10,10 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .blocks import (
     BlockCorrupt,
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lepton.master")
 MAX_IDS = 100_000
+T = TypeVar("T")
 
 
 class BlockService:
@@ -49,6 +52,9 @@ class BlockService:
         self._psk = cluster_psk(m.secret)
         self._peers: dict[str, Connection] = {}
         self._pushes: set[asyncio.Task[None]] = set()
+        # BlockStore is single-owner: its disk I/O runs on one worker thread,
+        # off the event loop but never concurrently with itself.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="blockstore")
         self._push_slots = asyncio.Semaphore(4)
         self.counters: Counter[str] = Counter()
         # node id -> blocks the leader served it: what its cache likely holds,
@@ -82,7 +88,7 @@ class BlockService:
         self._role(conn, "submit")
         self.m.ensure_leader()
         bid, data = self._unpack(a)
-        await asyncio.to_thread(self._put, bid, data)
+        await self._io(self._put, bid, data)
         self.counters["upload_blocks"] += 1
         self.counters["upload_bytes"] += len(data)
         # Start copying to the other masters now, overlapping the rest of the
@@ -182,7 +188,7 @@ class BlockService:
     async def peer_block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "cluster")
         bid, data = self._unpack(a)
-        await asyncio.to_thread(self._put, bid, data)
+        await self._io(self._put, bid, data)
         return {"ok": True}
 
     async def peer_block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
@@ -198,7 +204,7 @@ class BlockService:
     async def block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "cluster")
         bid = _one_id(a)
-        data = await asyncio.to_thread(self.store.get, bid)
+        data = await self._io(self.store.get, bid)
         if data is None:
             data = await self._fetch_from_peers(bid)
         nid = conn.context.get("node_id")
@@ -219,10 +225,13 @@ class BlockService:
                 continue
             if res.get("found"):
                 data = unpack_block(res["data"], bool(res.get("z")), MAX_BLOCK_SIZE)
-                await asyncio.to_thread(self._put, bid, data)
+                await self._io(self._put, bid, data)
                 self.counters["peer_fetched"] += 1
                 return data
         raise RpcError("not_found", f"block {bid[:12]} is on no reachable master")
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- helpers ---------------------------------------------------------------------
     def _unpack(self, a: Any) -> tuple[str, bytes]:

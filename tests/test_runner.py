@@ -208,9 +208,7 @@ def test_stop_escalates_to_sigkill_after_the_grace(runner: TaskRunner) -> None:
     assert "got TERM" in log_text(runner, "t1")
 
 
-def test_stop_request_is_a_file_the_shim_honours_on_its_own(
-    runner: TaskRunner, root: Path
-) -> None:
+def test_stop_request_is_a_file_the_shim_honours_on_its_own(runner: TaskRunner, root: Path) -> None:
     # The agent may die right after asking; the file alone must be enough.
     runner.start(spec("t1", ["sh", "-c", "echo ready; sleep 60"]))
     wait_for(lambda: "ready" in log_text(runner, "t1"), "the task to start")

@@ -37,9 +37,7 @@ def _read_all(tdir: Path, offset: int, limit: int) -> tuple[bytes, int, int]:
     chunks=st.lists(st.integers(min_value=0, max_value=6000), max_size=12),
     limit=st.integers(min_value=100, max_value=5000),
 )
-def test_log_keeps_the_newest_output_under_the_cap(
-    cap: int, chunks: list[int], limit: int
-) -> None:
+def test_log_keeps_the_newest_output_under_the_cap(cap: int, chunks: list[int], limit: int) -> None:
     stream = _stream(chunks)
     with tempfile.TemporaryDirectory() as d:
         tdir = Path(d)

@@ -102,9 +102,9 @@ def test_queue_shows_users_and_quota_holds_work(quota_cluster: Cluster) -> None:
     c.wait_nodes_ready(1)
     carol = c.ctl("token", "create", "--role", "submit", "--name", "carol").stdout.strip()
     dave = c.ctl("token", "create", "--role", "submit", "--name", "dave").stdout.strip()
-    j1 = c.submit("--gpus", "1", "--", "sleep", "30", token=carol)
-    j2 = c.submit("--gpus", "1", "--", "sleep", "30", token=carol)
-    j3 = c.submit("--gpus", "2", "--", "sleep", "30", token=dave)
+    j1 = c.submit("--gpus", "1", "--cpus", "0.5", "--", "sleep", "30", token=carol)
+    j2 = c.submit("--gpus", "1", "--cpus", "0.5", "--", "sleep", "30", token=carol)
+    j3 = c.submit("--gpus", "2", "--cpus", "0.5", "--", "sleep", "30", token=dave)
     wait_for(
         lambda: c.status(j1)["state"] == "running" and c.status(j3)["state"] == "running",
         60,

@@ -31,9 +31,17 @@ def test_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     text = (UNITS / name).read_text().replace("/usr/local/bin/", f"{bindir}/")
     unit = tmp_path / name
     unit.write_text(text)
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
-                         timeout=60)
-    problems = [ln for ln in out.stderr.splitlines() if name in ln or "Unknown" in ln or "error" in ln.lower()]
+    out = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    problems = [
+        ln
+        for ln in out.stderr.splitlines()
+        if name in ln or "Unknown" in ln or "error" in ln.lower()
+    ]
     assert out.returncode == 0 and not problems, out.stderr
 
 
@@ -58,7 +66,14 @@ def test_master_unit_is_hardened_and_restarts() -> None:
 def test_env_templates_name_every_variable_the_units_use() -> None:
     import re
 
-    for unit, env in (("leptond.service", "leptond.env.example"), ("lepton-agent.service", "lepton-agent.env.example")):
+    for unit, env in (
+        ("leptond.service", "leptond.env.example"),
+        ("lepton-agent.service", "lepton-agent.env.example"),
+    ):
         used = set(re.findall(r"\$\{?(LEPTON_[A-Z_]+)", (UNITS / unit).read_text()))
-        defined = {ln.split("=", 1)[0] for ln in (UNITS / env).read_text().splitlines() if "=" in ln and not ln.startswith("#")}
+        defined = {
+            ln.split("=", 1)[0]
+            for ln in (UNITS / env).read_text().splitlines()
+            if "=" in ln and not ln.startswith("#")
+        }
         assert used <= defined, used - defined
