@@ -252,13 +252,13 @@ class BlockService:
         except (StoreFull, OSError) as exc:
             raise RpcError("unavailable", f"master cannot store the block: {exc}") from None
 
-    def collect_garbage(self, retention_s: float) -> int:
+    async def collect_garbage(self, retention_s: float) -> int:
         assert self.m.raft is not None
         with self.m.raft.lock:
             keep: set[str] = set()
             for man in self.m.state.manifests.values():
                 keep.update(manifest_blocks(man))  # type: ignore[arg-type]
-        return self.store.collect_garbage(keep, retention_s, time.time())
+        return await self._io(self.store.collect_garbage, keep, retention_s, time.time())
 
     def stats(self) -> dict[str, Any]:
         return {**asdict(self.store.stats()), **self.counters}

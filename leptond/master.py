@@ -24,6 +24,9 @@ from .wire.server import RpcServer
 from .wire.tokens import read_secret_file, read_token_file
 
 log = logging.getLogger("lepton.master")
+# Unreferenced blocks stay this long: an upload in progress has no manifest yet.
+BLOCK_RETENTION_S = 24 * 3600.0
+BLOCK_GC_INTERVAL_S = 600.0
 
 
 class Master:
@@ -228,6 +231,7 @@ class Master:
         from .wire.tokens import CLUSTER_KEY_ID, cluster_psk
 
         psk = cluster_psk(self.secret)
+        last_gc = time.monotonic()
         info = {
             "raft_addr": self.cfg.raft_addr,
             "rpc_addr": self.cfg.rpc_addr,
@@ -238,6 +242,14 @@ class Master:
             assert self.raft is not None
             with self.raft.lock:
                 cur = self.state.members.get(self.cfg.raft_addr)
+            if time.monotonic() - last_gc > BLOCK_GC_INTERVAL_S:
+                last_gc = time.monotonic()
+                try:
+                    removed = await self.blocks.collect_garbage(BLOCK_RETENTION_S)
+                    if removed:
+                        log.info("removed %d block(s) no workdir needs", removed)
+                except OSError as exc:
+                    log.warning("block garbage collection: %s", exc)
             if (cur is not None and cur.to_wire() == info) or self.is_leader():
                 continue
             leader = self.leader_rpc_addr()

@@ -279,11 +279,21 @@ class ClusterState:
             # whose tasks still run keeps them (and their GPUs) until they exit.
             if j.state in FINAL_JOB_STATES and j.finished_at is not None and j.finished_at < before
         ]
+        dropped_workdirs: set[str] = set()
         for jid in gone:
+            job = self.jobs[jid]
+            if job.spec.get("workdir"):
+                dropped_workdirs.add(job.spec["workdir"])
             for tid in self.jobs.pop(jid).tasks:
                 t = self.tasks.pop(tid)
                 if t.node_id is not None:
                     self.node_tasks.get(t.node_id, set()).discard(tid)
+        # A workdir manifest goes with the last job that used it (never one that
+        # no job has used yet: it may be about to be submitted).
+        if dropped_workdirs:
+            still_used = {j.spec.get("workdir") for j in self.jobs.values()}
+            for mid in dropped_workdirs - still_used:
+                self.manifests.pop(mid, None)
         return {"removed": len(gone)}
 
     # -- scheduling -------------------------------------------------------------
