@@ -29,25 +29,34 @@ class Unit(NamedTuple):
     key: tuple[float, str]  # (submitted_at, task_id) of the oldest task
     gpus: int
     is_gang: bool
+    cls: int  # request class (shape, priority) of a single task, -1 for a gang
 
 
-def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
+def build_units(
+    pending: Sequence[TaskRequest], classify: Callable[[Shape, int], int] = lambda s, p: -1
+) -> list[Unit]:
     gangs: dict[str, list[TaskRequest]] = {}
     units: list[Unit] = []
+    new = tuple.__new__  # NamedTuple's own __new__ is Python code: too slow for 100,000
     for t in pending:
         if t.gang_size > 1:
             gangs.setdefault(t.job_id, []).append(t)
         else:
+            shape = shape_of(t)
             units.append(
-                Unit(
-                    (t,),
-                    (shape_of(t),),
-                    t.priority,
-                    t.user,
-                    t.job_id,
-                    (t.submitted_at, t.task_id),
-                    t.gpus,
-                    False,
+                new(
+                    Unit,
+                    (
+                        (t,),
+                        (shape,),
+                        t.priority,
+                        t.user,
+                        t.job_id,
+                        (t.submitted_at, t.task_id),
+                        t.gpus,
+                        False,
+                        classify(shape, t.priority),
+                    ),
                 )
             )
     for job_id, ts in gangs.items():
@@ -57,7 +66,7 @@ def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
         prio = max(t.priority for t in ts)
         shapes = tuple(shape_of(t) for t in ts)
         gpus = sum(t.gpus for t in ts)
-        units.append(Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True))
+        units.append(Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1))
     return units
 
 
@@ -107,16 +116,20 @@ class FairShare:
         return None
 
     def order(
-        self, units: Sequence[Unit], dead: Callable[[Unit], bool] = lambda u: False
+        self,
+        units: Sequence[Unit],
+        dead: Sequence[bool] = (),
+        skipped: list[Unit] | None = None,
     ) -> Iterator[Unit]:
         """Yield units in scheduling order.  The caller charges what it grants
         before asking for the next unit; shares are read when a user is
         queued again, so grants steer the rest of the pass.
 
-        `dead(unit)` says a unit can get nothing in this pass any more (the
-        caller knows its shape fits nowhere).  Such units are yielded at once,
-        without a trip through the heap: they change no share, so the order
-        of the live units is the same as without the shortcut."""
+        `dead[unit.cls]` says a unit's request class can get nothing more in
+        this pass (the caller found it fits nowhere and evicts nothing).  Such
+        units are not yielded but appended to `skipped`, without a trip
+        through the heap: they change no share, so the order of the live
+        units is the same as without the shortcut."""
         levels: dict[int, dict[str, list[Unit]]] = {}
         for u in units:
             levels.setdefault(u.priority, {}).setdefault(u.user, []).append(u)
@@ -135,8 +148,10 @@ class FairShare:
                 k = pos[user]
                 yield q[k]
                 k += 1
-                while k < len(q) and dead(q[k]):
-                    yield q[k]
+                n = len(q)
+                while k < n and q[k].cls >= 0 and dead[q[k].cls]:
+                    if skipped is not None:
+                        skipped.append(q[k])
                     k += 1
                 pos[user] = k
                 if k < len(q):
