@@ -65,7 +65,10 @@ class _Pass:
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
         skipped: list[Unit] = []
-        units = build_units(pending, self._classify)
+        units = build_units(pending, self.classes)
+        self.dead = [False] * len(self.classes)
+        for (shape, _), c in self.classes.items():
+            self.classes_of_shape.setdefault(shape, []).append(c)
         for unit in self.fair.order(units, self.dead, skipped):
             quota = self.fair.quota_blocks(unit.user, unit.gpus)
             if quota is not None:
@@ -94,15 +97,6 @@ class _Pass:
             reasons=self.reasons,
             reserved=reserved,
         )
-
-    def _classify(self, shape: Shape, priority: int) -> int:
-        key = (shape, priority)
-        c = self.classes.get(key)
-        if c is None:
-            c = self.classes[key] = len(self.dead)
-            self.dead.append(False)
-            self.classes_of_shape.setdefault(shape, []).append(c)
-        return c
 
     def _fits_nowhere(self, shape: Shape) -> None:
         self.no_fit.add(shape)

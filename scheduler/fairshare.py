@@ -10,7 +10,7 @@ to the smaller task id: nothing depends on hash seeds or dict order.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from .cluster import Shape, shape_of
@@ -33,8 +33,12 @@ class Unit(NamedTuple):
 
 
 def build_units(
-    pending: Sequence[TaskRequest], classify: Callable[[Shape, int], int] = lambda s, p: -1
+    pending: Sequence[TaskRequest], classes: dict[tuple[Shape, int], int] | None = None
 ) -> list[Unit]:
+    """Group pending tasks into units.  Single tasks are numbered by request
+    class (shape, priority) in `classes`, which the caller may pre-seed."""
+    if classes is None:
+        classes = {}
     gangs: dict[str, list[TaskRequest]] = {}
     units: list[Unit] = []
     new = tuple.__new__  # NamedTuple's own __new__ is Python code: too slow for 100,000
@@ -43,6 +47,9 @@ def build_units(
             gangs.setdefault(t.job_id, []).append(t)
         else:
             shape = shape_of(t)
+            cls = classes.get((shape, t.priority))
+            if cls is None:
+                cls = classes[shape, t.priority] = len(classes)
             units.append(
                 new(
                     Unit,
@@ -55,7 +62,7 @@ def build_units(
                         (t.submitted_at, t.task_id),
                         t.gpus,
                         False,
-                        classify(shape, t.priority),
+                        cls,
                     ),
                 )
             )
@@ -86,19 +93,19 @@ class FairShare:
         self.gpus: dict[str, int] = {}
         self.cpus: dict[str, float] = {}
         self.mem: dict[str, int] = {}
+        self.shares: dict[str, float] = {}  # dominant share, kept current by charge()
         for a in allocations:
             self.charge(a.user, len(a.gpus), a.cpus, a.mem_bytes)
 
     def charge(self, user: str, gpus: int, cpus: float, mem: int) -> None:
-        self.gpus[user] = self.gpus.get(user, 0) + gpus
-        self.cpus[user] = self.cpus.get(user, 0.0) + cpus
-        self.mem[user] = self.mem.get(user, 0) + mem
+        g = self.gpus[user] = self.gpus.get(user, 0) + gpus
+        c = self.cpus[user] = self.cpus.get(user, 0.0) + cpus
+        m = self.mem[user] = self.mem.get(user, 0) + mem
+        ig, ic, im = self.inverse
+        self.shares[user] = max(g * ig, c * ic, m * im)
 
     def share(self, user: str) -> float:
-        g, c, m = self.inverse
-        return max(
-            self.gpus.get(user, 0) * g, self.cpus.get(user, 0.0) * c, self.mem.get(user, 0) * m
-        )
+        return self.shares.get(user, 0.0)
 
     def within_quota(self, user: str) -> bool:
         q = self.quotas.get(user)
@@ -142,6 +149,7 @@ class FairShare:
                 pos[user] = 0
                 heap.append((self.share(user), *q[0].key, user))
             heapq.heapify(heap)
+            shares = self.shares
             while heap:
                 _, _, _, user = heapq.heappop(heap)
                 q = queues[user]
@@ -154,8 +162,8 @@ class FairShare:
                         skipped.append(q[k])
                     k += 1
                 pos[user] = k
-                if k < len(q):
-                    heapq.heappush(heap, (self.share(user), *q[k].key, user))
+                if k < n:
+                    heapq.heappush(heap, (shares.get(user, 0.0), *q[k].key, user))
 
 
 def queue_report(
