@@ -55,11 +55,21 @@ class _Pass:
         self.no_fit: set[Shape] = set()
         self.no_evict: set[tuple[Shape, int]] = set()
         self.no_gang: dict[tuple[tuple[Shape, ...], bool], str] = {}
+        # Request classes (shape, priority) of single tasks, and which are dead:
+        # they fit nowhere and can evict nothing for the rest of the pass.
+        self.classes: dict[tuple[Shape, int], int] = {}
+        self.classes_of_shape: dict[Shape, list[int]] = {}
+        self.dead: list[bool] = []
         self.gang_held = False
         self._started: list[float] | None = None
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
-        for unit in self.fair.order(build_units(pending), self._dead):
+        skipped: list[Unit] = []
+        units = build_units(pending, self.classes)
+        self.dead = [False] * len(self.classes)
+        for (shape, _), c in self.classes.items():
+            self.classes_of_shape.setdefault(shape, []).append(c)
+        for unit in self.fair.order(units, self.dead, skipped):
             quota = self.fair.quota_blocks(unit.user, unit.gpus)
             if quota is not None:
                 for t in unit.tasks:
@@ -68,6 +78,12 @@ class _Pass:
                 self._gang(unit)
             else:
                 self._single(unit.tasks[0], unit.shapes[0])
+        for unit in skipped:
+            quota = self.fair.quota_blocks(unit.user, unit.gpus)
+            if quota is not None:
+                self.reasons[unit.tasks[0].task_id] = quota_reason(unit.user, quota)
+            else:
+                self.unexplained.append((unit.tasks[0], unit.shapes[0]))
         explain = Explainer(self.cl)
         for t, shape in self.unexplained:
             self.reasons[t.task_id] = explain(t, shape)
@@ -82,16 +98,17 @@ class _Pass:
             reserved=reserved,
         )
 
-    def _dead(self, unit: Unit) -> bool:
-        """True when this unit can get nothing more in this pass."""
-        if unit.is_gang:
-            return (unit.shapes, False) in self.no_gang and unit.job_id not in self.job_nodes
-        t, shape = unit.tasks[0], unit.shapes[0]
-        return (
-            not t.spread
-            and shape in self.no_fit
-            and (self.pre is None or (shape, t.priority) in self.no_evict)
-        )
+    def _fits_nowhere(self, shape: Shape) -> None:
+        self.no_fit.add(shape)
+        if self.pre is None:
+            for c in self.classes_of_shape.get(shape, ()):
+                self.dead[c] = True
+
+    def _evicts_nothing(self, shape: Shape, priority: int) -> None:
+        self.no_evict.add((shape, priority))
+        c = self.classes.get((shape, priority))
+        if c is not None and shape in self.no_fit:
+            self.dead[c] = True
 
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
         self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
@@ -107,7 +124,7 @@ class _Pass:
         if i is None and shape not in self.no_fit:
             i = cl.find_node(shape, spread=t.spread, blocks=t.blocks)
             if i is None:
-                self.no_fit.add(shape)
+                self._fits_nowhere(shape)
         if i is not None:
             gpus = cl.pick_gpus(i, shape)
             cl.take(i, gpus, t.cpus, t.mem_bytes)
@@ -116,7 +133,7 @@ class _Pass:
         if self.pre is not None and (shape, t.priority) not in self.no_evict:
             ev = self.pre.find(shape, t.priority)
             if ev is None:
-                self.no_evict.add((shape, t.priority))
+                self._evicts_nothing(shape, t.priority)
             else:
                 self.pre.take(ev)
                 node = cl.nodes[ev.node]

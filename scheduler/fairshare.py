@@ -10,7 +10,7 @@ to the smaller task id: nothing depends on hash seeds or dict order.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from .cluster import Shape, shape_of
@@ -29,25 +29,41 @@ class Unit(NamedTuple):
     key: tuple[float, str]  # (submitted_at, task_id) of the oldest task
     gpus: int
     is_gang: bool
+    cls: int  # request class (shape, priority) of a single task, -1 for a gang
 
 
-def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
+def build_units(
+    pending: Sequence[TaskRequest], classes: dict[tuple[Shape, int], int] | None = None
+) -> list[Unit]:
+    """Group pending tasks into units.  Single tasks are numbered by request
+    class (shape, priority) in `classes`, which the caller may pre-seed."""
+    if classes is None:
+        classes = {}
     gangs: dict[str, list[TaskRequest]] = {}
     units: list[Unit] = []
+    new = tuple.__new__  # NamedTuple's own __new__ is Python code: too slow for 100,000
     for t in pending:
         if t.gang_size > 1:
             gangs.setdefault(t.job_id, []).append(t)
         else:
+            shape = shape_of(t)
+            cls = classes.get((shape, t.priority))
+            if cls is None:
+                cls = classes[shape, t.priority] = len(classes)
             units.append(
-                Unit(
-                    (t,),
-                    (shape_of(t),),
-                    t.priority,
-                    t.user,
-                    t.job_id,
-                    (t.submitted_at, t.task_id),
-                    t.gpus,
-                    False,
+                new(
+                    Unit,
+                    (
+                        (t,),
+                        (shape,),
+                        t.priority,
+                        t.user,
+                        t.job_id,
+                        (t.submitted_at, t.task_id),
+                        t.gpus,
+                        False,
+                        cls,
+                    ),
                 )
             )
     for job_id, ts in gangs.items():
@@ -57,7 +73,7 @@ def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
         prio = max(t.priority for t in ts)
         shapes = tuple(shape_of(t) for t in ts)
         gpus = sum(t.gpus for t in ts)
-        units.append(Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True))
+        units.append(Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1))
     return units
 
 
@@ -77,19 +93,19 @@ class FairShare:
         self.gpus: dict[str, int] = {}
         self.cpus: dict[str, float] = {}
         self.mem: dict[str, int] = {}
+        self.shares: dict[str, float] = {}  # dominant share, kept current by charge()
         for a in allocations:
             self.charge(a.user, len(a.gpus), a.cpus, a.mem_bytes)
 
     def charge(self, user: str, gpus: int, cpus: float, mem: int) -> None:
-        self.gpus[user] = self.gpus.get(user, 0) + gpus
-        self.cpus[user] = self.cpus.get(user, 0.0) + cpus
-        self.mem[user] = self.mem.get(user, 0) + mem
+        g = self.gpus[user] = self.gpus.get(user, 0) + gpus
+        c = self.cpus[user] = self.cpus.get(user, 0.0) + cpus
+        m = self.mem[user] = self.mem.get(user, 0) + mem
+        ig, ic, im = self.inverse
+        self.shares[user] = max(g * ig, c * ic, m * im)
 
     def share(self, user: str) -> float:
-        g, c, m = self.inverse
-        return max(
-            self.gpus.get(user, 0) * g, self.cpus.get(user, 0.0) * c, self.mem.get(user, 0) * m
-        )
+        return self.shares.get(user, 0.0)
 
     def within_quota(self, user: str) -> bool:
         q = self.quotas.get(user)
@@ -107,16 +123,20 @@ class FairShare:
         return None
 
     def order(
-        self, units: Sequence[Unit], dead: Callable[[Unit], bool] = lambda u: False
+        self,
+        units: Sequence[Unit],
+        dead: Sequence[bool] = (),
+        skipped: list[Unit] | None = None,
     ) -> Iterator[Unit]:
         """Yield units in scheduling order.  The caller charges what it grants
         before asking for the next unit; shares are read when a user is
         queued again, so grants steer the rest of the pass.
 
-        `dead(unit)` says a unit can get nothing in this pass any more (the
-        caller knows its shape fits nowhere).  Such units are yielded at once,
-        without a trip through the heap: they change no share, so the order
-        of the live units is the same as without the shortcut."""
+        `dead[unit.cls]` says a unit's request class can get nothing more in
+        this pass (the caller found it fits nowhere and evicts nothing).  Such
+        units are not yielded but appended to `skipped`, without a trip
+        through the heap: they change no share, so the order of the live
+        units is the same as without the shortcut."""
         levels: dict[int, dict[str, list[Unit]]] = {}
         for u in units:
             levels.setdefault(u.priority, {}).setdefault(u.user, []).append(u)
@@ -129,18 +149,21 @@ class FairShare:
                 pos[user] = 0
                 heap.append((self.share(user), *q[0].key, user))
             heapq.heapify(heap)
+            shares = self.shares
             while heap:
                 _, _, _, user = heapq.heappop(heap)
                 q = queues[user]
                 k = pos[user]
                 yield q[k]
                 k += 1
-                while k < len(q) and dead(q[k]):
-                    yield q[k]
+                n = len(q)
+                while k < n and q[k].cls >= 0 and dead[q[k].cls]:
+                    if skipped is not None:
+                        skipped.append(q[k])
                     k += 1
                 pos[user] = k
-                if k < len(q):
-                    heapq.heappush(heap, (self.share(user), *q[k].key, user))
+                if k < n:
+                    heapq.heappush(heap, (shares.get(user, 0.0), *q[k].key, user))
 
 
 def queue_report(

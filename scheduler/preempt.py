@@ -23,7 +23,7 @@ from .types import Allocation, Policy
 
 # Stop examining candidate nodes once this many workable ones were found; the
 # first feasible node is enough for correctness, a few more buy a better choice.
-MAX_FEASIBLE_NODES = 8
+MAX_FEASIBLE_NODES = 4
 
 
 @dataclass(frozen=True)
@@ -70,36 +70,47 @@ class Preemptor:
             self.is_open[k] = False
 
     def find(self, shape: Shape, priority: int) -> Eviction | None:
+        """The eviction that makes `shape` fit, or None when none does.
+
+        Victim priority levels are tried from the bottom up: only when evicting
+        everything up to level L fits nowhere is level L+1 touched.  Inside a
+        level, the first few workable nodes (in node order) are compared."""
         cl = self.cl
         if not len(self.allocs):
             return None
-        mask = self.open & (self.prio < priority)
-        if not mask.any():
+        below = self.open & (self.prio < priority)
+        if not below.any():
             return None
-        n = len(cl.nodes)
-        # Upper bound on GPUs each node could offer: free plus every candidate's.
-        pot = np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
         whole, mixed = cl.shape_pools(shape)
         whole_set, mixed_set = set(whole), set(mixed)
-        cand = np.flatnonzero(np.bincount(self.node[mask], minlength=n) > 0)
-        cand = cand[pot[cand] + cl.nfree[cand] >= shape[0]]
-        best: tuple[tuple[int, int, int, int], Eviction] | None = None
-        feasible = 0
-        for i in cand.tolist():
-            pid = cl.pool_of[i]
-            if pid not in whole_set and pid not in mixed_set:
-                continue
-            ev = self._evict_on(i, shape, priority, pid in whole_set)
-            if ev is None:
-                continue
-            vs = [self.allocs[k] for k in ev.victims]
-            key = (max(a.priority for a in vs), len(vs), sum(len(a.gpus) for a in vs), i)
-            if best is None or key < best[0]:
-                best = (key, ev)
-            feasible += 1
-            if feasible >= MAX_FEASIBLE_NODES:
-                break
-        return best[1] if best else None
+        if not whole_set and not mixed_set:
+            return None
+        n = len(cl.nodes)
+        for level in np.unique(self.prio[below]).tolist():
+            mask = below & (self.prio <= level)
+            # Upper bound on GPUs each node could offer: free plus every candidate's.
+            pot = np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
+            cand = np.flatnonzero(np.bincount(self.node[mask], minlength=n) > 0)
+            cand = cand[pot[cand] + cl.nfree[cand] >= shape[0]]
+            best: tuple[tuple[int, int, int], Eviction] | None = None
+            feasible = 0
+            for i in cand.tolist():
+                pid = cl.pool_of[i]
+                if pid not in whole_set and pid not in mixed_set:
+                    continue
+                ev = self._evict_on(i, shape, level + 1, pid in whole_set)
+                if ev is None:
+                    continue
+                vs = [self.allocs[k] for k in ev.victims]
+                key = (len(vs), sum(len(a.gpus) for a in vs), i)
+                if best is None or key < best[0]:
+                    best = (key, ev)
+                feasible += 1
+                if feasible >= MAX_FEASIBLE_NODES:
+                    break
+            if best is not None:
+                return best[1]
+        return None
 
     def _evict_on(self, i: int, shape: Shape, priority: int, all_match: bool) -> Eviction | None:
         cl = self.cl

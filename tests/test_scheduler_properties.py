@@ -232,9 +232,11 @@ def test_equal_demand_gets_equal_shares(n_nodes: int, gpus_per_task: int, extra:
     nodes = [node(f"h{i}") for i in range(n_nodes)]
     capacity_tasks = n_nodes * 8 // gpus_per_task
     per_user = capacity_tasks // 2 + extra  # together they want more than there is
+    # All of bob's tasks are younger than all of alice's: only fair share
+    # (not age) can give him his half.
     pending = [
-        task(f"{u}-{k}", gpus=gpus_per_task, user=u, at=float(k), cpus=1.0)
-        for u in ("alice", "bob")
+        task(f"{u}-{k}", gpus=gpus_per_task, user=u, at=float(k + offset), cpus=1.0)
+        for u, offset in (("alice", 0), ("bob", 1000))
         for k in range(per_user)
     ]
 
