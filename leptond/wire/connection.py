@@ -403,6 +403,11 @@ class Connection(asyncio.Protocol):
                 self._send({"t": "x", "i": i})
 
     @property
+    def pending_output(self) -> int:
+        """Bytes of sealed frames gathered for the next write."""
+        return len(self._out)
+
+    @property
     def busy(self) -> bool:
         """Whether calls, streams or served requests are in flight on this connection."""
         return bool(self._calls or self._streams or self._served)
