@@ -31,8 +31,6 @@ COMPRESS_MIN = 1024
 COMPRESS_SAMPLE = 16 * 1024
 FLAG_LZ4 = 0x01
 _LEN = struct.Struct(">I")
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_CTR = struct.Struct(">Q")
 TAG_LEN = 16
 # cryptography >= 45 can seal into a caller's buffer, which saves a copy of
 # every large frame.
@@ -208,7 +206,7 @@ class Sealer:
         self._ctr = 0
 
     def seal(self, plain: bytes) -> bytes:
-        nonce = _NONCE_PREFIX + _CTR.pack(self._ctr)
+        nonce = self._ctr.to_bytes(12, "big")  # 4 zero bytes, then the counter
         self._ctr += 1
         return self._aead.encrypt(nonce, plain, None)
 
@@ -217,7 +215,7 @@ class Sealer:
         n = len(plain) + TAG_LEN
         if not _HAS_INTO or n < 4096:
             return _LEN.pack(n) + self.seal(plain)
-        nonce = _NONCE_PREFIX + _CTR.pack(self._ctr)
+        nonce = self._ctr.to_bytes(12, "big")
         self._ctr += 1
         out = bytearray(4 + n)
         _LEN.pack_into(out, 0, n)
@@ -236,7 +234,7 @@ class Opener:
         self._ctr = 0
 
     def open(self, sealed: bytes) -> bytes:
-        nonce = _NONCE_PREFIX + _CTR.pack(self._ctr)
+        nonce = self._ctr.to_bytes(12, "big")
         try:
             plain = self._aead.decrypt(nonce, sealed, None)
         except (InvalidTag, ValueError):
