@@ -131,7 +131,9 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 @method("jobs", "read")
 async def jobs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    # `local`: this master's own replica, e.g. to check that a follower has caught up.
+    if not a.get("local"):
+        _prefer_leader(m)
     limit = int(a.get("limit") or 1000)
     want_all = bool(a.get("all"))
     with _lock(m):
