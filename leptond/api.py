@@ -79,7 +79,10 @@ async def _call(
         if exc.code != "not_leader":
             m.audit.record(user, have, name, _target(args), f"error: {exc.code}: {exc.message}")
         raise
-    m.audit.record(user, have, name, _target(args), "ok")
+    target = _target(args)
+    if target is None and isinstance(out, dict):
+        target = out.get("id")  # e.g. the job a submit made
+    m.audit.record(user, have, name, target, "ok")
     return out
 
 
