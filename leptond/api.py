@@ -66,7 +66,13 @@ async def _call(
     if not have:
         raise RpcError("unauthenticated", "this token has been revoked")
     conn.context["user"], conn.context["role"] = user, have
-    require(conn.context, role)
+    try:
+        require(conn.context, role)
+    except RpcError as exc:  # a refused attempt to change something is audited too
+        if mutating:
+            target = _target(args) if isinstance(args, dict) else None
+            m.audit.record(user, have, name, target, f"error: {exc.code}: {exc.message}")
+        raise
     if args is None:
         args = {}
     if not isinstance(args, dict):
