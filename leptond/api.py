@@ -369,7 +369,7 @@ async def snapshot_save(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         data = m.state.snapshot()
         index = m.state.applied_index
     return {
-        "data": snapfile.encode_snapshot(data, {"index": index, "saved_at": time.time()}),
+        "data": snapfile.encode_snapshot(data, {"index": index}),
         "index": index,
     }
 
