@@ -71,6 +71,15 @@ def wait_leader(c: Cluster, timeout_s: float = 60.0, not_: Master | None = None)
     )
 
 
+def start_masters(c: Cluster) -> Master:
+    """`Cluster.start_masters`, waiting for the leader over RPC instead of leptonctl."""
+    peers = [m.raft_addr for m in c.masters]
+    for m in c.masters:
+        m.proc.argv = c._master_argv(m, peers)
+        m.proc.start()
+    return wait_leader(c)
+
+
 def local_job_ids(addr: str, token: str) -> list[str]:
     """Job ids in this master's own replica, duplicates kept (they would be a bug)."""
     rows = rpc(addr, token, "jobs", {"all": True, "local": True, "limit": 10**9}, timeout_s=20)

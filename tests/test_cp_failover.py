@@ -16,7 +16,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cp_support import Submitters, local_job_ids, rpc, wait_leader, wait_replicas_hold
+from tests.cp_support import (
+    Submitters,
+    local_job_ids,
+    rpc,
+    start_masters,
+    wait_leader,
+    wait_replicas_hold,
+)
 from tests.harness import Cluster, Master, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,7 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("cp-failover") / "cluster", n_masters=3)
     try:
-        c.start_masters()
+        start_masters(c)
         yield c
     except BaseException:
         print(c.logs())
