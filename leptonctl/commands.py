@@ -287,7 +287,7 @@ async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
         )
         return 0
     method = "cluster_add" if a.cluster_cmd == "add-master" else "cluster_remove"
-    res = await c.call(method, {"addr": a.addr}, timeout_s=max(a.timeout, 30))
+    res = await c.call(method, {"addr": a.member}, timeout_s=max(a.timeout, 30))
     print(next(iter(res.values())))
     return 0
 
