@@ -140,14 +140,17 @@ class Agent:
             )
         self._collect_exits(exits)
         delay = 0.2
+        refused = False  # the refusal is logged once, not once per retry
         while not self._stopping.is_set():
             try:
                 await self._register()
-                delay = 0.2
+                delay, refused = 0.2, False
                 await self._heartbeat_loop()
             except RpcError as exc:
                 if exc.code == "unauthenticated":
-                    log.error("the masters refused this agent's key: %s", exc)
+                    if not refused:
+                        log.error("the masters refused this agent's key: %s", exc)
+                    refused = True
                 else:
                     log.warning("lost the leader (%s); reconnecting", exc)
                 self.registered_on = None
