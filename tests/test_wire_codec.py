@@ -74,37 +74,6 @@ def test_frames_survive_any_split(payloads: list[bytes], data: st.DataObject) ->
     assert got == payloads
 
 
-@pytest.mark.parametrize("read_size", [1, 3, 1000, 65536, 262_144])
-def test_reading_into_the_readers_buffers(read_size: int) -> None:
-    # What a BufferedProtocol transport does: get_buffer, fill, buffer_updated.
-    payloads = [b"a", os.urandom(70_000), b"", os.urandom(1024 * 1024), os.urandom(100)]
-    stream = b"".join(frame(p) for p in payloads)
-    reader = FrameReader()
-    got: list[bytes | bytearray] = []
-    pos = 0
-    while pos < len(stream):
-        buf = reader.get_buffer(-1)
-        n = min(len(buf), read_size, len(stream) - pos)
-        buf[:n] = stream[pos : pos + n]
-        reader.buffer_updated(n)
-        pos += n
-        while (payload := reader.next()) is not None:
-            got.append(payload)
-    assert got == payloads
-    assert reader.buffered == 0
-
-
-def test_a_big_frame_is_read_straight_into_its_own_buffer() -> None:
-    body = os.urandom(500_000)
-    reader = FrameReader()
-    reader.feed(frame(body)[:1000])
-    buf = reader.get_buffer(-1)
-    assert len(buf) == len(body) + 4 - 1000  # exactly what the frame still needs
-    buf[:] = frame(body)[1000:]
-    reader.buffer_updated(len(buf))
-    assert reader.next() == body
-
-
 def test_length_over_the_cap_is_refused_before_the_body_arrives() -> None:
     reader = FrameReader(max_frame=100)
     assert reader.feed(frame(b"x" * 100)) == [b"x" * 100]

@@ -13,7 +13,6 @@ Body:      msgpack map
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,69 +42,43 @@ class FrameReader:
 
     Frames come out one at a time so that the caller can tighten or relax
     `max_frame` between two frames that arrived in the same read (the cap rises
-    when the handshake completes).
-
-    A large frame (over BIG_FRAME) gets a buffer of its exact size once its
-    length is known; `get_buffer`/`buffer_updated` (asyncio.BufferedProtocol)
-    let the transport read the rest straight into it, so a 1 MiB body is
-    neither joined from pieces nor copied between buffers.
+    when the handshake completes). Large frames are kept as a list of chunks
+    until complete, so a 16 MiB frame arriving in 64 KiB pieces costs one join,
+    not quadratic copying.
     """
 
-    __slots__ = ("_big", "_big_filled", "_buf", "_pos", "max_frame")
+    __slots__ = ("_buf", "_chunks", "_chunks_len", "_need", "_pos", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._pos = 0  # start of unread bytes in _buf
-        self._big: bytearray | None = None  # the large frame being filled
-        self._big_filled = 0
+        self._need = -1  # body length of the frame being collected in _chunks
+        self._chunks: list[bytes] = []
+        self._chunks_len = 0
 
-    def feed(self, data: bytes) -> list[bytes | bytearray]:
+    def feed(self, data: bytes) -> list[bytes]:
         """Appends `data` and returns every frame now complete."""
         self.append(data)
-        frames: list[bytes | bytearray] = []
+        frames: list[bytes] = []
         while (payload := self.next()) is not None:
             frames.append(payload)
         return frames
 
-    def append(self, data: bytes | memoryview) -> None:
-        big = self._big
-        if big is not None:
-            take = min(len(big) - self._big_filled, len(data))
-            big[self._big_filled : self._big_filled + take] = data[:take]
-            self._big_filled += take
-            data = data[take:]
-            if not data:
-                return
-        self._buf += data
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        """Where the transport should read to: the large frame, or a scratch buffer."""
-        big = self._big
-        if big is not None and self._big_filled < len(big):
-            # Never more than the frame still needs, so the read ends at its end.
-            return memoryview(big)[self._big_filled :]
-        return _scratch()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        big = self._big
-        if big is not None and self._big_filled < len(big):
-            self._big_filled += nbytes
+    def append(self, data: bytes) -> None:
+        if self._need >= 0:
+            self._chunks.append(data)
+            self._chunks_len += len(data)
         else:
-            self._buf += _scratch()[:nbytes]
+            self._buf += data
 
-    def next(self) -> bytes | bytearray | None:
+    def next(self) -> bytes | None:
         """The next complete frame's payload, or None until more bytes arrive.
 
         Raises ProtocolError when a length is over `max_frame`.
         """
-        big = self._big
-        if big is not None:
-            if self._big_filled < len(big):
-                return None
-            self._big = None
-            self._big_filled = 0
-            return big
+        if self._need >= 0:
+            return self._next_chunked()
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
@@ -117,14 +90,13 @@ class FrameReader:
             raise ProtocolError("frame_too_large", f"frame of {length} bytes over the cap")
         start = pos + 4
         if avail - 4 < length:
-            if length > BIG_FRAME:
-                # Give the frame its own buffer; the rest is read into it.
-                big = bytearray(length)
-                have = avail - 4
+            if length > 65536:
+                # Collect the rest of a big frame as a list of chunks.
                 with memoryview(buf) as view:
-                    big[:have] = view[start:]
-                self._big = big
-                self._big_filled = have
+                    first = bytes(view[start:])
+                self._need = length
+                self._chunks = [first]
+                self._chunks_len = len(first)
                 buf.clear()
                 self._pos = 0
             else:
@@ -143,6 +115,26 @@ class FrameReader:
             self._pos = end
         return payload
 
+    def _next_chunked(self) -> bytes | None:
+        need = self._need
+        if self._chunks_len < need:
+            return None
+        chunks = self._chunks
+        extra = self._chunks_len - need
+        rest = b""
+        if extra:
+            # Split only the last chunk, not the joined frame.
+            last = chunks[-1]
+            cut = len(last) - extra
+            chunks[-1] = last[:cut]
+            rest = last[cut:]
+        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._chunks_len = 0
+        self._need = -1
+        self._buf += rest
+        return payload
+
     def _compact(self) -> None:
         if self._pos:
             del self._buf[: self._pos]
@@ -151,25 +143,7 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a returned frame."""
-        return len(self._buf) - self._pos + self._big_filled
-
-
-BIG_FRAME = 64 * 1024
-SCRATCH_SIZE = 256 * 1024
-_local = threading.local()
-
-
-def _scratch() -> memoryview:
-    """One read buffer per thread, shared by all its connections.
-
-    The transport fills it and calls buffer_updated, which copies the bytes
-    out, before it reads for any other connection; so idle connections hold
-    no read buffer of their own.
-    """
-    view: memoryview | None = getattr(_local, "scratch", None)
-    if view is None:
-        view = _local.scratch = memoryview(bytearray(SCRATCH_SIZE))
-    return view
+        return len(self._buf) - self._pos + self._chunks_len
 
 
 def frame(payload: bytes) -> bytes:
@@ -191,7 +165,7 @@ def encode_body(msg: dict[str, Any], compress: bool = True) -> bytes:
     return b"\x00" + raw
 
 
-def decode_body(plain: bytes | bytearray, max_body: int = MAX_BODY) -> dict[str, Any]:
+def decode_body(plain: bytes, max_body: int = MAX_BODY) -> dict[str, Any]:
     """Inverse of encode_body. Any defect is a ProtocolError, never anything else."""
     if not plain:
         raise ProtocolError("empty_body", "empty frame body")
@@ -259,7 +233,7 @@ class Opener:
         self._aead = AESGCM(key)
         self._ctr = 0
 
-    def open(self, sealed: bytes | bytearray) -> bytes:
+    def open(self, sealed: bytes) -> bytes:
         nonce = self._ctr.to_bytes(12, "big")
         try:
             plain = self._aead.decrypt(nonce, sealed, None)
@@ -280,7 +254,7 @@ class PlainCodec:
     def seal_frame(self, plain: bytes) -> bytes:
         return _LEN.pack(len(plain)) + plain
 
-    def open(self, sealed: bytes | bytearray) -> bytes | bytearray:
+    def open(self, sealed: bytes) -> bytes:
         return sealed
 
 

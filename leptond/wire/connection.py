@@ -56,12 +56,8 @@ BIG_FRAME = 64 * 1024
 _STREAM_END = object()
 
 
-class Connection(asyncio.BufferedProtocol):
-    """A sealed, multiplexed RPC connection (client or server side).
-
-    A BufferedProtocol so that the transport reads large frames straight into
-    a buffer of their size (see FrameReader.get_buffer).
-    """
+class Connection(asyncio.Protocol):
+    """A sealed, multiplexed RPC connection (client or server side)."""
 
     def __init__(
         self,
@@ -120,22 +116,10 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._opened()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._reader.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.last_activity = self.loop.time()
-        self._reader.buffer_updated(nbytes)
-        self._take_frames()
-
     def data_received(self, data: bytes) -> None:
-        """The same as a read into get_buffer(), for callers that hold bytes."""
         self.last_activity = self.loop.time()
-        self._reader.append(data)
-        self._take_frames()
-
-    def _take_frames(self) -> None:
         reader = self._reader
+        reader.append(data)
         try:
             # One frame at a time: the handshake raises the frame cap, and a
             # frame right behind the hello in the same read must see the new cap.
@@ -173,8 +157,7 @@ class Connection(asyncio.BufferedProtocol):
             self._paused = None
 
     # -- handshake --------------------------------------------------------
-    def _handshake_frame(self, payload: bytes | bytearray) -> None:
-        payload = bytes(payload)  # hellos are tiny
+    def _handshake_frame(self, payload: bytes) -> None:
         if self.is_client:
             status, nonce, pub = hs.parse_server_hello(payload)
             if status == hs.STATUS_UNKNOWN_KEY:
