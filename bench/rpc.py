@@ -143,11 +143,21 @@ async def measure(
             out[f"{name}_cpu_us_{k}"] = cpu_us
         random_body = os.urandom(MiB)
         zeros_body = bytes(MiB)
-        out[f"{name}_up_random_mb_s"] = await upload(conn, random_body, duration_s)
-        out[f"{name}_down_random_mb_s"] = await download(conn, True, duration_s)
+        bulk: list[tuple[str, Awaitable[float]]] = [
+            (f"{name}_up_random", upload(conn, random_body, duration_s)),
+            (f"{name}_down_random", download(conn, True, duration_s)),
+        ]
         if not plain:
-            out["sealed_up_compressible_mb_s"] = await upload(conn, zeros_body, duration_s)
-            out["sealed_down_compressible_mb_s"] = await download(conn, False, duration_s)
+            bulk += [
+                ("sealed_up_compressible", upload(conn, zeros_body, duration_s)),
+                ("sealed_down_compressible", download(conn, False, duration_s)),
+            ]
+        for key, run_it in bulk:
+            c0, t0 = cpu.now(), time.perf_counter()
+            rate = await run_it
+            mb = rate * (time.perf_counter() - t0)
+            out[f"{key}_mb_s"] = rate
+            out[f"{key}_cpu_ms_per_mb"] = (cpu.now() - c0) / mb * 1e3
     finally:
         conn.close()
 
@@ -175,6 +185,9 @@ def table(r: dict[str, float]) -> str:
     for d in ("up", "down"):
         s, p = r[f"sealed_{d}_random_mb_s"], r[f"plain_{d}_random_mb_s"]
         rows.append(f"{f'1 MiB random {d}, MB/s':28}{s:12,.0f}{p:12,.0f}{s / p:8.2f}")
+    for d in ("up", "down"):
+        s, p = r[f"sealed_{d}_random_cpu_ms_per_mb"], r[f"plain_{d}_random_cpu_ms_per_mb"]
+        rows.append(f"{f'CPU ms/MB, random {d}':28}{s:12,.2f}{p:12,.2f}{s / p:8.2f}")
     for d in ("up", "down"):
         s = r[f"sealed_{d}_compressible_mb_s"]
         rows.append(f"{f'1 MiB zeros {d}, MB/s':28}{s:12,.0f}{'-':>12}")

@@ -250,3 +250,26 @@ def test_a_thousand_idle_connections(idle_server: ServerProc, tmp_path: Path) ->
     assert counter(after, "idle_closed") - counter(base, "idle_closed") >= 500
     assert max(busy["rss"], after["rss"]) - base["rss"] < 100 * MiB
     assert len(srv.log_lines()) < 20
+
+
+def test_a_hundred_bad_connections_log_a_handful_of_lines(
+    server: ServerProc, side: RawPeer
+) -> None:
+    before = server.stats()
+    lines_before = len(server.log_lines())
+    for k in range(100):
+        how = (wrong_psk, random_bytes, bit_flipped, over_cap)[k % 4]
+        with how(server.port) as bad:
+            assert bad.closed_by_server(5.0)
+    after = wait_until(
+        lambda: (
+            (s := server.stats())
+            and counter(s, "rejected") - counter(before, "rejected") >= 100
+            and s
+        ),
+        5.0,
+        "100 rejections to be counted",
+    )
+    assert counter(after, "rejected") - counter(before, "rejected") == 100
+    assert len(server.log_lines()) - lines_before <= 8  # one per reason per interval at most
+    assert side.call("echo", "fine") == "fine"
