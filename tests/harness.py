@@ -7,6 +7,7 @@ condition with a deadline; nothing sleeps and then asserts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -284,12 +285,38 @@ class Cluster:
         return json.loads(self.ctl(*args, "-o", "json", **kw).stdout)
 
     # -- observations ----------------------------------------------------------------
+    # Polling goes over RPC from this process: starting a leptonctl process per
+    # poll costs a second or more on a loaded 2-core machine. The CLI itself is
+    # exercised through ctl().
+    def rpc(
+        self,
+        method: str,
+        args: dict[str, Any] | None = None,
+        addr: str | None = None,
+        timeout_s: float = 20,
+    ) -> Any:
+        from leptond.wire.client import ClusterClient, parse_addrs
+        from leptond.wire.tokens import parse_token
+
+        tok = parse_token(self.admin_token)
+
+        async def go() -> Any:
+            c = ClusterClient(
+                parse_addrs(addr or self.addrs), key_id=tok.id, psk=tok.psk, connect_timeout_s=2
+            )
+            try:
+                return await c.call(method, args or {}, timeout_s=timeout_s)
+            finally:
+                await c.close()
+
+        return asyncio.run(go())
+
     def leader(self) -> Master | None:
         for m in self.masters:
             if not m.proc.alive():
                 continue
             try:
-                st = self.ctl_json("cluster", "status", addr=m.rpc_addr, timeout_s=10)
+                st = self.rpc("cluster_status", addr=m.rpc_addr, timeout_s=5)
             except Exception:
                 continue
             if st.get("is_leader"):
@@ -300,7 +327,7 @@ class Cluster:
         return wait_for(self.leader, timeout_s, "a leader with its controllers running")
 
     def nodes(self) -> list[dict[str, Any]]:
-        return list(self.ctl_json("nodes", timeout_s=20))
+        return list(self.rpc("nodes"))
 
     def wait_nodes_ready(self, n: int, timeout_s: float = 30) -> list[dict[str, Any]]:
         return wait_for(
@@ -310,7 +337,7 @@ class Cluster:
         )
 
     def status(self, job: str) -> dict[str, Any]:
-        return dict(self.ctl_json("status", job, timeout_s=20))
+        return dict(self.rpc("status", {"job_id": job}))
 
     def wait_job(self, job: str, states: set[str], timeout_s: float = 60) -> dict[str, Any]:
         return wait_for(
