@@ -149,15 +149,14 @@ class Cluster:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         secrets = self.root / "secrets"
-        out = subprocess.run(
-            [sys.executable, "-m", "leptond.cli", "init", str(secrets)],
-            env=env(),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
+        # `leptond init` itself is tested in test_cli_basics; here it runs in-process.
+        import contextlib
+        import io
+
+        from leptond.cli import main as leptond_main
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert leptond_main(["init", str(secrets)]) == 0
         self.secret = secrets / "cluster.key"
         self.admin_token_file = secrets / "admin.token"
         self.admin_token = self.admin_token_file.read_text().strip()
