@@ -89,7 +89,8 @@ class ClusterState:
             return error(exc.code, str(exc))
         except SpecError as exc:
             return error("bad_request", str(exc))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # OverflowError: int() of an infinite float, e.g. a corrupt attempt or mem_bytes.
             return error("bad_command", f"malformed {cmd.op} command: {type(exc).__name__}: {exc}")
         except Exception as exc:  # apply must never raise: pysyncobj would stall
             log.exception("apply %s failed", cmd.op)
