@@ -89,7 +89,8 @@ class ClusterState:
             return error(exc.code, str(exc))
         except SpecError as exc:
             return error("bad_request", str(exc))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # OverflowError: int() of an infinite float, e.g. a corrupt attempt or mem_bytes.
             return error("bad_command", f"malformed {cmd.op} command: {type(exc).__name__}: {exc}")
         except Exception as exc:  # apply must never raise: pysyncobj would stall
             log.exception("apply %s failed", cmd.op)
@@ -102,14 +103,18 @@ class ClusterState:
         gpus = [_gpu(g) for g in n.get("gpus", [])]
         labels = {str(k): str(v) for k, v in (n.get("labels") or {}).items()}
         now = float(a["now"])
+        cpus, mem_bytes = float(n["cpus"]), int(n["mem_bytes"])
+        # NaN or negative capacity would defeat the capacity check in apply_plan.
+        if not (0 <= cpus <= 1e6 and mem_bytes >= 0):
+            raise ArgError("bad_request", "node cpus and mem_bytes must be finite and not negative")
         node = self.nodes.get(node_id)
         if node is None:
             node = Node(
                 id=node_id,
                 name=validate_name(n.get("name"), "node name"),
                 addr=str(n.get("addr", "")),
-                cpus=float(n["cpus"]),
-                mem_bytes=int(n["mem_bytes"]),
+                cpus=cpus,
+                mem_bytes=mem_bytes,
                 gpus=gpus,
                 labels=labels,
                 registered_at=now,
@@ -122,7 +127,6 @@ class ClusterState:
         else:
             # Everything that can fail comes before the first write.
             name = validate_name(n.get("name"), "node name")
-            cpus, mem_bytes = float(n["cpus"]), int(n["mem_bytes"])
             node.name = name
             node.addr = str(n.get("addr", node.addr))
             node.cpus, node.mem_bytes, node.labels = cpus, mem_bytes, labels
