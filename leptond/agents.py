@@ -115,8 +115,12 @@ class AgentRegistry:
         stop: list[str] = []
         with self.m.raft.lock:
             node = s.nodes.get(nid)
-            if node is None or node.state == "down":
+            if node is None:
                 return {"start": [], "stop": [tid for tid, _ in running], "state": "unknown"}
+            if node.state == "down":
+                # Judged down while its connection lived on (a pause, a network
+                # blip): registering again is how a returning node reconciles.
+                raise RpcError("unregistered", f"node {node.name} was marked down; register again")
             should = {
                 tid: s.tasks[tid]
                 for tid in s.node_tasks.get(nid, ())
