@@ -141,7 +141,9 @@ class AgentRegistry:
         require(conn.context, "cluster")
         self.m.ensure_leader()
         nid = conn.context.get("node_id")
-        if not nid or not isinstance(a, dict) or not isinstance(a.get("events"), list):
+        if not nid:
+            raise RpcError("unregistered", "register before reporting task events")
+        if not isinstance(a, dict) or not isinstance(a.get("events"), list):
             raise RpcError(BAD_REQUEST, "task_events needs a list of events")
         assert self.events is not None
         evs = [dict(e, node_id=nid) for e in a["events"] if isinstance(e, dict)]
