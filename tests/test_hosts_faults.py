@@ -24,7 +24,7 @@ from tests.test_hosts_e2e import (
 
 # Long enough that an agent restarted at once is back before it: re-adoption
 # needs the node not to be judged down in between.
-TTL_S = 5.0
+TTL_S = 6.0
 
 
 @pytest.fixture(scope="module")
