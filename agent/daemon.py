@@ -151,6 +151,8 @@ class Agent:
                     if not refused:
                         log.error("the masters refused this agent's key: %s", exc)
                     refused = True
+                elif exc.code == "unregistered":
+                    log.warning("registering again: %s", exc)
                 else:
                     log.warning("lost the leader (%s); reconnecting", exc)
                 self.registered_on = None

@@ -49,7 +49,7 @@ def one(c: Cluster, agents: dict[str, Proc], tmp: Path, i: int) -> dict[str, flo
         f"date +%s.%N > {second}"
     )
     job = c.submit("--gpus", "1", "--retries", "1", "--", "sh", "-c", script)
-    wait_for(lambda: stamp(first), 60, "the first attempt to start")
+    wait_for(lambda: stamp(first) or 0.0, 60, "the first attempt to start")
     st = c.status(job)
     host = st["tasks"][0]["node"]
     victim = agents[host]
@@ -58,11 +58,15 @@ def one(c: Cluster, agents: dict[str, Proc], tmp: Path, i: int) -> dict[str, flo
     assert victim.popen is not None
     victim.popen.wait(10)
     down_at = wait_for(
-        lambda: any(n["name"] == host and n["state"] == "down" for n in c.nodes()) and time.time(),
+        lambda: (
+            time.time()
+            if any(n["name"] == host and n["state"] == "down" for n in c.nodes())
+            else 0.0
+        ),
         120,
         f"{host} to be judged down",
     )
-    again = wait_for(lambda: stamp(second), 120, "the second attempt to start")
+    again = wait_for(lambda: stamp(second) or 0.0, 120, "the second attempt to start")
     st = c.wait_job(job, {"succeeded", "failed"})
     if st["state"] != "succeeded" or st["tasks"][0]["node"] == host:
         raise SystemExit(f"repetition {i}: unexpected outcome {st}")

@@ -115,8 +115,12 @@ class AgentRegistry:
         stop: list[str] = []
         with self.m.raft.lock:
             node = s.nodes.get(nid)
-            if node is None or node.state == "down":
+            if node is None:
                 return {"start": [], "stop": [tid for tid, _ in running], "state": "unknown"}
+            if node.state == "down":
+                # Judged down while its connection lived on (a pause, a network
+                # blip): registering again is how a returning node reconciles.
+                raise RpcError("unregistered", f"node {node.name} was marked down; register again")
             should = {
                 tid: s.tasks[tid]
                 for tid in s.node_tasks.get(nid, ())
@@ -137,7 +141,9 @@ class AgentRegistry:
         require(conn.context, "cluster")
         self.m.ensure_leader()
         nid = conn.context.get("node_id")
-        if not nid or not isinstance(a, dict) or not isinstance(a.get("events"), list):
+        if not nid:
+            raise RpcError("unregistered", "register before reporting task events")
+        if not isinstance(a, dict) or not isinstance(a.get("events"), list):
             raise RpcError(BAD_REQUEST, "task_events needs a list of events")
         assert self.events is not None
         evs = [dict(e, node_id=nid) for e in a["events"] if isinstance(e, dict)]

@@ -90,11 +90,13 @@ def task0(c: Cluster, job: str) -> dict[str, Any]:
 
 
 def wait_task(c: Cluster, job: str, states: set[str], timeout_s: float = 60) -> dict[str, Any]:
-    return wait_for(
-        lambda: (t := task0(c, job))["state"] in states and t,
-        timeout_s,
-        f"task 0 of {job} to reach {states}",
-    )
+    def reached() -> dict[str, Any] | None:
+        t = task0(c, job)
+        return t if t["state"] in states else None
+
+    t = wait_for(reached, timeout_s, f"task 0 of {job} to reach {states}")
+    assert t is not None
+    return t
 
 
 @contextlib.contextmanager
@@ -197,12 +199,13 @@ def test_nodes_json_healthz_and_metrics(hosts: Cluster) -> None:
             assert key in n, (key, n)
         assert n["gpus_total"] == 4
         assert 0 <= n["gpus_free"] <= 4
+
     # Per-GPU stats from the simulated probe arrive with the heartbeats.
-    nodes = wait_for(
-        lambda: (ns := hosts.ctl_json("nodes")) and all(len(n["gpus"]) == 4 for n in ns) and ns,
-        20,
-        "GPU stats from every node",
-    )
+    def with_stats() -> list[dict[str, Any]]:
+        ns = hosts.ctl_json("nodes")
+        return list(ns) if all(len(n["gpus"]) == 4 for n in ns) else []
+
+    nodes = wait_for(with_stats, 20, "GPU stats from every node")
     for n in nodes:
         for g in n["gpus"]:
             assert g["name"].startswith("Simulated")
@@ -284,7 +287,12 @@ def test_cancel_of_a_finished_job_is_one_line(hosts: Cluster) -> None:
 
 def test_more_gpus_than_any_node_stays_pending_with_a_reason(hosts: Cluster) -> None:
     job = hosts.submit("--gpus", "5", "--", "true")
-    st = wait_for(lambda: (s := hosts.status(job)).get("reason") and s, 30, "a pending reason")
+
+    def with_reason() -> dict[str, Any]:
+        s = hosts.status(job)
+        return s if s.get("reason") else {}
+
+    st = wait_for(with_reason, 30, "a pending reason")
     assert st["state"] == "pending"
     text = hosts.ctl("status", job).stdout
     assert "pending" in text and st["reason"] in text

@@ -24,7 +24,7 @@ from tests.test_hosts_e2e import (
 
 # Long enough that an agent restarted at once is back before it: re-adoption
 # needs the node not to be judged down in between.
-TTL_S = 5.0
+TTL_S = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,31 @@ def test_drain_keeps_new_work_off_and_lets_running_work_finish(faults: Cluster) 
     faults.ctl("node", "undrain", "h1")
     st = faults.wait_job(pinned, {"succeeded", "failed"})
     assert st["state"] == "succeeded" and st["tasks"][0]["node"] == "h1", st
+
+
+def test_agent_paused_past_the_ttl_comes_back_ready(faults: Cluster) -> None:
+    """Its connection survives the pause: the node must still come back."""
+    job = faults.submit("--gpus", "1", "--constraint", "host=h1", "--", "sleep", "120")
+    wait_task(faults, job, {"running"})
+    a = agent(faults, "h1")
+    a.signal(19)  # SIGSTOP
+    try:
+        wait_for(
+            lambda: (n := node_by_name(faults, "h1")) is not None and n["state"] == "down",
+            TTL_S + 30,
+            "h1 down",
+        )
+    finally:
+        a.signal(18)  # SIGCONT
+    assert faults.wait_job(job, {"failed"})["tasks"][0]["state"] == "lost"
+    wait_for(
+        lambda: (n := node_by_name(faults, "h1")) is not None and n["state"] == "ready",
+        30,
+        "h1 ready again after the pause",
+    )
+    again = faults.submit("--gpus", "1", "--constraint", "host=h1", "--", "true")
+    assert faults.wait_job(again, {"succeeded", "failed"})["state"] == "succeeded"
+    assert_no_gpu_shared(faults)
 
 
 def test_leave_on_stop_drains_and_deregisters(faults: Cluster) -> None:
