@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"leptond: --quota takes USER=GPUS, got {q!r}", file=sys.stderr)
             return 2
         quotas[user] = int(n)
+    if not 0.3 < args.raft_min_timeout < args.raft_max_timeout:
+        print("leptond: need 0.3 < --raft-min-timeout < --raft-max-timeout", file=sys.stderr)
+        return 2
     cfg = MasterConfig(
         data_dir=Path(args.data_dir),
         secret_file=Path(args.secret_file),

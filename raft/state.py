@@ -61,6 +61,10 @@ class ClusterState:
         self.gpu_owner: dict[tuple[str, int], str] = {}
         self.node_tasks: dict[str, set[str]] = {}
         self.pending: dict[str, None] = {}  # insertion-ordered set of pending task ids
+        # Bumped by every command that can free capacity or change nodes. Local
+        # (not in snapshots): the leader's scheduler uses it to skip tasks that
+        # did not fit last time when nothing could have made room since.
+        self.capacity_epoch = 0
 
     # -- entry point --------------------------------------------------------
     def apply(self, command: bytes, index: int) -> Any:
@@ -73,6 +77,8 @@ class ClusterState:
         if cmd.rid in self.recent:
             return self.recent[cmd.rid]
         result = self._dispatch(cmd, index)
+        if cmd.op in CAPACITY_OPS:
+            self.capacity_epoch += 1
         self.applied_index = max(self.applied_index, index)
         self.recent[cmd.rid] = result
         if len(self.recent) > RECENT_LIMIT:
@@ -461,6 +467,17 @@ def _gpu(g: Any) -> dict[str, Any]:
     }
 
 
+CAPACITY_OPS = frozenset(
+    {
+        "register_node",
+        "node_state",
+        "node_down",
+        "remove_node",
+        "task_events",
+        "cancel_job",
+        "restore",
+    }
+)
 OPS = frozenset(
     {
         "register_node",
