@@ -63,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         kill_grace_s=args.kill_grace,
         preemption=not args.no_preemption,
         quotas=quotas,
+        raft_min_timeout_s=args.raft_min_timeout,
+        raft_max_timeout_s=args.raft_max_timeout,
         block_cache_bytes=args.block_cache_bytes,
         block_cache_policy=args.block_cache_policy,
     )
@@ -114,6 +116,10 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-preemption", action="store_true")
     r.add_argument("--quota", action="append", help="USER=GPUS, repeatable")
+    r.add_argument(
+        "--raft-min-timeout", type=float, default=0.35, help="election timeout range, seconds"
+    )
+    r.add_argument("--raft-max-timeout", type=float, default=0.8)
     r.add_argument(
         "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
     )
