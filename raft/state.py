@@ -109,7 +109,7 @@ class ClusterState:
         gpus = [_gpu(g) for g in n.get("gpus", [])]
         labels = {str(k): str(v) for k, v in (n.get("labels") or {}).items()}
         now = float(a["now"])
-        cpus, mem_bytes = float(n["cpus"]), int(n["mem_bytes"])
+        cpus, mem_bytes = float(n["cpus"]), _int64(n["mem_bytes"])
         # NaN or negative capacity would defeat the capacity check in apply_plan.
         if not (0 <= cpus <= 1e6 and mem_bytes >= 0):
             raise ArgError("bad_request", "node cpus and mem_bytes must be finite and not negative")
@@ -457,13 +457,21 @@ def _str(d: dict[str, Any], key: str) -> str:
     return v
 
 
+def _int64(v: Any) -> int:
+    """int(v) that msgpack can pack again: int(1e300) would make snapshot() raise."""
+    out = int(v)
+    if not -(2**63) <= out < 2**63:
+        raise ValueError(f"number {v!r} out of range")
+    return out
+
+
 def _gpu(g: Any) -> dict[str, Any]:
     return {
-        "index": int(g["index"]),
+        "index": _int64(g["index"]),
         "uuid": str(g.get("uuid", "")),
         "model": str(g.get("model", "")),
-        "mem_bytes": int(g.get("mem_bytes", 0)),
-        "domain": int(g.get("domain", -1)),
+        "mem_bytes": _int64(g.get("mem_bytes", 0)),
+        "domain": _int64(g.get("domain", -1)),
     }
 
 

@@ -156,15 +156,12 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
 
 def _event_fields(ev: dict[str, Any]) -> tuple[str, int, float, int | None]:
     """task_id, attempt, at and exit_code of one event; raises when malformed."""
-    code = ev.get("exit_code")
+    code = None if ev.get("exit_code") is None else int(ev["exit_code"])
+    if code is not None and not -(2**63) <= code < 2**63:  # int(1e300) breaks snapshot()
+        raise ValueError("exit_code out of range")
     if "state" not in ev:
         raise KeyError("state")
-    return (
-        str(ev["task_id"]),
-        int(ev["attempt"]),
-        float(ev["at"]),
-        None if code is None else int(code),
-    )
+    return str(ev["task_id"]), int(ev["attempt"]), float(ev["at"]), code
 
 
 def _release(s: ClusterState, t: Task) -> None:

@@ -88,6 +88,17 @@ BAD_ARGS = {
     "re-register with negative memory": cmd(
         "register_node", {"now": 1.0, "node": node_record("n1", mem_bytes=-1)}
     ),
+    "register with memory beyond 64 bits": cmd(
+        "register_node", {"now": 1.0, "node": node_record("n9", mem_bytes=1e300)}
+    ),
+    "exit code beyond 64 bits": cmd(
+        "task_events",
+        {
+            "events": [
+                {"task_id": "gang.0", "attempt": 1, "state": "exited", "exit_code": 1e300, "at": 1}
+            ]
+        },
+    ),
     "node id not a string": cmd("register_node", {"now": 1.0, "node": node_record(7)}),  # type: ignore[arg-type]
     "node_state without now": cmd("node_state", {"node_id": "n3", "state": "ready"}),
     "node_state bad state": cmd("node_state", {"node_id": "n1", "state": "gone", "now": 1.0}),
