@@ -326,6 +326,7 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "leader_rpc": m.leader_rpc_addr(),
         "self": m.cfg.raft_addr,
         "is_leader": m.is_leader(),
+        "blocks": m.blocks.stats(),
     }
 
 

@@ -60,6 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         kill_grace_s=args.kill_grace,
         preemption=not args.no_preemption,
         quotas=quotas,
+        block_cache_bytes=args.block_cache_bytes,
+        block_cache_policy=args.block_cache_policy,
     )
     try:
         master = Master(cfg)
@@ -109,6 +111,10 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-preemption", action="store_true")
     r.add_argument("--quota", action="append", help="USER=GPUS, repeatable")
+    r.add_argument(
+        "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
+    )
+    r.add_argument("--block-cache-policy", choices=["lru", "lfu"], default="lru")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("dev", help="a whole cluster on this host: one master and N agents")
     d.add_argument("--data-dir", default=".lepton-dev")

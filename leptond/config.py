@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class MasterConfig:
     raft_max_timeout_s: float = 1.6
     job_retention_s: float = 7 * 86400.0
     block_cache_bytes: int = 256 << 20
-    block_cache_policy: str = "lru"
+    block_cache_policy: Literal["lru", "lfu"] = "lru"
 
     @property
     def host(self) -> str:

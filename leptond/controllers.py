@@ -31,6 +31,7 @@ class Controllers:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self.reasons: dict[str, str] = {}
+        self.preempting: dict[str, set[str]] = {}  # pending task -> victims still stopping
         self.errors = 0
         self.plans = 0
         self.start_latencies: list[float] = []
@@ -125,12 +126,23 @@ class Controllers:
         with self.m.raft.lock:
             if not self.m.state.pending and not self._stops_outstanding():
                 return
-            nodes, allocs, pending = views.scheduler_inputs(self.m.state)
+            nodes, allocs, pending = views.scheduler_inputs(
+                self.m.state, self.m.cached_sets(), self.m.block_sets()
+            )
+            stopping = {t.id for t in self._live_tasks() if t.stop == "preempt"}
+        # A task whose victims are still stopping waits for them rather than
+        # evicting more work: it is placed once their resources are free.
+        self.preempting = {p: v & stopping for p, v in self.preempting.items() if v & stopping}
+        pending = [r for r in pending if r.task_id not in self.preempting]
         if len(pending) > 2000:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
+        for pr in plan.preemptions:
+            self.preempting.setdefault(pr.for_task, set()).add(pr.task_id)
         self.reasons = dict(plan.reasons)
+        for tid, victims in self.preempting.items():
+            self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"
         if plan.placements or plan.preemptions:
             await self._commit(plan)
         self._dispatch_stops()
