@@ -169,6 +169,15 @@ class Master:
         addr = self.leader_rpc_addr()
         if addr and addr != self.cfg.rpc_addr:
             return RpcError(NOT_LEADER, f"not the leader; the leader is {addr}", leader=addr)
+        assert self.raft is not None
+        reachable, members = self.raft.reachable()
+        if reachable * 2 <= members:
+            return RpcError(
+                NOT_LEADER,
+                f"no leader: no quorum, {reachable} of {members} masters reachable; "
+                "start or reconnect the others",
+                leader="",
+            )
         return RpcError(NOT_LEADER, "no leader elected yet; try again in a moment", leader="")
 
     def ensure_leader(self) -> None:

@@ -299,6 +299,10 @@ class RaftNode:
         node = self._obj._getLeader()
         return None if node is None else str(node.id)
 
+    def reachable(self) -> tuple[int, int]:
+        """(masters this one is connected to, itself included; members)."""
+        return self._reachable()
+
     def _reachable(self) -> tuple[int, int]:
         others = list(self._obj.otherNodes)
         connected = sum(1 for n in others if self._obj.isNodeConnected(n))
