@@ -41,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--leave-on-stop", action="store_true", help="drain and deregister on SIGTERM")
     r.add_argument("--log-cap", type=int, default=64 << 20, help="bytes of output kept per task")
     r.add_argument("--kill-grace", type=float, default=10.0)
+    r.add_argument(
+        "--cache-bytes", type=int, default=10 << 30, help="disk budget of the workdir block cache"
+    )
+    r.add_argument("--cache-policy", choices=["lru", "lfu"], default="lru")
     return p
 
 
@@ -66,6 +70,8 @@ async def _main(args: argparse.Namespace) -> int:
         leave_on_stop=args.leave_on_stop,
         log_cap_bytes=args.log_cap,
         kill_grace_s=args.kill_grace,
+        cache_bytes=args.cache_bytes,
+        cache_policy=args.cache_policy,
     )
     try:
         agent = Agent(cfg)

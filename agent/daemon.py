@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import socket
 import time
 import uuid
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leptond.blocks import WorkdirError
+from leptond.blocks.manifest import check_relative_path
 from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
@@ -28,6 +31,7 @@ from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, read_secret_file
 
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
+from .workdir import WorkdirCache
 
 log = logging.getLogger("lepton.agent")
 
@@ -45,6 +49,8 @@ class AgentConfig:
     leave_on_stop: bool = False
     log_cap_bytes: int = 64 << 20
     kill_grace_s: float = 10.0
+    cache_bytes: int = 10 << 30
+    cache_policy: str = "lru"
 
 
 def run_id(task_id: str, attempt: int) -> str:
@@ -81,6 +87,7 @@ class Agent:
         self.node_id = stable_node_id(cfg.data_dir)
         self.name = cfg.node_name or socket.gethostname()
         self.runner = TaskRunner(cfg.data_dir / "tasks")
+        self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
         self.client = ClusterClient(
             parse_addrs(cfg.masters),
@@ -198,6 +205,7 @@ class Agent:
             "gpus": [asdict(g) for g in gpus],
             "running": self.running(),
             "exited": sorted({e["task_id"] for e in self.events if e["state"] == "exited"}),
+            "cache": self.workdirs.stats(),
         }
 
     # -- tasks -------------------------------------------------------------------
@@ -213,11 +221,27 @@ class Agent:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
                 env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
                 env["LEPTON_GPUS"] = env["CUDA_VISIBLE_DEVICES"]
+                cwd = sp.get("cwd")
+                if sp.get("manifest") is not None:
+                    dest = self.cfg.data_dir / "workdirs" / rid
+                    try:
+                        if cwd:
+                            cwd = check_relative_path(cwd, "cwd")  # stays inside the workdir
+                        conn = await self.client.connection()
+                        await self.workdirs.prepare(rid, sp["manifest"], dest, conn)
+                    except (WorkdirError, RpcError) as exc:
+                        self.workdirs.release(rid)
+                        log.error("cannot prepare the workdir of %s: %s", rid, exc)
+                        self.events.append(
+                            _exit_event(sp["task_id"], int(sp["attempt"]), 1, f"workdir: {exc}")
+                        )
+                        continue
+                    cwd = str(dest / cwd) if cwd else str(dest)
                 spec = TaskSpec(
                     task_id=rid,
                     argv=list(sp["argv"]),
                     env=env,
-                    cwd=sp.get("cwd"),
+                    cwd=cwd,
                     time_limit_s=sp.get("time_limit_s"),
                     log_cap_bytes=self.cfg.log_cap_bytes,
                     kill_grace_s=self.cfg.kill_grace_s,
@@ -280,6 +304,8 @@ class Agent:
                 self.events.remove(e)
             if e["state"] == "exited" and e.get("rid"):
                 self.runner.ack(e["rid"])
+                self.workdirs.release(e["rid"])
+                shutil.rmtree(self.cfg.data_dir / "workdirs" / e["rid"], ignore_errors=True)
 
     def _mark_busy(self) -> None:
         if isinstance(self.probe, SimulatedGpuProbe):

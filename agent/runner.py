@@ -91,7 +91,6 @@ class TaskUsage:
 class _Shim:
     pid: int
     popen: subprocess.Popen[bytes] | None  # set when this runner started it
-    started: float  # monotonic, for the shim start timeout
 
 
 class TaskRunner:
@@ -138,7 +137,10 @@ class TaskRunner:
                 atomic_write_json(tdir / SPEC, body)
                 shim_log = open(tdir / SHIM_LOG, "ab")  # noqa: SIM115 - handed to the child
             except OSError as e:
-                raise RunnerError(f"cannot use task directory {tdir}: {e.strerror or e}") from None
+                shutil.rmtree(tdir, ignore_errors=True)
+                raise RunnerError(
+                    f"cannot use task directory {tdir}: {e.strerror or e}"
+                ) from None
             try:
                 popen = subprocess.Popen(
                     [sys.executable, "-m", SHIM_MODULE, str(tdir)],
@@ -151,10 +153,11 @@ class TaskRunner:
                     close_fds=True,
                 )
             except OSError as e:
+                shutil.rmtree(tdir, ignore_errors=True)  # no shim: nothing to adopt later
                 raise RunnerError(f"cannot start the task shim: {e.strerror or e}") from None
             finally:
                 shim_log.close()
-            self._shims[spec.task_id] = _Shim(popen.pid, popen, time.monotonic())
+            self._shims[spec.task_id] = _Shim(popen.pid, popen)
             return popen.pid
 
     # -------------------------------------------------------------- stop
@@ -238,11 +241,11 @@ class TaskRunner:
                     continue
                 proc = self._live_shim(tdir)
                 if proc is not None:
-                    self._shims[task_id] = _Shim(proc.pid, None, time.monotonic())
+                    self._shims[task_id] = _Shim(proc.pid, None)
                 elif not self._maybe_starting(tdir):
                     self._supervisor_lost(tdir)
                 else:
-                    self._shims[task_id] = _Shim(-1, None, time.monotonic())
+                    self._shims[task_id] = _Shim(-1, None)  # shim.pid not written yet
             self._refresh()
             return sorted(self._shims), self._unacked_exits()
 
@@ -320,7 +323,9 @@ class TaskRunner:
 
     def _supervisor_lost(self, tdir: Path) -> None:
         """The shim died without writing exit.json: kill what is left, record it."""
-        log.warning("task %s: its shim died without recording an exit", tdir.name)
+        log.warning(
+            "task %s: its shim died without recording an exit (see %s)", tdir.name, tdir / SHIM_LOG
+        )
         task = ProcRecord.load(tdir / TASK_PID)
         # The verdict is recorded first: exit.json is write-once, so should
         # the shim be alive after all, its report and ours cannot both stand.

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,7 @@ class Shim:
         self.stop: StopRequest | None = None
         self.kill_at: float | None = None  # monotonic time of the SIGKILL escalation
         self.escalated = False
+        self.task_pid: int | None = None
         self.started_at = time.time()
         self._wake_r, self._wake_w = os.pipe()
 
@@ -115,7 +117,9 @@ class Shim:
     def install_signals(self) -> None:
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
-        signal.set_wakeup_fd(self._wake_w)  # wakes select() on any handled signal
+        # Wakes select() on any handled signal. A full pipe only means a
+        # wakeup is already pending, so no warning for it.
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_stop_signal)
         # SIGCHLD needs a Python handler for the wakeup fd to see it; the
@@ -143,6 +147,12 @@ class Shim:
         log = RotatingLog(self.dir, int(spec["log_cap_bytes"]))
         try:
             code, sig, msg = self.supervise(log)
+        except Exception as e:
+            # A bug here must still end in a recorded exit and no stray task.
+            traceback.print_exc()
+            if self.task_pid is not None:
+                _killpg(self.task_pid, signal.SIGKILL)
+            code, sig, msg = None, None, f"leptond: supervisor error: {e!r}"
         finally:
             log.close()
         # Last: once exit.json exists the runner may delete the directory.
@@ -171,6 +181,7 @@ class Shim:
             code, msg = self.start_error(e, argv[0], cwd)
             log.write(msg.encode() + b"\n")
             return code, None, msg
+        self.task_pid = proc.pid
         rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, time.time())
         rec.save(self.dir / TASK_PID)
         assert proc.stdout is not None

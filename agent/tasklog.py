@@ -9,17 +9,20 @@ started), so `leptonctl logs -f` can resume where it stopped even across a
 rotation. output.state.json records `base`, the offset of output.log's first
 byte; output.log.1 ends exactly there. Rotation (rename + new base) happens
 under an exclusive flock on output.lock and readers hold a shared one, so a
-reader never pairs a new base with old files. Appends need no lock: they only
-grow output.log.
+reader never pairs a new base with old files. The state file is only read and
+written under that lock, so it is rewritten in place (no rename: renames cost
+milliseconds on overlay file systems and a flood rotates often). Appends need
+no lock: they only grow output.log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-
-from agent.taskdir import atomic_write_json, read_json
 
 LOG = "output.log"
 LOG_OLD = "output.log.1"
@@ -40,8 +43,10 @@ class RotatingLog:
         self.old_size = 0  # bytes in output.log.1
         self.dropped = 0  # bytes rotated away or lost to write errors
         self._lock_fd = os.open(task_dir / LOG_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        self._state_fd = os.open(task_dir / LOG_STATE, os.O_CREAT | os.O_RDWR, 0o600)
         self._fd = os.open(task_dir / LOG, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        self._save_state()
+        with _locked(self._lock_fd, fcntl.LOCK_EX):
+            self._save_state()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -61,8 +66,7 @@ class RotatingLog:
             view = view[n:]
 
     def _rotate(self) -> None:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
+        with _locked(self._lock_fd, fcntl.LOCK_EX):
             os.replace(self._dir / LOG, self._dir / LOG_OLD)
             os.close(self._fd)
             self._fd = os.open(self._dir / LOG, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
@@ -71,18 +75,37 @@ class RotatingLog:
             self.base += self.size
             self.size = 0
             self._save_state()
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _save_state(self) -> None:
-        atomic_write_json(
-            self._dir / LOG_STATE, {"base": self.base, "dropped": self.dropped}, durable=False
-        )
+        # Caller holds the exclusive lock.
+        data = json.dumps({"base": self.base, "dropped": self.dropped}).encode()
+        os.ftruncate(self._state_fd, 0)
+        os.pwrite(self._state_fd, data, 0)
 
     def close(self) -> None:
-        self._save_state()  # the final dropped count
+        with _locked(self._lock_fd, fcntl.LOCK_EX):
+            self._save_state()  # the final dropped count
         os.close(self._fd)
+        os.close(self._state_fd)
         os.close(self._lock_fd)
+
+
+@contextlib.contextmanager
+def _locked(fd: int, how: int) -> Iterator[None]:
+    fcntl.flock(fd, how)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _read_state(task_dir: Path) -> dict[str, int]:
+    # Caller holds a lock on output.lock.
+    try:
+        obj = json.loads((task_dir / LOG_STATE).read_bytes() or b"{}")
+        return {"base": int(obj.get("base", 0)), "dropped": int(obj.get("dropped", 0))}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {"base": 0, "dropped": 0}
 
 
 def read_log(task_dir: Path, offset: int, limit: int) -> tuple[bytes, int]:
@@ -98,8 +121,7 @@ def read_log(task_dir: Path, offset: int, limit: int) -> tuple[bytes, int]:
         return b"", max(offset, 0)  # the shim has not opened the log yet
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_SH)
-        state = read_json(task_dir / LOG_STATE) or {}
-        base = int(state.get("base", 0))
+        base = _read_state(task_dir)["base"]
         cur_size = _size(task_dir / LOG)
         old_size = _size(task_dir / LOG_OLD)
         start, end = base - old_size, base + cur_size
@@ -119,8 +141,15 @@ def read_log(task_dir: Path, offset: int, limit: int) -> tuple[bytes, int]:
 
 def dropped_bytes(task_dir: Path) -> int:
     """How many bytes of output the cap has discarded so far."""
-    state = read_json(task_dir / LOG_STATE) or {}
-    return int(state.get("dropped", 0))
+    try:
+        lock_fd = os.open(task_dir / LOG_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        return _read_state(task_dir)["dropped"]
+    finally:
+        os.close(lock_fd)
 
 
 def _size(path: Path) -> int:

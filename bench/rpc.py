@@ -24,7 +24,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,13 +78,35 @@ async def timed(duration_s: float, workers: int, one: Callable[[], Awaitable[int
     return done / (time.perf_counter() - t0)
 
 
-async def round_trips(conn: Connection, in_flight: int, duration_s: float) -> float:
+class CpuMeter:
+    """CPU seconds used by this process and the server together.
+
+    The machine may be shared, so besides rates we report CPU time per unit of
+    work, which other load disturbs much less.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self.server = psutil.Process(server_pid)
+
+    def now(self) -> float:
+        t = self.server.cpu_times()
+        return time.process_time() + t.user + t.system
+
+
+async def round_trips(
+    conn: Connection, cpu: CpuMeter, in_flight: int, duration_s: float
+) -> tuple[float, float]:
+    """(round trips per second, CPU microseconds per round trip, both sides)."""
+
     async def one() -> int:
         await conn.call("echo", 7)
         return 1
 
     await timed(min(0.3, duration_s), in_flight, one)  # warm up
-    return await timed(duration_s, in_flight, one)
+    c0 = cpu.now()
+    rate = await timed(duration_s, in_flight, one)
+    used = cpu.now() - c0
+    return rate, used / (rate * duration_s) * 1e6
 
 
 async def upload(conn: Connection, body: bytes, duration_s: float) -> float:
@@ -107,19 +130,34 @@ async def download(conn: Connection, random: bool, duration_s: float) -> float:
     return total / (time.perf_counter() - t0) / 1e6
 
 
-async def measure(plain: bool, port: int, duration_s: float, out: dict[str, float]) -> None:
+async def measure(
+    plain: bool, proc: subprocess.Popen[bytes], port: int, duration_s: float, out: dict[str, float]
+) -> None:
     conn = await open_connection("127.0.0.1", port, key_id="cluster", psk=PSK, sealed=not plain)
     name = "plain" if plain else "sealed"
+    cpu = CpuMeter(proc.pid)
     try:
         for k in IN_FLIGHT:
-            out[f"{name}_rps_{k}"] = await round_trips(conn, k, duration_s)
+            rate, cpu_us = await round_trips(conn, cpu, k, duration_s)
+            out[f"{name}_rps_{k}"] = rate
+            out[f"{name}_cpu_us_{k}"] = cpu_us
         random_body = os.urandom(MiB)
         zeros_body = bytes(MiB)
-        out[f"{name}_up_random_mb_s"] = await upload(conn, random_body, duration_s)
-        out[f"{name}_down_random_mb_s"] = await download(conn, True, duration_s)
+        bulk: list[tuple[str, Awaitable[float]]] = [
+            (f"{name}_up_random", upload(conn, random_body, duration_s)),
+            (f"{name}_down_random", download(conn, True, duration_s)),
+        ]
         if not plain:
-            out["sealed_up_compressible_mb_s"] = await upload(conn, zeros_body, duration_s)
-            out["sealed_down_compressible_mb_s"] = await download(conn, False, duration_s)
+            bulk += [
+                ("sealed_up_compressible", upload(conn, zeros_body, duration_s)),
+                ("sealed_down_compressible", download(conn, False, duration_s)),
+            ]
+        for key, run_it in bulk:
+            c0, t0 = cpu.now(), time.perf_counter()
+            rate = await run_it
+            mb = rate * (time.perf_counter() - t0)
+            out[f"{key}_mb_s"] = rate
+            out[f"{key}_cpu_ms_per_mb"] = (cpu.now() - c0) / mb * 1e3
     finally:
         conn.close()
 
@@ -129,7 +167,7 @@ async def bench(duration_s: float) -> dict[str, float]:
     for plain in (False, True):
         proc, port = start_server(plain)
         try:
-            await measure(plain, port, duration_s, out)
+            await measure(plain, proc, port, duration_s, out)
         finally:
             stop_server(proc)
     out["bulk_mb_s"] = min(out["sealed_up_random_mb_s"], out["sealed_down_random_mb_s"])
@@ -141,9 +179,15 @@ def table(r: dict[str, float]) -> str:
     for k in IN_FLIGHT:
         s, p = r[f"sealed_rps_{k}"], r[f"plain_rps_{k}"]
         rows.append(f"{f'round trips/s, {k} in flight':28}{s:12,.0f}{p:12,.0f}{s / p:8.2f}")
+    for k in IN_FLIGHT:
+        s, p = r[f"sealed_cpu_us_{k}"], r[f"plain_cpu_us_{k}"]
+        rows.append(f"{f'CPU us/round trip, {k} in fl.':28}{s:12,.1f}{p:12,.1f}{s / p:8.2f}")
     for d in ("up", "down"):
         s, p = r[f"sealed_{d}_random_mb_s"], r[f"plain_{d}_random_mb_s"]
         rows.append(f"{f'1 MiB random {d}, MB/s':28}{s:12,.0f}{p:12,.0f}{s / p:8.2f}")
+    for d in ("up", "down"):
+        s, p = r[f"sealed_{d}_random_cpu_ms_per_mb"], r[f"plain_{d}_random_cpu_ms_per_mb"]
+        rows.append(f"{f'CPU ms/MB, random {d}':28}{s:12,.2f}{p:12,.2f}{s / p:8.2f}")
     for d in ("up", "down"):
         s = r[f"sealed_{d}_compressible_mb_s"]
         rows.append(f"{f'1 MiB zeros {d}, MB/s':28}{s:12,.0f}{'-':>12}")

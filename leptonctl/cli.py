@@ -86,8 +86,9 @@ def parser() -> ArgParser:
     cl = sub.add_parser("cluster", help="masters and Raft")
     clsub = cl.add_subparsers(dest="cluster_cmd", required=True, parser_class=ArgParser)
     _out(clsub.add_parser("status"))
-    clsub.add_parser("add-master").add_argument("addr", metavar="HOST:RAFTPORT")
-    clsub.add_parser("remove-master").add_argument("addr", metavar="HOST:RAFTPORT")
+    # dest "member", not "addr": that would overwrite the global --addr (where to connect).
+    clsub.add_parser("add-master").add_argument("member", metavar="HOST:RAFTPORT")
+    clsub.add_parser("remove-master").add_argument("member", metavar="HOST:RAFTPORT")
 
     sn = sub.add_parser("snapshot", help="back up or restore the cluster state")
     snsub = sn.add_subparsers(dest="snap_cmd", required=True, parser_class=ArgParser)

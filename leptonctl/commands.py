@@ -56,7 +56,7 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
 
 
 # -- jobs ------------------------------------------------------------------------
-def build_spec(a: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+def build_spec(a: argparse.Namespace) -> tuple[str | None, dict[str, Any], str | None]:
     d: dict[str, Any] = jobfile.load_toml(Path(a.file)) if a.file else {}
     flags = {
         "name": a.name,
@@ -87,25 +87,28 @@ def build_spec(a: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
         raise UsageError(
             "no command: put it after --, e.g. leptonctl submit --gpus 1 -- python train.py"
         )
-    return jobfile.to_spec(d)
+    name, spec = jobfile.to_spec(d)
+    workdir = d.get("workdir")
+    return name, spec, str(workdir) if workdir is not None else None
 
 
 async def submit(c: ClusterClient, a: argparse.Namespace) -> int:
-    name, spec = build_spec(a)
-    workdir = spec.pop("workdir", None) if "workdir" in spec else None
-    d_workdir = a.workdir or (jobfile.load_toml(Path(a.file)).get("workdir") if a.file else None)
-    if d_workdir or workdir:
+    name, spec, workdir = build_spec(a)
+    upload: dict[str, Any] = {}
+    if workdir is not None:
         from .workdir import upload_workdir
 
-        spec["workdir"] = await upload_workdir(
-            c, Path(str(d_workdir or workdir)), timeout_s=max(a.timeout, 600)
-        )
+        base = Path(a.file).parent if a.file and not a.workdir else Path(".")
+        spec["workdir"] = await upload_workdir(c, base / workdir, timeout_s=max(a.timeout, 600), stats=upload)
+        if a.output != "json":
+            print(f"workdir: {upload['blocks']} of {upload['total_blocks']} block(s) uploaded "
+                  f"({size(upload['bytes'])})", file=sys.stderr)
     # One request id for every retry of this submit: the cluster makes one job.
     rid = uuid.uuid4().hex
     res = await c.call("submit", {"spec": spec, "name": name, "rid": rid}, timeout_s=a.timeout)
     job_id = res["id"]
     if a.output == "json" and not a.wait:
-        emit_json({"id": job_id})
+        emit_json({"id": job_id, **({"upload": upload} if upload else {})})
     else:
         print(job_id, flush=True)
     if not a.wait:
@@ -284,7 +287,7 @@ async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
         )
         return 0
     method = "cluster_add" if a.cluster_cmd == "add-master" else "cluster_remove"
-    res = await c.call(method, {"addr": a.addr}, timeout_s=max(a.timeout, 30))
+    res = await c.call(method, {"addr": a.member}, timeout_s=max(a.timeout, 30))
     print(next(iter(res.values())))
     return 0
 

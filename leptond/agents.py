@@ -87,12 +87,19 @@ class AgentRegistry:
         )
         return {"node_id": nid, "state": res["state"], "tasks": should_run, "masters": masters}
 
-    async def heartbeat(self, conn: Connection, a: Any) -> dict[str, Any]:
+    def _registered(self, conn: Connection, what: str) -> str:
+        """The node id of an agent connection on the leader, or a clear error."""
         require(conn.context, "cluster")
         self.m.ensure_leader()
         nid = conn.context.get("node_id")
-        if not nid or not isinstance(a, dict):
-            raise RpcError("unregistered", "register before sending heartbeats")
+        if not nid:
+            raise RpcError("unregistered", f"register before {what}")
+        return str(nid)
+
+    async def heartbeat(self, conn: Connection, a: Any) -> dict[str, Any]:
+        nid = self._registered(conn, "sending heartbeats")
+        if not isinstance(a, dict):
+            raise RpcError(BAD_REQUEST, "a heartbeat is a map")
         self.last_seen[nid] = time.monotonic()
         self.live[nid] = {
             "stats": a.get("host"),
@@ -138,11 +145,7 @@ class AgentRegistry:
         return {"start": start, "stop": stop, "state": state, "grace_s": self.m.cfg.kill_grace_s}
 
     async def task_events(self, conn: Connection, a: Any) -> dict[str, Any]:
-        require(conn.context, "cluster")
-        self.m.ensure_leader()
-        nid = conn.context.get("node_id")
-        if not nid:
-            raise RpcError("unregistered", "register before reporting task events")
+        nid = self._registered(conn, "reporting task events")
         if not isinstance(a, dict) or not isinstance(a.get("events"), list):
             raise RpcError(BAD_REQUEST, "task_events needs a list of events")
         assert self.events is not None
@@ -152,22 +155,14 @@ class AgentRegistry:
 
     async def leave(self, conn: Connection, a: Any) -> dict[str, Any]:
         """An agent stopping with leave-on-stop: no new work is placed on it."""
-        require(conn.context, "cluster")
-        self.m.ensure_leader()
-        nid = conn.context.get("node_id")
-        if not nid:
-            raise RpcError("unregistered", "register first")
+        nid = self._registered(conn, "leaving")
         return await self.m.propose(
             "node_state",
             {"node_id": nid, "state": "draining", "now": time.time(), "reason": "agent leaving"},
         )
 
     async def deregister(self, conn: Connection, a: Any) -> dict[str, Any]:
-        require(conn.context, "cluster")
-        self.m.ensure_leader()
-        nid = conn.context.get("node_id")
-        if not nid:
-            raise RpcError("unregistered", "register first")
+        nid = self._registered(conn, "deregistering")
         res = await self.m.propose(
             "remove_node", {"node_id": nid, "now": time.time(), "force": True}
         )

@@ -66,7 +66,13 @@ async def _call(
     if not have:
         raise RpcError("unauthenticated", "this token has been revoked")
     conn.context["user"], conn.context["role"] = user, have
-    require(conn.context, role)
+    try:
+        require(conn.context, role)
+    except RpcError as exc:  # a refused attempt to change something is audited too
+        if mutating:
+            target = _target(args) if isinstance(args, dict) else None
+            m.audit.record(user, have, name, target, f"error: {exc.code}: {exc.message}")
+        raise
     if args is None:
         args = {}
     if not isinstance(args, dict):
@@ -79,7 +85,10 @@ async def _call(
         if exc.code != "not_leader":
             m.audit.record(user, have, name, _target(args), f"error: {exc.code}: {exc.message}")
         raise
-    m.audit.record(user, have, name, _target(args), "ok")
+    target = _target(args)
+    if target is None and isinstance(out, dict):
+        target = out.get("id")  # e.g. the job a submit made
+    m.audit.record(user, have, name, target, "ok")
     return out
 
 
@@ -131,7 +140,9 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 @method("jobs", "read")
 async def jobs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    # `local`: this master's own replica, e.g. to check that a follower has caught up.
+    if not a.get("local"):
+        _prefer_leader(m)
     limit = int(a.get("limit") or 1000)
     want_all = bool(a.get("all"))
     with _lock(m):
@@ -315,6 +326,7 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "leader_rpc": m.leader_rpc_addr(),
         "self": m.cfg.raft_addr,
         "is_leader": m.is_leader(),
+        "blocks": m.blocks.stats(),
     }
 
 
@@ -358,7 +370,7 @@ async def snapshot_save(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         data = m.state.snapshot()
         index = m.state.applied_index
     return {
-        "data": snapfile.encode_snapshot(data, {"index": index, "saved_at": time.time()}),
+        "data": snapfile.encode_snapshot(data, {"index": index}),
         "index": index,
     }
 

@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"leptond: --quota takes USER=GPUS, got {q!r}", file=sys.stderr)
             return 2
         quotas[user] = int(n)
+    if not 0.3 < args.raft_min_timeout < args.raft_max_timeout:
+        print("leptond: need 0.3 < --raft-min-timeout < --raft-max-timeout", file=sys.stderr)
+        return 2
     cfg = MasterConfig(
         data_dir=Path(args.data_dir),
         secret_file=Path(args.secret_file),
@@ -60,6 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         kill_grace_s=args.kill_grace,
         preemption=not args.no_preemption,
         quotas=quotas,
+        raft_min_timeout_s=args.raft_min_timeout,
+        raft_max_timeout_s=args.raft_max_timeout,
+        block_cache_bytes=args.block_cache_bytes,
+        block_cache_policy=args.block_cache_policy,
     )
     try:
         master = Master(cfg)
@@ -109,6 +116,14 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-preemption", action="store_true")
     r.add_argument("--quota", action="append", help="USER=GPUS, repeatable")
+    r.add_argument(
+        "--raft-min-timeout", type=float, default=0.35, help="election timeout range, seconds"
+    )
+    r.add_argument("--raft-max-timeout", type=float, default=0.8)
+    r.add_argument(
+        "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
+    )
+    r.add_argument("--block-cache-policy", choices=["lru", "lfu"], default="lru")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("dev", help="a whole cluster on this host: one master and N agents")
     d.add_argument("--data-dir", default=".lepton-dev")

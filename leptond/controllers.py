@@ -31,6 +31,9 @@ class Controllers:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self.reasons: dict[str, str] = {}
+        self.preempting: dict[str, set[str]] = {}  # pending task -> victims still stopping
+        self._stuck: frozenset[str] = frozenset()  # left pending by the last pass
+        self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self.errors = 0
         self.plans = 0
         self.start_latencies: list[float] = []
@@ -116,21 +119,42 @@ class Controllers:
 
     # -- scheduling -----------------------------------------------------------------
     async def _scheduling(self) -> None:
+        full = False
         try:
             await asyncio.wait_for(self._wake.wait(), 2.0)
         except TimeoutError:
-            pass
+            full = True  # now and then, look at everything again
         self._wake.clear()
         assert self.m.raft is not None
         with self.m.raft.lock:
             if not self.m.state.pending and not self._stops_outstanding():
                 return
-            nodes, allocs, pending = views.scheduler_inputs(self.m.state)
+            epoch = self.m.state.capacity_epoch
+            # Tasks that did not fit last pass cannot fit now unless something
+            # freed capacity since: with thousands pending, a pass per submit
+            # batch would otherwise cost O(pending) each time.
+            skip = self._stuck if epoch == self._epoch and not full else frozenset()
+            nodes, allocs, pending = views.scheduler_inputs(
+                self.m.state, self.m.cached_sets(), self.m.block_sets(), skip=skip
+            )
+            stopping = {t.id for t in self._live_tasks() if t.stop == "preempt"}
+        self._epoch = epoch
+        # A task whose victims are still stopping waits for them rather than
+        # evicting more work: it is placed once their resources are free.
+        self.preempting = {p: v & stopping for p, v in self.preempting.items() if v & stopping}
+        pending = [r for r in pending if r.task_id not in self.preempting]
         if len(pending) > 2000:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
-        self.reasons = dict(plan.reasons)
+        for pr in plan.preemptions:
+            self.preempting.setdefault(pr.for_task, set()).add(pr.task_id)
+        with self.m.raft.lock:
+            still = {t for t in skip if t in self.m.state.pending}
+        self._stuck = frozenset(plan.reasons) | still
+        self.reasons = {**{t: r for t, r in self.reasons.items() if t in skip}, **plan.reasons}
+        for tid, victims in self.preempting.items():
+            self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"
         if plan.placements or plan.preemptions:
             await self._commit(plan)
         self._dispatch_stops()

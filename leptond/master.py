@@ -8,15 +8,15 @@ import signal
 import time
 from typing import Any
 
+from raft import commands
 from raft.errors import NoQuorum, NotLeader, ProposeTimeout
 from raft.node import RaftNode
-
-from raft import commands
 from raft.state import ClusterState
 
 from . import agents, api, http
 from .auth import AuditLog, KeyStore
 from .batcher import Batcher
+from .blockservice import BlockService
 from .config import MasterConfig
 from .controllers import Controllers
 from .wire.errors import NO_QUORUM, NOT_LEADER, TIMEOUT, RpcError
@@ -24,6 +24,9 @@ from .wire.server import RpcServer
 from .wire.tokens import read_secret_file, read_token_file
 
 log = logging.getLogger("lepton.master")
+# Unreferenced blocks stay this long: an upload in progress has no manifest yet.
+BLOCK_RETENTION_S = 24 * 3600.0
+BLOCK_GC_INTERVAL_S = 600.0
 
 
 class Master:
@@ -40,11 +43,14 @@ class Master:
         self.http: http.HttpServer | None = None
         self.controllers: Controllers | None = None
         self.agents = agents.AgentRegistry(self)
+        self.blocks = BlockService(self)
+        self._block_sets: dict[str, frozenset[str]] = {}
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._leader_events: asyncio.Queue[bool] = asyncio.Queue()
         self.submits: Batcher[dict[str, Any], dict[str, Any]] | None = None
         self._bg: asyncio.Task[None] | None = None
+        self._announcer: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -63,7 +69,12 @@ class Master:
             raft_max_timeout_s=cfg.raft_max_timeout_s,
         )
         self.keys = KeyStore(self.secret, self.admin, self.state, self.raft.lock)
-        handlers = {**api.handlers(self), **self.agents.handlers()}
+        handlers = {
+            **api.handlers(self),
+            **self.agents.handlers(),
+            **self.blocks.handlers(),
+            "member_hello": self._member_hello,
+        }
         self.rpc = RpcServer(
             handlers,
             self.keys.psk,
@@ -77,6 +88,7 @@ class Master:
         self.submits = Batcher(self._flush_submits, max_batch=5000)
         self.submits.start()
         self._bg = loop.create_task(self._leadership_loop())
+        self._announcer = loop.create_task(self._announce_loop())
         log.info(
             "master %s: rpc %s, http %s, raft %s, peers %s",
             cfg.host,
@@ -113,8 +125,10 @@ class Master:
         return list(res["results"])
 
     async def close(self) -> None:
-        if self._bg is not None:
-            self._bg.cancel()
+        for t in (self._bg, self._announcer):
+            if t is not None:
+                t.cancel()
+        await self.blocks.close()
         if self.submits is not None:
             await self.submits.close()
         if self.controllers is not None:
@@ -181,3 +195,87 @@ class Master:
         if not isinstance(result, dict):
             raise RpcError("internal", f"{op}: unexpected result {result!r}")
         return result
+
+    # -- membership addresses ----------------------------------------------------
+    def peer_rpc_addrs(self) -> list[str]:
+        """RPC addresses of the other current Raft members (those that announced one)."""
+        assert self.raft is not None
+        members = {m["addr"] for m in self.raft.status().get("members", []) if isinstance(m, dict)}
+        with self.raft.lock:
+            return [
+                m.rpc_addr
+                for addr, m in self.state.members.items()
+                if addr != self.cfg.raft_addr and (not members or addr in members)
+            ]
+
+    async def _member_hello(self, conn: Any, a: Any) -> dict[str, Any]:
+        from .auth import require
+
+        require(conn.context, "cluster")
+        self.ensure_leader()
+        if not isinstance(a, dict):
+            raise RpcError("bad_request", "member_hello needs addresses")
+        info = {k: str(a.get(k, "")) for k in ("raft_addr", "rpc_addr", "http_addr")}
+        assert self.raft is not None
+        with self.raft.lock:
+            cur = self.state.members.get(info["raft_addr"])
+        if cur is None or cur.to_wire() != info:
+            await self.propose("member_info", info)
+        return {"ok": True}
+
+    async def _announce_loop(self) -> None:
+        """Followers tell the leader their RPC address, so redirects and block
+        replication can reach them."""
+        from .wire.client import parse_addr
+        from .wire.connection import open_connection
+        from .wire.tokens import CLUSTER_KEY_ID, cluster_psk
+
+        psk = cluster_psk(self.secret)
+        last_gc = time.monotonic()
+        info = {
+            "raft_addr": self.cfg.raft_addr,
+            "rpc_addr": self.cfg.rpc_addr,
+            "http_addr": self.cfg.http_addr,
+        }
+        while True:
+            await asyncio.sleep(2.0)
+            assert self.raft is not None
+            with self.raft.lock:
+                cur = self.state.members.get(self.cfg.raft_addr)
+            if time.monotonic() - last_gc > BLOCK_GC_INTERVAL_S:
+                last_gc = time.monotonic()
+                try:
+                    removed = await self.blocks.collect_garbage(BLOCK_RETENTION_S)
+                    if removed:
+                        log.info("removed %d block(s) no workdir needs", removed)
+                except OSError as exc:
+                    log.warning("block garbage collection: %s", exc)
+            if (cur is not None and cur.to_wire() == info) or self.is_leader():
+                continue
+            leader = self.leader_rpc_addr()
+            if not leader:
+                continue
+            try:
+                host, port = parse_addr(leader)
+                conn = await open_connection(
+                    host, port, key_id=CLUSTER_KEY_ID, psk=psk, timeout_s=3
+                )
+                try:
+                    await conn.call("member_hello", info, timeout_s=10)
+                finally:
+                    conn.close()
+            except RpcError as exc:
+                log.debug("member_hello to %s: %s", leader, exc)
+
+    def block_sets(self) -> dict[str, frozenset[str]]:
+        """Block ids of each manifest, computed once per manifest."""
+        from .blocks import manifest_blocks
+
+        assert self.raft is not None
+        for mid, man in self.state.manifests.items():
+            if mid not in self._block_sets:
+                self._block_sets[mid] = frozenset(manifest_blocks(man))  # type: ignore[arg-type]
+        return self._block_sets
+
+    def cached_sets(self) -> dict[str, frozenset[str]]:
+        return {nid: frozenset(b) for nid, b in self.blocks.node_blocks.items()}

@@ -39,6 +39,7 @@ def scheduler_inputs(
     s: ClusterState,
     cached: dict[str, frozenset[str]] | None = None,
     block_sets: dict[str, frozenset[str]] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[list[sch.NodeView], list[sch.Allocation], list[sch.TaskRequest]]:
     cached = cached or {}
     nodes = [node_view(n, cached.get(n.id, frozenset())) for n in s.nodes.values()]
@@ -65,6 +66,8 @@ def scheduler_inputs(
     pending: list[sch.TaskRequest] = []
     block_sets = block_sets or {}
     for tid in s.pending:
+        if tid in skip:
+            continue
         t = s.tasks[tid]
         job = s.jobs[t.job_id]
         if job.state not in ("pending", "running"):

@@ -146,7 +146,8 @@ class DurableJournal:
         if valid_end < len(data):
             log.warning(
                 "journal %s: discarding %d bytes of torn or corrupt tail",
-                self.path, len(data) - valid_end,
+                self.path,
+                len(data) - valid_end,
             )
             with open(self.path, "r+b") as f:
                 f.truncate(valid_end)
@@ -159,7 +160,7 @@ class DurableJournal:
         kind, body = payload[:1], payload[1:]
         if kind == b"E":
             index, term = _ENTRY.unpack_from(body)
-            self._entries.append((bytes(body[_ENTRY.size:]), index, term))
+            self._entries.append((bytes(body[_ENTRY.size :]), index, term))
         elif kind == b"D":
             self._truncate_from_index(_U64.unpack(body)[0])
         elif kind == b"T":
@@ -170,7 +171,7 @@ class DurableJournal:
 
     def _truncate_from_index(self, index: int) -> None:
         if self._entries:
-            del self._entries[max(0, index - self._entries[0][1]):]
+            del self._entries[max(0, index - self._entries[0][1]) :]
 
     def _write_whole_file(self, content: bytes) -> None:
         """Atomically replace the file: write a temp file, fsync, rename, fsync dir."""
@@ -179,7 +180,7 @@ class DurableJournal:
         try:
             view = memoryview(content)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -200,7 +201,7 @@ class DurableJournal:
                 return
             view = memoryview(bytes(self._pending))
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
             self.synced_size += len(self._pending)
             self._pending.clear()
@@ -318,7 +319,7 @@ class DurableJournal:
         # Bounds how stale the stored commit index can get while idle.
         self.sync()
 
-    # -- helpers for the shell and tests -----------------------------------
+    # -- queries and hooks for the shell and tests -----------------------------------
 
     def term_at(self, index: int) -> int | None:
         """Term of the entry at Raft ``index``, or None if not in the log."""
@@ -370,5 +371,10 @@ def describe(journal: DurableJournal) -> dict[str, Any]:
     """Small summary for status pages and logs."""
     first = journal[0][1] if len(journal) else None
     last = journal[-1][1] if len(journal) else None
-    return {"path": str(journal.path), "first_index": first, "last_index": last,
-            "entries": len(journal), "fsyncs": journal.fsync_count}
+    return {
+        "path": str(journal.path),
+        "first_index": first,
+        "last_index": last,
+        "entries": len(journal),
+        "fsyncs": journal.fsync_count,
+    }

@@ -27,7 +27,7 @@ import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 
-from raft.errors import NoQuorum, NotLeader, ProposeTimeout, RaftError
+from raft.errors import NoQuorum, NotLeader, ProposeTimeout, RaftError, SnapshotError
 from raft.journal import DurableJournal, fsync_dir
 from raft.snapshot import read_snapshot_file, write_snapshot_file
 from raft.transport import SyncBeforeSendTransport
@@ -75,8 +75,10 @@ def _create_journal(journal_file: Any = None) -> Any:
 _pso.createJournal = _create_journal
 
 _NOT_LEADER_REASONS = {
-    FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER,
-    FAIL_REASON.LEADER_CHANGED, FAIL_REASON.DISCARDED,
+    FAIL_REASON.MISSING_LEADER,
+    FAIL_REASON.NOT_LEADER,
+    FAIL_REASON.LEADER_CHANGED,
+    FAIL_REASON.DISCARDED,
 }
 
 
@@ -88,12 +90,22 @@ class _ShellSyncObj(SyncObj):
     journal entries mean. Never add one.
     """
 
-    def __init__(self, apply_fn: Callable[[bytes, int], Any], journal: DurableJournal,
-                 self_addr: str, peers: Sequence[str], conf: SyncObjConf) -> None:
+    def __init__(
+        self,
+        apply_fn: Callable[[bytes, int], Any],
+        journal: DurableJournal,
+        self_addr: str,
+        peers: Sequence[str],
+        conf: SyncObjConf,
+    ) -> None:
         self._apply_fn = apply_fn
         self.raft_journal = journal  # read by SyncBeforeSendTransport.__init__
-        super().__init__(self_addr, [p for p in peers if p != self_addr], conf,
-                         transportClass=SyncBeforeSendTransport)
+        super().__init__(
+            self_addr,
+            [p for p in peers if p != self_addr],
+            conf,
+            transportClass=SyncBeforeSendTransport,
+        )
 
     @replicated
     def apply_command(self, command: bytes) -> Any:
@@ -195,9 +207,13 @@ class RaftNode:
             return
         _, meta = read_snapshot_file(self._snapshot_path)
         entries = meta.get("raft_entries")
-        if entries and len(entries) == 2:
-            last, before = (tuple(e) for e in entries)
-            self.journal.align_with_snapshot(before, last)
+        if not entries or len(entries) != 2:
+            raise SnapshotError(
+                f"{self._snapshot_path}: snapshot has no Raft log position (a state "
+                "export, not a node snapshot); move it away before starting the node"
+            )
+        last, before = (tuple(e) for e in entries)
+        self.journal.align_with_snapshot(before, last)
 
     def _serialize(self, path: str, data: tuple[Any, Any, Any]) -> None:
         # pysyncobj passes (entry at lastApplied, the entry before, cluster)
@@ -208,10 +224,16 @@ class RaftNode:
         with self.lock:
             state_bytes = self._state.snapshot()
         members = sorted(str(n.id) for n in cluster if n is not None)
-        write_snapshot_file(path, state_bytes, {
-            "index": last[1], "term": last[2], "cluster_members": members,
-            "raft_entries": [[bytes(e[0]), e[1], e[2]] for e in (last, before)],
-        })
+        write_snapshot_file(
+            path,
+            state_bytes,
+            {
+                "index": last[1],
+                "term": last[2],
+                "cluster_members": members,
+                "raft_entries": [[bytes(e[0]), e[1], e[2]] for e in (last, before)],
+            },
+        )
 
     def _deserialize(self, path: str) -> tuple[Any, Any, list[str]]:
         # The file may have been received from the leader and renamed into
@@ -250,8 +272,10 @@ class RaftNode:
             if self._announced_leader:
                 return
             commit = obj.raftCommitIndex
-            if (self.journal.term_at(commit) == obj.raftCurrentTerm
-                    and obj.raftLastApplied >= commit):
+            if (
+                self.journal.term_at(commit) == obj.raftCurrentTerm
+                and obj.raftLastApplied >= commit
+            ):
                 self._announce(True)
         except Exception:
             log.exception("leadership monitor failed")
@@ -294,13 +318,15 @@ class RaftNode:
         for node in sorted(self._obj.otherNodes, key=lambda n: str(n.id)):
             nid = str(node.id)
             match = raw.get("match_idx_server_" + nid)
-            members.append({
-                "addr": nid,
-                "match_index": match,
-                "next_index": raw.get("next_node_idx_server_" + nid),
-                "connected": bool(self._obj.isNodeConnected(node)),
-                "lag": None if match is None else max(0, commit - int(match)),
-            })
+            members.append(
+                {
+                    "addr": nid,
+                    "match_index": match,
+                    "next_index": raw.get("next_node_idx_server_" + nid),
+                    "connected": bool(self._obj.isNodeConnected(node)),
+                    "lag": None if match is None else max(0, commit - int(match)),
+                }
+            )
         leader = raw["leader"]
         return {
             "self": self.self_addr,
@@ -319,8 +345,10 @@ class RaftNode:
         deadline = time.monotonic() + timeout_s
         while not self._obj.isReady():
             if time.monotonic() > deadline:
-                raise ProposeTimeout(f"raft node {self.self_addr} not ready within "
-                                     f"{timeout_s:g}s: no leader reachable or still catching up")
+                raise ProposeTimeout(
+                    f"raft node {self.self_addr} not ready within "
+                    f"{timeout_s:g}s: no leader reachable or still catching up"
+                )
             time.sleep(0.02)
 
     # -- writes ---------------------------------------------------------------
@@ -330,7 +358,8 @@ class RaftNode:
         if not self.is_leader():
             raise NotLeader(self.leader())
         reason, result = await self._submit(
-            lambda cb: self._obj.apply_command(bytes(command), callback=cb), timeout_s)
+            lambda cb: self._obj.apply_command(bytes(command), callback=cb), timeout_s
+        )
         if reason == FAIL_REASON.SUCCESS:
             return result
         self._raise_failure(reason, timeout_s, "the command")
@@ -346,13 +375,16 @@ class RaftNode:
             raise NotLeader(self.leader())
         reason, _ = await self._submit(lambda cb: fn(addr, callback=cb), timeout_s)
         if reason == FAIL_REASON.REQUEST_DENIED:
-            raise RaftError(f"membership change for {addr} refused: another change is "
-                            "still committing, or the member is already in that state")
+            raise RaftError(
+                f"membership change for {addr} refused: another change is "
+                "still committing, or the member is already in that state"
+            )
         if reason != FAIL_REASON.SUCCESS:
             self._raise_failure(reason, timeout_s, f"the membership change for {addr}")
 
-    async def _submit(self, start: Callable[[Callable[[Any, int], None]], None],
-                      timeout_s: float) -> tuple[int | None, Any]:
+    async def _submit(
+        self, start: Callable[[Callable[[Any, int], None]], None], timeout_s: float
+    ) -> tuple[int | None, Any]:
         """Run ``start(callback)`` and wait, bounded, for pysyncobj's callback.
 
         Returns (fail reason, result); reason None means the wait timed out,
@@ -383,13 +415,17 @@ class RaftNode:
         if reason is None and reachable * 2 <= members:
             raise NoQuorum(timeout_s, reachable, members)
         if reason is None:
-            raise ProposeTimeout(f"{what} was not committed within {timeout_s:g}s "
-                                 f"({reachable} of {members} masters reachable); "
-                                 "retry with the same request id")
+            raise ProposeTimeout(
+                f"{what} was not committed within {timeout_s:g}s "
+                f"({reachable} of {members} masters reachable); "
+                "retry with the same request id"
+            )
         if reason == FAIL_REASON.QUEUE_FULL:
             raise ProposeTimeout("the Raft command queue is full; retry shortly")
-        raise ProposeTimeout(f"{what} has an unknown outcome (pysyncobj reason {reason}); "
-                             "retry with the same request id")
+        raise ProposeTimeout(
+            f"{what} has an unknown outcome (pysyncobj reason {reason}); "
+            "retry with the same request id"
+        )
 
     # -- lifecycle ------------------------------------------------------------
 

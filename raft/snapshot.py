@@ -69,8 +69,9 @@ def decode_snapshot(data: bytes, source: str = "snapshot") -> tuple[bytes, dict[
         )
     claimed = body.pop("sha256", None)
     if claimed != _digest(body):
-        raise SnapshotError(f"{source}: checksum mismatch, the snapshot is damaged; "
-                            "restore another copy")
+        raise SnapshotError(
+            f"{source}: checksum mismatch, the snapshot is damaged; restore another copy"
+        )
     state = body.pop("state")
     if not isinstance(state, bytes):
         raise SnapshotError(f"{source}: state is not bytes")
@@ -90,7 +91,7 @@ def write_snapshot_file(path: Path | str, state_bytes: bytes, meta: dict[str, An
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -61,6 +61,10 @@ class ClusterState:
         self.gpu_owner: dict[tuple[str, int], str] = {}
         self.node_tasks: dict[str, set[str]] = {}
         self.pending: dict[str, None] = {}  # insertion-ordered set of pending task ids
+        # Bumped by every command that can free capacity or change nodes. Local
+        # (not in snapshots): the leader's scheduler uses it to skip tasks that
+        # did not fit last time when nothing could have made room since.
+        self.capacity_epoch = 0
 
     # -- entry point --------------------------------------------------------
     def apply(self, command: bytes, index: int) -> Any:
@@ -73,6 +77,8 @@ class ClusterState:
         if cmd.rid in self.recent:
             return self.recent[cmd.rid]
         result = self._dispatch(cmd, index)
+        if cmd.op in CAPACITY_OPS:
+            self.capacity_epoch += 1
         self.applied_index = max(self.applied_index, index)
         self.recent[cmd.rid] = result
         if len(self.recent) > RECENT_LIMIT:
@@ -89,7 +95,8 @@ class ClusterState:
             return error(exc.code, str(exc))
         except SpecError as exc:
             return error("bad_request", str(exc))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # OverflowError: int() of an infinite float, e.g. a corrupt attempt or mem_bytes.
             return error("bad_command", f"malformed {cmd.op} command: {type(exc).__name__}: {exc}")
         except Exception as exc:  # apply must never raise: pysyncobj would stall
             log.exception("apply %s failed", cmd.op)
@@ -102,25 +109,33 @@ class ClusterState:
         gpus = [_gpu(g) for g in n.get("gpus", [])]
         labels = {str(k): str(v) for k, v in (n.get("labels") or {}).items()}
         now = float(a["now"])
+        cpus, mem_bytes = float(n["cpus"]), int(n["mem_bytes"])
+        # NaN or negative capacity would defeat the capacity check in apply_plan.
+        if not (0 <= cpus <= 1e6 and mem_bytes >= 0):
+            raise ArgError("bad_request", "node cpus and mem_bytes must be finite and not negative")
         node = self.nodes.get(node_id)
         if node is None:
             node = Node(
                 id=node_id,
                 name=validate_name(n.get("name"), "node name"),
                 addr=str(n.get("addr", "")),
-                cpus=float(n["cpus"]),
-                mem_bytes=int(n["mem_bytes"]),
+                cpus=cpus,
+                mem_bytes=mem_bytes,
                 gpus=gpus,
                 labels=labels,
                 registered_at=now,
                 updated_at=now,
             )
             self.nodes[node_id] = node
-            self.node_tasks[node_id] = set()
+            # A node removed and joining again may still be named by finished
+            # tasks; index them as _reindex would.
+            self.node_tasks[node_id] = {t.id for t in self.tasks.values() if t.node_id == node_id}
         else:
-            node.name = validate_name(n.get("name"), "node name")
+            # Everything that can fail comes before the first write.
+            name = validate_name(n.get("name"), "node name")
+            node.name = name
             node.addr = str(n.get("addr", node.addr))
-            node.cpus, node.mem_bytes, node.labels = float(n["cpus"]), int(n["mem_bytes"]), labels
+            node.cpus, node.mem_bytes, node.labels = cpus, mem_bytes, labels
             node.gpus = gpus
             if node.state == "down":
                 node.state = "ready"
@@ -146,9 +161,10 @@ class ClusterState:
             raise ArgError(
                 "conflict", f"node {node.name} is down; it becomes ready when its agent returns"
             )
+        now = float(a["now"])
         node.state = state
         node.reason = str(a.get("reason", ""))
-        node.updated_at = float(a["now"])
+        node.updated_at = now
         return {"node_id": node.id, "state": node.state}
 
     def apply_node_down(self, a: dict[str, Any], index: int) -> Result:
@@ -201,6 +217,10 @@ class ClusterState:
                 out.append(self._submit(j))
             except (SpecError, ArgError) as exc:
                 out.append(error("bad_request", str(exc)))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # One malformed job must not fail the batch after earlier jobs
+                # were taken: _submit writes nothing until it cannot fail.
+                out.append(error("bad_command", f"malformed job: {type(exc).__name__}: {exc}"))
         return {"results": out}
 
     def _submit(self, j: dict[str, Any]) -> Result:
@@ -265,13 +285,25 @@ class ClusterState:
         gone = [
             j.id
             for j in self.jobs.values()
-            if j.state in FINAL_JOB_STATES and (j.finished_at or 0) < before
+            # finished_at is set only once every task is final: a cancelled job
+            # whose tasks still run keeps them (and their GPUs) until they exit.
+            if j.state in FINAL_JOB_STATES and j.finished_at is not None and j.finished_at < before
         ]
+        dropped_workdirs: set[str] = set()
         for jid in gone:
+            job = self.jobs[jid]
+            if job.spec.get("workdir"):
+                dropped_workdirs.add(job.spec["workdir"])
             for tid in self.jobs.pop(jid).tasks:
                 t = self.tasks.pop(tid)
                 if t.node_id is not None:
                     self.node_tasks.get(t.node_id, set()).discard(tid)
+        # A workdir manifest goes with the last job that used it (never one that
+        # no job has used yet: it may be about to be submitted).
+        if dropped_workdirs:
+            still_used = {j.spec.get("workdir") for j in self.jobs.values()}
+            for mid in dropped_workdirs - still_used:
+                self.manifests.pop(mid, None)
         return {"removed": len(gone)}
 
     # -- scheduling -------------------------------------------------------------
@@ -370,6 +402,8 @@ class ClusterState:
             tokens = {t["id"]: Token.from_wire(t) for t in obj["tokens"]}
             members = {m["raft_addr"]: Member.from_wire(m) for m in obj["members"]}
             recent = OrderedDict((k, v) for k, v in obj["recent"])
+            manifests = dict(obj.get("manifests") or {})
+            applied_index = int(obj.get("applied_index", 0))
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"bad state snapshot: {exc}") from None
         self.nodes, self.jobs, self.tasks, self.tokens, self.members = (
@@ -379,9 +413,9 @@ class ClusterState:
             tokens,
             members,
         )
-        self.manifests = dict(obj.get("manifests") or {})
+        self.manifests = manifests
         self.recent = recent
-        self.applied_index = int(obj.get("applied_index", 0))
+        self.applied_index = applied_index
         self._reindex()
 
     def _reindex(self) -> None:
@@ -433,6 +467,17 @@ def _gpu(g: Any) -> dict[str, Any]:
     }
 
 
+CAPACITY_OPS = frozenset(
+    {
+        "register_node",
+        "node_state",
+        "node_down",
+        "remove_node",
+        "task_events",
+        "cancel_job",
+        "restore",
+    }
+)
 OPS = frozenset(
     {
         "register_node",

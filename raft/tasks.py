@@ -16,12 +16,15 @@ if TYPE_CHECKING:
 
 def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     now = float(a["now"])
+    _check_plan_shape(a)  # a malformed plan applies nothing, not its first half
     placed: list[str] = []
     dropped: list[dict[str, str]] = []
     preempting: list[str] = []
     for p in a.get("preemptions", []):
         t = s.tasks.get(str(p["task_id"]))
         if t is None or t.state not in LIVE_TASK_STATES or t.stop is not None:
+            continue
+        if s.jobs[t.job_id].spec.get("preemptible") is False:
             continue
         t.stop = "preempt"
         t.message = f"preempted for {p.get('for_task', '?')}"
@@ -57,6 +60,26 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     return {"placed": placed, "dropped": dropped, "preempting": preempting}
 
 
+def _check_plan_shape(a: dict[str, Any]) -> None:
+    """Raise on a placement or preemption that would fail halfway through apply.
+
+    Values that are merely wrong (an unknown node, a GPU list of the wrong
+    length) are not malformed: they drop their placement with a reason.
+    """
+    preemptions, placements = a.get("preemptions", []), a.get("placements", [])
+    if not isinstance(preemptions, list) or not isinstance(placements, list):
+        raise ValueError("plan preemptions and placements must be lists")
+    for p in preemptions + placements:
+        if not isinstance(p, dict) or "task_id" not in p:
+            raise ValueError("plan entries must be maps with a task_id")
+    for p in placements:
+        gpus = p.get("gpus")
+        if "node_id" not in p or not isinstance(gpus, list):
+            raise ValueError("plan placements need a node_id and a list of gpus")
+        if any(isinstance(g, list | dict) for g in gpus):
+            raise ValueError("plan placement gpus must be GPU indexes")
+
+
 def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
     """Why this job's placements cannot apply now ('' when they can)."""
     if job.state not in ("pending", "running"):
@@ -64,6 +87,8 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
     nodes_used: set[str] = set()
     claimed: dict[str, tuple[set[int], float, int]] = {}
     gang = int(job.spec.get("nodes", 1)) > 1
+    if len({str(p["task_id"]) for p in group}) != len(group):
+        return "a task is placed twice in one plan"
     if gang:
         pending_ranks = {tid for tid in job.tasks if s.tasks[tid].state == "pending"}
         if {str(p["task_id"]) for p in group} != pending_ranks or len(pending_ranks) != len(
@@ -105,17 +130,14 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
 def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     applied = 0
     stale = 0
-    for ev in a["events"]:
-        t = s.tasks.get(str(ev["task_id"]))
+    # Convert every event before applying any: a malformed one applies none.
+    events = [(ev, *_event_fields(ev)) for ev in a["events"]]
+    for ev, task_id, attempt, at, code in events:
+        t = s.tasks.get(task_id)
         # Events from an earlier attempt or another node are stale: ignore.
-        if (
-            t is None
-            or t.attempt != int(ev["attempt"])
-            or t.node_id != ev.get("node_id", t.node_id)
-        ):
+        if t is None or t.attempt != attempt or t.node_id != ev.get("node_id", t.node_id):
             stale += 1
             continue
-        at = float(ev["at"])
         kind = ev["state"]
         if kind == "running":
             if t.state == "assigned":
@@ -124,14 +146,25 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
                 applied += 1
         elif kind == "exited":
             if t.state in LIVE_TASK_STATES:
-                code = ev.get("exit_code")
-                code = int(code) if code is not None else None
                 outcome = "succeeded" if code == 0 else "failed"
                 task_exited(s, t, outcome, code, str(ev.get("message", ""))[:1024], at)
                 applied += 1
         else:
             stale += 1
     return {"applied": applied, "stale": stale}
+
+
+def _event_fields(ev: dict[str, Any]) -> tuple[str, int, float, int | None]:
+    """task_id, attempt, at and exit_code of one event; raises when malformed."""
+    code = ev.get("exit_code")
+    if "state" not in ev:
+        raise KeyError("state")
+    return (
+        str(ev["task_id"]),
+        int(ev["attempt"]),
+        float(ev["at"]),
+        None if code is None else int(code),
+    )
 
 
 def _release(s: ClusterState, t: Task) -> None:
@@ -160,6 +193,7 @@ def task_exited(
     if stop == "preempt" and job.state not in ("cancelled", "failed"):
         t.preemptions += 1
         _requeue(s, t, f"preempted (exit {code}); waiting to run again")
+        _stop_gang(s, job, t, "gang")
     elif stop == "gang" and job.state not in ("cancelled", "failed"):
         _requeue(s, t, "restarting with its gang")
     elif stop == "cancel" or job.state == "cancelled":
@@ -184,7 +218,11 @@ def task_exited(
 
 
 def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str) -> None:
-    """When one rank of a gang fails, the other ranks stop (and restart with it)."""
+    """When one rank of a gang fails, the other ranks stop (and restart with it).
+
+    A gang is placed only when every rank is pending, so on a restart ("gang")
+    ranks that already succeeded run again too; otherwise the job never runs.
+    """
     for tid in job.tasks:
         other = s.tasks[tid]
         if other is failed:
@@ -194,6 +232,8 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str) -> None:
         elif other.state == "pending" and how == "cancel":
             s.pending.pop(tid, None)
             other.state, other.message = "cancelled", f"gang member {failed.rank} failed"
+        elif other.state == "succeeded" and how == "gang":
+            _requeue(s, other, f"restarting with its gang (rank {failed.rank} stopped)")
 
 
 def refresh_job(s: ClusterState, job: Job, now: float) -> None:

@@ -29,6 +29,8 @@ def _num(spec: dict[str, Any], key: str, lo: float, hi: float, integer: bool, de
         return default
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise SpecError(f"{key} must be a number, got {v!r}")
+    if isinstance(v, int) and not -(2**63) <= v < 2**64:  # JSON ints can be beyond a float
+        raise SpecError(f"{key} must be between {lo:g} and {hi:g}")
     if integer and (not float(v).is_integer()):
         raise SpecError(f"{key} must be a whole number, got {v!r}")
     if not lo <= v <= hi:

@@ -1,5 +1,19 @@
 """Pure placement: (immutable view of nodes, allocations, pending tasks,
-policy) -> Plan.  The leader commits the plan and re-checks it at apply time."""
+policy) -> Plan.  The leader commits the plan and re-checks it at apply time.
+
+- `schedule`: priority, then Dominant Resource Fairness between users; best
+  fit (or spread) with topology-aware GPU choice and a cache-aware tie-break;
+  gangs all or nothing on distinct nodes, with nodes held back for the first
+  gang that cannot start; preemption on one node for tasks that fit nowhere;
+  a reason in words for every task left pending.
+- `first_fit`: the plain baseline the benchmark compares against.
+- `queue_report`: per-user shares and demand for `leptonctl queue`.
+- `check_plan`: invariant violations of a plan (empty list = ok).
+
+Modules: types (the values), cluster (working copy of the view and node
+choice), fairshare (queue order, quotas), preempt (victim choice), explain
+(reasons), core (the pass), baseline, check.
+"""
 
 from .baseline import first_fit
 from .check import check_plan

@@ -28,15 +28,14 @@ Shape = tuple[int, float, int, str | None, int, tuple[tuple[str, str], ...]]
 
 
 def shape_of(t: TaskRequest) -> Shape:
-    gpu_type = t.gpu_type.lower() if t.gpu_type and t.gpus > 0 else None
-    return (
-        t.gpus,
-        float(t.cpus),
-        t.mem_bytes,
-        gpu_type,
-        t.gpu_mem_min if t.gpus > 0 else 0,
-        tuple(sorted(t.constraints.items())),
-    )
+    # Called once per pending task: keep it lean.  GPU model and memory only
+    # matter to tasks that ask for GPUs.
+    c = t.constraints
+    cons = tuple(sorted(c.items())) if c else ()
+    if t.gpus > 0:
+        gt = t.gpu_type
+        return (t.gpus, t.cpus, t.mem_bytes, gt.lower() if gt else None, t.gpu_mem_min, cons)
+    return (0, t.cpus, t.mem_bytes, None, 0, cons)
 
 
 def gpu_matches(model_lower: str, mem_bytes: int, shape: Shape) -> bool:
@@ -55,6 +54,12 @@ class Pool:
     makeup: tuple[tuple[str, int, int], ...]
     nodes: list[int] = field(default_factory=list)
     buckets: list[list[int]] = field(default_factory=list)  # free count -> heap
+    live: list[int] = field(default_factory=list)  # free count -> nodes with that count
+    # Bit f set <=> some node has exactly f free GPUs: finding the first usable
+    # bucket is a couple of integer operations instead of a loop.
+    mask: int = 0
+    max_cpus: float = 0.0
+    max_mem: int = 0
 
 
 @dataclass
@@ -89,7 +94,10 @@ class Cluster:
         self.free: list[list[int]] = [
             sorted(g for g in self.gpu_info[i] if g not in used[i]) for i in range(n)
         ]
-        self.nfree = np.array([len(f) for f in self.free], dtype=np.int64)
+        # Free GPU count per node twice: a list for the per-task hot path (numpy
+        # scalar access is slow) and an array for whole-cluster questions.
+        self.nfree_l = [len(f) for f in self.free]
+        self.nfree = np.array(self.nfree_l, dtype=np.int64)
         self.claims: dict[int, list[Claim]] = {}
         self.pools: list[Pool] = []
         self.pool_of = [-1] * n
@@ -108,13 +116,24 @@ class Cluster:
                 pid = pool_ids[key] = len(self.pools)
                 total = sum(c for _, _, c in makeup)
                 self.pools.append(
-                    Pool(dict(nd.labels), makeup, buckets=[[] for _ in range(total + 1)])
+                    Pool(
+                        dict(nd.labels),
+                        makeup,
+                        buckets=[[] for _ in range(total + 1)],
+                        live=[0] * (total + 1),
+                    )
                 )
             pool = self.pools[pid]
             pool.nodes.append(i)
-            pool.buckets[len(self.free[i])].append(i)  # appended in index order: a heap
+            f = len(self.free[i])
+            pool.buckets[f].append(i)  # appended in index order: a heap
+            pool.live[f] += 1
+            pool.mask |= 1 << f
+            pool.max_cpus = max(pool.max_cpus, nd.cpus)
+            pool.max_mem = max(pool.max_mem, nd.mem_bytes)
             self.pool_of[i] = pid
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
+        self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
 
     # -- matching ---------------------------------------------------------
@@ -140,9 +159,17 @@ class Cluster:
         self._shape_pools[shape] = (whole, mixed)
         return whole, mixed
 
+    def whole_pools(self, shape: Shape) -> frozenset[int]:
+        hit = self._whole_sets.get(shape)
+        if hit is None:
+            hit = self._whole_sets[shape] = frozenset(self.shape_pools(shape)[0])
+        return hit
+
     def matching_free(self, i: int, shape: Shape) -> list[int]:
         if shape[0] == 0:
             return []
+        if self.pool_of[i] in self.whole_pools(shape):
+            return list(self.free[i])
         info = self.gpu_info[i]
         return [
             g for g in self.free[i] if gpu_matches(info[g].model.lower(), info[g].mem_bytes, shape)
@@ -168,10 +195,20 @@ class Cluster:
 
     def _rebucket(self, i: int) -> None:
         f = len(self.free[i])
+        old = self.nfree_l[i]
+        if f == old:
+            return
+        self.nfree_l[i] = f
         self.nfree[i] = f
         pid = self.pool_of[i]
         if pid >= 0:
-            heapq.heappush(self.pools[pid].buckets[f], i)
+            pool = self.pools[pid]
+            pool.live[old] -= 1
+            if not pool.live[old]:
+                pool.mask &= ~(1 << old)
+            pool.live[f] += 1
+            pool.mask |= 1 << f
+            heapq.heappush(pool.buckets[f], i)
 
     def take(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
         if gpus:
@@ -206,7 +243,7 @@ class Cluster:
         """
         skipped: list[int] = []
         found = None
-        nfree = self.nfree
+        nfree = self.nfree_l
         while heap:
             i = heap[0]
             if nfree[i] != f:
@@ -235,10 +272,42 @@ class Cluster:
         Among nodes equally good by that measure, more cached blocks win, then
         the lower index (input order), so the choice is deterministic.
         """
-        g = shape[0]
+        g, cpus, mem = shape[0], shape[1], shape[2]
         whole, mixed = self.shape_pools(shape)
-        if not whole and not mixed:
-            return None
+        nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
+        # (free count, node) of the best candidate so far; spread negates the count.
+        best: tuple[int, int] | None = None
+        for pid in whole:
+            pool = self.pools[pid]
+            if pool.max_cpus + EPS < cpus or pool.max_mem < mem:
+                continue
+            mask = pool.mask >> g << g  # buckets with at least g free GPUs
+            while mask:
+                if spread:
+                    f = mask.bit_length() - 1
+                    mask ^= 1 << f
+                    if best is not None and -f > best[0]:
+                        break
+                else:
+                    f = (mask & -mask).bit_length() - 1
+                    mask ^= 1 << f
+                    if best is not None and f > best[0]:
+                        break
+                heap = pool.buckets[f]
+                first: int | None = heap[0] if heap else None
+                # Fast path: the top entry is live, fits and is not excluded.
+                if first is None or not (
+                    nfree[first] == f
+                    and first not in exclude
+                    and free_cpu[first] + EPS >= cpus
+                    and free_mem[first] >= mem
+                ):
+                    first = self._bucket_first(heap, f, shape, exclude)
+                if first is not None:
+                    key = (-f if spread else f, first)
+                    if best is None or key < best:
+                        best = key
+                    break
         # Mixed pools (only some GPU models match) are rare; scan them directly.
         extra: dict[int, list[int]] = {}
         for pid in mixed:
@@ -246,28 +315,19 @@ class Cluster:
                 if i in exclude or not self.fits_cpu_mem(i, shape):
                     continue
                 if len(self.matching_free(i, shape)) >= g:
-                    extra.setdefault(len(self.free[i]), []).append(i)
-        hits = self.block_hits(blocks) if blocks else {}
-        top = max(len(self.pools[pid].buckets) for pid in (*whole, *mixed)) - 1
-        order = range(top, g - 1, -1) if spread else range(g, top + 1)
-        for f in order:
-            best: int | None = None
-            for pid in whole:
-                buckets = self.pools[pid].buckets
-                if f >= len(buckets):
-                    continue
-                first = self._bucket_first(buckets[f], f, shape, exclude)
-                if first is not None and (best is None or first < best):
-                    best = first
-            for j in extra.get(f, ()):
-                if best is None or j < best:
-                    best = j
-            if best is None:
-                continue
+                    f = nfree[i]
+                    extra.setdefault(f, []).append(i)
+                    key = (-f if spread else f, i)
+                    if best is None or key < best:
+                        best = key
+        if best is None:
+            return None
+        if blocks:
+            hits = self.block_hits(blocks)
             if hits:
-                best = self._cache_tiebreak(best, f, shape, exclude, hits, whole, extra)
-            return best
-        return None
+                f = -best[0] if spread else best[0]
+                return self._cache_tiebreak(best[1], f, shape, exclude, hits, whole, extra)
+        return best[1]
 
     def _cache_tiebreak(
         self,
@@ -283,7 +343,7 @@ class Cluster:
         in_extra = set(extra.get(f, ()))
         key = (-hits.get(best, 0), best)
         for i, h in hits.items():
-            if self.nfree[i] != f or i in exclude or not self.fits_cpu_mem(i, shape):
+            if self.nfree_l[i] != f or i in exclude or not self.fits_cpu_mem(i, shape):
                 continue
             if self.pool_of[i] not in whole_set and i not in in_extra:
                 continue
@@ -300,7 +360,7 @@ class Cluster:
         if g == 0:
             return ()
         cands = self.matching_free(i, shape) if candidates is None else sorted(candidates)
-        if not self.multi_domain[i]:
+        if not self.multi_domain[i] or len(cands) == g:
             return tuple(cands[:g])
         info = self.gpu_info[i]
         by_domain: dict[int, list[int]] = {}

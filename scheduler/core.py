@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .cluster import Claim, Cluster, Shape, shape_of
-from .explain import explain_shape, gang_reason, preempting_reason, quota_reason
+from .cluster import Claim, Cluster, Shape
+from .explain import Explainer, gang_reason, preempting_reason, quota_reason
 from .fairshare import FairShare, Unit, build_units
 from .preempt import Preemptor
 from .types import (
@@ -55,11 +55,21 @@ class _Pass:
         self.no_fit: set[Shape] = set()
         self.no_evict: set[tuple[Shape, int]] = set()
         self.no_gang: dict[tuple[tuple[Shape, ...], bool], str] = {}
+        # Request classes (shape, priority) of single tasks, and which are dead:
+        # they fit nowhere and can evict nothing for the rest of the pass.
+        self.classes: dict[tuple[Shape, int], int] = {}
+        self.classes_of_shape: dict[Shape, list[int]] = {}
+        self.dead: list[bool] = []
         self.gang_held = False
         self._started: list[float] | None = None
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
-        for unit in self.fair.order(build_units(pending)):
+        skipped: list[Unit] = []
+        units = build_units(pending, self.classes)
+        self.dead = [False] * len(self.classes)
+        for (shape, _), c in self.classes.items():
+            self.classes_of_shape.setdefault(shape, []).append(c)
+        for unit in self.fair.order(units, self.dead, skipped):
             quota = self.fair.quota_blocks(unit.user, unit.gpus)
             if quota is not None:
                 for t in unit.tasks:
@@ -67,12 +77,16 @@ class _Pass:
             elif unit.is_gang:
                 self._gang(unit)
             else:
-                self._single(unit.tasks[0])
-        explained: dict[Shape, str] = {}
+                self._single(unit.tasks[0], unit.shapes[0])
+        for unit in skipped:
+            quota = self.fair.quota_blocks(unit.user, unit.gpus)
+            if quota is not None:
+                self.reasons[unit.tasks[0].task_id] = quota_reason(unit.user, quota)
+            else:
+                self.unexplained.append((unit.tasks[0], unit.shapes[0]))
+        explain = Explainer(self.cl)
         for t, shape in self.unexplained:
-            if shape not in explained:
-                explained[shape] = explain_shape(self.cl, t, shape)
-            self.reasons[t.task_id] = explained[shape]
+            self.reasons[t.task_id] = explain(t, shape)
         reserved: dict[str, tuple[int, ...]] = {}
         for i in sorted(self.cl.claims):
             gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
@@ -84,14 +98,25 @@ class _Pass:
             reserved=reserved,
         )
 
+    def _fits_nowhere(self, shape: Shape) -> None:
+        self.no_fit.add(shape)
+        if self.pre is None:
+            for c in self.classes_of_shape.get(shape, ()):
+                self.dead[c] = True
+
+    def _evicts_nothing(self, shape: Shape, priority: int) -> None:
+        self.no_evict.add((shape, priority))
+        c = self.classes.get((shape, priority))
+        if c is not None and shape in self.no_fit:
+            self.dead[c] = True
+
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
         self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
         self.job_nodes.setdefault(t.job_id, set()).add(i)
 
-    def _single(self, t: TaskRequest) -> None:
+    def _single(self, t: TaskRequest, shape: Shape) -> None:
         cl = self.cl
-        shape = shape_of(t)
         i: int | None = None
         if t.spread and self.job_nodes.get(t.job_id):
             # Spread: a node without this job first, any node as a fallback.
@@ -99,7 +124,7 @@ class _Pass:
         if i is None and shape not in self.no_fit:
             i = cl.find_node(shape, spread=t.spread, blocks=t.blocks)
             if i is None:
-                self.no_fit.add(shape)
+                self._fits_nowhere(shape)
         if i is not None:
             gpus = cl.pick_gpus(i, shape)
             cl.take(i, gpus, t.cpus, t.mem_bytes)
@@ -108,7 +133,7 @@ class _Pass:
         if self.pre is not None and (shape, t.priority) not in self.no_evict:
             ev = self.pre.find(shape, t.priority)
             if ev is None:
-                self.no_evict.add((shape, t.priority))
+                self._evicts_nothing(shape, t.priority)
             else:
                 self.pre.take(ev)
                 node = cl.nodes[ev.node]
@@ -134,7 +159,7 @@ class _Pass:
 
     def _gang(self, unit: Unit) -> None:
         cl = self.cl
-        shapes = tuple(shape_of(t) for t in unit.tasks)
+        shapes = unit.shapes
         busy = self.job_nodes.get(unit.job_id, set())
         spread = any(t.spread for t in unit.tasks)
         key = (shapes, spread)

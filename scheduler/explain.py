@@ -8,6 +8,9 @@ GPU model) to the most passing one (GPUs busy right now).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 
 from .cluster import EPS, Cluster, Shape, gpu_matches, labels_ok
@@ -25,41 +28,64 @@ def _gpu_words(task: TaskRequest, n: int) -> str:
     return f"{n} {model}GPU" + ("" if n == 1 else "s")
 
 
-def _static_reason(cl: Cluster, task: TaskRequest, shape: Shape) -> str | None:
+@dataclass(frozen=True)
+class _Kind:
+    """Nodes alike for every static question: labels, state, GPU make-up."""
+
+    labels: Mapping[str, str]
+    schedulable: bool
+    makeup: tuple[tuple[str, int, int], ...]  # (model lower, mem, count)
+    cpus: float  # the largest among the nodes of this kind
+    mem_bytes: int
+
+
+def _kinds(cl: Cluster) -> list[_Kind]:
+    found: dict[tuple[object, ...], _Kind] = {}
+    for nd in cl.nodes:
+        counts: dict[tuple[str, int], int] = {}
+        for x in nd.gpus:
+            k = (x.model.lower(), x.mem_bytes)
+            counts[k] = counts.get(k, 0) + 1
+        makeup = tuple(sorted((m, mem, c) for (m, mem), c in counts.items()))
+        key = (tuple(sorted(nd.labels.items())), nd.schedulable, makeup)
+        old = found.get(key)
+        cpus = max(nd.cpus, old.cpus if old else 0.0)
+        mem = max(nd.mem_bytes, old.mem_bytes if old else 0)
+        found[key] = _Kind(nd.labels, nd.schedulable, makeup, cpus, mem)
+    return list(found.values())
+
+
+def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str | None:
     """A reason no amount of waiting fixes, or None."""
     g, cpus, mem, gpu_type, mem_min, cons = shape
-    labelled = [nd for nd in cl.nodes if labels_ok(nd.labels, cons)]
+    labelled = [k for k in kinds if labels_ok(k.labels, cons)]
     if not labelled:
-        for k, v in cons:
-            if not any(nd.labels.get(k) == v for nd in cl.nodes):
-                return f"no node has label {k}={v}"
+        for key, v in cons:
+            if not any(k.labels.get(key) == v for k in kinds):
+                return f"no node has label {key}={v}"
         return "no node has all of the labels " + ", ".join(f"{k}={v}" for k, v in cons)
-    live = [nd for nd in labelled if nd.schedulable]
+    live = [k for k in labelled if k.schedulable]
     if not live:
         return "every node that could host it is draining or down"
     if g > 0:
-        if gpu_type is not None and not any(
-            gpu_type in x.model.lower() for nd in live for x in nd.gpus
-        ):
+        if gpu_type is not None and not any(gpu_type in m for k in live for m, _, _ in k.makeup):
             return f"no node has GPU model {task.gpu_type}"
-        if mem_min and not any(
-            gpu_matches(x.model.lower(), x.mem_bytes, shape) for nd in live for x in nd.gpus
-        ):
+        if mem_min and not any(gpu_matches(m, gm, shape) for k in live for m, gm, _ in k.makeup):
             model = f"{task.gpu_type} " if task.gpu_type else ""
             return f"no node has {model}GPUs with at least {fmt_bytes(mem_min)} memory"
-        most = max(
-            sum(gpu_matches(x.model.lower(), x.mem_bytes, shape) for x in nd.gpus) for nd in live
-        )
+        most = max(sum(c for m, gm, c in k.makeup if gpu_matches(m, gm, shape)) for k in live)
         if most < g:
             return f"needs {_gpu_words(task, g)} on one node; the largest node has {most}"
-    hosts = [nd for nd in live if nd.cpus + EPS >= cpus and nd.mem_bytes >= mem]
-    if not hosts:
-        biggest = max(nd.cpus for nd in live)
+        live = [
+            k for k in live if sum(c for m, gm, c in k.makeup if gpu_matches(m, gm, shape)) >= g
+        ]
+    if not any(k.cpus + EPS >= cpus and k.mem_bytes >= mem for k in live):
+        biggest = max(k.cpus for k in live)
         if biggest + EPS < cpus:
             return f"needs {cpus:g} CPUs on one node; the largest node has {biggest:g}"
         return (
             f"needs {fmt_bytes(mem)} memory on one node; the largest node has "
-            f"{fmt_bytes(max(nd.mem_bytes for nd in live))}"
+            f"{fmt_bytes(max(k.mem_bytes for k in live))}"
         )
     return None
 
@@ -77,8 +103,21 @@ def _fits_with_claims_back(cl: Cluster, i: int, shape: Shape) -> bool:
     return g >= shape[0] and cpus + EPS >= shape[1] and mem >= shape[2]
 
 
-def explain_shape(cl: Cluster, task: TaskRequest, shape: Shape) -> str:
-    static = _static_reason(cl, task, shape)
+class Explainer:
+    def __init__(self, cl: Cluster) -> None:
+        self.cl = cl
+        self.kinds = _kinds(cl)
+        self.cache: dict[Shape, str] = {}
+
+    def __call__(self, task: TaskRequest, shape: Shape) -> str:
+        hit = self.cache.get(shape)
+        if hit is None:
+            hit = self.cache[shape] = explain_shape(self.cl, self.kinds, task, shape)
+        return hit
+
+
+def explain_shape(cl: Cluster, kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str:
+    static = _static_reason(kinds, task, shape)
     if static is not None:
         return static
     g = shape[0]

@@ -11,44 +11,69 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
+from .cluster import Shape, shape_of
 from .types import DEFAULT_POLICY, Allocation, NodeView, Policy, TaskRequest, UserShare
 
 
-@dataclass(frozen=True)
-class Unit:
-    """What the scheduler places as one: a single task or a whole gang."""
+class Unit(NamedTuple):
+    """What the scheduler places as one: a single task or a whole gang.
+    (A NamedTuple, not a dataclass: a pass builds 100,000 of them.)"""
 
     tasks: tuple[TaskRequest, ...]  # gangs sorted by rank
+    shapes: tuple[Shape, ...]
     priority: int
     user: str
     job_id: str
     key: tuple[float, str]  # (submitted_at, task_id) of the oldest task
-
-    @property
-    def is_gang(self) -> bool:
-        return len(self.tasks) > 1 or self.tasks[0].gang_size > 1
-
-    @property
-    def gpus(self) -> int:
-        return sum(t.gpus for t in self.tasks)
+    gpus: int
+    is_gang: bool
+    cls: int  # request class (shape, priority) of a single task, -1 for a gang
 
 
-def build_units(pending: Sequence[TaskRequest]) -> list[Unit]:
+def build_units(
+    pending: Sequence[TaskRequest], classes: dict[tuple[Shape, int], int] | None = None
+) -> list[Unit]:
+    """Group pending tasks into units.  Single tasks are numbered by request
+    class (shape, priority) in `classes`, which the caller may pre-seed."""
+    if classes is None:
+        classes = {}
     gangs: dict[str, list[TaskRequest]] = {}
     units: list[Unit] = []
+    new = tuple.__new__  # NamedTuple's own __new__ is Python code: too slow for 100,000
     for t in pending:
         if t.gang_size > 1:
             gangs.setdefault(t.job_id, []).append(t)
         else:
-            units.append(Unit((t,), t.priority, t.user, t.job_id, (t.submitted_at, t.task_id)))
+            shape = shape_of(t)
+            cls = classes.get((shape, t.priority))
+            if cls is None:
+                cls = classes[shape, t.priority] = len(classes)
+            units.append(
+                new(
+                    Unit,
+                    (
+                        (t,),
+                        (shape,),
+                        t.priority,
+                        t.user,
+                        t.job_id,
+                        (t.submitted_at, t.task_id),
+                        t.gpus,
+                        False,
+                        cls,
+                    ),
+                )
+            )
     for job_id, ts in gangs.items():
         ts.sort(key=lambda t: (t.rank, t.task_id))
         oldest = min((t.submitted_at, t.task_id) for t in ts)
         # A gang runs at the priority of its most important member, owned by rank 0's user.
         prio = max(t.priority for t in ts)
-        units.append(Unit(tuple(ts), prio, ts[0].user, job_id, oldest))
+        shapes = tuple(shape_of(t) for t in ts)
+        gpus = sum(t.gpus for t in ts)
+        units.append(Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1))
     return units
 
 
@@ -62,21 +87,25 @@ class FairShare:
             float(sum(nd.cpus for nd in live)),
             float(sum(nd.mem_bytes for nd in live)),
         )
+        # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
+        self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas
         self.gpus: dict[str, int] = {}
         self.cpus: dict[str, float] = {}
         self.mem: dict[str, int] = {}
+        self.shares: dict[str, float] = {}  # dominant share, kept current by charge()
         for a in allocations:
             self.charge(a.user, len(a.gpus), a.cpus, a.mem_bytes)
 
     def charge(self, user: str, gpus: int, cpus: float, mem: int) -> None:
-        self.gpus[user] = self.gpus.get(user, 0) + gpus
-        self.cpus[user] = self.cpus.get(user, 0.0) + cpus
-        self.mem[user] = self.mem.get(user, 0) + mem
+        g = self.gpus[user] = self.gpus.get(user, 0) + gpus
+        c = self.cpus[user] = self.cpus.get(user, 0.0) + cpus
+        m = self.mem[user] = self.mem.get(user, 0) + mem
+        ig, ic, im = self.inverse
+        self.shares[user] = max(g * ig, c * ic, m * im)
 
     def share(self, user: str) -> float:
-        held = (self.gpus.get(user, 0), self.cpus.get(user, 0.0), self.mem.get(user, 0))
-        return max((h / t for h, t in zip(held, self.total, strict=True) if t > 0), default=0.0)
+        return self.shares.get(user, 0.0)
 
     def within_quota(self, user: str) -> bool:
         q = self.quotas.get(user)
@@ -93,10 +122,21 @@ class FairShare:
             return q
         return None
 
-    def order(self, units: Sequence[Unit]) -> Iterator[Unit]:
+    def order(
+        self,
+        units: Sequence[Unit],
+        dead: Sequence[bool] = (),
+        skipped: list[Unit] | None = None,
+    ) -> Iterator[Unit]:
         """Yield units in scheduling order.  The caller charges what it grants
         before asking for the next unit; shares are read when a user is
-        queued again, so grants steer the rest of the pass."""
+        queued again, so grants steer the rest of the pass.
+
+        `dead[unit.cls]` says a unit's request class can get nothing more in
+        this pass (the caller found it fits nowhere and evicts nothing).  Such
+        units are not yielded but appended to `skipped`, without a trip
+        through the heap: they change no share, so the order of the live
+        units is the same as without the shortcut."""
         levels: dict[int, dict[str, list[Unit]]] = {}
         for u in units:
             levels.setdefault(u.priority, {}).setdefault(u.user, []).append(u)
@@ -109,14 +149,21 @@ class FairShare:
                 pos[user] = 0
                 heap.append((self.share(user), *q[0].key, user))
             heapq.heapify(heap)
+            shares = self.shares
             while heap:
                 _, _, _, user = heapq.heappop(heap)
                 q = queues[user]
                 k = pos[user]
-                pos[user] = k + 1
                 yield q[k]
-                if k + 1 < len(q):
-                    heapq.heappush(heap, (self.share(user), *q[k + 1].key, user))
+                k += 1
+                n = len(q)
+                while k < n and q[k].cls >= 0 and dead[q[k].cls]:
+                    if skipped is not None:
+                        skipped.append(q[k])
+                    k += 1
+                pos[user] = k
+                if k < n:
+                    heapq.heappush(heap, (shares.get(user, 0.0), *q[k].key, user))
 
 
 def queue_report(

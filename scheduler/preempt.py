@@ -23,7 +23,7 @@ from .types import Allocation, Policy
 
 # Stop examining candidate nodes once this many workable ones were found; the
 # first feasible node is enough for correctness, a few more buy a better choice.
-MAX_FEASIBLE_NODES = 32
+MAX_FEASIBLE_NODES = 4
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class Preemptor:
         self.ngpus = np.array([len(a.gpus) for a in self.allocs], dtype=np.float64)
         self.prio = np.array([a.priority for a in self.allocs], dtype=np.int64)
         self.open = np.array([a.preemptible or a.user not in safe for a in self.allocs], dtype=bool)
+        self.is_open = self.open.tolist()
+        self.prio_l = [a.priority for a in self.allocs]
+        # Eviction order: lowest priority first, then the most recently started.
+        self.order_key = [(a.priority, -a.started_at, a.task_id) for a in self.allocs]
         self.on_node: dict[int, list[int]] = {}
         for k, a in enumerate(self.allocs):
             self.on_node.setdefault(cl.index_of[a.node_id], []).append(k)
@@ -63,83 +67,106 @@ class Preemptor:
     def take(self, ev: Eviction) -> None:
         for k in ev.victims:
             self.open[k] = False
+            self.is_open[k] = False
 
     def find(self, shape: Shape, priority: int) -> Eviction | None:
+        """The eviction that makes `shape` fit, or None when none does.
+
+        Victim priority levels are tried from the bottom up: only when evicting
+        everything up to level L fits nowhere is level L+1 touched.  Inside a
+        level, the first few workable nodes (in node order) are compared."""
         cl = self.cl
         if not len(self.allocs):
             return None
-        mask = self.open & (self.prio < priority)
-        if not mask.any():
+        below = self.open & (self.prio < priority)
+        if not below.any():
+            return None
+        whole, mixed = cl.shape_pools(shape)
+        whole_set, mixed_set = set(whole), set(mixed)
+        if not whole_set and not mixed_set:
             return None
         n = len(cl.nodes)
-        # Upper bound on GPUs each node could offer: free plus every candidate's.
-        pot = np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
-        whole, mixed = cl.shape_pools(shape)
-        ok_pools = set(whole) | set(mixed)
-        cand = np.flatnonzero(np.bincount(self.node[mask], minlength=n) > 0)
-        cand = cand[pot[cand] + cl.nfree[cand] >= shape[0]]
-        best: tuple[tuple[int, int, int, int], Eviction] | None = None
-        feasible = 0
-        for i in cand.tolist():
-            if cl.pool_of[i] not in ok_pools:
-                continue
-            ev = self._evict_on(i, shape, priority)
-            if ev is None:
-                continue
-            vs = [self.allocs[k] for k in ev.victims]
-            key = (max(a.priority for a in vs), len(vs), sum(len(a.gpus) for a in vs), i)
-            if best is None or key < best[0]:
-                best = (key, ev)
-            feasible += 1
-            if feasible >= MAX_FEASIBLE_NODES:
-                break
-        return best[1] if best else None
+        for level in np.unique(self.prio[below]).tolist():
+            mask = below & (self.prio <= level)
+            # Upper bound on GPUs each node could offer: free plus every candidate's.
+            pot = np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
+            cand = np.flatnonzero(np.bincount(self.node[mask], minlength=n) > 0)
+            cand = cand[pot[cand] + cl.nfree[cand] >= shape[0]]
+            best: tuple[tuple[int, int, int], Eviction] | None = None
+            feasible = 0
+            for i in cand.tolist():
+                pid = cl.pool_of[i]
+                if pid not in whole_set and pid not in mixed_set:
+                    continue
+                ev = self._evict_on(i, shape, level + 1, pid in whole_set)
+                if ev is None:
+                    continue
+                vs = [self.allocs[k] for k in ev.victims]
+                key = (len(vs), sum(len(a.gpus) for a in vs), i)
+                if best is None or key < best[0]:
+                    best = (key, ev)
+                feasible += 1
+                if feasible >= MAX_FEASIBLE_NODES:
+                    break
+            if best is not None:
+                return best[1]
+        return None
 
-    def _evict_on(self, i: int, shape: Shape, priority: int) -> Eviction | None:
+    def _evict_on(self, i: int, shape: Shape, priority: int, all_match: bool) -> Eviction | None:
         cl = self.cl
         g, cpus, mem = shape[0], shape[1], shape[2]
+        allocs = self.allocs
+        victims = [
+            k for k in self.on_node.get(i, ()) if self.is_open[k] and self.prio_l[k] < priority
+        ]
+        if not victims:
+            return None
         info = cl.gpu_info[i]
+        if all_match:
+            usable = {k: allocs[k].gpus for k in victims}
+        else:
+            usable = {
+                k: tuple(
+                    x
+                    for x in allocs[k].gpus
+                    if x in info and gpu_matches(info[x].model.lower(), info[x].mem_bytes, shape)
+                )
+                for k in victims
+            }
         free_gpus = cl.matching_free(i, shape)
-        victims = sorted(
-            (k for k in self.on_node.get(i, ()) if self.open[k] and self.prio[k] < priority),
-            key=lambda k: (
-                self.allocs[k].priority,
-                -self.allocs[k].started_at,
-                self.allocs[k].task_id,
-            ),
-        )
+        have = [len(free_gpus), cl.free_cpu[i], cl.free_mem[i]]
 
-        def usable(k: int) -> list[int]:
-            return [
-                x
-                for x in self.allocs[k].gpus
-                if x in info and gpu_matches(info[x].model.lower(), info[x].mem_bytes, shape)
-            ]
+        def ok(h: list[float]) -> bool:
+            return h[0] >= g and h[1] + EPS >= cpus and h[2] >= mem
 
-        def fits(chosen: list[int]) -> bool:
-            n_gpu = len(free_gpus) + sum(len(usable(k)) for k in chosen)
-            c = cl.free_cpu[i] + sum(self.allocs[k].cpus for k in chosen)
-            m = cl.free_mem[i] + sum(self.allocs[k].mem_bytes for k in chosen)
-            return n_gpu >= g and c + EPS >= cpus and m >= mem
+        def add(h: list[float], k: int, sign: int) -> list[float]:
+            a = allocs[k]
+            return [h[0] + sign * len(usable[k]), h[1] + sign * a.cpus, h[2] + sign * a.mem_bytes]
 
+        everything = have
+        for k in victims:
+            everything = add(everything, k, 1)
+        if not ok(everything):
+            return None  # even evicting every candidate would not do
+        victims.sort(key=self.order_key.__getitem__)
         chosen: list[int] = []
         for k in victims:
-            if fits(chosen):
+            if ok(have):
                 break
             chosen.append(k)
-        if not chosen or not fits(chosen):
-            return None
+            have = add(have, k, 1)
         # Greedy by priority can overshoot; drop whoever turns out unnecessary,
         # most valuable (highest priority, oldest) first.
         for k in reversed(list(chosen)):
-            rest = [x for x in chosen if x != k]
-            if rest and fits(rest):
-                chosen = rest
-        pool = sorted({*free_gpus, *(x for k in chosen for x in usable(k))})
+            without = add(have, k, -1)
+            if len(chosen) > 1 and ok(without):
+                chosen.remove(k)
+                have = without
+        pool = sorted({*free_gpus, *(x for k in chosen for x in usable[k])})
         gpus = cl.pick_gpus(i, shape, pool)
         free_set = set(free_gpus)
-        freed_cpu = sum(self.allocs[k].cpus for k in chosen)
-        freed_mem = sum(self.allocs[k].mem_bytes for k in chosen)
+        freed_cpu = sum(allocs[k].cpus for k in chosen)
+        freed_mem = sum(allocs[k].mem_bytes for k in chosen)
         return Eviction(
             node=i,
             victims=tuple(sorted(chosen)),

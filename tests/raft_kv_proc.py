@@ -75,8 +75,14 @@ class KVStateMachine:
         return result
 
     def snapshot(self) -> bytes:
-        return msgpack.packb({"kv": self.kv, "lists": self.lists,
-                              "seen": list(self.seen.items()), "last_index": self.last_index})
+        return msgpack.packb(
+            {
+                "kv": self.kv,
+                "lists": self.lists,
+                "seen": list(self.seen.items()),
+                "last_index": self.last_index,
+            }
+        )
 
     def restore(self, data: bytes) -> None:
         d = msgpack.unpackb(data)
@@ -94,9 +100,15 @@ async def _serve(args: argparse.Namespace) -> None:
 
     state = KVStateMachine()
     node = RaftNode(
-        state, args.addr, args.peers.split(","), Path(args.data_dir), bytes.fromhex(args.secret),
-        raft_min_timeout_s=args.min_timeout, raft_max_timeout_s=args.max_timeout,
-        connection_retry_s=0.3, log_compaction_min_entries=args.compact_entries,
+        state,
+        args.addr,
+        args.peers.split(","),
+        Path(args.data_dir),
+        bytes.fromhex(args.secret),
+        raft_min_timeout_s=args.min_timeout,
+        raft_max_timeout_s=args.max_timeout,
+        connection_retry_s=0.3,
+        log_compaction_min_entries=args.compact_entries,
     )
     synced_file = Path(args.data_dir) / "synced_size"
 
@@ -126,8 +138,12 @@ async def _serve(args: argparse.Namespace) -> None:
             return {"ok": True, "status": node.status()}
         if op == "dump":
             with node.lock:
-                return {"ok": True, "lists": state.lists, "kv": state.kv,
-                        "last_index": state.last_index}
+                return {
+                    "ok": True,
+                    "lists": state.lists,
+                    "kv": state.kv,
+                    "last_index": state.last_index,
+                }
         if op in ("add_member", "remove_member"):
             fn = node.add_member if op == "add_member" else node.remove_member
             try:
@@ -203,13 +219,26 @@ class Member:
 
     def start(self, peers: list[str]) -> None:
         assert self.proc is None
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--addr", self.addr,
-               "--peers", ",".join(peers), "--data-dir", str(self.data_dir),
-               "--ctl-port", str(self.ctl_port), "--secret", self.secret.hex(),
-               "--compact-entries", str(self.compact_entries)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--addr",
+            self.addr,
+            "--peers",
+            ",".join(peers),
+            "--data-dir",
+            str(self.data_dir),
+            "--ctl-port",
+            str(self.ctl_port),
+            "--secret",
+            self.secret.hex(),
+            "--compact-entries",
+            str(self.compact_entries),
+        ]
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         cwd=REPO_ROOT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+            )
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -253,8 +282,9 @@ class Member:
 
 
 class Cluster:
-    def __init__(self, root: Path, n: int, secret: bytes = b"s3cret-cluster",
-                 compact_entries: int = 5000) -> None:
+    def __init__(
+        self, root: Path, n: int, secret: bytes = b"s3cret-cluster", compact_entries: int = 5000
+    ) -> None:
         self.root, self.secret, self.compact_entries = root, secret, compact_entries
         self.members = [Member(root, secret, compact_entries) for _ in range(n)]
         self.extra: list[Member] = []
@@ -293,8 +323,15 @@ class Cluster:
         found: Member = wait_until(find, timeout_s, "a leader")
         return found
 
-    def write(self, rid: str, value: str, key: str = "log", deadline_s: float = 20.0,
-              timeout_s: float = 3.0, stop: Callable[[], bool] | None = None) -> bool:
+    def write(
+        self,
+        rid: str,
+        value: str,
+        key: str = "log",
+        deadline_s: float = 20.0,
+        timeout_s: float = 3.0,
+        stop: Callable[[], bool] | None = None,
+    ) -> bool:
         """Propose until acknowledged, retrying the SAME request id everywhere.
 
         Returns False only if ``stop`` asked to give up first.

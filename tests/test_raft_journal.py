@@ -32,7 +32,10 @@ def test_reopen_replays_entries_deletions_term_and_commit(tmp_path: Path) -> Non
     k = DurableJournal(tmp_path / "j")
     assert entries(k) == [(b"cmd1", 1, 1), (b"cmd2", 2, 1), (b"cmd3", 3, 1), (b"new4", 4, 2)]
     assert (k.getCurrentTerm(), k.getVotedForNodeId(), k.getRaftCommitIndex()) == (
-        2, "127.0.0.1:1", 3)
+        2,
+        "127.0.0.1:1",
+        3,
+    )
     assert k[-1] == (b"new4", 4, 2)
     k.close()
 
@@ -157,11 +160,13 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=ops)
 def test_power_loss_anywhere_recovers_the_last_synced_state(
-        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, object]]) -> None:
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, object]]
+) -> None:
     path = tmp_path_factory.mktemp("j") / "j"
     j = DurableJournal(path)
     model: list[tuple[bytes, int, int]] = []

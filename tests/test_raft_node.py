@@ -23,6 +23,7 @@ import pytest
 
 from raft.errors import NoQuorum, NotLeader, SnapshotError
 from raft.node import RaftNode, derive_password
+from raft.snapshot import write_snapshot_file
 from tests.raft_kv_proc import KVStateMachine, free_port, kv_command
 
 SECRET = b"cluster-secret-for-tests"
@@ -49,16 +50,24 @@ class Nodes:
         self.states: dict[str, KVStateMachine] = {}
         self.leadership: list[tuple[str, bool, int]] = []
 
-    def make(self, addr: str, peers: list[str], secret: bytes = SECRET,
-             **kw: Any) -> RaftNode:
+    def make(self, addr: str, peers: list[str], secret: bytes = SECRET, **kw: Any) -> RaftNode:
         state = KVStateMachine()
 
         def on_leadership(is_leader: bool) -> None:
             self.leadership.append((addr, is_leader, threading.get_ident()))
 
-        node = RaftNode(state, addr, peers, self.root / addr.replace(":", "_"), secret,
-                        on_leadership=on_leadership, raft_min_timeout_s=0.4,
-                        raft_max_timeout_s=1.0, connection_retry_s=0.3, **kw)
+        node = RaftNode(
+            state,
+            addr,
+            peers,
+            self.root / addr.replace(":", "_"),
+            secret,
+            on_leadership=on_leadership,
+            raft_min_timeout_s=0.4,
+            raft_max_timeout_s=1.0,
+            connection_retry_s=0.3,
+            **kw,
+        )
         self.nodes.append(node)
         self.states[addr] = state
         return node
@@ -98,6 +107,14 @@ def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
         RaftNode(KVStateMachine(), "127.0.0.1:1", [], tmp_path, b"")
 
 
+def test_refuses_a_snapshot_without_a_raft_position(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    write_snapshot_file(data_dir / "raft.snapshot", b"\x80", {"index": 5, "term": 1})
+    with pytest.raises(SnapshotError, match="no Raft log position"):
+        RaftNode(KVStateMachine(), "127.0.0.1:1", [], data_dir, SECRET)
+
+
 def test_password_is_derived_from_the_secret_not_the_secret_itself() -> None:
     pw = derive_password(SECRET)
     assert SECRET.decode() not in pw and pw == derive_password(SECRET)
@@ -116,24 +133,32 @@ async def test_three_nodes_elect_a_leader_and_followers_redirect(nodes: Nodes) -
         assert info.value.leader == leader.self_addr
 
     # Applied everywhere; on_leadership(True) only on the leader, on the loop thread.
-    await eventually(lambda: all(s.lists.get("log") == ["hello"] for s in nodes.states.values()),
-                     5.0, "the write on every node")
+    await eventually(
+        lambda: all(s.lists.get("log") == ["hello"] for s in nodes.states.values()),
+        5.0,
+        "the write on every node",
+    )
     await eventually(lambda: nodes.leadership, 5.0, "leadership callback")
     assert {(a, v) for a, v, _ in nodes.leadership} == {(leader.self_addr, True)}
     assert {t for _, _, t in nodes.leadership} == {threading.get_ident()}
     status = leader.status()
     assert status["has_quorum"] and status["leader"] == leader.self_addr
     assert {m["addr"] for m in status["members"]} == {n.self_addr for n in cluster} - {
-        leader.self_addr}
-    await eventually(lambda: all(m["lag"] == 0 and m["connected"]
-                                 for m in leader.status()["members"]), 5.0, "followers in sync")
+        leader.self_addr
+    }
+    await eventually(
+        lambda: all(m["lag"] == 0 and m["connected"] for m in leader.status()["members"]),
+        5.0,
+        "followers in sync",
+    )
 
 
 async def test_a_raising_apply_does_not_stall_the_log(nodes: Nodes) -> None:
     (node,) = nodes.cluster(1)
     await nodes.leader([node])
-    boom = await node.propose(msgpack.packb(
-        {"rid": "b", "kind": "boom", "key": "k", "value": "v"}), timeout_s=5.0)
+    boom = await node.propose(
+        msgpack.packb({"rid": "b", "kind": "boom", "key": "k", "value": "v"}), timeout_s=5.0
+    )
     assert boom["error"]["code"] == "apply_failed"
     assert (await write(node, "after", "ok"))["len"] == 1
 
@@ -163,18 +188,25 @@ async def test_single_node_restart_replays_the_journal(nodes: Nodes, tmp_path: P
 
 
 async def test_restart_from_snapshot_and_compacted_log(
-        nodes: Nodes, caplog: pytest.LogCaptureFixture) -> None:
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
     cluster = nodes.cluster(3, log_compaction_min_entries=30)
     addrs = [n.self_addr for n in cluster]
     leader = await nodes.leader(cluster)
     for i in range(120):
         await write(leader, f"r{i}", f"v{i}")
     expected = [f"v{i}" for i in range(120)]
-    await eventually(lambda: all((n.data_dir / "raft.snapshot").exists() for n in cluster),
-                     10.0, "snapshots on every node")
+    await eventually(
+        lambda: all((n.data_dir / "raft.snapshot").exists() for n in cluster),
+        10.0,
+        "snapshots on every node",
+    )
     await eventually(lambda: all(len(n.journal) < 60 for n in cluster), 10.0, "compaction")
-    await eventually(lambda: all(s.lists.get("log") == expected
-                                 for s in nodes.states.values()), 10.0, "all applied")
+    await eventually(
+        lambda: all(s.lists.get("log") == expected for s in nodes.states.values()),
+        10.0,
+        "all applied",
+    )
     for n in cluster:
         n.close()
     nodes.states.clear()
@@ -182,16 +214,23 @@ async def test_restart_from_snapshot_and_compacted_log(
     restarted = [nodes.make(a, addrs, log_compaction_min_entries=30) for a in addrs]
     leader = await nodes.leader(restarted)
     await write(leader, "post", "after-restart")
-    await eventually(lambda: all(s.lists.get("log") == [*expected, "after-restart"]
-                                 for s in nodes.states.values()), 10.0,
-                     "snapshot + journal restored on every node")
+    await eventually(
+        lambda: all(
+            s.lists.get("log") == [*expected, "after-restart"] for s in nodes.states.values()
+        ),
+        10.0,
+        "snapshot + journal restored on every node",
+    )
     # A node joining now can only get the state as a snapshot sent over the
     # wire (the leader's log no longer starts at 1): our msgpack file, no pickle.
     joiner_addr = f"127.0.0.1:{free_port()}"
     joiner = nodes.make(joiner_addr, [*addrs, joiner_addr])
     await leader.add_member(joiner_addr, timeout_s=10.0)
-    await eventually(lambda: nodes.states[joiner_addr].lists.get("log")
-                     == [*expected, "after-restart"], 15.0, "joiner to install the snapshot")
+    await eventually(
+        lambda: nodes.states[joiner_addr].lists.get("log") == [*expected, "after-restart"],
+        15.0,
+        "joiner to install the snapshot",
+    )
     assert (joiner.data_dir / "raft.snapshot").exists()  # installed, not compacted itself
     assert "failed to load full dump" not in caplog.text
     joiner.close()
@@ -238,10 +277,14 @@ async def test_membership_grows_to_five_and_shrinks_back_while_serving(nodes: No
         addrs.append(addr)
         cluster.append(extras[-1])
     leader = await nodes.leader(cluster)
-    await eventually(lambda: len(leader.status()["members"]) == 4
-                     and all(m["connected"] and m["lag"] == 0
-                             for m in leader.status()["members"]), 10.0,
-                     "five members in sync")
+    await eventually(
+        lambda: (
+            len(leader.status()["members"]) == 4
+            and all(m["connected"] and m["lag"] == 0 for m in leader.status()["members"])
+        ),
+        10.0,
+        "five members in sync",
+    )
     n_before = len(acked)
     await eventually(lambda: len(acked) > n_before + 5, 10.0, "writes with five members")
 
@@ -259,8 +302,13 @@ async def test_membership_grows_to_five_and_shrinks_back_while_serving(nodes: No
     stop.set()
     await task
     final = acked.copy()
-    await eventually(lambda: all(nodes.states[n.self_addr].lists.get("log", [])[:len(final)]
-                                 == final for n in cluster), 10.0, "every ack on every node")
+    await eventually(
+        lambda: all(
+            nodes.states[n.self_addr].lists.get("log", [])[: len(final)] == final for n in cluster
+        ),
+        10.0,
+        "every ack on every node",
+    )
 
 
 class _TouchOnUnpickle:
@@ -272,7 +320,8 @@ class _TouchOnUnpickle:
 
 
 async def test_wrong_password_node_cannot_join_and_raw_pickles_are_not_loaded(
-        nodes: Nodes, tmp_path: Path) -> None:
+    nodes: Nodes, tmp_path: Path
+) -> None:
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     good = [nodes.make(a, addrs) for a in addrs[:2]]
     evil = nodes.make(addrs[2], addrs, secret=b"not-the-cluster-secret")
@@ -283,8 +332,9 @@ async def test_wrong_password_node_cannot_join_and_raw_pickles_are_not_loaded(
         await write(evil, "evil", "evil")
     assert not evil.is_leader()
     assert nodes.states[evil.self_addr].lists == {}
-    assert not any(m["connected"] for m in leader.status()["members"]
-                   if m["addr"] == evil.self_addr)
+    assert not any(
+        m["connected"] for m in leader.status()["members"] if m["addr"] == evil.self_addr
+    )
 
     # A pickle that would create a file if pysyncobj unpickled it.
     marker = tmp_path / "pwned"
@@ -307,8 +357,11 @@ async def test_leader_that_loses_quorum_fails_fast_and_steps_down(nodes: Nodes) 
     cluster = nodes.cluster(3)
     leader = await nodes.leader(cluster)
     await write(leader, "r0", "v0")
-    await eventually(lambda: (leader.self_addr, True) in {(a, v) for a, v, _ in
-                                                          nodes.leadership}, 5.0, "announce")
+    await eventually(
+        lambda: (leader.self_addr, True) in {(a, v) for a, v, _ in nodes.leadership},
+        5.0,
+        "announce",
+    )
     for n in cluster:
         if n is not leader:
             n.close()
@@ -320,6 +373,8 @@ async def test_leader_that_loses_quorum_fails_fast_and_steps_down(nodes: Nodes) 
         assert "1 of 3 masters reachable" in str(info.value)
     # pysyncobj's leaderFallbackTimeout (set to 3x the max election timeout)
     await eventually(lambda: not leader.is_leader(), 10.0, "the leader to step down")
-    await eventually(lambda: (leader.self_addr, False) in {(a, v) for a, v, _ in
-                                                           nodes.leadership}, 5.0,
-                     "on_leadership(False)")
+    await eventually(
+        lambda: (leader.self_addr, False) in {(a, v) for a, v, _ in nodes.leadership},
+        5.0,
+        "on_leadership(False)",
+    )

@@ -53,16 +53,20 @@ class Loader:
         try:
             while not self._stop.is_set():
                 value = f"v{i}"
-                if self.cluster.write(f"rid-{i}", value, deadline_s=60.0, timeout_s=2.0,
-                                      stop=self._stop.is_set):
+                if self.cluster.write(
+                    f"rid-{i}", value, deadline_s=60.0, timeout_s=2.0, stop=self._stop.is_set
+                ):
                     self.acked.append(value)
                 i += 1
         except BaseException as e:  # surfaced by stop()
             self.error = e
 
     def wait_acks(self, more_than: int, timeout_s: float = 25.0) -> None:
-        wait_until(lambda: len(self.acked) > more_than, timeout_s,
-                   f"more than {more_than} acknowledged writes")
+        wait_until(
+            lambda: len(self.acked) > more_than,
+            timeout_s,
+            f"more than {more_than} acknowledged writes",
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -73,14 +77,18 @@ class Loader:
 
 def assert_every_ack_once(cluster: Cluster, acked: list[str]) -> None:
     """Every member converges to one log holding each acked value exactly once."""
+
     def logs() -> list[list[str]] | None:
         dumps = [m.try_request({"op": "dump"}, 3.0) for m in cluster.members]
         if any(d is None for d in dumps):
             return None
         return [d["lists"].get("log", []) for d in dumps if d is not None]
 
-    converged = wait_until(lambda: (ls := logs()) and all(x == ls[0] for x in ls) and ls,
-                           20.0, "all members to hold the same log")
+    converged = wait_until(
+        lambda: (ls := logs()) and all(x == ls[0] for x in ls) and ls,
+        20.0,
+        "all members to hold the same log",
+    )
     log = converged[0]
     counts = collections.Counter(log)
     assert [v for v, n in counts.items() if n > 1] == [], "values applied twice"
@@ -103,8 +111,9 @@ def test_leader_kill9_three_times_under_load(cluster: Cluster) -> None:
             load.wait_acks(n + 15)  # a new leader is serving
             leader.start(cluster.addrs)  # same data dir: comes back from its journal
             new_leader = cluster.leader()
-            wait_until(lambda m=leader, nl=new_leader: caught_up(m, nl), 20.0,
-                       "restarted node to catch up")
+            wait_until(
+                lambda m=leader, nl=new_leader: caught_up(m, nl), 20.0, "restarted node to catch up"
+            )
     assert_every_ack_once(cluster, load.acked)
 
 
@@ -124,7 +133,8 @@ def test_kill9_all_under_load_then_power_loss_restart(cluster: Cluster) -> None:
 
 
 def test_sigstop_leader_for_5s_another_leader_serves_and_old_one_steps_down(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     with Loader(cluster) as load:
         load.wait_acks(20)
         old = cluster.leader()
@@ -132,15 +142,29 @@ def test_sigstop_leader_for_5s_another_leader_serves_and_old_one_steps_down(
         stopped_at = time.monotonic()
         others = [m for m in cluster.members if m is not old]
         new = cluster.leader(among=others, timeout_s=10.0)
-        reply = new.request({"op": "propose", "rid": "during-stop", "key": "log",
-                             "value": "during-stop", "timeout_s": 3.0})
+        reply = new.request(
+            {
+                "op": "propose",
+                "rid": "during-stop",
+                "key": "log",
+                "value": "during-stop",
+                "timeout_s": 3.0,
+            }
+        )
         assert reply["ok"], reply
         load.acked.append("during-stop")
         # The scenario is a 5 s freeze; the wait itself asserts nothing.
         time.sleep(max(0.0, 5.0 - (time.monotonic() - stopped_at)))
         old.signal(signal.SIGCONT)
-        wait_until(lambda: (st := old.status()) and not st["is_leader"]
-                   and st["leader"] not in (None, old.addr), 15.0, "old leader to step down")
+        wait_until(
+            lambda: (
+                (st := old.status())
+                and not st["is_leader"]
+                and st["leader"] not in (None, old.addr)
+            ),
+            15.0,
+            "old leader to step down",
+        )
         n = len(load.acked)
         load.wait_acks(n + 10)
     assert_every_ack_once(cluster, load.acked)
@@ -155,8 +179,10 @@ def test_sigstop_two_of_three_proposals_fail_fast_never_hang(cluster: Cluster) -
     for m in followers:
         m.signal(signal.SIGSTOP)
     t0 = time.monotonic()
-    reply = leader.request({"op": "propose", "rid": "lonely", "key": "log", "value": "x",
-                            "timeout_s": 3.0}, timeout_s=12.0)
+    reply = leader.request(
+        {"op": "propose", "rid": "lonely", "key": "log", "value": "x", "timeout_s": 3.0},
+        timeout_s=12.0,
+    )
     assert time.monotonic() - t0 < 10.0
     assert not reply["ok"] and reply["error"] in ("NoQuorum", "NotLeader"), reply
     if reply["error"] == "NoQuorum":
@@ -171,8 +197,10 @@ def test_sigstop_two_of_three_proposals_fail_fast_never_hang(cluster: Cluster) -
     for m in frozen:
         m.signal(signal.SIGSTOP)
     t0 = time.monotonic()
-    reply = lone.request({"op": "propose", "rid": "lone-follower", "key": "log",
-                          "value": "y", "timeout_s": 3.0}, timeout_s=12.0)
+    reply = lone.request(
+        {"op": "propose", "rid": "lone-follower", "key": "log", "value": "y", "timeout_s": 3.0},
+        timeout_s=12.0,
+    )
     assert time.monotonic() - t0 < 10.0
     assert not reply["ok"] and reply["error"] in ("NoQuorum", "NotLeader"), reply
     for m in frozen:

@@ -147,6 +147,13 @@ def test_command_not_found_exits_127_with_a_message_in_the_log(runner: TaskRunne
     assert "leptond: command not found: no-such-command-anywhere" in log_text(runner, "t1")
 
 
+def test_missing_working_directory_is_a_start_failure(runner: TaskRunner, tmp_path: Path) -> None:
+    runner.start(spec("t1", ["true"], cwd=str(tmp_path / "gone")))
+    ex = exit_of(runner, "t1")
+    assert ex.exit_code == 127
+    assert ex.message.startswith(f"leptond: cannot enter working directory {tmp_path / 'gone'}")
+
+
 def test_file_that_is_not_executable_exits_126(runner: TaskRunner, tmp_path: Path) -> None:
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\necho hi\n")
@@ -201,9 +208,7 @@ def test_stop_escalates_to_sigkill_after_the_grace(runner: TaskRunner) -> None:
     assert "got TERM" in log_text(runner, "t1")
 
 
-def test_stop_request_is_a_file_the_shim_honours_on_its_own(
-    runner: TaskRunner, root: Path
-) -> None:
+def test_stop_request_is_a_file_the_shim_honours_on_its_own(runner: TaskRunner, root: Path) -> None:
     # The agent may die right after asking; the file alone must be enough.
     runner.start(spec("t1", ["sh", "-c", "echo ready; sleep 60"]))
     wait_for(lambda: "ready" in log_text(runner, "t1"), "the task to start")

@@ -52,6 +52,7 @@ MAX_IN_FLIGHT = 4096
 # Pending output beyond this is written at once instead of at the end of the
 # loop iteration.
 FLUSH_AT = 256 * 1024
+BIG_FRAME = 64 * 1024
 _STREAM_END = object()
 
 
@@ -94,8 +95,7 @@ class Connection(asyncio.Protocol):
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._served: dict[int, asyncio.Task[None]] = {}
         self._notified: set[asyncio.Task[None]] = set()
-        self._out: list[bytes] = []
-        self._out_bytes = 0
+        self._out = bytearray()
         self._flush_scheduled = False
         self._paused: asyncio.Future[None] | None = None
         self._hs_timer: asyncio.TimerHandle | None = None
@@ -318,11 +318,17 @@ class Connection(asyncio.Protocol):
     def _send(self, msg: dict[str, Any], compress: bool = True) -> None:
         if self.transport is None or self.transport.is_closing() or self._sealer is None:
             raise ConnectionLost()
-        payload = self._sealer.seal(encode_body(msg, compress))
-        self._out.append(len(payload).to_bytes(4, "big"))
-        self._out.append(payload)
-        self._out_bytes += len(payload)
-        if self._out_bytes >= FLUSH_AT:
+        framed = self._sealer.seal_frame(encode_body(msg, compress))
+        if len(framed) >= BIG_FRAME:
+            # Big frames go to the transport as they are: copying them into
+            # the output buffer would cost more than the extra write.
+            self._flush()
+            self.transport.write(framed)
+            return
+        # Small frames are gathered into one buffer and written once per loop
+        # iteration: one send() for many replies, not one per frame.
+        self._out += framed
+        if len(self._out) >= FLUSH_AT:
             # A handler that produces much without awaiting must not pile up
             # output here: hand it to the transport, which applies flow control.
             self._flush()
@@ -331,12 +337,12 @@ class Connection(asyncio.Protocol):
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        # Coalesce every frame produced in one loop iteration into one write.
         self._flush_scheduled = False
-        out, self._out = self._out, []
-        self._out_bytes = 0
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        out = self._out
+        if out:
+            self._out = bytearray()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(out)
 
     def _write_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -351,13 +357,17 @@ class Connection(asyncio.Protocol):
         i = next(self._ids)
         fut: asyncio.Future[Any] = self.loop.create_future()
         self._calls[i] = fut
+        # A timer on the future itself, not asyncio.wait_for: that wraps every
+        # call in more futures and callbacks, and calls are the hot path.
+        timer = self.loop.call_later(timeout_s, _expire, fut)
         try:
             self._send({"t": "q", "i": i, "m": method, "a": args})
-            return await asyncio.wait_for(fut, timeout_s)
-        except TimeoutError:
+            return await fut
+        except _CallTimeout:
             self._cancel_remote(i)
             raise RpcError("timeout", f"{method} got no answer within {timeout_s:g}s") from None
         finally:
+            timer.cancel()
             self._calls.pop(i, None)
 
     async def stream(
@@ -391,6 +401,11 @@ class Connection(asyncio.Protocol):
         if not self.is_closing():
             with contextlib.suppress(ConnectionLost):
                 self._send({"t": "x", "i": i})
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes of sealed frames gathered for the next write."""
+        return len(self._out)
 
     @property
     def busy(self) -> bool:
@@ -455,6 +470,15 @@ class Connection(asyncio.Protocol):
             self.closed.set_result(None)
         if self._on_close is not None:
             self._on_close(self)
+
+
+class _CallTimeout(Exception):
+    pass
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(_CallTimeout())
 
 
 def _int(msg: dict[str, Any], key: str) -> int:

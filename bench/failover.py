@@ -1,0 +1,207 @@
+"""Leader failover: seconds from kill -9 of the leader to the next acknowledged write.
+
+Three real `leptond run` masters on 127.0.0.1. One client submits 1-task jobs in
+a tight loop through ClusterClient (which follows the leader). The leader is
+killed with SIGKILL N times; after each kill the killed master is restarted
+and the bench waits until it is back before the next kill, so every kill
+leaves a quorum. For each kill: time to the first write acknowledged by a
+master other than the killed one, and (from the master logs) time until the
+new leader announced itself. Baseline beside it: the Raft election timeout
+range the masters run with.
+
+    python3 bench/failover.py [--kills 20] [--raft-timeouts MIN,MAX] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from leptond.config import MasterConfig  # noqa: E402
+from leptond.wire.errors import RpcError  # noqa: E402
+from tests.cp_support import SPEC, client, rpc, start_masters, wait_leader  # noqa: E402
+from tests.harness import Cluster, Master, wait_for  # noqa: E402
+
+TARGET_P99_S = 1.5
+BECAME_LEADER = re.compile(r"^(\S+ \S+) INFO lepton\.master: became leader")
+
+
+class Writer:
+    """One client in a tight submit loop; records (ack time, master that acked)."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+        self.acks: list[tuple[float, str]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        cl = client(self.c.addrs, self.c.admin_token)
+        i = 0
+        try:
+            while not self._stop.is_set():
+                rid = f"failover-{i:09d}"
+                while not self._stop.is_set():  # same rid until acknowledged
+                    try:
+                        await cl.call("submit", {"spec": SPEC, "rid": rid}, timeout_s=30)
+                    except RpcError:
+                        self.errors += 1
+                        continue
+                    cur = cl.current
+                    self.acks.append((time.monotonic(), f"{cur[0]}:{cur[1]}" if cur else ""))
+                    break
+                i += 1
+        finally:
+            await cl.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def first_ack_after(self, t: float, not_from: str, timeout_s: float = 60) -> float:
+        def find() -> float | None:
+            hits = [at for at, addr in self.acks if at > t and addr != not_from]
+            return min(hits) if hits else None
+
+        return float(wait_for(find, timeout_s, "a write acknowledged by the new leader", 0.01))
+
+
+def became_leader_times(log: Path) -> list[float]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = BECAME_LEADER.match(line)
+        if m:
+            out.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return out
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+# `leptond run` has no flags for the Raft timeouts; to try other values the
+# bench starts masters through this wrapper, which overrides what MasterConfig
+# hands to RaftNode and then runs the normal `leptond` entry point.
+LAUNCHER = """
+import sys
+import leptond.master as m
+_raft_node = m.RaftNode
+def raft_node(*a, **k):
+    k["raft_min_timeout_s"], k["raft_max_timeout_s"] = {lo!r}, {hi!r}
+    return _raft_node(*a, **k)
+m.RaftNode = raft_node
+from leptond.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run(kills: int, timeouts: tuple[float, float] | None) -> dict[str, Any]:
+    cfg = MasterConfig(Path("."), Path("."), Path("."))
+    lo, hi = timeouts or (cfg.raft_min_timeout_s, cfg.raft_max_timeout_s)
+    with tempfile.TemporaryDirectory(prefix="lepton-failover-") as tmp:
+        c = Cluster(Path(tmp) / "cluster", n_masters=3)
+        try:
+            if timeouts is None:
+                start_masters(c)
+            else:
+                peers = [m.raft_addr for m in c.masters]
+                for m in c.masters:
+                    argv = c._master_argv(m, peers)
+                    assert argv[1:3] == ["-m", "leptond.cli"], argv
+                    m.proc.argv = [argv[0], "-c", LAUNCHER.format(lo=lo, hi=hi), *argv[3:]]
+                    m.proc.start()
+                wait_leader(c)
+            w = Writer(c)
+            w.start()
+            wait_for(lambda: len(w.acks) > 20, 60, "writes flowing")
+            to_ack: list[float] = []
+            to_leader: list[float] = []
+            for _ in range(kills):
+                old: Master = wait_leader(c)
+                n_before = len(w.acks)
+                wait_for(lambda n=n_before: len(w.acks) > n + 5, 30, "writes to the leader")
+                wall, mono = time.time(), time.monotonic()
+                old.proc.kill9()
+                t_ack = w.first_ack_after(mono, old.rpc_addr)
+                to_ack.append(t_ack - mono)
+                new = wait_leader(c, not_=old)
+                elected = [t for t in became_leader_times(new.proc.log) if t >= wall]
+                if elected:
+                    to_leader.append(min(elected) - wall)
+                old.proc.start()
+                wait_for(
+                    lambda old=old: rpc(old.rpc_addr, c.admin_token, "cluster_status")["leader"],
+                    60,
+                    f"master-{old.index} back",
+                )
+            w.stop()
+        finally:
+            c.close()
+    return {
+        "kills": kills,
+        "p50_s": round(statistics.median(to_ack), 3),
+        "p99_s": round(pct(to_ack, 99), 3),
+        "max_s": round(max(to_ack), 3),
+        "leader_p50_s": round(statistics.median(to_leader), 3) if to_leader else None,
+        "leader_p99_s": round(pct(to_leader, 99), 3) if to_leader else None,
+        "raft_min_timeout_s": lo,
+        "raft_max_timeout_s": hi,
+        "target_p99_s": TARGET_P99_S,
+        "samples_s": [round(x, 3) for x in to_ack],
+        "client_errors": w.errors,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument(
+        "--raft-timeouts",
+        metavar="MIN,MAX",
+        help="election timeout range to try instead of MasterConfig's (MIN > 0.3 s)",
+    )
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args()
+    timeouts = None
+    if a.raft_timeouts:
+        lo, hi = (float(x) for x in a.raft_timeouts.split(","))
+        timeouts = (lo, hi)
+    r = run(a.kills, timeouts)
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print(f"leader failover, 3 masters, {r['kills']} x kill -9 of the leader")
+    print(f"{'':32}{'p50':>8}{'p99':>8}{'max':>8}")
+    print(f"{'kill -> first acked write (s)':32}{r['p50_s']:>8}{r['p99_s']:>8}{r['max_s']:>8}")
+    if r["leader_p50_s"] is not None:
+        print(f"{'kill -> new leader serving (s)':32}{r['leader_p50_s']:>8}{r['leader_p99_s']:>8}")
+    print(
+        f"baseline: raft election timeout {r['raft_min_timeout_s']}-{r['raft_max_timeout_s']} s"
+        f" (a follower waits this long without a heartbeat before it stands); "
+        f"target p99 <= {r['target_p99_s']} s"
+    )
+    print("samples:", " ".join(f"{x:.2f}" for x in r["samples_s"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Submit throughput: acknowledged 1-task jobs per second through 3 real masters.
+
+Client worker processes each hold a few ClusterClient connections with many
+submits in flight (every submit is one `submit` RPC with its own request id).
+Beside it, from the same run: the engine's ceiling, the raw commands per second
+of a 3-process RaftNode cluster with a trivial state machine
+(tests/raft_kv_proc.py) proposing one command per request, concurrently.
+
+    python3 bench/submit.py [--duration 20] [--procs 2] [--conns 4] [--inflight 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from leptond.wire.errors import RpcError  # noqa: E402
+from tests import raft_kv_proc as kv  # noqa: E402
+from tests.cp_support import SPEC, client, start_masters  # noqa: E402
+from tests.harness import Cluster  # noqa: E402
+
+TARGET_JOBS_PER_S = 5000
+WARMUP_S = 2.0
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[max(0, min(len(s) - 1, round(p / 100 * (len(s) - 1))))]
+
+
+# -- leptond submits ------------------------------------------------------------------
+def _worker(
+    wid: int, addrs: str, token: str, conns: int, inflight: int, start: float, end: float, q: Any
+) -> None:
+    from leptond.wire.loop import run
+
+    q.put(run(_work(wid, addrs, token, conns, inflight, start, end)))
+
+
+async def _work(
+    wid: int, addrs: str, token: str, conns: int, inflight: int, start: float, end: float
+) -> dict[str, Any]:
+    lat: list[float] = []
+    errors = 0
+
+    async def one(cl: Any, k: int) -> None:
+        nonlocal errors
+        i = 0
+        while (now := time.time()) < end:
+            rid = f"bench-{wid}-{k}-{i:09d}"
+            while True:  # same rid until acknowledged
+                t0 = time.perf_counter()
+                try:
+                    await cl.call("submit", {"spec": SPEC, "rid": rid}, timeout_s=30)
+                    break
+                except RpcError:
+                    errors += 1
+            if now >= start:
+                lat.append(time.perf_counter() - t0)
+            i += 1
+
+    clients = [client(addrs, token) for _ in range(conns)]
+    try:
+        await asyncio.gather(
+            *(one(cl, c * inflight + j) for c, cl in enumerate(clients) for j in range(inflight))
+        )
+    finally:
+        for cl in clients:
+            await cl.close()
+    return {"lat": lat, "errors": errors}
+
+
+def bench_leptond(duration_s: float, procs: int, conns: int, inflight: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="lepton-submit-") as tmp:
+        c = Cluster(Path(tmp) / "cluster", n_masters=3)
+        try:
+            lead = start_masters(c)
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            start = time.time() + 3.0 + WARMUP_S  # workers need ~3 s to start up
+            end = start + duration_s
+            ps = [
+                ctx.Process(
+                    target=_worker,
+                    args=(w, lead.rpc_addr, c.admin_token, conns, inflight, start, end, q),
+                )
+                for w in range(procs)
+            ]
+            for p in ps:
+                p.start()
+            # CPU seconds the leader spends per acknowledged job: unlike jobs/s,
+            # this hardly depends on what else the machine is running.
+            leader_proc = psutil.Process(lead.proc.pid)
+            time.sleep(max(0.0, start - time.time()))
+            cpu0 = _cpu(leader_proc)
+            time.sleep(max(0.0, end - time.time()))
+            cpu1 = _cpu(leader_proc)
+            results = [q.get(timeout=duration_s + 120) for _ in ps]
+            for p in ps:
+                p.join(30)
+        finally:
+            c.close()
+    lat = [x for r in results for x in r["lat"]]
+    return {
+        "jobs": len(lat),
+        "jobs_per_s": round(len(lat) / duration_s, 1),
+        "p50_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
+        "p99_ms": round(pct(lat, 99) * 1000, 2) if lat else None,
+        "leader_cpu_ms_per_job": round((cpu1 - cpu0) * 1000 / len(lat), 3) if lat else None,
+        "errors": sum(r["errors"] for r in results),
+        "clients": procs * conns,
+        "in_flight": procs * conns * inflight,
+    }
+
+
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+# -- raw RaftNode ceiling --------------------------------------------------------------
+def bench_raw(duration_s: float, concurrency: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="lepton-raw-") as tmp:
+        c = kv.Cluster(Path(tmp), 3, compact_entries=10**9)
+        try:
+            c.start()
+            lead = c.leader(timeout_s=60)
+            res = asyncio.run(_raw(lead.ctl_port, duration_s, concurrency))
+        finally:
+            c.stop()
+    return res
+
+
+async def _raw(port: int, duration_s: float, concurrency: int) -> dict[str, Any]:
+    start = time.monotonic() + WARMUP_S
+    end = start + duration_s
+    lat: list[float] = []
+    errors = 0
+
+    async def one(k: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = 0
+        try:
+            while (now := time.monotonic()) < end:
+                req = {
+                    "op": "propose",
+                    "rid": f"raw-{k}-{i}",
+                    "key": "k",
+                    "value": "",
+                    "kind": "put",
+                }
+                t0 = time.perf_counter()
+                writer.write(json.dumps(req).encode() + b"\n")
+                reply = json.loads(await reader.readline())
+                if not reply.get("ok"):
+                    errors += 1
+                elif now >= start:
+                    lat.append(time.perf_counter() - t0)
+                i += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one(k) for k in range(concurrency)))
+    return {
+        "raw_commands": len(lat),
+        "raw_commands_per_s": round(len(lat) / duration_s, 1),
+        "raw_p99_ms": round(pct(lat, 99) * 1000, 2) if lat else None,
+        "raw_errors": errors,
+        "raw_concurrency": concurrency,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds measured")
+    ap.add_argument("--procs", type=int, default=2, help="client processes")
+    ap.add_argument("--conns", type=int, default=4, help="connections per client process")
+    ap.add_argument("--inflight", type=int, default=32, help="submits in flight per connection")
+    ap.add_argument("--raw-duration", type=float, default=None, help="default: --duration")
+    ap.add_argument("--raw-concurrency", type=int, default=64)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args()
+    raw = bench_raw(a.raw_duration or a.duration, a.raw_concurrency)
+    sub = bench_leptond(a.duration, a.procs, a.conns, a.inflight)
+    r = {**sub, **raw, "duration_s": a.duration, "target_jobs_per_s": TARGET_JOBS_PER_S}
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print(f"submit throughput, 3 masters, {a.duration:g} s measured after {WARMUP_S:g} s warm-up")
+    print(f"{'':46}{'per s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    print(
+        f"{'leptond submits (' + str(r['clients']) + ' conns, ' + str(r['in_flight']) + ' in flight)':46}"
+        f"{r['jobs_per_s']:>10}{r['p50_ms']!s:>9}{r['p99_ms']!s:>9}"
+    )
+    print(
+        f"{'raw RaftNode commands (' + str(r['raw_concurrency']) + ' in flight)':46}"
+        f"{r['raw_commands_per_s']:>10}{'':>9}{r['raw_p99_ms']!s:>9}"
+    )
+    print(f"leader CPU per acknowledged job: {r['leader_cpu_ms_per_job']} ms")
+    print(f"target: >= {TARGET_JOBS_PER_S} jobs/s; client errors retried: {r['errors']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The masters' block store: uploads from leptonctl, replication to a majority
+of masters before a manifest commits, and blocks served to agents.
+
+Blocks never enter the Raft log; only manifests (paths, modes, block ids) do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .blocks import (
+    BlockCorrupt,
+    BlockStore,
+    StoreFull,
+    WorkdirError,
+    manifest_blocks,
+    manifest_id,
+    pack_block,
+    unpack_block,
+    validate_manifest,
+)
+from .blocks.manifest import MAX_BLOCK_SIZE, is_block_id
+from .wire.client import parse_addr
+from .wire.connection import Connection, Handler, open_connection
+from .wire.errors import BAD_REQUEST, NO_QUORUM, RpcError
+from .wire.tokens import CLUSTER_KEY_ID, cluster_psk
+
+if TYPE_CHECKING:
+    from .master import Master
+
+log = logging.getLogger("lepton.master")
+MAX_IDS = 100_000
+T = TypeVar("T")
+
+
+class BlockService:
+    def __init__(self, m: Master) -> None:
+        self.m = m
+        cfg = m.cfg
+        self.store = BlockStore(
+            cfg.data_dir / "blocks",
+            cache_bytes=cfg.block_cache_bytes,
+            policy=cfg.block_cache_policy,
+        )
+        self._psk = cluster_psk(m.secret)
+        self._peers: dict[str, Connection] = {}
+        self._pushes: set[asyncio.Task[None]] = set()
+        # BlockStore is single-owner: its disk I/O runs on one worker thread,
+        # off the event loop but never concurrently with itself.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="blockstore")
+        self._push_slots = asyncio.Semaphore(4)
+        self.counters: Counter[str] = Counter()
+        # node id -> blocks the leader served it: what its cache likely holds,
+        # for cache-aware placement. Leader memory only; a guess, never a promise.
+        self.node_blocks: dict[str, set[str]] = {}
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "blocks_missing": self.blocks_missing,
+            "block_put": self.block_put,
+            "manifest_put": self.manifest_put,
+            "block_get": self.block_get,
+            "peer_blocks_missing": self.peer_blocks_missing,
+            "peer_block_put": self.peer_block_put,
+            "peer_block_get": self.peer_block_get,
+        }
+
+    # -- from leptonctl -------------------------------------------------------------
+    def _role(self, conn: Connection, role: str) -> None:
+        from .auth import require
+
+        require(conn.context, role)
+
+    async def blocks_missing(self, conn: Connection, a: Any) -> dict[str, Any]:
+        self._role(conn, "submit")
+        self.m.ensure_leader()
+        ids = _ids(a)
+        return {"missing": self.store.missing(ids)}
+
+    async def block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
+        self._role(conn, "submit")
+        self.m.ensure_leader()
+        bid, data = self._unpack(a)
+        await self._io(self._put, bid, data)
+        self.counters["upload_blocks"] += 1
+        self.counters["upload_bytes"] += len(data)
+        # Start copying to the other masters now, overlapping the rest of the
+        # upload; manifest_put later checks what is still missing and waits.
+        task = asyncio.get_running_loop().create_task(
+            self._early_push(bid, a["data"], bool(a.get("z")))
+        )
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        return {"ok": True}
+
+    async def _early_push(self, bid: str, payload: bytes, compressed: bool) -> None:
+        async with self._push_slots:
+            for addr in self.m.peer_rpc_addrs():
+                try:
+                    conn = await self._peer(addr)
+                    await conn.call(
+                        "peer_block_put",
+                        {"id": bid, "data": payload, "z": compressed},
+                        timeout_s=60,
+                    )
+                except RpcError as exc:
+                    log.debug("early copy of %s to %s: %s", bid[:12], addr, exc)
+
+    async def manifest_put(self, conn: Connection, a: Any) -> dict[str, Any]:
+        self._role(conn, "submit")
+        self.m.ensure_leader()
+        try:
+            manifest = validate_manifest(a.get("manifest") if isinstance(a, dict) else None)
+        except WorkdirError as exc:
+            raise RpcError(BAD_REQUEST, f"workdir manifest refused: {exc}") from None
+        ids = manifest_blocks(manifest)
+        missing = self.store.missing(ids)
+        if missing:
+            raise RpcError(BAD_REQUEST, f"{len(missing)} block(s) of the workdir were not uploaded")
+        if self._pushes:
+            await asyncio.wait(list(self._pushes), timeout=60)
+        await self._replicate(ids)
+        mid = manifest_id(manifest)
+        await self.m.propose("put_manifest", {"id": mid, "manifest": dict(manifest)}, timeout_s=30)
+        return {"id": mid, "blocks": len(ids)}
+
+    async def _replicate(self, ids: list[str]) -> None:
+        """Each block on a majority of masters (this one included) before the manifest commits."""
+        peers = self.m.peer_rpc_addrs()
+        need = (len(peers) + 1) // 2 + 1 - 1  # majority of peers+self, minus self
+        if need <= 0:
+            return
+        results = await asyncio.gather(
+            *(self._push_to(addr, ids) for addr in peers), return_exceptions=True
+        )
+        ok = sum(1 for r in results if r is True)
+        if ok < need:
+            errs = [str(r) for r in results if isinstance(r, BaseException)]
+            raise RpcError(
+                NO_QUORUM,
+                f"workdir blocks reached {ok + 1} of {len(peers) + 1} masters; "
+                f"a majority is needed ({'; '.join(errs[:2]) or 'peers unreachable'})",
+            )
+
+    async def _push_to(self, addr: str, ids: list[str]) -> bool:
+        conn = await self._peer(addr)
+        missing: list[str] = []
+        for i in range(0, len(ids), 10_000):
+            res = await conn.call("peer_blocks_missing", {"ids": ids[i : i + 10_000]}, timeout_s=30)
+            missing += res["missing"]
+        sem = asyncio.Semaphore(8)
+
+        async def one(bid: str) -> None:
+            data = self.store.get(bid)
+            if data is None:
+                raise RpcError("internal", f"block {bid[:12]} vanished from this master")
+            payload, compressed = pack_block(data)
+            async with sem:
+                await conn.call(
+                    "peer_block_put", {"id": bid, "data": payload, "z": compressed}, timeout_s=60
+                )
+
+        await asyncio.gather(*(one(b) for b in missing))
+        return True
+
+    async def _peer(self, addr: str) -> Connection:
+        conn = self._peers.get(addr)
+        if conn is None or conn.is_closing():
+            host, port = parse_addr(addr)
+            conn = await open_connection(
+                host, port, key_id=CLUSTER_KEY_ID, psk=self._psk, timeout_s=3
+            )
+            self._peers[addr] = conn
+        return conn
+
+    # -- between masters ---------------------------------------------------------------
+    async def peer_blocks_missing(self, conn: Connection, a: Any) -> dict[str, Any]:
+        self._role(conn, "cluster")
+        return {"missing": self.store.missing(_ids(a))}
+
+    async def peer_block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
+        self._role(conn, "cluster")
+        bid, data = self._unpack(a)
+        await self._io(self._put, bid, data)
+        return {"ok": True}
+
+    async def peer_block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
+        self._role(conn, "cluster")
+        bid = _one_id(a)
+        data = self.store.get(bid)
+        if data is None:
+            return {"found": False}
+        payload, compressed = pack_block(data)
+        return {"found": True, "data": payload, "z": compressed}
+
+    # -- to agents -------------------------------------------------------------------
+    async def block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
+        self._role(conn, "cluster")
+        bid = _one_id(a)
+        data = await self._io(self.store.get, bid)
+        if data is None:
+            data = await self._fetch_from_peers(bid)
+        nid = conn.context.get("node_id")
+        if nid:
+            self.node_blocks.setdefault(nid, set()).add(bid)
+        self.counters["served_blocks"] += 1
+        self.counters["served_bytes"] += len(data)
+        payload, compressed = pack_block(data)
+        return {"data": payload, "z": compressed}
+
+    async def _fetch_from_peers(self, bid: str) -> bytes:
+        """A master missing a block (say, a new leader outside the upload's majority) asks its peers."""
+        for addr in self.m.peer_rpc_addrs():
+            try:
+                conn = await self._peer(addr)
+                res = await conn.call("peer_block_get", {"id": bid}, timeout_s=30)
+            except RpcError:
+                continue
+            if res.get("found"):
+                data = unpack_block(res["data"], bool(res.get("z")), MAX_BLOCK_SIZE)
+                await self._io(self._put, bid, data)
+                self.counters["peer_fetched"] += 1
+                return data
+        raise RpcError("not_found", f"block {bid[:12]} is on no reachable master")
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _unpack(self, a: Any) -> tuple[str, bytes]:
+        if not isinstance(a, dict) or not isinstance(a.get("data"), bytes):
+            raise RpcError(BAD_REQUEST, "block_put needs id and data")
+        bid = _one_id(a)
+        try:
+            return bid, unpack_block(a["data"], bool(a.get("z")), MAX_BLOCK_SIZE)
+        except BlockCorrupt as exc:
+            raise RpcError(BAD_REQUEST, f"block {bid[:12]} refused: {exc}") from None
+
+    def _put(self, bid: str, data: bytes) -> None:
+        try:
+            self.store.put(bid, data)
+        except BlockCorrupt as exc:
+            self.counters["corrupt_blocks"] += 1
+            raise RpcError(BAD_REQUEST, f"block refused: {exc}") from None
+        except (StoreFull, OSError) as exc:
+            raise RpcError("unavailable", f"master cannot store the block: {exc}") from None
+
+    async def collect_garbage(self, retention_s: float) -> int:
+        assert self.m.raft is not None
+        with self.m.raft.lock:
+            keep: set[str] = set()
+            for man in self.m.state.manifests.values():
+                keep.update(manifest_blocks(man))  # type: ignore[arg-type]
+        return await self._io(self.store.collect_garbage, keep, retention_s, time.time())
+
+    def stats(self) -> dict[str, Any]:
+        return {**asdict(self.store.stats()), **self.counters}
+
+    async def close(self) -> None:
+        for t in list(self._pushes):
+            t.cancel()
+        for c in self._peers.values():
+            c.close()
+        self._peers.clear()
+
+
+def _ids(a: Any) -> list[str]:
+    ids = a.get("ids") if isinstance(a, dict) else None
+    if not isinstance(ids, list) or len(ids) > MAX_IDS or not all(is_block_id(x) for x in ids):
+        raise RpcError(BAD_REQUEST, f"ids must be a list of at most {MAX_IDS} block ids")
+    return ids
+
+
+def _one_id(a: Any) -> str:
+    bid = a.get("id") if isinstance(a, dict) else None
+    if not is_block_id(bid):
+        raise RpcError(BAD_REQUEST, "not a block id")
+    assert isinstance(bid, str)
+    return bid

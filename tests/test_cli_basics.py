@@ -1,0 +1,88 @@
+"""The three programs: installed entry points, --help, and `leptond init`."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leptond.wire.tokens import SECRET_LEN, parse_token
+from tests.harness import ROOT, env
+
+PROGRAMS = {"leptond": "leptond.cli", "lepton-agent": "agent.cli", "leptonctl": "leptonctl.cli"}
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT)
+
+
+@pytest.mark.parametrize("prog", sorted(PROGRAMS))
+def test_each_program_answers_help(prog: str) -> None:
+    installed = Path(sys.executable).parent / prog
+    if sys.prefix != sys.base_prefix:
+        # In the test venv, `pip install .` must have put the console scripts on PATH.
+        assert installed.exists(), f"{prog} is not installed next to {sys.executable}"
+        out = run(str(installed), "--help")
+    else:
+        out = run(sys.executable, "-m", PROGRAMS[prog], "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+
+
+def test_init_creates_private_secrets_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    d = tmp_path / "secrets"
+    out = run(sys.executable, "-m", "leptond.cli", "init", str(d))
+    assert out.returncode == 0, out.stderr
+    key, tok = d / "cluster.key", d / "admin.token"
+    assert out.stdout.split() == [str(key), str(tok)]
+    assert len(key.read_bytes()) == SECRET_LEN
+    assert parse_token(tok.read_text()).id == "admin"
+    for p in (key, tok):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    before = (key.read_bytes(), tok.read_bytes())
+    again = run(sys.executable, "-m", "leptond.cli", "init", str(d))
+    assert again.returncode != 0
+    assert "refusing to overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert (key.read_bytes(), tok.read_bytes()) == before
+
+
+def test_master_will_not_start_without_a_usable_secret(tmp_path: Path) -> None:
+    (tmp_path / "short.key").write_bytes(b"too short")
+    (tmp_path / "admin.token").write_text("nonsense")
+    for secret in ("missing.key", "short.key"):
+        out = run(
+            sys.executable,
+            "-m",
+            "leptond.cli",
+            "run",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--secret-file",
+            str(tmp_path / secret),
+            "--admin-token-file",
+            str(tmp_path / "admin.token"),
+        )
+        assert out.returncode == 1
+        assert "Traceback" not in out.stderr
+        assert secret in out.stderr
+
+
+def test_usage_errors_exit_2_with_one_line() -> None:
+    for argv in (["submit", "--gpus", "two", "--", "true"], ["nodez"], ["submit"]):
+        out = run(
+            sys.executable,
+            "-m",
+            "leptonctl.cli",
+            "--addr",
+            "127.0.0.1:1",
+            "--token",
+            "ltk_admin_" + "A" * 43,
+            *argv,
+        )
+        assert out.returncode == 2, (argv, out.stderr)
+        assert "Traceback" not in out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("leptonctl")

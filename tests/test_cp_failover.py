@@ -1,0 +1,152 @@
+"""Raft control plane under faults: real `leptond run` masters on loopback.
+
+Four clients submit continuously, each retrying the SAME request id after an
+error until it is acknowledged. Whatever happens to the masters (kill -9 of the
+leader, of all of them, SIGSTOP), afterwards every master holds every
+acknowledged job exactly once and nothing else.
+
+The scenarios share one 3-master cluster and run in file order.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cp_support import (
+    Submitters,
+    local_job_ids,
+    rpc,
+    start_masters,
+    wait_leader,
+    wait_replicas_hold,
+)
+from tests.harness import Cluster, Master, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cp-failover") / "cluster", n_masters=3)
+    try:
+        start_masters(c)
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def acked() -> set[str]:
+    """Job ids acknowledged so far in this module; each test adds its own."""
+    return set()
+
+
+def _answers(c: Cluster, m: Master) -> bool:
+    st = rpc(m.rpc_addr, c.admin_token, "cluster_status", timeout_s=2.0)
+    return bool(st.get("leader"))
+
+
+def _term(c: Cluster) -> int:
+    return int(rpc(wait_leader(c).rpc_addr, c.admin_token, "cluster_status")["term"])
+
+
+def test_ten_leader_kills_lose_and_duplicate_nothing(cluster: Cluster, acked: set[str]) -> None:
+    term0 = _term(cluster)
+    with Submitters(cluster.addrs, cluster.admin_token, "admin", n=4, tag="kill") as load:
+        load.wait_more(20)
+        for _ in range(10):
+            old = wait_leader(cluster)
+            old.proc.kill9()
+            old.proc.start()  # restart at once so the next kill leaves a quorum
+            wait_leader(cluster, not_=old)
+            load.wait_more(10)  # a new leader acknowledges writes
+            wait_for(lambda old=old: _answers(cluster, old), 60, f"master-{old.index} back")
+        load.stop()
+    ids = load.check_ids()
+    assert _term(cluster) >= term0 + 10, "fewer elections than leader kills"
+    acked |= ids
+    wait_replicas_hold(cluster, acked)
+
+
+def test_kill_all_masters_under_load_keeps_every_acknowledged_job(
+    cluster: Cluster, acked: set[str]
+) -> None:
+    with Submitters(cluster.addrs, cluster.admin_token, "admin", n=4, tag="all") as load:
+        load.wait_more(20)
+        for m in cluster.masters:
+            m.proc.kill9()
+        for m in cluster.masters:
+            m.proc.start()
+        wait_leader(cluster)
+        load.wait_more(20)
+        load.stop()
+    acked |= load.check_ids()
+    wait_replicas_hold(cluster, acked)
+
+
+def test_stopped_leader_steps_down_and_a_new_one_serves(cluster: Cluster, acked: set[str]) -> None:
+    with Submitters(cluster.addrs, cluster.admin_token, "admin", n=4, tag="stop") as load:
+        load.wait_more(20)
+        old = wait_leader(cluster)
+        old.proc.signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            others = ",".join(m.rpc_addr for m in cluster.masters if m is not old)
+            # Served while the old leader is frozen: a one-shot leptonctl submit.
+            job = cluster.submit("--", "true", addr=others, timeout_s=60)
+            assert job.startswith("j-")
+            assert old.proc.alive()
+            load.wait_more(10)
+            new = wait_leader(cluster, not_=old)
+            wait_for(lambda: time.monotonic() - stopped_at >= 5, 10, "5 s of SIGSTOP")
+        finally:
+            old.proc.signal(signal.SIGCONT)
+        wait_for(
+            lambda: (
+                (st := rpc(old.rpc_addr, cluster.admin_token, "cluster_status"))["is_leader"]
+                is False
+                and st["leader"] == new.raft_addr
+            ),
+            30,
+            "the resumed old leader to follow the new one",
+        )
+        load.wait_more(10)
+        load.stop()
+    acked |= load.check_ids() | {job}
+    wait_replicas_hold(cluster, acked)
+
+
+def test_two_of_three_stopped_fails_fast_with_one_line(cluster: Cluster, acked: set[str]) -> None:
+    lead = wait_leader(cluster)
+    frozen = [m for m in cluster.masters if m is not lead]
+    for m in frozen:
+        m.proc.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        out = cluster.ctl(
+            "--timeout", "10", "submit", "--", "true", addr=lead.rpc_addr, check=False
+        )
+        took = time.monotonic() - t0
+        assert out.returncode != 0, out.stdout
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        assert "quorum" in lines[0] or "no leader" in lines[0], lines[0]
+        assert took < 20, f"leptonctl took {took:.1f}s to give up"
+    finally:
+        for m in frozen:
+            m.proc.signal(signal.SIGCONT)
+    wait_leader(cluster)
+    job = cluster.submit("--", "true", timeout_s=60)
+    for m in cluster.masters:
+        wait_for(
+            lambda m=m: job in local_job_ids(m.rpc_addr, cluster.admin_token),
+            30,
+            f"the next job on master-{m.index}",
+        )

@@ -1,0 +1,210 @@
+"""A small harness that drives ClusterState the way the raft shell does: every
+call encodes a command, applies it at the next log index and returns the result.
+
+Shared by the state tests; it holds no tests itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from raft.commands import encode
+from raft.model import FINAL_TASK_STATES, LIVE_TASK_STATES
+from raft.state import ClusterState
+
+GiB = 1 << 30
+
+
+def node_record(
+    node_id: str, gpus: int = 4, cpus: float = 32.0, mem_bytes: int = 256 * GiB, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": node_id,
+        "name": node_id,
+        "addr": f"{node_id}:7441",
+        "cpus": cpus,
+        "mem_bytes": mem_bytes,
+        "gpus": [
+            {"index": i, "uuid": f"GPU-{node_id}-{i}", "model": "H100", "mem_bytes": 80 * GiB}
+            for i in range(gpus)
+        ],
+        **extra,
+    }
+
+
+def is_error(result: Any, code: str | None = None) -> bool:
+    if not isinstance(result, dict) or "error" not in result:
+        return False
+    return code is None or result["error"]["code"] == code
+
+
+class Harness:
+    """One replica fed with encoded commands at increasing log indexes."""
+
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        self.index = 0
+        self.now = 1_000.0
+
+    def raw(self, data: bytes) -> Any:
+        self.index += 1
+        return self.state.apply(data, self.index)
+
+    def cmd(self, op: str, args: dict[str, Any], rid: str | None = None) -> Any:
+        self.now += 1.0
+        return self.raw(encode(op, {"now": self.now, **args}, rid))
+
+    def ok(self, op: str, args: dict[str, Any], rid: str | None = None) -> Any:
+        result = self.cmd(op, args, rid)
+        assert not is_error(result), result
+        return result
+
+    # -- shorthands -------------------------------------------------------------
+    def register(self, node_id: str, **kw: Any) -> Any:
+        return self.ok("register_node", {"node": node_record(node_id, **kw)})
+
+    def submit(self, job_id: str, user: str = "alice", **spec: Any) -> Any:
+        spec.setdefault("argv", ["python3", "train.py"])
+        job = {"id": job_id, "user": user, "spec": spec, "submitted_at": self.now}
+        result = self.ok("submit_jobs", {"jobs": [job]})
+        return result["results"][0]
+
+    def plan(
+        self,
+        placements: Sequence[tuple[str, str, list[int]]] = (),
+        preemptions: Sequence[str] = (),
+    ) -> Any:
+        return self.ok(
+            "plan",
+            {
+                "placements": [
+                    {"task_id": t, "node_id": n, "gpus": list(g)} for t, n, g in placements
+                ],
+                "preemptions": [{"task_id": t, "for_task": "x"} for t in preemptions],
+            },
+        )
+
+    def event(
+        self,
+        task_id: str,
+        state: str,
+        exit_code: int | None = None,
+        attempt: int | None = None,
+        node_id: str | None = None,
+    ) -> Any:
+        t = self.state.tasks[task_id]
+        ev: dict[str, Any] = {
+            "task_id": task_id,
+            "attempt": t.attempt if attempt is None else attempt,
+            "node_id": t.node_id if node_id is None else node_id,
+            "state": state,
+            "at": self.now,
+        }
+        if state == "exited":
+            ev["exit_code"] = exit_code
+        return self.ok("task_events", {"events": [ev]})
+
+    def run(self, task_id: str, node_id: str, gpus: list[int]) -> None:
+        """Place a pending task and report it running."""
+        assert self.plan([(task_id, node_id, gpus)])["placed"] == [task_id]
+        self.event(task_id, "running")
+
+    def task(self, task_id: str) -> Any:
+        return self.state.tasks[task_id]
+
+    def job(self, job_id: str) -> Any:
+        return self.state.jobs[job_id]
+
+
+def records(state: ClusterState) -> dict[str, Any]:
+    """The snapshot without its bookkeeping (applied index, recent request ids)."""
+    obj = msgpack.unpackb(state.snapshot(), raw=False, strict_map_key=False)
+    obj.pop("applied_index")
+    obj.pop("recent")
+    return obj
+
+
+def same_records(before: bytes, state: ClusterState) -> bool:
+    """True when, since the snapshot `before`, only the bookkeeping moved."""
+    old = ClusterState()
+    old.restore(before)
+    return records(old) == records(state)
+
+
+def indexes(state: ClusterState) -> tuple[Any, Any, Any]:
+    # pending is compared as a set: its order is not in the snapshot, so a
+    # restored replica lists requeued tasks in submission order instead.
+    return (
+        dict(state.gpu_owner),
+        {k: set(v) for k, v in state.node_tasks.items()},
+        set(state.pending),
+    )
+
+
+def reindexed(state: ClusterState) -> tuple[Any, Any, Any]:
+    """What the derived indexes would be if rebuilt from the records alone."""
+    fresh = ClusterState()
+    fresh.restore(state.snapshot())
+    return indexes(fresh)
+
+
+def expected_job_state(job_state: str, task_states: list[str]) -> str | None:
+    """The job state its tasks imply (None: no consistent job state exists)."""
+    if job_state == "cancelled":
+        return "cancelled"
+    if any(s in ("failed", "lost") for s in task_states):
+        return "failed"
+    if all(s == "succeeded" for s in task_states):
+        return "succeeded"
+    if any(s in LIVE_TASK_STATES for s in task_states):
+        return "running"
+    if all(s == "pending" for s in task_states):
+        return "pending"
+    return None
+
+
+def check_invariants(state: ClusterState) -> None:
+    """DESIGN §7 and the bookkeeping ClusterState promises, checked from scratch."""
+    held: dict[tuple[str, int], str] = {}
+    use: dict[str, tuple[float, int]] = {}
+    for t in state.tasks.values():
+        if t.state not in LIVE_TASK_STATES:
+            continue
+        assert t.node_id is not None, t
+        for g in t.gpus:
+            key = (t.node_id, g)
+            assert key not in held, f"GPU {key} held by {held[key]} and {t.id}"
+            held[key] = t.id
+        cpus, mem = use.get(t.node_id, (0.0, 0))
+        use[t.node_id] = (cpus + t.cpus, mem + t.mem_bytes)
+    for node_id, (cpus, mem) in use.items():
+        node = state.nodes.get(node_id)
+        assert node is not None, f"live task on unknown node {node_id}"
+        assert cpus <= node.cpus + 1e-6, f"{node_id} over CPUs: {cpus} > {node.cpus}"
+        assert mem <= node.mem_bytes, f"{node_id} over memory: {mem} > {node.mem_bytes}"
+        valid = {g["index"] for g in node.gpus}
+        assert {g for (n, g) in held if n == node_id} <= valid
+    assert indexes(state) == reindexed(state)
+    for job in state.jobs.values():
+        tasks = [state.tasks[tid] for tid in job.tasks]
+        states = [t.state for t in tasks]
+        assert len(tasks) == job.spec["nodes"], job
+        assert job.state == expected_job_state(job.state, states), (job, states)
+        if job.state in ("cancelled", "failed"):
+            assert "pending" not in states, (job, states)
+            assert all(t.stop is not None for t in tasks if t.state in LIVE_TASK_STATES)
+        finished = job.state in ("succeeded", "failed", "cancelled") and all(
+            s in FINAL_TASK_STATES for s in states
+        )
+        assert (job.finished_at is not None) == finished, (job, states)
+        assert 0 <= job.retries_left <= job.spec["retries"]
+    for t in state.tasks.values():
+        assert t.job_id in state.jobs, t
+        assert (t.state == "pending") == (t.id in state.pending), t
+        if t.state == "pending":
+            assert t.node_id is None and t.gpus == [] and t.stop is None, t
+        if t.stop == "preempt":
+            assert state.jobs[t.job_id].spec["preemptible"], t

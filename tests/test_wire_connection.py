@@ -1,0 +1,225 @@
+"""Connection behaviour end to end on 127.0.0.1, on uvloop and on asyncio's own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from leptond.wire import Connection, RpcError, RpcServer, open_connection
+from leptond.wire.connection import FLUSH_AT
+
+PSK = b"k" * 32
+
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Runs a test body on uvloop (what the daemons use) or on asyncio's own loop."""
+
+    def runner(coro: Coroutine[Any, Any, None]) -> None:
+        if request.param == "uvloop":
+            uvloop.run(asyncio.wait_for(coro, 60))
+        else:
+            asyncio.run(asyncio.wait_for(coro, 60))
+
+    return runner
+
+
+async def echo(conn: Connection, args: Any) -> Any:
+    return args
+
+
+async def fail(conn: Connection, args: Any) -> Any:
+    raise RpcError("not_found", "no such job: 42")
+
+
+async def start(handlers: dict[str, Any], **kw: Any) -> tuple[RpcServer, int]:
+    server = RpcServer(handlers, lambda key_id: PSK if key_id == "cluster" else None, **kw)
+    return server, await server.start("127.0.0.1", 0)
+
+
+async def connect(port: int, **kw: Any) -> Connection:
+    return await open_connection("127.0.0.1", port, key_id="cluster", psk=PSK, **kw)
+
+
+def test_calls_errors_and_unknown_methods(run: Runner) -> None:
+    run(_calls_errors_and_unknown_methods())
+
+
+async def _calls_errors_and_unknown_methods() -> None:
+    server, port = await start({"echo": echo, "fail": fail})
+    try:
+        conn = await connect(port)
+        assert await conn.call("echo", {"a": [1, b"x"]}) == {"a": [1, b"x"]}
+        with pytest.raises(RpcError) as err:
+            await conn.call("fail")
+        assert (err.value.code, str(err.value)) == ("not_found", "no such job: 42")
+        with pytest.raises(RpcError) as err:
+            await conn.call("nosuch")
+        assert err.value.code == "unknown_method"
+        results = await asyncio.gather(*(conn.call("echo", k) for k in range(300)))
+        assert results == list(range(300))
+        conn.close()
+    finally:
+        await server.close()
+
+
+def test_plain_framing_works_for_the_benchmark_baseline(run: Runner) -> None:
+    run(_plain_framing_works_for_the_benchmark_baseline())
+
+
+async def _plain_framing_works_for_the_benchmark_baseline() -> None:
+    server, port = await start({"echo": echo}, sealed=False)
+    try:
+        conn = await connect(port, sealed=False)
+        assert await conn.call("echo", b"x" * 200_000) == b"x" * 200_000
+        conn.close()
+    finally:
+        await server.close()
+
+
+def test_wrong_key_and_unknown_key_id_give_one_clear_error(run: Runner) -> None:
+    run(_wrong_key_and_unknown_key_id_give_one_clear_error())
+
+
+async def _wrong_key_and_unknown_key_id_give_one_clear_error() -> None:
+    server, port = await start({"echo": echo})
+    try:
+        with pytest.raises(RpcError) as err:
+            await open_connection("127.0.0.1", port, key_id="cluster", psk=b"w" * 32)
+        assert err.value.code == "unauthenticated"
+        with pytest.raises(RpcError) as err:
+            await open_connection("127.0.0.1", port, key_id="nobody", psk=PSK)
+        assert err.value.code == "unauthenticated"
+        assert "nobody" in str(err.value)
+        assert server.stats()["rejected"] == 2
+    finally:
+        await server.close()
+
+
+def test_a_big_push_right_after_the_handshake_reaches_the_client(run: Runner) -> None:
+    run(_a_big_push_right_after_the_handshake_reaches_the_client())
+
+
+async def _a_big_push_right_after_the_handshake_reaches_the_client() -> None:
+    # The server's hello and a push sent on connect leave in one write; the
+    # client must not judge the push against the small pre-handshake cap.
+    got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def assigned(conn: Connection, args: Any) -> None:
+        got.set_result(args)
+
+    def on_connect(conn: Connection) -> None:
+        conn.notify("assigned", {"tasks": ["t"] * 500})
+
+    server, port = await start({}, on_connect=on_connect)
+    try:
+        conn = await connect(port, handlers={"assigned": assigned})
+        assert await asyncio.wait_for(got, 5) == {"tasks": ["t"] * 500}
+        conn.close()
+    finally:
+        await server.close()
+
+
+def test_a_stream_that_never_awaits_hands_its_output_to_the_transport(run: Runner) -> None:
+    run(_a_stream_that_never_awaits_hands_its_output_to_the_transport())
+
+
+async def _a_stream_that_never_awaits_hands_its_output_to_the_transport() -> None:
+    # Frames produced in one loop iteration are gathered and written together,
+    # but a handler that never awaits must not pile its whole output up in
+    # that buffer: past FLUSH_AT it goes to the transport, whose flow control
+    # then pauses the stream.
+    item = os.urandom(10_000)  # incompressible, so frames stay this big
+    most_held = 0
+
+    async def flood(conn: Connection, args: Any) -> AsyncIterator[bytes]:
+        nonlocal most_held
+        for _ in range(300):  # 3 MB, never awaiting anything
+            most_held = max(most_held, conn.pending_output)
+            yield item
+
+    server, port = await start({"flood": flood})
+    try:
+        conn = await connect(port)
+        n = 0
+        async for got in conn.stream("flood"):
+            assert got == item
+            n += 1
+        assert n == 300
+        assert 0 < most_held <= FLUSH_AT + len(item) + 100
+        conn.close()
+    finally:
+        await server.close()
+
+
+def test_idle_connections_are_closed_but_busy_ones_are_not(run: Runner) -> None:
+    run(_idle_connections_are_closed_but_busy_ones_are_not())
+
+
+async def _idle_connections_are_closed_but_busy_ones_are_not() -> None:
+    async def slow(conn: Connection, args: Any) -> str:
+        await asyncio.sleep(1.5)
+        return "done"
+
+    server, port = await start({"slow": slow, "echo": echo}, idle_timeout_s=0.5)
+    try:
+        idle = await connect(port)
+        busy = await connect(port)
+        assert await busy.call("slow", timeout_s=10) == "done"
+        await asyncio.wait_for(idle.closed, 5)
+        assert server.stats()["idle_closed"] >= 1
+    finally:
+        await server.close()
+
+
+def test_a_call_that_times_out_cancels_the_handler(run: Runner) -> None:
+    run(_a_call_that_times_out_cancels_the_handler())
+
+
+async def _a_call_that_times_out_cancels_the_handler() -> None:
+    cancelled = asyncio.Event()
+
+    async def hang(conn: Connection, args: Any) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    server, port = await start({"hang": hang, "echo": echo})
+    try:
+        conn = await connect(port)
+        with pytest.raises(RpcError) as err:
+            await conn.call("hang", timeout_s=0.2)
+        assert err.value.code == "timeout"
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert await conn.call("echo", 1) == 1  # the connection is still good
+        conn.close()
+    finally:
+        await server.close()
+
+
+def test_calls_in_flight_fail_when_the_server_goes_away(run: Runner) -> None:
+    run(_calls_in_flight_fail_when_the_server_goes_away())
+
+
+async def _calls_in_flight_fail_when_the_server_goes_away() -> None:
+    async def hang(conn: Connection, args: Any) -> None:
+        await asyncio.sleep(60)
+
+    server, port = await start({"hang": hang})
+    conn = await connect(port)
+    call = asyncio.ensure_future(conn.call("hang", timeout_s=30))
+    await asyncio.sleep(0)
+    await server.close()
+    with pytest.raises(RpcError) as err:
+        await asyncio.wait_for(call, 5)
+    assert err.value.code == "unavailable"

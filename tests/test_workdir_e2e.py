@@ -1,0 +1,209 @@
+"""Working directories end to end: upload only missing blocks, replicate, cache on hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from leptond.wire.client import ClusterClient, parse_addrs
+from leptond.wire.errors import RpcError
+from leptond.wire.tokens import parse_token
+from tests.harness import Cluster, wait_for
+
+READ_BOTH = "import hashlib,sys; print(hashlib.sha256(open('data/big.bin','rb').read()).hexdigest(), open('conf.txt').read().strip())"
+
+
+def _make_workdir(d: Path) -> None:
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "big.bin").write_bytes(os.urandom(9 << 20))  # 3 blocks of 4 MiB
+    (d / "conf.txt").write_text("lr=0.1\n")
+    (d / ".leptonignore").write_text("*.ckpt\n")
+    (d / "skip.ckpt").write_bytes(b"x" * 1000)
+
+
+def _submit(cluster: Cluster, wd: Path, *extra: str) -> dict[str, object]:
+    out = cluster.ctl(
+        "submit", "--workdir", str(wd), "-o", "json", *extra, "--", "python3", "-c", READ_BOTH
+    )
+    return dict(json.loads(out.stdout))
+
+
+def test_workdir_resubmit_uploads_only_changes_and_second_host_needs_no_upload(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_agent("h1", gpus="1")
+    cluster.wait_nodes_ready(1)
+    wd = tmp_path / "wd"
+    _make_workdir(wd)
+    first = _submit(cluster, wd, "--gpus", "1")
+    up = first["upload"]
+    assert isinstance(up, dict)
+    # 3 blocks of big.bin, conf.txt and .leptonignore; skip.ckpt is ignored.
+    assert up["blocks"] == up["total_blocks"] == 5
+    st = cluster.wait_job(str(first["id"]), {"succeeded", "failed"})
+    assert st["state"] == "succeeded", st
+    logs = cluster.ctl("logs", str(first["id"])).stdout.split()
+    import hashlib
+
+    assert logs == [hashlib.sha256((wd / "data" / "big.bin").read_bytes()).hexdigest(), "lr=0.1"]
+
+    # Change one small file: only its block goes up again.
+    (wd / "conf.txt").write_text("lr=0.2\n")
+    second = _submit(cluster, wd, "--gpus", "1")
+    up2 = second["upload"]
+    assert isinstance(up2, dict)
+    assert up2["blocks"] == 1 and up2["bytes"] == len("lr=0.2\n")
+    assert cluster.wait_job(str(second["id"]), {"succeeded", "failed"})["state"] == "succeeded"
+    assert cluster.ctl("logs", str(second["id"])).stdout.split()[1] == "lr=0.2"
+
+    # A second host gets the same blocks from the masters: no upload at all.
+    cluster.start_agent("h2", gpus="1")
+    cluster.wait_nodes_ready(2)
+    cluster.ctl("node", "drain", "h1")
+    third = _submit(cluster, wd, "--gpus", "1")
+    up3 = third["upload"]
+    assert isinstance(up3, dict)
+    assert up3["blocks"] == 0
+    st3 = cluster.wait_job(str(third["id"]), {"succeeded", "failed"})
+    assert st3["state"] == "succeeded" and st3["tasks"][0]["node"] == "h2"
+    nodes = {n["name"]: n for n in cluster.nodes()}
+    assert nodes["h2"]["cache"]["blocks"] == 5
+
+
+def test_workdir_bad_input_is_refused_before_upload(cluster: Cluster, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not yours")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "ok.py").write_text("print(1)\n")
+    (wd / "escape").symlink_to(outside)
+    out = cluster.ctl("submit", "--workdir", str(wd), "--", "true", check=False)
+    assert out.returncode != 0
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert "outside" in out.stderr or "escape" in out.stderr
+
+    (wd / "escape").unlink()
+    os.mkfifo(wd / "pipe")
+    out = cluster.ctl("submit", "--workdir", str(wd), "--", "true", check=False)
+    assert out.returncode != 0 and "pipe" in out.stderr and "Traceback" not in out.stderr
+    (wd / "pipe").unlink()
+
+    # A hostile manifest sent straight to the API is refused and commits nothing.
+    tok = parse_token(cluster.admin_token)
+
+    async def hostile() -> str:
+        c = ClusterClient(parse_addrs(cluster.addrs), key_id=tok.id, psk=tok.psk)
+        try:
+            bad = {
+                "v": 1,
+                "block_size": 4 << 20,
+                "files": [{"path": "../../etc/x", "mode": 0o644, "size": 0, "blocks": []}],
+                "links": [],
+                "dirs": [],
+            }
+            try:
+                await c.call("manifest_put", {"manifest": bad})
+            except RpcError as exc:
+                return exc.code + ": " + exc.message
+            return "accepted"
+        finally:
+            await c.close()
+
+    result = asyncio.run(hostile())
+    assert result.startswith("bad_request"), result
+    assert ".." in result or "path" in result
+
+
+def test_workdir_over_the_limit_fails_before_uploading(cluster: Cluster, tmp_path: Path) -> None:
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "a.bin").write_bytes(b"\0" * 4096)
+    import subprocess
+
+    e = {"LEPTON_WORKDIR_MAX_BYTES": "1000"}
+    env = dict(os.environ, **e)
+    out = subprocess.run(
+        [
+            "python3",
+            "-m",
+            "leptonctl.cli",
+            "--addr",
+            cluster.addrs,
+            "--token",
+            cluster.admin_token,
+            "submit",
+            "--workdir",
+            str(wd),
+            "--",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    assert out.returncode != 0
+    assert "limit" in out.stderr or "over" in out.stderr, out.stderr
+    stats = cluster.ctl_json("cluster", "status")["blocks"]
+    assert stats.get("upload_blocks", 0) == 0
+
+
+def test_corrupt_block_on_a_master_is_refetched_and_full_cache_fails_the_task_not_the_agent(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    payload = os.urandom(1 << 20)
+    (wd / "w.bin").write_bytes(payload)
+    # A host whose block cache cannot hold even one block: the task fails clearly.
+    tiny = cluster.start_agent("tiny", gpus="1", extra=["--cache-bytes", "1000"])
+    cluster.wait_nodes_ready(1)
+    res = json.loads(
+        cluster.ctl("submit", "--workdir", str(wd), "-o", "json", "--", "cat", "w.bin").stdout
+    )
+    st = cluster.wait_job(res["id"], {"failed", "succeeded"})
+    assert st["state"] == "failed"
+    assert "workdir" in st["tasks"][0]["message"] and "cache" in st["tasks"][0]["message"]
+    # The agent is unharmed: it still heartbeats and runs work without a workdir.
+    job = cluster.submit("--", "true")
+    assert cluster.wait_job(job, {"succeeded", "failed"})["state"] == "succeeded"
+
+    # Corrupt the block on two masters' disks and restart them all (cold memory
+    # caches): a corrupt copy is dropped on read, never served, and the good
+    # copy is fetched from the peer that still has it.
+    for m in cluster.masters[:2]:
+        files = [
+            p
+            for p in (cluster.root / f"master-{m.index}" / "blocks").rglob("*")
+            if p.is_file() and len(p.name) == 64
+        ]
+        assert files, "every master stores the uploaded block"
+        for p in files:
+            p.write_bytes(b"garbage" + p.read_bytes()[7:])
+    tiny.stop()
+    cluster.ctl("node", "rm", "tiny", "--force")
+    for m in cluster.masters:
+        cluster.restart_master(m)
+    cluster.wait_leader(60)
+    cluster.start_agent("big", gpus="1")
+    wait_for(
+        lambda: any(n["name"] == "big" and n["state"] == "ready" for n in cluster.nodes()),
+        60,
+        "agent big",
+    )
+    res2 = json.loads(
+        cluster.ctl("submit", "--workdir", str(wd), "-o", "json", "--", "sha256sum", "w.bin").stdout
+    )
+    st2 = cluster.wait_job(res2["id"], {"failed", "succeeded"}, timeout_s=90)
+    assert st2["state"] == "succeeded", st2
+    import hashlib
+
+    assert cluster.ctl("logs", res2["id"]).stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    dropped = sum(
+        cluster.ctl_json("cluster", "status", addr=m.rpc_addr)["blocks"]["corrupt_dropped"]
+        for m in cluster.masters
+    )
+    assert dropped >= 1
