@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from leptond.wire.connection import Connection, open_connection  # noqa: E402
+from leptond.wire.errors import RpcError  # noqa: E402
 from leptond.wire.loop import run  # noqa: E402
 from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, read_secret_file  # noqa: E402
 from tests.harness import Cluster  # noqa: E402
@@ -106,26 +108,22 @@ class Fleet:
     def __init__(self, host: str, port: int, psk: bytes, n: int) -> None:
         self.host, self.port, self.psk, self.n = host, port, psk, n
         self.conns: list[Connection] = []
+        self.registered = 0
         self.beats = 0
         self.errors = 0
+        self.error_codes: Counter[str] = Counter()
         self.stop = asyncio.Event()
 
-    async def connect_and_register(self, concurrency: int = 64) -> None:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(i: int) -> Connection:
-            async with sem:
-                conn = await open_connection(
-                    self.host, self.port, key_id=CLUSTER_KEY_ID, psk=self.psk, timeout_s=60
-                )
-                await conn.call(
-                    "agent_register", {"node": describe(i), "running": []}, timeout_s=120
-                )
-                return conn
-
-        self.conns = list(await asyncio.gather(*(one(i) for i in range(self.n))))
-
-    async def beat(self, i: int, conn: Connection) -> None:
+    async def agent(self, i: int, sem: asyncio.Semaphore) -> None:
+        """One simulated agent: connect, register, then heartbeat at 1 Hz until
+        stopped; register again when the leader asks, as lepton-agent does."""
+        async with sem:
+            conn = await open_connection(
+                self.host, self.port, key_id=CLUSTER_KEY_ID, psk=self.psk, timeout_s=60
+            )
+            self.conns.append(conn)
+            await conn.call("agent_register", {"node": describe(i), "running": []}, timeout_s=120)
+        self.registered += 1
         # Spread the agents over the second, as real ones are.
         await asyncio.sleep(random.random())
         loop = asyncio.get_running_loop()
@@ -138,8 +136,13 @@ class Fleet:
             try:
                 await conn.call("heartbeat", bodies[k % 3], timeout_s=30)
                 self.beats += 1
-            except Exception:
+            except RpcError as exc:
                 self.errors += 1
+                self.error_codes[exc.code] += 1
+                if exc.code == "unregistered":
+                    await conn.call(
+                        "agent_register", {"node": describe(i), "running": []}, timeout_s=120
+                    )
             nxt += 1.0
             await asyncio.sleep(max(0.0, nxt - loop.time()))
 
@@ -163,9 +166,14 @@ async def bench(c: Cluster, n: int, window_s: float) -> dict[str, Any]:
     secret = read_secret_file(c.secret)
     fleet = Fleet("127.0.0.1", leader.rpc, cluster_psk(secret), n)
     t0 = time.monotonic()
-    await fleet.connect_and_register()
+    sem = asyncio.Semaphore(64)
+    tasks = [asyncio.create_task(fleet.agent(i, sem)) for i in range(n)]
+    while fleet.registered < n:
+        if any(t.done() for t in tasks):
+            failed = next(t for t in tasks if t.done())
+            raise SystemExit(f"a simulated agent stopped: {failed.exception()!r}")
+        await asyncio.sleep(0.1)
     register_s = time.monotonic() - t0
-    tasks = [asyncio.create_task(fleet.beat(i, conn)) for i, conn in enumerate(fleet.conns)]
     await asyncio.sleep(3.0)  # every agent is in its 1 Hz rhythm
     b0, e0 = fleet.beats, fleet.errors
     me = psutil.Process()
@@ -185,6 +193,7 @@ async def bench(c: Cluster, n: int, window_s: float) -> dict[str, Any]:
         "baseline_idle_cpu_pct": round(idle_pct, 1),
         "heartbeats_per_s": round(rate, 1),
         "heartbeat_errors": errors,
+        "error_codes": dict(fleet.error_codes),
         "client_cpu_pct": round(client_pct, 1),
         "register_all_s": round(register_s, 1),
         "cpu_ms_per_heartbeat": round(10 * (busy_pct - idle_pct) / rate, 3) if rate else None,
