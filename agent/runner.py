@@ -138,12 +138,12 @@ class TaskRunner:
                 shim_log = open(tdir / SHIM_LOG, "ab")  # noqa: SIM115 - handed to the child
             except OSError as e:
                 shutil.rmtree(tdir, ignore_errors=True)
-                raise RunnerError(
-                    f"cannot use task directory {tdir}: {e.strerror or e}"
-                ) from None
+                raise RunnerError(f"cannot use task directory {tdir}: {e.strerror or e}") from None
             try:
                 popen = subprocess.Popen(
-                    [sys.executable, "-m", SHIM_MODULE, str(tdir)],
+                    # -S: no site initialisation (.pth files can cost 100 ms);
+                    # the shim needs only the standard library and this package.
+                    [sys.executable, "-S", "-m", SHIM_MODULE, str(tdir)],
                     cwd=tdir,
                     env=_shim_env(),
                     stdin=subprocess.DEVNULL,
@@ -378,9 +378,11 @@ def _shim_env() -> dict[str, str]:
     # The shim needs to import this package, wherever it is installed; the
     # task's environment is built by the shim from scratch, not from this one.
     pkg_root = str(Path(agent.__file__).resolve().parent.parent)
+    # Where psutil lives, for the shim's rare fallback (it starts with -S).
+    deps = str(Path(psutil.__file__).resolve().parent.parent)
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ")}
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p
+        p for p in (pkg_root, os.environ.get("PYTHONPATH", ""), deps) if p
     )
     return env
 

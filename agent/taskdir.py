@@ -21,9 +21,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 SPEC = "spec.json"
 SHIM_PID = "shim.pid"
@@ -95,10 +96,8 @@ class ProcRecord:
 
     @staticmethod
     def of(pid: int) -> ProcRecord | None:
-        try:
-            return ProcRecord(pid, psutil.Process(pid).create_time())
-        except psutil.Error:
-            return None
+        t = create_time(pid)
+        return None if t is None else ProcRecord(pid, t)
 
     @staticmethod
     def load(path: Path) -> ProcRecord | None:
@@ -115,6 +114,8 @@ class ProcRecord:
 
     def process(self) -> psutil.Process | None:
         """The live process this record names, or None (gone, zombie or reused pid)."""
+        import psutil
+
         try:
             p = psutil.Process(self.pid)
             if abs(p.create_time() - self.create_time) > CREATE_TIME_SLACK_S:
@@ -126,8 +127,45 @@ class ProcRecord:
             return None
 
 
+def create_time(pid: int) -> float | None:
+    """A process's start time the way psutil computes it on Linux (boot time
+    plus the start tick in /proc/PID/stat), without importing psutil: the shim
+    runs on the task-start path, where every millisecond of start-up counts."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # Fields after the command name, which may itself hold spaces or parens.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        ticks = int(fields[19])
+        return ticks / os.sysconf("SC_CLK_TCK") + _boot_time()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        try:
+            return float(psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
+
+
+_BOOT: list[float] = []
+
+
+def _boot_time() -> float:
+    if not _BOOT:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime"):
+                    _BOOT.append(float(line.split()[1]))
+                    break
+    return _BOOT[0]
+
+
 def is_shim_of(p: psutil.Process, task_dir: Path) -> bool:
     """Whether `p` is the shim supervising `task_dir` (guards against pid reuse)."""
+    import psutil
+
     try:
         cmd = p.cmdline()
     except psutil.Error:
