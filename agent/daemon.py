@@ -189,8 +189,9 @@ class Agent:
             await self._flush_events()
             res = await self.client.call("heartbeat", self._heartbeat_body(), timeout_s=10)
             self.state = res.get("state", self.state)
-            for tid in res.get("stop", []):
-                self._stop_task(tid, res.get("grace_s"))
+            for item in res.get("stop", []):
+                if isinstance(item, list) and len(item) == 2:
+                    self._stop_task(str(item[0]), res.get("grace_s"), attempt=int(item[1]))
             if res.get("start"):
                 await self._start_tasks(res["start"])
             try:
@@ -266,9 +267,11 @@ class Agent:
                 log.info("started %s on GPUs [%s]", rid, env["CUDA_VISIBLE_DEVICES"])
         await self._flush_events()
 
-    def _stop_task(self, task_id: str, grace_s: Any = None) -> None:
+    def _stop_task(self, task_id: str, grace_s: Any = None, attempt: int | None = None) -> None:
+        """Stop a task's runs here: one attempt, or every attempt when none is given."""
         for rid in self.runner.running():
-            if split_run_id(rid)[0] == task_id or rid == task_id:
+            tid, a = split_run_id(rid)
+            if tid == task_id and (attempt is None or a == attempt):
                 try:
                     self.runner.stop(rid, float(grace_s) if grace_s is not None else None)
                 except RunnerError as exc:

@@ -119,11 +119,11 @@ class AgentRegistry:
         s = self.m.state
         assert self.m.raft is not None
         start: list[dict[str, Any]] = []
-        stop: list[str] = []
+        stop: list[list[Any]] = []
         with self.m.raft.lock:
             node = s.nodes.get(nid)
             if node is None:
-                return {"start": [], "stop": [tid for tid, _ in running], "state": "unknown"}
+                return {"start": [], "stop": [[tid, a] for tid, a in running], "state": "unknown"}
             if node.state == "down":
                 # Judged down while its connection lived on (a pause, a network
                 # blip): registering again is how a returning node reconciles.
@@ -133,13 +133,14 @@ class AgentRegistry:
                 for tid in s.node_tasks.get(nid, ())
                 if s.tasks[tid].state in LIVE_TASK_STATES
             }
+            # Runs are (task, attempt): a stale attempt is stopped without
+            # touching the current one of the same task.
             for tid, attempt in running:
                 cur = should.get(tid)
                 if cur is None or cur.attempt != attempt or cur.stop is not None:
-                    stop.append(tid)
-            have = {tid for tid, _ in running}
+                    stop.append([tid, attempt])
             for tid, t in should.items():
-                if tid not in have and tid not in exited and t.stop is None:
+                if (tid, t.attempt) not in running and tid not in exited and t.stop is None:
                     start.append(views.launch_spec(s, t))
             state = node.state
         return {"start": start, "stop": stop, "state": state, "grace_s": self.m.cfg.kill_grace_s}

@@ -363,9 +363,12 @@ class Cluster:
         except ImportError:
             return
         root = str(self.root)
-        for p in psutil.process_iter(["pid", "cmdline"]):
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
             cmd = " ".join(p.info.get("cmdline") or [])
-            if root in cmd and p.pid != os.getpid():
+            # Tasks run in directories under the root: a task orphaned by a
+            # killed shim is found by its working directory.
+            cwd = p.info.get("cwd") or ""
+            if (root in cmd or cwd.startswith(root)) and p.pid != os.getpid():
                 try:
                     os.killpg(p.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):

@@ -150,7 +150,9 @@ class ClusterClient:
             await asyncio.sleep(
                 min(delay, max(deadline - loop.time(), 0)) * (0.5 + random.random())
             )
-            delay = min(delay * 2, 1.0)
+            # Capped low: while a new leader is elected, a long backoff would add
+            # straight onto the failover time people see.
+            delay = min(delay * 2, 0.25)
 
     async def stream(
         self, method: str, args: Any = None, *, item_timeout_s: float | None = None
