@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from prometheus_client.registry import Collector
 from raft.model import JOB_STATES, NODE_STATES, TASK_STATES
 
 from . import views
+from .wire.tokens import SecretError, parse_token
 
 if TYPE_CHECKING:
     from .master import Master
@@ -145,13 +147,38 @@ class HttpServer:
             body=generate_latest(self.registry), content_type="text/plain", charset="utf-8"
         )
 
+    def _authorized(self, request: web.Request) -> bool:
+        """/api/* shows users, commands and environments: it needs a token
+        (`Authorization: Bearer ltk_...`, any role). /healthz and /metrics stay
+        open for load balancers and Prometheus."""
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or self.m.keys is None:
+            return False
+        try:
+            tok = parse_token(header[7:])
+        except SecretError:
+            return False
+        psk = self.m.keys.psk(tok.id)
+        return psk is not None and hmac.compare_digest(psk, tok.psk)
+
+    @staticmethod
+    def _refuse() -> web.Response:
+        return web.json_response(
+            {"error": {"code": "unauthenticated", "message": "send Authorization: Bearer <token>"}},
+            status=401,
+        )
+
     async def jobs(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._refuse()
         assert self.m.raft is not None
         with self.m.raft.lock:
             out = [views.job_summary(j) for j in self.m.state.jobs.values()]
         return web.json_response(out[-1000:])
 
     async def nodes(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._refuse()
         assert self.m.raft is not None
         with self.m.raft.lock:
             out = [views.node_summary(self.m.state, n, None) for n in self.m.state.nodes.values()]

@@ -50,3 +50,28 @@ def test_bad_job_spec_is_one_line_and_changes_nothing(cluster: Cluster) -> None:
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "Traceback" not in out.stderr
     assert cluster.ctl_json("jobs", "--all") == before
+
+
+def test_http_api_needs_a_token_but_health_and_metrics_do_not(cluster: Cluster) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    leader = cluster.wait_leader()
+    base = f"http://127.0.0.1:{leader.http}"
+    cluster.submit("--name", "secret-job", "--env", "API_KEY=hunter2", "--", "true")
+    try:
+        urllib.request.urlopen(base + "/api/jobs", timeout=10)
+        raise AssertionError("/api/jobs answered without a token")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401
+        assert b"hunter2" not in exc.read()
+    req = urllib.request.Request(
+        base + "/api/jobs", headers={"Authorization": f"Bearer {cluster.admin_token}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert any(j["name"] == "secret-job" for j in json.load(resp))
+    with urllib.request.urlopen(base + "/healthz", timeout=10) as resp:
+        assert json.load(resp)["role"] == "leader"
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+        assert b"lepton_jobs" in resp.read()
