@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .master import Master
 
 log = logging.getLogger("lepton.master")
+FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 
 
 class Controllers:
@@ -32,8 +33,9 @@ class Controllers:
         self._wake = asyncio.Event()
         self.reasons: dict[str, str] = {}
         self.preempting: dict[str, set[str]] = {}  # pending task -> victims still stopping
-        self._stuck: frozenset[str] = frozenset()  # left pending by the last pass
+        self._stuck: set[str] = set()  # left pending by the passes since the last full one
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
+        self._last_full = 0.0
         self.errors = 0
         self.plans = 0
         self.start_latencies: list[float] = []
@@ -133,7 +135,10 @@ class Controllers:
             # Tasks that did not fit last pass cannot fit now unless something
             # freed capacity since: with thousands pending, a pass per submit
             # batch would otherwise cost O(pending) each time.
-            skip = self._stuck if epoch == self._epoch and not full else frozenset()
+            full = full or time.monotonic() - self._last_full > FULL_PASS_EVERY_S
+            skip = self._stuck if epoch == self._epoch and not full else set()
+            if not skip:
+                self._last_full = time.monotonic()
             nodes, allocs, pending = views.scheduler_inputs(
                 self.m.state, self.m.cached_sets(), self.m.block_sets(), skip=skip
             )
@@ -149,10 +154,15 @@ class Controllers:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
         for pr in plan.preemptions:
             self.preempting.setdefault(pr.for_task, set()).add(pr.task_id)
-        with self.m.raft.lock:
-            still = {t for t in skip if t in self.m.state.pending}
-        self._stuck = frozenset(plan.reasons) | still
-        self.reasons = {**{t: r for t, r in self.reasons.items() if t in skip}, **plan.reasons}
+        if skip:
+            # Incremental pass: add to what is known not to fit. Ids of tasks
+            # that left pending meanwhile are harmless here and go at the next
+            # full pass, so this stays O(new tasks), not O(all pending).
+            self._stuck.update(plan.reasons)
+            self.reasons.update(plan.reasons)
+        else:
+            self._stuck = set(plan.reasons)
+            self.reasons = dict(plan.reasons)
         for tid, victims in self.preempting.items():
             self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"
         if plan.placements or plan.preemptions:

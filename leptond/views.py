@@ -39,7 +39,7 @@ def scheduler_inputs(
     s: ClusterState,
     cached: dict[str, frozenset[str]] | None = None,
     block_sets: dict[str, frozenset[str]] | None = None,
-    skip: frozenset[str] = frozenset(),
+    skip: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[sch.NodeView], list[sch.Allocation], list[sch.TaskRequest]]:
     cached = cached or {}
     nodes = [node_view(n, cached.get(n.id, frozenset())) for n in s.nodes.values()]
