@@ -63,11 +63,46 @@ class Preemptor:
         self.on_node: dict[int, list[int]] = {}
         for k, a in enumerate(self.allocs):
             self.on_node.setdefault(cl.index_of[a.node_id], []).append(k)
+        # Per victim priority level L (ascending), over the open allocations
+        # with priority <= L: per node, how many there are and how many GPUs
+        # they hold.  Kept current by take(), so find() does not rebuild them.
+        n = len(cl.nodes)
+        self.levels: list[int] = sorted(set(self.prio_l))
+        self.open_at: dict[int, int] = {}  # priority -> open allocations at it
+        self.count_upto: list[np.ndarray] = []
+        self.gpus_upto: list[np.ndarray] = []
+        for level in self.levels:
+            mask = self.open & (self.prio <= level)
+            self.open_at[level] = int((self.open & (self.prio == level)).sum())
+            self.count_upto.append(np.bincount(self.node[mask], minlength=n))
+            self.gpus_upto.append(
+                np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
+            )
+        self._shape_nodes: dict[Shape, np.ndarray] = {}
 
     def take(self, ev: Eviction) -> None:
         for k in ev.victims:
             self.open[k] = False
             self.is_open[k] = False
+            p = self.prio_l[k]
+            self.open_at[p] -= 1
+            i = int(self.node[k])
+            for j, level in enumerate(self.levels):
+                if level >= p:
+                    self.count_upto[j][i] -= 1
+                    self.gpus_upto[j][i] -= self.ngpus[k]
+
+    def _nodes_for(self, shape: Shape) -> np.ndarray:
+        """Node mask: nodes whose pool could ever host the shape."""
+        hit = self._shape_nodes.get(shape)
+        if hit is None:
+            cl = self.cl
+            whole, mixed = cl.shape_pools(shape)
+            ok = np.zeros(len(cl.nodes), dtype=bool)
+            for pid in (*whole, *mixed):
+                ok[cl.pools[pid].nodes] = True
+            hit = self._shape_nodes[shape] = ok
+        return hit
 
     def find(self, shape: Shape, priority: int) -> Eviction | None:
         """The eviction that makes `shape` fit, or None when none does.
@@ -76,29 +111,25 @@ class Preemptor:
         everything up to level L fits nowhere is level L+1 touched.  Inside a
         level, the first few workable nodes (in node order) are compared."""
         cl = self.cl
-        if not len(self.allocs):
-            return None
-        below = self.open & (self.prio < priority)
-        if not below.any():
+        levels = [
+            (j, lv) for j, lv in enumerate(self.levels) if lv < priority and self.open_at[lv] > 0
+        ]
+        if not levels:
             return None
         whole, mixed = cl.shape_pools(shape)
-        whole_set, mixed_set = set(whole), set(mixed)
-        if not whole_set and not mixed_set:
+        if not whole and not mixed:
             return None
-        n = len(cl.nodes)
-        for level in np.unique(self.prio[below]).tolist():
-            mask = below & (self.prio <= level)
+        whole_set = set(whole)
+        hosts = self._nodes_for(shape)
+        for j, level in levels:
             # Upper bound on GPUs each node could offer: free plus every candidate's.
-            pot = np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
-            cand = np.flatnonzero(np.bincount(self.node[mask], minlength=n) > 0)
-            cand = cand[pot[cand] + cl.nfree[cand] >= shape[0]]
+            cand = np.flatnonzero(
+                hosts & (self.count_upto[j] > 0) & (self.gpus_upto[j] + cl.nfree >= shape[0])
+            )
             best: tuple[tuple[int, int, int], Eviction] | None = None
             feasible = 0
             for i in cand.tolist():
-                pid = cl.pool_of[i]
-                if pid not in whole_set and pid not in mixed_set:
-                    continue
-                ev = self._evict_on(i, shape, level + 1, pid in whole_set)
+                ev = self._evict_on(i, shape, level + 1, cl.pool_of[i] in whole_set)
                 if ev is None:
                     continue
                 vs = [self.allocs[k] for k in ev.victims]
