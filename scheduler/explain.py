@@ -40,19 +40,20 @@ class _Kind:
 
 
 def _kinds(cl: Cluster) -> list[_Kind]:
-    found: dict[tuple[object, ...], _Kind] = {}
-    for nd in cl.nodes:
-        counts: dict[tuple[str, int], int] = {}
-        for x in nd.gpus:
-            k = (x.model.lower(), x.mem_bytes)
-            counts[k] = counts.get(k, 0) + 1
-        makeup = tuple(sorted((m, mem, c) for (m, mem), c in counts.items()))
-        key = (tuple(sorted(nd.labels.items())), nd.schedulable, makeup)
+    # Per kind: (labels, largest CPUs, largest memory); first seen first.
+    Key = tuple[tuple[tuple[str, str], ...], bool, tuple[tuple[str, int, int], ...]]
+    found: dict[Key, tuple[Mapping[str, str], float, int]] = {}
+    for i, nd in enumerate(cl.nodes):
+        key = (cl.labels_key[i], nd.schedulable, cl.build[i].makeup)
         old = found.get(key)
-        cpus = max(nd.cpus, old.cpus if old else 0.0)
-        mem = max(nd.mem_bytes, old.mem_bytes if old else 0)
-        found[key] = _Kind(nd.labels, nd.schedulable, makeup, cpus, mem)
-    return list(found.values())
+        if old is None:
+            found[key] = (nd.labels, nd.cpus, nd.mem_bytes)
+        elif nd.cpus > old[1] or nd.mem_bytes > old[2]:
+            found[key] = (nd.labels, max(nd.cpus, old[1]), max(nd.mem_bytes, old[2]))
+    return [
+        _Kind(labels, schedulable, makeup, cpus, mem)
+        for (_, schedulable, makeup), (labels, cpus, mem) in found.items()
+    ]
 
 
 def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str | None:
@@ -92,11 +93,9 @@ def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str |
 
 def _fits_with_claims_back(cl: Cluster, i: int, shape: Shape) -> bool:
     claims = cl.claims.get(i, [])
+    info = cl.gpu_info[i]
     g = len(cl.matching_free(i, shape)) + sum(
-        1
-        for c in claims
-        for x in c.gpus
-        if gpu_matches(cl.gpu_info[i][x].model.lower(), cl.gpu_info[i][x].mem_bytes, shape)
+        1 for c in claims for x in c.gpus if gpu_matches(info[x][0], info[x][1], shape)
     )
     cpus = cl.free_cpu[i] + sum(c.cpus for c in claims)
     mem = cl.free_mem[i] + sum(c.mem_bytes for c in claims)
