@@ -57,13 +57,18 @@ class _Pass:
         self.no_fit: set[Shape] = set()
         self.no_evict: set[tuple[Shape, int]] = set()
         self.no_gang: dict[tuple[tuple[Shape, ...], bool], str] = {}
+        self.gang_too_big: dict[Shape, int] = {}  # shape -> fewest alike gang tasks that failed
         # Request classes (shape, priority) of single tasks, and which are dead:
         # they fit nowhere and can evict nothing for the rest of the pass.
         self.classes: dict[tuple[Shape, int], int] = {}
         self.classes_of_shape: dict[Shape, list[int]] = {}
         self.dead: list[bool] = []
         self.gang_held = False
-        self._started: list[float] | None = None
+        # Filled in by the first hold: per node, when its running work started
+        # (inf when idle), and its size.
+        self._started: np.ndarray | None = None
+        self._node_cpus = np.zeros(0)
+        self._node_mem = np.zeros(0, dtype=np.int64)
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
         backlog = build_backlog(pending)
@@ -188,22 +193,30 @@ class _Pass:
             for t in unit.tasks:
                 self.reasons[t.task_id] = self.no_gang[key]
             return
-        chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
-        exclude = set(busy)
-        for t, shape in zip(unit.tasks, shapes, strict=True):
-            i = None if shape in self.no_fit else cl.find_node(shape, exclude, spread, t.blocks)
-            if i is None:
-                break
-            gpus = cl.pick_gpus(i, shape)
-            cl.take(i, gpus, t.cpus, t.mem_bytes)
-            chosen.append((t, i, gpus))
-            exclude.add(i)
-        if len(chosen) == len(unit.tasks):
-            for t, i, gpus in chosen:
-                self._grant(t, i, gpus)
-            return
-        for t, i, gpus in reversed(chosen):  # all or nothing
-            cl.give(i, gpus, t.cpus, t.mem_bytes)
+        # A gang of n tasks of one shape, with no running tasks to avoid,
+        # fits iff n nodes each fit that shape; so once n such tasks failed,
+        # n or more keep failing for the rest of the pass.  (A trial would
+        # leave the state as it found it: skipping it changes nothing.)
+        alike = not busy and shapes.count(shapes[0]) == len(shapes)
+        if not (alike and len(shapes) >= self.gang_too_big.get(shapes[0], len(shapes) + 1)):
+            chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
+            exclude = set(busy)
+            for t, shape in zip(unit.tasks, shapes, strict=True):
+                i = None if shape in self.no_fit else cl.find_node(shape, exclude, spread, t.blocks)
+                if i is None:
+                    break
+                gpus = cl.pick_gpus(i, shape)
+                cl.take(i, gpus, t.cpus, t.mem_bytes)
+                chosen.append((t, i, gpus))
+                exclude.add(i)
+            if len(chosen) == len(unit.tasks):
+                for t, i, gpus in chosen:
+                    self._grant(t, i, gpus)
+                return
+            for t, i, gpus in reversed(chosen):  # all or nothing
+                cl.give(i, gpus, t.cpus, t.mem_bytes)
+            if alike:
+                self.gang_too_big[shapes[0]] = len(shapes)
         reason = gang_reason(len(unit.tasks), self._count_hosts(shapes[0], busy))
         if self.policy.backfill and not self.gang_held and self._hold_for_gang(unit, shapes, busy):
             self.gang_held = True
@@ -235,28 +248,26 @@ class _Pass:
         started earliest (likely to end first).  False when it could never fit."""
         cl = self.cl
         if self._started is None:
-            self._started = [
-                min((a.started_at for a in cl.allocs_on[i]), default=float("inf"))
-                for i in range(len(cl.nodes))
-            ]
-        started = self._started
+            self._started = np.array(
+                [
+                    min((a.started_at for a in cl.allocs_on[i]), default=float("inf"))
+                    for i in range(len(cl.nodes))
+                ],
+                dtype=np.float64,
+            )
+            self._node_cpus = np.array([nd.cpus for nd in cl.nodes], dtype=np.float64)
+            self._node_mem = np.array([nd.mem_bytes for nd in cl.nodes], dtype=np.int64)
         taken: set[int] = set(busy)
         picks: list[tuple[int, Shape]] = []
+        ranked: dict[Shape, list[int]] = {}
         for shape in shapes:
-            whole, mixed = cl.shape_pools(shape)
-            best: tuple[int, float, int] | None = None
-            for pid in (*whole, *mixed):
-                for i in cl.pools[pid].nodes:
-                    nd = cl.nodes[i]
-                    if i in taken or nd.cpus < shape[1] or nd.mem_bytes < shape[2]:
-                        continue
-                    key = (-min(len(cl.matching_free(i, shape)), shape[0]), started[i], i)
-                    if best is None or key < best:
-                        best = key
+            if shape not in ranked:
+                ranked[shape] = self._rank_for_hold(shape)
+            best = next((i for i in ranked[shape] if i not in taken), None)
             if best is None:
                 return False
-            taken.add(best[2])
-            picks.append((best[2], shape))
+            taken.add(best)
+            picks.append((best, shape))
         owner = f"older gang {unit.job_id}"
         for i, shape in picks:
             n = min(len(cl.matching_free(i, shape)), shape[0])
@@ -265,6 +276,30 @@ class _Pass:
             mem = max(0, min(cl.free_mem[i], shape[2]))
             cl.hold(i, Claim(owner, gpus, cpus, mem))
         return True
+
+    def _rank_for_hold(self, shape: Shape) -> list[int]:
+        """Nodes big enough for `shape`, best first by the key
+        (-min(matching free GPUs, wanted), earliest start of running work, index)."""
+        cl = self.cl
+        assert self._started is not None
+        whole, mixed = cl.shape_pools(shape)
+        idx: list[int] = []
+        have: list[int] = []
+        for pid in whole:
+            idx.extend(cl.pools[pid].nodes)
+        nodes = np.asarray(idx, dtype=np.int64)
+        have_arr = cl.nfree[nodes]
+        for pid in mixed:
+            for i in cl.pools[pid].nodes:
+                idx.append(i)
+                have.append(len(cl.matching_free(i, shape)))
+        nodes = np.asarray(idx, dtype=np.int64)
+        have_arr = np.concatenate([have_arr, np.asarray(have, dtype=np.int64)])
+        big = (self._node_cpus[nodes] >= shape[1]) & (self._node_mem[nodes] >= shape[2])
+        nodes, have_arr = nodes[big], have_arr[big]
+        started = self._started[nodes]
+        order = np.lexsort((nodes, started, -np.minimum(have_arr, shape[0])))
+        return nodes[order].tolist()
 
 
 def schedule(
