@@ -139,7 +139,11 @@ class _Pass:
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
         self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
-        self.job_nodes.setdefault(t.job_id, set()).add(i)
+        on = self.job_nodes.get(t.job_id)
+        if on is None:
+            self.job_nodes[t.job_id] = {i}
+        else:
+            on.add(i)
 
     def _single(self, t: TaskRequest, shape: Shape) -> None:
         cl = self.cl

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Mapping, Sequence
+from operator import attrgetter
 from typing import NamedTuple
 
 from .cluster import Shape, shape_of
@@ -97,6 +98,10 @@ class Backlog(NamedTuple):
     shapes: list[Shape]  # request class -> shape
 
 
+# Every field a request class depends on, but constraints (a Mapping).
+_raw_request = attrgetter("gpus", "cpus", "mem_bytes", "gpu_type", "gpu_mem_min", "priority")
+
+
 def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
     """Queue pending work by priority and user; number single tasks by
     request class.  Tasks asking for the same thing share a class, found by
@@ -110,18 +115,12 @@ def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
         if t.gang_size > 1:
             gang_tasks.setdefault(t.job_id, []).append(t)
             continue
+        raw = _raw_request(t)
         c = t.constraints
-        prio = t.priority
-        raw = (
-            t.gpus,
-            t.cpus,
-            t.mem_bytes,
-            t.gpu_type,
-            t.gpu_mem_min,
-            prio,
-            tuple(sorted(c.items())) if c else (),
-        )
+        if c:
+            raw = (*raw, *sorted(c.items()))
         cls = raw_class.get(raw)
+        prio = t.priority
         if cls is None:
             shape = shape_of(t)
             cls = classes.get((shape, prio))
