@@ -77,7 +77,7 @@ class Claim:
 GpuFacts = tuple[str, int, int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one per distinct build
 class _Build:
     """Facts shared by every node with the same GPUs (same indices, models,
     memory and domains): worked out once per distinct build, not per node."""
@@ -177,6 +177,7 @@ class Cluster:
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
         self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
+        self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
 
     # -- matching ---------------------------------------------------------
 
@@ -402,14 +403,23 @@ class Cluster:
         cands = self.matching_free(i, shape) if candidates is None else sorted(candidates)
         if not self.multi_domain[i] or len(cands) == g:
             return tuple(cands[:g])
-        info = self.gpu_info[i]
-        by_domain: dict[int, list[int]] = {}
-        for x in cands:
-            by_domain.setdefault(info[x][2], []).append(x)
-        best: tuple[tuple[int, bool, int], list[int]] | None = None
-        for d, xs in by_domain.items():
-            if len(xs) >= g:
-                key = (len(xs), d == -1, xs[0])
-                if best is None or key < best[0]:
-                    best = (key, xs)
-        return tuple(best[1][:g]) if best else tuple(cands[:g])
+        # The choice depends on the node's build, the candidates and the count
+        # only, and a pass sees few distinct combinations: remember them.
+        key = (self.build[i], tuple(cands), g)
+        hit = self._picks.get(key)
+        if hit is None:
+            hit = self._picks[key] = _by_domain(self.gpu_info[i], cands, g)
+        return hit
+
+
+def _by_domain(info: Mapping[int, GpuFacts], cands: list[int], g: int) -> tuple[int, ...]:
+    by_domain: dict[int, list[int]] = {}
+    for x in cands:
+        by_domain.setdefault(info[x][2], []).append(x)
+    best: tuple[tuple[int, bool, int], list[int]] | None = None
+    for d, xs in by_domain.items():
+        if len(xs) >= g:
+            key = (len(xs), d == -1, xs[0])
+            if best is None or key < best[0]:
+                best = (key, xs)
+    return tuple(best[1][:g]) if best else tuple(cands[:g])
