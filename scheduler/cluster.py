@@ -177,6 +177,7 @@ class Cluster:
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
         self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
+        self._pool_arrays: dict[int, np.ndarray] = {}
         self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
 
     # -- matching ---------------------------------------------------------
@@ -201,6 +202,13 @@ class Cluster:
             (whole if all(ok) else mixed).append(pid)
         self._shape_pools[shape] = (whole, mixed)
         return whole, mixed
+
+    def pool_nodes(self, pid: int) -> np.ndarray:
+        """A pool's node indices as an array (a pool's members never change)."""
+        arr = self._pool_arrays.get(pid)
+        if arr is None:
+            arr = self._pool_arrays[pid] = np.asarray(self.pools[pid].nodes, dtype=np.int64)
+        return arr
 
     def whole_pools(self, shape: Shape) -> frozenset[int]:
         hit = self._whole_sets.get(shape)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 
 import numpy as np
 
@@ -102,17 +103,30 @@ class _Pass:
         # on the shape only (it caches by shape), so it is looked up once per
         # class here; quotas are read at the end of the pass, as for all
         # skipped work.
-        by_class: list[str | None] = [None] * len(shapes)
-        for _, _, seq, cls in skipped:
-            t = pending[seq]
-            quota = fair.quota_blocks(t.user, t.gpus) if fair.quotas else None
-            if quota is not None:
-                reasons[t.task_id] = quota_reason(t.user, quota)
-                continue
-            reason = by_class[cls]
-            if reason is None:
-                reason = by_class[cls] = explain(t, shapes[cls])
-            reasons[t.task_id] = reason
+        if fair.quotas:
+            by_class: list[str | None] = [None] * len(shapes)
+            for _, _, seq, cls in skipped:
+                t = pending[seq]
+                quota = fair.quota_blocks(t.user, t.gpus)
+                if quota is not None:
+                    reasons[t.task_id] = quota_reason(t.user, quota)
+                    continue
+                reason = by_class[cls]
+                if reason is None:
+                    reason = by_class[cls] = explain(t, shapes[cls])
+                reasons[t.task_id] = reason
+        else:
+            # The same, without a quota to check: explain each class's first
+            # task, in the order the classes first appear, then fill in
+            # tens of thousands of reasons without a Python-level loop.
+            cls_of = list(map(itemgetter(3), skipped))
+            first = dict(zip(reversed(cls_of), reversed(skipped), strict=True))
+            reason_of = {
+                cls: explain(pending[first[cls][2]], shapes[cls]) for cls in dict.fromkeys(cls_of)
+            }
+            reasons.update(
+                zip(map(itemgetter(1), skipped), map(reason_of.__getitem__, cls_of), strict=True)
+            )
         reserved: dict[str, tuple[int, ...]] = {}
         for i in sorted(self.cl.claims):
             gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
@@ -234,7 +248,7 @@ class _Pass:
         whole, mixed = cl.shape_pools(shape)
         count = 0
         for pid in whole:
-            idx = np.asarray(cl.pools[pid].nodes, dtype=np.int64)
+            idx = cl.pool_nodes(pid)
             for i in idx[cl.nfree[idx] >= shape[0]].tolist():
                 count += i not in exclude and cl.fits_cpu_mem(i, shape)
         for pid in mixed:

@@ -128,7 +128,7 @@ def explain_shape(cl: Cluster, kinds: list[_Kind], task: TaskRequest, shape: Sha
     if g > 0:
         best_n, best_i = -1, -1
         for pid in whole:
-            idx = np.asarray(cl.pools[pid].nodes, dtype=np.int64)
+            idx = cl.pool_nodes(pid)
             counts = cl.nfree[idx]
             k = int(np.argmax(counts))
             n, i = int(counts[k]), int(idx[k])
