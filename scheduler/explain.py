@@ -91,40 +91,67 @@ def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str |
     return None
 
 
-def _fits_with_claims_back(cl: Cluster, i: int, shape: Shape) -> bool:
-    claims = cl.claims.get(i, [])
-    info = cl.gpu_info[i]
-    g = len(cl.matching_free(i, shape)) + sum(
-        1 for c in claims for x in c.gpus if gpu_matches(info[x][0], info[x][1], shape)
+# What the claims on one node hold: (node, their GPUs, CPUs, memory).
+Claimed = tuple[int, tuple[int, ...], float, int]
+
+
+def _claimed(cl: Cluster) -> list[Claimed]:
+    out: list[Claimed] = []
+    for i in sorted(cl.claims):
+        claims = cl.claims[i]
+        gpus = tuple(x for c in claims for x in c.gpus)
+        out.append((i, gpus, sum(c.cpus for c in claims), sum(c.mem_bytes for c in claims)))
+    return out
+
+
+def _fits_with_claims_back(cl: Cluster, held: Claimed, shape: Shape, all_match: bool) -> bool:
+    i, gpus, cpus, mem = held
+    if all_match:
+        g = cl.nfree_l[i] + len(gpus)
+    else:
+        info = cl.gpu_info[i]
+        g = len(cl.matching_free(i, shape)) + sum(
+            1 for x in gpus if gpu_matches(info[x][0], info[x][1], shape)
+        )
+    return (
+        g >= shape[0]
+        and cl.free_cpu[i] + cpus + EPS >= shape[1]
+        and cl.free_mem[i] + mem >= shape[2]
     )
-    cpus = cl.free_cpu[i] + sum(c.cpus for c in claims)
-    mem = cl.free_mem[i] + sum(c.mem_bytes for c in claims)
-    return g >= shape[0] and cpus + EPS >= shape[1] and mem >= shape[2]
 
 
 class Explainer:
+    """Reasons by shape, against the state at the end of the pass (which no
+    longer changes: claims and free resources are read once)."""
+
     def __init__(self, cl: Cluster) -> None:
         self.cl = cl
         self.kinds = _kinds(cl)
+        self.claimed = _claimed(cl)
         self.cache: dict[Shape, str] = {}
 
     def __call__(self, task: TaskRequest, shape: Shape) -> str:
         hit = self.cache.get(shape)
         if hit is None:
-            hit = self.cache[shape] = explain_shape(self.cl, self.kinds, task, shape)
+            hit = self.cache[shape] = explain_shape(self.cl, self.kinds, self.claimed, task, shape)
         return hit
 
 
-def explain_shape(cl: Cluster, kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str:
+def explain_shape(
+    cl: Cluster, kinds: list[_Kind], claimed: list[Claimed], task: TaskRequest, shape: Shape
+) -> str:
     static = _static_reason(kinds, task, shape)
     if static is not None:
         return static
     g = shape[0]
     whole, mixed = cl.shape_pools(shape)
-    ok_pools = set(whole) | set(mixed)
-    for i in sorted(cl.claims):
-        if cl.pool_of[i] in ok_pools and _fits_with_claims_back(cl, i, shape):
-            return f"reserved for {cl.claims[i][0].owner}"
+    whole_set, mixed_set = set(whole), set(mixed)
+    for held in claimed:
+        pid = cl.pool_of[held[0]]
+        if (pid in whole_set or pid in mixed_set) and _fits_with_claims_back(
+            cl, held, shape, g == 0 or pid in whole_set
+        ):
+            return f"reserved for {cl.claims[held[0]][0].owner}"
     if g > 0:
         best_n, best_i = -1, -1
         for pid in whole:

@@ -76,6 +76,8 @@ class Preemptor:
         # resources and open victims only shrink during a pass, so a node that
         # fails once fails for good: each search resumes past the failed prefix.
         self._cursor: dict[tuple[Shape, int], int] = {}
+        # (node, shape, level index) -> (node state it was worked out on, eviction)
+        self._seen: dict[tuple[int, Shape, int], tuple[tuple[object, ...], Eviction | None]] = {}
 
     def _count(self, k: int, sign: int) -> None:
         i, p, g = self.node_l[k], self.prio_l[k], len(self.allocs[k].gpus)
@@ -125,7 +127,16 @@ class Preemptor:
                     and pot[i] + nfree[i] >= g
                     and (pid in whole_set or pid in mixed_set)
                 ):
-                    ev = self._evict_on(i, shape, level + 1, pid in whole_set)
+                    # An eviction depends on the node's free resources and
+                    # its open victims only (count[i] names those: victims
+                    # only ever close): reuse it while they are unchanged.
+                    stamp = (tuple(cl.free[i]), cl.free_cpu[i], cl.free_mem[i], count[i])
+                    seen = self._seen.get((i, shape, j))
+                    if seen is not None and seen[0] == stamp:
+                        ev = seen[1]
+                    else:
+                        ev = self._evict_on(i, shape, level + 1, pid in whole_set)
+                        self._seen[i, shape, j] = (stamp, ev)
                 if ev is None:
                     if in_prefix:
                         self._cursor[key] = p + 1
