@@ -178,6 +178,7 @@ class Cluster:
         self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
         self._pool_arrays: dict[int, np.ndarray] = {}
+        self._roomy: dict[Shape, list[Pool]] = {}
         self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
 
     # -- matching ---------------------------------------------------------
@@ -326,10 +327,15 @@ class Cluster:
         nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
         # (free count, node) of the best candidate so far; spread negates the count.
         best: tuple[int, int] | None = None
-        for pid in whole:
-            pool = self.pools[pid]
-            if pool.max_cpus + EPS < cpus or pool.max_mem < mem:
-                continue
+        roomy = self._roomy.get(shape)
+        if roomy is None:
+            # Pools whose largest node has the CPUs and memory at all.
+            roomy = self._roomy[shape] = [
+                p
+                for p in (self.pools[pid] for pid in whole)
+                if p.max_cpus + EPS >= cpus and p.max_mem >= mem
+            ]
+        for pool in roomy:
             mask = pool.mask >> g << g  # buckets with at least g free GPUs
             while mask:
                 if spread:
