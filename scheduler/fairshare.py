@@ -19,8 +19,10 @@ from .types import DEFAULT_POLICY, Allocation, NodeView, Policy, TaskRequest, Us
 
 
 class Unit(NamedTuple):
-    """What the scheduler places as one: a single task or a whole gang.
-    (A NamedTuple, not a dataclass: a pass builds 100,000 of them.)"""
+    """What is placed as one: a single task or a whole gang.  `schedule`
+    makes these for gangs only (single tasks are queued as `Entry` tuples);
+    `first_fit` makes one per task.  (A NamedTuple, not a dataclass: that can
+    be 100,000 of them.)"""
 
     tasks: tuple[TaskRequest, ...]  # gangs sorted by rank
     shapes: tuple[Shape, ...]
