@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 
@@ -72,28 +73,70 @@ class Claim:
     mem_bytes: int
 
 
+# What the scheduler needs to know of one GPU: (model lower-cased, memory, domain).
+GpuFacts = tuple[str, int, int]
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one per distinct build
+class _Build:
+    """Facts shared by every node with the same GPUs (same indices, models,
+    memory and domains): worked out once per distinct build, not per node."""
+
+    info: Mapping[int, GpuFacts]  # GPU index -> facts
+    indices: tuple[int, ...]  # sorted
+    multi_domain: bool
+    makeup: tuple[tuple[str, int, int], ...]  # (model lower, mem, count)
+
+
+def _build_of(gpus: tuple[Gpu, ...]) -> _Build:
+    info = {g.index: (g.model.lower(), g.mem_bytes, g.domain) for g in gpus}
+    counts: dict[tuple[str, int], int] = {}
+    for g in gpus:
+        k = (g.model.lower(), g.mem_bytes)
+        counts[k] = counts.get(k, 0) + 1
+    return _Build(
+        info=info,
+        indices=tuple(sorted(info)),
+        multi_domain=len({g.domain for g in gpus}) > 1,
+        makeup=tuple(sorted((m, mem, c) for (m, mem), c in counts.items())),
+    )
+
+
+_gpu_key = attrgetter("index", "model", "mem_bytes", "domain")
+
+
 class Cluster:
     def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
         self.nodes = list(nodes)
         n = len(self.nodes)
         self.index_of: dict[str, int] = {nd.node_id: i for i, nd in enumerate(self.nodes)}
-        self.gpu_info: list[dict[int, Gpu]] = [{g.index: g for g in nd.gpus} for nd in nodes]
-        self.multi_domain = [len({g.domain for g in nd.gpus}) > 1 for nd in nodes]
-        self.free_cpu = [float(nd.cpus) for nd in nodes]
-        self.free_mem = [nd.mem_bytes for nd in nodes]
-        used: list[set[int]] = [set() for _ in range(n)]
+        # Clusters are made of a few kinds of machine: facts per GPU are
+        # worked out once per kind and shared by its nodes (read-only).
+        builds: dict[tuple[tuple[int, str, int, int], ...], _Build] = {}
+        self.build: list[_Build] = []
+        for nd in self.nodes:
+            gpus_key = tuple(map(_gpu_key, nd.gpus))
+            b = builds.get(gpus_key)
+            if b is None:
+                b = builds[gpus_key] = _build_of(nd.gpus)
+            self.build.append(b)
+        self.gpu_info: list[Mapping[int, GpuFacts]] = [b.info for b in self.build]
+        self.multi_domain = [b.multi_domain for b in self.build]
+        self.free_cpu = [float(nd.cpus) for nd in self.nodes]
+        self.free_mem = [nd.mem_bytes for nd in self.nodes]
+        self.free: list[list[int]] = [list(b.indices) for b in self.build]
+        used: dict[int, set[int]] = {}
         self.allocs_on: list[list[Allocation]] = [[] for _ in range(n)]
         for a in allocations:
             i = self.index_of.get(a.node_id)
             if i is None:
                 continue  # a task on a node the view no longer has holds nothing here
-            used[i].update(a.gpus)
+            used.setdefault(i, set()).update(a.gpus)
             self.free_cpu[i] -= a.cpus
             self.free_mem[i] -= a.mem_bytes
             self.allocs_on[i].append(a)
-        self.free: list[list[int]] = [
-            sorted(g for g in self.gpu_info[i] if g not in used[i]) for i in range(n)
-        ]
+        for i, gone in used.items():
+            self.free[i] = [g for g in self.free[i] if g not in gone]
         # Free GPU count per node twice: a list for the per-task hot path (numpy
         # scalar access is slow) and an array for whole-cluster questions.
         self.nfree_l = [len(f) for f in self.free]
@@ -101,16 +144,15 @@ class Cluster:
         self.claims: dict[int, list[Claim]] = {}
         self.pools: list[Pool] = []
         self.pool_of = [-1] * n
+        self.labels_key: list[tuple[tuple[str, str], ...]] = [
+            tuple(sorted(nd.labels.items())) if nd.labels else () for nd in self.nodes
+        ]
         pool_ids: dict[tuple[object, ...], int] = {}
         for i, nd in enumerate(self.nodes):
             if not nd.schedulable:
                 continue
-            counts: dict[tuple[str, int], int] = {}
-            for g in nd.gpus:
-                k = (g.model.lower(), g.mem_bytes)
-                counts[k] = counts.get(k, 0) + 1
-            makeup = tuple(sorted((m, mem, c) for (m, mem), c in counts.items()))
-            key = (tuple(sorted(nd.labels.items())), makeup)
+            makeup = self.build[i].makeup
+            key = (self.labels_key[i], makeup)
             pid = pool_ids.get(key)
             if pid is None:
                 pid = pool_ids[key] = len(self.pools)
@@ -125,7 +167,7 @@ class Cluster:
                 )
             pool = self.pools[pid]
             pool.nodes.append(i)
-            f = len(self.free[i])
+            f = self.nfree_l[i]
             pool.buckets[f].append(i)  # appended in index order: a heap
             pool.live[f] += 1
             pool.mask |= 1 << f
@@ -135,6 +177,9 @@ class Cluster:
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
         self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
+        self._pool_arrays: dict[int, np.ndarray] = {}
+        self._roomy: dict[Shape, list[Pool]] = {}
+        self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
 
     # -- matching ---------------------------------------------------------
 
@@ -159,6 +204,13 @@ class Cluster:
         self._shape_pools[shape] = (whole, mixed)
         return whole, mixed
 
+    def pool_nodes(self, pid: int) -> np.ndarray:
+        """A pool's node indices as an array (a pool's members never change)."""
+        arr = self._pool_arrays.get(pid)
+        if arr is None:
+            arr = self._pool_arrays[pid] = np.asarray(self.pools[pid].nodes, dtype=np.int64)
+        return arr
+
     def whole_pools(self, shape: Shape) -> frozenset[int]:
         hit = self._whole_sets.get(shape)
         if hit is None:
@@ -171,9 +223,7 @@ class Cluster:
         if self.pool_of[i] in self.whole_pools(shape):
             return list(self.free[i])
         info = self.gpu_info[i]
-        return [
-            g for g in self.free[i] if gpu_matches(info[g].model.lower(), info[g].mem_bytes, shape)
-        ]
+        return [g for g in self.free[i] if gpu_matches(info[g][0], info[g][1], shape)]
 
     def fits_cpu_mem(self, i: int, shape: Shape) -> bool:
         return self.free_cpu[i] + EPS >= shape[1] and self.free_mem[i] >= shape[2]
@@ -277,10 +327,15 @@ class Cluster:
         nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
         # (free count, node) of the best candidate so far; spread negates the count.
         best: tuple[int, int] | None = None
-        for pid in whole:
-            pool = self.pools[pid]
-            if pool.max_cpus + EPS < cpus or pool.max_mem < mem:
-                continue
+        roomy = self._roomy.get(shape)
+        if roomy is None:
+            # Pools whose largest node has the CPUs and memory at all.
+            roomy = self._roomy[shape] = [
+                p
+                for p in (self.pools[pid] for pid in whole)
+                if p.max_cpus + EPS >= cpus and p.max_mem >= mem
+            ]
+        for pool in roomy:
             mask = pool.mask >> g << g  # buckets with at least g free GPUs
             while mask:
                 if spread:
@@ -362,14 +417,23 @@ class Cluster:
         cands = self.matching_free(i, shape) if candidates is None else sorted(candidates)
         if not self.multi_domain[i] or len(cands) == g:
             return tuple(cands[:g])
-        info = self.gpu_info[i]
-        by_domain: dict[int, list[int]] = {}
-        for x in cands:
-            by_domain.setdefault(info[x].domain, []).append(x)
-        best: tuple[tuple[int, bool, int], list[int]] | None = None
-        for d, xs in by_domain.items():
-            if len(xs) >= g:
-                key = (len(xs), d == -1, xs[0])
-                if best is None or key < best[0]:
-                    best = (key, xs)
-        return tuple(best[1][:g]) if best else tuple(cands[:g])
+        # The choice depends on the node's build, the candidates and the count
+        # only, and a pass sees few distinct combinations: remember them.
+        key = (self.build[i], tuple(cands), g)
+        hit = self._picks.get(key)
+        if hit is None:
+            hit = self._picks[key] = _by_domain(self.gpu_info[i], cands, g)
+        return hit
+
+
+def _by_domain(info: Mapping[int, GpuFacts], cands: list[int], g: int) -> tuple[int, ...]:
+    by_domain: dict[int, list[int]] = {}
+    for x in cands:
+        by_domain.setdefault(info[x][2], []).append(x)
+    best: tuple[tuple[int, bool, int], list[int]] | None = None
+    for d, xs in by_domain.items():
+        if len(xs) >= g:
+            key = (len(xs), d == -1, xs[0])
+            if best is None or key < best[0]:
+                best = (key, xs)
+    return tuple(best[1][:g]) if best else tuple(cands[:g])

@@ -10,13 +10,16 @@ backfilled around the hold instead of starving it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from operator import itemgetter
 
 import numpy as np
 
 from .cluster import Claim, Cluster, Shape
 from .explain import Explainer, gang_reason, preempting_reason, quota_reason
-from .fairshare import FairShare, Unit, build_units
+from .fairshare import Entry, FairShare, Unit, build_backlog
 from .preempt import Preemptor
 from .types import (
     DEFAULT_POLICY,
@@ -55,38 +58,75 @@ class _Pass:
         self.no_fit: set[Shape] = set()
         self.no_evict: set[tuple[Shape, int]] = set()
         self.no_gang: dict[tuple[tuple[Shape, ...], bool], str] = {}
+        self.gang_too_big: dict[Shape, int] = {}  # shape -> fewest alike gang tasks that failed
         # Request classes (shape, priority) of single tasks, and which are dead:
         # they fit nowhere and can evict nothing for the rest of the pass.
         self.classes: dict[tuple[Shape, int], int] = {}
         self.classes_of_shape: dict[Shape, list[int]] = {}
         self.dead: list[bool] = []
         self.gang_held = False
-        self._started: list[float] | None = None
+        # Filled in by the first hold: per node, when its running work started
+        # (inf when idle), and its size.
+        self._started: np.ndarray | None = None
+        self._node_cpus = np.zeros(0)
+        self._node_mem = np.zeros(0, dtype=np.int64)
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
-        skipped: list[Unit] = []
-        units = build_units(pending, self.classes)
-        self.dead = [False] * len(self.classes)
+        backlog = build_backlog(pending)
+        self.classes = backlog.classes
+        shapes = backlog.shapes
+        self.dead = [False] * len(shapes)
         for (shape, _), c in self.classes.items():
             self.classes_of_shape.setdefault(shape, []).append(c)
-        for unit in self.fair.order(units, self.dead, skipped):
-            quota = self.fair.quota_blocks(unit.user, unit.gpus)
-            if quota is not None:
-                for t in unit.tasks:
-                    self.reasons[t.task_id] = quota_reason(unit.user, quota)
-            elif unit.is_gang:
-                self._gang(unit)
+        fair, reasons, n = self.fair, self.reasons, len(pending)
+        skipped: list[Entry] = []
+        for _, _, seq, cls in fair.order(backlog, self.dead, skipped):
+            if cls < 0:
+                unit = backlog.gangs[seq - n]
+                quota = fair.quota_blocks(unit.user, unit.gpus)
+                if quota is None:
+                    self._gang(unit)
+                else:
+                    for t in unit.tasks:
+                        reasons[t.task_id] = quota_reason(unit.user, quota)
+                continue
+            t = pending[seq]
+            quota = fair.quota_blocks(t.user, t.gpus) if fair.quotas else None
+            if quota is None:
+                self._single(t, shapes[cls])
             else:
-                self._single(unit.tasks[0], unit.shapes[0])
-        for unit in skipped:
-            quota = self.fair.quota_blocks(unit.user, unit.gpus)
-            if quota is not None:
-                self.reasons[unit.tasks[0].task_id] = quota_reason(unit.user, quota)
-            else:
-                self.unexplained.append((unit.tasks[0], unit.shapes[0]))
+                reasons[t.task_id] = quota_reason(t.user, quota)
         explain = Explainer(self.cl)
         for t, shape in self.unexplained:
-            self.reasons[t.task_id] = explain(t, shape)
+            reasons[t.task_id] = explain(t, shape)
+        # Dead classes' tasks, in one sweep.  The explainer's reason depends
+        # on the shape only (it caches by shape), so it is looked up once per
+        # class here; quotas are read at the end of the pass, as for all
+        # skipped work.
+        if fair.quotas:
+            by_class: list[str | None] = [None] * len(shapes)
+            for _, _, seq, cls in skipped:
+                t = pending[seq]
+                quota = fair.quota_blocks(t.user, t.gpus)
+                if quota is not None:
+                    reasons[t.task_id] = quota_reason(t.user, quota)
+                    continue
+                reason = by_class[cls]
+                if reason is None:
+                    reason = by_class[cls] = explain(t, shapes[cls])
+                reasons[t.task_id] = reason
+        else:
+            # The same, without a quota to check: explain each class's first
+            # task, in the order the classes first appear, then fill in
+            # tens of thousands of reasons without a Python-level loop.
+            cls_of = list(map(itemgetter(3), skipped))
+            first = dict(zip(reversed(cls_of), reversed(skipped), strict=True))
+            reason_of = {
+                cls: explain(pending[first[cls][2]], shapes[cls]) for cls in dict.fromkeys(cls_of)
+            }
+            reasons.update(
+                zip(map(itemgetter(1), skipped), map(reason_of.__getitem__, cls_of), strict=True)
+            )
         reserved: dict[str, tuple[int, ...]] = {}
         for i in sorted(self.cl.claims):
             gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
@@ -113,7 +153,11 @@ class _Pass:
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
         self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
-        self.job_nodes.setdefault(t.job_id, set()).add(i)
+        on = self.job_nodes.get(t.job_id)
+        if on is None:
+            self.job_nodes[t.job_id] = {i}
+        else:
+            on.add(i)
 
     def _single(self, t: TaskRequest, shape: Shape) -> None:
         cl = self.cl
@@ -167,22 +211,30 @@ class _Pass:
             for t in unit.tasks:
                 self.reasons[t.task_id] = self.no_gang[key]
             return
-        chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
-        exclude = set(busy)
-        for t, shape in zip(unit.tasks, shapes, strict=True):
-            i = None if shape in self.no_fit else cl.find_node(shape, exclude, spread, t.blocks)
-            if i is None:
-                break
-            gpus = cl.pick_gpus(i, shape)
-            cl.take(i, gpus, t.cpus, t.mem_bytes)
-            chosen.append((t, i, gpus))
-            exclude.add(i)
-        if len(chosen) == len(unit.tasks):
-            for t, i, gpus in chosen:
-                self._grant(t, i, gpus)
-            return
-        for t, i, gpus in reversed(chosen):  # all or nothing
-            cl.give(i, gpus, t.cpus, t.mem_bytes)
+        # A gang of n tasks of one shape, with no running tasks to avoid,
+        # fits iff n nodes each fit that shape; so once n such tasks failed,
+        # n or more keep failing for the rest of the pass.  (A trial would
+        # leave the state as it found it: skipping it changes nothing.)
+        alike = not busy and shapes.count(shapes[0]) == len(shapes)
+        if not (alike and len(shapes) >= self.gang_too_big.get(shapes[0], len(shapes) + 1)):
+            chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
+            exclude = set(busy)
+            for t, shape in zip(unit.tasks, shapes, strict=True):
+                i = None if shape in self.no_fit else cl.find_node(shape, exclude, spread, t.blocks)
+                if i is None:
+                    break
+                gpus = cl.pick_gpus(i, shape)
+                cl.take(i, gpus, t.cpus, t.mem_bytes)
+                chosen.append((t, i, gpus))
+                exclude.add(i)
+            if len(chosen) == len(unit.tasks):
+                for t, i, gpus in chosen:
+                    self._grant(t, i, gpus)
+                return
+            for t, i, gpus in reversed(chosen):  # all or nothing
+                cl.give(i, gpus, t.cpus, t.mem_bytes)
+            if alike:
+                self.gang_too_big[shapes[0]] = len(shapes)
         reason = gang_reason(len(unit.tasks), self._count_hosts(shapes[0], busy))
         if self.policy.backfill and not self.gang_held and self._hold_for_gang(unit, shapes, busy):
             self.gang_held = True
@@ -196,7 +248,7 @@ class _Pass:
         whole, mixed = cl.shape_pools(shape)
         count = 0
         for pid in whole:
-            idx = np.asarray(cl.pools[pid].nodes, dtype=np.int64)
+            idx = cl.pool_nodes(pid)
             for i in idx[cl.nfree[idx] >= shape[0]].tolist():
                 count += i not in exclude and cl.fits_cpu_mem(i, shape)
         for pid in mixed:
@@ -214,28 +266,26 @@ class _Pass:
         started earliest (likely to end first).  False when it could never fit."""
         cl = self.cl
         if self._started is None:
-            self._started = [
-                min((a.started_at for a in cl.allocs_on[i]), default=float("inf"))
-                for i in range(len(cl.nodes))
-            ]
-        started = self._started
+            self._started = np.array(
+                [
+                    min((a.started_at for a in cl.allocs_on[i]), default=float("inf"))
+                    for i in range(len(cl.nodes))
+                ],
+                dtype=np.float64,
+            )
+            self._node_cpus = np.array([nd.cpus for nd in cl.nodes], dtype=np.float64)
+            self._node_mem = np.array([nd.mem_bytes for nd in cl.nodes], dtype=np.int64)
         taken: set[int] = set(busy)
         picks: list[tuple[int, Shape]] = []
+        ranked: dict[Shape, list[int]] = {}
         for shape in shapes:
-            whole, mixed = cl.shape_pools(shape)
-            best: tuple[int, float, int] | None = None
-            for pid in (*whole, *mixed):
-                for i in cl.pools[pid].nodes:
-                    nd = cl.nodes[i]
-                    if i in taken or nd.cpus < shape[1] or nd.mem_bytes < shape[2]:
-                        continue
-                    key = (-min(len(cl.matching_free(i, shape)), shape[0]), started[i], i)
-                    if best is None or key < best:
-                        best = key
+            if shape not in ranked:
+                ranked[shape] = self._rank_for_hold(shape)
+            best = next((i for i in ranked[shape] if i not in taken), None)
             if best is None:
                 return False
-            taken.add(best[2])
-            picks.append((best[2], shape))
+            taken.add(best)
+            picks.append((best, shape))
         owner = f"older gang {unit.job_id}"
         for i, shape in picks:
             n = min(len(cl.matching_free(i, shape)), shape[0])
@@ -244,6 +294,30 @@ class _Pass:
             mem = max(0, min(cl.free_mem[i], shape[2]))
             cl.hold(i, Claim(owner, gpus, cpus, mem))
         return True
+
+    def _rank_for_hold(self, shape: Shape) -> list[int]:
+        """Nodes big enough for `shape`, best first by the key
+        (-min(matching free GPUs, wanted), earliest start of running work, index)."""
+        cl = self.cl
+        assert self._started is not None
+        whole, mixed = cl.shape_pools(shape)
+        idx: list[int] = []
+        have: list[int] = []
+        for pid in whole:
+            idx.extend(cl.pools[pid].nodes)
+        nodes = np.asarray(idx, dtype=np.int64)
+        have_arr = cl.nfree[nodes]
+        for pid in mixed:
+            for i in cl.pools[pid].nodes:
+                idx.append(i)
+                have.append(len(cl.matching_free(i, shape)))
+        nodes = np.asarray(idx, dtype=np.int64)
+        have_arr = np.concatenate([have_arr, np.asarray(have, dtype=np.int64)])
+        big = (self._node_cpus[nodes] >= shape[1]) & (self._node_mem[nodes] >= shape[2])
+        nodes, have_arr = nodes[big], have_arr[big]
+        started = self._started[nodes]
+        order = np.lexsort((nodes, started, -np.minimum(have_arr, shape[0])))
+        return nodes[order].tolist()
 
 
 def schedule(
@@ -254,4 +328,21 @@ def schedule(
 ) -> Plan:
     """Plan placements and preemptions for `pending` on a snapshot.  Pure and
     deterministic: the same arguments always give the same Plan."""
-    return _Pass(nodes, allocations, policy).run(pending)
+    with _cycle_collector_paused():
+        return _Pass(nodes, allocations, policy).run(pending)
+
+
+@contextmanager
+def _cycle_collector_paused() -> Iterator[None]:
+    """A pass keeps every object it makes until it returns, so the collector
+    reclaims nothing while it runs; but the allocations alone trigger full
+    collections that walk the caller's whole heap (the view: one object per
+    node, GPU and task), a third of the pass at 100,000 tasks.  The pass
+    makes no reference cycles worth collecting early."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

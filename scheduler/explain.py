@@ -40,19 +40,20 @@ class _Kind:
 
 
 def _kinds(cl: Cluster) -> list[_Kind]:
-    found: dict[tuple[object, ...], _Kind] = {}
-    for nd in cl.nodes:
-        counts: dict[tuple[str, int], int] = {}
-        for x in nd.gpus:
-            k = (x.model.lower(), x.mem_bytes)
-            counts[k] = counts.get(k, 0) + 1
-        makeup = tuple(sorted((m, mem, c) for (m, mem), c in counts.items()))
-        key = (tuple(sorted(nd.labels.items())), nd.schedulable, makeup)
+    # Per kind: (labels, largest CPUs, largest memory); first seen first.
+    Key = tuple[tuple[tuple[str, str], ...], bool, tuple[tuple[str, int, int], ...]]
+    found: dict[Key, tuple[Mapping[str, str], float, int]] = {}
+    for i, nd in enumerate(cl.nodes):
+        key = (cl.labels_key[i], nd.schedulable, cl.build[i].makeup)
         old = found.get(key)
-        cpus = max(nd.cpus, old.cpus if old else 0.0)
-        mem = max(nd.mem_bytes, old.mem_bytes if old else 0)
-        found[key] = _Kind(nd.labels, nd.schedulable, makeup, cpus, mem)
-    return list(found.values())
+        if old is None:
+            found[key] = (nd.labels, nd.cpus, nd.mem_bytes)
+        elif nd.cpus > old[1] or nd.mem_bytes > old[2]:
+            found[key] = (nd.labels, max(nd.cpus, old[1]), max(nd.mem_bytes, old[2]))
+    return [
+        _Kind(labels, schedulable, makeup, cpus, mem)
+        for (_, schedulable, makeup), (labels, cpus, mem) in found.items()
+    ]
 
 
 def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str | None:
@@ -90,46 +91,71 @@ def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str |
     return None
 
 
-def _fits_with_claims_back(cl: Cluster, i: int, shape: Shape) -> bool:
-    claims = cl.claims.get(i, [])
-    g = len(cl.matching_free(i, shape)) + sum(
-        1
-        for c in claims
-        for x in c.gpus
-        if gpu_matches(cl.gpu_info[i][x].model.lower(), cl.gpu_info[i][x].mem_bytes, shape)
+# What the claims on one node hold: (node, their GPUs, CPUs, memory).
+Claimed = tuple[int, tuple[int, ...], float, int]
+
+
+def _claimed(cl: Cluster) -> list[Claimed]:
+    out: list[Claimed] = []
+    for i in sorted(cl.claims):
+        claims = cl.claims[i]
+        gpus = tuple(x for c in claims for x in c.gpus)
+        out.append((i, gpus, sum(c.cpus for c in claims), sum(c.mem_bytes for c in claims)))
+    return out
+
+
+def _fits_with_claims_back(cl: Cluster, held: Claimed, shape: Shape, all_match: bool) -> bool:
+    i, gpus, cpus, mem = held
+    if all_match:
+        g = cl.nfree_l[i] + len(gpus)
+    else:
+        info = cl.gpu_info[i]
+        g = len(cl.matching_free(i, shape)) + sum(
+            1 for x in gpus if gpu_matches(info[x][0], info[x][1], shape)
+        )
+    return (
+        g >= shape[0]
+        and cl.free_cpu[i] + cpus + EPS >= shape[1]
+        and cl.free_mem[i] + mem >= shape[2]
     )
-    cpus = cl.free_cpu[i] + sum(c.cpus for c in claims)
-    mem = cl.free_mem[i] + sum(c.mem_bytes for c in claims)
-    return g >= shape[0] and cpus + EPS >= shape[1] and mem >= shape[2]
 
 
 class Explainer:
+    """Reasons by shape, against the state at the end of the pass (which no
+    longer changes: claims and free resources are read once)."""
+
     def __init__(self, cl: Cluster) -> None:
         self.cl = cl
         self.kinds = _kinds(cl)
+        self.claimed = _claimed(cl)
         self.cache: dict[Shape, str] = {}
 
     def __call__(self, task: TaskRequest, shape: Shape) -> str:
         hit = self.cache.get(shape)
         if hit is None:
-            hit = self.cache[shape] = explain_shape(self.cl, self.kinds, task, shape)
+            hit = self.cache[shape] = explain_shape(self.cl, self.kinds, self.claimed, task, shape)
         return hit
 
 
-def explain_shape(cl: Cluster, kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str:
+def explain_shape(
+    cl: Cluster, kinds: list[_Kind], claimed: list[Claimed], task: TaskRequest, shape: Shape
+) -> str:
     static = _static_reason(kinds, task, shape)
     if static is not None:
         return static
     g = shape[0]
     whole, mixed = cl.shape_pools(shape)
-    ok_pools = set(whole) | set(mixed)
-    for i in sorted(cl.claims):
-        if cl.pool_of[i] in ok_pools and _fits_with_claims_back(cl, i, shape):
-            return f"reserved for {cl.claims[i][0].owner}"
+    whole_set, mixed_set = set(whole), set(mixed)
+    for held in claimed:
+        pid = cl.pool_of[held[0]]
+        if (pid in whole_set or pid in mixed_set) and _fits_with_claims_back(
+            cl, held, shape, g == 0 or pid in whole_set
+        ):
+            return f"reserved for {cl.claims[held[0]][0].owner}"
     if g > 0:
         best_n, best_i = -1, -1
         for pid in whole:
-            idx = np.asarray(cl.pools[pid].nodes, dtype=np.int64)
+            idx = cl.pool_nodes(pid)
             counts = cl.nfree[idx]
             k = int(np.argmax(counts))
             n, i = int(counts[k]), int(idx[k])

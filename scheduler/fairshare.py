@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Mapping, Sequence
+from operator import attrgetter
 from typing import NamedTuple
 
 from .cluster import Shape, shape_of
@@ -18,8 +19,10 @@ from .types import DEFAULT_POLICY, Allocation, NodeView, Policy, TaskRequest, Us
 
 
 class Unit(NamedTuple):
-    """What the scheduler places as one: a single task or a whole gang.
-    (A NamedTuple, not a dataclass: a pass builds 100,000 of them.)"""
+    """What is placed as one: a single task or a whole gang.  `schedule`
+    makes these for gangs only (single tasks are queued as `Entry` tuples);
+    `first_fit` makes one per task.  (A NamedTuple, not a dataclass: that can
+    be 100,000 of them.)"""
 
     tasks: tuple[TaskRequest, ...]  # gangs sorted by rank
     shapes: tuple[Shape, ...]
@@ -66,6 +69,11 @@ def build_units(
                     ),
                 )
             )
+    units.extend(_gang_units(gangs))
+    return units
+
+
+def _gang_units(gangs: dict[str, list[TaskRequest]]) -> Iterator[Unit]:
     for job_id, ts in gangs.items():
         ts.sort(key=lambda t: (t.rank, t.task_id))
         oldest = min((t.submitted_at, t.task_id) for t in ts)
@@ -73,8 +81,70 @@ def build_units(
         prio = max(t.priority for t in ts)
         shapes = tuple(shape_of(t) for t in ts)
         gpus = sum(t.gpus for t in ts)
-        units.append(Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1))
-    return units
+        yield Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1)
+
+
+# One queued unit of work: (submitted_at, task_id, seq, cls).  For a single
+# task seq is its index in `pending` and cls its request class; for a gang
+# (oldest member's time and id) seq is len(pending) + its index in
+# Backlog.gangs and cls is -1.  Sorting entries sorts by age, then task id,
+# then input order with single tasks before gangs, as a stable sort of the
+# units would.  Plain tuples: a pass queues 100,000 of them.
+Entry = tuple[float, str, int, int]
+
+
+class Backlog(NamedTuple):
+    levels: dict[int, dict[str, list[Entry]]]  # priority -> user -> entries
+    gangs: list[Unit]
+    classes: dict[tuple[Shape, int], int]  # (shape, priority) -> request class
+    shapes: list[Shape]  # request class -> shape
+
+
+# Every field a request class depends on, but constraints (a Mapping).
+_raw_request = attrgetter("gpus", "cpus", "mem_bytes", "gpu_type", "gpu_mem_min", "priority")
+
+
+def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
+    """Queue pending work by priority and user; number single tasks by
+    request class.  Tasks asking for the same thing share a class, found by
+    one dictionary look-up on their raw fields."""
+    levels: dict[int, dict[str, list[Entry]]] = {}
+    classes: dict[tuple[Shape, int], int] = {}
+    shapes: list[Shape] = []
+    raw_class: dict[tuple[object, ...], int] = {}
+    gang_tasks: dict[str, list[TaskRequest]] = {}
+    for seq, t in enumerate(pending):
+        if t.gang_size > 1:
+            gang_tasks.setdefault(t.job_id, []).append(t)
+            continue
+        raw = _raw_request(t)
+        c = t.constraints
+        if c:
+            raw = (*raw, *sorted(c.items()))
+        cls = raw_class.get(raw)
+        prio = t.priority
+        if cls is None:
+            shape = shape_of(t)
+            cls = classes.get((shape, prio))
+            if cls is None:
+                cls = classes[shape, prio] = len(shapes)
+                shapes.append(shape)
+            raw_class[raw] = cls
+        by_user = levels.get(prio)
+        if by_user is None:
+            by_user = levels[prio] = {}
+        q = by_user.get(t.user)
+        if q is None:
+            q = by_user[t.user] = []
+        q.append((t.submitted_at, t.task_id, seq, cls))
+    gangs: list[Unit] = []
+    n = len(pending)
+    for unit in _gang_units(gang_tasks):
+        levels.setdefault(unit.priority, {}).setdefault(unit.user, []).append(
+            (*unit.key, n + len(gangs), -1)
+        )
+        gangs.append(unit)
+    return Backlog(levels, gangs, classes, shapes)
 
 
 class FairShare:
@@ -123,47 +193,45 @@ class FairShare:
         return None
 
     def order(
-        self,
-        units: Sequence[Unit],
-        dead: Sequence[bool] = (),
-        skipped: list[Unit] | None = None,
-    ) -> Iterator[Unit]:
-        """Yield units in scheduling order.  The caller charges what it grants
-        before asking for the next unit; shares are read when a user is
-        queued again, so grants steer the rest of the pass.
+        self, backlog: Backlog, dead: Sequence[bool] = (), skipped: list[Entry] | None = None
+    ) -> Iterator[Entry]:
+        """Yield the backlog's entries in scheduling order.  The caller charges
+        what it grants before asking for the next entry; shares are read when
+        a user is queued again, so grants steer the rest of the pass.
 
-        `dead[unit.cls]` says a unit's request class can get nothing more in
-        this pass (the caller found it fits nowhere and evicts nothing).  Such
-        units are not yielded but appended to `skipped`, without a trip
-        through the heap: they change no share, so the order of the live
-        units is the same as without the shortcut."""
-        levels: dict[int, dict[str, list[Unit]]] = {}
-        for u in units:
-            levels.setdefault(u.priority, {}).setdefault(u.user, []).append(u)
-        for prio in sorted(levels, reverse=True):
-            queues = levels[prio]
+        `dead[cls]` says a request class can get nothing more in this pass
+        (the caller found it fits nowhere and evicts nothing).  Its entries
+        are not yielded but appended to `skipped`, without a trip through the
+        heap: they change no share, so the order of the live entries is the
+        same as without the shortcut."""
+        for prio in sorted(backlog.levels, reverse=True):
+            queues = backlog.levels[prio]
             heap: list[tuple[float, float, str, str]] = []
             pos: dict[str, int] = {}
             for user, q in queues.items():
-                q.sort(key=lambda u: u.key)
+                q.sort()  # (submitted_at, task_id, seq): seq makes every entry distinct
                 pos[user] = 0
-                heap.append((self.share(user), *q[0].key, user))
+                heap.append((self.share(user), q[0][0], q[0][1], user))
             heapq.heapify(heap)
             shares = self.shares
             while heap:
-                _, _, _, user = heapq.heappop(heap)
+                user = heapq.heappop(heap)[3]
                 q = queues[user]
                 k = pos[user]
                 yield q[k]
                 k += 1
                 n = len(q)
-                while k < n and q[k].cls >= 0 and dead[q[k].cls]:
+                while k < n:
+                    cls = q[k][3]
+                    if cls < 0 or not dead[cls]:
+                        break
                     if skipped is not None:
                         skipped.append(q[k])
                     k += 1
                 pos[user] = k
                 if k < n:
-                    heapq.heappush(heap, (shares.get(user, 0.0), *q[k].key, user))
+                    e = q[k]
+                    heapq.heappush(heap, (shares.get(user, 0.0), e[0], e[1], user))
 
 
 def queue_report(

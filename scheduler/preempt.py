@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from .cluster import EPS, Cluster, Shape, gpu_matches
 from .types import Allocation, Policy
 
@@ -52,22 +50,47 @@ class Preemptor:
         self.cl = cl
         safe = protected_users(allocations, policy)
         self.allocs = [a for a in allocations if a.node_id in cl.index_of]
-        self.node = np.array([cl.index_of[a.node_id] for a in self.allocs], dtype=np.int64)
-        self.ngpus = np.array([len(a.gpus) for a in self.allocs], dtype=np.float64)
-        self.prio = np.array([a.priority for a in self.allocs], dtype=np.int64)
-        self.open = np.array([a.preemptible or a.user not in safe for a in self.allocs], dtype=bool)
-        self.is_open = self.open.tolist()
+        self.is_open = [a.preemptible or a.user not in safe for a in self.allocs]
         self.prio_l = [a.priority for a in self.allocs]
+        self.node_l = [cl.index_of[a.node_id] for a in self.allocs]
         # Eviction order: lowest priority first, then the most recently started.
         self.order_key = [(a.priority, -a.started_at, a.task_id) for a in self.allocs]
         self.on_node: dict[int, list[int]] = {}
+        for k, i in enumerate(self.node_l):
+            self.on_node.setdefault(i, []).append(k)
+        self.alloc_nodes = sorted(self.on_node)  # nodes with any allocation, in node order
+        # Per victim priority level L (ascending), over the open allocations
+        # with priority <= L: per node, how many there are and how many GPUs
+        # they hold.  Kept current by take().
+        n = len(cl.nodes)
+        self.levels: list[int] = sorted(set(self.prio_l))
+        self.open_at: dict[int, int] = dict.fromkeys(self.levels, 0)  # priority -> open
+        self.count_upto = [[0] * n for _ in self.levels]
+        self.gpus_upto = [[0] * n for _ in self.levels]
         for k, a in enumerate(self.allocs):
-            self.on_node.setdefault(cl.index_of[a.node_id], []).append(k)
+            if self.is_open[k]:
+                self.open_at[a.priority] += 1
+                self._count(k, 1)
+        # (shape, level index) -> position in alloc_nodes before which no node
+        # can ever make the shape fit at that level in this pass.  Free
+        # resources and open victims only shrink during a pass, so a node that
+        # fails once fails for good: each search resumes past the failed prefix.
+        self._cursor: dict[tuple[Shape, int], int] = {}
+        # (node, shape, level index) -> (node state it was worked out on, eviction)
+        self._seen: dict[tuple[int, Shape, int], tuple[tuple[object, ...], Eviction | None]] = {}
+
+    def _count(self, k: int, sign: int) -> None:
+        i, p, g = self.node_l[k], self.prio_l[k], len(self.allocs[k].gpus)
+        for j, level in enumerate(self.levels):
+            if level >= p:
+                self.count_upto[j][i] += sign
+                self.gpus_upto[j][i] += sign * g
 
     def take(self, ev: Eviction) -> None:
         for k in ev.victims:
-            self.open[k] = False
             self.is_open[k] = False
+            self.open_at[self.prio_l[k]] -= 1
+            self._count(k, -1)
 
     def find(self, shape: Shape, priority: int) -> Eviction | None:
         """The eviction that makes `shape` fit, or None when none does.
@@ -76,35 +99,53 @@ class Preemptor:
         everything up to level L fits nowhere is level L+1 touched.  Inside a
         level, the first few workable nodes (in node order) are compared."""
         cl = self.cl
-        if not len(self.allocs):
-            return None
-        below = self.open & (self.prio < priority)
-        if not below.any():
+        levels = [
+            (j, lv) for j, lv in enumerate(self.levels) if lv < priority and self.open_at[lv] > 0
+        ]
+        if not levels:
             return None
         whole, mixed = cl.shape_pools(shape)
-        whole_set, mixed_set = set(whole), set(mixed)
-        if not whole_set and not mixed_set:
+        if not whole and not mixed:
             return None
-        n = len(cl.nodes)
-        for level in np.unique(self.prio[below]).tolist():
-            mask = below & (self.prio <= level)
-            # Upper bound on GPUs each node could offer: free plus every candidate's.
-            pot = np.bincount(self.node[mask], weights=self.ngpus[mask], minlength=n)
-            cand = np.flatnonzero(np.bincount(self.node[mask], minlength=n) > 0)
-            cand = cand[pot[cand] + cl.nfree[cand] >= shape[0]]
+        whole_set, mixed_set = set(whole), set(mixed)
+        g = shape[0]
+        nodes, nfree, pool_of = self.alloc_nodes, cl.nfree_l, cl.pool_of
+        for j, level in levels:
+            count, pot = self.count_upto[j], self.gpus_upto[j]
+            key = (shape, j)
+            start = self._cursor.get(key, 0)
+            in_prefix = True
             best: tuple[tuple[int, int, int], Eviction] | None = None
             feasible = 0
-            for i in cand.tolist():
-                pid = cl.pool_of[i]
-                if pid not in whole_set and pid not in mixed_set:
-                    continue
-                ev = self._evict_on(i, shape, level + 1, pid in whole_set)
+            for p in range(start, len(nodes)):
+                i = nodes[p]
+                pid = pool_of[i]
+                ev = None
+                # Upper bound on GPUs the node could offer: free plus every candidate's.
+                if (
+                    count[i] > 0
+                    and pot[i] + nfree[i] >= g
+                    and (pid in whole_set or pid in mixed_set)
+                ):
+                    # An eviction depends on the node's free resources and
+                    # its open victims only (count[i] names those: victims
+                    # only ever close): reuse it while they are unchanged.
+                    stamp = (tuple(cl.free[i]), cl.free_cpu[i], cl.free_mem[i], count[i])
+                    seen = self._seen.get((i, shape, j))
+                    if seen is not None and seen[0] == stamp:
+                        ev = seen[1]
+                    else:
+                        ev = self._evict_on(i, shape, level + 1, pid in whole_set)
+                        self._seen[i, shape, j] = (stamp, ev)
                 if ev is None:
+                    if in_prefix:
+                        self._cursor[key] = p + 1
                     continue
+                in_prefix = False
                 vs = [self.allocs[k] for k in ev.victims]
-                key = (len(vs), sum(len(a.gpus) for a in vs), i)
-                if best is None or key < best[0]:
-                    best = (key, ev)
+                rank = (len(vs), sum(len(a.gpus) for a in vs), i)
+                if best is None or rank < best[0]:
+                    best = (rank, ev)
                 feasible += 1
                 if feasible >= MAX_FEASIBLE_NODES:
                     break
@@ -129,39 +170,37 @@ class Preemptor:
                 k: tuple(
                     x
                     for x in allocs[k].gpus
-                    if x in info and gpu_matches(info[x].model.lower(), info[x].mem_bytes, shape)
+                    if x in info and gpu_matches(info[x][0], info[x][1], shape)
                 )
                 for k in victims
             }
         free_gpus = cl.matching_free(i, shape)
-        have = [len(free_gpus), cl.free_cpu[i], cl.free_mem[i]]
-
-        def ok(h: list[float]) -> bool:
-            return h[0] >= g and h[1] + EPS >= cpus and h[2] >= mem
-
-        def add(h: list[float], k: int, sign: int) -> list[float]:
-            a = allocs[k]
-            return [h[0] + sign * len(usable[k]), h[1] + sign * a.cpus, h[2] + sign * a.mem_bytes]
-
-        everything = have
+        # What the node would have free: GPUs, CPUs, memory.  Sums are formed
+        # in the same order on every path so that float CPU totals compare the
+        # same way wherever they are computed.
+        have_g, have_c, have_m = len(free_gpus), cl.free_cpu[i], cl.free_mem[i]
+        all_g, all_c, all_m = have_g, have_c, have_m
         for k in victims:
-            everything = add(everything, k, 1)
-        if not ok(everything):
+            a = allocs[k]
+            all_g, all_c, all_m = all_g + len(usable[k]), all_c + a.cpus, all_m + a.mem_bytes
+        if not (all_g >= g and all_c + EPS >= cpus and all_m >= mem):
             return None  # even evicting every candidate would not do
         victims.sort(key=self.order_key.__getitem__)
         chosen: list[int] = []
         for k in victims:
-            if ok(have):
+            if have_g >= g and have_c + EPS >= cpus and have_m >= mem:
                 break
             chosen.append(k)
-            have = add(have, k, 1)
+            a = allocs[k]
+            have_g, have_c, have_m = have_g + len(usable[k]), have_c + a.cpus, have_m + a.mem_bytes
         # Greedy by priority can overshoot; drop whoever turns out unnecessary,
         # most valuable (highest priority, oldest) first.
         for k in reversed(list(chosen)):
-            without = add(have, k, -1)
-            if len(chosen) > 1 and ok(without):
+            a = allocs[k]
+            w_g, w_c, w_m = have_g - len(usable[k]), have_c - a.cpus, have_m - a.mem_bytes
+            if len(chosen) > 1 and w_g >= g and w_c + EPS >= cpus and w_m >= mem:
                 chosen.remove(k)
-                have = without
+                have_g, have_c, have_m = w_g, w_c, w_m
         pool = sorted({*free_gpus, *(x for k in chosen for x in usable[k])})
         gpus = cl.pick_gpus(i, shape, pool)
         free_set = set(free_gpus)

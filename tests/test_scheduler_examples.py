@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from scheduler import (
     Placement,
     Plan,
@@ -204,3 +206,49 @@ def test_check_plan_reports_double_booked_gpus_and_overcommitted_cpus() -> None:
 
     assert any("GPU 0 on h0 also held by a" in e for e in errors)
     assert any("CPUs used of 4" in e for e in errors)
+
+
+def test_a_smaller_gang_still_starts_after_a_bigger_alike_one_failed() -> None:
+    nodes = [node(f"h{i}") for i in range(3)]
+    pending = [
+        *gang("four", 4, at=1),
+        *gang("three", 3, at=2),
+        *gang("five", 5, at=3),
+    ]
+
+    plan = schedule(nodes, [], pending)
+
+    assert {n for n, _ in where(plan).values()} == {"h0", "h1", "h2"}
+    assert set(where(plan)) == {"three-0", "three-1", "three-2"}
+    assert plan.reasons["four-0"] == "gang of 4 nodes; only 3 nodes can host a task now"
+    assert plan.reasons["five-4"] == "gang of 5 nodes; only 0 nodes can host a task now"
+
+
+def test_two_preemptors_in_one_pass_never_share_a_victim() -> None:
+    nodes = [node("h0"), node("h1"), node("h2")]
+    allocs = [alloc(f"low{i}", f"h{i}", range(8), priority=0) for i in range(2)]
+    allocs.append(alloc("high", "h2", range(8), priority=5))
+    pending = [task(f"urgent{k}", gpus=8, priority=3, at=k) for k in range(3)]
+
+    plan = schedule(nodes, allocs, pending)
+
+    assert {(p.task_id, p.for_task) for p in plan.preemptions} == {
+        ("low0", "urgent0"),
+        ("low1", "urgent1"),
+    }
+    assert "urgent2" in plan.reasons
+    assert check_plan(nodes, allocs, plan, pending) == []
+
+
+def test_a_pass_leaves_the_cycle_collector_as_it_found_it() -> None:
+    pending = [task("t")]
+    was = gc.isenabled()
+    try:
+        gc.disable()
+        schedule([node("h0")], [], pending)
+        assert not gc.isenabled()
+        gc.enable()
+        schedule([node("h0")], [], pending)
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
