@@ -127,6 +127,17 @@ def runners(capacity: int) -> dict[str, Runner]:
     }
 
 
+def round_order(round_no: int) -> list[str]:
+    """Run names for one round: each policy's two runs back to back, ours
+    first in even rounds and cachetools first in odd ones, so that neither
+    side always gets the warmer (or the more disturbed) slot."""
+    order: list[str] = []
+    for policy in ("lru", "lfu"):
+        pair = [policy, f"cachetools_{policy}"]
+        order += pair if round_no % 2 == 0 else pair[::-1]
+    return order
+
+
 def measure(
     trace: Trace, capacity: int, rounds: int
 ) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
@@ -138,9 +149,10 @@ def measure(
     """
     times: dict[str, list[float]] = {}
     hits: dict[str, int] = {}
-    for _ in range(rounds):
-        for name, run in runners(capacity).items():
-            elapsed, h = run(trace)
+    for round_no in range(rounds):
+        run_by_name = runners(capacity)
+        for name in round_order(round_no):
+            elapsed, h = run_by_name[name](trace)
             times.setdefault(name, []).append(elapsed)
             hits[name] = h
     ops = {name: len(trace) / min(ts) for name, ts in times.items()}

@@ -64,6 +64,12 @@ def test_belady_bounds_both_policies(bench: ModuleType) -> None:
         assert cache.hits <= optimum
 
 
+def test_rounds_pair_each_policy_and_alternate_who_goes_first(bench: ModuleType) -> None:
+    assert bench.round_order(0) == ["lru", "cachetools_lru", "lfu", "cachetools_lfu"]
+    assert bench.round_order(1) == ["cachetools_lru", "lru", "cachetools_lfu", "lfu"]
+    assert sorted(bench.round_order(2)) == sorted(bench.runners(10))
+
+
 def test_script_prints_the_promised_json() -> None:
     out = subprocess.run(
         [
@@ -86,6 +92,7 @@ def test_script_prints_the_promised_json() -> None:
     result = json.loads(out.stdout)
     for key in ("lru", "lfu", "cachetools_lru", "cachetools_lfu"):
         assert result[f"{key}_ops_per_s"] > 0
+    assert result["lru_speedup"] > 0 and result["lfu_speedup"] > 0
     for trace in ("zipf", "scan"):
         assert 0 <= result[f"{trace}_hit_ratio_lru"] <= result[f"{trace}_hit_ratio_belady"] <= 1
         assert result[f"{trace}_hit_ratio_lfu"] <= result[f"{trace}_hit_ratio_belady"]
