@@ -100,6 +100,8 @@ class Agent:
         self.state = "unknown"
         self._stopping = asyncio.Event()
         self._start_lock = asyncio.Lock()
+        self._preparing: set[str] = set()  # run ids being prepared or started
+        self._starting: set[asyncio.Task[None]] = set()
 
     # -- description ------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -211,61 +213,84 @@ class Agent:
 
     # -- tasks -------------------------------------------------------------------
     async def _start_tasks(self, specs: list[dict[str, Any]]) -> None:
-        async with self._start_lock:
-            have = set(self.runner.running())
-            for sp in specs:
-                rid = run_id(sp["task_id"], int(sp["attempt"]))
-                if rid in have or (self.runner.task_dir(rid) / "exit.json").exists():
-                    continue
-                env = dict(sp.get("env") or {})
-                gpus = [int(g) for g in sp.get("gpus") or []]
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-                env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-                env["LEPTON_GPUS"] = env["CUDA_VISIBLE_DEVICES"]
-                cwd = sp.get("cwd")
-                if sp.get("manifest") is not None:
-                    dest = self.cfg.data_dir / "workdirs" / rid
-                    try:
-                        if cwd:
-                            cwd = check_relative_path(cwd, "cwd")  # stays inside the workdir
-                        conn = await self.client.connection()
-                        await self.workdirs.prepare(rid, sp["manifest"], dest, conn)
-                    except (WorkdirError, RpcError) as exc:
-                        self.workdirs.release(rid)
-                        log.error("cannot prepare the workdir of %s: %s", rid, exc)
-                        self.events.append(
-                            _exit_event(sp["task_id"], int(sp["attempt"]), 1, f"workdir: {exc}")
-                        )
-                        continue
-                    cwd = str(dest / cwd) if cwd else str(dest)
-                spec = TaskSpec(
-                    task_id=rid,
-                    argv=list(sp["argv"]),
-                    env=env,
-                    cwd=cwd,
-                    time_limit_s=sp.get("time_limit_s"),
-                    log_cap_bytes=self.cfg.log_cap_bytes,
-                    kill_grace_s=self.cfg.kill_grace_s,
-                )
-                try:
-                    self.runner.start(spec)
-                except RunnerError as exc:
-                    log.error("cannot start %s: %s", rid, exc)
-                    self.events.append(
-                        _exit_event(sp["task_id"], int(sp["attempt"]), 127, str(exc))
-                    )
-                    continue
-                self._mark_busy()
-                self.events.append(
-                    {
-                        "task_id": sp["task_id"],
-                        "attempt": int(sp["attempt"]),
-                        "state": "running",
-                        "at": time.time(),
-                    }
-                )
-                log.info("started %s on GPUs [%s]", rid, env["CUDA_VISIBLE_DEVICES"])
-        await self._flush_events()
+        """Start what is not already running or being prepared, in the background.
+
+        Preparing a workdir can take minutes (a large download); it must never
+        hold up heartbeats, or the leader would judge this host dead meanwhile.
+        """
+        have = set(self.runner.running())
+        for sp in specs:
+            rid = run_id(sp["task_id"], int(sp["attempt"]))
+            if (
+                rid in have
+                or rid in self._preparing
+                or (self.runner.task_dir(rid) / "exit.json").exists()
+            ):
+                continue
+            self._preparing.add(rid)
+            task = asyncio.get_running_loop().create_task(self._start_one(rid, sp))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+        if not self._starting:
+            await self._flush_events()
+
+    async def _start_one(self, rid: str, sp: dict[str, Any]) -> None:
+        try:
+            await self._prepare_and_start(rid, sp)
+            await self._flush_events()
+        except RpcError as exc:
+            log.debug("events of %s not reported yet: %s", rid, exc)  # the heartbeat loop retries
+        except Exception:
+            log.exception("starting %s failed", rid)
+            self.events.append(
+                _exit_event(sp["task_id"], int(sp["attempt"]), 1, "agent error while starting")
+            )
+        finally:
+            self._preparing.discard(rid)
+
+    async def _prepare_and_start(self, rid: str, sp: dict[str, Any]) -> None:
+        attempt = int(sp["attempt"])
+        env = dict(sp.get("env") or {})
+        gpus = [int(g) for g in sp.get("gpus") or []]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["LEPTON_GPUS"] = env["CUDA_VISIBLE_DEVICES"]
+        cwd = sp.get("cwd")
+        if sp.get("manifest") is not None:
+            dest = self.cfg.data_dir / "workdirs" / rid
+            try:
+                if cwd:
+                    cwd = check_relative_path(cwd, "cwd")  # stays inside the workdir
+                conn = await self.client.connection()
+                # One workdir at a time: the block store has a single owner.
+                async with self._start_lock:
+                    await self.workdirs.prepare(rid, sp["manifest"], dest, conn)
+            except (WorkdirError, RpcError) as exc:
+                self.workdirs.release(rid)
+                log.error("cannot prepare the workdir of %s: %s", rid, exc)
+                self.events.append(_exit_event(sp["task_id"], attempt, 1, f"workdir: {exc}"))
+                return
+            cwd = str(dest / cwd) if cwd else str(dest)
+        spec = TaskSpec(
+            task_id=rid,
+            argv=list(sp["argv"]),
+            env=env,
+            cwd=cwd,
+            time_limit_s=sp.get("time_limit_s"),
+            log_cap_bytes=self.cfg.log_cap_bytes,
+            kill_grace_s=self.cfg.kill_grace_s,
+        )
+        try:
+            self.runner.start(spec)
+        except RunnerError as exc:
+            log.error("cannot start %s: %s", rid, exc)
+            self.events.append(_exit_event(sp["task_id"], attempt, 127, str(exc)))
+            return
+        self._mark_busy()
+        self.events.append(
+            {"task_id": sp["task_id"], "attempt": attempt, "state": "running", "at": time.time()}
+        )
+        log.info("started %s on GPUs [%s]", rid, env["CUDA_VISIBLE_DEVICES"])
 
     def _stop_task(self, task_id: str, grace_s: Any = None, attempt: int | None = None) -> None:
         """Stop a task's runs here: one attempt, or every attempt when none is given."""
