@@ -133,10 +133,14 @@ class BlockService:
 
     async def _replicate(self, ids: list[str]) -> None:
         """Each block on a majority of masters (this one included) before the manifest commits."""
-        peers = self.m.peer_rpc_addrs()
-        need = (len(peers) + 1) // 2 + 1 - 1  # majority of peers+self, minus self
+        # The majority is of the Raft members, whether or not their RPC
+        # addresses are known yet: a follower that has not announced one
+        # cannot count towards it.
+        total = len(self.m.raft_peers()) + 1
+        need = total // 2  # peers besides this master that must hold every block
         if need <= 0:
             return
+        peers = self.m.peer_rpc_addrs()
         results = await asyncio.gather(
             *(self._push_to(addr, ids) for addr in peers), return_exceptions=True
         )
@@ -145,7 +149,7 @@ class BlockService:
             errs = [str(r) for r in results if isinstance(r, BaseException)]
             raise RpcError(
                 NO_QUORUM,
-                f"workdir blocks reached {ok + 1} of {len(peers) + 1} masters; "
+                f"workdir blocks reached {ok + 1} of {total} masters; "
                 f"a majority is needed ({'; '.join(errs[:2]) or 'peers unreachable'})",
             )
 

@@ -206,16 +206,21 @@ class Master:
         return result
 
     # -- membership addresses ----------------------------------------------------
+    def raft_peers(self) -> list[str]:
+        """Raft addresses of the other current members."""
+        assert self.raft is not None
+        return [
+            m["addr"]
+            for m in self.raft.status().get("members", [])
+            if isinstance(m, dict) and m.get("addr") != self.cfg.raft_addr
+        ]
+
     def peer_rpc_addrs(self) -> list[str]:
         """RPC addresses of the other current Raft members (those that announced one)."""
+        peers = set(self.raft_peers())
         assert self.raft is not None
-        members = {m["addr"] for m in self.raft.status().get("members", []) if isinstance(m, dict)}
         with self.raft.lock:
-            return [
-                m.rpc_addr
-                for addr, m in self.state.members.items()
-                if addr != self.cfg.raft_addr and (not members or addr in members)
-            ]
+            return [m.rpc_addr for addr, m in self.state.members.items() if addr in peers]
 
     async def _member_hello(self, conn: Any, a: Any) -> dict[str, Any]:
         from .auth import require
