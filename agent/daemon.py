@@ -10,6 +10,7 @@ an exit is never lost to an agent crash or a leader change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -380,6 +381,12 @@ class Agent:
                 if data:
                     yield {"data": data, "offset": offset}
                     continue
+                if follow:
+                    # Report the exit now rather than at the next heartbeat, so
+                    # `logs -f` returns with the job's final state committed.
+                    self._collect_exits(self.runner.poll())
+                    with contextlib.suppress(RpcError):
+                        await self._flush_events()
                 return
             await asyncio.sleep(0.2)
 
