@@ -308,7 +308,15 @@ class Cluster:
             finally:
                 await c.close()
 
-        return asyncio.run(go())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(go())
+        # Called from async code (a benchmark): run on a thread with its own loop.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, go()).result()
 
     def leader(self) -> Master | None:
         for m in self.masters:

@@ -125,3 +125,54 @@ def test_queue_shows_users_and_quota_holds_work(quota_cluster: Cluster) -> None:
     assert out.returncode != 0 and "dave" in out.stderr
     for j in (j1, j2, j3):
         c.ctl("cancel", j)
+
+
+def test_bin_pack_spread_and_gpu_topology(cluster: Cluster) -> None:
+    # Simulated GPUs report NVLink-like domains of four: 0-3 and 4-7.
+    cluster.start_agent("h1", gpus="8")
+    cluster.start_agent("h2", gpus="8")
+    cluster.wait_nodes_ready(2)
+    first = cluster.submit("--gpus", "1", "--", "sleep", "60")
+    st = wait_for(
+        lambda: (s := cluster.status(first))["tasks"][0]["node"] and s, 60, "first job placed"
+    )
+    busy = st["tasks"][0]["node"]
+    other = "h2" if busy == "h1" else "h1"
+    # Bin-packing keeps the other node whole: a 4-GPU job goes beside the first,
+    # on one GPU domain (4-7), not across domains (1-4).
+    packed = cluster.submit("--gpus", "4", "--", "sleep", "60")
+    st = wait_for(
+        lambda: (s := cluster.status(packed))["tasks"][0]["node"] and s, 60, "packed job placed"
+    )
+    assert st["tasks"][0]["node"] == busy
+    assert st["tasks"][0]["gpus"] == [4, 5, 6, 7]
+    # --spread asks for the least-loaded node instead.
+    spread = cluster.submit("--gpus", "1", "--spread", "--", "sleep", "60")
+    st = wait_for(
+        lambda: (s := cluster.status(spread))["tasks"][0]["node"] and s, 60, "spread job placed"
+    )
+    assert st["tasks"][0]["node"] == other
+    for j in (first, packed, spread):
+        cluster.ctl("cancel", j)
+
+
+def test_a_gang_is_not_starved_by_a_stream_of_small_jobs(cluster: Cluster) -> None:
+    cluster.start_agent("h1", gpus="2")
+    cluster.start_agent("h2", gpus="2")
+    cluster.wait_nodes_ready(2)
+    # Small jobs keep both nodes partly busy; a 2-node gang of 2 GPUs each needs both whole.
+    smalls = [cluster.submit("--gpus", "1", "--", "sleep", "3") for _ in range(2)]
+    gang = cluster.submit("--nodes", "2", "--gpus", "2", "--", "true")
+    # More small jobs keep arriving after the gang: they must not take what it waits for.
+    stop_at = 8
+    for _ in range(stop_at):
+        smalls.append(cluster.submit("--gpus", "1", "--", "sleep", "3"))
+    st = cluster.wait_job(gang, {"succeeded", "failed"}, timeout_s=120)
+    assert st["state"] == "succeeded"
+    started = sorted((cluster.status(j)["tasks"][0]["started_at"] or 1e30, j) for j in smalls)
+    gang_start = min(t["started_at"] for t in st["tasks"])
+    # The gang ran before most of the small jobs submitted after it.
+    later = [j for t, j in started if t > gang_start]
+    assert len(later) >= stop_at - 2, (gang_start, started)
+    for j in smalls:
+        cluster.ctl("cancel", j, check=False)
