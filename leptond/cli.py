@@ -63,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         kill_grace_s=args.kill_grace,
         preemption=not args.no_preemption,
         quotas=quotas,
+        no_preempt=args.no_preempt_protects,
         raft_min_timeout_s=args.raft_min_timeout,
         raft_max_timeout_s=args.raft_max_timeout,
         block_cache_bytes=args.block_cache_bytes,
@@ -115,6 +116,12 @@ def parser() -> argparse.ArgumentParser:
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
     r.add_argument("--no-preemption", action="store_true")
+    r.add_argument(
+        "--no-preempt-protects",
+        choices=["within-quota", "always"],
+        default="within-quota",
+        help="when a job's --no-preempt holds: only while its user is within quota, or always",
+    )
     r.add_argument("--quota", action="append", help="USER=GPUS, repeatable")
     r.add_argument(
         "--raft-min-timeout", type=float, default=0.35, help="election timeout range, seconds"

@@ -22,6 +22,9 @@ class MasterConfig:
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
     preemption: bool = True
+    # What --no-preempt costs: protection only while the user is within quota
+    # ("within-quota"), or always ("always").
+    no_preempt: str = "within-quota"
     quotas: dict[str, int] = field(default_factory=dict)
     # Election timeouts: a follower that hears no leader for a random time in
     # this range stands for election. Short enough for failover p99 <= 1.5 s

@@ -39,7 +39,11 @@ class Controllers:
         self.errors = 0
         self.plans = 0
         self.start_latencies: list[float] = []
-        self.policy = sch.Policy(preemption=master.cfg.preemption, quotas=dict(master.cfg.quotas))
+        self.policy = sch.Policy(
+            preemption=master.cfg.preemption,
+            quotas=dict(master.cfg.quotas),
+            no_preempt_only_within_quota=master.cfg.no_preempt != "always",
+        )
 
     async def start(self) -> None:
         if self.active:
