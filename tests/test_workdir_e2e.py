@@ -7,10 +7,11 @@ import json
 import os
 from pathlib import Path
 
+from leptond.blocks import unpack_block
 from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.errors import RpcError
-from leptond.wire.tokens import parse_token
-from tests.harness import Cluster, wait_for
+from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, parse_token
+from tests.harness import Cluster, Master, wait_for
 
 READ_BOTH = "import hashlib,sys; print(hashlib.sha256(open('data/big.bin','rb').read()).hexdigest(), open('conf.txt').read().strip())"
 
@@ -171,29 +172,26 @@ def test_corrupt_block_on_a_master_is_refetched_and_full_cache_fails_the_task_no
     job = cluster.submit("--", "true")
     assert cluster.wait_job(job, {"succeeded", "failed"})["state"] == "succeeded"
 
-    # Corrupt the block on two masters' disks and restart them all (cold memory
-    # caches): a corrupt copy is dropped on read, never served, and the good
-    # copy is fetched from the peer that still has it.
-    holders = [
-        files
-        for m in cluster.masters
-        if (
-            files := [
-                p
-                for p in (cluster.root / f"master-{m.index}" / "blocks").rglob("*")
-                if p.is_file() and len(p.name) == 64
-            ]
-        )
-    ]
-    assert len(holders) >= 2, "the block is on a majority of masters before its manifest commits"
-    for files in holders[1:]:  # leave exactly one good copy
-        for p in files:
-            p.write_bytes(b"garbage" + p.read_bytes()[7:])
     tiny.stop()
     cluster.ctl("node", "rm", "tiny", "--force")
+    # Restart every master (cold memory caches), then leave exactly one good
+    # copy, on a follower: the leader reads a corrupt copy (dropped, never
+    # served) or has none, and either way fetches the good one from a peer.
     for m in cluster.masters:
         cluster.restart_master(m)
-    cluster.wait_leader(60)
+    leader = cluster.wait_leader(60)
+
+    def block_files(m: Master) -> list[Path]:
+        root = cluster.root / f"master-{m.index}" / "blocks"
+        return [p for p in root.rglob("*") if p.is_file() and len(p.name) == 64]
+
+    holders = [m for m in cluster.masters if block_files(m)]
+    assert len(holders) >= 2, "the block is on a majority of masters before its manifest commits"
+    keep = next(m for m in holders if m is not leader)
+    for m in holders:
+        if m is not keep:
+            for p in block_files(m):
+                p.write_bytes(b"garbage" + p.read_bytes()[7:])
     cluster.start_agent("big", gpus="1")
     wait_for(
         lambda: any(n["name"] == "big" and n["state"] == "ready" for n in cluster.nodes()),
@@ -208,8 +206,26 @@ def test_corrupt_block_on_a_master_is_refetched_and_full_cache_fails_the_task_no
     import hashlib
 
     assert cluster.ctl("logs", res2["id"]).stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    # Ask each master that had a corrupted copy for the block directly, as a
+    # peer would: it never hands out the bad bytes, and it has dropped them.
+    bid = hashlib.sha256(payload).hexdigest()
+    secret = cluster.secret.read_bytes()
+
+    async def peer_get(addr: str) -> dict[str, object]:
+        c = ClusterClient(parse_addrs(addr), key_id=CLUSTER_KEY_ID, psk=cluster_psk(secret))
+        try:
+            return dict(await c.call("peer_block_get", {"id": bid}))
+        finally:
+            await c.close()
+
+    for m in holders:
+        if m is keep:
+            continue
+        got = asyncio.run(peer_get(m.rpc_addr))
+        if got["found"]:
+            data = unpack_block(got["data"], bool(got["z"]), 1 << 26)  # type: ignore[arg-type]
+            assert hashlib.sha256(data).hexdigest() == bid
     dropped = sum(
-        cluster.ctl_json("cluster", "status", addr=m.rpc_addr)["blocks"]["corrupt_dropped"]
-        for m in cluster.masters
+        cluster.rpc("cluster_status", addr=m.rpc_addr)["blocks"]["corrupt_dropped"] for m in holders
     )
     assert dropped >= 1
