@@ -81,7 +81,8 @@ class AgentRegistry:
                 for x in res["tasks"]
             ]
             masters = [mb.rpc_addr for mb in self.m.state.members.values()]
-        self.m.controllers.wake() if self.m.controllers else None
+        if self.m.controllers is not None:
+            self.m.controllers.wake()
         log.info(
             "node %s (%s) registered with %d GPUs", node.get("name"), nid, len(node.get("gpus", []))
         )
@@ -171,9 +172,7 @@ class AgentRegistry:
         return res
 
     async def _flush_events(self, evs: list[dict[str, Any]]) -> list[int]:
-        await self.m.propose("task_events", {"events": evs})
-        if self.m.controllers is not None:
-            self.m.controllers.wake()
+        await self.m.propose("task_events", {"events": evs}, wake=True)
         return [0] * len(evs)
 
     # -- pushes -----------------------------------------------------------------

@@ -181,7 +181,7 @@ async def status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 @method("cancel", "submit", mutating=True)
 async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    res = await m.propose(
+    return await m.propose(
         "cancel_job",
         {
             "job_id": str(a.get("job_id", "")),
@@ -189,10 +189,8 @@ async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
             "admin": conn.context["role"] == "admin",
             "now": time.time(),
         },
+        wake=True,
     )
-    if m.controllers:
-        m.controllers.wake()
-    return res
 
 
 @method("logs", "read", stream=True)
@@ -294,10 +292,9 @@ async def node_drain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 async def node_undrain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     nid = _find_node(m, a.get("node"))
-    res = await m.propose("node_state", {"node_id": nid, "state": "ready", "now": time.time()})
-    if m.controllers:
-        m.controllers.wake()
-    return res
+    return await m.propose(
+        "node_state", {"node_id": nid, "state": "ready", "now": time.time()}, wake=True
+    )
 
 
 @method("node_rm", "admin", mutating=True)
@@ -385,10 +382,7 @@ async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> An
         state_bytes, _meta = snapfile.decode_snapshot(blob)
     except Exception as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
-    res = await m.propose("restore", {"state": state_bytes}, timeout_s=30)
-    if m.controllers:
-        m.controllers.wake()
-    return res
+    return await m.propose("restore", {"state": state_bytes}, timeout_s=30, wake=True)
 
 
 # -- tokens ---------------------------------------------------------------------

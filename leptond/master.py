@@ -119,9 +119,7 @@ class Master:
         await self.close()
 
     async def _flush_submits(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        res = await self.propose("submit_jobs", {"jobs": jobs})
-        if self.controllers is not None:
-            self.controllers.wake()
+        res = await self.propose("submit_jobs", {"jobs": jobs}, wake=True)
         return list(res["results"])
 
     async def close(self) -> None:
@@ -185,9 +183,17 @@ class Master:
             raise self.not_leader()
 
     async def propose(
-        self, op: str, args: dict[str, Any], rid: str | None = None, timeout_s: float | None = None
+        self,
+        op: str,
+        args: dict[str, Any],
+        rid: str | None = None,
+        timeout_s: float | None = None,
+        wake: bool = False,
     ) -> dict[str, Any]:
-        """Commit one command on this (leader) master and return its result."""
+        """Commit one command on this (leader) master and return its result.
+
+        wake=True nudges the scheduling loop afterwards (the command may have
+        freed capacity or added work)."""
         assert self.raft is not None
         data = commands.encode(op, args, rid)
         try:
@@ -203,6 +209,8 @@ class Master:
             raise RpcError(str(err.get("code")), str(err.get("message")))
         if not isinstance(result, dict):
             raise RpcError("internal", f"{op}: unexpected result {result!r}")
+        if wake and self.controllers is not None:
+            self.controllers.wake()
         return result
 
     # -- membership addresses ----------------------------------------------------
