@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from leptond.config import MasterConfig  # noqa: E402
 from leptond.wire.errors import RpcError  # noqa: E402
-from tests.cp_support import SPEC, client, rpc, start_masters, wait_leader  # noqa: E402
+from tests.cp_support import SPEC, client, rpc  # noqa: E402
 from tests.harness import Cluster, Master, wait_for  # noqa: E402
 
 TARGET_P99_S = 1.5
@@ -121,7 +121,7 @@ def run(kills: int, timeouts: tuple[float, float] | None) -> dict[str, Any]:
         c = Cluster(Path(tmp) / "cluster", n_masters=3)
         try:
             if timeouts is None:
-                start_masters(c)
+                c.start_masters(timeout_s=60)
             else:
                 peers = [m.raft_addr for m in c.masters]
                 for m in c.masters:
@@ -129,21 +129,21 @@ def run(kills: int, timeouts: tuple[float, float] | None) -> dict[str, Any]:
                     assert argv[1:3] == ["-m", "leptond.cli"], argv
                     m.proc.argv = [argv[0], "-c", LAUNCHER.format(lo=lo, hi=hi), *argv[3:]]
                     m.proc.start()
-                wait_leader(c)
+                c.wait_leader(60)
             w = Writer(c)
             w.start()
             wait_for(lambda: len(w.acks) > 20, 60, "writes flowing")
             to_ack: list[float] = []
             to_leader: list[float] = []
             for _ in range(kills):
-                old: Master = wait_leader(c)
+                old: Master = c.wait_leader(60)
                 n_before = len(w.acks)
                 wait_for(lambda n=n_before: len(w.acks) > n + 5, 30, "writes to the leader")
                 wall, mono = time.time(), time.monotonic()
                 old.proc.kill9()
                 t_ack = w.first_ack_after(mono, old.rpc_addr)
                 to_ack.append(t_ack - mono)
-                new = wait_leader(c, not_=old)
+                new = c.wait_leader(60, not_=old)
                 elected = [t for t in became_leader_times(new.proc.log) if t >= wall]
                 if elected:
                     to_leader.append(min(elected) - wall)

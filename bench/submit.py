@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from leptond.wire.errors import RpcError  # noqa: E402
 from tests import raft_kv_proc as kv  # noqa: E402
-from tests.cp_support import SPEC, client, start_masters  # noqa: E402
+from tests.cp_support import SPEC, client  # noqa: E402
 from tests.harness import Cluster  # noqa: E402
 
 TARGET_JOBS_PER_S = 5000
@@ -89,7 +89,7 @@ def bench_leptond(duration_s: float, procs: int, conns: int, inflight: int) -> d
     with tempfile.TemporaryDirectory(prefix="lepton-submit-") as tmp:
         c = Cluster(Path(tmp) / "cluster", n_masters=3)
         try:
-            lead = start_masters(c)
+            lead = c.start_masters(timeout_s=60)
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
             start = time.time() + 3.0 + WARMUP_S  # workers need ~3 s to start up

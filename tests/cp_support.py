@@ -11,8 +11,10 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import pytest
 
 from leptond.wire.client import ClusterClient, parse_addr, parse_addrs
 from leptond.wire.connection import open_connection
@@ -50,34 +52,17 @@ def client(addrs: str | Sequence[str], token: str) -> ClusterClient:
     return ClusterClient(parse_addrs(addrs), key_id=tok.id, psk=tok.psk)
 
 
-def leader(c: Cluster) -> Master | None:
-    """The live master that says it leads (with its controllers running)."""
-    for m in c.masters:
-        if not m.proc.alive():
-            continue
-        try:
-            if rpc(m.rpc_addr, c.admin_token, "cluster_status", timeout_s=2.0).get("is_leader"):
-                return m
-        except (RpcError, OSError):
-            continue
-    return None
-
-
-def wait_leader(c: Cluster, timeout_s: float = 60.0, not_: Master | None = None) -> Master:
-    return wait_for(
-        lambda: (m := leader(c)) is not None and m is not not_ and m,
-        timeout_s,
-        "a leader" + (f" other than master-{not_.index}" if not_ else ""),
-    )
-
-
-def start_masters(c: Cluster) -> Master:
-    """`Cluster.start_masters`, waiting for the leader over RPC instead of leptonctl."""
-    peers = [m.raft_addr for m in c.masters]
-    for m in c.masters:
-        m.proc.argv = c._master_argv(m, peers)
-        m.proc.start()
-    return wait_leader(c)
+def module_cluster(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Cluster]:
+    """A 3-master cluster shared by one test module; logs printed if it fails."""
+    c = Cluster(tmp_path_factory.mktemp(name) / "cluster", n_masters=3)
+    try:
+        c.start_masters(timeout_s=60)
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()
 
 
 def local_job_ids(addr: str, token: str) -> list[str]:

@@ -202,12 +202,12 @@ class Cluster:
     def addrs(self) -> str:
         return ",".join(m.rpc_addr for m in self.masters)
 
-    def start_masters(self) -> None:
+    def start_masters(self, timeout_s: float = 30) -> Master:
         peers = [m.raft_addr for m in self.masters]
         for m in self.masters:
             m.proc.argv = self._master_argv(m, peers)
             m.proc.start()
-        self.wait_leader()
+        return self.wait_leader(timeout_s)
 
     def add_master_proc(self) -> Master:
         """Start one more master that joins the existing members (for add-master)."""
@@ -330,8 +330,14 @@ class Cluster:
                 return m
         return None
 
-    def wait_leader(self, timeout_s: float = 30) -> Master:
-        return wait_for(self.leader, timeout_s, "a leader with its controllers running")
+    def wait_leader(self, timeout_s: float = 30, not_: Master | None = None) -> Master:
+        """The leader (controllers running), optionally one other than `not_`."""
+        return wait_for(
+            lambda: (m := self.leader()) is not None and m is not not_ and m,
+            timeout_s,
+            "a leader with its controllers running"
+            + (f" other than master-{not_.index}" if not_ else ""),
+        )
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.rpc("nodes"))

@@ -20,8 +20,7 @@ import pytest
 from tests.cp_support import (
     Submitters,
     local_job_ids,
-    start_masters,
-    wait_leader,
+    module_cluster,
     wait_replicas_hold,
 )
 from tests.harness import Cluster, free_ports, wait_for
@@ -31,15 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cp-admin") / "cluster", n_masters=3)
-    try:
-        start_masters(c)
-        yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
+    yield from module_cluster(tmp_path_factory, "cp-admin")
 
 
 def one_line_failure(out: subprocess.CompletedProcess[str], code: int | None = None) -> str:
@@ -118,7 +109,7 @@ def test_tokens_roles_and_audit(cluster: Cluster) -> None:
     assert "refused the token" in line, line
     assert job_states(cluster) == before
 
-    lead = wait_leader(cluster)
+    lead = cluster.wait_leader(60)
     entries = audit(cluster, lead.index)
 
     def has(**want: Any) -> bool:
@@ -189,7 +180,7 @@ def test_grow_to_five_masters_and_back_while_serving(cluster: Cluster) -> None:
             load.wait_more(10)
 
         def members_are(want: set[str]) -> dict[str, Any] | None:
-            lead = wait_leader(cluster)
+            lead = cluster.wait_leader(60)
             st = cluster.ctl_json("cluster", "status", addr=lead.rpc_addr)
             assert {"leader", "term", "members"} <= set(st)
             assert st["leader"] == st["self"] == lead.raft_addr
@@ -212,10 +203,10 @@ def test_grow_to_five_masters_and_back_while_serving(cluster: Cluster) -> None:
             )
 
         for m in reversed(added):
-            lead = wait_leader(cluster)
+            lead = cluster.wait_leader(60)
             if lead is m:  # a leader cannot remove itself; hand over first
                 m.proc.stop()
-                lead = wait_leader(cluster, not_=m)
+                lead = cluster.wait_leader(60, not_=m)
             out = cluster.ctl("cluster", "remove-master", m.raft_addr, addr=lead.rpc_addr)
             assert out.stdout.strip() == m.raft_addr
             m.proc.stop()

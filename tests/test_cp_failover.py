@@ -19,9 +19,8 @@ import pytest
 from tests.cp_support import (
     Submitters,
     local_job_ids,
+    module_cluster,
     rpc,
-    start_masters,
-    wait_leader,
     wait_replicas_hold,
 )
 from tests.harness import Cluster, Master, wait_for
@@ -31,15 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cp-failover") / "cluster", n_masters=3)
-    try:
-        start_masters(c)
-        yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
+    yield from module_cluster(tmp_path_factory, "cp-failover")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +45,7 @@ def _answers(c: Cluster, m: Master) -> bool:
 
 
 def _term(c: Cluster) -> int:
-    return int(rpc(wait_leader(c).rpc_addr, c.admin_token, "cluster_status")["term"])
+    return int(rpc(c.wait_leader(60).rpc_addr, c.admin_token, "cluster_status")["term"])
 
 
 def test_ten_leader_kills_lose_and_duplicate_nothing(cluster: Cluster, acked: set[str]) -> None:
@@ -62,10 +53,10 @@ def test_ten_leader_kills_lose_and_duplicate_nothing(cluster: Cluster, acked: se
     with Submitters(cluster.addrs, cluster.admin_token, "admin", n=4, tag="kill") as load:
         load.wait_more(20)
         for _ in range(10):
-            old = wait_leader(cluster)
+            old = cluster.wait_leader(60)
             old.proc.kill9()
             old.proc.start()  # restart at once so the next kill leaves a quorum
-            wait_leader(cluster, not_=old)
+            cluster.wait_leader(60, not_=old)
             load.wait_more(10)  # a new leader acknowledges writes
             wait_for(lambda old=old: _answers(cluster, old), 60, f"master-{old.index} back")
         load.stop()
@@ -84,7 +75,7 @@ def test_kill_all_masters_under_load_keeps_every_acknowledged_job(
             m.proc.kill9()
         for m in cluster.masters:
             m.proc.start()
-        wait_leader(cluster)
+        cluster.wait_leader(60)
         load.wait_more(20)
         load.stop()
     acked |= load.check_ids()
@@ -94,7 +85,7 @@ def test_kill_all_masters_under_load_keeps_every_acknowledged_job(
 def test_stopped_leader_steps_down_and_a_new_one_serves(cluster: Cluster, acked: set[str]) -> None:
     with Submitters(cluster.addrs, cluster.admin_token, "admin", n=4, tag="stop") as load:
         load.wait_more(20)
-        old = wait_leader(cluster)
+        old = cluster.wait_leader(60)
         old.proc.signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
@@ -104,7 +95,7 @@ def test_stopped_leader_steps_down_and_a_new_one_serves(cluster: Cluster, acked:
             assert job.startswith("j-")
             assert old.proc.alive()
             load.wait_more(10)
-            new = wait_leader(cluster, not_=old)
+            new = cluster.wait_leader(60, not_=old)
             wait_for(lambda: time.monotonic() - stopped_at >= 5, 10, "5 s of SIGSTOP")
         finally:
             old.proc.signal(signal.SIGCONT)
@@ -124,7 +115,7 @@ def test_stopped_leader_steps_down_and_a_new_one_serves(cluster: Cluster, acked:
 
 
 def test_two_of_three_stopped_fails_fast_with_one_line(cluster: Cluster, acked: set[str]) -> None:
-    lead = wait_leader(cluster)
+    lead = cluster.wait_leader(60)
     frozen = [m for m in cluster.masters if m is not lead]
     for m in frozen:
         m.proc.signal(signal.SIGSTOP)
@@ -142,7 +133,7 @@ def test_two_of_three_stopped_fails_fast_with_one_line(cluster: Cluster, acked: 
     finally:
         for m in frozen:
             m.proc.signal(signal.SIGCONT)
-    wait_leader(cluster)
+    cluster.wait_leader(60)
     job = cluster.submit("--", "true", timeout_s=60)
     for m in cluster.masters:
         wait_for(
