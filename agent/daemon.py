@@ -32,6 +32,7 @@ from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, read_secret_file
 
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
+from .taskdir import SPEC, read_json
 from .workdir import WorkdirCache
 
 log = logging.getLogger("lepton.agent")
@@ -100,7 +101,7 @@ class Agent:
         self.registered_on: Connection | None = None
         self.state = "unknown"
         self._stopping = asyncio.Event()
-        self._start_lock = asyncio.Lock()
+        self._workdir_lock = asyncio.Lock()
         self._preparing: set[str] = set()  # run ids being prepared or started
         self._starting: set[asyncio.Task[None]] = set()
 
@@ -264,7 +265,7 @@ class Agent:
                     cwd = check_relative_path(cwd, "cwd")  # stays inside the workdir
                 conn = await self.client.connection()
                 # One workdir at a time: the block store has a single owner.
-                async with self._start_lock:
+                async with self._workdir_lock:
                     await self.workdirs.prepare(rid, sp["manifest"], dest, conn)
             except (WorkdirError, RpcError) as exc:
                 self.workdirs.release(rid)
@@ -340,15 +341,9 @@ class Agent:
         if isinstance(self.probe, SimulatedGpuProbe):
             busy: set[int] = set()
             for rid in self.runner.running():
-                try:
-                    import json
-
-                    spec = json.loads((self.runner.task_dir(rid) / "spec.json").read_text())
-                    busy.update(
-                        int(x) for x in spec.get("env", {}).get("LEPTON_GPUS", "").split(",") if x
-                    )
-                except (OSError, ValueError):
-                    continue
+                spec = read_json(self.runner.task_dir(rid) / SPEC) or {}
+                gpus = str((spec.get("env") or {}).get("LEPTON_GPUS", ""))
+                busy.update(int(x) for x in gpus.split(",") if x.isdigit())
             self.probe.set_busy(busy)
 
     # -- pushes from the leader ----------------------------------------------------

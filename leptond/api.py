@@ -11,6 +11,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import scheduler as sch
@@ -234,14 +235,7 @@ async def queue(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     with _lock(m):
         nodes, allocs, pending = views.scheduler_inputs(m.state)
     policy = m.controllers.policy if m.controllers else sch.Policy()
-    return [
-        vars(u) if not hasattr(u, "__dataclass_fields__") else _dc(u)
-        for u in sch.queue_report(nodes, allocs, pending, policy)
-    ]
-
-
-def _dc(obj: Any) -> dict[str, Any]:
-    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
+    return [asdict(u) for u in sch.queue_report(nodes, allocs, pending, policy)]
 
 
 # -- nodes ------------------------------------------------------------------------

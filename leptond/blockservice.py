@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .auth import require
 from .blocks import (
     BlockCorrupt,
     BlockStore,
@@ -74,8 +75,6 @@ class BlockService:
 
     # -- from leptonctl -------------------------------------------------------------
     def _role(self, conn: Connection, role: str) -> None:
-        from .auth import require
-
         require(conn.context, role)
 
     async def blocks_missing(self, conn: Connection, a: Any) -> dict[str, Any]:
