@@ -83,7 +83,24 @@ def test_pending_reasons_in_words_and_constraints(cluster: Cluster) -> None:
     model = cluster.submit("--gpus", "1", "--gpu-type", "H100", "--", "true")
     st = wait_for(lambda: (s := cluster.status(model)).get("reason") and s, 30, "reason for H100")
     assert "H100" in st["reason"]
-    ok = cluster.submit("--gpus", "1", "--constraint", "zone=a", "--gpu-type", "a100", "--", "true")
+    # Simulated GPUs have 80 GiB each.
+    roomy = cluster.submit("--gpus", "1", "--gpu-mem", "100G", "--", "true")
+    st = wait_for(
+        lambda: (s := cluster.status(roomy)).get("reason") and s, 30, "reason for --gpu-mem"
+    )
+    assert "at least" in st["reason"] and "memory" in st["reason"]
+    ok = cluster.submit(
+        "--gpus",
+        "1",
+        "--constraint",
+        "zone=a",
+        "--gpu-type",
+        "a100",
+        "--gpu-mem",
+        "40G",
+        "--",
+        "true",
+    )
     assert cluster.wait_job(ok, {"succeeded", "failed"})["state"] == "succeeded"
 
 
