@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from leptond.blocks import unpack_block
 from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.errors import RpcError
@@ -229,3 +231,48 @@ def test_corrupt_block_on_a_master_is_refetched_and_full_cache_fails_the_task_no
         cluster.rpc("cluster_status", addr=m.rpc_addr)["blocks"]["corrupt_dropped"] for m in holders
     )
     assert dropped >= 1
+
+
+def test_a_full_disk_on_an_agent_fails_the_task_and_the_agent_goes_on(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    # A real full file system: a 6 MiB tmpfs under the agent's data dir.
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        agent = cluster.start_agent("small", gpus="1", extra=["--data-dir", str(disk / "agent")])
+        wait_for(
+            lambda: any(n["name"] == "small" and n["state"] == "ready" for n in cluster.nodes()),
+            60,
+            "agent on the small disk",
+        )
+        wd = tmp_path / "wd"
+        wd.mkdir()
+        (wd / "big.bin").write_bytes(os.urandom(12 << 20))  # three 4 MiB blocks: more than the disk
+        res = json.loads(
+            cluster.ctl("submit", "--workdir", str(wd), "-o", "json", "--", "true").stdout
+        )
+        st = cluster.wait_job(res["id"], {"failed", "succeeded"}, timeout_s=90)
+        assert st["state"] == "failed"
+        msg = st["tasks"][0]["message"]
+        assert "workdir" in msg and "No space left on device" in msg, msg
+        # The agent goes on: it still heartbeats and runs work that fits.
+        job = cluster.submit("--", "sh", "-c", "echo still here")
+        assert cluster.wait_job(job, {"succeeded", "failed"}, timeout_s=60)["state"] == "succeeded"
+        assert cluster.ctl("logs", job).stdout.strip() == "still here"
+        assert agent.alive()
+    finally:
+        for p in cluster.agents:
+            p.stop()
+        cluster.kill_strays()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
