@@ -276,3 +276,34 @@ def test_a_full_disk_on_an_agent_fails_the_task_and_the_agent_goes_on(
             p.stop()
         cluster.kill_strays()
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def test_placement_prefers_the_host_that_already_holds_the_workdir(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_agent("c1", gpus="1")
+    cluster.start_agent("c2", gpus="1")
+    cluster.wait_nodes_ready(2)
+    # Both ways round, so node order alone cannot pass the test.
+    for warm, cold in (("c2", "c1"), ("c1", "c2")):
+        wd = tmp_path / f"wd-{warm}"
+        wd.mkdir()
+        (wd / "data.bin").write_bytes(os.urandom(1 << 20))
+        cluster.ctl("node", "drain", cold)
+        first = json.loads(
+            cluster.ctl("submit", "--workdir", str(wd), "-o", "json", "--", "true").stdout
+        )
+        st = cluster.wait_job(first["id"], {"succeeded", "failed"})
+        assert st["state"] == "succeeded" and st["tasks"][0]["node"] == warm
+        cluster.ctl("node", "undrain", cold)
+        wait_for(
+            lambda c=cold: any(n["name"] == c and n["state"] == "ready" for n in cluster.nodes()),
+            30,
+            cold,
+        )
+        again = json.loads(
+            cluster.ctl("submit", "--workdir", str(wd), "-o", "json", "--", "true").stdout
+        )
+        st = cluster.wait_job(again["id"], {"succeeded", "failed"})
+        assert st["state"] == "succeeded"
+        assert st["tasks"][0]["node"] == warm, f"expected the host with the cached blocks ({warm})"
