@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"leptond: --quota takes USER=GPUS, got {q!r}", file=sys.stderr)
             return 2
         quotas[user] = int(n)
+    if args.snapshot_every < 10:
+        print("leptond: --snapshot-every must be at least 10 entries", file=sys.stderr)
+        return 2
     if not 0.3 < args.raft_min_timeout < args.raft_max_timeout:
         print("leptond: need 0.3 < --raft-min-timeout < --raft-max-timeout", file=sys.stderr)
         return 2
@@ -66,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         no_preempt=args.no_preempt_protects,
         raft_min_timeout_s=args.raft_min_timeout,
         raft_max_timeout_s=args.raft_max_timeout,
+        snapshot_every=args.snapshot_every,
         block_cache_bytes=args.block_cache_bytes,
         block_cache_policy=args.block_cache_policy,
     )
@@ -127,6 +131,12 @@ def parser() -> argparse.ArgumentParser:
         "--raft-min-timeout", type=float, default=0.35, help="election timeout range, seconds"
     )
     r.add_argument("--raft-max-timeout", type=float, default=0.8)
+    r.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=5000,
+        help="Raft log entries between state snapshots (log compaction)",
+    )
     r.add_argument(
         "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
     )

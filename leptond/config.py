@@ -31,6 +31,9 @@ class MasterConfig:
     # (bench/failover.py); pysyncobj needs the minimum above 3 heartbeats (0.3 s).
     raft_min_timeout_s: float = 0.35
     raft_max_timeout_s: float = 0.8
+    # Raft log entries between snapshots (pysyncobj log compaction); the
+    # journal and a restart's replay stay bounded by about this many entries.
+    snapshot_every: int = 5000
     job_retention_s: float = 7 * 86400.0
     block_cache_bytes: int = 256 << 20
     block_cache_policy: Literal["lru", "lfu"] = "lru"

@@ -67,6 +67,7 @@ class Master:
             loop=loop,
             raft_min_timeout_s=cfg.raft_min_timeout_s,
             raft_max_timeout_s=cfg.raft_max_timeout_s,
+            log_compaction_min_entries=cfg.snapshot_every,
         )
         self.keys = KeyStore(self.secret, self.admin, self.state, self.raft.lock)
         handlers = {

@@ -250,8 +250,12 @@ class RaftNode:
             raise RaftError(f"{path}: snapshot lacks the Raft entries it ends with")
         last, before = (tuple(e) for e in entries)
         # Only addresses, never pickled Node objects: pysyncobj accepts ids
-        # (syncobj.py __updateClusterConfiguration).
-        return last, before, list(meta.get("cluster_members") or [])
+        # (syncobj.py __updateClusterConfiguration). Its own address must go
+        # here: pysyncobj drops it with `node != selfNode`, a Node-to-str
+        # comparison that is always true, and would count this node among its
+        # own peers (3 masters would then need 3 of "4" for a quorum).
+        members = [str(m) for m in meta.get("cluster_members") or [] if str(m) != self.self_addr]
+        return last, before, members
 
     # -- leadership -----------------------------------------------------------
 

@@ -52,9 +52,13 @@ def client(addrs: str | Sequence[str], token: str) -> ClusterClient:
     return ClusterClient(parse_addrs(addrs), key_id=tok.id, psk=tok.psk)
 
 
-def module_cluster(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Cluster]:
+def module_cluster(
+    tmp_path_factory: pytest.TempPathFactory, name: str, master_args: list[str] | None = None
+) -> Iterator[Cluster]:
     """A 3-master cluster shared by one test module; logs printed if it fails."""
-    c = Cluster(tmp_path_factory.mktemp(name) / "cluster", n_masters=3)
+    c = Cluster(
+        tmp_path_factory.mktemp(name) / "cluster", n_masters=3, master_args=master_args or []
+    )
     try:
         c.start_masters(timeout_s=60)
         yield c

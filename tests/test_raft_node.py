@@ -221,6 +221,9 @@ async def test_restart_from_snapshot_and_compacted_log(
         10.0,
         "snapshot + journal restored on every node",
     )
+    # Loading the snapshot's member list must not count a node among its own
+    # peers: with itself as a fourth member a 3-node quorum needs all three.
+    assert [n.reachable()[1] for n in restarted] == [3, 3, 3]
     # A node joining now can only get the state as a snapshot sent over the
     # wire (the leader's log no longer starts at 1): our msgpack file, no pickle.
     joiner_addr = f"127.0.0.1:{free_port()}"
@@ -232,6 +235,7 @@ async def test_restart_from_snapshot_and_compacted_log(
         "joiner to install the snapshot",
     )
     assert (joiner.data_dir / "raft.snapshot").exists()  # installed, not compacted itself
+    assert joiner.reachable()[1] == 4
     assert "failed to load full dump" not in caplog.text
     joiner.close()
     for n in restarted:
