@@ -26,6 +26,15 @@ def _out(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
+def _deadline(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--deadline",
+        metavar="DURATION",
+        help="e.g. 30s, 10m, 1h: then stop the tasks still running and requeue them elsewhere "
+        "(without it they run to completion; a later drain replaces the deadline)",
+    )
+
+
 def parser() -> ArgParser:
     p = ArgParser(prog="leptonctl", description="Use a leptond cluster from the shell")
     p.add_argument("--addr", help="master RPC addresses HOST:PORT,... (env LEPTON_ADDR)")
@@ -76,12 +85,15 @@ def parser() -> ArgParser:
     for name in ("drain", "undrain", "rm"):
         x = ndsub.add_parser(name)
         x.add_argument("node")
+        if name == "drain":
+            _deadline(x)
         if name == "rm":
             x.add_argument(
                 "--force", action="store_true", help="even with tasks on it (they are lost)"
             )
     p_drain = sub.add_parser("drain", help="same as `node drain`")
     p_drain.add_argument("node")
+    _deadline(p_drain)
 
     cl = sub.add_parser("cluster", help="masters and Raft")
     clsub = cl.add_subparsers(dest="cluster_cmd", required=True, parser_class=ArgParser)

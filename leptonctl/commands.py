@@ -14,7 +14,7 @@ from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
 from . import jobfile
-from .output import ago, emit_json, size, table
+from .output import ago, emit_json, size, table, until
 
 
 class UsageError(Exception):
@@ -40,12 +40,7 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
     if cmd == "nodes":
         return await nodes(c, a)
     if cmd in ("node", "drain"):
-        sub = "drain" if cmd == "drain" else a.node_cmd
-        method = {"drain": "node_drain", "undrain": "node_undrain", "rm": "node_rm"}[sub]
-        args = {"node": a.node, "force": bool(getattr(a, "force", False))}
-        res = await c.call(method, args, timeout_s=a.timeout)
-        print(f"{a.node}: {res.get('state', 'removed')}")
-        return 0
+        return await node(c, a)
     if cmd == "cluster":
         return await cluster(c, a)
     if cmd == "snapshot":
@@ -99,10 +94,15 @@ async def submit(c: ClusterClient, a: argparse.Namespace) -> int:
         from .workdir import upload_workdir
 
         base = Path(a.file).parent if a.file and not a.workdir else Path(".")
-        spec["workdir"] = await upload_workdir(c, base / workdir, timeout_s=max(a.timeout, 600), stats=upload)
+        spec["workdir"] = await upload_workdir(
+            c, base / workdir, timeout_s=max(a.timeout, 600), stats=upload
+        )
         if a.output != "json":
-            print(f"workdir: {upload['blocks']} of {upload['total_blocks']} block(s) uploaded "
-                  f"({size(upload['bytes'])})", file=sys.stderr)
+            print(
+                f"workdir: {upload['blocks']} of {upload['total_blocks']} block(s) uploaded "
+                f"({size(upload['bytes'])})",
+                file=sys.stderr,
+            )
     # One request id for every retry of this submit: the cluster makes one job.
     rid = uuid.uuid4().hex
     res = await c.call("submit", {"spec": spec, "name": name, "rid": rid}, timeout_s=a.timeout)
@@ -181,12 +181,20 @@ async def status(c: ClusterClient, a: argparse.Namespace) -> int:
                 ",".join(map(str, t["gpus"])) or "-",
                 "-" if t["exit_code"] is None else t["exit_code"],
                 t["attempt"],
-                t.get("reason") or t["message"],
+                task_message(t),
             ]
             for t in st["tasks"]
         ],
     )
     return 0
+
+
+def task_message(t: dict[str, Any]) -> str:
+    """What happened to a task and, while it is pending, why it still waits."""
+    said, reason = t["message"] or "", t.get("reason") or ""
+    if said and reason and reason not in said:
+        return f"{said} - {reason}"
+    return reason or said
 
 
 async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
@@ -248,7 +256,7 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
             [
                 r["name"],
                 r["id"],
-                r["state"],
+                node_state(r["state"], r.get("drain_deadline")),
                 f"{r['gpus_free']}/{r['gpus_total']}",
                 f"{r['gpu_util_pct']:.0f}%",
                 ",".join(r["gpu_models"]) or "-",
@@ -260,6 +268,38 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+MAX_DRAIN_DEADLINE_S = 366 * 86400  # the masters refuse longer ones too
+
+
+def drain_deadline_s(text: str) -> float:
+    """--deadline DURATION -> seconds, or a UsageError that says what was wrong."""
+    try:
+        seconds = jobfile.parse_duration(text)
+    except jobfile.JobFileError:
+        raise UsageError(f"--deadline: not a duration: {text!r} (try 30s, 10m or 1h)") from None
+    if not 0 < seconds <= MAX_DRAIN_DEADLINE_S:
+        raise UsageError(f"--deadline must be more than 0s and at most 366d, got {text!r}")
+    return seconds
+
+
+async def node(c: ClusterClient, a: argparse.Namespace) -> int:
+    sub = "drain" if a.cmd == "drain" else a.node_cmd
+    method = {"drain": "node_drain", "undrain": "node_undrain", "rm": "node_rm"}[sub]
+    args: dict[str, Any] = {"node": a.node, "force": bool(getattr(a, "force", False))}
+    if getattr(a, "deadline", None) is not None:
+        args["deadline_s"] = drain_deadline_s(a.deadline)  # before anything is sent
+    res = await c.call(method, args, timeout_s=a.timeout)
+    print(f"{a.node}: {node_state(res.get('state', 'removed'), res.get('drain_deadline'))}")
+    return 0
+
+
+def node_state(state: str, drain_deadline: float | None) -> str:
+    if state != "draining" or drain_deadline is None:
+        return state
+    left = until(drain_deadline)
+    return f"draining (deadline {'passed' if left is None else 'in ' + left})"
 
 
 async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:

@@ -40,6 +40,21 @@ def ago(ts: float | None) -> str:
     return f"{d / 86400:.1f}d ago"
 
 
+def until(ts: float) -> str | None:
+    """How long from now until `ts`, e.g. '42s', '4m', '1.5h'; None once it has passed."""
+    d = ts - time.time()
+    if d <= 0:
+        return None
+    # Thresholds just under each unit, so that 59.7 s reads 1m, not 60s.
+    if d < 59.5:
+        return f"{max(1, round(d))}s"
+    if d < 3570:
+        return f"{round(d / 60)}m"
+    if d < 86220:
+        return f"{d / 3600:.1f}h"
+    return f"{d / 86400:.1f}d"
+
+
 def size(n: float | None) -> str:
     if n is None:
         return "-"

@@ -86,6 +86,16 @@ class AgentRegistry:
         log.info(
             "node %s (%s) registered with %d GPUs", node.get("name"), nid, len(node.get("gpus", []))
         )
+        requeued = res.get("requeued") or []
+        if requeued:
+            log.warning(
+                "node %s registered with less than its tasks held: %d task(s) back to pending (%s: %s)",
+                node.get("name"),
+                len(requeued),
+                ", ".join(r["task_id"] for r in requeued[:5])
+                + (", ..." if len(requeued) > 5 else ""),
+                requeued[0]["reason"],
+            )
         return {"node_id": nid, "state": res["state"], "tasks": should_run, "masters": masters}
 
     def _registered(self, conn: Connection, what: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .master import Master
 
 log = logging.getLogger("lepton.master")
+MAX_DRAIN_DEADLINE_S = 366 * 86400
 Method = Callable[["Master", Connection, dict[str, Any]], Awaitable[Any]]
 _REGISTRY: dict[str, tuple[Method, str, bool, bool]] = {}
 
@@ -269,17 +271,38 @@ def _find_node(m: Master, ref: Any) -> str:
 
 @method("node_drain", "admin", mutating=True)
 async def node_drain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """Stop placing work on a node. With `deadline_s`, tasks still running on it
+    that many seconds from now are stopped and requeued (the controllers' drain
+    loop does it); without, they run to completion."""
     m.ensure_leader()
+    deadline_s = _drain_deadline_s(a.get("deadline_s"))
     nid = _find_node(m, a.get("node"))
-    return await m.propose(
-        "node_state",
-        {
-            "node_id": nid,
-            "state": "draining",
-            "now": time.time(),
-            "reason": str(a.get("reason") or "drained"),
-        },
-    )
+    now = time.time()
+    args: dict[str, Any] = {
+        "node_id": nid,
+        "state": "draining",
+        "now": now,
+        "reason": str(a.get("reason") or "drained"),
+    }
+    if deadline_s is not None:
+        # Decided here, once: apply must not read a clock.
+        args["deadline"] = now + deadline_s
+    return await m.propose("node_state", args)
+
+
+def _drain_deadline_s(v: Any) -> float | None:
+    if v is None:
+        return None
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or not math.isfinite(v)
+        or not 0 < v <= MAX_DRAIN_DEADLINE_S
+    ):
+        raise RpcError(
+            BAD_REQUEST, f"drain deadline must be more than 0s and at most 366d, got {v!r}"
+        )
+    return float(v)
 
 
 @method("node_undrain", "admin", mutating=True)

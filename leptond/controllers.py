@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lepton.master")
 FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
+DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
 
 
 class Controllers:
@@ -56,6 +57,7 @@ class Controllers:
         loop = asyncio.get_running_loop()
         for name, fn in (
             ("liveness", self._liveness),
+            ("drains", self._drain_deadlines),
             ("scheduler", self._scheduling),
             ("members", self._members),
         ):
@@ -107,6 +109,46 @@ class Controllers:
                 if res.get("lost"):
                     log.warning("node %s down: %d task(s) lost", name, len(res["lost"]))
                 self.wake()
+
+    # -- drain deadlines ----------------------------------------------------------
+    async def _drain_deadlines(self) -> None:
+        """Stop what still runs on a draining node once its deadline has passed.
+
+        The stops travel like a preemption's (SIGTERM, the kill grace, SIGKILL,
+        through the agent) and each task goes back to pending without spending
+        a retry. Apply checks the deadline again with the `now` proposed here.
+        """
+        await asyncio.sleep(DRAIN_CHECK_EVERY_S)
+        now = time.time()
+        assert self.m.raft is not None
+        s = self.m.state
+        with self.m.raft.lock:
+            due = [
+                (n.id, n.name)
+                for n in s.nodes.values()
+                if n.state == "draining"
+                and n.drain_deadline is not None
+                and n.drain_deadline <= now
+                and any(
+                    s.tasks[tid].state in LIVE_TASK_STATES and s.tasks[tid].stop is None
+                    for tid in s.node_tasks.get(n.id, ())
+                )
+            ]
+        for nid, name in due:
+            try:
+                res = await self.m.propose("drain_expired", {"node_id": nid, "now": now})
+            except RpcError as exc:
+                if exc.code != "conflict":  # undrained meanwhile: nothing to do
+                    raise
+                continue
+            if res["stopping"]:
+                log.warning(
+                    "node %s: drain deadline passed; stopping %d task(s) to run elsewhere",
+                    name,
+                    len(res["stopping"]),
+                )
+        if due:
+            self.wake()  # the scheduling pass pushes the stops to the agents
 
     # -- membership ---------------------------------------------------------------
     async def _members(self) -> None:

@@ -161,6 +161,8 @@ def job_summary(j: Job) -> dict[str, Any]:
         "priority": sp.get("priority", 0),
         "command": sp.get("argv", []),
         "message": j.message,
+        "retries": sp.get("retries", 0),
+        "retries_left": j.retries_left,
     }
 
 
@@ -193,6 +195,7 @@ def node_summary(s: ClusterState, n: Node, live: dict[str, Any] | None) -> dict[
         "id": n.id,
         "name": n.name,
         "state": n.state,
+        "drain_deadline": n.drain_deadline,
         "addr": n.addr,
         "labels": dict(n.labels),
         "gpus_total": len(n.gpus),

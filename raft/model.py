@@ -76,6 +76,10 @@ class Node(Record):
     registered_at: float = 0.0
     updated_at: float = 0.0
     reason: str = ""
+    # Wall-clock time (the proposer's) at which a draining node's remaining
+    # tasks are stopped and requeued; None: they run to completion. Set only
+    # while the node is draining.
+    drain_deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -128,7 +132,9 @@ class Task(Record):
     assigned_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    stop: str | None = None  # why the leader wants it stopped: cancel, preempt, gang, drain
+    # Why the leader wants it stopped: cancel, preempt, gang, drain (a drain
+    # deadline passed) or shrink (its node came back without room for it).
+    stop: str | None = None
     preemptions: int = 0
     priority: int = 0
 

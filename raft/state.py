@@ -8,6 +8,7 @@ request id was applied recently returns the first result again.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -107,6 +108,8 @@ class ClusterState:
         n = a["node"]
         node_id = _str(n, "id")
         gpus = [_gpu(g) for g in n.get("gpus", [])]
+        if len({g["index"] for g in gpus}) != len(gpus):
+            raise ArgError("bad_request", "node GPU indexes must be distinct")
         labels = {str(k): str(v) for k, v in (n.get("labels") or {}).items()}
         now = float(a["now"])
         cpus, mem_bytes = float(n["cpus"]), _int64(n["mem_bytes"])
@@ -141,7 +144,60 @@ class ClusterState:
                 node.state = "ready"
             node.updated_at = now
             node.reason = ""
-        return {"node_id": node_id, "state": node.state, "tasks": self.node_assignments(node_id)}
+        requeued = self._fit_live_tasks(node, now)
+        return {
+            "node_id": node_id,
+            "state": node.state,
+            "tasks": self.node_assignments(node_id),
+            "requeued": requeued,
+        }
+
+    def _fit_live_tasks(self, node: Node, now: float) -> list[dict[str, str]]:
+        """A known node came back with less than its live tasks hold (a GPU gone,
+        fewer CPUs or less memory): the node keeps its identity, and the tasks
+        that no longer fit go back to pending without spending a retry.
+
+        First every task on a GPU index that vanished; then, while the node is
+        still over its CPUs or memory, the lowest priority, most recently
+        placed. The agent is answered without them, so it stops their runs.
+        """
+        valid = {g["index"] for g in node.gpus}
+        live = [
+            self.tasks[tid]
+            for tid in sorted(self.node_tasks.get(node.id, ()))
+            if self.tasks[tid].state in LIVE_TASK_STATES
+        ]
+        out: list[tuple[Task, str]] = []
+        keep: list[Task] = []
+        for t in live:
+            gone = sorted(set(t.gpus) - valid)
+            if gone:
+                lost = ",".join(map(str, gone))
+                out.append((t, f"node {node.name} came back without GPU {lost}"))
+            else:
+                keep.append(t)
+        cpus = sum(t.cpus for t in keep)
+        mem = sum(t.mem_bytes for t in keep)
+        for t in sorted(keep, key=lambda t: (t.priority, -(t.assigned_at or 0.0), t.id)):
+            if cpus <= node.cpus + 1e-9 and mem <= node.mem_bytes:
+                break
+            cpus, mem = cpus - t.cpus, mem - t.mem_bytes
+            out.append(
+                (
+                    t,
+                    f"node {node.name} came back with {node.cpus:g} CPUs and "
+                    f"{node.mem_bytes >> 20} MiB of memory, less than its tasks use",
+                )
+            )
+        requeued = []
+        for t, why in out:
+            if t.state not in LIVE_TASK_STATES:
+                continue  # already stopped with another member of its gang
+            if t.stop is None:
+                t.stop = "shrink"
+            tl.task_exited(self, t, "lost", None, why, now)
+            requeued.append({"task_id": t.id, "reason": why})
+        return requeued
 
     def node_assignments(self, node_id: str) -> list[dict[str, Any]]:
         """What the node should be running: live tasks placed on it."""
@@ -161,11 +217,41 @@ class ClusterState:
             raise ArgError(
                 "conflict", f"node {node.name} is down; it becomes ready when its agent returns"
             )
+        # Each drain says the whole drain: one without a deadline clears an
+        # earlier one. The deadline is the proposer's wall-clock time.
+        deadline = a.get("deadline")
+        if deadline is not None:
+            if state != "draining":
+                raise ArgError("bad_request", "only a drain takes a deadline")
+            if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+                raise ArgError("bad_request", "drain deadline must be a time in seconds")
+            if not math.isfinite(deadline):
+                raise ArgError("bad_request", "drain deadline must be a finite time")
+            deadline = float(deadline)
         now = float(a["now"])
         node.state = state
         node.reason = str(a.get("reason", ""))
         node.updated_at = now
-        return {"node_id": node.id, "state": node.state}
+        node.drain_deadline = deadline
+        return {"node_id": node.id, "state": node.state, "drain_deadline": deadline}
+
+    def apply_drain_expired(self, a: dict[str, Any], index: int) -> Result:
+        """The drain deadline of a node has passed (by the proposer's clock): ask
+        every live task still on it to stop; each goes back to pending when it
+        exits, without spending a retry, as after a preemption."""
+        node = self._node(a)
+        now = float(a["now"])
+        if node.state != "draining" or node.drain_deadline is None:
+            raise ArgError("conflict", f"node {node.name} is not draining with a deadline")
+        if now < node.drain_deadline:
+            raise ArgError("conflict", f"the drain deadline of node {node.name} has not passed")
+        stopping = []
+        for tid in sorted(self.node_tasks.get(node.id, ())):
+            t = self.tasks[tid]
+            if t.state in LIVE_TASK_STATES and t.stop is None:
+                tl.evict(t, "drain", f"stopping: the drain deadline of node {node.name} passed")
+                stopping.append(tid)
+        return {"node_id": node.id, "stopping": stopping}
 
     def apply_node_down(self, a: dict[str, Any], index: int) -> Result:
         node = self._node(a)
@@ -173,6 +259,7 @@ class ClusterState:
         if node.state == "down":
             return {"node_id": node.id, "lost": []}
         node.state = "down"
+        node.drain_deadline = None
         node.reason = str(a.get("reason", "no heartbeat"))
         node.updated_at = now
         lost = []
@@ -490,6 +577,7 @@ OPS = frozenset(
     {
         "register_node",
         "node_state",
+        "drain_expired",
         "node_down",
         "remove_node",
         "submit_jobs",

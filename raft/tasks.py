@@ -26,8 +26,7 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             continue
         if s.jobs[t.job_id].spec.get("preemptible") is False:
             continue
-        t.stop = "preempt"
-        t.message = f"preempted for {p.get('for_task', '?')}"
+        evict(t, "preempt", f"preempted for {p.get('for_task', '?')}")
         preempting.append(t.id)
     # Group placements by job so a gang is placed whole or not at all.
     by_job: dict[str, list[dict[str, Any]]] = {}
@@ -180,6 +179,20 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     s.pending[t.id] = None
 
 
+# Stops that are no fault of the task: it goes back to pending without spending
+# a retry, and the rest of its gang restarts with it.
+REQUEUE_STOPS = frozenset({"preempt", "drain", "shrink"})
+
+
+def evict(t: Task, how: str, message: str) -> None:
+    """Ask for a live task to stop for `how` (one of REQUEUE_STOPS).
+
+    The dispatcher pushes the stop to its agent (SIGTERM, then SIGKILL after
+    the kill grace); its exit comes back through task_exited, which requeues it.
+    """
+    t.stop, t.message = how, message
+
+
 def task_exited(
     s: ClusterState, t: Task, outcome: str, code: int | None, message: str, now: float
 ) -> None:
@@ -187,9 +200,17 @@ def task_exited(
     job = s.jobs[t.job_id]
     stop = t.stop
     t.exit_code, t.finished_at = code, now
-    if stop == "preempt" and job.state not in ("cancelled", "failed"):
-        t.preemptions += 1
-        _requeue(s, t, f"preempted (exit {code}); waiting to run again")
+    if stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
+        if stop == "preempt":
+            t.preemptions += 1
+            note = f"preempted (exit {code})"
+        elif stop == "drain":
+            node = s.nodes.get(t.node_id or "")
+            where = node.name if node is not None else t.node_id
+            note = f"stopped at the drain deadline of node {where} (exit {code})"
+        else:
+            note = message
+        _requeue(s, t, f"{note}; waiting to run again")
         _stop_gang(s, job, t, "gang")
     elif stop == "gang" and job.state not in ("cancelled", "failed"):
         _requeue(s, t, "restarting with its gang")

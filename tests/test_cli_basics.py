@@ -6,10 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from leptonctl.commands import node_state
 from leptond.wire.tokens import SECRET_LEN, parse_token
 from tests.harness import ROOT, env
 
@@ -86,3 +88,32 @@ def test_usage_errors_exit_2_with_one_line() -> None:
         assert out.returncode == 2, (argv, out.stderr)
         assert "Traceback" not in out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith("leptonctl")
+
+
+@pytest.mark.parametrize("deadline", ["10x", "soon", "0s", "-5m", "400d", ""])
+def test_a_bad_drain_deadline_is_one_line_and_exit_2_before_anything_is_sent(
+    deadline: str,
+) -> None:
+    # The shortcut takes the value as the next word; `--deadline -5m` would be
+    # argparse's own error (an option where a value goes), so it gets `=` too.
+    shortcut = ["--deadline", deadline] if deadline[:1] != "-" else [f"--deadline={deadline}"]
+    for argv in (["node", "drain", "h1", f"--deadline={deadline}"], ["drain", "h1", *shortcut]):
+        # Nothing listens at 127.0.0.1:1: reaching the cluster would be another error.
+        out = run(
+            sys.executable, "-m", "leptonctl.cli", "--addr", "127.0.0.1:1",
+            "--token", "ltk_admin_" + "A" * 43, *argv,
+        )  # fmt: skip
+        assert out.returncode == 2, (argv, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("leptonctl: error: --deadline"), lines
+
+
+def test_nodes_show_how_long_a_drain_has_left() -> None:
+    now = time.time()
+    assert node_state("ready", None) == "ready"
+    assert node_state("draining", None) == "draining"
+    assert node_state("draining", now + 240.2) == "draining (deadline in 4m)"
+    assert node_state("draining", now + 30.4) == "draining (deadline in 30s)"
+    assert node_state("draining", now + 3599) == "draining (deadline in 1.0h)"
+    assert node_state("draining", now + 5 * 86400) == "draining (deadline in 5.0d)"
+    assert node_state("draining", now - 1) == "draining (deadline passed)"

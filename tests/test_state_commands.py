@@ -103,6 +103,25 @@ BAD_ARGS = {
     "node_state without now": cmd("node_state", {"node_id": "n3", "state": "ready"}),
     "node_state bad state": cmd("node_state", {"node_id": "n1", "state": "gone", "now": 1.0}),
     "node_down unknown": cmd("node_down", {"node_id": "zz", "now": 1.0}),
+    "drain with a text deadline": cmd(
+        "node_state", {"node_id": "n1", "state": "draining", "deadline": "soon", "now": 1.0}
+    ),
+    "drain with an infinite deadline": cmd(
+        "node_state",
+        {"node_id": "n1", "state": "draining", "deadline": float("inf"), "now": 1.0},
+    ),
+    "undrain with a deadline": cmd(
+        "node_state", {"node_id": "n3", "state": "ready", "deadline": 5.0, "now": 1.0}
+    ),
+    "drain_expired without now": cmd("drain_expired", {"node_id": "n3"}),
+    "drain_expired unknown node": cmd("drain_expired", {"node_id": "zz", "now": 1.0}),
+    "re-register with a GPU index twice": cmd(
+        "register_node",
+        {
+            "now": 1.0,
+            "node": {**node_record("n1"), "gpus": [{"index": 0}, {"index": 1}, {"index": 0}]},
+        },
+    ),
     "submit jobs not a list": cmd("submit_jobs", {"jobs": 5}),
     "cancel with list id": cmd("cancel_job", {"job_id": ["waiting"], "now": 1.0}),
     "cancel without now": cmd("cancel_job", {"job_id": "waiting", "user": "alice"}),

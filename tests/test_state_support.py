@@ -201,6 +201,8 @@ def check_invariants(state: ClusterState) -> None:
         )
         assert (job.finished_at is not None) == finished, (job, states)
         assert 0 <= job.retries_left <= job.spec["retries"]
+    for node in state.nodes.values():
+        assert node.drain_deadline is None or node.state == "draining", node
     for t in state.tasks.values():
         assert t.job_id in state.jobs, t
         assert (t.state == "pending") == (t.id in state.pending), t
