@@ -1,13 +1,15 @@
 """The per-task supervisor: `python -m agent.shim TASK_DIR`.
 
 The runner starts one shim per task in a new session, so the shim outlives an
-agent that crashes or is killed. To save the interpreter's start-up on the
-task-start path, a shim can also be started ahead of time as a spare,
-`python -m agent.shim --spare AGENT_PID`, which waits for its task dir on stdin
-and from then on is the same shim (see agent/spare.py). The shim starts the task, pipes its output
-into the capped log, enforces the stop request and the time limit (SIGTERM to
-the task's process group, SIGKILL after the grace period), and finally writes
-exit.json. A restarted agent learns everything from the task directory.
+agent that crashes or is killed. (To keep the interpreter's start-up off the
+task-start path, the runner may instead hand the task to a shim started ahead
+of time, `python -m agent.shim --spare AGENT_PID`, which waits for its task
+dir on stdin and from then on is the same shim; see agent/spare.py.)
+
+The shim starts the task, pipes its output into the capped log, enforces the
+stop request and the time limit (SIGTERM to the task's process group, SIGKILL
+after the grace period), and finally writes exit.json. A restarted agent
+learns everything from the task directory.
 
 Ordering rules (the runner relies on them):
 - shim.pid is written only after the signal handlers are installed, so a

@@ -8,8 +8,8 @@ spare is that task's shim, the same as one started with the path on its
 command line (agent/shim.py). The runner starts the next spare right away.
 
 Lifetime rules:
-- Before it has a task the spare writes nothing, anywhere, so a spare that
-  ends at that point leaves nothing behind.
+- Before it has a task the spare creates no file and starts no process, so
+  a spare that ends at that point leaves nothing behind.
 - It exits by itself when its stdin reaches EOF without a task (the runner
   closed it, or the agent died and the kernel did) or when it is reparented;
   `close()` also kills it by pid, for an agent that shuts down.
@@ -37,7 +37,7 @@ REAP_TIMEOUT_S = 5.0
 
 class SpareShim:
     def __init__(self, shim_argv: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self._argv = [*shim_argv, SPARE_FLAG, str(os.getpid())]
+        self._argv = [*shim_argv, SPARE_FLAG]
         self._cwd = cwd
         self._env = env
         self._popen: subprocess.Popen[bytes] | None = None
@@ -54,7 +54,7 @@ class SpareShim:
             return
         try:
             self._popen = subprocess.Popen(
-                self._argv,
+                [*self._argv, str(os.getpid())],  # the spare lives only as long as we do
                 cwd=self._cwd,
                 env=self._env,
                 stdin=subprocess.PIPE,
