@@ -566,6 +566,39 @@ def test_kill_9_of_the_agent_ends_its_spare_and_spares_the_task(root: Path) -> N
     assert (ex.exit_code, log_text(restarted, "t1")) == (7, "waiting\n")
 
 
+LAUNCHER = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    spare = subprocess.Popen(
+        [sys.executable, "-S", "-m", "agent.shim", "--spare", str(os.getpid())],
+        stdin=int(sys.argv[1]),
+    )
+    print(spare.pid, flush=True)
+    """
+)
+
+
+def test_a_spare_exits_when_its_agent_is_gone_even_if_its_pipe_stays_open(root: Path) -> None:
+    # Someone else (here: this test) still holds the pipe's write end, so no
+    # EOF comes; being reparented must be enough.
+    r, w = os.pipe()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(r)],
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdout=subprocess.PIPE,
+            pass_fds=(r,),
+            timeout=DEADLINE_S,
+            check=True,
+        )
+        spare = ProcRecord.of(int(out.stdout))
+        if spare is not None:  # None: it is already gone
+            wait_for(lambda: spare.process() is None, "the orphaned spare to exit")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def _zombie_or_gone(pid: int) -> bool:
     # A spare orphaned by a killed agent is reaped by init, or is at least a zombie.
     return not _alive(pid)
