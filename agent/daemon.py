@@ -137,12 +137,19 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.runner.close()  # the spare shim goes with the agent
+
+    async def _run(self) -> None:
         running, exits = self.runner.adopt()
         if running or exits:
             log.info(
                 "adopted %d running task(s) and %d unreported exit(s)", len(running), len(exits)
             )
         self._collect_exits(exits)
+        self.runner.keep_spare()
         delay = 0.2
         refused = False  # the refusal is logged once, not once per retry
         while not self._stopping.is_set():

@@ -8,6 +8,10 @@ back the tasks still running and the exits it has not yet reported.
 
 Exits are delivered at least once: `poll()` keeps returning a finished task
 until `ack()` records (on disk) that the leader has it.
+
+With `keep_spare()`, tasks start under a shim started ahead of time
+(agent/spare.py), which saves the interpreter's start-up; without a usable
+spare a task starts under a new shim, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import psutil
 
 import agent
 from agent import tasklog
+from agent.spare import SpareShim
 from agent.taskdir import (
     ACKED,
     CREATE_TIME_SLACK_S,
@@ -91,6 +96,7 @@ class TaskUsage:
 class _Shim:
     pid: int
     popen: subprocess.Popen[bytes] | None  # set when this runner started it
+    spare: bool = False  # a spare took the task; it may die before starting it
 
 
 class TaskRunner:
@@ -100,6 +106,25 @@ class TaskRunner:
         self.root = Path(root).resolve()
         self._lock = threading.RLock()
         self._shims: dict[str, _Shim] = {}  # tasks believed running
+        self._spare = SpareShim(_shim_argv(), self.root, _shim_env())
+        self._keep_spare = False
+
+    def keep_spare(self) -> None:
+        """From now on, keep one shim started ahead of time for the next task."""
+        with self._lock:
+            self._keep_spare = True
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the spare's cwd
+            self._spare.ensure()
+
+    def close(self) -> None:
+        """Stop the spare shim (running tasks are left alone: they outlive us)."""
+        with self._lock:
+            self._keep_spare = False
+            self._spare.close()
+
+    @property
+    def spare_pid(self) -> int | None:
+        return self._spare.pid
 
     # ------------------------------------------------------------- start
 
@@ -135,29 +160,20 @@ class TaskRunner:
                 body = asdict(spec)
                 body["cwd"] = cwd
                 atomic_write_json(tdir / SPEC, body)
-                shim_log = open(tdir / SHIM_LOG, "ab")  # noqa: SIM115 - handed to the child
             except OSError as e:
                 shutil.rmtree(tdir, ignore_errors=True)
                 raise RunnerError(f"cannot use task directory {tdir}: {e.strerror or e}") from None
-            try:
-                popen = subprocess.Popen(
-                    # -S: no site initialisation (.pth files can cost 100 ms);
-                    # the shim needs only the standard library and this package.
-                    [sys.executable, "-S", "-m", SHIM_MODULE, str(tdir)],
-                    cwd=tdir,
-                    env=_shim_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=shim_log,
-                    stderr=shim_log,
-                    start_new_session=True,  # outlive the agent and its signals
-                    close_fds=True,
-                )
-            except OSError as e:
-                shutil.rmtree(tdir, ignore_errors=True)  # no shim: nothing to adopt later
-                raise RunnerError(f"cannot start the task shim: {e.strerror or e}") from None
-            finally:
-                shim_log.close()
-            self._shims[spec.task_id] = _Shim(popen.pid, popen)
+            popen = self._spare.hand(tdir) if self._keep_spare else None
+            spare = popen is not None
+            if popen is None:
+                try:
+                    popen = _start_shim(tdir)
+                except RunnerError:
+                    shutil.rmtree(tdir, ignore_errors=True)  # no shim: nothing to adopt later
+                    raise
+            self._shims[spec.task_id] = _Shim(popen.pid, popen, spare)
+            if self._keep_spare:
+                self._spare.ensure()  # the next one starts up while this task runs
             return popen.pid
 
     # -------------------------------------------------------------- stop
@@ -284,6 +300,7 @@ class TaskRunner:
 
     def _refresh(self) -> None:
         """Move tasks whose shim is gone from running to finished."""
+        self._spare.reap()
         for task_id, shim in list(self._shims.items()):
             tdir = self.root / task_id
             if shim.popen is not None:
@@ -299,6 +316,17 @@ class TaskRunner:
             # first and exit.json second cannot misreport a clean exit as lost.
             if (tdir / EXIT).exists() or not tdir.is_dir():
                 del self._shims[task_id]
+            elif not alive and shim.spare and not (tdir / SHIM_PID).exists():
+                # The spare died after taking the task but before shim.pid,
+                # hence before starting it: start it again the old way, once.
+                log.warning("task %s: the spare shim died before starting it; retrying", task_id)
+                try:
+                    popen = _start_shim(tdir)
+                    self._shims[task_id] = _Shim(popen.pid, popen)
+                except RunnerError as e:
+                    log.error("task %s: %s", task_id, e)
+                    self._supervisor_lost(tdir)
+                    del self._shims[task_id]
             elif not alive:
                 self._supervisor_lost(tdir)
                 del self._shims[task_id]
@@ -372,6 +400,30 @@ def _validate(spec: TaskSpec) -> None:
         raise RunnerError(f"task {spec.task_id}: kill_grace_s must be >= 0")
     if spec.time_limit_s is not None and spec.time_limit_s <= 0:
         raise RunnerError(f"task {spec.task_id}: time_limit_s must be > 0 (or unset)")
+
+
+def _shim_argv() -> list[str]:
+    # -S: no site initialisation (.pth files can cost 100 ms); the shim needs
+    # only the standard library and this package.
+    return [sys.executable, "-S", "-m", SHIM_MODULE]
+
+
+def _start_shim(tdir: Path) -> subprocess.Popen[bytes]:
+    """Start a new shim for the task in `tdir` (spec.json already written)."""
+    try:
+        with open(tdir / SHIM_LOG, "ab") as shim_log:
+            return subprocess.Popen(
+                [*_shim_argv(), str(tdir)],
+                cwd=tdir,
+                env=_shim_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=shim_log,
+                stderr=shim_log,
+                start_new_session=True,  # outlive the agent and its signals
+                close_fds=True,
+            )
+    except OSError as e:
+        raise RunnerError(f"cannot start the task shim: {e.strerror or e}") from None
 
 
 def _shim_env() -> dict[str, str]:

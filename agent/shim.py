@@ -1,10 +1,15 @@
 """The per-task supervisor: `python -m agent.shim TASK_DIR`.
 
 The runner starts one shim per task in a new session, so the shim outlives an
-agent that crashes or is killed. The shim starts the task, pipes its output
-into the capped log, enforces the stop request and the time limit (SIGTERM to
-the task's process group, SIGKILL after the grace period), and finally writes
-exit.json. A restarted agent learns everything from the task directory.
+agent that crashes or is killed. (To keep the interpreter's start-up off the
+task-start path, the runner may instead hand the task to a shim started ahead
+of time, `python -m agent.shim --spare AGENT_PID`, which waits for its task
+dir on stdin and from then on is the same shim; see agent/spare.py.)
+
+The shim starts the task, pipes its output into the capped log, enforces the
+stop request and the time limit (SIGTERM to the task's process group, SIGKILL
+after the grace period), and finally writes exit.json. A restarted agent
+learns everything from the task directory.
 
 Ordering rules (the runner relies on them):
 - shim.pid is written only after the signal handlers are installed, so a
@@ -33,7 +38,9 @@ from typing import Any
 
 from agent.taskdir import (
     EXIT,
+    SHIM_LOG,
     SHIM_PID,
+    SPARE_FLAG,
     SPEC,
     STOP,
     TASK_PID,
@@ -49,6 +56,9 @@ TICK_S = 0.1
 # After the main process exits, stragglers in its group are killed and the
 # pipe is drained for at most this long (a setsid'd grandchild may hold it).
 DRAIN_S = 1.0
+# A spare checks this often that the agent that started it is still there;
+# the EOF on its stdin normally tells it sooner.
+SPARE_PARENT_CHECK_S = 1.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
 
@@ -310,9 +320,46 @@ def _exited(pid: int) -> bool:
     return info is not None and info.si_pid != 0
 
 
+def wait_for_task(agent_pid: int) -> Path | None:
+    """A spare's wait: the task dir the agent writes on stdin as one line, or
+    None once the agent closed the pipe without one or is gone."""
+    buf = b""
+    while b"\n" not in buf:
+        # Reparented: the agent died, and a spare must not outlive it.
+        if os.getppid() != agent_pid:
+            return None
+        readable, _, _ = select.select([0], [], [], SPARE_PARENT_CHECK_S)
+        if readable:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                return None  # EOF without a whole line: closed, or the agent died
+            buf += chunk
+    return Path(os.fsdecode(buf.partition(b"\n")[0]))
+
+
+def enter_task_dir(task_dir: Path) -> None:
+    """Set a spare up the way the runner starts a shim for `task_dir`: that dir
+    as cwd (also how a restarted runner recognises it), shim.log as stdout and
+    stderr, nothing on stdin."""
+    os.chdir(task_dir)
+    log_fd = os.open(SHIM_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(null_fd)
+    os.close(log_fd)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[1] == SPARE_FLAG:
+        task_dir = wait_for_task(int(argv[2]))
+        if task_dir is None:
+            return 0  # nothing was written, nothing is left behind
+        enter_task_dir(task_dir)
+        return Shim(task_dir).run()
     if len(argv) != 2:
-        print("usage: python -m agent.shim TASK_DIR", file=sys.stderr)
+        print("usage: python -m agent.shim TASK_DIR | --spare AGENT_PID", file=sys.stderr)
         return 2
     return Shim(Path(argv[1])).run()
 

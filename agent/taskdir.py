@@ -36,6 +36,9 @@ SHIM_LOG = "shim.log"
 WORK = "work"
 
 SHIM_MODULE = "agent.shim"
+# `python -m agent.shim --spare AGENT_PID`: a shim started before its task
+# exists, waiting for the task dir on stdin (agent/spare.py).
+SPARE_FLAG = "--spare"
 
 # psutil derives create_time from the boot time, which the kernel reports
 # with up to a second of jitter between readers; a reused pid that also has
@@ -172,4 +175,14 @@ def is_shim_of(p: psutil.Process, task_dir: Path) -> bool:
         return False
     if len(cmd) < 2 or SHIM_MODULE not in cmd:
         return False
-    return Path(cmd[-1]).resolve() == task_dir.resolve()
+    if SPARE_FLAG in cmd:
+        # A spare was started before its task existed, so its command line
+        # cannot name the task dir; it moves into the dir it is handed before
+        # writing shim.pid and never leaves it.
+        try:
+            where = p.cwd()
+        except psutil.Error:
+            return False
+    else:
+        where = cmd[-1]
+    return Path(where).resolve() == task_dir.resolve()

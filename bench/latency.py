@@ -151,7 +151,8 @@ def main() -> int:
     print(
         "p50 breakdown (ms): "
         + ", ".join(f"{k} {v:g}" for k, v in res["breakdown_p50_ms"].items())
-        + "  (submit->leader, ->plan committed, ->agent spawned the shim, ->task exec)"
+        + "  (submit->leader, ->plan committed, ->agent started or handed off the shim,"
+        + " ->task exec)"
     )
     print(f"target p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms: ", end="")
     print("met" if res["ok"] else "NOT met")

@@ -11,8 +11,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from agent.taskdir import SPARE_FLAG
 from tests.harness import Cluster, Proc, env, wait_for
 from tests.test_hosts_e2e import (
     assert_no_gpu_shared,
@@ -55,6 +57,23 @@ def restart_agent(c: Cluster, name: str) -> Proc:
     return start_agent(c, name)
 
 
+def idle_spares(c: Cluster, name: str) -> list[psutil.Process]:
+    """The spare shims of agent `name` that wait for a task (cwd: its task root)."""
+    tasks = str((c.root / f"agent-{name}" / "tasks").resolve())
+    return [
+        p
+        for p in psutil.process_iter(["cmdline", "cwd"])
+        if SPARE_FLAG in (p.info["cmdline"] or []) and p.info["cwd"] == tasks and alive(p)
+    ]
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def test_leader_kill_keeps_the_task_and_records_its_exit(faults: Cluster) -> None:
     job = faults.submit("--gpus", "1", "--", "sh", "-c", "sleep 4; exit 5")
     wait_task(faults, job, {"running"})
@@ -84,8 +103,11 @@ def test_agent_restarted_after_kill9_adopts_its_task(faults: Cluster, tmp_path: 
     )  # fmt: skip
     t = wait_task(faults, job, {"running"})
     host = t["node"]
+    spares = wait_for(lambda: idle_spares(faults, host), 30, f"a spare shim on {host}")
     agent(faults, host).kill9()
     restart_agent(faults, host)
+    # The killed agent's spare goes by itself; the task's shim stays (below).
+    wait_for(lambda: not any(map(alive, spares)), 30, "the killed agent's spare to exit")
     st = faults.wait_job(job, {"succeeded", "failed"}, timeout_s=90)
     t = st["tasks"][0]
     assert t["exit_code"] == 3, t
@@ -197,9 +219,11 @@ def test_leave_on_stop_drains_and_deregisters(faults: Cluster) -> None:
     faults.wait_nodes_ready(3, timeout_s=60)
     job = faults.submit("--gpus", "1", "--constraint", "host=h3", "--", "sleep", "120")
     wait_task(faults, job, {"running"})
+    spares = wait_for(lambda: idle_spares(faults, "h3"), 30, "a spare shim on h3")
     p.signal(15)
     wait_for(lambda: not p.alive(), 60, "the agent to exit")
     assert p.popen is not None and p.popen.returncode == 0
+    assert not any(map(alive, spares)), "the agent left its spare shim running"
     assert node_by_name(faults, "h3") is None
     assert "left the cluster" in p.log.read_text()
     assert faults.status(job)["tasks"][0]["state"] != "running"

@@ -23,7 +23,7 @@ import pytest
 from agent import tasklog
 from agent.runner import SUPERVISOR_LOST, RunnerError, TaskExit, TaskRunner, TaskSpec
 from agent.runner import _kill_orphaned_group as kill_orphaned_group
-from agent.taskdir import SHIM_PID, STOP, TASK_PID, ProcRecord, is_shim_of
+from agent.taskdir import SHIM_PID, SPARE_FLAG, STOP, TASK_PID, ProcRecord, is_shim_of
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE_S = 15.0
@@ -90,9 +90,17 @@ def root(tmp_path: Path) -> Iterator[Path]:
         kill_everything_under(r)
 
 
-@pytest.fixture
-def runner(root: Path) -> TaskRunner:
-    return TaskRunner(root)
+@pytest.fixture(params=["new-shim", "spare"])
+def runner(root: Path, request: pytest.FixtureRequest) -> Iterator[TaskRunner]:
+    """Every test that takes this runs twice: tasks started under a new shim,
+    and handed to a spare shim started ahead of time; they must not differ."""
+    r = TaskRunner(root)
+    if request.param == "spare":
+        r.keep_spare()
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 def spec(task_id: str, argv: list[str], **kw: object) -> TaskSpec:
@@ -432,6 +440,168 @@ def test_adopt_ignores_a_reused_shim_pid(root: Path) -> None:
     assert [e.message for e in exits] == [SUPERVISOR_LOST]
     wait_for(lambda: a.running() == [], "the real shim to finish and be reaped")
     assert [e.message for e in a.poll()] == [SUPERVISOR_LOST]  # exit.json is written once
+
+
+# -------------------------------------------------------- spare shims
+
+
+@pytest.fixture
+def spared(root: Path) -> Iterator[TaskRunner]:
+    r = TaskRunner(root)
+    r.keep_spare()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def spare_of(runner: TaskRunner) -> ProcRecord:
+    pid = runner.spare_pid
+    assert pid is not None, "the runner keeps no spare shim"
+    rec = ProcRecord.of(pid)
+    assert rec is not None
+    return rec
+
+
+def test_a_task_handed_to_the_spare_runs_under_it(spared: TaskRunner, root: Path) -> None:
+    spare = spare_of(spared)
+    assert spared.start(spec("t1", GATED, env={"CUDA_VISIBLE_DEVICES": "2"})) == spare.pid
+    wait_for(lambda: (root / "t1" / TASK_PID).exists(), "the task to start")
+    shim = ProcRecord.load(root / "t1" / SHIM_PID)
+    assert shim == spare
+    proc = shim.process()
+    assert proc is not None and is_shim_of(proc, root / "t1")
+    assert proc.cwd() == str(root / "t1")
+    assert os.getsid(shim.pid) == shim.pid, "the shim runs in its own session"
+    # The next spare is already on its way, and is nobody's shim yet.
+    assert spared.spare_pid not in (None, spare.pid)
+    nxt = spare_of(spared).process()
+    assert nxt is not None and not is_shim_of(nxt, root / "t1")
+    (root / "t1" / "work" / "go").touch()
+    ex = exit_of(spared, "t1")
+    assert (ex.exit_code, ex.message) == (7, "exited with code 7")
+    assert log_text(spared, "t1") == "waiting\n"
+
+
+def test_close_stops_the_spare(spared: TaskRunner) -> None:
+    spare = spare_of(spared)
+    spared.close()
+    assert spare.process() is None
+    assert spared.spare_pid is None
+
+
+def test_a_dead_spare_means_a_new_shim(spared: TaskRunner, root: Path) -> None:
+    spare = spare_of(spared)
+    os.kill(spare.pid, signal.SIGKILL)
+    wait_for(lambda: _zombie_or_gone(spare.pid), "the spare to die")
+    pid = spared.start(spec("t1", ["sh", "-c", "echo ran"]))
+    assert pid != spare.pid
+    ex = exit_of(spared, "t1")
+    assert (ex.exit_code, log_text(spared, "t1")) == (0, "ran\n")
+    assert spare.process() is None, "the dead spare was not reaped"
+    assert spare_of(spared).pid != spare.pid, "no new spare after the dead one"
+
+
+def test_a_spare_that_dies_holding_a_task_is_replaced_by_a_new_shim(
+    spared: TaskRunner, root: Path
+) -> None:
+    # Stopped, the spare takes the task (into its pipe) but cannot start it.
+    spare = spare_of(spared)
+    os.kill(spare.pid, signal.SIGSTOP)
+    assert spared.start(spec("t1", GATED)) == spare.pid
+    os.kill(spare.pid, signal.SIGKILL)
+    # The runner notices when it next looks (the agent looks every heartbeat).
+    wait_for(
+        lambda: spared.running() == ["t1"] and (root / "t1" / TASK_PID).exists(),
+        "the task to start under a new shim",
+    )
+    shim = ProcRecord.load(root / "t1" / SHIM_PID)
+    assert shim is not None and shim.pid != spare.pid
+    (root / "t1" / "work" / "go").touch()
+    ex = exit_of(spared, "t1")
+    assert (ex.exit_code, log_text(spared, "t1")) == (7, "waiting\n")  # it ran once
+
+
+AGENT_WITH_SPARE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from agent.runner import TaskRunner, TaskSpec
+    r = TaskRunner(Path(sys.argv[1]))
+    r.keep_spare()
+    pid = r.start(TaskSpec(task_id="t1", argv=sys.argv[2:], kill_grace_s=2.0))
+    print(pid, r.spare_pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_kill_9_of_the_agent_ends_its_spare_and_spares_the_task(root: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    agent_proc = subprocess.Popen(
+        [sys.executable, "-c", AGENT_WITH_SPARE, str(root), *GATED],
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert agent_proc.stdout is not None
+        shim_pid, spare_pid = map(int, agent_proc.stdout.readline().split())
+        spare = ProcRecord.of(spare_pid)
+        assert spare is not None and spare_pid != shim_pid
+        wait_for(lambda: (root / "t1" / TASK_PID).exists(), "the task to start")
+        assert SPARE_FLAG in psutil.Process(shim_pid).cmdline()
+        agent_proc.kill()
+        agent_proc.wait(timeout=DEADLINE_S)
+    finally:
+        if agent_proc.poll() is None:
+            agent_proc.kill()
+            agent_proc.wait()
+    # The idle spare goes by itself; the one that took t1 is its shim and stays.
+    wait_for(lambda: _zombie_or_gone(spare.pid), "the agent's idle spare to exit")
+    assert not (root / "t1" / "exit.json").exists()
+    restarted = TaskRunner(root)
+    assert restarted.adopt() == (["t1"], [])
+    (root / "t1" / "work" / "go").touch()
+    ex = exit_of(restarted, "t1")
+    assert (ex.exit_code, log_text(restarted, "t1")) == (7, "waiting\n")
+
+
+LAUNCHER = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    spare = subprocess.Popen(
+        [sys.executable, "-S", "-m", "agent.shim", "--spare", str(os.getpid())],
+        stdin=int(sys.argv[1]),
+    )
+    print(spare.pid, flush=True)
+    """
+)
+
+
+def test_a_spare_exits_when_its_agent_is_gone_even_if_its_pipe_stays_open(root: Path) -> None:
+    # Someone else (here: this test) still holds the pipe's write end, so no
+    # EOF comes; being reparented must be enough.
+    r, w = os.pipe()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(r)],
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdout=subprocess.PIPE,
+            pass_fds=(r,),
+            timeout=DEADLINE_S,
+            check=True,
+        )
+        spare = ProcRecord.of(int(out.stdout))
+        if spare is not None:  # None: it is already gone
+            wait_for(lambda: spare.process() is None, "the orphaned spare to exit")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    # A spare orphaned by a killed agent is reaped by init, or is at least a zombie.
+    return not _alive(pid)
 
 
 def _pgid(pid: int) -> int:
