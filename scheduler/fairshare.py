@@ -215,7 +215,11 @@ class FairShare:
             heapq.heapify(heap)
             shares = self.shares
             while heap:
-                user = heapq.heappop(heap)[3]
+                # The user stays at the top while its entry is out: the caller
+                # charges the grant, then the user is re-queued at its new
+                # share with one sift (heapreplace) instead of a pop and a push.
+                # Keys are distinct (one per user), so the order is the same.
+                user = heap[0][3]
                 q = queues[user]
                 k = pos[user]
                 yield q[k]
@@ -231,7 +235,9 @@ class FairShare:
                 pos[user] = k
                 if k < n:
                     e = q[k]
-                    heapq.heappush(heap, (shares.get(user, 0.0), e[0], e[1], user))
+                    heapq.heapreplace(heap, (shares.get(user, 0.0), e[0], e[1], user))
+                else:
+                    heapq.heappop(heap)
 
 
 def queue_report(
