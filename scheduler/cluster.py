@@ -183,6 +183,10 @@ class Cluster:
         self._roomy: dict[Shape, list[Pool]] = {}
         self._plain: dict[Shape, tuple[list[Pool], bool]] = {}
         self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
+        # The same key -> (GPUs picked, GPUs left free), for fit_and_take.
+        self._picks_left: dict[
+            tuple[_Build, tuple[int, ...], int], tuple[tuple[int, ...], tuple[int, ...]]
+        ] = {}
 
     # -- matching ---------------------------------------------------------
 
@@ -456,6 +460,15 @@ class Cluster:
                 # pick_gpus takes the lowest g here: what is left is the rest.
                 gpus = tuple(free[:g])
                 self.free[i] = free[g:]
+            elif whole:
+                # pick_gpus by domain, remembered with what it leaves free.
+                key = (self.build[i], tuple(free), g)
+                hit = self._picks_left.get(key)
+                if hit is None:
+                    gpus = self.pick_gpus(i, shape)
+                    hit = self._picks_left[key] = (gpus, tuple(x for x in free if x not in gpus))
+                gpus = hit[0]
+                self.free[i] = list(hit[1])
             else:
                 gpus = self.pick_gpus(i, shape)
                 gone = set(gpus)
