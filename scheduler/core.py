@@ -216,10 +216,12 @@ class _Pass:
         busy = self.job_nodes.get(unit.job_id, set())
         spread = any(t.spread for t in unit.tasks)
         key = (shapes, spread)
-        if not busy and key in self.no_gang:
-            for t in unit.tasks:
-                self.reasons[t.task_id] = self.no_gang[key]
-            return
+        if not busy:
+            known = self.no_gang.get(key)
+            if known is not None:
+                for t in unit.tasks:
+                    self.reasons[t.task_id] = known
+                return
         # A gang of n tasks of one shape, with no running tasks to avoid,
         # fits iff n nodes each fit that shape; so once n such tasks failed,
         # n or more keep failing for the rest of the pass.  (A trial would
