@@ -256,7 +256,7 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
             [
                 r["name"],
                 r["id"],
-                node_state(r["state"], r.get("drain_deadline")),
+                node_state(r["state"], r.get("drain_deadline"), r.get("drain_reason") is not None),
                 f"{r['gpus_free']}/{r['gpus_total']}",
                 f"{r['gpu_util_pct']:.0f}%",
                 ",".join(r["gpu_models"]) or "-",
@@ -291,15 +291,25 @@ async def node(c: ClusterClient, a: argparse.Namespace) -> int:
     if getattr(a, "deadline", None) is not None:
         args["deadline_s"] = drain_deadline_s(a.deadline)  # before anything is sent
     res = await c.call(method, args, timeout_s=a.timeout)
-    print(f"{a.node}: {node_state(res.get('state', 'removed'), res.get('drain_deadline'))}")
+    state = node_state(
+        res.get("state", "removed"), res.get("drain_deadline"), bool(res.get("drained"))
+    )
+    print(f"{a.node}: {state}")
     return 0
 
 
-def node_state(state: str, drain_deadline: float | None) -> str:
-    if state != "draining" or drain_deadline is None:
+def node_state(state: str, drain_deadline: float | None, drained: bool = False) -> str:
+    """draining, draining (deadline in 5m); a down node that comes back
+    draining: down (drained), down (drained, deadline passed)."""
+    deadline = None
+    if drain_deadline is not None:
+        left = until(drain_deadline)
+        deadline = f"deadline {'passed' if left is None else 'in ' + left}"
+    if state == "down" and drained:
+        return f"down (drained, {deadline})" if deadline else "down (drained)"
+    if state != "draining" or deadline is None:
         return state
-    left = until(drain_deadline)
-    return f"draining (deadline {'passed' if left is None else 'in ' + left})"
+    return f"draining ({deadline})"
 
 
 async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:

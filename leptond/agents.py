@@ -166,11 +166,21 @@ class AgentRegistry:
         return {"ok": True, "count": len(evs)}
 
     async def leave(self, conn: Connection, a: Any) -> dict[str, Any]:
-        """An agent stopping with leave-on-stop: no new work is placed on it."""
+        """An agent stopping with leave-on-stop: no new work is placed on it.
+
+        A drain that already holds (an admin's, maybe with a deadline) is left
+        as it is: `leave` drains only a node that is not drained yet.
+        """
         nid = self._registered(conn, "leaving")
         return await self.m.propose(
             "node_state",
-            {"node_id": nid, "state": "draining", "now": time.time(), "reason": "agent leaving"},
+            {
+                "node_id": nid,
+                "state": "draining",
+                "now": time.time(),
+                "reason": "agent leaving",
+                "leave": True,
+            },
         )
 
     async def deregister(self, conn: Connection, a: Any) -> dict[str, Any]:

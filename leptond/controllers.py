@@ -200,14 +200,18 @@ class Controllers:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
         for pr in plan.preemptions:
             self.preempting.setdefault(pr.for_task, set()).add(pr.task_id)
+        # Waiting gang tasks are never skipped: the oldest one gets nodes held
+        # back in every pass, and without it in the pass newer small work
+        # would take what the gang waits for (it would starve).
+        gangs = {r.task_id for r in pending if r.gang_size > 1}
         if skip:
             # Incremental pass: add to what is known not to fit. Ids of tasks
             # that left pending meanwhile are harmless here and go at the next
             # full pass, so this stays O(new tasks), not O(all pending).
-            self._stuck.update(plan.reasons)
+            self._stuck.update(t for t in plan.reasons if t not in gangs)
             self.reasons.update(plan.reasons)
         else:
-            self._stuck = set(plan.reasons)
+            self._stuck = {t for t in plan.reasons if t not in gangs}
             self.reasons = dict(plan.reasons)
         for tid, victims in self.preempting.items():
             self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"

@@ -196,6 +196,7 @@ def node_summary(s: ClusterState, n: Node, live: dict[str, Any] | None) -> dict[
         "name": n.name,
         "state": n.state,
         "drain_deadline": n.drain_deadline,
+        "drain_reason": n.drain_reason,
         "addr": n.addr,
         "labels": dict(n.labels),
         "gpus_total": len(n.gpus),

@@ -78,8 +78,14 @@ class Node(Record):
     reason: str = ""
     # Wall-clock time (the proposer's) at which a draining node's remaining
     # tasks are stopped and requeued; None: they run to completion. Set only
-    # while the node is draining.
+    # while a drain holds (drain_reason is not None).
     drain_deadline: float | None = None
+    # The reason of the drain that holds on this node; None: not drained. It
+    # outlives the node going down: a drained host that goes down and comes
+    # back is draining again, with its reason and deadline, so maintenance is
+    # not undone by a reboot (as Nomad and Kubernetes keep a drain or cordon).
+    # state is "draining" only with a drain, "ready" only without one.
+    drain_reason: str | None = None
 
 
 @dataclass(slots=True)

@@ -141,9 +141,10 @@ class ClusterState:
             node.cpus, node.mem_bytes, node.labels = cpus, mem_bytes, labels
             node.gpus = gpus
             if node.state == "down":
-                node.state = "ready"
+                # A drain outlives the node going down: it comes back draining.
+                node.state = "ready" if node.drain_reason is None else "draining"
             node.updated_at = now
-            node.reason = ""
+            node.reason = node.drain_reason or ""
         requeued = self._fit_live_tasks(node, now)
         return {
             "node_id": node_id,
@@ -209,11 +210,19 @@ class ClusterState:
         return out
 
     def apply_node_state(self, a: dict[str, Any], index: int) -> Result:
+        """Drain a node (state draining) or lift its drain (state ready).
+
+        The drain is recorded whatever the node's liveness: a down node stays
+        down until its agent returns, and then comes back draining (or ready,
+        when its drain was lifted meanwhile). `leave` marks the drain of an
+        agent stopping with leave-on-stop: it drains the node only when no
+        drain holds yet, so an admin's drain keeps its reason and deadline.
+        """
         node = self._node(a)
         state = a["state"]
         if state not in ("ready", "draining"):
             raise ArgError("bad_request", f"node state must be ready or draining, not {state!r}")
-        if node.state == "down" and state == "ready":
+        if node.state == "down" and state == "ready" and node.drain_reason is None:
             raise ArgError(
                 "conflict", f"node {node.name} is down; it becomes ready when its agent returns"
             )
@@ -229,11 +238,25 @@ class ClusterState:
                 raise ArgError("bad_request", "drain deadline must be a finite time")
             deadline = float(deadline)
         now = float(a["now"])
-        node.state = state
-        node.reason = str(a.get("reason", ""))
-        node.updated_at = now
-        node.drain_deadline = deadline
-        return {"node_id": node.id, "state": node.state, "drain_deadline": deadline}
+        reason = str(a.get("reason", ""))
+        if not (a.get("leave") and node.drain_reason is not None):
+            if state == "draining":
+                node.drain_reason, node.drain_deadline = reason, deadline
+            else:
+                node.drain_reason, node.drain_deadline = None, None
+            if node.state != "down":  # a down node keeps saying why it is down
+                node.state, node.reason = state, reason
+            node.updated_at = now
+        return self._node_state_result(node)
+
+    @staticmethod
+    def _node_state_result(node: Node) -> Result:
+        return {
+            "node_id": node.id,
+            "state": node.state,
+            "drain_deadline": node.drain_deadline,
+            "drained": node.drain_reason is not None,
+        }
 
     def apply_drain_expired(self, a: dict[str, Any], index: int) -> Result:
         """The drain deadline of a node has passed (by the proposer's clock): ask
@@ -249,8 +272,9 @@ class ClusterState:
         for tid in sorted(self.node_tasks.get(node.id, ())):
             t = self.tasks[tid]
             if t.state in LIVE_TASK_STATES and t.stop is None:
-                tl.evict(t, "drain", f"stopping: the drain deadline of node {node.name} passed")
                 stopping.append(tid)
+                msg = f"stopping: the drain deadline of node {node.name} passed"
+                tl.evict(self, t, "drain", msg, now)
         return {"node_id": node.id, "stopping": stopping}
 
     def apply_node_down(self, a: dict[str, Any], index: int) -> Result:
@@ -258,8 +282,9 @@ class ClusterState:
         now = float(a["now"])
         if node.state == "down":
             return {"node_id": node.id, "lost": []}
+        # Its drain, if any, stays (drain_reason, drain_deadline): it applies
+        # again when the node comes back.
         node.state = "down"
-        node.drain_deadline = None
         node.reason = str(a.get("reason", "no heartbeat"))
         node.updated_at = now
         lost = []
@@ -362,7 +387,7 @@ class ClusterState:
                 self.pending.pop(tid, None)
                 t.state, t.finished_at, t.message = "cancelled", now, "cancelled before it started"
             elif t.state in LIVE_TASK_STATES:
-                t.stop = "cancel"
+                tl.request_stop(self, t, "cancel", now)
         tl.refresh_job(self, job, now)
         return {"id": job.id, "state": job.state}
 
@@ -491,6 +516,11 @@ class ClusterState:
             recent = OrderedDict((k, v) for k, v in obj["recent"])
             manifests = dict(obj.get("manifests") or {})
             applied_index = int(obj.get("applied_index", 0))
+            for n in nodes.values():
+                # Snapshots from before drain_reason: a draining node's drain
+                # is the one its reason names.
+                if n.state == "draining" and n.drain_reason is None:
+                    n.drain_reason = n.reason
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"bad state snapshot: {exc}") from None
         self.nodes, self.jobs, self.tasks, self.tokens, self.members = (

@@ -26,8 +26,8 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             continue
         if s.jobs[t.job_id].spec.get("preemptible") is False:
             continue
-        evict(t, "preempt", f"preempted for {p.get('for_task', '?')}")
         preempting.append(t.id)
+        evict(s, t, "preempt", f"preempted for {p.get('for_task', '?')}", now)
     # Group placements by job so a gang is placed whole or not at all.
     by_job: dict[str, list[dict[str, Any]]] = {}
     for p in a.get("placements", []):
@@ -184,39 +184,66 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
 REQUEUE_STOPS = frozenset({"preempt", "drain", "shrink"})
 
 
-def evict(t: Task, how: str, message: str) -> None:
-    """Ask for a live task to stop for `how` (one of REQUEUE_STOPS).
+def evict(s: ClusterState, t: Task, how: str, message: str, now: float) -> None:
+    """Ask for a live task to stop for `how` (one of REQUEUE_STOPS)."""
+    t.message = message
+    request_stop(s, t, how, now)
 
-    The dispatcher pushes the stop to its agent (SIGTERM, then SIGKILL after
-    the kill grace); its exit comes back through task_exited, which requeues it.
+
+def request_stop(s: ClusterState, t: Task, how: str, now: float, message: str = "") -> None:
+    """Ask for a live task to stop for `how` (cancel, gang or one of REQUEUE_STOPS).
+
+    A running task is stopped by its agent: the dispatcher pushes the stop
+    (SIGTERM, then SIGKILL after the kill grace) and its exit comes back
+    through task_exited. An assigned task has not started as far as the state
+    knows, and may never: its agent may not have got it, may get it only after
+    the stop (the dispatcher never starts a task with a stop), or may be down.
+    No exit would come back for it, so it ends here, as if it had exited
+    before it started. Should its agent be starting it at this very moment,
+    that run is no live task of the node any more: the agent's next heartbeat
+    reconcile stops it, and its events are stale (another attempt or node) or
+    land on a finished task, which ignores them.
     """
-    t.stop, t.message = how, message
+    t.stop = how
+    if t.state == "assigned":
+        task_exited(s, t, "failed", None, message, now, started=False)
 
 
 def task_exited(
-    s: ClusterState, t: Task, outcome: str, code: int | None, message: str, now: float
+    s: ClusterState,
+    t: Task,
+    outcome: str,
+    code: int | None,
+    message: str,
+    now: float,
+    started: bool = True,
 ) -> None:
-    """A live task stopped (or was lost). Decide its next state and its job's."""
+    """A live task stopped (or was lost). Decide its next state and its job's.
+
+    started=False: a stop ended it before it started (see request_stop).
+    """
     job = s.jobs[t.job_id]
     stop = t.stop
+    how = f"(exit {code})" if started else "before it started"
     t.exit_code, t.finished_at = code, now
     if stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
         if stop == "preempt":
             t.preemptions += 1
-            note = f"preempted (exit {code})"
+            note = f"preempted {how}"
         elif stop == "drain":
             node = s.nodes.get(t.node_id or "")
             where = node.name if node is not None else t.node_id
-            note = f"stopped at the drain deadline of node {where} (exit {code})"
+            note = f"stopped at the drain deadline of node {where} {how}"
         else:
             note = message
         _requeue(s, t, f"{note}; waiting to run again")
-        _stop_gang(s, job, t, "gang")
+        _stop_gang(s, job, t, "gang", now)
     elif stop == "gang" and job.state not in ("cancelled", "failed"):
         _requeue(s, t, "restarting with its gang")
     elif stop == "cancel" or job.state == "cancelled":
         _release(s, t)
-        t.state, t.message = "cancelled", message or "cancelled"
+        t.state = "cancelled"
+        t.message = message or ("cancelled" if started else "cancelled before it started")
     elif outcome == "succeeded":
         _release(s, t)
         t.state, t.message = "succeeded", message
@@ -227,15 +254,15 @@ def task_exited(
             t,
             f"{outcome}: {message or f'exit {code}'}; retrying ({job.retries_left} retries left)",
         )
-        _stop_gang(s, job, t, "gang")
+        _stop_gang(s, job, t, "gang", now)
     else:
         _release(s, t)
         t.state, t.message = outcome, message
-        _stop_gang(s, job, t, "cancel")
+        _stop_gang(s, job, t, "cancel", now)
     refresh_job(s, job, now)
 
 
-def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str) -> None:
+def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str, now: float) -> None:
     """When one rank of a gang fails, the other ranks stop (and restart with it).
 
     A gang is placed only when every rank is pending, so on a restart ("gang")
@@ -246,7 +273,9 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str) -> None:
         if other is failed:
             continue
         if other.state in LIVE_TASK_STATES and other.stop is None:
-            other.stop = how
+            # An assigned rank ends at once (requeued or cancelled): no
+            # further _stop_gang, as only gang and cancel stops reach here.
+            request_stop(s, other, how, now, f"gang member {failed.rank} failed")
         elif other.state == "pending" and how == "cancel":
             s.pending.pop(tid, None)
             other.state, other.message = "cancelled", f"gang member {failed.rank} failed"

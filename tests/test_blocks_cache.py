@@ -289,3 +289,68 @@ def test_matches_reference_model(
         if with_callback:
             assert evicted == model.evicted
     assert cache.stats().evictions == len(model.evicted)
+
+
+pin_heavy_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["get", "get", "put", "put", "pin", "unpin", "unpin", "discard"]),
+        st.integers(0, 5),
+        st.integers(0, 3),
+    ),
+    max_size=120,
+)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("with_callback", [False, True])
+@settings(max_examples=200, deadline=None)
+@given(cap=st.integers(0, 6), script=pin_heavy_ops)
+def test_counters_match_model_as_pins_come_and_go(
+    policy: Any, with_callback: bool, cap: int, script: list[tuple[str, int, int]]
+) -> None:
+    """``get``/``put`` switch between lean and general paths as the first pin
+    is taken and the last released; every counter must carry across."""
+    evicted: list[int] = []
+    callback = (lambda k, v: evicted.append(k)) if with_callback else None
+    cache: ByteCache[int, int] = ByteCache(cap, policy, callback)
+    model = ReferenceCache(cap, policy)
+    hits = misses = evicted_bytes = 0
+    for op, key, size in script:
+        sizes = {k: v[0] for k, v in model.items.items()}
+        before = len(model.evicted)
+        if op == "get":
+            got = model.get(key)
+            assert cache.get(key) == got
+            hits += got is not None
+            misses += got is None
+        elif op == "put":
+            sizes[key] = size  # a replaced item is not evicted, so this is safe
+            cache.put(key, key, size)
+            model.put(key, size)
+        elif op == "pin":
+            cache.pin(key)
+            model.pin(key)
+        elif op == "unpin":
+            if key not in model.pins:
+                continue
+            cache.unpin(key)
+            model.unpin(key)
+        else:
+            cache.discard(key)
+            model.discard(key)
+        evicted_bytes += sum(sizes[k] for k in model.evicted[before:])
+        # The lean put assumes no pins and no callback, the lean get no pins.
+        lean = not model.pins
+        assert cache.get == (cache._fast_get if lean else cache._get)
+        assert cache.put == (cache._fast_put if lean and not with_callback else cache._put_careful)
+        s = cache.stats()
+        assert (s.hits, s.misses) == (hits, misses) == (cache.hits, cache.misses)
+        assert (s.evictions, s.evicted_bytes) == (len(model.evicted), evicted_bytes)
+        assert (cache.evictions, cache.evicted_bytes) == (s.evictions, s.evicted_bytes)
+        assert s.bytes == cache.bytes_used == model.used()
+        assert s.pinned_items == sum(1 for k in model.pins if k in model.items)
+        assert sorted(cache.keys()) == sorted(model.items)
+        if isinstance(cache, LFUByteCache):
+            assert all(cache.use_count(k) == v[1] for k, v in model.items.items())
+        if with_callback:
+            assert evicted == model.evicted

@@ -1,13 +1,20 @@
 """Nodes leaving and shrinking on a real loopback cluster: `node drain --deadline`
 moves what still runs there at the deadline, a drain without one leaves it be,
 and an agent back with fewer GPUs requeues the task on a GPU that vanished.
+A task stopped before its agent started it ends at once; a drain outlives its
+node going down and coming back, and an agent's leave keeps an admin's drain.
 One cluster for the module; tests run in file order and leave it idle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,3 +163,135 @@ def test_an_agent_back_with_fewer_gpus_requeues_the_task_on_a_vanished_one(
     c.ctl("cancel", gone)
     for job in (keep, gone):
         wait_for(lambda j=job: task0(c, j)["state"] == "cancelled", 60, f"{job} stopped")
+
+
+# -- tasks stopped before they started ------------------------------------------------
+
+
+@contextlib.contextmanager
+def paused(c: Cluster, name: str) -> Iterator[None]:
+    """The agent frozen (SIGSTOP): it takes no pushes until it is resumed, well
+    within the TTL, so its node stays up; what it missed waits in its socket."""
+    a = agent(c, name)
+    a.signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        a.signal(signal.SIGCONT)
+
+
+def submit_rpc(c: Cluster, argv: list[str], **spec: Any) -> str:
+    """A submit in-process: a leptonctl run costs too much of the agent's pause."""
+    spec = {"argv": argv, "gpus": 1, **spec}
+    return str(c.rpc("submit", {"spec": spec, "rid": uuid.uuid4().hex})["id"])
+
+
+def run_dir(c: Cluster, node: str, job: str, attempt: int) -> Path:
+    """The agent's directory of one run of a job's task 0 (agent/taskdir.py)."""
+    return c.root / f"agent-{node}" / "tasks" / f"{job}.0_a{attempt}"
+
+
+def test_a_task_stopped_before_its_agent_started_it_ends_at_once(drains: Cluster) -> None:
+    """Cancelled (or stopped at a drain deadline) before its agent started it, a
+    task ends without waiting for an exit, and its node stays up. The agent,
+    resumed, starts the run it was sent before the stop: it is told to stop it."""
+    c = drains
+    argv = ["sleep", "600"]
+
+    with paused(c, "h2"):
+        job = submit_rpc(c, argv, constraints={"host": "h2"})
+        wait_task(c, job, {"assigned"}, timeout_s=TTL_S)
+        c.rpc("cancel", {"job_id": job})
+        t = wait_task(c, job, {"cancelled"}, timeout_s=TTL_S)
+        # Not "lost: node h2 went down": it ended while its node was up.
+        assert t["message"] == "cancelled before it started", t
+    assert c.status(job)["finished_at"] is not None
+    late = run_dir(c, "h2", job, 1)
+    wait_for((late / "spec.json").exists, 30, "the agent to start the run it was sent")
+    wait_for((late / "exit.json").exists, 30, "the agent to stop the cancelled task's late run")
+
+    with paused(c, "h2"):
+        job = submit_rpc(c, argv, constraints={"host": "h2"}, retries=1)
+        wait_task(c, job, {"assigned"}, timeout_s=TTL_S)
+        c.rpc("node_drain", {"node": "h2", "deadline_s": 0.5})
+        t = wait_task(c, job, {"pending"}, timeout_s=TTL_S)
+        assert t["message"] == (
+            "stopped at the drain deadline of node h2 before it started; waiting to run again"
+        ), t
+        assert (t["attempt"], c.status(job)["retries_left"]) == (1, 1)
+        n = node_by_name(c, "h2")
+        assert n is not None and n["state"] == "draining", n
+    late = run_dir(c, "h2", job, 1)
+    wait_for((late / "spec.json").exists, 30, "the agent to start the run it was sent")
+    # Undrained, it runs on h2 again as attempt 2, and the late run of attempt 1 stops.
+    c.ctl("node", "undrain", "h2")
+    t = wait_task(c, job, {"running"})
+    assert (t["node"], t["attempt"]) == ("h2", 2), t
+    wait_for((late / "exit.json").exists, 30, "the agent to stop the late run of attempt 1")
+    assert not (run_dir(c, "h2", job, 2) / "exit.json").exists()
+    assert (c.status(job)["retries_left"], task0(c, job)["attempt"]) == (1, 2)
+    assert_no_gpu_shared(c)
+    c.ctl("cancel", job)
+    wait_for(lambda: task0(c, job)["state"] == "cancelled", 60, f"{job} stopped")
+
+
+# -- drains across an agent's absence ----------------------------------------------------
+
+
+def test_a_drained_node_whose_agent_dies_and_returns_stays_drained(drains: Cluster) -> None:
+    c = drains
+    out = c.ctl("node", "drain", "h1", "--deadline", "1h").stdout.strip()
+    assert out.startswith("h1: draining (deadline in "), out
+    deadline = node_by_name(c, "h1")["drain_deadline"]  # type: ignore[index]
+    agent(c, "h1").kill9()
+    n = wait_for(
+        lambda: (n := node_by_name(c, "h1")) is not None and n["state"] == "down" and n,
+        TTL_S + 30,
+        "h1 down",
+    )
+    assert (n["drain_deadline"], n.get("drain_reason")) == (deadline, "drained"), n
+    table = c.ctl("nodes").stdout
+    assert re.search(r"^h1\s.*down \(drained, deadline in 1\.0h\)", table, re.M), table
+
+    start_agent(c, "h1", gpus="2")
+    n = wait_for(
+        lambda: (n := node_by_name(c, "h1")) is not None and n["state"] != "down" and n,
+        60,
+        "h1 back",
+    )
+    assert (n["state"], n["reason"], n["drain_deadline"]) == ("draining", "drained", deadline), n
+    # No new work lands on it while it is drained ...
+    job = c.submit("--gpus", "1", "--constraint", "host=h1", "--", "true")
+    st = wait_for(lambda: (s := c.status(job)).get("reason") and s, 30, "a pending reason")
+    assert st["state"] == "pending", st
+    # ... and once undrained, it does.
+    assert c.ctl("node", "undrain", "h1").stdout.strip() == "h1: ready"
+    assert c.wait_job(job, {"succeeded", "failed"})["state"] == "succeeded"
+
+
+def test_an_agent_leaving_keeps_the_admins_drain_deadline(drains: Cluster) -> None:
+    c = drains
+    marker = c.root / "leaver-termed"
+    # A long kill grace and a task that outlives SIGTERM hold the node between
+    # the agent's leave and its deregistration, long enough to look at it.
+    p = c.start_agent(
+        "h4", gpus="1", extra=["--labels", "host=h4", "--leave-on-stop", "--kill-grace", "8"]
+    )
+    wait_for(lambda: (n := node_by_name(c, "h4")) and n["state"] == "ready", 60, "h4 ready")
+    job = c.submit(
+        "--gpus", "1", "--constraint", "host=h4", "--",
+        "sh", "-c", f"trap 'touch {marker}' TERM; while true; do sleep 0.1; done",
+    )  # fmt: skip
+    wait_task(c, job, {"running"})
+    c.ctl("node", "drain", "h4", "--deadline", "1h")
+    deadline = node_by_name(c, "h4")["drain_deadline"]  # type: ignore[index]
+    p.signal(signal.SIGTERM)
+    # The agent stops its runs once its leave is committed.
+    wait_for(marker.exists, 60, "the leaving agent to stop its task")
+    n = node_by_name(c, "h4")
+    assert n is not None, "h4 deregistered before its task stopped"
+    assert (n["state"], n["reason"], n["drain_deadline"]) == ("draining", "drained", deadline), n
+    wait_for(lambda: not p.alive(), 60, "the agent to exit")
+    assert node_by_name(c, "h4") is None
+    wait_for(lambda: task0(c, job)["state"] != "running", 30, "the task to stop")
+    c.ctl("cancel", job, check=False)

@@ -54,13 +54,86 @@ def test_a_drain_without_a_deadline_replaces_one_with_a_deadline() -> None:
     assert is_error(res, "conflict"), res
 
 
-def test_a_node_that_goes_down_forgets_its_deadline() -> None:
+def test_a_drained_node_that_goes_down_comes_back_draining_with_its_reason_and_deadline() -> None:
     h = two_nodes()
-    drain(h, "n1", deadline=5_000.0)
+    h.ok(
+        "node_state",
+        {"node_id": "n1", "state": "draining", "reason": "disk swap", "deadline": 5_000.0},
+    )
+    h.ok("node_down", {"node_id": "n1", "reason": "no heartbeat for 10s"})
+    node = h.state.nodes["n1"]
+    assert (node.state, node.reason) == ("down", "no heartbeat for 10s")
+    assert (node.drain_reason, node.drain_deadline) == ("disk swap", 5_000.0)
+    check_invariants(h.state)
+    res = h.register("n1")
+    assert res["state"] == "draining"
+    assert (node.state, node.reason, node.drain_deadline) == ("draining", "disk swap", 5_000.0)
+    # Nothing is placed on it; undrained, it takes work again.
+    h.submit("a", gpus=1)
+    assert h.plan([("a.0", "n1", [0])])["dropped"][0]["reason"] == "node is not ready"
+    h.ok("node_state", {"node_id": "n1", "state": "ready"})
+    assert (node.state, node.reason, node.drain_reason, node.drain_deadline) == (
+        "ready",
+        "",
+        None,
+        None,
+    )
+    assert h.plan([("a.0", "n1", [0])])["placed"] == ["a.0"]
+    check_invariants(h.state)
+
+
+def test_a_drain_without_a_deadline_survives_down_and_up_too() -> None:
+    h = two_nodes()
+    h.ok("node_state", {"node_id": "n1", "state": "draining", "reason": "drained"})
     h.ok("node_down", {"node_id": "n1"})
-    assert h.state.nodes["n1"].drain_deadline is None
     h.register("n1")
-    assert (h.state.nodes["n1"].state, h.state.nodes["n1"].drain_deadline) == ("ready", None)
+    node = h.state.nodes["n1"]
+    assert (node.state, node.reason, node.drain_deadline) == ("draining", "drained", None)
+    # A draining node that registers again (a new leader, a reconnect) keeps its reason.
+    h.register("n1")
+    assert (node.state, node.reason) == ("draining", "drained")
+    check_invariants(h.state)
+
+
+def test_a_down_node_can_be_drained_and_undrained_before_it_comes_back() -> None:
+    h = two_nodes()
+    h.ok("node_down", {"node_id": "n1"})
+    node = h.state.nodes["n1"]
+    # Not drained: there is nothing to undrain, and it comes back ready anyway.
+    res = h.cmd("node_state", {"node_id": "n1", "state": "ready"})
+    assert is_error(res, "conflict"), res
+    res = h.ok("node_state", {"node_id": "n1", "state": "draining", "reason": "rma"})
+    assert res == {"node_id": "n1", "state": "down", "drain_deadline": None, "drained": True}
+    assert (node.state, node.reason, node.drain_reason) == ("down", "no heartbeat", "rma")
+    check_invariants(h.state)
+    assert h.register("n1")["state"] == "draining"
+    h.ok("node_down", {"node_id": "n1"})
+    res = h.ok("node_state", {"node_id": "n1", "state": "ready"})
+    assert res == {"node_id": "n1", "state": "down", "drain_deadline": None, "drained": False}
+    assert h.register("n1")["state"] == "ready"
+    assert (node.reason, node.drain_reason) == ("", None)
+    check_invariants(h.state)
+
+
+def test_an_agent_leaving_keeps_an_admins_drain_as_it_is() -> None:
+    h = two_nodes()
+    h.ok(
+        "node_state",
+        {"node_id": "n1", "state": "draining", "reason": "drained", "deadline": 5_000.0},
+    )
+    before = h.state.snapshot()
+    leave = {"node_id": "n1", "state": "draining", "reason": "agent leaving", "leave": True}
+    res = h.ok("node_state", leave)
+    assert res == {"node_id": "n1", "state": "draining", "drain_deadline": 5_000.0, "drained": True}
+    assert same_records(before, h.state)
+    # On a node that is not drained, the agent's leave drains it (without a deadline).
+    res = h.ok("node_state", {**leave, "node_id": "n2"})
+    assert res == {"node_id": "n2", "state": "draining", "drain_deadline": None, "drained": True}
+    n2 = h.state.nodes["n2"]
+    assert (n2.reason, n2.drain_reason) == ("agent leaving", "agent leaving")
+    # An admin's drain still replaces an agent's.
+    drain(h, "n2", deadline=7_000.0)
+    assert n2.drain_deadline == 7_000.0
     check_invariants(h.state)
 
 
@@ -78,6 +151,26 @@ def test_the_deadline_survives_a_snapshot_and_old_snapshots_restore_without_one(
     older = ClusterState()
     older.restore(msgpack.packb(old, use_bin_type=True))
     assert [n.drain_deadline for n in older.nodes.values()] == [None, None]
+
+
+def test_snapshots_from_before_drain_reason_restore_their_drains() -> None:
+    h = two_nodes()
+    h.ok("node_state", {"node_id": "n1", "state": "draining", "reason": "rma"})
+    h.ok("node_state", {"node_id": "n2", "state": "draining", "reason": "x"})
+    h.ok("node_down", {"node_id": "n2"})
+    again = ClusterState()
+    again.restore(h.state.snapshot())
+    assert [n.drain_reason for n in again.nodes.values()] == ["rma", "x"]
+    assert again.snapshot() == h.state.snapshot()
+    # Written before nodes had a drain reason: a draining node is drained for
+    # the reason it shows; a down one had its drain forgotten already.
+    old = msgpack.unpackb(h.state.snapshot(), raw=False, strict_map_key=False)
+    for n in old["nodes"]:
+        del n["drain_reason"]
+    older = ClusterState()
+    older.restore(msgpack.packb(old, use_bin_type=True))
+    assert [n.drain_reason for n in older.nodes.values()] == ["rma", None]
+    check_invariants(older)
 
 
 # -- the deadline passing -----------------------------------------------------------------
@@ -112,8 +205,13 @@ def test_at_the_deadline_live_tasks_stop_and_requeue_without_spending_a_retry() 
     a = h.task("a.0")
     assert (a.state, a.stop) == ("running", "drain")
     assert "drain deadline of node n1" in a.message
-    # Not preemptible, but a drain deadline stops it all the same.
-    assert h.task("pinned.0").stop == "drain"
+    # Not preemptible, but a drain deadline stops it all the same; it never
+    # started, so no exit will come: it is back to pending at once.
+    pinned = h.task("pinned.0")
+    assert (pinned.state, pinned.node_id, pinned.stop, pinned.attempt) == ("pending", None, None, 1)
+    assert pinned.message == (
+        "stopped at the drain deadline of node n1 before it started; waiting to run again"
+    )
     assert h.task("elsewhere.0").stop is None
     # Proposed again (a slow commit, a new leader): nothing more to stop.
     assert h.ok("drain_expired", {"node_id": "n1", "now": 5_001.0})["stopping"] == []
@@ -125,7 +223,8 @@ def test_at_the_deadline_live_tasks_stop_and_requeue_without_spending_a_retry() 
     assert a.message == "stopped at the drain deadline of node n1 (exit 143); waiting to run again"
     assert h.job("a").retries_left == 1
     assert h.job("a").state == "pending"
-    h.event("pinned.0", "exited", None)
+    # Its agent reporting the run it started as the stop was applied: stale.
+    assert h.event("pinned.0", "exited", None, attempt=1, node_id="n1")["stale"] == 1
     assert h.task("pinned.0").state == "pending"
     assert h.state.gpu_owner == {("n2", 0): "elsewhere.0"}
     check_invariants(h.state)
@@ -139,14 +238,27 @@ def test_a_gang_rank_stopped_at_a_deadline_restarts_the_whole_gang() -> None:
     h = two_nodes()
     h.submit("g", gpus=1, nodes=2, retries=0)
     assert h.plan([("g.0", "n1", [0]), ("g.1", "n2", [0])])["placed"] == ["g.0", "g.1"]
+    h.event("g.0", "running")
     drain(h, "n1", deadline=5_000.0)
     assert h.ok("drain_expired", {"node_id": "n1", "now": 6_000.0})["stopping"] == ["g.0"]
     h.event("g.0", "exited", 143)
     assert h.task("g.0").state == "pending"
-    assert (h.task("g.1").state, h.task("g.1").stop) == ("assigned", "gang")
-    h.event("g.1", "exited", 143)
-    assert [h.task(t).state for t in ("g.0", "g.1")] == ["pending", "pending"]
+    # g.1 never started: it is requeued at once rather than waiting on an exit.
+    assert (h.task("g.1").state, h.task("g.1").stop) == ("pending", None)
+    assert h.task("g.1").message == "restarting with its gang"
     assert h.job("g").state == "pending"
+    check_invariants(h.state)
+
+
+def test_a_gang_whose_ranks_never_started_is_requeued_whole_at_the_deadline() -> None:
+    h = two_nodes()
+    h.submit("g", gpus=1, nodes=2, retries=0)
+    assert h.plan([("g.0", "n1", [0]), ("g.1", "n2", [0])])["placed"] == ["g.0", "g.1"]
+    drain(h, "n1", deadline=5_000.0)
+    assert h.ok("drain_expired", {"node_id": "n1", "now": 6_000.0})["stopping"] == ["g.0"]
+    assert [(h.task(t).state, h.task(t).stop) for t in ("g.0", "g.1")] == [("pending", None)] * 2
+    assert (h.job("g").state, h.job("g").retries_left) == ("pending", 0)
+    assert h.state.gpu_owner == {}
     check_invariants(h.state)
 
 

@@ -40,7 +40,7 @@ USERS = ["alice", "bob"]
 ARG_KEYS = [
     "node", "node_id", "state", "now", "jobs", "job_id", "user", "admin", "events",
     "placements", "preemptions", "before", "id", "role", "sealed", "name", "force",
-    "deadline",
+    "deadline", "leave", "reason",
 ]  # fmt: skip
 
 junk = st.recursive(
@@ -105,11 +105,21 @@ class ReplicatedClusterState(RuleBasedStateMachine):
         # with more or less (a GPU fell off the bus); a new one brings its own.
         if node not in self.a.nodes or not same:
             self.resources[node] = {"gpus": gpus, "cpus": cpus, "mem_bytes": mem}
+        known = self.a.nodes.get(node)
+        drain = None if known is None else (known.drain_reason, known.drain_deadline)
         self.apply("register_node", {"node": node_record(node, **self.resources[node])})
+        if drain is not None:
+            # A drain outlives the node going down and coming back.
+            n = self.a.nodes[node]
+            assert (n.drain_reason, n.drain_deadline) == drain, n
+            assert n.state == ("ready" if drain[0] is None else "draining"), n
 
     @rule(
         change=st.sampled_from(
-            [*["register"] * 4, "reshape", "ready", "drain", "deadline", "down", "remove"]
+            [
+                *["register"] * 4,
+                *("reshape", "ready", "drain", "deadline", "leave", "down", "remove"),
+            ]
         ),
         node=st.sampled_from(NODES),
         gpus=st.integers(0, 4),
@@ -128,8 +138,18 @@ class ReplicatedClusterState(RuleBasedStateMachine):
         elif change == "deadline":
             deadline = self.now + gpus  # sometimes already due
             self.apply("node_state", {"node_id": node, "state": "draining", "deadline": deadline})
-        elif change == "down":
-            self.apply("node_down", {"node_id": node})
+        elif change in ("leave", "down"):
+            known = self.a.nodes.get(node)
+            drain = None if known is None else (known.drain_reason, known.drain_deadline)
+            if change == "down":
+                self.apply("node_down", {"node_id": node})
+            else:
+                leave = {"node_id": node, "state": "draining", "reason": "leaving", "leave": True}
+                self.apply("node_state", leave)
+            if drain is not None and (change == "down" or drain[0] is not None):
+                # Neither going down nor an agent's leave touches a drain that holds.
+                n = self.a.nodes[node]
+                assert (n.drain_reason, n.drain_deadline) == drain, n
         else:
             self.apply("remove_node", {"node_id": node, "force": force})
 
@@ -243,8 +263,9 @@ class ReplicatedClusterState(RuleBasedStateMachine):
     def drain_deadline_passes(self, data: st.DataObject) -> None:
         node = data.draw(st.sampled_from(sorted(self.a.nodes)))
         deadline = self.a.nodes[node].drain_deadline
+        down = self.a.nodes[node].state == "down"  # its drain waits for it to come back
         result = self.apply("drain_expired", {"node_id": node})
-        if deadline is None or deadline > self.now:
+        if deadline is None or deadline > self.now or down:
             assert is_error(result, "conflict"), result
         else:
             for tid in result["stopping"]:

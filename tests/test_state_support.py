@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 
 from raft.commands import encode
-from raft.model import FINAL_TASK_STATES, LIVE_TASK_STATES
+from raft.model import FINAL_TASK_STATES, LIVE_TASK_STATES, NODE_STATES
 from raft.state import ClusterState
 
 GiB = 1 << 30
@@ -202,11 +202,21 @@ def check_invariants(state: ClusterState) -> None:
         assert (job.finished_at is not None) == finished, (job, states)
         assert 0 <= job.retries_left <= job.spec["retries"]
     for node in state.nodes.values():
-        assert node.drain_deadline is None or node.state == "draining", node
+        # A drain (drain_reason) holds while draining and may outlive a down
+        # spell; a ready node holds none.
+        drained = node.drain_reason is not None
+        assert node.state in NODE_STATES, node
+        assert node.drain_deadline is None or drained, node
+        assert node.state != "draining" or drained, node
+        assert node.state != "ready" or not drained, node
     for t in state.tasks.values():
         assert t.job_id in state.jobs, t
         assert (t.state == "pending") == (t.id in state.pending), t
         if t.state == "pending":
             assert t.node_id is None and t.gpus == [] and t.stop is None, t
+        if t.state == "assigned":
+            # A stop ends a task that never started at once: none waits on an
+            # exit that no agent will report.
+            assert t.stop is None, t
         if t.stop == "preempt":
             assert state.jobs[t.job_id].spec["preemptible"], t

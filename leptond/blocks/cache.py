@@ -18,6 +18,28 @@ Invariants kept by every operation:
 ``on_evict`` runs after the evicted item has left the cache; it must not call
 back into the same cache.  Values must not be ``None``: ``get`` returns
 ``None`` for a miss.
+
+Why ``get`` and ``put`` are closures
+------------------------------------
+
+A hit or a miss costs a few hundred nanoseconds, most of it C-level dict
+work, so each attribute access on ``self`` is a visible share of the rest.
+Each policy therefore builds its ``get`` and a lean ``put`` as closures
+(module functions ``_lru_paths`` / ``_lfu_paths``) and stores them in
+instance slots: the hot paths read and write the counters and the byte total
+as closure cells and call pre-bound dict methods, and touch no attribute of
+the cache.  The cold paths (pins, ``discard``, ``stats``, eviction with a
+callback) reach the same cells through two small accessor closures,
+``_totals`` and ``_account``.
+
+The lean ``put`` is only correct while nothing is pinned and there is no
+``on_evict``, and LFU's lean ``get`` while nothing is pinned (LRU's ``get``
+copes with pins at no cost).  Rather than test for that on every call,
+``pin`` and ``unpin`` switch ``self.get`` and ``self.put`` to the general
+paths when the first pin is taken and back when the last one is released
+(``_choose_paths``); with a callback, ``put`` is the general one throughout.
+So read ``cache.get`` / ``cache.put`` afresh: a reference kept across the
+first ``pin`` or the last ``unpin`` may be the wrong one.
 """
 
 from __future__ import annotations
@@ -25,7 +47,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -56,29 +78,65 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
+class _Totals(NamedTuple):
+    """The counters kept in a policy's closure cells, as the cold paths see them."""
+
+    hits: int
+    misses: int
+    used: int  # bytes_used
+    evictions: int
+    evicted_bytes: int
+
+
+class _Paths(NamedTuple, Generic[K, V]):
+    """What a policy's closure factory hands to ``ByteCache._bind``."""
+
+    get: Callable[[K], V | None]
+    fast_get: Callable[[K], V | None]  # valid only with no pins
+    fast_put: Callable[[K, V, int], None]  # valid only with no pins and no on_evict
+    totals: Callable[[], _Totals]
+    account: Callable[[int, int, int], None]  # (bytes delta, evictions, evicted bytes)
+
+
+def _bad_size(size: int) -> ValueError:
+    return ValueError(f"item size must be >= 0, got {size}")
+
+
 class ByteCache(Generic[K, V]):
     """A cache bounded by the total size of its items.
 
     ``ByteCache(capacity_bytes, "lru" | "lfu", on_evict)`` returns the
-    implementation for that policy; both share this interface.  The hot paths
-    (``get``, ``put``) are written out in each policy with local names and no
-    per-operation allocation: they are what the benchmark measures.
+    implementation for that policy; both share this interface.  ``get`` and
+    ``put`` are per-instance closures (see the module docstring for why);
+    everything else is an ordinary method.
     """
 
     __slots__ = (
-        "_bytes",
+        "_account",
         "_capacity",
-        "_careful",
+        "_fast_get",
+        "_fast_put",
+        "_get",
         "_on_evict",
         "_pinned_bytes",
         "_pins",
+        "_totals",
         "_values",
-        "evicted_bytes",
-        "evictions",
-        "hits",
-        "misses",
+        "get",
+        "put",
     )
     policy: str = ""
+
+    # Set by ``_bind``, and switched by ``_choose_paths``: ``get`` between
+    # ``_fast_get`` and the general ``_get``, ``put`` between ``_fast_put``
+    # and the general ``_put_careful``.
+    get: Callable[[K], V | None]
+    put: Callable[[K, V, int], None]
+    _get: Callable[[K], V | None]
+    _fast_get: Callable[[K], V | None]
+    _fast_put: Callable[[K, V, int], None]
+    _totals: Callable[[], _Totals]
+    _account: Callable[[int, int, int], None]
 
     def __new__(
         cls,
@@ -103,17 +161,52 @@ class ByteCache(Generic[K, V]):
             raise ValueError(f"cache capacity must be >= 0 bytes, got {capacity_bytes}")
         self._capacity = capacity_bytes
         self._on_evict = on_evict
-        self._bytes = 0
         self._pinned_bytes = 0  # bytes of stored items that are pinned
         self._values: dict[K, V] = {}  # every stored item, pinned or not
         self._pins: dict[K, int] = {}  # pin counts; a key may be pinned before it is stored
-        # True while pins or a callback exist: ``put`` then takes the general
-        # path instead of the lean one that the benchmark measures.
-        self._careful = on_evict is not None
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self.evicted_bytes = 0
+
+    def _bind(self, paths: _Paths[K, V]) -> None:
+        """Install a policy's closures; each policy's __init__ ends with this."""
+        self._get = paths.get
+        self._fast_get = paths.fast_get
+        self._fast_put = paths.fast_put
+        self._totals = paths.totals
+        self._account = paths.account
+        self._choose_paths()
+
+    def _choose_paths(self) -> None:
+        """Point ``get`` and ``put`` at the lean closures where they are valid
+        (``get``: nothing pinned; ``put``: nothing pinned and no callback),
+        else at the general paths.  Called whenever pins come or go, so the
+        lean paths need no check of their own."""
+        if self._pins:
+            self.get = self._get
+            self.put = self._put_careful
+        else:
+            self.get = self._fast_get
+            self.put = self._fast_put if self._on_evict is None else self._put_careful
+
+    # -- counters, kept in the policy's closure cells -----------------------
+
+    @property
+    def hits(self) -> int:
+        return self._totals().hits
+
+    @property
+    def misses(self) -> int:
+        return self._totals().misses
+
+    @property
+    def evictions(self) -> int:
+        return self._totals().evictions
+
+    @property
+    def evicted_bytes(self) -> int:
+        return self._totals().evicted_bytes
+
+    @property
+    def bytes_used(self) -> int:
+        return self._totals().used
 
     # -- shared, policy-independent parts ---------------------------------
 
@@ -130,16 +223,12 @@ class ByteCache(Generic[K, V]):
         return iter(list(self._values))  # a snapshot: safe to discard while iterating
 
     @property
-    def bytes_used(self) -> int:
-        return self._bytes
-
-    @property
     def capacity_bytes(self) -> int:
         return self._capacity
 
     @property
     def over_budget(self) -> bool:
-        return self._bytes > self._capacity
+        return self.bytes_used > self._capacity
 
     def peek(self, key: K) -> V | None:
         """The value without counting a use or a hit."""
@@ -159,7 +248,8 @@ class ByteCache(Generic[K, V]):
         pins = self._pins
         count = pins.get(key, 0)
         pins[key] = count + 1
-        self._careful = True
+        if len(pins) == 1 and count == 0:
+            self._choose_paths()  # the first pin: leave the lean paths
         if count == 0 and key in self._values:
             self._pinned_bytes += self._to_pinned(key)
 
@@ -172,11 +262,16 @@ class ByteCache(Generic[K, V]):
             pins[key] = count - 1
             return
         del pins[key]
-        self._careful = bool(pins) or self._on_evict is not None
         if key in self._values:
             self._pinned_bytes -= self._to_evictable(key)
-            if self._bytes > self._capacity:
+            if self.bytes_used > self._capacity:
                 self._evict_to(self._capacity)
+        if not pins:
+            # The last pin: back to the lean paths.  The lean put assumes the
+            # cache is within budget, which holds now: only stored pinned
+            # items can hold it over, and if this key was the last of them
+            # the eviction above has just brought it back.
+            self._choose_paths()
 
     def discard(self, key: K) -> None:
         """Remove ``key`` if stored (not an eviction: ``on_evict`` is not called).
@@ -185,23 +280,38 @@ class ByteCache(Generic[K, V]):
         """
         if self._values.pop(key, None) is not None:
             size = self._forget(key)
-            self._bytes -= size
+            self._account(-size, 0, 0)
             if key in self._pins:
                 self._pinned_bytes -= size
 
     def stats(self) -> CacheStats:
+        totals = self._totals()
         pins = self._pins  # usually few: count over them, not over the items
         return CacheStats(
-            hits=self.hits,
-            misses=self.misses,
-            evictions=self.evictions,
-            evicted_bytes=self.evicted_bytes,
-            bytes=self._bytes,
+            hits=totals.hits,
+            misses=totals.misses,
+            evictions=totals.evictions,
+            evicted_bytes=totals.evicted_bytes,
+            bytes=totals.used,
             items=len(self._values),
             capacity_bytes=self._capacity,
             policy=self.policy,
             pinned_items=sum(1 for k in pins if k in self._values),
         )
+
+    def _put_careful(self, key: K, value: V, size: int) -> None:
+        """``put`` while pins or a callback exist: the general path."""
+        if key in self._values:
+            self.discard(key)  # replacing: the new value starts afresh
+        needs_room = self.bytes_used + size > self._capacity or size < 0
+        if needs_room and not self._admit(key, size):
+            return
+        self._values[key] = value
+        self._account(size, 0, 0)
+        pinned = key in self._pins
+        if pinned:
+            self._pinned_bytes += size
+        self._insert(key, size, pinned)
 
     def _admit(self, key: K, size: int) -> bool:
         """Make room for a new item of ``size``; False if it is not to be stored.
@@ -209,7 +319,7 @@ class ByteCache(Generic[K, V]):
         Slow path of ``put``, taken only when the item does not fit as is.
         """
         if size < 0:
-            raise ValueError(f"item size must be >= 0, got {size}")
+            raise _bad_size(size)
         cap = self._capacity
         if size > cap:
             return False  # would evict everything and still not fit
@@ -219,15 +329,29 @@ class ByteCache(Generic[K, V]):
         self._evict_to(cap - size)
         return True
 
+    def _evict_to(self, target_bytes: int) -> None:
+        """Evict until at most ``target_bytes`` are used or only pinned items
+        are left.  Counters are updated before each callback, so the cache is
+        consistent even if ``on_evict`` raises."""
+        values = self._values
+        on_evict = self._on_evict
+        while self.bytes_used > target_bytes:
+            victim = self._pop_victim()
+            if victim is None:
+                return  # everything left is pinned: over budget for now
+            key, size = victim
+            value = values.pop(key)
+            self._account(-size, 1, size)
+            if on_evict is not None:
+                on_evict(key, value)
+
     # -- policy hooks ------------------------------------------------------
 
-    def get(self, key: K) -> V | None:
-        raise NotImplementedError
-
-    def put(self, key: K, value: V, size: int) -> None:
-        raise NotImplementedError
-
     def size_of(self, key: K) -> int | None:
+        raise NotImplementedError
+
+    def _insert(self, key: K, size: int, pinned: bool) -> None:
+        """Add a new key (already in ``_values``) as the newest of its kind."""
         raise NotImplementedError
 
     def _to_pinned(self, key: K) -> int:
@@ -246,23 +370,76 @@ class ByteCache(Generic[K, V]):
         """Remove and return the next evictable key and its size, or None."""
         raise NotImplementedError
 
-    def _evict_to(self, target_bytes: int) -> None:
-        """Evict until at most ``target_bytes`` are used or only pinned items
-        are left.  Fields are updated before each callback, so the cache is
-        consistent even if ``on_evict`` raises."""
-        values = self._values
-        on_evict = self._on_evict
-        while self._bytes > target_bytes:
-            victim = self._pop_victim()
-            if victim is None:
-                return  # everything left is pinned: over budget for now
-            key, size = victim
-            value = values.pop(key)
-            self._bytes -= size
-            self.evictions += 1
-            self.evicted_bytes += size
-            if on_evict is not None:
-                on_evict(key, value)
+
+# -- LRU -----------------------------------------------------------------------
+
+
+def _lru_paths(values: dict[K, V], order: OrderedDict[K, int], cap: int) -> _Paths[K, V]:
+    """The LRU hot paths and their counters, as closures over ``values`` (key ->
+    value) and ``order`` (evictable key -> size, least recent first)."""
+    hits = misses = used = evictions = evicted_bytes = 0
+    values_get = values.get
+    move_to_end = order.move_to_end
+    popitem = order.popitem
+    order_pop = order.pop
+
+    def get(key: K) -> V | None:
+        nonlocal hits, misses
+        value = values_get(key)
+        if value is None:
+            misses += 1
+            return None
+        hits += 1
+        try:
+            move_to_end(key)
+        except KeyError:
+            pass  # pinned: outside the eviction order until unpinned
+        return value
+
+    def fast_put(key: K, value: V, size: int) -> None:
+        # Only while nothing is pinned and there is no callback: then every
+        # stored key is in ``order`` and the cache is within budget.
+        nonlocal used, evictions, evicted_bytes
+        if key in values:
+            # discard, written out: the new value starts as most recent.
+            del values[key]
+            used -= order_pop(key)
+        total = used + size
+        if total > cap:  # then size > 0, since used <= cap
+            if size > cap:
+                return  # would evict everything and still not fit
+            # Terminates before the order runs dry, since size <= cap.
+            victim, victim_size = popitem(False)
+            del values[victim]
+            total -= victim_size
+            freed = victim_size
+            count = 1
+            while total > cap:  # more than one victim: items of mixed sizes
+                victim, victim_size = popitem(False)
+                del values[victim]
+                total -= victim_size
+                freed += victim_size
+                count += 1
+            evictions += count
+            evicted_bytes += freed
+        elif size < 0:
+            raise _bad_size(size)
+        values[key] = value
+        order[key] = size
+        used = total
+
+    def totals() -> _Totals:
+        return _Totals(hits, misses, used, evictions, evicted_bytes)
+
+    def account(used_delta: int, evicted: int, freed: int) -> None:
+        nonlocal used, evictions, evicted_bytes
+        used += used_delta
+        evictions += evicted
+        evicted_bytes += freed
+
+    # ``get`` copes with pinned keys (they sit outside ``order``), so it
+    # serves as the lean one too.
+    return _Paths(get, get, fast_put, totals, account)
 
 
 class LRUByteCache(ByteCache[K, V]):
@@ -288,68 +465,17 @@ class LRUByteCache(ByteCache[K, V]):
         super().__init__(capacity_bytes, policy, on_evict)
         self._order: OrderedDict[K, int] = OrderedDict()
         self._pinned: dict[K, int] = {}
-
-    def get(self, key: K) -> V | None:
-        value = self._values.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        try:
-            self._order.move_to_end(key)
-        except KeyError:
-            pass  # pinned: outside the eviction order until unpinned
-        return value
-
-    def put(self, key: K, value: V, size: int) -> None:
-        values = self._values
-        if key in values:
-            self.discard(key)  # replacing: the new value starts as most recent
-        if self._careful:
-            self._put_careful(key, value, size)
-            return
-        used = self._bytes + size
-        cap = self._capacity
-        order = self._order
-        if used > cap:  # then size > 0: without pins the cache is within budget
-            if size > cap:
-                return  # would evict everything and still not fit
-            # No pins, no callback: evict with locals, write the fields once.
-            # Terminates before the order runs dry, since size <= cap.
-            victim, victim_size = order.popitem(False)
-            del values[victim]
-            used -= victim_size
-            freed = victim_size
-            count = 1
-            while used > cap:  # more than one victim: items of mixed sizes
-                victim, victim_size = order.popitem(False)
-                del values[victim]
-                used -= victim_size
-                freed += victim_size
-                count += 1
-            self.evictions += count
-            self.evicted_bytes += freed
-        elif size < 0:
-            self._admit(key, size)  # raises
-        values[key] = value
-        order[key] = size
-        self._bytes = used
-
-    def _put_careful(self, key: K, value: V, size: int) -> None:
-        needs_room = self._bytes + size > self._capacity or size < 0
-        if needs_room and not self._admit(key, size):
-            return
-        self._values[key] = value
-        self._bytes += size
-        if key in self._pins:
-            self._pinned[key] = size
-            self._pinned_bytes += size
-        else:
-            self._order[key] = size
+        self._bind(_lru_paths(self._values, self._order, capacity_bytes))
 
     def size_of(self, key: K) -> int | None:
         size = self._order.get(key)
         return size if size is not None else self._pinned.get(key)
+
+    def _insert(self, key: K, size: int, pinned: bool) -> None:
+        if pinned:
+            self._pinned[key] = size
+        else:
+            self._order[key] = size
 
     def _to_pinned(self, key: K) -> int:
         size = self._pinned[key] = self._order.pop(key)
@@ -366,6 +492,9 @@ class LRUByteCache(ByteCache[K, V]):
 
     def _pop_victim(self) -> tuple[K, int] | None:
         return self._order.popitem(False) if self._order else None
+
+
+# -- LFU -----------------------------------------------------------------------
 
 
 class _Bucket:
@@ -391,6 +520,177 @@ class _Bucket:
         return self.pinned
 
 
+def _lfu_paths(
+    values: dict[K, V], bucket_of: dict[K, _Bucket], root: _Bucket, cap: int
+) -> tuple[_Paths[K, V], Callable[[int, _Bucket], _Bucket], Callable[[_Bucket], None]]:
+    """The LFU hot paths and their counters, as closures over ``values``,
+    ``bucket_of`` (key -> its bucket) and the bucket list at ``root``.
+
+    Also returns ``new_bucket(freq, prev)`` and ``drop_bucket(bucket)`` for
+    the cold paths: they share the one spare bucket kept in a cell here.
+    """
+    hits = misses = used = evictions = evicted_bytes = 0
+    spare: _Bucket | None = None  # one emptied bucket, so moving up rarely allocates
+    values_get = values.get
+
+    def new_bucket(freq: int, prev: _Bucket) -> _Bucket:
+        nonlocal spare
+        bucket = spare
+        if bucket is None:
+            bucket = _Bucket(freq)
+        else:
+            spare = None
+            bucket.freq = freq
+        nxt = prev.next
+        bucket.prev = prev
+        bucket.next = nxt
+        prev.next = bucket
+        nxt.prev = bucket
+        return bucket
+
+    def drop_bucket(bucket: _Bucket) -> None:
+        nonlocal spare
+        prev = bucket.prev
+        nxt = bucket.next
+        prev.next = nxt
+        nxt.prev = prev
+        bucket.pinned = None
+        spare = bucket
+
+    def fast_get(key: K) -> V | None:
+        # Only while nothing is pinned: then every stored key is in its
+        # bucket's ``items`` and no bucket holds pinned keys.
+        nonlocal hits, misses, spare
+        value = values_get(key)
+        if value is None:
+            misses += 1
+            return None
+        hits += 1
+        bucket = bucket_of[key]
+        freq = bucket.freq + 1
+        nxt = bucket.next
+        items = bucket.items
+        if nxt.freq != freq:
+            if len(items) == 1:
+                bucket.freq = freq  # alone in its bucket: renumber, no move
+                return value
+            # new_bucket(freq, bucket), written out: this is the hot path.
+            fresh = spare
+            if fresh is None:
+                fresh = _Bucket(freq)
+            else:
+                spare = None
+                fresh.freq = freq
+            fresh.prev = bucket
+            fresh.next = nxt
+            bucket.next = nxt.prev = fresh
+            nxt = fresh
+        nxt.items[key] = items.pop(key)
+        bucket_of[key] = nxt
+        if not items:
+            # drop_bucket(bucket), written out.  Its ``pinned``, if any, is
+            # an empty leftover, which every path treats like None.
+            prev = bucket.prev
+            prev.next = nxt
+            nxt.prev = prev
+            spare = bucket
+        return value
+
+    def get(key: K) -> V | None:
+        # The general get, for while pins exist: pinned keys keep counting
+        # uses in their bucket's ``pinned`` map.
+        nonlocal hits, misses
+        value = values_get(key)
+        if value is None:
+            misses += 1
+            return None
+        hits += 1
+        bucket = bucket_of[key]
+        freq = bucket.freq + 1
+        nxt = bucket.next
+        items = bucket.items
+        pinned = bucket.pinned
+        if nxt.freq != freq:
+            if len(items) + (len(pinned) if pinned else 0) == 1:
+                bucket.freq = freq
+                return value
+            nxt = new_bucket(freq, bucket)
+        size = items.pop(key, None)
+        if size is None:
+            nxt.pinned_map()[key] = pinned.pop(key)  # type: ignore[union-attr]
+        else:
+            nxt.items[key] = size
+        bucket_of[key] = nxt
+        if not items and not pinned:
+            drop_bucket(bucket)
+        return value
+
+    def fast_put(key: K, value: V, size: int) -> None:
+        # Only while nothing is pinned and there is no callback: then no
+        # bucket holds a pinned key and the cache is within budget.
+        nonlocal used, evictions, evicted_bytes
+        if key in values:
+            # discard, written out: the new value starts with one use.
+            del values[key]
+            bucket = bucket_of.pop(key)
+            items = bucket.items
+            used -= items.pop(key)
+            if not items:
+                drop_bucket(bucket)
+        total = used + size
+        head = root.next
+        if total > cap:  # then size > 0, since used <= cap
+            if size > cap:
+                return
+            # With no pins the lowest bucket always has evictable keys.
+            items = head.items
+            victim, victim_size = items.popitem(False)
+            del bucket_of[victim]
+            del values[victim]
+            total -= victim_size
+            if not items:
+                drop_bucket(head)
+                head = root.next
+            if total > cap:  # more than one victim: items of mixed sizes
+                count = 1
+                freed = victim_size
+                while total > cap:
+                    items = head.items
+                    victim, victim_size = items.popitem(False)
+                    if not items:
+                        drop_bucket(head)
+                        head = root.next
+                    del bucket_of[victim]
+                    del values[victim]
+                    total -= victim_size
+                    freed += victim_size
+                    count += 1
+                evictions += count
+                evicted_bytes += freed
+            else:
+                evictions += 1
+                evicted_bytes += victim_size
+        elif size < 0:
+            raise _bad_size(size)
+        values[key] = value
+        used = total
+        if head.freq != 1:
+            head = new_bucket(1, root)
+        head.items[key] = size
+        bucket_of[key] = head
+
+    def totals() -> _Totals:
+        return _Totals(hits, misses, used, evictions, evicted_bytes)
+
+    def account(used_delta: int, evicted: int, freed: int) -> None:
+        nonlocal used, evictions, evicted_bytes
+        used += used_delta
+        evictions += evicted
+        evicted_bytes += freed
+
+    return _Paths(get, fast_get, fast_put, totals, account), new_bucket, drop_bucket
+
+
 class LFUByteCache(ByteCache[K, V]):
     """Frequency buckets in a linked list whose head has the lowest count, so
     the victim (least recent key of the lowest count) is found without a heap
@@ -409,7 +709,7 @@ class LFUByteCache(ByteCache[K, V]):
     deleted slots.
     """
 
-    __slots__ = ("_bucket_of", "_root", "_spare")
+    __slots__ = ("_bucket_of", "_drop_bucket", "_new_bucket", "_root")
     policy = "lfu"
 
     def __init__(
@@ -421,133 +721,14 @@ class LFUByteCache(ByteCache[K, V]):
         super().__init__(capacity_bytes, policy, on_evict)
         self._bucket_of: dict[K, _Bucket] = {}
         self._root = _Bucket(0)  # sentinel: root.next is the lowest count
-        self._spare: _Bucket | None = None
+        paths, self._new_bucket, self._drop_bucket = _lfu_paths(
+            self._values, self._bucket_of, self._root, capacity_bytes
+        )
+        self._bind(paths)
 
     def use_count(self, key: K) -> int:
         bucket = self._bucket_of.get(key)
         return bucket.freq if bucket is not None else 0
-
-    def _new_bucket(self, freq: int, prev: _Bucket) -> _Bucket:
-        bucket = self._spare
-        if bucket is None:
-            bucket = _Bucket(freq)
-        else:
-            self._spare = None
-            bucket.freq = freq
-        nxt = prev.next
-        bucket.prev = prev
-        bucket.next = nxt
-        prev.next = bucket
-        nxt.prev = bucket
-        return bucket
-
-    def _drop_bucket(self, bucket: _Bucket) -> None:
-        prev = bucket.prev
-        nxt = bucket.next
-        prev.next = nxt
-        nxt.prev = prev
-        bucket.pinned = None
-        self._spare = bucket
-
-    def get(self, key: K) -> V | None:
-        value = self._values.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        bucket_of = self._bucket_of
-        bucket = bucket_of[key]
-        freq = bucket.freq + 1
-        nxt = bucket.next
-        items = bucket.items
-        pinned = bucket.pinned
-        if nxt.freq != freq:
-            if len(items) + (len(pinned) if pinned else 0) == 1:
-                bucket.freq = freq  # alone in its bucket: renumber, no move
-                return value
-            # _new_bucket(freq, bucket), written out: this is the hot path.
-            spare = self._spare
-            if spare is None:
-                spare = _Bucket(freq)
-            else:
-                self._spare = None
-                spare.freq = freq
-            spare.prev = bucket
-            spare.next = nxt
-            bucket.next = nxt.prev = spare
-            nxt = spare
-        size = items.pop(key, None)
-        if size is None:
-            nxt.pinned_map()[key] = pinned.pop(key)  # type: ignore[union-attr]
-        else:
-            nxt.items[key] = size
-        bucket_of[key] = nxt
-        if not items and not pinned:
-            # _drop_bucket(bucket), written out.
-            prev = bucket.prev
-            prev.next = nxt
-            nxt.prev = prev
-            bucket.pinned = None
-            self._spare = bucket
-        return value
-
-    def put(self, key: K, value: V, size: int) -> None:
-        values = self._values
-        if key in values:
-            self.discard(key)  # replacing: the new value starts with one use
-        if self._careful:
-            self._put_careful(key, value, size)
-            return
-        used = self._bytes + size
-        cap = self._capacity
-        root = self._root
-        bucket_of = self._bucket_of
-        if used > cap:  # then size > 0: without pins the cache is within budget
-            if size > cap:
-                return
-            # No pins, no callback: evict with locals, write the fields once.
-            # With no pins the lowest bucket always has evictable keys.
-            count = 0
-            freed = 0
-            while used > cap:
-                bucket = root.next
-                items = bucket.items
-                victim, victim_size = items.popitem(False)
-                if not items:
-                    self._drop_bucket(bucket)
-                del bucket_of[victim]
-                del values[victim]
-                used -= victim_size
-                freed += victim_size
-                count += 1
-            self.evictions += count
-            self.evicted_bytes += freed
-        elif size < 0:
-            self._admit(key, size)  # raises
-        values[key] = value
-        self._bytes = used
-        head = root.next
-        if head.freq != 1:
-            head = self._new_bucket(1, root)
-        head.items[key] = size
-        bucket_of[key] = head
-
-    def _put_careful(self, key: K, value: V, size: int) -> None:
-        needs_room = self._bytes + size > self._capacity or size < 0
-        if needs_room and not self._admit(key, size):
-            return
-        self._values[key] = value
-        self._bytes += size
-        root = self._root
-        head = root.next
-        if head.freq != 1:
-            head = self._new_bucket(1, root)
-        if key in self._pins:
-            head.pinned_map()[key] = size
-            self._pinned_bytes += size
-        else:
-            head.items[key] = size
-        self._bucket_of[key] = head
 
     def size_of(self, key: K) -> int | None:
         bucket = self._bucket_of.get(key)
@@ -555,6 +736,17 @@ class LFUByteCache(ByteCache[K, V]):
             return None
         size = bucket.items.get(key)
         return size if size is not None else bucket.pinned_map().get(key)
+
+    def _insert(self, key: K, size: int, pinned: bool) -> None:
+        root = self._root
+        head = root.next
+        if head.freq != 1:
+            head = self._new_bucket(1, root)
+        if pinned:
+            head.pinned_map()[key] = size
+        else:
+            head.items[key] = size
+        self._bucket_of[key] = head
 
     def _to_pinned(self, key: K) -> int:
         bucket = self._bucket_of[key]
