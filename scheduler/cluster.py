@@ -103,6 +103,7 @@ def _build_of(gpus: tuple[Gpu, ...]) -> _Build:
 
 
 _gpu_key = attrgetter("index", "model", "mem_bytes", "domain")
+_NOTHING: frozenset[int] = frozenset()
 
 
 class Cluster:
@@ -176,10 +177,16 @@ class Cluster:
             self.pool_of[i] = pid
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
         self._whole_sets: dict[Shape, frozenset[int]] = {}
+        self._usable_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
         self._pool_arrays: dict[int, np.ndarray] = {}
         self._roomy: dict[Shape, list[Pool]] = {}
+        self._plain: dict[Shape, tuple[list[Pool], bool]] = {}
         self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
+        # The same key -> (GPUs picked, GPUs left free), for fit_and_take.
+        self._picks_left: dict[
+            tuple[_Build, tuple[int, ...], int], tuple[tuple[int, ...], tuple[int, ...]]
+        ] = {}
 
     # -- matching ---------------------------------------------------------
 
@@ -215,6 +222,14 @@ class Cluster:
         hit = self._whole_sets.get(shape)
         if hit is None:
             hit = self._whole_sets[shape] = frozenset(self.shape_pools(shape)[0])
+        return hit
+
+    def usable_pools(self, shape: Shape) -> frozenset[int]:
+        """Pools where at least some nodes' GPUs match (whole or mixed)."""
+        hit = self._usable_sets.get(shape)
+        if hit is None:
+            whole, mixed = self.shape_pools(shape)
+            hit = self._usable_sets[shape] = frozenset((*whole, *mixed))
         return hit
 
     def matching_free(self, i: int, shape: Shape) -> list[int]:
@@ -308,6 +323,17 @@ class Cluster:
             heapq.heappush(heap, i)
         return found
 
+    def _roomy_pools(self, shape: Shape) -> list[Pool]:
+        """Whole pools whose largest node has the shape's CPUs and memory at all."""
+        roomy = self._roomy.get(shape)
+        if roomy is None:
+            roomy = self._roomy[shape] = [
+                p
+                for p in (self.pools[pid] for pid in self.shape_pools(shape)[0])
+                if p.max_cpus + EPS >= shape[1] and p.max_mem >= shape[2]
+            ]
+        return roomy
+
     def find_node(
         self,
         shape: Shape,
@@ -329,12 +355,7 @@ class Cluster:
         best: tuple[int, int] | None = None
         roomy = self._roomy.get(shape)
         if roomy is None:
-            # Pools whose largest node has the CPUs and memory at all.
-            roomy = self._roomy[shape] = [
-                p
-                for p in (self.pools[pid] for pid in whole)
-                if p.max_cpus + EPS >= cpus and p.max_mem >= mem
-            ]
+            roomy = self._roomy_pools(shape)
         for pool in roomy:
             mask = pool.mask >> g << g  # buckets with at least g free GPUs
             while mask:
@@ -383,6 +404,79 @@ class Cluster:
                 f = -best[0] if spread else best[0]
                 return self._cache_tiebreak(best[1], f, shape, exclude, hits, whole, extra)
         return best[1]
+
+    def fit_and_take(
+        self, shape: Shape, cpus: float, mem: int
+    ) -> tuple[int, tuple[int, ...]] | None:
+        """`find_node(shape)` (best fit, nothing excluded, no spread, no cached
+        blocks to prefer), then `pick_gpus` and `take` on the node found: the
+        same choice, in one call.  This is the path of almost every placement,
+        so it reads the shape's pools once and does the rest inline."""
+        plain = self._plain.get(shape)
+        if plain is None:
+            plain = self._plain[shape] = (
+                self._roomy_pools(shape),
+                bool(self.shape_pools(shape)[1]),
+            )
+        roomy, has_mixed = plain
+        g = shape[0]
+        if has_mixed:
+            found = self.find_node(shape)
+            if found is None:
+                return None
+            i = found
+        else:
+            nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
+            need_cpus, need_mem = shape[1], shape[2]
+            best_f = best_i = -1
+            for pool in roomy:
+                mask = pool.mask >> g << g  # buckets with at least g free GPUs
+                while mask:
+                    low = mask & -mask
+                    f = low.bit_length() - 1
+                    mask ^= low
+                    if best_i >= 0 and f > best_f:
+                        break
+                    heap = pool.buckets[f]
+                    first: int | None = heap[0] if heap else None
+                    if first is None or not (
+                        nfree[first] == f
+                        and free_cpu[first] + EPS >= need_cpus
+                        and free_mem[first] >= need_mem
+                    ):
+                        first = self._bucket_first(heap, f, shape, _NOTHING)
+                    if first is not None:
+                        if best_i < 0 or f < best_f or (f == best_f and first < best_i):
+                            best_f, best_i = f, first
+                        break
+            if best_i < 0:
+                return None
+            i = best_i
+        gpus: tuple[int, ...] = ()
+        if g:
+            free = self.free[i]  # sorted; every GPU matches on a node of a whole pool
+            whole = not has_mixed or self.pool_of[i] in self.whole_pools(shape)
+            if whole and (not self.multi_domain[i] or len(free) == g):
+                # pick_gpus takes the lowest g here: what is left is the rest.
+                gpus = tuple(free[:g])
+                self.free[i] = free[g:]
+            elif whole:
+                # pick_gpus by domain, remembered with what it leaves free.
+                key = (self.build[i], tuple(free), g)
+                hit = self._picks_left.get(key)
+                if hit is None:
+                    gpus = self.pick_gpus(i, shape)
+                    hit = self._picks_left[key] = (gpus, tuple(x for x in free if x not in gpus))
+                gpus = hit[0]
+                self.free[i] = list(hit[1])
+            else:
+                gpus = self.pick_gpus(i, shape)
+                gone = set(gpus)
+                self.free[i] = [x for x in free if x not in gone]
+            self._rebucket(i)
+        self.free_cpu[i] -= cpus
+        self.free_mem[i] -= mem
+        return i, gpus
 
     def _cache_tiebreak(
         self,

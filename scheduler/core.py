@@ -161,19 +161,28 @@ class _Pass:
 
     def _single(self, t: TaskRequest, shape: Shape) -> None:
         cl = self.cl
-        i: int | None = None
-        if t.spread and self.job_nodes.get(t.job_id):
-            # Spread: a node without this job first, any node as a fallback.
-            i = cl.find_node(shape, self.job_nodes[t.job_id], spread=True, blocks=t.blocks)
-        if i is None and shape not in self.no_fit:
-            i = cl.find_node(shape, spread=t.spread, blocks=t.blocks)
-            if i is None:
+        if not t.spread and not t.blocks:
+            # Plain best fit, the common case: one call finds, picks and takes.
+            if shape not in self.no_fit:
+                hit = cl.fit_and_take(shape, t.cpus, t.mem_bytes)
+                if hit is not None:
+                    self._grant(t, hit[0], hit[1])
+                    return
                 self._fits_nowhere(shape)
-        if i is not None:
-            gpus = cl.pick_gpus(i, shape)
-            cl.take(i, gpus, t.cpus, t.mem_bytes)
-            self._grant(t, i, gpus)
-            return
+        else:
+            i: int | None = None
+            if t.spread and self.job_nodes.get(t.job_id):
+                # Spread: a node without this job first, any node as a fallback.
+                i = cl.find_node(shape, self.job_nodes[t.job_id], spread=True, blocks=t.blocks)
+            if i is None and shape not in self.no_fit:
+                i = cl.find_node(shape, spread=t.spread, blocks=t.blocks)
+                if i is None:
+                    self._fits_nowhere(shape)
+            if i is not None:
+                gpus = cl.pick_gpus(i, shape)
+                cl.take(i, gpus, t.cpus, t.mem_bytes)
+                self._grant(t, i, gpus)
+                return
         if self.pre is not None and (shape, t.priority) not in self.no_evict:
             ev = self.pre.find(shape, t.priority)
             if ev is None:
@@ -207,10 +216,12 @@ class _Pass:
         busy = self.job_nodes.get(unit.job_id, set())
         spread = any(t.spread for t in unit.tasks)
         key = (shapes, spread)
-        if not busy and key in self.no_gang:
-            for t in unit.tasks:
-                self.reasons[t.task_id] = self.no_gang[key]
-            return
+        if not busy:
+            known = self.no_gang.get(key)
+            if known is not None:
+                for t in unit.tasks:
+                    self.reasons[t.task_id] = known
+                return
         # A gang of n tasks of one shape, with no running tasks to avoid,
         # fits iff n nodes each fit that shape; so once n such tasks failed,
         # n or more keep failing for the rest of the pass.  (A trial would
@@ -266,13 +277,12 @@ class _Pass:
         started earliest (likely to end first).  False when it could never fit."""
         cl = self.cl
         if self._started is None:
-            self._started = np.array(
-                [
-                    min((a.started_at for a in cl.allocs_on[i]), default=float("inf"))
-                    for i in range(len(cl.nodes))
-                ],
-                dtype=np.float64,
-            )
+            # Most nodes run nothing: visit only those that do.
+            started = [float("inf")] * len(cl.nodes)
+            for i, running in enumerate(cl.allocs_on):
+                if running:
+                    started[i] = min(a.started_at for a in running)
+            self._started = np.array(started, dtype=np.float64)
             self._node_cpus = np.array([nd.cpus for nd in cl.nodes], dtype=np.float64)
             self._node_mem = np.array([nd.mem_bytes for nd in cl.nodes], dtype=np.int64)
         taken: set[int] = set(busy)

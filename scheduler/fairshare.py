@@ -172,7 +172,15 @@ class FairShare:
         c = self.cpus[user] = self.cpus.get(user, 0.0) + cpus
         m = self.mem[user] = self.mem.get(user, 0) + mem
         ig, ic, im = self.inverse
-        self.shares[user] = max(g * ig, c * ic, m * im)
+        # max() of the three, without the builtin call (this runs per grant);
+        # ties keep the first, as max() does.
+        share = g * ig
+        cs, ms = c * ic, m * im
+        if cs > share:
+            share = cs
+        if ms > share:
+            share = ms
+        self.shares[user] = share
 
     def share(self, user: str) -> float:
         return self.shares.get(user, 0.0)
@@ -215,7 +223,11 @@ class FairShare:
             heapq.heapify(heap)
             shares = self.shares
             while heap:
-                user = heapq.heappop(heap)[3]
+                # The user stays at the top while its entry is out: the caller
+                # charges the grant, then the user is re-queued at its new
+                # share with one sift (heapreplace) instead of a pop and a push.
+                # Keys are distinct (one per user), so the order is the same.
+                user = heap[0][3]
                 q = queues[user]
                 k = pos[user]
                 yield q[k]
@@ -231,7 +243,9 @@ class FairShare:
                 pos[user] = k
                 if k < n:
                     e = q[k]
-                    heapq.heappush(heap, (shares.get(user, 0.0), e[0], e[1], user))
+                    heapq.heapreplace(heap, (shares.get(user, 0.0), e[0], e[1], user))
+                else:
+                    heapq.heappop(heap)
 
 
 def queue_report(

@@ -71,11 +71,12 @@ class Preemptor:
             if self.is_open[k]:
                 self.open_at[a.priority] += 1
                 self._count(k, 1)
-        # (shape, level index) -> position in alloc_nodes before which no node
-        # can ever make the shape fit at that level in this pass.  Free
+        # (shape, level index) -> the nodes of alloc_nodes, in node order, that
+        # might still make the shape fit at that level in this pass.  Free
         # resources and open victims only shrink during a pass, so a node that
-        # fails once fails for good: each search resumes past the failed prefix.
-        self._cursor: dict[tuple[Shape, int], int] = {}
+        # fails once fails for good: it is dropped from the list and no later
+        # search looks at it again.
+        self._alive: dict[tuple[Shape, int], list[int]] = {}
         # (node, shape, level index) -> (node state it was worked out on, eviction)
         self._seen: dict[tuple[int, Shape, int], tuple[tuple[object, ...], Eviction | None]] = {}
 
@@ -107,48 +108,47 @@ class Preemptor:
         whole, mixed = cl.shape_pools(shape)
         if not whole and not mixed:
             return None
-        whole_set, mixed_set = set(whole), set(mixed)
+        whole_set = cl.whole_pools(shape)
+        usable = cl.usable_pools(shape)
         g = shape[0]
-        nodes, nfree, pool_of = self.alloc_nodes, cl.nfree_l, cl.pool_of
+        nfree = cl.nfree_l
         for j, level in levels:
             count, pot = self.count_upto[j], self.gpus_upto[j]
             key = (shape, j)
-            start = self._cursor.get(key, 0)
-            in_prefix = True
+            alive = self._alive.get(key)
+            if alive is None:
+                pool_of = cl.pool_of
+                alive = self._alive[key] = [i for i in self.alloc_nodes if pool_of[i] in usable]
             best: tuple[tuple[int, int, int], Eviction] | None = None
             feasible = 0
-            for p in range(start, len(nodes)):
-                i = nodes[p]
-                pid = pool_of[i]
-                ev = None
+            kept: list[int] = []  # the nodes looked at that stay alive
+            seen_upto = len(alive)
+            for q, i in enumerate(alive):
                 # Upper bound on GPUs the node could offer: free plus every candidate's.
-                if (
-                    count[i] > 0
-                    and pot[i] + nfree[i] >= g
-                    and (pid in whole_set or pid in mixed_set)
-                ):
-                    # An eviction depends on the node's free resources and
-                    # its open victims only (count[i] names those: victims
-                    # only ever close): reuse it while they are unchanged.
-                    stamp = (tuple(cl.free[i]), cl.free_cpu[i], cl.free_mem[i], count[i])
-                    seen = self._seen.get((i, shape, j))
-                    if seen is not None and seen[0] == stamp:
-                        ev = seen[1]
-                    else:
-                        ev = self._evict_on(i, shape, level + 1, pid in whole_set)
-                        self._seen[i, shape, j] = (stamp, ev)
-                if ev is None:
-                    if in_prefix:
-                        self._cursor[key] = p + 1
+                if count[i] <= 0 or pot[i] + nfree[i] < g:
                     continue
-                in_prefix = False
+                # An eviction depends on the node's free resources and its
+                # open victims only (count[i] names those: victims only ever
+                # close): reuse it while they are unchanged.
+                stamp = (tuple(cl.free[i]), cl.free_cpu[i], cl.free_mem[i], count[i])
+                seen = self._seen.get((i, shape, j))
+                if seen is not None and seen[0] == stamp:
+                    ev = seen[1]
+                else:
+                    ev = self._evict_on(i, shape, level + 1, cl.pool_of[i] in whole_set)
+                    self._seen[i, shape, j] = (stamp, ev)
+                if ev is None:
+                    continue
+                kept.append(i)
                 vs = [self.allocs[k] for k in ev.victims]
                 rank = (len(vs), sum(len(a.gpus) for a in vs), i)
                 if best is None or rank < best[0]:
                     best = (rank, ev)
                 feasible += 1
                 if feasible >= MAX_FEASIBLE_NODES:
+                    seen_upto = q + 1
                     break
+            alive[:seen_upto] = kept
             if best is not None:
                 return best[1]
         return None
