@@ -216,7 +216,9 @@ class ClusterState:
         down until its agent returns, and then comes back draining (or ready,
         when its drain was lifted meanwhile). `leave` marks the drain of an
         agent stopping with leave-on-stop: it drains the node only when no
-        drain holds yet, so an admin's drain keeps its reason and deadline.
+        drain holds yet, so an admin's drain keeps its reason and deadline;
+        and since that agent stops every run it has, its live tasks are asked
+        to stop as at a drain deadline: back to pending, no retry spent.
         """
         node = self._node(a)
         state = a["state"]
@@ -247,6 +249,12 @@ class ClusterState:
             if node.state != "down":  # a down node keeps saying why it is down
                 node.state, node.reason = state, reason
             node.updated_at = now
+        if a.get("leave") and state == "draining":
+            for tid in sorted(self.node_tasks.get(node.id, ())):
+                t = self.tasks[tid]
+                if t.state in LIVE_TASK_STATES and t.stop is None:
+                    msg = f"stopping: the agent of node {node.name} is leaving"
+                    tl.evict(self, t, "drain", msg, now)
         return self._node_state_result(node)
 
     @staticmethod
