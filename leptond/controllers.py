@@ -129,10 +129,7 @@ class Controllers:
                 if n.state == "draining"
                 and n.drain_deadline is not None
                 and n.drain_deadline <= now
-                and any(
-                    s.tasks[tid].state in LIVE_TASK_STATES and s.tasks[tid].stop is None
-                    for tid in s.node_tasks.get(n.id, ())
-                )
+                and s.stoppable_tasks(n.id)
             ]
         for nid, name in due:
             try:

@@ -250,12 +250,15 @@ class ClusterState:
                 node.state, node.reason = state, reason
             node.updated_at = now
         if a.get("leave") and state == "draining":
-            for tid in sorted(self.node_tasks.get(node.id, ())):
-                t = self.tasks[tid]
-                if t.state in LIVE_TASK_STATES and t.stop is None:
-                    msg = f"stopping: the agent of node {node.name} is leaving"
-                    tl.evict(self, t, "drain", msg, now)
+            for t in self.stoppable_tasks(node.id):
+                msg = f"stopping: the agent of node {node.name} is leaving"
+                tl.evict(self, t, "drain", msg, now)
         return self._node_state_result(node)
+
+    def stoppable_tasks(self, node_id: str) -> list[Task]:
+        """Live tasks on the node with no stop asked for yet, in id order."""
+        tasks = (self.tasks[tid] for tid in sorted(self.node_tasks.get(node_id, ())))
+        return [t for t in tasks if t.state in LIVE_TASK_STATES and t.stop is None]
 
     @staticmethod
     def _node_state_result(node: Node) -> Result:
@@ -277,12 +280,10 @@ class ClusterState:
         if now < node.drain_deadline:
             raise ArgError("conflict", f"the drain deadline of node {node.name} has not passed")
         stopping = []
-        for tid in sorted(self.node_tasks.get(node.id, ())):
-            t = self.tasks[tid]
-            if t.state in LIVE_TASK_STATES and t.stop is None:
-                stopping.append(tid)
-                msg = f"stopping: the drain deadline of node {node.name} passed"
-                tl.evict(self, t, "drain", msg, now)
+        for t in self.stoppable_tasks(node.id):
+            stopping.append(t.id)
+            msg = f"stopping: the drain deadline of node {node.name} passed"
+            tl.evict(self, t, "drain", msg, now)
         return {"node_id": node.id, "stopping": stopping}
 
     def apply_node_down(self, a: dict[str, Any], index: int) -> Result:
