@@ -1,8 +1,11 @@
 """Cache policy benchmark: our LRU/LFU against cachetools, and hit ratios
 against Belady's offline optimum (MIN), all on the same traces in one run.
 
-    python3 bench/cache.py            # readable table
-    python3 bench/cache.py --json     # one JSON object
+    .venv/bin/python bench/cache.py            # readable table
+    .venv/bin/python bench/cache.py --json     # one JSON object
+
+Needs `pip install .` and `cachetools` (the baseline), which the `test`
+extra brings.
 
 Times are the process's CPU time (``time.process_time``), so other load on
 the machine does not distort the comparison; each figure is the best of

@@ -9,7 +9,7 @@ master other than the killed one, and (from the master logs) time until the
 new leader announced itself. Baseline beside it: the Raft election timeout
 range the masters run with.
 
-    python3 bench/failover.py [--kills 20] [--raft-timeouts MIN,MAX] [--json]
+    .venv/bin/python bench/failover.py [--kills 20] [--raft-timeouts MIN,MAX] [--json]
 """
 
 from __future__ import annotations

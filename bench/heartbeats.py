@@ -8,7 +8,7 @@ does. The leader's CPU is read with psutil over a window (default 25 s) and
 reported in percent of one core; the baseline is the same leader's CPU over
 the same window with no agents connected, measured first in the same run.
 
-    python3 bench/heartbeats.py [--agents 2000] [--window 25] [--json]
+    .venv/bin/python bench/heartbeats.py [--agents 2000] [--window 25] [--json]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Jobs are submitted one at a time; each task writes the time it started
 before the submit call. The baseline, measured in the same run, is the same
 command spawned as a plain local subprocess (what the OS alone costs).
 
-    python3 bench/latency.py [--jobs 200] [--json]
+    .venv/bin/python bench/latency.py [--jobs 200] [--json]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ time is from the kill to the second attempt's own start stamp (written by the
 task). The killed agent is restarted between repetitions. The baseline is the
 TTL itself: a node is only judged down after that much silence.
 
-    python3 bench/reschedule.py [--reps 3] [--ttl 10] [--json]
+    .venv/bin/python bench/reschedule.py [--reps 3] [--ttl 10] [--json]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ client runs here (uvloop). Measures:
   bulk throughput of 1 MiB bodies, sealed: upload (calls to `sink`) and
   download (a `stream` of 1 MiB items), random (incompressible) and compressible.
 
-    python3 bench/rpc.py [--duration 2] [--json]
+    .venv/bin/python bench/rpc.py [--duration 2] [--json]
 """
 
 from __future__ import annotations

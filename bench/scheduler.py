@@ -1,8 +1,8 @@
 """Scheduler benchmark: our scheduler against first fit, same input, same run.
 
-    python3 bench/scheduler.py                      # both scenarios, 10,000 nodes x 8 GPUs
-    python3 bench/scheduler.py --scenario balanced  # only the one where demand ~ capacity
-    python3 bench/scheduler.py --nodes 500 --tasks 5000 --seed 3 --repeat 1 --json
+    .venv/bin/python bench/scheduler.py                      # both scenarios, 10,000 nodes x 8 GPUs
+    .venv/bin/python bench/scheduler.py --scenario balanced  # only the one where demand ~ capacity
+    .venv/bin/python bench/scheduler.py --nodes 500 --tasks 5000 --seed 3 --repeat 1 --json
 
 Scenarios (same cluster, 30% of nodes partly busy):
 - backlog: 100,000 pending tasks, far more than fits; measures the pass's

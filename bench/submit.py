@@ -6,7 +6,7 @@ Beside it, from the same run: the engine's ceiling, the raw commands per second
 of a 3-process RaftNode cluster with a trivial state machine
 (tests/raft_kv_proc.py) proposing one command per request, concurrently.
 
-    python3 bench/submit.py [--duration 20] [--procs 2] [--conns 4] [--inflight 32] [--json]
+    .venv/bin/python bench/submit.py [--duration 20] [--procs 2] [--conns 4] [--inflight 32] [--json]
 """
 
 from __future__ import annotations

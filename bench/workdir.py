@@ -56,7 +56,7 @@ async def submit(cluster: Cluster, mid: str) -> str:
     tok = parse_token(cluster.admin_token)
     c = ClusterClient(parse_addrs(cluster.addrs), key_id=tok.id, psk=tok.psk)
     try:
-        spec = {"argv": ["python3", "-c", START_PROBE], "nodes": 2, "workdir": mid}
+        spec = {"argv": [sys.executable, "-c", START_PROBE], "nodes": 2, "workdir": mid}
         res = await c.call("submit", {"spec": spec, "rid": os.urandom(8).hex()}, timeout_s=60)
         return str(res["id"])
     finally:

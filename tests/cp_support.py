@@ -12,9 +12,8 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-import pytest
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from leptond.wire.client import ClusterClient, parse_addr, parse_addrs
 from leptond.wire.connection import open_connection
@@ -22,7 +21,31 @@ from leptond.wire.errors import RpcError
 from leptond.wire.tokens import parse_token
 from tests.harness import Cluster, Master, wait_for
 
+if TYPE_CHECKING:  # benchmarks import this module without pytest installed
+    import pytest
+
 SPEC = {"argv": ["true"]}
+
+
+def snapshot_files(c: Cluster) -> list[Path]:
+    return [c.root / f"master-{m.index}" / "raft" / "raft.snapshot" for m in c.masters]
+
+
+def write_until_snapshotted(c: Cluster, user: str, timeout_s: float = 120.0) -> set[str]:
+    """Submit one job at a time (one Raft entry each) until every master has
+    written a snapshot; returns the acknowledged job ids.
+
+    Makes the log long enough for compaction whatever the machine's speed:
+    concurrent submits are batched into few entries on a fast machine."""
+    with Submitters(c.addrs, c.admin_token, user, n=1, tag="fill", pause_s=0) as load:
+        wait_for(
+            lambda: load.failure is None and all(p.exists() for p in snapshot_files(c)),
+            timeout_s,
+            "a snapshot on every master",
+            interval_s=0.1,
+        )
+        load.stop()
+    return load.check_ids()
 
 
 def job_id(user: str, rid: str) -> str:

@@ -202,15 +202,26 @@ def test_stop_sends_sigterm_to_the_task_group(runner: TaskRunner) -> None:
     assert ex.message == "stopped by request"
 
 
+TRAP_TERM = 'trap "echo got TERM" TERM; echo ready; while :; do sleep 0.05; done'
+
+
+def test_stop_returns_without_waiting_for_the_grace(runner: TaskRunner) -> None:
+    runner.start(spec("t1", ["sh", "-c", TRAP_TERM]))
+    wait_for(lambda: "ready" in log_text(runner, "t1"), "the task to install its trap")
+    runner.stop("t1", grace_s=3600)
+    # stop() has returned, and the task (which ignores SIGTERM) still runs:
+    # the SIGKILL comes only after an hour, so stop() did not wait for it.
+    wait_for(lambda: "got TERM" in log_text(runner, "t1"), "the task to get SIGTERM")
+    assert runner.running() == ["t1"]
+
+
 def test_stop_escalates_to_sigkill_after_the_grace(runner: TaskRunner) -> None:
-    trap = 'trap "echo got TERM" TERM; echo ready; while :; do sleep 0.05; done'
-    runner.start(spec("t1", ["sh", "-c", trap]))
+    runner.start(spec("t1", ["sh", "-c", TRAP_TERM]))
     wait_for(lambda: "ready" in log_text(runner, "t1"), "the task to install its trap")
     t0 = time.monotonic()
     runner.stop("t1", grace_s=0.5)
-    assert time.monotonic() - t0 < 0.5, "stop() must not wait for the grace period"
     ex = exit_of(runner, "t1")
-    assert time.monotonic() - t0 >= 0.5
+    assert time.monotonic() - t0 >= 0.5  # not before the grace
     assert (ex.exit_code, ex.signal) == (128 + signal.SIGKILL, signal.SIGKILL)
     assert ex.message == "stopped by request; killed after 0.5s grace"
     assert "got TERM" in log_text(runner, "t1")
@@ -267,15 +278,15 @@ def test_log_flood_stays_under_the_cap_and_the_runner_stays_responsive(
     runner.start(spec("flood", ["yes", "flood-line"], log_cap_bytes=cap, kill_grace_s=1.0))
     tdir = root / "flood"
     wait_for(lambda: tasklog.dropped_bytes(tdir) > 4 * cap, "the cap to drop output")
-    slowest = 0.0
+    # The runner answers while the flood goes on (a hang would trip the
+    # test's timeout); the flood is still running after the calls.
+    dropped = tasklog.dropped_bytes(tdir)
     for _ in range(20):
-        t0 = time.monotonic()
         assert runner.running() == ["flood"]
         data, _ = runner.read_log("flood", -4096, 4096)
-        slowest = max(slowest, time.monotonic() - t0)
         assert data.endswith(b"\n") or b"flood-line" in data
         assert log_bytes_on_disk(tdir) <= cap
-    assert slowest < 1.0, f"runner calls took up to {slowest:.2f}s during a log flood"
+    wait_for(lambda: tasklog.dropped_bytes(tdir) > dropped, "the flood to go on")
     runner.stop("flood")
     ex = exit_of(runner, "flood")
     assert "bytes of early output dropped by the log cap" in ex.message

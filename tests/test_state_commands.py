@@ -367,7 +367,7 @@ def test_restore_method_raises_value_error_on_a_bad_snapshot(data: bytes) -> Non
 
 
 def test_minimal_spec_gets_the_defaults() -> None:
-    spec = validate_spec({"argv": ["python3", "-c", "pass"]})
+    spec = validate_spec({"argv": ["python", "-c", "pass"]})
     assert (spec.gpus, spec.cpus, spec.mem_bytes, spec.nodes, spec.retries) == (0, 1.0, 0, 1, 0)
     assert spec.preemptible is True
 
@@ -405,7 +405,7 @@ BAD_SPECS = {
 
 @pytest.mark.parametrize(("patch", "message"), BAD_SPECS.values(), ids=BAD_SPECS.keys())
 def test_bad_job_spec_is_refused_with_one_line(patch: dict[str, Any], message: str) -> None:
-    spec = {"argv": ["python3", "train.py"], **patch}
+    spec = {"argv": ["python", "train.py"], **patch}
     if "argv" in patch or patch == {}:
         spec = dict(patch)
     with pytest.raises(SpecError) as err:

@@ -67,7 +67,7 @@ class Harness:
         return self.ok("register_node", {"node": node_record(node_id, **kw)})
 
     def submit(self, job_id: str, user: str = "alice", **spec: Any) -> Any:
-        spec.setdefault("argv", ["python3", "train.py"])
+        spec.setdefault("argv", ["python", "train.py"])
         job = {"id": job_id, "user": user, "spec": spec, "submitted_at": self.now}
         result = self.ok("submit_jobs", {"jobs": [job]})
         return result["results"][0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -222,15 +221,14 @@ def test_a_thousand_idle_connections(idle_server: ServerProc, tmp_path: Path) ->
     base = srv.stats()
     peers: list[RawPeer] = []
     try:
-        t0 = time.monotonic()
         for k in range(1000):
             # Half never start the handshake, half finish it and then go quiet.
             peers.append(RawPeer.open(srv.port) if k % 2 else RawPeer.connect(srv.port))
-        opening_s = time.monotonic() - t0
-        # Served while they are open.
+        # Every one was taken in (none refused for capacity), however long
+        # opening them took; and the server serves while they are open.
         busy = srv.stats()
-        if opening_s < IDLE_S * 0.8:  # else the first ones may be gone already
-            assert busy["server"]["connections"] >= 1000
+        assert counter(busy, "accepted") - counter(base, "accepted") >= 1000
+        assert counter(busy, "over_capacity") == counter(base, "over_capacity")
         with RawPeer.connect(srv.port) as good:
             assert good.call("echo", "served") == "served"
         for peer in peers:

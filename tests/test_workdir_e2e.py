@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def _make_workdir(d: Path) -> None:
 
 def _submit(cluster: Cluster, wd: Path, *extra: str) -> dict[str, object]:
     out = cluster.ctl(
-        "submit", "--workdir", str(wd), "-o", "json", *extra, "--", "python3", "-c", READ_BOTH
+        "submit", "--workdir", str(wd), "-o", "json", *extra, "--", sys.executable, "-c", READ_BOTH
     )
     return dict(json.loads(out.stdout))
 
@@ -129,7 +130,7 @@ def test_workdir_over_the_limit_fails_before_uploading(cluster: Cluster, tmp_pat
     env = dict(os.environ, **e)
     out = subprocess.run(
         [
-            "python3",
+            sys.executable,
             "-m",
             "leptonctl.cli",
             "--addr",
