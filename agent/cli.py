@@ -31,7 +31,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent")
     r.add_argument("--masters", required=True, help="HOST:RPCPORT,... of the masters")
-    r.add_argument("--secret-file", required=True)
+    r.add_argument(
+        "--join-token-file",
+        help="join token to trade for this node's credential at its first registration "
+        "(`leptonctl node join-token create`); not read once the credential is saved",
+    )
     r.add_argument("--data-dir", required=True)
     r.add_argument("--node-name", default="")
     r.add_argument("--labels", type=_labels, default={})
@@ -60,7 +64,7 @@ async def _main(args: argparse.Namespace) -> int:
             return 2
     cfg = AgentConfig(
         masters=args.masters,
-        secret_file=Path(args.secret_file),
+        join_token_file=Path(args.join_token_file) if args.join_token_file else None,
         data_dir=Path(args.data_dir),
         node_name=args.node_name,
         labels=args.labels,

@@ -28,8 +28,8 @@ from leptond.blocks.manifest import check_relative_path
 from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
-from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, read_secret_file
 
+from . import credential
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .taskdir import SPEC, read_json
@@ -41,8 +41,9 @@ log = logging.getLogger("lepton.agent")
 @dataclass(frozen=True)
 class AgentConfig:
     masters: str
-    secret_file: Path
     data_dir: Path
+    # Needed only until the node has its credential (the first registration).
+    join_token_file: Path | None = None
     node_name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     advertise_addr: str = ""
@@ -85,16 +86,20 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        secret = read_secret_file(cfg.secret_file)
         self.node_id = stable_node_id(cfg.data_dir)
+        cred = credential.load_credential(cfg.data_dir)
+        # Without a credential yet, the join token is traded for one in run().
+        self._join = None if cred is not None else credential.read_join_token(cfg.join_token_file)
+        key = cred or self._join
+        assert key is not None
         self.name = cfg.node_name or socket.gethostname()
         self.runner = TaskRunner(cfg.data_dir / "tasks")
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
         self.client = ClusterClient(
             parse_addrs(cfg.masters),
-            key_id=CLUSTER_KEY_ID,
-            psk=cluster_psk(secret),
+            key_id=key.id,
+            psk=key.psk,
             handlers={"start": self._on_start, "stop": self._on_stop, "logs": self._on_logs},
         )
         self.events: list[dict[str, Any]] = []  # reported until committed
@@ -150,6 +155,13 @@ class Agent:
             )
         self._collect_exits(exits)
         self.runner.keep_spare()
+        if self._join is not None:
+            cred = await credential.trade(
+                self.client.addrs, self._join, self.node_id, self.cfg.data_dir, self._stopping
+            )
+            if cred is None:
+                return  # stopped before it joined
+            self.client.key_id, self.client.psk, self._join = cred.id, cred.psk, None
         delay = 0.2
         refused = False  # the refusal is logged once, not once per retry
         while not self._stopping.is_set():
@@ -160,7 +172,12 @@ class Agent:
             except RpcError as exc:
                 if exc.code == "unauthenticated":
                     if not refused:
-                        log.error("the masters refused this agent's key: %s", exc)
+                        log.error(
+                            "the masters refused this node's credential (%s); if the node was "
+                            "removed, delete %s and join again with a new join token",
+                            exc,
+                            credential.credential_path(self.cfg.data_dir),
+                        )
                     refused = True
                 elif exc.code == "unregistered":
                     log.warning("registering again: %s", exc)

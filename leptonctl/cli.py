@@ -80,7 +80,7 @@ def parser() -> ArgParser:
 
     n = sub.add_parser("nodes", help="list nodes")
     _out(n)
-    nd = sub.add_parser("node", help="drain, undrain or remove a node")
+    nd = sub.add_parser("node", help="drain, undrain or remove a node; join tokens for new ones")
     ndsub = nd.add_subparsers(dest="node_cmd", required=True, parser_class=ArgParser)
     for name in ("drain", "undrain", "rm"):
         x = ndsub.add_parser(name)
@@ -91,6 +91,17 @@ def parser() -> ArgParser:
             x.add_argument(
                 "--force", action="store_true", help="even with tasks on it (they are lost)"
             )
+    jt = ndsub.add_parser("join-token", help="tokens that let a new host join (admin)")
+    jtsub = jt.add_subparsers(dest="join_cmd", required=True, parser_class=ArgParser)
+    jc = jtsub.add_parser(
+        "create", help="print a join token for lepton-agent --join-token-file, alone"
+    )
+    jc.add_argument(
+        "--ttl", default="1h", metavar="DURATION", help="how long it admits hosts (default 1h)"
+    )
+    jc.add_argument("--uses", type=int, default=1, help="how many hosts it may admit (default 1)")
+    _out(jtsub.add_parser("ls"))
+    jtsub.add_parser("revoke").add_argument("id")
     p_drain = sub.add_parser("drain", help="same as `node drain`")
     p_drain.add_argument("node")
     _deadline(p_drain)

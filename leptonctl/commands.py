@@ -286,15 +286,61 @@ def drain_deadline_s(text: str) -> float:
 
 async def node(c: ClusterClient, a: argparse.Namespace) -> int:
     sub = "drain" if a.cmd == "drain" else a.node_cmd
+    if sub == "join-token":
+        return await join_token(c, a)
     method = {"drain": "node_drain", "undrain": "node_undrain", "rm": "node_rm"}[sub]
     args: dict[str, Any] = {"node": a.node, "force": bool(getattr(a, "force", False))}
     if getattr(a, "deadline", None) is not None:
         args["deadline_s"] = drain_deadline_s(a.deadline)  # before anything is sent
     res = await c.call(method, args, timeout_s=a.timeout)
+    if res.get("removed") is False and res.get("revoked"):
+        print(f"{a.node}: credential revoked")  # a node id only a credential still named
+        return 0
     state = node_state(
         res.get("state", "removed"), res.get("drain_deadline"), bool(res.get("drained"))
     )
     print(f"{a.node}: {state}")
+    return 0
+
+
+async def join_token(c: ClusterClient, a: argparse.Namespace) -> int:
+    if a.join_cmd == "create":
+        try:
+            ttl_s = jobfile.parse_duration(a.ttl)
+        except jobfile.JobFileError:
+            raise UsageError(f"--ttl: not a duration: {a.ttl!r} (try 30m, 1h or 7d)") from None
+        if not 0 < ttl_s <= MAX_DRAIN_DEADLINE_S:
+            raise UsageError(f"--ttl must be more than 0s and at most 366d, got {a.ttl!r}")
+        if a.uses < 1:
+            raise UsageError(f"--uses must be at least 1, got {a.uses}")
+        res = await c.call(
+            "join_token_create", {"ttl_s": ttl_s, "uses": a.uses}, timeout_s=a.timeout
+        )
+        print(res["token"])
+        return 0
+    if a.join_cmd == "ls":
+        rows = await c.call("join_token_ls", {}, timeout_s=a.timeout)
+        if a.output == "json":
+            emit_json(rows)
+            return 0
+        table(
+            ["ID", "CREATED BY", "EXPIRES", "USED", "REVOKED"],
+            [
+                [
+                    r["id"],
+                    r["created_by"] or "-",
+                    "never"
+                    if r["expires_at"] is None
+                    else (f"in {left}" if (left := until(r["expires_at"])) else "expired"),
+                    f"{r['used']}/{r['max_uses'] or 'any'}",
+                    "yes" if r["revoked"] else "no",
+                ]
+                for r in rows
+            ],
+        )
+        return 0
+    res = await c.call("join_token_revoke", {"id": a.id}, timeout_s=a.timeout)
+    print(f"revoked {res['id']}")
     return 0
 
 

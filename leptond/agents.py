@@ -14,7 +14,7 @@ from . import views
 from .auth import require
 from .batcher import Batcher
 from .wire.connection import Connection, Handler
-from .wire.errors import BAD_REQUEST, RpcError
+from .wire.errors import BAD_REQUEST, FORBIDDEN, RpcError
 
 if TYPE_CHECKING:
     from .master import Master
@@ -61,11 +61,17 @@ class AgentRegistry:
 
     # -- handlers ---------------------------------------------------------------
     async def register(self, conn: Connection, a: Any) -> dict[str, Any]:
-        require(conn.context, "cluster")
+        require(conn.context, "node")
         self.m.ensure_leader()
         if not isinstance(a, dict) or not isinstance(a.get("node"), dict):
             raise RpcError(BAD_REQUEST, "register needs a node description")
         node = a["node"]
+        # A node credential speaks for one node: the one it was issued to.
+        own = conn.context.get("user")
+        if node.get("id") != own:
+            raise RpcError(
+                FORBIDDEN, f"this node credential is node {own}'s; it cannot register another node"
+            )
         res = await self.m.propose("register_node", {"node": node, "now": time.time()})
         nid = res["node_id"]
         old = self.conns.get(nid)
@@ -100,7 +106,7 @@ class AgentRegistry:
 
     def _registered(self, conn: Connection, what: str) -> str:
         """The node id of an agent connection on the leader, or a clear error."""
-        require(conn.context, "cluster")
+        require(conn.context, "node")
         self.m.ensure_leader()
         nid = conn.context.get("node_id")
         if not nid:

@@ -23,7 +23,7 @@ from raft.validate import SpecError, validate_name, validate_spec
 from . import views
 from .auth import require
 from .wire.connection import Connection, Handler
-from .wire.errors import BAD_REQUEST, NOT_FOUND, RpcError
+from .wire.errors import BAD_REQUEST, FORBIDDEN, NOT_FOUND, RpcError
 from .wire.tokens import new_token
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ async def _call(
 
 
 def _target(args: dict[str, Any]) -> Any:
-    for key in ("job_id", "node", "id", "name", "addr"):
+    for key in ("job_id", "node", "id", "name", "addr", "node_id"):
         if key in args:
             return args[key]
     return None
@@ -116,6 +116,12 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         name = validate_name(a["name"], "job name") if a.get("name") else None
     except SpecError as exc:
         raise RpcError(BAD_REQUEST, str(exc)) from None
+    user = conn.context["user"]
+    cap = None if conn.context["role"] == "admin" else m.cfg.max_priority_of(user)
+    if cap is not None and spec.priority > cap:
+        raise RpcError(
+            FORBIDDEN, f"priority {spec.priority} is above the cap for {user} ({cap}); ask an admin"
+        )
     if spec.workdir is not None:
         with _lock(m):
             if spec.workdir not in m.state.manifests:
@@ -123,7 +129,6 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     rid = a.get("rid")
     if not isinstance(rid, str) or not 8 <= len(rid) <= 64:
         raise RpcError(BAD_REQUEST, "submit needs a request id (8-64 characters)")
-    user = conn.context["user"]
     # The id comes from the client's request id, so a retry after a lost answer
     # or a leader change finds the same job instead of making a second one.
     job_id = "j-" + hashlib.sha256(f"{user}\0{rid}".encode()).hexdigest()[:12]
@@ -170,7 +175,7 @@ async def status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         if job is None:
             raise RpcError(NOT_FOUND, f"no job {jid!r}")
         out = views.job_summary(job)
-        out["spec"] = job.spec
+        out["spec"] = job.spec if _may_read(m, conn, job, "status") else views.redacted_spec(job)
         out["tasks"] = [views.task_detail(m.state, m.state.tasks[t]) for t in job.tasks]
     for t in out["tasks"]:
         if t["state"] == "pending" and t["id"] in reasons:
@@ -210,6 +215,11 @@ async def logs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
             raise RpcError(BAD_REQUEST, f"job {jid} has ranks 0-{len(job.tasks) - 1}")
         t = m.state.tasks[job.tasks[rank]]
         node_id, attempt, state = t.node_id, t.attempt, t.state
+    if not _may_read(m, conn, job, "logs"):
+        raise RpcError(
+            FORBIDDEN,
+            f"job {jid} belongs to {job.user}; only its owner or an admin can read its output",
+        )
     if node_id is None or attempt == 0:
         raise RpcError("not_started", f"task {rank} of {jid} has not started yet ({state})")
     agent = m.agents.conns.get(node_id)
@@ -224,6 +234,21 @@ async def logs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "follow": bool(a.get("follow")),
     }
     return _relay(agent, args)
+
+
+def _may_read(m: Master, conn: Connection, job: Any, what: str) -> bool:
+    """Whether the caller may read the job's private parts (env values, output).
+
+    Its owner may; an admin may, and each such read of another user's job is
+    audited; anyone else sees only its metadata.
+    """
+    user, role = conn.context["user"], conn.context["role"]
+    if job.user == user:
+        return True
+    if role != "admin":
+        return False
+    m.audit.record(user, role, what, job.id, f"ok: read the job of {job.user}")
+    return True
 
 
 async def _relay(agent: Connection, args: dict[str, Any]) -> Any:
@@ -316,11 +341,25 @@ async def node_undrain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 @method("node_rm", "admin", mutating=True)
 async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """Forget a node and revoke its credential; its agent's live connection is
+    closed, and it cannot connect again (it needs a new join token to rejoin).
+    A node id that only a credential still names (its agent deregistered
+    itself) has that credential revoked."""
     m.ensure_leader()
-    nid = _find_node(m, a.get("node"))
-    return await m.propose(
-        "remove_node", {"node_id": nid, "now": time.time(), "force": bool(a.get("force"))}
+    ref = str(a.get("node") or "")
+    with _lock(m):
+        orphan = ref not in m.state.nodes and ref in m.state.node_cred_of
+    nid = ref if orphan else _find_node(m, ref)
+    res = await m.propose(
+        "remove_node",
+        {"node_id": nid, "now": time.time(), "force": bool(a.get("force")), "revoke": True},
     )
+    cred = res.get("revoked")
+    assert m.rpc is not None
+    for c in list(m.rpc.connections):
+        if cred and c.key_id == cred:
+            c.close()
+    return res
 
 
 # -- cluster ----------------------------------------------------------------------
@@ -460,3 +499,8 @@ def _prefer_leader(m: Master) -> None:
         addr = m.leader_rpc_addr()
         if addr and addr != m.cfg.rpc_addr:
             raise m.not_leader()
+
+
+# The node credential RPCs live in their own module; importing it registers
+# them in the table above.
+from . import joins  # noqa: E402, F401

@@ -18,8 +18,13 @@ from raft.state import ClusterState
 from .wire.errors import FORBIDDEN, RpcError
 from .wire.tokens import ADMIN_TOKEN_ID, CLUSTER_KEY_ID, Token, cluster_psk, derive
 
-# Roles in order of power; "cluster" is what agents and masters authenticate as.
-ROLE_RANK = {"read": 0, "submit": 1, "admin": 2, "cluster": 3}
+# People's roles, in order of power: each may do what the ones below it may.
+ROLE_RANK = {"read": 0, "submit": 1, "admin": 2}
+# Roles with one purpose each, outside that order; each matches only itself.
+# "cluster": masters calling each other (the cluster key lives only on masters).
+# "node": one agent's credential, for node RPCs about its own node.
+# "join": a join token, good only for trading it for a node credential.
+PURPOSE_ROLES = frozenset({"cluster", "node", "join"})
 
 
 class KeyStore:
@@ -43,10 +48,10 @@ class KeyStore:
         if key_id == ADMIN_TOKEN_ID:
             return self._admin.psk
         with self._lock:
-            tok = self._state.tokens.get(key_id)
-            if tok is None or tok.revoked:
-                return None
-            sealed = tok.sealed
+            sealed = self._sealed(key_id)
+        if sealed is None:
+            self._cache.pop(key_id, None)
+            return None
         cached = self._cache.get(key_id)
         if cached is not None:
             return cached
@@ -58,28 +63,71 @@ class KeyStore:
         self._cache[key_id] = psk
         return psk
 
+    def _sealed(self, key_id: str) -> bytes | None:
+        """The sealed secret of a live key id (caller holds the lock).
+
+        An expired join token still opens its handshake: node_join then says
+        in words that it expired, instead of a bare refused connection.
+        """
+        s = self._state
+        tok = s.tokens.get(key_id)
+        if tok is not None:
+            return None if tok.revoked else tok.sealed
+        jt = s.join_tokens.get(key_id)
+        if jt is not None:
+            return None if jt.revoked else jt.sealed
+        cred = s.node_creds.get(key_id)
+        return cred.sealed if cred is not None else None
+
     def seal(self, token: Token) -> bytes:
         nonce = os.urandom(12)
         return nonce + self._seal_key.encrypt(nonce, token.secret, token.id.encode())
 
     def identity(self, key_id: str) -> tuple[str, str]:
-        """(user name, role) for an authenticated key id."""
+        """(user name, role) for an authenticated key id; ("", "") once revoked.
+
+        A node credential's user is its node id, the one node it speaks for; a
+        join token's is its own id.
+        """
         if key_id == CLUSTER_KEY_ID:
             return "cluster", "cluster"
         if key_id == ADMIN_TOKEN_ID:
             return "admin", "admin"
         with self._lock:
-            tok = self._state.tokens.get(key_id)
-            if tok is None or tok.revoked:
-                return "", ""
-            return tok.name, tok.role
+            s = self._state
+            tok = s.tokens.get(key_id)
+            if tok is not None:
+                return ("", "") if tok.revoked else (tok.name, tok.role)
+            jt = s.join_tokens.get(key_id)
+            if jt is not None:
+                return ("", "") if jt.revoked else (jt.id, "join")
+            cred = s.node_creds.get(key_id)
+            if cred is not None:
+                return cred.node_id, "node"
+            return "", ""
+
+
+_REFUSALS = {
+    "node": "a node credential may call only its own node's agent RPCs",
+    "join": "a join token can only be traded for a node credential (lepton-agent --join-token-file)",
+    "cluster": "the cluster key is for masters calling each other; use an admin token",
+}
+
+
+def allowed(have: str, role: str) -> bool:
+    """Whether a caller with role `have` may call what needs `role`."""
+    if role in ROLE_RANK:
+        return ROLE_RANK.get(have, -1) >= ROLE_RANK[role]
+    return have == role
 
 
 def require(ctx: dict[str, Any], role: str, is_revoked: Callable[[], bool] | None = None) -> None:
     have = ctx.get("role", "")
-    if ROLE_RANK.get(have, -1) < ROLE_RANK[role]:
+    if not allowed(have, role):
         raise RpcError(
-            FORBIDDEN, f"this needs a token with role {role}; yours is {have or 'unknown'}"
+            FORBIDDEN,
+            _REFUSALS.get(have)
+            or f"this needs a token with role {role}; yours is {have or 'unknown'}",
         )
     if is_revoked is not None and is_revoked():
         raise RpcError("unauthenticated", "this token has been revoked")

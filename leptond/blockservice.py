@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from raft.model import LIVE_TASK_STATES
+
 from .auth import require
 from .blocks import (
     BlockCorrupt,
@@ -30,7 +32,7 @@ from .blocks import (
 from .blocks.manifest import MAX_BLOCK_SIZE, is_block_id
 from .wire.client import parse_addr
 from .wire.connection import Connection, Handler, open_connection
-from .wire.errors import BAD_REQUEST, NO_QUORUM, RpcError
+from .wire.errors import BAD_REQUEST, FORBIDDEN, NO_QUORUM, RpcError
 from .wire.tokens import CLUSTER_KEY_ID, cluster_psk
 
 if TYPE_CHECKING:
@@ -205,18 +207,33 @@ class BlockService:
 
     # -- to agents -------------------------------------------------------------------
     async def block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
-        self._role(conn, "cluster")
+        self._role(conn, "node")
         bid = _one_id(a)
+        nid = str(conn.context.get("user"))  # the node its credential speaks for
+        if not self._for_own_task(nid, bid):
+            raise RpcError(FORBIDDEN, f"block {bid[:12]} is in no workdir of a task on this node")
         data = await self._io(self.store.get, bid)
         if data is None:
             data = await self._fetch_from_peers(bid)
-        nid = conn.context.get("node_id")
-        if nid:
-            self.node_blocks.setdefault(nid, set()).add(bid)
+        self.node_blocks.setdefault(nid, set()).add(bid)
         self.counters["served_blocks"] += 1
         self.counters["served_bytes"] += len(data)
         payload, compressed = pack_block(data)
         return {"data": payload, "z": compressed}
+
+    def _for_own_task(self, nid: str, bid: str) -> bool:
+        """Whether the block is in the workdir of a live task placed on the node:
+        an agent reads its own tasks' files, never another node's."""
+        assert self.m.raft is not None
+        s = self.m.state
+        with self.m.raft.lock:
+            manifests = {}
+            for tid in s.node_tasks.get(nid, ()):
+                t = s.tasks[tid]
+                mid = s.jobs[t.job_id].spec.get("workdir") if t.state in LIVE_TASK_STATES else None
+                if mid and mid in s.manifests:
+                    manifests[mid] = s.manifests[mid]
+        return any(bid in self.m.blocks_of(mid, man) for mid, man in manifests.items())
 
     async def _fetch_from_peers(self, bid: str) -> bytes:
         """A master missing a block (say, a new leader outside the upload's majority) asks its peers."""

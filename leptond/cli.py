@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import logging
 import os
 import sys
@@ -12,15 +13,37 @@ from .wire.tokens import ADMIN_TOKEN_ID, SECRET_LEN, SecretError, new_token, wri
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """Write the cluster key and the admin token, 0600. With --group, the
+    masters' group may read them (0640, and the directory 0750): the master
+    unit runs as that group's user, not as root."""
+    gid = None
+    if args.group is not None:
+        try:
+            gid = grp.getgrnam(args.group).gr_gid
+        except KeyError:
+            print(
+                f"leptond init: no group {args.group!r} on this host "
+                f"(create it first: groupadd --system {args.group})",
+                file=sys.stderr,
+            )
+            return 1
     d = Path(args.dir)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
     key, tok = d / "cluster.key", d / "admin.token"
     existing = [str(p) for p in (key, tok) if p.exists()]
     if existing:
         print(f"leptond init: refusing to overwrite {', '.join(existing)}", file=sys.stderr)
         return 1
-    write_private(key, os.urandom(SECRET_LEN))
-    write_private(tok, (str(new_token(ADMIN_TOKEN_ID)) + "\n").encode())
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(key, os.urandom(SECRET_LEN))
+        write_private(tok, (str(new_token(ADMIN_TOKEN_ID)) + "\n").encode())
+        if gid is not None:
+            for path, mode in ((key, 0o640), (tok, 0o640), (d, 0o750)):
+                os.chown(path, -1, gid)
+                os.chmod(path, mode)
+    except OSError as exc:
+        print(f"leptond init: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(key)
     print(tok)
     return 0
@@ -46,6 +69,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"leptond: --quota takes USER=GPUS, got {q!r}", file=sys.stderr)
             return 2
         quotas[user] = int(n)
+    caps: dict[str, int] = {}
+    for q in args.max_priority or []:
+        user, _, n = q.partition("=")
+        if not user or not _is_priority(n):
+            print(
+                f"leptond: --max-priority takes USER=N with N from -1000 to 1000, got {q!r}",
+                file=sys.stderr,
+            )
+            return 2
+        caps[user] = int(n)
+    if args.default_max_priority is not None and not _is_priority(args.default_max_priority):
+        print("leptond: --default-max-priority must be from -1000 to 1000", file=sys.stderr)
+        return 2
+    host = args.advertise or args.bind
+    if host in ("0.0.0.0", "::", ""):
+        print(
+            "leptond: Raft listens on --advertise (or --bind) and other masters dial it there: "
+            "give this master's own address, not a wildcard",
+            file=sys.stderr,
+        )
+        return 2
     if args.snapshot_every < 10:
         print("leptond: --snapshot-every must be at least 10 entries", file=sys.stderr)
         return 2
@@ -72,6 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         block_cache_bytes=args.block_cache_bytes,
         block_cache_policy=args.block_cache_policy,
+        max_priority=caps,
+        default_max_priority=(
+            None if args.default_max_priority is None else int(args.default_max_priority)
+        ),
     )
     try:
         master = Master(cfg)
@@ -88,6 +136,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_priority(text: str) -> bool:
+    try:
+        return -1000 <= int(text) <= 1000
+    except ValueError:
+        return False
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from .dev import run_dev
 
@@ -102,6 +157,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="create a cluster secret and an admin token in DIR")
     i.add_argument("dir")
+    i.add_argument(
+        "--group",
+        help="make the files readable by this group (the masters' user, e.g. lepton): 0640",
+    )
     i.set_defaults(fn=cmd_init)
     r = sub.add_parser("run", help="run one master")
     r.add_argument("--data-dir", required=True)
@@ -127,6 +186,17 @@ def parser() -> argparse.ArgumentParser:
         help="when a job's --no-preempt holds: only while its user is within quota, or always",
     )
     r.add_argument("--quota", action="append", help="USER=GPUS, repeatable")
+    r.add_argument(
+        "--max-priority",
+        action="append",
+        metavar="USER=N",
+        help="highest priority USER may submit at, repeatable (admins are not capped)",
+    )
+    r.add_argument(
+        "--default-max-priority",
+        metavar="N",
+        help="highest priority for users without their own --max-priority (default: no cap)",
+    )
     r.add_argument(
         "--raft-min-timeout", type=float, default=0.35, help="election timeout range, seconds"
     )

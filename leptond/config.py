@@ -37,6 +37,14 @@ class MasterConfig:
     job_retention_s: float = 7 * 86400.0
     block_cache_bytes: int = 256 << 20
     block_cache_policy: Literal["lru", "lfu"] = "lru"
+    # Highest priority each user may submit at (`--max-priority user=N`), and
+    # for users not named (`--default-max-priority N`; None: no cap). Admins
+    # are not capped: they could make themselves any token anyway.
+    max_priority: dict[str, int] = field(default_factory=dict)
+    default_max_priority: int | None = None
+
+    def max_priority_of(self, user: str) -> int | None:
+        return self.max_priority.get(user, self.default_max_priority)
 
     @property
     def host(self) -> str:

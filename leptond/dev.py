@@ -64,6 +64,38 @@ def _gpu_plan(args: argparse.Namespace) -> tuple[str | None, int, str]:
     )
 
 
+async def _join_token(addr: str, tok_path: Path, agents: int, timeout_s: float) -> str:
+    """A join token for the dev agents, made as soon as the master leads."""
+    tok = read_token_file(tok_path)
+    host, port = addr.rsplit(":", 1)
+    client = ClusterClient([(host, int(port))], key_id=tok.id, psk=tok.psk, connect_timeout_s=1.0)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                res = await client.call(
+                    "join_token_create", {"ttl_s": 3600, "uses": max(agents, 1)}, timeout_s=3
+                )
+                return str(res["token"])
+            except RpcError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"leptond dev: the master did not come up within {timeout_s:g}s"
+                    ) from None
+            await asyncio.sleep(0.2)
+    finally:
+        await client.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 async def _wait_ready(addr: str, tok_path: Path, agents: int, timeout_s: float) -> None:
     tok = read_token_file(tok_path)
     host, port = addr.rsplit(":", 1)
@@ -141,6 +173,10 @@ def run_dev(args: argparse.Namespace) -> int:
                 "3",
             ],
         )
+        # Agents never see the cluster key: each trades a join token for its own
+        # node credential (kept in its data dir, so a restart needs no new token).
+        join = d / "join.token"
+        _write_private(join, asyncio.run(_join_token(rpc, tok, agents, 60)) + "\n")
         for i in range(agents):
             argv = [
                 py,
@@ -149,8 +185,8 @@ def run_dev(args: argparse.Namespace) -> int:
                 "run",
                 "--masters",
                 rpc,
-                "--secret-file",
-                str(key),
+                "--join-token-file",
+                str(join),
                 "--data-dir",
                 str(d / f"agent-{i}"),
                 "--node-name",

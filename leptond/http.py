@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from raft.model import JOB_STATES, NODE_STATES, TASK_STATES
 
 from . import views
+from .auth import ROLE_RANK
 from .wire.tokens import SecretError, parse_token
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class HttpServer:
         )
 
     def _authorized(self, request: web.Request) -> bool:
-        """/api/* shows users, commands and environments: it needs a token
+        """/api/* shows users and commands: it needs a person's token
         (`Authorization: Bearer ltk_...`, any role). /healthz and /metrics stay
         open for load balancers and Prometheus."""
         header = request.headers.get("Authorization", "")
@@ -159,7 +160,10 @@ class HttpServer:
         except SecretError:
             return False
         psk = self.m.keys.psk(tok.id)
-        return psk is not None and hmac.compare_digest(psk, tok.psk)
+        if psk is None or not hmac.compare_digest(psk, tok.psk):
+            return False
+        # People's tokens only: node credentials and join tokens are for agents.
+        return self.m.keys.identity(tok.id)[1] in ROLE_RANK
 
     @staticmethod
     def _refuse() -> web.Response:

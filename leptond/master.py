@@ -292,13 +292,19 @@ class Master:
 
     def block_sets(self) -> dict[str, frozenset[str]]:
         """Block ids of each manifest, computed once per manifest."""
-        from .blocks import manifest_blocks
-
         assert self.raft is not None
         for mid, man in self.state.manifests.items():
-            if mid not in self._block_sets:
-                self._block_sets[mid] = frozenset(manifest_blocks(man))  # type: ignore[arg-type]
+            self.blocks_of(mid, man)
         return self._block_sets
+
+    def blocks_of(self, mid: str, manifest: Any) -> frozenset[str]:
+        """Block ids of one manifest (content-addressed: the id fixes the content)."""
+        from .blocks import manifest_blocks
+
+        ids = self._block_sets.get(mid)
+        if ids is None:
+            ids = self._block_sets[mid] = frozenset(manifest_blocks(manifest))
+        return ids
 
     def cached_sets(self) -> dict[str, frozenset[str]]:
         return {nid: frozenset(b) for nid, b in self.blocks.node_blocks.items()}

@@ -166,6 +166,16 @@ def job_summary(j: Job) -> dict[str, Any]:
     }
 
 
+REDACTED = "<redacted>"
+
+
+def redacted_spec(j: Job) -> dict[str, Any]:
+    """A job's spec as people other than its owner see it: env names, no values."""
+    spec = dict(j.spec)
+    spec["env"] = dict.fromkeys(spec.get("env") or {}, REDACTED)
+    return spec
+
+
 def task_detail(s: ClusterState, t: Task) -> dict[str, Any]:
     node = s.nodes.get(t.node_id) if t.node_id else None
     return {

@@ -49,3 +49,12 @@ class JournalError(RaftError):
 
 class SnapshotError(RaftError):
     """A snapshot file is damaged, of an unknown format, or unreadable."""
+
+
+class ArgError(Exception):
+    """A command whose arguments do not fit the state: apply turns it into an
+    error value for the proposer (never an exception out of apply)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

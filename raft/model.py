@@ -156,6 +156,35 @@ class Token(Record):
 
 
 @dataclass(slots=True)
+class JoinToken(Record):
+    """What an admin hands a new host: traded once per node for a node credential."""
+
+    id: str
+    sealed: bytes
+    created_at: float
+    created_by: str
+    # The proposer's wall-clock time after which it admits no node; None: never.
+    expires_at: float | None = None
+    # How many distinct nodes it may admit; None: any number until it expires.
+    max_uses: int | None = None
+    # Node ids it was traded for, one use each. Trading again for one of these
+    # (an agent that crashed before saving its credential) spends no use.
+    nodes: list[str] = field(default_factory=list)
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class NodeCredential(Record):
+    """One agent's own key: it may call node RPCs for `node_id` and nothing else."""
+
+    id: str  # the handshake key id
+    node_id: str
+    sealed: bytes
+    issued_at: float
+    join_token: str  # the join token it was traded for
+
+
+@dataclass(slots=True)
 class Member(Record):
     raft_addr: str
     rpc_addr: str

@@ -14,16 +14,20 @@ from typing import Any
 
 import msgpack
 
+from . import nodecreds as nc
 from . import tasks as tl
 from .commands import BadCommand, Command, decode
+from .errors import ArgError
 from .model import (
     FINAL_JOB_STATES,
     LIVE_TASK_STATES,
     NODE_STATES,
     ROLES,
     Job,
+    JoinToken,
     Member,
     Node,
+    NodeCredential,
     Task,
     Token,
 )
@@ -40,14 +44,6 @@ def error(code: str, message: str) -> Result:
     return {"error": {"code": code, "message": message}}
 
 
-class ArgError(Exception):
-    """A command whose arguments do not fit the state: becomes an error value."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class ClusterState:
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
@@ -55,6 +51,8 @@ class ClusterState:
         self.tasks: dict[str, Task] = {}
         self.tokens: dict[str, Token] = {}
         self.members: dict[str, Member] = {}
+        self.join_tokens: dict[str, JoinToken] = {}
+        self.node_creds: dict[str, NodeCredential] = {}  # by handshake key id
         self.manifests: dict[str, dict[str, Any]] = {}
         self.recent: OrderedDict[str, Any] = OrderedDict()
         self.applied_index = 0
@@ -62,6 +60,7 @@ class ClusterState:
         self.gpu_owner: dict[tuple[str, int], str] = {}
         self.node_tasks: dict[str, set[str]] = {}
         self.pending: dict[str, None] = {}  # insertion-ordered set of pending task ids
+        self.node_cred_of: dict[str, str] = {}  # node id -> its credential's key id
         # Bumped by every command that can free capacity or change nodes. Local
         # (not in snapshots): the leader's scheduler uses it to skip tasks that
         # did not fit last time when nothing could have made room since.
@@ -305,6 +304,15 @@ class ClusterState:
         return {"node_id": node.id, "lost": lost}
 
     def apply_remove_node(self, a: dict[str, Any], index: int) -> Result:
+        """Forget a node. With `revoke` (an admin's `node rm`) its credential is
+        deleted too, also for a node id that only a credential still names (an
+        agent that deregistered itself keeps its credential to come back)."""
+        revoke = bool(a.get("revoke"))
+        if revoke and _str(a, "node_id") not in self.nodes:
+            cred = nc.revoke_node(self, a["node_id"])
+            if cred is None:
+                raise ArgError("not_found", f"no node {a['node_id']!r}")
+            return {"node_id": a["node_id"], "removed": False, "revoked": cred}
         node = self._node(a)
         live = [
             tid
@@ -322,7 +330,9 @@ class ClusterState:
             )
         del self.nodes[node.id]
         self.node_tasks.pop(node.id, None)
-        return {"node_id": node.id, "removed": True}
+        if not revoke:
+            return {"node_id": node.id, "removed": True}
+        return {"node_id": node.id, "removed": True, "revoked": nc.revoke_node(self, node.id)}
 
     def _node(self, a: dict[str, Any]) -> Node:
         node = self.nodes.get(_str(a, "node_id"))
@@ -425,7 +435,9 @@ class ClusterState:
             still_used = {j.spec.get("workdir") for j in self.jobs.values()}
             for mid in dropped_workdirs - still_used:
                 self.manifests.pop(mid, None)
-        return {"removed": len(gone)}
+        # Join tokens long expired go the same way.
+        joins = nc.gc_join_tokens(self, before)
+        return {"removed": len(gone), **({"join_tokens_removed": joins} if joins else {})}
 
     # -- scheduling -------------------------------------------------------------
     def apply_plan(self, a: dict[str, Any], index: int) -> Result:
@@ -437,7 +449,7 @@ class ClusterState:
     # -- tokens, members, manifests ----------------------------------------------
     def apply_token_create(self, a: dict[str, Any], index: int) -> Result:
         tid = _str(a, "id")
-        if tid in self.tokens or tid in ("admin", "cluster"):
+        if nc.key_in_use(self, tid):
             raise ArgError("conflict", f"token id {tid} exists")
         role = a["role"]
         if role not in ROLES:
@@ -460,6 +472,15 @@ class ClusterState:
             raise ArgError("not_found", f"no token {a['id']!r}")
         tok.revoked = True
         return {"id": tok.id, "revoked": True}
+
+    def apply_join_token_create(self, a: dict[str, Any], index: int) -> Result:
+        return nc.apply_join_token_create(self, a)
+
+    def apply_join_token_revoke(self, a: dict[str, Any], index: int) -> Result:
+        return nc.apply_join_token_revoke(self, a)
+
+    def apply_node_join(self, a: dict[str, Any], index: int) -> Result:
+        return nc.apply_node_join(self, a)
 
     def apply_member_info(self, a: dict[str, Any], index: int) -> Result:
         m = Member(
@@ -506,6 +527,8 @@ class ClusterState:
                 "tasks": [t.to_wire() for t in self.tasks.values()],
                 "tokens": [t.to_wire() for t in self.tokens.values()],
                 "members": [m.to_wire() for m in self.members.values()],
+                "join_tokens": [j.to_wire() for j in self.join_tokens.values()],
+                "node_creds": [c.to_wire() for c in self.node_creds.values()],
                 "manifests": self.manifests,
                 "recent": list(self.recent.items()),
             },
@@ -522,6 +545,8 @@ class ClusterState:
             tasks = {t["id"]: Task.from_wire(t) for t in obj["tasks"]}
             tokens = {t["id"]: Token.from_wire(t) for t in obj["tokens"]}
             members = {m["raft_addr"]: Member.from_wire(m) for m in obj["members"]}
+            joins = {j["id"]: JoinToken.from_wire(j) for j in obj.get("join_tokens") or []}
+            creds = {c["id"]: NodeCredential.from_wire(c) for c in obj.get("node_creds") or []}
             recent = OrderedDict((k, v) for k, v in obj["recent"])
             manifests = dict(obj.get("manifests") or {})
             applied_index = int(obj.get("applied_index", 0))
@@ -539,12 +564,14 @@ class ClusterState:
             tokens,
             members,
         )
+        self.join_tokens, self.node_creds = joins, creds
         self.manifests = manifests
         self.recent = recent
         self.applied_index = applied_index
         self._reindex()
 
     def _reindex(self) -> None:
+        nc.reindex(self)
         self.gpu_owner = {}
         self.node_tasks = {nid: set() for nid in self.nodes}
         self.pending = {}
@@ -626,6 +653,9 @@ OPS = frozenset(
         "task_events",
         "token_create",
         "token_revoke",
+        "join_token_create",
+        "join_token_revoke",
+        "node_join",
         "member_info",
         "member_remove",
         "put_manifest",

@@ -17,6 +17,23 @@ MAX_ARG_BYTES = 256 * 1024
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# Environment names the cluster sets for every task (DESIGN §6): a job's --env
+# may not set them, or a task could point itself at GPUs or a rendezvous that
+# are not its own.
+RESERVED_ENV = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "NODE_RANK",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+    }
+)
+RESERVED_ENV_PREFIXES = ("LEPTON_", "PET_")
 
 
 class SpecError(ValueError):
@@ -52,6 +69,14 @@ def _str_map(spec: dict[str, Any], key: str, key_re: re.Pattern[str], what: str)
     return out
 
 
+def _env(spec: dict[str, Any]) -> dict[str, str]:
+    env = _str_map(spec, "env", ENV_NAME, "environment variable")
+    for k in env:
+        if k in RESERVED_ENV or k.startswith(RESERVED_ENV_PREFIXES):
+            raise SpecError(f"--env may not set {k}: the cluster sets it for every task")
+    return env
+
+
 def validate_spec(spec: Any) -> JobSpec:
     if not isinstance(spec, dict):
         raise SpecError("job spec must be a map")
@@ -85,7 +110,7 @@ def validate_spec(spec: Any) -> JobSpec:
         nodes=_num(spec, "nodes", 1, MAX_NODES, True, 1),
         priority=_num(spec, "priority", -1000, 1000, True, 0),
         retries=_num(spec, "retries", 0, 100, True, 0),
-        env=_str_map(spec, "env", ENV_NAME, "environment variable"),
+        env=_env(spec),
         gpu_type=gpu_type,
         gpu_mem_min=_num(spec, "gpu_mem_min", 0, MAX_MEM, True, 0),
         constraints=_str_map(spec, "constraints", LABEL, "label"),

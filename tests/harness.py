@@ -223,6 +223,18 @@ class Cluster:
         m.proc.stop()
         m.proc.start()
 
+    def join_token_file(self) -> Path:
+        """One join token for every agent this cluster starts, made on first use
+        (the masters must be up). Agents keep their credential in their data
+        dir, so a restarted agent does not trade it again."""
+        path = self.root / "join.token"
+        if not path.exists():
+            res = self.rpc("join_token_create", {"ttl_s": 86400, "uses": None})
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(res["token"] + "\n")
+        return path
+
     def start_agent(self, name: str, gpus: str = "2", extra: list[str] | None = None) -> Proc:
         p = Proc(
             name,
@@ -233,8 +245,8 @@ class Cluster:
                 "run",
                 "--masters",
                 self.addrs,
-                "--secret-file",
-                str(self.secret),
+                "--join-token-file",
+                str(self.join_token_file()),
                 "--data-dir",
                 str(self.root / f"agent-{name}"),
                 "--node-name",
