@@ -89,7 +89,7 @@ async def trade(
     retried slowly, so an admin can see it and act. None if stopped first.
     """
     delay = 0.2
-    refused = ""
+    refused = False  # the refusal is logged once, not once per retry
     while not stopping.is_set():
         client = ClusterClient(addrs, key_id=join.id, psk=join.psk)
         try:
@@ -100,9 +100,9 @@ async def trade(
             return tok
         except RpcError as exc:
             if exc.code in FINAL:
-                if exc.message != refused:
+                if not refused:
                     log.error("the masters refused this agent's join token: %s", exc)
-                refused = exc.message
+                refused = True
                 delay = 5.0
             else:
                 log.warning("cannot trade the join token yet (%s); retrying", exc)

@@ -5,7 +5,7 @@ loopback; one cluster for the module, tests run in file order.
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from agent.taskdir import SPARE_FLAG
-from tests.harness import Cluster, Proc, env, wait_for
+from leptond.wire.tokens import Token, parse_token
+from tests.harness import Cluster, Proc, wait_for
 from tests.test_hosts_e2e import (
     assert_no_gpu_shared,
     module_cluster,
@@ -253,20 +254,16 @@ def test_rm_of_an_empty_node(faults: Cluster) -> None:
     assert node_by_name(faults, "h2") is None
 
 
-def test_agent_with_a_wrong_secret_is_refused(faults: Cluster, tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "leptond.cli", "init", str(tmp_path / "other")],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
+def test_agent_with_a_wrong_join_token_is_refused(faults: Cluster, tmp_path: Path) -> None:
+    # A join token this cluster knows, with a secret it never issued.
+    real = parse_token(faults.join_token_file().read_text())
+    forged = tmp_path / "forged.token"
+    forged.write_text(str(Token(real.id, os.urandom(32))) + "\n")
     p = Proc(
         "intruder",
         [
             sys.executable, "-m", "agent.cli", "run", "--masters", faults.addrs,
-            "--secret-file", str(tmp_path / "other" / "cluster.key"),
+            "--join-token-file", str(forged),
             "--data-dir", str(faults.root / "agent-intruder"), "--node-name", "intruder",
             "--simulate-gpus", "4",
         ],
