@@ -2,8 +2,9 @@
 
 A real `leptond run` master (single member unless --masters 3) on loopback;
 this process plays N agents (default 2,000), each with its own sealed RPC
-connection under the cluster key. Every agent registers (one Raft commit
-each) and then heartbeats at 1 Hz with host and 8 GPU stats, as lepton-agent
+connection under its own node credential, traded (as lepton-agent does) for
+one join token made with --uses N. Every agent joins and registers (two Raft
+commits each) and then heartbeats at 1 Hz with host and 8 GPU stats, as lepton-agent
 does. The leader's CPU is read with psutil over a window (default 25 s) and
 reported in percent of one core; the baseline is the same leader's CPU over
 the same window with no agents connected, measured first in the same run.
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from leptond.wire.connection import Connection, open_connection  # noqa: E402
 from leptond.wire.errors import RpcError  # noqa: E402
 from leptond.wire.loop import run  # noqa: E402
-from leptond.wire.tokens import CLUSTER_KEY_ID, cluster_psk, read_secret_file  # noqa: E402
+from leptond.wire.tokens import Token, parse_token  # noqa: E402
 from tests.harness import Cluster  # noqa: E402
 
 TARGET_PCT = 50.0
@@ -105,8 +106,8 @@ def heartbeat_body(i: int) -> dict[str, Any]:
 
 
 class Fleet:
-    def __init__(self, host: str, port: int, psk: bytes, n: int) -> None:
-        self.host, self.port, self.psk, self.n = host, port, psk, n
+    def __init__(self, host: str, port: int, join: Token, n: int) -> None:
+        self.host, self.port, self.join, self.n = host, port, join, n
         self.conns: list[Connection] = []
         self.registered = 0
         self.beats = 0
@@ -118,8 +119,9 @@ class Fleet:
         """One simulated agent: connect, register, then heartbeat at 1 Hz until
         stopped; register again when the leader asks, as lepton-agent does."""
         async with sem:
+            cred = await self.trade(describe(i)["id"])
             conn = await open_connection(
-                self.host, self.port, key_id=CLUSTER_KEY_ID, psk=self.psk, timeout_s=60
+                self.host, self.port, key_id=cred.id, psk=cred.psk, timeout_s=60
             )
             self.conns.append(conn)
             await conn.call("agent_register", {"node": describe(i), "running": []}, timeout_s=120)
@@ -146,6 +148,17 @@ class Fleet:
             nxt += 1.0
             await asyncio.sleep(max(0.0, nxt - loop.time()))
 
+    async def trade(self, node_id: str) -> Token:
+        """The join token for this node's own credential, as lepton-agent does."""
+        conn = await open_connection(
+            self.host, self.port, key_id=self.join.id, psk=self.join.psk, timeout_s=60
+        )
+        try:
+            res = await conn.call("node_join", {"node_id": node_id}, timeout_s=120)
+        finally:
+            conn.close()
+        return parse_token(res["credential"])
+
 
 def cpu_s(p: psutil.Process) -> float:
     t = p.cpu_times()
@@ -163,8 +176,8 @@ async def measure(pid: int, window_s: float) -> tuple[float, float]:
 async def bench(c: Cluster, n: int, window_s: float) -> dict[str, Any]:
     leader = c.wait_leader()
     idle_pct, _ = await measure(leader.proc.pid, window_s)
-    secret = read_secret_file(c.secret)
-    fleet = Fleet("127.0.0.1", leader.rpc, cluster_psk(secret), n)
+    join = parse_token(c.rpc("join_token_create", {"ttl_s": 3600, "uses": n})["token"])
+    fleet = Fleet("127.0.0.1", leader.rpc, join, n)
     t0 = time.monotonic()
     sem = asyncio.Semaphore(64)
     tasks = [asyncio.create_task(fleet.agent(i, sem)) for i in range(n)]
