@@ -28,7 +28,7 @@ def test_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     for prog in ("leptond", "lepton-agent"):
         (bindir / prog).write_text("#!/bin/sh\nexit 0\n")
         (bindir / prog).chmod(0o755)
-    text = (UNITS / name).read_text().replace("/usr/local/bin/", f"{bindir}/")
+    text = (UNITS / name).read_text().replace("/opt/leptond/bin/", f"{bindir}/")
     unit = tmp_path / name
     unit.write_text(text)
     out = subprocess.run(
@@ -54,6 +54,37 @@ def test_agent_registers_on_boot_and_survives_its_own_restart() -> None:
     assert agent["Service"]["EnvironmentFile"].endswith("lepton-agent.env")
 
 
+def test_agent_unit_runs_as_root_with_delegated_cgroups_and_task_limits() -> None:
+    text = (UNITS / "lepton-agent.service").read_text()
+    svc = _unit("lepton-agent.service")["Service"]
+    assert "User" not in svc  # root: it switches to each task's user
+    assert "runs as root" in text.lower() and "cgroup" in text
+    for key, value in (
+        ("Delegate", "yes"),
+        ("LimitMEMLOCK", "infinity"),
+        ("LimitSTACK", "infinity"),
+        ("TasksMax", "infinity"),
+        ("OOMScoreAdjust", "-999"),
+    ):
+        assert svc[key] == value, key
+    # It joins with a join token; the cluster key is for masters only.
+    assert "--join-token-file" in svc["ExecStart"] and "secret" not in svc["ExecStart"]
+    assert svc["ExecStart"].startswith("/opt/leptond/bin/lepton-agent ")
+
+
+def test_shipped_env_files_keep_tasks_alive_on_restart_and_raft_off_wildcards() -> None:
+    agent_env = (UNITS / "lepton-agent.env.example").read_text()
+    settings = [ln for ln in agent_env.splitlines() if ln and not ln.startswith("#")]
+    assert not any("--leave-on-stop" in ln for ln in settings), settings
+    assert "cluster.key" not in agent_env
+    master_env = (UNITS / "leptond.env.example").read_text()
+    values = dict(ln.split("=", 1) for ln in master_env.splitlines() if ln and ln[0] != "#")
+    assert not any("0.0.0.0" in v for v in values.values()), values
+    # Raft listens on the advertised address: the master's own.
+    assert values["LEPTON_ADVERTISE"] == values["LEPTON_BIND"] != "0.0.0.0"
+    assert f"{values['LEPTON_ADVERTISE']}:{values['LEPTON_RAFT_PORT']}" in values["LEPTON_PEERS"]
+
+
 def test_master_unit_is_hardened_and_restarts() -> None:
     master = _unit("leptond.service")
     svc = master["Service"]
@@ -61,6 +92,7 @@ def test_master_unit_is_hardened_and_restarts() -> None:
     assert svc["NoNewPrivileges"] == "yes"
     assert svc["ProtectSystem"] == "strict"
     assert "--peers" in svc["ExecStart"]
+    assert svc["User"] == "lepton" and svc["ExecStart"].startswith("/opt/leptond/bin/leptond ")
 
 
 def test_env_templates_name_every_variable_the_units_use() -> None:
