@@ -14,6 +14,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+from raft.nodecreds import MAX_USES
 from raft.validate import SpecError, validate_name
 
 from .api import _lock, method
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from .master import Master
 
 MAX_TTL_S = 366 * 86400
-MAX_USES = 1_000_000
 
 
 @method("join_token_create", "admin", mutating=True)

@@ -117,3 +117,56 @@ def test_nodes_show_how_long_a_drain_has_left() -> None:
     assert node_state("draining", now + 3599) == "draining (deadline in 1.0h)"
     assert node_state("draining", now + 5 * 86400) == "draining (deadline in 5.0d)"
     assert node_state("draining", now - 1) == "draining (deadline passed)"
+
+
+def test_init_with_a_group_that_does_not_exist_is_one_line_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "secrets"
+    out = run(sys.executable, "-m", "leptond.cli", "init", str(d), "--group", "no-such-group-x")
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-group-x" in lines[0] and "groupadd" in lines[0], lines
+    assert not d.exists()
+
+
+def test_init_with_a_group_makes_the_secrets_readable_by_that_group_only(tmp_path: Path) -> None:
+    import grp
+
+    group = f"ltg{os.getpid() % 100000}"
+    made = subprocess.run(["groupadd", "--system", group], capture_output=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    try:
+        d = tmp_path / "secrets"
+        out = run(sys.executable, "-m", "leptond.cli", "init", str(d), "--group", group)
+        assert out.returncode == 0, out.stderr
+        gid = grp.getgrnam(group).gr_gid
+        for p, mode in ((d, 0o750), (d / "cluster.key", 0o640), (d / "admin.token", 0o640)):
+            st = os.stat(p)
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, 0, gid), p
+    finally:
+        subprocess.run(["groupdel", group], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "flags, what",
+    [
+        (["--max-priority", "alice"], "--max-priority"),
+        (["--max-priority", "alice=lots"], "--max-priority"),
+        (["--max-priority", "alice=5000"], "--max-priority"),
+        (["--default-max-priority", "x"], "--default-max-priority"),
+        (["--bind", "0.0.0.0"], "wildcard"),
+        (["--advertise", "::"], "wildcard"),
+    ],
+)
+def test_bad_master_policy_flags_are_one_line_and_exit_2(
+    tmp_path: Path, flags: list[str], what: str
+) -> None:
+    out = run(
+        sys.executable, "-m", "leptond.cli", "run", "--data-dir", str(tmp_path / "d"),
+        "--secret-file", str(tmp_path / "k"), "--admin-token-file", str(tmp_path / "t"), *flags,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and what in lines[0], lines
+    assert not (tmp_path / "d").exists()
