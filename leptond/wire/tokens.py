@@ -1,8 +1,9 @@
 """Secrets and tokens: what each side feeds the handshake as its pre-shared key.
 
 A token reads `ltk_<id>_<secret>`; the id names the key in the handshake and the
-secret never crosses the wire. Agents and masters use the cluster secret under
-the key id "cluster".
+secret never crosses the wire. People's tokens, join tokens and agents' node
+credentials all have this form; only masters hold the cluster secret, which
+they use with each other under the key id "cluster".
 """
 
 from __future__ import annotations
