@@ -64,7 +64,9 @@ def _gpu_plan(args: argparse.Namespace) -> tuple[str | None, int, str]:
     )
 
 
-async def _join_token(addr: str, tok_path: Path, agents: int, timeout_s: float) -> str:
+async def _join_token(
+    addr: str, tok_path: Path, agents: int, timeout_s: float, master: subprocess.Popen[bytes]
+) -> str:
     """A join token for the dev agents, made as soon as the master leads."""
     tok = read_token_file(tok_path)
     host, port = addr.rsplit(":", 1)
@@ -78,6 +80,10 @@ async def _join_token(addr: str, tok_path: Path, agents: int, timeout_s: float) 
                 )
                 return str(res["token"])
             except RpcError:
+                if master.poll() is not None:
+                    raise SystemExit(
+                        f"leptond dev: the master exited with code {master.returncode}; see its log"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise SystemExit(
                         f"leptond dev: the master did not come up within {timeout_s:g}s"
@@ -176,7 +182,7 @@ def run_dev(args: argparse.Namespace) -> int:
         # Agents never see the cluster key: each trades a join token for its own
         # node credential (kept in its data dir, so a restart needs no new token).
         join = d / "join.token"
-        _write_private(join, asyncio.run(_join_token(rpc, tok, agents, 60)) + "\n")
+        _write_private(join, asyncio.run(_join_token(rpc, tok, agents, 60, procs[0])) + "\n")
         for i in range(agents):
             argv = [
                 py,
