@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+from .wire.codec import MAX_FRAME
 from .wire.tokens import ADMIN_TOKEN_ID, SECRET_LEN, SecretError, new_token, write_private
 
 
@@ -33,6 +35,17 @@ def _port(v: str) -> int:
     return p
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(v: str) -> int:
+    """'256M', '1.5GiB', '4096' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", v)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {v!r} (try 256M or 2G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import MasterConfig
     from .master import Master
@@ -48,6 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         quotas[user] = int(n)
     if args.snapshot_every < 10:
         print("leptond: --snapshot-every must be at least 10 entries", file=sys.stderr)
+        return 2
+    if args.max_buffered_bytes < MAX_FRAME:
+        print(
+            f"leptond: --max-buffered-bytes must be at least {MAX_FRAME >> 20}M "
+            "(one frame of the largest size)",
+            file=sys.stderr,
+        )
         return 2
     if not 0.3 < args.raft_min_timeout < args.raft_max_timeout:
         print("leptond: need 0.3 < --raft-min-timeout < --raft-max-timeout", file=sys.stderr)
@@ -72,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         block_cache_bytes=args.block_cache_bytes,
         block_cache_policy=args.block_cache_policy,
+        max_buffered_bytes=args.max_buffered_bytes,
     )
     try:
         master = Master(cfg)
@@ -141,6 +162,13 @@ def parser() -> argparse.ArgumentParser:
         "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
     )
     r.add_argument("--block-cache-policy", choices=["lru", "lfu"], default="lru")
+    r.add_argument(
+        "--max-buffered-bytes",
+        type=_size,
+        default=256 << 20,
+        help="RPC: bytes all connections together may hold in partly received frames "
+        "(at least 16M, one largest frame)",
+    )
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("dev", help="a whole cluster on this host: one master and N agents")
     d.add_argument("--data-dir", default=".lepton-dev")

@@ -36,6 +36,8 @@ class MasterConfig:
     snapshot_every: int = 5000
     job_retention_s: float = 7 * 86400.0
     block_cache_bytes: int = 256 << 20
+    # RPC: bytes all connections together may hold in partly received frames.
+    max_buffered_bytes: int = 256 << 20
     block_cache_policy: Literal["lru", "lfu"] = "lru"
 
     @property

@@ -81,6 +81,7 @@ class Master:
             self.keys.psk,
             on_connect=self._on_connect,
             on_disconnect=self.agents.on_disconnect,
+            max_buffered_bytes=cfg.max_buffered_bytes,
         )
         await self.rpc.start(cfg.bind, cfg.rpc_port)
         self.http = http.HttpServer(self)
