@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import time
@@ -92,7 +93,32 @@ async def _call(
     if target is None and isinstance(out, dict):
         target = out.get("id")  # e.g. the job a submit made
     m.audit.record(user, have, name, target, "ok")
+    if m.faults.drop_reply(args.get("rid")):  # test builds only (leptond/faults.py)
+        log.warning(
+            "test fault: dropped the reply to %s (rid %s): %s",
+            name,
+            args["rid"],
+            json.dumps(out, default=str),
+        )
+        conn.abort()
     return out
+
+
+def _rid(conn: Connection, a: dict[str, Any], method: str) -> str | None:
+    """The request id under which a mutating call's result is remembered.
+
+    The client makes one id per logical call and sends it with every retry
+    (`rid` in the arguments); the command that commits first is applied and
+    later ones get its result (raft/dedupe.py). The id is hashed with the
+    caller's key and the method, so one caller cannot collide with, or read
+    the result of, another's call. No id (an older client): a fresh one.
+    """
+    rid = a.get("rid")
+    if rid is None:
+        return None
+    if not isinstance(rid, str) or not 8 <= len(rid) <= 64:
+        raise RpcError(BAD_REQUEST, "the request id (rid) must be 8-64 characters")
+    return hashlib.sha256(f"{conn.key_id}\0{method}\0{rid}".encode()).hexdigest()[:32]
 
 
 def _target(args: dict[str, Any]) -> Any:
@@ -192,6 +218,7 @@ async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
             "admin": conn.context["role"] == "admin",
             "now": time.time(),
         },
+        rid=_rid(conn, a, "cancel"),
         wake=True,
     )
 
@@ -287,7 +314,7 @@ async def node_drain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     if deadline_s is not None:
         # Decided here, once: apply must not read a clock.
         args["deadline"] = now + deadline_s
-    return await m.propose("node_state", args)
+    return await m.propose("node_state", args, rid=_rid(conn, a, "node_drain"))
 
 
 def _drain_deadline_s(v: Any) -> float | None:
@@ -310,16 +337,26 @@ async def node_undrain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     nid = _find_node(m, a.get("node"))
     return await m.propose(
-        "node_state", {"node_id": nid, "state": "ready", "now": time.time()}, wake=True
+        "node_state",
+        {"node_id": nid, "state": "ready", "now": time.time()},
+        rid=_rid(conn, a, "node_undrain"),
+        wake=True,
     )
 
 
 @method("node_rm", "admin", mutating=True)
 async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
+    rid = _rid(conn, a, "node_rm")
+    if rid is not None and m.answered(rid):
+        # A retry of a removal that went through: the node is gone, so it
+        # cannot be looked up again; the remembered answer is all there is.
+        return await m.propose("remove_node", {}, rid=rid)
     nid = _find_node(m, a.get("node"))
     return await m.propose(
-        "remove_node", {"node_id": nid, "now": time.time(), "force": bool(a.get("force"))}
+        "remove_node",
+        {"node_id": nid, "now": time.time(), "force": bool(a.get("force"))},
+        rid=rid,
     )
 
 
@@ -399,7 +436,13 @@ async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> An
         state_bytes, _meta = snapfile.decode_snapshot(blob)
     except Exception as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
-    return await m.propose("restore", {"state": state_bytes}, timeout_s=30, wake=True)
+    return await m.propose(
+        "restore",
+        {"state": state_bytes},
+        rid=_rid(conn, a, "snapshot_restore"),
+        timeout_s=30,
+        wake=True,
+    )
 
 
 # -- tokens ---------------------------------------------------------------------
@@ -415,10 +458,20 @@ async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     except SpecError as exc:
         raise RpcError(BAD_REQUEST, str(exc)) from None
     tok = new_token()
-    await m.propose(
+    res = await m.propose(
         "token_create",
         {"id": tok.id, "name": name, "role": role, "sealed": m.keys.seal(tok), "now": time.time()},
+        rid=_rid(conn, a, "token_create"),
     )
+    if res["id"] != tok.id:
+        # A retry of a call that made its token already: answer with that one,
+        # so no token is made that nobody holds.
+        made = m.keys.token(res["id"])
+        with _lock(m):
+            rec = m.state.tokens.get(res["id"])
+        if made is None or rec is None:
+            raise RpcError("internal", f"token {res['id']} was made but cannot be read back")
+        tok, name, role = made, rec.name, rec.role
     return {"id": tok.id, "name": name, "role": role, "token": str(tok)}
 
 
@@ -440,7 +493,9 @@ async def token_ls(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 @method("token_revoke", "admin", mutating=True)
 async def token_revoke(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    res = await m.propose("token_revoke", {"id": str(a.get("id", ""))})
+    res = await m.propose(
+        "token_revoke", {"id": str(a.get("id", ""))}, rid=_rid(conn, a, "token_revoke")
+    )
     # Close live connections made with that token.
     assert m.rpc is not None
     for c in list(m.rpc.connections):

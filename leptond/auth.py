@@ -46,17 +46,28 @@ class KeyStore:
             tok = self._state.tokens.get(key_id)
             if tok is None or tok.revoked:
                 return None
-            sealed = tok.sealed
         cached = self._cache.get(key_id)
         if cached is not None:
             return cached
+        made = self.token(key_id)
+        if made is None:
+            return None
+        psk = made.psk
+        self._cache[key_id] = psk
+        return psk
+
+    def token(self, key_id: str) -> Token | None:
+        """The whole token with this id, unsealed from the replicated state."""
+        with self._lock:
+            tok = self._state.tokens.get(key_id)
+            if tok is None:
+                return None
+            sealed = tok.sealed
         try:
             secret = self._seal_key.decrypt(sealed[:12], sealed[12:], key_id.encode())
         except (InvalidTag, ValueError):
             return None
-        psk = Token(key_id, secret).psk
-        self._cache[key_id] = psk
-        return psk
+        return Token(key_id, secret)
 
     def seal(self, token: Token) -> bytes:
         nonce = os.urandom(12)

@@ -13,7 +13,7 @@ from raft.errors import NoQuorum, NotLeader, ProposeTimeout
 from raft.node import RaftNode
 from raft.state import ClusterState
 
-from . import agents, api, http
+from . import agents, api, faults, http
 from .auth import AuditLog, KeyStore
 from .batcher import Batcher
 from .blockservice import BlockService
@@ -49,6 +49,7 @@ class Master:
         self._stop = asyncio.Event()
         self._leader_events: asyncio.Queue[bool] = asyncio.Queue()
         self.submits: Batcher[dict[str, Any], dict[str, Any]] | None = None
+        self.faults = faults.from_env()  # test builds only; inert otherwise
         self._bg: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
 
@@ -194,10 +195,13 @@ class Master:
     ) -> dict[str, Any]:
         """Commit one command on this (leader) master and return its result.
 
-        wake=True nudges the scheduling loop afterwards (the command may have
-        freed capacity or added work)."""
+        `rid`: the request id of the client's call (api._rid); a command that
+        commits with an id already applied returns the first result. Without
+        one the command gets a fresh id. wake=True nudges the scheduling loop
+        afterwards (the command may have freed capacity or added work)."""
         assert self.raft is not None
-        data = commands.encode(op, args, rid)
+        # The proposer's time ages the table of remembered results (raft/dedupe.py).
+        data = commands.encode(op, args, rid, at=time.time())
         try:
             result = await self.raft.propose(data, timeout_s or self.cfg.commit_timeout_s)
         except NotLeader:
@@ -214,6 +218,12 @@ class Master:
         if wake and self.controllers is not None:
             self.controllers.wake()
         return result
+
+    def answered(self, rid: str) -> bool:
+        """Whether a command with this request id was applied here recently."""
+        assert self.raft is not None
+        with self.raft.lock:
+            return rid in self.state.recent
 
     # -- membership addresses ----------------------------------------------------
     def raft_peers(self) -> list[str]:

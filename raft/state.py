@@ -1,21 +1,22 @@
 """ClusterState: the pure, deterministic replicated state machine.
 
 Rules (DESIGN §4): apply never reads a clock, never does I/O and never raises;
-an invalid command is a no-op that returns an error value; a command whose
-request id was applied recently returns the first result again.
+an invalid command is a no-op that returns an error value; a command that
+carries the request id of a client call applied recently returns the first
+result again (raft/dedupe.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from typing import Any
 
 import msgpack
 
 from . import tasks as tl
 from .commands import BadCommand, Command, decode
+from .dedupe import RecentResults
 from .model import (
     FINAL_JOB_STATES,
     LIVE_TASK_STATES,
@@ -32,7 +33,6 @@ from .validate import SpecError, validate_name, validate_spec
 log = logging.getLogger("lepton.raft")
 
 SNAPSHOT_VERSION = 1
-RECENT_LIMIT = 100_000
 Result = dict[str, Any]
 
 
@@ -56,7 +56,7 @@ class ClusterState:
         self.tokens: dict[str, Token] = {}
         self.members: dict[str, Member] = {}
         self.manifests: dict[str, dict[str, Any]] = {}
-        self.recent: OrderedDict[str, Any] = OrderedDict()
+        self.recent = RecentResults()
         self.applied_index = 0
         # Derived indexes, rebuilt from the records on restore.
         self.gpu_owner: dict[tuple[str, int], str] = {}
@@ -75,15 +75,17 @@ class ClusterState:
         except BadCommand as exc:
             self.applied_index = max(self.applied_index, index)
             return error("bad_command", str(exc))
-        if cmd.rid in self.recent:
-            return self.recent[cmd.rid]
+        found, first = self.recent.get(cmd.rid)
+        if found:
+            self.applied_index = max(self.applied_index, index)
+            return first
         result = self._dispatch(cmd, index)
         if cmd.op in CAPACITY_OPS:
             self.capacity_epoch += 1
         self.applied_index = max(self.applied_index, index)
-        self.recent[cmd.rid] = result
-        if len(self.recent) > RECENT_LIMIT:
-            self.recent.popitem(last=False)
+        self.recent.tick(cmd.at)
+        if cmd.dedupe:
+            self.recent.remember(cmd.rid, result, cmd.at)
         return result
 
     def _dispatch(self, cmd: Command, index: int) -> Any:
@@ -507,7 +509,7 @@ class ClusterState:
                 "tokens": [t.to_wire() for t in self.tokens.values()],
                 "members": [m.to_wire() for m in self.members.values()],
                 "manifests": self.manifests,
-                "recent": list(self.recent.items()),
+                "recent": self.recent.to_wire(),
             },
             use_bin_type=True,
         )
@@ -522,7 +524,7 @@ class ClusterState:
             tasks = {t["id"]: Task.from_wire(t) for t in obj["tasks"]}
             tokens = {t["id"]: Token.from_wire(t) for t in obj["tokens"]}
             members = {m["raft_addr"]: Member.from_wire(m) for m in obj["members"]}
-            recent = OrderedDict((k, v) for k, v in obj["recent"])
+            recent = RecentResults.from_wire(obj["recent"])
             manifests = dict(obj.get("manifests") or {})
             applied_index = int(obj.get("applied_index", 0))
             for n in nodes.values():
