@@ -137,6 +137,7 @@ def _lock(m: Master) -> Any:
 @method("submit", "submit", mutating=True)
 async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
+    m.disk.check_new_work()
     try:
         spec = validate_spec(a.get("spec"))
         name = validate_name(a["name"], "job name") if a.get("name") else None
@@ -363,13 +364,29 @@ async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 # -- cluster ----------------------------------------------------------------------
 @method("cluster_status", "read")
 async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """The cluster as this master sees it. With `health`, each other master is
+    also asked for its own health (disk, journal, leader), and `problems`
+    lists what is wrong anywhere, in words."""
     assert m.raft is not None
     st = m.raft.status()
+    mine = m.health(st)
     with _lock(m):
         members = {k: v.to_wire() for k, v in m.state.members.items()}
     for mb in st.get("members", []):
         info = members.get(mb.get("addr"), {})
         mb["rpc_addr"] = info.get("rpc_addr", "")
+    problems = list(mine["problems"])
+    if a.get("health"):
+        asked = [mb["rpc_addr"] for mb in st.get("members", []) if mb["rpc_addr"]]
+        answers = await m.members_health(asked)
+        for mb in st.get("members", []):
+            h = answers.get(mb["rpc_addr"]) if mb["rpc_addr"] else None
+            mb["health"] = h
+            if h is None:
+                if mb["connected"]:  # not already listed as unreachable over Raft
+                    problems.append(f"master {mb['addr']} does not answer over RPC")
+                continue
+            problems += [f"master {mb['addr']}: {p}" for p in h.get("disk", {}).get("problems", [])]
     leader = st.get("leader")
     return {
         **st,
@@ -377,6 +394,9 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "leader_rpc": m.leader_rpc_addr(),
         "self": m.cfg.raft_addr,
         "is_leader": m.is_leader(),
+        "has_quorum": mine["quorum"],
+        "health": mine,
+        "problems": problems,
         "blocks": m.blocks.stats(),
     }
 

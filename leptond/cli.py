@@ -93,6 +93,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         block_cache_bytes=args.block_cache_bytes,
         block_cache_policy=args.block_cache_policy,
         max_buffered_bytes=args.max_buffered_bytes,
+        block_store_bytes=args.block_store_bytes,
+        upload_quota_bytes=args.upload_quota_bytes,
+        min_free_disk_bytes=args.min_free_disk,
     )
     try:
         master = Master(cfg)
@@ -162,6 +165,24 @@ def parser() -> argparse.ArgumentParser:
         "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
     )
     r.add_argument("--block-cache-policy", choices=["lru", "lfu"], default="lru")
+    r.add_argument(
+        "--block-store-bytes",
+        type=_size,
+        default=16 << 30,
+        help="workdir blocks this master keeps, in all; uploads over it are refused",
+    )
+    r.add_argument(
+        "--upload-quota-bytes",
+        type=_size,
+        default=4 << 30,
+        help="workdir blocks each user's uploads may hold (0: no per-user limit)",
+    )
+    r.add_argument(
+        "--min-free-disk",
+        type=_size,
+        default=512 << 20,
+        help="free space kept on the data disk: below it new jobs and uploads are refused",
+    )
     r.add_argument(
         "--max-buffered-bytes",
         type=_size,

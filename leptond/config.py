@@ -36,6 +36,13 @@ class MasterConfig:
     snapshot_every: int = 5000
     job_retention_s: float = 7 * 86400.0
     block_cache_bytes: int = 256 << 20
+    # Workdir blocks on this master: all of them, and what each user's uploads
+    # may hold (0: no per-user limit). Both refuse new blocks when full.
+    block_store_bytes: int = 16 << 30
+    upload_quota_bytes: int = 4 << 30
+    # Below this much free space on the data disk, new jobs and uploads are
+    # refused; what is left keeps the Raft journal writable for running work.
+    min_free_disk_bytes: int = 512 << 20
     # RPC: bytes all connections together may hold in partly received frames.
     max_buffered_bytes: int = 256 << 20
     block_cache_policy: Literal["lru", "lfu"] = "lru"

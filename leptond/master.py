@@ -13,12 +13,13 @@ from raft.errors import NoQuorum, NotLeader, ProposeTimeout
 from raft.node import RaftNode
 from raft.state import ClusterState
 
-from . import agents, api, faults, http
+from . import agents, api, faults, health, http
 from .auth import AuditLog, KeyStore
 from .batcher import Batcher
 from .blockservice import BlockService
 from .config import MasterConfig
 from .controllers import Controllers
+from .disk import DiskGuard
 from .wire.errors import NO_QUORUM, NOT_LEADER, TIMEOUT, RpcError
 from .wire.server import RpcServer
 from .wire.tokens import read_secret_file, read_token_file
@@ -37,6 +38,11 @@ class Master:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = ClusterState()
         self.raft: RaftNode | None = None
+        self.disk = DiskGuard(
+            cfg.data_dir,
+            cfg.min_free_disk_bytes,
+            lambda: self.raft.journal.write_error if self.raft is not None else None,
+        )
         self.keys: KeyStore | None = None
         self.audit = AuditLog(cfg.data_dir / "audit.log")
         self.rpc: RpcServer | None = None
@@ -76,6 +82,7 @@ class Master:
             **self.agents.handlers(),
             **self.blocks.handlers(),
             "member_hello": self._member_hello,
+            "member_health": self._member_health,
         }
         self.rpc = RpcServer(
             handlers,
@@ -256,6 +263,42 @@ class Master:
         if cur is None or cur.to_wire() != info:
             await self.propose("member_info", info)
         return {"ok": True}
+
+    def health(self, raft_status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This master's health (leptond/health.py)."""
+        assert self.raft is not None
+        st = raft_status if raft_status is not None else self.raft.status()
+        return health.assess(st, self.disk.state())
+
+    async def _member_health(self, conn: Any, a: Any) -> dict[str, Any]:
+        from .auth import require
+
+        require(conn.context, "cluster")
+        return self.health()
+
+    async def members_health(self, rpc_addrs: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Each other master's own health, asked over RPC; None: it did not answer."""
+        from .wire.client import parse_addr
+        from .wire.connection import open_connection
+        from .wire.tokens import CLUSTER_KEY_ID, cluster_psk
+
+        psk = cluster_psk(self.secret)
+
+        async def one(addr: str) -> dict[str, Any] | None:
+            try:
+                host, port = parse_addr(addr)
+                conn = await open_connection(
+                    host, port, key_id=CLUSTER_KEY_ID, psk=psk, timeout_s=2
+                )
+                try:
+                    return dict(await conn.call("member_health", {}, timeout_s=2))
+                finally:
+                    conn.close()
+            except (RpcError, ValueError, TypeError):
+                return None
+
+        answers = await asyncio.gather(*(one(a) for a in rpc_addrs))
+        return dict(zip(rpc_addrs, answers, strict=True))
 
     async def _announce_loop(self) -> None:
         """Followers tell the leader their RPC address, so redirects and block
