@@ -96,7 +96,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         block_store_bytes=args.block_store_bytes,
         upload_quota_bytes=args.upload_quota_bytes,
         min_free_disk_bytes=args.min_free_disk,
+        lease_s=args.task_lease,
+        lease_margin_s=args.lease_margin,
     )
+    try:
+        cfg.check()
+    except ValueError as exc:
+        print(f"leptond: {exc}", file=sys.stderr)
+        return 2
     try:
         master = Master(cfg)
     except SecretError as exc:
@@ -139,6 +146,20 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--peers", default="", help="other masters as HOST:RAFTPORT,...")
     r.add_argument(
         "--heartbeat-ttl", type=float, default=10.0, help="seconds of silence before a node is down"
+    )
+    r.add_argument(
+        "--task-lease",
+        type=float,
+        default=None,
+        help="seconds a node's tasks keep running without word from the leader "
+        "(default: the TTL less twice the margin)",
+    )
+    r.add_argument(
+        "--lease-margin",
+        type=float,
+        default=None,
+        help="seconds between a lease running out and the TTL (default: a tenth "
+        "of the TTL, at most 1)",
     )
     r.add_argument(
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
