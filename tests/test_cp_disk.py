@@ -6,6 +6,9 @@ line. When the disk fills anyway (here: another process's file), the masters
 refuse new jobs with one line, keep serving reads and running work, and say
 so in /healthz (503) and `cluster status`; even a completely full disk loses
 nothing acknowledged, and once space is freed everything works again.
+
+The same cluster also shows that /healthz and `cluster status` tell of a
+member that is down, and of a master left without quorum or leader.
 """
 
 from __future__ import annotations
@@ -199,3 +202,45 @@ def test_a_full_disk_refuses_new_jobs_and_loses_nothing(cluster: Cluster) -> Non
     states = {j["id"]: j["state"] for j in c.rpc("jobs", {"all": True, "limit": 10**6})}
     for job in cancelled:
         assert states[job] == "cancelled", (job, states[job])
+
+
+def test_health_tells_of_an_unreachable_member_and_of_no_quorum(cluster: Cluster) -> None:
+    c = cluster
+    leader = c.wait_leader()
+    first, second = [m for m in c.masters if m is not leader]
+    first.proc.kill9()
+    try:
+        # One member down: the others still have a quorum, and say who is missing.
+        def one_down() -> dict[str, Any] | None:
+            st = c.ctl_json("cluster", "status", addr=leader.rpc_addr)
+            gone = [m for m in st["members"] if m["addr"] == first.raft_addr]
+            return st if gone and not gone[0]["connected"] else None
+
+        st = wait_for(one_down, 30, "cluster status to show the member unreachable")
+        assert f"master {first.raft_addr} unreachable" in st["problems"], st
+        out = c.ctl("cluster", "status", addr=leader.rpc_addr).stdout
+        assert f"problem: master {first.raft_addr} unreachable" in out, out
+        row = next(ln for ln in out.splitlines() if ln.startswith(first.raft_addr))
+        assert row.endswith("unreachable"), out
+        status, body = healthz(leader)
+        assert status == 200 and body["unreachable"] == [first.raft_addr], body
+
+        # Two down: the last one has no quorum and no leader, and says so.
+        second.proc.kill9()
+        status, body = wait_for(
+            lambda: (h := healthz(leader))[0] == 503 and h[1]["leader"] is None and h,
+            30,
+            "the last master to lose its leader",
+        )
+        assert not body["quorum"], body
+        assert "no quorum: 1 of 3 masters reachable" in body["problems"], body
+        assert any(p.startswith("no leader") for p in body["problems"]), body
+        out = c.ctl("cluster", "status", addr=leader.rpc_addr).stdout
+        assert "problem: no quorum: 1 of 3 masters reachable" in out, out
+        assert "problem: no leader" in out, out
+    finally:
+        for m in (first, second):
+            if not m.proc.alive():
+                m.proc.start()
+    for m in c.masters:
+        wait_for(lambda m=m: healthz(m)[0] == 200, 60, f"master-{m.index} healthy again")
