@@ -72,6 +72,30 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "lepton_raft_leader", "1 if this master leads", value=1 if m.is_leader() else 0
         )
+        disk = m.disk.state()
+        yield GaugeMetricFamily(
+            "lepton_data_disk_free_bytes", "Free space on this master's data disk",
+            value=disk.free_bytes,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "lepton_data_disk_low", "1 if the free space is under --min-free-disk",
+            value=1 if disk.low else 0,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "lepton_raft_journal_writable", "1 if this master can write its Raft journal",
+            value=1 if disk.journal_writable else 0,
+        )  # fmt: skip
+        if m.rpc is not None:
+            yield GaugeMetricFamily(
+                "lepton_rpc_partial_frame_bytes",
+                "Bytes reserved for partly received RPC frames (--max-buffered-bytes)",
+                value=m.rpc.budget.used,
+            )
+            yield GaugeMetricFamily(
+                "lepton_rpc_partial_frame_waiting",
+                "RPC connections waiting for room to receive a large frame",
+                value=m.rpc.budget.waiting,
+            )
         per_gpu = {
             "lepton_gpu_utilization_pct": ("GPU utilisation", "util_pct"),
             "lepton_gpu_memory_used_bytes": ("GPU memory used", "mem_used_bytes"),

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import psutil
@@ -44,6 +45,14 @@ def one_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clust
         raise
     finally:
         c.close()
+
+
+def metric(m: Master, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{m.http}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")
 
 
 def rss(pid: int) -> int:
@@ -98,6 +107,8 @@ def test_partial_frames_stay_within_the_buffer_budget(one_master: tuple[Cluster,
         )
         # Held back, not refused: most senders are blocked by TCP, not closed.
         assert len(left) >= CONNECTIONS - BUDGET // MAX_FRAME - 2, len(left)
+        assert 0 < metric(m, "lepton_rpc_partial_frame_bytes") <= BUDGET
+        assert metric(m, "lepton_rpc_partial_frame_waiting") >= CONNECTIONS - BUDGET // MAX_FRAME
         # Meanwhile it answers everyone else.
         st = c.rpc("cluster_status", addr=m.rpc_addr, timeout_s=20)
         assert st["is_leader"]

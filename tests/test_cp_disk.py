@@ -73,6 +73,14 @@ def healthz(m: Master) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read())
 
 
+def metric(m: Master, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{m.http}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
 def workdir(base: Path, name: str, blocks: int) -> Path:
     d = base / name
     d.mkdir()
@@ -136,6 +144,7 @@ def test_a_full_disk_refuses_new_jobs_and_loses_nothing(cluster: Cluster) -> Non
             )
             assert body["disk_low"] and body["journal_writable"], body
             assert any(p.startswith("disk low") for p in body["problems"]), body
+        assert metric(c.masters[0], "lepton_data_disk_low") == 1
         refused = c.ctl("submit", "--", "true", check=False)
         assert "too full for new work" in one_line_error(refused)
         # Reads are served, running work goes on: a cancel still commits.
