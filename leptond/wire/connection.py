@@ -132,6 +132,8 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # closed while waiting for the budget (budget_granted's call_soon)
         reader = self._reader
         try:
             # One frame at a time: the handshake raises the frame cap, and a
