@@ -21,11 +21,11 @@ from raft import snapshot as snapfile
 from raft.model import FINAL_JOB_STATES
 from raft.validate import SpecError, validate_name, validate_spec
 
-from . import views
+from . import health, views
 from .auth import require
 from .wire.connection import Connection, Handler
 from .wire.errors import BAD_REQUEST, NOT_FOUND, RpcError
-from .wire.tokens import new_token
+from .wire.tokens import cluster_psk, new_token
 
 if TYPE_CHECKING:
     from .master import Master
@@ -378,7 +378,7 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     problems = list(mine["problems"])
     if a.get("health"):
         asked = [mb["rpc_addr"] for mb in st.get("members", []) if mb["rpc_addr"]]
-        answers = await m.members_health(asked)
+        answers = await health.ask_members(cluster_psk(m.secret), asked)
         for mb in st.get("members", []):
             h = answers.get(mb["rpc_addr"]) if mb["rpc_addr"] else None
             mb["health"] = h

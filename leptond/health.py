@@ -8,9 +8,16 @@ quorum stays healthy.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .disk import DiskState
+from .wire.client import parse_addr
+from .wire.connection import open_connection
+from .wire.errors import RpcError
+from .wire.tokens import CLUSTER_KEY_ID
+
+ASK_TIMEOUT_S = 2.0
 
 
 def assess(raft: dict[str, Any], disk: DiskState) -> dict[str, Any]:
@@ -39,3 +46,23 @@ def assess(raft: dict[str, Any], disk: DiskState) -> dict[str, Any]:
         "disk": disk.to_wire(),
         "problems": problems,
     }
+
+
+async def ask_members(cluster_psk: bytes, rpc_addrs: list[str]) -> dict[str, dict[str, Any] | None]:
+    """Each other master's own health (its `member_health`); None: no answer in time."""
+
+    async def one(addr: str) -> dict[str, Any] | None:
+        try:
+            host, port = parse_addr(addr)
+            conn = await open_connection(
+                host, port, key_id=CLUSTER_KEY_ID, psk=cluster_psk, timeout_s=ASK_TIMEOUT_S
+            )
+            try:
+                return dict(await conn.call("member_health", {}, timeout_s=ASK_TIMEOUT_S))
+            finally:
+                conn.close()
+        except (RpcError, ValueError, TypeError):
+            return None
+
+    answers = await asyncio.gather(*(one(a) for a in rpc_addrs))
+    return dict(zip(rpc_addrs, answers, strict=True))

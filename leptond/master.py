@@ -276,30 +276,6 @@ class Master:
         require(conn.context, "cluster")
         return self.health()
 
-    async def members_health(self, rpc_addrs: list[str]) -> dict[str, dict[str, Any] | None]:
-        """Each other master's own health, asked over RPC; None: it did not answer."""
-        from .wire.client import parse_addr
-        from .wire.connection import open_connection
-        from .wire.tokens import CLUSTER_KEY_ID, cluster_psk
-
-        psk = cluster_psk(self.secret)
-
-        async def one(addr: str) -> dict[str, Any] | None:
-            try:
-                host, port = parse_addr(addr)
-                conn = await open_connection(
-                    host, port, key_id=CLUSTER_KEY_ID, psk=psk, timeout_s=2
-                )
-                try:
-                    return dict(await conn.call("member_health", {}, timeout_s=2))
-                finally:
-                    conn.close()
-            except (RpcError, ValueError, TypeError):
-                return None
-
-        answers = await asyncio.gather(*(one(a) for a in rpc_addrs))
-        return dict(zip(rpc_addrs, answers, strict=True))
-
     async def _announce_loop(self) -> None:
         """Followers tell the leader their RPC address, so redirects and block
         replication can reach them."""
