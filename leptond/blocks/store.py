@@ -184,7 +184,8 @@ class BlockStore:
                 self._unindex(block_id)  # removed behind our back: write it again
         if self._limit is not None and self._bytes + len(data) > self._limit:
             raise StoreFull(
-                f"the block store is full ({self._bytes} of {self._limit} bytes used); "
+                f"the block store is full ({self._bytes >> 20} MiB of {self._limit >> 20} MiB "
+                "used); "
                 "blocks no job uses are removed after a day, or an admin can raise the limit"
             )
         path.parent.mkdir(exist_ok=True)
