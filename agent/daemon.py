@@ -29,7 +29,7 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
 
-from . import credential
+from . import credential, lease
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .taskdir import SPEC, read_json
@@ -93,7 +93,10 @@ class Agent:
         key = cred or self._join
         assert key is not None
         self.name = cfg.node_name or socket.gethostname()
-        self.runner = TaskRunner(cfg.data_dir / "tasks")
+        # Shims end their tasks when the node's lease runs out (agent/lease.py).
+        self.lease_path = cfg.data_dir / lease.LEASE_FILE
+        self.lease_s: float | None = None
+        self.runner = TaskRunner(cfg.data_dir / "tasks", lease_file=self.lease_path)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
         self.client = ClusterClient(
@@ -191,9 +194,11 @@ class Agent:
         await self._leave_if_asked()
 
     async def _register(self) -> None:
+        sent = lease.now()
         res = await self.client.call(
             "agent_register", {"node": self.describe(), "running": self.running()}, timeout_s=30
         )
+        self._renew_lease(sent, res)
         self.registered_on = self.client.conn
         self.state = res.get("state", "ready")
         masters = [a for a in res.get("masters", []) if isinstance(a, str) and a]
@@ -215,7 +220,14 @@ class Agent:
         while not self._stopping.is_set():
             self._collect_exits(self.runner.poll())
             await self._flush_events()
-            res = await self.client.call("heartbeat", self._heartbeat_body(), timeout_s=10)
+            sent = lease.now()
+            res = await self.client.call(
+                "heartbeat",
+                self._heartbeat_body(),
+                timeout_s=10,
+                attempt_timeout_s=self._heartbeat_attempt_s(),
+            )
+            self._renew_lease(sent, res)
             self.state = res.get("state", self.state)
             for item in res.get("stop", []):
                 if isinstance(item, list) and len(item) == 2:
@@ -226,6 +238,28 @@ class Agent:
                 await asyncio.wait_for(self._stopping.wait(), self.cfg.heartbeat_s)
             except TimeoutError:
                 pass
+
+    def _renew_lease(self, sent: float, res: Any) -> None:
+        """The leader's answer renewed the node's lease: it runs until `lease_s`
+        after the request was sent (agent/lease.py)."""
+        lease_s = res.get("lease_s") if isinstance(res, dict) else None
+        if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or lease_s <= 0:
+            return  # no renewal in this answer
+        self.lease_s = float(lease_s)
+        try:
+            lease.write_lease(self.lease_path, sent + lease_s, lease_s)
+        except OSError as exc:
+            # The shims see the old lease run out: the tasks stop, as they must
+            # when this host cannot show that the leader still wants them.
+            log.error("cannot write the node's lease to %s: %s", self.lease_path, exc)
+
+    def _heartbeat_attempt_s(self) -> float:
+        """How long one heartbeat attempt may wait for an answer: a leader that
+        went silent (stopped, cut off) must be given up on well within the
+        lease, so that the next one renews it before the tasks are killed."""
+        if self.lease_s is None:
+            return 6.0
+        return min(6.0, max(1.0, self.lease_s / 3))
 
     def _heartbeat_body(self) -> dict[str, Any]:
         gpus = self.probe.gpus()

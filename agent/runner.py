@@ -100,10 +100,13 @@ class _Shim:
 
 
 class TaskRunner:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, lease_file: Path | None = None) -> None:
         # Resolved, because shims are recognised by the task dir on their command
         # line, and a restarted agent may be handed another spelling of root.
         self.root = Path(root).resolve()
+        # The node's lease (agent/lease.py): every task started from now on is
+        # ended by its shim when the lease runs out. None: tasks run unfenced.
+        self.lease_file = Path(lease_file).resolve() if lease_file is not None else None
         self._lock = threading.RLock()
         self._shims: dict[str, _Shim] = {}  # tasks believed running
         self._spare = SpareShim(_shim_argv(), self.root, _shim_env())
@@ -159,6 +162,8 @@ class TaskRunner:
                     cwd = str(tdir / WORK)
                 body = asdict(spec)
                 body["cwd"] = cwd
+                if self.lease_file is not None:
+                    body["lease_file"] = str(self.lease_file)
                 atomic_write_json(tdir / SPEC, body)
             except OSError as e:
                 shutil.rmtree(tdir, ignore_errors=True)

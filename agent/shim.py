@@ -11,6 +11,12 @@ stop request and the time limit (SIGTERM to the task's process group, SIGKILL
 after the grace period), and finally writes exit.json. A restarted agent
 learns everything from the task directory.
 
+Fencing: when the spec names a lease file (agent/lease.py), the shim ends the
+whole task at once when the node's lease runs out, whatever the agent is
+doing (it may be stopped or dead), and does not start a task without a lease.
+The leader declares the node down only later, so no task is still running
+when its replacement starts elsewhere.
+
 Ordering rules (the runner relies on them):
 - shim.pid is written only after the signal handlers are installed, so a
   SIGTERM sent to a pid from shim.pid is always handled as a stop request.
@@ -36,6 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from agent.lease import LeaseReader
 from agent.taskdir import (
     EXIT,
     SHIM_LOG,
@@ -59,6 +66,7 @@ DRAIN_S = 1.0
 # A spare checks this often that the agent that started it is still there;
 # the EOF on its stdin normally tells it sooner.
 SPARE_PARENT_CHECK_S = 1.0
+LEASE_RAN_OUT = "killed: this node's lease from the leader ran out"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
 
@@ -120,6 +128,8 @@ class Shim:
         self.escalated = False
         self.task_pid: int | None = None
         self.started_at = time.time()
+        self.lease: LeaseReader | None = None
+        self.lease_killed = False
         self._wake_r, self._wake_w = os.pipe()
 
     # ------------------------------------------------------------ signals
@@ -154,6 +164,11 @@ class Shim:
         if (self.dir / STOP).exists() or self.stop_signalled:
             self.finish(None, None, "stopped before start")
             return 0
+        if spec.get("lease_file"):
+            self.lease = LeaseReader(Path(str(spec["lease_file"])))
+            if self.lease.expired():
+                self.finish(None, None, "not started: this node's lease from the leader ran out")
+                return 0
         log = RotatingLog(self.dir, int(spec["log_cap_bytes"]))
         try:
             code, sig, msg = self.supervise(log)
@@ -217,6 +232,7 @@ class Shim:
         deadline = started + limit_s if limit_s is not None else None
         fds = [out_fd, self._wake_r]
         next_stop_check = 0.0
+        next_lease_check = 0.0
         while True:
             readable, _, _ = select.select(fds, [], [], TICK_S)
             if out_fd in readable and not self._pump(out_fd, log):
@@ -238,6 +254,12 @@ class Shim:
             if self.kill_at is not None and not self.escalated and now >= self.kill_at:
                 self.escalated = True
                 _killpg(proc.pid, signal.SIGKILL)
+            if self.lease is not None and not self.lease_killed and now >= next_lease_check:
+                next_lease_check = now + TICK_S
+                if self.lease.expired():
+                    # No grace: the leader may place this task elsewhere soon.
+                    self.lease_killed = True
+                    kill_task(proc.pid)
             if _exited(proc.pid):
                 # The leader is a zombie now, which keeps its pgid reserved, so
                 # the group kill cannot hit a reused id. Then reap it.
@@ -282,7 +304,9 @@ class Shim:
         _killpg(pgid, signal.SIGTERM)
 
     def message(self, returncode: int, log: RotatingLog) -> str:
-        if self.stop is None:
+        if self.lease_killed:
+            msg = LEASE_RAN_OUT
+        elif self.stop is None:
             msg = describe_exit(returncode)
         else:
             msg = self.stop.reason
@@ -304,6 +328,12 @@ class Shim:
             },
             exclusive=True,  # a runner may already have declared this task lost
         )
+
+
+def kill_task(pgid: int) -> None:
+    """End the whole task at once: SIGKILL to every process of it (its process
+    group, led by the task's main process)."""
+    _killpg(pgid, signal.SIGKILL)
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -360,7 +360,7 @@ def node_state(state: str, drain_deadline: float | None, drained: bool = False) 
 
 async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.cluster_cmd == "status":
-        st = await c.call("cluster_status", {}, timeout_s=a.timeout)
+        st = await c.call("cluster_status", {"health": True}, timeout_s=a.timeout)
         if a.output == "json":
             emit_json(st)
             return 0
@@ -368,6 +368,8 @@ async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
         print(
             f"term    {st.get('term')}   commit index {st.get('commit_index')}   quorum {st.get('has_quorum')}"
         )
+        me = {"addr": st.get("self"), "rpc_addr": "(answering)", "connected": True}
+        rows = [dict(me, health=st.get("health")), *st.get("members", [])]
         table(
             ["MEMBER", "RPC", "MATCH INDEX", "LAG", "HEALTH"],
             [
@@ -376,16 +378,36 @@ async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
                     m.get("rpc_addr") or "-",
                     m.get("match_index", "-"),
                     m.get("lag", "-"),
-                    "ok" if m.get("connected") else "unreachable",
+                    member_health(m),
                 ]
-                for m in st.get("members", [])
+                for m in rows
             ],
         )
+        for p in st.get("problems", []):
+            print(f"problem: {p}")
         return 0
     method = "cluster_add" if a.cluster_cmd == "add-master" else "cluster_remove"
     res = await c.call(method, {"addr": a.member}, timeout_s=max(a.timeout, 30))
     print(next(iter(res.values())))
     return 0
+
+
+def member_health(m: dict[str, Any]) -> str:
+    """ok, unreachable, or what is wrong with it: disk low, journal not writable, no leader."""
+    if not m.get("connected"):
+        return "unreachable"
+    h = m.get("health")
+    if not isinstance(h, dict):
+        return "ok" if "health" not in m else "no answer"
+    disk = h.get("disk") or {}
+    bad = []
+    if disk.get("low"):
+        bad.append("disk low")
+    if disk.get("journal_writable") is False:
+        bad.append("journal not writable")
+    if h.get("leader") is None:
+        bad.append("no leader")
+    return ", ".join(bad) or "ok"
 
 
 async def snapshot(c: ClusterClient, a: argparse.Namespace) -> int:

@@ -40,8 +40,9 @@ class AgentRegistry:
         }
 
     def reset(self, node_ids: list[str]) -> None:
-        """A new leader gives every node a full TTL before judging it."""
-        now = time.monotonic()
+        """A new leader gives every node a full TTL before judging it, and the
+        time in which a deposed leader may still have renewed its lease."""
+        now = time.monotonic() + self.m.cfg.lease_contact_s
         self.last_seen = dict.fromkeys(node_ids, now)
         self.events = Batcher(self._flush_events, max_batch=2000)
         self.events.start()
@@ -102,7 +103,17 @@ class AgentRegistry:
                 + (", ..." if len(requeued) > 5 else ""),
                 requeued[0]["reason"],
             )
-        return {"node_id": nid, "state": res["state"], "tasks": should_run, "masters": masters}
+        out = {"node_id": nid, "state": res["state"], "tasks": should_run, "masters": masters}
+        return self._with_lease(out)
+
+    def _with_lease(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """Renew the node's lease in this answer (agent/lease.py), if this
+        master may: a leader that has not heard from a majority lately may
+        already be deposed, and the new one counts the node's TTL without it."""
+        assert self.m.raft is not None
+        if self.m.raft.heard_from_majority_within(self.m.cfg.lease_contact_s):
+            answer["lease_s"] = self.m.cfg.task_lease_s
+        return answer
 
     def _registered(self, conn: Connection, what: str) -> str:
         """The node id of an agent connection on the leader, or a clear error."""
@@ -160,7 +171,8 @@ class AgentRegistry:
                 if (tid, t.attempt) not in running and tid not in exited and t.stop is None:
                     start.append(views.launch_spec(s, t))
             state = node.state
-        return {"start": start, "stop": stop, "state": state, "grace_s": self.m.cfg.kill_grace_s}
+        answer = {"start": start, "stop": stop, "state": state, "grace_s": self.m.cfg.kill_grace_s}
+        return self._with_lease(answer)
 
     async def task_events(self, conn: Connection, a: Any) -> dict[str, Any]:
         nid = self._registered(conn, "reporting task events")

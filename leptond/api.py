@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import time
@@ -20,11 +21,11 @@ from raft import snapshot as snapfile
 from raft.model import FINAL_JOB_STATES
 from raft.validate import SpecError, validate_name, validate_spec
 
-from . import views
+from . import health, views
 from .auth import require
 from .wire.connection import Connection, Handler
 from .wire.errors import BAD_REQUEST, FORBIDDEN, NOT_FOUND, RpcError
-from .wire.tokens import new_token
+from .wire.tokens import cluster_psk, new_token
 
 if TYPE_CHECKING:
     from .master import Master
@@ -92,7 +93,32 @@ async def _call(
     if target is None and isinstance(out, dict):
         target = out.get("id")  # e.g. the job a submit made
     m.audit.record(user, have, name, target, "ok")
+    if m.faults.drop_reply(args.get("rid")):  # test builds only (leptond/faults.py)
+        log.warning(
+            "test fault: dropped the reply to %s (rid %s): %s",
+            name,
+            args["rid"],
+            json.dumps(out, default=str),
+        )
+        conn.abort()
     return out
+
+
+def _rid(conn: Connection, a: dict[str, Any], method: str) -> str | None:
+    """The request id under which a mutating call's result is remembered.
+
+    The client makes one id per logical call and sends it with every retry
+    (`rid` in the arguments); the command that commits first is applied and
+    later ones get its result (raft/dedupe.py). The id is hashed with the
+    caller's key and the method, so one caller cannot collide with, or read
+    the result of, another's call. No id (an older client): a fresh one.
+    """
+    rid = a.get("rid")
+    if rid is None:
+        return None
+    if not isinstance(rid, str) or not 8 <= len(rid) <= 64:
+        raise RpcError(BAD_REQUEST, "the request id (rid) must be 8-64 characters")
+    return hashlib.sha256(f"{conn.key_id}\0{method}\0{rid}".encode()).hexdigest()[:32]
 
 
 def _target(args: dict[str, Any]) -> Any:
@@ -111,6 +137,7 @@ def _lock(m: Master) -> Any:
 @method("submit", "submit", mutating=True)
 async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
+    m.disk.check_new_work()
     try:
         spec = validate_spec(a.get("spec"))
         name = validate_name(a["name"], "job name") if a.get("name") else None
@@ -200,6 +227,7 @@ async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
             "admin": conn.context["role"] == "admin",
             "now": time.time(),
         },
+        rid=_rid(conn, a, "cancel"),
         wake=True,
     )
 
@@ -314,7 +342,7 @@ async def node_drain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     if deadline_s is not None:
         # Decided here, once: apply must not read a clock.
         args["deadline"] = now + deadline_s
-    return await m.propose("node_state", args)
+    return await m.propose("node_state", args, rid=_rid(conn, a, "node_drain"))
 
 
 def _drain_deadline_s(v: Any) -> float | None:
@@ -337,7 +365,10 @@ async def node_undrain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     nid = _find_node(m, a.get("node"))
     return await m.propose(
-        "node_state", {"node_id": nid, "state": "ready", "now": time.time()}, wake=True
+        "node_state",
+        {"node_id": nid, "state": "ready", "now": time.time()},
+        rid=_rid(conn, a, "node_undrain"),
+        wake=True,
     )
 
 
@@ -348,14 +379,21 @@ async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     A node id that only a credential still names (its agent deregistered
     itself) has that credential revoked."""
     m.ensure_leader()
-    ref = str(a.get("node") or "")
-    with _lock(m):
-        orphan = ref not in m.state.nodes and ref in m.state.node_cred_of
-    nid = ref if orphan else _find_node(m, ref)
-    res = await m.propose(
-        "remove_node",
-        {"node_id": nid, "now": time.time(), "force": bool(a.get("force")), "revoke": True},
-    )
+    rid = _rid(conn, a, "node_rm")
+    if rid is not None and m.answered(rid):
+        # A retry of a removal that went through: the node is gone, so it
+        # cannot be looked up again; the remembered answer is all there is.
+        res = await m.propose("remove_node", {}, rid=rid)
+    else:
+        ref = str(a.get("node") or "")
+        with _lock(m):
+            orphan = ref not in m.state.nodes and ref in m.state.node_cred_of
+        nid = ref if orphan else _find_node(m, ref)
+        res = await m.propose(
+            "remove_node",
+            {"node_id": nid, "now": time.time(), "force": bool(a.get("force")), "revoke": True},
+            rid=rid,
+        )
     cred = res.get("revoked")
     assert m.rpc is not None
     for c in list(m.rpc.connections):
@@ -367,13 +405,29 @@ async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 # -- cluster ----------------------------------------------------------------------
 @method("cluster_status", "read")
 async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """The cluster as this master sees it. With `health`, each other master is
+    also asked for its own health (disk, journal, leader), and `problems`
+    lists what is wrong anywhere, in words."""
     assert m.raft is not None
     st = m.raft.status()
+    mine = m.health(st)
     with _lock(m):
         members = {k: v.to_wire() for k, v in m.state.members.items()}
     for mb in st.get("members", []):
         info = members.get(mb.get("addr"), {})
         mb["rpc_addr"] = info.get("rpc_addr", "")
+    problems = list(mine["problems"])
+    if a.get("health"):
+        asked = [mb["rpc_addr"] for mb in st.get("members", []) if mb["rpc_addr"]]
+        answers = await health.ask_members(cluster_psk(m.secret), asked)
+        for mb in st.get("members", []):
+            h = answers.get(mb["rpc_addr"]) if mb["rpc_addr"] else None
+            mb["health"] = h
+            if h is None:
+                if mb["connected"]:  # not already listed as unreachable over Raft
+                    problems.append(f"master {mb['addr']} does not answer over RPC")
+                continue
+            problems += [f"master {mb['addr']}: {p}" for p in h.get("disk", {}).get("problems", [])]
     leader = st.get("leader")
     return {
         **st,
@@ -381,6 +435,9 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "leader_rpc": m.leader_rpc_addr(),
         "self": m.cfg.raft_addr,
         "is_leader": m.is_leader(),
+        "has_quorum": mine["quorum"],
+        "health": mine,
+        "problems": problems,
         "blocks": m.blocks.stats(),
     }
 
@@ -440,7 +497,13 @@ async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> An
         state_bytes, _meta = snapfile.decode_snapshot(blob)
     except Exception as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
-    return await m.propose("restore", {"state": state_bytes}, timeout_s=30, wake=True)
+    return await m.propose(
+        "restore",
+        {"state": state_bytes},
+        rid=_rid(conn, a, "snapshot_restore"),
+        timeout_s=30,
+        wake=True,
+    )
 
 
 # -- tokens ---------------------------------------------------------------------
@@ -456,10 +519,20 @@ async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     except SpecError as exc:
         raise RpcError(BAD_REQUEST, str(exc)) from None
     tok = new_token()
-    await m.propose(
+    res = await m.propose(
         "token_create",
         {"id": tok.id, "name": name, "role": role, "sealed": m.keys.seal(tok), "now": time.time()},
+        rid=_rid(conn, a, "token_create"),
     )
+    if res["id"] != tok.id:
+        # A retry of a call that made its token already: answer with that one,
+        # so no token is made that nobody holds.
+        made = m.keys.token(res["id"])
+        with _lock(m):
+            rec = m.state.tokens.get(res["id"])
+        if made is None or rec is None:
+            raise RpcError("internal", f"token {res['id']} was made but cannot be read back")
+        tok, name, role = made, rec.name, rec.role
     return {"id": tok.id, "name": name, "role": role, "token": str(tok)}
 
 
@@ -481,7 +554,9 @@ async def token_ls(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 @method("token_revoke", "admin", mutating=True)
 async def token_revoke(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    res = await m.propose("token_revoke", {"id": str(a.get("id", ""))})
+    res = await m.propose(
+        "token_revoke", {"id": str(a.get("id", ""))}, rid=_rid(conn, a, "token_revoke")
+    )
     # Close live connections made with that token.
     assert m.rpc is not None
     for c in list(m.rpc.connections):

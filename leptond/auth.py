@@ -55,13 +55,28 @@ class KeyStore:
         cached = self._cache.get(key_id)
         if cached is not None:
             return cached
-        try:
-            secret = self._seal_key.decrypt(sealed[:12], sealed[12:], key_id.encode())
-        except (InvalidTag, ValueError):
+        secret = self._unseal(key_id, sealed)
+        if secret is None:
             return None
         psk = Token(key_id, secret).psk
         self._cache[key_id] = psk
         return psk
+
+    def token(self, key_id: str) -> Token | None:
+        """The whole user token with this id, unsealed from the replicated state."""
+        with self._lock:
+            tok = self._state.tokens.get(key_id)
+            if tok is None:
+                return None
+            sealed = tok.sealed
+        secret = self._unseal(key_id, sealed)
+        return None if secret is None else Token(key_id, secret)
+
+    def _unseal(self, key_id: str, sealed: bytes) -> bytes | None:
+        try:
+            return self._seal_key.decrypt(sealed[:12], sealed[12:], key_id.encode())
+        except (InvalidTag, ValueError):
+            return None
 
     def _sealed(self, key_id: str) -> bytes | None:
         """The sealed secret of a live key id (caller holds the lock).

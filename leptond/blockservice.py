@@ -2,6 +2,12 @@
 of masters before a manifest commits, and blocks served to agents.
 
 Blocks never enter the Raft log; only manifests (paths, modes, block ids) do.
+
+The store shares the data disk with the Raft journal, so uploads are bounded
+three ways, each refused with one line: the store's limit
+(`--block-store-bytes`), each user's quota (`--upload-quota-bytes`, charged
+to whoever uploaded a block first: leptond/uploads.py), and the disk's
+reserve (`--min-free-disk`, leptond/disk.py).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from .blocks import (
     validate_manifest,
 )
 from .blocks.manifest import MAX_BLOCK_SIZE, is_block_id
+from .disk import mib
+from .uploads import UploadLedger
 from .wire.client import parse_addr
 from .wire.connection import Connection, Handler, open_connection
 from .wire.errors import BAD_REQUEST, FORBIDDEN, NO_QUORUM, RpcError
@@ -51,7 +59,10 @@ class BlockService:
             cfg.data_dir / "blocks",
             cache_bytes=cfg.block_cache_bytes,
             policy=cfg.block_cache_policy,
+            limit_bytes=cfg.block_store_bytes,
         )
+        self.quota_bytes = cfg.upload_quota_bytes
+        self.ledger = UploadLedger(cfg.data_dir / "block-owners.log", set(self.store.ids()))
         self._psk = cluster_psk(m.secret)
         self._peers: dict[str, Connection] = {}
         self._pushes: set[asyncio.Task[None]] = set()
@@ -88,27 +99,29 @@ class BlockService:
     async def block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
         self.m.ensure_leader()
+        self.m.disk.check_new_work()
         bid, data = self._unpack(a)
-        await self._io(self._put, bid, data)
+        user = str(conn.context.get("user") or "?")
+        await self._io(self._put, bid, data, user, True)
         self.counters["upload_blocks"] += 1
         self.counters["upload_bytes"] += len(data)
         # Start copying to the other masters now, overlapping the rest of the
         # upload; manifest_put later checks what is still missing and waits.
         task = asyncio.get_running_loop().create_task(
-            self._early_push(bid, a["data"], bool(a.get("z")))
+            self._early_push(bid, a["data"], bool(a.get("z")), user)
         )
         self._pushes.add(task)
         task.add_done_callback(self._pushes.discard)
         return {"ok": True}
 
-    async def _early_push(self, bid: str, payload: bytes, compressed: bool) -> None:
+    async def _early_push(self, bid: str, payload: bytes, compressed: bool, user: str) -> None:
         async with self._push_slots:
             for addr in self.m.peer_rpc_addrs():
                 try:
                     conn = await self._peer(addr)
                     await conn.call(
                         "peer_block_put",
-                        {"id": bid, "data": payload, "z": compressed},
+                        {"id": bid, "data": payload, "z": compressed, "user": user},
                         timeout_s=60,
                     )
                 except RpcError as exc:
@@ -117,6 +130,7 @@ class BlockService:
     async def manifest_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
         self.m.ensure_leader()
+        self.m.disk.check_new_work()
         try:
             manifest = validate_manifest(a.get("manifest") if isinstance(a, dict) else None)
         except WorkdirError as exc:
@@ -167,10 +181,9 @@ class BlockService:
             if data is None:
                 raise RpcError("internal", f"block {bid[:12]} vanished from this master")
             payload, compressed = pack_block(data)
+            args = {"id": bid, "data": payload, "z": compressed, "user": self.ledger.owner(bid)}
             async with sem:
-                await conn.call(
-                    "peer_block_put", {"id": bid, "data": payload, "z": compressed}, timeout_s=60
-                )
+                await conn.call("peer_block_put", args, timeout_s=60)
 
         await asyncio.gather(*(one(b) for b in missing))
         return True
@@ -192,8 +205,12 @@ class BlockService:
 
     async def peer_block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "cluster")
+        self.m.disk.check_new_work()
         bid, data = self._unpack(a)
-        await self._io(self._put, bid, data)
+        # The leader checked the uploader's quota; here the upload is charged
+        # to them too, so that whichever master leads next knows their usage.
+        user = a.get("user")
+        await self._io(self._put, bid, data, user if isinstance(user, str) else None, False)
         return {"ok": True}
 
     async def peer_block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
@@ -245,7 +262,7 @@ class BlockService:
                 continue
             if res.get("found"):
                 data = unpack_block(res["data"], bool(res.get("z")), MAX_BLOCK_SIZE)
-                await self._io(self._put, bid, data)
+                await self._io(self._put, bid, data, None, False)
                 self.counters["peer_fetched"] += 1
                 return data
         raise RpcError("not_found", f"block {bid[:12]} is on no reachable master")
@@ -263,14 +280,31 @@ class BlockService:
         except BlockCorrupt as exc:
             raise RpcError(BAD_REQUEST, f"block {bid[:12]} refused: {exc}") from None
 
-    def _put(self, bid: str, data: bytes) -> None:
+    def _put(self, bid: str, data: bytes, user: str | None, check_quota: bool) -> None:
+        """Store a block and charge it to `user` (block-store thread only, so the
+        quota check and the charge are one step)."""
+        quota = self.quota_bytes
+        if check_quota and user is not None and quota > 0 and bid not in self.store:
+            held = self.ledger.usage[user]
+            if held + len(data) > quota:
+                self.counters["refused_quota"] += 1
+                raise RpcError(
+                    "quota",
+                    f"upload quota used up: {user}'s workdir blocks hold {mib(held)} of "
+                    f"{mib(quota)}; blocks no job uses are removed after a day",
+                )
         try:
             self.store.put(bid, data)
         except BlockCorrupt as exc:
             self.counters["corrupt_blocks"] += 1
             raise RpcError(BAD_REQUEST, f"block refused: {exc}") from None
-        except (StoreFull, OSError) as exc:
+        except StoreFull as exc:
+            self.counters["refused_full"] += 1
+            raise RpcError("store_full", f"master cannot store the block: {exc}") from None
+        except OSError as exc:
             raise RpcError("unavailable", f"master cannot store the block: {exc}") from None
+        if user is not None:
+            self.ledger.charge(bid, user, len(data))
 
     async def collect_garbage(self, retention_s: float) -> int:
         assert self.m.raft is not None
@@ -278,14 +312,21 @@ class BlockService:
             keep: set[str] = set()
             for man in self.m.state.manifests.values():
                 keep.update(manifest_blocks(man))  # type: ignore[arg-type]
-        return await self._io(self.store.collect_garbage, keep, retention_s, time.time())
+        return await self._io(self._collect, keep, retention_s, time.time())
+
+    def _collect(self, keep: set[str], retention_s: float, now: float) -> int:
+        removed = self.store.collect_garbage(keep, retention_s, now)
+        if removed:
+            self.ledger.retain(set(self.store.ids()))
+        return removed
 
     def stats(self) -> dict[str, Any]:
-        return {**asdict(self.store.stats()), **self.counters}
+        return {**asdict(self.store.stats()), **self.counters, "quota_bytes": self.quota_bytes}
 
     async def close(self) -> None:
         for t in list(self._pushes):
             t.cancel()
+        await self._io(self.ledger.close)
         for c in self._peers.values():
             c.close()
         self._peers.clear()

@@ -6,9 +6,11 @@ import argparse
 import grp
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+from .wire.codec import MAX_FRAME
 from .wire.tokens import ADMIN_TOKEN_ID, SECRET_LEN, SecretError, new_token, write_private
 
 
@@ -56,6 +58,17 @@ def _port(v: str) -> int:
     return p
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(v: str) -> int:
+    """'256M', '1.5GiB', '4096' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", v)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {v!r} (try 256M or 2G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import MasterConfig
     from .master import Master
@@ -93,6 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.snapshot_every < 10:
         print("leptond: --snapshot-every must be at least 10 entries", file=sys.stderr)
         return 2
+    if args.max_buffered_bytes < MAX_FRAME:
+        print(
+            f"leptond: --max-buffered-bytes must be at least {MAX_FRAME >> 20}M "
+            "(one frame of the largest size)",
+            file=sys.stderr,
+        )
+        return 2
     if not 0.3 < args.raft_min_timeout < args.raft_max_timeout:
         print("leptond: need 0.3 < --raft-min-timeout < --raft-max-timeout", file=sys.stderr)
         return 2
@@ -120,7 +140,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         default_max_priority=(
             None if args.default_max_priority is None else int(args.default_max_priority)
         ),
+        max_buffered_bytes=args.max_buffered_bytes,
+        block_store_bytes=args.block_store_bytes,
+        upload_quota_bytes=args.upload_quota_bytes,
+        min_free_disk_bytes=args.min_free_disk,
+        lease_s=args.task_lease,
+        lease_margin_s=args.lease_margin,
     )
+    try:
+        cfg.check()
+    except ValueError as exc:
+        print(f"leptond: {exc}", file=sys.stderr)
+        return 2
     try:
         master = Master(cfg)
     except SecretError as exc:
@@ -176,6 +207,20 @@ def parser() -> argparse.ArgumentParser:
         "--heartbeat-ttl", type=float, default=10.0, help="seconds of silence before a node is down"
     )
     r.add_argument(
+        "--task-lease",
+        type=float,
+        default=None,
+        help="seconds a node's tasks keep running without word from the leader "
+        "(default: the TTL less twice the margin)",
+    )
+    r.add_argument(
+        "--lease-margin",
+        type=float,
+        default=None,
+        help="seconds between a lease running out and the TTL (default: a tenth "
+        "of the TTL, at most 1)",
+    )
+    r.add_argument(
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
     r.add_argument("--no-preemption", action="store_true")
@@ -211,6 +256,31 @@ def parser() -> argparse.ArgumentParser:
         "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
     )
     r.add_argument("--block-cache-policy", choices=["lru", "lfu"], default="lru")
+    r.add_argument(
+        "--block-store-bytes",
+        type=_size,
+        default=16 << 30,
+        help="workdir blocks this master keeps, in all; uploads over it are refused",
+    )
+    r.add_argument(
+        "--upload-quota-bytes",
+        type=_size,
+        default=4 << 30,
+        help="workdir blocks each user's uploads may hold (0: no per-user limit)",
+    )
+    r.add_argument(
+        "--min-free-disk",
+        type=_size,
+        default=512 << 20,
+        help="free space kept on the data disk: below it new jobs and uploads are refused",
+    )
+    r.add_argument(
+        "--max-buffered-bytes",
+        type=_size,
+        default=256 << 20,
+        help="RPC: bytes all connections together may hold in partly received frames "
+        "(at least 16M, one largest frame)",
+    )
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("dev", help="a whole cluster on this host: one master and N agents")
     d.add_argument("--data-dir", default=".lepton-dev")

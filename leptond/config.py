@@ -19,6 +19,12 @@ class MasterConfig:
     raft_port: int = 7442
     peers: tuple[str, ...] = ()  # other masters' HOST:RAFTPORT
     heartbeat_ttl_s: float = 10.0
+    # Fencing (agent/lease.py): a node's tasks are killed by their shims when
+    # its lease, renewed by the leader's heartbeat answers, runs out; the TTL
+    # must be longer than the lease plus the margin (the time a shim needs to
+    # notice and kill). None: derived from the TTL (see task_lease_s).
+    lease_s: float | None = None
+    lease_margin_s: float | None = None
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
     preemption: bool = True
@@ -36,6 +42,15 @@ class MasterConfig:
     snapshot_every: int = 5000
     job_retention_s: float = 7 * 86400.0
     block_cache_bytes: int = 256 << 20
+    # Workdir blocks on this master: all of them, and what each user's uploads
+    # may hold (0: no per-user limit). Both refuse new blocks when full.
+    block_store_bytes: int = 16 << 30
+    upload_quota_bytes: int = 4 << 30
+    # Below this much free space on the data disk, new jobs and uploads are
+    # refused; what is left keeps the Raft journal writable for running work.
+    min_free_disk_bytes: int = 512 << 20
+    # RPC: bytes all connections together may hold in partly received frames.
+    max_buffered_bytes: int = 256 << 20
     block_cache_policy: Literal["lru", "lfu"] = "lru"
     # Highest priority each user may submit at (`--max-priority user=N`), and
     # for users not named (`--default-max-priority N`; None: no cap). Admins
@@ -45,6 +60,42 @@ class MasterConfig:
 
     def max_priority_of(self, user: str) -> int | None:
         return self.max_priority.get(user, self.default_max_priority)
+
+    @property
+    def margin_s(self) -> float:
+        if self.lease_margin_s is not None:
+            return self.lease_margin_s
+        return min(1.0, 0.1 * self.heartbeat_ttl_s)
+
+    @property
+    def task_lease_s(self) -> float:
+        if self.lease_s is not None:
+            return self.lease_s
+        return self.heartbeat_ttl_s - 2 * self.margin_s
+
+    @property
+    def lease_contact_s(self) -> float:
+        """A leader renews leases only while a majority answered it this
+        recently; a new leader waits this much longer than the TTL before
+        judging a node, for leases a deposed leader may have renewed."""
+        return max(1.0, self.raft_max_timeout_s)
+
+    def check(self) -> None:
+        """Raise ValueError with one line for people when the settings cannot work."""
+        ttl, lease, margin = self.heartbeat_ttl_s, self.task_lease_s, self.margin_s
+        if margin < 0:
+            raise ValueError("--lease-margin must not be negative")
+        if lease < 1.0:
+            raise ValueError(
+                f"the task lease ({lease:g}s) must be at least 1s: agents renew it about "
+                "once a second (raise --heartbeat-ttl or --task-lease)"
+            )
+        if ttl <= lease + margin:
+            raise ValueError(
+                f"--heartbeat-ttl ({ttl:g}s) must be longer than the task lease ({lease:g}s) "
+                f"plus its margin ({margin:g}s): a node's tasks must be dead before the "
+                "leader declares it down and runs them elsewhere"
+            )
 
     @property
     def host(self) -> str:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from raft.errors import RaftError
 from raft.model import JOB_STATES, NODE_STATES, TASK_STATES
 
 from . import views
@@ -72,6 +73,30 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "lepton_raft_leader", "1 if this master leads", value=1 if m.is_leader() else 0
         )
+        disk = m.disk.state()
+        yield GaugeMetricFamily(
+            "lepton_data_disk_free_bytes", "Free space on this master's data disk",
+            value=disk.free_bytes,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "lepton_data_disk_low", "1 if the free space is under --min-free-disk",
+            value=1 if disk.low else 0,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "lepton_raft_journal_writable", "1 if this master can write its Raft journal",
+            value=1 if disk.journal_writable else 0,
+        )  # fmt: skip
+        if m.rpc is not None:
+            yield GaugeMetricFamily(
+                "lepton_rpc_partial_frame_bytes",
+                "Bytes reserved for partly received RPC frames (--max-buffered-bytes)",
+                value=m.rpc.budget.used,
+            )
+            yield GaugeMetricFamily(
+                "lepton_rpc_partial_frame_waiting",
+                "RPC connections waiting for room to receive a large frame",
+                value=m.rpc.budget.waiting,
+            )
         per_gpu = {
             "lepton_gpu_utilization_pct": ("GPU utilisation", "util_pct"),
             "lepton_gpu_memory_used_bytes": ("GPU memory used", "mem_used_bytes"),
@@ -129,19 +154,35 @@ class HttpServer:
             await self.runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """200 only when this master knows a leader, reaches a quorum, can write
+        its journal and has its disk reserve (leptond/health.py); 503 with the
+        reasons in `problems` otherwise."""
         m = self.m
         assert m.raft is not None
-        st = m.raft.status()
-        body = {
+        try:
+            st = m.raft.status()
+        except RaftError as exc:
+            return web.json_response({"problems": [str(exc)]}, status=503)
+        h = m.health(st)
+        disk = h["disk"]
+        body: dict[str, Any] = {
             "role": "leader" if m.is_leader() else "follower",
             "leader": st.get("leader"),
-            "quorum": bool(st.get("has_quorum")),
+            "quorum": h["quorum"],
+            "reachable": h["reachable"],
+            "members": h["members"],
+            "unreachable": h["unreachable"],
+            "journal_writable": disk["journal_writable"],
+            "disk_low": disk["low"],
+            "disk_free_bytes": disk["free_bytes"],
+            "disk_reserve_bytes": disk["reserve_bytes"],
+            "problems": h["problems"],
             "applied_index": m.state.applied_index,
             "commit_index": st.get("commit_index"),
             "term": st.get("term"),
             "uptime_s": round(time.time() - m.started_at, 1),
         }
-        return web.json_response(body, status=200 if body["quorum"] else 503)
+        return web.json_response(body, status=200 if h["ok"] else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(

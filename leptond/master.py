@@ -13,12 +13,13 @@ from raft.errors import NoQuorum, NotLeader, ProposeTimeout
 from raft.node import RaftNode
 from raft.state import ClusterState
 
-from . import agents, api, http
+from . import agents, api, faults, health, http
 from .auth import AuditLog, KeyStore
 from .batcher import Batcher
 from .blockservice import BlockService
 from .config import MasterConfig
 from .controllers import Controllers
+from .disk import DiskGuard
 from .wire.errors import NO_QUORUM, NOT_LEADER, TIMEOUT, RpcError
 from .wire.server import RpcServer
 from .wire.tokens import read_secret_file, read_token_file
@@ -37,6 +38,11 @@ class Master:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = ClusterState()
         self.raft: RaftNode | None = None
+        self.disk = DiskGuard(
+            cfg.data_dir,
+            cfg.min_free_disk_bytes,
+            lambda: self.raft.journal.write_error if self.raft is not None else None,
+        )
         self.keys: KeyStore | None = None
         self.audit = AuditLog(cfg.data_dir / "audit.log")
         self.rpc: RpcServer | None = None
@@ -49,6 +55,7 @@ class Master:
         self._stop = asyncio.Event()
         self._leader_events: asyncio.Queue[bool] = asyncio.Queue()
         self.submits: Batcher[dict[str, Any], dict[str, Any]] | None = None
+        self.faults = faults.from_env()  # test builds only; inert otherwise
         self._bg: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
 
@@ -75,12 +82,14 @@ class Master:
             **self.agents.handlers(),
             **self.blocks.handlers(),
             "member_hello": self._member_hello,
+            "member_health": self._member_health,
         }
         self.rpc = RpcServer(
             handlers,
             self.keys.psk,
             on_connect=self._on_connect,
             on_disconnect=self.agents.on_disconnect,
+            max_buffered_bytes=cfg.max_buffered_bytes,
         )
         await self.rpc.start(cfg.bind, cfg.rpc_port)
         self.http = http.HttpServer(self)
@@ -193,10 +202,13 @@ class Master:
     ) -> dict[str, Any]:
         """Commit one command on this (leader) master and return its result.
 
-        wake=True nudges the scheduling loop afterwards (the command may have
-        freed capacity or added work)."""
+        `rid`: the request id of the client's call (api._rid); a command that
+        commits with an id already applied returns the first result. Without
+        one the command gets a fresh id. wake=True nudges the scheduling loop
+        afterwards (the command may have freed capacity or added work)."""
         assert self.raft is not None
-        data = commands.encode(op, args, rid)
+        # The proposer's time ages the table of remembered results (raft/dedupe.py).
+        data = commands.encode(op, args, rid, at=time.time())
         try:
             result = await self.raft.propose(data, timeout_s or self.cfg.commit_timeout_s)
         except NotLeader:
@@ -213,6 +225,12 @@ class Master:
         if wake and self.controllers is not None:
             self.controllers.wake()
         return result
+
+    def answered(self, rid: str) -> bool:
+        """Whether a command with this request id was applied here recently."""
+        assert self.raft is not None
+        with self.raft.lock:
+            return rid in self.state.recent
 
     # -- membership addresses ----------------------------------------------------
     def raft_peers(self) -> list[str]:
@@ -245,6 +263,18 @@ class Master:
         if cur is None or cur.to_wire() != info:
             await self.propose("member_info", info)
         return {"ok": True}
+
+    def health(self, raft_status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This master's health (leptond/health.py)."""
+        assert self.raft is not None
+        st = raft_status if raft_status is not None else self.raft.status()
+        return health.assess(st, self.disk.state())
+
+    async def _member_health(self, conn: Any, a: Any) -> dict[str, Any]:
+        from .auth import require
+
+        require(conn.context, "cluster")
+        return self.health()
 
     async def _announce_loop(self) -> None:
         """Followers tell the leader their RPC address, so redirects and block

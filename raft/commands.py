@@ -1,11 +1,19 @@
-"""Replicated commands: msgpack maps `{op, v, rid, args}`.
+"""Replicated commands: msgpack maps `{op, v, rid, args}`, and optionally
+`at` (the proposer's wall-clock time) and `dedupe`.
 
 Timestamps, ids and random choices are made by the proposer and travel in the
 command, so every replica applies the same bytes to the same result.
+
+A command proposed with the request id of a client's logical call carries
+`dedupe`: apply remembers its result for a while (bounded by count and by
+age, measured in `at`), so a retry of that call gets the first answer again.
+A command with a fresh id of its own cannot be retried by anyone and is not
+remembered.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +30,8 @@ class Command:
     v: int
     rid: str
     args: dict[str, Any]
+    at: float | None = None
+    dedupe: bool = False
 
 
 class BadCommand(Exception):
@@ -32,11 +42,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def encode(op: str, args: dict[str, Any], rid: str | None = None) -> bytes:
-    return msgpack.packb(
-        {"op": op, "v": COMMAND_VERSION, "rid": rid or new_request_id(), "args": args},
-        use_bin_type=True,
-    )
+def encode(op: str, args: dict[str, Any], rid: str | None = None, at: float | None = None) -> bytes:
+    """A command; with `rid`, one whose result is remembered for retries of it."""
+    cmd: dict[str, Any] = {"op": op, "v": COMMAND_VERSION, "rid": rid or new_request_id()}
+    cmd["args"] = args
+    if at is not None:
+        cmd["at"] = float(at)
+    if rid:
+        cmd["dedupe"] = True
+    return msgpack.packb(cmd, use_bin_type=True)
 
 
 def decode(data: bytes) -> Command:
@@ -64,4 +78,7 @@ def decode(data: bytes) -> Command:
         raise BadCommand("command has no request id")
     if not isinstance(args, dict):
         raise BadCommand("command args are not a map")
-    return Command(op, v, rid, args)
+    at = obj.get("at")
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        at = None  # optional: a command without a usable time ages by count alone
+    return Command(op, v, rid, args, None if at is None else float(at), obj.get("dedupe") is True)

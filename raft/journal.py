@@ -122,6 +122,9 @@ class DurableJournal:
         self._must_sync = False
         self.fsync_count = 0
         self.synced_size = 0  # bytes of the file known to be on disk
+        # The last sync's failure (ENOSPC, EIO...), None once one succeeds:
+        # a master with a journal it cannot write is not healthy.
+        self.write_error: str | None = None
         self._fd = -1
         self._open()
 
@@ -200,9 +203,20 @@ class DurableJournal:
             if not self._pending or self._fd < 0:
                 return
             view = memoryview(bytes(self._pending))
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError as exc:
+                # A full disk can take part of the records: cut them off, or
+                # the retry would append the whole batch after a torn copy.
+                self.write_error = f"{self.path}: {exc.strerror or exc}"
+                try:
+                    os.ftruncate(self._fd, self.synced_size)
+                except OSError:
+                    log.exception("journal %s: cannot cut a partial write", self.path)
+                raise
+            self.write_error = None
             self.synced_size += len(self._pending)
             self._pending.clear()
             self._must_sync = False

@@ -312,6 +312,30 @@ class RaftNode:
         connected = sum(1 for n in others if self._obj.isNodeConnected(n))
         return connected + 1, len(others) + 1
 
+    def heard_from_majority_within(self, window_s: float) -> bool:
+        """Leader only: whether a majority (this node included) answered it
+        within the last `window_s` seconds.
+
+        A leader cut off from the others keeps believing it leads until
+        pysyncobj's leaderFallbackTimeout; one that was paused believes it
+        until its Raft thread runs again. Neither may promise anything (a
+        node's lease) meanwhile: this is the check.
+        """
+        if not self.is_leader():
+            return False
+        heard = self._obj.private("lastResponseTime")
+        others = list(self._obj.otherNodes)
+        deadline = time.monotonic() - window_s  # pysyncobj's monotonicTime
+        for _ in range(5):  # the Raft thread mutates the dict
+            try:
+                recent = sum(1 for n in others if heard.get(n, 0.0) > deadline)
+                break
+            except RuntimeError:
+                time.sleep(0.001)
+        else:
+            return False
+        return (recent + 1) * 2 > len(others) + 1
+
     def status(self) -> dict[str, Any]:
         for _ in range(5):  # getStatus iterates dicts the Raft thread mutates
             try:

@@ -1,15 +1,15 @@
 """ClusterState: the pure, deterministic replicated state machine.
 
 Rules (DESIGN §4): apply never reads a clock, never does I/O and never raises;
-an invalid command is a no-op that returns an error value; a command whose
-request id was applied recently returns the first result again.
+an invalid command is a no-op that returns an error value; a command that
+carries the request id of a client call applied recently returns the first
+result again (raft/dedupe.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -17,6 +17,7 @@ import msgpack
 from . import nodecreds as nc
 from . import tasks as tl
 from .commands import BadCommand, Command, decode
+from .dedupe import RecentResults
 from .errors import ArgError
 from .model import (
     FINAL_JOB_STATES,
@@ -36,7 +37,6 @@ from .validate import SpecError, validate_name, validate_spec
 log = logging.getLogger("lepton.raft")
 
 SNAPSHOT_VERSION = 1
-RECENT_LIMIT = 100_000
 Result = dict[str, Any]
 
 
@@ -54,7 +54,7 @@ class ClusterState:
         self.join_tokens: dict[str, JoinToken] = {}
         self.node_creds: dict[str, NodeCredential] = {}  # by handshake key id
         self.manifests: dict[str, dict[str, Any]] = {}
-        self.recent: OrderedDict[str, Any] = OrderedDict()
+        self.recent = RecentResults()
         self.applied_index = 0
         # Derived indexes, rebuilt from the records on restore.
         self.gpu_owner: dict[tuple[str, int], str] = {}
@@ -74,15 +74,17 @@ class ClusterState:
         except BadCommand as exc:
             self.applied_index = max(self.applied_index, index)
             return error("bad_command", str(exc))
-        if cmd.rid in self.recent:
-            return self.recent[cmd.rid]
+        found, first = self.recent.get(cmd.rid)
+        if found:
+            self.applied_index = max(self.applied_index, index)
+            return first
         result = self._dispatch(cmd, index)
         if cmd.op in CAPACITY_OPS:
             self.capacity_epoch += 1
         self.applied_index = max(self.applied_index, index)
-        self.recent[cmd.rid] = result
-        if len(self.recent) > RECENT_LIMIT:
-            self.recent.popitem(last=False)
+        self.recent.tick(cmd.at)
+        if cmd.dedupe:
+            self.recent.remember(cmd.rid, result, cmd.at)
         return result
 
     def _dispatch(self, cmd: Command, index: int) -> Any:
@@ -530,7 +532,7 @@ class ClusterState:
                 "join_tokens": [j.to_wire() for j in self.join_tokens.values()],
                 "node_creds": [c.to_wire() for c in self.node_creds.values()],
                 "manifests": self.manifests,
-                "recent": list(self.recent.items()),
+                "recent": self.recent.to_wire(),
             },
             use_bin_type=True,
         )
@@ -547,7 +549,7 @@ class ClusterState:
             members = {m["raft_addr"]: Member.from_wire(m) for m in obj["members"]}
             joins = {j["id"]: JoinToken.from_wire(j) for j in obj.get("join_tokens") or []}
             creds = {c["id"]: NodeCredential.from_wire(c) for c in obj.get("node_creds") or []}
-            recent = OrderedDict((k, v) for k, v in obj["recent"])
+            recent = RecentResults.from_wire(obj["recent"])
             manifests = dict(obj.get("manifests") or {})
             applied_index = int(obj.get("applied_index", 0))
             for n in nodes.values():

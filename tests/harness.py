@@ -70,6 +70,7 @@ class Proc:
     argv: list[str]
     log: Path
     popen: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -83,7 +84,7 @@ class Proc:
             stdout=f,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env(),
+            env={**env(), **self.extra_env},
             cwd=str(ROOT),
         )
         f.close()
@@ -142,6 +143,8 @@ class Cluster:
     n_masters: int = 3
     ttl_s: float = 3.0
     master_args: list[str] = field(default_factory=list)
+    # Added to the masters' environment (e.g. the test-only fault hooks).
+    master_env: dict[str, str] = field(default_factory=dict)
     masters: list[Master] = field(default_factory=list)
     agents: list[Proc] = field(default_factory=list)
     extra: list[Proc] = field(default_factory=list)
@@ -167,7 +170,8 @@ class Cluster:
     def _master(
         self, i: int, rpc: int, http: int, raft: int, peers: list[str] | None = None
     ) -> Master:
-        return Master(i, rpc, http, raft, Proc(f"master-{i}", [], self.root / f"master-{i}.log"))
+        log = self.root / f"master-{i}.log"
+        return Master(i, rpc, http, raft, Proc(f"master-{i}", [], log, extra_env=self.master_env))
 
     def _master_argv(self, m: Master, peers: list[str]) -> list[str]:
         return [

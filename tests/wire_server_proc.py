@@ -75,6 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
         handshake_timeout_s=args.handshake_timeout_s,
         idle_timeout_s=args.idle_timeout_s,
         sealed=not args.plain,
+        max_buffered_bytes=args.max_buffered_bytes,
+        frame_timeout_s=args.frame_timeout_s,
     )
     port = await server.start("127.0.0.1", args.port)
     print(port, flush=True)
@@ -93,6 +95,8 @@ def main() -> None:
     p.add_argument("--max-connections", type=int, default=4096)
     p.add_argument("--handshake-timeout-s", type=float, default=5.0)
     p.add_argument("--idle-timeout-s", type=float, default=120.0)
+    p.add_argument("--max-buffered-bytes", type=int, default=256 * 1024 * 1024)
+    p.add_argument("--frame-timeout-s", type=float, default=60.0)
     p.add_argument("--plain", action="store_true", help="no sealing (benchmark baseline)")
     args = p.parse_args()
     logging.basicConfig(

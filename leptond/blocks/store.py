@@ -1,6 +1,7 @@
 """Content-addressed block store on local disk, with an optional in-memory
 hot cache in front (masters) and an optional disk budget with LRU/LFU
-eviction behind (agents).
+eviction behind (agents), or a hard limit that refuses new blocks (masters,
+whose blocks must not be evicted while a manifest may need them).
 
 Layout: ``root/<first two hex digits>/<block id>``; new blocks are written
 under ``root/tmp/``, fsynced, and renamed into place, then the fan-out
@@ -42,6 +43,7 @@ class StoreStats:
     blocks: int
     bytes_on_disk: int
     disk_budget_bytes: int | None
+    limit_bytes: int | None
     corrupt_dropped: int
     hot: CacheStats | None
     disk: CacheStats | None
@@ -62,6 +64,7 @@ class BlockStore:
         cache_bytes: int = 0,
         policy: Policy = "lru",
         disk_budget_bytes: int | None = None,
+        limit_bytes: int | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown cache policy {policy!r}: use one of {', '.join(POLICIES)}")
@@ -76,6 +79,7 @@ class BlockStore:
             make_policy_cache(policy, cache_bytes) if cache_bytes > 0 else None
         )
         self._disk_budget = disk_budget_bytes
+        self._limit = limit_bytes
         # The disk cache holds sizes only; evicting from it deletes the file.
         self._disk: ByteCache[str, int] | None = (
             make_policy_cache(policy, disk_budget_bytes, self._on_disk_evict)
@@ -178,6 +182,12 @@ class BlockStore:
                 return
             except FileNotFoundError:
                 self._unindex(block_id)  # removed behind our back: write it again
+        if self._limit is not None and self._bytes + len(data) > self._limit:
+            raise StoreFull(
+                f"the block store is full ({self._bytes >> 20} MiB of {self._limit >> 20} MiB "
+                "used); "
+                "blocks no job uses are removed after a day, or an admin can raise the limit"
+            )
         path.parent.mkdir(exist_ok=True)
         tmp = self._tmp / f"{block_id[:16]}.{secrets.token_hex(6)}"
         try:
@@ -282,6 +292,7 @@ class BlockStore:
             blocks=len(self._sizes),
             bytes_on_disk=self._bytes,
             disk_budget_bytes=self._disk_budget,
+            limit_bytes=self._limit,
             corrupt_dropped=self._corrupt_dropped,
             hot=self._hot.stats() if self._hot is not None else None,
             disk=self._disk.stats() if self._disk is not None else None,

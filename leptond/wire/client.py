@@ -3,12 +3,17 @@
 Masters answer writes on a follower with `not_leader` and the leader's RPC
 address; `ClusterClient` reconnects there and retries. Every attempt has a
 timeout and the whole call has a deadline, so a caller never hangs.
+
+Retries are safe for writes: one logical call has one request id (`rid` in
+its arguments), the same on every attempt, and the masters apply a write with
+a given id once and answer every attempt with that first result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -116,7 +121,14 @@ class ClusterClient:
         timeout_s: float = 15.0,
         attempt_timeout_s: float = 6.0,
     ) -> Any:
-        """Call on the leader, following redirects and retrying until the deadline."""
+        """Call on the leader, following redirects and retrying until the deadline.
+
+        Map arguments get a request id (`rid`) unless they carry one: made once
+        here, it is the same on every retry, so a write whose answer was lost
+        is not applied twice.
+        """
+        if isinstance(args, dict) and "rid" not in args:
+            args = {**args, "rid": uuid.uuid4().hex}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         prefer: tuple[str, int] | None = None

@@ -115,6 +115,24 @@ class FrameReader:
             self._pos = end
         return payload
 
+    def partial_frame_length(self) -> int | None:
+        """The declared length of a frame that has begun but is not complete.
+
+        None when no frame header is buffered, when the next frame is already
+        complete (``next`` returns it), or when its length is over the cap
+        (``next`` raises). A server uses it to reserve room for a frame before
+        buffering the rest of it.
+        """
+        if self._need >= 0:
+            return self._need if self._chunks_len < self._need else None
+        avail = len(self._buf) - self._pos
+        if avail < 4:
+            return None
+        (length,) = _LEN.unpack_from(self._buf, self._pos)
+        if length > self.max_frame or avail - 4 >= length:
+            return None
+        return int(length)
+
     def _next_chunked(self) -> bytes | None:
         need = self._need
         if self._chunks_len < need:

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from . import handshake as hs
+from .budget import UNCOUNTED_FRAME, BufferBudget
 from .codec import (
     MAX_FRAME,
     FrameReader,
@@ -71,6 +72,8 @@ class Connection(asyncio.Protocol):
         on_close: Callable[[Connection], None] | None = None,
         handshake_timeout_s: float = 5.0,
         sealed: bool = True,
+        budget: BufferBudget | None = None,
+        frame_timeout_s: float = 60.0,
     ) -> None:
         self.is_client = is_client
         self.handlers: Mapping[str, Handler] = handlers or {}
@@ -82,6 +85,13 @@ class Connection(asyncio.Protocol):
         self._handshake_timeout_s = handshake_timeout_s
         self._sealed = sealed
         self._reader = FrameReader(HANDSHAKE_MAX_FRAME if sealed else MAX_FRAME)
+        # Server side: bytes of a large frame are buffered only under a
+        # reservation from the server-wide budget (see budget.py).
+        self._budget = budget
+        self._frame_timeout_s = frame_timeout_s
+        self._held = 0  # bytes reserved for the frame being received
+        self._waiting_budget = False
+        self._frame_timer: asyncio.TimerHandle | None = None
         self._hs = hs.HandshakeState()
         self._sealer: Sealer | PlainCodec | None = None if sealed else PlainCodec()
         self._opener: Opener | PlainCodec | None = None if sealed else PlainCodec()
@@ -118,12 +128,24 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        self._reader.append(data)
+        self._process()
+
+    def _process(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # closed while waiting for the budget (budget_granted's call_soon)
         reader = self._reader
-        reader.append(data)
         try:
             # One frame at a time: the handshake raises the frame cap, and a
             # frame right behind the hello in the same read must see the new cap.
-            while (payload := reader.next()) is not None:
+            while True:
+                if self._budget is not None and not self._held and not self._reserve():
+                    return  # reading paused until the budget grants the frame
+                payload = reader.next()
+                if payload is None:
+                    return
+                if self._held:
+                    self._release_budget()
                 if self._opener is None:
                     self._handshake_frame(payload)
                 else:
@@ -132,6 +154,65 @@ class Connection(asyncio.Protocol):
                     return
         except ProtocolError as exc:
             self._protocol_error(exc)
+
+    # -- the server-wide budget for partial frames --------------------------
+    def _reserve(self) -> bool:
+        """Reserve room for a large frame that has begun, before buffering it.
+
+        False: the budget is spent; reading is paused and resumes in
+        `budget_granted`.
+        """
+        assert self._budget is not None
+        if self._waiting_budget:
+            return False
+        n = self._reader.partial_frame_length()
+        if n is None or n <= UNCOUNTED_FRAME:
+            return True
+        if not self._budget.reserve(self, n):
+            self._waiting_budget = True
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()
+            return False
+        self._hold(n)
+        return True
+
+    def budget_granted(self, n: int) -> None:
+        self._waiting_budget = False
+        if self.transport is None or self.transport.is_closing():
+            self._budget_release(n)
+            return
+        self._hold(n)
+        self.transport.resume_reading()
+        # What was read before the pause (the frame's first bytes) is processed now.
+        self.loop.call_soon(self._process)
+
+    def _hold(self, n: int) -> None:
+        self._held = n
+        # A sender must finish a reserved frame in time: a reservation held
+        # forever would make everyone else's large frames wait forever.
+        self._frame_timer = self.loop.call_later(self._frame_timeout_s, self._frame_expired)
+
+    def _frame_expired(self) -> None:
+        self._frame_timer = None
+        if self._held:
+            self._protocol_error(
+                ProtocolError(
+                    "slow_frame",
+                    f"a frame of {self._held} bytes was not completed within "
+                    f"{self._frame_timeout_s:g}s",
+                )
+            )
+
+    def _release_budget(self) -> None:
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+        held, self._held = self._held, 0
+        self._budget_release(held)
+
+    def _budget_release(self, n: int) -> None:
+        if self._budget is not None and n:
+            self._budget.release(n)
 
     def eof_received(self) -> bool | None:
         if self._reader.buffered:
@@ -448,6 +529,10 @@ class Connection(asyncio.Protocol):
     def _teardown(self, err: RpcError) -> None:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
+        if self._budget is not None:
+            self._budget.forget(self)
+            self._waiting_budget = False
+            self._release_budget()
         self._fail_ready(
             RpcError(
                 "unauthenticated", "connection closed during the handshake: wrong key or token?"

@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+from .budget import BufferBudget
+from .codec import MAX_FRAME
 from .connection import Connection, Handler, PskLookup
 from .errors import ProtocolError
 
@@ -39,7 +41,10 @@ class RpcServer:
 
     Limits: a handshake must finish within `handshake_timeout_s`; a connection
     with no traffic for `idle_timeout_s` is closed; at most `max_connections`
-    are open at once (the next one is closed at accept).
+    are open at once (the next one is closed at accept). Partly received large
+    frames hold at most `max_buffered_bytes` in all: a connection whose frame
+    does not fit stops reading until it does, and one that does not finish a
+    reserved frame within `frame_timeout_s` is closed (see budget.py).
     """
 
     def __init__(
@@ -53,7 +58,14 @@ class RpcServer:
         on_connect: Callable[[Connection], None] | None = None,
         on_disconnect: Callable[[Connection], None] | None = None,
         sealed: bool = True,
+        max_buffered_bytes: int = 256 * 1024 * 1024,
+        frame_timeout_s: float = 60.0,
     ) -> None:
+        if max_buffered_bytes < MAX_FRAME:
+            raise ValueError(
+                f"the buffer budget ({max_buffered_bytes} bytes) must hold at least one "
+                f"frame of the largest size ({MAX_FRAME} bytes)"
+            )
         self.handlers = handlers
         self.psk_lookup = psk_lookup
         self.max_connections = max_connections
@@ -62,6 +74,8 @@ class RpcServer:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.sealed = sealed
+        self.budget = BufferBudget(max_buffered_bytes)
+        self.frame_timeout_s = frame_timeout_s
         self.connections: set[Connection] = set()
         self.counters: Counter[str] = Counter()
         self._log = RateLimitedLog(log)
@@ -86,6 +100,8 @@ class RpcServer:
             on_close=self._on_close,
             handshake_timeout_s=self.handshake_timeout_s,
             sealed=self.sealed,
+            budget=self.budget,
+            frame_timeout_s=self.frame_timeout_s,
         )
         if len(self.connections) >= self.max_connections:
             self.counters["over_capacity"] += 1
@@ -146,4 +162,10 @@ class RpcServer:
             await self._server.wait_closed()
 
     def stats(self) -> dict[str, int]:
-        return {"connections": len(self.connections), **self.counters}
+        return {
+            "connections": len(self.connections),
+            "buffered_bytes_reserved": self.budget.used,
+            "buffer_waiting": self.budget.waiting,
+            "buffer_waits": self.budget.waits,
+            **self.counters,
+        }
