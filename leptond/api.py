@@ -11,12 +11,14 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import scheduler as sch
 from raft import snapshot as snapfile
+from raft.commands import BATCH_BUDGET_BYTES
 from raft.model import FINAL_JOB_STATES
 from raft.validate import SpecError, validate_name, validate_spec
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lepton.master")
 MAX_DRAIN_DEADLINE_S = 366 * 86400
+RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
 Method = Callable[["Master", Connection, dict[str, Any]], Awaitable[Any]]
 _REGISTRY: dict[str, tuple[Method, str, bool, bool]] = {}
 
@@ -399,7 +402,17 @@ async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> An
         state_bytes, _meta = snapfile.decode_snapshot(blob)
     except Exception as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
-    return await m.propose("restore", {"state": state_bytes}, timeout_s=30, wake=True)
+    # In parts, each well within one Raft entry; the state is replaced, on
+    # every replica, when the last part applies (ClusterState.apply_restore).
+    step = RESTORE_PART_BYTES
+    parts = [state_bytes[i : i + step] for i in range(0, len(state_bytes), step)] or [b""]
+    head = {"id": uuid.uuid4().hex, "parts": len(parts)}
+    head["sha256"] = hashlib.sha256(state_bytes).hexdigest()
+    res: dict[str, Any] = {}
+    for i, data in enumerate(parts):
+        last = i + 1 == len(parts)
+        res = await m.propose("restore", {**head, "part": i, "data": data}, timeout_s=30, wake=last)
+    return res
 
 
 # -- tokens ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from .blocks import (
     unpack_block,
     validate_manifest,
 )
-from .blocks.manifest import MAX_BLOCK_SIZE, is_block_id
+from .blocks.manifest import MAX_BLOCK_SIZE, check_manifest_size, is_block_id
 from .wire.client import parse_addr
 from .wire.connection import Connection, Handler, open_connection
 from .wire.errors import BAD_REQUEST, NO_QUORUM, RpcError
@@ -117,6 +117,7 @@ class BlockService:
         self.m.ensure_leader()
         try:
             manifest = validate_manifest(a.get("manifest") if isinstance(a, dict) else None)
+            check_manifest_size(manifest)  # it must fit in one Raft entry
         except WorkdirError as exc:
             raise RpcError(BAD_REQUEST, f"workdir manifest refused: {exc}") from None
         ids = manifest_blocks(manifest)

@@ -43,6 +43,10 @@ class NoQuorum(ProposeTimeout):
         )
 
 
+class EntryTooLarge(RaftError):
+    """A command over ``raft.commands.MAX_ENTRY_BYTES``: never proposed."""
+
+
 class JournalError(RaftError):
     """The Raft journal file cannot be used (not ours, or unreadable)."""
 

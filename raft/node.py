@@ -27,7 +27,15 @@ import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 
-from raft.errors import NoQuorum, NotLeader, ProposeTimeout, RaftError, SnapshotError
+from raft.commands import MAX_ENTRY_BYTES, human_bytes
+from raft.errors import (
+    EntryTooLarge,
+    NoQuorum,
+    NotLeader,
+    ProposeTimeout,
+    RaftError,
+    SnapshotError,
+)
 from raft.journal import DurableJournal, fsync_dir
 from raft.snapshot import read_snapshot_file, write_snapshot_file
 from raft.transport import SyncBeforeSendTransport
@@ -35,6 +43,16 @@ from raft.transport import SyncBeforeSendTransport
 log = logging.getLogger(__name__)
 
 PASSWORD_LABEL = b"leptond/raft-transport-password/v1"
+# pysyncobj sends a single entry of appendEntriesBatchSizeBytes or more
+# through its chunked "transmission" path, which labels the last chunk by the
+# entry's raw length rather than its pickled length. Pickle protocol 2 writes
+# every byte >= 0x80 of a bytes object as two, so the follower unpickles a
+# truncated entry (EOFError), the leader starts over every tick, and nothing
+# commits again. We never let that path run: a stored entry is pysyncobj's
+# pickle of our command (at most twice its size plus a few bytes), and the
+# batch size is above that for every command up to MAX_ENTRY_BYTES
+# (tests/test_raft_entry_size.py checks both the arithmetic and the cause).
+APPEND_BATCH_BYTES = 3 * MAX_ENTRY_BYTES
 JOURNAL_NAME = "raft.journal"
 SNAPSHOT_NAME = "raft.snapshot"
 
@@ -170,6 +188,7 @@ class RaftNode:
             deserializer=self._deserialize,
             useFork=False,
             appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=APPEND_BATCH_BYTES,
             dynamicMembershipChange=dynamic_membership,
             raftMinTimeout=raft_min_timeout_s,
             raftMaxTimeout=raft_max_timeout_s,
@@ -363,6 +382,11 @@ class RaftNode:
 
     async def propose(self, command: bytes, timeout_s: float = 5.0) -> Any:
         """Commit ``command`` and return what ``apply`` returned on this node."""
+        if len(command) > MAX_ENTRY_BYTES:
+            raise EntryTooLarge(
+                f"a command of {human_bytes(len(command))} is over the Raft entry limit of "
+                f"{human_bytes(MAX_ENTRY_BYTES)}; it was not proposed"
+            )
         if not self.is_leader():
             raise NotLeader(self.leader())
         reason, result = await self._submit(
