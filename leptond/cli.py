@@ -34,6 +34,8 @@ def _port(v: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from raft.errors import RaftError
+
     from .config import MasterConfig
     from .master import Master
     from .wire.loop import run
@@ -80,7 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         run(master.run_forever())
-    except OSError as exc:
+    except (OSError, RaftError) as exc:
+        # RaftError: a damaged journal or snapshot, or a data dir in use;
+        # its message says what to do.
         print(f"leptond: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -51,5 +51,9 @@ class JournalError(RaftError):
     """The Raft journal file cannot be used (not ours, or unreadable)."""
 
 
+class JournalCorrupt(JournalError):
+    """A damaged record with intact records after it: not a torn write."""
+
+
 class SnapshotError(RaftError):
     """A snapshot file is damaged, of an unknown format, or unreadable."""
