@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import scheduler as sch
 from raft import snapshot as snapfile
 from raft.commands import BATCH_BUDGET_BYTES
+from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
 from raft.model import FINAL_JOB_STATES
 from raft.validate import SpecError, validate_name, validate_spec
 
 from . import views
 from .auth import require
 from .wire.connection import Connection, Handler
-from .wire.errors import BAD_REQUEST, NOT_FOUND, RpcError
+from .wire.errors import BAD_REQUEST, CONFLICT, NO_QUORUM, NOT_FOUND, TIMEOUT, RpcError
 from .wire.tokens import new_token
 
 if TYPE_CHECKING:
@@ -349,10 +350,13 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 @method("cluster_add", "admin", mutating=True)
 async def cluster_add(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """Add a running master. raft.membership lists the checks made before
+    anything is proposed (address, one change at a time, the Raft
+    handshake, a quorum of reachable members afterwards)."""
     m.ensure_leader()
     assert m.raft is not None
-    addr = _raft_addr(a)
-    await m.raft.add_member(addr, timeout_s=m.cfg.commit_timeout_s * 2)
+    addr = str(a.get("addr", ""))
+    await _membership(m, m.raft.add_member(addr, timeout_s=m.cfg.commit_timeout_s * 2))
     return {"added": addr}
 
 
@@ -360,23 +364,31 @@ async def cluster_add(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 async def cluster_remove(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     assert m.raft is not None
-    addr = _raft_addr(a)
+    addr = str(a.get("addr", ""))
     if addr == m.cfg.raft_addr:
         raise RpcError(
             BAD_REQUEST,
             "the leader cannot remove itself; stop it and remove it from another master",
         )
-    await m.raft.remove_member(addr, timeout_s=m.cfg.commit_timeout_s * 2)
+    await _membership(m, m.raft.remove_member(addr, timeout_s=m.cfg.commit_timeout_s * 2))
     await m.propose("member_remove", {"raft_addr": addr})
     return {"removed": addr}
 
 
-def _raft_addr(a: dict[str, Any]) -> str:
-    addr = str(a.get("addr", ""))
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RpcError(BAD_REQUEST, f"expected HOST:RAFTPORT, got {addr!r}")
-    return addr
+async def _membership(m: Master, change: Awaitable[None]) -> None:
+    """Run a membership change; its refusals and failures are one line each."""
+    try:
+        await change
+    except MembershipError as exc:
+        raise RpcError(BAD_REQUEST, str(exc)) from None
+    except NotLeader:
+        raise m.not_leader() from None
+    except NoQuorum as exc:
+        raise RpcError(NO_QUORUM, str(exc)) from None
+    except ProposeTimeout as exc:
+        raise RpcError(TIMEOUT, str(exc)) from None
+    except RaftError as exc:
+        raise RpcError(CONFLICT, str(exc)) from None
 
 
 # -- backups ---------------------------------------------------------------------

@@ -172,11 +172,11 @@ class Master:
             return m.rpc_addr if m else None
 
     def not_leader(self) -> RpcError:
-        addr = self.leader_rpc_addr()
-        if addr and addr != self.cfg.rpc_addr:
-            return RpcError(NOT_LEADER, f"not the leader; the leader is {addr}", leader=addr)
         assert self.raft is not None
         reachable, members = self.raft.reachable()
+        addr = self.leader_rpc_addr()
+        if addr and addr != self.cfg.rpc_addr and reachable * 2 > members:
+            return RpcError(NOT_LEADER, f"not the leader; the leader is {addr}", leader=addr)
         if reachable * 2 <= members:
             return RpcError(
                 NOT_LEADER,

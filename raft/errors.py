@@ -47,6 +47,10 @@ class EntryTooLarge(RaftError):
     """A command over ``raft.commands.MAX_ENTRY_BYTES``: never proposed."""
 
 
+class MembershipError(RaftError):
+    """A membership change refused before it was proposed, or a bad member list."""
+
+
 class JournalError(RaftError):
     """The Raft journal file cannot be used (not ours, or unreadable)."""
 

@@ -402,6 +402,20 @@ class DurableJournal:
                 self._entries = self._entries[pos:]
                 self._rewrite()
 
+    def neutralize(self, match: Callable[[bytes], bool], replacement: bytes) -> int:
+        """Replace the command of every entry `match` picks, keeping its index
+        and term, and rewrite the file. For offline recovery only
+        (raft.membership.recover_data_dir); returns how many changed."""
+        with self._lock:
+            changed = 0
+            for i, (command, index, term) in enumerate(self._entries):
+                if match(command):
+                    self._entries[i] = (replacement, index, term)
+                    changed += 1
+            if changed:
+                self._rewrite()
+            return changed
+
     def close(self) -> None:
         """Sync what is buffered and close the file."""
         with self._lock:
