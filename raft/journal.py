@@ -384,6 +384,16 @@ class DurableJournal:
                 return self._entries[pos][2]
             return None
 
+    def last_index_after(self, index: int, match: Callable[[bytes], bool]) -> int | None:
+        """Raft index of the last entry after `index` whose command `match` picks."""
+        with self._lock:
+            for command, idx, _term in reversed(self._entries):
+                if idx <= index:
+                    return None
+                if match(command):
+                    return idx
+            return None
+
     def align_with_snapshot(self, before: Entry, last: Entry) -> None:
         """Drop entries older than a snapshot's last two entries, if present.
 

@@ -42,7 +42,7 @@ LOCK_NAME = "raft.lock"
 # pysyncobj's entry types (syncobj.py _COMMAND_TYPE): the first byte of a
 # stored entry.
 _NO_OP = b"\x01"
-_MEMBERSHIP = b"\x02"
+MEMBERSHIP_ENTRY = b"\x02"
 _HANDSHAKE_REPLY_BYTES = 64 * 1024
 
 
@@ -209,7 +209,7 @@ def recover_data_dir(raft_dir: Path, members: Sequence[str]) -> dict[str, int]:
     with data_dir_lock(raft_dir):
         journal = DurableJournal(journal_path)
         try:
-            changed = journal.neutralize(lambda cmd: cmd[:1] == _MEMBERSHIP, _NO_OP)
+            changed = journal.neutralize(lambda cmd: cmd[:1] == MEMBERSHIP_ENTRY, _NO_OP)
         finally:
             journal.close()
         snap = raft_dir / "raft.snapshot"
@@ -219,7 +219,7 @@ def recover_data_dir(raft_dir: Path, members: Sequence[str]) -> dict[str, int]:
             # The two entries the snapshot ends with must stay equal to the
             # journal's copies, or pysyncobj would clear the journal on load.
             meta["raft_entries"] = [
-                [_NO_OP if bytes(e[0])[:1] == _MEMBERSHIP else bytes(e[0]), e[1], e[2]]
+                [_NO_OP if bytes(e[0])[:1] == MEMBERSHIP_ENTRY else bytes(e[0]), e[1], e[2]]
                 for e in meta.get("raft_entries") or []
             ]
             write_snapshot_file(snap, state, meta)

@@ -39,6 +39,7 @@ from raft.errors import (
 )
 from raft.journal import DurableJournal, fsync_dir
 from raft.membership import (
+    MEMBERSHIP_ENTRY,
     lock_data_dir,
     parse_member,
     probe_member,
@@ -492,12 +493,16 @@ class RaftNode:
     def _check_change_allowed(self) -> None:
         if not self.is_leader():
             raise NotLeader(self.leader())
-        # pysyncobj's own marker of a change not yet applied (syncobj.py
-        # __changeCluster); it would refuse the proposal, we say why first.
-        pending = self._obj.private("changeClusterIDx")
-        if pending is not None and self._obj.raftLastApplied < pending:
+        # pysyncobj 0.3.17 means to allow one change at a time, but never
+        # records the pending one (syncobj.py __changeCluster), so look for
+        # a membership entry not applied yet in the log ourselves.
+        pending = self.journal.last_index_after(
+            self._obj.raftLastApplied, lambda cmd: cmd[:1] == MEMBERSHIP_ENTRY
+        )
+        if pending is not None:
             raise MembershipError(
-                "another membership change is still committing; retry when it is done"
+                f"another membership change (log entry {pending}) is still committing; "
+                "retry when it is done"
             )
 
     async def _change_member(self, fn: Callable[..., None], addr: str, timeout_s: float) -> None:

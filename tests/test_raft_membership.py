@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,9 @@ from raft.membership import (
     read_members_file,
     recover_data_dir,
 )
+from raft.node import RaftNode
 from raft.snapshot import read_snapshot_file, write_snapshot_file
+from tests.raft_kv_proc import KVStateMachine, free_port
 
 NO_OP, MEMBERSHIP, REGULAR = b"\x01", b"\x02", b"\x00"
 
@@ -99,3 +103,41 @@ def test_recover_refuses_a_running_master_a_missing_journal_and_bad_members(
     finally:
         os.close(fd)
     assert read_members_file(raft_dir) is None
+
+
+async def test_one_membership_change_at_a_time(tmp_path: Path) -> None:
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    nodes = [
+        RaftNode(
+            KVStateMachine(),
+            a,
+            addrs,
+            tmp_path / a.replace(":", "_"),
+            b"secret",
+            raft_min_timeout_s=0.4,
+            raft_max_timeout_s=1.0,
+            leader_fallback_timeout_s=120.0,  # stays leader alone, for this test
+        )
+        for a in addrs
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while not any(n.is_leader() for n in nodes):
+            assert time.monotonic() < deadline, "no leader"
+            await asyncio.sleep(0.05)
+        leader = next(n for n in nodes if n.is_leader())
+        followers = [n for n in nodes if n is not leader]
+        for f in followers:
+            f.close()
+        # A change pysyncobj took but cannot commit: its followers are gone.
+        leader._obj.removeNodeFromCluster(followers[0].self_addr)
+        deadline = time.monotonic() + 10
+        while leader.journal.last_index_after(1, lambda c: c[:1] == b"\x02") is None:
+            assert time.monotonic() < deadline, "the change never reached the log"
+            await asyncio.sleep(0.05)
+        for change in (leader.add_member, leader.remove_member):
+            with pytest.raises(MembershipError, match=r"another membership change .* committing"):
+                await change(followers[1].self_addr, timeout_s=2.0)
+    finally:
+        for n in nodes:
+            n.close()
