@@ -387,7 +387,10 @@ async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
             print(f"problem: {p}")
         return 0
     method = "cluster_add" if a.cluster_cmd == "add-master" else "cluster_remove"
-    res = await c.call(method, {"addr": a.member}, timeout_s=max(a.timeout, 30))
+    # One attempt may take a while: the leader waits for a just-started
+    # master to answer the Raft handshake, then for the change to commit.
+    wait_s = max(a.timeout, 30)
+    res = await c.call(method, {"addr": a.member}, timeout_s=wait_s, attempt_timeout_s=wait_s)
     print(next(iter(res.values())))
     return 0
 

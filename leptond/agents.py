@@ -8,6 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.model import LIVE_TASK_STATES
 
 from . import views
@@ -20,6 +21,24 @@ if TYPE_CHECKING:
     from .master import Master
 
 log = logging.getLogger("lepton.master")
+# One task event in a task_events command; apply keeps 1024 characters of
+# its message, and nothing else in an event is long.
+MAX_EVENT_BYTES = 16 * 1024
+
+
+def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
+    """The event as proposed: its message cut as apply would cut it, so a
+    batch of events stays within one Raft entry; refused when still large."""
+    ev = dict(e, node_id=node_id)
+    if isinstance(ev.get("message"), str):
+        ev["message"] = ev["message"][:1024]
+    try:
+        size = encoded_size(ev)
+    except (TypeError, ValueError, OverflowError):
+        raise RpcError(BAD_REQUEST, "task event cannot be encoded") from None
+    if size > MAX_EVENT_BYTES:
+        raise RpcError(BAD_REQUEST, f"task event is {size} bytes; the limit is {MAX_EVENT_BYTES}")
+    return ev
 
 
 class AgentRegistry:
@@ -44,7 +63,12 @@ class AgentRegistry:
         time in which a deposed leader may still have renewed its lease."""
         now = time.monotonic() + self.m.cfg.lease_contact_s
         self.last_seen = dict.fromkeys(node_ids, now)
-        self.events = Batcher(self._flush_events, max_batch=2000)
+        self.events = Batcher(
+            self._flush_events,
+            max_batch=2000,
+            size_of=encoded_size,
+            max_bytes=BATCH_BUDGET_BYTES,
+        )
         self.events.start()
 
     async def stop(self) -> None:
@@ -179,7 +203,7 @@ class AgentRegistry:
         if not isinstance(a, dict) or not isinstance(a.get("events"), list):
             raise RpcError(BAD_REQUEST, "task_events needs a list of events")
         assert self.events is not None
-        evs = [dict(e, node_id=nid) for e in a["events"] if isinstance(e, dict)]
+        evs = [_bounded_event(e, nid) for e in a["events"] if isinstance(e, dict)]
         await asyncio.gather(*(self.events.submit(e) for e in evs))
         return {"ok": True, "count": len(evs)}
 

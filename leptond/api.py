@@ -12,19 +12,30 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import scheduler as sch
 from raft import snapshot as snapfile
+from raft.commands import BATCH_BUDGET_BYTES
+from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
 from raft.model import FINAL_JOB_STATES
 from raft.validate import SpecError, validate_name, validate_spec
 
 from . import health, views
 from .auth import require
 from .wire.connection import Connection, Handler
-from .wire.errors import BAD_REQUEST, FORBIDDEN, NOT_FOUND, RpcError
+from .wire.errors import (
+    BAD_REQUEST,
+    CONFLICT,
+    FORBIDDEN,
+    NO_QUORUM,
+    NOT_FOUND,
+    TIMEOUT,
+    RpcError,
+)
 from .wire.tokens import cluster_psk, new_token
 
 if TYPE_CHECKING:
@@ -32,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lepton.master")
 MAX_DRAIN_DEADLINE_S = 366 * 86400
+RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
 Method = Callable[["Master", Connection, dict[str, Any]], Awaitable[Any]]
 _REGISTRY: dict[str, tuple[Method, str, bool, bool]] = {}
 
@@ -444,10 +456,13 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 @method("cluster_add", "admin", mutating=True)
 async def cluster_add(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """Add a running master. raft.membership lists the checks made before
+    anything is proposed (address, one change at a time, the Raft
+    handshake, a quorum of reachable members afterwards)."""
     m.ensure_leader()
     assert m.raft is not None
-    addr = _raft_addr(a)
-    await m.raft.add_member(addr, timeout_s=m.cfg.commit_timeout_s * 2)
+    addr = str(a.get("addr", ""))
+    await _membership(m, m.raft.add_member(addr, timeout_s=m.cfg.commit_timeout_s * 2))
     return {"added": addr}
 
 
@@ -455,23 +470,31 @@ async def cluster_add(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 async def cluster_remove(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     assert m.raft is not None
-    addr = _raft_addr(a)
+    addr = str(a.get("addr", ""))
     if addr == m.cfg.raft_addr:
         raise RpcError(
             BAD_REQUEST,
             "the leader cannot remove itself; stop it and remove it from another master",
         )
-    await m.raft.remove_member(addr, timeout_s=m.cfg.commit_timeout_s * 2)
+    await _membership(m, m.raft.remove_member(addr, timeout_s=m.cfg.commit_timeout_s * 2))
     await m.propose("member_remove", {"raft_addr": addr})
     return {"removed": addr}
 
 
-def _raft_addr(a: dict[str, Any]) -> str:
-    addr = str(a.get("addr", ""))
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RpcError(BAD_REQUEST, f"expected HOST:RAFTPORT, got {addr!r}")
-    return addr
+async def _membership(m: Master, change: Awaitable[None]) -> None:
+    """Run a membership change; its refusals and failures are one line each."""
+    try:
+        await change
+    except MembershipError as exc:
+        raise RpcError(BAD_REQUEST, str(exc)) from None
+    except NotLeader:
+        raise m.not_leader() from None
+    except NoQuorum as exc:
+        raise RpcError(NO_QUORUM, str(exc)) from None
+    except ProposeTimeout as exc:
+        raise RpcError(TIMEOUT, str(exc)) from None
+    except RaftError as exc:
+        raise RpcError(CONFLICT, str(exc)) from None
 
 
 # -- backups ---------------------------------------------------------------------
@@ -497,13 +520,26 @@ async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> An
         state_bytes, _meta = snapfile.decode_snapshot(blob)
     except Exception as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
-    return await m.propose(
-        "restore",
-        {"state": state_bytes},
-        rid=_rid(conn, a, "snapshot_restore"),
-        timeout_s=30,
-        wake=True,
-    )
+    # In parts, each well within one Raft entry; the state is replaced, on
+    # every replica, when the last part applies (ClusterState.apply_restore).
+    # A retry (same client rid) goes on with the same restore: its parts keep
+    # their ids, and the parts already applied answer from the dedupe table.
+    rid = _rid(conn, a, "snapshot_restore")
+    step = RESTORE_PART_BYTES
+    parts = [state_bytes[i : i + step] for i in range(0, len(state_bytes), step)] or [b""]
+    head = {"id": rid or uuid.uuid4().hex, "parts": len(parts)}
+    head["sha256"] = hashlib.sha256(state_bytes).hexdigest()
+    res: dict[str, Any] = {}
+    for i, data in enumerate(parts):
+        last = i + 1 == len(parts)
+        res = await m.propose(
+            "restore",
+            {**head, "part": i, "data": data},
+            rid=None if rid is None else f"{rid}.{i}",
+            timeout_s=30,
+            wake=last,
+        )
+    return res
 
 
 # -- tokens ---------------------------------------------------------------------

@@ -23,9 +23,16 @@ class Batcher(Generic[T, R]):
         flush: Callable[[list[T]], Awaitable[list[R]]],
         max_batch: int = 1000,
         max_in_flight: int = 4,
+        size_of: Callable[[T], int] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
+        """`size_of` and `max_bytes` bound a batch by the encoded size of its
+        items too (one Raft entry has a byte limit); an item bigger than
+        `max_bytes` by itself goes alone, and the proposer refuses it."""
         self._flush = flush
         self._max_batch = max_batch
+        self._size_of = size_of
+        self._max_bytes = max_bytes
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -59,7 +66,8 @@ class Batcher(Generic[T, R]):
             await self._slots.acquire()
             # Let the requests that arrive in this loop turn join the batch.
             await asyncio.sleep(0)
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            n = self._batch_len()
+            batch, self._queue = self._queue[:n], self._queue[n:]
             if not self._queue:
                 self._wake.clear()
             if not batch:
@@ -68,6 +76,18 @@ class Batcher(Generic[T, R]):
             t = asyncio.get_running_loop().create_task(self._one(batch))
             self._running.add(t)
             t.add_done_callback(self._running.discard)
+
+    def _batch_len(self) -> int:
+        """How many queued items the next batch takes (at least one)."""
+        n = min(len(self._queue), self._max_batch)
+        if self._size_of is None or self._max_bytes is None:
+            return n
+        total = 0
+        for i in range(n):
+            total += self._size_of(self._queue[i][0])
+            if total > self._max_bytes:
+                return max(1, i)
+        return n
 
     async def _one(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

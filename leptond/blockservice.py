@@ -35,7 +35,7 @@ from .blocks import (
     unpack_block,
     validate_manifest,
 )
-from .blocks.manifest import MAX_BLOCK_SIZE, is_block_id
+from .blocks.manifest import MAX_BLOCK_SIZE, check_manifest_size, is_block_id
 from .disk import mib
 from .uploads import UploadLedger
 from .wire.client import parse_addr
@@ -133,6 +133,7 @@ class BlockService:
         self.m.disk.check_new_work()
         try:
             manifest = validate_manifest(a.get("manifest") if isinstance(a, dict) else None)
+            check_manifest_size(manifest)  # it must fit in one Raft entry
         except WorkdirError as exc:
             raise RpcError(BAD_REQUEST, f"workdir manifest refused: {exc}") from None
         ids = manifest_blocks(manifest)

@@ -70,6 +70,8 @@ def _size(v: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from raft.errors import RaftError
+
     from .config import MasterConfig
     from .master import Master
     from .wire.loop import run
@@ -159,7 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         run(master.run_forever())
-    except OSError as exc:
+    except (OSError, RaftError) as exc:
+        # RaftError: a damaged journal or snapshot, or a data dir in use;
+        # its message says what to do.
         print(f"leptond: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -172,6 +176,26 @@ def _is_priority(text: str) -> bool:
         return -1000 <= int(text) <= 1000
     except ValueError:
         return False
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Rewrite a stopped master's membership (README, Operations)."""
+    from raft.errors import RaftError
+    from raft.membership import recover_data_dir
+
+    members = [m.strip() for m in args.members.split(",") if m.strip()]
+    raft_dir = Path(args.data_dir) / "raft"
+    try:
+        res = recover_data_dir(raft_dir, members)
+    except (RaftError, OSError) as exc:
+        print(f"leptond recover: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"recovered {raft_dir}: members {', '.join(members)}; "
+        f"{res['membership_entries']} earlier membership change(s) in its log made no-ops; "
+        "start the master again"
+    )
+    return 0
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -282,6 +306,18 @@ def parser() -> argparse.ArgumentParser:
         "(at least 16M, one largest frame)",
     )
     r.set_defaults(fn=cmd_run)
+    rc = sub.add_parser(
+        "recover",
+        help="make a stopped master's membership exactly --members, for a cluster that "
+        "lost its quorum for good (like etcd's --force-new-cluster)",
+    )
+    rc.add_argument("--data-dir", required=True, help="the stopped master's --data-dir")
+    rc.add_argument(
+        "--members",
+        required=True,
+        help="HOST:RAFTPORT,... of the surviving masters, this one included",
+    )
+    rc.set_defaults(fn=cmd_recover)
     d = sub.add_parser("dev", help="a whole cluster on this host: one master and N agents")
     d.add_argument("--data-dir", default=".lepton-dev")
     d.add_argument("--agents", type=int, default=2)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import scheduler as sch
+from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.model import LIVE_TASK_STATES
 
 from . import views
@@ -229,32 +230,28 @@ class Controllers:
         ]
 
     async def _commit(self, plan: sch.Plan) -> None:
-        args: dict[str, Any] = {
-            "now": time.time(),
-            "placements": [
-                {"task_id": p.task_id, "node_id": p.node_id, "gpus": list(p.gpus)}
-                for p in plan.placements
-            ],
-            "preemptions": [
-                {"task_id": p.task_id, "for_task": p.for_task} for p in plan.preemptions
-            ],
-        }
-        res = await self.m.propose("plan", args)
+        dropped: list[dict[str, str]] = []
+        preempting = False
+        for args in plan_commands(plan, time.time()):
+            res = await self.m.propose("plan", args)
+            dropped += res["dropped"]
+            preempting = preempting or bool(res["preempting"])
+            # Each part's placements start as soon as it commits: should a
+            # later part fail, these run anyway.
+            assert self.m.raft is not None
+            with self.m.raft.lock:
+                specs = [
+                    views.launch_spec(self.m.state, self.m.state.tasks[tid])
+                    for tid in res["placed"]
+                ]
+            self.m.agents.push_start(specs)
         self.plans += 1
-        if res["dropped"]:
+        if dropped:
             log.info(
-                "plan: %d placement(s) dropped at apply: %s",
-                len(res["dropped"]),
-                res["dropped"][0]["reason"],
+                "plan: %d placement(s) dropped at apply: %s", len(dropped), dropped[0]["reason"]
             )
             self.wake()
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            specs = [
-                views.launch_spec(self.m.state, self.m.state.tasks[tid]) for tid in res["placed"]
-            ]
-        self.m.agents.push_start(specs)
-        if res["preempting"]:
+        if preempting:
             self.wake()
 
     def _dispatch_stops(self) -> None:
@@ -266,3 +263,37 @@ class Controllers:
                     by_node.setdefault(t.node_id, []).append(t.id)
         for nid, tids in by_node.items():
             self.m.agents.push_stop(nid, tids)
+
+
+def plan_commands(plan: sch.Plan, now: float) -> list[dict[str, Any]]:
+    """The plan as `plan` commands, each within one Raft entry.
+
+    A job's placements stay in one command (apply places a gang whole or not
+    at all); apart from that the parts are independent, and apply re-checks
+    each against the state it meets, as it does a whole plan.
+    """
+    units: list[tuple[str, list[dict[str, Any]]]] = [
+        ("preemptions", [{"task_id": p.task_id, "for_task": p.for_task}]) for p in plan.preemptions
+    ]
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for p in plan.placements:
+        job = p.task_id.rsplit(".", 1)[0]  # task ids are JOB.RANK (raft/state.py)
+        by_job.setdefault(job, []).append(
+            {"task_id": p.task_id, "node_id": p.node_id, "gpus": list(p.gpus)}
+        )
+    units.extend(("placements", group) for group in by_job.values())
+    out: list[dict[str, Any]] = []
+    cur: dict[str, Any] = {}
+    used = 0
+    for key, items in units:
+        size = encoded_size(items)
+        if cur and used + size > BATCH_BUDGET_BYTES:
+            out.append(cur)
+            cur, used = {}, 0
+        if not cur:
+            cur = {"now": now, "placements": [], "preemptions": []}
+        cur[key].extend(items)
+        used += size
+    if cur:
+        out.append(cur)
+    return out

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from raft import commands
-from raft.errors import NoQuorum, NotLeader, ProposeTimeout
+from raft.errors import EntryTooLarge, NoQuorum, NotLeader, ProposeTimeout
 from raft.node import RaftNode
 from raft.state import ClusterState
 
@@ -28,6 +28,8 @@ log = logging.getLogger("lepton.master")
 # Unreferenced blocks stay this long: an upload in progress has no manifest yet.
 BLOCK_RETENTION_S = 24 * 3600.0
 BLOCK_GC_INTERVAL_S = 600.0
+# Error code of a command over the Raft entry limit (never proposed).
+TOO_LARGE = "too_large"
 
 
 class Master:
@@ -95,7 +97,12 @@ class Master:
         self.http = http.HttpServer(self)
         await self.http.start(cfg.bind, cfg.http_port)
         self.controllers = Controllers(self)
-        self.submits = Batcher(self._flush_submits, max_batch=5000)
+        self.submits = Batcher(
+            self._flush_submits,
+            max_batch=5000,
+            size_of=commands.encoded_size,
+            max_bytes=commands.BATCH_BUDGET_BYTES,
+        )
         self.submits.start()
         self._bg = loop.create_task(self._leadership_loop())
         self._announcer = loop.create_task(self._announce_loop())
@@ -174,11 +181,11 @@ class Master:
             return m.rpc_addr if m else None
 
     def not_leader(self) -> RpcError:
-        addr = self.leader_rpc_addr()
-        if addr and addr != self.cfg.rpc_addr:
-            return RpcError(NOT_LEADER, f"not the leader; the leader is {addr}", leader=addr)
         assert self.raft is not None
         reachable, members = self.raft.reachable()
+        addr = self.leader_rpc_addr()
+        if addr and addr != self.cfg.rpc_addr and reachable * 2 > members:
+            return RpcError(NOT_LEADER, f"not the leader; the leader is {addr}", leader=addr)
         if reachable * 2 <= members:
             return RpcError(
                 NOT_LEADER,
@@ -215,6 +222,11 @@ class Master:
             raise self.not_leader() from None
         except NoQuorum as exc:
             raise RpcError(NO_QUORUM, str(exc)) from None
+        except EntryTooLarge as exc:
+            # Callers split their work below the limit, so this is a bug or
+            # an input no check caught; either way nothing was proposed.
+            log.error("%s: %s", op, exc)
+            raise RpcError(TOO_LARGE, f"{op}: {exc}") from None
         except ProposeTimeout as exc:
             raise RpcError(TIMEOUT, str(exc)) from None
         if isinstance(result, dict) and "error" in result:

@@ -20,8 +20,21 @@ from typing import Any
 
 import msgpack
 
-COMMAND_VERSION = 1
+# Version 2: validation limits count bytes of the encoded command, not
+# characters (raft/validate.py keeps version 1's limits for replaying old
+# journals: a command applies the same way whatever release replays it).
+COMMAND_VERSION = 2
+# The largest command apply will decode: a sanity bound, far above what any
+# release proposes, so old journals with large entries still replay.
 MAX_COMMAND_BYTES = 64 * 1024 * 1024
+# The largest command a master proposes: one Raft entry. raft/node.py sizes
+# pysyncobj's append-entries batches so that an entry this big never takes
+# its chunked large-entry path (which corrupts entries with bytes >= 0x80);
+# batchers and the plan committer split their work to stay under it.
+MAX_ENTRY_BYTES = 1024 * 1024
+# What a batch of items may add up to inside one command: the rest of the
+# entry (op, version, request id, map headers) takes well under this margin.
+BATCH_BUDGET_BYTES = MAX_ENTRY_BYTES - 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +64,24 @@ def encode(op: str, args: dict[str, Any], rid: str | None = None, at: float | No
     if rid:
         cmd["dedupe"] = True
     return msgpack.packb(cmd, use_bin_type=True)
+
+
+def encoded_size(value: Any) -> int:
+    """Bytes `value` takes inside a command (msgpack, as `encode` packs it)."""
+    return len(msgpack.packb(value, use_bin_type=True))
+
+
+def human_bytes(n: int) -> str:
+    """1.2 MB, 256 KiB: sizes in the one-line errors people read."""
+    if n >= 1024 * 1024 and n % (1024 * 1024) == 0:
+        return f"{n >> 20} MiB"
+    if n >= 1024 and n % 1024 == 0 and n < 1024 * 1024:
+        return f"{n >> 10} KiB"
+    if n >= 1_000_000:
+        return f"{n / 1_000_000:.1f} MB"
+    if n >= 1000:
+        return f"{n / 1000:.1f} kB"
+    return f"{n} bytes"
 
 
 def decode(data: bytes) -> Command:

@@ -43,8 +43,20 @@ class NoQuorum(ProposeTimeout):
         )
 
 
+class EntryTooLarge(RaftError):
+    """A command over ``raft.commands.MAX_ENTRY_BYTES``: never proposed."""
+
+
+class MembershipError(RaftError):
+    """A membership change refused before it was proposed, or a bad member list."""
+
+
 class JournalError(RaftError):
     """The Raft journal file cannot be used (not ours, or unreadable)."""
+
+
+class JournalCorrupt(JournalError):
+    """A damaged record with intact records after it: not a torn write."""
 
 
 class SnapshotError(RaftError):

@@ -23,8 +23,16 @@ Ordering rules (the reason this module exists):
   and fsyncs in one go. So after a crash the file holds exactly what some
   ``sync()`` finished (or a torn prefix of the last one), never a random
   subset of later writes: the file is always a prefix of the history.
-* On open, the first record that is short or fails its crc ends the journal;
-  it and everything after it is cut off (a crash mid-write).
+* On open, only a torn final record is repaired (etcd's WAL rule): a record
+  that is short or fails its crc is cut off, with everything after it, only
+  when no intact record follows it, which is all a crash in the middle of a
+  ``sync()`` can leave. A damaged record with intact records after it is
+  corruption (a flipped bit, a bad disk): cutting there would silently drop
+  entries, a vote or a term that peers relied on, so the journal refuses to
+  open with one line naming the file and offset (``JournalCorrupt``). The
+  way out is to remove this member's data and rejoin it from the others.
+  (A crash could in principle persist a later page of the last write before
+  an earlier one; that too is refused rather than guessed at.)
 * Whoever sends a Raft message must call ``sync()`` first (``raft.transport``
   does), so an entry is on disk before a follower acknowledges it or before a
   leader asks others to store it. ``needs_sync`` tells whether that would
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 import threading
 import zlib
@@ -45,7 +54,7 @@ from typing import Any, overload
 
 import msgpack
 
-from raft.errors import JournalError
+from raft.errors import JournalCorrupt, JournalError
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +93,57 @@ def _commit_record(commit_index: int) -> bytes:
     return _record(b"C" + _U64.pack(commit_index))
 
 
-def iter_records(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """Yield (end offset, payload) of each intact record after the magic.
+_KINDS = (b"E", b"D", b"T", b"C")
+_KIND_BYTE = re.compile(rb"[EDTC]")
 
-    Stops silently at the first torn or corrupt record.
+
+def record_at(data: bytes, offset: int) -> tuple[int, bytes] | str:
+    """(end offset, payload) of the intact record at `offset`, or what is wrong there."""
+    if offset + _HEADER.size > len(data):
+        return "a record header cut short"
+    length, crc = _HEADER.unpack_from(data, offset)
+    start = offset + _HEADER.size
+    end = start + length
+    if length == 0 or length > MAX_RECORD_BYTES:
+        return f"an impossible record length {length}"
+    if end > len(data):
+        return f"a record cut short ({len(data) - start} of {length} bytes)"
+    payload = data[start:end]
+    if zlib.crc32(payload) != crc:
+        return "a checksum mismatch"
+    if payload[:1] not in _KINDS:
+        return "an unknown record type"
+    return end, payload
+
+
+def intact_record_after(data: bytes, offset: int) -> int | None:
+    """Offset of an intact record starting after `offset`, if there is one.
+
+    Where the damaged record's own length is sound, its successor starts right
+    after it; otherwise every later offset whose payload begins with a record
+    type byte is tried (a random match also needs its crc to agree).
     """
+    if offset + _HEADER.size <= len(data):
+        nxt = offset + _HEADER.size + _HEADER.unpack_from(data, offset)[0]
+        if nxt < len(data) and not isinstance(record_at(data, nxt), str):
+            return nxt
+    for m in _KIND_BYTE.finditer(data, offset + 1 + _HEADER.size):
+        candidate = m.start() - _HEADER.size
+        if not isinstance(record_at(data, candidate), str):
+            return candidate
+    return None
+
+
+def iter_records(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Yield (end offset, payload) of each intact record after the magic,
+    stopping at the first damaged one (the caller decides what that means)."""
     offset = len(MAGIC)
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        end = start + length
-        if length == 0 or length > MAX_RECORD_BYTES or end > len(data):
+    while offset < len(data):
+        rec = record_at(data, offset)
+        if isinstance(rec, str):
             return
-        payload = data[start:end]
-        if zlib.crc32(payload) != crc or payload[:1] not in (b"E", b"D", b"T", b"C"):
-            return
-        yield end, payload
-        offset = end
+        yield rec
+        offset = rec[0]
 
 
 class DurableJournal:
@@ -147,9 +190,19 @@ class DurableJournal:
             self._replay(payload)
             valid_end = end
         if valid_end < len(data):
+            why = record_at(data, valid_end)
+            after = intact_record_after(data, valid_end)
+            if after is not None:
+                raise JournalCorrupt(
+                    f"{self.path} is corrupt at offset {valid_end} ({why}, with intact "
+                    f"records after it at offset {after}); refusing to start: remove this "
+                    "member's data dir and rejoin it from the other masters (README, Operations)"
+                )
             log.warning(
-                "journal %s: discarding %d bytes of torn or corrupt tail",
+                "journal %s: repairing a torn tail: %s at offset %d, discarding %d bytes",
                 self.path,
+                why,
+                valid_end,
                 len(data) - valid_end,
             )
             with open(self.path, "r+b") as f:
@@ -345,6 +398,16 @@ class DurableJournal:
                 return self._entries[pos][2]
             return None
 
+    def last_index_after(self, index: int, match: Callable[[bytes], bool]) -> int | None:
+        """Raft index of the last entry after `index` whose command `match` picks."""
+        with self._lock:
+            for command, idx, _term in reversed(self._entries):
+                if idx <= index:
+                    return None
+                if match(command):
+                    return idx
+            return None
+
     def align_with_snapshot(self, before: Entry, last: Entry) -> None:
         """Drop entries older than a snapshot's last two entries, if present.
 
@@ -362,6 +425,20 @@ class DurableJournal:
             if self._entries[pos] == before and self._entries[pos + 1] == last:
                 self._entries = self._entries[pos:]
                 self._rewrite()
+
+    def neutralize(self, match: Callable[[bytes], bool], replacement: bytes) -> int:
+        """Replace the command of every entry `match` picks, keeping its index
+        and term, and rewrite the file. For offline recovery only
+        (raft.membership.recover_data_dir); returns how many changed."""
+        with self._lock:
+            changed = 0
+            for i, (command, index, term) in enumerate(self._entries):
+                if match(command):
+                    self._entries[i] = (replacement, index, term)
+                    changed += 1
+            if changed:
+                self._rewrite()
+            return changed
 
     def close(self) -> None:
         """Sync what is buffered and close the file."""

@@ -27,14 +27,44 @@ import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 
-from raft.errors import NoQuorum, NotLeader, ProposeTimeout, RaftError, SnapshotError
+from raft.commands import MAX_ENTRY_BYTES, human_bytes
+from raft.errors import (
+    EntryTooLarge,
+    MembershipError,
+    NoQuorum,
+    NotLeader,
+    ProposeTimeout,
+    RaftError,
+    SnapshotError,
+)
 from raft.journal import DurableJournal, fsync_dir
+from raft.membership import (
+    MEMBERSHIP_ENTRY,
+    lock_data_dir,
+    parse_member,
+    probe_member,
+    quorum_after,
+    read_members_file,
+)
 from raft.snapshot import read_snapshot_file, write_snapshot_file
 from raft.transport import SyncBeforeSendTransport
 
 log = logging.getLogger(__name__)
 
 PASSWORD_LABEL = b"leptond/raft-transport-password/v1"
+# pysyncobj sends a single entry of appendEntriesBatchSizeBytes or more
+# through its chunked "transmission" path, which labels the last chunk by the
+# entry's raw length rather than its pickled length. Pickle protocol 2 writes
+# every byte >= 0x80 of a bytes object as two, so the follower unpickles a
+# truncated entry (EOFError), the leader starts over every tick, and nothing
+# commits again. We never let that path run: a stored entry is pysyncobj's
+# pickle of our command (at most twice its size plus a few bytes), and the
+# batch size is above that for every command up to MAX_ENTRY_BYTES
+# (tests/test_raft_entry_size.py checks both the arithmetic and the cause).
+APPEND_BATCH_BYTES = 3 * MAX_ENTRY_BYTES
+# How long add_member waits for a just-started master to answer the Raft
+# handshake before it refuses the address.
+PROBE_TIMEOUT_S = 5.0
 JOURNAL_NAME = "raft.journal"
 SNAPSHOT_NAME = "raft.snapshot"
 
@@ -158,9 +188,18 @@ class RaftNode:
 
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._snapshot_path = self.data_dir / SNAPSHOT_NAME
-        self.journal = DurableJournal(self.data_dir / JOURNAL_NAME)
-        self._check_snapshot_on_start()
+        # One process per data dir (a second master, or `leptond recover`
+        # while this one runs, would corrupt it); released by close().
+        self._lock_fd = lock_data_dir(self.data_dir)
+        try:
+            peers = self._initial_members(peers)
+            self._snapshot_path = self.data_dir / SNAPSHOT_NAME
+            self.journal = DurableJournal(self.data_dir / JOURNAL_NAME)
+            self._check_snapshot_on_start()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._membership_lock = asyncio.Lock()
 
         conf = SyncObjConf(
             password=password,
@@ -170,6 +209,7 @@ class RaftNode:
             deserializer=self._deserialize,
             useFork=False,
             appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=APPEND_BATCH_BYTES,
             dynamicMembershipChange=dynamic_membership,
             raftMinTimeout=raft_min_timeout_s,
             raftMaxTimeout=raft_max_timeout_s,
@@ -185,6 +225,25 @@ class RaftNode:
         )
         self._obj = _ShellSyncObj(self._apply, self.journal, self_addr, peers, conf)
         self._obj.addOnTickCallback(self._on_tick)
+
+    def _initial_members(self, peers: Sequence[str]) -> list[str]:
+        """The membership the log starts from: `leptond recover`'s list when
+        there is one (it replaces --peers for good), else the peers given."""
+        recovered = read_members_file(self.data_dir)
+        if recovered is None:
+            return list(peers)
+        if self.self_addr not in recovered:
+            raise MembershipError(
+                f"{self.data_dir}: the members set by `leptond recover` "
+                f"({', '.join(recovered)}) do not include this master ({self.self_addr}); "
+                "run it again with this master's Raft address"
+            )
+        if sorted(set(peers) | {self.self_addr}) != sorted(recovered):
+            log.warning(
+                "using the members set by `leptond recover` (%s), not --peers",
+                ",".join(recovered),
+            )
+        return recovered
 
     # -- applying -----------------------------------------------------------
 
@@ -300,8 +359,18 @@ class RaftNode:
         return bool(self._obj._isLeader())
 
     def leader(self) -> str | None:
+        """The leader's Raft address, or None when none is known or reachable.
+
+        pysyncobj keeps naming the last leader while it cannot reach anyone
+        (it starts no election then), so a leader other than this node that
+        it has no connection to is reported as no leader.
+        """
         node = self._obj._getLeader()
-        return None if node is None else str(node.id)
+        if node is None:
+            return None
+        if str(node.id) != self.self_addr and not self._obj.isNodeConnected(node):
+            return None
+        return str(node.id)
 
     def reachable(self) -> tuple[int, int]:
         """(masters this one is connected to, itself included; members)."""
@@ -359,13 +428,13 @@ class RaftNode:
                     "lag": None if match is None else max(0, commit - int(match)),
                 }
             )
-        leader = raw["leader"]
+        leader = self.leader()
         return {
             "self": self.self_addr,
             "term": int(raw["raft_term"]),
             "commit_index": commit,
             "last_applied": int(raw["last_applied"]),
-            "leader": None if leader is None else str(leader.id),
+            "leader": leader,
             "is_leader": self.is_leader(),
             "has_quorum": bool(raw["has_quorum"]),
             "members": members,
@@ -387,6 +456,11 @@ class RaftNode:
 
     async def propose(self, command: bytes, timeout_s: float = 5.0) -> Any:
         """Commit ``command`` and return what ``apply`` returned on this node."""
+        if len(command) > MAX_ENTRY_BYTES:
+            raise EntryTooLarge(
+                f"a command of {human_bytes(len(command))} is over the Raft entry limit of "
+                f"{human_bytes(MAX_ENTRY_BYTES)}; it was not proposed"
+            )
         if not self.is_leader():
             raise NotLeader(self.leader())
         reason, result = await self._submit(
@@ -396,11 +470,64 @@ class RaftNode:
             return result
         self._raise_failure(reason, timeout_s, "the command")
 
+    def members(self) -> list[str]:
+        """Every member's Raft address, this one included."""
+        return sorted({self.self_addr} | {str(n.id) for n in self._obj.otherNodes})
+
     async def add_member(self, addr: str, timeout_s: float = 10.0) -> None:
-        await self._change_member(self._obj.addNodeToCluster, addr, timeout_s)
+        """Add a running master; refused (MembershipError) unless the checks
+        of raft.membership pass."""
+        async with self._membership_lock:
+            parse_member(addr)
+            self._check_change_allowed()
+            if addr in self.members():
+                raise MembershipError(f"{addr} is already a member")
+            await probe_member(addr, self._obj.encryptor, timeout_s=PROBE_TIMEOUT_S)
+            reachable, members = self._reachable()
+            if not quorum_after(members + 1, reachable + 1):
+                raise MembershipError(
+                    f"adding {addr} would leave {reachable + 1} of {members + 1} masters "
+                    "reachable, no quorum; bring the unreachable ones back first"
+                )
+            await self._change_member(self._obj.addNodeToCluster, addr, timeout_s)
 
     async def remove_member(self, addr: str, timeout_s: float = 10.0) -> None:
-        await self._change_member(self._obj.removeNodeFromCluster, addr, timeout_s)
+        """Remove a member; refused (MembershipError) when it is not one, or
+        when the rest would have no quorum of reachable members."""
+        async with self._membership_lock:
+            parse_member(addr)
+            self._check_change_allowed()
+            node = next((n for n in self._obj.otherNodes if str(n.id) == addr), None)
+            if node is None:
+                raise MembershipError(
+                    f"{addr} is this master; remove it from another one"
+                    if addr == self.self_addr
+                    else f"{addr} is not a member"
+                )
+            reachable, members = self._reachable()
+            if self._obj.isNodeConnected(node):
+                reachable -= 1
+            if not quorum_after(members - 1, reachable):
+                raise MembershipError(
+                    f"removing {addr} would leave {reachable} of {members - 1} masters "
+                    "reachable, no quorum; bring the unreachable ones back first"
+                )
+            await self._change_member(self._obj.removeNodeFromCluster, addr, timeout_s)
+
+    def _check_change_allowed(self) -> None:
+        if not self.is_leader():
+            raise NotLeader(self.leader())
+        # pysyncobj 0.3.17 means to allow one change at a time, but never
+        # records the pending one (syncobj.py __changeCluster), so look for
+        # a membership entry not applied yet in the log ourselves.
+        pending = self.journal.last_index_after(
+            self._obj.raftLastApplied, lambda cmd: cmd[:1] == MEMBERSHIP_ENTRY
+        )
+        if pending is not None:
+            raise MembershipError(
+                f"another membership change (log entry {pending}) is still committing; "
+                "retry when it is done"
+            )
 
     async def _change_member(self, fn: Callable[..., None], addr: str, timeout_s: float) -> None:
         if not self.is_leader():
@@ -473,3 +600,4 @@ class RaftNode:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
         self.journal.close()  # idempotent; the Raft thread normally closed it
+        os.close(self._lock_fd)

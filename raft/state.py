@@ -8,6 +8,7 @@ result again (raft/dedupe.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import Any
@@ -16,7 +17,7 @@ import msgpack
 
 from . import nodecreds as nc
 from . import tasks as tl
-from .commands import BadCommand, Command, decode
+from .commands import COMMAND_VERSION, BadCommand, Command, decode
 from .dedupe import RecentResults
 from .errors import ArgError
 from .model import (
@@ -37,6 +38,8 @@ from .validate import SpecError, validate_name, validate_spec
 log = logging.getLogger("lepton.raft")
 
 SNAPSHOT_VERSION = 1
+# A restore's parts: with 1 MiB entries, far more than an RPC frame can carry.
+MAX_RESTORE_PARTS = 4096
 Result = dict[str, Any]
 
 
@@ -55,6 +58,8 @@ class ClusterState:
         self.node_creds: dict[str, NodeCredential] = {}  # by handshake key id
         self.manifests: dict[str, dict[str, Any]] = {}
         self.recent = RecentResults()
+        # Parts of a snapshot being restored (apply_restore), or None.
+        self.restoring: dict[str, Any] | None = None
         self.applied_index = 0
         # Derived indexes, rebuilt from the records on restore.
         self.gpu_owner: dict[tuple[str, int], str] = {}
@@ -92,6 +97,9 @@ class ClusterState:
         if fn is None:
             return error("unknown_op", f"unknown command op {cmd.op!r}")
         try:
+            if cmd.op in VERSIONED_OPS:
+                # Validation limits belong to the command's format version.
+                return fn(cmd.args, index, cmd.v)
             return fn(cmd.args, index)
         except ArgError as exc:
             return error(exc.code, str(exc))
@@ -343,11 +351,13 @@ class ClusterState:
         return node
 
     # -- jobs -----------------------------------------------------------------
-    def apply_submit_jobs(self, a: dict[str, Any], index: int) -> Result:
+    def apply_submit_jobs(
+        self, a: dict[str, Any], index: int, version: int = COMMAND_VERSION
+    ) -> Result:
         out: list[Result] = []
         for j in a["jobs"]:
             try:
-                out.append(self._submit(j))
+                out.append(self._submit(j, version))
             except (SpecError, ArgError) as exc:
                 out.append(error("bad_request", str(exc)))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -356,11 +366,11 @@ class ClusterState:
                 out.append(error("bad_command", f"malformed job: {type(exc).__name__}: {exc}"))
         return {"results": out}
 
-    def _submit(self, j: dict[str, Any]) -> Result:
+    def _submit(self, j: dict[str, Any], version: int) -> Result:
         job_id = _str(j, "id")
         if job_id in self.jobs:
             return {"id": job_id}
-        spec = validate_spec(j["spec"])
+        spec = validate_spec(j["spec"], version)
         job = Job(
             id=job_id,
             name=str(j.get("name") or spec.argv[0].rsplit("/", 1)[-1])[:128],
@@ -505,7 +515,21 @@ class ClusterState:
         return {"id": mid}
 
     def apply_restore(self, a: dict[str, Any], index: int) -> Result:
-        data = a["state"]
+        """Replace the whole state with a snapshot's.
+
+        A snapshot is usually larger than one Raft entry, so it arrives in
+        parts ({id, part, parts, sha256, data}) that are staged here, in the
+        replicated state (and in snapshots, so a replica that installs one
+        mid-restore stages the same bytes), and the state is replaced when
+        the last part applies. Journals from before parts hold one entry
+        with the whole snapshot ({state}), which still applies as it did.
+        """
+        if "state" in a:
+            data = a["state"]
+        else:
+            data = self._restore_part(a)
+            if data is None:
+                return {"id": a["id"], "received": int(a["part"]) + 1, "parts": int(a["parts"])}
         if not isinstance(data, bytes):
             raise ArgError("bad_request", "restore needs snapshot bytes")
         fresh = ClusterState()
@@ -513,7 +537,43 @@ class ClusterState:
         recent = self.recent
         self.__dict__.update(fresh.__dict__)
         self.recent = recent
+        self.restoring = None  # a snapshot saved mid-restore brings no parts along
         return {"jobs": len(self.jobs), "nodes": len(self.nodes)}
+
+    def _restore_part(self, a: dict[str, Any]) -> bytes | None:
+        """Stage one part of a restore; the whole snapshot once the last is in."""
+        rid, part, parts, digest, data = a["id"], a["part"], a["parts"], a["sha256"], a["data"]
+        if not (
+            isinstance(rid, str)
+            and 0 < len(rid) <= 64
+            and isinstance(parts, int)
+            and isinstance(part, int)
+            and 0 <= part < parts <= MAX_RESTORE_PARTS
+            and isinstance(digest, str)
+            and len(digest) == 64
+            and isinstance(data, bytes)
+        ):
+            raise ArgError("bad_request", "restore part is malformed")
+        staged = self.restoring
+        if part == 0:
+            # A new restore replaces one abandoned halfway.
+            staged = self.restoring = {"id": rid, "parts": parts, "sha256": digest, "chunks": []}
+        elif (
+            staged is None
+            or (staged["id"], staged["parts"], staged["sha256"]) != (rid, parts, digest)
+            or len(staged["chunks"]) != part
+        ):
+            raise ArgError(
+                "conflict", f"restore {rid}: part {part} out of order; start the restore again"
+            )
+        staged["chunks"].append(data)
+        if part + 1 < parts:
+            return None
+        self.restoring = None
+        whole = b"".join(staged["chunks"])
+        if hashlib.sha256(whole).hexdigest() != digest:
+            raise ArgError("bad_request", f"restore {rid}: the parts do not add up to the snapshot")
+        return whole
 
     def apply_noop(self, a: dict[str, Any], index: int) -> Result:
         return {"ok": True}
@@ -533,6 +593,7 @@ class ClusterState:
                 "node_creds": [c.to_wire() for c in self.node_creds.values()],
                 "manifests": self.manifests,
                 "recent": self.recent.to_wire(),
+                "restoring": self.restoring,
             },
             use_bin_type=True,
         )
@@ -552,6 +613,11 @@ class ClusterState:
             recent = RecentResults.from_wire(obj["recent"])
             manifests = dict(obj.get("manifests") or {})
             applied_index = int(obj.get("applied_index", 0))
+            restoring = obj.get("restoring")
+            if restoring is not None and not (
+                isinstance(restoring, dict) and isinstance(restoring.get("chunks"), list)
+            ):
+                raise ValueError("bad staged restore")
             for n in nodes.values():
                 # Snapshots from before drain_reason: a draining node's drain
                 # is the one its reason names.
@@ -569,6 +635,7 @@ class ClusterState:
         self.join_tokens, self.node_creds = joins, creds
         self.manifests = manifests
         self.recent = recent
+        self.restoring = restoring
         self.applied_index = applied_index
         self._reindex()
 
@@ -592,7 +659,9 @@ class ClusterState:
         gpus: set[int] = set()
         cpus = 0.0
         mem = 0
-        for tid in self.node_tasks.get(node_id, ()):
+        # Sorted: a float sum depends on its order, and a set's order on the
+        # process's string hash seed, which differs between replicas.
+        for tid in sorted(self.node_tasks.get(node_id, ())):
             t = self.tasks[tid]
             if t.state in LIVE_TASK_STATES:
                 gpus.update(t.gpus)
@@ -630,6 +699,9 @@ def _gpu(g: Any) -> dict[str, Any]:
     }
 
 
+# Ops whose apply takes the command's format version: those that validate
+# with limits a release may change (raft/validate.py).
+VERSIONED_OPS = frozenset({"submit_jobs"})
 CAPACITY_OPS = frozenset(
     {
         "register_node",

@@ -1,11 +1,21 @@
 """Validation of job specs and names, shared by the API (clear errors before a
-proposal) and by apply (which must never trust its input)."""
+proposal) and by apply (which must never trust its input).
+
+Apply validates with the limits of the command's format version (its `v`):
+a release that changes a limit adds a version, so replaying an old journal
+accepts and refuses exactly what it did when the entries were written.
+Version 1 counted characters; version 2 counts bytes of the encoded command,
+which is what bounds the size of a Raft entry.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+import msgpack
+
+from .commands import COMMAND_VERSION, human_bytes
 from .model import JobSpec
 
 MAX_GPUS = 1024
@@ -13,7 +23,17 @@ MAX_CPUS = 4096
 MAX_MEM = 64 << 40
 MAX_NODES = 1024
 MAX_ARGV = 4096
-MAX_ARG_BYTES = 256 * 1024
+# Version 1 (characters): the whole argv, and each env or constraint value.
+V1_MAX_ARG_CHARS = 256 * 1024
+V1_MAX_VALUE_CHARS = 64 * 1024
+# Version 2 (bytes of the msgpack encoding): argv and env together, the
+# whole spec, and each constraint value. A whole spec stays far below
+# raft.commands.MAX_ENTRY_BYTES, so one job always fits in one entry.
+MAX_COMMAND_ENV_BYTES = 256 * 1024
+MAX_SPEC_BYTES = 384 * 1024
+MAX_CONSTRAINTS = 256
+MAX_CONSTRAINT_VALUE_BYTES = 1024
+MAX_PATH_BYTES = 4096
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -55,7 +75,9 @@ def _num(spec: dict[str, Any], key: str, lo: float, hi: float, integer: bool, de
     return int(v) if integer else float(v)
 
 
-def _str_map(spec: dict[str, Any], key: str, key_re: re.Pattern[str], what: str) -> dict[str, str]:
+def _str_map(
+    spec: dict[str, Any], key: str, key_re: re.Pattern[str], what: str, max_chars: int | None
+) -> dict[str, str]:
     v = spec.get(key) or {}
     if not isinstance(v, dict):
         raise SpecError(f"{key} must be a map of {what}")
@@ -63,21 +85,65 @@ def _str_map(spec: dict[str, Any], key: str, key_re: re.Pattern[str], what: str)
     for k, val in v.items():
         if not isinstance(k, str) or not key_re.match(k):
             raise SpecError(f"{key}: {k!r} is not a valid {what} name")
-        if not isinstance(val, str) or len(val) > 64 * 1024 or "\x00" in val:
+        too_long = max_chars is not None and isinstance(val, str) and len(val) > max_chars
+        if not isinstance(val, str) or too_long or "\x00" in val:
             raise SpecError(f"{key}: value of {k} must be a string")
         out[k] = val
     return out
 
 
-def _env(spec: dict[str, Any]) -> dict[str, str]:
-    env = _str_map(spec, "env", ENV_NAME, "environment variable")
+def _env(spec: dict[str, Any], v1: bool) -> dict[str, str]:
+    env = _str_map(
+        spec, "env", ENV_NAME, "environment variable", V1_MAX_VALUE_CHARS if v1 else None
+    )
+    if v1:
+        return env  # version 1 had no reserved names: old journals replay as they applied
     for k in env:
         if k in RESERVED_ENV or k.startswith(RESERVED_ENV_PREFIXES):
             raise SpecError(f"--env may not set {k}: the cluster sets it for every task")
     return env
 
 
-def validate_spec(spec: Any) -> JobSpec:
+def _encoded_size(value: Any, what: str) -> int:
+    try:
+        return len(msgpack.packb(value, use_bin_type=True))
+    except (UnicodeEncodeError, ValueError, TypeError, OverflowError):
+        # A lone surrogate from JSON, say: it could not be stored anyway.
+        raise SpecError(f"{what} cannot be encoded: text must be valid UTF-8") from None
+
+
+def _check_sizes_v2(out: JobSpec) -> None:
+    """Version 2 limits, in bytes of the encoded command."""
+    size = _encoded_size(out.argv, "command") + _encoded_size(out.env, "env")
+    if size > MAX_COMMAND_ENV_BYTES:
+        raise SpecError(
+            f"command and env are {human_bytes(size)}; the limit is "
+            f"{human_bytes(MAX_COMMAND_ENV_BYTES)}"
+        )
+    if len(out.constraints) > MAX_CONSTRAINTS:
+        raise SpecError(f"at most {MAX_CONSTRAINTS} constraints, got {len(out.constraints)}")
+    for k, val in out.constraints.items():
+        if _encoded_size(val, "constraints") > MAX_CONSTRAINT_VALUE_BYTES:
+            raise SpecError(
+                f"constraints: value of {k} is over {human_bytes(MAX_CONSTRAINT_VALUE_BYTES)}"
+            )
+    for opt in ("workdir", "cwd"):
+        val = getattr(out, opt)
+        if val is not None and _encoded_size(val, opt) > MAX_PATH_BYTES:
+            raise SpecError(f"{opt} is over {human_bytes(MAX_PATH_BYTES)}")
+    if out.gpu_type is not None and len(out.gpu_type.encode("utf-8", "replace")) > 64:
+        raise SpecError("gpu_type must be a short string such as A100")
+    size = _encoded_size(out.to_wire(), "job spec")
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"job spec is {human_bytes(size)}; the limit is {human_bytes(MAX_SPEC_BYTES)}"
+        )
+
+
+def validate_spec(spec: Any, version: int = COMMAND_VERSION) -> JobSpec:
+    """The typed spec, or SpecError with one line. `version` is the command
+    format whose limits apply (apply passes the command's own `v`)."""
+    v1 = version <= 1
     if not isinstance(spec, dict):
         raise SpecError("job spec must be a map")
     known = set(JobSpec.__dataclass_fields__)
@@ -87,7 +153,7 @@ def validate_spec(spec: Any) -> JobSpec:
     argv = spec.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise SpecError("a job needs a command: give it after --")
-    if len(argv) > MAX_ARGV or sum(len(a) for a in argv) > MAX_ARG_BYTES:
+    if len(argv) > MAX_ARGV or (v1 and sum(len(a) for a in argv) > V1_MAX_ARG_CHARS):
         raise SpecError("command line too long")
     if any("\x00" in a for a in argv) or not argv[0]:
         raise SpecError("command contains an empty program name or a NUL byte")
@@ -110,16 +176,20 @@ def validate_spec(spec: Any) -> JobSpec:
         nodes=_num(spec, "nodes", 1, MAX_NODES, True, 1),
         priority=_num(spec, "priority", -1000, 1000, True, 0),
         retries=_num(spec, "retries", 0, 100, True, 0),
-        env=_env(spec),
+        env=_env(spec, v1),
         gpu_type=gpu_type,
         gpu_mem_min=_num(spec, "gpu_mem_min", 0, MAX_MEM, True, 0),
-        constraints=_str_map(spec, "constraints", LABEL, "label"),
+        constraints=_str_map(
+            spec, "constraints", LABEL, "label", V1_MAX_VALUE_CHARS if v1 else None
+        ),
         spread=bool(spec.get("spread", False)),
         preemptible=bool(spec.get("preemptible", True)),
         time_limit_s=time_limit,
         workdir=spec.get("workdir"),
         cwd=spec.get("cwd"),
     )
+    if not v1:
+        _check_sizes_v2(out)
     return out
 
 

@@ -214,9 +214,14 @@ class Cluster:
         return self.wait_leader(timeout_s)
 
     def add_master_proc(self) -> Master:
-        """Start one more master that joins the existing members (for add-master)."""
+        """Start one more master, with a fresh data dir, that joins the masters
+        in `masters` (for add-master)."""
         rpc, http, raft = free_ports(3)
-        m = self._master(len(self.masters), rpc, http, raft)
+        # A new index: a master dropped from `masters` keeps its data dir.
+        used = {m.index for m in self.masters}
+        used |= {int(p.name.split("-")[1]) for p in self.root.glob("master-*") if p.is_dir()}
+        index = 1 + max(used)
+        m = self._master(index, rpc, http, raft)
         peers = [x.raft_addr for x in self.masters] + [m.raft_addr]
         m.proc.argv = self._master_argv(m, peers)
         self.masters.append(m)

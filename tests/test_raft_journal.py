@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import msgpack
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raft.errors import JournalError, SnapshotError
+from raft.errors import JournalCorrupt, JournalError, SnapshotError
 from raft.journal import MAGIC, DurableJournal
 from raft.snapshot import read_snapshot_file, write_snapshot_file
 
@@ -239,3 +240,64 @@ def test_snapshot_of_another_version_or_format_is_refused(tmp_path: Path) -> Non
 def test_magic_is_stable() -> None:
     # Changing it would make every existing journal unreadable.
     assert MAGIC == b"LPTJRN\x00\x01"
+
+
+def record_offsets(path: Path) -> list[int]:
+    """Offsets of the journal's records, in file order."""
+    data = path.read_bytes()
+    out, offset = [], len(MAGIC)
+    while offset < len(data):
+        out.append(offset)
+        offset += 8 + struct.unpack_from("<I", data, offset)[0]
+    return out
+
+
+def ten_entries(path: Path) -> list[int]:
+    j = DurableJournal(path)
+    for i in range(1, 11):
+        j.add(b"entry-%d" % i, i, 1)
+        j.sync()
+    j.close()
+    offsets = record_offsets(path)
+    assert len(offsets) == 10
+    return offsets
+
+
+@pytest.mark.parametrize(
+    ("where", "what"),
+    [(8 + 12, "a checksum mismatch"), (4, "a checksum mismatch"), (1, "")],
+    ids=["payload", "crc", "length"],
+)
+def test_a_bad_record_before_intact_ones_is_corruption_not_a_torn_tail(
+    tmp_path: Path, where: int, what: str
+) -> None:
+    path = tmp_path / "j"
+    offsets = ten_entries(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[1] + where] ^= 0x04  # one bit of entry 2 of 10
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt) as err:
+        DurableJournal(path)
+    line = str(err.value)
+    assert line.startswith(f"{path} is corrupt at offset {offsets[1]} ({what}")
+    assert "rejoin it from the other masters" in line and "\n" not in line
+    assert path.read_bytes() == bytes(data)  # nothing was cut off
+
+
+def test_a_torn_tail_is_still_repaired_whatever_the_last_write_left(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    ten_entries(path)
+    good = path.read_bytes()
+    # The last sync wrote three records; the crash kept the first and a half.
+    j = DurableJournal(path)
+    for i in range(11, 14):
+        j.add(b"late-%d" % i, i, 1)
+    j.close()
+    offsets = record_offsets(path)
+    cut = offsets[11] + 10
+    os.truncate(path, cut)
+    assert [e[1] for e in entries(DurableJournal(path))] == list(range(1, 12))
+    # The file grew but its pages were never written: zeros.
+    path.write_bytes(good + bytes(8192))
+    assert [e[1] for e in entries(DurableJournal(path))] == list(range(1, 11))
+    assert path.read_bytes() == good

@@ -21,6 +21,9 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_LINK_HOPS = 40  # as Linux's limit on nested symlinks
+# A manifest travels in one Raft entry (raft.commands.MAX_ENTRY_BYTES, 1 MiB,
+# with room left for the command around it); a test pins the two together.
+MAX_MANIFEST_BYTES = 1000 * 1024
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -163,6 +166,16 @@ def resolve_in_tree(links: dict[str, str], link_path: str, max_hops: int = MAX_L
     parent = posixpath.dirname(link_path)
     result = walk(parent.split("/") if parent else [], links[link_path])
     return "/".join(result)
+
+
+def check_manifest_size(manifest: Manifest) -> None:
+    """Raise WorkdirError when the manifest is too large to commit."""
+    size = len(msgpack.packb(manifest, use_bin_type=True))
+    if size > MAX_MANIFEST_BYTES:
+        raise WorkdirError(
+            f"the workdir's manifest is {size / 1e6:.1f} MB for {len(manifest['files'])} files; "
+            f"the limit is {MAX_MANIFEST_BYTES >> 10} KiB: leave files out with .leptonignore"
+        )
 
 
 def validate_manifest(obj: object) -> Manifest:

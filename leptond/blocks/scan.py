@@ -26,6 +26,7 @@ from .manifest import (
     LinkEntry,
     Manifest,
     WorkdirError,
+    check_manifest_size,
     validate_manifest,
 )
 
@@ -197,7 +198,9 @@ def scan_workdir(
     }
     # The scan's own output goes through the same check a receiver applies,
     # so a tree the cluster would refuse fails here, on the submitter's side.
-    return validate_manifest(manifest), refs
+    checked = validate_manifest(manifest)
+    check_manifest_size(checked)
+    return checked, refs
 
 
 def read_block(ref: BlockRef) -> bytes:
