@@ -67,10 +67,12 @@ class RecentResults:
 
     # -- snapshots -----------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "clock": self.clock,
-            "entries": [[r, at, res] for r, (at, res) in self._entries.items()],
-        }
+        return self.frozen().to_wire()
+
+    def frozen(self) -> FrozenResults:
+        """The table as of now, for a snapshot encoded later on another thread
+        (the results themselves are never changed once remembered)."""
+        return FrozenResults(self.clock, list(self._entries.items()))
 
     @classmethod
     def from_wire(cls, obj: Any) -> RecentResults:
@@ -91,3 +93,16 @@ class RecentResults:
         else:
             raise ValueError("recent results are neither a map nor a list")
         return out
+
+
+class FrozenResults:
+    """A copy of the table's entries, taken on the apply thread, encoded later."""
+
+    __slots__ = ("clock", "entries")
+
+    def __init__(self, clock: float, entries: list[tuple[str, tuple[float, Any]]]) -> None:
+        self.clock = clock
+        self.entries = entries
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"clock": self.clock, "entries": [[r, at, res] for r, (at, res) in self.entries]}

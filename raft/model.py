@@ -7,6 +7,7 @@ msgpack, never pickle. Field order is part of the snapshot format.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T", bound="Record")
@@ -30,6 +31,7 @@ ROLES = ("admin", "submit", "read")
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_GETTERS: dict[type, Any] = {}
 
 
 def _plain(v: Any) -> Any:
@@ -56,6 +58,17 @@ class Record:
         if names is None:
             names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
         return {k: _plain(getattr(self, k)) for k in names}
+
+    def clone(self: T) -> T:
+        """A shallow copy, for copy-on-write in apply (raft/cow.py). Fields
+        holding lists or dicts are replaced, never mutated, by apply, so
+        sharing them is safe. (Every record has more than one field, so the
+        getter returns a tuple.)"""
+        cls = type(self)
+        get = _GETTERS.get(cls)
+        if get is None:
+            get = _GETTERS[cls] = attrgetter(*(f.name for f in fields(self)))  # type: ignore[arg-type]
+        return cls(*get(self))
 
     @classmethod
     def from_wire(cls: type[T], obj: dict[str, Any]) -> T:

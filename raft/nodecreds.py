@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .cow import CowMap
 from .errors import ArgError
 from .model import JoinToken, NodeCredential
 from .validate import NAME
@@ -77,6 +78,7 @@ def apply_join_token_revoke(s: ClusterState, a: dict[str, Any]) -> dict[str, Any
     jt = s.join_tokens.get(_text(a, "id"))
     if jt is None:
         raise ArgError("not_found", f"no join token {a['id']!r}")
+    jt = s.join_tokens.writable(jt.id)  # copy on write (raft/cow.py)
     jt.revoked = True
     return {"id": jt.id, "revoked": True}
 
@@ -120,7 +122,8 @@ def apply_node_join(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             )
     # Checks done: from here nothing can fail.
     if not again:
-        jt.nodes.append(node_id)
+        jt = s.join_tokens.writable(jt.id)
+        jt.nodes = [*jt.nodes, node_id]  # a new list: views share the old one
     if held is not None:
         del s.node_creds[held]
     s.node_creds[cred_id] = NodeCredential(
@@ -151,7 +154,7 @@ def gc_join_tokens(s: ClusterState, before: float) -> int:
 
 
 def reindex(s: ClusterState) -> None:
-    s.node_cred_of = {c.node_id: cid for cid, c in s.node_creds.items()}
+    s.node_cred_of = CowMap({c.node_id: cid for cid, c in s.node_creds.items()})
 
 
 def _text(a: dict[str, Any], key: str) -> str:

@@ -18,6 +18,7 @@ import msgpack
 from . import nodecreds as nc
 from . import tasks as tl
 from .commands import COMMAND_VERSION, BadCommand, Command, decode
+from .cow import CowMap, discard_from
 from .dedupe import RecentResults
 from .errors import ArgError
 from .model import (
@@ -34,10 +35,10 @@ from .model import (
     Token,
 )
 from .validate import SpecError, validate_name, validate_spec
+from .view import SNAPSHOT_VERSION, StateReads, StateView
 
 log = logging.getLogger("lepton.raft")
 
-SNAPSHOT_VERSION = 1
 # A restore's parts: with 1 MiB entries, far more than an RPC frame can carry.
 MAX_RESTORE_PARTS = 4096
 Result = dict[str, Any]
@@ -47,29 +48,45 @@ def error(code: str, message: str) -> Result:
     return {"error": {"code": code, "message": message}}
 
 
-class ClusterState:
+def _records() -> CowMap[str, Any]:
+    return _cow({})
+
+
+class ClusterState(StateReads):
+    """The live state, written only by apply (and restore).
+
+    Every map is a CowMap and apply follows raft/cow.py's rule (take a
+    writable record before changing it), so the views `freeze()` publishes
+    never change after the fact.
+    """
+
     def __init__(self) -> None:
-        self.nodes: dict[str, Node] = {}
-        self.jobs: dict[str, Job] = {}
-        self.tasks: dict[str, Task] = {}
-        self.tokens: dict[str, Token] = {}
-        self.members: dict[str, Member] = {}
-        self.join_tokens: dict[str, JoinToken] = {}
-        self.node_creds: dict[str, NodeCredential] = {}  # by handshake key id
-        self.manifests: dict[str, dict[str, Any]] = {}
+        self.nodes: CowMap[str, Node] = _records()
+        self.jobs: CowMap[str, Job] = _records()
+        self.tasks: CowMap[str, Task] = _records()
+        self.tokens: CowMap[str, Token] = _records()
+        self.members: CowMap[str, Member] = _records()
+        self.join_tokens: CowMap[str, JoinToken] = _records()
+        self.node_creds: CowMap[str, NodeCredential] = _records()  # by handshake key id
+        self.manifests: CowMap[str, dict[str, Any]] = CowMap()  # never changed once put
         self.recent = RecentResults()
-        # Parts of a snapshot being restored (apply_restore), or None.
+        # Parts of a snapshot being restored (apply_restore), or None. Replaced,
+        # never mutated in place: views share it.
         self.restoring: dict[str, Any] | None = None
         self.applied_index = 0
         # Derived indexes, rebuilt from the records on restore.
-        self.gpu_owner: dict[tuple[str, int], str] = {}
-        self.node_tasks: dict[str, set[str]] = {}
-        self.pending: dict[str, None] = {}  # insertion-ordered set of pending task ids
-        self.node_cred_of: dict[str, str] = {}  # node id -> its credential's key id
+        self.gpu_owner: CowMap[tuple[str, int], str] = CowMap()
+        self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
+        self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
+        self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
         # Bumped by every command that can free capacity or change nodes. Local
         # (not in snapshots): the leader's scheduler uses it to skip tasks that
         # did not fit last time when nothing could have made room since.
         self.capacity_epoch = 0
+        # Local count of applies and restores, moved after each one's writes:
+        # a reader whose view has this generation needs no newer one.
+        self.generation = 0
+        self._view: StateView | None = None
 
     # -- entry point --------------------------------------------------------
     def apply(self, command: bytes, index: int) -> Any:
@@ -78,10 +95,12 @@ class ClusterState:
             cmd = decode(command)
         except BadCommand as exc:
             self.applied_index = max(self.applied_index, index)
+            self.generation += 1
             return error("bad_command", str(exc))
         found, first = self.recent.get(cmd.rid)
         if found:
             self.applied_index = max(self.applied_index, index)
+            self.generation += 1
             return first
         result = self._dispatch(cmd, index)
         if cmd.op in CAPACITY_OPS:
@@ -90,6 +109,7 @@ class ClusterState:
         self.recent.tick(cmd.at)
         if cmd.dedupe:
             self.recent.remember(cmd.rid, result, cmd.at)
+        self.generation += 1
         return result
 
     def _dispatch(self, cmd: Command, index: int) -> Any:
@@ -145,6 +165,7 @@ class ClusterState:
         else:
             # Everything that can fail comes before the first write.
             name = validate_name(n.get("name"), "node name")
+            node = self.nodes.writable(node_id)
             node.name = name
             node.addr = str(n.get("addr", node.addr))
             node.cpus, node.mem_bytes, node.labels = cpus, mem_bytes, labels
@@ -201,6 +222,7 @@ class ClusterState:
             )
         requeued = []
         for t, why in out:
+            t = self.tasks.writable(t.id)  # copy on write (raft/cow.py)
             if t.state not in LIVE_TASK_STATES:
                 continue  # already stopped with another member of its gang
             if t.stop is None:
@@ -208,15 +230,6 @@ class ClusterState:
             tl.task_exited(self, t, "lost", None, why, now)
             requeued.append({"task_id": t.id, "reason": why})
         return requeued
-
-    def node_assignments(self, node_id: str) -> list[dict[str, Any]]:
-        """What the node should be running: live tasks placed on it."""
-        out = []
-        for tid in sorted(self.node_tasks.get(node_id, ())):
-            t = self.tasks[tid]
-            if t.state in LIVE_TASK_STATES:
-                out.append({"task_id": tid, "attempt": t.attempt, "stop": t.stop})
-        return out
 
     def apply_node_state(self, a: dict[str, Any], index: int) -> Result:
         """Drain a node (state draining) or lift its drain (state ready).
@@ -250,6 +263,7 @@ class ClusterState:
             deadline = float(deadline)
         now = float(a["now"])
         reason = str(a.get("reason", ""))
+        node = self.nodes.writable(node.id)
         if not (a.get("leave") and node.drain_reason is not None):
             if state == "draining":
                 node.drain_reason, node.drain_deadline = reason, deadline
@@ -263,11 +277,6 @@ class ClusterState:
                 msg = f"stopping: the agent of node {node.name} is leaving"
                 tl.evict(self, t, "drain", msg, now)
         return self._node_state_result(node)
-
-    def stoppable_tasks(self, node_id: str) -> list[Task]:
-        """Live tasks on the node with no stop asked for yet, in id order."""
-        tasks = (self.tasks[tid] for tid in sorted(self.node_tasks.get(node_id, ())))
-        return [t for t in tasks if t.state in LIVE_TASK_STATES and t.stop is None]
 
     @staticmethod
     def _node_state_result(node: Node) -> Result:
@@ -302,14 +311,15 @@ class ClusterState:
             return {"node_id": node.id, "lost": []}
         # Its drain, if any, stays (drain_reason, drain_deadline): it applies
         # again when the node comes back.
+        node = self.nodes.writable(node.id)
         node.state = "down"
         node.reason = str(a.get("reason", "no heartbeat"))
         node.updated_at = now
         lost = []
         for tid in sorted(self.node_tasks.get(node.id, ())):
-            t = self.tasks[tid]
-            if t.state in LIVE_TASK_STATES:
+            if self.tasks[tid].state in LIVE_TASK_STATES:
                 lost.append(tid)
+                t = self.tasks.writable(tid)
                 tl.task_exited(self, t, "lost", None, f"lost: node {node.name} went down", now)
         return {"node_id": node.id, "lost": lost}
 
@@ -336,7 +346,7 @@ class ClusterState:
         now = float(a["now"])
         for tid in sorted(live):
             tl.task_exited(
-                self, self.tasks[tid], "lost", None, f"lost: node {node.name} removed", now
+                self, self.tasks.writable(tid), "lost", None, f"lost: node {node.name} removed", now
             )
         del self.nodes[node.id]
         self.node_tasks.pop(node.id, None)
@@ -410,15 +420,17 @@ class ClusterState:
         if job.state in FINAL_JOB_STATES:
             raise ArgError("conflict", f"job {job.id} already {job.state}")
         now = float(a["now"])
+        job = self.jobs.writable(job.id)
         job.state = "cancelled"
         job.message = f"cancelled by {a.get('user', '?')}"
         for tid in job.tasks:
-            t = self.tasks[tid]
-            if t.state == "pending":
+            state = self.tasks[tid].state
+            if state == "pending":
                 self.pending.pop(tid, None)
+                t = self.tasks.writable(tid)
                 t.state, t.finished_at, t.message = "cancelled", now, "cancelled before it started"
-            elif t.state in LIVE_TASK_STATES:
-                tl.request_stop(self, t, "cancel", now)
+            elif state in LIVE_TASK_STATES:
+                tl.request_stop(self, self.tasks.writable(tid), "cancel", now)
         tl.refresh_job(self, job, now)
         return {"id": job.id, "state": job.state}
 
@@ -440,7 +452,7 @@ class ClusterState:
             for tid in self.jobs.pop(jid).tasks:
                 t = self.tasks.pop(tid)
                 if t.node_id is not None:
-                    self.node_tasks.get(t.node_id, set()).discard(tid)
+                    discard_from(self.node_tasks, t.node_id, tid)
         # A workdir manifest goes with the last job that used it (never one that
         # no job has used yet: it may be about to be submitted).
         if dropped_workdirs:
@@ -482,6 +494,7 @@ class ClusterState:
         tok = self.tokens.get(_str(a, "id"))
         if tok is None:
             raise ArgError("not_found", f"no token {a['id']!r}")
+        tok = self.tokens.writable(tok.id)
         tok.revoked = True
         return {"id": tok.id, "revoked": True}
 
@@ -534,9 +547,13 @@ class ClusterState:
             raise ArgError("bad_request", "restore needs snapshot bytes")
         fresh = ClusterState()
         fresh.restore(data)  # raises ValueError on a bad snapshot: an error value, state untouched
-        recent = self.recent
+        recent, epoch, generation = self.recent, self.capacity_epoch, self.generation
+        # Every map is replaced by fresh's: views keep the old ones, untouched.
         self.__dict__.update(fresh.__dict__)
         self.recent = recent
+        # Local counters go on from where they were: the scheduler compares
+        # epochs, readers compare generations.
+        self.capacity_epoch, self.generation = epoch, generation
         self.restoring = None  # a snapshot saved mid-restore brings no parts along
         return {"jobs": len(self.jobs), "nodes": len(self.nodes)}
 
@@ -557,7 +574,7 @@ class ClusterState:
         staged = self.restoring
         if part == 0:
             # A new restore replaces one abandoned halfway.
-            staged = self.restoring = {"id": rid, "parts": parts, "sha256": digest, "chunks": []}
+            staged = {"id": rid, "parts": parts, "sha256": digest, "chunks": []}
         elif (
             staged is None
             or (staged["id"], staged["parts"], staged["sha256"]) != (rid, parts, digest)
@@ -566,7 +583,8 @@ class ClusterState:
             raise ArgError(
                 "conflict", f"restore {rid}: part {part} out of order; start the restore again"
             )
-        staged["chunks"].append(data)
+        # A new dict each time, never an append: views share the old one.
+        staged = self.restoring = {**staged, "chunks": [*staged["chunks"], data]}
         if part + 1 < parts:
             return None
         self.restoring = None
@@ -578,25 +596,66 @@ class ClusterState:
     def apply_noop(self, a: dict[str, Any], index: int) -> Result:
         return {"ok": True}
 
-    # -- snapshots ---------------------------------------------------------------
-    def snapshot(self) -> bytes:
-        return msgpack.packb(
-            {
-                "v": SNAPSHOT_VERSION,
-                "applied_index": self.applied_index,
-                "nodes": [n.to_wire() for n in self.nodes.values()],
-                "jobs": [j.to_wire() for j in self.jobs.values()],
-                "tasks": [t.to_wire() for t in self.tasks.values()],
-                "tokens": [t.to_wire() for t in self.tokens.values()],
-                "members": [m.to_wire() for m in self.members.values()],
-                "join_tokens": [j.to_wire() for j in self.join_tokens.values()],
-                "node_creds": [c.to_wire() for c in self.node_creds.values()],
-                "manifests": self.manifests,
-                "recent": self.recent.to_wire(),
-                "restoring": self.restoring,
-            },
-            use_bin_type=True,
+    # -- views and snapshots -----------------------------------------------------
+    def freeze(self, for_snapshot: bool = False) -> StateView:
+        """Publish the state as of now as an immutable view (raft/view.py).
+
+        Cheap: a shallow copy of each map written since the last view, none
+        when nothing was applied since. Call it where apply cannot run at the
+        same time (the apply thread, or holding the apply lock). With
+        `for_snapshot` the view also carries the dedupe table, which only
+        snapshots need (a copy of its entries).
+        """
+        v = self._view
+        if v is None or v.generation != self.generation or self._maps_changed():
+            v = self._view = StateView(
+                nodes=self.nodes.frozen(),
+                jobs=self.jobs.frozen(),
+                tasks=self.tasks.frozen(),
+                tokens=self.tokens.frozen(),
+                members=self.members.frozen(),
+                join_tokens=self.join_tokens.frozen(),
+                node_creds=self.node_creds.frozen(),
+                manifests=self.manifests.frozen(),
+                gpu_owner=self.gpu_owner.frozen(),
+                node_tasks=self.node_tasks.frozen(),
+                pending=self.pending.frozen(),
+                node_cred_of=self.node_cred_of.frozen(),
+                restoring=self.restoring,
+                applied_index=self.applied_index,
+                capacity_epoch=self.capacity_epoch,
+                generation=self.generation,
+                recent=None,
+            )
+        if not for_snapshot:
+            return v
+        return StateView(
+            **{k: getattr(v, k) for k in StateView.__slots__ if k != "recent"},
+            recent=self.recent.frozen(),
         )
+
+    def _maps_changed(self) -> bool:
+        # Writes outside apply (tests that poke a record map) also count.
+        return any(m._changed for m in self._maps())
+
+    def _maps(self) -> tuple[CowMap[Any, Any], ...]:
+        return (
+            self.nodes,
+            self.jobs,
+            self.tasks,
+            self.tokens,
+            self.members,
+            self.join_tokens,
+            self.node_creds,
+            self.manifests,
+            self.gpu_owner,
+            self.node_tasks,
+            self.pending,
+            self.node_cred_of,
+        )
+
+    def snapshot(self) -> bytes:
+        return self.freeze(for_snapshot=True).encode()
 
     def restore(self, data: bytes) -> None:
         try:
@@ -625,53 +684,40 @@ class ClusterState:
                     n.drain_reason = n.reason
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"bad state snapshot: {exc}") from None
-        self.nodes, self.jobs, self.tasks, self.tokens, self.members = (
-            nodes,
-            jobs,
-            tasks,
-            tokens,
-            members,
-        )
-        self.join_tokens, self.node_creds = joins, creds
-        self.manifests = manifests
+        self.nodes, self.jobs, self.tasks = _cow(nodes), _cow(jobs), _cow(tasks)
+        self.tokens, self.members = _cow(tokens), _cow(members)
+        self.join_tokens, self.node_creds = _cow(joins), _cow(creds)
+        self.manifests = CowMap(manifests)
         self.recent = recent
         self.restoring = restoring
         self.applied_index = applied_index
         self._reindex()
+        self.generation += 1
 
     def _reindex(self) -> None:
         nc.reindex(self)
-        self.gpu_owner = {}
-        self.node_tasks = {nid: set() for nid in self.nodes}
-        self.pending = {}
+        gpu_owner: dict[tuple[str, int], str] = {}
+        node_tasks: dict[str, set[str]] = {nid: set() for nid in self.nodes}
+        pending: dict[str, None] = {}
         for t in self.tasks.values():
             if t.state == "pending":
-                self.pending[t.id] = None
-            if t.node_id is not None and t.node_id in self.node_tasks:
-                self.node_tasks[t.node_id].add(t.id)
+                pending[t.id] = None
+            if t.node_id is not None and t.node_id in node_tasks:
+                node_tasks[t.node_id].add(t.id)
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
                 for g in t.gpus:
-                    self.gpu_owner[(t.node_id, g)] = t.id
-
-    # -- read helpers -----------------------------------------------------------
-    def node_usage(self, node_id: str) -> tuple[set[int], float, int]:
-        """GPUs held, CPUs and memory used by live tasks on a node."""
-        gpus: set[int] = set()
-        cpus = 0.0
-        mem = 0
-        # Sorted: a float sum depends on its order, and a set's order on the
-        # process's string hash seed, which differs between replicas.
-        for tid in sorted(self.node_tasks.get(node_id, ())):
-            t = self.tasks[tid]
-            if t.state in LIVE_TASK_STATES:
-                gpus.update(t.gpus)
-                cpus += t.cpus
-                mem += t.mem_bytes
-        return gpus, cpus, mem
+                    gpu_owner[(t.node_id, g)] = t.id
+        self.gpu_owner = CowMap(gpu_owner)
+        self.node_tasks = CowMap(node_tasks, clone=set.copy)
+        self.pending = CowMap(pending)
 
     def digest(self) -> bytes:
         """A canonical encoding for comparing replicas in tests."""
         return self.snapshot()
+
+
+def _cow(records: dict[str, Any]) -> CowMap[str, Any]:
+    return CowMap(records, clone=lambda r: r.clone())
 
 
 def _str(d: dict[str, Any], key: str) -> str:

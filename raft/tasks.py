@@ -2,12 +2,17 @@
 
 Invariant (DESIGN §7), enforced here at apply time whatever the plan says:
 no GPU is held by two live tasks, and no node goes over its CPUs or memory.
+
+Copy on write (raft/cow.py): every function here that changes a task takes
+the writable one from `s.tasks.writable` first, and re-reads a job by id
+after calls that may have changed it, so published views never change.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .cow import add_to, discard_from
 from .model import FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 
 if TYPE_CHECKING:
@@ -43,7 +48,7 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             dropped.extend({"task_id": str(p["task_id"]), "reason": reason} for p in group)
             continue
         for p in group:
-            t = s.tasks[str(p["task_id"])]
+            t = s.tasks.writable(str(p["task_id"]))
             node_id = str(p["node_id"])
             gpus = [int(g) for g in p["gpus"]]
             t.state, t.node_id, t.gpus = "assigned", node_id, gpus
@@ -51,7 +56,7 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             t.assigned_at, t.started_at, t.finished_at = now, None, None
             t.exit_code, t.message, t.stop = None, "", None
             s.pending.pop(t.id, None)
-            s.node_tasks.setdefault(node_id, set()).add(t.id)
+            add_to(s.node_tasks, node_id, t.id)
             for g in gpus:
                 s.gpu_owner[(node_id, g)] = t.id
             placed.append(t.id)
@@ -140,6 +145,7 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         kind = ev["state"]
         if kind == "running":
             if t.state == "assigned":
+                t = s.tasks.writable(task_id)
                 t.state, t.started_at = "running", at
                 refresh_job(s, s.jobs[t.job_id], at)
                 applied += 1
@@ -171,9 +177,10 @@ def _release(s: ClusterState, t: Task) -> None:
 
 
 def _requeue(s: ClusterState, t: Task, message: str) -> None:
+    t = s.tasks.writable(t.id)
     _release(s, t)
     if t.node_id is not None:
-        s.node_tasks.get(t.node_id, set()).discard(t.id)
+        discard_from(s.node_tasks, t.node_id, t.id)
     t.state, t.node_id, t.gpus, t.stop = "pending", None, [], None
     t.message = message
     s.pending[t.id] = None
@@ -186,6 +193,7 @@ REQUEUE_STOPS = frozenset({"preempt", "drain", "shrink"})
 
 def evict(s: ClusterState, t: Task, how: str, message: str, now: float) -> None:
     """Ask for a live task to stop for `how` (one of REQUEUE_STOPS)."""
+    t = s.tasks.writable(t.id)
     t.message = message
     request_stop(s, t, how, now)
 
@@ -204,6 +212,7 @@ def request_stop(s: ClusterState, t: Task, how: str, now: float, message: str = 
     reconcile stops it, and its events are stale (another attempt or node) or
     land on a finished task, which ignores them.
     """
+    t = s.tasks.writable(t.id)
     t.stop = how
     if t.state == "assigned":
         task_exited(s, t, "failed", None, message, now, started=False)
@@ -222,6 +231,7 @@ def task_exited(
 
     started=False: a stop ended it before it started (see request_stop).
     """
+    t = s.tasks.writable(t.id)
     job = s.jobs[t.job_id]
     stop = t.stop
     how = f"(exit {code})" if started else "before it started"
@@ -248,6 +258,7 @@ def task_exited(
         _release(s, t)
         t.state, t.message = "succeeded", message
     elif job.retries_left > 0 and job.state not in ("cancelled", "failed"):
+        job = s.jobs.writable(job.id)
         job.retries_left -= 1
         _requeue(
             s,
@@ -269,35 +280,45 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str, now: float) ->
     ranks that already succeeded run again too; otherwise the job never runs.
     """
     for tid in job.tasks:
-        other = s.tasks[tid]
-        if other is failed:
+        if tid == failed.id:
             continue
+        other = s.tasks[tid]
         if other.state in LIVE_TASK_STATES and other.stop is None:
             # An assigned rank ends at once (requeued or cancelled): no
             # further _stop_gang, as only gang and cancel stops reach here.
             request_stop(s, other, how, now, f"gang member {failed.rank} failed")
         elif other.state == "pending" and how == "cancel":
             s.pending.pop(tid, None)
+            other = s.tasks.writable(tid)
             other.state, other.message = "cancelled", f"gang member {failed.rank} failed"
         elif other.state == "succeeded" and how == "gang":
             _requeue(s, other, f"restarting with its gang (rank {failed.rank} stopped)")
 
 
 def refresh_job(s: ClusterState, job: Job, now: float) -> None:
+    """Bring the job's state in line with its tasks' states.
+
+    Reads the job afresh by id (the one passed may be a copy that a nested
+    call has since replaced) and writes it only when something changes."""
+    job = s.jobs[job.id]
     states = [s.tasks[tid].state for tid in job.tasks]
-    if job.state == "cancelled":
-        if all(st in FINAL_TASK_STATES for st in states) and job.finished_at is None:
-            job.finished_at = now
-        return
-    if any(st in ("failed", "lost") for st in states):
-        job.state = "failed"
-        failed = [s.tasks[tid] for tid in job.tasks if s.tasks[tid].state in ("failed", "lost")]
-        job.message = f"task {failed[0].rank} {failed[0].state}: {failed[0].message}"[:1024]
-    elif all(st == "succeeded" for st in states):
-        job.state = "succeeded"
-    elif any(st in LIVE_TASK_STATES for st in states):
-        job.state = "running"
-    elif all(st == "pending" for st in states):
-        job.state = "pending"
-    if job.state in ("succeeded", "failed") and all(st in FINAL_TASK_STATES for st in states):
-        job.finished_at = job.finished_at or now
+    state, message, finished_at = job.state, job.message, job.finished_at
+    if state == "cancelled":
+        if all(st in FINAL_TASK_STATES for st in states) and finished_at is None:
+            finished_at = now
+    else:
+        if any(st in ("failed", "lost") for st in states):
+            state = "failed"
+            failed = [s.tasks[tid] for tid in job.tasks if s.tasks[tid].state in ("failed", "lost")]
+            message = f"task {failed[0].rank} {failed[0].state}: {failed[0].message}"[:1024]
+        elif all(st == "succeeded" for st in states):
+            state = "succeeded"
+        elif any(st in LIVE_TASK_STATES for st in states):
+            state = "running"
+        elif all(st == "pending" for st in states):
+            state = "pending"
+        if state in ("succeeded", "failed") and all(st in FINAL_TASK_STATES for st in states):
+            finished_at = finished_at or now
+    if (state, message, finished_at) != (job.state, job.message, job.finished_at):
+        job = s.jobs.writable(job.id)
+        job.state, job.message, job.finished_at = state, message, finished_at

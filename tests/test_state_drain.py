@@ -67,11 +67,13 @@ def test_a_drained_node_that_goes_down_comes_back_draining_with_its_reason_and_d
     check_invariants(h.state)
     res = h.register("n1")
     assert res["state"] == "draining"
+    node = h.state.nodes["n1"]  # records are replaced, not changed (raft/cow.py)
     assert (node.state, node.reason, node.drain_deadline) == ("draining", "disk swap", 5_000.0)
     # Nothing is placed on it; undrained, it takes work again.
     h.submit("a", gpus=1)
     assert h.plan([("a.0", "n1", [0])])["dropped"][0]["reason"] == "node is not ready"
     h.ok("node_state", {"node_id": "n1", "state": "ready"})
+    node = h.state.nodes["n1"]
     assert (node.state, node.reason, node.drain_reason, node.drain_deadline) == (
         "ready",
         "",
@@ -104,6 +106,7 @@ def test_a_down_node_can_be_drained_and_undrained_before_it_comes_back() -> None
     assert is_error(res, "conflict"), res
     res = h.ok("node_state", {"node_id": "n1", "state": "draining", "reason": "rma"})
     assert res == {"node_id": "n1", "state": "down", "drain_deadline": None, "drained": True}
+    node = h.state.nodes["n1"]
     assert (node.state, node.reason, node.drain_reason) == ("down", "no heartbeat", "rma")
     check_invariants(h.state)
     assert h.register("n1")["state"] == "draining"
@@ -111,6 +114,7 @@ def test_a_down_node_can_be_drained_and_undrained_before_it_comes_back() -> None
     res = h.ok("node_state", {"node_id": "n1", "state": "ready"})
     assert res == {"node_id": "n1", "state": "down", "drain_deadline": None, "drained": False}
     assert h.register("n1")["state"] == "ready"
+    node = h.state.nodes["n1"]
     assert (node.reason, node.drain_reason) == ("", None)
     check_invariants(h.state)
 
@@ -218,6 +222,7 @@ def test_at_the_deadline_live_tasks_stop_and_requeue_without_spending_a_retry() 
     check_invariants(h.state)
 
     h.event("a.0", "exited", 143)
+    a = h.task("a.0")
     assert (a.state, a.node_id, a.gpus, a.stop, a.attempt) == ("pending", None, [], None, 1)
     assert a.preemptions == 0
     assert a.message == "stopped at the drain deadline of node n1 (exit 143); waiting to run again"
@@ -230,6 +235,7 @@ def test_at_the_deadline_live_tasks_stop_and_requeue_without_spending_a_retry() 
     check_invariants(h.state)
 
     h.run("a.0", "n2", [1, 2])
+    a = h.task("a.0")
     assert (a.state, a.attempt, a.node_id) == ("running", 2, "n2")
     check_invariants(h.state)
 
