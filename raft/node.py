@@ -6,7 +6,8 @@ come back to asyncio through ``loop.call_soon_threadsafe``, and every wait is
 bounded by a timeout because pysyncobj can drop callbacks (leader change).
 
 Storage: ``raft.journal.DurableJournal`` (fsynced log), ``raft.transport``
-(fsync before send), ``raft.snapshot`` (msgpack snapshots instead of pickle).
+(fsync before send), ``raft.snapshot`` (msgpack snapshots instead of pickle),
+written off the Raft thread from an immutable view (``raft.snapwriter``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import hmac
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ import pysyncobj.syncobj as _pso
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 
+from leptond.clock import REAL, Clock
+from leptond.fsutil import fsync_dir
 from raft.commands import MAX_ENTRY_BYTES, human_bytes
 from raft.errors import (
     EntryTooLarge,
@@ -37,7 +40,7 @@ from raft.errors import (
     RaftError,
     SnapshotError,
 )
-from raft.journal import DurableJournal, fsync_dir
+from raft.journal import DurableJournal
 from raft.membership import (
     MEMBERSHIP_ENTRY,
     lock_data_dir,
@@ -46,7 +49,8 @@ from raft.membership import (
     quorum_after,
     read_members_file,
 )
-from raft.snapshot import read_snapshot_file, write_snapshot_file
+from raft.snapshot import read_snapshot_file
+from raft.snapwriter import Frozen, SnapshotStats, SnapshotWriter
 from raft.transport import SyncBeforeSendTransport
 
 log = logging.getLogger(__name__)
@@ -67,12 +71,26 @@ APPEND_BATCH_BYTES = 3 * MAX_ENTRY_BYTES
 PROBE_TIMEOUT_S = 5.0
 JOURNAL_NAME = "raft.journal"
 SNAPSHOT_NAME = "raft.snapshot"
+# A tick gap (time between two passes of pysyncobj's loop) over this is slow:
+# elections time out at a few hundred milliseconds.
+SLOW_TICK_S = 0.1
 
 
 class StateMachine(Protocol):
     def apply(self, command: bytes, index: int) -> Any: ...  # total, deterministic
-    def snapshot(self) -> bytes: ...
+    # An immutable view as of the last applied entry, cheap to take (the
+    # Raft thread waits for it), encoded later on another thread.
+    def freeze(self, for_snapshot: bool = False) -> Frozen: ...
     def restore(self, data: bytes) -> None: ...
+
+
+@dataclass
+class TickStats:
+    """How regularly the Raft thread runs (its loop wakes at least every 50 ms)."""
+
+    max_gap_s: float = 0.0
+    slow: int = 0  # gaps over SLOW_TICK_S
+    last: float = 0.0
 
 
 def derive_password(secret: bytes) -> str:
@@ -171,9 +189,17 @@ class RaftNode:
         connection_retry_s: float = 1.0,
         log_compaction_min_entries: int = 5000,
         log_compaction_min_time_s: float = 600.0,
+        background_snapshots: bool = True,
+        clock: Clock = REAL,
     ) -> None:
+        """`background_snapshots=False` encodes and writes snapshots on the
+        Raft thread (the way pysyncobj does); only for comparison in
+        bench/snapshot.py. `clock` must be the real one in production:
+        pysyncobj compares its own time.monotonic() readings with ours."""
         password = derive_password(secret)  # refuses an empty secret first
         self._state = state
+        self._clock = clock
+        self.ticks = TickStats()
         self.self_addr = self_addr
         self.lock = threading.RLock()  # held while applying; readers take it too
         self._on_leadership = on_leadership
@@ -194,6 +220,10 @@ class RaftNode:
         try:
             peers = self._initial_members(peers)
             self._snapshot_path = self.data_dir / SNAPSHOT_NAME
+            self._snapshots = SnapshotWriter(
+                self._snapshot_path, self._freeze, background=background_snapshots, clock=clock
+            )
+            self._snapshots.remove_leftovers(str(self._snapshot_path) + ".tmp")
             self.journal = DurableJournal(self.data_dir / JOURNAL_NAME)
             self._check_snapshot_on_start()
         except BaseException:
@@ -205,7 +235,8 @@ class RaftNode:
             password=password,
             journalFile=self.journal,
             fullDumpFile=str(self._snapshot_path),
-            serializer=self._serialize,
+            serializer=self._snapshots.serialize,
+            serializeChecker=self._snapshots.check,
             deserializer=self._deserialize,
             useFork=False,
             appendEntriesUseBatch=False,
@@ -274,25 +305,16 @@ class RaftNode:
         last, before = (tuple(e) for e in entries)
         self.journal.align_with_snapshot(before, last)
 
-    def _serialize(self, path: str, data: tuple[Any, Any, Any]) -> None:
-        # pysyncobj passes (entry at lastApplied, the entry before, cluster)
-        # and writes nothing itself when a serializer is set (serializer.py
-        # Serializer.serialize). Runs on the Raft thread, so the state is
-        # exactly as of that last applied entry.
-        last, before, cluster = data
+    def _freeze(self) -> Frozen:
+        # Raft thread (pysyncobj's log compaction), which is also the one
+        # thread that applies: the view is the state as of the entry
+        # pysyncobj names. The lock keeps readers' views out meanwhile.
         with self.lock:
-            state_bytes = self._state.snapshot()
-        members = sorted(str(n.id) for n in cluster if n is not None)
-        write_snapshot_file(
-            path,
-            state_bytes,
-            {
-                "index": last[1],
-                "term": last[2],
-                "cluster_members": members,
-                "raft_entries": [[bytes(e[0]), e[1], e[2]] for e in (last, before)],
-            },
-        )
+            return self._state.freeze(for_snapshot=True)
+
+    @property
+    def snapshot_stats(self) -> SnapshotStats:
+        return self._snapshots.stats
 
     def _deserialize(self, path: str) -> tuple[Any, Any, list[str]]:
         # The file may have been received from the leader and renamed into
@@ -301,6 +323,7 @@ class RaftNode:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         fsync_dir(Path(path).parent)
+        self._snapshots.superseded()  # a local snapshot in flight is older
         state_bytes, meta = read_snapshot_file(path)
         with self.lock:
             self._state.restore(state_bytes)
@@ -327,6 +350,7 @@ class RaftNode:
         # committed in this term has been applied here: the term's first entry
         # (the no-op pysyncobj appends on election) committing proves that.
         try:
+            self._measure_tick()
             obj = self._obj
             if not obj._isLeader():
                 if self._announced_leader:
@@ -342,6 +366,16 @@ class RaftNode:
                 self._announce(True)
         except Exception:
             log.exception("leadership monitor failed")
+
+    def _measure_tick(self) -> None:
+        now = self._clock.monotonic()
+        t = self.ticks
+        if t.last:
+            gap = now - t.last
+            t.max_gap_s = max(t.max_gap_s, gap)
+            t.slow += gap > SLOW_TICK_S
+            self._snapshots.observe_tick_gap(gap)
+        t.last = now
 
     def _announce(self, is_leader: bool) -> None:
         self._announced_leader = is_leader
@@ -394,13 +428,13 @@ class RaftNode:
             return False
         heard = self._obj.private("lastResponseTime")
         others = list(self._obj.otherNodes)
-        deadline = time.monotonic() - window_s  # pysyncobj's monotonicTime
+        deadline = self._clock.monotonic() - window_s  # pysyncobj's monotonicTime
         for _ in range(5):  # the Raft thread mutates the dict
             try:
                 recent = sum(1 for n in others if heard.get(n, 0.0) > deadline)
                 break
             except RuntimeError:
-                time.sleep(0.001)
+                self._clock.block(0.001)
         else:
             return False
         return (recent + 1) * 2 > len(others) + 1
@@ -411,7 +445,7 @@ class RaftNode:
                 raw = self._obj.getStatus()
                 break
             except RuntimeError:
-                time.sleep(0.001)
+                self._clock.block(0.001)
         else:
             raise RaftError("status unavailable: Raft thread kept changing it")
         commit = int(raw["commit_idx"])
@@ -443,14 +477,14 @@ class RaftNode:
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until bound and caught up with the leader's commit index."""
-        deadline = time.monotonic() + timeout_s
+        deadline = self._clock.monotonic() + timeout_s
         while not self._obj.isReady():
-            if time.monotonic() > deadline:
+            if self._clock.monotonic() > deadline:
                 raise ProposeTimeout(
                     f"raft node {self.self_addr} not ready within "
                     f"{timeout_s:g}s: no leader reachable or still catching up"
                 )
-            time.sleep(0.02)
+            self._clock.block(0.02)
 
     # -- writes ---------------------------------------------------------------
 
@@ -599,5 +633,6 @@ class RaftNode:
         thread = self._obj.private("thread")
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
+        self._snapshots.close(timeout_s)
         self.journal.close()  # idempotent; the Raft thread normally closed it
         os.close(self._lock_fd)

@@ -17,14 +17,14 @@ key order, so the check does not depend on how the map was written.
 from __future__ import annotations
 
 import hashlib
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from leptond.fsutil import atomic_write
 from raft.errors import SnapshotError
-from raft.journal import fsync_dir
 
 FORMAT = "leptond-snapshot"
 VERSION = 1
@@ -38,21 +38,63 @@ def _digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def encode_snapshot(state_bytes: bytes, meta: dict[str, Any]) -> bytes:
+def _bin_header(n: int) -> bytes:
+    """msgpack's header of a bin of n bytes (msgpack.Packer has no call for it)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    if n < 1 << 32:
+        return b"\xc6" + n.to_bytes(4, "big")
+    raise SnapshotError(f"a state of {n} bytes is too large for a snapshot file")
+
+
+def _head(meta: dict[str, Any]) -> dict[str, Any]:
     unknown = set(meta) - META_KEYS
     if unknown:
         raise ValueError(f"unknown snapshot meta keys: {sorted(unknown)}")
-    body: dict[str, Any] = {
+    return {
         "format": FORMAT,
         "v": VERSION,
         "index": int(meta.get("index", 0)),
         "term": int(meta.get("term", 0)),
         "cluster_members": meta.get("cluster_members"),
         "raft_entries": meta.get("raft_entries"),
-        "state": bytes(state_bytes),
     }
-    body["sha256"] = _digest(body)
-    return msgpack.packb(body, use_bin_type=True)
+
+
+def snapshot_chunks(state_chunks: list[bytes], meta: dict[str, Any]) -> Iterator[bytes]:
+    """The snapshot file, in pieces: the state is never joined into one
+    buffer (and hashlib lets other threads run while it hashes the pieces).
+
+    Byte for byte what `encode_snapshot` returns for the joined state."""
+    head = _head(meta)
+    size = sum(len(c) for c in state_chunks)
+    state_header = _bin_header(size)
+    pack = msgpack.Packer(use_bin_type=True).pack
+    h = hashlib.sha256()
+    keys = sorted([*head, "state"])
+    h.update(_map_header(len(keys)))
+    for k in keys:
+        h.update(pack(k))
+        if k == "state":
+            h.update(state_header)
+            for c in state_chunks:
+                h.update(c)
+        else:
+            h.update(pack(head[k]))
+    yield _map_header(len(head) + 2) + b"".join(pack(k) + pack(v) for k, v in head.items())
+    yield pack("state") + state_header
+    yield from state_chunks
+    yield pack("sha256") + pack(h.hexdigest())
+
+
+def _map_header(n: int) -> bytes:
+    return bytes(msgpack.Packer().pack_map_header(n))
+
+
+def encode_snapshot(state_bytes: bytes, meta: dict[str, Any]) -> bytes:
+    return b"".join(snapshot_chunks([bytes(state_bytes)], meta))
 
 
 def decode_snapshot(data: bytes, source: str = "snapshot") -> tuple[bytes, dict[str, Any]]:
@@ -84,19 +126,7 @@ def write_snapshot_file(path: Path | str, state_bytes: bytes, meta: dict[str, An
 
     A crash leaves either the old file or the new one, never a mix.
     """
-    path = Path(path)
-    data = encode_snapshot(state_bytes, meta)
-    tmp = path.with_name(path.name + ".writing")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, snapshot_chunks([state_bytes], meta), tmp_suffix=".writing")
 
 
 def read_snapshot_file(path: Path | str) -> tuple[bytes, dict[str, Any]]:

@@ -41,6 +41,16 @@ def kv_command(rid: str, key: str, value: str, kind: str = "append") -> bytes:
     return msgpack.packb({"rid": rid, "kind": kind, "key": key, "value": value})
 
 
+class Encoded:
+    """An already encoded state, as RaftNode's StateMachine.freeze returns it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def encode_chunks(self) -> list[bytes]:
+        return [self.data]
+
+
 class KVStateMachine:
     """Deterministic KV store; dedupes by request id like ClusterState must."""
 
@@ -83,6 +93,10 @@ class KVStateMachine:
                 "last_index": self.last_index,
             }
         )
+
+    def freeze(self, for_snapshot: bool = False) -> Encoded:
+        # A small state: encoded at once, on the Raft thread.
+        return Encoded(self.snapshot())
 
     def restore(self, data: bytes) -> None:
         d = msgpack.unpackb(data)
