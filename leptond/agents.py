@@ -1,12 +1,13 @@
 """The leader's side of the agents: registration, heartbeats, task events,
-and pushing assignments and stops to each agent's connection."""
+and pushing assignments and stops to each agent's connection (the
+NodeChannel port, leptond/ports.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.model import LIVE_TASK_STATES
@@ -14,11 +15,12 @@ from raft.model import LIVE_TASK_STATES
 from . import views
 from .auth import require
 from .batcher import Batcher
+from .clock import Clock
+from .config import MasterConfig
+from .liveness import NodeLiveness
+from .ports import LeaderStatus, Proposer, StateReader
 from .wire.connection import Connection, Handler
 from .wire.errors import BAD_REQUEST, FORBIDDEN, RpcError
-
-if TYPE_CHECKING:
-    from .master import Master
 
 log = logging.getLogger("lepton.master")
 # One task event in a task_events command; apply keeps 1024 characters of
@@ -42,11 +44,26 @@ def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
 
 
 class AgentRegistry:
-    def __init__(self, master: Master) -> None:
-        self.m = master
+    def __init__(
+        self,
+        cfg: MasterConfig,
+        proposer: Proposer,
+        reader: StateReader,
+        leader: LeaderStatus,
+        liveness: NodeLiveness,
+        may_renew_leases: Callable[[float], bool],
+        clock: Clock,
+    ) -> None:
+        """`may_renew_leases(window_s)`: whether a majority answered this
+        leader within the window (raft.node.RaftNode.heard_from_majority_within)."""
+        self._cfg = cfg
+        self._proposer = proposer
+        self._reader = reader
+        self._leader = leader
+        self.liveness = liveness
+        self._may_renew_leases = may_renew_leases
+        self._clock = clock
         self.conns: dict[str, Connection] = {}  # node id -> agent connection (leader only)
-        self.last_seen: dict[str, float] = {}  # monotonic, leader memory only
-        self.live: dict[str, dict[str, Any]] = {}  # node id -> last stats
         self.events: Batcher[dict[str, Any], int] | None = None
 
     def handlers(self) -> dict[str, Handler]:
@@ -58,11 +75,10 @@ class AgentRegistry:
             "agent_deregister": self.deregister,
         }
 
-    def reset(self, node_ids: list[str]) -> None:
+    def lead(self, node_ids: list[str]) -> None:
         """A new leader gives every node a full TTL before judging it, and the
         time in which a deposed leader may still have renewed its lease."""
-        now = time.monotonic() + self.m.cfg.lease_contact_s
-        self.last_seen = dict.fromkeys(node_ids, now)
+        self.liveness.reset(node_ids, self._cfg.lease_contact_s)
         self.events = Batcher(
             self._flush_events,
             max_batch=2000,
@@ -71,7 +87,7 @@ class AgentRegistry:
         )
         self.events.start()
 
-    async def stop(self) -> None:
+    async def step_down(self) -> None:
         if self.events is not None:
             await self.events.close()
             self.events = None
@@ -87,7 +103,7 @@ class AgentRegistry:
     # -- handlers ---------------------------------------------------------------
     async def register(self, conn: Connection, a: Any) -> dict[str, Any]:
         require(conn.context, "node")
-        self.m.ensure_leader()
+        self._leader.ensure_leader()
         if not isinstance(a, dict) or not isinstance(a.get("node"), dict):
             raise RpcError(BAD_REQUEST, "register needs a node description")
         node = a["node"]
@@ -97,23 +113,19 @@ class AgentRegistry:
             raise RpcError(
                 FORBIDDEN, f"this node credential is node {own}'s; it cannot register another node"
             )
-        res = await self.m.propose("register_node", {"node": node, "now": time.time()})
+        res = await self._proposer.propose(
+            "register_node", {"node": node, "now": self._clock.now()}, wake=True
+        )
         nid = res["node_id"]
         old = self.conns.get(nid)
         if old is not None and old is not conn:
             old.close()
         self.conns[nid] = conn
         conn.context["node_id"] = nid
-        self.last_seen[nid] = time.monotonic()
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            should_run = [
-                views.launch_spec(self.m.state, self.m.state.tasks[x["task_id"]])
-                for x in res["tasks"]
-            ]
-            masters = [mb.rpc_addr for mb in self.m.state.members.values()]
-        if self.m.controllers is not None:
-            self.m.controllers.wake()
+        self.liveness.heard(nid)
+        v = self._reader.view()
+        should_run = [views.launch_spec(v, v.tasks[x["task_id"]]) for x in res["tasks"]]
+        masters = [mb.rpc_addr for mb in v.members.values()]
         log.info(
             "node %s (%s) registered with %d GPUs", node.get("name"), nid, len(node.get("gpus", []))
         )
@@ -134,15 +146,14 @@ class AgentRegistry:
         """Renew the node's lease in this answer (agent/lease.py), if this
         master may: a leader that has not heard from a majority lately may
         already be deposed, and the new one counts the node's TTL without it."""
-        assert self.m.raft is not None
-        if self.m.raft.heard_from_majority_within(self.m.cfg.lease_contact_s):
-            answer["lease_s"] = self.m.cfg.task_lease_s
+        if self._may_renew_leases(self._cfg.lease_contact_s):
+            answer["lease_s"] = self._cfg.task_lease_s
         return answer
 
     def _registered(self, conn: Connection, what: str) -> str:
         """The node id of an agent connection on the leader, or a clear error."""
         require(conn.context, "node")
-        self.m.ensure_leader()
+        self._leader.ensure_leader()
         nid = conn.context.get("node_id")
         if not nid:
             raise RpcError("unregistered", f"register before {what}")
@@ -152,13 +163,9 @@ class AgentRegistry:
         nid = self._registered(conn, "sending heartbeats")
         if not isinstance(a, dict):
             raise RpcError(BAD_REQUEST, "a heartbeat is a map")
-        self.last_seen[nid] = time.monotonic()
-        self.live[nid] = {
-            "stats": a.get("host"),
-            "gpus": a.get("gpus"),
-            "cache": a.get("cache"),
-            "at": time.monotonic(),
-        }
+        self.liveness.heard(
+            nid, {"stats": a.get("host"), "gpus": a.get("gpus"), "cache": a.get("cache")}
+        )
         running = {
             (r["task_id"], r["attempt"]) for r in a.get("running", []) if isinstance(r, dict)
         }
@@ -168,34 +175,36 @@ class AgentRegistry:
         self, nid: str, running: set[tuple[str, int]], exited: set[str]
     ) -> dict[str, Any]:
         """Compare what the agent runs with what it should; answer the difference."""
-        s = self.m.state
-        assert self.m.raft is not None
+        s = self._reader.view()
         start: list[dict[str, Any]] = []
         stop: list[list[Any]] = []
-        with self.m.raft.lock:
-            node = s.nodes.get(nid)
-            if node is None:
-                return {"start": [], "stop": [[tid, a] for tid, a in running], "state": "unknown"}
-            if node.state == "down":
-                # Judged down while its connection lived on (a pause, a network
-                # blip): registering again is how a returning node reconciles.
-                raise RpcError("unregistered", f"node {node.name} was marked down; register again")
-            should = {
-                tid: s.tasks[tid]
-                for tid in s.node_tasks.get(nid, ())
-                if s.tasks[tid].state in LIVE_TASK_STATES
-            }
-            # Runs are (task, attempt): a stale attempt is stopped without
-            # touching the current one of the same task.
-            for tid, attempt in running:
-                cur = should.get(tid)
-                if cur is None or cur.attempt != attempt or cur.stop is not None:
-                    stop.append([tid, attempt])
-            for tid, t in should.items():
-                if (tid, t.attempt) not in running and tid not in exited and t.stop is None:
-                    start.append(views.launch_spec(s, t))
-            state = node.state
-        answer = {"start": start, "stop": stop, "state": state, "grace_s": self.m.cfg.kill_grace_s}
+        node = s.nodes.get(nid)
+        if node is None:
+            return {"start": [], "stop": [[tid, a] for tid, a in running], "state": "unknown"}
+        if node.state == "down":
+            # Judged down while its connection lived on (a pause, a network
+            # blip): registering again is how a returning node reconciles.
+            raise RpcError("unregistered", f"node {node.name} was marked down; register again")
+        should = {
+            tid: s.tasks[tid]
+            for tid in s.node_tasks.get(nid, ())
+            if s.tasks[tid].state in LIVE_TASK_STATES
+        }
+        # Runs are (task, attempt): a stale attempt is stopped without
+        # touching the current one of the same task.
+        for tid, attempt in running:
+            cur = should.get(tid)
+            if cur is None or cur.attempt != attempt or cur.stop is not None:
+                stop.append([tid, attempt])
+        for tid, t in should.items():
+            if (tid, t.attempt) not in running and tid not in exited and t.stop is None:
+                start.append(views.launch_spec(s, t))
+        answer = {
+            "start": start,
+            "stop": stop,
+            "state": node.state,
+            "grace_s": self._cfg.kill_grace_s,
+        }
         return self._with_lease(answer)
 
     async def task_events(self, conn: Connection, a: Any) -> dict[str, Any]:
@@ -214,12 +223,12 @@ class AgentRegistry:
         as it is: `leave` drains only a node that is not drained yet.
         """
         nid = self._registered(conn, "leaving")
-        return await self.m.propose(
+        return await self._proposer.propose(
             "node_state",
             {
                 "node_id": nid,
                 "state": "draining",
-                "now": time.time(),
+                "now": self._clock.now(),
                 "reason": "agent leaving",
                 "leave": True,
             },
@@ -227,29 +236,33 @@ class AgentRegistry:
 
     async def deregister(self, conn: Connection, a: Any) -> dict[str, Any]:
         nid = self._registered(conn, "deregistering")
-        res = await self.m.propose(
-            "remove_node", {"node_id": nid, "now": time.time(), "force": True}
+        res = await self._proposer.propose(
+            "remove_node", {"node_id": nid, "now": self._clock.now(), "force": True}
         )
         self.conns.pop(nid, None)
         return res
 
     async def _flush_events(self, evs: list[dict[str, Any]]) -> list[int]:
-        await self.m.propose("task_events", {"events": evs}, wake=True)
+        await self._proposer.propose("task_events", {"events": evs}, wake=True)
         return [0] * len(evs)
 
-    # -- pushes -----------------------------------------------------------------
-    def push_start(self, specs: list[dict[str, Any]]) -> None:
-        by_node: dict[str, list[dict[str, Any]]] = {}
-        with self.m.raft.lock:  # type: ignore[union-attr]
-            for sp in specs:
-                t = self.m.state.tasks.get(sp["task_id"])
-                if t is not None and t.node_id:
-                    by_node.setdefault(t.node_id, []).append(sp)
-        for nid, items in by_node.items():
-            self._notify(nid, "start", {"tasks": items})
+    # -- pushes (the NodeChannel port) ----------------------------------------------
+    def push_start(self, node_id: str, specs: list[dict[str, Any]]) -> None:
+        self._notify(node_id, "start", {"tasks": specs})
 
     def push_stop(self, node_id: str, task_ids: list[str]) -> None:
-        self._notify(node_id, "stop", {"tasks": task_ids, "grace_s": self.m.cfg.kill_grace_s})
+        self._notify(node_id, "stop", {"tasks": task_ids, "grace_s": self._cfg.kill_grace_s})
+
+    def is_connected(self, node_id: str) -> bool:
+        conn = self.conns.get(node_id)
+        return conn is not None and not conn.is_closing()
+
+    async def stream(self, node_id: str, method: str, args: dict[str, Any]) -> AsyncIterator[Any]:
+        agent = self.conns.get(node_id)
+        if agent is None or agent.is_closing():
+            raise RpcError("unavailable", "the host is not connected")
+        async for item in agent.stream(method, args):
+            yield item
 
     def _notify(self, nid: str, method: str, args: dict[str, Any]) -> None:
         conn = self.conns.get(nid)

@@ -6,16 +6,16 @@ error line, and writes every mutating call to the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
 import logging
 import math
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import scheduler as sch
 from raft import snapshot as snapfile
@@ -25,6 +25,7 @@ from raft.model import FINAL_JOB_STATES
 from raft.validate import SpecError, validate_name, validate_spec
 
 from . import health, views
+from .apictx import ApiContext
 from .auth import require
 from .wire.connection import Connection, Handler
 from .wire.errors import (
@@ -38,13 +39,10 @@ from .wire.errors import (
 )
 from .wire.tokens import cluster_psk, new_token
 
-if TYPE_CHECKING:
-    from .master import Master
-
 log = logging.getLogger("lepton.master")
 MAX_DRAIN_DEADLINE_S = 366 * 86400
 RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
-Method = Callable[["Master", Connection, dict[str, Any]], Awaitable[Any]]
+Method = Callable[[ApiContext, Connection, dict[str, Any]], Awaitable[Any]]
 _REGISTRY: dict[str, tuple[Method, str, bool, bool]] = {}
 
 
@@ -58,7 +56,7 @@ def method(
     return deco
 
 
-def handlers(m: Master) -> dict[str, Handler]:
+def handlers(m: ApiContext) -> dict[str, Handler]:
     out: dict[str, Handler] = {}
     for name, (fn, role, mutating, stream) in _REGISTRY.items():
         call = _stream if stream else _call
@@ -67,7 +65,7 @@ def handlers(m: Master) -> dict[str, Handler]:
 
 
 async def _stream(
-    m: Master, name: str, fn: Method, role: str, mutating: bool, conn: Connection, args: Any
+    m: ApiContext, name: str, fn: Method, role: str, mutating: bool, conn: Connection, args: Any
 ) -> Any:
     gen = await _call(m, name, fn, role, mutating, conn, args)
     async for item in gen:
@@ -75,9 +73,8 @@ async def _stream(
 
 
 async def _call(
-    m: Master, name: str, fn: Method, role: str, mutating: bool, conn: Connection, args: Any
+    m: ApiContext, name: str, fn: Method, role: str, mutating: bool, conn: Connection, args: Any
 ) -> Any:
-    assert m.keys is not None
     user, have = m.keys.identity(conn.key_id)
     if not have:
         raise RpcError("unauthenticated", "this token has been revoked")
@@ -140,14 +137,9 @@ def _target(args: dict[str, Any]) -> Any:
     return None
 
 
-def _lock(m: Master) -> Any:
-    assert m.raft is not None
-    return m.raft.lock
-
-
 # -- jobs -----------------------------------------------------------------------
 @method("submit", "submit", mutating=True)
-async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     m.disk.check_new_work()
     try:
@@ -161,10 +153,8 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         raise RpcError(
             FORBIDDEN, f"priority {spec.priority} is above the cap for {user} ({cap}); ask an admin"
         )
-    if spec.workdir is not None:
-        with _lock(m):
-            if spec.workdir not in m.state.manifests:
-                raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded")
+    if spec.workdir is not None and spec.workdir not in m.view().manifests:
+        raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded")
     rid = a.get("rid")
     if not isinstance(rid, str) or not 8 <= len(rid) <= 64:
         raise RpcError(BAD_REQUEST, "submit needs a request id (8-64 characters)")
@@ -176,9 +166,8 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "name": name,
         "user": user,
         "spec": spec.to_wire(),
-        "submitted_at": time.time(),
+        "submitted_at": m.clock.now(),
     }
-    assert m.submits is not None
     res = await m.submits.submit(item)
     if "error" in res:
         raise RpcError(res["error"]["code"], res["error"]["message"])
@@ -186,39 +175,37 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 
 @method("jobs", "read")
-async def jobs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     # `local`: this master's own replica, e.g. to check that a follower has caught up.
     if not a.get("local"):
         _prefer_leader(m)
     limit = int(a.get("limit") or 1000)
     want_all = bool(a.get("all"))
-    with _lock(m):
-        js = [
-            j
-            for j in m.state.jobs.values()
-            if want_all
-            or j.state not in FINAL_JOB_STATES
-            or (j.finished_at or 0) > time.time() - 3600
-        ]
-        js = js[-limit:]
-        return [views.job_summary(j) for j in js]
+    recent = m.clock.now() - 3600
+    js = [
+        j
+        for j in m.view().jobs.values()
+        if want_all or j.state not in FINAL_JOB_STATES or (j.finished_at or 0) > recent
+    ]
+    js = js[-limit:]
+    return [views.job_summary(j) for j in js]
 
 
 @method("status", "read")
-async def status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     _prefer_leader(m)
     jid = str(a.get("job_id", ""))
-    reasons = m.controllers.reasons if m.controllers else {}
-    with _lock(m):
-        job = m.state.jobs.get(jid)
-        if job is None:
-            raise RpcError(NOT_FOUND, f"no job {jid!r}")
-        out = views.job_summary(job)
-        full = _may_read(conn, job.user)
-        out["spec"] = job.spec if full else views.redacted_spec(job)
-        out["tasks"] = [views.task_detail(m.state, m.state.tasks[t]) for t in job.tasks]
+    reasons = m.scheduling.reasons
+    s = m.view()
+    job = s.jobs.get(jid)
+    if job is None:
+        raise RpcError(NOT_FOUND, f"no job {jid!r}")
+    out = views.job_summary(job)
+    full = _may_read(conn, job.user)
+    out["spec"] = job.spec if full else views.redacted_spec(job)
+    out["tasks"] = [views.task_detail(s, s.tasks[t]) for t in job.tasks]
     if full:
-        _audit_read(m, conn, job.id, job.user, "status")  # off the Raft lock: file I/O
+        _audit_read(m, conn, job.id, job.user, "status")
     for t in out["tasks"]:
         if t["state"] == "pending" and t["id"] in reasons:
             t["reason"] = reasons[t["id"]]
@@ -229,7 +216,7 @@ async def status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 
 @method("cancel", "submit", mutating=True)
-async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     return await m.propose(
         "cancel_job",
@@ -237,7 +224,7 @@ async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
             "job_id": str(a.get("job_id", "")),
             "user": conn.context["user"],
             "admin": conn.context["role"] == "admin",
-            "now": time.time(),
+            "now": m.clock.now(),
         },
         rid=_rid(conn, a, "cancel"),
         wake=True,
@@ -245,19 +232,19 @@ async def cancel(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 
 @method("logs", "read", stream=True)
-async def logs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """Stream a task's output from its agent, through the leader."""
     m.ensure_leader()
     jid = str(a.get("job_id", ""))
     rank = int(a.get("rank") or 0)
-    with _lock(m):
-        job = m.state.jobs.get(jid)
-        if job is None:
-            raise RpcError(NOT_FOUND, f"no job {jid!r}")
-        if not 0 <= rank < len(job.tasks):
-            raise RpcError(BAD_REQUEST, f"job {jid} has ranks 0-{len(job.tasks) - 1}")
-        t = m.state.tasks[job.tasks[rank]]
-        node_id, attempt, state = t.node_id, t.attempt, t.state
+    s = m.view()
+    job = s.jobs.get(jid)
+    if job is None:
+        raise RpcError(NOT_FOUND, f"no job {jid!r}")
+    if not 0 <= rank < len(job.tasks):
+        raise RpcError(BAD_REQUEST, f"job {jid} has ranks 0-{len(job.tasks) - 1}")
+    t = s.tasks[job.tasks[rank]]
+    node_id, attempt, state = t.node_id, t.attempt, t.state
     if not _may_read(conn, job.user):
         raise RpcError(
             FORBIDDEN,
@@ -266,8 +253,7 @@ async def logs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     _audit_read(m, conn, jid, job.user, "logs")
     if node_id is None or attempt == 0:
         raise RpcError("not_started", f"task {rank} of {jid} has not started yet ({state})")
-    agent = m.agents.conns.get(node_id)
-    if agent is None or agent.is_closing():
+    if not m.channel.is_connected(node_id):
         raise RpcError(
             "unavailable", f"the host of task {rank} is not connected; its output is kept there"
         )
@@ -277,7 +263,7 @@ async def logs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "offset": int(a.get("offset") or 0),
         "follow": bool(a.get("follow")),
     }
-    return _relay(agent, args)
+    return m.channel.stream(node_id, "logs", args)
 
 
 def _may_read(conn: Connection, owner: str) -> bool:
@@ -286,48 +272,35 @@ def _may_read(conn: Connection, owner: str) -> bool:
     return bool(owner == conn.context["user"] or conn.context["role"] == "admin")
 
 
-def _audit_read(m: Master, conn: Connection, job_id: str, owner: str, what: str) -> None:
+def _audit_read(m: ApiContext, conn: Connection, job_id: str, owner: str, what: str) -> None:
     """Every read of another user's job by an admin goes to the audit log."""
     user, role = conn.context["user"], conn.context["role"]
     if owner != user:
         m.audit.record(user, role, what, job_id, f"ok: read the job of {owner}")
 
 
-async def _relay(agent: Connection, args: dict[str, Any]) -> Any:
-    async for item in agent.stream("logs", args):
-        yield item
-
-
 @method("queue", "read")
-async def queue(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def queue(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     _prefer_leader(m)
-    with _lock(m):
-        nodes, allocs, pending = views.scheduler_inputs(m.state)
-    policy = m.controllers.policy if m.controllers else sch.Policy()
+    nodes, allocs, pending = views.scheduler_inputs(m.view())
+    policy = m.scheduling.policy
     return [asdict(u) for u in sch.queue_report(nodes, allocs, pending, policy)]
 
 
 # -- nodes ------------------------------------------------------------------------
 @method("nodes", "read")
-async def nodes(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def nodes(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     _prefer_leader(m)
-    now = time.monotonic()
-    with _lock(m):
-        out = []
-        for n in m.state.nodes.values():
-            live = m.agents.live.get(n.id)
-            if live is not None:
-                live = dict(live, age_s=round(now - live["at"], 1))
-            out.append(views.node_summary(m.state, n, live))
-    return out
+    s = m.view()
+    return [views.node_summary(s, n, m.liveness.stats(n.id)) for n in s.nodes.values()]
 
 
-def _find_node(m: Master, ref: Any) -> str:
+def _find_node(m: ApiContext, ref: Any) -> str:
     ref = str(ref or "")
-    with _lock(m):
-        if ref in m.state.nodes:
-            return ref
-        hits = [n.id for n in m.state.nodes.values() if n.name == ref]
+    s = m.view()
+    if ref in s.nodes:
+        return ref
+    hits = [n.id for n in s.nodes.values() if n.name == ref]
     if len(hits) == 1:
         return hits[0]
     raise RpcError(
@@ -337,14 +310,14 @@ def _find_node(m: Master, ref: Any) -> str:
 
 
 @method("node_drain", "admin", mutating=True)
-async def node_drain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def node_drain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """Stop placing work on a node. With `deadline_s`, tasks still running on it
     that many seconds from now are stopped and requeued (the controllers' drain
     loop does it); without, they run to completion."""
     m.ensure_leader()
     deadline_s = _drain_deadline_s(a.get("deadline_s"))
     nid = _find_node(m, a.get("node"))
-    now = time.time()
+    now = m.clock.now()
     args: dict[str, Any] = {
         "node_id": nid,
         "state": "draining",
@@ -373,19 +346,19 @@ def _drain_deadline_s(v: Any) -> float | None:
 
 
 @method("node_undrain", "admin", mutating=True)
-async def node_undrain(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def node_undrain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     nid = _find_node(m, a.get("node"))
     return await m.propose(
         "node_state",
-        {"node_id": nid, "state": "ready", "now": time.time()},
+        {"node_id": nid, "state": "ready", "now": m.clock.now()},
         rid=_rid(conn, a, "node_undrain"),
         wake=True,
     )
 
 
 @method("node_rm", "admin", mutating=True)
-async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """Forget a node and revoke its credential; its agent's live connection is
     closed, and it cannot connect again (it needs a new join token to rejoin).
     A node id that only a credential still names (its agent deregistered
@@ -398,33 +371,29 @@ async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         res = await m.propose("remove_node", {}, rid=rid)
     else:
         ref = str(a.get("node") or "")
-        with _lock(m):
-            orphan = ref not in m.state.nodes and ref in m.state.node_cred_of
+        s = m.view()
+        orphan = ref not in s.nodes and ref in s.node_cred_of
         nid = ref if orphan else _find_node(m, ref)
         res = await m.propose(
             "remove_node",
-            {"node_id": nid, "now": time.time(), "force": bool(a.get("force")), "revoke": True},
+            {"node_id": nid, "now": m.clock.now(), "force": bool(a.get("force")), "revoke": True},
             rid=rid,
         )
     cred = res.get("revoked")
-    assert m.rpc is not None
-    for c in list(m.rpc.connections):
-        if cred and c.key_id == cred:
-            c.close()
+    if cred:
+        m.close_connections(cred)
     return res
 
 
 # -- cluster ----------------------------------------------------------------------
 @method("cluster_status", "read")
-async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """The cluster as this master sees it. With `health`, each other master is
     also asked for its own health (disk, journal, leader), and `problems`
     lists what is wrong anywhere, in words."""
-    assert m.raft is not None
     st = m.raft.status()
     mine = m.health(st)
-    with _lock(m):
-        members = {k: v.to_wire() for k, v in m.state.members.items()}
+    members = {k: v.to_wire() for k, v in m.view().members.items()}
     for mb in st.get("members", []):
         info = members.get(mb.get("addr"), {})
         mb["rpc_addr"] = info.get("rpc_addr", "")
@@ -450,26 +419,24 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "has_quorum": mine["quorum"],
         "health": mine,
         "problems": problems,
-        "blocks": m.blocks.stats(),
+        "blocks": m.block_stats(),
     }
 
 
 @method("cluster_add", "admin", mutating=True)
-async def cluster_add(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def cluster_add(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """Add a running master. raft.membership lists the checks made before
     anything is proposed (address, one change at a time, the Raft
     handshake, a quorum of reachable members afterwards)."""
     m.ensure_leader()
-    assert m.raft is not None
     addr = str(a.get("addr", ""))
     await _membership(m, m.raft.add_member(addr, timeout_s=m.cfg.commit_timeout_s * 2))
     return {"added": addr}
 
 
 @method("cluster_remove", "admin", mutating=True)
-async def cluster_remove(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def cluster_remove(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    assert m.raft is not None
     addr = str(a.get("addr", ""))
     if addr == m.cfg.raft_addr:
         raise RpcError(
@@ -481,7 +448,7 @@ async def cluster_remove(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     return {"removed": addr}
 
 
-async def _membership(m: Master, change: Awaitable[None]) -> None:
+async def _membership(m: ApiContext, change: Awaitable[None]) -> None:
     """Run a membership change; its refusals and failures are one line each."""
     try:
         await change
@@ -499,19 +466,21 @@ async def _membership(m: Master, change: Awaitable[None]) -> None:
 
 # -- backups ---------------------------------------------------------------------
 @method("snapshot_save", "admin")
-async def snapshot_save(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def snapshot_save(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     _prefer_leader(m)
-    with _lock(m):
-        data = m.state.snapshot()
-        index = m.state.applied_index
+    # The view is encoded off the event loop and with no lock held: a large
+    # state takes seconds to encode, and apply goes on meanwhile.
+    s = m.reader.snapshot_view()
+    index = s.applied_index
+    data = await asyncio.to_thread(lambda: snapfile.encode_snapshot(s.encode(), {"index": index}))
     return {
-        "data": snapfile.encode_snapshot(data, {"index": index}),
+        "data": data,
         "index": index,
     }
 
 
 @method("snapshot_restore", "admin", mutating=True)
-async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def snapshot_restore(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     blob = a.get("data")
     if not isinstance(blob, bytes):
@@ -544,9 +513,8 @@ async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> An
 
 # -- tokens ---------------------------------------------------------------------
 @method("token_create", "admin", mutating=True)
-async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def token_create(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    assert m.keys is not None
     role = a.get("role")
     if role not in ("admin", "submit", "read"):
         raise RpcError(BAD_REQUEST, "role must be admin, submit or read")
@@ -557,15 +525,20 @@ async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     tok = new_token()
     res = await m.propose(
         "token_create",
-        {"id": tok.id, "name": name, "role": role, "sealed": m.keys.seal(tok), "now": time.time()},
+        {
+            "id": tok.id,
+            "name": name,
+            "role": role,
+            "sealed": m.keys.seal(tok),
+            "now": m.clock.now(),
+        },
         rid=_rid(conn, a, "token_create"),
     )
     if res["id"] != tok.id:
         # A retry of a call that made its token already: answer with that one,
         # so no token is made that nobody holds.
         made = m.keys.token(res["id"])
-        with _lock(m):
-            rec = m.state.tokens.get(res["id"])
+        rec = m.view().tokens.get(res["id"])
         if made is None or rec is None:
             raise RpcError("internal", f"token {res['id']} was made but cannot be read back")
         tok, name, role = made, rec.name, rec.role
@@ -573,47 +546,38 @@ async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 
 
 @method("token_ls", "admin")
-async def token_ls(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
-    with _lock(m):
-        return [
-            {
-                "id": t.id,
-                "name": t.name,
-                "role": t.role,
-                "created_at": t.created_at,
-                "revoked": t.revoked,
-            }
-            for t in m.state.tokens.values()
-        ]
+async def token_ls(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    return [
+        {
+            "id": t.id,
+            "name": t.name,
+            "role": t.role,
+            "created_at": t.created_at,
+            "revoked": t.revoked,
+        }
+        for t in m.view().tokens.values()
+    ]
 
 
 @method("token_revoke", "admin", mutating=True)
-async def token_revoke(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def token_revoke(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     res = await m.propose(
         "token_revoke", {"id": str(a.get("id", ""))}, rid=_rid(conn, a, "token_revoke")
     )
     # Close live connections made with that token.
-    assert m.rpc is not None
-    for c in list(m.rpc.connections):
-        if c.key_id == res["id"]:
-            c.close()
+    m.close_connections(res["id"])
     return res
 
 
 @method("whoami", "read")
-async def whoami(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def whoami(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return {"user": conn.context.get("user"), "role": conn.context.get("role")}
 
 
-def _prefer_leader(m: Master) -> None:
+def _prefer_leader(m: ApiContext) -> None:
     """Reads go to the leader when one is known, so a client reads its own writes."""
     if not m.is_leader():
         addr = m.leader_rpc_addr()
         if addr and addr != m.cfg.rpc_addr:
             raise m.not_leader()
-
-
-# The node credential RPCs live in their own module; importing it registers
-# them in the table above.
-from . import joins  # noqa: E402, F401

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,10 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from raft.state import ClusterState
+from raft.view import StateView
 
+from .clock import REAL, Clock
+from .ports import StateReader
 from .wire.errors import FORBIDDEN, RpcError
 from .wire.tokens import ADMIN_TOKEN_ID, CLUSTER_KEY_ID, Token, cluster_psk, derive
 
@@ -34,12 +35,11 @@ class KeyStore:
     the cluster secret, so a leaked snapshot alone gives no working token.
     """
 
-    def __init__(self, cluster_secret: bytes, admin: Token, state: ClusterState, lock: Any) -> None:
+    def __init__(self, cluster_secret: bytes, admin: Token, reader: StateReader) -> None:
         self._cluster_psk = cluster_psk(cluster_secret)
         self._seal_key = AESGCM(derive(cluster_secret, b"leptond token seal"))
         self._admin = admin
-        self._state = state
-        self._lock = lock
+        self._reader = reader
         self._cache: dict[str, bytes] = {}
 
     def psk(self, key_id: str) -> bytes | None:
@@ -47,8 +47,7 @@ class KeyStore:
             return self._cluster_psk
         if key_id == ADMIN_TOKEN_ID:
             return self._admin.psk
-        with self._lock:
-            sealed = self._sealed(key_id)
+        sealed = self._sealed(self._reader.view(), key_id)
         if sealed is None:
             self._cache.pop(key_id, None)
             return None
@@ -64,12 +63,10 @@ class KeyStore:
 
     def token(self, key_id: str) -> Token | None:
         """The whole user token with this id, unsealed from the replicated state."""
-        with self._lock:
-            tok = self._state.tokens.get(key_id)
-            if tok is None:
-                return None
-            sealed = tok.sealed
-        secret = self._unseal(key_id, sealed)
+        tok = self._reader.view().tokens.get(key_id)
+        if tok is None:
+            return None
+        secret = self._unseal(key_id, tok.sealed)
         return None if secret is None else Token(key_id, secret)
 
     def _unseal(self, key_id: str, sealed: bytes) -> bytes | None:
@@ -78,13 +75,13 @@ class KeyStore:
         except (InvalidTag, ValueError):
             return None
 
-    def _sealed(self, key_id: str) -> bytes | None:
-        """The sealed secret of a live key id (caller holds the lock).
+    @staticmethod
+    def _sealed(s: StateView, key_id: str) -> bytes | None:
+        """The sealed secret of a live key id.
 
         An expired join token still opens its handshake: node_join then says
         in words that it expired, instead of a bare refused connection.
         """
-        s = self._state
         tok = s.tokens.get(key_id)
         if tok is not None:
             return None if tok.revoked else tok.sealed
@@ -108,18 +105,17 @@ class KeyStore:
             return "cluster", "cluster"
         if key_id == ADMIN_TOKEN_ID:
             return "admin", "admin"
-        with self._lock:
-            s = self._state
-            tok = s.tokens.get(key_id)
-            if tok is not None:
-                return ("", "") if tok.revoked else (tok.name, tok.role)
-            jt = s.join_tokens.get(key_id)
-            if jt is not None:
-                return ("", "") if jt.revoked else (jt.id, "join")
-            cred = s.node_creds.get(key_id)
-            if cred is not None:
-                return cred.node_id, "node"
-            return "", ""
+        s = self._reader.view()
+        tok = s.tokens.get(key_id)
+        if tok is not None:
+            return ("", "") if tok.revoked else (tok.name, tok.role)
+        jt = s.join_tokens.get(key_id)
+        if jt is not None:
+            return ("", "") if jt.revoked else (jt.id, "join")
+        cred = s.node_creds.get(key_id)
+        if cred is not None:
+            return cred.node_id, "node"
+        return "", ""
 
 
 _REFUSALS = {
@@ -151,8 +147,9 @@ def require(ctx: dict[str, Any], role: str, is_revoked: Callable[[], bool] | Non
 class AuditLog:
     """Append-only JSON lines: who, what, when, result. One file per master."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Clock = REAL) -> None:
         self.path = path
+        self._clock = clock
         self._lock = threading.Lock()
         self._f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the master
         os.chmod(path, 0o600)
@@ -160,7 +157,7 @@ class AuditLog:
     def record(self, who: str, role: str, action: str, target: Any, result: str) -> None:
         line = json.dumps(
             {
-                "ts": round(time.time(), 3),
+                "ts": round(self._clock.now(), 3),
                 "who": who,
                 "role": role,
                 "action": action,

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from raft.model import LIVE_TASK_STATES
+from raft.view import StateView
 
 from .auth import require
 from .blocks import (
@@ -36,25 +36,50 @@ from .blocks import (
     validate_manifest,
 )
 from .blocks.manifest import MAX_BLOCK_SIZE, check_manifest_size, is_block_id
-from .disk import mib
+from .clock import Clock
+from .config import MasterConfig
+from .disk import DiskGuard, mib
+from .ports import LeaderStatus, Proposer, StateReader
 from .uploads import UploadLedger
 from .wire.client import parse_addr
 from .wire.connection import Connection, Handler, open_connection
 from .wire.errors import BAD_REQUEST, FORBIDDEN, NO_QUORUM, RpcError
 from .wire.tokens import CLUSTER_KEY_ID, cluster_psk
 
-if TYPE_CHECKING:
-    from .master import Master
-
 log = logging.getLogger("lepton.master")
 MAX_IDS = 100_000
+# Unreferenced blocks stay this long: an upload in progress has no manifest yet.
+BLOCK_RETENTION_S = 24 * 3600.0
+BLOCK_GC_INTERVAL_S = 600.0
 T = TypeVar("T")
 
 
+class Peers(Protocol):
+    """The other masters (members.Members)."""
+
+    def raft_peers(self) -> list[str]: ...
+
+    def peer_rpc_addrs(self) -> list[str]: ...
+
+
 class BlockService:
-    def __init__(self, m: Master) -> None:
-        self.m = m
-        cfg = m.cfg
+    def __init__(
+        self,
+        cfg: MasterConfig,
+        secret: bytes,
+        proposer: Proposer,
+        reader: StateReader,
+        leader: LeaderStatus,
+        disk: DiskGuard,
+        peers: Peers,
+        clock: Clock,
+    ) -> None:
+        self._proposer = proposer
+        self._reader = reader
+        self._leader = leader
+        self._disk = disk
+        self._peers_of = peers
+        self._clock = clock
         self.store = BlockStore(
             cfg.data_dir / "blocks",
             cache_bytes=cfg.block_cache_bytes,
@@ -63,7 +88,7 @@ class BlockService:
         )
         self.quota_bytes = cfg.upload_quota_bytes
         self.ledger = UploadLedger(cfg.data_dir / "block-owners.log", set(self.store.ids()))
-        self._psk = cluster_psk(m.secret)
+        self._psk = cluster_psk(secret)
         self._peers: dict[str, Connection] = {}
         self._pushes: set[asyncio.Task[None]] = set()
         # BlockStore is single-owner: its disk I/O runs on one worker thread,
@@ -74,6 +99,9 @@ class BlockService:
         # node id -> blocks the leader served it: what its cache likely holds,
         # for cache-aware placement. Leader memory only; a guess, never a promise.
         self.node_blocks: dict[str, set[str]] = {}
+        # manifest id -> its block ids, computed once per manifest (a
+        # manifest id fixes its content).
+        self._block_sets: dict[str, frozenset[str]] = {}
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -92,14 +120,14 @@ class BlockService:
 
     async def blocks_missing(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
-        self.m.ensure_leader()
+        self._leader.ensure_leader()
         ids = _ids(a)
         return {"missing": self.store.missing(ids)}
 
     async def block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
-        self.m.ensure_leader()
-        self.m.disk.check_new_work()
+        self._leader.ensure_leader()
+        self._disk.check_new_work()
         bid, data = self._unpack(a)
         user = str(conn.context.get("user") or "?")
         await self._io(self._put, bid, data, user, True)
@@ -116,7 +144,7 @@ class BlockService:
 
     async def _early_push(self, bid: str, payload: bytes, compressed: bool, user: str) -> None:
         async with self._push_slots:
-            for addr in self.m.peer_rpc_addrs():
+            for addr in self._peers_of.peer_rpc_addrs():
                 try:
                     conn = await self._peer(addr)
                     await conn.call(
@@ -129,8 +157,8 @@ class BlockService:
 
     async def manifest_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
-        self.m.ensure_leader()
-        self.m.disk.check_new_work()
+        self._leader.ensure_leader()
+        self._disk.check_new_work()
         try:
             manifest = validate_manifest(a.get("manifest") if isinstance(a, dict) else None)
             check_manifest_size(manifest)  # it must fit in one Raft entry
@@ -144,7 +172,9 @@ class BlockService:
             await asyncio.wait(list(self._pushes), timeout=60)
         await self._replicate(ids)
         mid = manifest_id(manifest)
-        await self.m.propose("put_manifest", {"id": mid, "manifest": dict(manifest)}, timeout_s=30)
+        await self._proposer.propose(
+            "put_manifest", {"id": mid, "manifest": dict(manifest)}, timeout_s=30
+        )
         return {"id": mid, "blocks": len(ids)}
 
     async def _replicate(self, ids: list[str]) -> None:
@@ -152,11 +182,11 @@ class BlockService:
         # The majority is of the Raft members, whether or not their RPC
         # addresses are known yet: a follower that has not announced one
         # cannot count towards it.
-        total = len(self.m.raft_peers()) + 1
+        total = len(self._peers_of.raft_peers()) + 1
         need = total // 2  # peers besides this master that must hold every block
         if need <= 0:
             return
-        peers = self.m.peer_rpc_addrs()
+        peers = self._peers_of.peer_rpc_addrs()
         results = await asyncio.gather(
             *(self._push_to(addr, ids) for addr in peers), return_exceptions=True
         )
@@ -206,7 +236,7 @@ class BlockService:
 
     async def peer_block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "cluster")
-        self.m.disk.check_new_work()
+        self._disk.check_new_work()
         bid, data = self._unpack(a)
         # The leader checked the uploader's quota; here the upload is charged
         # to them too, so that whichever master leads next knows their usage.
@@ -242,20 +272,18 @@ class BlockService:
     def _for_own_task(self, nid: str, bid: str) -> bool:
         """Whether the block is in the workdir of a live task placed on the node:
         an agent reads its own tasks' files, never another node's."""
-        assert self.m.raft is not None
-        s = self.m.state
-        with self.m.raft.lock:
-            manifests = {}
-            for tid in s.node_tasks.get(nid, ()):
-                t = s.tasks[tid]
-                mid = s.jobs[t.job_id].spec.get("workdir") if t.state in LIVE_TASK_STATES else None
-                if mid and mid in s.manifests:
-                    manifests[mid] = s.manifests[mid]
-        return any(bid in self.m.blocks_of(mid, man) for mid, man in manifests.items())
+        s = self._reader.view()
+        manifests = {}
+        for tid in s.node_tasks.get(nid, ()):
+            t = s.tasks[tid]
+            mid = s.jobs[t.job_id].spec.get("workdir") if t.state in LIVE_TASK_STATES else None
+            if mid and mid in s.manifests:
+                manifests[mid] = s.manifests[mid]
+        return any(bid in self.blocks_of(mid, man) for mid, man in manifests.items())
 
     async def _fetch_from_peers(self, bid: str) -> bytes:
         """A master missing a block (say, a new leader outside the upload's majority) asks its peers."""
-        for addr in self.m.peer_rpc_addrs():
+        for addr in self._peers_of.peer_rpc_addrs():
             try:
                 conn = await self._peer(addr)
                 res = await conn.call("peer_block_get", {"id": bid}, timeout_s=30)
@@ -308,12 +336,38 @@ class BlockService:
             self.ledger.charge(bid, user, len(data))
 
     async def collect_garbage(self, retention_s: float) -> int:
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            keep: set[str] = set()
-            for man in self.m.state.manifests.values():
-                keep.update(manifest_blocks(man))  # type: ignore[arg-type]
-        return await self._io(self._collect, keep, retention_s, time.time())
+        keep: set[str] = set()
+        for man in self._reader.view().manifests.values():
+            keep.update(manifest_blocks(man))  # type: ignore[arg-type]
+        return await self._io(self._collect, keep, retention_s, self._clock.now())
+
+    async def collect_garbage_forever(self) -> None:
+        """Every master, now and then: drop blocks no workdir needs any more."""
+        while True:
+            await self._clock.sleep(BLOCK_GC_INTERVAL_S)
+            try:
+                removed = await self.collect_garbage(BLOCK_RETENTION_S)
+                if removed:
+                    log.info("removed %d block(s) no workdir needs", removed)
+            except OSError as exc:
+                log.warning("block garbage collection: %s", exc)
+
+    # -- what the scheduler knows of blocks (controllers.BlockInfo) -------------------
+    def cached_sets(self) -> dict[str, frozenset[str]]:
+        return {nid: frozenset(b) for nid, b in self.node_blocks.items()}
+
+    def block_sets(self, view: StateView) -> dict[str, frozenset[str]]:
+        """Block ids of each manifest in the view, computed once per manifest."""
+        for mid, man in view.manifests.items():
+            self.blocks_of(mid, man)
+        return self._block_sets
+
+    def blocks_of(self, mid: str, manifest: Any) -> frozenset[str]:
+        """Block ids of one manifest (content-addressed: the id fixes the content)."""
+        ids = self._block_sets.get(mid)
+        if ids is None:
+            ids = self._block_sets[mid] = frozenset(manifest_blocks(manifest))
+        return ids
 
     def _collect(self, keep: set[str], retention_s: float, now: float) -> int:
         removed = self.store.collect_garbage(keep, retention_s, now)

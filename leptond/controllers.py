@@ -1,140 +1,135 @@
 """Leader-only reconcile loops: liveness, scheduling, membership upkeep.
 
-They start when this master becomes leader (after its log is applied) and stop
-when it is not; each loop logs, counts and keeps going after its own errors.
+Each method named `*_pass` is one pass of a loop; leadership.py runs them,
+only while this master leads (after its log is applied). A pass reads an
+immutable view of the state (StateReader), decides, and commits through
+the Proposer; it never holds the apply lock. Everything it needs comes in
+as a port (leptond/ports.py), so a simulation can run the same passes on a
+virtual clock against a model Raft log and simulated agents.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import scheduler as sch
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
-from raft.model import LIVE_TASK_STATES
+from raft.view import StateView
 
 from . import views
+from .clock import Clock, wait_event
+from .config import MasterConfig
+from .liveness import NodeLiveness
+from .ports import NodeChannel, Proposer, StateReader
 from .wire.errors import RpcError
-
-if TYPE_CHECKING:
-    from .master import Master
 
 log = logging.getLogger("lepton.master")
 FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
+IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
+MEMBERS_EVERY_S = 60.0
+
+
+class BlockInfo(Protocol):
+    """What the scheduler knows of workdir blocks (blockservice.BlockService)."""
+
+    def cached_sets(self) -> dict[str, frozenset[str]]:
+        """Node id -> blocks its cache likely holds."""
+        ...
+
+    def block_sets(self, view: StateView) -> dict[str, frozenset[str]]:
+        """Manifest id -> its block ids."""
+        ...
 
 
 class Controllers:
-    def __init__(self, master: Master) -> None:
-        self.m = master
-        self.active = False
-        self._tasks: list[asyncio.Task[None]] = []
-        self._wake = asyncio.Event()
+    def __init__(
+        self,
+        cfg: MasterConfig,
+        proposer: Proposer,
+        reader: StateReader,
+        channel: NodeChannel,
+        liveness: NodeLiveness,
+        blocks: BlockInfo,
+        wakeup: asyncio.Event,
+        clock: Clock,
+    ) -> None:
+        """`wakeup` is set by whoever committed something the scheduler should
+        look at (the Proposer, with wake=True)."""
+        self._cfg = cfg
+        self._proposer = proposer
+        self._reader = reader
+        self._channel = channel
+        self._liveness = liveness
+        self._blocks = blocks
+        self._wake = wakeup
+        self._clock = clock
         self.reasons: dict[str, str] = {}
         self.preempting: dict[str, set[str]] = {}  # pending task -> victims still stopping
         self._stuck: set[str] = set()  # left pending by the passes since the last full one
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
-        self.errors = 0
         self.plans = 0
-        self.start_latencies: list[float] = []
         self.policy = sch.Policy(
-            preemption=master.cfg.preemption,
-            quotas=dict(master.cfg.quotas),
-            no_preempt_only_within_quota=master.cfg.no_preempt != "always",
+            preemption=cfg.preemption,
+            quotas=dict(cfg.quotas),
+            no_preempt_only_within_quota=cfg.no_preempt != "always",
         )
 
-    async def start(self) -> None:
-        if self.active:
-            return
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            node_ids = list(self.m.state.nodes)
-        self.m.agents.reset(node_ids)
-        self.active = True
-        loop = asyncio.get_running_loop()
-        for name, fn in (
-            ("liveness", self._liveness),
-            ("drains", self._drain_deadlines),
-            ("scheduler", self._scheduling),
-            ("members", self._members),
-        ):
-            self._tasks.append(loop.create_task(self._forever(name, fn)))
-        self.wake()
-
-    async def stop(self) -> None:
-        self.active = False
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        await self.m.agents.stop()
+    def reset(self) -> None:
+        """A new term of leadership: nothing remembered from an earlier one
+        (another leader may have placed, preempted or freed anything since)."""
+        self.reasons, self.preempting, self._stuck = {}, {}, set()
+        self._epoch, self._last_full = -1, 0.0
 
     def wake(self) -> None:
         self._wake.set()
 
-    async def _forever(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-        while self.active:
-            try:
-                await fn()
-            except asyncio.CancelledError:
-                raise
-            except RpcError as exc:
-                self.errors += 1
-                log.warning("%s: %s", name, exc)
-                await asyncio.sleep(0.5)
-            except Exception:
-                self.errors += 1
-                log.exception("%s loop failed; restarting it", name)
-                await asyncio.sleep(0.5)
-
     # -- liveness ---------------------------------------------------------------
-    async def _liveness(self) -> None:
-        ttl = self.m.cfg.heartbeat_ttl_s
-        await asyncio.sleep(min(0.5, ttl / 4))
-        now = time.monotonic()
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            nodes = [(n.id, n.name) for n in self.m.state.nodes.values() if n.state != "down"]
+    async def liveness_pass(self) -> None:
+        ttl = self._cfg.heartbeat_ttl_s
+        await self._clock.sleep(min(0.5, ttl / 4))
+        nodes = [(n.id, n.name) for n in self._reader.view().nodes.values() if n.state != "down"]
         for nid, name in nodes:
-            seen = self.m.agents.last_seen.setdefault(nid, now)
-            if now - seen > ttl:
-                log.warning("node %s silent for %.1fs: marking it down", name, now - seen)
-                res = await self.m.propose(
+            silent = self._liveness.silent_for(nid)
+            if silent > ttl:
+                log.warning("node %s silent for %.1fs: marking it down", name, silent)
+                res = await self._proposer.propose(
                     "node_down",
-                    {"node_id": nid, "now": time.time(), "reason": f"no heartbeat for {ttl:g}s"},
+                    {
+                        "node_id": nid,
+                        "now": self._clock.now(),
+                        "reason": f"no heartbeat for {ttl:g}s",
+                    },
+                    wake=True,
                 )
                 if res.get("lost"):
                     log.warning("node %s down: %d task(s) lost", name, len(res["lost"]))
-                self.wake()
 
     # -- drain deadlines ----------------------------------------------------------
-    async def _drain_deadlines(self) -> None:
+    async def drain_pass(self) -> None:
         """Stop what still runs on a draining node once its deadline has passed.
 
         The stops travel like a preemption's (SIGTERM, the kill grace, SIGKILL,
         through the agent) and each task goes back to pending without spending
         a retry. Apply checks the deadline again with the `now` proposed here.
         """
-        await asyncio.sleep(DRAIN_CHECK_EVERY_S)
-        now = time.time()
-        assert self.m.raft is not None
-        s = self.m.state
-        with self.m.raft.lock:
-            due = [
-                (n.id, n.name)
-                for n in s.nodes.values()
-                if n.state == "draining"
-                and n.drain_deadline is not None
-                and n.drain_deadline <= now
-                and s.stoppable_tasks(n.id)
-            ]
+        await self._clock.sleep(DRAIN_CHECK_EVERY_S)
+        now = self._clock.now()
+        s = self._reader.view()
+        due = [
+            (n.id, n.name)
+            for n in s.nodes.values()
+            if n.state == "draining"
+            and n.drain_deadline is not None
+            and n.drain_deadline <= now
+            and s.stoppable_tasks(n.id)
+        ]
         for nid, name in due:
             try:
-                res = await self.m.propose("drain_expired", {"node_id": nid, "now": now})
+                res = await self._proposer.propose("drain_expired", {"node_id": nid, "now": now})
             except RpcError as exc:
                 if exc.code != "conflict":  # undrained meanwhile: nothing to do
                     raise
@@ -149,44 +144,39 @@ class Controllers:
             self.wake()  # the scheduling pass pushes the stops to the agents
 
     # -- membership ---------------------------------------------------------------
-    async def _members(self) -> None:
-        cfg = self.m.cfg
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            mine = self.m.state.members.get(cfg.raft_addr)
+    async def members_pass(self) -> None:
+        cfg = self._cfg
+        mine = self._reader.view().members.get(cfg.raft_addr)
         if mine is None or mine.rpc_addr != cfg.rpc_addr or mine.http_addr != cfg.http_addr:
-            await self.m.propose(
+            await self._proposer.propose(
                 "member_info",
                 {"raft_addr": cfg.raft_addr, "rpc_addr": cfg.rpc_addr, "http_addr": cfg.http_addr},
             )
         # Forget finished jobs past their retention, now and then.
-        await self.m.propose("gc_jobs", {"before": time.time() - cfg.job_retention_s})
-        await asyncio.sleep(60)
+        await self._proposer.propose("gc_jobs", {"before": self._clock.now() - cfg.job_retention_s})
+        await self._clock.sleep(MEMBERS_EVERY_S)
 
     # -- scheduling -----------------------------------------------------------------
-    async def _scheduling(self) -> None:
-        full = False
-        try:
-            await asyncio.wait_for(self._wake.wait(), 2.0)
-        except TimeoutError:
-            full = True  # now and then, look at everything again
+    async def scheduling_pass(self) -> None:
+        # Now and then, look at everything again even with no wake-up.
+        full = not await wait_event(self._clock, self._wake, IDLE_PASS_EVERY_S)
         self._wake.clear()
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            if not self.m.state.pending and not self._stops_outstanding():
-                return
-            epoch = self.m.state.capacity_epoch
-            # Tasks that did not fit last pass cannot fit now unless something
-            # freed capacity since: with thousands pending, a pass per submit
-            # batch would otherwise cost O(pending) each time.
-            full = full or time.monotonic() - self._last_full > FULL_PASS_EVERY_S
-            skip = self._stuck if epoch == self._epoch and not full else set()
-            if not skip:
-                self._last_full = time.monotonic()
-            nodes, allocs, pending = views.scheduler_inputs(
-                self.m.state, self.m.cached_sets(), self.m.block_sets(), skip=skip
-            )
-            stopping = {t.id for t in self._live_tasks() if t.stop == "preempt"}
+        s = self._reader.view()
+        if not s.pending and not self._stops_outstanding(s):
+            return
+        epoch = s.capacity_epoch
+        # Tasks that did not fit last pass cannot fit now unless something
+        # freed capacity since: with thousands pending, a pass per submit
+        # batch would otherwise cost O(pending) each time.
+        now = self._clock.monotonic()
+        full = full or now - self._last_full > FULL_PASS_EVERY_S
+        skip = self._stuck if epoch == self._epoch and not full else set()
+        if not skip:
+            self._last_full = now
+        nodes, allocs, pending = views.scheduler_inputs(
+            s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip=skip
+        )
+        stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
         self._epoch = epoch
         # A task whose victims are still stopping waits for them rather than
         # evicting more work: it is placed once their resources are free.
@@ -217,34 +207,27 @@ class Controllers:
             await self._commit(plan)
         self._dispatch_stops()
 
-    def _stops_outstanding(self) -> bool:
-        return any(t.stop is not None for t in self._live_tasks())
-
-    def _live_tasks(self) -> list[Any]:
-        s = self.m.state
-        return [
-            s.tasks[tid]
-            for tids in s.node_tasks.values()
-            for tid in tids
-            if s.tasks[tid].state in LIVE_TASK_STATES
-        ]
+    @staticmethod
+    def _stops_outstanding(s: StateView) -> bool:
+        return any(t.stop is not None for t in s.live_tasks())
 
     async def _commit(self, plan: sch.Plan) -> None:
         dropped: list[dict[str, str]] = []
         preempting = False
-        for args in plan_commands(plan, time.time()):
-            res = await self.m.propose("plan", args)
+        for args in plan_commands(plan, self._clock.now()):
+            res = await self._proposer.propose("plan", args)
             dropped += res["dropped"]
             preempting = preempting or bool(res["preempting"])
             # Each part's placements start as soon as it commits: should a
-            # later part fail, these run anyway.
-            assert self.m.raft is not None
-            with self.m.raft.lock:
-                specs = [
-                    views.launch_spec(self.m.state, self.m.state.tasks[tid])
-                    for tid in res["placed"]
-                ]
-            self.m.agents.push_start(specs)
+            # later part fail, these run anyway. The view includes the part.
+            s = self._reader.view()
+            by_node: dict[str, list[dict[str, Any]]] = {}
+            for tid in res["placed"]:
+                t = s.tasks.get(tid)
+                if t is not None and t.node_id:
+                    by_node.setdefault(t.node_id, []).append(views.launch_spec(s, t))
+            for nid, specs in by_node.items():
+                self._channel.push_start(nid, specs)
         self.plans += 1
         if dropped:
             log.info(
@@ -255,14 +238,12 @@ class Controllers:
             self.wake()
 
     def _dispatch_stops(self) -> None:
-        assert self.m.raft is not None
         by_node: dict[str, list[str]] = {}
-        with self.m.raft.lock:
-            for t in self._live_tasks():
-                if t.stop is not None and t.node_id:
-                    by_node.setdefault(t.node_id, []).append(t.id)
+        for t in self._reader.view().live_tasks():
+            if t.stop is not None and t.node_id:
+                by_node.setdefault(t.node_id, []).append(t.id)
         for nid, tids in by_node.items():
-            self.m.agents.push_stop(nid, tids)
+            self._channel.push_stop(nid, tids)
 
 
 def plan_commands(plan: sch.Plan, now: float) -> list[dict[str, Any]]:

@@ -3,53 +3,93 @@
 from __future__ import annotations
 
 import hmac
-import time
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from raft.errors import RaftError
 from raft.model import JOB_STATES, NODE_STATES, TASK_STATES
+from raft.node import TickStats
+from raft.snapwriter import SnapshotStats
 
 from . import views
-from .auth import ROLE_RANK
+from .auth import ROLE_RANK, KeyStore
+from .clock import Clock
+from .disk import DiskGuard
+from .liveness import NodeLiveness
+from .ports import LeaderStatus, StateReader
+from .wire.budget import BufferBudget
 from .wire.tokens import SecretError, parse_token
-
-if TYPE_CHECKING:
-    from .master import Master
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class StateCollector(Collector):
-    """Reads the replicated state at scrape time; nothing is kept twice."""
+class RaftInfo(Protocol):
+    """What this master's Raft member reports (raft.node.RaftNode)."""
 
-    def __init__(self, m: Master) -> None:
+    ticks: TickStats
+
+    def status(self) -> dict[str, Any]: ...
+
+    @property
+    def snapshot_stats(self) -> SnapshotStats: ...
+
+
+class HttpDeps:
+    """What the HTTP port reads; each a narrow piece of the master."""
+
+    def __init__(
+        self,
+        reader: StateReader,
+        raft: RaftInfo,
+        leader: LeaderStatus,
+        disk: DiskGuard,
+        liveness: NodeLiveness,
+        keys: KeyStore,
+        health: Callable[[dict[str, Any]], dict[str, Any]],
+        rpc_budget: BufferBudget | None,
+        started_at: float,
+        clock: Clock,
+    ) -> None:
+        self.reader = reader
+        self.raft = raft
+        self.leader = leader
+        self.disk = disk
+        self.liveness = liveness
+        self.keys = keys
+        self.health = health
+        self.rpc_budget = rpc_budget
+        self.started_at = started_at
+        self.clock = clock
+
+
+class StateCollector(Collector):
+    """Reads a view of the replicated state at scrape time; nothing is kept twice."""
+
+    def __init__(self, m: HttpDeps) -> None:
         self.m = m
 
     def collect(self) -> Iterator[Any]:
         m = self.m
-        assert m.raft is not None
         st = m.raft.status()
-        with m.raft.lock:
-            s = m.state
-            node_states = Counter(n.state for n in s.nodes.values())
-            job_states = Counter(j.state for j in s.jobs.values())
-            task_states = Counter(t.state for t in s.tasks.values())
-            gpus_total = sum(len(n.gpus) for n in s.nodes.values())
-            gpus_alloc = len(s.gpu_owner)
-            names = {n.id: n.name for n in s.nodes.values()}
-            latencies = [
-                t.started_at - j.submitted_at
-                for t in s.tasks.values()
-                if t.started_at is not None and t.attempt == 1
-                for j in (s.jobs[t.job_id],)
-            ]
+        s = m.reader.view()
+        node_states = Counter(n.state for n in s.nodes.values())
+        job_states = Counter(j.state for j in s.jobs.values())
+        task_states = Counter(t.state for t in s.tasks.values())
+        gpus_total = sum(len(n.gpus) for n in s.nodes.values())
+        gpus_alloc = len(s.gpu_owner)
+        names = {n.id: n.name for n in s.nodes.values()}
+        latencies = [
+            t.started_at - j.submitted_at
+            for t in s.tasks.values()
+            if t.started_at is not None and t.attempt == 1
+            for j in (s.jobs[t.job_id],)
+        ]
         g = GaugeMetricFamily("lepton_nodes", "Nodes by state", labels=["state"])
         for state in NODE_STATES:
             g.add_metric([state], node_states.get(state, 0))
@@ -71,8 +111,9 @@ class StateCollector(Collector):
             "lepton_raft_commit_index", "Raft commit index", value=st.get("commit_index", 0)
         )
         yield GaugeMetricFamily(
-            "lepton_raft_leader", "1 if this master leads", value=1 if m.is_leader() else 0
+            "lepton_raft_leader", "1 if this master leads", value=1 if m.leader.is_leader() else 0
         )
+        yield from raft_metrics(m.raft.ticks, m.raft.snapshot_stats)
         disk = m.disk.state()
         yield GaugeMetricFamily(
             "lepton_data_disk_free_bytes", "Free space on this master's data disk",
@@ -86,16 +127,16 @@ class StateCollector(Collector):
             "lepton_raft_journal_writable", "1 if this master can write its Raft journal",
             value=1 if disk.journal_writable else 0,
         )  # fmt: skip
-        if m.rpc is not None:
+        if m.rpc_budget is not None:
             yield GaugeMetricFamily(
                 "lepton_rpc_partial_frame_bytes",
                 "Bytes reserved for partly received RPC frames (--max-buffered-bytes)",
-                value=m.rpc.budget.used,
+                value=m.rpc_budget.used,
             )
             yield GaugeMetricFamily(
                 "lepton_rpc_partial_frame_waiting",
                 "RPC connections waiting for room to receive a large frame",
-                value=m.rpc.budget.waiting,
+                value=m.rpc_budget.waiting,
             )
         per_gpu = {
             "lepton_gpu_utilization_pct": ("GPU utilisation", "util_pct"),
@@ -105,7 +146,7 @@ class StateCollector(Collector):
             "lepton_gpu_power_watts": ("GPU power draw", "power_w"),
         }
         fams = {k: GaugeMetricFamily(k, d, labels=["node", "gpu"]) for k, (d, _) in per_gpu.items()}
-        for nid, live in list(m.agents.live.items()):
+        for nid, live in list(m.liveness.live.items()):
             for gpu in live.get("gpus") or []:
                 if not isinstance(gpu, dict):
                     continue
@@ -128,8 +169,44 @@ class StateCollector(Collector):
         )
 
 
+def raft_metrics(ticks: TickStats, snaps: SnapshotStats) -> Iterator[Any]:
+    """How regularly the Raft thread runs, and what snapshots cost it."""
+    yield GaugeMetricFamily(
+        "lepton_raft_tick_gap_max_seconds",
+        "Longest gap between two passes of the Raft loop since start",
+        value=ticks.max_gap_s,
+    )
+    yield CounterMetricFamily(
+        "lepton_raft_slow_ticks", "Raft loop gaps over 100 ms", value=ticks.slow
+    )
+    yield CounterMetricFamily(
+        "lepton_raft_snapshots", "Log compaction snapshots written", value=snaps.written
+    )
+    yield CounterMetricFamily(
+        "lepton_raft_snapshot_failures", "Snapshots that failed or were dropped", value=snaps.failed
+    )
+    yield GaugeMetricFamily(
+        "lepton_raft_snapshot_seconds",
+        "The last snapshot: from the Raft thread taking its view to the file being durable",
+        value=snaps.last_total_s,
+    )
+    yield GaugeMetricFamily(
+        "lepton_raft_snapshot_freeze_seconds",
+        "The last snapshot: time the Raft thread spent taking its view",
+        value=snaps.last_freeze_s,
+    )
+    yield GaugeMetricFamily(
+        "lepton_raft_snapshot_tick_gap_max_seconds",
+        "The last snapshot: longest gap between two passes of the Raft loop while it was made",
+        value=snaps.last_tick_gap_max_s,
+    )
+    yield GaugeMetricFamily(
+        "lepton_raft_snapshot_bytes", "Size of the last snapshot", value=snaps.last_bytes
+    )
+
+
 class HttpServer:
-    def __init__(self, m: Master) -> None:
+    def __init__(self, m: HttpDeps) -> None:
         self.m = m
         self.registry = CollectorRegistry()
         self.registry.register(StateCollector(m))
@@ -158,7 +235,6 @@ class HttpServer:
         its journal and has its disk reserve (leptond/health.py); 503 with the
         reasons in `problems` otherwise."""
         m = self.m
-        assert m.raft is not None
         try:
             st = m.raft.status()
         except RaftError as exc:
@@ -166,7 +242,7 @@ class HttpServer:
         h = m.health(st)
         disk = h["disk"]
         body: dict[str, Any] = {
-            "role": "leader" if m.is_leader() else "follower",
+            "role": "leader" if m.leader.is_leader() else "follower",
             "leader": st.get("leader"),
             "quorum": h["quorum"],
             "reachable": h["reachable"],
@@ -177,10 +253,10 @@ class HttpServer:
             "disk_free_bytes": disk["free_bytes"],
             "disk_reserve_bytes": disk["reserve_bytes"],
             "problems": h["problems"],
-            "applied_index": m.state.applied_index,
+            "applied_index": m.reader.view().applied_index,
             "commit_index": st.get("commit_index"),
             "term": st.get("term"),
-            "uptime_s": round(time.time() - m.started_at, 1),
+            "uptime_s": round(m.clock.now() - m.started_at, 1),
         }
         return web.json_response(body, status=200 if h["ok"] else 503)
 
@@ -194,7 +270,7 @@ class HttpServer:
         (`Authorization: Bearer ltk_...`, any role). /healthz and /metrics stay
         open for load balancers and Prometheus."""
         header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer ") or self.m.keys is None:
+        if not header.startswith("Bearer "):
             return False
         try:
             tok = parse_token(header[7:])
@@ -216,15 +292,11 @@ class HttpServer:
     async def jobs(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._refuse()
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            out = [views.job_summary(j) for j in self.m.state.jobs.values()]
+        out = [views.job_summary(j) for j in self.m.reader.view().jobs.values()]
         return web.json_response(out[-1000:])
 
     async def nodes(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._refuse()
-        assert self.m.raft is not None
-        with self.m.raft.lock:
-            out = [views.node_summary(self.m.state, n, None) for n in self.m.state.nodes.values()]
-        return web.json_response(out)
+        s = self.m.reader.view()
+        return web.json_response([views.node_summary(s, n, None) for n in s.nodes.values()])

@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from raft.nodecreds import MAX_USES
 from raft.validate import SpecError, validate_name
 
-from .api import _lock, method
+from .api import method
+from .apictx import ApiContext
 from .wire.connection import Connection
 from .wire.errors import BAD_REQUEST, RpcError
 from .wire.tokens import new_token
-
-if TYPE_CHECKING:
-    from .master import Master
 
 MAX_TTL_S = 366 * 86400
 
 
 @method("join_token_create", "admin", mutating=True)
-async def join_token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def join_token_create(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    assert m.keys is not None
     ttl_s = a.get("ttl_s", 3600)
     if (
         isinstance(ttl_s, bool)
@@ -49,7 +45,7 @@ async def join_token_create(m: Master, conn: Connection, a: dict[str, Any]) -> A
         raise RpcError(BAD_REQUEST, f"join token uses must be 1-{MAX_USES}, got {uses!r}")
     # "j" is not a hex digit: no user token id (hex) can ever collide with it.
     tok = new_token("j" + secrets.token_hex(6))
-    now = time.time()
+    now = m.clock.now()
     res = await m.propose(
         "join_token_create",
         {
@@ -65,48 +61,42 @@ async def join_token_create(m: Master, conn: Connection, a: dict[str, Any]) -> A
 
 
 @method("join_token_ls", "admin")
-async def join_token_ls(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
-    with _lock(m):
-        return [
-            {
-                "id": j.id,
-                "created_at": j.created_at,
-                "created_by": j.created_by,
-                "expires_at": j.expires_at,
-                "max_uses": j.max_uses,
-                "used": len(j.nodes),
-                "revoked": j.revoked,
-            }
-            for j in m.state.join_tokens.values()
-        ]
+async def join_token_ls(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    return [
+        {
+            "id": j.id,
+            "created_at": j.created_at,
+            "created_by": j.created_by,
+            "expires_at": j.expires_at,
+            "max_uses": j.max_uses,
+            "used": len(j.nodes),
+            "revoked": j.revoked,
+        }
+        for j in m.view().join_tokens.values()
+    ]
 
 
 @method("join_token_revoke", "admin", mutating=True)
-async def join_token_revoke(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def join_token_revoke(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     res = await m.propose("join_token_revoke", {"id": str(a.get("id", ""))})
-    assert m.rpc is not None
-    for c in list(m.rpc.connections):
-        if c.key_id == res["id"]:
-            c.close()
+    m.close_connections(res["id"])
     return res
 
 
 @method("node_join", "join", mutating=True)
-async def node_join(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+async def node_join(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """Trade the join token this connection authenticated with for a node
     credential bound to `node_id`. Trading again for a node the token already
     admitted spends no use and replaces that node's credential."""
     m.ensure_leader()
-    assert m.keys is not None
     try:
         node_id = validate_name(a.get("node_id"), "node id")
     except SpecError as exc:
         raise RpcError(BAD_REQUEST, str(exc)) from None
-    with _lock(m):
-        jt = m.state.join_tokens.get(conn.key_id)
-        expires_at = jt.expires_at if jt is not None else None
-    now = time.time()
+    jt = m.view().join_tokens.get(conn.key_id)
+    expires_at = jt.expires_at if jt is not None else None
+    now = m.clock.now()
     if expires_at is not None and now >= expires_at:
         # Apply refuses it too; this says so without a Raft round trip.
         raise RpcError("forbidden", f"join token {conn.key_id} has expired; create a new one")
@@ -124,8 +114,5 @@ async def node_join(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     )
     if res.get("replaced"):
         # The node's earlier credential is gone: close what it still holds open.
-        assert m.rpc is not None
-        for c in list(m.rpc.connections):
-            if c.key_id == res["replaced"]:
-                c.close()
+        m.close_connections(res["replaced"])
     return {"node_id": node_id, "credential": str(cred)}

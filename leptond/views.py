@@ -1,6 +1,7 @@
-"""Read-only views of ClusterState: scheduler inputs and what people see.
+"""What readers make of a state view: scheduler inputs and what people see.
 
-Callers hold the Raft lock while these run; the results are plain values.
+They read an immutable StateView (raft/view.py), with no lock held; the
+results are plain values.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 import scheduler as sch
 from raft.model import LIVE_TASK_STATES, Job, Node, Task
-from raft.state import ClusterState
+from raft.view import StateView
 
 
 def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
@@ -36,7 +37,7 @@ def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
 
 
 def scheduler_inputs(
-    s: ClusterState,
+    s: StateView,
     cached: dict[str, frozenset[str]] | None = None,
     block_sets: dict[str, frozenset[str]] | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
@@ -102,7 +103,7 @@ def gang_port(job_id: str) -> int:
     return 20000 + int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") % 20000
 
 
-def launch_spec(s: ClusterState, t: Task) -> dict[str, Any]:
+def launch_spec(s: StateView, t: Task) -> dict[str, Any]:
     """What an agent needs to start one task attempt."""
     job = s.jobs[t.job_id]
     sp = job.spec
@@ -120,7 +121,8 @@ def launch_spec(s: ClusterState, t: Task) -> dict[str, Any]:
     )
     if nnodes > 1:
         rank0 = s.tasks[job.tasks[0]]
-        host = s.nodes[rank0.node_id].addr if rank0.node_id in s.nodes else "127.0.0.1"
+        node = s.nodes.get(rank0.node_id) if rank0.node_id else None
+        host = node.addr if node is not None else "127.0.0.1"
         env.update(
             {
                 "MASTER_ADDR": host or "127.0.0.1",
@@ -176,7 +178,7 @@ def redacted_spec(j: Job) -> dict[str, Any]:
     return spec
 
 
-def task_detail(s: ClusterState, t: Task) -> dict[str, Any]:
+def task_detail(s: StateView, t: Task) -> dict[str, Any]:
     node = s.nodes.get(t.node_id) if t.node_id else None
     return {
         "id": t.id,
@@ -196,7 +198,7 @@ def task_detail(s: ClusterState, t: Task) -> dict[str, Any]:
     }
 
 
-def node_summary(s: ClusterState, n: Node, live: dict[str, Any] | None) -> dict[str, Any]:
+def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str, Any]:
     held, cpus_used, mem_used = s.node_usage(n.id)
     stats = (live or {}).get("stats") or {}
     gpu_stats = (live or {}).get("gpus") or []

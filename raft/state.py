@@ -634,6 +634,10 @@ class ClusterState(StateReads):
             recent=self.recent.frozen(),
         )
 
+    def answered(self, rid: str) -> bool:
+        """Whether a command with this request id was applied recently."""
+        return rid in self.recent
+
     def _maps_changed(self) -> bool:
         # Writes outside apply (tests that poke a record map) also count.
         return any(m._changed for m in self._maps())

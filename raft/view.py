@@ -194,6 +194,8 @@ class Freezable(Protocol):
 
     def freeze(self, for_snapshot: bool = False) -> StateView: ...
 
+    def answered(self, rid: str) -> bool: ...
+
 
 class Publisher:
     """The StateReader of a live state: the newest view, made on demand.
@@ -217,3 +219,16 @@ class Publisher:
         with self._lock:
             v = self._view = self._state.freeze()
         return v
+
+    def snapshot_view(self) -> StateView:
+        """A view that also carries the dedupe table, for `snapshot save`
+        (a copy of its entries is made under the lock; encode it later)."""
+        with self._lock:
+            return self._state.freeze(for_snapshot=True)
+
+    def answered(self, rid: str) -> bool:
+        """Whether a command with this request id was applied recently. The
+        dedupe table is in no view (it changes with nearly every command):
+        one lookup under the lock."""
+        with self._lock:
+            return self._state.answered(rid)
