@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from leptond.blocks import WorkdirError
 from leptond.blocks.manifest import check_relative_path
+from leptond.clock import REAL, Clock, wait_event
 from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
@@ -83,8 +83,9 @@ def stable_node_id(data_dir: Path) -> str:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, clock: Clock = REAL) -> None:
         self.cfg = cfg
+        self.clock = clock
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.node_id = stable_node_id(cfg.data_dir)
         cred = credential.load_credential(cfg.data_dir)
@@ -96,7 +97,7 @@ class Agent:
         # Shims end their tasks when the node's lease runs out (agent/lease.py).
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
-        self.runner = TaskRunner(cfg.data_dir / "tasks", lease_file=self.lease_path)
+        self.runner = TaskRunner(cfg.data_dir / "tasks", lease_file=self.lease_path, clock=clock)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
         self.client = ClusterClient(
@@ -189,7 +190,7 @@ class Agent:
                 self.registered_on = None
                 await self.client.close()
                 # Backoff with jitter so a restarted leader is not hit by every agent at once.
-                await asyncio.sleep(delay * (0.5 + random.random()))
+                await self.clock.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
         await self._leave_if_asked()
 
@@ -234,10 +235,7 @@ class Agent:
                     self._stop_task(str(item[0]), res.get("grace_s"), attempt=int(item[1]))
             if res.get("start"):
                 await self._start_tasks(res["start"])
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.cfg.heartbeat_s)
-            except TimeoutError:
-                pass
+            await wait_event(self.clock, self._stopping, self.cfg.heartbeat_s)
 
     def _renew_lease(self, sent: float, res: Any) -> None:
         """The leader's answer renewed the node's lease: it runs until `lease_s`
@@ -303,7 +301,13 @@ class Agent:
         except Exception:
             log.exception("starting %s failed", rid)
             self.events.append(
-                _exit_event(sp["task_id"], int(sp["attempt"]), 1, "agent error while starting")
+                _exit_event(
+                    sp["task_id"],
+                    int(sp["attempt"]),
+                    1,
+                    "agent error while starting",
+                    self.clock.now(),
+                )
             )
         finally:
             self._preparing.discard(rid)
@@ -328,7 +332,9 @@ class Agent:
             except (WorkdirError, RpcError) as exc:
                 self.workdirs.release(rid)
                 log.error("cannot prepare the workdir of %s: %s", rid, exc)
-                self.events.append(_exit_event(sp["task_id"], attempt, 1, f"workdir: {exc}"))
+                self.events.append(
+                    _exit_event(sp["task_id"], attempt, 1, f"workdir: {exc}", self.clock.now())
+                )
                 return
             cwd = str(dest / cwd) if cwd else str(dest)
         spec = TaskSpec(
@@ -344,11 +350,16 @@ class Agent:
             self.runner.start(spec)
         except RunnerError as exc:
             log.error("cannot start %s: %s", rid, exc)
-            self.events.append(_exit_event(sp["task_id"], attempt, 127, str(exc)))
+            self.events.append(_exit_event(sp["task_id"], attempt, 127, str(exc), self.clock.now()))
             return
         self._mark_busy()
         self.events.append(
-            {"task_id": sp["task_id"], "attempt": attempt, "state": "running", "at": time.time()}
+            {
+                "task_id": sp["task_id"],
+                "attempt": attempt,
+                "state": "running",
+                "at": self.clock.now(),
+            }
         )
         log.info("started %s on GPUs [%s]", rid, env["CUDA_VISIBLE_DEVICES"])
 
@@ -370,8 +381,9 @@ class Agent:
                 for e in self.events
             ):
                 continue
-            ev = _exit_event(tid, attempt, ex.exit_code, ex.message)
-            ev["at"] = ex.finished_at or time.time()
+            ev = _exit_event(
+                tid, attempt, ex.exit_code, ex.message, ex.finished_at or self.clock.now()
+            )
             ev["rid"] = ex.task_id
             self.events.append(ev)
         if exits:
@@ -441,7 +453,7 @@ class Agent:
                     with contextlib.suppress(RpcError):
                         await self._flush_events()
                 return
-            await asyncio.sleep(0.2)
+            await self.clock.sleep(0.2)
 
     def _latest_run(self, task_id: str, attempt: Any) -> str | None:
         if isinstance(attempt, int) and attempt > 0:
@@ -467,9 +479,9 @@ class Agent:
             await self.client.call("agent_leave", {"node_id": self.node_id}, timeout_s=10)
             for rid in self.runner.running():
                 self.runner.stop(rid)
-            deadline = time.monotonic() + self.cfg.kill_grace_s + 5
-            while self.runner.running() and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
+            deadline = self.clock.monotonic() + self.cfg.kill_grace_s + 5
+            while self.runner.running() and self.clock.monotonic() < deadline:
+                await self.clock.sleep(0.2)
             self._collect_exits(self.runner.poll())
             await self._flush_events()
             await self.client.call("agent_deregister", {"node_id": self.node_id}, timeout_s=10)
@@ -480,14 +492,16 @@ class Agent:
             await self.client.close()
 
 
-def _exit_event(task_id: str, attempt: int, code: int | None, message: str) -> dict[str, Any]:
+def _exit_event(
+    task_id: str, attempt: int, code: int | None, message: str, at: float
+) -> dict[str, Any]:
     return {
         "task_id": task_id,
         "attempt": attempt,
         "state": "exited",
         "exit_code": code,
         "message": message,
-        "at": time.time(),
+        "at": at,
     }
 
 

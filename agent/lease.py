@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
+
+from leptond.clock import REAL, boottime
 
 LEASE_FILE = "lease.json"
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -29,8 +30,7 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 def now() -> float:
     """The host clock leases are measured on (seconds since boot)."""
-    clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
-    return time.clock_gettime(clock)
+    return boottime()
 
 
 def boot_id() -> str:
@@ -44,7 +44,7 @@ def write_lease(path: Path, expires: float, lease_s: float) -> None:
     """Atomically replace the lease file. Not fsynced: after a crash of the
     host the boot id no longer matches, and the tasks are gone anyway."""
     tmp = path.with_name(path.name + ".tmp")
-    body = {"expires": expires, "lease_s": lease_s, "boot_id": boot_id(), "at": time.time()}
+    body = {"expires": expires, "lease_s": lease_s, "boot_id": boot_id(), "at": REAL.now()}
     tmp.write_text(json.dumps(body))
     os.replace(tmp, path)
 

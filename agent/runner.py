@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from agent.taskdir import (
     is_shim_of,
     read_json,
 )
+from leptond.clock import REAL, Clock
 
 log = logging.getLogger("lepton.agent")
 
@@ -100,7 +100,8 @@ class _Shim:
 
 
 class TaskRunner:
-    def __init__(self, root: Path, lease_file: Path | None = None) -> None:
+    def __init__(self, root: Path, lease_file: Path | None = None, clock: Clock = REAL) -> None:
+        self.clock = clock
         # Resolved, because shims are recognised by the task dir on their command
         # line, and a restarted agent may be handed another spelling of root.
         self.root = Path(root).resolve()
@@ -233,7 +234,7 @@ class TaskRunner:
             if not (tdir / EXIT).exists():
                 raise RunnerError(f"task {task_id} has not finished; nothing to ack")
             try:
-                atomic_write_json(tdir / ACKED, {"acked_at": time.time()})
+                atomic_write_json(tdir / ACKED, {"acked_at": self.clock.now()})
             except OSError as e:
                 raise RunnerError(f"cannot ack task {task_id}: {e.strerror or e}") from None
 
@@ -349,7 +350,7 @@ class TaskRunner:
         if (tdir / SHIM_PID).exists():
             return False
         try:
-            age = time.time() - (tdir / SPEC).stat().st_mtime
+            age = self.clock.now() - (tdir / SPEC).stat().st_mtime
         except OSError:
             return False
         return age < SHIM_START_TIMEOUT_S
@@ -369,7 +370,7 @@ class TaskRunner:
                     "exit_code": None,
                     "signal": None,
                     "started_at": task.create_time if task is not None else None,
-                    "finished_at": time.time(),
+                    "finished_at": self.clock.now(),
                     "message": SUPERVISOR_LOST,
                 },
                 exclusive=True,

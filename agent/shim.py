@@ -34,7 +34,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from agent.taskdir import (
     read_json,
 )
 from agent.tasklog import RotatingLog
+from leptond.clock import REAL as clock
 
 # How often the stop file and the clock are looked at when nothing else
 # wakes the loop up (signals and output wake it at once).
@@ -127,7 +127,7 @@ class Shim:
         self.kill_at: float | None = None  # monotonic time of the SIGKILL escalation
         self.escalated = False
         self.task_pid: int | None = None
-        self.started_at = time.time()
+        self.started_at = clock.now()
         self.lease: LeaseReader | None = None
         self.lease_killed = False
         self._wake_r, self._wake_w = os.pipe()
@@ -189,7 +189,7 @@ class Shim:
         cwd = str(self.spec["cwd"])
         env = base_env()
         env.update({str(k): str(v) for k, v in dict(self.spec.get("env") or {}).items()})
-        self.started_at = time.time()
+        self.started_at = clock.now()
         try:
             proc = subprocess.Popen(
                 argv,
@@ -207,7 +207,7 @@ class Shim:
             log.write(msg.encode() + b"\n")
             return code, None, msg
         self.task_pid = proc.pid
-        rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, time.time())
+        rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, clock.now())
         rec.save(self.dir / TASK_PID)
         assert proc.stdout is not None
         returncode = self.loop(proc, proc.stdout.fileno(), log)
@@ -226,7 +226,7 @@ class Shim:
         return 126, f"leptond: cannot execute {cmd}: {e.strerror}"
 
     def loop(self, proc: subprocess.Popen[bytes], out_fd: int, log: RotatingLog) -> int:
-        started = time.monotonic()
+        started = clock.monotonic()
         raw_limit = self.spec.get("time_limit_s")
         limit_s = float(raw_limit) if raw_limit is not None else None
         deadline = started + limit_s if limit_s is not None else None
@@ -239,7 +239,7 @@ class Shim:
                 fds.remove(out_fd)  # EOF: the task closed its output, it may still run
             if self._wake_r in readable:
                 self._drain_wakeups()
-            now = time.monotonic()
+            now = clock.monotonic()
             if self.stop is None:
                 if self.stop_signalled or (now >= next_stop_check and self._stop_file()):
                     self.request_stop("stopped by request", self._stop_grace_s(), proc.pid)
@@ -277,9 +277,9 @@ class Shim:
         return bool(data)
 
     def _drain(self, fd: int, log: RotatingLog, fds: list[int]) -> None:
-        end = time.monotonic() + DRAIN_S
-        while fd in fds and time.monotonic() < end:
-            readable, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+        end = clock.monotonic() + DRAIN_S
+        while fd in fds and clock.monotonic() < end:
+            readable, _, _ = select.select([fd], [], [], max(0.0, end - clock.monotonic()))
             if fd in readable and not self._pump(fd, log):
                 break
 
@@ -300,7 +300,7 @@ class Shim:
 
     def request_stop(self, reason: str, grace_s: float, pgid: int) -> None:
         self.stop = StopRequest(reason, grace_s)
-        self.kill_at = time.monotonic() + grace_s
+        self.kill_at = clock.monotonic() + grace_s
         _killpg(pgid, signal.SIGTERM)
 
     def message(self, returncode: int, log: RotatingLog) -> str:
@@ -323,7 +323,7 @@ class Shim:
                 "exit_code": exit_code,
                 "signal": sig,
                 "started_at": self.started_at,
-                "finished_at": time.time(),
+                "finished_at": clock.now(),
                 "message": message,
             },
             exclusive=True,  # a runner may already have declared this task lost

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
@@ -131,7 +130,7 @@ async def wait_job(c: ClusterClient, job_id: str, a: argparse.Namespace) -> int:
                 return 130 if not codes else int(codes[0])
             print(f"leptonctl: job {job_id} failed: {st.get('message', '')}", file=sys.stderr)
             return int(codes[0]) if codes else 1
-        await asyncio.sleep(delay)
+        await clock.sleep(delay)
         delay = min(delay * 1.5, 1.0)
 
 
@@ -202,7 +201,7 @@ async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     if a.follow:
         # Wait for the task to start so `submit ... && logs -f` just works.
-        deadline = time.monotonic() + a.timeout
+        deadline = clock.monotonic() + a.timeout
         while True:
             try:
                 async for item in c.stream("logs", args):
@@ -211,9 +210,9 @@ async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
                     args["offset"] = item["offset"]
                 return 0
             except RpcError as exc:
-                if exc.code != "not_started" or time.monotonic() > deadline:
+                if exc.code != "not_started" or clock.monotonic() > deadline:
                     raise
-                await asyncio.sleep(0.3)
+                await clock.sleep(0.3)
     async for item in c.stream("logs", args):
         out.write(item["data"])
     out.flush()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
+
+from leptond.clock import REAL as clock
 
 
 def emit_json(obj: Any) -> None:
@@ -30,7 +31,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def ago(ts: float | None) -> str:
     if not ts:
         return "-"
-    d = max(0.0, time.time() - ts)
+    d = max(0.0, clock.now() - ts)
     if d < 60:
         return f"{d:.0f}s ago"
     if d < 3600:
@@ -42,7 +43,7 @@ def ago(ts: float | None) -> str:
 
 def until(ts: float) -> str | None:
     """How long from now until `ts`, e.g. '42s', '4m', '1.5h'; None once it has passed."""
-    d = ts - time.time()
+    d = ts - clock.now()
     if d <= 0:
         return None
     # Thresholds just under each unit, so that 59.7 s reads 1m, not 60s.

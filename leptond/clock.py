@@ -12,10 +12,15 @@ drawn from a seed.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+# asyncio is imported where it is used: agent/shim.py, one process per task,
+# reads this clock and never needs an event loop.
 
 
 class Timer(Protocol):
@@ -58,9 +63,13 @@ class RealClock:
         return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
+        import asyncio
+
         await asyncio.sleep(seconds)
 
     def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        import asyncio
+
         return asyncio.get_running_loop().call_later(delay_s, fn, *args)
 
     def block(self, seconds: float) -> None:
@@ -70,11 +79,20 @@ class RealClock:
 REAL: Clock = RealClock()
 
 
+def boottime() -> float:
+    """Seconds since boot on CLOCK_BOOTTIME: one clock for every process on
+    the host, which (unlike CLOCK_MONOTONIC) runs on while it is suspended.
+    Node leases are measured on it (agent/lease.py)."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
 async def wait_event(clock: Clock, event: asyncio.Event, timeout_s: float) -> bool:
     """Wait for `event` at most `timeout_s` on `clock`; True when it was set.
 
     asyncio.wait_for would time out on the loop's own clock, which a virtual
     clock does not move."""
+    import asyncio
+
     if event.is_set():
         return True
     waiter = asyncio.ensure_future(event.wait())
@@ -93,5 +111,7 @@ async def wait_event(clock: Clock, event: asyncio.Event, timeout_s: float) -> bo
 
 def _current_cancelling() -> bool:
     """Whether the running task itself is being cancelled (not just the waiter)."""
+    import asyncio
+
     task = asyncio.current_task()
     return bool(task is not None and task.cancelling())

@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from leptonctl import config as client_config
 
+from .clock import REAL as clock
 from .wire.client import ClusterClient
 from .wire.errors import RpcError
 from .wire.tokens import read_token_file
@@ -28,19 +28,21 @@ BANNER = "=" * 72
 def _ensure_secrets(d: Path) -> tuple[Path, Path]:
     key, tok = d / "cluster.key", d / "admin.token"
     if not key.exists() or not tok.exists():
-        from .cli import main as leptond_main
-
         if key.exists() != tok.exists():
             raise SystemExit(
                 f"leptond dev: {d} has only one of cluster.key/admin.token; remove it and retry"
             )
-        with open(os.devnull, "w") as devnull:
-            saved = sys.stdout
-            sys.stdout = devnull
-            try:
-                leptond_main(["init", str(d)])
-            finally:
-                sys.stdout = saved
+        # `leptond init` in its own process: this module is part of the CLI's
+        # implementation and does not import it back.
+        done = subprocess.run(
+            [sys.executable, "-m", "leptond.cli", "init", str(d)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"leptond dev: {done.stderr.strip() or 'leptond init failed'}")
     return key, tok
 
 
@@ -71,7 +73,7 @@ async def _join_token(
     tok = read_token_file(tok_path)
     host, port = addr.rsplit(":", 1)
     client = ClusterClient([(host, int(port))], key_id=tok.id, psk=tok.psk, connect_timeout_s=1.0)
-    deadline = time.monotonic() + timeout_s
+    deadline = clock.monotonic() + timeout_s
     try:
         while True:
             try:
@@ -84,11 +86,11 @@ async def _join_token(
                     raise SystemExit(
                         f"leptond dev: the master exited with code {master.returncode}; see its log"
                     ) from None
-                if time.monotonic() > deadline:
+                if clock.monotonic() > deadline:
                     raise SystemExit(
                         f"leptond dev: the master did not come up within {timeout_s:g}s"
                     ) from None
-            await asyncio.sleep(0.2)
+            await clock.sleep(0.2)
     finally:
         await client.close()
 
@@ -106,7 +108,7 @@ async def _wait_ready(addr: str, tok_path: Path, agents: int, timeout_s: float) 
     tok = read_token_file(tok_path)
     host, port = addr.rsplit(":", 1)
     client = ClusterClient([(host, int(port))], key_id=tok.id, psk=tok.psk, connect_timeout_s=1.0)
-    deadline = time.monotonic() + timeout_s
+    deadline = clock.monotonic() + timeout_s
     try:
         while True:
             try:
@@ -115,9 +117,9 @@ async def _wait_ready(addr: str, tok_path: Path, agents: int, timeout_s: float) 
                     return
             except RpcError:
                 pass
-            if time.monotonic() > deadline:
+            if clock.monotonic() > deadline:
                 raise SystemExit(f"leptond dev: the cluster did not come up within {timeout_s:g}s")
-            await asyncio.sleep(0.2)
+            await clock.sleep(0.2)
     finally:
         await client.close()
 
@@ -145,10 +147,10 @@ def run_dev(args: argparse.Namespace) -> int:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-        deadline = time.monotonic() + 10
+        deadline = clock.monotonic() + 10
         for p in procs:
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
+                p.wait(max(0.1, deadline - clock.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -219,7 +221,7 @@ def run_dev(args: argparse.Namespace) -> int:
         print(BANNER, flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
+            clock.block(0.5)
         dead = [
             p.args[3] if isinstance(p.args, list) else "?" for p in procs if p.poll() is not None
         ]

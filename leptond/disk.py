@@ -12,12 +12,12 @@ itself once space is freed.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .clock import REAL
 from .wire.errors import RpcError
 
 DISK_LOW = "disk_low"
@@ -77,7 +77,7 @@ class DiskGuard:
         path: Path,
         reserve_bytes: int,
         journal_error: Callable[[], str | None] = lambda: None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = REAL.monotonic,
     ) -> None:
         self.path = path
         self.reserve_bytes = reserve_bytes

@@ -54,6 +54,7 @@ from typing import Any, overload
 
 import msgpack
 
+from leptond.fsutil import atomic_write, fsync_dir
 from raft.errors import JournalCorrupt, JournalError
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,6 @@ _U64 = struct.Struct("<Q")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 
 Entry = tuple[bytes, int, int]  # (command, index, term), pysyncobj's shape
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or file creation inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _record(payload: bytes) -> bytes:
@@ -231,17 +223,7 @@ class DurableJournal:
 
     def _write_whole_file(self, content: bytes) -> None:
         """Atomically replace the file: write a temp file, fsync, rename, fsync dir."""
-        tmp = self.path.with_name(self.path.name + ".rewrite")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        atomic_write(self.path, content, tmp_suffix=".rewrite")
         self.fsync_count += 1
 
     # -- durability -----------------------------------------------------------

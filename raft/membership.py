@@ -27,14 +27,15 @@ import ipaddress
 import os
 import pickle
 import struct
-import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from leptond.clock import REAL
+from leptond.fsutil import atomic_write
 from raft.errors import JournalError, MembershipError
-from raft.journal import DurableJournal, fsync_dir
+from raft.journal import DurableJournal
 from raft.snapshot import read_snapshot_file, write_snapshot_file
 
 MEMBERS_NAME = "raft.members"
@@ -82,7 +83,7 @@ class _HandshakeUnpickler(pickle.Unpickler):
 def _frame(encryptor: Any, message: Any) -> bytes:
     # As pysyncobj's TcpConnection.send: pickle (protocol 2), zlib, Fernet, length.
     data = zlib.compress(pickle.dumps(message, protocol=2), 3)
-    token = encryptor.encrypt_at_time(data, int(time.monotonic()))
+    token = encryptor.encrypt_at_time(data, int(REAL.monotonic()))
     return struct.pack("i", len(token)) + token
 
 
@@ -94,28 +95,28 @@ async def probe_member(addr: str, encryptor: Any, timeout_s: float) -> None:
     is retried until `timeout_s`; anything else that answers fails at once.
     """
     host, port = parse_member(addr)
-    deadline = time.monotonic() + timeout_s
+    deadline = REAL.monotonic() + timeout_s
     while True:
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), max(0.1, deadline - time.monotonic())
+                asyncio.open_connection(host, port), max(0.1, deadline - REAL.monotonic())
             )
             break
         except (ConnectionRefusedError, TimeoutError) as exc:
-            if time.monotonic() >= deadline:
+            if REAL.monotonic() >= deadline:
                 why = "connection refused" if isinstance(exc, OSError) else "no answer"
                 raise MembershipError(
                     f"nothing answers at {addr} ({why}); start the new master first, "
                     "with --peers naming the current masters and itself"
                 ) from None
-            await asyncio.sleep(0.2)
+            await REAL.sleep(0.2)
         except OSError as exc:  # unresolvable name, unreachable network
             raise MembershipError(f"cannot reach {addr}: {exc.strerror or exc}") from None
     try:
         key = os.urandom(32)
         writer.write(_frame(encryptor, key))
         await writer.drain()
-        left = max(0.1, deadline - time.monotonic())
+        left = max(0.1, deadline - REAL.monotonic())
         head = await asyncio.wait_for(reader.readexactly(4), left)
         (length,) = struct.unpack("i", head)
         if not 0 < length <= _HANDSHAKE_REPLY_BYTES:
@@ -175,15 +176,7 @@ def read_members_file(raft_dir: Path) -> list[str] | None:
 
 
 def _write_members_file(raft_dir: Path, members: Sequence[str]) -> None:
-    path = raft_dir / MEMBERS_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(m + "\n" for m in members))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(raft_dir)
+    atomic_write(raft_dir / MEMBERS_NAME, "".join(m + "\n" for m in members).encode())
 
 
 def recover_data_dir(raft_dir: Path, members: Sequence[str]) -> dict[str, int]:

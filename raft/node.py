@@ -195,7 +195,7 @@ class RaftNode:
         """`background_snapshots=False` encodes and writes snapshots on the
         Raft thread (the way pysyncobj does); only for comparison in
         bench/snapshot.py. `clock` must be the real one in production:
-        pysyncobj compares its own time.monotonic() readings with ours."""
+        pysyncobj compares its own monotonic clock readings with ours."""
         password = derive_password(secret)  # refuses an empty secret first
         self._state = state
         self._clock = clock

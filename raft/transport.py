@@ -33,11 +33,12 @@ import errno
 import logging
 import socket
 import struct
-import time
 from typing import Any, Protocol
 
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
+
+from leptond.clock import REAL
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class _Refusals:
 
     def refused(self, peer: str, length: int, cap: int) -> None:
         self.count += 1
-        now = time.monotonic()
+        now = REAL.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
             log.warning(

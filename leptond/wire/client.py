@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from ..clock import REAL
 from .connection import Connection, Handler, open_connection
 from .errors import NO_QUORUM, NOT_LEADER, UNAVAILABLE, RpcError
 
@@ -129,13 +130,13 @@ class ClusterClient:
         """
         if isinstance(args, dict) and "rid" not in args:
             args = {**args, "rid": uuid.uuid4().hex}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        clock = REAL
+        deadline = clock.monotonic() + timeout_s
         prefer: tuple[str, int] | None = None
         delay = 0.05
         last: RpcError | None = None
         while True:
-            left = deadline - loop.time()
+            left = deadline - clock.monotonic()
             if left <= 0:
                 raise last or RpcError("timeout", f"{method}: no answer within {timeout_s:g}s")
             try:
@@ -159,8 +160,8 @@ class ClusterClient:
                     self.conn.close()
                     self.conn = None
                     self._next = (self._next + 1) % len(self.addrs)
-            await asyncio.sleep(
-                min(delay, max(deadline - loop.time(), 0)) * (0.5 + random.random())
+            await clock.sleep(
+                min(delay, max(deadline - clock.monotonic(), 0)) * (0.5 + random.random())
             )
             # Capped low: while a new leader is elected, a long backoff would add
             # straight onto the failover time people see.

@@ -25,6 +25,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
+from ..clock import REAL, Timer
 from . import handshake as hs
 from .budget import UNCOUNTED_FRAME, BufferBudget
 from .codec import (
@@ -91,7 +92,7 @@ class Connection(asyncio.Protocol):
         self._frame_timeout_s = frame_timeout_s
         self._held = 0  # bytes reserved for the frame being received
         self._waiting_budget = False
-        self._frame_timer: asyncio.TimerHandle | None = None
+        self._frame_timer: Timer | None = None
         self._hs = hs.HandshakeState()
         self._sealer: Sealer | PlainCodec | None = None if sealed else PlainCodec()
         self._opener: Opener | PlainCodec | None = None if sealed else PlainCodec()
@@ -108,8 +109,9 @@ class Connection(asyncio.Protocol):
         self._out = bytearray()
         self._flush_scheduled = False
         self._paused: asyncio.Future[None] | None = None
-        self._hs_timer: asyncio.TimerHandle | None = None
-        self.last_activity = self.loop.time()
+        self._hs_timer: Timer | None = None
+        self._clock = REAL
+        self.last_activity = self._clock.monotonic()
         self.peer: tuple[str, int] | None = None
         self.context: dict[str, Any] = {}  # application data: token, node id...
         self.error_reason: str | None = None
@@ -119,7 +121,7 @@ class Connection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
-        self._hs_timer = self.loop.call_later(self._handshake_timeout_s, self._handshake_expired)
+        self._hs_timer = self._clock.call_later(self._handshake_timeout_s, self._handshake_expired)
         if self.is_client:
             if self._sealed:
                 self._write_raw(frame(hs.client_hello(self._hs, self.key_id)))
@@ -127,7 +129,7 @@ class Connection(asyncio.Protocol):
                 self._opened()
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
+        self.last_activity = self._clock.monotonic()
         self._reader.append(data)
         self._process()
 
@@ -190,7 +192,7 @@ class Connection(asyncio.Protocol):
         self._held = n
         # A sender must finish a reserved frame in time: a reservation held
         # forever would make everyone else's large frames wait forever.
-        self._frame_timer = self.loop.call_later(self._frame_timeout_s, self._frame_expired)
+        self._frame_timer = self._clock.call_later(self._frame_timeout_s, self._frame_expired)
 
     def _frame_expired(self) -> None:
         self._frame_timer = None
@@ -440,7 +442,7 @@ class Connection(asyncio.Protocol):
         self._calls[i] = fut
         # A timer on the future itself, not asyncio.wait_for: that wraps every
         # call in more futures and callbacks, and calls are the hot path.
-        timer = self.loop.call_later(timeout_s, _expire, fut)
+        timer = self._clock.call_later(timeout_s, _expire, fut)
         try:
             self._send({"t": "q", "i": i, "m": method, "a": args})
             return await fut

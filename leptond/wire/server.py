@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+from ..clock import REAL
 from .budget import BufferBudget
 from .codec import MAX_FRAME
 from .connection import Connection, Handler, PskLookup
@@ -26,7 +26,7 @@ class RateLimitedLog:
         self._held: Counter[str] = Counter()
 
     def warning(self, reason: str, msg: str) -> None:
-        now = time.monotonic()
+        now = REAL.monotonic()
         if now - self._last.get(reason, -1e18) < self._interval_s:
             self._held[reason] += 1
             return
@@ -141,10 +141,9 @@ class RpcServer:
 
     async def _reap_idle(self) -> None:
         interval = max(0.5, min(self.idle_timeout_s / 4, 10.0))
-        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval)
-            deadline = loop.time() - self.idle_timeout_s
+            await REAL.sleep(interval)
+            deadline = REAL.monotonic() - self.idle_timeout_s
             # A connection with work in flight (a long stream, a slow call) is
             # not idle even when the peer has nothing to say.
             for conn in [c for c in self.connections if c.last_activity < deadline and not c.busy]:
