@@ -2,9 +2,18 @@
 
 Readers (the scheduling loop, API reads, metrics, `snapshot save`, the
 background snapshot writer) work on a `StateView` (raft/view.py) without
-holding the apply lock. A view holds shallow copies of the state's maps,
-made only when one is asked for and only of the maps written since the last
-view, so the records in it are shared with the live state.
+holding the apply lock. A view holds a read-only copy of each of the state's
+maps, made only when one is asked for, so the records in it are shared with
+the live state.
+
+A copy costs O(keys written), not O(keys): a map keeps a `base` (a plain
+dict copy no one writes to) and notes the keys written since; its frozen
+copy is that base plus a small overlay of those keys (`FrozenMap`). Once the
+overlay would pass 1/32 of the map, the next copy is a whole new base, so a
+write costs O(1) amortized whatever the size of the state. Small maps are
+simply copied. A FrozenMap iterates in the live map's order (insertion
+order, as a dict), so a snapshot lists records exactly as the live state
+does.
 
 The rule that keeps a view unchanged: apply never mutates a record (or a set
 in `node_tasks`) that a view may share. It asks the map for a writable one
@@ -21,7 +30,7 @@ earlier may be the shared, stale one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
@@ -29,6 +38,89 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 _MISSING: Any = object()
+_GONE: Any = object()  # in an overlay: deleted since the base
+# Maps up to this size are copied whole; above it, a new base is made once
+# the keys written since the last one pass 1/REBASE_DIVISOR of the map.
+SMALL_MAP = 2048
+REBASE_DIVISOR = 32
+
+
+class FrozenMap(Mapping[K, V]):
+    """A read-only map: a shared base dict plus the keys written since it.
+
+    Iterates in the order the live map had when this was made: base keys
+    that were never deleted since (in base order), then the keys inserted
+    since, in insertion order (a dict moves a deleted and re-inserted key to
+    the end, and so does this)."""
+
+    __slots__ = ("_base", "_gone", "_len", "_new", "_over")
+
+    def __init__(
+        self,
+        base: dict[K, V],
+        over: dict[K, Any],
+        gone: frozenset[K],
+        new: tuple[K, ...],
+        length: int,
+    ) -> None:
+        self._base = base
+        self._over = over  # key -> value now, or _GONE
+        self._gone = gone  # base keys deleted since the base (re-inserted or not)
+        self._new = new  # keys inserted since the base, in order
+        self._len = length
+
+    def __getitem__(self, key: K) -> V:
+        v = self._over.get(key, _MISSING)
+        if v is _MISSING:
+            return self._base[key]
+        if v is _GONE:
+            raise KeyError(key)
+        return v
+
+    def get(self, key: K, default: Any = None) -> Any:
+        v = self._over.get(key, _MISSING)
+        if v is _MISSING:
+            return self._base.get(key, default)
+        return default if v is _GONE else v
+
+    def __contains__(self, key: object) -> bool:
+        v = self._over.get(key, _MISSING)  # type: ignore[arg-type]
+        if v is _MISSING:
+            return key in self._base
+        return v is not _GONE
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[K]:
+        gone = self._gone
+        if gone:
+            for k in self._base:
+                if k not in gone:
+                    yield k
+        else:
+            yield from self._base
+        yield from self._new
+
+    def values(self) -> Iterator[V]:  # type: ignore[override]
+        over, gone = self._over, self._gone
+        for k, v in self._base.items():
+            if k in gone:
+                continue
+            w = over.get(k, _MISSING)
+            yield v if w is _MISSING else w
+        for k in self._new:
+            yield over[k]
+
+    def items(self) -> Iterator[tuple[K, V]]:  # type: ignore[override]
+        over, gone = self._over, self._gone
+        for k, v in self._base.items():
+            if k in gone:
+                continue
+            w = over.get(k, _MISSING)
+            yield k, (v if w is _MISSING else w)
+        for k in self._new:
+            yield k, over[k]
 
 
 class CowMap(dict[K, V], Generic[K, V]):
@@ -38,7 +130,7 @@ class CowMap(dict[K, V], Generic[K, V]):
     last `frozen()`; `writable(key)` returns a value that may be mutated.
     """
 
-    __slots__ = ("_changed", "_clone", "_frozen", "_own")
+    __slots__ = ("_base", "_changed", "_clone", "_frozen", "_gone", "_new", "_own", "_touched")
 
     def __init__(
         self,
@@ -52,6 +144,12 @@ class CowMap(dict[K, V], Generic[K, V]):
         self._own: set[K] = set()
         self._changed = True
         self._frozen: Mapping[K, V] | None = None
+        # Since the base: keys written (replaced, inserted or deleted), base
+        # keys deleted, and keys inserted (in order).
+        self._base: dict[K, V] | None = None
+        self._touched: set[K] = set()
+        self._gone: set[K] = set()
+        self._new: dict[K, None] = {}
 
     # -- copy on write ------------------------------------------------------
     def writable(self, key: K) -> V:
@@ -63,6 +161,7 @@ class CowMap(dict[K, V], Generic[K, V]):
             value = self._clone(value)
             dict.__setitem__(self, key, value)
             self._own.add(key)
+            self._touched.add(key)
         self._changed = True
         return value
 
@@ -70,10 +169,29 @@ class CowMap(dict[K, V], Generic[K, V]):
         """A read-only copy as of now; the same object while nothing changed.
 
         From here on every value is shared with that copy."""
-        if self._changed or self._frozen is None:
-            self._frozen = MappingProxyType(dict.copy(self))
-            self._changed = False
         self._own.clear()
+        if not self._changed and self._frozen is not None:
+            return self._frozen
+        self._changed = False
+        n = len(self)
+        touched = self._touched
+        if self._base is None or n <= SMALL_MAP or len(touched) * REBASE_DIVISOR > n:
+            self._base = dict.copy(self)
+            touched.clear()
+            self._gone.clear()
+            self._new.clear()
+            self._frozen = MappingProxyType(self._base)
+        elif not touched:
+            self._frozen = MappingProxyType(self._base)
+        else:
+            get = dict.get
+            self._frozen = FrozenMap(
+                self._base,
+                {k: get(self, k, _GONE) for k in touched},
+                frozenset(self._gone),
+                tuple(self._new),
+                n,
+            )
         return self._frozen
 
     def plain(self) -> dict[K, V]:
@@ -83,20 +201,30 @@ class CowMap(dict[K, V], Generic[K, V]):
     # -- every write marks the map changed ------------------------------------
     def __setitem__(self, key: K, value: V) -> None:
         # The value is new (no view holds it): callers insert fresh records.
+        if key not in self:
+            self._new[key] = None
         dict.__setitem__(self, key, value)
         self._own.add(key)
+        self._touched.add(key)
         self._changed = True
 
     def __delitem__(self, key: K) -> None:
         dict.__delitem__(self, key)
+        self._deleted(key)
+
+    def _deleted(self, key: K) -> None:
         self._own.discard(key)
+        self._touched.add(key)
+        self._new.pop(key, None)
+        if self._base is not None and key in self._base:
+            self._gone.add(key)
         self._changed = True
 
     def pop(self, key: K, default: Any = _MISSING) -> Any:
         if key in self:
-            self._own.discard(key)
-            self._changed = True
-            return dict.pop(self, key)
+            value = dict.pop(self, key)
+            self._deleted(key)
+            return value
         if default is _MISSING:
             raise KeyError(key)
         return default
@@ -107,9 +235,8 @@ class CowMap(dict[K, V], Generic[K, V]):
         return dict.__getitem__(self, key)
 
     def clear(self) -> None:
-        dict.clear(self)
-        self._own.clear()
-        self._changed = True
+        for k in list(self):
+            del self[k]
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for k, v in dict(*args, **kwargs).items():
@@ -117,8 +244,7 @@ class CowMap(dict[K, V], Generic[K, V]):
 
     def popitem(self) -> tuple[K, V]:
         k, v = dict.popitem(self)
-        self._own.discard(k)
-        self._changed = True
+        self._deleted(k)
         return k, v
 
     def __ior__(self, other: Any) -> CowMap[K, V]:  # type: ignore[override,misc]

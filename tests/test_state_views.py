@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
 
+from raft import cow
 from raft.state import ClusterState
 from raft.view import SNAPSHOT_VERSION, StateView
 from tests.test_state_machine import ReplicatedClusterState
@@ -112,6 +113,41 @@ ViewsStayPut.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestViewsStayPut = ViewsStayPut.TestCase
+
+
+class ViewsStayPutWithOverlays(ViewsStayPut):
+    """The same, with every map (however small) frozen as a base plus an
+    overlay of the keys written since, and a new base only now and then."""
+
+    def __init__(self) -> None:
+        self.saved = (cow.SMALL_MAP, cow.REBASE_DIVISOR)
+        cow.SMALL_MAP, cow.REBASE_DIVISOR = 0, 3
+        super().__init__()
+
+    def teardown(self) -> None:
+        cow.SMALL_MAP, cow.REBASE_DIVISOR = self.saved
+
+
+ViewsStayPutWithOverlays.TestCase.settings = ViewsStayPut.TestCase.settings
+TestViewsStayPutWithOverlays = ViewsStayPutWithOverlays.TestCase
+
+
+def test_a_large_map_is_frozen_as_an_overlay_in_the_live_order() -> None:
+    m: cow.CowMap[str, int] = cow.CowMap({f"k{i}": i for i in range(10_000)})
+    m.frozen()
+    m["k5"] = -5  # replaced: keeps its place
+    del m["k7"]  # deleted
+    m["new"] = 1  # inserted: at the end
+    del m["k9"]
+    m["k9"] = 9  # deleted and inserted again: moves to the end, as in a dict
+    f = m.frozen()
+    assert isinstance(f, cow.FrozenMap)
+    assert list(f) == list(m) and list(f.items()) == list(m.items())
+    assert list(f.values()) == list(m.values()) and len(f) == len(m)
+    assert f["k5"] == -5 and "k7" not in f and f.get("k7") is None and f["k9"] == 9
+    m["k5"] = 55
+    del m["new"]
+    assert (f["k5"], f["new"], f.get("new")) == (-5, 1, 1), "a frozen copy changed"
 
 
 def test_a_view_is_reused_until_something_is_applied() -> None:
