@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +29,14 @@ from tests.cp_support import (
 from tests.harness import Cluster, Master, wait_for
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def metric(m: Master, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{m.http}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +75,11 @@ def test_ten_leader_kills_lose_and_duplicate_nothing(cluster: Cluster, acked: se
     # Every master compacts its log first, so the restarts below load a
     # snapshot and a short journal, however few entries the kills write.
     acked |= write_until_snapshotted(cluster, "admin")
+    for m in cluster.masters:
+        # Written in the background, and counted once durable (raft/snapwriter.py),
+        # just after the file is renamed into place.
+        wait_for(lambda m=m: metric(m, "lepton_raft_snapshots_total") >= 1, 30, "the count")
+        assert 0 < metric(m, "lepton_raft_snapshot_seconds") < 60
     term0 = _term(cluster)
     with Submitters(cluster.addrs, cluster.admin_token, "admin", n=4, tag="kill") as load:
         load.wait_more(20)

@@ -42,11 +42,18 @@ def members(c: Cluster) -> dict[str, bool]:
     return out
 
 
+def all_connected(c: Cluster) -> dict[str, bool] | None:
+    m = members(c)
+    return m if all(m.values()) else None
+
+
 def test_addresses_that_are_not_running_masters_of_this_cluster_are_refused(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     lead = cluster.wait_leader(60)
-    before = members(cluster)
+    # Compared at the end: start from every member connected, not from a
+    # moment when the leader was still dialing one of them.
+    before = wait_for(lambda: all_connected(cluster), 30, "every member connected")
     (stranger_port,) = free_ports(1)
     stranger = f"127.0.0.1:{stranger_port}"
     # A Raft node with another secret: a real pysyncobj port, the wrong cluster.
