@@ -9,7 +9,8 @@ snapshot: the time from pysyncobj asking for it to the file being durable,
 the time the Raft thread spent on it (taking the view), and the longest gap
 between two passes of the Raft loop while it was made (the loop passes at
 least every 50 ms when idle). Elections: how far the Raft term moved during
-the measurement.
+the measurement. As in a master, readers take views of the state all the
+time (the scheduling loop, heartbeats, API reads): here one every 100 ms.
 
 Baseline, same run: the same snapshots written on the Raft thread
 (`background_snapshots=False`, what pysyncobj and leptond did before).
@@ -79,6 +80,7 @@ def emit(**event: Any) -> None:
 async def member(a: argparse.Namespace) -> None:
     from raft.commands import encode
     from raft.node import RaftNode
+    from raft.view import Publisher
 
     t0 = clock.monotonic()
     state = build_state(a.jobs)
@@ -95,7 +97,9 @@ async def member(a: argparse.Namespace) -> None:
         log_compaction_min_time_s=1e9,
         background_snapshots=a.mode == "background",
     )
+    reader = Publisher(state, node.lock)
     emit(event="built", s=round(clock.monotonic() - t0, 1))
+    last_read = 0.0
     commands: queue.Queue[str] = queue.Queue()
     threading.Thread(
         target=lambda: [commands.put(line.strip()) for line in sys.stdin], daemon=True
@@ -131,6 +135,9 @@ async def member(a: argparse.Namespace) -> None:
                     }
                 )
                 emit(event="snapshot", n=seen, **snaps[-1])
+            if clock.monotonic() - last_read >= 0.1:
+                last_read = clock.monotonic()
+                _ = len(reader.view().pending)
             if go and node.is_leader():
                 for _ in range(5):
                     try:

@@ -9,7 +9,7 @@ simulation drives the same services with its own: a virtual `Clock`, a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from raft.view import StateView
@@ -112,6 +112,3 @@ class RaftAdmin(RaftRole, Protocol):
     async def add_member(self, addr: str, timeout_s: float = 10.0) -> None: ...
 
     async def remove_member(self, addr: str, timeout_s: float = 10.0) -> None: ...
-
-
-Wake = Callable[[], None]

@@ -151,6 +151,17 @@ class CowMap(dict[K, V], Generic[K, V]):
         self._gone: set[K] = set()
         self._new: dict[K, None] = {}
 
+    @classmethod
+    def adopt(cls, items: dict[K, V], clone: Callable[[V], V] | None = None) -> CowMap[K, V]:
+        """A map with the contents of `items`, which becomes its first base:
+        the caller hands it over and never writes to it again. Its first
+        frozen copy then costs nothing (a state just restored from a
+        snapshot is not copied again for the first view)."""
+        m = cls(items, clone)
+        m._base = items
+        m._changed = True
+        return m
+
     # -- copy on write ------------------------------------------------------
     def writable(self, key: K) -> V:
         """The value under `key`, safe to mutate (a private copy if a view may share it)."""
@@ -175,13 +186,13 @@ class CowMap(dict[K, V], Generic[K, V]):
         self._changed = False
         n = len(self)
         touched = self._touched
-        if self._base is None or n <= SMALL_MAP or len(touched) * REBASE_DIVISOR > n:
+        if self._base is not None and not touched:
+            self._frozen = MappingProxyType(self._base)
+        elif self._base is None or n <= SMALL_MAP or len(touched) * REBASE_DIVISOR > n:
             self._base = dict.copy(self)
             touched.clear()
             self._gone.clear()
             self._new.clear()
-            self._frozen = MappingProxyType(self._base)
-        elif not touched:
             self._frozen = MappingProxyType(self._base)
         else:
             get = dict.get

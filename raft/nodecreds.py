@@ -154,7 +154,7 @@ def gc_join_tokens(s: ClusterState, before: float) -> int:
 
 
 def reindex(s: ClusterState) -> None:
-    s.node_cred_of = CowMap({c.node_id: cid for cid, c in s.node_creds.items()})
+    s.node_cred_of = CowMap.adopt({c.node_id: cid for cid, c in s.node_creds.items()})
 
 
 def _text(a: dict[str, Any], key: str) -> str:

@@ -13,9 +13,11 @@ apply lock is held by the Raft thread itself here, so the view is exactly
 the state as of `last`; a shallow copy of the changed maps, raft/cow.py) and
 hands it to a background thread, which encodes it and writes it to a temp
 file and fsyncs it. `check` reports SERIALIZING until then; back on the Raft
-thread it renames the file into place, fsyncs the directory and only then
-reports SUCCESS, so pysyncobj never drops journal entries that a durable
-snapshot does not cover (hashicorp/raft's FSMSnapshot.Persist).
+thread it renames the file into place, the background thread fsyncs the
+directory, and only then does `check` report SUCCESS, so pysyncobj never
+drops journal entries that a durable snapshot does not cover (hashicorp/
+raft's FSMSnapshot.Persist). The Raft thread's share is the view and one
+rename.
 
 Ordering rules:
 
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from leptond.clock import REAL, Clock
-from leptond.fsutil import replace_synced, write_synced
+from leptond.fsutil import fsync_dir, write_synced
 from raft.snapshot import snapshot_chunks
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class _Job:
     superseded: bool = False
     froze_s: float = 0.0
     size: int = 0
+    renamed: bool = False  # in place under the snapshot's name (not yet durable)
 
 
 @dataclass
@@ -146,12 +149,13 @@ class SnapshotWriter:
         job.froze_s = self._clock.monotonic() - started
         self.stats.in_progress = True
         self.stats.last_tick_gap_max_s = 0.0
+        self._start(self._write, job)
+
+    def _start(self, work: Callable[[_Job], None], job: _Job) -> None:
         if not self._background:
-            self._write(job)
+            work(job)
             return
-        self._thread = threading.Thread(
-            target=self._write, args=(job,), name="raft-snapshot", daemon=True
-        )
+        self._thread = threading.Thread(target=work, args=(job,), name="raft-snapshot", daemon=True)
         self._thread.start()
 
     def check(self) -> int:
@@ -160,23 +164,32 @@ class SnapshotWriter:
             return NOT_SERIALIZING
         if not job.done.is_set():
             return SERIALIZING
-        if job.error is None and not job.superseded:
+        if job.error is None and not job.superseded and not job.renamed:
+            # The rename on this thread (see the module doc); making it
+            # durable (fsync of the directory) goes back to the background,
+            # and only then is the snapshot reported.
             try:
-                replace_synced(self.writing, self.path)
+                os.replace(self.writing, self.path)
+                job.renamed = True
             except OSError as exc:
                 job.error = exc
                 job.finished = self._clock.monotonic()
                 log.error(
                     "snapshot at entry %d: cannot put it in place: %s", job.meta["index"], exc
                 )
+            else:
+                job.done.clear()
+                self._start(self._sync_dir, job)
+                return SERIALIZING
         if job.error is not None and self._clock.monotonic() < job.finished + self._retry_after_s:
             return SERIALIZING
         self._job = None
         self.stats.in_progress = False
         self._reported = True
         if job.error is not None or job.superseded:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.writing)
+            if not job.renamed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.writing)
             self.stats.failed += 1
             if job.superseded:
                 log.info(
@@ -218,6 +231,16 @@ class SnapshotWriter:
         except BaseException as exc:  # reported through check(); never lost
             job.error = exc
             log.error("snapshot at entry %d failed: %s", job.meta["index"], exc)
+        finally:
+            job.finished = self._clock.monotonic()
+            job.done.set()
+
+    def _sync_dir(self, job: _Job) -> None:
+        try:
+            fsync_dir(self.path.parent)
+        except BaseException as exc:
+            job.error = exc
+            log.error("snapshot at entry %d: cannot make it durable: %s", job.meta["index"], exc)
         finally:
             job.finished = self._clock.monotonic()
             job.done.set()

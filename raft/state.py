@@ -688,10 +688,11 @@ class ClusterState(StateReads):
                     n.drain_reason = n.reason
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"bad state snapshot: {exc}") from None
+        # The dicts built here become the maps' first bases (CowMap.adopt).
         self.nodes, self.jobs, self.tasks = _cow(nodes), _cow(jobs), _cow(tasks)
         self.tokens, self.members = _cow(tokens), _cow(members)
         self.join_tokens, self.node_creds = _cow(joins), _cow(creds)
-        self.manifests = CowMap(manifests)
+        self.manifests = CowMap.adopt(manifests)
         self.recent = recent
         self.restoring = restoring
         self.applied_index = applied_index
@@ -711,9 +712,9 @@ class ClusterState(StateReads):
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
                 for g in t.gpus:
                     gpu_owner[(t.node_id, g)] = t.id
-        self.gpu_owner = CowMap(gpu_owner)
-        self.node_tasks = CowMap(node_tasks, clone=set.copy)
-        self.pending = CowMap(pending)
+        self.gpu_owner = CowMap.adopt(gpu_owner)
+        self.node_tasks = CowMap.adopt(node_tasks, clone=set.copy)
+        self.pending = CowMap.adopt(pending)
 
     def digest(self) -> bytes:
         """A canonical encoding for comparing replicas in tests."""
@@ -721,7 +722,7 @@ class ClusterState(StateReads):
 
 
 def _cow(records: dict[str, Any]) -> CowMap[str, Any]:
-    return CowMap(records, clone=lambda r: r.clone())
+    return CowMap.adopt(records, clone=lambda r: r.clone())
 
 
 def _str(d: dict[str, Any], key: str) -> str:
