@@ -79,9 +79,10 @@ def emit(**event: Any) -> None:
 
 async def member(a: argparse.Namespace) -> None:
     from raft.commands import encode
-    from raft.node import RaftNode
+    from raft.node import GIL_SWITCH_INTERVAL_S, RaftNode
     from raft.view import Publisher
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as a master does
     t0 = clock.monotonic()
     state = build_state(a.jobs)
     cfg = MasterConfig(Path("."), Path("."), Path("."))

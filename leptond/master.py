@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from typing import Any
 
 from raft import commands
-from raft.node import RaftNode
+from raft.node import GIL_SWITCH_INTERVAL_S, RaftNode
 from raft.state import ClusterState
 from raft.view import Publisher
 
@@ -71,6 +72,7 @@ class Master:
 
     async def start(self) -> None:
         cfg, clock = self.cfg, self.clock
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # see raft/node.py
         loop = asyncio.get_running_loop()
         leader_events: asyncio.Queue[bool] = asyncio.Queue()
         peers = [p for p in cfg.peers if p and p != cfg.raft_addr]

@@ -74,6 +74,13 @@ SNAPSHOT_NAME = "raft.snapshot"
 # A tick gap (time between two passes of pysyncobj's loop) over this is slow:
 # elections time out at a few hundred milliseconds.
 SLOW_TICK_S = 0.1
+# How long a thread that wants the GIL waits before the holder is asked to
+# let go (CPython's default is 5 ms). The Raft thread takes the GIL back after
+# every poll and system call, so with a busy thread beside it (a snapshot
+# being encoded, a large scheduling pass) each of those waits adds to its
+# tick: 0.5 ms took about 20 ms off the longest tick during a 100k-job
+# snapshot (bench/snapshot.py). The process that runs a RaftNode sets it.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class StateMachine(Protocol):
