@@ -547,13 +547,14 @@ class ClusterState(StateReads):
             raise ArgError("bad_request", "restore needs snapshot bytes")
         fresh = ClusterState()
         fresh.restore(data)  # raises ValueError on a bad snapshot: an error value, state untouched
-        recent, epoch, generation = self.recent, self.capacity_epoch, self.generation
         # Every map is replaced by fresh's: views keep the old ones, untouched.
-        self.__dict__.update(fresh.__dict__)
-        self.recent = recent
-        # Local counters go on from where they were: the scheduler compares
-        # epochs, readers compare generations.
-        self.capacity_epoch, self.generation = epoch, generation
+        # Local counters go on from where they were (the scheduler compares
+        # epochs, readers compare generations: apply() moves it at the end),
+        # and the dedupe table stays.
+        fresh_state = dict(fresh.__dict__)
+        for local in ("recent", "capacity_epoch", "generation"):
+            del fresh_state[local]
+        self.__dict__.update(fresh_state)
         self.restoring = None  # a snapshot saved mid-restore brings no parts along
         return {"jobs": len(self.jobs), "nodes": len(self.nodes)}
 
