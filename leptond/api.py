@@ -201,7 +201,7 @@ async def jobs(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
             or (j.finished_at or 0) > time.time() - 3600
         ]
         js = js[-limit:]
-        return [views.job_summary(j) for j in js]
+        return [views.job_summary(j, m.state) for j in js]
 
 
 @method("status", "read")
@@ -213,7 +213,7 @@ async def status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         job = m.state.jobs.get(jid)
         if job is None:
             raise RpcError(NOT_FOUND, f"no job {jid!r}")
-        out = views.job_summary(job)
+        out = views.job_summary(job, m.state)
         full = _may_read(conn, job.user)
         out["spec"] = job.spec if full else views.redacted_spec(job)
         out["tasks"] = [views.task_detail(m.state, m.state.tasks[t]) for t in job.tasks]
