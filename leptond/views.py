@@ -240,6 +240,8 @@ def task_detail(s: ClusterState, t: Task) -> dict[str, Any]:
 
 def node_summary(s: ClusterState, n: Node, live: dict[str, Any] | None) -> dict[str, Any]:
     held, cpus_used, mem_used = s.node_usage(n.id)
+    if n.state == "down":
+        live = None  # its last heartbeat is stale: show no utilisation at all
     stats = (live or {}).get("stats") or {}
     gpu_stats = (live or {}).get("gpus") or []
     utils = [g.get("util_pct", 0) for g in gpu_stats if isinstance(g, dict)]
@@ -252,9 +254,11 @@ def node_summary(s: ClusterState, n: Node, live: dict[str, Any] | None) -> dict[
         "addr": n.addr,
         "labels": dict(n.labels),
         "gpus_total": len(n.gpus),
+        "gpus_used": len(held),
         "gpus_free": len(n.gpus) - len(held),
         "gpu_models": sorted({g["model"] for g in n.gpus}),
-        "gpu_util_pct": round(sum(utils) / len(utils), 1) if utils else 0.0,
+        # None: nothing known (no GPUs, no heartbeat yet, or the node is down).
+        "gpu_util_pct": round(sum(utils) / len(utils), 1) if utils else None,
         "cpus": n.cpus,
         "cpus_used": cpus_used,
         "mem_bytes": n.mem_bytes,

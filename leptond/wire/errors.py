@@ -61,3 +61,5 @@ UNAUTHENTICATED = "unauthenticated"
 CONFLICT = "conflict"
 INTERNAL = "internal"
 UNKNOWN_METHOD = "unknown_method"
+# A job that no node the cluster knows could ever run (submit without queue_anyway).
+UNSCHEDULABLE = "unschedulable"
