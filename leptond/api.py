@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from raft import snapshot as snapfile
 from raft.commands import BATCH_BUDGET_BYTES
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
 from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
+from raft.state import ClusterState
 from raft.validate import SpecError, validate_name, validate_spec
 
 from . import health, param, views
@@ -466,7 +468,12 @@ async def node_rm(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     """The cluster as this master sees it. With `health`, each other master is
     also asked for its own health (disk, journal, leader), and `problems`
-    lists what is wrong anywhere, in words."""
+    lists what is wrong anywhere, in words. With `from_leader`, a follower
+    that knows the leader sends the caller there: only the leader knows how
+    far behind each member is, so the answer is the same from any master."""
+    if param.flag(a, "from_leader"):
+        _prefer_leader(m)
+    want_health = param.flag(a, "health")
     assert m.raft is not None
     st = m.raft.status()
     mine = m.health(st)
@@ -476,7 +483,7 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         info = members.get(mb.get("addr"), {})
         mb["rpc_addr"] = info.get("rpc_addr", "")
     problems = list(mine["problems"])
-    if param.flag(a, "health"):
+    if want_health:
         asked = [mb["rpc_addr"] for mb in st.get("members", []) if mb["rpc_addr"]]
         answers = await health.ask_members(cluster_psk(m.secret), asked)
         for mb in st.get("members", []):
@@ -493,6 +500,8 @@ async def cluster_status(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "leader": leader,
         "leader_rpc": m.leader_rpc_addr(),
         "self": m.cfg.raft_addr,
+        "self_rpc": m.cfg.rpc_addr,
+        "pid": os.getpid(),
         "is_leader": m.is_leader(),
         "has_quorum": mine["quorum"],
         "health": mine,
@@ -557,16 +566,42 @@ async def snapshot_save(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     }
 
 
-@method("snapshot_restore", "admin", mutating=True)
-async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
-    m.ensure_leader()
-    blob = a.get("data")
+@method("snapshot_check", "admin")
+async def snapshot_check(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    """What restoring this snapshot would replace (nothing is changed): the
+    jobs and nodes in it, and those in the cluster now."""
+    _prefer_leader(m)
+    state_bytes, meta = _decode_snapshot(a.get("data"))
+    theirs = ClusterState()
+    try:
+        theirs.restore(state_bytes)
+    except ValueError as exc:
+        raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
+    with _lock(m):
+        now = {"jobs": len(m.state.jobs), "nodes": len(m.state.nodes)}
+    return {
+        "snapshot": {
+            "jobs": len(theirs.jobs),
+            "nodes": len(theirs.nodes),
+            "index": meta.get("index") if isinstance(meta, dict) else None,
+        },
+        "current": now,
+    }
+
+
+def _decode_snapshot(blob: Any) -> tuple[bytes, Any]:
     if not isinstance(blob, bytes):
         raise RpcError(BAD_REQUEST, "restore needs the snapshot file's bytes")
     try:
-        state_bytes, _meta = snapfile.decode_snapshot(blob)
+        return snapfile.decode_snapshot(blob)
     except Exception as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
+
+
+@method("snapshot_restore", "admin", mutating=True)
+async def snapshot_restore(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    state_bytes, _meta = _decode_snapshot(a.get("data"))
     # In parts, each well within one Raft entry; the state is replaced, on
     # every replica, when the last part applies (ClusterState.apply_restore).
     # A retry (same client rid) goes on with the same restore: its parts keep
