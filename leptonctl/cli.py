@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any
 
@@ -355,13 +356,13 @@ def check_submit_command(command: list[str]) -> list[str]:
     if command and command[0] == "--":
         return command[1:]
     ours = submit_flags()
-    for word in command[1:]:
+    for i, word in enumerate(command[1:], 1):
         flag = word.split("=", 1)[0]
         if flag in ours:
+            fixed = shlex.join(["leptonctl", "submit", *command[i:], "--", *command[:i]])
             raise UsageError(
                 f"{flag} comes after the command, so it would be passed to the command; "
-                f"put submit's flags first and the command after --, e.g. "
-                f"leptonctl submit {word} -- {command[0]} ..."
+                f"put submit's flags first and the command after --: {fixed}"
             )
     return command
 
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RpcError as exc:
         print(f"leptonctl: {_explain(exc)}", file=sys.stderr)
-        return 2 if exc.code == "bad_request" else 1
+        return 2 if exc.code in ("bad_request", "unschedulable") else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -178,7 +178,7 @@ class Follower:
         while True:
             st = await self.status()
             t = st["tasks"][rank]
-            if attempt is not None and t["attempt"] != attempt:
+            if attempt and t["attempt"] != attempt:
                 offset, tail = 0, None  # a new attempt: its output from the start
                 self.note(f"rank {rank} of {self.job_id} runs again (attempt {t['attempt']})")
             attempt = t["attempt"]
