@@ -342,3 +342,27 @@ def test_the_workdir_upload_says_what_it_reused(c: Cluster, tmp_path: Path) -> N
     job = second.stdout.strip()
     c.wait_job(job, {"succeeded"})
     assert c.ctl("logs", job).stdout == "hello\n"
+
+
+# -- 11. cluster status from any master ------------------------------------------------
+def test_cluster_status_is_the_same_table_from_any_master(cluster: Cluster) -> None:
+    leader = cluster.wait_leader()
+    # Followers announce their RPC addresses a moment after they start.
+    wait_for(
+        lambda: all(m["rpc_addr"] for m in cluster.rpc("cluster_status")["members"]),
+        30,
+        "every master's RPC address",
+    )
+
+    def table_from(addr: str) -> list[list[str]]:
+        out = cluster.ctl("cluster", "status", addr=addr).stdout
+        return [ln.split() for ln in lines(out) if ln.startswith("127.0.0.1:")]
+
+    want = sorted(
+        [m.raft_addr, m.rpc_addr, "leader" if m is leader else "follower"] for m in cluster.masters
+    )
+    for m in cluster.masters:
+        rows = table_from(m.rpc_addr)
+        assert sorted(r[:3] for r in rows) == want, (m.rpc_addr, rows)
+        # Lag is the leader's view of every member: known for all of them.
+        assert all(r[3] != "-" and r[4] != "-" and r[5] == "ok" for r in rows), rows
