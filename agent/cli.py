@@ -44,9 +44,7 @@ def parser() -> argparse.ArgumentParser:
         "--data-dir", required=True, help="node id, credential, task dirs, block cache (0700)"
     )
     r.add_argument("--node-name", default="", help="name people see (default: the host name)")
-    r.add_argument(
-        "--labels", type=_labels, default={}, help="K=V,... for --constraint to match"
-    )
+    r.add_argument("--labels", type=_labels, default={}, help="K=V,... for --constraint to match")
     r.add_argument(
         "--advertise-addr", default="", help="address other hosts reach this one at (gangs)"
     )

@@ -55,9 +55,11 @@ async def jobs(
 
 
 async def status(
-    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
+    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, brief: bool = False
 ) -> dict[str, Any]:
-    return dict(await c.call("status", {"job_id": job_id}, timeout_s=timeout_s))
+    """brief: states, tasks and times without the spec (no audited read)."""
+    args = {"job_id": job_id, "brief": True} if brief else {"job_id": job_id}
+    return dict(await c.call("status", args, timeout_s=timeout_s))
 
 
 async def cancel(

@@ -111,10 +111,10 @@ async def wait_job(c: ClusterClient, job_id: str, a: argparse.Namespace) -> int:
     """Wait for the job to end; exit with its exit code (130 when cancelled)."""
     delay = 0.1
     while True:
-        st = await api.status(c, job_id, timeout_s=a.timeout)
+        st = await api.status(c, job_id, timeout_s=a.timeout, brief=True)
         if st["state"] in FINAL_JOB_STATES:
             if a.output == "json":
-                emit_json(st)
+                emit_json(await api.status(c, job_id, timeout_s=a.timeout))
             codes = [t["exit_code"] for t in st["tasks"] if t.get("exit_code")]
             if st["state"] == "succeeded":
                 return 0

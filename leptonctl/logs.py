@@ -115,7 +115,7 @@ class Follower:
         print(f"leptonctl: {text}", file=sys.stderr, flush=True)
 
     async def status(self) -> dict[str, Any]:
-        return await api.status(self.c, self.job_id, timeout_s=self.timeout_s)
+        return await api.status(self.c, self.job_id, timeout_s=self.timeout_s, brief=True)
 
     async def run(self) -> int:
         st = await self.status()

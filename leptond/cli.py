@@ -227,12 +227,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one master")
     r.add_argument("--data-dir", required=True, help="this master's state: Raft log, blocks")
     r.add_argument("--secret-file", required=True, help="cluster.key from `leptond init`")
-    r.add_argument(
-        "--admin-token-file", required=True, help="admin.token from `leptond init`"
-    )
-    r.add_argument(
-        "--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
-    )
+    r.add_argument("--admin-token-file", required=True, help="admin.token from `leptond init`")
+    r.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     r.add_argument("--advertise", help="address other hosts reach this master at (default: --bind)")
     r.add_argument("--rpc-port", type=_port, default=7441, help="RPC port (default 7441)")
     r.add_argument("--http-port", type=_port, default=7440, help="HTTP port (default 7440)")
