@@ -6,6 +6,7 @@ error line, and writes every mutating call to the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -579,7 +580,8 @@ async def snapshot_check(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     state_bytes, meta = _decode_snapshot(a.get("data"))
     theirs = ClusterState()
     try:
-        theirs.restore(state_bytes)
+        # Off the event loop: a large snapshot takes a while to decode.
+        await asyncio.to_thread(theirs.restore, state_bytes)
     except ValueError as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
     with _lock(m):
