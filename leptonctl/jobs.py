@@ -168,19 +168,16 @@ async def jobs(c: ClusterClient, a: argparse.Namespace) -> int:
             table([*JOB_HEADERS, "DURATION"], job_rows(rows))
         return 0
     tty = sys.stdout.isatty()
-    try:
-        while True:
-            rows = await fetch()
-            if tty:
-                sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place
-            print(f"every {a.interval:g}s, {time.strftime('%H:%M:%S')} (Ctrl-C stops)")
-            table([*JOB_HEADERS, "DURATION"], job_rows(rows))
-            if not tty:
-                print()
-            sys.stdout.flush()
-            await asyncio.sleep(a.interval)
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        return 0
+    while True:  # until Ctrl-C
+        rows = await fetch()
+        if tty:
+            sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place
+        print(f"every {a.interval:g}s, {time.strftime('%H:%M:%S')} (Ctrl-C stops)")
+        table([*JOB_HEADERS, "DURATION"], job_rows(rows))
+        if not tty:
+            print()
+        sys.stdout.flush()
+        await asyncio.sleep(a.interval)
 
 
 async def status(c: ClusterClient, a: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ from .output import stamp
 FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 LIVE_TASK_STATES = frozenset({"assigned", "running"})
 POLL_S = 0.5
+# While a task waits to be placed there is nothing to hurry for.
+PENDING_POLL_S = 1.0
 # Worth waiting out while following: the host or the leader may come back.
 TRANSIENT = frozenset({"unavailable", "timeout", "not_leader", "no_quorum", "not_found"})
 
@@ -195,6 +197,7 @@ class Follower:
                     if exc.extra.get("job_state") in FINAL_JOB_STATES:
                         return
                     await self.say_why_pending()
+                    await asyncio.sleep(PENDING_POLL_S - POLL_S)
                 elif exc.code in TRANSIENT:
                     st = await self.status()
                     if st["state"] in FINAL_JOB_STATES and (
