@@ -124,9 +124,10 @@ def test_logs_follow_of_a_pending_job_says_why_once_and_returns_when_it_is_cance
 def test_logs_follow_of_a_job_that_never_started_returns_at_once(c: Cluster) -> None:
     job = never_fits(c)
     c.ctl("cancel", job)
-    started = time.monotonic()
+    # It has nothing to wait for: exit 0 with no output (a wait would end in
+    # the subprocess timeout, or in leptonctl giving up with exit 1).
     out = c.ctl("logs", "-f", job, timeout_s=30)
-    assert out.stdout == "" and time.monotonic() - started < 15
+    assert out.stdout == "" and out.stderr == ""
 
 
 def test_logs_follow_of_a_finished_job_prints_its_output_and_returns(c: Cluster) -> None:
