@@ -33,6 +33,15 @@ def _port(v: str) -> int:
     return p
 
 
+def _size(v: str) -> int:
+    from leptonctl.jobfile import JobFileError, parse_size
+
+    try:
+        return parse_size(v)
+    except JobFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import MasterConfig
     from .master import Master
@@ -72,6 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         block_cache_bytes=args.block_cache_bytes,
         block_cache_policy=args.block_cache_policy,
+        allow_root_tasks=args.allow_root_tasks,
+        default_mem_per_gpu=args.default_mem_per_gpu,
     )
     try:
         master = Master(cfg)
@@ -141,6 +152,18 @@ def parser() -> argparse.ArgumentParser:
         "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
     )
     r.add_argument("--block-cache-policy", choices=["lru", "lfu"], default="lru")
+    r.add_argument(
+        "--allow-root-tasks",
+        action="store_true",
+        help="let tasks run as uid 0 (tokens mapped to root, such as the admin token)",
+    )
+    r.add_argument(
+        "--default-mem-per-gpu",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="memory limit per GPU for jobs without --mem, e.g. 32G (default 0: none)",
+    )
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("dev", help="a whole cluster on this host: one master and N agents")
     d.add_argument("--data-dir", default=".lepton-dev")

@@ -37,6 +37,11 @@ class MasterConfig:
     job_retention_s: float = 7 * 86400.0
     block_cache_bytes: int = 256 << 20
     block_cache_policy: Literal["lru", "lfu"] = "lru"
+    # Whether tasks may run as uid 0 (a token mapped to root, such as the
+    # admin token `leptond init` writes). Agents refuse uid 0 without it.
+    allow_root_tasks: bool = False
+    # Memory limit per GPU for jobs that give no --mem; 0: none.
+    default_mem_per_gpu: int = 0
 
     @property
     def host(self) -> str:

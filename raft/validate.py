@@ -17,6 +17,8 @@ MAX_ARG_BYTES = 256 * 1024
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# What useradd accepts, minus the all-digit names that read as uids.
+UNIX_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,31}\$?$")
 
 
 class SpecError(ValueError):
@@ -96,6 +98,15 @@ def validate_spec(spec: Any) -> JobSpec:
         cwd=spec.get("cwd"),
     )
     return out
+
+
+def validate_unix_user(name: Any) -> str:
+    if not isinstance(name, str) or not UNIX_USER.match(name):
+        raise SpecError(
+            "a Unix user name is 1-32 letters, digits, '_', '.' or '-', starting with a "
+            f"letter or '_', got {name!r}"
+        )
+    return name
 
 
 def validate_name(name: Any, what: str = "name") -> str:

@@ -142,6 +142,8 @@ class Cluster:
     n_masters: int = 3
     ttl_s: float = 3.0
     master_args: list[str] = field(default_factory=list)
+    # The admin token maps to root: test clusters let its jobs run.
+    allow_root_tasks: bool = True
     masters: list[Master] = field(default_factory=list)
     agents: list[Proc] = field(default_factory=list)
     extra: list[Proc] = field(default_factory=list)
@@ -195,6 +197,7 @@ class Cluster:
             str(self.ttl_s),
             "--kill-grace",
             "2",
+            *(["--allow-root-tasks"] if self.allow_root_tasks else []),
             *self.master_args,
         ]
 
@@ -371,11 +374,13 @@ class Cluster:
         self.kill_strays()
 
     def kill_strays(self) -> None:
-        """Task shims run in their own sessions so they outlive a killed agent; end them too."""
+        """Task shims run in their own sessions so they outlive a killed agent; end them too,
+        and whatever is left in the agents' task cgroups."""
         try:
             import psutil
         except ImportError:
             return
+        self.remove_task_cgroups()
         root = str(self.root)
         for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
             cmd = " ".join(p.info.get("cmdline") or [])
@@ -391,6 +396,19 @@ class Cluster:
                     p.kill()
                 except psutil.Error:
                     pass
+
+    def remove_task_cgroups(self) -> None:
+        from agent.cgroups import remove_agent_tree
+
+        for d in self.root.glob("agent-*"):
+            try:
+                nid = (d / "node_id").read_text().strip()
+            except OSError:
+                continue
+            try:
+                remove_agent_tree(nid)
+            except Exception:
+                pass
 
     def logs(self) -> str:
         parts = []
