@@ -177,9 +177,15 @@ def test_a_missing_account_fails_the_task_at_once_with_the_reason(iso: Iso) -> N
     assert not iso.run_dir(V1, job).exists()  # nothing was started
 
 
-def test_root_tasks_need_allow_root_tasks() -> None:
+def test_root_tasks_need_allow_root_tasks_and_memory_defaults_per_gpu() -> None:
     with passable_dir("lepton-noroot-") as top:
-        c = Cluster(top / "cluster", n_masters=1, ttl_s=5.0, allow_root_tasks=False)
+        c = Cluster(
+            top / "cluster",
+            n_masters=1,
+            ttl_s=5.0,
+            allow_root_tasks=False,
+            master_args=["--default-mem-per-gpu", "1G"],
+        )
         try:
             c.start_masters()
             out = c.ctl("submit", "--", "id", check=False)  # the admin token maps to root
@@ -187,6 +193,21 @@ def test_root_tasks_need_allow_root_tasks() -> None:
             assert out.returncode != 0 and len(lines) == 1, out.stderr
             assert "root" in lines[0] and "--allow-root-tasks" in lines[0]
             assert c.rpc("jobs", {"all": True}) == []  # nothing was submitted
+            # A bad mapping is one line, and no token is made.
+            out = c.ctl("token", "create", "--role", "submit", "--unix-user", "1000", check=False)
+            assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+            assert c.ctl_json("token", "ls") == []
+            tok = c.ctl(
+                "token", "create", "--role", "submit", "--name", "carl", "--unix-user", "nobody"
+            ).stdout.strip()
+            # Jobs without --mem get the default per GPU; --mem and GPU-less jobs keep theirs.
+            for args, want in (
+                (["--gpus", "2"], 2 << 30),
+                (["--gpus", "2", "--mem", "5M"], 5 << 20),
+                ([], 0),
+            ):
+                job = c.submit(*args, "--", "true", token=tok)
+                assert c.status(job)["spec"]["mem_bytes"] == want, args
         finally:
             c.close()
 
