@@ -120,7 +120,7 @@ class ChildSetup:
         try:
             # First, so that nothing the task runs exists outside its cgroup.
             if self.cgroup is not None:
-                self.cgroup.join(os.getpid())
+                self.cgroup.join_self()
             if self.hide:
                 step = "hiding other GPUs' device files"
                 devfilter.hide_in_private_namespace(list(self.hide), self.cover)

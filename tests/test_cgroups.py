@@ -73,7 +73,7 @@ def _in_cgroup(cg: TaskCgroup | None, argv: list[str], **kw: Any) -> subprocess.
 
     def join() -> None:
         if cg is not None:
-            cg.join(os.getpid())
+            cg.join_self()
 
     return subprocess.Popen(argv, preexec_fn=join, **kw)
 
