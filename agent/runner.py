@@ -497,7 +497,9 @@ def _shim_argv() -> list[str]:
 def _start_shim(tdir: Path) -> subprocess.Popen[bytes]:
     """Start a new shim for the task in `tdir` (spec.json already written)."""
     try:
-        with open(tdir / SHIM_LOG, "ab") as shim_log:
+        with open(
+            os.open(tdir / SHIM_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab"
+        ) as shim_log:
             return subprocess.Popen(
                 [*_shim_argv(), str(tdir)],
                 cwd=tdir,

@@ -455,7 +455,7 @@ def enter_task_dir(task_dir: Path) -> None:
     as cwd (also how a restarted runner recognises it), shim.log as stdout and
     stderr, nothing on stdin."""
     os.chdir(task_dir)
-    log_fd = os.open(SHIM_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    log_fd = os.open(SHIM_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null_fd, 0)
     os.dup2(log_fd, 1)

@@ -163,6 +163,30 @@ def test_a_task_runs_as_its_user_and_its_files_are_its_own(iso: Iso) -> None:
     assert out[5] == str(rd / "work")
 
 
+def test_a_task_workdir_is_handed_to_its_user(iso: Iso, tmp_path: Path) -> None:
+    c = iso.cluster
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "train.py").write_text("print('hi')\n")
+    (src / "run.sh").write_text("echo run\n")
+    job = iso.submit(
+        V1,
+        "--workdir",
+        str(src),
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%U %a %n' . pkg pkg/train.py run.sh; echo new > made && stat -c '%U' made",
+        token=iso.alice,
+    )
+    st = c.wait_job(job, {"succeeded", "failed"}, timeout_s=120)
+    assert st["state"] == "succeeded", st
+    out = c.ctl("logs", job).stdout.splitlines()
+    assert out[0] == f"{iso.user} 700 ."  # private to its user
+    assert all(line.startswith(f"{iso.user} ") for line in out[1:4]), out
+    assert out[4] == iso.user
+
+
 def test_a_missing_account_fails_the_task_at_once_with_the_reason(iso: Iso) -> None:
     c = iso.cluster
     nobody_here = f"lt{os.getpid() % 100000}gone"
