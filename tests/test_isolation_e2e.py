@@ -384,15 +384,21 @@ def test_a_task_opens_its_own_gpu_and_gets_eperm_on_the_others(iso: Iso, host: s
 # --------------------------------------------------------- agent restarts
 
 
-def test_a_restarted_agent_readopts_its_tasks_cgroups(iso: Iso) -> None:
+@pytest.mark.parametrize("host", [V1, V2])
+def test_a_restarted_agent_readopts_its_tasks_cgroups(iso: Iso, host: str) -> None:
     c = iso.cluster
-    job = iso.submit(V1, "--", "sh", str(ESCAPE), "child.pid", token=iso.alice)
-    pid, born = _escaped_pid(iso, V1, job)
-    dirs = iso.cgroup_dirs(V1, job)
-    agent = iso.agent_proc(V1)
+    job = iso.submit(host, "--", "sh", str(ESCAPE), "child.pid", token=iso.alice)
+    pid, born = _escaped_pid(iso, host, job)
+    dirs = iso.cgroup_dirs(host, job)
+    agent = iso.agent_proc(host)
+    adopted_before = agent.log.read_text().count("adopted 1 running task")
     agent.stop()  # SIGTERM: the agent goes, its tasks stay
     agent.start()
-    wait_for(lambda: "adopted 1 running task" in agent.log.read_text(), 60, "the re-adoption")
+    wait_for(
+        lambda: agent.log.read_text().count("adopted 1 running task") > adopted_before,
+        60,
+        "the re-adoption",
+    )
     c.wait_nodes_ready(2, timeout_s=60)
     # Its cgroup survived the restart, with the escaped child still in it.
     assert all(d.is_dir() for d in dirs)
