@@ -189,6 +189,8 @@ class V1TaskCgroup:
         signal_pids(self.pids(), sig)
 
     def kill(self) -> bool:
+        if self.is_empty():
+            return True  # the common end of a task: nothing to freeze
         freezer = self.dirs.get("freezer")
         deadline = time.monotonic() + KILL_WAIT_S
         while True:

@@ -35,6 +35,7 @@ from .cgroup_task import (
     V1TaskCgroup,
     V2TaskCgroup,
     read_file,
+    read_pids,
     rmdir,
     write_file,
 )
@@ -396,15 +397,8 @@ def _fresh_dir(d: str) -> None:
     try:
         os.mkdir(d)
     except FileExistsError:
-        if read_file_pids(d):
+        if read_pids(f"{d}/cgroup.procs"):
             raise CgroupError(f"cgroup {d} already exists and has processes in it") from None
-
-
-def read_file_pids(d: str) -> list[str]:
-    try:
-        return read_file(f"{d}/cgroup.procs").split()
-    except OSError:
-        return []
 
 
 def _remove_all(dirs: list[str]) -> None:

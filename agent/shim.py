@@ -367,9 +367,13 @@ class Shim:
         if self.cgroup is None:
             return
         try:
-            if not self.cgroup.is_empty():
-                self.cgroup.kill()
-            self.cgroup.remove()
+            for _ in range(3):
+                if not self.cgroup.is_empty():
+                    self.cgroup.kill()
+                if self.cgroup.remove():
+                    return
+                time.sleep(0.05)  # a process still on its way out
+            print(f"leptond: task cgroup still busy, left for the agent: {self.cgroup.pids()}")
         except OSError as e:
             print(f"leptond: cannot remove the task's cgroup: {e}")
 
