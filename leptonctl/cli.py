@@ -123,6 +123,9 @@ def parser() -> ArgParser:
     tc = tksub.add_parser("create")
     tc.add_argument("--role", required=True, choices=["admin", "submit", "read"])
     tc.add_argument("--name")
+    tc.add_argument(
+        "--unix-user", help="the Unix account its jobs run as on the hosts (default: --name)"
+    )
     _out(tksub.add_parser("ls"))
     tksub.add_parser("revoke").add_argument("id")
     return p

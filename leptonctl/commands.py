@@ -439,7 +439,8 @@ async def snapshot(c: ClusterClient, a: argparse.Namespace) -> int:
 
 async def token(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.token_cmd == "create":
-        res = await c.call("token_create", {"role": a.role, "name": a.name}, timeout_s=a.timeout)
+        args = {"role": a.role, "name": a.name, "unix_user": a.unix_user}
+        res = await c.call("token_create", args, timeout_s=a.timeout)
         print(res["token"])
         return 0
     if a.token_cmd == "ls":
@@ -448,12 +449,13 @@ async def token(c: ClusterClient, a: argparse.Namespace) -> int:
             emit_json(rows)
             return 0
         table(
-            ["ID", "NAME", "ROLE", "CREATED", "REVOKED"],
+            ["ID", "NAME", "ROLE", "UNIX USER", "CREATED", "REVOKED"],
             [
                 [
                     r["id"],
                     r["name"],
                     r["role"],
+                    r.get("unix_user", ""),
                     ago(r["created_at"]),
                     "yes" if r["revoked"] else "no",
                 ]

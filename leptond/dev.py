@@ -3,6 +3,10 @@
 One master and N agents as child processes of this one; Ctrl-C (or SIGTERM)
 stops them all by pid. Uses the real GPUs when NVML finds some, else simulated
 ones, and says so. Writes a client config that leptonctl reads with no flags.
+
+The master allows root tasks: the admin token maps to root, and it is the
+only token a dev cluster starts with. Run as a normal user, the agents cannot
+switch users, so every task runs as that user, which the banner says.
 """
 
 from __future__ import annotations
@@ -122,6 +126,22 @@ async def _wait_ready(addr: str, tok_path: Path, agents: int, timeout_s: float) 
         await client.close()
 
 
+def isolation_line() -> str:
+    """What the banner says about whose account tasks run as."""
+    from agent.identity import agent_user, can_switch_users
+
+    if can_switch_users():
+        return (
+            "tasks run as their token's Unix user (the admin token's is root), "
+            "in cgroups with enforced limits"
+        )
+    me = agent_user()
+    return (
+        f"tasks run as {me.name} (uid {me.uid}), the user running leptond dev: "
+        "not root, so no user switching, cgroup limits or GPU device rules"
+    )
+
+
 def run_dev(args: argparse.Namespace) -> int:
     d = Path(args.data_dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -177,6 +197,7 @@ def run_dev(args: argparse.Namespace) -> int:
                 "10",
                 "--kill-grace",
                 "3",
+                "--allow-root-tasks",
             ],
         )
         # Agents never see the cluster key: each trades a join token for its own
@@ -214,6 +235,7 @@ def run_dev(args: argparse.Namespace) -> int:
             f"leptond dev cluster is up: 1 master ({rpc}, http 127.0.0.1:{args.http_port}), {agents} agent(s)"
         )
         print(gpu_line)
+        print(isolation_line())
         print(f"leptonctl is configured in {cfg_path}; try: leptonctl nodes")
         print(f"logs in {log_dir}; Ctrl-C stops everything")
         print(BANNER, flush=True)
