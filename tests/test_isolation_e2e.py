@@ -172,7 +172,7 @@ def test_a_task_cannot_read_the_node_credential_or_list_the_agents_files(iso: Is
         f"cat {cred} 2>&1; ls {data} 2>&1; ls {data / 'tasks'} 2>&1; cat {data}/lease.json 2>&1"
     )
     job = iso.submit(V1, "--", "sh", "-c", script, token=iso.alice)
-    st = c.wait_job(job, {"succeeded", "failed"})
+    c.wait_job(job, {"succeeded", "failed"})
     out = c.ctl("logs", job).stdout
     assert out.count("Permission denied") == 4, out
     assert "ltk_" not in out and "node_id" not in out, out
