@@ -367,7 +367,11 @@ def test_a_setsid_double_forked_child_is_gone_after_the_time_limit(iso: Iso) -> 
         V1, "--time-limit", f"{limit_s}s", "--", "sh", str(ESCAPE), "child.pid", token=iso.alice
     )
     pid, born = _escaped_pid(iso, V1, job)
-    started = iso.wait_running(job)["tasks"][0]["started_at"]
+    # The job reads running once its task is placed; the start time comes
+    # with the agent's report that the process runs.
+    started = float(
+        wait_for(lambda: iso.cluster.status(job)["tasks"][0]["started_at"], 60, f"{job} to start")
+    )
     _wait_gone(pid, born, started + limit_s + KILL_GRACE_S + 2, "after the time limit")
     st = c.wait_job(job, {"failed"})
     assert "time limit of 3s exceeded" in st["tasks"][0]["message"], st
