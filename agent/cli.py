@@ -12,6 +12,8 @@ from pathlib import Path
 
 from leptond.wire.tokens import SecretError
 
+from .cgroups import DEFAULT_TASK_PIDS_MAX
+
 
 def _labels(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -69,10 +71,34 @@ def parser() -> argparse.ArgumentParser:
         default="lru",
         help="which blocks the cache drops first",
     )
+    r.add_argument(
+        "--cgroups",
+        choices=["auto", "v1", "v2", "off"],
+        default="auto",
+        help="per-task cgroups with enforced limits (auto: v2 where usable, else v1); "
+        "off runs tasks without enforced memory, CPU and pids limits",
+    )
+    r.add_argument(
+        "--task-pids-max",
+        type=_positive_int,
+        default=DEFAULT_TASK_PIDS_MAX,
+        help="most processes and threads one task may have at once",
+    )
     return p
 
 
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 async def _main(args: argparse.Namespace) -> int:
+    from .cgroup_task import CgroupError
     from .daemon import Agent, AgentConfig
     from .probes import parse_simulate_spec
 
@@ -96,11 +122,20 @@ async def _main(args: argparse.Namespace) -> int:
         kill_grace_s=args.kill_grace,
         cache_bytes=args.cache_bytes,
         cache_policy=args.cache_policy,
+        cgroups=args.cgroups,
+        task_pids_max=args.task_pids_max,
     )
     try:
         agent = Agent(cfg)
     except (SecretError, ValueError) as exc:
         print(f"lepton-agent: {exc}", file=sys.stderr)
+        return 1
+    except CgroupError as exc:
+        print(
+            f"lepton-agent: cannot set up task cgroups: {exc} "
+            "(--cgroups off runs tasks without enforced limits)",
+            file=sys.stderr,
+        )
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,7 +14,13 @@ that either side can die and the other still finds out what happened:
     exit.json      written once, atomically, when the task is over
     acked          written by the runner once the leader recorded the exit
     shim.log       the shim's own stderr, for debugging the shim itself
+    .nodev         an empty file of mode 0 that covers other GPUs' device files
+                   in the task's mount namespace (only where no device rules)
     work/          the task's default working directory
+
+Everything but work/ is the agent's (root's, 0600). When the task runs as
+another account, work/ is that account's (0700) and the directory itself is
+0711, so the account can pass through to work/ and do nothing else here.
 """
 
 from __future__ import annotations

@@ -184,9 +184,13 @@ async def snapshot_restore(
 
 # -- tokens -----------------------------------------------------------------------
 async def token_create(
-    c: ClusterClient, role: str, name: str | None, timeout_s: float = DEFAULT_TIMEOUT_S
+    c: ClusterClient,
+    role: str,
+    name: str | None,
+    unix_user: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
-    args = {"role": role, "name": name}
+    args = {"role": role, "name": name, "unix_user": unix_user}
     return dict(await c.call("token_create", args, timeout_s=timeout_s))
 
 

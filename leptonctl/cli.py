@@ -336,6 +336,9 @@ def parser() -> ArgParser:
         "--role", required=True, choices=["admin", "submit", "read"], help="what it may do"
     )
     tc.add_argument("--name", help="the user it speaks for")
+    tc.add_argument(
+        "--unix-user", help="the Unix account its jobs run as on the hosts (default: --name)"
+    )
     _out(tksub.add_parser("ls", help="list tokens"))
     tksub.add_parser("revoke", help="revoke a token").add_argument("id", help="the token's id")
     return p

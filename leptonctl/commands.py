@@ -330,7 +330,7 @@ async def snapshot_save(c: ClusterClient, a: argparse.Namespace, path: Path) -> 
 
 async def token(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.token_cmd == "create":
-        res = await api.token_create(c, a.role, a.name, timeout_s=a.timeout)
+        res = await api.token_create(c, a.role, a.name, a.unix_user, timeout_s=a.timeout)
         print(res["token"])
         return 0
     if a.token_cmd == "ls":
@@ -339,12 +339,13 @@ async def token(c: ClusterClient, a: argparse.Namespace) -> int:
             emit_json(rows)
             return 0
         table(
-            ["ID", "NAME", "ROLE", "CREATED", "REVOKED"],
+            ["ID", "NAME", "ROLE", "UNIX USER", "CREATED", "REVOKED"],
             [
                 [
                     r["id"],
                     r["name"],
                     r["role"],
+                    r.get("unix_user", ""),
                     ago(r["created_at"]),
                     "yes" if r["revoked"] else "no",
                 ]

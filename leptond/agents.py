@@ -108,7 +108,9 @@ class AgentRegistry:
         assert self.m.raft is not None
         with self.m.raft.lock:
             should_run = [
-                views.launch_spec(self.m.state, self.m.state.tasks[x["task_id"]])
+                views.launch_spec(
+                    self.m.state, self.m.state.tasks[x["task_id"]], self.m.cfg.allow_root_tasks
+                )
                 for x in res["tasks"]
             ]
             masters = [mb.rpc_addr for mb in self.m.state.members.values()]
@@ -193,7 +195,7 @@ class AgentRegistry:
                     stop.append([tid, attempt])
             for tid, t in should.items():
                 if (tid, t.attempt) not in running and tid not in exited and t.stop is None:
-                    start.append(views.launch_spec(s, t))
+                    start.append(views.launch_spec(s, t, self.m.cfg.allow_root_tasks))
             state = node.state
         answer = {"start": start, "stop": stop, "state": state, "grace_s": self.m.cfg.kill_grace_s}
         return self._with_lease(answer)

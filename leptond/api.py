@@ -25,7 +25,7 @@ from raft.commands import BATCH_BUDGET_BYTES
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
 from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
 from raft.state import ClusterState
-from raft.validate import SpecError, validate_name, validate_spec
+from raft.validate import SpecError, validate_name, validate_spec, validate_unix_user
 
 from . import health, param, views
 from .auth import require
@@ -180,6 +180,19 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     rid = a.get("rid")
     if not isinstance(rid, str) or not 8 <= len(rid) <= 64:
         raise RpcError(BAD_REQUEST, "submit needs a request id (8-64 characters)")
+    assert m.keys is not None
+    unix_user = m.keys.unix_user(conn.key_id)
+    if unix_user == "root" and not m.cfg.allow_root_tasks:
+        # Agents refuse uid 0 too (whatever its name); this says it at once.
+        raise RpcError(
+            FORBIDDEN,
+            "this token's jobs would run as root, and this cluster does not run tasks as "
+            "root (masters: --allow-root-tasks); use a token mapped to another Unix user",
+        )
+    per_gpu = m.cfg.default_mem_per_gpu
+    if spec.mem_bytes == 0 and spec.gpus > 0 and per_gpu > 0:
+        # Decided here, so the committed job (and every replica) has it.
+        spec.mem_bytes = spec.gpus * per_gpu
     # The id comes from the client's request id, so a retry after a lost answer
     # or a leader change finds the same job instead of making a second one.
     job_id = "j-" + hashlib.sha256(f"{user}\0{rid}".encode()).hexdigest()[:12]
@@ -189,6 +202,7 @@ async def submit(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         "user": user,
         "spec": spec.to_wire(),
         "submitted_at": time.time(),
+        "unix_user": unix_user,
     }
     assert m.submits is not None
     res = await m.submits.submit(item)
@@ -641,12 +655,21 @@ async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
         raise RpcError(BAD_REQUEST, "role must be admin, submit or read")
     try:
         name = validate_name(a.get("name") or f"{role}-user", "token name")
+        # By default a token's jobs run as the Unix account of the same name.
+        unix_user = validate_unix_user(a.get("unix_user") or name)
     except SpecError as exc:
         raise RpcError(BAD_REQUEST, str(exc)) from None
     tok = new_token()
     res = await m.propose(
         "token_create",
-        {"id": tok.id, "name": name, "role": role, "sealed": m.keys.seal(tok), "now": time.time()},
+        {
+            "id": tok.id,
+            "name": name,
+            "role": role,
+            "sealed": m.keys.seal(tok),
+            "now": time.time(),
+            "unix_user": unix_user,
+        },
         rid=_rid(conn, a, "token_create"),
     )
     if res["id"] != tok.id:
@@ -657,8 +680,8 @@ async def token_create(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
             rec = m.state.tokens.get(res["id"])
         if made is None or rec is None:
             raise RpcError("internal", f"token {res['id']} was made but cannot be read back")
-        tok, name, role = made, rec.name, rec.role
-    return {"id": tok.id, "name": name, "role": role, "token": str(tok)}
+        tok, name, role, unix_user = made, rec.name, rec.role, rec.unix_user
+    return {"id": tok.id, "name": name, "role": role, "unix_user": unix_user, "token": str(tok)}
 
 
 @method("token_ls", "admin")
@@ -669,6 +692,7 @@ async def token_ls(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
                 "id": t.id,
                 "name": t.name,
                 "role": t.role,
+                "unix_user": t.unix_user or t.name,
                 "created_at": t.created_at,
                 "revoked": t.revoked,
             }

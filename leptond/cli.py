@@ -6,7 +6,6 @@ import argparse
 import grp
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -58,15 +57,13 @@ def _port(v: str) -> int:
     return p
 
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def _size(v: str) -> int:
-    """'256M', '1.5GiB', '4096' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", v)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {v!r} (try 256M or 2G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    from leptonctl.jobfile import JobFileError, parse_size
+
+    try:
+        return parse_size(v)
+    except JobFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -148,6 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         min_free_disk_bytes=args.min_free_disk,
         lease_s=args.task_lease,
         lease_margin_s=args.lease_margin,
+        allow_root_tasks=args.allow_root_tasks,
+        default_mem_per_gpu=args.default_mem_per_gpu,
     )
     try:
         cfg.check()
@@ -320,6 +319,18 @@ def parser() -> argparse.ArgumentParser:
         default=256 << 20,
         help="RPC: bytes all connections together may hold in partly received frames "
         "(at least 16M, one largest frame)",
+    )
+    r.add_argument(
+        "--allow-root-tasks",
+        action="store_true",
+        help="let tasks run as uid 0 (tokens mapped to root, such as the admin token)",
+    )
+    r.add_argument(
+        "--default-mem-per-gpu",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="memory limit per GPU for jobs without --mem, e.g. 32G (default 0: none)",
     )
     r.set_defaults(fn=cmd_run)
     rc = sub.add_parser(

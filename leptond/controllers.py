@@ -241,7 +241,9 @@ class Controllers:
             assert self.m.raft is not None
             with self.m.raft.lock:
                 specs = [
-                    views.launch_spec(self.m.state, self.m.state.tasks[tid])
+                    views.launch_spec(
+                        self.m.state, self.m.state.tasks[tid], self.m.cfg.allow_root_tasks
+                    )
                     for tid in res["placed"]
                 ]
             self.m.agents.push_start(specs)

@@ -12,6 +12,10 @@ one's pid) and when a port it needs is taken; it says the cluster is up only
 once its own master answers. An agent that dies is reported and started
 again after RESTART_AFTER_S (unless --no-restart), so that killing one shows
 what the cluster does about a lost host; the master dying ends it all.
+
+The master allows root tasks: the admin token maps to root, and it is the
+only token a dev cluster starts with. Run as a normal user, the agents cannot
+switch users, so every task runs as that user, which the banner says.
 """
 
 from __future__ import annotations
@@ -223,6 +227,7 @@ class DevCluster:
                 "--raft-port", str(args.raft_port),
                 "--heartbeat-ttl", "10",
                 "--kill-grace", "3",
+                "--allow-root-tasks",
             ],
         )  # fmt: skip
         self.master.start()
@@ -323,6 +328,22 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def isolation_line() -> str:
+    """What the banner says about whose account tasks run as."""
+    from agent.identity import agent_user, can_switch_users
+
+    if can_switch_users():
+        return (
+            "tasks run as their token's Unix user (the admin token's is root), "
+            "in cgroups with enforced limits"
+        )
+    me = agent_user()
+    return (
+        f"tasks run as {me.name} (uid {me.uid}), the user running leptond dev: "
+        "not root, so no user switching, cgroup limits or GPU device rules"
+    )
+
+
 def run_dev(args: argparse.Namespace) -> int:
     d = Path(args.data_dir).resolve()
     if args.agents < 1:
@@ -351,6 +372,7 @@ def run_dev(args: argparse.Namespace) -> int:
             f"{args.http_port}), {n} agent(s)"
         )
         print(gpu_line)
+        print(isolation_line())
         print(f"leptonctl is configured in {cfg_path}; try: leptonctl nodes")
         print(f"logs in {dev.log_dir}; Ctrl-C stops everything")
         print(BANNER, flush=True)

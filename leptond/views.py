@@ -135,8 +135,9 @@ def torch_env(s: ClusterState, job: Job, t: Task, nnodes: int) -> dict[str, str]
     return env
 
 
-def launch_spec(s: ClusterState, t: Task) -> dict[str, Any]:
-    """What an agent needs to start one task attempt."""
+def launch_spec(s: ClusterState, t: Task, allow_root: bool = False) -> dict[str, Any]:
+    """What an agent needs to start one task attempt. `allow_root`: whether
+    the masters let tasks run as uid 0 (the agent resolves the account)."""
     job = s.jobs[t.job_id]
     sp = job.spec
     nnodes = int(sp.get("nodes", 1))
@@ -166,6 +167,10 @@ def launch_spec(s: ClusterState, t: Task) -> dict[str, Any]:
         "workdir": sp.get("workdir"),
         "manifest": manifest,
         "stop": t.stop,
+        "unix_user": job.unix_user or job.user,
+        "allow_root": allow_root,
+        "cpus": t.cpus,
+        "mem_bytes": t.mem_bytes,
     }
 
 

@@ -34,7 +34,7 @@ from .model import (
     Task,
     Token,
 )
-from .validate import SpecError, validate_name, validate_spec
+from .validate import SpecError, validate_name, validate_spec, validate_unix_user
 
 log = logging.getLogger("lepton.raft")
 
@@ -379,6 +379,7 @@ class ClusterState:
             spec=spec.to_wire(),
             submitted_at=float(j["submitted_at"]),
             retries_left=spec.retries,
+            unix_user=validate_unix_user(j["unix_user"]) if j.get("unix_user") else "",
         )
         if spec.workdir is not None and spec.workdir not in self.manifests:
             raise ArgError(
@@ -470,12 +471,15 @@ class ClusterState:
         sealed = a["sealed"]
         if not isinstance(sealed, bytes):
             raise ArgError("bad_request", "sealed token secret must be bytes")
+        name = validate_name(a["name"], "token name")
+        unix_user = validate_unix_user(a["unix_user"]) if a.get("unix_user") else ""
         self.tokens[tid] = Token(
             id=tid,
-            name=validate_name(a["name"], "token name"),
+            name=name,
             role=role,
             sealed=sealed,
             created_at=float(a["now"]),
+            unix_user=unix_user,
         )
         return {"id": tid}
 

@@ -118,8 +118,13 @@ def test_queue_shows_users_and_quota_holds_work(quota_cluster: Cluster) -> None:
     c = quota_cluster
     c.start_agent("h1", gpus="4")
     c.wait_nodes_ready(1)
-    carol = c.ctl("token", "create", "--role", "submit", "--name", "carol").stdout.strip()
-    dave = c.ctl("token", "create", "--role", "submit", "--name", "dave").stdout.strip()
+    # No such accounts on the test host: their jobs run as root (allowed here).
+    carol, dave = (
+        c.ctl(
+            "token", "create", "--role", "submit", "--name", n, "--unix-user", "root"
+        ).stdout.strip()
+        for n in ("carol", "dave")
+    )
     j1 = c.submit("--gpus", "1", "--cpus", "0.5", "--", "sleep", "30", token=carol)
     j2 = c.submit("--gpus", "1", "--cpus", "0.5", "--", "sleep", "30", token=carol)
     j3 = c.submit("--gpus", "2", "--cpus", "0.5", "--", "sleep", "30", token=dave)
