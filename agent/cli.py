@@ -29,7 +29,11 @@ def _labels(text: str) -> dict[str, str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lepton-agent", description="leptond host agent")
-    p.add_argument("--log-level", default=os.environ.get("LEPTON_LOG", "info"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("LEPTON_LOG", "info"),
+        help="debug, info, warning or error (env LEPTON_LOG; default info)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent")
     r.add_argument("--masters", required=True, help="HOST:RPCPORT,... of the masters")
@@ -38,19 +42,35 @@ def parser() -> argparse.ArgumentParser:
         help="join token to trade for this node's credential at its first registration "
         "(`leptonctl node join-token create`); not read once the credential is saved",
     )
-    r.add_argument("--data-dir", required=True)
-    r.add_argument("--node-name", default="")
-    r.add_argument("--labels", type=_labels, default={})
-    r.add_argument("--advertise-addr", default="")
-    r.add_argument("--simulate-gpus", default=None, metavar="N[:MODEL[:MEM]]")
+    r.add_argument(
+        "--data-dir", required=True, help="node id, credential, task dirs, block cache (0700)"
+    )
+    r.add_argument("--node-name", default="", help="name people see (default: the host name)")
+    r.add_argument("--labels", type=_labels, default={}, help="K=V,... for --constraint to match")
+    r.add_argument(
+        "--advertise-addr", default="", help="address other hosts reach this one at (gangs)"
+    )
+    r.add_argument(
+        "--simulate-gpus",
+        default=None,
+        metavar="N[:MODEL[:MEM]]",
+        help="pretend to have these GPUs (for trying things out)",
+    )
     r.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     r.add_argument("--leave-on-stop", action="store_true", help="drain and deregister on SIGTERM")
     r.add_argument("--log-cap", type=int, default=64 << 20, help="bytes of output kept per task")
-    r.add_argument("--kill-grace", type=float, default=10.0)
+    r.add_argument(
+        "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+    )
     r.add_argument(
         "--cache-bytes", type=int, default=10 << 30, help="disk budget of the workdir block cache"
     )
-    r.add_argument("--cache-policy", choices=["lru", "lfu"], default="lru")
+    r.add_argument(
+        "--cache-policy",
+        choices=["lru", "lfu"],
+        default="lru",
+        help="which blocks the cache drops first",
+    )
     r.add_argument(
         "--cgroups",
         choices=["auto", "v1", "v2", "off"],

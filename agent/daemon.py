@@ -29,7 +29,7 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
 
-from . import credential, gpudev, identity, lease
+from . import credential, gpudev, identity, lease, logserve
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, detect
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
@@ -502,27 +502,18 @@ class Agent:
         rid = self._latest_run(tid, a.get("attempt"))
         if rid is None:
             raise RpcError("not_found", f"no output for task {tid} on this host")
-        offset = int(a.get("offset") or 0)
-        follow = bool(a.get("follow"))
-        while True:
-            data, offset = self.runner.read_log(rid, offset, 256 * 1024)
-            if data:
-                yield {"data": data, "offset": offset}
-                continue
-            if not follow or rid not in self.runner.running():
-                # One more read: output written just before the exit.
-                data, offset = self.runner.read_log(rid, offset, 256 * 1024)
-                if data:
-                    yield {"data": data, "offset": offset}
-                    continue
-                if follow:
-                    # Report the exit now rather than at the next heartbeat, so
-                    # `logs -f` returns with the job's final state committed.
-                    self._collect_exits(self.runner.poll())
-                    with contextlib.suppress(RpcError):
-                        await self._flush_events()
-                return
-            await asyncio.sleep(0.2)
+        tdir = self.runner.task_dir(rid)
+        async for item in logserve.serve(
+            tdir, a, lambda: rid in self.runner.running(), self._exited
+        ):
+            yield item
+
+    async def _exited(self) -> None:
+        """A followed task ended: report its exit now rather than at the next
+        heartbeat, so `logs -f` returns with the job's final state committed."""
+        self._collect_exits(self.runner.poll())
+        with contextlib.suppress(RpcError):
+            await self._flush_events()
 
     def _latest_run(self, task_id: str, attempt: Any) -> str | None:
         if isinstance(attempt, int) and attempt > 0:

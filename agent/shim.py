@@ -64,7 +64,7 @@ from agent.taskdir import (
     atomic_write_json,
     read_json,
 )
-from agent.tasklog import RotatingLog
+from agent.tasklog import STDERR, RotatingLog
 
 # How often the stop file and the clock are looked at when nothing else
 # wakes the loop up (signals and output wake it at once).
@@ -160,6 +160,28 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # the shim died before prctl took effect
 
 
+class Output:
+    """Where a task's output goes: all of it, in the order it came, to the
+    output log, and its stderr also to a log of its own (agent/tasklog.py)."""
+
+    def __init__(self, both: RotatingLog, stderr: RotatingLog) -> None:
+        self.both = both
+        self.stderr = stderr
+
+    def write(self, data: bytes, err: bool = False) -> None:
+        self.both.write(data)
+        if err:
+            self.stderr.write(data)
+
+    @property
+    def dropped(self) -> int:
+        return self.both.dropped
+
+    def close(self) -> None:
+        self.both.close()
+        self.stderr.close()
+
+
 @dataclass
 class StopRequest:
     reason: str
@@ -220,7 +242,10 @@ class Shim:
             if self.lease.expired():
                 self.finish(None, None, "not started: this node's lease from the leader ran out")
                 return 0
-        log = RotatingLog(self.dir, int(spec["log_cap_bytes"]))
+        log = Output(
+            RotatingLog(self.dir, int(spec["log_cap_bytes"])),
+            RotatingLog(self.dir, int(spec["log_cap_bytes"]), stream=STDERR),
+        )
         try:
             code, sig, msg = self.supervise(log)
         except Exception as e:
@@ -235,7 +260,7 @@ class Shim:
         self.finish(code, sig, msg)
         return 0
 
-    def supervise(self, log: RotatingLog) -> tuple[int | None, int | None, str]:
+    def supervise(self, log: Output) -> tuple[int | None, int | None, str]:
         argv = [str(a) for a in self.spec["argv"]]
         cwd = str(self.spec["cwd"])
         user = self.spec.get("user")
@@ -257,20 +282,20 @@ class Shim:
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.PIPE,  # kept apart as well (Output)
                 process_group=0,  # the task's own group: stop signals reach its children
                 preexec_fn=setup,
                 close_fds=True,
             )
         except OSError as e:
             code, msg = self.start_error(e, argv[0], cwd)
-            log.write(msg.encode() + b"\n")
+            log.write(msg.encode() + b"\n", err=True)
             return code, None, msg
         self.task_pid = proc.pid
         rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, time.time())
         rec.save(self.dir / TASK_PID)
-        assert proc.stdout is not None
-        returncode = self.loop(proc, proc.stdout.fileno(), log)
+        assert proc.stdout is not None and proc.stderr is not None
+        returncode = self.loop(proc, proc.stdout.fileno(), proc.stderr.fileno(), log)
         code, sig = exit_code_of(returncode)
         return code, sig, self.message(returncode, log)
 
@@ -285,18 +310,19 @@ class Shim:
             return 126, f"leptond: permission denied: {cmd}"
         return 126, f"leptond: cannot execute {cmd}: {e.strerror}"
 
-    def loop(self, proc: subprocess.Popen[bytes], out_fd: int, log: RotatingLog) -> int:
+    def loop(self, proc: subprocess.Popen[bytes], out_fd: int, err_fd: int, log: Output) -> int:
         started = time.monotonic()
         raw_limit = self.spec.get("time_limit_s")
         limit_s = float(raw_limit) if raw_limit is not None else None
         deadline = started + limit_s if limit_s is not None else None
-        fds = [out_fd, self._wake_r]
+        fds = [out_fd, err_fd, self._wake_r]
         next_stop_check = 0.0
         next_lease_check = 0.0
         while True:
             readable, _, _ = select.select(fds, [], [], TICK_S)
-            if out_fd in readable and not self._pump(out_fd, log):
-                fds.remove(out_fd)  # EOF: the task closed its output, it may still run
+            for fd in (out_fd, err_fd):
+                if fd in readable and not self._pump(fd, log, fd == err_fd):
+                    fds.remove(fd)  # EOF: the task closed it, it may still run
             if self._wake_r in readable:
                 self._drain_wakeups()
             now = time.monotonic()
@@ -326,24 +352,26 @@ class Shim:
                 # keeps its pgid reserved, so the group kill cannot hit a
                 # reused id. Then reap it.
                 self.kill_task(signal.SIGKILL)
-                self._drain(out_fd, log, fds)
+                self._drain(out_fd, err_fd, log, fds)
                 return proc.wait()
 
-    def _pump(self, fd: int, log: RotatingLog) -> bool:
+    def _pump(self, fd: int, log: Output, err: bool) -> bool:
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
             return True
         if data:
-            log.write(data)
+            log.write(data, err)
         return bool(data)
 
-    def _drain(self, fd: int, log: RotatingLog, fds: list[int]) -> None:
+    def _drain(self, out_fd: int, err_fd: int, log: Output, fds: list[int]) -> None:
         end = time.monotonic() + DRAIN_S
-        while fd in fds and time.monotonic() < end:
-            readable, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
-            if fd in readable and not self._pump(fd, log):
-                break
+        pipes = [fd for fd in (out_fd, err_fd) if fd in fds]
+        while pipes and time.monotonic() < end:
+            readable, _, _ = select.select(pipes, [], [], max(0.0, end - time.monotonic()))
+            for fd in readable:
+                if not self._pump(fd, log, fd == err_fd):
+                    pipes.remove(fd)
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -415,7 +443,7 @@ class Shim:
             return f"out of memory ({what})"
         return f"out of memory ({what}): the kernel killed {kills} of its processes"
 
-    def message(self, returncode: int, log: RotatingLog) -> str:
+    def message(self, returncode: int, log: Output) -> str:
         oom = self.oom_note(returncode)
         if self.lease_killed:
             msg = LEASE_RAN_OUT

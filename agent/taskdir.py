@@ -8,6 +8,8 @@ that either side can die and the other still finds out what happened:
     task.pid       written by the shim once the task process exists
     output.log     the task's stdout+stderr, newest part (see tasklog.py)
     output.log.1   the part before that; older output is dropped
+    output.times   when the output was written (and .times.1 for .log.1)
+    stderr.*       the same for the task's stderr alone
     stop           written by the runner: please stop (JSON with grace_s)
     exit.json      written once, atomically, when the task is over
     acked          written by the runner once the leader recorded the exit

@@ -218,7 +218,7 @@ class HttpServer:
             return self._refuse()
         assert self.m.raft is not None
         with self.m.raft.lock:
-            out = [views.job_summary(j) for j in self.m.state.jobs.values()]
+            out = [views.job_summary(j, self.m.state) for j in self.m.state.jobs.values()]
         return web.json_response(out[-1000:])
 
     async def nodes(self, request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from raft.nodecreds import MAX_USES
 from raft.validate import SpecError, validate_name
 
+from . import param
 from .api import _lock, method
 from .wire.connection import Connection
 from .wire.errors import BAD_REQUEST, RpcError
@@ -84,7 +85,7 @@ async def join_token_ls(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
 @method("join_token_revoke", "admin", mutating=True)
 async def join_token_revoke(m: Master, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    res = await m.propose("join_token_revoke", {"id": str(a.get("id", ""))})
+    res = await m.propose("join_token_revoke", {"id": param.string(a, "id")})
     assert m.rpc is not None
     for c in list(m.rpc.connections):
         if c.key_id == res["id"]:

@@ -22,6 +22,7 @@ from .dedupe import RecentResults
 from .errors import ArgError
 from .model import (
     FINAL_JOB_STATES,
+    FINAL_TASK_STATES,
     LIVE_TASK_STATES,
     NODE_STATES,
     ROLES,
@@ -627,6 +628,10 @@ class ClusterState:
                 # is the one its reason names.
                 if n.state == "draining" and n.drain_reason is None:
                     n.drain_reason = n.reason
+            for t in tasks.values():
+                # Snapshots from before ended tasks dropped their stop.
+                if t.state in FINAL_TASK_STATES:
+                    t.stop = None
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"bad state snapshot: {exc}") from None
         self.nodes, self.jobs, self.tasks, self.tokens, self.members = (

@@ -317,11 +317,13 @@ class Cluster:
         args: dict[str, Any] | None = None,
         addr: str | None = None,
         timeout_s: float = 20,
+        token: Any = None,
     ) -> Any:
+        """One call as the admin, or as `token` (a leptond.wire.tokens.Token)."""
         from leptond.wire.client import ClusterClient, parse_addrs
         from leptond.wire.tokens import parse_token
 
-        tok = parse_token(self.admin_token)
+        tok = token or parse_token(self.admin_token)
 
         async def go() -> Any:
             c = ClusterClient(

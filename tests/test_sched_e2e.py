@@ -72,19 +72,20 @@ def test_preemption_stops_and_requeues_a_real_task(cluster: Cluster) -> None:
 def test_pending_reasons_in_words_and_constraints(cluster: Cluster) -> None:
     cluster.start_agent("h1", gpus="4", extra=["--labels", "zone=a"])
     cluster.wait_nodes_ready(1)
-    big = cluster.submit("--gpus", "8", "--", "true")
+    # --queue-anyway: without it these are refused at submit (test_cli_e2e).
+    big = cluster.submit("--gpus", "8", "--queue-anyway", "--", "true")
     st = wait_for(lambda: (s := cluster.status(big)).get("reason") and s, 30, "reason for 8 GPUs")
     assert "8 GPUs" in st["reason"] and "4" in st["reason"]
     text = cluster.ctl("status", big).stdout
     assert "pending" in text and "8 GPUs" in text
-    zone = cluster.submit("--constraint", "zone=b", "--", "true")
+    zone = cluster.submit("--constraint", "zone=b", "--queue-anyway", "--", "true")
     st = wait_for(lambda: (s := cluster.status(zone)).get("reason") and s, 30, "reason for zone=b")
     assert "zone=b" in st["reason"]
-    model = cluster.submit("--gpus", "1", "--gpu-type", "H100", "--", "true")
+    model = cluster.submit("--gpus", "1", "--gpu-type", "H100", "--queue-anyway", "--", "true")
     st = wait_for(lambda: (s := cluster.status(model)).get("reason") and s, 30, "reason for H100")
     assert "H100" in st["reason"]
     # Simulated GPUs have 80 GiB each.
-    roomy = cluster.submit("--gpus", "1", "--gpu-mem", "100G", "--", "true")
+    roomy = cluster.submit("--gpus", "1", "--gpu-mem", "100G", "--queue-anyway", "--", "true")
     st = wait_for(
         lambda: (s := cluster.status(roomy)).get("reason") and s, 30, "reason for --gpu-mem"
     )

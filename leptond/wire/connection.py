@@ -37,7 +37,17 @@ from .codec import (
     encode_body,
     frame,
 )
-from .errors import INTERNAL, UNKNOWN_METHOD, ConnectionLost, ProtocolError, RpcError
+from .errors import (
+    INTERNAL,
+    UNKNOWN_METHOD,
+    WRONG_PORT,
+    WRONG_PORT_HTTP,
+    WRONG_PORT_OTHER,
+    WRONG_PORT_SILENT,
+    ConnectionLost,
+    ProtocolError,
+    RpcError,
+)
 
 log = logging.getLogger("lepton.wire")
 
@@ -96,6 +106,8 @@ class Connection(asyncio.Protocol):
         self._sealer: Sealer | PlainCodec | None = None if sealed else PlainCodec()
         self._opener: Opener | PlainCodec | None = None if sealed else PlainCodec()
         self._authenticated = not sealed
+        # The first bytes the peer sent, to tell a wrong port from a wrong key.
+        self._head = b""
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = self.loop.create_future()
@@ -128,6 +140,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if len(self._head) < 8:
+            self._head += data[: 8 - len(self._head)]
         self._reader.append(data)
         self._process()
 
@@ -136,6 +150,8 @@ class Connection(asyncio.Protocol):
             return  # closed while waiting for the budget (budget_granted's call_soon)
         reader = self._reader
         try:
+            if self.is_client and self._opener is None and self._head.startswith(b"HTTP/"):
+                raise ProtocolError("wrong_port", f"{self._where()} {WRONG_PORT_HTTP}")
             # One frame at a time: the handshake raises the frame cap, and a
             # frame right behind the hello in the same read must see the new cap.
             while True:
@@ -512,14 +528,25 @@ class Connection(asyncio.Protocol):
             self._on_error(self, exc)
         if not self.ready.done():
             msg = exc.args[0] if exc.args else exc.reason
+            code = "unauthenticated" if exc.reason == "bad_seal" else "protocol"
             if exc.reason == "bad_seal" and self.is_client:
                 msg = "authentication failed: the server rejected our key (wrong token or cluster secret)"
-            self._fail_ready(
-                RpcError("unauthenticated" if exc.reason == "bad_seal" else "protocol", msg)
-            )
+            elif self.is_client and self._opener is None and exc.reason != "handshake_timeout":
+                # No leptond server hello came back: whatever answered is
+                # something else, on the wrong port.
+                code = WRONG_PORT
+                if exc.reason != "wrong_port":
+                    msg = f"{self._where()} {WRONG_PORT_OTHER} (it sent {self._head!r})"
+            self._fail_ready(RpcError(code, msg))
         if self.transport is not None:
             # A server hello sent just before must still go out; close flushes it.
             self.transport.close()
+
+    def _where(self) -> str:
+        if self.peer is None:
+            return "the peer"
+        host, port = self.peer[0], self.peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
     def _fail_ready(self, err: RpcError) -> None:
         if not self.ready.done():
@@ -533,6 +560,9 @@ class Connection(asyncio.Protocol):
             self._budget.forget(self)
             self._waiting_budget = False
             self._release_budget()
+        if self.is_client and not self._head:
+            # Closed without a byte, not even a refusal: not a leptond RPC port.
+            self._fail_ready(RpcError(WRONG_PORT, f"{self._where()} {WRONG_PORT_SILENT}"))
         self._fail_ready(
             RpcError(
                 "unauthenticated", "connection closed during the handshake: wrong key or token?"
@@ -621,7 +651,9 @@ async def open_connection(
     except TimeoutError:
         conn.abort()
         raise RpcError(
-            "unavailable", f"{host}:{port} did not complete the handshake in {timeout_s:g}s"
+            "unavailable",
+            f"{host}:{port} did not complete the handshake in {timeout_s:g}s "
+            "(is it leptond's RPC port, 7441 by default?)",
         ) from None
     except RpcError:
         conn.abort()
