@@ -110,7 +110,8 @@ class Cluster:
     def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
         self.nodes = list(nodes)
         n = len(self.nodes)
-        self.index_of: dict[str, int] = {nd.node_id: i for i, nd in enumerate(self.nodes)}
+        self.node_ids: list[str] = [nd.node_id for nd in self.nodes]
+        self.index_of: dict[str, int] = {nid: i for i, nid in enumerate(self.node_ids)}
         # Clusters are made of a few kinds of machine: facts per GPU are
         # worked out once per kind and shared by its nodes (read-only).
         builds: dict[tuple[tuple[int, str, int, int], ...], _Build] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import repeat
 from operator import itemgetter
 
 import numpy as np
@@ -45,6 +46,7 @@ class _Pass:
         self.fair = FairShare(nodes, allocations, policy)
         self.pre = Preemptor(self.cl, allocations, policy) if policy.preemption else None
         self.job_nodes: dict[str, set[int]] = {}
+        self.watched: set[str] = set()
         for a in allocations:
             i = self.cl.index_of.get(a.node_id)
             if i is not None:
@@ -73,6 +75,7 @@ class _Pass:
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
         backlog = build_backlog(pending)
+        self.watched = backlog.watched
         self.classes = backlog.classes
         shapes = backlog.shapes
         self.dead = [False] * len(shapes)
@@ -80,7 +83,18 @@ class _Pass:
             self.classes_of_shape.setdefault(shape, []).append(c)
         fair, reasons, n = self.fair, self.reasons, len(pending)
         skipped: list[Entry] = []
-        for _, _, seq, cls in fair.order(backlog, self.dead, skipped):
+        dead_classes: list[int] = []
+        levels = backlog.levels
+
+        def settle(prio: int) -> None:
+            # A shape that fit nowhere higher up fits nowhere now; with no
+            # open victim below this priority, it can evict nothing either.
+            if self.pre is None or not self.pre.victims_below(prio):
+                for c in levels[prio]:
+                    if shapes[c] in self.no_fit:
+                        self.dead[c] = True
+
+        for _, _, seq, cls in fair.order(backlog, self.dead, skipped, settle, dead_classes):
             if cls < 0:
                 unit = backlog.gangs[seq - n]
                 quota = fair.quota_blocks(unit.user, unit.gpus)
@@ -103,9 +117,14 @@ class _Pass:
         # on the shape only (it caches by shape), so it is looked up once per
         # class here; quotas are read at the end of the pass, as for all
         # skipped work.
+        members = backlog.members
         if fair.quotas:
             by_class: list[str | None] = [None] * len(shapes)
-            for _, _, seq, cls in skipped:
+            rest = list(skipped)
+            for c in dead_classes:
+                for entries in members[c].values():
+                    rest.extend(entries)
+            for _, _, seq, cls in rest:
                 t = pending[seq]
                 quota = fair.quota_blocks(t.user, t.gpus)
                 if quota is not None:
@@ -127,6 +146,12 @@ class _Pass:
             reasons.update(
                 zip(map(itemgetter(1), skipped), map(reason_of.__getitem__, cls_of), strict=True)
             )
+            for c in dead_classes:
+                by_user = members[c]
+                first_seq = min(e[2] for entries in by_user.values() for e in entries[:1])
+                reason = explain(pending[first_seq], shapes[c])
+                for entries in by_user.values():
+                    reasons.update(zip(map(itemgetter(1), entries), repeat(reason)))
         reserved: dict[str, tuple[int, ...]] = {}
         for i in sorted(self.cl.claims):
             gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
@@ -151,13 +176,16 @@ class _Pass:
             self.dead[c] = True
 
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
-        self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
+        self.placements.append(Placement(t.task_id, self.cl.node_ids[i], gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
-        on = self.job_nodes.get(t.job_id)
-        if on is None:
-            self.job_nodes[t.job_id] = {i}
-        else:
-            on.add(i)
+        # Only gangs and spread tasks ask where their job's other tasks are.
+        job = t.job_id
+        if job in self.watched:
+            on = self.job_nodes.get(job)
+            if on is None:
+                self.job_nodes[job] = {i}
+            else:
+                on.add(i)
 
     def _single(self, t: TaskRequest, shape: Shape) -> None:
         cl = self.cl

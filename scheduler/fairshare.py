@@ -10,7 +10,7 @@ to the smaller task id: nothing depends on hash seeds or dict order.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -73,14 +73,20 @@ def build_units(
     return units
 
 
+_rank_key = attrgetter("rank", "task_id")
+_age_key = attrgetter("submitted_at", "task_id")
+_priority = attrgetter("priority")
+_gpus = attrgetter("gpus")
+
+
 def _gang_units(gangs: dict[str, list[TaskRequest]]) -> Iterator[Unit]:
     for job_id, ts in gangs.items():
-        ts.sort(key=lambda t: (t.rank, t.task_id))
-        oldest = min((t.submitted_at, t.task_id) for t in ts)
+        ts.sort(key=_rank_key)
+        oldest = min(map(_age_key, ts))
         # A gang runs at the priority of its most important member, owned by rank 0's user.
-        prio = max(t.priority for t in ts)
-        shapes = tuple(shape_of(t) for t in ts)
-        gpus = sum(t.gpus for t in ts)
+        prio = max(map(_priority, ts))
+        shapes = tuple(map(shape_of, ts))
+        gpus = sum(map(_gpus, ts))
         yield Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1)
 
 
@@ -94,57 +100,74 @@ Entry = tuple[float, str, int, int]
 
 
 class Backlog(NamedTuple):
-    levels: dict[int, dict[str, list[Entry]]]  # priority -> user -> entries
+    """Pending work grouped by request class; queues per user are made one
+    priority level at a time, when the pass reaches it (FairShare.order)."""
+
+    members: list[dict[str, list[Entry]]]  # request class -> user -> its entries
+    levels: dict[int, list[int]]  # priority -> its request classes
+    gang_entries: dict[int, list[tuple[str, Entry]]]  # priority -> (user, entry) per gang
     gangs: list[Unit]
     classes: dict[tuple[Shape, int], int]  # (shape, priority) -> request class
     shapes: list[Shape]  # request class -> shape
+    # Jobs whose nodes the pass must track: gangs and jobs with spread tasks.
+    watched: set[str]
 
 
-# Every field a request class depends on, but constraints (a Mapping).
-_raw_request = attrgetter("gpus", "cpus", "mem_bytes", "gpu_type", "gpu_mem_min", "priority")
+# Every field a request class depends on, but constraints (a Mapping), and
+# whether the task spreads (which does not change its class).
+_raw_request = attrgetter(
+    "gpus", "cpus", "mem_bytes", "gpu_type", "gpu_mem_min", "priority", "spread"
+)
 
 
 def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
-    """Queue pending work by priority and user; number single tasks by
-    request class.  Tasks asking for the same thing share a class, found by
-    one dictionary look-up on their raw fields."""
-    levels: dict[int, dict[str, list[Entry]]] = {}
+    """Queue pending single tasks by request class and user, gangs by job.
+    Tasks asking for the same thing share a class, found by one dictionary
+    look-up on their raw fields."""
+    members: list[dict[str, list[Entry]]] = []
+    levels: dict[int, list[int]] = {}
     classes: dict[tuple[Shape, int], int] = {}
     shapes: list[Shape] = []
     raw_class: dict[tuple[object, ...], int] = {}
     gang_tasks: dict[str, list[TaskRequest]] = {}
+    watched: set[str] = set()
     for seq, t in enumerate(pending):
         if t.gang_size > 1:
             gang_tasks.setdefault(t.job_id, []).append(t)
             continue
         raw = _raw_request(t)
+        if raw[6]:
+            watched.add(t.job_id)
         c = t.constraints
         if c:
             raw = (*raw, *sorted(c.items()))
         cls = raw_class.get(raw)
-        prio = t.priority
         if cls is None:
             shape = shape_of(t)
+            prio = t.priority
             cls = classes.get((shape, prio))
             if cls is None:
                 cls = classes[shape, prio] = len(shapes)
                 shapes.append(shape)
+                members.append({})
+                levels.setdefault(prio, []).append(cls)
             raw_class[raw] = cls
-        by_user = levels.get(prio)
-        if by_user is None:
-            by_user = levels[prio] = {}
+        by_user = members[cls]
         q = by_user.get(t.user)
         if q is None:
             q = by_user[t.user] = []
         q.append((t.submitted_at, t.task_id, seq, cls))
     gangs: list[Unit] = []
+    gang_entries: dict[int, list[tuple[str, Entry]]] = {}
     n = len(pending)
     for unit in _gang_units(gang_tasks):
-        levels.setdefault(unit.priority, {}).setdefault(unit.user, []).append(
-            (*unit.key, n + len(gangs), -1)
+        levels.setdefault(unit.priority, [])
+        gang_entries.setdefault(unit.priority, []).append(
+            (unit.user, (*unit.key, n + len(gangs), -1))
         )
         gangs.append(unit)
-    return Backlog(levels, gangs, classes, shapes)
+    watched.update(gang_tasks)
+    return Backlog(members, levels, gang_entries, gangs, classes, shapes, watched)
 
 
 class FairShare:
@@ -201,7 +224,12 @@ class FairShare:
         return None
 
     def order(
-        self, backlog: Backlog, dead: Sequence[bool] = (), skipped: list[Entry] | None = None
+        self,
+        backlog: Backlog,
+        dead: Sequence[bool] = (),
+        skipped: list[Entry] | None = None,
+        settle: Callable[[int], object] | None = None,
+        dead_classes: list[int] | None = None,
     ) -> Iterator[Entry]:
         """Yield the backlog's entries in scheduling order.  The caller charges
         what it grants before asking for the next entry; shares are read when
@@ -211,9 +239,33 @@ class FairShare:
         (the caller found it fits nowhere and evicts nothing).  Its entries
         are not yielded but appended to `skipped`, without a trip through the
         heap: they change no share, so the order of the live entries is the
-        same as without the shortcut."""
+        same as without the shortcut.
+
+        Before a priority level is queued, `settle(priority)` lets the caller
+        mark the level's classes that are dead already (what fit nowhere
+        higher up and can evict nothing at this level).  Their tasks are never
+        queued at all: the class goes to `dead_classes` whole, so a level of
+        tens of thousands of tasks that cannot start costs no work per task."""
+        members = backlog.members
         for prio in sorted(backlog.levels, reverse=True):
-            queues = backlog.levels[prio]
+            if settle is not None:
+                settle(prio)
+            queues: dict[str, list[Entry]] = {}
+            for cls in backlog.levels[prio]:
+                if dead and dead[cls] and dead_classes is not None:
+                    dead_classes.append(cls)
+                    continue
+                for user, entries in members[cls].items():
+                    q = queues.get(user)
+                    if q is None:
+                        queues[user] = entries[:]
+                    else:
+                        q += entries
+            for user, entry in backlog.gang_entries.get(prio, ()):
+                q = queues.get(user)
+                if q is None:
+                    q = queues[user] = []
+                q.append(entry)
             heap: list[tuple[float, float, str, str]] = []
             pos: dict[str, int] = {}
             for user, q in queues.items():

@@ -93,6 +93,10 @@ class Preemptor:
             self.open_at[self.prio_l[k]] -= 1
             self._count(k, -1)
 
+    def victims_below(self, priority: int) -> bool:
+        """Whether any open allocation has a priority below `priority`."""
+        return any(n > 0 for lv, n in self.open_at.items() if lv < priority)
+
     def find(self, shape: Shape, priority: int) -> Eviction | None:
         """The eviction that makes `shape` fit, or None when none does.
 
