@@ -20,7 +20,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from .types import Allocation, Gpu, NodeView, TaskRequest
+from .types import Allocation, NodeView, TaskRequest
 
 EPS = 1e-9
 
@@ -88,45 +88,59 @@ class _Build:
     makeup: tuple[tuple[str, int, int], ...]  # (model lower, mem, count)
 
 
-def _build_of(gpus: tuple[Gpu, ...]) -> _Build:
-    info = {g.index: (g.model.lower(), g.mem_bytes, g.domain) for g in gpus}
+# One GPU as the scheduler sees it: (index, model, memory, domain).
+GpuKey = tuple[int, str, int, int]
+
+
+def _build_of(gpus: tuple[GpuKey, ...]) -> _Build:
+    info = {x: (model.lower(), mem, dom) for x, model, mem, dom in gpus}
     counts: dict[tuple[str, int], int] = {}
-    for g in gpus:
-        k = (g.model.lower(), g.mem_bytes)
+    for _, model, mem, _ in gpus:
+        k = (model.lower(), mem)
         counts[k] = counts.get(k, 0) + 1
     return _Build(
         info=info,
         indices=tuple(sorted(info)),
-        multi_domain=len({g.domain for g in gpus}) > 1,
+        multi_domain=len({dom for *_, dom in gpus}) > 1,
         makeup=tuple(sorted((m, mem, c) for (m, mem), c in counts.items())),
     )
 
 
 _gpu_key = attrgetter("index", "model", "mem_bytes", "domain")
+_node_facts = attrgetter("node_id", "gpus", "cpus", "mem_bytes", "labels", "schedulable")
+_indices = attrgetter("indices")
+_makeup = attrgetter("makeup")
 _NOTHING: frozenset[int] = frozenset()
 
 
 class Cluster:
     def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
+        # A pass starts with one of these per 10,000 nodes: the work per node
+        # is kept to C-level maps and one small loop.
         self.nodes = list(nodes)
         n = len(self.nodes)
-        self.node_ids: list[str] = [nd.node_id for nd in self.nodes]
-        self.index_of: dict[str, int] = {nid: i for i, nid in enumerate(self.node_ids)}
+        # One trip over the nodes (each trip over 10,000 objects costs cache
+        # misses), then C-level maps over what it read.
+        node_ids, node_gpus, cpus, mems, node_labels, schedulable = (
+            tuple(zip(*map(_node_facts, self.nodes), strict=True)) if n else ((),) * 6
+        )
+        self.node_ids: list[str] = list(node_ids)
+        self.index_of: dict[str, int] = dict(zip(node_ids, range(n), strict=True))
         # Clusters are made of a few kinds of machine: facts per GPU are
         # worked out once per kind and shared by its nodes (read-only).
-        builds: dict[tuple[tuple[int, str, int, int], ...], _Build] = {}
+        builds: dict[tuple[GpuKey, ...], _Build] = {}
         self.build: list[_Build] = []
-        for nd in self.nodes:
-            gpus_key = tuple(map(_gpu_key, nd.gpus))
-            b = builds.get(gpus_key)
+        for gpus in node_gpus:
+            key = tuple(map(_gpu_key, gpus))
+            b = builds.get(key)
             if b is None:
-                b = builds[gpus_key] = _build_of(nd.gpus)
+                b = builds[key] = _build_of(key)
             self.build.append(b)
         self.gpu_info: list[Mapping[int, GpuFacts]] = [b.info for b in self.build]
         self.multi_domain = [b.multi_domain for b in self.build]
-        self.free_cpu = [float(nd.cpus) for nd in self.nodes]
-        self.free_mem = [nd.mem_bytes for nd in self.nodes]
-        self.free: list[list[int]] = [list(b.indices) for b in self.build]
+        self.free_cpu = list(map(float, cpus))
+        self.free_mem: list[int] = list(mems)
+        self.free: list[list[int]] = list(map(list, map(_indices, self.build)))
         used: dict[int, set[int]] = {}
         self.allocs_on: list[list[Allocation]] = [[] for _ in range(n)]
         for a in allocations:
@@ -141,41 +155,52 @@ class Cluster:
             self.free[i] = [g for g in self.free[i] if g not in gone]
         # Free GPU count per node twice: a list for the per-task hot path (numpy
         # scalar access is slow) and an array for whole-cluster questions.
-        self.nfree_l = [len(f) for f in self.free]
+        self.nfree_l = list(map(len, self.free))
         self.nfree = np.array(self.nfree_l, dtype=np.int64)
         self.claims: dict[int, list[Claim]] = {}
         self.pools: list[Pool] = []
         self.pool_of = [-1] * n
-        self.labels_key: list[tuple[tuple[str, str], ...]] = [
-            tuple(sorted(nd.labels.items())) if nd.labels else () for nd in self.nodes
-        ]
-        pool_ids: dict[tuple[object, ...], int] = {}
-        for i, nd in enumerate(self.nodes):
-            if not nd.schedulable:
-                continue
-            makeup = self.build[i].makeup
-            key = (self.labels_key[i], makeup)
-            pid = pool_ids.get(key)
-            if pid is None:
-                pid = pool_ids[key] = len(self.pools)
-                total = sum(c for _, _, c in makeup)
-                self.pools.append(
-                    Pool(
-                        dict(nd.labels),
-                        makeup,
-                        buckets=[[] for _ in range(total + 1)],
-                        live=[0] * (total + 1),
-                    )
+        # Labels as sorted items; nodes share few distinct label sets.
+        sorted_labels: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+        self.labels_key: list[tuple[tuple[str, str], ...]] = []
+        for labels in node_labels:
+            items = tuple(labels.items())
+            lkey = sorted_labels.get(items)
+            if lkey is None:
+                lkey = sorted_labels[items] = tuple(sorted(items))
+            self.labels_key.append(lkey)
+        # Pools: schedulable nodes grouped by (labels, GPU make-up), numbered
+        # in the order of their first node.
+        PoolKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...]]
+        members: dict[PoolKey, list[int]] = {}
+        pool_keys: list[PoolKey] = list(zip(self.labels_key, map(_makeup, self.build), strict=True))
+        for i in range(n):
+            if schedulable[i]:
+                m = members.get(pool_keys[i])
+                if m is None:
+                    members[pool_keys[i]] = [i]
+                else:
+                    m.append(i)
+        nfree_l, pool_of = self.nfree_l, self.pool_of
+        for pid, ((_, makeup), idx) in enumerate(members.items()):
+            total = sum(c for _, _, c in makeup)
+            buckets: list[list[int]] = [[] for _ in range(total + 1)]
+            for i in idx:
+                buckets[nfree_l[i]].append(i)  # appended in index order: a heap
+                pool_of[i] = pid
+            live = list(map(len, buckets))
+            self.pools.append(
+                Pool(
+                    dict(self.nodes[idx[0]].labels),
+                    makeup,
+                    nodes=idx,
+                    buckets=buckets,
+                    live=live,
+                    mask=sum(1 << f for f, k in enumerate(live) if k),
+                    max_cpus=max(0.0, max(map(cpus.__getitem__, idx))),
+                    max_mem=max(0, max(map(mems.__getitem__, idx))),
                 )
-            pool = self.pools[pid]
-            pool.nodes.append(i)
-            f = self.nfree_l[i]
-            pool.buckets[f].append(i)  # appended in index order: a heap
-            pool.live[f] += 1
-            pool.mask |= 1 << f
-            pool.max_cpus = max(pool.max_cpus, nd.cpus)
-            pool.max_mem = max(pool.max_mem, nd.mem_bytes)
-            self.pool_of[i] = pid
+            )
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
         self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._usable_sets: dict[Shape, frozenset[int]] = {}
@@ -407,12 +432,16 @@ class Cluster:
         return best[1]
 
     def fit_and_take(
-        self, shape: Shape, cpus: float, mem: int
+        self,
+        shape: Shape,
+        cpus: float,
+        mem: int,
+        exclude: frozenset[int] | set[int] = _NOTHING,
     ) -> tuple[int, tuple[int, ...]] | None:
-        """`find_node(shape)` (best fit, nothing excluded, no spread, no cached
-        blocks to prefer), then `pick_gpus` and `take` on the node found: the
-        same choice, in one call.  This is the path of almost every placement,
-        so it reads the shape's pools once and does the rest inline."""
+        """`find_node(shape, exclude)` (best fit, no spread, no cached blocks
+        to prefer), then `pick_gpus` and `take` on the node found: the same
+        choice, in one call.  This is the path of almost every placement, so
+        it reads the shape's pools once and does the rest inline."""
         plain = self._plain.get(shape)
         if plain is None:
             plain = self._plain[shape] = (
@@ -422,37 +451,48 @@ class Cluster:
         roomy, has_mixed = plain
         g = shape[0]
         if has_mixed:
-            found = self.find_node(shape)
+            found = self.find_node(shape, exclude)
             if found is None:
                 return None
             i = found
         else:
             nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
             need_cpus, need_mem = shape[1], shape[2]
-            best_f = best_i = -1
+            # The lowest free count at or above g that any of the pools has,
+            # then the lowest node index among the pools with that count;
+            # the next count up only when no node there fits CPUs and memory.
+            union = 0
             for pool in roomy:
-                mask = pool.mask >> g << g  # buckets with at least g free GPUs
-                while mask:
-                    low = mask & -mask
-                    f = low.bit_length() - 1
-                    mask ^= low
-                    if best_i >= 0 and f > best_f:
-                        break
-                    heap = pool.buckets[f]
-                    first: int | None = heap[0] if heap else None
-                    if first is None or not (
-                        nfree[first] == f
-                        and free_cpu[first] + EPS >= need_cpus
-                        and free_mem[first] >= need_mem
-                    ):
-                        first = self._bucket_first(heap, f, shape, _NOTHING)
-                    if first is not None:
-                        if best_i < 0 or f < best_f or (f == best_f and first < best_i):
-                            best_f, best_i = f, first
-                        break
+                union |= pool.mask
+            union = union >> g << g
+            best_i = -1
+            best_heap: list[int] = []
+            while union:
+                low = union & -union
+                union ^= low
+                f = low.bit_length() - 1
+                for pool in roomy:
+                    if pool.mask & low:
+                        heap = pool.buckets[f]
+                        first: int | None = heap[0] if heap else None
+                        if first is None or not (
+                            nfree[first] == f
+                            and free_cpu[first] + EPS >= need_cpus
+                            and free_mem[first] >= need_mem
+                            and first not in exclude
+                        ):
+                            first = self._bucket_first(heap, f, shape, exclude)
+                        if first is not None and (best_i < 0 or first < best_i):
+                            best_i, best_heap = first, heap
+                if best_i >= 0:
+                    break
             if best_i < 0:
                 return None
             i = best_i
+            if g and best_heap[0] == i:
+                # Its entry there is about to go stale: drop it now rather
+                # than have the next search pop it.
+                heapq.heappop(best_heap)
         gpus: tuple[int, ...] = ()
         if g:
             free = self.free[i]  # sorted; every GPU matches on a node of a whole pool
@@ -474,7 +514,20 @@ class Cluster:
                 gpus = self.pick_gpus(i, shape)
                 gone = set(gpus)
                 self.free[i] = [x for x in free if x not in gone]
-            self._rebucket(i)
+            # _rebucket, inline (the count went down by g).
+            old, f = self.nfree_l[i], len(self.free[i])
+            self.nfree_l[i] = f
+            self.nfree[i] = f
+            pid = self.pool_of[i]
+            if pid >= 0:
+                pool = self.pools[pid]
+                live = pool.live
+                live[old] -= 1
+                if not live[old]:
+                    pool.mask &= ~(1 << old)
+                live[f] += 1
+                pool.mask |= 1 << f
+                heapq.heappush(pool.buckets[f], i)
         self.free_cpu[i] -= cpus
         self.free_mem[i] -= mem
         return i, gpus

@@ -259,11 +259,19 @@ class _Pass:
             chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
             exclude = set(busy)
             for t, shape in zip(unit.tasks, shapes, strict=True):
-                i = None if shape in self.no_fit else cl.find_node(shape, exclude, spread, t.blocks)
-                if i is None:
+                if shape in self.no_fit:
                     break
-                gpus = cl.pick_gpus(i, shape)
-                cl.take(i, gpus, t.cpus, t.mem_bytes)
+                if not spread and not t.blocks:
+                    hit = cl.fit_and_take(shape, t.cpus, t.mem_bytes, exclude)
+                    if hit is None:
+                        break
+                    i, gpus = hit
+                else:
+                    found = cl.find_node(shape, exclude, spread, t.blocks)
+                    if found is None:
+                        break
+                    i, gpus = found, cl.pick_gpus(found, shape)
+                    cl.take(i, gpus, t.cpus, t.mem_bytes)
                 chosen.append((t, i, gpus))
                 exclude.add(i)
             if len(chosen) == len(unit.tasks):

@@ -14,7 +14,7 @@ also need.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .cluster import EPS, Cluster, Shape, gpu_matches
 from .types import Allocation, Policy
@@ -24,8 +24,7 @@ from .types import Allocation, Policy
 MAX_FEASIBLE_NODES = 4
 
 
-@dataclass(frozen=True)
-class Eviction:
+class Eviction(NamedTuple):  # (not a dataclass: a pass weighs thousands of these)
     node: int
     victims: tuple[int, ...]  # indices into Preemptor.allocs
     gpus: tuple[int, ...]  # the GPUs the preemptor will get
@@ -77,6 +76,8 @@ class Preemptor:
         # fails once fails for good: it is dropped from the list and no later
         # search looks at it again.
         self._alive: dict[tuple[Shape, int], list[int]] = {}
+        # usable pools -> alloc_nodes in those pools: many shapes share them.
+        self._alive_base: dict[frozenset[int], list[int]] = {}
         # (node, shape, level index) -> (node state it was worked out on, eviction)
         self._seen: dict[tuple[int, Shape, int], tuple[tuple[object, ...], Eviction | None]] = {}
 
@@ -121,8 +122,13 @@ class Preemptor:
             key = (shape, j)
             alive = self._alive.get(key)
             if alive is None:
-                pool_of = cl.pool_of
-                alive = self._alive[key] = [i for i in self.alloc_nodes if pool_of[i] in usable]
+                base = self._alive_base.get(usable)
+                if base is None:
+                    pool_of = cl.pool_of
+                    base = self._alive_base[usable] = [
+                        i for i in self.alloc_nodes if pool_of[i] in usable
+                    ]
+                alive = self._alive[key] = base[:]
             best: tuple[tuple[int, int, int], Eviction] | None = None
             feasible = 0
             kept: list[int] = []  # the nodes looked at that stay alive
