@@ -106,8 +106,6 @@ def _build_of(gpus: tuple[GpuKey, ...]) -> _Build:
     )
 
 
-_gpu_key = attrgetter("index", "model", "mem_bytes", "domain")
-_node_facts = attrgetter("node_id", "gpus", "cpus", "mem_bytes", "labels", "schedulable")
 _indices = attrgetter("indices")
 _makeup = attrgetter("makeup")
 _NOTHING: frozenset[int] = frozenset()
@@ -115,27 +113,32 @@ _NOTHING: frozenset[int] = frozenset()
 
 class Cluster:
     def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
-        # A pass starts with one of these per 10,000 nodes: the work per node
-        # is kept to C-level maps and one small loop.
         self.nodes = list(nodes)
         n = len(self.nodes)
-        # One trip over the nodes (each trip over 10,000 objects costs cache
-        # misses), then C-level maps over what it read.
-        node_ids, node_gpus, cpus, mems, node_labels, schedulable = (
-            tuple(zip(*map(_node_facts, self.nodes), strict=True)) if n else ((),) * 6
-        )
-        self.node_ids: list[str] = list(node_ids)
-        self.index_of: dict[str, int] = dict(zip(node_ids, range(n), strict=True))
-        # Clusters are made of a few kinds of machine: facts per GPU are
-        # worked out once per kind and shared by its nodes (read-only).
+        # One trip over the nodes, reading attributes in line (an attrgetter
+        # call costs about twice as much); C-level maps over what it read.
+        node_ids: list[str] = []
+        cpus: list[float] = []
+        mems: list[int] = []
+        node_labels: list[Mapping[str, str]] = []
+        schedulable: list[bool] = []
         builds: dict[tuple[GpuKey, ...], _Build] = {}
         self.build: list[_Build] = []
-        for gpus in node_gpus:
-            key = tuple(map(_gpu_key, gpus))
+        for nd in self.nodes:
+            node_ids.append(nd.node_id)
+            cpus.append(nd.cpus)
+            mems.append(nd.mem_bytes)
+            node_labels.append(nd.labels)
+            schedulable.append(nd.schedulable)
+            # Clusters are made of a few kinds of machine: facts per GPU are
+            # worked out once per kind and shared by its nodes (read-only).
+            key = tuple([(g.index, g.model, g.mem_bytes, g.domain) for g in nd.gpus])
             b = builds.get(key)
             if b is None:
                 b = builds[key] = _build_of(key)
             self.build.append(b)
+        self.node_ids = node_ids
+        self.index_of: dict[str, int] = dict(zip(node_ids, range(n), strict=True))
         self.gpu_info: list[Mapping[int, GpuFacts]] = [b.info for b in self.build]
         self.multi_domain = [b.multi_domain for b in self.build]
         self.free_cpu = list(map(float, cpus))
@@ -201,13 +204,21 @@ class Cluster:
                     max_mem=max(0, max(map(mems.__getitem__, idx))),
                 )
             )
+        # Free count f -> bit set of the pools with a node that has f free:
+        # best fit asks "which of my pools have a node with f free?" for
+        # f = g, g+1, ... with one AND each.
+        self.pools_at: list[int] = [0] * (1 + max((len(p.live) - 1 for p in self.pools), default=0))
+        for pid, p in enumerate(self.pools):
+            for f, k in enumerate(p.live):
+                if k:
+                    self.pools_at[f] |= 1 << pid
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
         self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._usable_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
         self._pool_arrays: dict[int, np.ndarray] = {}
         self._roomy: dict[Shape, list[Pool]] = {}
-        self._plain: dict[Shape, tuple[list[Pool], bool]] = {}
+        self._plain: dict[Shape, tuple[int, bool]] = {}  # (roomy pools as bits, any mixed)
         self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
         # The same key -> (GPUs picked, GPUs left free), for fit_and_take.
         self._picks_left: dict[
@@ -297,8 +308,10 @@ class Cluster:
             pool.live[old] -= 1
             if not pool.live[old]:
                 pool.mask &= ~(1 << old)
+                self.pools_at[old] &= ~(1 << pid)
             pool.live[f] += 1
             pool.mask |= 1 << f
+            self.pools_at[f] |= 1 << pid
             heapq.heappush(pool.buckets[f], i)
 
     def take(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
@@ -445,7 +458,7 @@ class Cluster:
         plain = self._plain.get(shape)
         if plain is None:
             plain = self._plain[shape] = (
-                self._roomy_pools(shape),
+                sum(1 << self.pools.index(p) for p in self._roomy_pools(shape)),
                 bool(self.shape_pools(shape)[1]),
             )
         roomy, has_mixed = plain
@@ -458,32 +471,28 @@ class Cluster:
         else:
             nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
             need_cpus, need_mem = shape[1], shape[2]
-            # The lowest free count at or above g that any of the pools has,
-            # then the lowest node index among the pools with that count;
-            # the next count up only when no node there fits CPUs and memory.
-            union = 0
-            for pool in roomy:
-                union |= pool.mask
-            union = union >> g << g
+            pools, pools_at = self.pools, self.pools_at
+            # The lowest free count at or above g that one of the shape's
+            # pools has, then the lowest node index among those pools; the
+            # next count up only when no node there fits CPUs and memory.
             best_i = -1
             best_heap: list[int] = []
-            while union:
-                low = union & -union
-                union ^= low
-                f = low.bit_length() - 1
-                for pool in roomy:
-                    if pool.mask & low:
-                        heap = pool.buckets[f]
-                        first: int | None = heap[0] if heap else None
-                        if first is None or not (
-                            nfree[first] == f
-                            and free_cpu[first] + EPS >= need_cpus
-                            and free_mem[first] >= need_mem
-                            and first not in exclude
-                        ):
-                            first = self._bucket_first(heap, f, shape, exclude)
-                        if first is not None and (best_i < 0 or first < best_i):
-                            best_i, best_heap = first, heap
+            for f in range(g, len(pools_at)):
+                have = pools_at[f] & roomy
+                while have:
+                    low = have & -have
+                    have ^= low
+                    heap = pools[low.bit_length() - 1].buckets[f]
+                    first: int | None = heap[0] if heap else None
+                    if first is None or not (
+                        nfree[first] == f
+                        and free_cpu[first] + EPS >= need_cpus
+                        and free_mem[first] >= need_mem
+                        and first not in exclude
+                    ):
+                        first = self._bucket_first(heap, f, shape, exclude)
+                    if first is not None and (best_i < 0 or first < best_i):
+                        best_i, best_heap = first, heap
                 if best_i >= 0:
                     break
             if best_i < 0:
@@ -525,8 +534,10 @@ class Cluster:
                 live[old] -= 1
                 if not live[old]:
                     pool.mask &= ~(1 << old)
+                    self.pools_at[old] &= ~(1 << pid)
                 live[f] += 1
                 pool.mask |= 1 << f
+                self.pools_at[f] |= 1 << pid
                 heapq.heappush(pool.buckets[f], i)
         self.free_cpu[i] -= cpus
         self.free_mem[i] -= mem
