@@ -42,6 +42,7 @@ class _Pass:
         policy: Policy,
     ) -> None:
         self.cl = Cluster(nodes, allocations)
+        self.node_ids = self.cl.node_ids
         self.policy = policy
         self.fair = FairShare(nodes, allocations, policy)
         self.pre = Preemptor(self.cl, allocations, policy) if policy.preemption else None
@@ -176,7 +177,7 @@ class _Pass:
             self.dead[c] = True
 
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
-        self.placements.append(Placement(t.task_id, self.cl.node_ids[i], gpus))
+        self.placements.append(Placement(t.task_id, self.node_ids[i], gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
         # Only gangs and spread tasks ask where their job's other tasks are.
         job = t.job_id

@@ -172,6 +172,20 @@ def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
     return Backlog(members, levels, gang_entries, gangs, classes, shapes, watched)
 
 
+class Held:
+    """What one user holds (running, placed or waiting on preemptions)."""
+
+    __slots__ = ("cpus", "gpus", "mem_bytes")  # read and written once per grant
+
+    def __init__(self) -> None:
+        self.gpus = 0
+        self.cpus = 0.0
+        self.mem_bytes = 0
+
+
+_NOTHING_HELD = Held()
+
+
 class FairShare:
     def __init__(
         self, nodes: Sequence[NodeView], allocations: Sequence[Allocation], policy: Policy
@@ -185,17 +199,18 @@ class FairShare:
         # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
         self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas
-        self.gpus: dict[str, int] = {}
-        self.cpus: dict[str, float] = {}
-        self.mem: dict[str, int] = {}
+        self.held: dict[str, Held] = {}
         self.shares: dict[str, float] = {}  # dominant share, kept current by charge()
         for a in allocations:
             self.charge(a.user, len(a.gpus), a.cpus, a.mem_bytes)
 
     def charge(self, user: str, gpus: int, cpus: float, mem: int) -> None:
-        g = self.gpus[user] = self.gpus.get(user, 0) + gpus
-        c = self.cpus[user] = self.cpus.get(user, 0.0) + cpus
-        m = self.mem[user] = self.mem.get(user, 0) + mem
+        h = self.held.get(user)
+        if h is None:
+            h = self.held[user] = Held()
+        g = h.gpus = h.gpus + gpus
+        c = h.cpus = h.cpus + cpus
+        m = h.mem_bytes = h.mem_bytes + mem
         ig, ic, im = self.inverse
         # max() of the three, without the builtin call (this runs per grant);
         # ties keep the first, as max() does.
@@ -207,12 +222,15 @@ class FairShare:
             share = ms
         self.shares[user] = share
 
+    def holds(self, user: str) -> Held:
+        return self.held.get(user, _NOTHING_HELD)
+
     def share(self, user: str) -> float:
         return self.shares.get(user, 0.0)
 
     def within_quota(self, user: str) -> bool:
         q = self.quotas.get(user)
-        return q is None or self.gpus.get(user, 0) <= q
+        return q is None or self.holds(user).gpus <= q
 
     def quota_blocks(self, user: str, gpus: int) -> int | None:
         """The user's quota when granting `gpus` more would break it, else None.
@@ -220,7 +238,7 @@ class FairShare:
         q = self.quotas.get(user)
         if q is None:
             return None
-        held = self.gpus.get(user, 0)
+        held = self.holds(user).gpus
         if held > q or held + gpus > q:
             return q
         return None
@@ -314,13 +332,13 @@ def queue_report(
     for t in pending:
         n, g = waiting.get(t.user, (0, 0))
         waiting[t.user] = (n + 1, g + t.gpus)
-    users = sorted(set(fair.gpus) | set(waiting))
+    users = sorted(set(fair.held) | set(waiting))
     rows = [
         UserShare(
             user=u,
-            gpus=fair.gpus.get(u, 0),
-            cpus=fair.cpus.get(u, 0.0),
-            mem_bytes=fair.mem.get(u, 0),
+            gpus=fair.holds(u).gpus,
+            cpus=fair.holds(u).cpus,
+            mem_bytes=fair.holds(u).mem_bytes,
             dominant_share=fair.share(u),
             pending_tasks=waiting.get(u, (0, 0))[0],
             pending_gpus=waiting.get(u, (0, 0))[1],

@@ -31,6 +31,7 @@ class Eviction(NamedTuple):  # (not a dataclass: a pass weighs thousands of thes
     extra_gpus: tuple[int, ...]  # of those, the ones that are free today
     extra_cpus: float  # free CPUs/memory it needs besides the victims'
     extra_mem: int
+    victim_gpus: int  # GPUs the victims hold in all (what the eviction costs)
 
 
 def protected_users(allocations: Sequence[Allocation], policy: Policy) -> set[str]:
@@ -78,8 +79,10 @@ class Preemptor:
         self._alive: dict[tuple[Shape, int], list[int]] = {}
         # usable pools -> alloc_nodes in those pools: many shapes share them.
         self._alive_base: dict[frozenset[int], list[int]] = {}
-        # (node, shape, level index) -> (node state it was worked out on, eviction)
-        self._seen: dict[tuple[int, Shape, int], tuple[tuple[object, ...], Eviction | None]] = {}
+        # (shape, level index) -> node -> (node state it was worked out on, eviction)
+        self._seen: dict[
+            tuple[Shape, int], dict[int, tuple[tuple[object, ...], Eviction | None]]
+        ] = {}
 
     def _count(self, k: int, sign: int) -> None:
         i, p, g = self.node_l[k], self.prio_l[k], len(self.allocs[k].gpus)
@@ -129,6 +132,9 @@ class Preemptor:
                         i for i in self.alloc_nodes if pool_of[i] in usable
                     ]
                 alive = self._alive[key] = base[:]
+            seen_on = self._seen.get(key)
+            if seen_on is None:
+                seen_on = self._seen[key] = {}
             best: tuple[tuple[int, int, int], Eviction] | None = None
             feasible = 0
             kept: list[int] = []  # the nodes looked at that stay alive
@@ -141,17 +147,16 @@ class Preemptor:
                 # open victims only (count[i] names those: victims only ever
                 # close): reuse it while they are unchanged.
                 stamp = (tuple(cl.free[i]), cl.free_cpu[i], cl.free_mem[i], count[i])
-                seen = self._seen.get((i, shape, j))
+                seen = seen_on.get(i)
                 if seen is not None and seen[0] == stamp:
                     ev = seen[1]
                 else:
                     ev = self._evict_on(i, shape, level + 1, cl.pool_of[i] in whole_set)
-                    self._seen[i, shape, j] = (stamp, ev)
+                    seen_on[i] = (stamp, ev)
                 if ev is None:
                     continue
                 kept.append(i)
-                vs = [self.allocs[k] for k in ev.victims]
-                rank = (len(vs), sum(len(a.gpus) for a in vs), i)
+                rank = (len(ev.victims), ev.victim_gpus, i)
                 if best is None or rank < best[0]:
                     best = (rank, ev)
                 feasible += 1
@@ -223,4 +228,5 @@ class Preemptor:
             extra_gpus=tuple(x for x in gpus if x in free_set),
             extra_cpus=max(0.0, cpus - freed_cpu),
             extra_mem=max(0, mem - freed_mem),
+            victim_gpus=sum(len(allocs[k].gpus) for k in chosen),
         )
