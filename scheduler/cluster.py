@@ -143,7 +143,9 @@ class Cluster:
         self.multi_domain = [b.multi_domain for b in self.build]
         self.free_cpu = list(map(float, cpus))
         self.free_mem: list[int] = list(mems)
-        self.free: list[list[int]] = list(map(list, map(_indices, self.build)))
+        # Free GPU indices per node, sorted; tuples, replaced whole on change
+        # (a pick is remembered by them, and evictions are stamped with them).
+        self.free: list[tuple[int, ...]] = list(map(_indices, self.build))
         used: dict[int, set[int]] = {}
         self.allocs_on: list[list[Allocation]] = [[] for _ in range(n)]
         for a in allocations:
@@ -155,7 +157,7 @@ class Cluster:
             self.free_mem[i] -= a.mem_bytes
             self.allocs_on[i].append(a)
         for i, gone in used.items():
-            self.free[i] = [g for g in self.free[i] if g not in gone]
+            self.free[i] = tuple([g for g in self.free[i] if g not in gone])
         # Free GPU count per node twice: a list for the per-task hot path (numpy
         # scalar access is slow) and an array for whole-cluster questions.
         self.nfree_l = list(map(len, self.free))
@@ -317,7 +319,7 @@ class Cluster:
     def take(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
         if gpus:
             gone = set(gpus)
-            self.free[i] = [g for g in self.free[i] if g not in gone]
+            self.free[i] = tuple([g for g in self.free[i] if g not in gone])
         self.free_cpu[i] -= cpus
         self.free_mem[i] -= mem
         if gpus:
@@ -325,7 +327,7 @@ class Cluster:
 
     def give(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
         if gpus:
-            self.free[i] = sorted([*self.free[i], *gpus])
+            self.free[i] = tuple(sorted([*self.free[i], *gpus]))
         self.free_cpu[i] += cpus
         self.free_mem[i] += mem
         if gpus:
@@ -508,21 +510,20 @@ class Cluster:
             whole = not has_mixed or self.pool_of[i] in self.whole_pools(shape)
             if whole and (not self.multi_domain[i] or len(free) == g):
                 # pick_gpus takes the lowest g here: what is left is the rest.
-                gpus = tuple(free[:g])
+                gpus = free[:g]
                 self.free[i] = free[g:]
             elif whole:
                 # pick_gpus by domain, remembered with what it leaves free.
-                key = (self.build[i], tuple(free), g)
+                key = (self.build[i], free, g)
                 hit = self._picks_left.get(key)
                 if hit is None:
                     gpus = self.pick_gpus(i, shape)
                     hit = self._picks_left[key] = (gpus, tuple(x for x in free if x not in gpus))
-                gpus = hit[0]
-                self.free[i] = list(hit[1])
+                gpus, self.free[i] = hit
             else:
                 gpus = self.pick_gpus(i, shape)
                 gone = set(gpus)
-                self.free[i] = [x for x in free if x not in gone]
+                self.free[i] = tuple([x for x in free if x not in gone])
             # _rebucket, inline (the count went down by g).
             old, f = self.nfree_l[i], len(self.free[i])
             self.nfree_l[i] = f

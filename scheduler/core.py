@@ -46,6 +46,8 @@ class _Pass:
         self.policy = policy
         self.fair = FairShare(nodes, allocations, policy)
         self.pre = Preemptor(self.cl, allocations, policy) if policy.preemption else None
+        # job -> nodes it runs on; after the allocations, only the jobs in
+        # `watched` (gangs and spread tasks, who ask) are kept up to date.
         self.job_nodes: dict[str, set[int]] = {}
         self.watched: set[str] = set()
         for a in allocations:
@@ -67,6 +69,7 @@ class _Pass:
         self.classes: dict[tuple[Shape, int], int] = {}
         self.classes_of_shape: dict[Shape, list[int]] = {}
         self.dead: list[bool] = []
+        self.fitless: list[bool] = []
         self.gang_held = False
         # Filled in by the first hold: per node, when its running work started
         # (inf when idle), and its size.
@@ -80,6 +83,7 @@ class _Pass:
         self.classes = backlog.classes
         shapes = backlog.shapes
         self.dead = [False] * len(shapes)
+        self.fitless = [False] * len(shapes)  # per class: its shape is in no_fit
         for (shape, _), c in self.classes.items():
             self.classes_of_shape.setdefault(shape, []).append(c)
         fair, reasons, n = self.fair, self.reasons, len(pending)
@@ -95,7 +99,10 @@ class _Pass:
                     if shapes[c] in self.no_fit:
                         self.dead[c] = True
 
-        for _, _, seq, cls in fair.order(backlog, self.dead, skipped, settle, dead_classes):
+        fit_and_take, node_ids = self.cl.fit_and_take, self.node_ids
+        placements, charge, watched = self.placements, fair.charge, self.watched
+        quotas, fitless = fair.quotas, self.fitless
+        for _, task_id, seq, cls in fair.order(backlog, self.dead, skipped, settle, dead_classes):
             if cls < 0:
                 unit = backlog.gangs[seq - n]
                 quota = fair.quota_blocks(unit.user, unit.gpus)
@@ -106,11 +113,25 @@ class _Pass:
                         reasons[t.task_id] = quota_reason(unit.user, quota)
                 continue
             t = pending[seq]
-            quota = fair.quota_blocks(t.user, t.gpus) if fair.quotas else None
-            if quota is None:
-                self._single(t, shapes[cls])
-            else:
-                reasons[t.task_id] = quota_reason(t.user, quota)
+            if quotas:
+                quota = fair.quota_blocks(t.user, t.gpus)
+                if quota is not None:
+                    reasons[task_id] = quota_reason(t.user, quota)
+                    continue
+            shape = shapes[cls]
+            # Plain best fit, the common case, in line (_grant's work too):
+            # one call finds the node, picks the GPUs and takes them.
+            if not fitless[cls] and not t.spread and not t.blocks:
+                hit = fit_and_take(shape, t.cpus, t.mem_bytes)
+                if hit is not None:
+                    i, gpus = hit
+                    placements.append(Placement(task_id, node_ids[i], gpus))
+                    charge(t.user, len(gpus), t.cpus, t.mem_bytes)
+                    if t.job_id in watched:
+                        self._track(t.job_id, i)
+                    continue
+                self._fits_nowhere(shape)
+            self._single(t, shape)
         explain = Explainer(self.cl)
         for t, shape in self.unexplained:
             reasons[t.task_id] = explain(t, shape)
@@ -155,8 +176,8 @@ class _Pass:
                     reasons.update(zip(map(itemgetter(1), entries), repeat(reason)))
         reserved: dict[str, tuple[int, ...]] = {}
         for i in sorted(self.cl.claims):
-            gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
-            reserved[self.cl.nodes[i].node_id] = tuple(gpus)
+            held = sorted({x for c in self.cl.claims[i] for x in c.gpus})
+            reserved[self.cl.nodes[i].node_id] = tuple(held)
         return Plan(
             placements=tuple(self.placements),
             preemptions=tuple(self.preemptions),
@@ -166,8 +187,9 @@ class _Pass:
 
     def _fits_nowhere(self, shape: Shape) -> None:
         self.no_fit.add(shape)
-        if self.pre is None:
-            for c in self.classes_of_shape.get(shape, ()):
+        for c in self.classes_of_shape.get(shape, ()):
+            self.fitless[c] = True
+            if self.pre is None:
                 self.dead[c] = True
 
     def _evicts_nothing(self, shape: Shape, priority: int) -> None:
@@ -179,14 +201,16 @@ class _Pass:
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
         self.placements.append(Placement(t.task_id, self.node_ids[i], gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
-        # Only gangs and spread tasks ask where their job's other tasks are.
-        job = t.job_id
-        if job in self.watched:
-            on = self.job_nodes.get(job)
-            if on is None:
-                self.job_nodes[job] = {i}
-            else:
-                on.add(i)
+        if t.job_id in self.watched:
+            self._track(t.job_id, i)
+
+    def _track(self, job: str, i: int) -> None:
+        """Note that `job` now runs on node i (asked by its gangs and spread tasks)."""
+        on = self.job_nodes.get(job)
+        if on is None:
+            self.job_nodes[job] = {i}
+        else:
+            on.add(i)
 
     def _single(self, t: TaskRequest, shape: Shape) -> None:
         cl = self.cl

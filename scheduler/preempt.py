@@ -146,7 +146,7 @@ class Preemptor:
                 # An eviction depends on the node's free resources and its
                 # open victims only (count[i] names those: victims only ever
                 # close): reuse it while they are unchanged.
-                stamp = (tuple(cl.free[i]), cl.free_cpu[i], cl.free_mem[i], count[i])
+                stamp = (cl.free[i], cl.free_cpu[i], cl.free_mem[i], count[i])
                 seen = seen_on.get(i)
                 if seen is not None and seen[0] == stamp:
                     ev = seen[1]
