@@ -89,7 +89,9 @@ class _Pass:
         fair, reasons, n = self.fair, self.reasons, len(pending)
         skipped: list[Entry] = []
         dead_classes: list[int] = []
-        levels = backlog.levels
+        levels, gangs = backlog.levels, backlog.gangs
+        dead_gangs = [False] * len(gangs)
+        dead_gang_list: list[int] = []
 
         def settle(prio: int) -> None:
             # A shape that fit nowhere higher up fits nowhere now; with no
@@ -98,13 +100,25 @@ class _Pass:
                 for c in levels[prio]:
                     if shapes[c] in self.no_fit:
                         self.dead[c] = True
+            # Likewise a gang alike to one that could not start (and with no
+            # running task of its own to keep away from).
+            if self.no_gang:
+                for _, _, gang in backlog.gang_entries.get(prio, ()):
+                    unit = gangs[gang]
+                    if (unit.shapes, unit.spread) in self.no_gang and not self.job_nodes.get(
+                        unit.job_id
+                    ):
+                        dead_gangs[gang] = True
 
         fit_and_take, node_ids = self.cl.fit_and_take, self.node_ids
         placements, charge, watched = self.placements, fair.charge, self.watched
         quotas, fitless = fair.quotas, self.fitless
-        for _, task_id, seq, cls in fair.order(backlog, self.dead, skipped, settle, dead_classes):
+        order = fair.order(
+            backlog, self.dead, skipped, settle, dead_classes, dead_gangs, dead_gang_list
+        )
+        for _, task_id, seq, cls in order:
             if cls < 0:
-                unit = backlog.gangs[seq - n]
+                unit = gangs[seq - n]
                 quota = fair.quota_blocks(unit.user, unit.gpus)
                 if quota is None:
                     self._gang(unit)
@@ -135,6 +149,16 @@ class _Pass:
         explain = Explainer(self.cl)
         for t, shape in self.unexplained:
             reasons[t.task_id] = explain(t, shape)
+        # Gangs known not to start; quotas are read at the end of the pass.
+        for gang in dead_gang_list:
+            unit = gangs[gang]
+            quota = fair.quota_blocks(unit.user, unit.gpus)
+            if quota is None:
+                why = self.no_gang[unit.shapes, unit.spread]
+            else:
+                why = quota_reason(unit.user, quota)
+            for t in unit.tasks:
+                reasons[t.task_id] = why
         # Dead classes' tasks, in one sweep.  The explainer's reason depends
         # on the shape only (it caches by shape), so it is looked up once per
         # class here; quotas are read at the end of the pass, as for all
@@ -267,7 +291,7 @@ class _Pass:
         cl = self.cl
         shapes = unit.shapes
         busy = self.job_nodes.get(unit.job_id, set())
-        spread = any(t.spread for t in unit.tasks)
+        spread = unit.spread
         key = (shapes, spread)
         if not busy:
             known = self.no_gang.get(key)

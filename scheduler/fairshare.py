@@ -33,6 +33,7 @@ class Unit(NamedTuple):
     gpus: int
     is_gang: bool
     cls: int  # request class (shape, priority) of a single task, -1 for a gang
+    spread: bool = False  # a gang: any of its tasks spreads
 
 
 def build_units(
@@ -66,6 +67,7 @@ def build_units(
                         t.gpus,
                         False,
                         cls,
+                        t.spread,
                     ),
                 )
             )
@@ -87,7 +89,8 @@ def _gang_units(gangs: dict[str, list[TaskRequest]]) -> Iterator[Unit]:
         prio = max(map(_priority, ts))
         shapes = tuple(map(shape_of, ts))
         gpus = sum(map(_gpus, ts))
-        yield Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1)
+        spread = any(t.spread for t in ts)
+        yield Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1, spread)
 
 
 # One queued unit of work: (submitted_at, task_id, seq, cls).  For a single
@@ -105,7 +108,8 @@ class Backlog(NamedTuple):
 
     members: list[dict[str, list[Entry]]]  # request class -> user -> its entries
     levels: dict[int, list[int]]  # priority -> its request classes
-    gang_entries: dict[int, list[tuple[str, Entry]]]  # priority -> (user, entry) per gang
+    # priority -> (user, entry, index in gangs) per gang
+    gang_entries: dict[int, list[tuple[str, Entry, int]]]
     gangs: list[Unit]
     classes: dict[tuple[Shape, int], int]  # (shape, priority) -> request class
     shapes: list[Shape]  # request class -> shape
@@ -160,12 +164,12 @@ def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
             q = by_user[t.user] = []
         q.append((t.submitted_at, t.task_id, seq, cls))
     gangs: list[Unit] = []
-    gang_entries: dict[int, list[tuple[str, Entry]]] = {}
+    gang_entries: dict[int, list[tuple[str, Entry, int]]] = {}
     n = len(pending)
     for unit in _gang_units(gang_tasks):
         levels.setdefault(unit.priority, [])
         gang_entries.setdefault(unit.priority, []).append(
-            (unit.user, (*unit.key, n + len(gangs), -1))
+            (unit.user, (*unit.key, n + len(gangs), -1), len(gangs))
         )
         gangs.append(unit)
     watched.update(gang_tasks)
@@ -250,6 +254,8 @@ class FairShare:
         skipped: list[Entry] | None = None,
         settle: Callable[[int], object] | None = None,
         dead_classes: list[int] | None = None,
+        dead_gangs: Sequence[bool] = (),
+        dead_gang_list: list[int] | None = None,
     ) -> Iterator[Entry]:
         """Yield the backlog's entries in scheduling order.  The caller charges
         what it grants before asking for the next entry; shares are read when
@@ -265,7 +271,9 @@ class FairShare:
         mark the level's classes that are dead already (what fit nowhere
         higher up and can evict nothing at this level).  Their tasks are never
         queued at all: the class goes to `dead_classes` whole, so a level of
-        tens of thousands of tasks that cannot start costs no work per task."""
+        tens of thousands of tasks that cannot start costs no work per task.
+        Likewise a gang marked in `dead_gangs` (by its index in
+        `backlog.gangs`) goes to `dead_gang_list` instead of the queue."""
         members = backlog.members
         for prio in sorted(backlog.levels, reverse=True):
             if settle is not None:
@@ -281,7 +289,10 @@ class FairShare:
                         queues[user] = entries[:]
                     else:
                         q += entries
-            for user, entry in backlog.gang_entries.get(prio, ()):
+            for user, entry, gang in backlog.gang_entries.get(prio, ()):
+                if dead_gangs and dead_gangs[gang] and dead_gang_list is not None:
+                    dead_gang_list.append(gang)
+                    continue
                 q = queues.get(user)
                 if q is None:
                     q = queues[user] = []
