@@ -8,7 +8,9 @@ same gang took a moment before.
 
 Nodes with the same labels and the same GPU make-up share a *pool*; each pool
 keeps one heap of node indices per free-GPU count, so best fit is "the first
-non-empty bucket at or above the request", not a scan of every node.
+non-empty bucket at or above the request", not a scan of every node.  Per
+free count, one bit set says which pools have a node with that count: a
+request's pools are a bit set too, and one AND per count finds the candidates.
 """
 
 from __future__ import annotations
@@ -55,10 +57,9 @@ class Pool:
     makeup: tuple[tuple[str, int, int], ...]
     nodes: list[int] = field(default_factory=list)
     buckets: list[list[int]] = field(default_factory=list)  # free count -> heap
-    live: list[int] = field(default_factory=list)  # free count -> nodes with that count
-    # Bit f set <=> some node has exactly f free GPUs: finding the first usable
-    # bucket is a couple of integer operations instead of a loop.
-    mask: int = 0
+    # free count -> nodes with that count (Cluster.pools_at has a bit per
+    # pool for the counts with at least one node).
+    live: list[int] = field(default_factory=list)
     max_cpus: float = 0.0
     max_mem: int = 0
 
@@ -179,6 +180,7 @@ class Cluster:
         PoolKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...]]
         members: dict[PoolKey, list[int]] = {}
         pool_keys: list[PoolKey] = list(zip(self.labels_key, map(_makeup, self.build), strict=True))
+        self.unschedulable: list[int] = []  # nodes in no pool: draining or down
         for i in range(n):
             if schedulable[i]:
                 m = members.get(pool_keys[i])
@@ -186,6 +188,8 @@ class Cluster:
                     members[pool_keys[i]] = [i]
                 else:
                     m.append(i)
+            else:
+                self.unschedulable.append(i)
         nfree_l, pool_of = self.nfree_l, self.pool_of
         for pid, ((_, makeup), idx) in enumerate(members.items()):
             total = sum(c for _, _, c in makeup)
@@ -201,7 +205,6 @@ class Cluster:
                     nodes=idx,
                     buckets=buckets,
                     live=live,
-                    mask=sum(1 << f for f, k in enumerate(live) if k),
                     max_cpus=max(0.0, max(map(cpus.__getitem__, idx))),
                     max_mem=max(0, max(map(mems.__getitem__, idx))),
                 )
@@ -219,7 +222,7 @@ class Cluster:
         self._usable_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
         self._pool_arrays: dict[int, np.ndarray] = {}
-        self._roomy: dict[Shape, list[Pool]] = {}
+        self._roomy: dict[Shape, int] = {}
         self._plain: dict[Shape, tuple[int, bool]] = {}  # (roomy pools as bits, any mixed)
         self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
         # The same key -> (GPUs picked, GPUs left free), for fit_and_take.
@@ -309,10 +312,8 @@ class Cluster:
             pool = self.pools[pid]
             pool.live[old] -= 1
             if not pool.live[old]:
-                pool.mask &= ~(1 << old)
                 self.pools_at[old] &= ~(1 << pid)
             pool.live[f] += 1
-            pool.mask |= 1 << f
             self.pools_at[f] |= 1 << pid
             heapq.heappush(pool.buckets[f], i)
 
@@ -364,16 +365,18 @@ class Cluster:
             heapq.heappush(heap, i)
         return found
 
-    def _roomy_pools(self, shape: Shape) -> list[Pool]:
-        """Whole pools whose largest node has the shape's CPUs and memory at all."""
-        roomy = self._roomy.get(shape)
-        if roomy is None:
-            roomy = self._roomy[shape] = [
-                p
-                for p in (self.pools[pid] for pid in self.shape_pools(shape)[0])
-                if p.max_cpus + EPS >= shape[1] and p.max_mem >= shape[2]
-            ]
-        return roomy
+    def _roomy_bits(self, shape: Shape) -> int:
+        """Whole pools whose largest node has the shape's CPUs and memory at
+        all, as a bit set of pool ids."""
+        bits = self._roomy.get(shape)
+        if bits is None:
+            bits = self._roomy[shape] = sum(
+                1 << pid
+                for pid in self.shape_pools(shape)[0]
+                if self.pools[pid].max_cpus + EPS >= shape[1]
+                and self.pools[pid].max_mem >= shape[2]
+            )
+        return bits
 
     def find_node(
         self,
@@ -394,23 +397,19 @@ class Cluster:
         nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
         # (free count, node) of the best candidate so far; spread negates the count.
         best: tuple[int, int] | None = None
-        roomy = self._roomy.get(shape)
-        if roomy is None:
-            roomy = self._roomy_pools(shape)
-        for pool in roomy:
-            mask = pool.mask >> g << g  # buckets with at least g free GPUs
-            while mask:
-                if spread:
-                    f = mask.bit_length() - 1
-                    mask ^= 1 << f
-                    if best is not None and -f > best[0]:
-                        break
-                else:
-                    f = (mask & -mask).bit_length() - 1
-                    mask ^= 1 << f
-                    if best is not None and f > best[0]:
-                        break
-                heap = pool.buckets[f]
+        # Whole pools: free counts in order of preference (fewest first, or
+        # most first for spread); the first count that any of the shape's
+        # pools has with a node that fits wins, lowest node index first.
+        roomy = self._roomy_bits(shape)
+        pools, pools_at = self.pools, self.pools_at
+        counts = range(len(pools_at) - 1, g - 1, -1) if spread else range(g, len(pools_at))
+        for f in counts:
+            have = pools_at[f] & roomy
+            found = -1
+            while have:
+                low = have & -have
+                have ^= low
+                heap = pools[low.bit_length() - 1].buckets[f]
                 first: int | None = heap[0] if heap else None
                 # Fast path: the top entry is live, fits and is not excluded.
                 if first is None or not (
@@ -420,11 +419,11 @@ class Cluster:
                     and free_mem[first] >= mem
                 ):
                     first = self._bucket_first(heap, f, shape, exclude)
-                if first is not None:
-                    key = (-f if spread else f, first)
-                    if best is None or key < best:
-                        best = key
-                    break
+                if first is not None and (found < 0 or first < found):
+                    found = first
+            if found >= 0:
+                best = (-f if spread else f, found)
+                break
         # Mixed pools (only some GPU models match) are rare; scan them directly.
         extra: dict[int, list[int]] = {}
         for pid in mixed:
@@ -460,7 +459,7 @@ class Cluster:
         plain = self._plain.get(shape)
         if plain is None:
             plain = self._plain[shape] = (
-                sum(1 << self.pools.index(p) for p in self._roomy_pools(shape)),
+                self._roomy_bits(shape),
                 bool(self.shape_pools(shape)[1]),
             )
         roomy, has_mixed = plain
@@ -534,10 +533,8 @@ class Cluster:
                 live = pool.live
                 live[old] -= 1
                 if not live[old]:
-                    pool.mask &= ~(1 << old)
                     self.pools_at[old] &= ~(1 << pid)
                 live[f] += 1
-                pool.mask |= 1 << f
                 self.pools_at[f] |= 1 << pid
                 heapq.heappush(pool.buckets[f], i)
         self.free_cpu[i] -= cpus
