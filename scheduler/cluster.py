@@ -564,14 +564,23 @@ class Cluster:
         return key[1]
 
     def pick_gpus(
-        self, i: int, shape: Shape, candidates: list[int] | None = None
+        self,
+        i: int,
+        shape: Shape,
+        candidates: list[int] | None = None,
+        presorted: bool = False,
     ) -> tuple[int, ...]:
         """Concrete GPUs on node i: the smallest NVLink/NUMA domain that holds
-        them all (keeps bigger domains whole), then the lowest indices."""
+        them all (keeps bigger domains whole), then the lowest indices.
+        `candidates` defaults to the node's matching free GPUs; `presorted`
+        says they come sorted already."""
         g = shape[0]
         if g == 0:
             return ()
-        cands = self.matching_free(i, shape) if candidates is None else sorted(candidates)
+        if candidates is None:
+            cands = self.matching_free(i, shape)
+        else:
+            cands = candidates if presorted else sorted(candidates)
         if not self.multi_domain[i] or len(cands) == g:
             return tuple(cands[:g])
         # The choice depends on the node's build, the candidates and the count

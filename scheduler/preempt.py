@@ -171,10 +171,8 @@ class Preemptor:
     def _evict_on(self, i: int, shape: Shape, priority: int, all_match: bool) -> Eviction | None:
         cl = self.cl
         g, cpus, mem = shape[0], shape[1], shape[2]
-        allocs = self.allocs
-        victims = [
-            k for k in self.on_node.get(i, ()) if self.is_open[k] and self.prio_l[k] < priority
-        ]
+        allocs, is_open, prio_l = self.allocs, self.is_open, self.prio_l
+        victims = [k for k in self.on_node.get(i, ()) if is_open[k] and prio_l[k] < priority]
         if not victims:
             return None
         info = cl.gpu_info[i]
@@ -200,7 +198,8 @@ class Preemptor:
             all_g, all_c, all_m = all_g + len(usable[k]), all_c + a.cpus, all_m + a.mem_bytes
         if not (all_g >= g and all_c + EPS >= cpus and all_m >= mem):
             return None  # even evicting every candidate would not do
-        victims.sort(key=self.order_key.__getitem__)
+        if len(victims) > 1:
+            victims.sort(key=self.order_key.__getitem__)
         chosen: list[int] = []
         for k in victims:
             if have_g >= g and have_c + EPS >= cpus and have_m >= mem:
@@ -210,14 +209,14 @@ class Preemptor:
             have_g, have_c, have_m = have_g + len(usable[k]), have_c + a.cpus, have_m + a.mem_bytes
         # Greedy by priority can overshoot; drop whoever turns out unnecessary,
         # most valuable (highest priority, oldest) first.
-        for k in reversed(list(chosen)):
+        for k in reversed(list(chosen)) if len(chosen) > 1 else ():
             a = allocs[k]
             w_g, w_c, w_m = have_g - len(usable[k]), have_c - a.cpus, have_m - a.mem_bytes
             if len(chosen) > 1 and w_g >= g and w_c + EPS >= cpus and w_m >= mem:
                 chosen.remove(k)
                 have_g, have_c, have_m = w_g, w_c, w_m
         pool = sorted({*free_gpus, *(x for k in chosen for x in usable[k])})
-        gpus = cl.pick_gpus(i, shape, pool)
+        gpus = cl.pick_gpus(i, shape, pool, presorted=True)
         free_set = set(free_gpus)
         freed_cpu = sum(allocs[k].cpus for k in chosen)
         freed_mem = sum(allocs[k].mem_bytes for k in chosen)
