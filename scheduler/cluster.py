@@ -139,6 +139,7 @@ class Cluster:
                 b = builds[key] = _build_of(key)
             self.build.append(b)
         self.node_ids = node_ids
+        self.node_cpus, self.node_mem = cpus, mems  # as the view has them
         self.index_of: dict[str, int] = dict(zip(node_ids, range(n), strict=True))
         self.gpu_info: list[Mapping[int, GpuFacts]] = [b.info for b in self.build]
         self.multi_domain = [b.multi_domain for b in self.build]

@@ -368,8 +368,8 @@ class _Pass:
                 if running:
                     started[i] = min(a.started_at for a in running)
             self._started = np.array(started, dtype=np.float64)
-            self._node_cpus = np.array([nd.cpus for nd in cl.nodes], dtype=np.float64)
-            self._node_mem = np.array([nd.mem_bytes for nd in cl.nodes], dtype=np.int64)
+            self._node_cpus = np.array(cl.node_cpus, dtype=np.float64)
+            self._node_mem = np.array(cl.node_mem, dtype=np.int64)
         taken: set[int] = set(busy)
         picks: list[tuple[int, Shape]] = []
         ranked: dict[Shape, list[int]] = {}

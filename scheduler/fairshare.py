@@ -78,19 +78,38 @@ def build_units(
 _rank_key = attrgetter("rank", "task_id")
 _age_key = attrgetter("submitted_at", "task_id")
 _priority = attrgetter("priority")
-_gpus = attrgetter("gpus")
 
 
-def _gang_units(gangs: dict[str, list[TaskRequest]]) -> Iterator[Unit]:
+def _gang_units(
+    gangs: dict[str, list[TaskRequest]], shape_of_raw: dict[tuple[object, ...], Shape] | None = None
+) -> Iterator[Unit]:
+    """One unit per gang job.  `shape_of_raw` remembers shapes by the raw
+    request fields (gang tasks of one job usually ask for the same)."""
+    if shape_of_raw is None:
+        shape_of_raw = {}
     for job_id, ts in gangs.items():
         ts.sort(key=_rank_key)
         oldest = min(map(_age_key, ts))
         # A gang runs at the priority of its most important member, owned by rank 0's user.
         prio = max(map(_priority, ts))
-        shapes = tuple(map(shape_of, ts))
-        gpus = sum(map(_gpus, ts))
-        spread = any(t.spread for t in ts)
-        yield Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1, spread)
+        shapes: list[Shape] = []
+        gpus = 0
+        spread = False
+        for t in ts:
+            raw: tuple[object, ...] = (t.gpus, t.cpus, t.mem_bytes, t.gpu_type, t.gpu_mem_min)
+            c = t.constraints
+            if c:
+                raw = (*raw, *sorted(c.items()))
+            shape = shape_of_raw.get(raw)
+            if shape is None:
+                shape = shape_of_raw[raw] = shape_of(t)
+            shapes.append(shape)
+            gpus += t.gpus
+            if t.spread:
+                spread = True
+        yield Unit(
+            tuple(ts), tuple(shapes), prio, ts[0].user, job_id, oldest, gpus, True, -1, spread
+        )
 
 
 # One queued unit of work: (submitted_at, task_id, seq, cls).  For a single
