@@ -20,7 +20,7 @@ import numpy as np
 
 from .cluster import Claim, Cluster, Shape
 from .explain import Explainer, gang_reason, preempting_reason, quota_reason
-from .fairshare import Entry, FairShare, Unit, build_backlog
+from .fairshare import Backlog, Entry, FairShare, Unit, build_backlog
 from .preempt import Preemptor
 from .types import (
     DEFAULT_POLICY,
@@ -89,26 +89,12 @@ class _Pass:
         fair, reasons, n = self.fair, self.reasons, len(pending)
         skipped: list[Entry] = []
         dead_classes: list[int] = []
-        levels, gangs = backlog.levels, backlog.gangs
+        gangs = backlog.gangs
         dead_gangs = [False] * len(gangs)
         dead_gang_list: list[int] = []
 
         def settle(prio: int) -> None:
-            # A shape that fit nowhere higher up fits nowhere now; with no
-            # open victim below this priority, it can evict nothing either.
-            if self.pre is None or not self.pre.victims_below(prio):
-                for c in levels[prio]:
-                    if shapes[c] in self.no_fit:
-                        self.dead[c] = True
-            # Likewise a gang alike to one that could not start (and with no
-            # running task of its own to keep away from).
-            if self.no_gang:
-                for _, _, gang in backlog.gang_entries.get(prio, ()):
-                    unit = gangs[gang]
-                    if (unit.shapes, unit.spread) in self.no_gang and not self.job_nodes.get(
-                        unit.job_id
-                    ):
-                        dead_gangs[gang] = True
+            self._settle_level(backlog, prio, dead_gangs)
 
         fit_and_take, node_ids = self.cl.fit_and_take, self.node_ids
         placements, charge, watched = self.placements, fair.charge, self.watched
@@ -208,6 +194,25 @@ class _Pass:
             reasons=self.reasons,
             reserved=reserved,
         )
+
+    def _settle_level(self, backlog: Backlog, prio: int, dead_gangs: list[bool]) -> None:
+        """Before a priority level is queued: mark its classes and gangs that
+        can get nothing (FairShare.order then never queues their tasks)."""
+        # A shape that fit nowhere higher up fits nowhere now; with no open
+        # victim below this priority, it can evict nothing either.
+        if self.pre is None or not self.pre.victims_below(prio):
+            for c in backlog.levels[prio]:
+                if backlog.shapes[c] in self.no_fit:
+                    self.dead[c] = True
+        # Likewise a gang alike to one that could not start (and with no
+        # running task of its own to keep away from).
+        if self.no_gang:
+            for _, _, gang in backlog.gang_entries.get(prio, ()):
+                unit = backlog.gangs[gang]
+                if (unit.shapes, unit.spread) in self.no_gang and not self.job_nodes.get(
+                    unit.job_id
+                ):
+                    dead_gangs[gang] = True
 
     def _fits_nowhere(self, shape: Shape) -> None:
         self.no_fit.add(shape)
