@@ -176,7 +176,9 @@ class Preemptor:
         if not victims:
             return None
         info = cl.gpu_info[i]
-        if all_match:
+        if all_match and len(victims) == 1:
+            usable = {victims[0]: allocs[victims[0]].gpus}  # the common case: no comprehension
+        elif all_match:
             usable = {k: allocs[k].gpus for k in victims}
         else:
             usable = {
@@ -215,17 +217,24 @@ class Preemptor:
             if len(chosen) > 1 and w_g >= g and w_c + EPS >= cpus and w_m >= mem:
                 chosen.remove(k)
                 have_g, have_c, have_m = w_g, w_c, w_m
-        pool = sorted({*free_gpus, *(x for k in chosen for x in usable[k])})
+        if len(chosen) == 1:  # the common case, without generators (same sums)
+            k = chosen[0]
+            a = allocs[k]
+            pool = sorted({*free_gpus, *usable[k]})
+            freed_cpu, freed_mem, victim_gpus = 0 + a.cpus, 0 + a.mem_bytes, len(a.gpus)
+        else:
+            pool = sorted({*free_gpus, *(x for k in chosen for x in usable[k])})
+            freed_cpu = sum(allocs[k].cpus for k in chosen)
+            freed_mem = sum(allocs[k].mem_bytes for k in chosen)
+            victim_gpus = sum(len(allocs[k].gpus) for k in chosen)
         gpus = cl.pick_gpus(i, shape, pool, presorted=True)
         free_set = set(free_gpus)
-        freed_cpu = sum(allocs[k].cpus for k in chosen)
-        freed_mem = sum(allocs[k].mem_bytes for k in chosen)
         return Eviction(
-            node=i,
-            victims=tuple(sorted(chosen)),
-            gpus=gpus,
-            extra_gpus=tuple(x for x in gpus if x in free_set),
-            extra_cpus=max(0.0, cpus - freed_cpu),
-            extra_mem=max(0, mem - freed_mem),
-            victim_gpus=sum(len(allocs[k].gpus) for k in chosen),
+            i,
+            tuple(sorted(chosen)),
+            gpus,
+            tuple([x for x in gpus if x in free_set]),
+            max(0.0, cpus - freed_cpu),
+            max(0, mem - freed_mem),
+            victim_gpus,
         )
