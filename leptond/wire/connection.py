@@ -9,7 +9,14 @@ other side registered, push notifications, or stream results. Messages:
   {"t": "x", "i": id}                                 cancel a call or stream
   {"t": "n", "m": method, "a": args}                  notification, no reply
   {"t": "p"} / {"t": "o"}                              ping / pong
-  {"t": "h"}                                          hello, first sealed message
+  {"t": "h", "b": 1}                                  hello, first sealed message
+
+The client's hello comes first; the server answers with its own.  "b": 1 in a
+hello says "I read batches" (several small messages sealed as one frame, see
+`codec`): a side sends batches only once the peer's hello said so, and the
+server says so only to a client that did, so either side may be older.  A
+plain (unsealed) connection, the benchmark's baseline, exchanges the same
+hellos right after connecting.
 
 A frame that breaks any rule closes the connection and is counted; it never
 raises out of the event loop and never reaches a handler.
@@ -28,12 +35,14 @@ from typing import Any, cast
 from . import handshake as hs
 from .budget import UNCOUNTED_FRAME, BufferBudget
 from .codec import (
+    BATCH_ITEM_MAX,
     MAX_FRAME,
+    BatchBuilder,
     FrameReader,
     Opener,
     PlainCodec,
     Sealer,
-    decode_body,
+    decode_messages,
     encode_body,
     frame,
 )
@@ -118,6 +127,11 @@ class Connection(asyncio.Protocol):
         self._served: dict[int, asyncio.Task[None]] = {}
         self._notified: set[asyncio.Task[None]] = set()
         self._out = bytearray()
+        # Small bodies gathered for the next write, sealed there as one frame
+        # (once the peer's hello said it reads batches).
+        self._batch = BatchBuilder()
+        self._peer_batches = False
+        self._said_hello = False
         self._flush_scheduled = False
         self._paused: asyncio.Future[None] | None = None
         self._hs_timer: asyncio.TimerHandle | None = None
@@ -137,6 +151,7 @@ class Connection(asyncio.Protocol):
                 self._write_raw(frame(hs.client_hello(self._hs, self.key_id)))
             else:
                 self._opened()
+                self._say_hello()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -165,7 +180,10 @@ class Connection(asyncio.Protocol):
                 if self._opener is None:
                     self._handshake_frame(payload)
                 else:
-                    self._message(decode_body(self._opener.open(payload)))
+                    for msg in decode_messages(self._opener.open(payload)):
+                        self._message(msg)
+                        if self.transport is None or self.transport.is_closing():
+                            return
                 if self.transport is None or self.transport.is_closing():
                     return
         except ProtocolError as exc:
@@ -270,7 +288,7 @@ class Connection(asyncio.Protocol):
             assert self._psk is not None
             keys = hs.derive_keys(self._hs, pub, nonce, self._psk, is_client=True)
             self._install(keys)
-            self._send({"t": "h"})
+            self._say_hello()
         else:
             key_id, nonce, pub = hs.parse_client_hello(payload)
             psk = self._psk_lookup(key_id) if self._psk_lookup else None
@@ -296,6 +314,19 @@ class Connection(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_result(None)
 
+    def _say_hello(self) -> None:
+        self._said_hello = True
+        self._send({"t": "h", "b": 1})
+
+    def _hello(self, msg: dict[str, Any]) -> None:
+        """The peer's hello: note whether it reads batches; a server answers
+        with its own, saying it does only to a client that did."""
+        if msg.get("b") == 1:
+            self._peer_batches = True
+        if not self.is_client and not self._said_hello:
+            self._said_hello = True
+            self._send({"t": "h", "b": 1} if self._peer_batches else {"t": "h"})
+
     def _handshake_expired(self) -> None:
         if not self._authenticated:
             self._protocol_error(ProtocolError("handshake_timeout", "no handshake in time"))
@@ -307,8 +338,7 @@ class Connection(asyncio.Protocol):
             # The first sealed message proves the peer holds the key.
             if t != "h":
                 raise ProtocolError("no_hello", "expected hello")
-            if not self.is_client:
-                self._send({"t": "h"})
+            self._hello(msg)
             self._opened()
             return
         if t == "r":
@@ -327,7 +357,9 @@ class Connection(asyncio.Protocol):
                 task.cancel()
         elif t == "p":
             self._send({"t": "o"})
-        elif t in ("o", "h"):
+        elif t == "h":
+            self._hello(msg)  # a plain connection's, or a repeated one
+        elif t == "o":
             pass
         else:
             raise ProtocolError("bad_type", f"unknown message type {t!r}")
@@ -415,7 +447,19 @@ class Connection(asyncio.Protocol):
     def _send(self, msg: dict[str, Any], compress: bool = True) -> None:
         if self.transport is None or self.transport.is_closing() or self._sealer is None:
             raise ConnectionLost()
-        framed = self._sealer.seal_frame(encode_body(msg, compress))
+        body = encode_body(msg, compress)
+        if self._peer_batches and body[0] == 0 and len(body) <= BATCH_ITEM_MAX:
+            # Sealed at the flush with whatever else this loop iteration
+            # sends: one AEAD call for all of them.
+            self._batch.add(body)
+            if len(self._batch) >= FLUSH_AT:
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            return
+        self._seal_batch()  # what was sent before goes first
+        framed = self._sealer.seal_frame(body)
         if len(framed) >= BIG_FRAME:
             # Big frames go to the transport as they are: copying them into
             # the output buffer would cost more than the extra write.
@@ -433,8 +477,15 @@ class Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def _seal_batch(self) -> None:
+        if self._batch.count:
+            assert self._sealer is not None
+            self._out += self._sealer.seal_frame(self._batch.take())
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._batch.count and self._sealer is not None:
+            self._seal_batch()
         out = self._out
         if out:
             self._out = bytearray()
@@ -501,8 +552,9 @@ class Connection(asyncio.Protocol):
 
     @property
     def pending_output(self) -> int:
-        """Bytes of sealed frames gathered for the next write."""
-        return len(self._out)
+        """Bytes gathered for the next write (sealed frames, and small bodies
+        to be sealed as one)."""
+        return len(self._out) + (len(self._batch) if self._batch.count else 0)
 
     @property
     def busy(self) -> bool:
