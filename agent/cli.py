@@ -12,6 +12,8 @@ from pathlib import Path
 
 from leptond.wire.tokens import SecretError
 
+from .cgroups import DEFAULT_TASK_PIDS_MAX
+
 
 def _labels(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -27,7 +29,11 @@ def _labels(text: str) -> dict[str, str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lepton-agent", description="leptond host agent")
-    p.add_argument("--log-level", default=os.environ.get("LEPTON_LOG", "info"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("LEPTON_LOG", "info"),
+        help="debug, info, warning or error (env LEPTON_LOG; default info)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent")
     r.add_argument("--masters", required=True, help="HOST:RPCPORT,... of the masters")
@@ -36,23 +42,63 @@ def parser() -> argparse.ArgumentParser:
         help="join token to trade for this node's credential at its first registration "
         "(`leptonctl node join-token create`); not read once the credential is saved",
     )
-    r.add_argument("--data-dir", required=True)
-    r.add_argument("--node-name", default="")
-    r.add_argument("--labels", type=_labels, default={})
-    r.add_argument("--advertise-addr", default="")
-    r.add_argument("--simulate-gpus", default=None, metavar="N[:MODEL[:MEM]]")
+    r.add_argument(
+        "--data-dir", required=True, help="node id, credential, task dirs, block cache (0700)"
+    )
+    r.add_argument("--node-name", default="", help="name people see (default: the host name)")
+    r.add_argument("--labels", type=_labels, default={}, help="K=V,... for --constraint to match")
+    r.add_argument(
+        "--advertise-addr", default="", help="address other hosts reach this one at (gangs)"
+    )
+    r.add_argument(
+        "--simulate-gpus",
+        default=None,
+        metavar="N[:MODEL[:MEM]]",
+        help="pretend to have these GPUs (for trying things out)",
+    )
     r.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     r.add_argument("--leave-on-stop", action="store_true", help="drain and deregister on SIGTERM")
     r.add_argument("--log-cap", type=int, default=64 << 20, help="bytes of output kept per task")
-    r.add_argument("--kill-grace", type=float, default=10.0)
+    r.add_argument(
+        "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+    )
     r.add_argument(
         "--cache-bytes", type=int, default=10 << 30, help="disk budget of the workdir block cache"
     )
-    r.add_argument("--cache-policy", choices=["lru", "lfu"], default="lru")
+    r.add_argument(
+        "--cache-policy",
+        choices=["lru", "lfu"],
+        default="lru",
+        help="which blocks the cache drops first",
+    )
+    r.add_argument(
+        "--cgroups",
+        choices=["auto", "v1", "v2", "off"],
+        default="auto",
+        help="per-task cgroups with enforced limits (auto: v2 where usable, else v1); "
+        "off runs tasks without enforced memory, CPU and pids limits",
+    )
+    r.add_argument(
+        "--task-pids-max",
+        type=_positive_int,
+        default=DEFAULT_TASK_PIDS_MAX,
+        help="most processes and threads one task may have at once",
+    )
     return p
 
 
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 async def _main(args: argparse.Namespace) -> int:
+    from .cgroup_task import CgroupError
     from .daemon import Agent, AgentConfig
     from .probes import parse_simulate_spec
 
@@ -76,11 +122,20 @@ async def _main(args: argparse.Namespace) -> int:
         kill_grace_s=args.kill_grace,
         cache_bytes=args.cache_bytes,
         cache_policy=args.cache_policy,
+        cgroups=args.cgroups,
+        task_pids_max=args.task_pids_max,
     )
     try:
         agent = Agent(cfg)
     except (SecretError, ValueError) as exc:
         print(f"lepton-agent: {exc}", file=sys.stderr)
+        return 1
+    except CgroupError as exc:
+        print(
+            f"lepton-agent: cannot set up task cgroups: {exc} "
+            "(--cgroups off runs tasks without enforced limits)",
+            file=sys.stderr,
+        )
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

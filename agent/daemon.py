@@ -29,7 +29,8 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
 
-from . import credential, lease
+from . import credential, gpudev, identity, lease, logserve
+from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, detect
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .taskdir import SPEC, read_json
@@ -54,6 +55,9 @@ class AgentConfig:
     kill_grace_s: float = 10.0
     cache_bytes: int = 10 << 30
     cache_policy: str = "lru"
+    # Task cgroups: "auto" (v2 if usable, else v1), "v1", "v2" or "off".
+    cgroups: str = "auto"
+    task_pids_max: int = DEFAULT_TASK_PIDS_MAX
 
 
 def run_id(task_id: str, attempt: int) -> str:
@@ -94,12 +98,22 @@ class Agent:
         key = cred or self._join
         assert key is not None
         self.name = cfg.node_name or socket.gethostname()
+        # Root runs each task as its user, in its own cgroup, with only its own
+        # GPUs' device files; any other account runs tasks as itself (dev use).
+        self.switch_users = identity.can_switch_users()
+        if self.switch_users:
+            identity.open_path_for_others(cfg.data_dir)  # tasks reach their dirs below
+        self.cgroups = self._cgroups()
         # Shims end their tasks when the node's lease runs out (agent/lease.py).
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
-        self.runner = TaskRunner(cfg.data_dir / "tasks", lease_file=self.lease_path, clock=clock)
+        self.runner = TaskRunner(
+            cfg.data_dir / "tasks", self.cgroups, lease_file=self.lease_path, clock=clock
+        )
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
+        self.gpu_devices = self._gpu_devices()
+        self._log_isolation()
         self.client = ClusterClient(
             parse_addrs(cfg.masters),
             key_id=key.id,
@@ -113,6 +127,51 @@ class Agent:
         self._workdir_lock = asyncio.Lock()
         self._preparing: set[str] = set()  # run ids being prepared or started
         self._starting: set[asyncio.Task[None]] = set()
+
+    # -- isolation -----------------------------------------------------------------
+    def _cgroups(self) -> CgroupManager | None:
+        """Raises CgroupError when cgroups were asked for and cannot be had."""
+        if self.cfg.cgroups == "off" or not self.switch_users:
+            return None
+        mgr = detect(self.node_id, self.cfg.cgroups)
+        for c in getattr(mgr, "missing", ()):
+            log.warning("cgroup v2 has no %s controller here: that limit is not enforced", c)
+        note = getattr(mgr, "device_note", "")
+        if note:
+            log.warning("no eBPF device program (%s): tasks get a mount namespace instead", note)
+        return mgr
+
+    def _gpu_devices(self) -> gpudev.GpuDevices:
+        if isinstance(self.probe, SimulatedGpuProbe):
+            if not self.switch_users:
+                return gpudev.GpuDevices(None, {})  # mknod needs root
+            return gpudev.simulated(self.cfg.data_dir, self.probe.count)
+        return gpudev.nvml(self.probe)
+
+    def _log_isolation(self) -> None:
+        if not self.switch_users:
+            me = identity.agent_user()
+            log.warning(
+                "running as %s (uid %d), not root: tasks run as %s, without cgroup limits "
+                "or GPU device rules",
+                me.name,
+                me.uid,
+                me.name,
+            )
+            return
+        where = f"cgroup v{self.cgroups.version} under {self.cgroups.base}" if self.cgroups else ""
+        log.info(
+            "isolation: tasks run as their users; %s; GPU device rules: %s",
+            where or "no cgroups (--cgroups off): limits are not enforced",
+            "cgroup"
+            if self.cgroups is not None and self.cgroups.filters_devices
+            else "private mount namespace",
+        )
+
+    def _task_user(self, sp: dict[str, Any]) -> identity.TaskUser | None:
+        if not self.switch_users:
+            return None  # the agent's own account
+        return identity.resolve(sp.get("unix_user"), bool(sp.get("allow_root")), self.name)
 
     # -- description ------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -150,6 +209,8 @@ class Agent:
             await self._run()
         finally:
             self.runner.close()  # the spare shim goes with the agent
+            if self.cgroups is not None and not self.runner.running():
+                self.cgroups.close()
 
     async def _run(self) -> None:
         running, exits = self.runner.adopt()
@@ -314,11 +375,21 @@ class Agent:
 
     async def _prepare_and_start(self, rid: str, sp: dict[str, Any]) -> None:
         attempt = int(sp["attempt"])
+        try:
+            user = self._task_user(sp)
+        except identity.IdentityError as exc:
+            log.error("cannot start %s: %s", rid, exc)
+            self.events.append(
+                _exit_event(sp["task_id"], attempt, None, str(exc), self.clock.now())
+            )
+            return
         env = dict(sp.get("env") or {})
         gpus = [int(g) for g in sp.get("gpus") or []]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["LEPTON_GPUS"] = env["CUDA_VISIBLE_DEVICES"]
+        if self.gpu_devices.dir is not None:
+            env["LEPTON_GPU_DEVICE_DIR"] = str(self.gpu_devices.dir)
         cwd = sp.get("cwd")
         if sp.get("manifest") is not None:
             dest = self.cfg.data_dir / "workdirs" / rid
@@ -329,6 +400,15 @@ class Agent:
                 # One workdir at a time: the block store has a single owner.
                 async with self._workdir_lock:
                     await self.workdirs.prepare(rid, sp["manifest"], dest, conn)
+                if user is not None and user.uid != os.geteuid():
+                    identity.open_path_for_others(dest.parent)
+                    identity.give_tree(dest, user)
+            except OSError as exc:
+                self.workdirs.release(rid)
+                msg = f"workdir: cannot hand {dest} to {user.name if user else '?'}: {exc.strerror}"
+                log.error("%s: %s", rid, msg)
+                self.events.append(_exit_event(sp["task_id"], attempt, 1, msg, self.clock.now()))
+                return
             except (WorkdirError, RpcError) as exc:
                 self.workdirs.release(rid)
                 log.error("cannot prepare the workdir of %s: %s", rid, exc)
@@ -345,6 +425,11 @@ class Agent:
             time_limit_s=sp.get("time_limit_s"),
             log_cap_bytes=self.cfg.log_cap_bytes,
             kill_grace_s=self.cfg.kill_grace_s,
+            user=user,
+            mem_bytes=_whole(sp.get("mem_bytes")),
+            cpus=_cpus(sp.get("cpus")),
+            pids_max=self.cfg.task_pids_max,
+            denied_devices=self.gpu_devices.others(gpus) if user is not None else [],
         )
         try:
             self.runner.start(spec)
@@ -433,27 +518,18 @@ class Agent:
         rid = self._latest_run(tid, a.get("attempt"))
         if rid is None:
             raise RpcError("not_found", f"no output for task {tid} on this host")
-        offset = int(a.get("offset") or 0)
-        follow = bool(a.get("follow"))
-        while True:
-            data, offset = self.runner.read_log(rid, offset, 256 * 1024)
-            if data:
-                yield {"data": data, "offset": offset}
-                continue
-            if not follow or rid not in self.runner.running():
-                # One more read: output written just before the exit.
-                data, offset = self.runner.read_log(rid, offset, 256 * 1024)
-                if data:
-                    yield {"data": data, "offset": offset}
-                    continue
-                if follow:
-                    # Report the exit now rather than at the next heartbeat, so
-                    # `logs -f` returns with the job's final state committed.
-                    self._collect_exits(self.runner.poll())
-                    with contextlib.suppress(RpcError):
-                        await self._flush_events()
-                return
-            await self.clock.sleep(0.2)
+        tdir = self.runner.task_dir(rid)
+        async for item in logserve.serve(
+            tdir, a, lambda: rid in self.runner.running(), self._exited, self.clock
+        ):
+            yield item
+
+    async def _exited(self) -> None:
+        """A followed task ended: report its exit now rather than at the next
+        heartbeat, so `logs -f` returns with the job's final state committed."""
+        self._collect_exits(self.runner.poll())
+        with contextlib.suppress(RpcError):
+            await self._flush_events()
 
     def _latest_run(self, task_id: str, attempt: Any) -> str | None:
         if isinstance(attempt, int) and attempt > 0:
@@ -503,6 +579,14 @@ def _exit_event(
         "message": message,
         "at": at,
     }
+
+
+def _whole(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def _cpus(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0.0
 
 
 def _guess_addr() -> str:

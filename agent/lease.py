@@ -45,7 +45,10 @@ def write_lease(path: Path, expires: float, lease_s: float) -> None:
     host the boot id no longer matches, and the tasks are gone anyway."""
     tmp = path.with_name(path.name + ".tmp")
     body = {"expires": expires, "lease_s": lease_s, "boot_id": boot_id(), "at": REAL.now()}
-    tmp.write_text(json.dumps(body))
+    # 0600: only the root shims read it; tasks running as users have no business there.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(body))
     os.replace(tmp, path)
 
 

@@ -103,6 +103,21 @@ class NvmlProbe:
                 out.append(self._stat(i, handle))
             return out
 
+    def minor_numbers(self) -> dict[int, int]:
+        """GPU index -> the minor number of its /dev/nvidia<N> device file."""
+        out: dict[int, int] = {}
+        with self._lock:
+            if self._closed:
+                return out
+            try:
+                count = int(self._nvml.nvmlDeviceGetCount())
+                for i in range(count):
+                    h = self._nvml.nvmlDeviceGetHandleByIndex(i)
+                    out[i] = int(self._nvml.nvmlDeviceGetMinorNumber(h))
+            except self._nvml.NVMLError as e:
+                log.warning("NVML could not give the GPUs' device numbers: %s", e)
+        return out
+
     def _stat(self, index: int, h: Any) -> GpuStat:
         nv = self._nvml
         mem = self._field(lambda: nv.nvmlDeviceGetMemoryInfo(h), None)

@@ -12,6 +12,13 @@ until `ack()` records (on disk) that the leader has it.
 With `keep_spare()`, tasks start under a shim started ahead of time
 (agent/spare.py), which saves the interpreter's start-up; without a usable
 spare a task starts under a new shim, as before.
+
+Isolation (when the runner has a cgroup manager and the spec a user): each
+task gets its own cgroup with its limits and device rules, created here
+before the shim starts and removed when the task is over; the task runs as
+its user, in a working directory that user owns (mode 0700). The run's
+directory itself stays the agent's (its control files are root's, 0600);
+it is only made passable (0711) so the user can reach the working directory.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ import psutil
 
 import agent
 from agent import tasklog
+from agent.cgroup_task import CgroupError, TaskCgroup
+from agent.cgroup_task import from_json as cgroup_from_json
+from agent.cgroups import CgroupManager, Limits
+from agent.gpudev import device_number
+from agent.identity import TaskUser, open_path_for_others, unreachable
 from agent.spare import SpareShim
 from agent.taskdir import (
     ACKED,
@@ -58,6 +70,9 @@ _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # A shim that has not written shim.pid this long after spec.json appeared is
 # taken as dead (it normally takes well under a second).
 SHIM_START_TIMEOUT_S = 30.0
+# An empty file of mode 0 that covers other GPUs' device files in a task's
+# private mount namespace (where no device program could be attached).
+HIDE_COVER = ".nodev"
 
 
 class RunnerError(Exception):
@@ -73,6 +88,12 @@ class TaskSpec:
     time_limit_s: float | None = None
     log_cap_bytes: int = 16 << 20
     kill_grace_s: float = 10.0
+    user: TaskUser | None = None  # None: run as the agent's own account
+    mem_bytes: int = 0  # cgroup limits; 0 means none
+    cpus: float = 0.0
+    pids_max: int = 0
+    # Device files this task must not open (the host's other GPUs).
+    denied_devices: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,11 +121,18 @@ class _Shim:
 
 
 class TaskRunner:
-    def __init__(self, root: Path, lease_file: Path | None = None, clock: Clock = REAL) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cgroups: CgroupManager | None = None,
+        lease_file: Path | None = None,
+        clock: Clock = REAL,
+    ) -> None:
         self.clock = clock
         # Resolved, because shims are recognised by the task dir on their command
         # line, and a restarted agent may be handed another spelling of root.
         self.root = Path(root).resolve()
+        self.cgroups = cgroups
         # The node's lease (agent/lease.py): every task started from now on is
         # ended by its shim when the lease runs out. None: tasks run unfenced.
         self.lease_file = Path(lease_file).resolve() if lease_file is not None else None
@@ -154,33 +182,83 @@ class TaskRunner:
                         f"task {spec.task_id} has an unreported exit in {tdir}; ack it first"
                     )
                 shutil.rmtree(tdir, ignore_errors=True)
+            cg: TaskCgroup | None = None
             try:
-                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-                tdir.mkdir(mode=0o700)
-                cwd = spec.cwd
-                if cwd is None:
-                    (tdir / WORK).mkdir(mode=0o700)
-                    cwd = str(tdir / WORK)
-                body = asdict(spec)
-                body["cwd"] = cwd
+                body = self._prepare(spec, tdir)
                 if self.lease_file is not None:
                     body["lease_file"] = str(self.lease_file)
+                if self.cgroups is not None:
+                    cg = self.cgroups.create(spec.task_id, self._limits(spec))
+                    body["cgroup"] = cg.to_json()
                 atomic_write_json(tdir / SPEC, body)
             except OSError as e:
-                shutil.rmtree(tdir, ignore_errors=True)
+                _discard(tdir, cg)
                 raise RunnerError(f"cannot use task directory {tdir}: {e.strerror or e}") from None
+            except CgroupError as e:
+                _discard(tdir, cg)
+                raise RunnerError(f"task {spec.task_id}: {e}") from None
+            except RunnerError:
+                _discard(tdir, cg)
+                raise
             popen = self._spare.hand(tdir) if self._keep_spare else None
             spare = popen is not None
             if popen is None:
                 try:
                     popen = _start_shim(tdir)
                 except RunnerError:
-                    shutil.rmtree(tdir, ignore_errors=True)  # no shim: nothing to adopt later
+                    _discard(tdir, cg)  # no shim: nothing to adopt later
                     raise
             self._shims[spec.task_id] = _Shim(popen.pid, popen, spare)
             if self._keep_spare:
                 self._spare.ensure()  # the next one starts up while this task runs
             return popen.pid
+
+    def _prepare(self, spec: TaskSpec, tdir: Path) -> dict[str, object]:
+        """Make the run's directory and its working directory; the spec.json body."""
+        user = spec.user
+        other = user is not None and user.uid != os.geteuid()
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tdir.mkdir(mode=0o700)
+        if other:
+            open_path_for_others(self.root)
+            open_path_for_others(tdir)
+        cwd = spec.cwd
+        if cwd is None:
+            (tdir / WORK).mkdir(mode=0o700)
+            cwd = str(tdir / WORK)
+            if other:
+                assert user is not None
+                os.chown(cwd, user.uid, user.gid)
+        if other:
+            assert user is not None
+            why = unreachable(Path(cwd), user)
+            if why is not None:
+                raise RunnerError(f"user {user.name!r} cannot reach {cwd}: {why}")
+        body: dict[str, object] = asdict(spec)
+        body["cwd"] = cwd
+        if spec.denied_devices and not (self.cgroups is not None and self.cgroups.filters_devices):
+            # No device rules in the kernel: cover the files in the task's
+            # own mount namespace instead (the shim does it, as root).
+            cover = tdir / HIDE_COVER
+            cover.touch(mode=0)
+            os.chmod(cover, 0)
+            body["hide_devices"] = list(spec.denied_devices)
+            body["hide_cover"] = str(cover)
+        return body
+
+    def _limits(self, spec: TaskSpec) -> Limits:
+        deny = []
+        for p in spec.denied_devices:
+            num = device_number(p)
+            if num is None:
+                raise RunnerError(f"task {spec.task_id}: {p} is not a character device")
+            deny.append(num)
+        return Limits(
+            mem_bytes=spec.mem_bytes,
+            cpus=spec.cpus,
+            pids_max=spec.pids_max,
+            deny_devices=tuple(deny),
+        )
 
     # -------------------------------------------------------------- stop
 
@@ -246,6 +324,7 @@ class TaskRunner:
                 return
             if not (tdir / ACKED).exists():
                 raise RunnerError(f"task {task_id} is not acked yet; refusing to delete its files")
+            _release_cgroup(tdir)
             shutil.rmtree(tdir)
 
     def adopt(self) -> tuple[list[str], list[TaskExit]]:
@@ -269,12 +348,24 @@ class TaskRunner:
                 else:
                     self._shims[task_id] = _Shim(-1, None)  # shim.pid not written yet
             self._refresh()
+            if self.cgroups is not None:
+                # Cgroups of runs that are over (or were never started) go;
+                # those of running tasks stay with their shims.
+                for name in self.cgroups.sweep(set(self._shims)):
+                    log.info("removed the leftover cgroup of %s", name)
             return sorted(self._shims), self._unacked_exits()
 
     def usage(self) -> dict[str, TaskUsage]:
         """CPU time and memory of each running task's processes."""
         out: dict[str, TaskUsage] = {}
         for task_id in self.running():
+            cg = cgroup_from_json((read_json(self.root / task_id / SPEC) or {}).get("cgroup"))
+            if cg is not None:
+                # The cgroup counts every process the task ever ran, setsid'd ones too.
+                with contextlib.suppress(OSError):
+                    u = cg.usage()
+                    out[task_id] = TaskUsage(u.cpu_s, u.mem_bytes, u.processes)
+                    continue
             rec = ProcRecord.load(self.root / task_id / TASK_PID)
             leader = rec.process() if rec is not None else None
             if leader is None:
@@ -376,6 +467,7 @@ class TaskRunner:
                 exclusive=True,
             )
         _kill_orphaned_group(tdir)
+        _release_cgroup(tdir)
 
     def _unacked_exits(self) -> list[TaskExit]:
         exits: list[TaskExit] = []
@@ -417,7 +509,9 @@ def _shim_argv() -> list[str]:
 def _start_shim(tdir: Path) -> subprocess.Popen[bytes]:
     """Start a new shim for the task in `tdir` (spec.json already written)."""
     try:
-        with open(tdir / SHIM_LOG, "ab") as shim_log:
+        with open(
+            os.open(tdir / SHIM_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab"
+        ) as shim_log:
             return subprocess.Popen(
                 [*_shim_argv(), str(tdir)],
                 cwd=tdir,
@@ -462,6 +556,27 @@ def _task_exit(task_id: str, obj: dict[str, object]) -> TaskExit:
         started_at=num("started_at"),
         finished_at=num("finished_at"),
     )
+
+
+def _discard(tdir: Path, cg: TaskCgroup | None) -> None:
+    """Undo a start that failed before any shim had the task."""
+    if cg is not None:
+        with contextlib.suppress(OSError):
+            cg.remove()
+    shutil.rmtree(tdir, ignore_errors=True)
+
+
+def _release_cgroup(tdir: Path) -> None:
+    """Kill what is left in a finished task's cgroup and remove it."""
+    cg = cgroup_from_json((read_json(tdir / SPEC) or {}).get("cgroup"))
+    if cg is None:
+        return
+    try:
+        if not cg.is_empty():
+            cg.kill()
+        cg.remove()
+    except OSError as e:
+        log.warning("cannot remove the cgroup of %s: %s", tdir.name, e)
 
 
 def _kill_orphaned_group(tdir: Path) -> None:

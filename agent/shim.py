@@ -7,9 +7,16 @@ of time, `python -m agent.shim --spare AGENT_PID`, which waits for its task
 dir on stdin and from then on is the same shim; see agent/spare.py.)
 
 The shim starts the task, pipes its output into the capped log, enforces the
-stop request and the time limit (SIGTERM to the task's process group, SIGKILL
-after the grace period), and finally writes exit.json. A restarted agent
-learns everything from the task directory.
+stop request and the time limit (SIGTERM to the whole task, SIGKILL after the
+grace period), and finally writes exit.json. A restarted agent learns
+everything from the task directory.
+
+The shim itself stays root; in the task's child, before exec, it moves the
+child into the task's cgroup (so nothing the task ever runs is outside it),
+covers other GPUs' device files where no device program could be attached,
+and then takes on the task's user (groups, gid, uid). `kill_task` is the one
+way the shim kills its task: the whole cgroup when there is one (nothing
+survives through setsid or a double fork), else the task's process group.
 
 Fencing: when the spec names a lease file (agent/lease.py), the shim ends the
 whole task at once when the node's lease runs out, whatever the agent is
@@ -35,12 +42,14 @@ import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from agent import devfilter
+from agent.cgroup_task import TaskCgroup, size_text
+from agent.cgroup_task import from_json as cgroup_from_json
 from agent.lease import LeaseReader
 from agent.taskdir import (
     EXIT,
@@ -54,7 +63,7 @@ from agent.taskdir import (
     atomic_write_json,
     read_json,
 )
-from agent.tasklog import RotatingLog
+from agent.tasklog import STDERR, RotatingLog
 from leptond.clock import REAL as clock
 
 # How often the stop file and the clock are looked at when nothing else
@@ -71,13 +80,19 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
 
 
-def base_env() -> dict[str, str]:
-    """The minimal environment a task starts from; the spec's env goes on top."""
-    return {
+def base_env(user: dict[str, Any] | None = None) -> dict[str, str]:
+    """The minimal environment a task starts from; the spec's env goes on top.
+    A task run as another account gets that account's home, name and shell."""
+    env = {
         "PATH": os.environ.get("PATH") or DEFAULT_PATH,
         "HOME": os.environ.get("HOME") or "/",
         "LANG": os.environ.get("LANG") or "C.UTF-8",
     }
+    if user is not None:
+        env["HOME"] = str(user["home"])
+        env["USER"] = env["LOGNAME"] = str(user["name"])
+        env["SHELL"] = str(user["shell"])
+    return env
 
 
 def exit_code_of(returncode: int) -> tuple[int, int | None]:
@@ -97,19 +112,74 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec_fn: the task gets SIGKILL when the shim dies, even by SIGKILL."""
+@dataclass(frozen=True)
+class ChildSetup:
+    """What the task's child does to itself between fork and exec, in order."""
 
-    def preexec() -> None:
+    parent: int
+    cgroup: TaskCgroup | None = None
+    hide: tuple[str, ...] = ()  # device files to cover (no device program)
+    cover: str = ""
+    user: dict[str, Any] | None = None  # uid, gid, groups; None: stay as the shim
+    cwd: str = ""
+
+    def __call__(self) -> None:
+        step = "joining the task's cgroup"
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            return  # not Linux: the runner's "supervisor lost" cleanup still applies
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)  # the shim died before prctl took effect
+            # First, so that nothing the task runs exists outside its cgroup.
+            if self.cgroup is not None:
+                self.cgroup.join_self()
+            if self.hide:
+                step = "hiding other GPUs' device files"
+                devfilter.hide_in_private_namespace(list(self.hide), self.cover)
+            if self.user is not None and int(self.user["uid"]) != os.geteuid():
+                step = f"switching to user {self.user['name']}"
+                os.setgroups([int(g) for g in self.user["groups"]])
+                os.setresgid(*(int(self.user["gid"]),) * 3)
+                os.setresuid(*(int(self.user["uid"]),) * 3)
+                # Popen entered cwd as root; enter it again as the user, so a
+                # directory the user may not use fails here, plainly.
+                step = f"entering {self.cwd} as {self.user['name']}"
+                os.chdir(self.cwd)
+        except OSError as e:
+            # stdout and stderr are the log pipe by now: say it there and stop.
+            os.write(2, f"leptond: cannot start the task: {step}: {e.strerror}\n".encode())
+            os._exit(126)
+        # After the credential change, which clears the parent-death signal.
+        _die_with_parent(self.parent)
 
-    return preexec
+
+def _die_with_parent(parent: int) -> None:
+    """The task gets SIGKILL when the shim dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the runner's "supervisor lost" cleanup still applies
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)  # the shim died before prctl took effect
+
+
+class Output:
+    """Where a task's output goes: all of it, in the order it came, to the
+    output log, and its stderr also to a log of its own (agent/tasklog.py)."""
+
+    def __init__(self, both: RotatingLog, stderr: RotatingLog) -> None:
+        self.both = both
+        self.stderr = stderr
+
+    def write(self, data: bytes, err: bool = False) -> None:
+        self.both.write(data)
+        if err:
+            self.stderr.write(data)
+
+    @property
+    def dropped(self) -> int:
+        return self.both.dropped
+
+    def close(self) -> None:
+        self.both.close()
+        self.stderr.close()
 
 
 @dataclass
@@ -127,6 +197,7 @@ class Shim:
         self.kill_at: float | None = None  # monotonic time of the SIGKILL escalation
         self.escalated = False
         self.task_pid: int | None = None
+        self.cgroup: TaskCgroup | None = None
         self.started_at = clock.now()
         self.lease: LeaseReader | None = None
         self.lease_killed = False
@@ -161,7 +232,9 @@ class Shim:
             self.finish(None, None, f"leptond: cannot read {SPEC} in {self.dir}")
             return 1
         self.spec = spec
+        self.cgroup = cgroup_from_json(spec.get("cgroup"))
         if (self.dir / STOP).exists() or self.stop_signalled:
+            self.release_cgroup()
             self.finish(None, None, "stopped before start")
             return 0
         if spec.get("lease_file"):
@@ -169,26 +242,38 @@ class Shim:
             if self.lease.expired():
                 self.finish(None, None, "not started: this node's lease from the leader ran out")
                 return 0
-        log = RotatingLog(self.dir, int(spec["log_cap_bytes"]))
+        log = Output(
+            RotatingLog(self.dir, int(spec["log_cap_bytes"])),
+            RotatingLog(self.dir, int(spec["log_cap_bytes"]), stream=STDERR),
+        )
         try:
             code, sig, msg = self.supervise(log)
         except Exception as e:
             # A bug here must still end in a recorded exit and no stray task.
             traceback.print_exc()
-            if self.task_pid is not None:
-                _killpg(self.task_pid, signal.SIGKILL)
+            self.kill_task(signal.SIGKILL)
             code, sig, msg = None, None, f"leptond: supervisor error: {e!r}"
         finally:
             log.close()
+        self.release_cgroup()
         # Last: once exit.json exists the runner may delete the directory.
         self.finish(code, sig, msg)
         return 0
 
-    def supervise(self, log: RotatingLog) -> tuple[int | None, int | None, str]:
+    def supervise(self, log: Output) -> tuple[int | None, int | None, str]:
         argv = [str(a) for a in self.spec["argv"]]
         cwd = str(self.spec["cwd"])
-        env = base_env()
+        user = self.spec.get("user")
+        env = base_env(user)
         env.update({str(k): str(v) for k, v in dict(self.spec.get("env") or {}).items()})
+        setup = ChildSetup(
+            parent=os.getpid(),
+            cgroup=self.cgroup,
+            hide=tuple(str(p) for p in self.spec.get("hide_devices") or ()),
+            cover=str(self.spec.get("hide_cover") or ""),
+            user=user,
+            cwd=cwd,
+        )
         self.started_at = clock.now()
         try:
             proc = subprocess.Popen(
@@ -197,20 +282,20 @@ class Shim:
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.PIPE,  # kept apart as well (Output)
                 process_group=0,  # the task's own group: stop signals reach its children
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=setup,
                 close_fds=True,
             )
         except OSError as e:
             code, msg = self.start_error(e, argv[0], cwd)
-            log.write(msg.encode() + b"\n")
+            log.write(msg.encode() + b"\n", err=True)
             return code, None, msg
         self.task_pid = proc.pid
         rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, clock.now())
         rec.save(self.dir / TASK_PID)
-        assert proc.stdout is not None
-        returncode = self.loop(proc, proc.stdout.fileno(), log)
+        assert proc.stdout is not None and proc.stderr is not None
+        returncode = self.loop(proc, proc.stdout.fileno(), proc.stderr.fileno(), log)
         code, sig = exit_code_of(returncode)
         return code, sig, self.message(returncode, log)
 
@@ -225,18 +310,19 @@ class Shim:
             return 126, f"leptond: permission denied: {cmd}"
         return 126, f"leptond: cannot execute {cmd}: {e.strerror}"
 
-    def loop(self, proc: subprocess.Popen[bytes], out_fd: int, log: RotatingLog) -> int:
+    def loop(self, proc: subprocess.Popen[bytes], out_fd: int, err_fd: int, log: Output) -> int:
         started = clock.monotonic()
         raw_limit = self.spec.get("time_limit_s")
         limit_s = float(raw_limit) if raw_limit is not None else None
         deadline = started + limit_s if limit_s is not None else None
-        fds = [out_fd, self._wake_r]
+        fds = [out_fd, err_fd, self._wake_r]
         next_stop_check = 0.0
         next_lease_check = 0.0
         while True:
             readable, _, _ = select.select(fds, [], [], TICK_S)
-            if out_fd in readable and not self._pump(out_fd, log):
-                fds.remove(out_fd)  # EOF: the task closed its output, it may still run
+            for fd in (out_fd, err_fd):
+                if fd in readable and not self._pump(fd, log, fd == err_fd):
+                    fds.remove(fd)  # EOF: the task closed it, it may still run
             if self._wake_r in readable:
                 self._drain_wakeups()
             now = clock.monotonic()
@@ -253,35 +339,39 @@ class Shim:
                     next_stop_check = now + TICK_S
             if self.kill_at is not None and not self.escalated and now >= self.kill_at:
                 self.escalated = True
-                _killpg(proc.pid, signal.SIGKILL)
+                self.kill_task(signal.SIGKILL)
             if self.lease is not None and not self.lease_killed and now >= next_lease_check:
                 next_lease_check = now + TICK_S
                 if self.lease.expired():
                     # No grace: the leader may place this task elsewhere soon.
                     self.lease_killed = True
-                    kill_task(proc.pid)
+                    self.kill_task(signal.SIGKILL)
             if _exited(proc.pid):
-                # The leader is a zombie now, which keeps its pgid reserved, so
-                # the group kill cannot hit a reused id. Then reap it.
-                _killpg(proc.pid, signal.SIGKILL)
-                self._drain(out_fd, log, fds)
+                # The task is over when its main process is: nothing it left
+                # behind may keep running. The leader is a zombie now, which
+                # keeps its pgid reserved, so the group kill cannot hit a
+                # reused id. Then reap it.
+                self.kill_task(signal.SIGKILL)
+                self._drain(out_fd, err_fd, log, fds)
                 return proc.wait()
 
-    def _pump(self, fd: int, log: RotatingLog) -> bool:
+    def _pump(self, fd: int, log: Output, err: bool) -> bool:
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
             return True
         if data:
-            log.write(data)
+            log.write(data, err)
         return bool(data)
 
-    def _drain(self, fd: int, log: RotatingLog, fds: list[int]) -> None:
+    def _drain(self, out_fd: int, err_fd: int, log: Output, fds: list[int]) -> None:
         end = clock.monotonic() + DRAIN_S
-        while fd in fds and clock.monotonic() < end:
-            readable, _, _ = select.select([fd], [], [], max(0.0, end - clock.monotonic()))
-            if fd in readable and not self._pump(fd, log):
-                break
+        pipes = [fd for fd in (out_fd, err_fd) if fd in fds]
+        while pipes and clock.monotonic() < end:
+            readable, _, _ = select.select(pipes, [], [], max(0.0, end - clock.monotonic()))
+            for fd in readable:
+                if not self._pump(fd, log, fd == err_fd):
+                    pipes.remove(fd)
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -301,13 +391,68 @@ class Shim:
     def request_stop(self, reason: str, grace_s: float, pgid: int) -> None:
         self.stop = StopRequest(reason, grace_s)
         self.kill_at = clock.monotonic() + grace_s
-        _killpg(pgid, signal.SIGTERM)
+        self.kill_task(signal.SIGTERM)
 
-    def message(self, returncode: int, log: RotatingLog) -> str:
+    def kill_task(self, sig: int) -> None:
+        """Signal the whole task: every process in its cgroup (SIGKILL: the
+        cgroup's kill, which nothing escapes by forking) when it has one, and
+        its process group either way. Every stop, time limit and end of the
+        task goes through here."""
+        if self.task_pid is not None:
+            _killpg(self.task_pid, sig)
+        if self.cgroup is None:
+            return
+        try:
+            if sig == signal.SIGKILL:
+                if not self.cgroup.kill():
+                    print(f"leptond: task cgroup not empty after kill: {self.cgroup.pids()}")
+            else:
+                self.cgroup.signal(sig)
+        except OSError as e:
+            print(f"leptond: cannot signal the task's cgroup: {e}")  # goes to shim.log
+
+    def release_cgroup(self) -> None:
+        """Remove the task's cgroup once it is empty (the runner retries later
+        if anything outlives this)."""
+        if self.cgroup is None:
+            return
+        try:
+            for _ in range(3):
+                if not self.cgroup.is_empty():
+                    self.cgroup.kill()
+                if self.cgroup.remove():
+                    return
+                clock.block(0.05)  # a process still on its way out
+            print(f"leptond: task cgroup still busy, left for the agent: {self.cgroup.pids()}")
+        except OSError as e:
+            print(f"leptond: cannot remove the task's cgroup: {e}")
+
+    def oom_note(self, returncode: int) -> str | None:
+        """Why the kernel's OOM killer was involved, if it was."""
+        if self.cgroup is None:
+            return None
+        try:
+            kills = self.cgroup.oom_kills()
+        except OSError:
+            return None
+        if kills <= 0:
+            return None
+        limit = int(self.spec.get("mem_bytes") or 0)
+        what = f"limit {size_text(limit)}" if limit > 0 else "no task limit"
+        if returncode == -signal.SIGKILL:
+            return f"out of memory ({what})"
+        return f"out of memory ({what}): the kernel killed {kills} of its processes"
+
+    def message(self, returncode: int, log: Output) -> str:
+        oom = self.oom_note(returncode)
         if self.lease_killed:
             msg = LEASE_RAN_OUT
+        elif self.stop is None and oom is not None and returncode == -signal.SIGKILL:
+            msg = oom
         elif self.stop is None:
             msg = describe_exit(returncode)
+            if oom is not None:
+                msg += f"; {oom}"
         else:
             msg = self.stop.reason
             if self.escalated:
@@ -328,12 +473,6 @@ class Shim:
             },
             exclusive=True,  # a runner may already have declared this task lost
         )
-
-
-def kill_task(pgid: int) -> None:
-    """End the whole task at once: SIGKILL to every process of it (its process
-    group, led by the task's main process)."""
-    _killpg(pgid, signal.SIGKILL)
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -372,7 +511,7 @@ def enter_task_dir(task_dir: Path) -> None:
     as cwd (also how a restarted runner recognises it), shim.log as stdout and
     stderr, nothing on stdin."""
     os.chdir(task_dir)
-    log_fd = os.open(SHIM_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    log_fd = os.open(SHIM_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null_fd, 0)
     os.dup2(log_fd, 1)

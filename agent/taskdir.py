@@ -8,11 +8,19 @@ that either side can die and the other still finds out what happened:
     task.pid       written by the shim once the task process exists
     output.log     the task's stdout+stderr, newest part (see tasklog.py)
     output.log.1   the part before that; older output is dropped
+    output.times   when the output was written (and .times.1 for .log.1)
+    stderr.*       the same for the task's stderr alone
     stop           written by the runner: please stop (JSON with grace_s)
     exit.json      written once, atomically, when the task is over
     acked          written by the runner once the leader recorded the exit
     shim.log       the shim's own stderr, for debugging the shim itself
+    .nodev         an empty file of mode 0 that covers other GPUs' device files
+                   in the task's mount namespace (only where no device rules)
     work/          the task's default working directory
+
+Everything but work/ is the agent's (root's, 0600). When the task runs as
+another account, work/ is that account's (0700) and the directory itself is
+0711, so the account can pass through to work/ and do nothing else here.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,11 @@ class WorkdirCache:
                 raise WorkdirError(f"block {bid[:12]} vanished from the cache")
             return data
 
-        dest.mkdir(parents=True, exist_ok=True)
+        # Private until the agent hands it to the task's user: one task's
+        # files are never readable by another account on the host.
+        dest.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        dest.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(dest, 0o700)
         await asyncio.to_thread(materialize, manifest, dest, get)
 
     def release(self, run_id: str) -> None:

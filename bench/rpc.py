@@ -4,7 +4,9 @@ The server is tests/wire_server_proc.py in its own process (uvloop); the
 client runs here (uvloop). Measures:
 
   round trips/s on one connection with 1, 16 and 256 requests in flight,
-  sealed and plain (no encryption, no compression), side by side;
+  sealed and plain (no encryption, no compression), side by side, in
+  alternating windows (both servers run throughout) so that load from
+  elsewhere falls on both alike; the ratio is the median of the windows';
   bulk throughput of 1 MiB bodies, sealed: upload (calls to `sink`) and
   download (a `stream` of 1 MiB items), random (incompressible) and compressible.
 
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -95,18 +98,51 @@ class CpuMeter:
 
 async def round_trips(
     conn: Connection, cpu: CpuMeter, in_flight: int, duration_s: float
-) -> tuple[float, float]:
-    """(round trips per second, CPU microseconds per round trip, both sides)."""
+) -> tuple[float, float, float]:
+    """(round trips, seconds, CPU seconds of both sides) in one window."""
 
     async def one() -> int:
         await conn.call("echo", 7)
         return 1
 
-    await timed(min(0.3, duration_s), in_flight, one)  # warm up
-    c0 = cpu.now()
+    c0, t0 = cpu.now(), time.perf_counter()
     rate = await timed(duration_s, in_flight, one)
-    used = cpu.now() - c0
-    return rate, used / (rate * duration_s) * 1e6
+    seconds = time.perf_counter() - t0
+    return rate * seconds, seconds, cpu.now() - c0
+
+
+async def paired_round_trips(
+    conns: dict[str, tuple[Connection, CpuMeter]],
+    in_flight: int,
+    duration_s: float,
+    rounds: int,
+    out: dict[str, float],
+) -> None:
+    """Sealed and plain round trips in alternating windows (sealed first in
+    even rounds, plain first in odd ones), so that load from elsewhere on a
+    shared machine falls on both alike.  Rates and CPU per round trip are
+    over all windows; the ratio is the median of the rounds' own ratios."""
+    for conn, cpu in conns.values():
+        await round_trips(conn, cpu, in_flight, min(0.3, duration_s))  # warm up
+    done = dict.fromkeys(conns, 0.0)
+    secs = dict.fromkeys(conns, 0.0)
+    cpu_s = dict.fromkeys(conns, 0.0)
+    ratios: list[float] = []
+    names = list(conns)
+    for r in range(rounds):
+        rates: dict[str, float] = {}
+        for name in names if r % 2 == 0 else names[::-1]:
+            conn, cpu = conns[name]
+            n, s, c = await round_trips(conn, cpu, in_flight, duration_s / rounds)
+            done[name] += n
+            secs[name] += s
+            cpu_s[name] += c
+            rates[name] = n / s
+        ratios.append(rates["sealed"] / rates["plain"])
+    for name in names:
+        out[f"{name}_rps_{in_flight}"] = done[name] / secs[name]
+        out[f"{name}_cpu_us_{in_flight}"] = cpu_s[name] / done[name] * 1e6
+    out[f"sealed_plain_ratio_{in_flight}"] = statistics.median(ratios)
 
 
 async def upload(conn: Connection, body: bytes, duration_s: float) -> float:
@@ -130,45 +166,50 @@ async def download(conn: Connection, random: bool, duration_s: float) -> float:
     return total / (time.perf_counter() - t0) / 1e6
 
 
-async def measure(
-    plain: bool, proc: subprocess.Popen[bytes], port: int, duration_s: float, out: dict[str, float]
+async def bulk(
+    plain: bool, conn: Connection, cpu: CpuMeter, duration_s: float, out: dict[str, float]
 ) -> None:
-    conn = await open_connection("127.0.0.1", port, key_id="cluster", psk=PSK, sealed=not plain)
     name = "plain" if plain else "sealed"
-    cpu = CpuMeter(proc.pid)
-    try:
-        for k in IN_FLIGHT:
-            rate, cpu_us = await round_trips(conn, cpu, k, duration_s)
-            out[f"{name}_rps_{k}"] = rate
-            out[f"{name}_cpu_us_{k}"] = cpu_us
-        random_body = os.urandom(MiB)
-        zeros_body = bytes(MiB)
-        bulk: list[tuple[str, Awaitable[float]]] = [
-            (f"{name}_up_random", upload(conn, random_body, duration_s)),
-            (f"{name}_down_random", download(conn, True, duration_s)),
+    random_body = os.urandom(MiB)
+    zeros_body = bytes(MiB)
+    runs: list[tuple[str, Awaitable[float]]] = [
+        (f"{name}_up_random", upload(conn, random_body, duration_s)),
+        (f"{name}_down_random", download(conn, True, duration_s)),
+    ]
+    if not plain:
+        runs += [
+            ("sealed_up_compressible", upload(conn, zeros_body, duration_s)),
+            ("sealed_down_compressible", download(conn, False, duration_s)),
         ]
-        if not plain:
-            bulk += [
-                ("sealed_up_compressible", upload(conn, zeros_body, duration_s)),
-                ("sealed_down_compressible", download(conn, False, duration_s)),
-            ]
-        for key, run_it in bulk:
-            c0, t0 = cpu.now(), time.perf_counter()
-            rate = await run_it
-            mb = rate * (time.perf_counter() - t0)
-            out[f"{key}_mb_s"] = rate
-            out[f"{key}_cpu_ms_per_mb"] = (cpu.now() - c0) / mb * 1e3
-    finally:
-        conn.close()
+    for key, run_it in runs:
+        c0, t0 = cpu.now(), time.perf_counter()
+        rate = await run_it
+        mb = rate * (time.perf_counter() - t0)
+        out[f"{key}_mb_s"] = rate
+        out[f"{key}_cpu_ms_per_mb"] = (cpu.now() - c0) / mb * 1e3
 
 
-async def bench(duration_s: float) -> dict[str, float]:
+async def bench(duration_s: float, rounds: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    for plain in (False, True):
-        proc, port = start_server(plain)
-        try:
-            await measure(plain, proc, port, duration_s, out)
-        finally:
+    procs: list[subprocess.Popen[bytes]] = []
+    conns: dict[str, tuple[Connection, CpuMeter]] = {}
+    try:
+        for plain in (False, True):
+            proc, port = start_server(plain)
+            procs.append(proc)
+            conn = await open_connection(
+                "127.0.0.1", port, key_id="cluster", psk=PSK, sealed=not plain
+            )
+            conns["plain" if plain else "sealed"] = (conn, CpuMeter(proc.pid))
+        for k in IN_FLIGHT:
+            await paired_round_trips(conns, k, duration_s, rounds, out)
+        for plain in (False, True):
+            conn, cpu = conns["plain" if plain else "sealed"]
+            await bulk(plain, conn, cpu, duration_s, out)
+    finally:
+        for conn, _ in conns.values():
+            conn.close()
+        for proc in procs:
             stop_server(proc)
     out["bulk_mb_s"] = min(out["sealed_up_random_mb_s"], out["sealed_down_random_mb_s"])
     return out
@@ -178,7 +219,8 @@ def table(r: dict[str, float]) -> str:
     rows = [f"{'':28}{'sealed':>12}{'plain':>12}{'ratio':>8}"]
     for k in IN_FLIGHT:
         s, p = r[f"sealed_rps_{k}"], r[f"plain_rps_{k}"]
-        rows.append(f"{f'round trips/s, {k} in flight':28}{s:12,.0f}{p:12,.0f}{s / p:8.2f}")
+        ratio = r[f"sealed_plain_ratio_{k}"]
+        rows.append(f"{f'round trips/s, {k} in flight':28}{s:12,.0f}{p:12,.0f}{ratio:8.2f}")
     for k in IN_FLIGHT:
         s, p = r[f"sealed_cpu_us_{k}"], r[f"plain_cpu_us_{k}"]
         rows.append(f"{f'CPU us/round trip, {k} in fl.':28}{s:12,.1f}{p:12,.1f}{s / p:8.2f}")
@@ -192,17 +234,27 @@ def table(r: dict[str, float]) -> str:
         s = r[f"sealed_{d}_compressible_mb_s"]
         rows.append(f"{f'1 MiB zeros {d}, MB/s':28}{s:12,.0f}{'-':>12}")
     rows.append(f"bulk_mb_s (min of sealed random up/down): {r['bulk_mb_s']:,.0f}")
+    rows.append(
+        "round trips: sealed and plain in alternating windows; the ratio is the median"
+        " of the windows' ratios"
+    )
     return "\n".join(rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description="RPC benchmark (sealed vs plain, loopback)")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="alternating sealed/plain windows per in-flight level (each duration/rounds long)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
-    result = run(bench(args.duration))
+    result = run(bench(args.duration, max(1, args.rounds)))
     if args.json:
-        print(json.dumps({k: round(v, 1) for k, v in result.items()}))
+        print(json.dumps({k: round(v, 3 if "ratio" in k else 1) for k, v in result.items()}))
     else:
         print(
             f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores"

@@ -13,8 +13,9 @@ Scenarios (same cluster, 30% of nodes partly busy):
 
 placements/s is placements made divided by the seconds of one full plan
 (every pending task placed, preempted for or given a reason), once by wall
-time and once by the process's CPU time; each plan runs --repeat times and
-the medians are printed.
+time and once by the process's CPU time; each plan runs --repeat times, the
+two planners in alternation, and the medians are printed.  The speedup is
+the median of the rounds' own ratios (first fit's seconds over ours).
 """
 
 from __future__ import annotations
@@ -187,28 +188,45 @@ def stranded_gpus(
     return int(free[~usable & (free > 0)].sum())
 
 
-def timed(plan: Callable[[], Plan], repeat: int) -> tuple[Plan, float, float]:
-    """The plan, and the median wall and CPU seconds over `repeat` runs.
-    CPU time is printed beside wall time: on a shared machine it says more
-    about the code than the wall clock does."""
-    walls: list[float] = []
-    cpus: list[float] = []
-    result: Plan | None = None
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = plan()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    assert result is not None
-    return result, statistics.median(walls), statistics.median(cpus)
+def timed(
+    ours: Callable[[], Plan], base: Callable[[], Plan], repeat: int
+) -> tuple[tuple[Plan, float, float], tuple[Plan, float, float], float, float]:
+    """Both planners `repeat` times in alternation (ours first in even rounds,
+    first fit first in odd ones), so that load from elsewhere on a shared
+    machine falls on both alike.  Returns, for each, the plan and the median
+    wall and CPU seconds, then the speedups (first fit's seconds over ours)
+    as the medians of the rounds' own ratios, by wall and by CPU time.  CPU
+    time is printed beside wall time: on a shared machine it says more about
+    the code than the wall clock does."""
+    runs: dict[str, tuple[list[float], list[float]]] = {"ours": ([], []), "base": ([], [])}
+    plans: dict[str, Plan] = {}
+    planners = {"ours": ours, "base": base}
+    for r in range(repeat):
+        for name in ("ours", "base") if r % 2 == 0 else ("base", "ours"):
+            t0, c0 = time.perf_counter(), time.process_time()
+            plans[name] = planners[name]()
+            runs[name][0].append(time.perf_counter() - t0)
+            runs[name][1].append(time.process_time() - c0)
+    (ow, oc), (bw, bc) = runs["ours"], runs["base"]
+    speedup_wall = statistics.median(b / o for o, b in zip(ow, bw, strict=True))
+    speedup_cpu = statistics.median(b / o for o, b in zip(oc, bc, strict=True))
+    return (
+        (plans["ours"], statistics.median(ow), statistics.median(oc)),
+        (plans["base"], statistics.median(bw), statistics.median(bc)),
+        speedup_wall,
+        speedup_cpu,
+    )
 
 
 def run(
     n_nodes: int, n_tasks: int, seed: int, repeat: int, gpu_demand: float | None = None
 ) -> dict[str, float | int]:
     nodes, allocs, tasks = build(n_nodes, n_tasks, seed, gpu_demand)
-    plan, ours_s, ours_cpu = timed(lambda: schedule(nodes, allocs, tasks, Policy()), repeat)
-    base, base_s, base_cpu = timed(lambda: first_fit(nodes, allocs, tasks), repeat)
+    (plan, ours_s, ours_cpu), (base, base_s, base_cpu), speedup_wall, speedup_cpu = timed(
+        lambda: schedule(nodes, allocs, tasks, Policy()),
+        lambda: first_fit(nodes, allocs, tasks),
+        repeat,
+    )
     free_before = 8 * n_nodes - sum(len(a.gpus) for a in allocs)
 
     def gpus_placed(p: Plan) -> int:
@@ -242,6 +260,8 @@ def run(
     }
     out.update(figures(plan, ours_s, ours_cpu))
     out.update({f"baseline_{k}": v for k, v in figures(base, base_s, base_cpu).items()})
+    out["speedup_wall"] = round(speedup_wall, 2)
+    out["speedup_cpu"] = round(speedup_cpu, 2)
     return out
 
 
@@ -268,6 +288,7 @@ def print_table(title: str, r: dict[str, float | int]) -> None:
     print(f"{'':24}{'schedule':>12}{'first_fit':>12}")
     for label, key in ROWS:
         print(f"{label:24}{r[key]:>12}{r['baseline_' + key]:>12}")
+    print(f"{'speedup (wall, CPU)':24}{r['speedup_wall']:>11}x{r['speedup_cpu']:>11}x")
 
 
 def main() -> None:
@@ -299,7 +320,8 @@ def main() -> None:
     print(
         "\nplacements/s = placements made / seconds of one full plan (wall, or this "
         "process's CPU);\nGPUs stranded = free GPUs on nodes that cannot host any "
-        "request still pending."
+        "request still pending;\nspeedup = median over rounds (the planners alternate) "
+        "of first fit's seconds / ours."
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any
 
@@ -10,20 +11,26 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.errors import RpcError
 
 from . import commands
-from .commands import UsageError
 from .config import ConfigError, load
 from .jobfile import JobFileError
+from .jobs import UsageError
 
 
 class ArgParser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # exit code 2 and one line, like every CLI
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+    def error(self, message: str) -> Any:
+        # Exit code 2 and one line, which says where the usage is.
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def _out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table for people (default) or json for scripts",
+    )
 
 
 def _deadline(p: argparse.ArgumentParser) -> None:
@@ -35,56 +42,242 @@ def _deadline(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parser() -> ArgParser:
-    p = ArgParser(prog="leptonctl", description="Use a leptond cluster from the shell")
-    p.add_argument("--addr", help="master RPC addresses HOST:PORT,... (env LEPTON_ADDR)")
-    p.add_argument("--token", help="access token, or @FILE (env LEPTON_TOKEN)")
-    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the cluster")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgParser)
+def _count(what: str, lo: int, hi: int) -> Any:
+    """An argparse type: a whole number from lo to hi, or one clear line."""
 
-    s = sub.add_parser("submit", help="submit a job: leptonctl submit --gpus 2 -- python train.py")
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number, got {text!r}"
+            ) from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be from {lo} to {hi}, got {text}")
+        return n
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < v <= 1e6:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return v
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("leptond")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+JOB_STATES = ["pending", "running", "succeeded", "failed", "cancelled"]
+
+
+def _submit(sub: Any) -> None:
+    s = sub.add_parser(
+        "submit",
+        help="submit a job: leptonctl submit --gpus 2 -- python train.py",
+        description="Submit a job; its flags go before the command, the command after --.",
+    )
     s.add_argument("-f", "--file", help="job.toml with the same fields as the flags")
-    s.add_argument("--name")
-    s.add_argument("--gpus", type=int)
-    s.add_argument("--cpus", type=float)
+    s.add_argument("--name", help="a name for the job (letters, digits, . _ -)")
+    s.add_argument(
+        "--gpus",
+        type=_count("--gpus", 0, 1024),
+        help="GPUs per node, that is per task (Slurm's --gpus is per job): "
+        "--nodes 2 --gpus 4 uses 8 GPUs on 2 nodes",
+    )
+    s.add_argument("--cpus", type=float, help="CPUs per task (default 1)")
     s.add_argument("--mem", help="memory per task, e.g. 8G")
-    s.add_argument("--nodes", type=int, help="gang size: tasks on distinct nodes")
-    s.add_argument("--priority", type=int)
-    s.add_argument("--retries", type=int)
-    s.add_argument("--env", action="append", default=[], metavar="K=V")
+    s.add_argument(
+        "--nodes",
+        type=_count("--nodes", 1, 1024),
+        help="gang size: one task on each of N distinct nodes, started together",
+    )
+    s.add_argument(
+        "--priority",
+        type=_count("--priority", -1000, 1000),
+        help="-1000 to 1000; higher runs first and may preempt lower (default 0)",
+    )
+    s.add_argument(
+        "--retries",
+        type=_count("--retries", 0, 100),
+        help="times a failed task runs again (default 0)",
+    )
+    s.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an environment variable for the tasks (repeatable)",
+    )
     s.add_argument("--gpu-type", help="GPU model, e.g. A100")
     s.add_argument("--gpu-mem", help="minimum memory per GPU, e.g. 40G")
-    s.add_argument("--constraint", action="append", default=[], metavar="LABEL=VALUE")
-    s.add_argument("--spread", action="store_true", default=None)
-    s.add_argument("--no-preempt", action="store_true", default=None)
-    s.add_argument("--time-limit", help="e.g. 90s, 30m, 2h")
-    s.add_argument("--workdir", help="directory to send with the job")
-    s.add_argument("--wait", action="store_true", help="wait and exit with the job's exit code")
+    s.add_argument(
+        "--constraint",
+        action="append",
+        default=[],
+        metavar="LABEL=VALUE",
+        help="run only on nodes with this label (repeatable)",
+    )
+    s.add_argument(
+        "--spread",
+        action="store_true",
+        default=None,
+        help="prefer emptier nodes over packing (default: pack)",
+    )
+    s.add_argument(
+        "--no-preempt",
+        action="store_true",
+        default=None,
+        help="higher-priority work may not preempt this job",
+    )
+    s.add_argument("--time-limit", help="stop the tasks after this long, e.g. 90s, 30m, 2h")
+    s.add_argument(
+        "--workdir",
+        help="directory to send with the job; tasks start in a copy of it "
+        "(without it they start in an empty directory of their own)",
+    )
+    s.add_argument(
+        "--queue-anyway",
+        action="store_true",
+        help="accept a job that no node the cluster knows could run (it waits for one)",
+    )
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="stream the job's output (rank 0, or every rank with --all) until it ends, "
+        "then exit with its exit code",
+    )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="with --wait: every rank's output, each line prefixed [rN]",
+    )
+    s.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="with --wait: print only the job id, show no output",
+    )
     _out(s)
-    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the command and its arguments, after --",
+    )
+
+
+def parser() -> ArgParser:
+    p = ArgParser(prog="leptonctl", description="Use a leptond cluster from the shell")
+    p.add_argument(
+        "--version", action="version", version=f"leptonctl {version()}", help="print the version"
+    )
+    p.add_argument("--addr", help="master RPC addresses HOST:PORT,... (env LEPTON_ADDR)")
+    p.add_argument("--token", help="access token, or @FILE (env LEPTON_TOKEN)")
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        default=20.0,
+        help="seconds to wait for the cluster (default 20)",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgParser)
+
+    _submit(sub)
 
     j = sub.add_parser("jobs", help="list jobs")
-    j.add_argument("-a", "--all", action="store_true", help="include old finished jobs")
+    j.add_argument(
+        "-a", "--all", action="store_true", help="include jobs that ended over an hour ago"
+    )
+    j.add_argument(
+        "--state",
+        action="append",
+        choices=JOB_STATES,
+        help="only jobs in this state (repeatable)",
+    )
+    j.add_argument("--user", help="only this user's jobs")
+    j.add_argument(
+        "--limit",
+        type=_count("--limit", 1, 100_000),
+        help="at most this many, the newest (default 1000)",
+    )
+    j.add_argument(
+        "-w", "--watch", action="store_true", help="show the list again every --interval seconds"
+    )
+    j.add_argument(
+        "--interval",
+        type=_positive,
+        default=2.0,
+        help="with --watch: seconds between updates (default 2)",
+    )
     _out(j)
     st = sub.add_parser("status", help="one job in detail")
-    st.add_argument("job")
+    st.add_argument("job", help="the job id")
     _out(st)
-    c = sub.add_parser("cancel", help="cancel a job")
-    c.add_argument("job")
-    lg = sub.add_parser("logs", help="a task's output")
-    lg.add_argument("job")
-    lg.add_argument("--rank", type=int, default=0)
-    lg.add_argument("-f", "--follow", action="store_true")
+    c = sub.add_parser(
+        "cancel",
+        help="cancel jobs: by id, or by --user and --state",
+        description="Cancel the jobs named, or every job of --user (default: you) in "
+        "--state (default: pending and running). A submit token cancels only its own jobs.",
+    )
+    c.add_argument("jobs", nargs="*", metavar="JOB", help="job ids")
+    c.add_argument("--user", help="cancel this user's jobs (someone else's: admins only)")
+    c.add_argument(
+        "--state",
+        action="append",
+        choices=["pending", "running"],
+        help="only jobs in this state (repeatable)",
+    )
+    lg = sub.add_parser("logs", help="a job's output")
+    lg.add_argument("job", help="the job id")
+    lg.add_argument("--rank", type=_count("--rank", 0, 1 << 20), help="which task (default 0)")
+    lg.add_argument(
+        "--all", action="store_true", help="every rank, each line prefixed with its rank: [r1]"
+    )
+    lg.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep showing new output until the job ends (waits while it is pending)",
+    )
+    lg.add_argument(
+        "--tail", type=int, metavar="N", help="start with the last N lines (then -f goes on)"
+    )
+    lg.add_argument(
+        "-t",
+        "--timestamps",
+        action="store_true",
+        help="prefix each line with when it was written (UTC, to within 0.1 s)",
+    )
+    lg.add_argument(
+        "--stderr",
+        action="store_true",
+        help="only what the tasks wrote to stderr (default: stdout and stderr as they came)",
+    )
     q = sub.add_parser("queue", help="usage, fair share and pending work per user")
     _out(q)
 
-    n = sub.add_parser("nodes", help="list nodes")
+    n = sub.add_parser("nodes", help="list nodes: GPUs, CPUs and memory as used/total")
     _out(n)
     nd = sub.add_parser("node", help="drain, undrain or remove a node; join tokens for new ones")
     ndsub = nd.add_subparsers(dest="node_cmd", required=True, parser_class=ArgParser)
-    for name in ("drain", "undrain", "rm"):
-        x = ndsub.add_parser(name)
-        x.add_argument("node")
+    node_help = {
+        "drain": "place nothing new on a node; running tasks finish",
+        "undrain": "lift a drain",
+        "rm": "forget a node and revoke its credential",
+    }
+    for name, what in node_help.items():
+        x = ndsub.add_parser(name, help=what)
+        x.add_argument("node", help="node name or id")
         if name == "drain":
             _deadline(x)
         if name == "rm":
@@ -100,32 +293,81 @@ def parser() -> ArgParser:
         "--ttl", default="1h", metavar="DURATION", help="how long it admits hosts (default 1h)"
     )
     jc.add_argument("--uses", type=int, default=1, help="how many hosts it may admit (default 1)")
-    _out(jtsub.add_parser("ls"))
-    jtsub.add_parser("revoke").add_argument("id")
+    _out(jtsub.add_parser("ls", help="list join tokens"))
+    jtsub.add_parser("revoke", help="revoke a join token").add_argument(
+        "id", help="the join token's id"
+    )
     p_drain = sub.add_parser("drain", help="same as `node drain`")
-    p_drain.add_argument("node")
+    p_drain.add_argument("node", help="node name or id")
     _deadline(p_drain)
 
     cl = sub.add_parser("cluster", help="masters and Raft")
     clsub = cl.add_subparsers(dest="cluster_cmd", required=True, parser_class=ArgParser)
-    _out(clsub.add_parser("status"))
+    _out(
+        clsub.add_parser(
+            "status", help="every master, the leader, each one's lag and health (any master)"
+        )
+    )
     # dest "member", not "addr": that would overwrite the global --addr (where to connect).
-    clsub.add_parser("add-master").add_argument("member", metavar="HOST:RAFTPORT")
-    clsub.add_parser("remove-master").add_argument("member", metavar="HOST:RAFTPORT")
+    clsub.add_parser("add-master", help="add a running master").add_argument(
+        "member", metavar="HOST:RAFTPORT", help="its Raft address"
+    )
+    clsub.add_parser("remove-master", help="take a master out").add_argument(
+        "member", metavar="HOST:RAFTPORT", help="its Raft address"
+    )
 
-    sn = sub.add_parser("snapshot", help="back up or restore the cluster state")
+    sn = sub.add_parser("snapshot", help="back up or restore the cluster state (admin)")
     snsub = sn.add_subparsers(dest="snap_cmd", required=True, parser_class=ArgParser)
-    snsub.add_parser("save").add_argument("file")
-    snsub.add_parser("restore").add_argument("file")
+    snsub.add_parser("save", help="write the whole state to FILE").add_argument(
+        "file", help="where to write it (0600)"
+    )
+    sr = snsub.add_parser("restore", help="replace the whole state with FILE's")
+    sr.add_argument("file", help="a file written by snapshot save")
+    sr.add_argument(
+        "--yes",
+        action="store_true",
+        help="do not ask (without it: a typed confirmation on a terminal, a refusal elsewhere)",
+    )
 
     tk = sub.add_parser("token", help="access tokens")
     tksub = tk.add_subparsers(dest="token_cmd", required=True, parser_class=ArgParser)
-    tc = tksub.add_parser("create")
-    tc.add_argument("--role", required=True, choices=["admin", "submit", "read"])
-    tc.add_argument("--name")
-    _out(tksub.add_parser("ls"))
-    tksub.add_parser("revoke").add_argument("id")
+    tc = tksub.add_parser("create", help="make a token and print it, alone")
+    tc.add_argument(
+        "--role", required=True, choices=["admin", "submit", "read"], help="what it may do"
+    )
+    tc.add_argument("--name", help="the user it speaks for")
+    tc.add_argument(
+        "--unix-user", help="the Unix account its jobs run as on the hosts (default: --name)"
+    )
+    _out(tksub.add_parser("ls", help="list tokens"))
+    tksub.add_parser("revoke", help="revoke a token").add_argument("id", help="the token's id")
     return p
+
+
+def submit_flags() -> set[str]:
+    """Every option string of `submit`, e.g. --gpus, -f."""
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "submit"
+    ]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+def check_submit_command(command: list[str]) -> list[str]:
+    """The command of a submit, without the `--` before it. Without `--`, a
+    flag of submit's own after the command is refused: it would silently
+    become part of the command (`submit python x.py --gpus 1`)."""
+    if command and command[0] == "--":
+        return command[1:]
+    ours = submit_flags()
+    for i, word in enumerate(command[1:], 1):
+        flag = word.split("=", 1)[0]
+        if flag in ours:
+            fixed = shlex.join(["leptonctl", "submit", *command[i:], "--", *command[:i]])
+            raise UsageError(
+                f"{flag} comes after the command, so it would be passed to the command; "
+                f"put submit's flags first and the command after --: {fixed}"
+            )
+    return command
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -143,9 +385,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.cmd == "submit" and args.command and args.command[0] == "--":
-        args.command = args.command[1:]
     try:
+        if args.cmd == "submit":
+            args.command = check_submit_command(args.command)
         from leptond.wire.loop import run
 
         return run(_run(args))
@@ -157,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RpcError as exc:
         print(f"leptonctl: {_explain(exc)}", file=sys.stderr)
-        return 2 if exc.code == "bad_request" else 1
+        return 2 if exc.code in ("bad_request", "unschedulable") else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

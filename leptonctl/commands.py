@@ -1,37 +1,33 @@
-"""What each leptonctl command does, on top of the cluster client."""
+"""What each leptonctl command does, on top of the calls in api.py."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
-from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
-from leptond.wire.errors import RpcError
 
-from . import jobfile
+from . import api, jobfile, jobs
+from .jobs import UsageError
+from .logs import Follower, Options
 from .output import ago, emit_json, size, table, until
 
-
-class UsageError(Exception):
-    pass
+__all__ = ["UsageError", "dispatch", "node_state"]
 
 
 async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
     cmd = a.cmd
     if cmd == "submit":
-        return await submit(c, a)
+        return await jobs.submit(c, a)
     if cmd == "jobs":
-        return await jobs(c, a)
+        return await jobs.jobs(c, a)
     if cmd == "status":
-        return await status(c, a)
+        return await jobs.status(c, a)
     if cmd == "cancel":
-        res = await c.call("cancel", {"job_id": a.job}, timeout_s=a.timeout)
-        print(f"{res['id']} {res['state']}")
-        return 0
+        return await jobs.cancel(c, a)
     if cmd == "logs":
         return await logs(c, a)
     if cmd == "queue":
@@ -49,178 +45,24 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {cmd}")
 
 
-# -- jobs ------------------------------------------------------------------------
-def build_spec(a: argparse.Namespace) -> tuple[str | None, dict[str, Any], str | None]:
-    d: dict[str, Any] = jobfile.load_toml(Path(a.file)) if a.file else {}
-    flags = {
-        "name": a.name,
-        "gpus": a.gpus,
-        "cpus": a.cpus,
-        "mem": a.mem,
-        "nodes": a.nodes,
-        "priority": a.priority,
-        "retries": a.retries,
-        "gpu_type": a.gpu_type,
-        "gpu_mem": a.gpu_mem,
-        "spread": a.spread,
-        "no_preempt": a.no_preempt,
-        "time_limit": a.time_limit,
-        "workdir": a.workdir,
-    }
-    d.update({k: v for k, v in flags.items() if v is not None})
-    if a.env:
-        d["env"] = {**(d.get("env") or {}), **jobfile.parse_kv(a.env, "--env")}
-    if a.constraint:
-        d["constraints"] = {
-            **(d.get("constraints") or {}),
-            **jobfile.parse_kv(a.constraint, "--constraint"),
-        }
-    if a.command:
-        d["command"] = list(a.command)
-    if not d.get("command"):
-        raise UsageError(
-            "no command: put it after --, e.g. leptonctl submit --gpus 1 -- python train.py"
-        )
-    name, spec = jobfile.to_spec(d)
-    workdir = d.get("workdir")
-    return name, spec, str(workdir) if workdir is not None else None
-
-
-async def submit(c: ClusterClient, a: argparse.Namespace) -> int:
-    name, spec, workdir = build_spec(a)
-    upload: dict[str, Any] = {}
-    if workdir is not None:
-        from .workdir import upload_workdir
-
-        base = Path(a.file).parent if a.file and not a.workdir else Path(".")
-        spec["workdir"] = await upload_workdir(
-            c, base / workdir, timeout_s=max(a.timeout, 600), stats=upload
-        )
-        if a.output != "json":
-            print(
-                f"workdir: {upload['blocks']} of {upload['total_blocks']} block(s) uploaded "
-                f"({size(upload['bytes'])})",
-                file=sys.stderr,
-            )
-    # One request id for every retry of this submit: the cluster makes one job.
-    rid = uuid.uuid4().hex
-    res = await c.call("submit", {"spec": spec, "name": name, "rid": rid}, timeout_s=a.timeout)
-    job_id = res["id"]
-    if a.output == "json" and not a.wait:
-        emit_json({"id": job_id, **({"upload": upload} if upload else {})})
-    else:
-        print(job_id, flush=True)
-    if not a.wait:
-        return 0
-    return await wait_job(c, job_id, a)
-
-
-async def wait_job(c: ClusterClient, job_id: str, a: argparse.Namespace) -> int:
-    delay = 0.1
-    while True:
-        st = await c.call("status", {"job_id": job_id}, timeout_s=a.timeout)
-        if st["state"] in ("succeeded", "failed", "cancelled"):
-            if a.output == "json":
-                emit_json(st)
-            codes = [t["exit_code"] for t in st["tasks"] if t.get("exit_code")]
-            if st["state"] == "succeeded":
-                return 0
-            if st["state"] == "cancelled":
-                print(f"leptonctl: job {job_id} was cancelled", file=sys.stderr)
-                return 130 if not codes else int(codes[0])
-            print(f"leptonctl: job {job_id} failed: {st.get('message', '')}", file=sys.stderr)
-            return int(codes[0]) if codes else 1
-        await clock.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
-
-
-async def jobs(c: ClusterClient, a: argparse.Namespace) -> int:
-    rows = await c.call("jobs", {"all": a.all}, timeout_s=a.timeout)
-    if a.output == "json":
-        emit_json(rows)
-        return 0
-    table(
-        ["ID", "NAME", "USER", "STATE", "GPUS", "NODES", "SUBMITTED"],
-        [
-            [
-                r["id"],
-                r["name"],
-                r["user"],
-                r["state"],
-                r["gpus"],
-                r["nodes"],
-                ago(r["submitted_at"]),
-            ]
-            for r in rows
-        ],
-    )
-    return 0
-
-
-async def status(c: ClusterClient, a: argparse.Namespace) -> int:
-    st = await c.call("status", {"job_id": a.job}, timeout_s=a.timeout)
-    if a.output == "json":
-        emit_json(st)
-        return 0
-    print(f"job      {st['id']}  ({st['name']}, by {st['user']})")
-    print(f"state    {st['state']}" + (f"  - {st['message']}" if st.get("message") else ""))
-    print(f"command  {' '.join(st['command'])}")
-    print(
-        f"submitted {ago(st['submitted_at'])}; gpus {st['gpus']} x {st['nodes']} node(s); priority {st['priority']}"
-    )
-    if st.get("reason"):
-        print(f"pending  {st['reason']}")
-    table(
-        ["RANK", "STATE", "NODE", "GPUS", "EXIT", "ATTEMPT", "MESSAGE"],
-        [
-            [
-                t["rank"],
-                t["state"] + (" (stopping)" if t.get("stopping") else ""),
-                t["node"] or "-",
-                ",".join(map(str, t["gpus"])) or "-",
-                "-" if t["exit_code"] is None else t["exit_code"],
-                t["attempt"],
-                task_message(t),
-            ]
-            for t in st["tasks"]
-        ],
-    )
-    return 0
-
-
-def task_message(t: dict[str, Any]) -> str:
-    """What happened to a task and, while it is pending, why it still waits."""
-    said, reason = t["message"] or "", t.get("reason") or ""
-    if said and reason and reason not in said:
-        return f"{said} - {reason}"
-    return reason or said
-
-
 async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
-    args = {"job_id": a.job, "rank": a.rank, "follow": a.follow, "offset": 0}
-    out = sys.stdout.buffer
-    if a.follow:
-        # Wait for the task to start so `submit ... && logs -f` just works.
-        deadline = clock.monotonic() + a.timeout
-        while True:
-            try:
-                async for item in c.stream("logs", args):
-                    out.write(item["data"])
-                    out.flush()
-                    args["offset"] = item["offset"]
-                return 0
-            except RpcError as exc:
-                if exc.code != "not_started" or clock.monotonic() > deadline:
-                    raise
-                await clock.sleep(0.3)
-    async for item in c.stream("logs", args):
-        out.write(item["data"])
-    out.flush()
-    return 0
+    if a.all and a.rank is not None:
+        raise UsageError("--rank and --all: choose one")
+    if a.tail is not None and a.tail < 0:
+        raise UsageError(f"--tail takes a number of lines, 0 or more, got {a.tail}")
+    opts = Options(
+        ranks=None if a.all else [a.rank or 0],
+        follow=a.follow,
+        stream="stderr" if a.stderr else "output",
+        tail=a.tail,
+        timestamps=a.timestamps,
+        hint_ranks=a.rank is None,
+    )
+    return await Follower(c, a.job, opts, a.timeout).run()
 
 
 async def queue(c: ClusterClient, a: argparse.Namespace) -> int:
-    rows = await c.call("queue", {}, timeout_s=a.timeout)
+    rows = await api.queue(c, timeout_s=a.timeout)
     if a.output == "json":
         emit_json(rows)
         return 0
@@ -245,19 +87,21 @@ async def queue(c: ClusterClient, a: argparse.Namespace) -> int:
 
 # -- nodes and cluster ---------------------------------------------------------
 async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
-    rows = await c.call("nodes", {}, timeout_s=a.timeout)
+    rows = await api.nodes(c, timeout_s=a.timeout)
     if a.output == "json":
         emit_json(rows)
         return 0
+    # Every resource as used/total; utilisation only for what is up (a down
+    # node's last figures are stale).
     table(
-        ["NAME", "ID", "STATE", "GPUS FREE", "GPU UTIL", "MODEL", "CPUS", "MEM", "LABELS"],
+        ["NAME", "ID", "STATE", "GPUS", "GPU UTIL", "MODEL", "CPUS", "MEM", "LABELS"],
         [
             [
                 r["name"],
                 r["id"],
                 node_state(r["state"], r.get("drain_deadline"), r.get("drain_reason") is not None),
-                f"{r['gpus_free']}/{r['gpus_total']}",
-                f"{r['gpu_util_pct']:.0f}%",
+                f"{r['gpus_total'] - r['gpus_free']}/{r['gpus_total']}",
+                "-" if r.get("gpu_util_pct") is None else f"{r['gpu_util_pct']:.0f}%",
                 ",".join(r["gpu_models"]) or "-",
                 f"{r['cpus_used']:g}/{r['cpus']:g}",
                 f"{size(r['mem_used_bytes'])}/{size(r['mem_bytes'])}",
@@ -287,11 +131,13 @@ async def node(c: ClusterClient, a: argparse.Namespace) -> int:
     sub = "drain" if a.cmd == "drain" else a.node_cmd
     if sub == "join-token":
         return await join_token(c, a)
-    method = {"drain": "node_drain", "undrain": "node_undrain", "rm": "node_rm"}[sub]
-    args: dict[str, Any] = {"node": a.node, "force": bool(getattr(a, "force", False))}
+    deadline_s = None
     if getattr(a, "deadline", None) is not None:
-        args["deadline_s"] = drain_deadline_s(a.deadline)  # before anything is sent
-    res = await c.call(method, args, timeout_s=a.timeout)
+        deadline_s = drain_deadline_s(a.deadline)  # before anything is sent
+    force = bool(getattr(a, "force", False))
+    res = await api.node_change(
+        c, sub, a.node, force=force, deadline_s=deadline_s, timeout_s=a.timeout
+    )
     if res.get("removed") is False and res.get("revoked"):
         print(f"{a.node}: credential revoked")  # a node id only a credential still named
         return 0
@@ -312,13 +158,11 @@ async def join_token(c: ClusterClient, a: argparse.Namespace) -> int:
             raise UsageError(f"--ttl must be more than 0s and at most 366d, got {a.ttl!r}")
         if a.uses < 1:
             raise UsageError(f"--uses must be at least 1, got {a.uses}")
-        res = await c.call(
-            "join_token_create", {"ttl_s": ttl_s, "uses": a.uses}, timeout_s=a.timeout
-        )
+        res = await api.join_token_create(c, ttl_s, a.uses, timeout_s=a.timeout)
         print(res["token"])
         return 0
     if a.join_cmd == "ls":
-        rows = await c.call("join_token_ls", {}, timeout_s=a.timeout)
+        rows = await api.join_token_ls(c, timeout_s=a.timeout)
         if a.output == "json":
             emit_json(rows)
             return 0
@@ -338,7 +182,7 @@ async def join_token(c: ClusterClient, a: argparse.Namespace) -> int:
             ],
         )
         return 0
-    res = await c.call("join_token_revoke", {"id": a.id}, timeout_s=a.timeout)
+    res = await api.join_token_revoke(c, a.id, timeout_s=a.timeout)
     print(f"revoked {res['id']}")
     return 0
 
@@ -359,38 +203,53 @@ def node_state(state: str, drain_deadline: float | None, drained: bool = False) 
 
 async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.cluster_cmd == "status":
-        st = await c.call("cluster_status", {"health": True}, timeout_s=a.timeout)
-        if a.output == "json":
-            emit_json(st)
-            return 0
-        print(f"leader  {st.get('leader') or '-'} (rpc {st.get('leader_rpc') or '-'})")
-        print(
-            f"term    {st.get('term')}   commit index {st.get('commit_index')}   quorum {st.get('has_quorum')}"
-        )
-        me = {"addr": st.get("self"), "rpc_addr": "(answering)", "connected": True}
-        rows = [dict(me, health=st.get("health")), *st.get("members", [])]
-        table(
-            ["MEMBER", "RPC", "MATCH INDEX", "LAG", "HEALTH"],
-            [
-                [
-                    m.get("addr"),
-                    m.get("rpc_addr") or "-",
-                    m.get("match_index", "-"),
-                    m.get("lag", "-"),
-                    member_health(m),
-                ]
-                for m in rows
-            ],
-        )
-        for p in st.get("problems", []):
-            print(f"problem: {p}")
-        return 0
-    method = "cluster_add" if a.cluster_cmd == "add-master" else "cluster_remove"
-    # One attempt may take a while: the leader waits for a just-started
-    # master to answer the Raft handshake, then for the change to commit.
-    wait_s = max(a.timeout, 30)
-    res = await c.call(method, {"addr": a.member}, timeout_s=wait_s, attempt_timeout_s=wait_s)
+        return await cluster_status(c, a)
+    how = "add" if a.cluster_cmd == "add-master" else "remove"
+    res = await api.cluster_membership(c, how, a.member, timeout_s=a.timeout)
     print(next(iter(res.values())))
+    return 0
+
+
+async def cluster_status(c: ClusterClient, a: argparse.Namespace) -> int:
+    """The same table from any master: asked through a follower, the leader
+    answers (only it knows each member's lag); without a leader, the master
+    reached answers for itself and says so."""
+    st = await api.cluster_status(c, timeout_s=a.timeout)
+    if a.output == "json":
+        emit_json(st)
+        return 0
+    leader = st.get("leader")
+    if leader:
+        print(f"leader  {leader} (rpc {st.get('leader_rpc') or '-'})")
+    else:
+        print(f"leader  none: this is master {st.get('self')}'s own view")
+    quorum = "yes" if st.get("has_quorum") else "no"
+    print(f"term    {st.get('term')}   commit index {st.get('commit_index')}   quorum {quorum}")
+    me = {
+        "addr": st.get("self"),
+        "rpc_addr": st.get("self_rpc"),
+        "connected": True,
+        "health": st.get("health"),
+        "match_index": st.get("commit_index") if st.get("is_leader") else None,
+        "lag": 0 if st.get("is_leader") else None,
+    }
+    rows = sorted([me, *st.get("members", [])], key=lambda m: str(m.get("addr")))
+    table(
+        ["MEMBER", "RPC", "ROLE", "MATCH INDEX", "LAG", "HEALTH"],
+        [
+            [
+                m.get("addr"),
+                m.get("rpc_addr") or "-",
+                "leader" if m.get("addr") == leader else ("follower" if leader else "-"),
+                "-" if m.get("match_index") is None else m["match_index"],
+                "-" if m.get("lag") is None else m["lag"],
+                member_health(m),
+            ]
+            for m in rows
+        ],
+    )
+    for p in st.get("problems", []):
+        print(f"problem: {p}")
     return 0
 
 
@@ -415,44 +274,78 @@ def member_health(m: dict[str, Any]) -> str:
 async def snapshot(c: ClusterClient, a: argparse.Namespace) -> int:
     path = Path(a.file)
     if a.snap_cmd == "save":
-        res = await c.call("snapshot_save", {}, timeout_s=max(a.timeout, 60))
-        import os
+        return await snapshot_save(c, a, path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    # What it replaces, asked before anything changes.
+    check = await api.snapshot_check(c, data, timeout_s=a.timeout)
+    now, theirs = check["current"], check["snapshot"]
+    what = (
+        f"restoring {path} replaces the whole cluster state, {now['jobs']} job(s) and "
+        f"{now['nodes']} node(s) now, with the snapshot's {theirs['jobs']} job(s) and "
+        f"{theirs['nodes']} node(s)"
+    )
+    if not a.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"{what}; run it again with --yes to go ahead")
+        print(what, file=sys.stderr)
+        try:
+            typed = input("type 'restore' to go ahead: ")
+        except EOFError:
+            typed = ""
+        if typed.strip() != "restore":
+            print("leptonctl: not restored; nothing changed", file=sys.stderr)
+            return 1
+    res = await api.snapshot_restore(c, data, timeout_s=a.timeout)
+    print(f"restored {res['jobs']} job(s) and {res['nodes']} node(s) from {path}")
+    return 0
 
-        tmp = path.with_name(path.name + ".tmp")
+
+async def snapshot_save(c: ClusterClient, a: argparse.Namespace, path: Path) -> int:
+    # Where it goes is checked first: no point fetching a snapshot to nowhere.
+    where = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a directory")
+    if not where.is_dir():
+        raise UsageError(f"cannot write {path}: no directory {where}")
+    if not os.access(where, os.W_OK):
+        raise UsageError(f"cannot write {path}: {where} is not writable")
+    res = await api.snapshot_save(c, timeout_s=a.timeout)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(res["data"])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        print(f"saved state at index {res['index']} to {path} ({size(len(res['data']))})")
-        return 0
-    try:
-        data = path.read_bytes()
     except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    res = await c.call("snapshot_restore", {"data": data}, timeout_s=max(a.timeout, 60))
-    print(f"restored {res['jobs']} job(s) and {res['nodes']} node(s) from {path}")
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    print(f"saved state at index {res['index']} to {path} ({size(len(res['data']))})")
     return 0
 
 
 async def token(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.token_cmd == "create":
-        res = await c.call("token_create", {"role": a.role, "name": a.name}, timeout_s=a.timeout)
+        res = await api.token_create(c, a.role, a.name, a.unix_user, timeout_s=a.timeout)
         print(res["token"])
         return 0
     if a.token_cmd == "ls":
-        rows = await c.call("token_ls", {}, timeout_s=a.timeout)
+        rows = await api.token_ls(c, timeout_s=a.timeout)
         if a.output == "json":
             emit_json(rows)
             return 0
         table(
-            ["ID", "NAME", "ROLE", "CREATED", "REVOKED"],
+            ["ID", "NAME", "ROLE", "UNIX USER", "CREATED", "REVOKED"],
             [
                 [
                     r["id"],
                     r["name"],
                     r["role"],
+                    r.get("unix_user", ""),
                     ago(r["created_at"]),
                     "yes" if r["revoked"] else "no",
                 ]
@@ -460,6 +353,6 @@ async def token(c: ClusterClient, a: argparse.Namespace) -> int:
             ],
         )
         return 0
-    res = await c.call("token_revoke", {"id": a.id}, timeout_s=a.timeout)
+    res = await api.token_revoke(c, a.id, timeout_s=a.timeout)
     print(f"revoked {res['id']}")
     return 0

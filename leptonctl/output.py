@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from leptond.clock import REAL as clock
@@ -64,3 +65,38 @@ def size(n: float | None) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
+
+
+def duration(seconds: float | None) -> str:
+    """45s, 3m12s, 1h05m, 2d03h; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def ran_for(started_at: float | None, finished_at: float | None) -> str:
+    """How long a job ran: from its start to its end, or until now."""
+    if started_at is None:
+        return "-"
+    return duration((finished_at or clock.now()) - started_at)
+
+
+def job_state(job: dict[str, Any]) -> str:
+    """A job's state as every command shows it: `cancelled (stopping)` while
+    tasks of a cancelled or failed job are still being stopped."""
+    return str(job["state"]) + (" (stopping)" if job.get("stopping") else "")
+
+
+def stamp(t: float | None) -> str:
+    """A wall-clock time for log lines: 2024-05-01T12:00:03.250Z (UTC)."""
+    if t is None:
+        return "-" * 24
+    whole = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{whole}.{int(t * 1000) % 1000:03d}Z"

@@ -13,6 +13,7 @@ from leptond.blocks.scan import DEFAULT_MAX_BYTES
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
+from . import api
 from .output import size
 
 PARALLEL = 8
@@ -54,8 +55,7 @@ async def upload_workdir(
     ids = list(refs)
     missing: list[str] = []
     for i in range(0, len(ids), 10_000):
-        res = await c.call("blocks_missing", {"ids": ids[i : i + 10_000]}, timeout_s=timeout_s)
-        missing += res["missing"]
+        missing += await api.blocks_missing(c, ids[i : i + 10_000], timeout_s)
     progress = Progress(sum(refs[b].length for b in missing))
     sent = {"blocks": 0, "bytes": 0, "wire_bytes": 0}
     sem = asyncio.Semaphore(PARALLEL)
@@ -67,9 +67,7 @@ async def upload_workdir(
             except WorkdirError as exc:
                 raise RpcError("bad_request", f"workdir {path}: {exc}") from None
             payload, compressed = pack_block(data)
-            await c.call(
-                "block_put", {"id": bid, "data": payload, "z": compressed}, timeout_s=timeout_s
-            )
+            await api.block_put(c, bid, payload, compressed, timeout_s)
             sent["blocks"] += 1
             sent["bytes"] += len(data)
             sent["wire_bytes"] += len(payload)
@@ -79,7 +77,8 @@ async def upload_workdir(
         await asyncio.gather(*(one(b) for b in missing))
     finally:
         progress.finish()
-    res = await c.call("manifest_put", {"manifest": dict(manifest)}, timeout_s=timeout_s)
+    mid = await api.manifest_put(c, dict(manifest), timeout_s)
     if stats is not None:
-        stats.update(sent, total_blocks=len(ids), manifest=res["id"])
-    return str(res["id"])
+        stats.update(sent, total_blocks=len(ids), bytes_total=sum(r.length for r in refs.values()))
+        stats["manifest"] = mid
+    return mid

@@ -124,7 +124,8 @@ class AgentRegistry:
         conn.context["node_id"] = nid
         self.liveness.heard(nid)
         v = self._reader.view()
-        should_run = [views.launch_spec(v, v.tasks[x["task_id"]]) for x in res["tasks"]]
+        allow_root = self._cfg.allow_root_tasks
+        should_run = [views.launch_spec(v, v.tasks[x["task_id"]], allow_root) for x in res["tasks"]]
         masters = [mb.rpc_addr for mb in v.members.values()]
         log.info(
             "node %s (%s) registered with %d GPUs", node.get("name"), nid, len(node.get("gpus", []))
@@ -198,7 +199,7 @@ class AgentRegistry:
                 stop.append([tid, attempt])
         for tid, t in should.items():
             if (tid, t.attempt) not in running and tid not in exited and t.stop is None:
-                start.append(views.launch_spec(s, t))
+                start.append(views.launch_spec(s, t, self._cfg.allow_root_tasks))
         answer = {
             "start": start,
             "stop": stop,

@@ -12,19 +12,21 @@ import hashlib
 import json
 import logging
 import math
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 import scheduler as sch
+from raft import snapcheck
 from raft import snapshot as snapfile
 from raft.commands import BATCH_BUDGET_BYTES
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
-from raft.model import FINAL_JOB_STATES
-from raft.validate import SpecError, validate_name, validate_spec
+from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
+from raft.validate import SpecError, validate_name, validate_spec, validate_unix_user
 
-from . import health, views
+from . import health, param, views
 from .apictx import ApiContext
 from .auth import require
 from .wire.connection import Connection, Handler
@@ -35,12 +37,17 @@ from .wire.errors import (
     NO_QUORUM,
     NOT_FOUND,
     TIMEOUT,
+    UNSCHEDULABLE,
     RpcError,
 )
 from .wire.tokens import cluster_psk, new_token
 
 log = logging.getLogger("lepton.master")
 MAX_DRAIN_DEADLINE_S = 366 * 86400
+MAX_JOBS_LISTED = 2**63 - 1  # no cap of its own: a limit only trims the list
+MAX_RANK = 1 << 20
+MAX_TAIL_LINES = 1_000_000
+LOG_STREAMS = ("output", "stderr")
 RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
 Method = Callable[[ApiContext, Connection, dict[str, Any]], Awaitable[Any]]
 _REGISTRY: dict[str, tuple[Method, str, bool, bool]] = {}
@@ -132,8 +139,10 @@ def _rid(conn: Connection, a: dict[str, Any], method: str) -> str | None:
 
 def _target(args: dict[str, Any]) -> Any:
     for key in ("job_id", "node", "id", "name", "addr", "node_id"):
-        if key in args:
-            return args[key]
+        v = args.get(key)
+        if v is not None:
+            # What the caller sent, whatever it is, but never a megabyte of it.
+            return v if isinstance(v, str) and len(v) <= 256 else repr(v)[:256]
     return None
 
 
@@ -155,9 +164,23 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         )
     if spec.workdir is not None and spec.workdir not in m.view().manifests:
         raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded")
+    if not param.flag(a, "queue_anyway"):
+        _refuse_if_it_never_fits(m, spec)
     rid = a.get("rid")
     if not isinstance(rid, str) or not 8 <= len(rid) <= 64:
         raise RpcError(BAD_REQUEST, "submit needs a request id (8-64 characters)")
+    unix_user = m.keys.unix_user(conn.key_id)
+    if unix_user == "root" and not m.cfg.allow_root_tasks:
+        # Agents refuse uid 0 too (whatever its name); this says it at once.
+        raise RpcError(
+            FORBIDDEN,
+            "this token's jobs would run as root, and this cluster does not run tasks as "
+            "root (masters: --allow-root-tasks); use a token mapped to another Unix user",
+        )
+    per_gpu = m.cfg.default_mem_per_gpu
+    if spec.mem_bytes == 0 and spec.gpus > 0 and per_gpu > 0:
+        # Decided here, so the committed job (and every replica) has it.
+        spec.mem_bytes = spec.gpus * per_gpu
     # The id comes from the client's request id, so a retry after a lost answer
     # or a leader change finds the same job instead of making a second one.
     job_id = "j-" + hashlib.sha256(f"{user}\0{rid}".encode()).hexdigest()[:12]
@@ -167,6 +190,7 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         "user": user,
         "spec": spec.to_wire(),
         "submitted_at": m.clock.now(),
+        "unix_user": unix_user,
     }
     res = await m.submits.submit(item)
     if "error" in res:
@@ -174,35 +198,70 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return {"id": job_id}
 
 
+def _refuse_if_it_never_fits(m: ApiContext, spec: JobSpec) -> None:
+    """A job no known node could ever host would wait forever: refuse it with
+    the reason (the client may insist with `queue_anyway`)."""
+    req = sch.TaskRequest(
+        task_id="-",
+        job_id="-",
+        user="-",
+        priority=spec.priority,
+        submitted_at=0.0,
+        gpus=spec.gpus,
+        cpus=spec.cpus,
+        mem_bytes=spec.mem_bytes,
+        gpu_type=spec.gpu_type,
+        gpu_mem_min=spec.gpu_mem_min,
+        constraints=dict(spec.constraints),
+        gang_size=spec.nodes,
+    )
+    nodes = [views.node_view(n) for n in m.view().nodes.values()]
+    why = sch.never_fits(nodes, req)
+    if why is not None:
+        raise RpcError(UNSCHEDULABLE, f"no node can ever run this job: {why}")
+
+
 @method("jobs", "read")
 async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """Jobs, oldest first: the last `limit` of those in `state` (a list) and of
+    `user`; finished jobs older than an hour only with `all`."""
     # `local`: this master's own replica, e.g. to check that a follower has caught up.
-    if not a.get("local"):
+    if not param.flag(a, "local"):
         _prefer_leader(m)
-    limit = int(a.get("limit") or 1000)
-    want_all = bool(a.get("all"))
+    limit = param.integer(a, "limit", 1, MAX_JOBS_LISTED, 1000)
+    want_all = param.flag(a, "all")
+    states = set(param.choices(a, "state", JOB_STATES))
+    user = param.string(a, "user")
     recent = m.clock.now() - 3600
+    s = m.view()
     js = [
         j
-        for j in m.view().jobs.values()
-        if want_all or j.state not in FINAL_JOB_STATES or (j.finished_at or 0) > recent
+        for j in s.jobs.values()
+        if (want_all or j.state not in FINAL_JOB_STATES or (j.finished_at or 0) > recent)
+        and (not states or j.state in states)
+        and (not user or j.user == user)
     ]
     js = js[-limit:]
-    return [views.job_summary(j) for j in js]
+    return [views.job_summary(j, s) for j in js]
 
 
 @method("status", "read")
 async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """One job in detail. `brief`: without its spec (env values), so not a
+    read of another user's private parts (no audit record): what `logs -f`
+    polls while it follows a job."""
     _prefer_leader(m)
-    jid = str(a.get("job_id", ""))
+    jid = param.string(a, "job_id")
+    brief = param.flag(a, "brief")
     reasons = m.scheduling.reasons
     s = m.view()
     job = s.jobs.get(jid)
     if job is None:
         raise RpcError(NOT_FOUND, f"no job {jid!r}")
-    out = views.job_summary(job)
-    full = _may_read(conn, job.user)
-    out["spec"] = job.spec if full else views.redacted_spec(job)
+    out = views.job_summary(job, s)
+    full = _may_read(conn, job.user) and not brief
+    if not brief:
+        out["spec"] = job.spec if full else views.redacted_spec(job)
     out["tasks"] = [views.task_detail(s, s.tasks[t]) for t in job.tasks]
     if full:
         _audit_read(m, conn, job.id, job.user, "status")
@@ -221,7 +280,7 @@ async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return await m.propose(
         "cancel_job",
         {
-            "job_id": str(a.get("job_id", "")),
+            "job_id": param.string(a, "job_id"),
             "user": conn.context["user"],
             "admin": conn.context["role"] == "admin",
             "now": m.clock.now(),
@@ -233,10 +292,25 @@ async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 
 @method("logs", "read", stream=True)
 async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    """Stream a task's output from its agent, through the leader."""
+    """Stream a task's output from its agent, through the leader.
+
+    `stream`: "output" (stdout and stderr as they came) or "stderr" alone;
+    `tail_lines`: start that many lines before the end; `timestamps`: each
+    item also carries when its lines were written. A task that has not
+    started answers `not_started` with the job's state, so a follower knows
+    whether to wait."""
     m.ensure_leader()
-    jid = str(a.get("job_id", ""))
-    rank = int(a.get("rank") or 0)
+    jid = param.string(a, "job_id")
+    rank = param.integer(a, "rank", 0, MAX_RANK, 0)
+    relayed = {
+        "offset": param.integer(a, "offset", -(2**62), 2**62, 0),
+        "follow": param.flag(a, "follow"),
+        "stream": param.choice(a, "stream", LOG_STREAMS, "output"),
+        "times": param.flag(a, "timestamps"),
+    }
+    tail = param.integer(a, "tail_lines", 0, MAX_TAIL_LINES, -1)
+    if tail >= 0:
+        relayed["tail_lines"] = tail
     s = m.view()
     job = s.jobs.get(jid)
     if job is None:
@@ -244,7 +318,7 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     if not 0 <= rank < len(job.tasks):
         raise RpcError(BAD_REQUEST, f"job {jid} has ranks 0-{len(job.tasks) - 1}")
     t = s.tasks[job.tasks[rank]]
-    node_id, attempt, state = t.node_id, t.attempt, t.state
+    node_id, attempt, state, job_state = t.node_id, t.attempt, t.state, job.state
     if not _may_read(conn, job.user):
         raise RpcError(
             FORBIDDEN,
@@ -252,17 +326,16 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         )
     _audit_read(m, conn, jid, job.user, "logs")
     if node_id is None or attempt == 0:
-        raise RpcError("not_started", f"task {rank} of {jid} has not started yet ({state})")
+        raise RpcError(
+            "not_started",
+            f"task {rank} of {jid} has not started ({state})",
+            job_state=job_state,
+        )
     if not m.channel.is_connected(node_id):
         raise RpcError(
             "unavailable", f"the host of task {rank} is not connected; its output is kept there"
         )
-    args = {
-        "task_id": f"{jid}.{rank}",
-        "attempt": attempt,
-        "offset": int(a.get("offset") or 0),
-        "follow": bool(a.get("follow")),
-    }
+    args = {"task_id": f"{jid}.{rank}", "attempt": attempt, **relayed}
     return m.channel.stream(node_id, "logs", args)
 
 
@@ -295,8 +368,7 @@ async def nodes(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return [views.node_summary(s, n, m.liveness.stats(n.id)) for n in s.nodes.values()]
 
 
-def _find_node(m: ApiContext, ref: Any) -> str:
-    ref = str(ref or "")
+def _find_node(m: ApiContext, ref: str) -> str:
     s = m.view()
     if ref in s.nodes:
         return ref
@@ -316,18 +388,14 @@ async def node_drain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     loop does it); without, they run to completion."""
     m.ensure_leader()
     deadline_s = _drain_deadline_s(a.get("deadline_s"))
-    nid = _find_node(m, a.get("node"))
+    reason = param.string(a, "reason", max_chars=1024) or "drained"
+    nid = _find_node(m, param.string(a, "node"))
     now = m.clock.now()
-    args: dict[str, Any] = {
-        "node_id": nid,
-        "state": "draining",
-        "now": now,
-        "reason": str(a.get("reason") or "drained"),
-    }
+    cmd: dict[str, Any] = {"node_id": nid, "state": "draining", "now": now, "reason": reason}
     if deadline_s is not None:
         # Decided here, once: apply must not read a clock.
-        args["deadline"] = now + deadline_s
-    return await m.propose("node_state", args, rid=_rid(conn, a, "node_drain"))
+        cmd["deadline"] = now + deadline_s
+    return await m.propose("node_state", cmd, rid=_rid(conn, a, "node_drain"))
 
 
 def _drain_deadline_s(v: Any) -> float | None:
@@ -348,7 +416,7 @@ def _drain_deadline_s(v: Any) -> float | None:
 @method("node_undrain", "admin", mutating=True)
 async def node_undrain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    nid = _find_node(m, a.get("node"))
+    nid = _find_node(m, param.string(a, "node"))
     return await m.propose(
         "node_state",
         {"node_id": nid, "state": "ready", "now": m.clock.now()},
@@ -370,13 +438,14 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         # cannot be looked up again; the remembered answer is all there is.
         res = await m.propose("remove_node", {}, rid=rid)
     else:
-        ref = str(a.get("node") or "")
+        ref = param.string(a, "node")
+        force = param.flag(a, "force")
         s = m.view()
         orphan = ref not in s.nodes and ref in s.node_cred_of
         nid = ref if orphan else _find_node(m, ref)
         res = await m.propose(
             "remove_node",
-            {"node_id": nid, "now": m.clock.now(), "force": bool(a.get("force")), "revoke": True},
+            {"node_id": nid, "now": m.clock.now(), "force": force, "revoke": True},
             rid=rid,
         )
     cred = res.get("revoked")
@@ -390,7 +459,12 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """The cluster as this master sees it. With `health`, each other master is
     also asked for its own health (disk, journal, leader), and `problems`
-    lists what is wrong anywhere, in words."""
+    lists what is wrong anywhere, in words. With `from_leader`, a follower
+    that knows the leader sends the caller there: only the leader knows how
+    far behind each member is, so the answer is the same from any master."""
+    if param.flag(a, "from_leader"):
+        _prefer_leader(m)
+    want_health = param.flag(a, "health")
     st = m.raft.status()
     mine = m.health(st)
     members = {k: v.to_wire() for k, v in m.view().members.items()}
@@ -398,7 +472,7 @@ async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> 
         info = members.get(mb.get("addr"), {})
         mb["rpc_addr"] = info.get("rpc_addr", "")
     problems = list(mine["problems"])
-    if a.get("health"):
+    if want_health:
         asked = [mb["rpc_addr"] for mb in st.get("members", []) if mb["rpc_addr"]]
         answers = await health.ask_members(cluster_psk(m.secret), asked)
         for mb in st.get("members", []):
@@ -415,6 +489,8 @@ async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> 
         "leader": leader,
         "leader_rpc": m.leader_rpc_addr(),
         "self": m.cfg.raft_addr,
+        "self_rpc": m.cfg.rpc_addr,
+        "pid": os.getpid(),
         "is_leader": m.is_leader(),
         "has_quorum": mine["quorum"],
         "health": mine,
@@ -429,7 +505,7 @@ async def cluster_add(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any
     anything is proposed (address, one change at a time, the Raft
     handshake, a quorum of reachable members afterwards)."""
     m.ensure_leader()
-    addr = str(a.get("addr", ""))
+    addr = param.string(a, "addr")
     await _membership(m, m.raft.add_member(addr, timeout_s=m.cfg.commit_timeout_s * 2))
     return {"added": addr}
 
@@ -437,7 +513,7 @@ async def cluster_add(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any
 @method("cluster_remove", "admin", mutating=True)
 async def cluster_remove(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    addr = str(a.get("addr", ""))
+    addr = param.string(a, "addr")
     if addr == m.cfg.raft_addr:
         raise RpcError(
             BAD_REQUEST,
@@ -479,16 +555,41 @@ async def snapshot_save(m: ApiContext, conn: Connection, a: dict[str, Any]) -> A
     }
 
 
-@method("snapshot_restore", "admin", mutating=True)
-async def snapshot_restore(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    m.ensure_leader()
-    blob = a.get("data")
+@method("snapshot_check", "admin")
+async def snapshot_check(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """What restoring this snapshot would replace (nothing is changed): the
+    jobs and nodes in it, and those in the cluster now."""
+    _prefer_leader(m)
+    state_bytes, meta = _decode_snapshot(a.get("data"))
+    try:
+        # Off the event loop: a large snapshot takes a while to decode.
+        theirs = await asyncio.to_thread(snapcheck.decode_state, state_bytes)
+    except ValueError as exc:
+        raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
+    s = m.view()
+    return {
+        "snapshot": {
+            "jobs": len(theirs.jobs),
+            "nodes": len(theirs.nodes),
+            "index": meta.get("index") if isinstance(meta, dict) else None,
+        },
+        "current": {"jobs": len(s.jobs), "nodes": len(s.nodes)},
+    }
+
+
+def _decode_snapshot(blob: Any) -> tuple[bytes, Any]:
     if not isinstance(blob, bytes):
         raise RpcError(BAD_REQUEST, "restore needs the snapshot file's bytes")
     try:
-        state_bytes, _meta = snapfile.decode_snapshot(blob)
+        return snapfile.decode_snapshot(blob)
     except Exception as exc:
         raise RpcError(BAD_REQUEST, f"not a valid leptond snapshot: {exc}") from None
+
+
+@method("snapshot_restore", "admin", mutating=True)
+async def snapshot_restore(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    m.ensure_leader()
+    state_bytes, _meta = _decode_snapshot(a.get("data"))
     # In parts, each well within one Raft entry; the state is replaced, on
     # every replica, when the last part applies (ClusterState.apply_restore).
     # A retry (same client rid) goes on with the same restore: its parts keep
@@ -520,6 +621,8 @@ async def token_create(m: ApiContext, conn: Connection, a: dict[str, Any]) -> An
         raise RpcError(BAD_REQUEST, "role must be admin, submit or read")
     try:
         name = validate_name(a.get("name") or f"{role}-user", "token name")
+        # By default a token's jobs run as the Unix account of the same name.
+        unix_user = validate_unix_user(a.get("unix_user") or name)
     except SpecError as exc:
         raise RpcError(BAD_REQUEST, str(exc)) from None
     tok = new_token()
@@ -531,6 +634,7 @@ async def token_create(m: ApiContext, conn: Connection, a: dict[str, Any]) -> An
             "role": role,
             "sealed": m.keys.seal(tok),
             "now": m.clock.now(),
+            "unix_user": unix_user,
         },
         rid=_rid(conn, a, "token_create"),
     )
@@ -541,8 +645,8 @@ async def token_create(m: ApiContext, conn: Connection, a: dict[str, Any]) -> An
         rec = m.view().tokens.get(res["id"])
         if made is None or rec is None:
             raise RpcError("internal", f"token {res['id']} was made but cannot be read back")
-        tok, name, role = made, rec.name, rec.role
-    return {"id": tok.id, "name": name, "role": role, "token": str(tok)}
+        tok, name, role, unix_user = made, rec.name, rec.role, rec.unix_user
+    return {"id": tok.id, "name": name, "role": role, "unix_user": unix_user, "token": str(tok)}
 
 
 @method("token_ls", "admin")
@@ -552,6 +656,7 @@ async def token_ls(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "id": t.id,
             "name": t.name,
             "role": t.role,
+            "unix_user": t.unix_user or t.name,
             "created_at": t.created_at,
             "revoked": t.revoked,
         }
@@ -563,7 +668,7 @@ async def token_ls(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 async def token_revoke(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     res = await m.propose(
-        "token_revoke", {"id": str(a.get("id", ""))}, rid=_rid(conn, a, "token_revoke")
+        "token_revoke", {"id": param.string(a, "id")}, rid=_rid(conn, a, "token_revoke")
     )
     # Close live connections made with that token.
     m.close_connections(res["id"])

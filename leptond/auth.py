@@ -95,6 +95,15 @@ class KeyStore:
         nonce = os.urandom(12)
         return nonce + self._seal_key.encrypt(nonce, token.secret, token.id.encode())
 
+    def unix_user(self, key_id: str) -> str:
+        """The Unix account a key's jobs run as: the admin token's is root."""
+        if key_id == ADMIN_TOKEN_ID:
+            return "root"
+        tok = self._reader.view().tokens.get(key_id)
+        if tok is None or tok.revoked:
+            return ""
+        return tok.unix_user or tok.name
+
     def identity(self, key_id: str) -> tuple[str, str]:
         """(user name, role) for an authenticated key id; ("", "") once revoked.
 

@@ -6,7 +6,6 @@ import argparse
 import grp
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -58,15 +57,13 @@ def _port(v: str) -> int:
     return p
 
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def _size(v: str) -> int:
-    """'256M', '1.5GiB', '4096' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", v)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {v!r} (try 256M or 2G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    from leptonctl.jobfile import JobFileError, parse_size
+
+    try:
+        return parse_size(v)
+    except JobFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -148,6 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         min_free_disk_bytes=args.min_free_disk,
         lease_s=args.task_lease,
         lease_margin_s=args.lease_margin,
+        allow_root_tasks=args.allow_root_tasks,
+        default_mem_per_gpu=args.default_mem_per_gpu,
     )
     try:
         cfg.check()
@@ -208,24 +207,31 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="leptond", description="leptond: a cluster manager for GPU machines"
     )
-    p.add_argument("--log-level", default=os.environ.get("LEPTON_LOG", "info"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("LEPTON_LOG", "info"),
+        help="debug, info, warning or error (env LEPTON_LOG; default info)",
+    )
+    p.add_argument(
+        "--version", action="version", version=f"leptond {_version()}", help="print the version"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="create a cluster secret and an admin token in DIR")
-    i.add_argument("dir")
+    i.add_argument("dir", help="where to write cluster.key and admin.token")
     i.add_argument(
         "--group",
         help="make the files readable by this group (the masters' user, e.g. lepton): 0640",
     )
     i.set_defaults(fn=cmd_init)
     r = sub.add_parser("run", help="run one master")
-    r.add_argument("--data-dir", required=True)
-    r.add_argument("--secret-file", required=True)
-    r.add_argument("--admin-token-file", required=True)
-    r.add_argument("--bind", default="127.0.0.1")
+    r.add_argument("--data-dir", required=True, help="this master's state: Raft log, blocks")
+    r.add_argument("--secret-file", required=True, help="cluster.key from `leptond init`")
+    r.add_argument("--admin-token-file", required=True, help="admin.token from `leptond init`")
+    r.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     r.add_argument("--advertise", help="address other hosts reach this master at (default: --bind)")
-    r.add_argument("--rpc-port", type=_port, default=7441)
-    r.add_argument("--http-port", type=_port, default=7440)
-    r.add_argument("--raft-port", type=_port, default=7442)
+    r.add_argument("--rpc-port", type=_port, default=7441, help="RPC port (default 7441)")
+    r.add_argument("--http-port", type=_port, default=7440, help="HTTP port (default 7440)")
+    r.add_argument("--raft-port", type=_port, default=7442, help="Raft port (default 7442)")
     r.add_argument("--peers", default="", help="other masters as HOST:RAFTPORT,...")
     r.add_argument(
         "--heartbeat-ttl", type=float, default=10.0, help="seconds of silence before a node is down"
@@ -247,7 +253,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
-    r.add_argument("--no-preemption", action="store_true")
+    r.add_argument(
+        "--no-preemption", action="store_true", help="never stop work for higher priority work"
+    )
     r.add_argument(
         "--no-preempt-protects",
         choices=["within-quota", "always"],
@@ -269,7 +277,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--raft-min-timeout", type=float, default=0.35, help="election timeout range, seconds"
     )
-    r.add_argument("--raft-max-timeout", type=float, default=0.8)
+    r.add_argument(
+        "--raft-max-timeout", type=float, default=0.8, help="election timeout range, seconds"
+    )
     r.add_argument(
         "--snapshot-every",
         type=int,
@@ -279,7 +289,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
     )
-    r.add_argument("--block-cache-policy", choices=["lru", "lfu"], default="lru")
+    r.add_argument(
+        "--block-cache-policy",
+        choices=["lru", "lfu"],
+        default="lru",
+        help="which blocks the hot cache drops first",
+    )
     r.add_argument(
         "--block-store-bytes",
         type=_size,
@@ -305,6 +320,18 @@ def parser() -> argparse.ArgumentParser:
         help="RPC: bytes all connections together may hold in partly received frames "
         "(at least 16M, one largest frame)",
     )
+    r.add_argument(
+        "--allow-root-tasks",
+        action="store_true",
+        help="let tasks run as uid 0 (tokens mapped to root, such as the admin token)",
+    )
+    r.add_argument(
+        "--default-mem-per-gpu",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="memory limit per GPU for jobs without --mem, e.g. 32G (default 0: none)",
+    )
     r.set_defaults(fn=cmd_run)
     rc = sub.add_parser(
         "recover",
@@ -318,17 +345,44 @@ def parser() -> argparse.ArgumentParser:
         help="HOST:RAFTPORT,... of the surviving masters, this one included",
     )
     rc.set_defaults(fn=cmd_recover)
-    d = sub.add_parser("dev", help="a whole cluster on this host: one master and N agents")
-    d.add_argument("--data-dir", default=".lepton-dev")
-    d.add_argument("--agents", type=int, default=2)
-    d.add_argument(
-        "--simulate-gpus", default=None, help="N[:MODEL[:MEM]] per agent (default: NVML, else 2)"
+    d = sub.add_parser(
+        "dev",
+        help="a whole cluster on this host: one master and N agents",
+        description="Run one master and N agents as children of this process; "
+        "Ctrl-C stops them all. An agent that dies is started again after 5s.",
     )
-    d.add_argument("--rpc-port", type=_port, default=7441)
-    d.add_argument("--http-port", type=_port, default=7440)
-    d.add_argument("--raft-port", type=_port, default=7442)
+    d.add_argument(
+        "--data-dir",
+        default=".lepton-dev",
+        help="where the cluster keeps its secrets, state, logs and a lock "
+        "(default .lepton-dev; one dev cluster per data dir)",
+    )
+    d.add_argument("--agents", type=int, default=2, help="how many agents (default 2)")
+    d.add_argument(
+        "--simulate-gpus",
+        default=None,
+        metavar="N[:MODEL[:MEM]]",
+        help="GPUs each agent simulates (default: the real ones NVML finds, else 2)",
+    )
+    d.add_argument("--rpc-port", type=_port, default=7441, help="the master's RPC port")
+    d.add_argument("--http-port", type=_port, default=7440, help="the master's HTTP port")
+    d.add_argument("--raft-port", type=_port, default=7442, help="the master's Raft port")
+    d.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="leave an agent that exits stopped (default: start it again after 5s)",
+    )
     d.set_defaults(fn=cmd_dev)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("leptond")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

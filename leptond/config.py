@@ -52,6 +52,12 @@ class MasterConfig:
     # RPC: bytes all connections together may hold in partly received frames.
     max_buffered_bytes: int = 256 << 20
     block_cache_policy: Literal["lru", "lfu"] = "lru"
+    # Whether tasks may run as uid 0 (a token mapped to root, such as the
+    # admin token `leptond init` writes). Agents refuse uid 0 without it.
+    allow_root_tasks: bool = False
+    # Memory limit per GPU for jobs that give no --mem; 0: none.
+    default_mem_per_gpu: int = 0
+
     # Highest priority each user may submit at (`--max-priority user=N`), and
     # for users not named (`--default-max-priority N`; None: no cap). Admins
     # are not capped: they could make themselves any token anyway.

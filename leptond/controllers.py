@@ -225,7 +225,8 @@ class Controllers:
             for tid in res["placed"]:
                 t = s.tasks.get(tid)
                 if t is not None and t.node_id:
-                    by_node.setdefault(t.node_id, []).append(views.launch_spec(s, t))
+                    spec = views.launch_spec(s, t, self._cfg.allow_root_tasks)
+                    by_node.setdefault(t.node_id, []).append(spec)
             for nid, specs in by_node.items():
                 self._channel.push_start(nid, specs)
         self.plans += 1

@@ -292,7 +292,8 @@ class HttpServer:
     async def jobs(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._refuse()
-        out = [views.job_summary(j) for j in self.m.reader.view().jobs.values()]
+        v = self.m.reader.view()
+        out = [views.job_summary(j, v) for j in v.jobs.values()]
         return web.json_response(out[-1000:])
 
     async def nodes(self, request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from typing import Any
 from raft.nodecreds import MAX_USES
 from raft.validate import SpecError, validate_name
 
+from . import param
 from .api import method
 from .apictx import ApiContext
 from .wire.connection import Connection
@@ -79,7 +80,7 @@ async def join_token_ls(m: ApiContext, conn: Connection, a: dict[str, Any]) -> A
 @method("join_token_revoke", "admin", mutating=True)
 async def join_token_revoke(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    res = await m.propose("join_token_revoke", {"id": str(a.get("id", ""))})
+    res = await m.propose("join_token_revoke", {"id": param.string(a, "id")})
     m.close_connections(res["id"])
     return res
 

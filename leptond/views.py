@@ -103,8 +103,43 @@ def gang_port(job_id: str) -> int:
     return 20000 + int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") % 20000
 
 
-def launch_spec(s: StateView, t: Task) -> dict[str, Any]:
-    """What an agent needs to start one task attempt."""
+def torch_env(s: StateView, job: Job, t: Task, nnodes: int) -> dict[str, str]:
+    """What torch.distributed and torchrun read, so neither needs glue (DESIGN §6).
+
+    One task per node: a plain script is local rank 0 of 1. For gangs the
+    usual MASTER_ADDR/PORT, WORLD_SIZE, RANK and NODE_RANK, and torchrun's own
+    settings (it reads its flags or PET_* and ignores the others), so a bare
+    `torchrun --nproc-per-node=N script.py` forms one job across the gang.
+    PET_NPROC_PER_NODE is the task's GPU count: one worker per GPU; a task
+    without GPUs gets none, and torchrun's default (1) applies.
+    """
+    env = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    if t.gpus:
+        env["PET_NPROC_PER_NODE"] = str(len(t.gpus))
+    if nnodes > 1:
+        rank0 = s.tasks[job.tasks[0]]
+        node = s.nodes.get(rank0.node_id) if rank0.node_id else None
+        host = node.addr if node is not None else "127.0.0.1"
+        addr, port = host or "127.0.0.1", str(gang_port(job.id))
+        env.update(
+            {
+                "MASTER_ADDR": addr,
+                "MASTER_PORT": port,
+                "WORLD_SIZE": str(nnodes),
+                "RANK": str(t.rank),
+                "NODE_RANK": str(t.rank),
+                "PET_NNODES": str(nnodes),
+                "PET_NODE_RANK": str(t.rank),
+                "PET_MASTER_ADDR": addr,
+                "PET_MASTER_PORT": port,
+            }
+        )
+    return env
+
+
+def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, Any]:
+    """What an agent needs to start one task attempt. `allow_root`: whether
+    the masters let tasks run as uid 0 (the agent resolves the account)."""
     job = s.jobs[t.job_id]
     sp = job.spec
     nnodes = int(sp.get("nodes", 1))
@@ -119,19 +154,7 @@ def launch_spec(s: StateView, t: Task) -> dict[str, Any]:
             "LEPTON_ATTEMPT": str(t.attempt),
         }
     )
-    if nnodes > 1:
-        rank0 = s.tasks[job.tasks[0]]
-        node = s.nodes.get(rank0.node_id) if rank0.node_id else None
-        host = node.addr if node is not None else "127.0.0.1"
-        env.update(
-            {
-                "MASTER_ADDR": host or "127.0.0.1",
-                "MASTER_PORT": str(gang_port(job.id)),
-                "WORLD_SIZE": str(nnodes),
-                "RANK": str(t.rank),
-                "NODE_RANK": str(t.rank),
-            }
-        )
+    env.update(torch_env(s, job, t, nnodes))
     manifest = s.manifests.get(sp["workdir"]) if sp.get("workdir") else None
     return {
         "task_id": t.id,
@@ -146,20 +169,43 @@ def launch_spec(s: StateView, t: Task) -> dict[str, Any]:
         "workdir": sp.get("workdir"),
         "manifest": manifest,
         "stop": t.stop,
+        "unix_user": job.unix_user or job.user,
+        "allow_root": allow_root,
+        "cpus": t.cpus,
+        "mem_bytes": t.mem_bytes,
     }
 
 
-def job_summary(j: Job) -> dict[str, Any]:
+def job_summary(j: Job, s: StateView | None = None) -> dict[str, Any]:
+    """A job as `jobs`, `status` and -o json show it: one source for all three.
+
+    With the state: `started_at`, when its current run started (the first
+    rank to start; None before), and `stopping`, how many of its tasks are
+    live with a stop asked for (a cancelled job whose tasks still exit)."""
     sp = j.spec
+    started: float | None = None
+    stopping = 0
+    if s is not None:
+        for tid in j.tasks:
+            t = s.tasks[tid]
+            if t.started_at is not None and (started is None or t.started_at < started):
+                started = t.started_at
+            if t.state in LIVE_TASK_STATES and t.stop is not None:
+                stopping += 1
+    gpus, nodes = sp.get("gpus", 0), sp.get("nodes", 1)
     return {
         "id": j.id,
         "name": j.name,
         "user": j.user,
         "state": j.state,
+        "stopping": stopping,
         "submitted_at": j.submitted_at,
+        "started_at": started,
         "finished_at": j.finished_at,
-        "gpus": sp.get("gpus", 0),
-        "nodes": sp.get("nodes", 1),
+        # Per node (one task per node), as --gpus means; gpus_total is per job.
+        "gpus": gpus,
+        "gpus_total": gpus * nodes,
+        "nodes": nodes,
         "priority": sp.get("priority", 0),
         "command": sp.get("argv", []),
         "message": j.message,
@@ -193,13 +239,16 @@ def task_detail(s: StateView, t: Task) -> dict[str, Any]:
         "assigned_at": t.assigned_at,
         "started_at": t.started_at,
         "finished_at": t.finished_at,
-        "stopping": t.stop,
+        # Only a live task can be stopping (an ended one never shows it).
+        "stopping": t.stop if t.state in LIVE_TASK_STATES else None,
         "preemptions": t.preemptions,
     }
 
 
 def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str, Any]:
     held, cpus_used, mem_used = s.node_usage(n.id)
+    if n.state == "down":
+        live = None  # its last heartbeat is stale: show no utilisation at all
     stats = (live or {}).get("stats") or {}
     gpu_stats = (live or {}).get("gpus") or []
     utils = [g.get("util_pct", 0) for g in gpu_stats if isinstance(g, dict)]
@@ -212,9 +261,11 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "addr": n.addr,
         "labels": dict(n.labels),
         "gpus_total": len(n.gpus),
+        "gpus_used": len(held),
         "gpus_free": len(n.gpus) - len(held),
         "gpu_models": sorted({g["model"] for g in n.gpus}),
-        "gpu_util_pct": round(sum(utils) / len(utils), 1) if utils else 0.0,
+        # None: nothing known (no GPUs, no heartbeat yet, or the node is down).
+        "gpu_util_pct": round(sum(utils) / len(utils), 1) if utils else None,
         "cpus": n.cpus,
         "cpus_used": cpus_used,
         "mem_bytes": n.mem_bytes,

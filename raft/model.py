@@ -133,6 +133,9 @@ class Job(Record):
     tasks: list[str] = field(default_factory=list)
     retries_left: int = 0
     message: str = ""
+    # The Unix account its tasks run as on every host: the submitting
+    # token's mapping at submit time ("" only in jobs older than mappings).
+    unix_user: str = ""
 
 
 @dataclass(slots=True)
@@ -166,6 +169,8 @@ class Token(Record):
     sealed: bytes
     created_at: float
     revoked: bool = False
+    # The Unix account this token's jobs run as; "" means the same as name.
+    unix_user: str = ""
 
 
 @dataclass(slots=True)

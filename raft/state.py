@@ -23,6 +23,7 @@ from .dedupe import RecentResults
 from .errors import ArgError
 from .model import (
     FINAL_JOB_STATES,
+    FINAL_TASK_STATES,
     LIVE_TASK_STATES,
     NODE_STATES,
     ROLES,
@@ -34,7 +35,7 @@ from .model import (
     Task,
     Token,
 )
-from .validate import SpecError, validate_name, validate_spec
+from .validate import SpecError, validate_name, validate_spec, validate_unix_user
 from .view import SNAPSHOT_VERSION, StateReads, StateView
 
 log = logging.getLogger("lepton.raft")
@@ -388,6 +389,7 @@ class ClusterState(StateReads):
             spec=spec.to_wire(),
             submitted_at=float(j["submitted_at"]),
             retries_left=spec.retries,
+            unix_user=validate_unix_user(j["unix_user"]) if j.get("unix_user") else "",
         )
         if spec.workdir is not None and spec.workdir not in self.manifests:
             raise ArgError(
@@ -481,12 +483,15 @@ class ClusterState(StateReads):
         sealed = a["sealed"]
         if not isinstance(sealed, bytes):
             raise ArgError("bad_request", "sealed token secret must be bytes")
+        name = validate_name(a["name"], "token name")
+        unix_user = validate_unix_user(a["unix_user"]) if a.get("unix_user") else ""
         self.tokens[tid] = Token(
             id=tid,
-            name=validate_name(a["name"], "token name"),
+            name=name,
             role=role,
             sealed=sealed,
             created_at=float(a["now"]),
+            unix_user=unix_user,
         )
         return {"id": tid}
 
@@ -687,6 +692,10 @@ class ClusterState(StateReads):
                 # is the one its reason names.
                 if n.state == "draining" and n.drain_reason is None:
                     n.drain_reason = n.reason
+            for t in tasks.values():
+                # Snapshots from before ended tasks dropped their stop.
+                if t.state in FINAL_TASK_STATES:
+                    t.stop = None
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"bad state snapshot: {exc}") from None
         # The dicts built here become the maps' first bases (CowMap.adopt).

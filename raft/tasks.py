@@ -270,6 +270,11 @@ def task_exited(
         _release(s, t)
         t.state, t.message = outcome, message
         _stop_gang(s, job, t, "cancel", now)
+    if t.state in FINAL_TASK_STATES:
+        # An ended task has nothing left to stop: a stop is a request to a live
+        # task, and one left behind would read "stopping" forever (DESIGN §6).
+        # Nothing reads the stop of an ended task, so no decision changes.
+        t.stop = None
     refresh_job(s, job, now)
 
 

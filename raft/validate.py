@@ -54,6 +54,8 @@ RESERVED_ENV = frozenset(
     }
 )
 RESERVED_ENV_PREFIXES = ("LEPTON_", "PET_")
+# What useradd accepts, minus the all-digit names that read as uids.
+UNIX_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,31}\$?$")
 
 
 class SpecError(ValueError):
@@ -191,6 +193,15 @@ def validate_spec(spec: Any, version: int = COMMAND_VERSION) -> JobSpec:
     if not v1:
         _check_sizes_v2(out)
     return out
+
+
+def validate_unix_user(name: Any) -> str:
+    if not isinstance(name, str) or not UNIX_USER.match(name):
+        raise SpecError(
+            "a Unix user name is 1-32 letters, digits, '_', '.' or '-', starting with a "
+            f"letter or '_', got {name!r}"
+        )
+    return name
 
 
 def validate_name(name: Any, what: str = "name") -> str:

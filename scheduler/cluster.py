@@ -8,7 +8,9 @@ same gang took a moment before.
 
 Nodes with the same labels and the same GPU make-up share a *pool*; each pool
 keeps one heap of node indices per free-GPU count, so best fit is "the first
-non-empty bucket at or above the request", not a scan of every node.
+non-empty bucket at or above the request", not a scan of every node.  Per
+free count, one bit set says which pools have a node with that count: a
+request's pools are a bit set too, and one AND per count finds the candidates.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from .types import Allocation, Gpu, NodeView, TaskRequest
+from .types import Allocation, NodeView, TaskRequest
 
 EPS = 1e-9
 
@@ -55,10 +57,9 @@ class Pool:
     makeup: tuple[tuple[str, int, int], ...]
     nodes: list[int] = field(default_factory=list)
     buckets: list[list[int]] = field(default_factory=list)  # free count -> heap
-    live: list[int] = field(default_factory=list)  # free count -> nodes with that count
-    # Bit f set <=> some node has exactly f free GPUs: finding the first usable
-    # bucket is a couple of integer operations instead of a loop.
-    mask: int = 0
+    # free count -> nodes with that count (Cluster.pools_at has a bit per
+    # pool for the counts with at least one node).
+    live: list[int] = field(default_factory=list)
     max_cpus: float = 0.0
     max_mem: int = 0
 
@@ -88,21 +89,26 @@ class _Build:
     makeup: tuple[tuple[str, int, int], ...]  # (model lower, mem, count)
 
 
-def _build_of(gpus: tuple[Gpu, ...]) -> _Build:
-    info = {g.index: (g.model.lower(), g.mem_bytes, g.domain) for g in gpus}
+# One GPU as the scheduler sees it: (index, model, memory, domain).
+GpuKey = tuple[int, str, int, int]
+
+
+def _build_of(gpus: tuple[GpuKey, ...]) -> _Build:
+    info = {x: (model.lower(), mem, dom) for x, model, mem, dom in gpus}
     counts: dict[tuple[str, int], int] = {}
-    for g in gpus:
-        k = (g.model.lower(), g.mem_bytes)
+    for _, model, mem, _ in gpus:
+        k = (model.lower(), mem)
         counts[k] = counts.get(k, 0) + 1
     return _Build(
         info=info,
         indices=tuple(sorted(info)),
-        multi_domain=len({g.domain for g in gpus}) > 1,
+        multi_domain=len({dom for *_, dom in gpus}) > 1,
         makeup=tuple(sorted((m, mem, c) for (m, mem), c in counts.items())),
     )
 
 
-_gpu_key = attrgetter("index", "model", "mem_bytes", "domain")
+_indices = attrgetter("indices")
+_makeup = attrgetter("makeup")
 _NOTHING: frozenset[int] = frozenset()
 
 
@@ -110,22 +116,38 @@ class Cluster:
     def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
         self.nodes = list(nodes)
         n = len(self.nodes)
-        self.index_of: dict[str, int] = {nd.node_id: i for i, nd in enumerate(self.nodes)}
-        # Clusters are made of a few kinds of machine: facts per GPU are
-        # worked out once per kind and shared by its nodes (read-only).
-        builds: dict[tuple[tuple[int, str, int, int], ...], _Build] = {}
+        # One trip over the nodes, reading attributes in line (an attrgetter
+        # call costs about twice as much); C-level maps over what it read.
+        node_ids: list[str] = []
+        cpus: list[float] = []
+        mems: list[int] = []
+        node_labels: list[Mapping[str, str]] = []
+        schedulable: list[bool] = []
+        builds: dict[tuple[GpuKey, ...], _Build] = {}
         self.build: list[_Build] = []
         for nd in self.nodes:
-            gpus_key = tuple(map(_gpu_key, nd.gpus))
-            b = builds.get(gpus_key)
+            node_ids.append(nd.node_id)
+            cpus.append(nd.cpus)
+            mems.append(nd.mem_bytes)
+            node_labels.append(nd.labels)
+            schedulable.append(nd.schedulable)
+            # Clusters are made of a few kinds of machine: facts per GPU are
+            # worked out once per kind and shared by its nodes (read-only).
+            key = tuple([(g.index, g.model, g.mem_bytes, g.domain) for g in nd.gpus])
+            b = builds.get(key)
             if b is None:
-                b = builds[gpus_key] = _build_of(nd.gpus)
+                b = builds[key] = _build_of(key)
             self.build.append(b)
+        self.node_ids = node_ids
+        self.node_cpus, self.node_mem = cpus, mems  # as the view has them
+        self.index_of: dict[str, int] = dict(zip(node_ids, range(n), strict=True))
         self.gpu_info: list[Mapping[int, GpuFacts]] = [b.info for b in self.build]
         self.multi_domain = [b.multi_domain for b in self.build]
-        self.free_cpu = [float(nd.cpus) for nd in self.nodes]
-        self.free_mem = [nd.mem_bytes for nd in self.nodes]
-        self.free: list[list[int]] = [list(b.indices) for b in self.build]
+        self.free_cpu = list(map(float, cpus))
+        self.free_mem: list[int] = list(mems)
+        # Free GPU indices per node, sorted; tuples, replaced whole on change
+        # (a pick is remembered by them, and evictions are stamped with them).
+        self.free: list[tuple[int, ...]] = list(map(_indices, self.build))
         used: dict[int, set[int]] = {}
         self.allocs_on: list[list[Allocation]] = [[] for _ in range(n)]
         for a in allocations:
@@ -137,51 +159,72 @@ class Cluster:
             self.free_mem[i] -= a.mem_bytes
             self.allocs_on[i].append(a)
         for i, gone in used.items():
-            self.free[i] = [g for g in self.free[i] if g not in gone]
+            self.free[i] = tuple([g for g in self.free[i] if g not in gone])
         # Free GPU count per node twice: a list for the per-task hot path (numpy
         # scalar access is slow) and an array for whole-cluster questions.
-        self.nfree_l = [len(f) for f in self.free]
+        self.nfree_l = list(map(len, self.free))
         self.nfree = np.array(self.nfree_l, dtype=np.int64)
         self.claims: dict[int, list[Claim]] = {}
         self.pools: list[Pool] = []
         self.pool_of = [-1] * n
-        self.labels_key: list[tuple[tuple[str, str], ...]] = [
-            tuple(sorted(nd.labels.items())) if nd.labels else () for nd in self.nodes
-        ]
-        pool_ids: dict[tuple[object, ...], int] = {}
-        for i, nd in enumerate(self.nodes):
-            if not nd.schedulable:
-                continue
-            makeup = self.build[i].makeup
-            key = (self.labels_key[i], makeup)
-            pid = pool_ids.get(key)
-            if pid is None:
-                pid = pool_ids[key] = len(self.pools)
-                total = sum(c for _, _, c in makeup)
-                self.pools.append(
-                    Pool(
-                        dict(nd.labels),
-                        makeup,
-                        buckets=[[] for _ in range(total + 1)],
-                        live=[0] * (total + 1),
-                    )
+        # Labels as sorted items; nodes share few distinct label sets.
+        sorted_labels: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+        self.labels_key: list[tuple[tuple[str, str], ...]] = []
+        for labels in node_labels:
+            items = tuple(labels.items())
+            lkey = sorted_labels.get(items)
+            if lkey is None:
+                lkey = sorted_labels[items] = tuple(sorted(items))
+            self.labels_key.append(lkey)
+        # Pools: schedulable nodes grouped by (labels, GPU make-up), numbered
+        # in the order of their first node.
+        PoolKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...]]
+        members: dict[PoolKey, list[int]] = {}
+        pool_keys: list[PoolKey] = list(zip(self.labels_key, map(_makeup, self.build), strict=True))
+        self.unschedulable: list[int] = []  # nodes in no pool: draining or down
+        for i in range(n):
+            if schedulable[i]:
+                m = members.get(pool_keys[i])
+                if m is None:
+                    members[pool_keys[i]] = [i]
+                else:
+                    m.append(i)
+            else:
+                self.unschedulable.append(i)
+        nfree_l, pool_of = self.nfree_l, self.pool_of
+        for pid, ((_, makeup), idx) in enumerate(members.items()):
+            total = sum(c for _, _, c in makeup)
+            buckets: list[list[int]] = [[] for _ in range(total + 1)]
+            for i in idx:
+                buckets[nfree_l[i]].append(i)  # appended in index order: a heap
+                pool_of[i] = pid
+            live = list(map(len, buckets))
+            self.pools.append(
+                Pool(
+                    dict(self.nodes[idx[0]].labels),
+                    makeup,
+                    nodes=idx,
+                    buckets=buckets,
+                    live=live,
+                    max_cpus=max(0.0, max(map(cpus.__getitem__, idx))),
+                    max_mem=max(0, max(map(mems.__getitem__, idx))),
                 )
-            pool = self.pools[pid]
-            pool.nodes.append(i)
-            f = self.nfree_l[i]
-            pool.buckets[f].append(i)  # appended in index order: a heap
-            pool.live[f] += 1
-            pool.mask |= 1 << f
-            pool.max_cpus = max(pool.max_cpus, nd.cpus)
-            pool.max_mem = max(pool.max_mem, nd.mem_bytes)
-            self.pool_of[i] = pid
+            )
+        # Free count f -> bit set of the pools with a node that has f free:
+        # best fit asks "which of my pools have a node with f free?" for
+        # f = g, g+1, ... with one AND each.
+        self.pools_at: list[int] = [0] * (1 + max((len(p.live) - 1 for p in self.pools), default=0))
+        for pid, p in enumerate(self.pools):
+            for f, k in enumerate(p.live):
+                if k:
+                    self.pools_at[f] |= 1 << pid
         self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
         self._whole_sets: dict[Shape, frozenset[int]] = {}
         self._usable_sets: dict[Shape, frozenset[int]] = {}
         self._block_holders: dict[str, list[int]] | None = None
         self._pool_arrays: dict[int, np.ndarray] = {}
-        self._roomy: dict[Shape, list[Pool]] = {}
-        self._plain: dict[Shape, tuple[list[Pool], bool]] = {}
+        self._roomy: dict[Shape, int] = {}
+        self._plain: dict[Shape, tuple[int, bool]] = {}  # (roomy pools as bits, any mixed)
         self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
         # The same key -> (GPUs picked, GPUs left free), for fit_and_take.
         self._picks_left: dict[
@@ -270,15 +313,15 @@ class Cluster:
             pool = self.pools[pid]
             pool.live[old] -= 1
             if not pool.live[old]:
-                pool.mask &= ~(1 << old)
+                self.pools_at[old] &= ~(1 << pid)
             pool.live[f] += 1
-            pool.mask |= 1 << f
+            self.pools_at[f] |= 1 << pid
             heapq.heappush(pool.buckets[f], i)
 
     def take(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
         if gpus:
             gone = set(gpus)
-            self.free[i] = [g for g in self.free[i] if g not in gone]
+            self.free[i] = tuple([g for g in self.free[i] if g not in gone])
         self.free_cpu[i] -= cpus
         self.free_mem[i] -= mem
         if gpus:
@@ -286,7 +329,7 @@ class Cluster:
 
     def give(self, i: int, gpus: Sequence[int], cpus: float, mem: int) -> None:
         if gpus:
-            self.free[i] = sorted([*self.free[i], *gpus])
+            self.free[i] = tuple(sorted([*self.free[i], *gpus]))
         self.free_cpu[i] += cpus
         self.free_mem[i] += mem
         if gpus:
@@ -323,16 +366,18 @@ class Cluster:
             heapq.heappush(heap, i)
         return found
 
-    def _roomy_pools(self, shape: Shape) -> list[Pool]:
-        """Whole pools whose largest node has the shape's CPUs and memory at all."""
-        roomy = self._roomy.get(shape)
-        if roomy is None:
-            roomy = self._roomy[shape] = [
-                p
-                for p in (self.pools[pid] for pid in self.shape_pools(shape)[0])
-                if p.max_cpus + EPS >= shape[1] and p.max_mem >= shape[2]
-            ]
-        return roomy
+    def _roomy_bits(self, shape: Shape) -> int:
+        """Whole pools whose largest node has the shape's CPUs and memory at
+        all, as a bit set of pool ids."""
+        bits = self._roomy.get(shape)
+        if bits is None:
+            bits = self._roomy[shape] = sum(
+                1 << pid
+                for pid in self.shape_pools(shape)[0]
+                if self.pools[pid].max_cpus + EPS >= shape[1]
+                and self.pools[pid].max_mem >= shape[2]
+            )
+        return bits
 
     def find_node(
         self,
@@ -353,23 +398,19 @@ class Cluster:
         nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
         # (free count, node) of the best candidate so far; spread negates the count.
         best: tuple[int, int] | None = None
-        roomy = self._roomy.get(shape)
-        if roomy is None:
-            roomy = self._roomy_pools(shape)
-        for pool in roomy:
-            mask = pool.mask >> g << g  # buckets with at least g free GPUs
-            while mask:
-                if spread:
-                    f = mask.bit_length() - 1
-                    mask ^= 1 << f
-                    if best is not None and -f > best[0]:
-                        break
-                else:
-                    f = (mask & -mask).bit_length() - 1
-                    mask ^= 1 << f
-                    if best is not None and f > best[0]:
-                        break
-                heap = pool.buckets[f]
+        # Whole pools: free counts in order of preference (fewest first, or
+        # most first for spread); the first count that any of the shape's
+        # pools has with a node that fits wins, lowest node index first.
+        roomy = self._roomy_bits(shape)
+        pools, pools_at = self.pools, self.pools_at
+        counts = range(len(pools_at) - 1, g - 1, -1) if spread else range(g, len(pools_at))
+        for f in counts:
+            have = pools_at[f] & roomy
+            found = -1
+            while have:
+                low = have & -have
+                have ^= low
+                heap = pools[low.bit_length() - 1].buckets[f]
                 first: int | None = heap[0] if heap else None
                 # Fast path: the top entry is live, fits and is not excluded.
                 if first is None or not (
@@ -379,11 +420,11 @@ class Cluster:
                     and free_mem[first] >= mem
                 ):
                     first = self._bucket_first(heap, f, shape, exclude)
-                if first is not None:
-                    key = (-f if spread else f, first)
-                    if best is None or key < best:
-                        best = key
-                    break
+                if first is not None and (found < 0 or first < found):
+                    found = first
+            if found >= 0:
+                best = (-f if spread else f, found)
+                break
         # Mixed pools (only some GPU models match) are rare; scan them directly.
         extra: dict[int, list[int]] = {}
         for pid in mixed:
@@ -406,74 +447,97 @@ class Cluster:
         return best[1]
 
     def fit_and_take(
-        self, shape: Shape, cpus: float, mem: int
+        self,
+        shape: Shape,
+        cpus: float,
+        mem: int,
+        exclude: frozenset[int] | set[int] = _NOTHING,
     ) -> tuple[int, tuple[int, ...]] | None:
-        """`find_node(shape)` (best fit, nothing excluded, no spread, no cached
-        blocks to prefer), then `pick_gpus` and `take` on the node found: the
-        same choice, in one call.  This is the path of almost every placement,
-        so it reads the shape's pools once and does the rest inline."""
+        """`find_node(shape, exclude)` (best fit, no spread, no cached blocks
+        to prefer), then `pick_gpus` and `take` on the node found: the same
+        choice, in one call.  This is the path of almost every placement, so
+        it reads the shape's pools once and does the rest inline."""
         plain = self._plain.get(shape)
         if plain is None:
             plain = self._plain[shape] = (
-                self._roomy_pools(shape),
+                self._roomy_bits(shape),
                 bool(self.shape_pools(shape)[1]),
             )
         roomy, has_mixed = plain
         g = shape[0]
         if has_mixed:
-            found = self.find_node(shape)
+            found = self.find_node(shape, exclude)
             if found is None:
                 return None
             i = found
         else:
             nfree, free_cpu, free_mem = self.nfree_l, self.free_cpu, self.free_mem
             need_cpus, need_mem = shape[1], shape[2]
-            best_f = best_i = -1
-            for pool in roomy:
-                mask = pool.mask >> g << g  # buckets with at least g free GPUs
-                while mask:
-                    low = mask & -mask
-                    f = low.bit_length() - 1
-                    mask ^= low
-                    if best_i >= 0 and f > best_f:
-                        break
-                    heap = pool.buckets[f]
+            pools, pools_at = self.pools, self.pools_at
+            # The lowest free count at or above g that one of the shape's
+            # pools has, then the lowest node index among those pools; the
+            # next count up only when no node there fits CPUs and memory.
+            best_i = -1
+            best_heap: list[int] = []
+            for f in range(g, len(pools_at)):
+                have = pools_at[f] & roomy
+                while have:
+                    low = have & -have
+                    have ^= low
+                    heap = pools[low.bit_length() - 1].buckets[f]
                     first: int | None = heap[0] if heap else None
                     if first is None or not (
                         nfree[first] == f
                         and free_cpu[first] + EPS >= need_cpus
                         and free_mem[first] >= need_mem
+                        and first not in exclude
                     ):
-                        first = self._bucket_first(heap, f, shape, _NOTHING)
-                    if first is not None:
-                        if best_i < 0 or f < best_f or (f == best_f and first < best_i):
-                            best_f, best_i = f, first
-                        break
+                        first = self._bucket_first(heap, f, shape, exclude)
+                    if first is not None and (best_i < 0 or first < best_i):
+                        best_i, best_heap = first, heap
+                if best_i >= 0:
+                    break
             if best_i < 0:
                 return None
             i = best_i
+            if g and best_heap[0] == i:
+                # Its entry there is about to go stale: drop it now rather
+                # than have the next search pop it.
+                heapq.heappop(best_heap)
         gpus: tuple[int, ...] = ()
         if g:
             free = self.free[i]  # sorted; every GPU matches on a node of a whole pool
             whole = not has_mixed or self.pool_of[i] in self.whole_pools(shape)
             if whole and (not self.multi_domain[i] or len(free) == g):
                 # pick_gpus takes the lowest g here: what is left is the rest.
-                gpus = tuple(free[:g])
+                gpus = free[:g]
                 self.free[i] = free[g:]
             elif whole:
                 # pick_gpus by domain, remembered with what it leaves free.
-                key = (self.build[i], tuple(free), g)
+                key = (self.build[i], free, g)
                 hit = self._picks_left.get(key)
                 if hit is None:
                     gpus = self.pick_gpus(i, shape)
                     hit = self._picks_left[key] = (gpus, tuple(x for x in free if x not in gpus))
-                gpus = hit[0]
-                self.free[i] = list(hit[1])
+                gpus, self.free[i] = hit
             else:
                 gpus = self.pick_gpus(i, shape)
                 gone = set(gpus)
-                self.free[i] = [x for x in free if x not in gone]
-            self._rebucket(i)
+                self.free[i] = tuple([x for x in free if x not in gone])
+            # _rebucket, inline (the count went down by g).
+            old, f = self.nfree_l[i], len(self.free[i])
+            self.nfree_l[i] = f
+            self.nfree[i] = f
+            pid = self.pool_of[i]
+            if pid >= 0:
+                pool = self.pools[pid]
+                live = pool.live
+                live[old] -= 1
+                if not live[old]:
+                    self.pools_at[old] &= ~(1 << pid)
+                live[f] += 1
+                self.pools_at[f] |= 1 << pid
+                heapq.heappush(pool.buckets[f], i)
         self.free_cpu[i] -= cpus
         self.free_mem[i] -= mem
         return i, gpus
@@ -501,14 +565,23 @@ class Cluster:
         return key[1]
 
     def pick_gpus(
-        self, i: int, shape: Shape, candidates: list[int] | None = None
+        self,
+        i: int,
+        shape: Shape,
+        candidates: list[int] | None = None,
+        presorted: bool = False,
     ) -> tuple[int, ...]:
         """Concrete GPUs on node i: the smallest NVLink/NUMA domain that holds
-        them all (keeps bigger domains whole), then the lowest indices."""
+        them all (keeps bigger domains whole), then the lowest indices.
+        `candidates` defaults to the node's matching free GPUs; `presorted`
+        says they come sorted already."""
         g = shape[0]
         if g == 0:
             return ()
-        cands = self.matching_free(i, shape) if candidates is None else sorted(candidates)
+        if candidates is None:
+            cands = self.matching_free(i, shape)
+        else:
+            cands = candidates if presorted else sorted(candidates)
         if not self.multi_domain[i] or len(cands) == g:
             return tuple(cands[:g])
         # The choice depends on the node's build, the candidates and the count

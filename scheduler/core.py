@@ -13,13 +13,14 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import repeat
 from operator import itemgetter
 
 import numpy as np
 
 from .cluster import Claim, Cluster, Shape
 from .explain import Explainer, gang_reason, preempting_reason, quota_reason
-from .fairshare import Entry, FairShare, Unit, build_backlog
+from .fairshare import Backlog, Entry, FairShare, Unit, build_backlog
 from .preempt import Preemptor
 from .types import (
     DEFAULT_POLICY,
@@ -41,10 +42,14 @@ class _Pass:
         policy: Policy,
     ) -> None:
         self.cl = Cluster(nodes, allocations)
+        self.node_ids = self.cl.node_ids
         self.policy = policy
         self.fair = FairShare(nodes, allocations, policy)
         self.pre = Preemptor(self.cl, allocations, policy) if policy.preemption else None
+        # job -> nodes it runs on; after the allocations, only the jobs in
+        # `watched` (gangs and spread tasks, who ask) are kept up to date.
         self.job_nodes: dict[str, set[int]] = {}
+        self.watched: set[str] = set()
         for a in allocations:
             i = self.cl.index_of.get(a.node_id)
             if i is not None:
@@ -64,6 +69,7 @@ class _Pass:
         self.classes: dict[tuple[Shape, int], int] = {}
         self.classes_of_shape: dict[Shape, list[int]] = {}
         self.dead: list[bool] = []
+        self.fitless: list[bool] = []
         self.gang_held = False
         # Filled in by the first hold: per node, when its running work started
         # (inf when idle), and its size.
@@ -73,16 +79,32 @@ class _Pass:
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
         backlog = build_backlog(pending)
+        self.watched = backlog.watched
         self.classes = backlog.classes
         shapes = backlog.shapes
         self.dead = [False] * len(shapes)
+        self.fitless = [False] * len(shapes)  # per class: its shape is in no_fit
         for (shape, _), c in self.classes.items():
             self.classes_of_shape.setdefault(shape, []).append(c)
         fair, reasons, n = self.fair, self.reasons, len(pending)
         skipped: list[Entry] = []
-        for _, _, seq, cls in fair.order(backlog, self.dead, skipped):
+        dead_classes: list[int] = []
+        gangs = backlog.gangs
+        dead_gangs = [False] * len(gangs)
+        dead_gang_list: list[int] = []
+
+        def settle(prio: int) -> None:
+            self._settle_level(backlog, prio, dead_gangs)
+
+        fit_and_take, node_ids = self.cl.fit_and_take, self.node_ids
+        placements, charge, watched = self.placements, fair.charge, self.watched
+        quotas, fitless = fair.quotas, self.fitless
+        order = fair.order(
+            backlog, self.dead, skipped, settle, dead_classes, dead_gangs, dead_gang_list
+        )
+        for _, task_id, seq, cls in order:
             if cls < 0:
-                unit = backlog.gangs[seq - n]
+                unit = gangs[seq - n]
                 quota = fair.quota_blocks(unit.user, unit.gpus)
                 if quota is None:
                     self._gang(unit)
@@ -91,21 +113,50 @@ class _Pass:
                         reasons[t.task_id] = quota_reason(unit.user, quota)
                 continue
             t = pending[seq]
-            quota = fair.quota_blocks(t.user, t.gpus) if fair.quotas else None
-            if quota is None:
-                self._single(t, shapes[cls])
-            else:
-                reasons[t.task_id] = quota_reason(t.user, quota)
+            if quotas:
+                quota = fair.quota_blocks(t.user, t.gpus)
+                if quota is not None:
+                    reasons[task_id] = quota_reason(t.user, quota)
+                    continue
+            shape = shapes[cls]
+            # Plain best fit, the common case, in line (_grant's work too):
+            # one call finds the node, picks the GPUs and takes them.
+            if not fitless[cls] and not t.spread and not t.blocks:
+                hit = fit_and_take(shape, t.cpus, t.mem_bytes)
+                if hit is not None:
+                    i, gpus = hit
+                    placements.append(Placement(task_id, node_ids[i], gpus))
+                    charge(t.user, len(gpus), t.cpus, t.mem_bytes)
+                    if t.job_id in watched:
+                        self._track(t.job_id, i)
+                    continue
+                self._fits_nowhere(shape)
+            self._single(t, shape)
         explain = Explainer(self.cl)
         for t, shape in self.unexplained:
             reasons[t.task_id] = explain(t, shape)
+        # Gangs known not to start; quotas are read at the end of the pass.
+        for gang in dead_gang_list:
+            unit = gangs[gang]
+            quota = fair.quota_blocks(unit.user, unit.gpus)
+            if quota is None:
+                why = self.no_gang[unit.shapes, unit.spread]
+            else:
+                why = quota_reason(unit.user, quota)
+            for t in unit.tasks:
+                reasons[t.task_id] = why
         # Dead classes' tasks, in one sweep.  The explainer's reason depends
         # on the shape only (it caches by shape), so it is looked up once per
         # class here; quotas are read at the end of the pass, as for all
         # skipped work.
+        members = backlog.members
         if fair.quotas:
             by_class: list[str | None] = [None] * len(shapes)
-            for _, _, seq, cls in skipped:
+            rest = list(skipped)
+            for c in dead_classes:
+                for entries in members[c].values():
+                    rest.extend(entries)
+            for _, _, seq, cls in rest:
                 t = pending[seq]
                 quota = fair.quota_blocks(t.user, t.gpus)
                 if quota is not None:
@@ -127,10 +178,16 @@ class _Pass:
             reasons.update(
                 zip(map(itemgetter(1), skipped), map(reason_of.__getitem__, cls_of), strict=True)
             )
+            for c in dead_classes:
+                by_user = members[c]
+                first_seq = min(e[2] for entries in by_user.values() for e in entries[:1])
+                reason = explain(pending[first_seq], shapes[c])
+                for entries in by_user.values():
+                    reasons.update(zip(map(itemgetter(1), entries), repeat(reason)))
         reserved: dict[str, tuple[int, ...]] = {}
         for i in sorted(self.cl.claims):
-            gpus = sorted({x for c in self.cl.claims[i] for x in c.gpus})
-            reserved[self.cl.nodes[i].node_id] = tuple(gpus)
+            held = sorted({x for c in self.cl.claims[i] for x in c.gpus})
+            reserved[self.cl.nodes[i].node_id] = tuple(held)
         return Plan(
             placements=tuple(self.placements),
             preemptions=tuple(self.preemptions),
@@ -138,10 +195,30 @@ class _Pass:
             reserved=reserved,
         )
 
+    def _settle_level(self, backlog: Backlog, prio: int, dead_gangs: list[bool]) -> None:
+        """Before a priority level is queued: mark its classes and gangs that
+        can get nothing (FairShare.order then never queues their tasks)."""
+        # A shape that fit nowhere higher up fits nowhere now; with no open
+        # victim below this priority, it can evict nothing either.
+        if self.pre is None or not self.pre.victims_below(prio):
+            for c in backlog.levels[prio]:
+                if backlog.shapes[c] in self.no_fit:
+                    self.dead[c] = True
+        # Likewise a gang alike to one that could not start (and with no
+        # running task of its own to keep away from).
+        if self.no_gang:
+            for _, _, gang in backlog.gang_entries.get(prio, ()):
+                unit = backlog.gangs[gang]
+                if (unit.shapes, unit.spread) in self.no_gang and not self.job_nodes.get(
+                    unit.job_id
+                ):
+                    dead_gangs[gang] = True
+
     def _fits_nowhere(self, shape: Shape) -> None:
         self.no_fit.add(shape)
-        if self.pre is None:
-            for c in self.classes_of_shape.get(shape, ()):
+        for c in self.classes_of_shape.get(shape, ()):
+            self.fitless[c] = True
+            if self.pre is None:
                 self.dead[c] = True
 
     def _evicts_nothing(self, shape: Shape, priority: int) -> None:
@@ -151,11 +228,16 @@ class _Pass:
             self.dead[c] = True
 
     def _grant(self, t: TaskRequest, i: int, gpus: tuple[int, ...]) -> None:
-        self.placements.append(Placement(t.task_id, self.cl.nodes[i].node_id, gpus))
+        self.placements.append(Placement(t.task_id, self.node_ids[i], gpus))
         self.fair.charge(t.user, len(gpus), t.cpus, t.mem_bytes)
-        on = self.job_nodes.get(t.job_id)
+        if t.job_id in self.watched:
+            self._track(t.job_id, i)
+
+    def _track(self, job: str, i: int) -> None:
+        """Note that `job` now runs on node i (asked by its gangs and spread tasks)."""
+        on = self.job_nodes.get(job)
         if on is None:
-            self.job_nodes[t.job_id] = {i}
+            self.job_nodes[job] = {i}
         else:
             on.add(i)
 
@@ -214,7 +296,7 @@ class _Pass:
         cl = self.cl
         shapes = unit.shapes
         busy = self.job_nodes.get(unit.job_id, set())
-        spread = any(t.spread for t in unit.tasks)
+        spread = unit.spread
         key = (shapes, spread)
         if not busy:
             known = self.no_gang.get(key)
@@ -231,11 +313,19 @@ class _Pass:
             chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
             exclude = set(busy)
             for t, shape in zip(unit.tasks, shapes, strict=True):
-                i = None if shape in self.no_fit else cl.find_node(shape, exclude, spread, t.blocks)
-                if i is None:
+                if shape in self.no_fit:
                     break
-                gpus = cl.pick_gpus(i, shape)
-                cl.take(i, gpus, t.cpus, t.mem_bytes)
+                if not spread and not t.blocks:
+                    hit = cl.fit_and_take(shape, t.cpus, t.mem_bytes, exclude)
+                    if hit is None:
+                        break
+                    i, gpus = hit
+                else:
+                    found = cl.find_node(shape, exclude, spread, t.blocks)
+                    if found is None:
+                        break
+                    i, gpus = found, cl.pick_gpus(found, shape)
+                    cl.take(i, gpus, t.cpus, t.mem_bytes)
                 chosen.append((t, i, gpus))
                 exclude.add(i)
             if len(chosen) == len(unit.tasks):
@@ -283,8 +373,8 @@ class _Pass:
                 if running:
                     started[i] = min(a.started_at for a in running)
             self._started = np.array(started, dtype=np.float64)
-            self._node_cpus = np.array([nd.cpus for nd in cl.nodes], dtype=np.float64)
-            self._node_mem = np.array([nd.mem_bytes for nd in cl.nodes], dtype=np.int64)
+            self._node_cpus = np.array(cl.node_cpus, dtype=np.float64)
+            self._node_mem = np.array(cl.node_mem, dtype=np.int64)
         taken: set[int] = set(busy)
         picks: list[tuple[int, Shape]] = []
         ranked: dict[Shape, list[int]] = {}

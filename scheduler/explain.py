@@ -40,20 +40,26 @@ class _Kind:
 
 
 def _kinds(cl: Cluster) -> list[_Kind]:
-    # Per kind: (labels, largest CPUs, largest memory); first seen first.
-    Key = tuple[tuple[tuple[str, str], ...], bool, tuple[tuple[str, int, int], ...]]
+    """The pools (schedulable nodes alike), then the kinds of node that are
+    draining or down.  Static reasons ask any()/max() of these: the order
+    does not matter."""
+    kinds = [_Kind(p.labels, True, p.makeup, p.max_cpus, p.max_mem) for p in cl.pools]
+    # Per kind of unschedulable node: (labels, largest CPUs, largest memory).
+    Key = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...]]
     found: dict[Key, tuple[Mapping[str, str], float, int]] = {}
-    for i, nd in enumerate(cl.nodes):
-        key = (cl.labels_key[i], nd.schedulable, cl.build[i].makeup)
+    for i in cl.unschedulable:
+        nd = cl.nodes[i]
+        key = (cl.labels_key[i], cl.build[i].makeup)
         old = found.get(key)
         if old is None:
             found[key] = (nd.labels, nd.cpus, nd.mem_bytes)
         elif nd.cpus > old[1] or nd.mem_bytes > old[2]:
             found[key] = (nd.labels, max(nd.cpus, old[1]), max(nd.mem_bytes, old[2]))
-    return [
-        _Kind(labels, schedulable, makeup, cpus, mem)
-        for (_, schedulable, makeup), (labels, cpus, mem) in found.items()
-    ]
+    kinds.extend(
+        _Kind(labels, False, makeup, cpus, mem)
+        for (_, makeup), (labels, cpus, mem) in found.items()
+    )
+    return kinds
 
 
 def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str | None:

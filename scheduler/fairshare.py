@@ -10,7 +10,7 @@ to the smaller task id: nothing depends on hash seeds or dict order.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -33,6 +33,7 @@ class Unit(NamedTuple):
     gpus: int
     is_gang: bool
     cls: int  # request class (shape, priority) of a single task, -1 for a gang
+    spread: bool = False  # a gang: any of its tasks spreads
 
 
 def build_units(
@@ -66,6 +67,7 @@ def build_units(
                         t.gpus,
                         False,
                         cls,
+                        t.spread,
                     ),
                 )
             )
@@ -73,15 +75,41 @@ def build_units(
     return units
 
 
-def _gang_units(gangs: dict[str, list[TaskRequest]]) -> Iterator[Unit]:
+_rank_key = attrgetter("rank", "task_id")
+_age_key = attrgetter("submitted_at", "task_id")
+_priority = attrgetter("priority")
+
+
+def _gang_units(
+    gangs: dict[str, list[TaskRequest]], shape_of_raw: dict[tuple[object, ...], Shape] | None = None
+) -> Iterator[Unit]:
+    """One unit per gang job.  `shape_of_raw` remembers shapes by the raw
+    request fields (gang tasks of one job usually ask for the same)."""
+    if shape_of_raw is None:
+        shape_of_raw = {}
     for job_id, ts in gangs.items():
-        ts.sort(key=lambda t: (t.rank, t.task_id))
-        oldest = min((t.submitted_at, t.task_id) for t in ts)
+        ts.sort(key=_rank_key)
+        oldest = min(map(_age_key, ts))
         # A gang runs at the priority of its most important member, owned by rank 0's user.
-        prio = max(t.priority for t in ts)
-        shapes = tuple(shape_of(t) for t in ts)
-        gpus = sum(t.gpus for t in ts)
-        yield Unit(tuple(ts), shapes, prio, ts[0].user, job_id, oldest, gpus, True, -1)
+        prio = max(map(_priority, ts))
+        shapes: list[Shape] = []
+        gpus = 0
+        spread = False
+        for t in ts:
+            raw: tuple[object, ...] = (t.gpus, t.cpus, t.mem_bytes, t.gpu_type, t.gpu_mem_min)
+            c = t.constraints
+            if c:
+                raw = (*raw, *sorted(c.items()))
+            shape = shape_of_raw.get(raw)
+            if shape is None:
+                shape = shape_of_raw[raw] = shape_of(t)
+            shapes.append(shape)
+            gpus += t.gpus
+            if t.spread:
+                spread = True
+        yield Unit(
+            tuple(ts), tuple(shapes), prio, ts[0].user, job_id, oldest, gpus, True, -1, spread
+        )
 
 
 # One queued unit of work: (submitted_at, task_id, seq, cls).  For a single
@@ -94,57 +122,91 @@ Entry = tuple[float, str, int, int]
 
 
 class Backlog(NamedTuple):
-    levels: dict[int, dict[str, list[Entry]]]  # priority -> user -> entries
+    """Pending work grouped by request class; queues per user are made one
+    priority level at a time, when the pass reaches it (FairShare.order)."""
+
+    members: list[dict[str, list[Entry]]]  # request class -> user -> its entries
+    levels: dict[int, list[int]]  # priority -> its request classes
+    # priority -> (user, entry, index in gangs) per gang
+    gang_entries: dict[int, list[tuple[str, Entry, int]]]
     gangs: list[Unit]
     classes: dict[tuple[Shape, int], int]  # (shape, priority) -> request class
     shapes: list[Shape]  # request class -> shape
-
-
-# Every field a request class depends on, but constraints (a Mapping).
-_raw_request = attrgetter("gpus", "cpus", "mem_bytes", "gpu_type", "gpu_mem_min", "priority")
+    # Jobs whose nodes the pass must track: gangs and jobs with spread tasks.
+    watched: set[str]
 
 
 def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
-    """Queue pending work by priority and user; number single tasks by
-    request class.  Tasks asking for the same thing share a class, found by
-    one dictionary look-up on their raw fields."""
-    levels: dict[int, dict[str, list[Entry]]] = {}
+    """Queue pending single tasks by request class and user, gangs by job.
+    Tasks asking for the same thing share a class, found by one dictionary
+    look-up on their raw fields.  This loop runs once per pending task:
+    attributes are read in line (an attrgetter call costs twice as much)."""
+    members: list[dict[str, list[Entry]]] = []
+    levels: dict[int, list[int]] = {}
     classes: dict[tuple[Shape, int], int] = {}
     shapes: list[Shape] = []
     raw_class: dict[tuple[object, ...], int] = {}
     gang_tasks: dict[str, list[TaskRequest]] = {}
+    watched: set[str] = set()
     for seq, t in enumerate(pending):
         if t.gang_size > 1:
             gang_tasks.setdefault(t.job_id, []).append(t)
             continue
-        raw = _raw_request(t)
+        # Every field a request class depends on; constraints are a Mapping.
+        raw: tuple[object, ...] = (
+            t.gpus,
+            t.cpus,
+            t.mem_bytes,
+            t.gpu_type,
+            t.gpu_mem_min,
+            t.priority,
+        )
         c = t.constraints
         if c:
             raw = (*raw, *sorted(c.items()))
+        if t.spread:
+            watched.add(t.job_id)
         cls = raw_class.get(raw)
-        prio = t.priority
         if cls is None:
             shape = shape_of(t)
+            prio = t.priority
             cls = classes.get((shape, prio))
             if cls is None:
                 cls = classes[shape, prio] = len(shapes)
                 shapes.append(shape)
+                members.append({})
+                levels.setdefault(prio, []).append(cls)
             raw_class[raw] = cls
-        by_user = levels.get(prio)
-        if by_user is None:
-            by_user = levels[prio] = {}
+        by_user = members[cls]
         q = by_user.get(t.user)
         if q is None:
             q = by_user[t.user] = []
         q.append((t.submitted_at, t.task_id, seq, cls))
     gangs: list[Unit] = []
+    gang_entries: dict[int, list[tuple[str, Entry, int]]] = {}
     n = len(pending)
     for unit in _gang_units(gang_tasks):
-        levels.setdefault(unit.priority, {}).setdefault(unit.user, []).append(
-            (*unit.key, n + len(gangs), -1)
+        levels.setdefault(unit.priority, [])
+        gang_entries.setdefault(unit.priority, []).append(
+            (unit.user, (*unit.key, n + len(gangs), -1), len(gangs))
         )
         gangs.append(unit)
-    return Backlog(levels, gangs, classes, shapes)
+    watched.update(gang_tasks)
+    return Backlog(members, levels, gang_entries, gangs, classes, shapes, watched)
+
+
+class Held:
+    """What one user holds (running, placed or waiting on preemptions)."""
+
+    __slots__ = ("cpus", "gpus", "mem_bytes")  # read and written once per grant
+
+    def __init__(self) -> None:
+        self.gpus = 0
+        self.cpus = 0.0
+        self.mem_bytes = 0
+
+
+_NOTHING_HELD = Held()
 
 
 class FairShare:
@@ -160,17 +222,18 @@ class FairShare:
         # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
         self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas
-        self.gpus: dict[str, int] = {}
-        self.cpus: dict[str, float] = {}
-        self.mem: dict[str, int] = {}
+        self.held: dict[str, Held] = {}
         self.shares: dict[str, float] = {}  # dominant share, kept current by charge()
         for a in allocations:
             self.charge(a.user, len(a.gpus), a.cpus, a.mem_bytes)
 
     def charge(self, user: str, gpus: int, cpus: float, mem: int) -> None:
-        g = self.gpus[user] = self.gpus.get(user, 0) + gpus
-        c = self.cpus[user] = self.cpus.get(user, 0.0) + cpus
-        m = self.mem[user] = self.mem.get(user, 0) + mem
+        h = self.held.get(user)
+        if h is None:
+            h = self.held[user] = Held()
+        g = h.gpus = h.gpus + gpus
+        c = h.cpus = h.cpus + cpus
+        m = h.mem_bytes = h.mem_bytes + mem
         ig, ic, im = self.inverse
         # max() of the three, without the builtin call (this runs per grant);
         # ties keep the first, as max() does.
@@ -182,12 +245,15 @@ class FairShare:
             share = ms
         self.shares[user] = share
 
+    def holds(self, user: str) -> Held:
+        return self.held.get(user, _NOTHING_HELD)
+
     def share(self, user: str) -> float:
         return self.shares.get(user, 0.0)
 
     def within_quota(self, user: str) -> bool:
         q = self.quotas.get(user)
-        return q is None or self.gpus.get(user, 0) <= q
+        return q is None or self.holds(user).gpus <= q
 
     def quota_blocks(self, user: str, gpus: int) -> int | None:
         """The user's quota when granting `gpus` more would break it, else None.
@@ -195,13 +261,20 @@ class FairShare:
         q = self.quotas.get(user)
         if q is None:
             return None
-        held = self.gpus.get(user, 0)
+        held = self.holds(user).gpus
         if held > q or held + gpus > q:
             return q
         return None
 
     def order(
-        self, backlog: Backlog, dead: Sequence[bool] = (), skipped: list[Entry] | None = None
+        self,
+        backlog: Backlog,
+        dead: Sequence[bool] = (),
+        skipped: list[Entry] | None = None,
+        settle: Callable[[int], object] | None = None,
+        dead_classes: list[int] | None = None,
+        dead_gangs: Sequence[bool] = (),
+        dead_gang_list: list[int] | None = None,
     ) -> Iterator[Entry]:
         """Yield the backlog's entries in scheduling order.  The caller charges
         what it grants before asking for the next entry; shares are read when
@@ -211,9 +284,38 @@ class FairShare:
         (the caller found it fits nowhere and evicts nothing).  Its entries
         are not yielded but appended to `skipped`, without a trip through the
         heap: they change no share, so the order of the live entries is the
-        same as without the shortcut."""
+        same as without the shortcut.
+
+        Before a priority level is queued, `settle(priority)` lets the caller
+        mark the level's classes that are dead already (what fit nowhere
+        higher up and can evict nothing at this level).  Their tasks are never
+        queued at all: the class goes to `dead_classes` whole, so a level of
+        tens of thousands of tasks that cannot start costs no work per task.
+        Likewise a gang marked in `dead_gangs` (by its index in
+        `backlog.gangs`) goes to `dead_gang_list` instead of the queue."""
+        members = backlog.members
         for prio in sorted(backlog.levels, reverse=True):
-            queues = backlog.levels[prio]
+            if settle is not None:
+                settle(prio)
+            queues: dict[str, list[Entry]] = {}
+            for cls in backlog.levels[prio]:
+                if dead and dead[cls] and dead_classes is not None:
+                    dead_classes.append(cls)
+                    continue
+                for user, entries in members[cls].items():
+                    q = queues.get(user)
+                    if q is None:
+                        queues[user] = entries[:]
+                    else:
+                        q += entries
+            for user, entry, gang in backlog.gang_entries.get(prio, ()):
+                if dead_gangs and dead_gangs[gang] and dead_gang_list is not None:
+                    dead_gang_list.append(gang)
+                    continue
+                q = queues.get(user)
+                if q is None:
+                    q = queues[user] = []
+                q.append(entry)
             heap: list[tuple[float, float, str, str]] = []
             pos: dict[str, int] = {}
             for user, q in queues.items():
@@ -260,13 +362,13 @@ def queue_report(
     for t in pending:
         n, g = waiting.get(t.user, (0, 0))
         waiting[t.user] = (n + 1, g + t.gpus)
-    users = sorted(set(fair.gpus) | set(waiting))
+    users = sorted(set(fair.held) | set(waiting))
     rows = [
         UserShare(
             user=u,
-            gpus=fair.gpus.get(u, 0),
-            cpus=fair.cpus.get(u, 0.0),
-            mem_bytes=fair.mem.get(u, 0),
+            gpus=fair.holds(u).gpus,
+            cpus=fair.holds(u).cpus,
+            mem_bytes=fair.holds(u).mem_bytes,
             dominant_share=fair.share(u),
             pending_tasks=waiting.get(u, (0, 0))[0],
             pending_gpus=waiting.get(u, (0, 0))[1],

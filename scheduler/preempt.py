@@ -14,7 +14,7 @@ also need.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .cluster import EPS, Cluster, Shape, gpu_matches
 from .types import Allocation, Policy
@@ -24,14 +24,14 @@ from .types import Allocation, Policy
 MAX_FEASIBLE_NODES = 4
 
 
-@dataclass(frozen=True)
-class Eviction:
+class Eviction(NamedTuple):  # (not a dataclass: a pass weighs thousands of these)
     node: int
     victims: tuple[int, ...]  # indices into Preemptor.allocs
     gpus: tuple[int, ...]  # the GPUs the preemptor will get
     extra_gpus: tuple[int, ...]  # of those, the ones that are free today
     extra_cpus: float  # free CPUs/memory it needs besides the victims'
     extra_mem: int
+    victim_gpus: int  # GPUs the victims hold in all (what the eviction costs)
 
 
 def protected_users(allocations: Sequence[Allocation], policy: Policy) -> set[str]:
@@ -77,8 +77,12 @@ class Preemptor:
         # fails once fails for good: it is dropped from the list and no later
         # search looks at it again.
         self._alive: dict[tuple[Shape, int], list[int]] = {}
-        # (node, shape, level index) -> (node state it was worked out on, eviction)
-        self._seen: dict[tuple[int, Shape, int], tuple[tuple[object, ...], Eviction | None]] = {}
+        # usable pools -> alloc_nodes in those pools: many shapes share them.
+        self._alive_base: dict[frozenset[int], list[int]] = {}
+        # (shape, level index) -> node -> (node state it was worked out on, eviction)
+        self._seen: dict[
+            tuple[Shape, int], dict[int, tuple[tuple[object, ...], Eviction | None]]
+        ] = {}
 
     def _count(self, k: int, sign: int) -> None:
         i, p, g = self.node_l[k], self.prio_l[k], len(self.allocs[k].gpus)
@@ -92,6 +96,10 @@ class Preemptor:
             self.is_open[k] = False
             self.open_at[self.prio_l[k]] -= 1
             self._count(k, -1)
+
+    def victims_below(self, priority: int) -> bool:
+        """Whether any open allocation has a priority below `priority`."""
+        return any(n > 0 for lv, n in self.open_at.items() if lv < priority)
 
     def find(self, shape: Shape, priority: int) -> Eviction | None:
         """The eviction that makes `shape` fit, or None when none does.
@@ -117,8 +125,16 @@ class Preemptor:
             key = (shape, j)
             alive = self._alive.get(key)
             if alive is None:
-                pool_of = cl.pool_of
-                alive = self._alive[key] = [i for i in self.alloc_nodes if pool_of[i] in usable]
+                base = self._alive_base.get(usable)
+                if base is None:
+                    pool_of = cl.pool_of
+                    base = self._alive_base[usable] = [
+                        i for i in self.alloc_nodes if pool_of[i] in usable
+                    ]
+                alive = self._alive[key] = base[:]
+            seen_on = self._seen.get(key)
+            if seen_on is None:
+                seen_on = self._seen[key] = {}
             best: tuple[tuple[int, int, int], Eviction] | None = None
             feasible = 0
             kept: list[int] = []  # the nodes looked at that stay alive
@@ -130,18 +146,17 @@ class Preemptor:
                 # An eviction depends on the node's free resources and its
                 # open victims only (count[i] names those: victims only ever
                 # close): reuse it while they are unchanged.
-                stamp = (tuple(cl.free[i]), cl.free_cpu[i], cl.free_mem[i], count[i])
-                seen = self._seen.get((i, shape, j))
+                stamp = (cl.free[i], cl.free_cpu[i], cl.free_mem[i], count[i])
+                seen = seen_on.get(i)
                 if seen is not None and seen[0] == stamp:
                     ev = seen[1]
                 else:
                     ev = self._evict_on(i, shape, level + 1, cl.pool_of[i] in whole_set)
-                    self._seen[i, shape, j] = (stamp, ev)
+                    seen_on[i] = (stamp, ev)
                 if ev is None:
                     continue
                 kept.append(i)
-                vs = [self.allocs[k] for k in ev.victims]
-                rank = (len(vs), sum(len(a.gpus) for a in vs), i)
+                rank = (len(ev.victims), ev.victim_gpus, i)
                 if best is None or rank < best[0]:
                     best = (rank, ev)
                 feasible += 1
@@ -156,14 +171,14 @@ class Preemptor:
     def _evict_on(self, i: int, shape: Shape, priority: int, all_match: bool) -> Eviction | None:
         cl = self.cl
         g, cpus, mem = shape[0], shape[1], shape[2]
-        allocs = self.allocs
-        victims = [
-            k for k in self.on_node.get(i, ()) if self.is_open[k] and self.prio_l[k] < priority
-        ]
+        allocs, is_open, prio_l = self.allocs, self.is_open, self.prio_l
+        victims = [k for k in self.on_node.get(i, ()) if is_open[k] and prio_l[k] < priority]
         if not victims:
             return None
         info = cl.gpu_info[i]
-        if all_match:
+        if all_match and len(victims) == 1:
+            usable = {victims[0]: allocs[victims[0]].gpus}  # the common case: no comprehension
+        elif all_match:
             usable = {k: allocs[k].gpus for k in victims}
         else:
             usable = {
@@ -185,7 +200,8 @@ class Preemptor:
             all_g, all_c, all_m = all_g + len(usable[k]), all_c + a.cpus, all_m + a.mem_bytes
         if not (all_g >= g and all_c + EPS >= cpus and all_m >= mem):
             return None  # even evicting every candidate would not do
-        victims.sort(key=self.order_key.__getitem__)
+        if len(victims) > 1:
+            victims.sort(key=self.order_key.__getitem__)
         chosen: list[int] = []
         for k in victims:
             if have_g >= g and have_c + EPS >= cpus and have_m >= mem:
@@ -195,22 +211,30 @@ class Preemptor:
             have_g, have_c, have_m = have_g + len(usable[k]), have_c + a.cpus, have_m + a.mem_bytes
         # Greedy by priority can overshoot; drop whoever turns out unnecessary,
         # most valuable (highest priority, oldest) first.
-        for k in reversed(list(chosen)):
+        for k in reversed(list(chosen)) if len(chosen) > 1 else ():
             a = allocs[k]
             w_g, w_c, w_m = have_g - len(usable[k]), have_c - a.cpus, have_m - a.mem_bytes
             if len(chosen) > 1 and w_g >= g and w_c + EPS >= cpus and w_m >= mem:
                 chosen.remove(k)
                 have_g, have_c, have_m = w_g, w_c, w_m
-        pool = sorted({*free_gpus, *(x for k in chosen for x in usable[k])})
-        gpus = cl.pick_gpus(i, shape, pool)
+        if len(chosen) == 1:  # the common case, without generators (same sums)
+            k = chosen[0]
+            a = allocs[k]
+            pool = sorted({*free_gpus, *usable[k]})
+            freed_cpu, freed_mem, victim_gpus = 0 + a.cpus, 0 + a.mem_bytes, len(a.gpus)
+        else:
+            pool = sorted({*free_gpus, *(x for k in chosen for x in usable[k])})
+            freed_cpu = sum(allocs[k].cpus for k in chosen)
+            freed_mem = sum(allocs[k].mem_bytes for k in chosen)
+            victim_gpus = sum(len(allocs[k].gpus) for k in chosen)
+        gpus = cl.pick_gpus(i, shape, pool, presorted=True)
         free_set = set(free_gpus)
-        freed_cpu = sum(allocs[k].cpus for k in chosen)
-        freed_mem = sum(allocs[k].mem_bytes for k in chosen)
         return Eviction(
-            node=i,
-            victims=tuple(sorted(chosen)),
-            gpus=gpus,
-            extra_gpus=tuple(x for x in gpus if x in free_set),
-            extra_cpus=max(0.0, cpus - freed_cpu),
-            extra_mem=max(0, mem - freed_mem),
+            i,
+            tuple(sorted(chosen)),
+            gpus,
+            tuple([x for x in gpus if x in free_set]),
+            max(0.0, cpus - freed_cpu),
+            max(0, mem - freed_mem),
+            victim_gpus,
         )

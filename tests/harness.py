@@ -145,6 +145,8 @@ class Cluster:
     master_args: list[str] = field(default_factory=list)
     # Added to the masters' environment (e.g. the test-only fault hooks).
     master_env: dict[str, str] = field(default_factory=dict)
+    # The admin token maps to root: test clusters let its jobs run.
+    allow_root_tasks: bool = True
     masters: list[Master] = field(default_factory=list)
     agents: list[Proc] = field(default_factory=list)
     extra: list[Proc] = field(default_factory=list)
@@ -199,6 +201,7 @@ class Cluster:
             str(self.ttl_s),
             "--kill-grace",
             "2",
+            *(["--allow-root-tasks"] if self.allow_root_tasks else []),
             *self.master_args,
         ]
 
@@ -314,11 +317,13 @@ class Cluster:
         args: dict[str, Any] | None = None,
         addr: str | None = None,
         timeout_s: float = 20,
+        token: Any = None,
     ) -> Any:
+        """One call as the admin, or as `token` (a leptond.wire.tokens.Token)."""
         from leptond.wire.client import ClusterClient, parse_addrs
         from leptond.wire.tokens import parse_token
 
-        tok = parse_token(self.admin_token)
+        tok = token or parse_token(self.admin_token)
 
         async def go() -> Any:
             c = ClusterClient(
@@ -392,11 +397,13 @@ class Cluster:
         self.kill_strays()
 
     def kill_strays(self) -> None:
-        """Task shims run in their own sessions so they outlive a killed agent; end them too."""
+        """Task shims run in their own sessions so they outlive a killed agent; end them too,
+        and whatever is left in the agents' task cgroups."""
         try:
             import psutil
         except ImportError:
             return
+        self.remove_task_cgroups()
         root = str(self.root)
         for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
             cmd = " ".join(p.info.get("cmdline") or [])
@@ -412,6 +419,19 @@ class Cluster:
                     p.kill()
                 except psutil.Error:
                     pass
+
+    def remove_task_cgroups(self) -> None:
+        from agent.cgroups import remove_agent_tree
+
+        for d in self.root.glob("agent-*"):
+            try:
+                nid = (d / "node_id").read_text().strip()
+            except OSError:
+                continue
+            try:
+                remove_agent_tree(nid)
+            except Exception:
+                pass
 
     def logs(self) -> str:
         parts = []

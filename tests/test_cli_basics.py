@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 import subprocess
@@ -170,3 +171,97 @@ def test_bad_master_policy_flags_are_one_line_and_exit_2(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and what in lines[0], lines
     assert not (tmp_path / "d").exists()
+
+
+def _undocumented(p: argparse.ArgumentParser, path: str) -> list[str]:
+    """Flags and arguments of `p` and its subcommands that have no help text."""
+    missing = []
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += _undocumented(sub, f"{path} {name}")
+        elif isinstance(action, argparse._HelpAction):
+            continue
+        elif not action.help or action.help == argparse.SUPPRESS:
+            missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+    return missing
+
+
+def test_every_flag_of_every_program_says_what_it_does() -> None:
+    from agent.cli import parser as agent_parser
+    from leptonctl.cli import parser as ctl_parser
+    from leptond.cli import parser as leptond_parser
+
+    missing = (
+        _undocumented(ctl_parser(), "leptonctl")
+        + _undocumented(leptond_parser(), "leptond")
+        + _undocumented(agent_parser(), "lepton-agent")
+    )
+    assert missing == []
+
+
+def test_gpus_help_says_it_is_per_node() -> None:
+    out = run(sys.executable, "-m", "leptonctl.cli", "submit", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "GPUs per node" in text and "Slurm's --gpus is per job" in text
+
+
+@pytest.mark.parametrize("prog", ["leptonctl.cli", "leptond.cli"])
+def test_version(prog: str) -> None:
+    from importlib.metadata import version
+
+    out = run(sys.executable, "-m", prog, "--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [prog.split(".")[0], version("leptond")]
+
+
+CTL = [sys.executable, "-m", "leptonctl.cli", "--addr", "127.0.0.1:1", "--token", "ltk_admin_" + "A" * 43]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["python", "-c", "print(1)", "--gpus", "1"], "--gpus"),
+        (["train.py", "--nodes=2"], "--nodes"),
+        (["sh", "-c", "true", "--wait"], "--wait"),
+    ],
+)
+def test_a_flag_of_submit_after_the_command_is_refused_with_a_hint(
+    argv: list[str], flag: str
+) -> None:
+    # Nothing listens at 127.0.0.1:1: a submit that went ahead would say so instead.
+    out = run(*CTL, "submit", *argv)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and " -- " in lines[0], lines
+
+
+def test_with_dashes_the_same_words_are_the_command() -> None:
+    from leptonctl.cli import check_submit_command
+
+    words = ["--", "python", "-c", "print(1)", "--gpus", "1"]
+    assert check_submit_command(words) == words[1:]
+
+
+@pytest.mark.parametrize("gpus", ["99999999999999999999", "-1", "2000", "two"])
+def test_an_impossible_gpu_count_is_one_line_before_anything_is_sent(gpus: str) -> None:
+    out = run(*CTL, "submit", "--gpus", gpus, "--", "true")
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--gpus" in lines[0] and "Traceback" not in out.stderr, lines
+
+
+@pytest.mark.parametrize(
+    "addr, words",
+    [
+        ("http://127.0.0.1:7441", ["is a URL", "HOST:PORT", "7441"]),
+        ("https://10.0.0.1:7440/", ["is a URL", "e.g. 10.0.0.1:7441"]),
+    ],
+)
+def test_a_url_for_an_address_is_refused_with_a_hint(addr: str, words: list[str]) -> None:
+    out = run(sys.executable, "-m", "leptonctl.cli", "--addr", addr, "--token",
+              "ltk_admin_" + "A" * 43, "jobs")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines

@@ -145,7 +145,7 @@ def test_snapshot_save_restore_and_corrupt_file(cluster: Cluster, tmp_path: Path
     late = [cluster.submit("--name", f"late{i}", "--", "true") for i in range(2)]
     assert set(late) <= set(job_states(cluster))
 
-    out = cluster.ctl("snapshot", "restore", str(path))
+    out = cluster.ctl("snapshot", "restore", str(path), "--yes")
     assert out.stdout.startswith(f"restored {len(saved)} job(s)"), out.stdout
     assert set(job_states(cluster)) == saved
     for m in cluster.masters:  # every replica applied the restore

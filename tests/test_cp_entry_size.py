@@ -114,7 +114,7 @@ def test_specs_just_under_the_limit_of_non_ascii_bytes_replicate_to_every_master
     saved = {r["id"] for r in cluster.ctl_json("jobs", "--all")}
     assert path.stat().st_size > 1024 * 1024
     later = cluster.submit("--", "true")
-    out = cluster.ctl("snapshot", "restore", str(path))
+    out = cluster.ctl("snapshot", "restore", str(path), "--yes")
     assert out.stdout.startswith(f"restored {len(saved)} job(s)"), out.stdout
     for m in cluster.masters:
         wait_for(

@@ -286,7 +286,8 @@ def test_cancel_of_a_finished_job_is_one_line(hosts: Cluster) -> None:
 
 
 def test_more_gpus_than_any_node_stays_pending_with_a_reason(hosts: Cluster) -> None:
-    job = hosts.submit("--gpus", "5", "--", "true")
+    # --queue-anyway: without it, it is refused at submit (test_cli_e2e).
+    job = hosts.submit("--gpus", "5", "--queue-anyway", "--", "true")
 
     def with_reason() -> dict[str, Any]:
         s = hosts.status(job)

@@ -292,7 +292,9 @@ def test_the_gpu_host_joined_with_its_join_token_and_holds_no_cluster_key(site: 
     assert not (gpu / "etc/lepton/cluster.key").exists()
     assert mode_owner(gpu / "etc/lepton/join.token")[0] == 0o600
     state = gpu / "var/lib/lepton-agent"
-    assert mode_owner(state) == (0o700, "root", "root")
+    # 0711 (as StateDirectoryMode in the unit): tasks pass through to their
+    # own directories; nobody else lists or reads it.
+    assert mode_owner(state) == (0o711, "root", "root")
     assert mode_owner(state / "node.credential")[:2] == (0o600, "root")
     # The people's token the README makes works, alone on its line.
     made = next(v for k, v in site.outputs.items() if "token create --role submit" in k)

@@ -293,6 +293,27 @@ def test_log_flood_stays_under_the_cap_and_the_runner_stays_responsive(
     assert log_bytes_on_disk(tdir) <= cap
 
 
+def test_stderr_is_kept_apart_as_well_as_in_the_output(runner: TaskRunner, root: Path) -> None:
+    script = "echo out1; echo err1 >&2; sleep 0.2; echo out2; echo err2 >&2"
+    runner.start(spec("t1", ["sh", "-c", script]))
+    assert exit_of(runner, "t1").exit_code == 0
+    tdir = root / "t1"
+    both, _ = tasklog.read_log(tdir, 0, 1 << 20)
+    err, _ = tasklog.read_log(tdir, 0, 1 << 20, stream=tasklog.STDERR)
+    assert sorted(both.decode().split()) == ["err1", "err2", "out1", "out2"]
+    assert err == b"err1\nerr2\n"
+    # Each line can be dated: the records cover the output from its start.
+    recs = tasklog.read_times(tdir, 0, len(both))
+    assert recs and recs[0][0] == 0 and all(abs(t - time.time()) < 60 for _, t in recs)
+
+
+def test_a_command_that_cannot_start_says_so_on_stderr(runner: TaskRunner) -> None:
+    runner.start(spec("t1", ["/no/such/program"]))
+    assert exit_of(runner, "t1").exit_code == 127
+    err, _ = tasklog.read_log(runner.task_dir("t1"), 0, 1 << 20, stream=tasklog.STDERR)
+    assert b"command not found: /no/such/program" in err
+
+
 def test_read_log_follows_output_across_rotation(runner: TaskRunner, root: Path) -> None:
     # 2000 numbered lines (about 10 KiB) through a 4 KiB cap: the reader,
     # following from offset 0, must see a gap and then a contiguous tail.

@@ -72,19 +72,20 @@ def test_preemption_stops_and_requeues_a_real_task(cluster: Cluster) -> None:
 def test_pending_reasons_in_words_and_constraints(cluster: Cluster) -> None:
     cluster.start_agent("h1", gpus="4", extra=["--labels", "zone=a"])
     cluster.wait_nodes_ready(1)
-    big = cluster.submit("--gpus", "8", "--", "true")
+    # --queue-anyway: without it these are refused at submit (test_cli_e2e).
+    big = cluster.submit("--gpus", "8", "--queue-anyway", "--", "true")
     st = wait_for(lambda: (s := cluster.status(big)).get("reason") and s, 30, "reason for 8 GPUs")
     assert "8 GPUs" in st["reason"] and "4" in st["reason"]
     text = cluster.ctl("status", big).stdout
     assert "pending" in text and "8 GPUs" in text
-    zone = cluster.submit("--constraint", "zone=b", "--", "true")
+    zone = cluster.submit("--constraint", "zone=b", "--queue-anyway", "--", "true")
     st = wait_for(lambda: (s := cluster.status(zone)).get("reason") and s, 30, "reason for zone=b")
     assert "zone=b" in st["reason"]
-    model = cluster.submit("--gpus", "1", "--gpu-type", "H100", "--", "true")
+    model = cluster.submit("--gpus", "1", "--gpu-type", "H100", "--queue-anyway", "--", "true")
     st = wait_for(lambda: (s := cluster.status(model)).get("reason") and s, 30, "reason for H100")
     assert "H100" in st["reason"]
     # Simulated GPUs have 80 GiB each.
-    roomy = cluster.submit("--gpus", "1", "--gpu-mem", "100G", "--", "true")
+    roomy = cluster.submit("--gpus", "1", "--gpu-mem", "100G", "--queue-anyway", "--", "true")
     st = wait_for(
         lambda: (s := cluster.status(roomy)).get("reason") and s, 30, "reason for --gpu-mem"
     )
@@ -117,8 +118,13 @@ def test_queue_shows_users_and_quota_holds_work(quota_cluster: Cluster) -> None:
     c = quota_cluster
     c.start_agent("h1", gpus="4")
     c.wait_nodes_ready(1)
-    carol = c.ctl("token", "create", "--role", "submit", "--name", "carol").stdout.strip()
-    dave = c.ctl("token", "create", "--role", "submit", "--name", "dave").stdout.strip()
+    # No such accounts on the test host: their jobs run as root (allowed here).
+    carol, dave = (
+        c.ctl(
+            "token", "create", "--role", "submit", "--name", n, "--unix-user", "root"
+        ).stdout.strip()
+        for n in ("carol", "dave")
+    )
     j1 = c.submit("--gpus", "1", "--cpus", "0.5", "--", "sleep", "30", token=carol)
     j2 = c.submit("--gpus", "1", "--cpus", "0.5", "--", "sleep", "30", token=carol)
     j3 = c.submit("--gpus", "2", "--cpus", "0.5", "--", "sleep", "30", token=dave)

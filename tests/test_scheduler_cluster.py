@@ -19,13 +19,15 @@ MODELS = [
 
 
 @st.composite
-def views(draw: st.DrawFn) -> tuple[list[NodeView], list[Allocation]]:
+def views(draw: st.DrawFn, alike: bool = False) -> tuple[list[NodeView], list[Allocation]]:
+    """A few nodes of random make-up, or (`alike`) more nodes of one kind,
+    so that several share a pool and a free count."""
     nodes: list[NodeView] = []
     allocs: list[Allocation] = []
-    for i in range(draw(st.integers(1, 8))):
-        n_gpus = draw(st.sampled_from([0, 2, 4, 8]))
-        mixed = draw(st.booleans()) and draw(st.booleans())
-        first = draw(st.sampled_from(MODELS))
+    for i in range(draw(st.integers(1, 12 if alike else 8))):
+        n_gpus = 8 if alike else draw(st.sampled_from([0, 2, 4, 8]))
+        mixed = not alike and draw(st.booleans()) and draw(st.booleans())
+        first = MODELS[0] if alike else draw(st.sampled_from(MODELS))
         one_domain = draw(st.booleans())  # else NVLink/NUMA domains per GPU
         gpus = tuple(
             Gpu(
@@ -44,8 +46,8 @@ def views(draw: st.DrawFn) -> tuple[list[NodeView], list[Allocation]]:
             cpus,
             mem,
             gpus,
-            labels={"zone": draw(st.sampled_from("ab"))},
-            schedulable=draw(st.booleans()) or draw(st.booleans()),
+            labels={"zone": "a" if alike else draw(st.sampled_from("ab"))},
+            schedulable=alike or draw(st.booleans()) or draw(st.booleans()),
         )
         nodes.append(nd)
         busy = draw(st.lists(st.integers(0, max(n_gpus - 1, 0)), unique=True, max_size=n_gpus))
@@ -98,3 +100,76 @@ def test_fit_and_take_matches_find_pick_take(
         assert fast.nfree_l == slow.nfree_l
         assert fast.free_cpu == slow.free_cpu
         assert fast.free_mem == slow.free_mem
+
+
+def brute_best(
+    cl: Cluster, nodes: list[NodeView], t: TaskRequest, exclude: set[int], spread: bool
+) -> int | None:
+    """Best fit (or spread) by scanning every node: the fewest (most) free
+    GPUs among the nodes that can host the task, then the lowest index."""
+    shape = shape_of(t)
+    best: tuple[int, int] | None = None
+    for i, nd in enumerate(nodes):
+        if not nd.schedulable or i in exclude:
+            continue
+        if any(nd.labels.get(k) != v for k, v in t.constraints.items()):
+            continue
+        if cl.free_cpu[i] + 1e-9 < t.cpus or cl.free_mem[i] < t.mem_bytes:
+            continue
+        by_index = {g.index: g for g in nd.gpus}
+        matching = [
+            x
+            for x in cl.free[i]
+            if (t.gpu_type is None or t.gpu_type.lower() in by_index[x].model.lower())
+            and by_index[x].mem_bytes >= t.gpu_mem_min
+        ]
+        if len(matching) < shape[0]:
+            continue
+        key = (-len(cl.free[i]) if spread else len(cl.free[i]), i)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[1]
+
+
+def assert_buckets_consistent(cl: Cluster) -> None:
+    """Per pool and free count: the live count, the pools' bit set and the
+    heap entries agree with the nodes' free GPUs."""
+    for pid, pool in enumerate(cl.pools):
+        for f, live in enumerate(pool.live):
+            members = [i for i in pool.nodes if len(cl.free[i]) == f]
+            assert live == len(members)
+            assert bool(cl.pools_at[f] >> pid & 1) == bool(members)
+            assert set(members) <= set(pool.buckets[f])
+    assert cl.nfree_l == [len(f) for f in cl.free]
+    assert cl.nfree.tolist() == cl.nfree_l
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.booleans().flatmap(lambda alike: views(alike)),
+    st.lists(
+        st.tuples(requests, st.booleans(), st.booleans(), st.sets(st.integers(0, 7), max_size=3)),
+        max_size=25,
+    ),
+)
+def test_node_choice_matches_a_scan_of_every_node(
+    view: tuple[list[NodeView], list[Allocation]],
+    reqs: list[tuple[TaskRequest, bool, bool, set[int]]],
+) -> None:
+    """find_node and fit_and_take (with nodes excluded, as for a gang's
+    later tasks) choose what a scan of every node chooses, and the per-count
+    structures stay consistent through takes and gang-style give-backs."""
+    nodes, allocs = view
+    cl = Cluster(nodes, allocs)
+    assert_buckets_consistent(cl)
+    for t, spread, give_back, exclude in reqs:
+        shape = shape_of(t)
+        assert cl.find_node(shape, exclude, spread=spread) == brute_best(
+            cl, nodes, t, exclude, spread
+        )
+        want = brute_best(cl, nodes, t, exclude, spread=False)
+        got = cl.fit_and_take(shape, t.cpus, t.mem_bytes, exclude)
+        assert (None if got is None else got[0]) == want
+        if got is not None and give_back:
+            cl.give(got[0], got[1], t.cpus, t.mem_bytes)
+        assert_buckets_consistent(cl)

@@ -118,3 +118,57 @@ def test_a_gang_rank_retrying_requeues_the_ranks_that_never_started() -> None:
     # The whole gang can be placed again.
     assert h.plan([("g.0", "n2", [1]), ("g.1", "n1", [1])])["placed"] == ["g.0", "g.1"]
     check_invariants(h.state)
+
+
+def test_a_cancelled_task_that_exits_carries_no_stop() -> None:
+    """`status` showed `cancelled (stopping)` forever: the stop outlived the exit."""
+    h = Harness()
+    h.register("n1")
+    tid = placed(h, "c", "n1", [0])
+    h.event(tid, "running")
+    h.ok("cancel_job", {"job_id": "c", "user": "alice"})
+    assert h.task(tid).stop == "cancel"  # still live: it is stopping
+    h.event(tid, "exited", 143)
+    t = h.task(tid)
+    assert (t.state, t.stop, t.exit_code) == ("cancelled", None, 143)
+    assert h.job("c").finished_at is not None
+    check_invariants(h.state)
+
+
+def test_the_surviving_rank_of_a_failed_gang_ends_without_a_stop() -> None:
+    h = Harness()
+    h.register("n1")
+    h.register("n2")
+    h.submit("g", gpus=1, nodes=2, retries=0)
+    assert h.plan([("g.0", "n1", [0]), ("g.1", "n2", [0])])["placed"] == ["g.0", "g.1"]
+    h.event("g.0", "running")
+    h.event("g.1", "running")
+    h.event("g.0", "exited", 1)
+    assert (h.task("g.1").state, h.task("g.1").stop) == ("running", "cancel")
+    h.event("g.1", "exited", 143)
+    assert [(h.task(t).state, h.task(t).stop) for t in ("g.0", "g.1")] == [
+        ("failed", None),
+        ("cancelled", None),
+    ]
+    check_invariants(h.state)
+
+
+def test_a_snapshot_whose_ended_tasks_carry_a_stop_restores_without_them() -> None:
+    """Snapshots written before ended tasks dropped their stop."""
+    import msgpack
+
+    from raft.state import ClusterState
+
+    h = Harness()
+    h.register("n1")
+    tid = placed(h, "c", "n1", [0])
+    h.event(tid, "running")
+    h.ok("cancel_job", {"job_id": "c", "user": "alice"})
+    h.event(tid, "exited", 143)
+    obj = msgpack.unpackb(h.state.snapshot(), raw=False, strict_map_key=False)
+    for t in obj["tasks"]:
+        t["stop"] = "cancel"  # as an older release left it
+    fresh = ClusterState()
+    fresh.restore(msgpack.packb(obj, use_bin_type=True))
+    assert fresh.tasks[tid].stop is None
+    check_invariants(fresh)

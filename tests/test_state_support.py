@@ -218,5 +218,9 @@ def check_invariants(state: ClusterState) -> None:
             # A stop ends a task that never started at once: none waits on an
             # exit that no agent will report.
             assert t.stop is None, t
+        if t.state not in LIVE_TASK_STATES:
+            # Only a live task can be stopping: an ended one that carried a
+            # stop would show "(stopping)" forever.
+            assert t.stop is None, t
         if t.stop == "preempt":
             assert state.jobs[t.job_id].spec["preemptible"], t

@@ -143,6 +143,19 @@ CASES: list[tuple[str, Callable[[int], RawPeer], str]] = [
         sealed_plain(b"\x01" + (1000).to_bytes(4, "little") + os.urandom(40)),
         "rejected_bad_lz4",
     ),
+    ("empty_batch", sealed_plain(b"\x02"), "rejected_bad_batch"),
+    (
+        "batch_entry_past_the_end",
+        sealed_plain(b"\x02" + (1000).to_bytes(4, "big") + b"\x00" + msgpack.packb({"t": "p"})),
+        "rejected_bad_batch",
+    ),
+    (
+        "batch_with_lz4_entry",
+        sealed_plain(
+            b"\x02" + (6).to_bytes(4, "big") + b"\x01" + (2**31).to_bytes(4, "little") + b"\x1f"
+        ),
+        "rejected_bad_batch",
+    ),
 ]
 
 

@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 from leptond.wire import handshake as hs
 from leptond.wire.codec import (
     COMPRESS_MIN,
+    FLAG_BATCH,
     FLAG_LZ4,
     MAX_FRAME,
+    BatchBuilder,
     FrameReader,
     Opener,
     PlainCodec,
     Sealer,
     decode_body,
+    decode_messages,
     encode_body,
     frame,
 )
@@ -190,6 +193,75 @@ def test_random_bodies_decode_or_raise_protocol_error(plain: bytes) -> None:
     except ProtocolError:
         return
     assert isinstance(msg, dict) and "t" in msg
+
+
+# -- batches ------------------------------------------------------------------
+small_msgs = st.lists(
+    st.dictionaries(
+        st.sampled_from(["i", "m", "a", "r"]),
+        st.none()
+        | st.integers(-(2**63), 2**63 - 1)
+        | st.text(max_size=30)
+        | st.binary(max_size=30),
+        max_size=4,
+    ).map(lambda m: {**m, "t": "r"}),
+    min_size=1,
+    max_size=40,
+)
+
+
+@given(small_msgs)
+@settings(max_examples=80, deadline=None)
+def test_a_batch_gives_back_its_messages_in_order(msgs: list[dict[str, object]]) -> None:
+    batch = BatchBuilder()
+    for msg in msgs:
+        batch.add(encode_body(msg))
+    assert batch.count == len(msgs)
+    plain = batch.take()
+    assert decode_messages(plain) == msgs
+    # A lone message goes as a plain body, not as a batch of one.
+    assert (plain[0] == FLAG_BATCH) == (len(msgs) > 1)
+    assert batch.count == 0 and len(batch) == 1  # ready for the next frame
+
+
+def test_a_plain_body_is_one_message() -> None:
+    assert decode_messages(encode_body({"t": "p"})) == [{"t": "p"}]
+
+
+def entry(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+PING = b"\x00" + msgpack.packb({"t": "p"})
+
+
+@pytest.mark.parametrize(
+    ("plain", "reason"),
+    [
+        (b"\x02", "bad_batch"),  # no entries
+        (b"\x02\x00\x00", "bad_batch"),  # length cut short
+        (b"\x02" + entry(PING)[:-1], "bad_batch"),  # entry longer than the frame
+        (b"\x02" + entry(PING) + b"\x00\x00\x00\x00", "bad_batch"),  # empty entry
+        (b"\x02" + entry(encode_body({"t": "p", "x": "y" * 5000})), "bad_batch"),  # lz4 inside
+        (b"\x02" + entry(b"\x02" + entry(PING)), "bad_batch"),  # a batch inside
+        (b"\x02" + entry(PING) + entry(b"\x00\xc1"), "bad_msgpack"),
+        (b"\x02" + entry(b"\x00" + msgpack.packb([1])), "not_a_map"),
+    ],
+)
+def test_defective_batches_are_protocol_errors(plain: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_messages(plain)
+    assert err.value.reason == reason
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_random_batches_decode_or_raise_protocol_error(tail: bytes) -> None:
+    try:
+        msgs = decode_messages(b"\x02" + tail)
+    except ProtocolError:
+        return
+    assert msgs and all(isinstance(m, dict) and "t" in m for m in msgs)
 
 
 # -- sealing ----------------------------------------------------------------

@@ -7,6 +7,7 @@ Runs `RpcServer` on uvloop on 127.0.0.1 with one pre-shared key under the key id
 Handlers:
   echo(x)                -> x
   stream({"n", "size", "zeros"}) -> yields n items (ints, or `size` bytes each)
+  stream({"sizes": [...]})       -> yields random bytes of each size in turn
   sink(blob)             -> len(blob)
   stats()                -> {"server": server.stats(), "rss": bytes}
 """
@@ -38,6 +39,12 @@ async def echo(conn: Connection, args: Any) -> Any:
 
 
 async def stream(conn: Connection, args: Any) -> AsyncIterator[Any]:
+    if isinstance(args, dict) and isinstance(args.get("sizes"), list):
+        # Random (incompressible) items of the given sizes, without awaiting
+        # between them: small ones travel batched, big ones in frames of their own.
+        for size in args["sizes"]:
+            yield os.urandom(int(size))
+        return
     n = int(args.get("n", 0)) if isinstance(args, dict) else int(args or 0)
     size = int(args.get("size", 0)) if isinstance(args, dict) else 0
     zeros = isinstance(args, dict) and bool(args.get("zeros"))

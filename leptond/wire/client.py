@@ -29,6 +29,15 @@ def parse_addr(addr: str, default_port: int = 7441) -> tuple[str, int]:
     addr = addr.strip()
     if not addr:
         raise ValueError("empty address")
+    _, sep, rest = addr.partition("://")
+    if sep:
+        # A URL, most likely the HTTP port's: RPC addresses are HOST:PORT.
+        hostport = rest.split("/", 1)[0]
+        host = hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+        raise ValueError(
+            f"{addr!r} is a URL; give HOST:PORT of the RPC port (7441 by default), "
+            f"e.g. {host or 'HOST'}:{default_port}"
+        )
     if addr.startswith("["):
         host, _, rest = addr[1:].partition("]")
         port_s = rest[1:] if rest.startswith(":") else ""

@@ -9,7 +9,14 @@ other side registered, push notifications, or stream results. Messages:
   {"t": "x", "i": id}                                 cancel a call or stream
   {"t": "n", "m": method, "a": args}                  notification, no reply
   {"t": "p"} / {"t": "o"}                              ping / pong
-  {"t": "h"}                                          hello, first sealed message
+  {"t": "h", "b": 1}                                  hello, first sealed message
+
+The client's hello comes first; the server answers with its own.  "b": 1 in a
+hello says "I read batches" (several small messages sealed as one frame, see
+`codec`): a side sends batches only once the peer's hello said so, and the
+server says so only to a client that did, so either side may be older.  A
+plain (unsealed) connection, the benchmark's baseline, exchanges the same
+hellos right after connecting.
 
 A frame that breaks any rule closes the connection and is counted; it never
 raises out of the event loop and never reaches a handler.
@@ -29,16 +36,28 @@ from ..clock import REAL, Timer
 from . import handshake as hs
 from .budget import UNCOUNTED_FRAME, BufferBudget
 from .codec import (
+    BATCH_ITEM_MAX,
     MAX_FRAME,
+    BatchBuilder,
     FrameReader,
     Opener,
     PlainCodec,
     Sealer,
-    decode_body,
+    decode_messages,
     encode_body,
     frame,
 )
-from .errors import INTERNAL, UNKNOWN_METHOD, ConnectionLost, ProtocolError, RpcError
+from .errors import (
+    INTERNAL,
+    UNKNOWN_METHOD,
+    WRONG_PORT,
+    WRONG_PORT_HTTP,
+    WRONG_PORT_OTHER,
+    WRONG_PORT_SILENT,
+    ConnectionLost,
+    ProtocolError,
+    RpcError,
+)
 
 log = logging.getLogger("lepton.wire")
 
@@ -97,6 +116,8 @@ class Connection(asyncio.Protocol):
         self._sealer: Sealer | PlainCodec | None = None if sealed else PlainCodec()
         self._opener: Opener | PlainCodec | None = None if sealed else PlainCodec()
         self._authenticated = not sealed
+        # The first bytes the peer sent, to tell a wrong port from a wrong key.
+        self._head = b""
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = self.loop.create_future()
@@ -107,6 +128,11 @@ class Connection(asyncio.Protocol):
         self._served: dict[int, asyncio.Task[None]] = {}
         self._notified: set[asyncio.Task[None]] = set()
         self._out = bytearray()
+        # Small bodies gathered for the next write, sealed there as one frame
+        # (once the peer's hello said it reads batches).
+        self._batch = BatchBuilder()
+        self._peer_batches = False
+        self._said_hello = False
         self._flush_scheduled = False
         self._paused: asyncio.Future[None] | None = None
         self._hs_timer: Timer | None = None
@@ -127,9 +153,12 @@ class Connection(asyncio.Protocol):
                 self._write_raw(frame(hs.client_hello(self._hs, self.key_id)))
             else:
                 self._opened()
+                self._say_hello()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self._clock.monotonic()
+        if len(self._head) < 8:
+            self._head += data[: 8 - len(self._head)]
         self._reader.append(data)
         self._process()
 
@@ -138,6 +167,8 @@ class Connection(asyncio.Protocol):
             return  # closed while waiting for the budget (budget_granted's call_soon)
         reader = self._reader
         try:
+            if self.is_client and self._opener is None and self._head.startswith(b"HTTP/"):
+                raise ProtocolError("wrong_port", f"{self._where()} {WRONG_PORT_HTTP}")
             # One frame at a time: the handshake raises the frame cap, and a
             # frame right behind the hello in the same read must see the new cap.
             while True:
@@ -151,7 +182,10 @@ class Connection(asyncio.Protocol):
                 if self._opener is None:
                     self._handshake_frame(payload)
                 else:
-                    self._message(decode_body(self._opener.open(payload)))
+                    for msg in decode_messages(self._opener.open(payload)):
+                        self._message(msg)
+                        if self.transport is None or self.transport.is_closing():
+                            return
                 if self.transport is None or self.transport.is_closing():
                     return
         except ProtocolError as exc:
@@ -256,7 +290,7 @@ class Connection(asyncio.Protocol):
             assert self._psk is not None
             keys = hs.derive_keys(self._hs, pub, nonce, self._psk, is_client=True)
             self._install(keys)
-            self._send({"t": "h"})
+            self._say_hello()
         else:
             key_id, nonce, pub = hs.parse_client_hello(payload)
             psk = self._psk_lookup(key_id) if self._psk_lookup else None
@@ -282,6 +316,19 @@ class Connection(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_result(None)
 
+    def _say_hello(self) -> None:
+        self._said_hello = True
+        self._send({"t": "h", "b": 1})
+
+    def _hello(self, msg: dict[str, Any]) -> None:
+        """The peer's hello: note whether it reads batches; a server answers
+        with its own, saying it does only to a client that did."""
+        if msg.get("b") == 1:
+            self._peer_batches = True
+        if not self.is_client and not self._said_hello:
+            self._said_hello = True
+            self._send({"t": "h", "b": 1} if self._peer_batches else {"t": "h"})
+
     def _handshake_expired(self) -> None:
         if not self._authenticated:
             self._protocol_error(ProtocolError("handshake_timeout", "no handshake in time"))
@@ -293,8 +340,7 @@ class Connection(asyncio.Protocol):
             # The first sealed message proves the peer holds the key.
             if t != "h":
                 raise ProtocolError("no_hello", "expected hello")
-            if not self.is_client:
-                self._send({"t": "h"})
+            self._hello(msg)
             self._opened()
             return
         if t == "r":
@@ -313,7 +359,9 @@ class Connection(asyncio.Protocol):
                 task.cancel()
         elif t == "p":
             self._send({"t": "o"})
-        elif t in ("o", "h"):
+        elif t == "h":
+            self._hello(msg)  # a plain connection's, or a repeated one
+        elif t == "o":
             pass
         else:
             raise ProtocolError("bad_type", f"unknown message type {t!r}")
@@ -401,7 +449,19 @@ class Connection(asyncio.Protocol):
     def _send(self, msg: dict[str, Any], compress: bool = True) -> None:
         if self.transport is None or self.transport.is_closing() or self._sealer is None:
             raise ConnectionLost()
-        framed = self._sealer.seal_frame(encode_body(msg, compress))
+        body = encode_body(msg, compress)
+        if self._peer_batches and body[0] == 0 and len(body) <= BATCH_ITEM_MAX:
+            # Sealed at the flush with whatever else this loop iteration
+            # sends: one AEAD call for all of them.
+            self._batch.add(body)
+            if len(self._batch) >= FLUSH_AT:
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            return
+        self._seal_batch()  # what was sent before goes first
+        framed = self._sealer.seal_frame(body)
         if len(framed) >= BIG_FRAME:
             # Big frames go to the transport as they are: copying them into
             # the output buffer would cost more than the extra write.
@@ -419,8 +479,15 @@ class Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def _seal_batch(self) -> None:
+        if self._batch.count:
+            assert self._sealer is not None
+            self._out += self._sealer.seal_frame(self._batch.take())
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._batch.count and self._sealer is not None:
+            self._seal_batch()
         out = self._out
         if out:
             self._out = bytearray()
@@ -487,8 +554,9 @@ class Connection(asyncio.Protocol):
 
     @property
     def pending_output(self) -> int:
-        """Bytes of sealed frames gathered for the next write."""
-        return len(self._out)
+        """Bytes gathered for the next write (sealed frames, and small bodies
+        to be sealed as one)."""
+        return len(self._out) + (len(self._batch) if self._batch.count else 0)
 
     @property
     def busy(self) -> bool:
@@ -514,14 +582,25 @@ class Connection(asyncio.Protocol):
             self._on_error(self, exc)
         if not self.ready.done():
             msg = exc.args[0] if exc.args else exc.reason
+            code = "unauthenticated" if exc.reason == "bad_seal" else "protocol"
             if exc.reason == "bad_seal" and self.is_client:
                 msg = "authentication failed: the server rejected our key (wrong token or cluster secret)"
-            self._fail_ready(
-                RpcError("unauthenticated" if exc.reason == "bad_seal" else "protocol", msg)
-            )
+            elif self.is_client and self._opener is None and exc.reason != "handshake_timeout":
+                # No leptond server hello came back: whatever answered is
+                # something else, on the wrong port.
+                code = WRONG_PORT
+                if exc.reason != "wrong_port":
+                    msg = f"{self._where()} {WRONG_PORT_OTHER} (it sent {self._head!r})"
+            self._fail_ready(RpcError(code, msg))
         if self.transport is not None:
             # A server hello sent just before must still go out; close flushes it.
             self.transport.close()
+
+    def _where(self) -> str:
+        if self.peer is None:
+            return "the peer"
+        host, port = self.peer[0], self.peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
     def _fail_ready(self, err: RpcError) -> None:
         if not self.ready.done():
@@ -535,6 +614,9 @@ class Connection(asyncio.Protocol):
             self._budget.forget(self)
             self._waiting_budget = False
             self._release_budget()
+        if self.is_client and not self._head:
+            # Closed without a byte, not even a refusal: not a leptond RPC port.
+            self._fail_ready(RpcError(WRONG_PORT, f"{self._where()} {WRONG_PORT_SILENT}"))
         self._fail_ready(
             RpcError(
                 "unauthenticated", "connection closed during the handshake: wrong key or token?"
@@ -623,7 +705,9 @@ async def open_connection(
     except TimeoutError:
         conn.abort()
         raise RpcError(
-            "unavailable", f"{host}:{port} did not complete the handshake in {timeout_s:g}s"
+            "unavailable",
+            f"{host}:{port} did not complete the handshake in {timeout_s:g}s "
+            "(is it leptond's RPC port, 7441 by default?)",
         ) from None
     except RpcError:
         conn.abort()

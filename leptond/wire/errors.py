@@ -61,3 +61,16 @@ UNAUTHENTICATED = "unauthenticated"
 CONFLICT = "conflict"
 INTERNAL = "internal"
 UNKNOWN_METHOD = "unknown_method"
+# What answered is not a leptond RPC server (an HTTP port, the Raft port...).
+WRONG_PORT = "wrong_port"
+WRONG_PORT_HTTP = (
+    "answered in HTTP: that is leptond's HTTP port (or another web server); "
+    "leptonctl and lepton-agent talk to the RPC port (7441 by default)"
+)
+WRONG_PORT_SILENT = (
+    "closed the connection without a word: that is not leptond's RPC port (7441 by "
+    "default); leptond's Raft port (7442) does this"
+)
+WRONG_PORT_OTHER = "does not speak leptond's RPC: that is not leptond's RPC port (7441 by default)"
+# A job that no node the cluster knows could ever run (submit without queue_anyway).
+UNSCHEDULABLE = "unschedulable"

@@ -1,0 +1,222 @@
+"""Every call leptonctl makes to the cluster, in one place: the method names,
+the shape of their arguments and the time each may take.
+
+Each function takes a `ClusterClient` (leptond.wire.client), which follows
+the leader and retries; writes carry one request id for all their retries
+(the client adds it). The commands (commands.py, jobs.py, logs.py) and the
+workdir upload call only these.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from leptond.wire.client import ClusterClient
+
+DEFAULT_TIMEOUT_S = 20.0
+SLOW_TIMEOUT_S = 60.0
+
+
+# -- jobs ------------------------------------------------------------------------
+async def submit(
+    c: ClusterClient,
+    spec: dict[str, Any],
+    name: str | None,
+    *,
+    queue_anyway: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    # One request id for every retry of this submit: the cluster makes one job.
+    args: dict[str, Any] = {"spec": spec, "name": name, "rid": uuid.uuid4().hex}
+    if queue_anyway:
+        args["queue_anyway"] = True
+    return dict(await c.call("submit", args, timeout_s=timeout_s))
+
+
+async def jobs(
+    c: ClusterClient,
+    *,
+    all: bool = False,
+    states: Sequence[str] = (),
+    user: str | None = None,
+    limit: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[dict[str, Any]]:
+    args: dict[str, Any] = {"all": all}
+    if states:
+        args["state"] = list(states)
+    if user:
+        args["user"] = user
+    if limit is not None:
+        args["limit"] = limit
+    return list(await c.call("jobs", args, timeout_s=timeout_s))
+
+
+async def status(
+    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, brief: bool = False
+) -> dict[str, Any]:
+    """brief: states, tasks and times without the spec (no audited read)."""
+    args = {"job_id": job_id, "brief": True} if brief else {"job_id": job_id}
+    return dict(await c.call("status", args, timeout_s=timeout_s))
+
+
+async def cancel(
+    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    return dict(await c.call("cancel", {"job_id": job_id}, timeout_s=timeout_s))
+
+
+def logs(
+    c: ClusterClient,
+    job_id: str,
+    rank: int,
+    *,
+    follow: bool = False,
+    offset: int = 0,
+    stream: str = "output",
+    tail_lines: int | None = None,
+    timestamps: bool = False,
+) -> AsyncIterator[dict[str, Any]]:
+    """Items {data, offset[, times]}; `not_started` (with `job_state`) when the
+    task has not started."""
+    args: dict[str, Any] = {
+        "job_id": job_id,
+        "rank": rank,
+        "follow": follow,
+        "offset": offset,
+        "stream": stream,
+        "timestamps": timestamps,
+    }
+    if tail_lines is not None:
+        args["tail_lines"] = tail_lines
+    return c.stream("logs", args)
+
+
+async def queue(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
+    return list(await c.call("queue", {}, timeout_s=timeout_s))
+
+
+async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    return dict(await c.call("whoami", {}, timeout_s=timeout_s))
+
+
+# -- nodes ------------------------------------------------------------------------
+async def nodes(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
+    return list(await c.call("nodes", {}, timeout_s=timeout_s))
+
+
+async def node_change(
+    c: ClusterClient,
+    how: str,
+    node: str,
+    *,
+    force: bool = False,
+    deadline_s: float | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    """how: drain, undrain or rm."""
+    method = {"drain": "node_drain", "undrain": "node_undrain", "rm": "node_rm"}[how]
+    args: dict[str, Any] = {"node": node, "force": force}
+    if deadline_s is not None:
+        args["deadline_s"] = deadline_s
+    return dict(await c.call(method, args, timeout_s=timeout_s))
+
+
+async def join_token_create(
+    c: ClusterClient, ttl_s: float, uses: int, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    args = {"ttl_s": ttl_s, "uses": uses}
+    return dict(await c.call("join_token_create", args, timeout_s=timeout_s))
+
+
+async def join_token_ls(
+    c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> list[dict[str, Any]]:
+    return list(await c.call("join_token_ls", {}, timeout_s=timeout_s))
+
+
+async def join_token_revoke(
+    c: ClusterClient, token_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    return dict(await c.call("join_token_revoke", {"id": token_id}, timeout_s=timeout_s))
+
+
+# -- cluster ----------------------------------------------------------------------
+async def cluster_status(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """The leader's view when there is a leader (the same from any master),
+    else the answering master's own; with every member's health."""
+    args = {"health": True, "from_leader": True}
+    return dict(await c.call("cluster_status", args, timeout_s=timeout_s))
+
+
+async def cluster_membership(
+    c: ClusterClient, how: str, member: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    """how: add or remove a master by its Raft address."""
+    method = "cluster_add" if how == "add" else "cluster_remove"
+    # One attempt may take a while: the leader waits for a just-started
+    # master to answer the Raft handshake, then for the change to commit.
+    wait_s = max(timeout_s, 30)
+    res = await c.call(method, {"addr": member}, timeout_s=wait_s, attempt_timeout_s=wait_s)
+    return dict(res)
+
+
+async def snapshot_save(c: ClusterClient, timeout_s: float = SLOW_TIMEOUT_S) -> dict[str, Any]:
+    return dict(await c.call("snapshot_save", {}, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+
+
+async def snapshot_check(
+    c: ClusterClient, data: bytes, timeout_s: float = SLOW_TIMEOUT_S
+) -> dict[str, Any]:
+    """What a restore of `data` would replace, without changing anything."""
+    args = {"data": data}
+    return dict(await c.call("snapshot_check", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+
+
+async def snapshot_restore(
+    c: ClusterClient, data: bytes, timeout_s: float = SLOW_TIMEOUT_S
+) -> dict[str, Any]:
+    args = {"data": data}
+    return dict(await c.call("snapshot_restore", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+
+
+# -- tokens -----------------------------------------------------------------------
+async def token_create(
+    c: ClusterClient,
+    role: str,
+    name: str | None,
+    unix_user: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    args = {"role": role, "name": name, "unix_user": unix_user}
+    return dict(await c.call("token_create", args, timeout_s=timeout_s))
+
+
+async def token_ls(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
+    return list(await c.call("token_ls", {}, timeout_s=timeout_s))
+
+
+async def token_revoke(
+    c: ClusterClient, token_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    return dict(await c.call("token_revoke", {"id": token_id}, timeout_s=timeout_s))
+
+
+# -- workdir blocks ---------------------------------------------------------------
+async def blocks_missing(c: ClusterClient, ids: list[str], timeout_s: float) -> list[str]:
+    res = await c.call("blocks_missing", {"ids": ids}, timeout_s=timeout_s)
+    return list(res["missing"])
+
+
+async def block_put(
+    c: ClusterClient, block_id: str, payload: bytes, compressed: bool, timeout_s: float
+) -> None:
+    args = {"id": block_id, "data": payload, "z": compressed}
+    await c.call("block_put", args, timeout_s=timeout_s)
+
+
+async def manifest_put(c: ClusterClient, manifest: dict[str, Any], timeout_s: float) -> str:
+    res = await c.call("manifest_put", {"manifest": manifest}, timeout_s=timeout_s)
+    return str(res["id"])
