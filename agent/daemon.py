@@ -31,6 +31,7 @@ from leptond.wire.errors import RpcError
 
 from . import credential, gpudev, identity, lease, logserve
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, detect
+from .ports import Lease, Runner
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .taskdir import SPEC, read_json
@@ -87,6 +88,11 @@ def stable_node_id(data_dir: Path) -> str:
 
 
 class Agent:
+    # The host as the control logic below sees it (agent/ports.py): real
+    # shims and the lease file here, simulated ones in leptond/sim.
+    runner: Runner
+    fence: Lease
+
     def __init__(self, cfg: AgentConfig, clock: Clock = REAL) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -107,6 +113,7 @@ class Agent:
         # Shims end their tasks when the node's lease runs out (agent/lease.py).
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
+        self.fence = lease.LeaseFile(self.lease_path)
         self.runner = TaskRunner(
             cfg.data_dir / "tasks", self.cgroups, lease_file=self.lease_path, clock=clock
         )
@@ -119,7 +126,13 @@ class Agent:
             key_id=key.id,
             psk=key.psk,
             handlers={"start": self._on_start, "stop": self._on_stop, "logs": self._on_logs},
+            clock=clock,
         )
+        self._init_loop_state()
+
+    def _init_loop_state(self) -> None:
+        """What the register/heartbeat/start logic keeps in memory (lost with
+        the agent; the runner and the leader hold the rest)."""
         self.events: list[dict[str, Any]] = []  # reported until committed
         self.registered_on: Connection | None = None
         self.state = "unknown"
@@ -256,7 +269,7 @@ class Agent:
         await self._leave_if_asked()
 
     async def _register(self) -> None:
-        sent = lease.now()
+        sent = self.fence.now()
         res = await self.client.call(
             "agent_register", {"node": self.describe(), "running": self.running()}, timeout_s=30
         )
@@ -282,7 +295,7 @@ class Agent:
         while not self._stopping.is_set():
             self._collect_exits(self.runner.poll())
             await self._flush_events()
-            sent = lease.now()
+            sent = self.fence.now()
             res = await self.client.call(
                 "heartbeat",
                 self._heartbeat_body(),
@@ -306,7 +319,7 @@ class Agent:
             return  # no renewal in this answer
         self.lease_s = float(lease_s)
         try:
-            lease.write_lease(self.lease_path, sent + lease_s, lease_s)
+            self.fence.write(sent + lease_s, lease_s)
         except OSError as exc:
             # The shims see the old lease run out: the tasks stop, as they must
             # when this host cannot show that the leader still wants them.
@@ -321,12 +334,18 @@ class Agent:
         return min(6.0, max(1.0, self.lease_s / 3))
 
     def _heartbeat_body(self) -> dict[str, Any]:
+        return {
+            **self.host_report(),
+            "running": self.running(),
+            "exited": sorted({e["task_id"] for e in self.events if e["state"] == "exited"}),
+        }
+
+    def host_report(self) -> dict[str, Any]:
+        """What a heartbeat says of the host itself: its load, GPUs and block cache."""
         gpus = self.probe.gpus()
         return {
             "host": asdict(host_stats(self.cfg.data_dir)),
             "gpus": [asdict(g) for g in gpus],
-            "running": self.running(),
-            "exited": sorted({e["task_id"] for e in self.events if e["state"] == "exited"}),
             "cache": self.workdirs.stats(),
         }
 
@@ -340,11 +359,7 @@ class Agent:
         have = set(self.runner.running())
         for sp in specs:
             rid = run_id(sp["task_id"], int(sp["attempt"]))
-            if (
-                rid in have
-                or rid in self._preparing
-                or (self.runner.task_dir(rid) / "exit.json").exists()
-            ):
+            if rid in have or rid in self._preparing or self.runner.finished(rid):
                 continue
             self._preparing.add(rid)
             task = asyncio.get_running_loop().create_task(self._start_one(rid, sp))

@@ -67,6 +67,20 @@ def read_expiry(path: Path) -> float | None:
         return None
 
 
+class LeaseFile:
+    """The agent's side of the lease (agent/ports.py `Lease`): the file in
+    its data dir, on the host's boot clock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def now(self) -> float:
+        return now()
+
+    def write(self, expires: float, lease_s: float) -> None:
+        write_lease(self.path, expires, lease_s)
+
+
 class LeaseReader:
     """A shim's view of the lease file: read again only when the file changes."""
 

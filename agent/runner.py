@@ -303,6 +303,10 @@ class TaskRunner:
             self._refresh()
             return self._unacked_exits()
 
+    def finished(self, task_id: str) -> bool:
+        """Whether the run has ended: its exit is recorded (acked or not)."""
+        return (self.task_dir(task_id) / EXIT).exists()
+
     def ack(self, task_id: str) -> None:
         """Record that the leader has this task's exit; poll() stops reporting it."""
         tdir = self.task_dir(task_id)

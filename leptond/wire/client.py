@@ -15,9 +15,9 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from ..clock import REAL
+from ..clock import REAL, Clock
 from .connection import Connection, Handler, open_connection
 from .errors import NO_QUORUM, NOT_LEADER, UNAVAILABLE, RpcError
 
@@ -64,8 +64,26 @@ def parse_addrs(spec: str | Sequence[str], default_port: int = 7441) -> list[tup
     return out
 
 
+class Dial(Protocol):
+    """Opens an authenticated connection to a master (`open_connection`)."""
+
+    async def __call__(
+        self,
+        host: str,
+        port: int,
+        *,
+        key_id: str,
+        psk: bytes,
+        handlers: Mapping[str, Handler] | None = None,
+        timeout_s: float = 5.0,
+    ) -> Connection: ...
+
+
 class ClusterClient:
-    """Calls the cluster through whichever master leads, reconnecting as needed."""
+    """Calls the cluster through whichever master leads, reconnecting as needed.
+
+    `dial` opens each connection and `clock` times the retries: the real
+    ones by default; a simulation (leptond/sim) passes its own."""
 
     def __init__(
         self,
@@ -75,6 +93,8 @@ class ClusterClient:
         psk: bytes,
         handlers: Mapping[str, Handler] | None = None,
         connect_timeout_s: float = 3.0,
+        clock: Clock = REAL,
+        dial: Dial = open_connection,
     ) -> None:
         self.addrs = list(addrs)
         self.key_id = key_id
@@ -86,6 +106,8 @@ class ClusterClient:
         self._next = 0
         self._lock = asyncio.Lock()
         self.bytes_hint: dict[str, int] = {}
+        self._clock = clock
+        self._dial = dial
 
     async def connection(self, prefer: tuple[str, int] | None = None) -> Connection:
         async with self._lock:
@@ -106,7 +128,7 @@ class ClusterClient:
             last: RpcError | None = None
             for addr in candidates:
                 try:
-                    self.conn = await open_connection(
+                    self.conn = await self._dial(
                         addr[0],
                         addr[1],
                         key_id=self.key_id,
@@ -139,7 +161,7 @@ class ClusterClient:
         """
         if isinstance(args, dict) and "rid" not in args:
             args = {**args, "rid": uuid.uuid4().hex}
-        clock = REAL
+        clock = self._clock
         deadline = clock.monotonic() + timeout_s
         prefer: tuple[str, int] | None = None
         delay = 0.05

@@ -1,0 +1,71 @@
+"""What the agent's control logic uses of the host (habit 5).
+
+`Agent` registers, heartbeats, reconciles and reports exits; for that it
+needs a task runner and a place to keep the node's lease. The real ones are
+`runner.TaskRunner` (shims, task directories) and `lease.LeaseFile` (a file
+the shims read, on CLOCK_BOOTTIME). A simulation (leptond/sim) gives the
+same agent code simulated processes and a simulated lease instead, so it can
+run it on a virtual clock. The RPC side is `leptond.wire.client.ClusterClient`,
+whose connections come from its `dial`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from .runner import TaskExit, TaskSpec
+
+
+class Runner(Protocol):
+    """Starts, stops and watches runs (task attempts), each named by a run id.
+
+    The runner's state outlives the agent: a restarted agent learns the runs
+    still going and the exits not yet reported from `adopt`. Exits are given
+    at least once: `poll` returns a finished run until `ack`.
+    """
+
+    root: Path
+
+    def task_dir(self, task_id: str) -> Path:
+        """Where a run keeps its files (output, spec); RunnerError for a bad id."""
+        ...
+
+    def start(self, spec: TaskSpec) -> int:
+        """Start a run; RunnerError (one line) when it cannot."""
+        ...
+
+    def stop(self, task_id: str, grace_s: float | None = None) -> None:
+        """Ask a run to stop: SIGTERM, then SIGKILL after the grace."""
+        ...
+
+    def kill_all_not_in(self, keep: set[str]) -> list[str]: ...
+
+    def running(self) -> list[str]: ...
+
+    def poll(self) -> list[TaskExit]: ...
+
+    def ack(self, task_id: str) -> None: ...
+
+    def finished(self, task_id: str) -> bool:
+        """Whether the run has ended (its exit is recorded, acked or not)."""
+        ...
+
+    def adopt(self) -> tuple[list[str], list[TaskExit]]: ...
+
+    def keep_spare(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Lease(Protocol):
+    """The node's lease from the leader, where the task supervisors read it."""
+
+    def now(self) -> float:
+        """The clock the lease is measured on (shared with the supervisors)."""
+        ...
+
+    def write(self, expires: float, lease_s: float) -> None:
+        """The lease now runs out at `expires` on `now()`'s clock; OSError
+        when it cannot be recorded (the supervisors then see the old one)."""
+        ...
