@@ -182,6 +182,11 @@ class Controllers:
         # evicting more work: it is placed once their resources are free.
         self.preempting = {p: v & stopping for p, v in self.preempting.items() if v & stopping}
         pending = [r for r in pending if r.task_id not in self.preempting]
+        # A gang is placed whole or not at all (apply drops a part of one):
+        # ranks whose others still run, stopping to restart with them, wait.
+        gang_waits = _gang_waits(s, pending)
+        if gang_waits:
+            pending = [r for r in pending if r.task_id not in gang_waits]
         if len(pending) > 2000:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:
@@ -203,6 +208,7 @@ class Controllers:
             self.reasons = dict(plan.reasons)
         for tid, victims in self.preempting.items():
             self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"
+        self.reasons.update(gang_waits)
         if plan.placements or plan.preemptions:
             await self._commit(plan)
         self._dispatch_stops()
@@ -245,6 +251,19 @@ class Controllers:
                 by_node.setdefault(t.node_id, []).append(t.id)
         for nid, tids in by_node.items():
             self._channel.push_stop(nid, tids)
+
+
+def _gang_waits(s: StateView, pending: list[sch.TaskRequest]) -> dict[str, str]:
+    """Pending gang ranks whose job still has ranks that are not pending
+    (live, stopping to restart with the gang): why each waits."""
+    out: dict[str, str] = {}
+    for r in pending:
+        if r.gang_size > 1:
+            job = s.jobs[r.job_id]
+            others = sum(1 for tid in job.tasks if s.tasks[tid].state != "pending")
+            if others:
+                out[r.task_id] = f"waiting for {others} other task(s) of its gang to stop"
+    return out
 
 
 def plan_commands(plan: sch.Plan, now: float) -> list[dict[str, Any]]:
