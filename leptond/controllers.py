@@ -240,6 +240,10 @@ class Controllers:
             log.info(
                 "plan: %d placement(s) dropped at apply: %s", len(dropped), dropped[0]["reason"]
             )
+            # Until the next pass, that is why they still wait: the state
+            # changed under the plan (a node left, another placement won).
+            for d in dropped:
+                self.reasons[d["task_id"]] = f"its placement was dropped: {d['reason']}"
             self.wake()
         if preempting:
             self.wake()
