@@ -244,7 +244,10 @@ class AgentRegistry:
         return res
 
     async def _flush_events(self, evs: list[dict[str, Any]]) -> list[int]:
-        await self._proposer.propose("task_events", {"events": evs}, wake=True)
+        # `now`: apply keeps the jobs' times on this clock, not the hosts' (raft/tasks.py).
+        await self._proposer.propose(
+            "task_events", {"events": evs, "now": self._clock.now()}, wake=True
+        )
         return [0] * len(evs)
 
     # -- pushes (the NodeChannel port) ----------------------------------------------

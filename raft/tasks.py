@@ -134,9 +134,15 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
 def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     applied = 0
     stale = 0
+    # The proposer's clock (the leader's): the job's times follow it, not the
+    # host's, which may be far off. A job finished by a host clock an hour
+    # slow would otherwise be collected an hour early (gc_jobs goes by the
+    # leader's clock). Commands from before `now` carry none.
+    now = None if a.get("now") is None else float(a["now"])
     # Convert every event before applying any: a malformed one applies none.
     events = [(ev, *_event_fields(ev)) for ev in a["events"]]
     for ev, task_id, attempt, at, code in events:
+        when = at if now is None else now
         t = s.tasks.get(task_id)
         # Events from an earlier attempt or another node are stale: ignore.
         if t is None or t.attempt != attempt or t.node_id != ev.get("node_id", t.node_id):
@@ -147,12 +153,13 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             if t.state == "assigned":
                 t = s.tasks.writable(task_id)
                 t.state, t.started_at = "running", at
-                refresh_job(s, s.jobs[t.job_id], at)
+                refresh_job(s, s.jobs[t.job_id], when)
                 applied += 1
         elif kind == "exited":
             if t.state in LIVE_TASK_STATES:
                 outcome = "succeeded" if code == 0 else "failed"
-                task_exited(s, t, outcome, code, str(ev.get("message", ""))[:1024], at)
+                message = str(ev.get("message", ""))[:1024]
+                task_exited(s, t, outcome, code, message, when, at=at)
                 applied += 1
         else:
             stale += 1
@@ -226,16 +233,19 @@ def task_exited(
     message: str,
     now: float,
     started: bool = True,
+    at: float | None = None,
 ) -> None:
     """A live task stopped (or was lost). Decide its next state and its job's.
 
     started=False: a stop ended it before it started (see request_stop).
+    `at`: when it ended by its host's clock (an exit the agent reported);
+    everything else, the job's times included, goes by `now`.
     """
     t = s.tasks.writable(t.id)
     job = s.jobs[t.job_id]
     stop = t.stop
     how = f"(exit {code})" if started else "before it started"
-    t.exit_code, t.finished_at = code, now
+    t.exit_code, t.finished_at = code, now if at is None else at
     if stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
         if stop == "preempt":
             t.preemptions += 1
