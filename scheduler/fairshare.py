@@ -213,7 +213,12 @@ class FairShare:
     def __init__(
         self, nodes: Sequence[NodeView], allocations: Sequence[Allocation], policy: Policy
     ) -> None:
-        live = [nd for nd in nodes if nd.schedulable]
+        # Shares are of what the cluster has in use: the nodes that take work
+        # and those whose live tasks are counted (a draining node's). Counting
+        # only the first would put users with work on a draining node over
+        # 100% of the cluster.
+        holding = {a.node_id for a in allocations}
+        live = [nd for nd in nodes if nd.schedulable or nd.node_id in holding]
         self.total = (
             float(sum(len(nd.gpus) for nd in live)),
             float(sum(nd.cpus for nd in live)),
