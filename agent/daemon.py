@@ -446,6 +446,12 @@ class Agent:
             pids_max=self.cfg.task_pids_max,
             denied_devices=self.gpu_devices.others(gpus) if user is not None else [],
         )
+        busy = await self._wait_for_gpus(rid, gpus)
+        if busy:
+            msg = f"not started: GPU {busy} still in use by another run on this host"
+            log.warning("%s: %s", rid, msg)
+            self.events.append(_exit_event(sp["task_id"], attempt, None, msg, self.clock.now()))
+            return
         try:
             self.runner.start(spec)
         except RunnerError as exc:
@@ -462,6 +468,33 @@ class Agent:
             }
         )
         log.info("started %s on GPUs [%s]", rid, env["CUDA_VISIBLE_DEVICES"])
+
+    async def _wait_for_gpus(self, rid: str, gpus: list[int]) -> str:
+        """Wait until no other run here uses any of `gpus`; '' then, else the
+        GPUs still in use when the wait ends.
+
+        The leader never gives a GPU to two live tasks, but a task stopped
+        before it started ends at once in the state (raft/tasks.py,
+        request_stop), and its GPUs may be given to another task while this
+        agent is still starting the first one. That run is no live task any
+        more: the next heartbeat's reconcile stops it, and its GPUs are free
+        once it exits, within the kill grace. Should a run still hold them
+        after that, the leader wants it there, so this start is the stale one.
+        """
+        want = set(gpus)
+        if not want:
+            return ""
+        deadline = self.clock.monotonic() + self.cfg.kill_grace_s + 3 * self.cfg.heartbeat_s + 2
+        while True:
+            busy: set[int] = set()
+            for r in self.runner.running():
+                if r != rid:
+                    busy |= want.intersection(self.runner.gpus(r))
+            if not busy:
+                return ""
+            if self.clock.monotonic() >= deadline:
+                return ",".join(map(str, sorted(busy)))
+            await self.clock.sleep(0.1)
 
     def _stop_task(self, task_id: str, grace_s: Any = None, attempt: int | None = None) -> None:
         """Stop a task's runs here: one attempt, or every attempt when none is given."""

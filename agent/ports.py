@@ -47,6 +47,10 @@ class Runner(Protocol):
 
     def ack(self, task_id: str) -> None: ...
 
+    def gpus(self, task_id: str) -> list[int]:
+        """The GPU indexes the run was started on (its CUDA_VISIBLE_DEVICES)."""
+        ...
+
     def finished(self, task_id: str) -> bool:
         """Whether the run has ended (its exit is recorded, acked or not)."""
         ...

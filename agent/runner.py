@@ -303,6 +303,13 @@ class TaskRunner:
             self._refresh()
             return self._unacked_exits()
 
+    def gpus(self, task_id: str) -> list[int]:
+        """The GPU indexes the run was started on (from its spec's env)."""
+        spec = read_json(self.task_dir(task_id) / SPEC) or {}
+        env = spec.get("env")
+        visible = str(env.get("CUDA_VISIBLE_DEVICES", "")) if isinstance(env, dict) else ""
+        return [int(g) for g in visible.split(",") if g.isdigit()]
+
     def finished(self, task_id: str) -> bool:
         """Whether the run has ended: its exit is recorded (acked or not)."""
         return (self.task_dir(task_id) / EXIT).exists()
