@@ -1,0 +1,276 @@
+"""The invariants, checked after every step, and convergence after each calm.
+
+Safety, after every step (the state is the committed log applied in order,
+raftmodel.SimRaft.oracle; the hosts are what really runs):
+
+- no GPU is held by two live tasks, in the state or on a host;
+- no task runs on a node past its lease, nor on two nodes at once for
+  longer than a lease (the old node's reconcile, or else its lease, ends
+  a run the state stopped before it started);
+- no ended task carries a stop;
+- every acknowledged job is in the state exactly once, until its retention
+  has passed since it finished (no job ever appears twice);
+- every pending task has a reason (masters.WatchedLoops, after each pass);
+- a job's state agrees with its tasks' states;
+- the queue's shares add up to what the live tasks hold and wait for.
+
+Liveness, at the end of each calm phase (every fault healed for a while):
+a leader leads; every node whose agent runs is up; every stop asked for has
+been carried out; every run on a host is a live task of the state there, and
+every live task runs; every master that caught up holds the same state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import scheduler as sch
+from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES
+from raft.view import StateView
+
+from .. import views
+from .vtime import EPOCH
+
+if TYPE_CHECKING:
+    from .masters import SimMaster
+    from .node import SimNode
+    from .people import Ledger
+    from .raftmodel import SimRaft
+
+EPS = 1e-6
+
+
+class Checker:
+    def __init__(
+        self,
+        raft: SimRaft,
+        masters: Sequence[SimMaster],
+        nodes: Sequence[SimNode],
+        ledger: Ledger,
+        retention_s: float,
+        settle_s: float,
+        lease_slack_s: float,
+        lease_s: float,
+    ) -> None:
+        self.raft = raft
+        self.masters = masters
+        self.nodes = nodes
+        self.ledger = ledger
+        self.retention_s = retention_s
+        self.settle_s = settle_s  # what a stop or a start may take once all is well
+        self.lease_slack_s = lease_slack_s  # how late a supervisor may notice its lease ran out
+        self.lease_s = lease_s
+        self.twice: dict[str, float] = {}  # task running on two nodes -> since when
+        self._gen = -1
+        self._seen: tuple[int, ...] = ()
+        self.final_seen: dict[str, float] = {}  # job id -> its finished_at
+        self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
+        self.orphan_seen: dict[tuple[str, str], float] = {}  # (node, run) the state has not
+        self.idle_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with no run
+        self.checks = 0
+
+    # -- after every step -------------------------------------------------------------
+    def step(self, now: float) -> str | None:
+        self.checks += 1
+        v = self.raft.oracle.freeze()
+        if v.generation != self._gen:
+            self._gen = v.generation
+            why = (
+                self._gpus(v)
+                or self._stops(v)
+                or self._jobs(v, now)
+                or self._agreement(v)
+                or self._queue(v)
+            )
+            if why:
+                return why
+        why = self._hosts(now)
+        if why:
+            return why
+        seen = (v.generation, *(n.host.version for n in self.nodes))
+        if seen != self._seen:
+            self._seen = seen
+            self._track(v, now)
+        return None
+
+    def _gpus(self, v: StateView) -> str | None:
+        held: dict[tuple[str, int], str] = {}
+        for t in v.live_tasks():
+            if t.node_id is None:
+                return f"live task {t.id} has no node"
+            for g in t.gpus:
+                other = held.setdefault((t.node_id, g), t.id)
+                if other != t.id:
+                    return f"GPU {g} of {t.node_id} held by live tasks {other} and {t.id}"
+                if v.gpu_owner.get((t.node_id, g)) != t.id:
+                    return f"GPU {g} of {t.node_id}: owner index says {v.gpu_owner.get((t.node_id, g))}, {t.id} holds it"
+        for key, tid in v.gpu_owner.items():
+            if held.get(key) != tid:
+                return f"GPU {key[1]} of {key[0]}: owner index names {tid}, which does not hold it"
+        return None
+
+    def _stops(self, v: StateView) -> str | None:
+        for t in v.tasks.values():
+            if t.state in FINAL_TASK_STATES and t.stop is not None:
+                return f"task {t.id} is {t.state} and still has a stop ({t.stop})"
+        return None
+
+    def _jobs(self, v: StateView, now: float) -> str | None:
+        names = Counter(j.name for j in v.jobs.values())
+        for name, n in names.items():
+            if n > 1 and (name in self.ledger.acked or name in self.ledger.sent):
+                return f"job {name} is in the state {n} times"
+        for j in v.jobs.values():
+            if j.state in FINAL_JOB_STATES and j.finished_at is not None:
+                self.final_seen[j.id] = j.finished_at
+        for name, jid in self.ledger.acked.items():
+            job = v.jobs.get(jid)
+            if job is not None:
+                if job.name != name:
+                    return f"acknowledged job {jid} is named {job.name}, not {name}"
+                continue
+            finished = self.final_seen.get(jid)
+            if finished is None:
+                return f"acknowledged job {name} ({jid}) is gone, and it never finished"
+            # The masters' clocks are the simulation's: EPOCH + virtual time.
+            if EPOCH + now - finished < self.retention_s:
+                return (
+                    f"acknowledged job {name} ({jid}) is gone {EPOCH + now - finished:.1f}s "
+                    f"after it finished; the retention is {self.retention_s:g}s"
+                )
+        return None
+
+    def _agreement(self, v: StateView) -> str | None:
+        for j in v.jobs.values():
+            states = [v.tasks[tid].state for tid in j.tasks]
+            live = [v.tasks[tid] for tid in j.tasks if v.tasks[tid].state in LIVE_TASK_STATES]
+            final = all(st in FINAL_TASK_STATES for st in states)
+            why = ""
+            if j.state in FINAL_JOB_STATES:
+                if "pending" in states:
+                    why = "a task is still pending"
+                elif any(t.stop is None for t in live):
+                    why = "a task still runs and nothing stops it"
+            if j.state == "succeeded" and any(st != "succeeded" for st in states):
+                why = "not every task succeeded"
+            elif j.state == "failed" and not any(st in ("failed", "lost") for st in states):
+                why = "no task failed"
+            elif j.state == "pending" and any(st != "pending" for st in states):
+                why = "not every task is pending"
+            elif j.state == "running" and (
+                all(st == "pending" for st in states)
+                or all(st == "succeeded" for st in states)
+                or any(st in ("failed", "lost") for st in states)
+            ):
+                why = "its tasks are not running"
+            if not why and (j.finished_at is not None) != (j.state in FINAL_JOB_STATES and final):
+                why = f"finished_at is {j.finished_at}"
+            if why:
+                return f"job {j.id} is {j.state} but its tasks are {states}: {why}"
+        return None
+
+    def _queue(self, v: StateView) -> str | None:
+        nodes, allocs, pending = views.scheduler_inputs(v)
+        policy = self.masters[0].controllers.policy
+        rows = sch.queue_report(nodes, allocs, pending, policy)
+        gpus = sum(len(t.gpus) for t in v.live_tasks())
+        waiting = len(pending)
+        if sum(r.gpus for r in rows) != gpus:
+            return f"queue: users hold {sum(r.gpus for r in rows)} GPUs, live tasks {gpus}"
+        if sum(r.pending_tasks for r in rows) != waiting:
+            return f"queue: {sum(r.pending_tasks for r in rows)} tasks waiting, {waiting} pending"
+        if sum(r.pending_gpus for r in rows) != sum(p.gpus for p in pending):
+            return "queue: the GPUs waited for do not add up"
+        for r in rows:
+            if not -EPS <= r.dominant_share <= 1 + EPS:
+                return f"queue: {r.user}'s dominant share is {r.dominant_share}"
+        if [r.dominant_share for r in rows] != sorted(
+            (r.dominant_share for r in rows), reverse=True
+        ):
+            return "queue: rows are not in order of share"
+        return None
+
+    def _hosts(self, now: float) -> str | None:
+        where: dict[str, str] = {}
+        twice: dict[str, float] = {}
+        for n in self.nodes:
+            h = n.host
+            used: dict[int, str] = {}
+            for g, rid in h.running_gpus():
+                other = used.setdefault(g, rid)
+                if other != rid:
+                    return f"GPU {g} of {h.name} used by runs {other} and {rid} at once"
+            expired = h.lease_expires is None or now > h.lease_expires + self.lease_slack_s
+            for p in h.live.values():
+                if p.state != "running":
+                    continue
+                if expired:
+                    return f"{p.rid} runs on {h.name} past its lease ({h.lease_expires})"
+                other = where.setdefault(p.task_id, h.name)
+                if other != h.name:
+                    # A stop ends a task that has not started yet at once
+                    # (raft/tasks.py request_stop), and it may be placed
+                    # again while its old node is still starting it. That
+                    # run is stopped by the old node's next reconcile, or by
+                    # its lease: it must not outlive the lease it had.
+                    since = twice[p.task_id] = self.twice.get(p.task_id, now)
+                    if now - since > self.lease_s + self.lease_slack_s:
+                        return (
+                            f"task {p.task_id} runs on {other} and {h.name} at once, "
+                            f"since {since:.1f}: past the lease"
+                        )
+        self.twice = twice
+        return None
+
+    def _track(self, v: StateView, now: float) -> None:
+        """Note since when each thing that must settle has been unsettled."""
+        stops: dict[tuple[str, int], float] = {}
+        idle: dict[tuple[str, int], float] = {}
+        expected: dict[tuple[str, str], int] = {}
+        for t in v.live_tasks():
+            key = (t.id, t.attempt)
+            assert t.node_id is not None
+            expected[(t.node_id, t.id)] = t.attempt
+            if t.stop is not None:
+                stops[key] = self.stop_seen.get(key, now)
+            idle[key] = self.idle_seen.get(key, now)
+        orphans: dict[tuple[str, str], float] = {}
+        for n in self.nodes:
+            h = n.host
+            for p in h.live.values():
+                if expected.get((h.node_id, p.task_id)) == p.attempt:
+                    idle.pop((p.task_id, p.attempt), None)
+                else:
+                    key2 = (h.name, p.rid)
+                    orphans[key2] = self.orphan_seen.get(key2, now)
+        self.stop_seen, self.idle_seen, self.orphan_seen = stops, idle, orphans
+
+    # -- after a calm -------------------------------------------------------------------
+    def converged(self, now: float) -> str | None:
+        leaders = [m for m in self.masters if m.leads()]
+        if len(leaders) != 1:
+            return f"{len(leaders)} masters lead after the calm"
+        v = self.raft.oracle.freeze()
+        for n in self.nodes:
+            node = v.nodes.get(n.host.node_id)
+            if n.up and (node is None or node.state == "down"):
+                return f"node {n.name} is {node.state if node else 'unknown'}, its agent runs"
+        late = now - self.settle_s
+        for (tid, attempt), since in sorted(self.stop_seen.items()):
+            if since <= late:
+                return f"task {tid} (attempt {attempt}) was asked to stop at {since:.1f} and still lives"
+        for (where, rid), since in sorted(self.orphan_seen.items()):
+            if since <= late:
+                return f"run {rid} on {where} is no live task there, since {since:.1f}"
+        for (tid, attempt), since in sorted(self.idle_seen.items()):
+            if since <= late:
+                return f"live task {tid} (attempt {attempt}) has no run, since {since:.1f}"
+        want = self.raft.oracle.digest()
+        for m in self.masters:
+            m.member.known = len(self.raft.log)
+            m.member.catch_up()
+            if m.state.digest() != want:
+                return f"{m.name}'s state differs from the log's at index {m.member.applied}"
+        return None

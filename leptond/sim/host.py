@@ -1,0 +1,348 @@
+"""A simulated GPU host: its task processes, their supervisors, and its lease.
+
+`SimHost` is what outlives the agent on a real host: the runs (each a
+process under its own supervisor, agent/shim.py), their recorded exits, and
+the lease file. `SimRunner` is the agent's view of them, the agent/ports.py
+`Runner` that agent/runner.py's TaskRunner is on a real host: it knows only
+the runs it started or adopted, and forgets them when the agent dies.
+
+A run does what its command says. Jobs in the simulation run
+`sim-task KIND SECONDS TERM_S`: after SECONDS it exits 0 (ok), 1 (fail),
+is killed by the OOM killer (oom), fails or not by the draw of each attempt
+(flaky), or never ends by itself (hang); after SIGTERM it exits within
+TERM_S seconds, or is killed at the end of the grace ("ignore"). The
+supervisor ends the run as shim.py does: on a stop request, at the time
+limit, and at once (SIGKILL) when the node's lease runs out; it never
+starts a run without a lease, nor one asked to stop before it started.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.runner import RunnerError, TaskExit, TaskSpec
+from agent.shim import LEASE_RAN_OUT, describe_exit
+
+from .trace import Trace
+from .vtime import HostClock, SimClock
+
+SHIM_START_S = (0.01, 0.3)  # spec written -> task started (a spare shim is quick)
+SHIM_TICK_S = 0.1  # shim.TICK_S: how late a supervisor notices a lease ran out
+SUPERVISOR_LOST = "supervisor lost"  # agent/runner.py
+SHIM_DEATH = 0.01  # a run's supervisor dies before the run ends (it happens)
+GiB = 1 << 30
+
+
+@dataclass
+class Fate:
+    kind: str  # ok, fail, oom, hang (flaky is settled per attempt)
+    seconds: float
+    term_s: float | None  # None: ignores SIGTERM
+    start_s: float
+    shim_dies_at: float | None  # seconds after start, or None
+
+
+def fate_of(argv: list[str], rng: random.Random) -> Fate:
+    """What a run of `argv` does; `rng` is the run's own (one per run id)."""
+    kind, seconds, term = "ok", 5.0, "1"
+    if len(argv) >= 4 and argv[0] == "sim-task":
+        kind, seconds, term = argv[1], float(argv[2]), argv[3]
+    if kind == "flaky":
+        kind = "fail" if rng.random() < 0.5 else "ok"
+    start_s = rng.uniform(*SHIM_START_S)
+    dies = rng.uniform(0.0, max(seconds, 1.0)) if rng.random() < SHIM_DEATH else None
+    return Fate(kind, seconds, None if term == "ignore" else float(term), start_s, dies)
+
+
+class SimProc:
+    """One run: a task attempt under its supervisor."""
+
+    __slots__ = (
+        "attempt",
+        "exit",
+        "fate",
+        "gpus",
+        "pid",
+        "rid",
+        "spec",
+        "started_at",
+        "state",
+        "stop",
+        "task_id",
+        "timers",
+    )
+
+    def __init__(self, spec: TaskSpec, fate: Fate, pid: int) -> None:
+        self.rid = spec.task_id
+        tid, _, a = self.rid.rpartition("_a")
+        self.task_id, self.attempt = tid, int(a) if a.isdigit() else 0
+        self.spec = spec
+        gpus = spec.env.get("CUDA_VISIBLE_DEVICES", "")
+        self.gpus = tuple(int(g) for g in gpus.split(",") if g.isdigit())
+        self.fate = fate
+        self.pid = pid
+        self.state = "starting"  # starting, running, exited
+        self.started_at: float | None = None  # wall clock of the host
+        self.stop: tuple[str, float] | None = None  # (reason, grace) once asked
+        self.exit: dict[str, Any] | None = None
+        self.timers: list[Any] = []
+
+    @property
+    def alive(self) -> bool:
+        return self.state != "exited"
+
+
+class SimHost:
+    def __init__(
+        self,
+        node_id: str,
+        name: str,
+        gpus: int,
+        cpus: float,
+        mem_bytes: int,
+        world: SimClock,
+        clock: HostClock,
+        seed: int,
+        trace: Trace,
+    ) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.gpus = gpus
+        self.cpus = cpus
+        self.mem_bytes = mem_bytes
+        self.world = world  # processes run on it whatever the agent does
+        self.clock = clock  # the agent's (its wall clock may jump)
+        self.seed = seed
+        self.trace = trace
+        self.procs: dict[str, SimProc] = {}  # every run, ended ones too (their dirs stay)
+        self.live: dict[str, SimProc] = {}  # runs not ended
+        self.version = 0  # moves whenever a run starts, runs or ends
+        self.acked: set[str] = set()
+        self.unacked: dict[str, SimProc] = {}  # ended runs whose exit the leader lacks
+        self.lease_expires: float | None = None
+        self._lease_timer: Any = None
+        self._pids = itertools.count(1000)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.node_id,
+            "name": self.name,
+            "addr": f"{self.name}.sim",
+            "cpus": self.cpus,
+            "mem_bytes": self.mem_bytes,
+            "labels": {},
+            "gpus": [
+                {
+                    "index": i,
+                    "uuid": f"GPU-{self.node_id}-{i}",
+                    "model": "H100",
+                    "mem_bytes": 80 * GiB,
+                    "domain": i // 4,
+                }
+                for i in range(self.gpus)
+            ],
+        }
+
+    # -- the lease (agent/ports.py Lease) ---------------------------------------------
+    def now(self) -> float:
+        """CLOCK_BOOTTIME: it does not jump with the wall clock."""
+        return self.world.monotonic()
+
+    def write(self, expires: float, lease_s: float) -> None:
+        self.lease_expires = expires
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        rng = random.Random(f"{self.seed}:{self.node_id}:lease:{expires!r}")
+        wait = expires - self.now() + rng.uniform(0.0, SHIM_TICK_S)
+        self._lease_timer = self.world.call_later(wait, self._lease_check)
+
+    def lease_valid(self) -> bool:
+        return self.lease_expires is not None and self.now() < self.lease_expires
+
+    def _lease_check(self) -> None:
+        self._lease_timer = None
+        if self.lease_valid():
+            return
+        for p in sorted(self.live.values(), key=lambda p: p.rid):
+            if p.state == "running":
+                self.finish(p, 137, 9, LEASE_RAN_OUT)
+
+    # -- runs ----------------------------------------------------------------------
+    def start(self, spec: TaskSpec) -> SimProc:
+        rng = random.Random(f"{self.seed}:{self.node_id}:{spec.task_id}")
+        p = SimProc(spec, fate_of(spec.argv, rng), next(self._pids))
+        self.procs[p.rid] = p
+        self.live[p.rid] = p
+        self.version += 1
+        self.acked.discard(p.rid)
+        p.timers.append(self.world.call_later(p.fate.start_s, self._launch, p))
+        return p
+
+    def _launch(self, p: SimProc) -> None:
+        if not p.alive:
+            return
+        if p.stop is not None:
+            self.finish(p, None, None, "stopped before start")
+            return
+        if not self.lease_valid():
+            self.finish(p, None, None, "not started: this node's lease from the leader ran out")
+            return
+        p.state = "running"
+        self.version += 1
+        p.started_at = self.clock.now()
+        self.trace(f"{self.name} run {p.rid} gpus {list(p.gpus)}")
+        f = p.fate
+        if f.kind != "hang":
+            p.timers.append(self.world.call_later(f.seconds, self._end, p))
+        if p.spec.time_limit_s is not None:
+            limit = p.spec.time_limit_s
+            reason = f"time limit of {limit:g}s exceeded"
+            p.timers.append(
+                self.world.call_later(limit, self.request_stop, p, reason, p.spec.kill_grace_s)
+            )
+        if f.shim_dies_at is not None:
+            p.timers.append(self.world.call_later(f.shim_dies_at, self._shim_died, p))
+
+    def _end(self, p: SimProc) -> None:
+        kind = p.fate.kind
+        if kind == "oom":
+            self.finish(p, 137, 9, "out of memory (no task limit)")
+        else:
+            code = 0 if kind == "ok" else 1
+            self.finish(p, code, None, describe_exit(code))
+
+    def _shim_died(self, p: SimProc) -> None:
+        # runner._supervisor_lost: the run is killed and recorded as lost.
+        self.finish(p, None, None, SUPERVISOR_LOST)
+
+    def request_stop(self, p: SimProc, reason: str, grace_s: float) -> None:
+        """SIGTERM now, SIGKILL after the grace (shim.request_stop)."""
+        if not p.alive or p.stop is not None:
+            return
+        p.stop = (reason, grace_s)
+        if p.state == "starting":
+            return  # the supervisor sees the stop file before it starts the run
+        term = p.fate.term_s
+        if term is not None and term < grace_s:
+            p.timers.append(self.world.call_later(term, self.finish, p, 143, 15, reason))
+        else:
+            killed = f"{reason}; killed after {grace_s:g}s grace"
+            p.timers.append(self.world.call_later(grace_s, self.finish, p, 137, 9, killed))
+
+    def finish(self, p: SimProc, code: int | None, sig: int | None, message: str) -> None:
+        if not p.alive:
+            return
+        for t in p.timers:
+            t.cancel()
+        p.timers.clear()
+        p.state = "exited"
+        del self.live[p.rid]
+        self.unacked[p.rid] = p
+        self.version += 1
+        p.exit = {
+            "exit_code": code,
+            "signal": sig,
+            "message": message,
+            "started_at": p.started_at,
+            "finished_at": self.clock.now(),
+        }
+        self.trace(f"{self.name} exit {p.rid} {code} {message}")
+
+    def running_gpus(self) -> list[tuple[int, str]]:
+        return [(g, p.rid) for p in self.live.values() if p.state == "running" for g in p.gpus]
+
+
+class SimRunner:
+    """The agent/ports.py Runner over a SimHost: an agent process's own view."""
+
+    def __init__(self, host: SimHost) -> None:
+        self.host = host
+        self.root = Path("/sim") / host.name / "tasks"
+        self._known: set[str] = set()  # runs believed running (TaskRunner._shims)
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.root / task_id
+
+    def start(self, spec: TaskSpec) -> int:
+        if not spec.argv:
+            raise RunnerError(f"task {spec.task_id}: argv must be a non-empty list of strings")
+        p = self.host.procs.get(spec.task_id)
+        if p is not None and p.alive:
+            raise RunnerError(f"task {spec.task_id} is already running")
+        if p is not None and spec.task_id not in self.host.acked:
+            raise RunnerError(f"task {spec.task_id} has an unreported exit; ack it first")
+        p = self.host.start(spec)
+        self._known.add(spec.task_id)
+        return p.pid
+
+    def stop(self, task_id: str, grace_s: float | None = None) -> None:
+        p = self.host.procs.get(task_id)
+        if p is None or not p.alive:
+            return
+        grace = p.spec.kill_grace_s if grace_s is None else grace_s
+        self.host.request_stop(p, "stopped by request", grace)
+
+    def kill_all_not_in(self, keep: set[str]) -> list[str]:
+        doomed = [t for t in self.running() if t not in keep]
+        for rid in doomed:
+            self.stop(rid)
+        return doomed
+
+    def running(self) -> list[str]:
+        procs = self.host.procs
+        self._known = {r for r in self._known if r in procs and procs[r].alive}
+        return sorted(self._known)
+
+    def poll(self) -> list[TaskExit]:
+        self.running()
+        return self._unacked()
+
+    def _unacked(self) -> list[TaskExit]:
+        out = []
+        for rid, p in self.host.unacked.items():
+            if p.exit is None or rid in self._known:
+                continue
+            e = p.exit
+            out.append(
+                TaskExit(
+                    rid,
+                    e["exit_code"],
+                    e["signal"],
+                    e["message"],
+                    e["started_at"],
+                    e["finished_at"],
+                )
+            )
+        out.sort(key=lambda e: (e.finished_at or 0.0, e.task_id))
+        return out
+
+    def ack(self, task_id: str) -> None:
+        p = self.host.procs.get(task_id)
+        if p is None:
+            return
+        if p.alive:
+            raise RunnerError(f"task {task_id} has not finished; nothing to ack")
+        self.host.acked.add(task_id)
+        self.host.unacked.pop(task_id, None)
+
+    def gpus(self, task_id: str) -> list[int]:
+        p = self.host.procs.get(task_id)
+        return list(p.gpus) if p is not None else []
+
+    def finished(self, task_id: str) -> bool:
+        p = self.host.procs.get(task_id)
+        return p is not None and not p.alive
+
+    def adopt(self) -> tuple[list[str], list[TaskExit]]:
+        self._known = set(self.host.live)
+        return sorted(self._known), self._unacked()
+
+    def keep_spare(self) -> None:
+        pass  # spares only save the interpreter's start-up (SHIM_START_S covers it)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,149 @@
+"""A simulated node: the real agent code on a simulated host.
+
+`SimAgent` is agent.daemon.Agent with its host parts replaced: the runner
+and the lease are the SimHost's (agent/ports.py), the RPC client is the
+real ClusterClient dialling through the simulated network, on the host's
+clock. Registration, heartbeats, reconcile, starting and stopping runs and
+reporting exits are the agent's own code. (Agent.__init__ sets up a real
+host: data dir, credential, cgroups, GPU probes; SimAgent sets the same
+attributes to simulated ones instead, and runs the same loop state setup.)
+
+`SimNode` is what happens to the agent process: it starts, crashes (kill -9:
+its tasks run on under their supervisors), restarts, is paused (SIGSTOP),
+and sees its host's wall clock jump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, cast
+
+from agent import gpudev
+from agent.daemon import Agent, AgentConfig
+from agent.probes import GpuProbe
+from agent.workdir import WorkdirCache
+
+from ..wire.client import ClusterClient, parse_addrs
+from .host import SimHost, SimRunner
+from .net import ClientEnd, Network
+from .trace import Trace
+from .vtime import HostClock
+
+
+class _NoBlocks:
+    """Simulated jobs have no workdir: nothing is cached, nothing to release."""
+
+    def release(self, run_id: str) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class _NoGpuProbe:
+    name = "simulated"
+
+    def gpus(self) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class SimAgent(Agent):
+    def __init__(
+        self, host: SimHost, cfg: AgentConfig, clock: HostClock, net: Network, masters: str
+    ) -> None:
+        # Not Agent.__init__: that one prepares a real host (see the module doc).
+        self.cfg = cfg
+        self.clock = clock
+        self.host = host
+        self.node_id = host.node_id
+        self.name = host.name
+        self._join = None
+        self.switch_users = False
+        self.cgroups = None
+        self.lease_path = Path("/sim") / host.name / "lease.json"
+        self.lease_s = None
+        self.fence = host
+        self.runner = SimRunner(host)
+        self.workdirs = cast(WorkdirCache, _NoBlocks())
+        self.probe = cast(GpuProbe, _NoGpuProbe())
+        self.gpu_devices = gpudev.GpuDevices(None, {})
+        self.client = ClusterClient(
+            parse_addrs(masters),
+            key_id=f"node-{host.node_id}",
+            psk=b"",
+            handlers={"start": self._on_start, "stop": self._on_stop},
+            clock=clock,
+            dial=net.dialer(host.name, clock),
+        )
+        self._init_loop_state()
+
+    def describe(self) -> dict[str, Any]:
+        return self.host.describe()
+
+    def host_report(self) -> dict[str, Any]:
+        return {"host": {}, "gpus": [], "cache": {}}
+
+
+class SimNode:
+    """One host and the life of its agent process."""
+
+    def __init__(
+        self, host: SimHost, cfg: AgentConfig, net: Network, masters: str, trace: Trace
+    ) -> None:
+        self.host = host
+        self.cfg = cfg
+        self.net = net
+        self.masters = masters
+        self.trace = trace
+        self.clock = host.clock
+        self.agent: SimAgent | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.lives = 0
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    @property
+    def up(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self) -> None:
+        self.lives += 1
+        self.agent = SimAgent(self.host, self.cfg, self.clock, self.net, self.masters)
+        self.task = self.clock.loop.create_task(self.agent.run())
+        self.trace(f"{self.name} agent starts")
+
+    def crash(self) -> None:
+        """kill -9 of the agent: everything in it stops; the runs go on."""
+        agent, task = self.agent, self.task
+        if agent is None or task is None:
+            return
+        self.trace(f"{self.name} agent killed")
+        task.cancel()
+        for t in list(agent._starting):
+            t.cancel()
+        conn = agent.client.conn
+        if conn is not None:
+            cast(ClientEnd, conn).abort()
+        self.agent = self.task = None
+        if self.clock.paused:
+            self.clock.resume()
+
+    def pause(self) -> None:
+        if self.agent is not None and not self.clock.paused:
+            self.trace(f"{self.name} agent paused")
+            self.clock.pause()
+
+    def resume(self) -> None:
+        if self.clock.paused:
+            self.trace(f"{self.name} agent resumed")
+            self.clock.resume()
+
+    def jump_clock(self, seconds: float) -> None:
+        self.clock.offset_s += seconds
+        self.trace(f"{self.name} wall clock jumps {seconds:+.1f}s")

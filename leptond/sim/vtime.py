@@ -1,0 +1,184 @@
+"""Virtual time: an asyncio loop whose clock only the simulation moves.
+
+`VirtualLoop` is a real asyncio event loop (tasks, futures, Events, Locks and
+`asyncio.wait_for` all behave as usual) whose `time()` is a number kept
+here. When nothing is ready to run, the loop would wait in its selector for
+the next timer; here the selector instead moves the clock to that timer and
+returns at once. Nothing waits for real time, and one thread runs every
+callback in an order fixed by the program and its inputs (trio's MockClock
+with autojump, FoundationDB's simulated time).
+
+Work sent to a thread (`asyncio.to_thread`, `run_in_executor`) runs inline,
+so the simulation never has a second thread whose timing could change the
+order of events.
+
+`SimClock` is the `Clock` (leptond/clock.py) the simulated masters get;
+`HostClock` adds what an agent's host can suffer: its wall clock jumping,
+and the agent process being paused (SIGSTOP), which holds its timers and
+whatever the network delivers to it until it is resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import selectors
+from collections.abc import Callable
+from typing import Any
+
+# Wall-clock time at virtual time 0: a fixed date, so runs repeat exactly.
+EPOCH = 1_700_000_000.0
+
+
+class SimDeadlock(RuntimeError):
+    """Nothing is scheduled and nothing can run: every task waits forever."""
+
+
+class _Now:
+    """The virtual time, shared by the loop, its selector and the clocks."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+
+class _JumpingSelector(selectors.SelectSelector):
+    """Registers file descriptors like any selector (the loop's self-pipe),
+    but never waits: `select(timeout)` moves virtual time on by `timeout`."""
+
+    def __init__(self, now: _Now) -> None:
+        super().__init__()
+        self._now = now
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        if timeout is None:
+            raise SimDeadlock("no timer is scheduled and no callback is ready")
+        if timeout > 0:
+            self._now.t += timeout
+        return []
+
+
+class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs what would go to a worker thread at once, on the loop's thread
+    (its pool never starts a thread: only `submit` would)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the awaiting coroutine
+            fut.set_exception(exc)
+        return fut
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self.now = _Now()
+        super().__init__(_JumpingSelector(self.now))
+        self.set_default_executor(_InlineExecutor())
+
+    def time(self) -> float:
+        return self.now.t
+
+    def run_until(self, t: float) -> None:
+        """Run every callback due up to virtual time `t`, then stop there."""
+        if t > self.now.t:
+            self.call_at(t, self.stop)
+            self.run_forever()
+        if self.now.t < t:  # the stop ran early in an iteration: settle on t
+            self.now.t = t
+
+
+class _Held:
+    """A timer of a `HostClock`: cancellable, and held while the host's
+    agent is paused."""
+
+    __slots__ = ("args", "cancelled", "fn", "handle")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+        self.handle: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+class SimClock:
+    """A Clock on virtual time; wall-clock `now` is EPOCH plus virtual time."""
+
+    def __init__(self, loop: VirtualLoop) -> None:
+        self.loop = loop
+        self._now = loop.now
+
+    def now(self) -> float:
+        return EPOCH + self._now.t
+
+    def monotonic(self) -> float:
+        return self._now.t
+
+    async def sleep(self, seconds: float) -> None:
+        fut = self.loop.create_future()
+        timer = self._timer(seconds, _settle, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+
+    def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._timer(delay_s, fn, *args)
+
+    def _timer(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.loop.call_at(self._now.t + max(0.0, delay_s), fn, *args)
+
+    def block(self, seconds: float) -> None:
+        raise RuntimeError("nothing may block the simulation's only thread")
+
+
+class HostClock(SimClock):
+    """An agent's clock: its own wall-clock offset (jumps), and pauses.
+
+    While paused, timers that come due and deliveries from the network are
+    held, in order, and run when the agent is resumed; the monotonic clock
+    runs on, as CLOCK_MONOTONIC does under SIGSTOP."""
+
+    def __init__(self, loop: VirtualLoop) -> None:
+        super().__init__(loop)
+        self.offset_s = 0.0
+        self.paused = False
+        self._held: list[_Held] = []
+
+    def now(self) -> float:
+        return EPOCH + self._now.t + self.offset_s
+
+    def _timer(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+        held = _Held(fn, args)
+        held.handle = self.loop.call_at(self._now.t + max(0.0, delay_s), self._fire, held)
+        return held
+
+    def _fire(self, held: _Held) -> None:
+        if held.cancelled:
+            return
+        if self.paused:
+            self._held.append(held)
+            return
+        held.fn(*held.args)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        held, self._held = self._held, []
+        for h in held:
+            if not h.cancelled:
+                self.loop.call_soon(h.fn, *h.args)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
