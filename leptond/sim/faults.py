@@ -20,16 +20,16 @@ if TYPE_CHECKING:
     from .trace import Trace
     from .vtime import SimClock
 
-# Per step, the chance of each fault (a step is 0.1 s of virtual time).
+# How often each fault strikes in a storm, per second of virtual time.
 FAULTS: tuple[tuple[str, float], ...] = (
-    ("crash", 0.0025),
-    ("pause", 0.0015),
-    ("cut", 0.0025),
-    ("split", 0.0006),
-    ("isolate", 0.0012),
-    ("depose", 0.0008),
-    ("slow", 0.0008),
-    ("clock", 0.0010),
+    ("crash", 0.025),
+    ("pause", 0.015),
+    ("cut", 0.025),
+    ("split", 0.006),
+    ("isolate", 0.012),
+    ("depose", 0.008),
+    ("slow", 0.008),
+    ("clock", 0.010),
 )
 
 
@@ -43,8 +43,10 @@ class Chaos:
         masters: Sequence[SimMaster],
         nodes: Sequence[SimNode],
         trace: Trace,
+        step_s: float,
     ) -> None:
         self.rng = rng
+        self.step_s = step_s
         self.clock = clock
         self.net = net
         self.raft = raft
@@ -73,7 +75,8 @@ class Chaos:
         self.trace(f"storm: loss {net.loss} dup {net.dup} late {net.late}")
 
     def step(self) -> None:
-        r = self.rng.random()
+        """Maybe start one fault (one step of `step_s` seconds passes)."""
+        r = self.rng.random() / self.step_s
         for name, p in FAULTS:
             if r < p:
                 self.counts[name] = self.counts.get(name, 0) + 1

@@ -126,6 +126,7 @@ class SimHost:
         self.lease_expires: float | None = None
         self._lease_timer: Any = None
         self._pids = itertools.count(1000)
+        self._rng = random.Random(f"{seed}:{node_id}")  # when supervisors look at the lease
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -156,8 +157,7 @@ class SimHost:
         self.lease_expires = expires
         if self._lease_timer is not None:
             self._lease_timer.cancel()
-        rng = random.Random(f"{self.seed}:{self.node_id}:lease:{expires!r}")
-        wait = expires - self.now() + rng.uniform(0.0, SHIM_TICK_S)
+        wait = expires - self.now() + self._rng.uniform(0.0, SHIM_TICK_S)
         self._lease_timer = self.world.call_later(wait, self._lease_check)
 
     def lease_valid(self) -> bool:

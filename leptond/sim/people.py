@@ -116,7 +116,7 @@ class People:
         term = "ignore" if rng.random() < 0.15 else str(round(rng.uniform(0.0, 2.0), 2))
         spec: dict[str, Any] = {
             "argv": ["sim-task", kind, str(seconds), term],
-            "gpus": rng.choice((0, 1, 1, 2, 2, 4, 4, 8)),
+            "gpus": rng.choices((0, 1, 2, 4, 8), (15, 35, 25, 20, 5))[0],
             "cpus": float(rng.choice((1, 2, 4))),
             "mem_bytes": rng.choice((0, 4 * GiB, 16 * GiB)),
             "nodes": rng.choices((1, 2, 3), (85, 10, 5))[0],

@@ -177,14 +177,13 @@ class SimRaft:
     def append(self, member: Member, data: bytes | None) -> Proposal:
         assert member.leading is not None
         now = self.clock.monotonic()
-        last = member.pending[-1].ready_at if member.pending else now
         lo, hi = SLOW_COMMIT_S if now < self.slow_until else COMMIT_S
-        p = Proposal(
-            data,
-            member.leading,
-            max(last, now) + self.rng.uniform(lo, hi),
-            self.clock.loop.create_future(),
-        )
+        ready = now + self.rng.uniform(lo, hi)
+        # Entries commit in order, pipelined: one is never committed before
+        # an earlier one, but does not wait a whole round after it either.
+        if member.pending:
+            ready = max(ready, member.pending[-1].ready_at)
+        p = Proposal(data, member.leading, ready, self.clock.loop.create_future())
         member.pending.append(p)
         self.clock.call_later(p.ready_at - now, self._pump, member)
         return p

@@ -44,7 +44,7 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class SimConfig:
-    step_s: float = 0.1
+    step_s: float = 0.05
     boot_s: float = 10.0  # the first calm, while the agents join
     storm_s: float = 60.0
     calm_s: float = 30.0
@@ -60,12 +60,12 @@ class SimConfig:
     kill_grace_s: float = 3.0
     retention_s: float = 300.0
     heartbeat_s: float = 1.0
-    max_pending: int = 40  # people stop submitting while this many tasks wait
-    # Per stormy step, the chance that people do each thing.
-    submit_p: float = 0.05
-    cancel_p: float = 0.012
-    drain_p: float = 0.002
-    undrain_p: float = 0.004
+    max_pending: int = 24  # people stop submitting while this many tasks wait
+    # How often people do each thing in a storm, per second.
+    submit_per_s: float = 0.5
+    cancel_per_s: float = 0.12
+    drain_per_s: float = 0.02
+    undrain_per_s: float = 0.04
 
 
 @dataclass
@@ -155,7 +155,14 @@ class World:
             seed, rng("people"), self.net, self.clock, addrs, self.trace, self._busy, self.violation
         )
         self.chaos = Chaos(
-            rng("faults"), self.clock, self.net, self.raft, self.masters, self.nodes, self.trace
+            rng("faults"),
+            self.clock,
+            self.net,
+            self.raft,
+            self.masters,
+            self.nodes,
+            self.trace,
+            cfg.step_s,
         )
         settle = cfg.kill_grace_s + 3 * cfg.heartbeat_s + 3.0
         self.checker = Checker(
@@ -242,13 +249,13 @@ class World:
 
     def _people(self) -> None:
         cfg = self.cfg
-        r = self.rng.random()
-        if r < cfg.submit_p:
+        r = self.rng.random() / cfg.step_s  # at most one thing per step
+        if r < cfg.submit_per_s:
             self.people.submit()
             return
-        r -= cfg.submit_p
+        r -= cfg.submit_per_s
         v = self.raft.oracle.freeze()
-        if r < cfg.cancel_p:
+        if r < cfg.cancel_per_s:
             mine = set(self.people.ledger.acked.values())
             jobs = [
                 (j.id, j.user)
@@ -257,16 +264,16 @@ class World:
             ]
             self.people.cancel(jobs)
             return
-        r -= cfg.cancel_p
-        if r < cfg.drain_p:
+        r -= cfg.cancel_per_s
+        if r < cfg.drain_per_s:
             ready = [n.name for n in v.nodes.values() if n.drain_reason is None]
             if ready:
                 node = self.rng.choice(ready)
                 deadline = None if self.rng.random() < 0.4 else round(self.rng.uniform(2, 30), 1)
                 self.people.drain(node, deadline)
             return
-        r -= cfg.drain_p
-        if r < cfg.undrain_p:
+        r -= cfg.drain_per_s
+        if r < cfg.undrain_per_s:
             drained = [n.name for n in v.nodes.values() if n.drain_reason is not None]
             if drained:
                 self.people.undrain(self.rng.choice(drained))
