@@ -12,7 +12,8 @@ raftmodel.SimRaft.oracle; the hosts are what really runs):
   has passed since it finished (no job ever appears twice);
 - every pending task has a reason (masters.WatchedLoops, after each pass);
 - a job's state agrees with its tasks' states;
-- the queue's shares add up to what the live tasks hold and wait for.
+- the queue's shares add up to what the live tasks hold and wait for;
+- the log grows at the pace of the work, not of a hot loop.
 
 Liveness, at the end of each calm phase (every fault healed for a while):
 a leader leads; every node whose agent runs is up; every stop asked for has
@@ -22,7 +23,7 @@ every live task runs; every master that caught up holds the same state.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from .raftmodel import SimRaft
 
 EPS = 1e-6
+# The most entries the simulated cluster may commit in a second: its work
+# needs under 30; a hot loop commits a hundred.
+MAX_COMMITS_PER_S = 60
 
 
 class Checker:
@@ -65,6 +69,7 @@ class Checker:
         self.twice: dict[str, float] = {}  # task running on two nodes -> since when
         self._gen = -1
         self._seen: tuple[int, ...] = ()
+        self._log_marks: deque[tuple[float, int]] = deque()
         self.final_seen: dict[str, float] = {}  # job id -> its finished_at
         self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
         self.orphan_seen: dict[tuple[str, str], float] = {}  # (node, run) the state has not
@@ -74,6 +79,9 @@ class Checker:
     # -- after every step -------------------------------------------------------------
     def step(self, now: float) -> str | None:
         self.checks += 1
+        why = self._pace(now)
+        if why:
+            return why
         v = self.raft.oracle.freeze()
         if v.generation != self._gen:
             self._gen = v.generation
@@ -93,6 +101,19 @@ class Checker:
         if seen != self._seen:
             self._seen = seen
             self._track(v, now)
+        return None
+
+    def _pace(self, now: float) -> str | None:
+        """A control plane in a hot loop (a plan dropped and proposed again at
+        once, forever) keeps every invariant but fills the log: the workload
+        here commits a few dozen entries a second at most."""
+        marks = self._log_marks
+        marks.append((now, len(self.raft.log)))
+        while marks[0][0] < now - 1.0:
+            marks.popleft()
+        grown = marks[-1][1] - marks[0][1]
+        if grown > MAX_COMMITS_PER_S:
+            return f"{grown} entries committed within a second: a hot loop"
         return None
 
     def _gpus(self, v: StateView) -> str | None:
