@@ -154,7 +154,7 @@ class Checker:
                 continue
             finished = self.final_seen.get(jid)
             if finished is None:
-                return f"acknowledged job {name} ({jid}) is gone, and it never finished"
+                return f"acknowledged job {name} ({jid}) is gone, and was not finished a step ago"
             # The masters' clocks are the simulation's: EPOCH + virtual time.
             if EPOCH + now - finished < self.retention_s:
                 return (

@@ -58,7 +58,7 @@ class SimConfig:
     )
     ttl_s: float = 10.0
     kill_grace_s: float = 3.0
-    retention_s: float = 300.0
+    retention_s: float = 120.0
     heartbeat_s: float = 1.0
     max_pending: int = 24  # people stop submitting while this many tasks wait
     # How often people do each thing in a storm, per second.
