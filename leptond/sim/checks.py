@@ -44,6 +44,10 @@ EPS = 1e-6
 # The most entries the simulated cluster may commit in a second: its work
 # needs under 30; a hot loop commits a hundred.
 MAX_COMMITS_PER_S = 60
+# The longest a command may take from its proposal (which sets its time) to
+# its commit: commit timeouts, slow commits, and entries adopted by the next
+# leader after an election.
+MAX_COMMIT_DELAY_S = 30.0
 
 
 class Checker:
@@ -143,9 +147,17 @@ class Checker:
         for name, n in names.items():
             if n > 1 and (name in self.ledger.acked or name in self.ledger.sent):
                 return f"job {name} is in the state {n} times"
+        wall = EPOCH + now  # the masters' clock
         for j in v.jobs.values():
-            if j.state in FINAL_JOB_STATES and j.finished_at is not None:
-                self.final_seen[j.id] = j.finished_at
+            if j.state not in FINAL_JOB_STATES or j.finished_at is None:
+                continue
+            if j.id not in self.final_seen:
+                # It finished when the command saying so was proposed: no
+                # later than its commit, and not long before.
+                late = wall - j.finished_at
+                if not -EPS <= late <= MAX_COMMIT_DELAY_S:
+                    return f"job {j.id} finished at {j.finished_at:.3f}, {late:.1f}s before it was committed"
+            self.final_seen[j.id] = j.finished_at
         for name, jid in self.ledger.acked.items():
             job = v.jobs.get(jid)
             if job is not None:
@@ -155,10 +167,9 @@ class Checker:
             finished = self.final_seen.get(jid)
             if finished is None:
                 return f"acknowledged job {name} ({jid}) is gone, and was not finished a step ago"
-            # The masters' clocks are the simulation's: EPOCH + virtual time.
-            if EPOCH + now - finished < self.retention_s:
+            if wall - finished < self.retention_s:
                 return (
-                    f"acknowledged job {name} ({jid}) is gone {EPOCH + now - finished:.1f}s "
+                    f"acknowledged job {name} ({jid}) is gone {wall - finished:.1f}s "
                     f"after it finished; the retention is {self.retention_s:g}s"
                 )
         return None
