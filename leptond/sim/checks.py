@@ -156,7 +156,10 @@ class Checker:
                 # later than its commit, and not long before.
                 late = wall - j.finished_at
                 if not -EPS <= late <= MAX_COMMIT_DELAY_S:
-                    return f"job {j.id} finished at {j.finished_at:.3f}, {late:.1f}s before it was committed"
+                    return (
+                        f"job {j.id} finished at {j.finished_at:.3f} by its record, "
+                        f"{late:+.1f}s from the commit that finished it"
+                    )
             self.final_seen[j.id] = j.finished_at
         for name, jid in self.ledger.acked.items():
             job = v.jobs.get(jid)
