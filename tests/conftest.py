@@ -10,6 +10,12 @@ from tests.harness import Cluster
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", default=False, help="run long soak tests")
+    parser.addoption(
+        "--soak-minutes",
+        type=float,
+        default=10.0,
+        help="with --soak: how long the simulation soak runs (default 10)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

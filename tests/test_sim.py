@@ -1,0 +1,150 @@
+"""The seeded simulation of the control plane (leptond/sim, docs/simulator.md).
+
+Runs go through `python -m leptond.sim`, which pins PYTHONHASHSEED, so that
+what a test sees is what a replay from the command line sees.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leptond.sim import SimResult, checks, run
+from leptond.sim import __main__ as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+# The suite's budget (issue 16): 200 seeds of 5,000 steps.
+SEEDS, STEPS = 200, 5000
+
+
+def sim(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "leptond.sim", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=dict(os.environ, PYTHONHASHSEED=cli.HASH_SEED),
+    )
+
+
+def digest(out: str) -> str:
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("digest ") and len(last.split()[1]) == 32, last
+    return last.split()[1]
+
+
+def test_a_seed_replays_the_same_trace() -> None:
+    first = sim("--seed", "7", "--steps", "1500", "--trace")
+    second = sim("--seed", "7", "--steps", "1500", "--trace")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # The whole trace, line for line, and so its digest: the last line.
+    assert first.stdout == second.stdout
+    assert digest(first.stdout) == digest(second.stdout)
+    lines = first.stdout.splitlines()
+    assert len(lines) > 100 and any(" commit " in line for line in lines)
+    other = sim("--seed", "8", "--steps", "1500")
+    assert digest(other.stdout) != digest(first.stdout)
+
+
+def test_the_hash_seed_is_pinned_for_a_replay() -> None:
+    # Started with another PYTHONHASHSEED, the command line runs itself again
+    # with the pinned one: the same digest.
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    args = [sys.executable, "-m", "leptond.sim", "--seed", "11", "--steps", "800"]
+    other = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert digest(other.stdout) == digest(sim("--seed", "11", "--steps", "800").stdout)
+
+
+@pytest.mark.timeout(900)
+def test_the_budget_of_seeds_keeps_every_invariant() -> None:
+    out = sim("--seeds", f"0-{SEEDS - 1}", "--steps", str(STEPS), "--jobs", "2", timeout_s=880)
+    failures = [line for line in out.stdout.splitlines() if "VIOLATION" in line]
+    assert out.returncode == 0 and not failures, "\n".join(failures) or out.stderr[-3000:]
+    assert f"{SEEDS} seeds, 0 with a violation" in out.stdout
+    assert out.stdout.count(f": {STEPS} steps, ") == SEEDS
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(0)
+def test_soak(request: pytest.FixtureRequest) -> None:
+    """As long as asked: pytest --soak --soak-minutes N tests/test_sim.py."""
+    minutes = float(request.config.getoption("--soak-minutes"))
+    out = sim(
+        "--seeds",
+        "100000-100099",
+        "--steps",
+        str(STEPS),
+        "--jobs",
+        "2",
+        "--minutes",
+        str(minutes),
+        timeout_s=60 * minutes + 900,
+    )
+    failures = [line for line in out.stdout.splitlines() if "VIOLATION" in line]
+    assert out.returncode == 0 and not failures, "\n".join(failures)
+
+
+def test_a_violation_prints_the_seed_the_step_a_trace_and_the_digest_last(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A limit no run keeps: the first commits break it.
+    monkeypatch.setattr(checks, "MAX_COMMITS_PER_S", 0)
+    assert cli.main(["--seed", "3", "--steps", "400"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    head = next(line for line in out if "VIOLATION at step" in line)
+    assert head.startswith("seed 3: VIOLATION at step ")
+    assert "entries committed within a second" in head
+    assert "the trace up to it (the last lines):" in out
+    assert any(line.startswith("  ") and " commit " in line for line in out)
+    assert any(line.startswith("replay: python -m leptond.sim --seed 3 --steps ") for line in out)
+    assert out[-1].startswith("digest ")
+
+
+def test_a_run_stops_at_its_first_violation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "MAX_COMMITS_PER_S", 0)
+    r = run(3, 400)
+    assert not r.ok and r.at_step is not None and r.steps == r.at_step + 1 < 400
+    assert r.violation is not None and r.tail[-1].endswith(f"VIOLATION {r.violation}")
+
+
+def test_bad_arguments_are_one_line() -> None:
+    out = sim("--seeds", "5-2")
+    assert out.returncode == 2 and "no seeds in '5-2'" in out.stderr
+    out = sim("--seed", "1", "--steps", "0")
+    assert out.returncode == 2 and out.stderr.strip() == "--steps must be at least 1"
+
+
+def _result(**kw: Any) -> SimResult:
+    base: dict[str, Any] = {
+        "seed": 1,
+        "steps": 10,
+        "violation": None,
+        "at_step": None,
+        "at_s": 0.5,
+        "tail": [],
+        "digest": "0" * 32,
+        "stats": {
+            "virtual_s": 0.5,
+            "commits": 1,
+            "terms": 1,
+            "jobs_acked": 0,
+            "runs": 2,
+            "faults": {},
+        },
+    }
+    return SimResult(**{**base, **kw})
+
+
+def test_a_clean_run_says_what_it_did() -> None:
+    out: list[str] = []
+    cli.report(_result(), out)
+    assert out == [
+        "seed 1: 10 steps, 0.5s of cluster time, ok "
+        "(1 commit, 1 term, 0 jobs, 2 runs; faults: none)"
+    ]

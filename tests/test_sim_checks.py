@@ -1,0 +1,81 @@
+"""Each invariant of the simulation fails on a state that breaks it.
+
+The checker reads a ClusterState (here one driven by the state tests'
+harness, then damaged by hand, as a bug in apply would) and what people
+were told; the simulation's own runs never break these (tests/test_sim.py).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from leptond.sim.checks import Checker
+from leptond.sim.people import Ledger
+from leptond.sim.vtime import EPOCH
+from raft.state import ClusterState
+from scheduler import Policy
+from tests.test_state_support import Harness
+
+
+def checker(state: ClusterState, ledger: Ledger | None = None) -> Checker:
+    raft: Any = SimpleNamespace(oracle=state, log=[])
+    master: Any = SimpleNamespace(controllers=SimpleNamespace(policy=Policy()))
+    return Checker(raft, [master], [], ledger or Ledger(), 120.0, 8.0, 0.1, 8.0)
+
+
+def running_pair() -> Harness:
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=2)
+    h.submit("b", gpus=2)
+    h.run("a.0", "n1", [0, 1])
+    h.run("b.0", "n1", [2, 3])
+    return h
+
+
+def test_a_sound_state_passes() -> None:
+    assert checker(running_pair().state).step(1.0) is None
+
+
+def test_an_ended_task_with_a_stop_fails() -> None:
+    h = running_pair()
+    h.event("a.0", "exited", exit_code=0)
+    h.state.tasks.writable("a.0").stop = "cancel"
+    assert checker(h.state).step(1.0) == "task a.0 is succeeded and still has a stop (cancel)"
+
+
+def test_a_gpu_held_by_two_live_tasks_fails() -> None:
+    h = running_pair()
+    h.state.tasks.writable("b.0").gpus = [1, 2]
+    why = checker(h.state).step(1.0)
+    assert why is not None and why.startswith("GPU 1 of n1")  # held twice, or so indexed
+
+
+def test_a_job_whose_state_disagrees_with_its_tasks_fails() -> None:
+    h = running_pair()
+    h.state.jobs.writable("a").state = "succeeded"
+    why = checker(h.state).step(1.0)
+    assert why is not None and "not every task succeeded" in why
+
+
+def test_an_acknowledged_job_that_vanishes_fails() -> None:
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=2)
+    h.run("a.0", "n1", [0, 1])
+    c = checker(h.state, Ledger(acked={"python": "a"}))  # the harness names jobs "python"
+    assert c.step(1.0) is None
+    del h.state.jobs["a"]
+    h.state.generation += 1  # as apply moves it
+    assert c.step(2.0) == "acknowledged job python (a) is gone, and was not finished a step ago"
+
+
+def test_a_job_finished_by_a_clock_far_off_fails() -> None:
+    h = running_pair()
+    h.event("a.0", "exited", exit_code=0)
+    job = h.state.jobs["a"]
+    assert job.state == "succeeded" and job.finished_at is not None
+    # The harness's clock says 1,000s and some; the masters' says EPOCH + 1s.
+    why = checker(h.state).step(job.finished_at - EPOCH + 31.0)
+    assert why is not None and "+31.0s from the commit that finished it" in why
