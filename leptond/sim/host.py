@@ -114,7 +114,7 @@ class SimHost:
         self.gpus = gpus
         self.cpus = cpus
         self.mem_bytes = mem_bytes
-        self.world = world  # processes run on it whatever the agent does
+        self.world_clock = world  # processes run on it whatever the agent does
         self.clock = clock  # the agent's (its wall clock may jump)
         self.seed = seed
         self.trace = trace
@@ -151,14 +151,14 @@ class SimHost:
     # -- the lease (agent/ports.py Lease) ---------------------------------------------
     def now(self) -> float:
         """CLOCK_BOOTTIME: it does not jump with the wall clock."""
-        return self.world.monotonic()
+        return self.world_clock.monotonic()
 
     def write(self, expires: float, lease_s: float) -> None:
         self.lease_expires = expires
         if self._lease_timer is not None:
             self._lease_timer.cancel()
         wait = expires - self.now() + self._rng.uniform(0.0, SHIM_TICK_S)
-        self._lease_timer = self.world.call_later(wait, self._lease_check)
+        self._lease_timer = self.world_clock.call_later(wait, self._lease_check)
 
     def lease_valid(self) -> bool:
         return self.lease_expires is not None and self.now() < self.lease_expires
@@ -179,7 +179,7 @@ class SimHost:
         self.live[p.rid] = p
         self.version += 1
         self.acked.discard(p.rid)
-        p.timers.append(self.world.call_later(p.fate.start_s, self._launch, p))
+        p.timers.append(self.world_clock.call_later(p.fate.start_s, self._launch, p))
         return p
 
     def _launch(self, p: SimProc) -> None:
@@ -197,15 +197,17 @@ class SimHost:
         self.trace(f"{self.name} run {p.rid} gpus {list(p.gpus)}")
         f = p.fate
         if f.kind != "hang":
-            p.timers.append(self.world.call_later(f.seconds, self._end, p))
+            p.timers.append(self.world_clock.call_later(f.seconds, self._end, p))
         if p.spec.time_limit_s is not None:
             limit = p.spec.time_limit_s
             reason = f"time limit of {limit:g}s exceeded"
             p.timers.append(
-                self.world.call_later(limit, self.request_stop, p, reason, p.spec.kill_grace_s)
+                self.world_clock.call_later(
+                    limit, self.request_stop, p, reason, p.spec.kill_grace_s
+                )
             )
         if f.shim_dies_at is not None:
-            p.timers.append(self.world.call_later(f.shim_dies_at, self._shim_died, p))
+            p.timers.append(self.world_clock.call_later(f.shim_dies_at, self._shim_died, p))
 
     def _end(self, p: SimProc) -> None:
         kind = p.fate.kind
@@ -228,10 +230,10 @@ class SimHost:
             return  # the supervisor sees the stop file before it starts the run
         term = p.fate.term_s
         if term is not None and term < grace_s:
-            p.timers.append(self.world.call_later(term, self.finish, p, 143, 15, reason))
+            p.timers.append(self.world_clock.call_later(term, self.finish, p, 143, 15, reason))
         else:
             killed = f"{reason}; killed after {grace_s:g}s grace"
-            p.timers.append(self.world.call_later(grace_s, self.finish, p, 137, 9, killed))
+            p.timers.append(self.world_clock.call_later(grace_s, self.finish, p, 137, 9, killed))
 
     def finish(self, p: SimProc, code: int | None, sig: int | None, message: str) -> None:
         if not p.alive:

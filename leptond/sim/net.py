@@ -78,12 +78,12 @@ class Network:
             self.dropped += 1
             return
         copies = 2 if not sure and self.dup and rng.random() < self.dup else 1
-        deliver = self.clocks.get(dst, self.clock)
+        clock = self.clocks.get(dst, self.clock)
         for _ in range(copies):
             delay = rng.uniform(*LATENCY_S)
             if self.late and rng.random() < self.late:
                 delay += rng.uniform(*LATE_S)
-            deliver.call_later(delay, self._arrive, src, dst, fn, args)
+            clock.call_later(delay, self._arrive, src, dst, fn, args)
 
     def _arrive(self, src: str, dst: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         # A link cut while the message was on its way loses it too.
