@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--join-token-file",
         help="join token to trade for this node's credential at its first registration "
-        "(`leptonctl node join-token create`); not read once the credential is saved",
+        "(`leptonctl node join-token create`); deleted once the credential is saved",
     )
     r.add_argument(
         "--data-dir", required=True, help="node id, credential, task dirs, block cache (0700)"

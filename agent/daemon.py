@@ -94,6 +94,11 @@ class Agent:
         cred = credential.load_credential(cfg.data_dir)
         # Without a credential yet, the join token is traded for one in run().
         self._join = None if cred is not None else credential.read_join_token(cfg.join_token_file)
+        if cred is not None and cfg.join_token_file is not None:
+            # Died between saving the credential and deleting the token file?
+            credential.discard_join_token(
+                cfg.join_token_file, credential.joined_with(cfg.data_dir) or ""
+            )
         key = cred or self._join
         assert key is not None
         self.name = cfg.node_name or socket.gethostname()
@@ -219,7 +224,12 @@ class Agent:
         self.runner.keep_spare()
         if self._join is not None:
             cred = await credential.trade(
-                self.client.addrs, self._join, self.node_id, self.cfg.data_dir, self._stopping
+                self.client.addrs,
+                self._join,
+                self.node_id,
+                self.cfg.data_dir,
+                self._stopping,
+                join_file=self.cfg.join_token_file,
             )
             if cred is None:
                 return  # stopped before it joined
