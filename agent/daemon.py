@@ -37,6 +37,8 @@ from .taskdir import SPEC, read_json
 from .workdir import WorkdirCache
 
 log = logging.getLogger("lepton.agent")
+# Directories below the data dir that tasks pass through (mode 0711).
+PASSABLE = frozenset({"tasks", "workdirs", "dev"})
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,10 @@ def stable_node_id(data_dir: Path) -> str:
         pass
     nid = "n-" + uuid.uuid4().hex[:12]
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(nid + "\n")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(nid + "\n")
     os.replace(tmp, p)
     return nid
 
@@ -112,9 +117,17 @@ class Agent:
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
         self.runner = TaskRunner(cfg.data_dir / "tasks", self.cgroups, lease_file=self.lease_path)
+        # The block cache is the agent's alone (0700) before the store opens it.
+        (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
         self.gpu_devices = self._gpu_devices()
+        # Tasks pass through tasks/, workdirs/ and dev/ to their own files;
+        # nothing else below the data dir is theirs to list or read.
+        identity.close_to_others(
+            cfg.data_dir,
+            PASSABLE if self.switch_users else frozenset(),
+        )
         self._log_isolation()
         self.client = ClusterClient(
             parse_addrs(cfg.masters),

@@ -163,19 +163,42 @@ def test_a_task_runs_as_its_user_and_its_files_are_its_own(iso: Iso) -> None:
     assert out[5] == str(rd / "work")
 
 
-def test_a_task_cannot_read_the_node_credential_or_list_the_agents_files(iso: Iso) -> None:
+def test_a_task_cannot_read_the_node_credential_or_list_the_agents_files(
+    iso: Iso, tmp_path: Path
+) -> None:
     c = iso.cluster
     data = c.root / f"agent-{V1}"
     cred = data / "node.credential"
     assert cred.exists()
+    # A workdir puts blocks in the host's cache: their ids are what a task
+    # could name in a manifest of its own to get another user's files.
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "data.txt").write_text("someone else's\n" * 100)
+    wd = iso.submit(V1, "--workdir", str(tmp_path / "wd"), "--", "true")
+    assert c.wait_job(wd, {"succeeded", "failed"}, timeout_s=120)["state"] == "succeeded"
+    cached = [p for p in (data / "blocks").rglob("*") if p.is_file() and len(p.name) == 64]
+    assert cached, "the workdir's block is not in the cache"
     script = (
-        f"cat {cred} 2>&1; ls {data} 2>&1; ls {data / 'tasks'} 2>&1; cat {data}/lease.json 2>&1"
+        f"cat {cred} 2>&1; ls {data} 2>&1; ls {data / 'tasks'} 2>&1; cat {data}/lease.json 2>&1; "
+        f"ls {data / 'blocks'} 2>&1; find {data / 'blocks'} -type f 2>&1; "
+        f"cat {cached[0]} 2>&1; ls {data / 'dev'} 2>&1; cat {data}/node_id 2>&1"
     )
     job = iso.submit(V1, "--", "sh", "-c", script, token=iso.alice)
     c.wait_job(job, {"succeeded", "failed"})
     out = c.ctl("logs", job).stdout
-    assert out.count("Permission denied") == 4, out
-    assert "ltk_" not in out and "node_id" not in out, out
+    assert out.count("Permission denied") == 9, out
+    # A listing would name joined.json, and the block only in cat's refusal.
+    assert "ltk_" not in out and "joined.json" not in out, out
+    assert out.count(cached[0].name) == 1, out
+    assert "someone else" not in out and (data / "node_id").read_text().strip() not in out
+    # Nothing directly below the data dir is listable or readable by others;
+    # tasks only pass through the three directories their own files are in.
+    for p in data.iterdir():
+        mode = p.lstat().st_mode & 0o777
+        if p.is_char_device():
+            continue
+        want = 0o711 if p.name in ("tasks", "workdirs", "dev") else 0o700
+        assert mode & 0o077 == (want & 0o077), f"{p} has mode {mode:o}"
 
 
 def test_a_task_workdir_is_handed_to_its_user(iso: Iso, tmp_path: Path) -> None:
