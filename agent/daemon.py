@@ -29,8 +29,9 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
 
-from . import credential, gpudev, identity, lease, logserve
-from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, detect
+from . import credential, gpudev, identity, lease, logserve, taskns
+from .cgroup_task import CgroupError
+from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .taskdir import SPEC, read_json
@@ -39,6 +40,8 @@ from .workdir import WorkdirCache
 log = logging.getLogger("lepton.agent")
 # Directories below the data dir that tasks pass through (mode 0711).
 PASSABLE = frozenset({"tasks", "workdirs", "dev"})
+# At most this long between sweeps of the directories of runs long over.
+GC_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ class AgentConfig:
     # Task cgroups: "auto" (v2 if usable, else v1), "v1", "v2" or "off".
     cgroups: str = "auto"
     task_pids_max: int = DEFAULT_TASK_PIDS_MAX
+    # Memory all tasks may use together, and the limit of a task that gives
+    # none; 0: the host's memory less a reserve (default_tasks_mem_bytes).
+    tasks_mem_max: int = 0
+    # How long a run's directory (output, working directory) is kept after
+    # the leader has its exit.
+    task_retention_s: float = 86400.0
 
 
 def run_id(task_id: str, attempt: int) -> str:
@@ -113,10 +122,22 @@ class Agent:
         if self.switch_users:
             identity.open_path_for_others(cfg.data_dir)  # tasks reach their dirs below
         self.cgroups = self._cgroups()
+        self.tasks_mem = self._tasks_mem()
+        # Each task's own IPC namespace, /dev/shm and /tmp: None when tasks
+        # can have them, else why not (said once, in _log_isolation).
+        self.no_private_tmp = (
+            taskns.probe() if self.switch_users else "the agent is not root (mounts need root)"
+        )
         # Shims end their tasks when the node's lease runs out (agent/lease.py).
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
-        self.runner = TaskRunner(cfg.data_dir / "tasks", self.cgroups, lease_file=self.lease_path)
+        self.runner = TaskRunner(
+            cfg.data_dir / "tasks",
+            self.cgroups,
+            lease_file=self.lease_path,
+            keep_visible=(cfg.data_dir,),
+        )
+        self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
         # The block cache is the agent's alone (0700) before the store opens it.
         (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
@@ -156,6 +177,24 @@ class Agent:
             log.warning("no eBPF device program (%s): tasks get a mount namespace instead", note)
         return mgr
 
+    def _tasks_mem(self) -> int:
+        """Memory for all tasks together, held to it by their parent cgroup;
+        also the limit of a task that gives none. ValueError for a figure
+        over the host's memory."""
+        total = host_stats(self.cfg.data_dir).mem_total_bytes
+        want = self.cfg.tasks_mem_max
+        if want > total:
+            raise ValueError(
+                f"--tasks-mem-max {want} is more than this host's memory ({total} bytes)"
+            )
+        mem = want or default_tasks_mem_bytes(total)
+        if self.cgroups is not None:
+            try:
+                self.cgroups.limit_tasks(mem)
+            except CgroupError as exc:
+                log.warning("%s: tasks are held only to their own limits", exc)
+        return mem
+
     def _gpu_devices(self) -> gpudev.GpuDevices:
         if isinstance(self.probe, SimulatedGpuProbe):
             if not self.switch_users:
@@ -168,7 +207,7 @@ class Agent:
             me = identity.agent_user()
             log.warning(
                 "running as %s (uid %d), not root: tasks run as %s, without cgroup limits "
-                "or GPU device rules",
+                "or GPU device rules, and share /tmp, /dev/shm and IPC with the host",
                 me.name,
                 me.uid,
                 me.name,
@@ -176,12 +215,20 @@ class Agent:
             return
         where = f"cgroup v{self.cgroups.version} under {self.cgroups.base}" if self.cgroups else ""
         log.info(
-            "isolation: tasks run as their users; %s; GPU device rules: %s",
+            "isolation: tasks run as their users; %s; GPU device rules: %s; tasks together "
+            "may use %d bytes of memory, as may one without --mem",
             where or "no cgroups (--cgroups off): limits are not enforced",
             "cgroup"
             if self.cgroups is not None and self.cgroups.filters_devices
             else "private mount namespace",
+            self.tasks_mem,
         )
+        if self.no_private_tmp is not None:
+            log.warning(
+                "tasks cannot get their own /tmp, /dev/shm and IPC namespace here (%s): "
+                "they share the host's, and what they leave there outlives them",
+                self.no_private_tmp,
+            )
 
     def _task_user(self, sp: dict[str, Any]) -> identity.TaskUser | None:
         if not self.switch_users:
@@ -197,7 +244,9 @@ class Agent:
             "name": self.name,
             "addr": self.cfg.advertise_addr or _guess_addr(),
             "cpus": float(hs.cpu_count),
-            "mem_bytes": hs.mem_total_bytes,
+            # What tasks may have, not all the host has (the rest is kept
+            # for the system and this agent): what the scheduler places.
+            "mem_bytes": self.tasks_mem,
             "labels": self.cfg.labels,
             "gpus": [
                 {
@@ -302,6 +351,7 @@ class Agent:
         while not self._stopping.is_set():
             self._collect_exits(self.runner.poll())
             await self._flush_events()
+            await self._collect_garbage()
             sent = lease.now()
             res = await self.client.call(
                 "heartbeat",
@@ -320,6 +370,18 @@ class Agent:
                 await asyncio.wait_for(self._stopping.wait(), self.cfg.heartbeat_s)
             except TimeoutError:
                 pass
+
+    async def _collect_garbage(self) -> None:
+        """Now and then, delete the directories of runs acked longer ago than
+        --task-retention (off the event loop: a big tree takes a while)."""
+        now = time.monotonic()
+        if now < self._next_gc:
+            return
+        self._next_gc = now + min(GC_INTERVAL_S, max(1.0, self.cfg.task_retention_s / 2))
+        before = time.time() - self.cfg.task_retention_s
+        gone = await asyncio.to_thread(self.runner.collect_garbage, before)
+        if gone:
+            log.info("deleted the directories of %d run(s) that ended long ago", len(gone))
 
     def _renew_lease(self, sent: float, res: Any) -> None:
         """The leader's answer renewed the node's lease: it runs until `lease_s`
@@ -430,6 +492,8 @@ class Agent:
                 self.events.append(_exit_event(sp["task_id"], attempt, 1, f"workdir: {exc}"))
                 return
             cwd = str(dest / cwd) if cwd else str(dest)
+        # Every task has a memory limit: its own, else what all tasks may use.
+        mem_bytes = _whole(sp.get("mem_bytes")) or self.tasks_mem
         spec = TaskSpec(
             task_id=rid,
             argv=list(sp["argv"]),
@@ -439,10 +503,12 @@ class Agent:
             log_cap_bytes=self.cfg.log_cap_bytes,
             kill_grace_s=self.cfg.kill_grace_s,
             user=user,
-            mem_bytes=_whole(sp.get("mem_bytes")),
+            mem_bytes=mem_bytes,
             cpus=_cpus(sp.get("cpus")),
             pids_max=self.cfg.task_pids_max,
             denied_devices=self.gpu_devices.others(gpus) if user is not None else [],
+            # Sized to the task's memory limit; its pages count against it too.
+            private_tmp_bytes=mem_bytes if self.no_private_tmp is None else 0,
         )
         try:
             self.runner.start(spec)
@@ -524,7 +590,11 @@ class Agent:
         tid = str(a.get("task_id", ""))
         rid = self._latest_run(tid, a.get("attempt"))
         if rid is None:
-            raise RpcError("not_found", f"no output for task {tid} on this host")
+            raise RpcError(
+                "not_found",
+                f"no output for task {tid} on this host (a run's output is kept for "
+                f"{_duration_text(self.cfg.task_retention_s)} after it ends)",
+            )
         tdir = self.runner.task_dir(rid)
         async for item in logserve.serve(
             tdir, a, lambda: rid in self.runner.running(), self._exited
@@ -592,6 +662,13 @@ def _whole(v: Any) -> int:
 
 def _cpus(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0.0
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _guess_addr() -> str:

@@ -259,10 +259,19 @@ class Cluster:
             _write_new(mine, path.read_text())
         return mine
 
-    def start_agent(self, name: str, gpus: str = "2", extra: list[str] | None = None) -> Proc:
+    def start_agent(
+        self,
+        name: str,
+        gpus: str = "2",
+        extra: list[str] | None = None,
+        wrap: list[str] | None = None,
+    ) -> Proc:
+        """Start an agent; `wrap` goes before its command (a program that execs
+        the rest, such as `choom -n -999 --`, as its systemd unit would)."""
         p = Proc(
             name,
             [
+                *(wrap or []),
                 sys.executable,
                 "-m",
                 "agent.cli",

@@ -66,8 +66,13 @@ class Iso:
 
 @pytest.fixture(scope="module")
 def iso() -> Iterator[Iso]:
-    with passable_dir("lepton-iso-") as top, unix_users("alice") as (alice,):
-        secret = top / "secret"
+    with (
+        passable_dir("lepton-iso-") as top,
+        passable_dir("lepton-iso-", under="/var/tmp") as outside,
+        unix_users("alice") as (alice,),
+    ):
+        # Outside /tmp: a task has a /tmp of its own, and must meet the file.
+        secret = outside / "secret"
         secret.write_text("s3cret\n")
         os.chmod(secret, 0o600)
         c = Cluster(top / "cluster", n_masters=1, ttl_s=5.0)
@@ -239,14 +244,14 @@ def test_a_missing_account_fails_the_task_at_once_with_the_reason(iso: Iso) -> N
     assert not iso.run_dir(V1, job).exists()  # nothing was started
 
 
-def test_root_tasks_need_allow_root_tasks_and_memory_defaults_per_gpu() -> None:
+def test_root_tasks_need_allow_root_tasks_and_memory_defaults_per_gpu_and_cpu() -> None:
     with passable_dir("lepton-noroot-") as top:
         c = Cluster(
             top / "cluster",
             n_masters=1,
             ttl_s=5.0,
             allow_root_tasks=False,
-            master_args=["--default-mem-per-gpu", "1G"],
+            master_args=["--default-mem-per-gpu", "1G", "--default-mem-per-cpu", "256M"],
         )
         try:
             c.start_masters()
@@ -262,11 +267,14 @@ def test_root_tasks_need_allow_root_tasks_and_memory_defaults_per_gpu() -> None:
             tok = c.ctl(
                 "token", "create", "--role", "submit", "--name", "carl", "--unix-user", "nobody"
             ).stdout.strip()
-            # Jobs without --mem get the default per GPU; --mem and GPU-less jobs keep theirs.
+            # Jobs without --mem get the default per GPU, or per CPU without
+            # GPUs; --mem keeps its own.
             for args, want in (
                 (["--gpus", "2"], 2 << 30),
                 (["--gpus", "2", "--mem", "5M"], 5 << 20),
-                ([], 0),
+                ([], 256 << 20),
+                (["--cpus", "3"], 768 << 20),
+                (["--cpus", "0.5", "--mem", "1G"], 1 << 30),
             ):
                 job = c.submit(*args, "--", "true", token=tok)
                 assert c.status(job)["spec"]["mem_bytes"] == want, args
@@ -533,6 +541,9 @@ def test_leptond_dev_as_a_normal_user_runs_tasks_as_that_user() -> None:
                 "the job to succeed",
             )
             assert ctl("logs", job).strip() == user.pw_name
+            # Without root there are no mount namespaces: said once, and on.
+            agent_log = (data / "logs" / "agent-0.log").read_text()
+            assert agent_log.count("share /tmp, /dev/shm and IPC with the host") == 1, agent_log
         finally:
             dev.send_signal(signal.SIGTERM)
             try:
