@@ -77,9 +77,11 @@ def submit_ticker(c: Cluster, out: Path, retries: int) -> str:
     )  # fmt: skip
 
 
-def test_a_paused_agents_task_is_dead_before_it_runs_again(leases: Cluster, tmp_path: Path) -> None:
+def test_a_paused_agents_task_is_dead_before_it_runs_again(
+    leases: Cluster, shared_path: Path
+) -> None:
     c = leases
-    out = tmp_path / "ticks"
+    out = shared_path / "ticks"
     job = submit_ticker(c, out, retries=1)
     host = wait_task(c, job, {"running"})["node"]
     wait_for(lambda: len(starts(out)) == 1, 60, "the first attempt to start")
@@ -109,9 +111,9 @@ def test_a_paused_agents_task_is_dead_before_it_runs_again(leases: Cluster, tmp_
     c.ctl("cancel", job)
 
 
-def test_a_leader_change_kills_no_task(leases: Cluster, tmp_path: Path) -> None:
+def test_a_leader_change_kills_no_task(leases: Cluster, shared_path: Path) -> None:
     c = leases
-    out = tmp_path / "ticks"
+    out = shared_path / "ticks"
     job = submit_ticker(c, out, retries=0)
     wait_task(c, job, {"running"})
     wait_for(lambda: len(starts(out)) == 1, 60, "the task to start")
