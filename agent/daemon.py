@@ -138,6 +138,7 @@ class Agent:
             keep_visible=(cfg.data_dir,),
         )
         self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
+        self._gc: asyncio.Task[None] | None = None  # the sweep under way
         # The block cache is the agent's alone (0700) before the store opens it.
         (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
@@ -351,7 +352,7 @@ class Agent:
         while not self._stopping.is_set():
             self._collect_exits(self.runner.poll())
             await self._flush_events()
-            await self._collect_garbage()
+            self._collect_garbage()
             sent = lease.now()
             res = await self.client.call(
                 "heartbeat",
@@ -371,17 +372,26 @@ class Agent:
             except TimeoutError:
                 pass
 
-    async def _collect_garbage(self) -> None:
+    def _collect_garbage(self) -> None:
         """Now and then, delete the directories of runs acked longer ago than
-        --task-retention (off the event loop: a big tree takes a while)."""
+        --task-retention: in a thread and in the background, as a big tree
+        takes a while and heartbeats must not wait for it. One at a time."""
         now = time.monotonic()
-        if now < self._next_gc:
+        if now < self._next_gc or (self._gc is not None and not self._gc.done()):
             return
         self._next_gc = now + min(GC_INTERVAL_S, max(1.0, self.cfg.task_retention_s / 2))
         before = time.time() - self.cfg.task_retention_s
-        gone = await asyncio.to_thread(self.runner.collect_garbage, before)
-        if gone:
-            log.info("deleted the directories of %d run(s) that ended long ago", len(gone))
+
+        async def sweep() -> None:
+            try:
+                gone = await asyncio.to_thread(self.runner.collect_garbage, before)
+            except Exception:
+                log.exception("deleting old task directories failed")  # tried again later
+                return
+            if gone:
+                log.info("deleted the directories of %d run(s) that ended long ago", len(gone))
+
+        self._gc = asyncio.get_running_loop().create_task(sweep())
 
     def _renew_lease(self, sent: float, res: Any) -> None:
         """The leader's answer renewed the node's lease: it runs until `lease_s`
