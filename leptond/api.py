@@ -164,6 +164,10 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         )
     if spec.workdir is not None and spec.workdir not in m.view().manifests:
         raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded")
+    if spec.mem_bytes == 0:
+        # Decided here, so the committed job (and every replica) has it; before
+        # the fit check, so a default no node can hold is said at once.
+        spec.mem_bytes = m.cfg.default_mem_bytes(spec.gpus, spec.cpus)
     if not param.flag(a, "queue_anyway"):
         _refuse_if_it_never_fits(m, spec)
     rid = a.get("rid")
@@ -177,10 +181,6 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "this token's jobs would run as root, and this cluster does not run tasks as "
             "root (masters: --allow-root-tasks); use a token mapped to another Unix user",
         )
-    per_gpu = m.cfg.default_mem_per_gpu
-    if spec.mem_bytes == 0 and spec.gpus > 0 and per_gpu > 0:
-        # Decided here, so the committed job (and every replica) has it.
-        spec.mem_bytes = spec.gpus * per_gpu
     # The id comes from the client's request id, so a retry after a lost answer
     # or a leader change finds the same job instead of making a second one.
     job_id = "j-" + hashlib.sha256(f"{user}\0{rid}".encode()).hexdigest()[:12]

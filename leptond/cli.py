@@ -147,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lease_margin_s=args.lease_margin,
         allow_root_tasks=args.allow_root_tasks,
         default_mem_per_gpu=args.default_mem_per_gpu,
+        default_mem_per_cpu=args.default_mem_per_cpu,
     )
     try:
         cfg.check()
@@ -330,7 +331,17 @@ def parser() -> argparse.ArgumentParser:
         type=_size,
         default=0,
         metavar="SIZE",
-        help="memory limit per GPU for jobs without --mem, e.g. 32G (default 0: none)",
+        help="memory limit per GPU for jobs with GPUs and without --mem, e.g. 32G "
+        "(default 0: none; the host's limit for all its tasks applies)",
+    )
+    r.add_argument(
+        "--default-mem-per-cpu",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="memory limit per CPU for jobs without --mem (and GPU jobs when there is no "
+        "--default-mem-per-gpu), e.g. 4G (default 0: none; the host's limit for all its "
+        "tasks applies)",
     )
     r.set_defaults(fn=cmd_run)
     rc = sub.add_parser(

@@ -200,6 +200,10 @@ class NodeCredential(Record):
     sealed: bytes
     issued_at: float
     join_token: str  # the join token it was traded for
+    # Whether the node ever registered with it. Until then the trade may be
+    # made again (an agent that died before saving its credential); after,
+    # never: a join token left on a host must not buy another node's key.
+    registered: bool = False
 
 
 @dataclass(slots=True)

@@ -177,6 +177,7 @@ class ClusterState(StateReads):
             node.updated_at = now
             node.reason = node.drain_reason or ""
         requeued = self._fit_live_tasks(node, now)
+        nc.note_registered(self, node_id)
         return {
             "node_id": node_id,
             "state": node.state,
