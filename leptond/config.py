@@ -57,6 +57,13 @@ class MasterConfig:
     allow_root_tasks: bool = False
     # Memory limit per GPU for jobs that give no --mem; 0: none.
     default_mem_per_gpu: int = 0
+    # Each user's jobs waiting to start, and the bytes of their specs: a
+    # submit over either is refused (they live in every master's memory and
+    # in every snapshot). 0: no cap.
+    max_pending_jobs: int = 10_000
+    max_pending_spec_bytes: int = 64 << 20
+    # The audit log is rotated at this size (leptond/audit.py).
+    audit_log_bytes: int = 64 << 20
 
     # Highest priority each user may submit at (`--max-priority user=N`), and
     # for users not named (`--default-max-priority N`; None: no cap). Admins

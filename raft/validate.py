@@ -62,16 +62,22 @@ class SpecError(ValueError):
     """A user mistake in a job spec; the message is one line meant for people."""
 
 
+def _shown(v: Any) -> str:
+    """A value as an error message quotes it: a megabyte name is not echoed back."""
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _num(spec: dict[str, Any], key: str, lo: float, hi: float, integer: bool, default: Any) -> Any:
     v = spec.get(key, default)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise SpecError(f"{key} must be a number, got {v!r}")
+        raise SpecError(f"{key} must be a number, got {_shown(v)}")
     if isinstance(v, int) and not -(2**63) <= v < 2**64:  # JSON ints can be beyond a float
         raise SpecError(f"{key} must be between {lo:g} and {hi:g}")
     if integer and (not float(v).is_integer()):
-        raise SpecError(f"{key} must be a whole number, got {v!r}")
+        raise SpecError(f"{key} must be a whole number, got {_shown(v)}")
     if not lo <= v <= hi:
         raise SpecError(f"{key} must be between {lo:g} and {hi:g}, got {v:g}")
     return int(v) if integer else float(v)
@@ -86,7 +92,7 @@ def _str_map(
     out: dict[str, str] = {}
     for k, val in v.items():
         if not isinstance(k, str) or not key_re.match(k):
-            raise SpecError(f"{key}: {k!r} is not a valid {what} name")
+            raise SpecError(f"{key}: {_shown(k)} is not a valid {what} name")
         too_long = max_chars is not None and isinstance(val, str) and len(val) > max_chars
         if not isinstance(val, str) or too_long or "\x00" in val:
             raise SpecError(f"{key}: value of {k} must be a string")
@@ -199,12 +205,14 @@ def validate_unix_user(name: Any) -> str:
     if not isinstance(name, str) or not UNIX_USER.match(name):
         raise SpecError(
             "a Unix user name is 1-32 letters, digits, '_', '.' or '-', starting with a "
-            f"letter or '_', got {name!r}"
+            f"letter or '_', got {_shown(name)}"
         )
     return name
 
 
 def validate_name(name: Any, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME.match(name):
-        raise SpecError(f"{what} must be 1-128 letters, digits, '.', '_' or '-', got {name!r}")
+        raise SpecError(
+            f"{what} must be 1-128 letters, digits, '.', '_' or '-', got {_shown(name)}"
+        )
     return name
