@@ -147,14 +147,22 @@ class StateCollector(Collector):
         }
         fams = {k: GaugeMetricFamily(k, d, labels=["node", "gpu"]) for k, (d, _) in per_gpu.items()}
         for nid, live in list(m.liveness.live.items()):
-            for gpu in live.get("gpus") or []:
+            # Checked at arrival (nodestats.py); still, a scrape must never
+            # fail over one host's report.
+            gpus = live.get("gpus") if isinstance(live, dict) else None
+            for gpu in gpus if isinstance(gpus, list) else []:
                 if not isinstance(gpu, dict):
                     continue
                 for k, (_, field) in per_gpu.items():
                     v = gpu.get(field)
-                    if isinstance(v, int | float):
+                    if isinstance(v, int | float) and not isinstance(v, bool):
                         fams[k].add_metric([names.get(nid, nid), str(gpu.get("index"))], v)
         yield from fams.values()
+        yield CounterMetricFamily(
+            "lepton_heartbeat_values_dropped",
+            "Values in agents' heartbeats left out as malformed",
+            value=m.liveness.dropped_values,
+        )
         buckets = []
         acc = 0
         for b in LATENCY_BUCKETS:
