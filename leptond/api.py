@@ -527,7 +527,7 @@ async def node_label(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     only admins set names under `admin/`: a job constrained on such a label
     never goes to a host only because that host claims it."""
     m.ensure_leader()
-    nid = _find_node(m, param.string(a, "node"))
+    ref = param.string(a, "node")
     try:
         add = validate_labels(a.get("set"), "labels")
     except SpecError as exc:
@@ -535,6 +535,7 @@ async def node_label(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     unset = a.get("unset") or []
     if not isinstance(unset, list) or not all(isinstance(k, str) and len(k) <= 64 for k in unset):
         raise RpcError(BAD_REQUEST, "unset must be a list of label names")
+    nid = _find_node(m, ref)
     return await m.propose(
         "node_labels",
         {"node_id": nid, "set": add, "unset": unset},

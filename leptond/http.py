@@ -23,7 +23,7 @@ from .clock import Clock
 from .disk import DiskGuard
 from .liveness import NodeLiveness
 from .ports import LeaderStatus, StateReader
-from .wire.budget import BufferBudget
+from .wire.budget import BufferBudget, OutputMeter
 from .wire.tokens import SecretError, parse_token
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -55,6 +55,7 @@ class HttpDeps:
         rpc_budget: BufferBudget | None,
         started_at: float,
         clock: Clock,
+        rpc_output: OutputMeter | None = None,
     ) -> None:
         self.reader = reader
         self.raft = raft
@@ -64,6 +65,7 @@ class HttpDeps:
         self.keys = keys
         self.health = health
         self.rpc_budget = rpc_budget
+        self.rpc_output = rpc_output
         self.started_at = started_at
         self.clock = clock
 
@@ -137,6 +139,17 @@ class StateCollector(Collector):
                 "lepton_rpc_partial_frame_waiting",
                 "RPC connections waiting for room to receive a large frame",
                 value=m.rpc_budget.waiting,
+            )
+        if m.rpc_output is not None:
+            yield GaugeMetricFamily(
+                "lepton_rpc_unsent_reply_bytes",
+                "Bytes of RPC replies waiting for their peers to read them",
+                value=m.rpc_output.used,
+            )
+            yield CounterMetricFamily(
+                "lepton_rpc_slow_readers_closed",
+                "RPC connections closed for leaving too many replies unread",
+                value=m.rpc_output.closed,
             )
         per_gpu = {
             "lepton_gpu_utilization_pct": ("GPU utilisation", "util_pct"),

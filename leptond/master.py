@@ -157,7 +157,7 @@ class Master:
         http = HttpServer(
             HttpDeps(
                 reader, raft, gate, disk, liveness, keys, members.health, rpc.budget,
-                self.started_at, clock,
+                self.started_at, clock, rpc.output,
             )
         )  # fmt: skip
         self._leadership, self._rpc, self._http = leadership, rpc, http

@@ -293,6 +293,11 @@ def decode_body(
             "too_many_items", "frame holds too many msgpack items for this receiver"
         ) from None
     except Exception as exc:  # msgpack raises several unrelated types
+        if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
+            # A container longer than the counter allows: msgpack's own check.
+            raise ProtocolError(
+                "too_many_items", "frame holds too many msgpack items for this receiver"
+            ) from None
         raise ProtocolError("bad_msgpack", f"body is not msgpack: {type(exc).__name__}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("not_a_map", "body is not a map")

@@ -691,8 +691,9 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing() or self._sealer is None:
             raise ConnectionLost()
         body = encode_body(msg, compress)
-        if len(body) + TAG_LEN > MAX_FRAME:
-            raise FrameTooLarge(len(body))
+        if len(body) + TAG_LEN > MAX_FRAME or decoded_size(body) > MAX_BODY:
+            # Over the cap sealed, or once the peer decompresses it.
+            raise FrameTooLarge(max(len(body), decoded_size(body)))
         if self._peer_batches and body[0] == 0 and len(body) <= BATCH_ITEM_MAX:
             # Sealed at the flush with whatever else this loop iteration
             # sends: one AEAD call for all of them.
