@@ -418,7 +418,9 @@ class Connection(asyncio.Protocol):
             # either. Servers only: if both ends did this, two peers with full
             # buffers could each wait for the other to read first.
             self._pause_reading("output")
-        self._account_output()
+        # Called from inside transport.write: count, but close (if need be)
+        # only once the write has returned (_send checks again).
+        self._account_output(may_close=False)
 
     def resume_writing(self) -> None:
         if self._paused is not None:
@@ -426,9 +428,9 @@ class Connection(asyncio.Protocol):
                 self._paused.set_result(None)
             self._paused = None
         self._resume_reading("output")
-        self._account_output()
+        self._account_output(may_close=False)
 
-    def _account_output(self) -> None:
+    def _account_output(self, may_close: bool = True) -> None:
         """Tell the server-wide meter how much waits to be sent, and close a
         connection whose peer leaves too much unread (servers only)."""
         if self._max_pending_output is None:
@@ -441,6 +443,8 @@ class Connection(asyncio.Protocol):
         if meter is not None:
             meter.change(size - self._out_counted)
         self._out_counted = size
+        if not may_close:
+            return
         over_own = size > self._max_pending_output
         if over_own or (meter is not None and meter.over and self._paused is not None):
             if meter is not None:
