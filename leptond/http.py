@@ -314,8 +314,10 @@ class HttpServer:
         if not self._authorized(request):
             return self._refuse()
         v = self.m.reader.view()
-        out = [views.job_summary(j, v) for j in v.jobs.values()]
-        return web.json_response(out[-1000:])
+        # The newest thousand, summarised (commands cut short): not a summary
+        # of every job in the state only to keep the last of them.
+        recent = list(v.jobs.values())[-1000:]
+        return web.json_response([views.job_summary(j, v) for j in recent])
 
     async def nodes(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
