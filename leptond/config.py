@@ -61,6 +61,13 @@ class MasterConfig:
     # for the others (and for GPU jobs without a per-GPU default); 0: none
     # (agents still hold a task without one to the host's limit for tasks).
     default_mem_per_gpu: int = 0
+    # Each user's jobs waiting to start, and the bytes of their specs: a
+    # submit over either is refused (they live in every master's memory and
+    # in every snapshot). 0: no cap.
+    max_pending_jobs: int = 10_000
+    max_pending_spec_bytes: int = 64 << 20
+    # The audit log is rotated at this size (leptond/audit.py).
+    audit_log_bytes: int = 64 << 20
     default_mem_per_cpu: int = 0
 
     def default_mem_bytes(self, gpus: int, cpus: float) -> int:

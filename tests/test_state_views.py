@@ -32,6 +32,8 @@ def contents(s: StateView | ClusterState, recent: bool) -> bytes:
     parts: list[Any] = [[r.to_wire() for r in getattr(s, name).values()] for name in RECORD_MAPS]
     parts += [
         dict(s.manifests),
+        {k: list(v) for k, v in s.manifest_owners.items()},
+        sorted([k, list(v)] for k, v in s.user_pending.items()),
         sorted([n, g, t] for (n, g), t in s.gpu_owner.items()),
         {k: sorted(v) for k, v in s.node_tasks.items()},
         list(s.pending),
@@ -47,13 +49,15 @@ def contents(s: StateView | ClusterState, recent: bool) -> bytes:
 
 def legacy_snapshot(s: ClusterState) -> bytes:
     """The snapshot as ClusterState.snapshot() packed it before views existed:
-    one msgpack.packb of the whole map. The format must not change."""
+    one msgpack.packb of the whole map. The format changes only with
+    SNAPSHOT_VERSION."""
     return msgpack.packb(
         {
             "v": SNAPSHOT_VERSION,
             "applied_index": s.applied_index,
             **{name: [r.to_wire() for r in getattr(s, name).values()] for name in RECORD_MAPS},
             "manifests": dict(s.manifests),
+            "manifest_owners": {k: list(v) for k, v in s.manifest_owners.items()},
             "recent": s.recent.to_wire(),
             "restoring": s.restoring,
         },
