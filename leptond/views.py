@@ -99,9 +99,18 @@ def scheduler_inputs(
     return nodes, allocs, pending
 
 
-def gang_port(job_id: str) -> int:
-    """A rendezvous port for a gang's rank 0, stable for the job."""
-    return 20000 + int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") % 20000
+# Below Linux's default ephemeral range (32768-60999): a port picked from
+# inside it collides with whatever outgoing connection the kernel handed that
+# number to, and torch's store then fails with EADDRINUSE.
+GANG_PORT_LO, GANG_PORT_HI = 20000, 32768
+
+
+def gang_port(job_id: str, attempt: int = 0) -> int:
+    """A rendezvous port for a gang's rank 0, stable for one attempt of the
+    job. A retry gets another port, so a port taken on rank 0's host costs
+    one attempt, not all of them."""
+    digest = hashlib.sha256(f"{job_id}/{attempt}".encode()).digest()
+    return GANG_PORT_LO + int.from_bytes(digest[:4], "big") % (GANG_PORT_HI - GANG_PORT_LO)
 
 
 def torch_env(s: StateView, job: Job, t: Task, nnodes: int) -> dict[str, str]:
@@ -121,7 +130,7 @@ def torch_env(s: StateView, job: Job, t: Task, nnodes: int) -> dict[str, str]:
         rank0 = s.tasks[job.tasks[0]]
         node = s.nodes.get(rank0.node_id) if rank0.node_id else None
         host = node.addr if node is not None else "127.0.0.1"
-        addr, port = host or "127.0.0.1", str(gang_port(job.id))
+        addr, port = host or "127.0.0.1", str(gang_port(job.id, rank0.attempt))
         env.update(
             {
                 "MASTER_ADDR": addr,

@@ -178,3 +178,13 @@ def test_views_are_read_only() -> None:
     else:
         raise AssertionError("a view's map took a write")
     assert list(v.nodes) == ["n1"]
+
+
+def test_gang_ports_avoid_the_kernels_ephemeral_range_and_change_per_attempt() -> None:
+    from leptond.views import gang_port
+
+    lo, hi = 32768, 60999  # Linux's default ip_local_port_range
+    ports = [gang_port(f"j-{i:012x}", a) for i in range(2000) for a in (0, 1)]
+    assert not [p for p in ports if lo <= p <= hi]
+    assert all(1024 < p < 65536 for p in ports)
+    assert sum(gang_port(f"j-{i:012x}", 0) != gang_port(f"j-{i:012x}", 1) for i in range(200)) > 190
