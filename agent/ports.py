@@ -47,6 +47,12 @@ class Runner(Protocol):
 
     def ack(self, task_id: str) -> None: ...
 
+    def collect_garbage(self, acked_before: float) -> list[str]:
+        """Forget (delete the files of) runs acked before `acked_before`, a
+        time on the agent's wall clock; the ids of those forgotten. May be
+        slow: the agent calls it off its event loop."""
+        ...
+
     def gpus(self, task_id: str) -> list[int]:
         """The GPU indexes the run was started on (its CUDA_VISIBLE_DEVICES)."""
         ...

@@ -23,7 +23,7 @@ from .clock import Clock
 from .disk import DiskGuard
 from .liveness import NodeLiveness
 from .ports import LeaderStatus, StateReader
-from .wire.budget import BufferBudget
+from .wire.budget import BufferBudget, OutputMeter
 from .wire.tokens import SecretError, parse_token
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -55,6 +55,7 @@ class HttpDeps:
         rpc_budget: BufferBudget | None,
         started_at: float,
         clock: Clock,
+        rpc_output: OutputMeter | None = None,
     ) -> None:
         self.reader = reader
         self.raft = raft
@@ -64,6 +65,7 @@ class HttpDeps:
         self.keys = keys
         self.health = health
         self.rpc_budget = rpc_budget
+        self.rpc_output = rpc_output
         self.started_at = started_at
         self.clock = clock
 
@@ -138,6 +140,17 @@ class StateCollector(Collector):
                 "RPC connections waiting for room to receive a large frame",
                 value=m.rpc_budget.waiting,
             )
+        if m.rpc_output is not None:
+            yield GaugeMetricFamily(
+                "lepton_rpc_unsent_reply_bytes",
+                "Bytes of RPC replies waiting for their peers to read them",
+                value=m.rpc_output.used,
+            )
+            yield CounterMetricFamily(
+                "lepton_rpc_slow_readers_closed",
+                "RPC connections closed for leaving too many replies unread",
+                value=m.rpc_output.closed,
+            )
         per_gpu = {
             "lepton_gpu_utilization_pct": ("GPU utilisation", "util_pct"),
             "lepton_gpu_memory_used_bytes": ("GPU memory used", "mem_used_bytes"),
@@ -147,14 +160,22 @@ class StateCollector(Collector):
         }
         fams = {k: GaugeMetricFamily(k, d, labels=["node", "gpu"]) for k, (d, _) in per_gpu.items()}
         for nid, live in list(m.liveness.live.items()):
-            for gpu in live.get("gpus") or []:
+            # Checked at arrival (nodestats.py); still, a scrape must never
+            # fail over one host's report.
+            gpus = live.get("gpus") if isinstance(live, dict) else None
+            for gpu in gpus if isinstance(gpus, list) else []:
                 if not isinstance(gpu, dict):
                     continue
                 for k, (_, field) in per_gpu.items():
                     v = gpu.get(field)
-                    if isinstance(v, int | float):
+                    if isinstance(v, int | float) and not isinstance(v, bool):
                         fams[k].add_metric([names.get(nid, nid), str(gpu.get("index"))], v)
         yield from fams.values()
+        yield CounterMetricFamily(
+            "lepton_heartbeat_values_dropped",
+            "Values in agents' heartbeats left out as malformed",
+            value=m.liveness.dropped_values,
+        )
         buckets = []
         acc = 0
         for b in LATENCY_BUCKETS:
@@ -293,8 +314,10 @@ class HttpServer:
         if not self._authorized(request):
             return self._refuse()
         v = self.m.reader.view()
-        out = [views.job_summary(j, v) for j in v.jobs.values()]
-        return web.json_response(out[-1000:])
+        # The newest thousand, summarised (commands cut short): not a summary
+        # of every job in the state only to keep the last of them.
+        recent = list(v.jobs.values())[-1000:]
+        return web.json_response([views.job_summary(j, v) for j in recent])
 
     async def nodes(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

@@ -335,5 +335,7 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
         if state in ("succeeded", "failed") and all(st in FINAL_TASK_STATES for st in states):
             finished_at = finished_at or now
     if (state, message, finished_at) != (job.state, job.message, job.finished_at):
+        was_pending = job.state == "pending"
         job = s.jobs.writable(job.id)
         job.state, job.message, job.finished_at = state, message, finished_at
+        s._pending_changed(job, was_pending)

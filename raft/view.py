@@ -23,7 +23,10 @@ from .model import LIVE_TASK_STATES, Job, JoinToken, Member, Node, NodeCredentia
 if TYPE_CHECKING:
     from .dedupe import FrozenResults
 
-SNAPSHOT_VERSION = 1
+# Version 2 adds `manifest_owners` (who committed each workdir manifest);
+# version 1 snapshots still restore (their manifests have no owners).
+SNAPSHOT_VERSION = 2
+READABLE_SNAPSHOT_VERSIONS = frozenset({1, 2})
 # Records packed per chunk of an encoded snapshot: small enough that the
 # encoding thread lets others (the Raft thread) run between chunks.
 RECORDS_PER_CHUNK = 512
@@ -87,6 +90,7 @@ class StateView(StateReads):
         "gpu_owner",
         "jobs",
         "join_tokens",
+        "manifest_owners",
         "manifests",
         "members",
         "node_cred_of",
@@ -98,6 +102,7 @@ class StateView(StateReads):
         "restoring",
         "tasks",
         "tokens",
+        "user_pending",
     )
 
     def __init__(
@@ -111,6 +116,8 @@ class StateView(StateReads):
         join_tokens: Mapping[str, JoinToken],
         node_creds: Mapping[str, NodeCredential],
         manifests: Mapping[str, dict[str, Any]],
+        manifest_owners: Mapping[str, tuple[str, ...]],
+        user_pending: Mapping[str, tuple[int, int]],
         gpu_owner: Mapping[tuple[str, int], str],
         node_tasks: Mapping[str, Set[str]],
         pending: Mapping[str, None],
@@ -129,6 +136,9 @@ class StateView(StateReads):
         self.join_tokens = join_tokens
         self.node_creds = node_creds
         self.manifests = manifests
+        self.manifest_owners = manifest_owners
+        # Derived (not in snapshots): each user's waiting jobs and spec bytes.
+        self.user_pending = user_pending
         self.gpu_owner = gpu_owner
         self.node_tasks = node_tasks
         self.pending = pending
@@ -164,7 +174,7 @@ class StateView(StateReads):
             ("node_creds", self.node_creds),
         ]
         # The keys and their order are the snapshot format (SNAPSHOT_VERSION).
-        p.pack_map_header(12)
+        p.pack_map_header(13)
         p.pack("v")
         p.pack(SNAPSHOT_VERSION)
         p.pack("applied_index")
@@ -179,6 +189,8 @@ class StateView(StateReads):
                     p.reset()
         p.pack("manifests")
         p.pack(dict(self.manifests))
+        p.pack("manifest_owners")
+        p.pack({k: list(v) for k, v in self.manifest_owners.items()})
         p.pack("recent")
         p.pack(self.recent.to_wire())
         p.pack("restoring")

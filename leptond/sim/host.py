@@ -121,7 +121,7 @@ class SimHost:
         self.procs: dict[str, SimProc] = {}  # every run, ended ones too (their dirs stay)
         self.live: dict[str, SimProc] = {}  # runs not ended
         self.version = 0  # moves whenever a run starts, runs or ends
-        self.acked: set[str] = set()
+        self.acked: dict[str, float] = {}  # run id -> when acked (the agent's wall clock)
         self.unacked: dict[str, SimProc] = {}  # ended runs whose exit the leader lacks
         self.lease_expires: float | None = None
         self._lease_timer: Any = None
@@ -178,7 +178,7 @@ class SimHost:
         self.procs[p.rid] = p
         self.live[p.rid] = p
         self.version += 1
-        self.acked.discard(p.rid)
+        self.acked.pop(p.rid, None)
         p.timers.append(self.world_clock.call_later(p.fate.start_s, self._launch, p))
         return p
 
@@ -328,8 +328,18 @@ class SimRunner:
             return
         if p.alive:
             raise RunnerError(f"task {task_id} has not finished; nothing to ack")
-        self.host.acked.add(task_id)
+        self.host.acked[task_id] = self.host.clock.now()
         self.host.unacked.pop(task_id, None)
+
+    def collect_garbage(self, acked_before: float) -> list[str]:
+        # TaskRunner.collect_garbage: the run's directory goes, and with it
+        # all the host knows of it (the same id may then start afresh).
+        host = self.host
+        done = sorted(r for r, at in host.acked.items() if at < acked_before)
+        for rid in done:
+            del host.acked[rid]
+            del host.procs[rid]
+        return done
 
     def gpus(self, task_id: str) -> list[int]:
         p = self.host.procs.get(task_id)

@@ -176,7 +176,7 @@ class SimMaster:
         )
         self.loops = WatchedLoops(controllers, reader, violation, name)
         self.leadership = Leadership(gate, reader, agents, self.loops, clock)
-        self.keys = KeyStore(SECRET, ADMIN, reader)
+        self.keys = KeyStore(SECRET, ADMIN, reader, clock)
 
         async def flush_submits(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             res = await proposer.propose("submit_jobs", {"jobs": jobs}, wake=True)

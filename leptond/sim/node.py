@@ -64,10 +64,14 @@ class SimAgent(Agent):
         self._join = None
         self.switch_users = False
         self.cgroups = None
+        self.tasks_mem = host.mem_bytes
+        self.no_private_tmp = "simulated processes share the host's /tmp"
         self.lease_path = Path("/sim") / host.name / "lease.json"
         self.lease_s = None
         self.fence = host
         self.runner = SimRunner(host)
+        self._next_gc = 0.0
+        self._gc = None
         self.workdirs = cast(WorkdirCache, _NoBlocks())
         self.probe = cast(GpuProbe, _NoGpuProbe())
         self.gpu_devices = gpudev.GpuDevices(None, {})

@@ -151,6 +151,8 @@ class World:
                 node_name=name,
                 heartbeat_s=cfg.heartbeat_s,
                 kill_grace_s=cfg.kill_grace_s,
+                # Old runs are forgotten within a run, as they are on a real host.
+                task_retention_s=cfg.retention_s,
             )
             self.nodes.append(SimNode(host, acfg, self.net, addrs, self.trace))
         self.people = People(
