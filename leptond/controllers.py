@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any, Protocol
 
 import scheduler as sch
@@ -21,6 +22,7 @@ from raft.view import StateView
 from . import views
 from .clock import Clock, wait_event
 from .config import MasterConfig
+from .holds import Holds
 from .liveness import NodeLiveness
 from .ports import NodeChannel, Proposer, StateReader
 from .wire.errors import RpcError
@@ -68,6 +70,7 @@ class Controllers:
         self._clock = clock
         self.reasons: dict[str, str] = {}
         self.preempting: dict[str, set[str]] = {}  # pending task -> victims still stopping
+        self.holds = Holds()  # the room each preemptor preempted for
         self._stuck: set[str] = set()  # left pending by the passes since the last full one
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
@@ -82,6 +85,7 @@ class Controllers:
         """A new term of leadership: nothing remembered from an earlier one
         (another leader may have placed, preempted or freed anything since)."""
         self.reasons, self.preempting, self._stuck = {}, {}, set()
+        self.holds.reset()
         self._epoch, self._last_full = -1, 0.0
 
     def wake(self) -> None:
@@ -182,6 +186,9 @@ class Controllers:
         # evicting more work: it is placed once their resources are free.
         self.preempting = {p: v & stopping for p, v in self.preempting.items() if v & stopping}
         pending = [r for r in pending if r.task_id not in self.preempting]
+        # What preemptors preempted for stays theirs (holds.py): held while
+        # their victims stop, and theirs first once they are gone.
+        nominated, pending = self.holds.prepare(s, self.preempting, allocs, pending)
         # A gang is placed whole or not at all (apply drops a part of one):
         # ranks whose others still run, stopping to restart with them, wait.
         gang_waits = _gang_waits(s, pending)
@@ -191,8 +198,11 @@ class Controllers:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
+        if nominated:
+            plan = replace(plan, placements=(*nominated, *plan.placements))
         for pr in plan.preemptions:
             self.preempting.setdefault(pr.for_task, set()).add(pr.task_id)
+        self.holds.record(plan)
         # Waiting gang tasks are never skipped: the oldest one gets nodes held
         # back in every pass, and without it in the pass newer small work
         # would take what the gang waits for (it would starve).

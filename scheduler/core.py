@@ -274,7 +274,7 @@ class _Pass:
                 node = cl.nodes[ev.node]
                 for k in ev.victims:
                     a = self.pre.allocs[k]
-                    self.preemptions.append(Preemption(a.task_id, node.node_id, t.task_id))
+                    self.preemptions.append(Preemption(a.task_id, node.node_id, t.task_id, ev.gpus))
                 # The victims' resources stay busy until they stop; hold the free
                 # part of what the task needs too, so nobody else takes it.
                 cl.take(ev.node, ev.extra_gpus, ev.extra_cpus, ev.extra_mem)

@@ -92,6 +92,9 @@ class Preemption:
     task_id: str
     node_id: str
     for_task: str
+    # The GPUs of the node `for_task` is to get once its victims are gone:
+    # theirs and free ones. The caller holds them for it until then.
+    gpus: tuple[int, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
