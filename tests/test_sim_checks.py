@@ -13,6 +13,7 @@ from typing import Any
 from leptond.sim.checks import Checker
 from leptond.sim.people import Ledger
 from leptond.sim.vtime import EPOCH
+from raft.commands import encode
 from raft.state import ClusterState
 from scheduler import Policy
 from tests.test_state_support import Harness
@@ -79,3 +80,50 @@ def test_a_job_finished_by_a_clock_far_off_fails() -> None:
     # The harness's clock says 1,000s and some; the masters' says EPOCH + 1s.
     why = checker(h.state).step(job.finished_at - EPOCH + 31.0)
     assert why is not None and "+31.0s from the commit that finished it" in why
+
+
+def test_a_victim_placed_back_on_its_room_while_its_preemptor_waits_fails() -> None:
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=2)
+    h.submit("p", gpus=4, priority=10)
+    c = checker(h.state)
+
+    def commit(op: str, args: dict[str, Any]) -> None:
+        h.now += 1.0
+        data = encode(op, {"now": h.now, **args})
+        c.committed(1, h.index + 1, data, h.raw(data))
+
+    def place(tid: str, gpus: list[int]) -> None:
+        commit("plan", {"placements": [{"task_id": tid, "node_id": "n1", "gpus": gpus}]})
+
+    place("a.0", [0, 1])
+    commit("plan", {"preemptions": [{"task_id": "a.0", "for_task": "p.0"}]})
+    assert h.task("a.0").state == "pending"  # it had not started: it ended at once
+    place("a.0", [2, 3])  # elsewhere on the node: not what it was preempted from
+    assert c.step(1.0) is None
+    commit("plan", {"preemptions": [{"task_id": "a.0", "for_task": "p.0"}]})
+    place("a.0", [2, 3])
+    why = c.step(2.0)
+    assert why is not None and why.startswith("task a.0, preempted for p.0, placed again on GPUs")
+    assert why.endswith("while p.0 still waits: a preemption ping-pong")
+
+
+def test_a_victim_placed_back_after_a_new_job_is_not_judged() -> None:
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=2)
+    h.submit("p", gpus=4, priority=10)
+    c = checker(h.state)
+
+    def commit(op: str, args: dict[str, Any]) -> None:
+        h.now += 1.0
+        data = encode(op, {"now": h.now, **args})
+        c.committed(1, h.index + 1, data, h.raw(data))
+
+    commit("plan", {"placements": [{"task_id": "a.0", "node_id": "n1", "gpus": [0, 1]}]})
+    commit("plan", {"preemptions": [{"task_id": "a.0", "for_task": "p.0"}]})
+    job = {"id": "q", "user": "bob", "spec": {"argv": ["x"], "gpus": 1}, "submitted_at": h.now}
+    commit("submit_jobs", {"jobs": [job]})  # the picture may rightly change
+    commit("plan", {"placements": [{"task_id": "a.0", "node_id": "n1", "gpus": [0, 1]}]})
+    assert c.step(1.0) is None

@@ -52,6 +52,27 @@ FOUND = [
         "GPU 4 of n2 used by runs j-d75560b92563.0_a1 and j-d75560b92563.0_a2 at once",
         "a run does not start on GPUs another run on its host still uses",
     ),
+    (
+        30,
+        1328,
+        "task j-6cf43cff45e4.0, preempted for j-fa44a827017b.0, placed again on GPUs "
+        "[2, 3] of node-2 ... a preemption ping-pong (a victim that had not started)",
+        "a preemptor is placed on the room it preempted for before anyone else",
+    ),
+    (
+        10,
+        856,
+        "task j-d75560b92563.0, preempted for j-cfbc1cae772a.0, placed again on GPUs "
+        "[4, 5] of node-2 ... a preemption ping-pong (while its other victims stopped)",
+        "the room a preemptor preempted for is held while its victims stop",
+    ),
+    (
+        146,
+        3708,
+        "task j-60f04d1ac487.0, preempted for j-408c2b8ecdcd.0, placed again on GPUs "
+        "[7] of node-2 ... a preemption ping-pong",
+        "a preemption's room stays its preemptor's",
+    ),
 ]
 
 

@@ -13,7 +13,9 @@ raftmodel.SimRaft.oracle; the hosts are what really runs):
 - every pending task has a reason (masters.WatchedLoops, after each pass);
 - a job's state agrees with its tasks' states;
 - the queue's shares add up to what the live tasks hold and wait for;
-- the log grows at the pace of the work, not of a hot loop.
+- the log grows at the pace of the work, not of a hot loop;
+- a preempted task is not placed back on the GPUs it was preempted from
+  while its preemptor still waits (pingpong.PreemptionWatch).
 
 Liveness, at the end of each calm phase (every fault healed for a while):
 a leader leads; every node whose agent runs is up; every stop asked for has
@@ -32,6 +34,7 @@ from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES
 from raft.view import StateView
 
 from .. import views
+from .pingpong import PreemptionWatch
 from .vtime import EPOCH
 
 if TYPE_CHECKING:
@@ -78,12 +81,17 @@ class Checker:
         self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
         self.orphan_seen: dict[tuple[str, str], float] = {}  # (node, run) the state has not
         self.idle_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with no run
+        self.preemptions = PreemptionWatch()  # fed each commit (SimRaft.watchers)
         self.checks = 0
+
+    def committed(self, term: int, index: int, data: bytes, result: object) -> None:
+        """A command committed at `index`, and what apply returned for it."""
+        self.preemptions.committed(term, index, data, result)
 
     # -- after every step -------------------------------------------------------------
     def step(self, now: float) -> str | None:
         self.checks += 1
-        why = self._pace(now)
+        why = self._pace(now) or self.preemptions.problem
         if why:
             return why
         v = self.raft.oracle.freeze()

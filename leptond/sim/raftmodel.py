@@ -160,6 +160,8 @@ class SimRaft:
         self.oracle = ClusterState()  # every committed entry, applied at once
         self.slow_until = -1.0  # commits are slow until then (a fault)
         self.describe: Callable[[bytes], str] = lambda data: ""
+        # Told of every commit: (term, index, command, what apply returned).
+        self.watchers: list[Callable[[int, int, bytes, Any], None]] = []
         self._election: Any = None
         self._exclude: Member | None = None  # not to be elected next (stepped down)
 
@@ -210,7 +212,9 @@ class SimRaft:
     def _commit(self, term: int, data: bytes) -> int:
         self.log.append((term, data))
         index = len(self.log)
-        self.oracle.apply(data, index)
+        result = self.oracle.apply(data, index)
+        for watch in self.watchers:
+            watch(term, index, data, result)
         for m in self.members:
             if not m.isolated:
                 m.known = index

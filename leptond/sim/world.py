@@ -179,6 +179,8 @@ class World:
             SHIM_TICK_S + 1e-6,
             self.masters[0].cfg.task_lease_s,
         )
+        if cfg.check:
+            self.raft.watchers.append(self.checker.committed)
         self.storm = False
         self.step_no = 0
 
