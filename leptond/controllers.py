@@ -71,9 +71,11 @@ class Controllers:
         self.reasons: dict[str, str] = {}
         self.preempting: dict[str, set[str]] = {}  # pending task -> victims still stopping
         self.holds = Holds()  # the room each preemptor preempted for
+        self._inputs = views.InputCache()  # what passes make of unchanged records
         self._stuck: set[str] = set()  # left pending by the passes since the last full one
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
+        self._settled = -1  # state generation of the last full pass that planned nothing
         self.plans = 0
         self.policy = sch.Policy(
             preemption=cfg.preemption,
@@ -86,7 +88,7 @@ class Controllers:
         (another leader may have placed, preempted or freed anything since)."""
         self.reasons, self.preempting, self._stuck = {}, {}, set()
         self.holds.reset()
-        self._epoch, self._last_full = -1, 0.0
+        self._epoch, self._last_full, self._settled = -1, 0.0, -1
 
     def wake(self) -> None:
         self._wake.set()
@@ -175,10 +177,16 @@ class Controllers:
         now = self._clock.monotonic()
         full = full or now - self._last_full > FULL_PASS_EVERY_S
         skip = self._stuck if epoch == self._epoch and not full else set()
+        if not skip and s.generation == self._settled:
+            # A full pass over this very state planned nothing; the scheduler
+            # is deterministic, so it would again (an idle cluster with work
+            # that fits nowhere would pay a whole pass every few seconds).
+            self._dispatch_stops()
+            return
         if not skip:
             self._last_full = now
         nodes, allocs, pending = views.scheduler_inputs(
-            s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip=skip
+            s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip, self._inputs
         )
         stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
         self._epoch = epoch
@@ -219,6 +227,8 @@ class Controllers:
         for tid, victims in self.preempting.items():
             self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"
         self.reasons.update(gang_waits)
+        if not skip:
+            self._settled = -1 if plan.placements or plan.preemptions else s.generation
         if plan.placements or plan.preemptions:
             await self._commit(plan)
         self._dispatch_stops()

@@ -37,36 +37,55 @@ def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
     )
 
 
+class InputCache:
+    """Scheduler inputs kept from one pass to the next while the records they
+    were made from are the same objects.
+
+    A record a published view holds is never changed again (raft/cow.py:
+    apply changes a copy), so a task, job or node that is still the very
+    object it was is unchanged, and so is what was made from it. Only what
+    the last pass saw is kept."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, tuple[Node, frozenset[str], sch.NodeView]] = {}
+        self.allocs: dict[str, tuple[Task, Job, sch.Allocation]] = {}
+        self.requests: dict[str, tuple[Task, Job, frozenset[str], sch.TaskRequest]] = {}
+
+
 def scheduler_inputs(
     s: StateView,
     cached: dict[str, frozenset[str]] | None = None,
     block_sets: dict[str, frozenset[str]] | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
+    cache: InputCache | None = None,
 ) -> tuple[list[sch.NodeView], list[sch.Allocation], list[sch.TaskRequest]]:
     cached = cached or {}
-    nodes = [node_view(n, cached.get(n.id, frozenset())) for n in s.nodes.values()]
+    block_sets = block_sets or {}
+    c = cache or InputCache()
+    no_blocks: frozenset[str] = frozenset()
+    nodes: list[sch.NodeView] = []
+    node_seen: dict[str, tuple[Node, frozenset[str], sch.NodeView]] = {}
+    for n in s.nodes.values():
+        blocks = cached.get(n.id, no_blocks)
+        hit = c.nodes.get(n.id)
+        if hit is None or hit[0] is not n or hit[1] != blocks:
+            hit = (n, blocks, node_view(n, blocks))
+        node_seen[n.id] = hit
+        nodes.append(hit[2])
     allocs: list[sch.Allocation] = []
+    alloc_seen: dict[str, tuple[Task, Job, sch.Allocation]] = {}
     for tids in s.node_tasks.values():
         for tid in tids:
             t = s.tasks[tid]
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
                 job = s.jobs[t.job_id]
-                allocs.append(
-                    sch.Allocation(
-                        task_id=t.id,
-                        job_id=t.job_id,
-                        user=job.user,
-                        node_id=t.node_id,
-                        gpus=tuple(t.gpus),
-                        cpus=t.cpus,
-                        mem_bytes=t.mem_bytes,
-                        priority=t.priority,
-                        started_at=t.started_at or t.assigned_at or 0.0,
-                        preemptible=bool(job.spec.get("preemptible", True)) and t.stop is None,
-                    )
-                )
+                a = c.allocs.get(tid)
+                if a is None or a[0] is not t or a[1] is not job:
+                    a = (t, job, _allocation(t, job))
+                alloc_seen[tid] = a
+                allocs.append(a[2])
     pending: list[sch.TaskRequest] = []
-    block_sets = block_sets or {}
+    request_seen: dict[str, tuple[Task, Job, frozenset[str], sch.TaskRequest]] = {}
     for tid in s.pending:
         if tid in skip:
             continue
@@ -74,29 +93,56 @@ def scheduler_inputs(
         job = s.jobs[t.job_id]
         if job.state not in ("pending", "running"):
             continue
-        sp = job.spec
-        pending.append(
-            sch.TaskRequest(
-                task_id=t.id,
-                job_id=job.id,
-                user=job.user,
-                priority=t.priority,
-                submitted_at=job.submitted_at,
-                gpus=int(sp.get("gpus", 0)),
-                cpus=t.cpus,
-                mem_bytes=t.mem_bytes,
-                gpu_type=sp.get("gpu_type"),
-                gpu_mem_min=int(sp.get("gpu_mem_min", 0)),
-                constraints=dict(sp.get("constraints") or {}),
-                gang_size=int(sp.get("nodes", 1)),
-                rank=t.rank,
-                spread=bool(sp.get("spread", False)),
-                preemptible=bool(sp.get("preemptible", True)),
-                blocks=block_sets.get(str(sp.get("workdir")), frozenset()),
-                time_limit_s=sp.get("time_limit_s"),
-            )
-        )
+        blocks = block_sets.get(str(job.spec.get("workdir")), no_blocks)
+        r = c.requests.get(tid)
+        if r is None or r[0] is not t or r[1] is not job or r[2] != blocks:
+            r = (t, job, blocks, _request(t, job, blocks))
+        request_seen[tid] = r
+        pending.append(r[3])
+    if cache is not None:
+        cache.nodes, cache.allocs = node_seen, alloc_seen
+        # Skipped tasks stay: the next full pass wants them again.
+        cache.requests = {**c.requests, **request_seen} if skip else request_seen
     return nodes, allocs, pending
+
+
+def _allocation(t: Task, job: Job) -> sch.Allocation:
+    assert t.node_id is not None
+    return sch.Allocation(
+        task_id=t.id,
+        job_id=t.job_id,
+        user=job.user,
+        node_id=t.node_id,
+        gpus=tuple(t.gpus),
+        cpus=t.cpus,
+        mem_bytes=t.mem_bytes,
+        priority=t.priority,
+        started_at=t.started_at or t.assigned_at or 0.0,
+        preemptible=bool(job.spec.get("preemptible", True)) and t.stop is None,
+    )
+
+
+def _request(t: Task, job: Job, blocks: frozenset[str]) -> sch.TaskRequest:
+    sp = job.spec
+    return sch.TaskRequest(
+        task_id=t.id,
+        job_id=job.id,
+        user=job.user,
+        priority=t.priority,
+        submitted_at=job.submitted_at,
+        gpus=int(sp.get("gpus", 0)),
+        cpus=t.cpus,
+        mem_bytes=t.mem_bytes,
+        gpu_type=sp.get("gpu_type"),
+        gpu_mem_min=int(sp.get("gpu_mem_min", 0)),
+        constraints=dict(sp.get("constraints") or {}),
+        gang_size=int(sp.get("nodes", 1)),
+        rank=t.rank,
+        spread=bool(sp.get("spread", False)),
+        preemptible=bool(sp.get("preemptible", True)),
+        blocks=blocks,
+        time_limit_s=sp.get("time_limit_s"),
+    )
 
 
 # Below Linux's default ephemeral range (32768-60999): a port picked from
