@@ -38,6 +38,7 @@ from .pingpong import PreemptionWatch
 from .vtime import EPOCH
 
 if TYPE_CHECKING:
+    from .host import SimHost
     from .masters import SimMaster
     from .node import SimNode
     from .people import Ledger
@@ -74,6 +75,9 @@ class Checker:
         self.lease_slack_s = lease_slack_s  # how late a supervisor may notice its lease ran out
         self.lease_s = lease_s
         self.twice: dict[str, float] = {}  # task running on two nodes -> since when
+        self._host_versions: tuple[int, ...] = ()
+        self._busy_hosts: list[tuple[SimHost, str]] = []  # hosts running something, a run
+        self._doubled: dict[str, tuple[str, str]] = {}  # task -> the two hosts it runs on
         self._gen = -1
         self._seen: tuple[int, ...] = ()
         self._log_marks: deque[tuple[float, int]] = deque()
@@ -82,6 +86,7 @@ class Checker:
         self.orphan_seen: dict[tuple[str, str], float] = {}  # (node, run) the state has not
         self.idle_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with no run
         self.preemptions = PreemptionWatch()  # fed each commit (SimRaft.watchers)
+        self._inputs = views.InputCache()
         self.checks = 0
 
     def committed(self, term: int, index: int, data: bytes, result: object) -> None:
@@ -215,7 +220,7 @@ class Checker:
         return None
 
     def _queue(self, v: StateView) -> str | None:
-        nodes, allocs, pending = views.scheduler_inputs(v)
+        nodes, allocs, pending = views.scheduler_inputs(v, cache=self._inputs)
         policy = self.masters[0].controllers.policy
         rows = sch.queue_report(nodes, allocs, pending, policy)
         gpus = sum(len(t.gpus) for t in v.live_tasks())
@@ -236,8 +241,40 @@ class Checker:
         return None
 
     def _hosts(self, now: float) -> str | None:
-        where: dict[str, str] = {}
+        # What runs where changes only when a host's version moves; leases
+        # run out with time, so they are looked at every step.
+        versions = tuple(n.host.version for n in self.nodes)
+        if versions != self._host_versions:
+            self._host_versions = versions
+            why = self._host_runs()
+            if why:
+                return why
+        for h, rid in self._busy_hosts:
+            if h.lease_expires is None or now > h.lease_expires + self.lease_slack_s:
+                return f"{rid} runs on {h.name} past its lease ({h.lease_expires})"
         twice: dict[str, float] = {}
+        for tid, (other, name) in self._doubled.items():
+            # A stop ends a task that has not started yet at once
+            # (raft/tasks.py request_stop), and it may be placed again
+            # while its old node is still starting it. That run is stopped
+            # by the old node's next reconcile, or by its lease: it must not
+            # outlive the lease it had.
+            since = twice[tid] = self.twice.get(tid, now)
+            if now - since > self.lease_s + self.lease_slack_s:
+                return (
+                    f"task {tid} runs on {other} and {name} at once, "
+                    f"since {since:.1f}: past the lease"
+                )
+        self.twice = twice
+        return None
+
+    def _host_runs(self) -> str | None:
+        """After a run started, ran or ended somewhere: no GPU used by two runs
+        of a host; which hosts run something (their first run); which tasks
+        run on two hosts."""
+        where: dict[str, str] = {}
+        busy: list[tuple[SimHost, str]] = []
+        doubled: dict[str, tuple[str, str]] = {}
         for n in self.nodes:
             h = n.host
             used: dict[int, str] = {}
@@ -245,26 +282,17 @@ class Checker:
                 other = used.setdefault(g, rid)
                 if other != rid:
                     return f"GPU {g} of {h.name} used by runs {other} and {rid} at once"
-            expired = h.lease_expires is None or now > h.lease_expires + self.lease_slack_s
+            first = None
             for p in h.live.values():
                 if p.state != "running":
                     continue
-                if expired:
-                    return f"{p.rid} runs on {h.name} past its lease ({h.lease_expires})"
+                first = first or p.rid
                 other = where.setdefault(p.task_id, h.name)
                 if other != h.name:
-                    # A stop ends a task that has not started yet at once
-                    # (raft/tasks.py request_stop), and it may be placed
-                    # again while its old node is still starting it. That
-                    # run is stopped by the old node's next reconcile, or by
-                    # its lease: it must not outlive the lease it had.
-                    since = twice[p.task_id] = self.twice.get(p.task_id, now)
-                    if now - since > self.lease_s + self.lease_slack_s:
-                        return (
-                            f"task {p.task_id} runs on {other} and {h.name} at once, "
-                            f"since {since:.1f}: past the lease"
-                        )
-        self.twice = twice
+                    doubled.setdefault(p.task_id, (other, h.name))
+            if first is not None:
+                busy.append((h, first))
+        self._busy_hosts, self._doubled = busy, doubled
         return None
 
     def _track(self, v: StateView, now: float) -> None:
