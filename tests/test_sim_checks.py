@@ -10,9 +10,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from agent.runner import TaskSpec
 from leptond.sim.checks import Checker
+from leptond.sim.host import SimHost
 from leptond.sim.people import Ledger
-from leptond.sim.vtime import EPOCH
+from leptond.sim.trace import Trace
+from leptond.sim.vtime import EPOCH, HostClock, SimClock, VirtualLoop
 from raft.commands import encode
 from raft.state import ClusterState
 from scheduler import Policy
@@ -127,3 +130,40 @@ def test_a_victim_placed_back_after_a_new_job_is_not_judged() -> None:
     commit("submit_jobs", {"jobs": [job]})  # the picture may rightly change
     commit("plan", {"placements": [{"task_id": "a.0", "node_id": "n1", "gpus": [0, 1]}]})
     assert c.step(1.0) is None
+
+
+def host_world() -> tuple[Any, Any, Checker]:
+    """One simulated host with 2 GPUs and the checker watching it."""
+    loop = VirtualLoop()
+    world = SimClock(loop)
+    host = SimHost("h1", "h1", 2, 8.0, 1 << 30, world, HostClock(loop), 1, Trace(world.monotonic))
+    raft: Any = SimpleNamespace(oracle=ClusterState(), log=[])
+    master: Any = SimpleNamespace(controllers=SimpleNamespace(policy=Policy()))
+    node: Any = SimpleNamespace(host=host, name="h1")
+    c = Checker(raft, [master], [node], Ledger(), 120.0, 8.0, 0.1, 8.0)
+
+    def start(rid: str, gpus: str) -> None:
+        host.start(TaskSpec(rid, ["sim-task", "hang", "60", "1"], {"CUDA_VISIBLE_DEVICES": gpus}))
+
+    host.write(10.0, 10.0)  # the lease runs until t=10
+    return loop, start, c
+
+
+def test_a_gpu_used_by_two_runs_on_a_host_fails() -> None:
+    loop, start, c = host_world()
+    start("a.0_a1", "0")
+    loop.run_until(1.0)  # its supervisor starts it
+    assert c.step(1.0) is None
+    start("b.0_a1", "0,1")
+    loop.run_until(2.0)
+    assert c.step(2.0) == "GPU 0 of h1 used by runs a.0_a1 and b.0_a1 at once"
+    loop.close()
+
+
+def test_a_run_past_its_lease_fails_though_nothing_else_changed() -> None:
+    loop, start, c = host_world()
+    start("a.0_a1", "0")
+    loop.run_until(1.0)
+    assert c.step(1.0) is None and c.step(10.05) is None  # within the slack
+    assert c.step(10.2) == "a.0_a1 runs on h1 past its lease (10.0)"
+    loop.close()
