@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import scheduler as sch
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
+from raft.tasks import preempted_for
 from raft.view import StateView
 
 from . import views
@@ -71,6 +72,7 @@ class Controllers:
         self.reasons: dict[str, str] = {}
         self.preempting: dict[str, set[str]] = {}  # pending task -> victims still stopping
         self.holds = Holds()  # the room each preemptor preempted for
+        self._learn_preemptions = True  # from the state, at the first pass of a term
         self._inputs = views.InputCache()  # what passes make of unchanged records
         self._stuck: set[str] = set()  # left pending by the passes since the last full one
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
@@ -88,6 +90,7 @@ class Controllers:
         (another leader may have placed, preempted or freed anything since)."""
         self.reasons, self.preempting, self._stuck = {}, {}, set()
         self.holds.reset()
+        self._learn_preemptions = True
         self._epoch, self._last_full, self._settled = -1, 0.0, -1
 
     def wake(self) -> None:
@@ -190,6 +193,11 @@ class Controllers:
         )
         stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
         self._epoch = epoch
+        if self._learn_preemptions:
+            # Preemptions an earlier leader made may still be under way: their
+            # preemptors wait for them here too, instead of stopping more work.
+            self._learn_preemptions = False
+            self.preempting = _preemptions_under_way(s)
         # A task whose victims are still stopping waits for them rather than
         # evicting more work: it is placed once their resources are free.
         self.preempting = {p: v & stopping for p, v in self.preempting.items() if v & stopping}
@@ -275,6 +283,16 @@ class Controllers:
                 by_node.setdefault(t.node_id, []).append(t.id)
         for nid, tids in by_node.items():
             self._channel.push_stop(nid, tids)
+
+
+def _preemptions_under_way(s: StateView) -> dict[str, set[str]]:
+    """Pending task -> its victims that still stop, as the state tells it."""
+    out: dict[str, set[str]] = {}
+    for t in s.live_tasks():
+        for_task = preempted_for(t)
+        if for_task is not None and for_task in s.pending:
+            out.setdefault(for_task, set()).add(t.id)
+    return out
 
 
 def _gang_waits(s: StateView, pending: list[sch.TaskRequest]) -> dict[str, str]:

@@ -32,7 +32,7 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         if s.jobs[t.job_id].spec.get("preemptible") is False:
             continue
         preempting.append(t.id)
-        evict(s, t, "preempt", f"preempted for {p.get('for_task', '?')}", now)
+        evict(s, t, "preempt", f"{PREEMPTED_FOR}{p.get('for_task', '?')}", now)
     # Group placements by job so a gang is placed whole or not at all.
     by_job: dict[str, list[dict[str, Any]]] = {}
     for p in a.get("placements", []):
@@ -191,6 +191,18 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     t.state, t.node_id, t.gpus, t.stop = "pending", None, [], None
     t.message = message
     s.pending[t.id] = None
+
+
+# The message of a task a preemption stops, before the preemptor's id.
+PREEMPTED_FOR = "preempted for "
+
+
+def preempted_for(t: Task) -> str | None:
+    """The task a live task stops for, while a preemption stops it: what a
+    new leader learns of the preemptions an earlier one left under way."""
+    if t.stop != "preempt" or not t.message.startswith(PREEMPTED_FOR):
+        return None
+    return t.message[len(PREEMPTED_FOR) :]
 
 
 # Stops that are no fault of the task: it goes back to pending without spending

@@ -78,3 +78,24 @@ def test_a_new_leader_forgets_the_holds(ld: Leader) -> None:
     assert ld.c.holds.room == {"p.0": ("n1", (0, 1))}
     ld.c.reset()
     assert ld.c.holds.room == {}
+
+
+def test_a_new_leader_waits_for_the_victims_an_earlier_one_preempted(ld: Leader) -> None:
+    h = ld.h
+    h.register("n1", gpus=2)
+    h.register("n2", gpus=2)
+    h.submit("v", gpus=2)
+    h.submit("w", gpus=2)
+    h.run("v.0", "n1", [0, 1])
+    h.run("w.0", "n2", [0, 1])
+    h.submit("p", gpus=2, priority=10)
+    ld.scheduling_pass()
+    stopping = [t for t in ("v.0", "w.0") if ld.task(t).stop == "preempt"]
+    assert len(stopping) == 1
+    ld.c.reset()  # leadership moves: the next leader knows only the state
+    ld.scheduling_pass()
+    assert [t for t in ("v.0", "w.0") if ld.task(t).stop == "preempt"] == stopping
+    assert ld.c.reasons["p.0"] == "waiting for 1 preempted task(s) to stop"
+    h.event(stopping[0], "exited", exit_code=143)
+    ld.scheduling_pass()
+    assert ld.task("p.0").state == "assigned"
