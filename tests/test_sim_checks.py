@@ -167,3 +167,29 @@ def test_a_run_past_its_lease_fails_though_nothing_else_changed() -> None:
     assert c.step(1.0) is None and c.step(10.05) is None  # within the slack
     assert c.step(10.2) == "a.0_a1 runs on h1 past its lease (10.0)"
     loop.close()
+
+
+def test_a_preemptor_that_stops_more_while_its_victims_still_stop_fails() -> None:
+    h = Harness()
+    h.register("n1", gpus=2)
+    h.register("n2", gpus=2)
+    h.submit("a", gpus=2)
+    h.submit("b", gpus=2)
+    h.submit("p", gpus=2, priority=10)
+    h.run("a.0", "n1", [0, 1])
+    h.run("b.0", "n2", [0, 1])
+    c = checker(h.state)
+
+    def preempt(tid: str) -> None:
+        h.now += 1.0
+        args = {"now": h.now, "preemptions": [{"task_id": tid, "for_task": "p.0"}]}
+        data = encode("plan", args)
+        c.committed(2, h.index + 1, data, h.raw(data))
+
+    preempt("a.0")
+    assert c.step(1.0) is None
+    preempt("b.0")  # a.0 still stops
+    assert c.step(2.0) == (
+        f"p.0 preempted b.0 at commit {h.index} while a.0, preempted for it before, "
+        "still stop: more work stopped than it needs"
+    )

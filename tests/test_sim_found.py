@@ -73,6 +73,20 @@ FOUND = [
         "[7] of node-2 ... a preemption ping-pong",
         "a preemption's room stays its preemptor's",
     ),
+    (
+        38,
+        785,
+        "j-2c8dedf2e21d.0 preempted j-a8b83c09b527.0 at commit 83 while j-82a9fe430d69.0, "
+        "preempted for it before, still stop (the first pass of a new leader)",
+        "a new leader learns the preemptions under way from the state",
+    ),
+    (
+        52,
+        847,
+        "j-499fdfed175d.0 preempted j-8b508bde875e.0 at commit 78 while j-825fc78da341.0, "
+        "preempted for it before, still stop (a leader deposed)",
+        "a new leader's preemptors wait for their victims",
+    ),
 ]
 
 

@@ -85,7 +85,7 @@ class Checker:
         self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
         self.orphan_seen: dict[tuple[str, str], float] = {}  # (node, run) the state has not
         self.idle_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with no run
-        self.preemptions = PreemptionWatch()  # fed each commit (SimRaft.watchers)
+        self.preemptions = PreemptionWatch(raft.oracle)  # fed each commit (SimRaft.watchers)
         self._inputs = views.InputCache()
         self.checks = 0
 

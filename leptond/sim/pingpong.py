@@ -9,16 +9,31 @@ no new job, no cancel, no change to a node, no new leader (which starts
 from the state alone). Otherwise a re-placement is the scheduler's fresh
 call and is not judged.
 
+A preemptor whose victims still stop waits for them; it preempts no more
+work meanwhile, under this leader or the next (whose first passes know of
+the victims only from the state). Otherwise it stops more than it needs,
+and what its first victims leave goes to someone else.
+
 It sees each command as it commits, with what apply made of it (the
-evictions it carried out, the placements it kept), so it judges what
-happened, not what a plan asked for.
+evictions it carried out, the placements it kept) and the state after it,
+so it judges what happened, not what a plan asked for.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from raft.commands import BadCommand, decode
+from raft.model import Task
+
+
+class Tasks(Protocol):
+    """The state the watch reads (the checker's copy of the log, applied)."""
+
+    @property
+    def tasks(self) -> Mapping[str, Task]: ...
+
 
 # Commands after which a victim may rightly be placed back where it was.
 RESETS = frozenset(
@@ -37,7 +52,10 @@ RESETS = frozenset(
 
 
 class PreemptionWatch:
-    def __init__(self) -> None:
+    def __init__(self, state: Tasks) -> None:
+        self.state = state  # the committed log applied, up to the command seen
+        # Preemptor -> its victims that were still stopping: (task, attempt).
+        self.stopping_for: dict[str, set[tuple[str, int]]] = {}
         self.placed_on: dict[str, tuple[str, frozenset[int]]] = {}  # task -> its node, GPUs
         # Victim -> (its preemptor, the node and GPUs it was preempted from).
         self.claims: dict[str, tuple[str, str, frozenset[int]]] = {}
@@ -59,6 +77,7 @@ class PreemptionWatch:
             return
         args = cmd.args
         wanted_by = {str(p["task_id"]): str(p.get("for_task")) for p in args.get("preemptions", [])}
+        self._more_than_needed(result["preempting"], wanted_by, index)
         for victim in result["preempting"]:
             where = self.placed_on.get(victim)
             if where is not None and victim in wanted_by:
@@ -83,4 +102,29 @@ class PreemptionWatch:
                     f"task {tid}, preempted for {for_task}, placed again on GPUs "
                     f"{sorted(gpus & was_gpus)} of {node} at commit {index} while "
                     f"{for_task} still waits: a preemption ping-pong"
+                )
+
+    def _more_than_needed(self, victims: list[str], wanted_by: dict[str, str], index: int) -> None:
+        tasks = self.state.tasks
+        for victim in victims:
+            for_task = wanted_by.get(victim, "?")
+            earlier = self.stopping_for.get(for_task, set())
+            still = sorted(
+                tid
+                for tid, attempt in earlier
+                if tid in tasks
+                and tasks[tid].stop == "preempt"
+                and tasks[tid].attempt == attempt
+                and tid not in victims
+            )
+            if still and self.problem is None:
+                self.problem = (
+                    f"{for_task} preempted {victim} at commit {index} while {', '.join(still)}, "
+                    "preempted for it before, still stop: more work stopped than it needs"
+                )
+        for victim in victims:
+            t = tasks.get(victim)
+            if t is not None and t.stop == "preempt":
+                self.stopping_for.setdefault(wanted_by.get(victim, "?"), set()).add(
+                    (victim, t.attempt)
                 )
