@@ -15,7 +15,8 @@ raftmodel.SimRaft.oracle; the hosts are what really runs):
 - the queue's shares add up to what the live tasks hold and wait for;
 - the log grows at the pace of the work, not of a hot loop;
 - a preempted task is not placed back on the GPUs it was preempted from
-  while its preemptor still waits (pingpong.PreemptionWatch).
+  while its preemptor still waits, and a preemptor preempts no more while
+  its earlier victims still stop (pingpong.PreemptionWatch).
 
 Liveness, at the end of each calm phase (every fault healed for a while):
 a leader leads; every node whose agent runs is up; every stop asked for has
