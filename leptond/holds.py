@@ -11,8 +11,10 @@ or the same victim: a ping-pong that burns runs and keeps P waiting.
 So, like Kubernetes' nominated node: while P's victims stop, what P is to
 get and nobody holds is held for it (an allocation no pass places on or
 preempts); once they are gone, P is placed there before the pass places
-anyone else. Holds live in the leader's memory only; a new leader starts
-without them (Controllers.reset), as with the rest of its plans.
+anyone else. Holds live in the leader's memory only: a new leader starts
+without them (Controllers.reset). It learns from the state which victims
+each preemptor still waits for, so the preemptor waits rather than preempts
+again, but not which free GPUs it had counted on.
 """
 
 from __future__ import annotations
