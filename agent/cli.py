@@ -102,6 +102,15 @@ def parser() -> argparse.ArgumentParser:
         help="how long a finished task's output and working directory are kept after "
         "the leader has its exit, e.g. 30m, 12h, 7d (default 1d)",
     )
+    r.add_argument(
+        "--keep-visible",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory under /tmp or /dev/shm that tasks still see at its path "
+        "through their private /tmp and /dev/shm (a shared scratch or software "
+        "directory); repeatable",
+    )
     return p
 
 
@@ -152,6 +161,14 @@ async def _main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"lepton-agent: --simulate-gpus: {exc}", file=sys.stderr)
             return 2
+    keep = tuple(Path(k) for k in args.keep_visible)
+    bad = next((k for k in keep if not k.is_absolute() or not k.is_dir()), None)
+    if bad is not None:
+        print(
+            f"lepton-agent: --keep-visible: {str(bad)!r} is not an absolute path to a directory",
+            file=sys.stderr,
+        )
+        return 2
     cfg = AgentConfig(
         masters=args.masters,
         join_token_file=Path(args.join_token_file) if args.join_token_file else None,
@@ -170,6 +187,7 @@ async def _main(args: argparse.Namespace) -> int:
         task_pids_max=args.task_pids_max,
         tasks_mem_max=args.tasks_mem_max,
         task_retention_s=args.task_retention,
+        keep_visible=keep,
     )
     try:
         agent = Agent(cfg)

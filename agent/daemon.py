@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,9 @@ class AgentConfig:
     # How long a run's directory (output, working directory) is kept after
     # the leader has its exit.
     task_retention_s: float = 86400.0
+    # Directories under /tmp or /dev/shm that tasks still see at their paths
+    # through their private ones (a shared scratch or software directory).
+    keep_visible: tuple[Path, ...] = ()
 
 
 def run_id(task_id: str, attempt: int) -> str:
@@ -136,7 +140,9 @@ class Agent:
             cfg.data_dir / "tasks",
             self.cgroups,
             lease_file=self.lease_path,
-            keep_visible=(cfg.data_dir,),
+            # The agent's own Python installation too: the shim runs from it,
+            # and a dev cluster's tasks run its `python` (say from a clone in /tmp).
+            keep_visible=(cfg.data_dir, Path(sys.prefix), *cfg.keep_visible),
             clock=clock,
         )
         self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs

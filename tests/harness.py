@@ -290,6 +290,10 @@ class Cluster:
                 gpus,
                 "--kill-grace",
                 "2",
+                # Tasks run the tests' scripts from the checkout, which may be a
+                # clone under /tmp: tasks have a private /tmp of their own.
+                "--keep-visible",
+                str(ROOT),
                 *(extra or []),
             ],
             self.root / f"agent-{name}.log",
