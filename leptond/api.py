@@ -215,7 +215,8 @@ def _refuse_if_it_never_fits(m: ApiContext, spec: JobSpec) -> None:
         constraints=dict(spec.constraints),
         gang_size=spec.nodes,
     )
-    nodes = [views.node_view(n) for n in m.view().nodes.values()]
+    # Unhealthy GPUs count: they come back after a reset.
+    nodes = [views.node_view(n, with_faulty=True) for n in m.view().nodes.values()]
     why = sch.never_fits(nodes, req)
     if why is not None:
         raise RpcError(UNSCHEDULABLE, f"no node can ever run this job: {why}")

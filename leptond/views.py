@@ -14,7 +14,12 @@ from raft.model import LIVE_TASK_STATES, Job, Node, Task
 from raft.view import StateView
 
 
-def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
+def node_view(
+    n: Node, cached: frozenset[str] = frozenset(), with_faulty: bool = False
+) -> sch.NodeView:
+    """The node as the scheduler sees it: without its unhealthy GPUs, which
+    take no work (`with_faulty`: with them, for "could this ever fit")."""
+    faulty = set() if with_faulty else {int(f["index"]) for f in n.gpu_faults}
     return sch.NodeView(
         node_id=n.id,
         name=n.name,
@@ -29,6 +34,7 @@ def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
                 domain=g.get("domain", -1),
             )
             for g in n.gpus
+            if g["index"] not in faulty
         ),
         labels=dict(n.labels),
         schedulable=n.state == "ready",

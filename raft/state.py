@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from . import accounting as acct
+from . import gpuhealth
 from . import nodecreds as nc
 from . import tasks as tl
 from .commands import COMMAND_VERSION, BadCommand, Command, decode
@@ -34,6 +36,7 @@ from .model import (
     NodeCredential,
     Task,
     Token,
+    UsageDay,
 )
 from .validate import SpecError, validate_name, validate_spec, validate_unix_user
 from .view import SNAPSHOT_VERSION, StateReads, StateView
@@ -49,7 +52,7 @@ def error(code: str, message: str) -> Result:
     return {"error": {"code": code, "message": message}}
 
 
-def _records() -> CowMap[str, Any]:
+def _records() -> CowMap[Any, Any]:
     return _cow({})
 
 
@@ -70,6 +73,9 @@ class ClusterState(StateReads):
         self.join_tokens: CowMap[str, JoinToken] = _records()
         self.node_creds: CowMap[str, NodeCredential] = _records()  # by handshake key id
         self.manifests: CowMap[str, dict[str, Any]] = CowMap()  # never changed once put
+        # Cumulative counters and usage by (user, day) (raft/accounting.py).
+        self.counters: CowMap[str, float] = CowMap()
+        self.usage: CowMap[tuple[str, int], UsageDay] = _records()
         self.recent = RecentResults()
         # Parts of a snapshot being restored (apply_restore), or None. Replaced,
         # never mutated in place: views share it.
@@ -396,6 +402,7 @@ class ClusterState(StateReads):
                 "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
             )
         self.jobs[job_id] = job
+        acct.job_submitted(self)
         for rank in range(spec.nodes):
             t = Task(
                 id=f"{job_id}.{rank}",
@@ -461,9 +468,18 @@ class ClusterState(StateReads):
             still_used = {j.spec.get("workdir") for j in self.jobs.values()}
             for mid in dropped_workdirs - still_used:
                 self.manifests.pop(mid, None)
-        # Join tokens long expired go the same way.
+        # Join tokens long expired go the same way; usage records only after
+        # their own, longer, retention (`usage_before`, when given).
         joins = nc.gc_join_tokens(self, before)
-        return {"removed": len(gone), **({"join_tokens_removed": joins} if joins else {})}
+        usage_before = a.get("usage_before")
+        days = 0
+        if isinstance(usage_before, int | float) and not isinstance(usage_before, bool):
+            days = acct.forget_usage_before(self, float(usage_before))
+        return {
+            "removed": len(gone),
+            **({"join_tokens_removed": joins} if joins else {}),
+            **({"usage_days_removed": days} if days else {}),
+        }
 
     # -- scheduling -------------------------------------------------------------
     def apply_plan(self, a: dict[str, Any], index: int) -> Result:
@@ -471,6 +487,9 @@ class ClusterState(StateReads):
 
     def apply_task_events(self, a: dict[str, Any], index: int) -> Result:
         return tl.apply_task_events(self, a)
+
+    def apply_gpu_health(self, a: dict[str, Any], index: int) -> Result:
+        return gpuhealth.apply_gpu_health(self, self._node(a), a)
 
     # -- tokens, members, manifests ----------------------------------------------
     def apply_token_create(self, a: dict[str, Any], index: int) -> Result:
@@ -623,6 +642,8 @@ class ClusterState(StateReads):
                 join_tokens=self.join_tokens.frozen(),
                 node_creds=self.node_creds.frozen(),
                 manifests=self.manifests.frozen(),
+                counters=self.counters.frozen(),
+                usage=self.usage.frozen(),
                 gpu_owner=self.gpu_owner.frozen(),
                 node_tasks=self.node_tasks.frozen(),
                 pending=self.pending.frozen(),
@@ -658,6 +679,8 @@ class ClusterState(StateReads):
             self.join_tokens,
             self.node_creds,
             self.manifests,
+            self.counters,
+            self.usage,
             self.gpu_owner,
             self.node_tasks,
             self.pending,
@@ -681,6 +704,13 @@ class ClusterState(StateReads):
             creds = {c["id"]: NodeCredential.from_wire(c) for c in obj.get("node_creds") or []}
             recent = RecentResults.from_wire(obj["recent"])
             manifests = dict(obj.get("manifests") or {})
+            # Snapshots from before accounting have neither: both start empty.
+            counters = {str(k): v for k, v in (obj.get("counters") or {}).items()}
+            if not all(isinstance(v, int | float) for v in counters.values()):
+                raise ValueError("counters must be numbers")
+            usage = {(u.user, u.day): u for u in map(UsageDay.from_wire, obj.get("usage") or [])}
+            if not all(isinstance(u, str) and isinstance(d, int) for u, d in usage):
+                raise ValueError("usage records need a user name and a day number")
             applied_index = int(obj.get("applied_index", 0))
             restoring = obj.get("restoring")
             if restoring is not None and not (
@@ -703,6 +733,8 @@ class ClusterState(StateReads):
         self.tokens, self.members = _cow(tokens), _cow(members)
         self.join_tokens, self.node_creds = _cow(joins), _cow(creds)
         self.manifests = CowMap.adopt(manifests)
+        self.counters = CowMap.adopt(counters)
+        self.usage = _cow(usage)
         self.recent = recent
         self.restoring = restoring
         self.applied_index = applied_index
@@ -731,7 +763,7 @@ class ClusterState(StateReads):
         return self.snapshot()
 
 
-def _cow(records: dict[str, Any]) -> CowMap[str, Any]:
+def _cow(records: dict[Any, Any]) -> CowMap[Any, Any]:
     return CowMap.adopt(records, clone=lambda r: r.clone())
 
 
@@ -772,6 +804,7 @@ CAPACITY_OPS = frozenset(
         "task_events",
         "cancel_job",
         "restore",
+        "gpu_health",
     }
 )
 OPS = frozenset(
@@ -795,6 +828,7 @@ OPS = frozenset(
         "member_remove",
         "put_manifest",
         "restore",
+        "gpu_health",
         "noop",
     }
 )

@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from .model import LIVE_TASK_STATES, Job, JoinToken, Member, Node, NodeCredential, Task, Token
+from .model import (
+    LIVE_TASK_STATES,
+    Job,
+    JoinToken,
+    Member,
+    Node,
+    NodeCredential,
+    Task,
+    Token,
+    UsageDay,
+)
 
 if TYPE_CHECKING:
     from .dedupe import FrozenResults
@@ -83,6 +93,7 @@ class StateView(StateReads):
     __slots__ = (
         "applied_index",
         "capacity_epoch",
+        "counters",
         "generation",
         "gpu_owner",
         "jobs",
@@ -98,6 +109,7 @@ class StateView(StateReads):
         "restoring",
         "tasks",
         "tokens",
+        "usage",
     )
 
     def __init__(
@@ -111,6 +123,8 @@ class StateView(StateReads):
         join_tokens: Mapping[str, JoinToken],
         node_creds: Mapping[str, NodeCredential],
         manifests: Mapping[str, dict[str, Any]],
+        counters: Mapping[str, float],
+        usage: Mapping[tuple[str, int], UsageDay],
         gpu_owner: Mapping[tuple[str, int], str],
         node_tasks: Mapping[str, Set[str]],
         pending: Mapping[str, None],
@@ -129,6 +143,9 @@ class StateView(StateReads):
         self.join_tokens = join_tokens
         self.node_creds = node_creds
         self.manifests = manifests
+        # Cumulative counters and per-user, per-day usage (raft/accounting.py).
+        self.counters = counters
+        self.usage = usage
         self.gpu_owner = gpu_owner
         self.node_tasks = node_tasks
         self.pending = pending
@@ -163,8 +180,9 @@ class StateView(StateReads):
             ("join_tokens", self.join_tokens),
             ("node_creds", self.node_creds),
         ]
-        # The keys and their order are the snapshot format (SNAPSHOT_VERSION).
-        p.pack_map_header(12)
+        # The keys and their order are the snapshot format (SNAPSHOT_VERSION);
+        # "counters" and "usage" came last, and snapshots without them load.
+        p.pack_map_header(14)
         p.pack("v")
         p.pack(SNAPSHOT_VERSION)
         p.pack("applied_index")
@@ -183,6 +201,10 @@ class StateView(StateReads):
         p.pack(self.recent.to_wire())
         p.pack("restoring")
         p.pack(self.restoring)
+        p.pack("counters")
+        p.pack(dict(self.counters))
+        p.pack("usage")
+        p.pack([u.to_wire() for u in self.usage.values()])
         yield p.bytes()
 
     def encode(self) -> bytes:
