@@ -107,6 +107,13 @@ async def nodes(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[
     return list(await c.call("nodes", {}, timeout_s=timeout_s))
 
 
+async def gpu_reset(
+    c: ClusterClient, node: str, gpu: int, timeout_s: float = 360.0
+) -> dict[str, Any]:
+    """The burn-in runs on the host first: this may take minutes."""
+    return dict(await c.call("node_gpu_reset", {"node": node, "gpu": gpu}, timeout_s=timeout_s))
+
+
 async def node_change(
     c: ClusterClient,
     how: str,

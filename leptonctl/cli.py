@@ -284,6 +284,17 @@ def parser() -> ArgParser:
             x.add_argument(
                 "--force", action="store_true", help="even with tasks on it (they are lost)"
             )
+    gp = ndsub.add_parser("gpu", help="put an unhealthy GPU back in service (admin)")
+    gpsub = gp.add_subparsers(dest="gpu_cmd", required=True, parser_class=ArgParser)
+    gr = gpsub.add_parser(
+        "reset",
+        help="run a burn-in on the GPU and, if it passes, mark it healthy",
+        description="The host's agent runs a short burn-in on the GPU (a torch matmul and a "
+        "memory pattern check; skipped with a note where torch is not installed). If it "
+        "passes, the GPU is marked healthy and takes work again.",
+    )
+    gr.add_argument("node", help="node name or id")
+    gr.add_argument("gpu", type=_count("GPU", 0, 1 << 20), help="the GPU's index")
     jt = ndsub.add_parser("join-token", help="tokens that let a new host join (admin)")
     jtsub = jt.add_subparsers(dest="join_cmd", required=True, parser_class=ArgParser)
     jc = jtsub.add_parser(

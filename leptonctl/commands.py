@@ -93,6 +93,12 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
         return 0
     # Every resource as used/total; utilisation only for what is up (a down
     # node's last figures are stale).
+    faults = [
+        f"{r['name']}: GPU {f['index']} unhealthy: {f['reason']} "
+        f"(leptonctl node gpu reset {r['name']} {f['index']})"
+        for r in rows
+        for f in r.get("gpu_faults") or []
+    ]
     table(
         ["NAME", "ID", "STATE", "GPUS", "GPU UTIL", "MODEL", "CPUS", "MEM", "LABELS"],
         [
@@ -100,7 +106,8 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
                 r["name"],
                 r["id"],
                 node_state(r["state"], r.get("drain_deadline"), r.get("drain_reason") is not None),
-                f"{r['gpus_total'] - r['gpus_free']}/{r['gpus_total']}",
+                f"{r['gpus_used']}/{r['gpus_total']}"
+                + (f" ({r['gpus_unhealthy']} unhealthy)" if r.get("gpus_unhealthy") else ""),
                 "-" if r.get("gpu_util_pct") is None else f"{r['gpu_util_pct']:.0f}%",
                 ",".join(r["gpu_models"]) or "-",
                 f"{r['cpus_used']:g}/{r['cpus']:g}",
@@ -110,6 +117,8 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
             for r in rows
         ],
     )
+    for line in faults:
+        print(line)
     return 0
 
 
@@ -131,6 +140,10 @@ async def node(c: ClusterClient, a: argparse.Namespace) -> int:
     sub = "drain" if a.cmd == "drain" else a.node_cmd
     if sub == "join-token":
         return await join_token(c, a)
+    if sub == "gpu":
+        res = await api.gpu_reset(c, a.node, a.gpu)
+        print(f"{res['node']}: GPU {res['gpu']} {res['state']} ({res['burn_in']})")
+        return 0
     deadline_s = None
     if getattr(a, "deadline", None) is not None:
         deadline_s = drain_deadline_s(a.deadline)  # before anything is sent

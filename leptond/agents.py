@@ -26,6 +26,7 @@ log = logging.getLogger("lepton.master")
 # One task event in a task_events command; apply keeps 1024 characters of
 # its message, and nothing else in an event is long.
 MAX_EVENT_BYTES = 16 * 1024
+MAX_GPU_FAULTS = 1024  # GPUs one heartbeat may report faulty
 
 
 def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
@@ -167,10 +168,47 @@ class AgentRegistry:
         self.liveness.heard(
             nid, {"stats": a.get("host"), "gpus": a.get("gpus"), "cache": a.get("cache")}
         )
+        await self._gpu_faults(nid, a.get("gpu_faults"))
         running = {
             (r["task_id"], r["attempt"]) for r in a.get("running", []) if isinstance(r, dict)
         }
         return self.reconcile(nid, running, set(a.get("exited", [])))
+
+    async def _gpu_faults(self, nid: str, reported: Any) -> None:
+        """Commit the GPUs the agent found faulty that the state does not
+        mark yet (raft/gpuhealth.py). Only a reset clears a mark, so what the
+        agent no longer reports changes nothing here."""
+        if not isinstance(reported, list) or not reported:
+            return
+        node = self._reader.view().nodes.get(nid)
+        if node is None:
+            return
+        have = {int(f["index"]) for f in node.gpu_faults}
+        valid = {g["index"] for g in node.gpus}
+        new = []
+        for f in reported[:MAX_GPU_FAULTS]:
+            idx = f.get("index") if isinstance(f, dict) else None
+            if isinstance(idx, int) and not isinstance(idx, bool) and idx in valid - have:
+                new.append({"index": idx, "reason": str(f.get("reason") or "unhealthy")[:256]})
+        if not new:
+            return
+        try:
+            res = await self._proposer.propose(
+                "gpu_health",
+                {"node_id": nid, "unhealthy": new, "now": self._clock.now()},
+                wake=True,  # the scheduling pass pushes the stops
+            )
+        except RpcError as exc:
+            log.warning("node %s: GPU faults not recorded yet: %s", node.name, exc)
+            return
+        for f in new:
+            log.error("node %s: GPU %d marked unhealthy: %s", node.name, f["index"], f["reason"])
+        if res.get("stopping"):
+            log.warning(
+                "node %s: stopping %d task(s) on unhealthy GPUs to run them elsewhere",
+                node.name,
+                len(res["stopping"]),
+            )
 
     def reconcile(
         self, nid: str, running: set[tuple[str, int]], exited: set[str]
@@ -257,6 +295,12 @@ class AgentRegistry:
     def is_connected(self, node_id: str) -> bool:
         conn = self.conns.get(node_id)
         return conn is not None and not conn.is_closing()
+
+    async def call(self, node_id: str, method: str, args: dict[str, Any], timeout_s: float) -> Any:
+        agent = self.conns.get(node_id)
+        if agent is None or agent.is_closing():
+            raise RpcError("unavailable", "the host is not connected")
+        return await agent.call(method, args, timeout_s=timeout_s)
 
     async def stream(self, node_id: str, method: str, args: dict[str, Any]) -> AsyncIterator[Any]:
         agent = self.conns.get(node_id)

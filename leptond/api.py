@@ -455,6 +455,45 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return res
 
 
+BURN_IN_WAIT_S = 330.0  # the agent's burn-in timeout, and some
+
+
+@method("node_gpu_reset", "admin", mutating=True)
+async def node_gpu_reset(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """Put an unhealthy GPU back in service: its agent runs a burn-in on it
+    (agent/burnin.py) and, when it passes, the fault is cleared."""
+    m.ensure_leader()
+    nid = _find_node(m, param.string(a, "node"))
+    gpu = param.integer(a, "gpu", 0, 1 << 20, -1)
+    if gpu < 0:
+        raise RpcError(BAD_REQUEST, "which GPU? give its index")
+    node = m.view().nodes[nid]
+    rid = _rid(conn, a, "node_gpu_reset")
+    if rid is not None and m.answered(rid):
+        # A retry of a reset that went through (its answer was lost).
+        return {"node": node.name, "gpu": gpu, "state": "healthy", "burn_in": "reset already"}
+    if gpu not in {g["index"] for g in node.gpus}:
+        have = ", ".join(str(g["index"]) for g in node.gpus) or "none"
+        raise RpcError(BAD_REQUEST, f"node {node.name} has no GPU {gpu} (its GPUs: {have})")
+    if gpu not in {int(f["index"]) for f in node.gpu_faults}:
+        raise RpcError(CONFLICT, f"GPU {gpu} of {node.name} is healthy; there is nothing to reset")
+    if not m.channel.is_connected(nid):
+        raise RpcError(
+            "unavailable",
+            f"node {node.name} is not connected; the burn-in runs on the host, so a reset "
+            "needs its agent",
+        )
+    res = await m.channel.call(nid, "gpu_reset", {"gpu": gpu}, timeout_s=BURN_IN_WAIT_S)
+    note = str(res.get("note", "")) if isinstance(res, dict) else ""
+    await m.propose(
+        "gpu_health",
+        {"node_id": nid, "healthy": [gpu], "now": m.clock.now()},
+        rid=rid,
+        wake=True,
+    )
+    return {"node": node.name, "gpu": gpu, "state": "healthy", "burn_in": note}
+
+
 # -- cluster ----------------------------------------------------------------------
 @method("cluster_status", "read")
 async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:

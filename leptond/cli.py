@@ -368,6 +368,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--http-port", type=_port, default=7440, help="the master's HTTP port")
     d.add_argument("--raft-port", type=_port, default=7442, help="the master's Raft port")
     d.add_argument(
+        "--agent-http-port",
+        type=_port,
+        default=7443,
+        help="agent dev-N serves /metrics on this port + N (default 7443; 0: none)",
+    )
+    d.add_argument(
         "--no-restart",
         action="store_true",
         help="leave an agent that exits stopped (default: start it again after 5s)",

@@ -41,6 +41,7 @@ from .leadership import LeaderGate, Leadership
 from .liveness import NodeLiveness
 from .members import Members
 from .proposer import RaftProposer
+from .rpcstats import RpcStats
 from .wire.connection import Connection
 from .wire.server import RpcServer
 from .wire.tokens import read_secret_file, read_token_file
@@ -140,8 +141,10 @@ class Master:
         def on_connect(conn: Connection) -> None:
             conn.context["user"], conn.context["role"] = keys.identity(conn.key_id)
 
+        rpc_stats = RpcStats()
+        table = {**api.handlers(ctx), **agents.handlers(), **blocks.handlers()}
         rpc = sessions.server = RpcServer(
-            {**api.handlers(ctx), **agents.handlers(), **blocks.handlers(), **members.handlers()},
+            rpc_stats.wrap({**table, **members.handlers()}),
             keys.psk,
             on_connect=on_connect,
             on_disconnect=agents.on_disconnect,
@@ -149,8 +152,8 @@ class Master:
         )
         http = HttpServer(
             HttpDeps(
-                reader, raft, gate, disk, liveness, keys, members.health, rpc.budget,
-                self.started_at, clock,
+                cfg, reader, raft, gate, disk, liveness, keys, members.health, rpc, rpc_stats,
+                controllers, lambda: leadership.errors, self.started_at, clock,
             )
         )  # fmt: skip
         self._leadership, self._rpc, self._http = leadership, rpc, http

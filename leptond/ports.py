@@ -74,6 +74,11 @@ class NodeChannel(Protocol):
 
     def is_connected(self, node_id: str) -> bool: ...
 
+    async def call(self, node_id: str, method: str, args: dict[str, Any], timeout_s: float) -> Any:
+        """One request to the node's agent and its answer; RpcError
+        `unavailable` when it is not connected."""
+        ...
+
     def stream(self, node_id: str, method: str, args: dict[str, Any]) -> AsyncIterator[Any]:
         """Relay a stream from the node's agent (task output); RpcError
         `unavailable` when it is not connected."""

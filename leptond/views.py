@@ -153,6 +153,7 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
     env.update(
         {
             "LEPTON_JOB_ID": job.id,
+            "LEPTON_USER": job.user,
             "LEPTON_TASK_ID": t.id,
             "LEPTON_TASK_RANK": str(t.rank),
             "LEPTON_NNODES": str(nnodes),
@@ -257,7 +258,13 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         live = None  # its last heartbeat is stale: show no utilisation at all
     stats = (live or {}).get("stats") or {}
     gpu_stats = (live or {}).get("gpus") or []
-    utils = [g.get("util_pct", 0) for g in gpu_stats if isinstance(g, dict)]
+    # -1: the GPU could not tell (off the bus, an old driver).
+    utils = [
+        u
+        for g in gpu_stats
+        if isinstance(g, dict) and isinstance(u := g.get("util_pct", 0), int | float) and u >= 0
+    ]
+    faulty = {int(f["index"]) for f in n.gpu_faults}
     return {
         "id": n.id,
         "name": n.name,
@@ -268,7 +275,11 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "labels": dict(n.labels),
         "gpus_total": len(n.gpus),
         "gpus_used": len(held),
-        "gpus_free": len(n.gpus) - len(held),
+        # Free: neither held nor unhealthy (an unhealthy GPU may still be held
+        # by a task that is stopping).
+        "gpus_free": len({g["index"] for g in n.gpus} - held - faulty),
+        "gpus_unhealthy": len(faulty),
+        "gpu_faults": [dict(f) for f in n.gpu_faults],
         "gpu_models": sorted({g["model"] for g in n.gpus}),
         # None: nothing known (no GPUs, no heartbeat yet, or the node is down).
         "gpu_util_pct": round(sum(utils) / len(utils), 1) if utils else None,

@@ -149,6 +149,8 @@ class Cluster:
     allow_root_tasks: bool = True
     masters: list[Master] = field(default_factory=list)
     agents: list[Proc] = field(default_factory=list)
+    # Agent name -> its /metrics port (kept across restarts of that agent).
+    agent_http_ports: dict[str, int] = field(default_factory=dict)
     extra: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -248,6 +250,11 @@ class Cluster:
         return path
 
     def start_agent(self, name: str, gpus: str = "2", extra: list[str] | None = None) -> Proc:
+        extra = list(extra or [])
+        if "--http-port" not in extra:
+            # Every agent serves /metrics; many share this host.
+            port = self.agent_http_ports.setdefault(name, free_ports(1)[0])
+            extra += ["--http-port", str(port), "--http-bind", "127.0.0.1"]
         p = Proc(
             name,
             [
@@ -269,7 +276,7 @@ class Cluster:
                 gpus,
                 "--kill-grace",
                 "2",
-                *(extra or []),
+                *extra,
             ],
             self.root / f"agent-{name}.log",
         )
