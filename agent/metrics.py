@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     GCCollector,
     PlatformCollector,
@@ -32,6 +31,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from leptond.stats import TEXT_FORMAT
 
 from .health import GpuHealth
 from .probes import GpuProbe, GpuStat
@@ -233,7 +234,7 @@ class AgentHttp:
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": TEXT_FORMAT})
 
     async def healthz(self, request: web.Request) -> web.Response:
         body = self._healthy()

@@ -9,7 +9,6 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     GCCollector,
     PlatformCollector,
@@ -27,7 +26,13 @@ from .clock import Clock
 from .config import MasterConfig
 from .disk import DiskGuard
 from .liveness import NodeLiveness
-from .metrics import ClusterCollector, MemberCollector, RaftMember, SchedulingInfo
+from .metrics import (
+    TEXT_FORMAT,
+    ClusterCollector,
+    MemberCollector,
+    RaftMember,
+    SchedulingInfo,
+)
 from .ports import LeaderStatus, StateReader
 from .rpcstats import RpcStats
 from .wire.server import RpcServer
@@ -178,7 +183,7 @@ class HttpServer:
         # Off the event loop: a large cluster takes a while to describe, and
         # the collectors read only immutable views and copies.
         body = await asyncio.to_thread(generate_latest, self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": TEXT_FORMAT})
 
     def _authorized(self, request: web.Request) -> bool:
         """/api/* shows users and commands: it needs a person's token

@@ -46,7 +46,7 @@ from .disk import DiskGuard
 from .liveness import NodeLiveness
 from .ports import LeaderStatus, StateReader
 from .rpcstats import RpcStats
-from .stats import Histogram
+from .stats import TEXT_FORMAT, Histogram
 
 # Per-GPU figures from the agents' heartbeats: metric -> (help, field, scale).
 GPU_FIELDS = {
@@ -59,6 +59,7 @@ GPU_FIELDS = {
 # Auth failures counted by the RPC server when a handshake's key is unknown
 # or its first sealed frame does not open (a wrong secret).
 RPC_AUTH_REJECTS = ("rejected_unknown_key", "rejected_bad_seal")
+__all__ = ["TEXT_FORMAT", "ClusterCollector", "MemberCollector"]
 
 
 class RaftMember(Protocol):

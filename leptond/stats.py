@@ -11,6 +11,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
+# What /metrics answers in (Prometheus's text format 0.0.4, which every
+# Prometheus 2 reads); newer prometheus_client releases would say 1.0.0.
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds: from a fraction of a millisecond (an apply) to seconds (a stalled disk).
 LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
