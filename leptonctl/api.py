@@ -98,6 +98,12 @@ async def queue(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[
     return list(await c.call("queue", {}, timeout_s=timeout_s))
 
 
+async def usage(
+    c: ClusterClient, since_s: float, by: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    return dict(await c.call("usage", {"since_s": since_s, "by": by}, timeout_s=timeout_s))
+
+
 async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     return dict(await c.call("whoami", {}, timeout_s=timeout_s))
 

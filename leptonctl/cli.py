@@ -266,6 +266,25 @@ def parser() -> ArgParser:
     q = sub.add_parser("queue", help="usage, fair share and pending work per user")
     _out(q)
 
+    us = sub.add_parser(
+        "usage",
+        help="GPU-hours, CPU-hours and jobs by final state, per user or per job",
+        description="What each user used (GPU-hours, CPU-hours, jobs by final state) over "
+        "the last --since, counted by whole UTC days; it outlives the jobs themselves. "
+        "--by job lists the jobs the cluster still holds. Work running now counts up to now.",
+    )
+    us.add_argument(
+        "--since", default="7d", metavar="DURATION", help="how far back, e.g. 1d, 7d, 30d (7d)"
+    )
+    us.add_argument("--by", choices=["user", "job"], default="user", help="one row per (user)")
+    us.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="table for people (default), json or csv for scripts",
+    )
+
     n = sub.add_parser("nodes", help="list nodes: GPUs, CPUs and memory as used/total")
     _out(n)
     nd = sub.add_parser("node", help="drain, undrain or remove a node; join tokens for new ones")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
         return await logs(c, a)
     if cmd == "queue":
         return await queue(c, a)
+    if cmd == "usage":
+        return await usage(c, a)
     if cmd == "nodes":
         return await nodes(c, a)
     if cmd in ("node", "drain"):
@@ -66,8 +69,12 @@ async def queue(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.output == "json":
         emit_json(rows)
         return 0
+    # With --fair-share-half-life on the masters, the decayed usage the
+    # scheduler adds to each share shows too.
+    past = any(r.get("past_share") for r in rows)
     table(
-        ["USER", "GPUS", "CPUS", "MEM", "SHARE", "PENDING", "PENDING GPUS", "QUOTA"],
+        ["USER", "GPUS", "CPUS", "MEM", "SHARE", "PENDING", "PENDING GPUS", "QUOTA"]
+        + (["PAST USAGE"] if past else []),
         [
             [
                 r["user"],
@@ -79,8 +86,41 @@ async def queue(c: ClusterClient, a: argparse.Namespace) -> int:
                 r["pending_gpus"],
                 r.get("quota_gpus") or "-",
             ]
+            + ([f"{r.get('past_share', 0.0):.3f}"] if past else [])
             for r in rows
         ],
+    )
+    return 0
+
+
+USAGE_COLUMNS = {
+    "user": ["user", "gpu_hours", "cpu_hours", "succeeded", "failed", "cancelled", "running_tasks"],
+    "job": ["job", "name", "user", "state", "gpu_hours", "cpu_hours"],
+}
+
+
+async def usage(c: ClusterClient, a: argparse.Namespace) -> int:
+    try:
+        since_s = jobfile.parse_duration(a.since)
+    except jobfile.JobFileError:
+        raise UsageError(f"--since: not a duration: {a.since!r} (try 1d, 7d or 30d)") from None
+    if not 0 < since_s <= 3650 * 86400:
+        raise UsageError(f"--since must be more than 0s and at most 3650d, got {a.since!r}")
+    res = await api.usage(c, since_s, a.by, timeout_s=a.timeout)
+    rows = res["rows"]
+    if a.output == "json":
+        emit_json(rows)
+        return 0
+    cols = USAGE_COLUMNS[a.by]
+    flat = [{**r, **(r.get("jobs") or {})} for r in rows]
+    if a.output == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows([[r.get(k, "") for k in cols] for r in flat])
+        return 0
+    table(
+        [k.replace("_", " ").upper() for k in cols],
+        [[f"{r[k]:.2f}" if k.endswith("_hours") else r.get(k, "") for k in cols] for r in flat],
     )
     return 0
 

@@ -26,7 +26,7 @@ from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, Ra
 from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
 from raft.validate import SpecError, validate_name, validate_spec, validate_unix_user
 
-from . import health, param, views
+from . import health, param, usage, views
 from .apictx import ApiContext
 from .auth import require
 from .wire.connection import Connection, Handler
@@ -47,6 +47,7 @@ MAX_DRAIN_DEADLINE_S = 366 * 86400
 MAX_JOBS_LISTED = 2**63 - 1  # no cap of its own: a limit only trims the list
 MAX_RANK = 1 << 20
 MAX_TAIL_LINES = 1_000_000
+MAX_USAGE_SINCE_S = 3650 * 86400.0
 LOG_STREAMS = ("output", "stderr")
 RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
 Method = Callable[[ApiContext, Connection, dict[str, Any]], Awaitable[Any]]
@@ -359,6 +360,20 @@ async def queue(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     nodes, allocs, pending = views.scheduler_inputs(m.view())
     policy = m.scheduling.policy
     return [asdict(u) for u in sch.queue_report(nodes, allocs, pending, policy)]
+
+
+@method("usage", "read")
+async def usage_report(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """GPU-hours, CPU-hours and jobs by final state, per user (`by`: user) or
+    per job the cluster still holds (`by`: job), over the last `since_s`
+    seconds (whole UTC days; default 7 days)."""
+    _prefer_leader(m)
+    since_s = param.number(a, "since_s", 0, MAX_USAGE_SINCE_S)
+    by = param.choice(a, "by", ("user", "job"), "user")
+    s, now = m.view(), m.clock.now()
+    since = 7 * 86400.0 if since_s is None else since_s
+    rows = usage.by_user(s, now, since) if by == "user" else usage.by_job(s, now, since)
+    return {"by": by, "since_s": since, "now": now, "rows": rows}
 
 
 # -- nodes ------------------------------------------------------------------------

@@ -66,6 +66,18 @@ def _size(v: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _duration(v: str) -> float:
+    from leptonctl.jobfile import JobFileError, parse_duration
+
+    try:
+        seconds = parse_duration(v)
+    except JobFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 <= seconds <= 3650 * 86400:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 3650d, got {v!r}")
+    return seconds
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from raft.errors import RaftError
 
@@ -147,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lease_margin_s=args.lease_margin,
         allow_root_tasks=args.allow_root_tasks,
         default_mem_per_gpu=args.default_mem_per_gpu,
+        fair_share_half_life_s=args.fair_share_half_life,
     )
     try:
         cfg.check()
@@ -331,6 +344,14 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         metavar="SIZE",
         help="memory limit per GPU for jobs without --mem, e.g. 32G (default 0: none)",
+    )
+    r.add_argument(
+        "--fair-share-half-life",
+        type=_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="let fair share count each user's recent usage, decayed with this half-life "
+        "(e.g. 1d, like Slurm's PriorityDecayHalfLife; default 0: only what runs now)",
     )
     r.set_defaults(fn=cmd_run)
     rc = sub.add_parser(

@@ -57,6 +57,11 @@ class MasterConfig:
     allow_root_tasks: bool = False
     # Memory limit per GPU for jobs that give no --mem; 0: none.
     default_mem_per_gpu: int = 0
+    # Fair share counts each user's recent usage, decayed with this
+    # half-life (Slurm's PriorityDecayHalfLife); 0: only what runs now.
+    fair_share_half_life_s: float = 0.0
+    # How long usage per user and day is kept (it outlives the jobs).
+    usage_retention_s: float = 400 * 86400.0
 
     # Highest priority each user may submit at (`--max-priority user=N`), and
     # for users not named (`--default-max-priority N`; None: no cap). Admins
