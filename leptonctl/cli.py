@@ -266,6 +266,13 @@ def parser() -> ArgParser:
     q = sub.add_parser("queue", help="usage, fair share and pending work per user")
     _out(q)
 
+    sub.add_parser(
+        "top",
+        help="the cluster on one screen, refreshed every second (q quits)",
+        description="Nodes and their GPUs as a grid (# in use, . free, x unhealthy, - node "
+        "down), running jobs, and pending jobs with why they wait. Refreshes every second; "
+        "q quits.",
+    )
     us = sub.add_parser(
         "usage",
         help="GPU-hours, CPU-hours and jobs by final state, per user or per job",

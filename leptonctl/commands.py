@@ -35,6 +35,12 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
         return await queue(c, a)
     if cmd == "usage":
         return await usage(c, a)
+    if cmd == "top":
+        if not sys.stdout.isatty():
+            raise UsageError("top draws on a terminal; for scripts use nodes, jobs or queue")
+        from . import top
+
+        return await top.run(c, a.timeout)
     if cmd == "nodes":
         return await nodes(c, a)
     if cmd in ("node", "drain"):

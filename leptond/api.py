@@ -362,6 +362,49 @@ async def queue(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return [asdict(u) for u in sch.queue_report(nodes, allocs, pending, policy)]
 
 
+MAX_OVERVIEW_JOBS = 10_000
+
+
+@method("overview", "read")
+async def overview(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """Nodes, GPUs, running and pending jobs (with why they wait) and the
+    masters, in one answer: what `leptonctl top` and the web UI show."""
+    _prefer_leader(m)
+    limit = param.integer(a, "limit", 1, MAX_OVERVIEW_JOBS, 200)
+    out = views.overview(m.view(), m.liveness.stats, m.scheduling.reasons, limit)
+    st = m.raft.status()
+    members = {k: v.to_wire() for k, v in m.view().members.items()}
+    masters = [
+        {
+            "raft_addr": m.cfg.raft_addr,
+            "rpc_addr": m.cfg.rpc_addr,
+            "http_addr": m.cfg.http_addr,
+            "role": "leader" if m.is_leader() else "follower",
+            "connected": True,
+        }
+    ]
+    for mb in st.get("members", []):
+        info = members.get(mb["addr"], {})
+        masters.append(
+            {
+                "raft_addr": mb["addr"],
+                "rpc_addr": info.get("rpc_addr", ""),
+                "http_addr": info.get("http_addr", ""),
+                "role": "leader" if mb["addr"] == st.get("leader") else "follower",
+                "connected": bool(mb.get("connected")),
+                "lag": mb.get("lag"),
+            }
+        )
+    out["cluster"] = {
+        "leader": m.leader_rpc_addr(),
+        "term": st.get("term"),
+        "commit_index": st.get("commit_index"),
+        "masters": masters,
+    }
+    out["now"] = m.clock.now()
+    return out
+
+
 @method("usage", "read")
 async def usage_report(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """GPU-hours, CPU-hours and jobs by final state, per user (`by`: user) or

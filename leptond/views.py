@@ -7,6 +7,7 @@ results are plain values.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import scheduler as sch
@@ -292,4 +293,50 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "host": stats,
         "cache": (live or {}).get("cache") or {},
         "last_heartbeat_s": (live or {}).get("age_s"),
+    }
+
+
+def job_row(s: StateView, j: Job, reasons: dict[str, str] | None = None) -> dict[str, Any]:
+    """A job for the overview (`leptonctl top`, the web UI): its summary, the
+    nodes its live tasks run on, and why it waits when it does."""
+    out = job_summary(j, s)
+    nodes = []
+    for tid in j.tasks:
+        t = s.tasks[tid]
+        if t.state in LIVE_TASK_STATES and t.node_id:
+            node = s.nodes.get(t.node_id)
+            nodes.append(node.name if node else t.node_id)
+    out["on"] = nodes
+    if reasons is not None and j.state == "pending":
+        out["reason"] = next((reasons[tid] for tid in j.tasks if tid in reasons), "")
+    return out
+
+
+def overview(
+    s: StateView,
+    stats: Callable[[str], dict[str, Any] | None],
+    reasons: dict[str, str],
+    limit: int,
+) -> dict[str, Any]:
+    """The cluster at a glance: every node (with its GPUs' figures), GPU
+    totals, and the running and pending jobs (the oldest `limit` of each)."""
+    nodes = [node_summary(s, n, stats(n.id)) for n in s.nodes.values()]
+    up = [n for n in s.nodes.values() if n.state != "down"]
+    running: list[Job] = []
+    pending: list[Job] = []
+    for j in s.jobs.values():
+        if j.state == "running":
+            running.append(j)
+        elif j.state == "pending":
+            pending.append(j)
+    return {
+        "nodes": nodes,
+        "gpus": {
+            "total": sum(len(n.gpus) - len(n.gpu_faults) for n in up),
+            "allocated": len(s.gpu_owner),
+            "unhealthy": sum(len(n.gpu_faults) for n in s.nodes.values()),
+        },
+        "running": [job_row(s, j) for j in running[:limit]],
+        "pending": [job_row(s, j, reasons) for j in pending[:limit]],
+        "counts": {"running": len(running), "pending": len(pending)},
     }
