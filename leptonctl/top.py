@@ -72,7 +72,9 @@ def render(ov: dict[str, Any], width: int, height: int, now: float) -> list[str]
     name_w = max([4, *(len(n["name"]) for n in nodes)])
     for n in nodes:
         util = "-" if n.get("gpu_util_pct") is None else f"{n['gpu_util_pct']:.0f}%"
-        state = n["state"] + (" (drained)" if n["state"] == "down" and n.get("drain_reason") else "")
+        state = n["state"] + (
+            " (drained)" if n["state"] == "down" and n.get("drain_reason") else ""
+        )
         lines.append(
             f"  {n['name']:<{name_w}}  {state:<16} [{gpu_cells(n)}]  util {util:>4}  "
             f"cpu {n['cpus_used']:g}/{n['cpus']:g}  "
