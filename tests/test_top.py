@@ -48,7 +48,7 @@ def test_render_draws_gpus_as_a_grid_and_says_why_jobs_wait() -> None:
                 "started_at": 1000.0,
                 "on": ["gpu-1"],
             },
-        ],  # fmt: skip
+        ],
         "pending": [
             {
                 "id": "j-2",
@@ -58,7 +58,7 @@ def test_render_draws_gpus_as_a_grid_and_says_why_jobs_wait() -> None:
                 "submitted_at": 900.0,
                 "reason": "needs 8 GPUs on one node; the largest has 4",
             },
-        ],  # fmt: skip
+        ],
         "counts": {"running": 1, "pending": 1},
     }
     lines = render(ov, 120, 40, now=1090.0)
