@@ -1,4 +1,5 @@
-"""The masters' HTTP port: /healthz, /metrics (Prometheus) and a read-only JSON API."""
+"""The masters' HTTP port: /healthz, /metrics (Prometheus), a read-only JSON API
+for scripts (Bearer tokens), and the web UI (leptond/web/)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from .metrics import (
 )
 from .ports import LeaderStatus, StateReader
 from .rpcstats import RpcStats
+from .web import WebUI
+from .wire.client import parse_addr
 from .wire.server import RpcServer
 from .wire.tokens import SecretError, parse_token
 
@@ -129,13 +132,16 @@ class HttpServer:
     def __init__(self, m: HttpDeps) -> None:
         self.m = m
         self.registry = registry_for(m)
-        self.app = web.Application()
+        self.ui = WebUI(self._rpc_addrs, m.clock, self._auth_failed)
+        # Sign-in forms are small; nothing here takes a large body.
+        self.app = web.Application(client_max_size=64 * 1024)
         self.app.add_routes(
             [
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.metrics),
                 web.get("/api/jobs", self.jobs),
                 web.get("/api/nodes", self.nodes),
+                *self.ui.routes(),
             ]
         )
         self.runner: web.AppRunner | None = None
@@ -146,8 +152,27 @@ class HttpServer:
         await web.TCPSite(self.runner, host, port).start()
 
     async def close(self) -> None:
+        await self.ui.close()
         if self.runner is not None:
             await self.runner.cleanup()
+
+    def _rpc_addrs(self) -> list[tuple[str, int]]:
+        """This master's RPC address first, then the others': the web UI's
+        calls start here and follow the leader."""
+        mine = self.m.cfg.rpc_addr
+        others = [mb.rpc_addr for mb in self.m.reader.view().members.values() if mb.rpc_addr]
+        out = []
+        for a in [mine, *others]:
+            try:
+                addr = parse_addr(a)
+            except ValueError:
+                continue
+            if addr not in out:
+                out.append(addr)
+        return out
+
+    def _auth_failed(self) -> None:
+        self.m.auth_failures += 1
 
     async def healthz(self, request: web.Request) -> web.Response:
         """200 only when this master knows a leader, reaches a quorum, can write

@@ -301,12 +301,16 @@ def job_row(s: StateView, j: Job, reasons: dict[str, str] | None = None) -> dict
     nodes its live tasks run on, and why it waits when it does."""
     out = job_summary(j, s)
     nodes = []
+    placed = []
     for tid in j.tasks:
         t = s.tasks[tid]
         if t.state in LIVE_TASK_STATES and t.node_id:
             node = s.nodes.get(t.node_id)
-            nodes.append(node.name if node else t.node_id)
+            name = node.name if node else t.node_id
+            nodes.append(name)
+            placed.append({"rank": t.rank, "node": name, "gpus": list(t.gpus)})
     out["on"] = nodes
+    out["placed"] = placed
     if reasons is not None and j.state == "pending":
         out["reason"] = next((reasons[tid] for tid in j.tasks if tid in reasons), "")
     return out
