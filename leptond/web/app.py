@@ -136,9 +136,7 @@ class WebUI:
             token = parse_token(text)
         except SecretError:
             self._auth_failed()
-            return self._html(
-                "signin", error="that is not a leptond token (ltk_...)", status=401
-            )
+            return self._html("signin", error="that is not a leptond token (ltk_...)", status=401)
         client = self.sessions.client_for(token)
         try:
             who = await client.call("whoami", {}, timeout_s=CALL_TIMEOUT_S)
