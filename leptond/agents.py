@@ -65,6 +65,8 @@ class AgentRegistry:
         self._may_renew_leases = may_renew_leases
         self._clock = clock
         self.conns: dict[str, Connection] = {}  # node id -> agent connection (leader only)
+        # Node id -> the commit of GPU faults it reported, while one is under way.
+        self._marking: dict[str, asyncio.Task[None]] = {}
         self.events: Batcher[dict[str, Any], int] | None = None
 
     def handlers(self) -> dict[str, Handler]:
@@ -89,6 +91,10 @@ class AgentRegistry:
         self.events.start()
 
     async def step_down(self) -> None:
+        for task in list(self._marking.values()):
+            task.cancel()
+        await asyncio.gather(*self._marking.values(), return_exceptions=True)
+        self._marking.clear()
         if self.events is not None:
             await self.events.close()
             self.events = None
@@ -168,18 +174,24 @@ class AgentRegistry:
         self.liveness.heard(
             nid, {"stats": a.get("host"), "gpus": a.get("gpus"), "cache": a.get("cache")}
         )
-        await self._gpu_faults(nid, a.get("gpu_faults"))
+        self._gpu_faults(nid, a.get("gpu_faults"))
         running = {
             (r["task_id"], r["attempt"]) for r in a.get("running", []) if isinstance(r, dict)
         }
         return self.reconcile(nid, running, set(a.get("exited", [])))
 
-    async def _gpu_faults(self, nid: str, reported: Any) -> None:
+    def _gpu_faults(self, nid: str, reported: Any) -> None:
         """Commit the GPUs the agent found faulty that the state does not
-        mark yet (raft/gpuhealth.py). Only a reset clears a mark, so what the
-        agent no longer reports changes nothing here."""
-        if not isinstance(reported, list) or not reported:
+        mark yet (raft/gpuhealth.py), in the background: the heartbeat is
+        answered at once. Only a reset clears a mark, so what the agent no
+        longer reports changes nothing here."""
+        if not isinstance(reported, list) or not reported or nid in self._marking:
             return
+        task = asyncio.get_running_loop().create_task(self._mark_faulty(nid, reported))
+        self._marking[nid] = task
+        task.add_done_callback(lambda _: self._marking.pop(nid, None))
+
+    async def _mark_faulty(self, nid: str, reported: list[Any]) -> None:
         node = self._reader.view().nodes.get(nid)
         if node is None:
             return

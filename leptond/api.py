@@ -535,13 +535,22 @@ async def node_gpu_reset(m: ApiContext, conn: Connection, a: dict[str, Any]) -> 
         raise RpcError(BAD_REQUEST, f"node {node.name} has no GPU {gpu} (its GPUs: {have})")
     if gpu not in {int(f["index"]) for f in node.gpu_faults}:
         raise RpcError(CONFLICT, f"GPU {gpu} of {node.name} is healthy; there is nothing to reset")
+    # Not "unavailable" or "timeout": clients retry those, and each retry
+    # would start another burn-in.
     if not m.channel.is_connected(nid):
         raise RpcError(
-            "unavailable",
+            CONFLICT,
             f"node {node.name} is not connected; the burn-in runs on the host, so a reset "
             "needs its agent",
         )
-    res = await m.channel.call(nid, "gpu_reset", {"gpu": gpu}, timeout_s=BURN_IN_WAIT_S)
+    try:
+        res = await m.channel.call(nid, "gpu_reset", {"gpu": gpu}, timeout_s=BURN_IN_WAIT_S)
+    except RpcError as exc:
+        if exc.code in ("unavailable", "timeout"):
+            raise RpcError(
+                CONFLICT, f"node {node.name}: the burn-in got no answer ({exc.message})"
+            ) from None
+        raise
     note = str(res.get("note", "")) if isinstance(res, dict) else ""
     await m.propose(
         "gpu_health",

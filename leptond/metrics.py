@@ -59,6 +59,7 @@ GPU_FIELDS = {
 # Auth failures counted by the RPC server when a handshake's key is unknown
 # or its first sealed frame does not open (a wrong secret).
 RPC_AUTH_REJECTS = ("rejected_unknown_key", "rejected_bad_seal")
+NODE = ["node", "node_id"]
 __all__ = ["TEXT_FORMAT", "ClusterCollector", "MemberCollector"]
 
 
@@ -318,43 +319,46 @@ class ClusterCollector(Collector):
         for state in NODE_STATES:
             g.add_metric([state], by_state.get(state, 0))
         yield g
+        # Labels: the node's name for people, and its id, which is unique
+        # (two nodes may share a name; a duplicate series would fail the scrape).
         node_state = GaugeMetricFamily(
             "lepton_node_state", "1 for the state each node is in, 0 for the others",
-            labels=["node", "state"],
+            labels=[*NODE, "state"],
         )  # fmt: skip
-        gpus = GaugeMetricFamily("lepton_node_gpus", "GPUs a node has", labels=["node"])
+        gpus = GaugeMetricFamily("lepton_node_gpus", "GPUs a node has", labels=NODE)
         held = GaugeMetricFamily(
-            "lepton_node_gpus_allocated", "GPUs of a node held by live tasks", labels=["node"]
+            "lepton_node_gpus_allocated", "GPUs of a node held by live tasks", labels=NODE
         )
         bad = GaugeMetricFamily(
             "lepton_node_gpus_unhealthy",
             "GPUs of a node marked unhealthy (no work is placed on them)",
-            labels=["node"],
+            labels=NODE,
         )
         age = GaugeMetricFamily(
             "lepton_node_heartbeat_age_seconds",
             "Time since the leader last heard from a node",
-            labels=["node"],
+            labels=NODE,
         )
-        fams = {k: GaugeMetricFamily(k, d, labels=["node", "gpu"]) for k, (d, _, _) in GPU_FIELDS.items()}  # fmt: skip
+        fams = {k: GaugeMetricFamily(k, d, labels=[*NODE, "gpu"]) for k, (d, _, _) in GPU_FIELDS.items()}  # fmt: skip
         usable = allocated = unhealthy = 0
         now = self.clock.monotonic()
         seen = dict(self.liveness.last_seen)
         live = dict(self.liveness.live)
         for n in s.nodes.values():
+            who = [n.name, n.id]
             for state in NODE_STATES:
-                node_state.add_metric([n.name, state], 1 if n.state == state else 0)
+                node_state.add_metric([*who, state], 1 if n.state == state else 0)
             n_held = len(s.node_usage(n.id)[0])
             n_bad = len(n.gpu_faults)
-            gpus.add_metric([n.name], len(n.gpus))
-            held.add_metric([n.name], n_held)
-            bad.add_metric([n.name], n_bad)
+            gpus.add_metric(who, len(n.gpus))
+            held.add_metric(who, n_held)
+            bad.add_metric(who, n_bad)
             allocated += n_held
             unhealthy += n_bad
             if n.state != "down":
                 usable += len(n.gpus) - n_bad
             if n.id in seen:
-                age.add_metric([n.name], max(0.0, now - seen[n.id]))
+                age.add_metric(who, max(0.0, now - seen[n.id]))
             # A down node's last figures are stale, and so are those of a node
             # not heard from within the TTL: better no series than a wrong one.
             stats = live.get(n.id)
@@ -366,7 +370,7 @@ class ClusterCollector(Collector):
                 for name, (_, key, scale) in GPU_FIELDS.items():
                     v = gpu.get(key)
                     if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
-                        fams[name].add_metric([n.name, str(gpu.get("index"))], v * scale)
+                        fams[name].add_metric([*who, str(gpu.get("index"))], v * scale)
         yield from (node_state, gpus, held, bad, age)
         yield gauge(
             "lepton_gpus",

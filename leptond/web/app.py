@@ -232,7 +232,12 @@ class WebUI:
         return await self._call(s, "jobs", args)
 
     async def job(self, s: Session, request: web.Request) -> Any:
-        return await self._call(s, "status", {"job_id": request.match_info["job"]})
+        # brief: without the spec (env values), so not an audited read; what
+        # the job page polls.
+        args: dict[str, Any] = {"job_id": request.match_info["job"]}
+        if request.query.get("brief") == "1":
+            args["brief"] = True
+        return await self._call(s, "status", args)
 
     async def logs(self, s: Session, request: web.Request) -> Any:
         jid = request.match_info["job"]

@@ -21,8 +21,10 @@ from ..clock import Clock
 from ..wire.client import ClusterClient
 from ..wire.tokens import Token
 
-# At most this many sessions at once; the least recently used goes first.
+# At most this many sessions at once, and per user; the least recently used
+# goes first (so one user signing in again and again evicts only their own).
 MAX_SESSIONS = 1000
+MAX_SESSIONS_PER_USER = 20
 IDLE_S = 12 * 3600.0  # a session not used for this long is over
 LIFETIME_S = 7 * 86400.0  # and none lasts longer than this
 
@@ -54,6 +56,11 @@ class Sessions:
 
     async def add(self, client: ClusterClient, user: str, role: str) -> Session:
         await self._expire()
+        mine = [s for s in self._by_id.values() if s.user == user]
+        while len(mine) >= MAX_SESSIONS_PER_USER:
+            oldest = min(mine, key=lambda s: s.used)
+            mine.remove(oldest)
+            await self.drop(oldest.id)
         while len(self._by_id) >= MAX_SESSIONS:
             oldest = min(self._by_id.values(), key=lambda s: s.used)
             await self.drop(oldest.id)

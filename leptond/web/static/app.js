@@ -250,11 +250,16 @@ async function jobs() {
       j.started_at ? dur((j.finished_at || now) - j.started_at) : "-"]), "grid jobs"));
 }
 
+// The output is fetched while the job is live (every LOG_POLL_MS), and once
+// more after it ended; each read of someone else's output is in the audit log.
+const LOG_POLL_MS = 4000;
 let logRank = 0;
+let logState = { rank: -1, at: 0, final: false, text: "", note: "", error: false };
 
 async function job() {
   const id = body.dataset.job;
-  const st = await api("/ui/api/jobs/" + encodeURIComponent(id));
+  // brief: without the spec, so polling it is not an audited read.
+  const st = await api("/ui/api/jobs/" + encodeURIComponent(id) + "?brief=1");
   const live = st.state === "pending" || st.state === "running";
   const ranks = st.tasks.map((t) => t.rank);
   if (!ranks.includes(logRank)) logRank = 0;
@@ -275,15 +280,20 @@ async function job() {
   logBox = h("pre", { id: "log", class: "log" });
   const logNote = h("p", { id: "log-note", class: "note" });
   main.replaceChildren(head, tasks, section("Output (last lines)", picker, logNote, logBox));
-  try {
-    const lg = await api("/ui/api/jobs/" + encodeURIComponent(id) + "/logs?rank=" + logRank);
-    logBox.textContent = lg.text;
-    logNote.textContent = lg.note || "";
-    if (keepScroll !== false) logBox.scrollTop = logBox.scrollHeight;
-  } catch (e) {
-    logNote.textContent = e.message;
-    logNote.className = "note error";
+  const now = Date.now();
+  const due = logState.rank !== logRank || (!logState.final && now - logState.at >= LOG_POLL_MS);
+  if (due) {
+    try {
+      const lg = await api("/ui/api/jobs/" + encodeURIComponent(id) + "/logs?rank=" + logRank);
+      logState = { rank: logRank, at: now, final: !live, text: lg.text, note: lg.note || "", error: false };
+    } catch (e) {
+      logState = { rank: logRank, at: now, final: !live, text: "", note: e.message, error: true };
+    }
   }
+  logBox.textContent = logState.text;
+  logNote.textContent = logState.note;
+  logNote.className = logState.error ? "note error" : "note";
+  if (keepScroll !== false) logBox.scrollTop = logBox.scrollHeight;
 }
 
 async function queue() {
