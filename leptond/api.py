@@ -26,7 +26,7 @@ from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, Ra
 from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
 from raft.validate import SpecError, validate_name, validate_spec, validate_unix_user
 
-from . import health, param, usage, views
+from . import health, param, views
 from .apictx import ApiContext
 from .auth import require
 from .wire.connection import Connection, Handler
@@ -47,7 +47,6 @@ MAX_DRAIN_DEADLINE_S = 366 * 86400
 MAX_JOBS_LISTED = 2**63 - 1  # no cap of its own: a limit only trims the list
 MAX_RANK = 1 << 20
 MAX_TAIL_LINES = 1_000_000
-MAX_USAGE_SINCE_S = 3650 * 86400.0
 LOG_STREAMS = ("output", "stderr")
 RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
 Method = Callable[[ApiContext, Connection, dict[str, Any]], Awaitable[Any]]
@@ -121,7 +120,7 @@ async def _call(
     return out
 
 
-def _rid(conn: Connection, a: dict[str, Any], method: str) -> str | None:
+def request_id(conn: Connection, a: dict[str, Any], method: str) -> str | None:
     """The request id under which a mutating call's result is remembered.
 
     The client makes one id per logical call and sends it with every retry
@@ -229,7 +228,7 @@ async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     `user`; finished jobs older than an hour only with `all`."""
     # `local`: this master's own replica, e.g. to check that a follower has caught up.
     if not param.flag(a, "local"):
-        _prefer_leader(m)
+        prefer_leader(m)
     limit = param.integer(a, "limit", 1, MAX_JOBS_LISTED, 1000)
     want_all = param.flag(a, "all")
     states = set(param.choices(a, "state", JOB_STATES))
@@ -252,7 +251,7 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """One job in detail. `brief`: without its spec (env values), so not a
     read of another user's private parts (no audit record): what `logs -f`
     polls while it follows a job."""
-    _prefer_leader(m)
+    prefer_leader(m)
     jid = param.string(a, "job_id")
     brief = param.flag(a, "brief")
     reasons = m.scheduling.reasons
@@ -287,7 +286,7 @@ async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "admin": conn.context["role"] == "admin",
             "now": m.clock.now(),
         },
-        rid=_rid(conn, a, "cancel"),
+        rid=request_id(conn, a, "cancel"),
         wake=True,
     )
 
@@ -356,78 +355,21 @@ def _audit_read(m: ApiContext, conn: Connection, job_id: str, owner: str, what: 
 
 @method("queue", "read")
 async def queue(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    prefer_leader(m)
     nodes, allocs, pending = views.scheduler_inputs(m.view())
     policy = m.scheduling.policy
     return [asdict(u) for u in sch.queue_report(nodes, allocs, pending, policy)]
 
 
-MAX_OVERVIEW_JOBS = 10_000
-
-
-@method("overview", "read")
-async def overview(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    """Nodes, GPUs, running and pending jobs (with why they wait) and the
-    masters, in one answer: what `leptonctl top` and the web UI show."""
-    _prefer_leader(m)
-    limit = param.integer(a, "limit", 1, MAX_OVERVIEW_JOBS, 200)
-    out = views.overview(m.view(), m.liveness.stats, m.scheduling.reasons, limit)
-    st = m.raft.status()
-    members = {k: v.to_wire() for k, v in m.view().members.items()}
-    masters = [
-        {
-            "raft_addr": m.cfg.raft_addr,
-            "rpc_addr": m.cfg.rpc_addr,
-            "http_addr": m.cfg.http_addr,
-            "role": "leader" if m.is_leader() else "follower",
-            "connected": True,
-        }
-    ]
-    for mb in st.get("members", []):
-        info = members.get(mb["addr"], {})
-        masters.append(
-            {
-                "raft_addr": mb["addr"],
-                "rpc_addr": info.get("rpc_addr", ""),
-                "http_addr": info.get("http_addr", ""),
-                "role": "leader" if mb["addr"] == st.get("leader") else "follower",
-                "connected": bool(mb.get("connected")),
-                "lag": mb.get("lag"),
-            }
-        )
-    out["cluster"] = {
-        "leader": m.leader_rpc_addr(),
-        "term": st.get("term"),
-        "commit_index": st.get("commit_index"),
-        "masters": masters,
-    }
-    out["now"] = m.clock.now()
-    return out
-
-
-@method("usage", "read")
-async def usage_report(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    """GPU-hours, CPU-hours and jobs by final state, per user (`by`: user) or
-    per job the cluster still holds (`by`: job), over the last `since_s`
-    seconds (whole UTC days; default 7 days)."""
-    _prefer_leader(m)
-    since_s = param.number(a, "since_s", 0, MAX_USAGE_SINCE_S)
-    by = param.choice(a, "by", ("user", "job"), "user")
-    s, now = m.view(), m.clock.now()
-    since = 7 * 86400.0 if since_s is None else since_s
-    rows = usage.by_user(s, now, since) if by == "user" else usage.by_job(s, now, since)
-    return {"by": by, "since_s": since, "now": now, "rows": rows}
-
-
 # -- nodes ------------------------------------------------------------------------
 @method("nodes", "read")
 async def nodes(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    prefer_leader(m)
     s = m.view()
     return [views.node_summary(s, n, m.liveness.stats(n.id)) for n in s.nodes.values()]
 
 
-def _find_node(m: ApiContext, ref: str) -> str:
+def find_node(m: ApiContext, ref: str) -> str:
     s = m.view()
     if ref in s.nodes:
         return ref
@@ -448,13 +390,13 @@ async def node_drain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     deadline_s = _drain_deadline_s(a.get("deadline_s"))
     reason = param.string(a, "reason", max_chars=1024) or "drained"
-    nid = _find_node(m, param.string(a, "node"))
+    nid = find_node(m, param.string(a, "node"))
     now = m.clock.now()
     cmd: dict[str, Any] = {"node_id": nid, "state": "draining", "now": now, "reason": reason}
     if deadline_s is not None:
         # Decided here, once: apply must not read a clock.
         cmd["deadline"] = now + deadline_s
-    return await m.propose("node_state", cmd, rid=_rid(conn, a, "node_drain"))
+    return await m.propose("node_state", cmd, rid=request_id(conn, a, "node_drain"))
 
 
 def _drain_deadline_s(v: Any) -> float | None:
@@ -475,11 +417,11 @@ def _drain_deadline_s(v: Any) -> float | None:
 @method("node_undrain", "admin", mutating=True)
 async def node_undrain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    nid = _find_node(m, param.string(a, "node"))
+    nid = find_node(m, param.string(a, "node"))
     return await m.propose(
         "node_state",
         {"node_id": nid, "state": "ready", "now": m.clock.now()},
-        rid=_rid(conn, a, "node_undrain"),
+        rid=request_id(conn, a, "node_undrain"),
         wake=True,
     )
 
@@ -491,7 +433,7 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     A node id that only a credential still names (its agent deregistered
     itself) has that credential revoked."""
     m.ensure_leader()
-    rid = _rid(conn, a, "node_rm")
+    rid = request_id(conn, a, "node_rm")
     if rid is not None and m.answered(rid):
         # A retry of a removal that went through: the node is gone, so it
         # cannot be looked up again; the remembered answer is all there is.
@@ -501,7 +443,7 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         force = param.flag(a, "force")
         s = m.view()
         orphan = ref not in s.nodes and ref in s.node_cred_of
-        nid = ref if orphan else _find_node(m, ref)
+        nid = ref if orphan else find_node(m, ref)
         res = await m.propose(
             "remove_node",
             {"node_id": nid, "now": m.clock.now(), "force": force, "revoke": True},
@@ -513,54 +455,6 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return res
 
 
-BURN_IN_WAIT_S = 330.0  # the agent's burn-in timeout, and some
-
-
-@method("node_gpu_reset", "admin", mutating=True)
-async def node_gpu_reset(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    """Put an unhealthy GPU back in service: its agent runs a burn-in on it
-    (agent/burnin.py) and, when it passes, the fault is cleared."""
-    m.ensure_leader()
-    nid = _find_node(m, param.string(a, "node"))
-    gpu = param.integer(a, "gpu", 0, 1 << 20, -1)
-    if gpu < 0:
-        raise RpcError(BAD_REQUEST, "which GPU? give its index")
-    node = m.view().nodes[nid]
-    rid = _rid(conn, a, "node_gpu_reset")
-    if rid is not None and m.answered(rid):
-        # A retry of a reset that went through (its answer was lost).
-        return {"node": node.name, "gpu": gpu, "state": "healthy", "burn_in": "reset already"}
-    if gpu not in {g["index"] for g in node.gpus}:
-        have = ", ".join(str(g["index"]) for g in node.gpus) or "none"
-        raise RpcError(BAD_REQUEST, f"node {node.name} has no GPU {gpu} (its GPUs: {have})")
-    if gpu not in {int(f["index"]) for f in node.gpu_faults}:
-        raise RpcError(CONFLICT, f"GPU {gpu} of {node.name} is healthy; there is nothing to reset")
-    # Not "unavailable" or "timeout": clients retry those, and each retry
-    # would start another burn-in.
-    if not m.channel.is_connected(nid):
-        raise RpcError(
-            CONFLICT,
-            f"node {node.name} is not connected; the burn-in runs on the host, so a reset "
-            "needs its agent",
-        )
-    try:
-        res = await m.channel.call(nid, "gpu_reset", {"gpu": gpu}, timeout_s=BURN_IN_WAIT_S)
-    except RpcError as exc:
-        if exc.code in ("unavailable", "timeout"):
-            raise RpcError(
-                CONFLICT, f"node {node.name}: the burn-in got no answer ({exc.message})"
-            ) from None
-        raise
-    note = str(res.get("note", "")) if isinstance(res, dict) else ""
-    await m.propose(
-        "gpu_health",
-        {"node_id": nid, "healthy": [gpu], "now": m.clock.now()},
-        rid=rid,
-        wake=True,
-    )
-    return {"node": node.name, "gpu": gpu, "state": "healthy", "burn_in": note}
-
-
 # -- cluster ----------------------------------------------------------------------
 @method("cluster_status", "read")
 async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
@@ -570,7 +464,7 @@ async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> 
     that knows the leader sends the caller there: only the leader knows how
     far behind each member is, so the answer is the same from any master."""
     if param.flag(a, "from_leader"):
-        _prefer_leader(m)
+        prefer_leader(m)
     want_health = param.flag(a, "health")
     st = m.raft.status()
     mine = m.health(st)
@@ -650,7 +544,7 @@ async def _membership(m: ApiContext, change: Awaitable[None]) -> None:
 # -- backups ---------------------------------------------------------------------
 @method("snapshot_save", "admin")
 async def snapshot_save(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    prefer_leader(m)
     # The view is encoded off the event loop and with no lock held: a large
     # state takes seconds to encode, and apply goes on meanwhile.
     s = m.reader.snapshot_view()
@@ -666,7 +560,7 @@ async def snapshot_save(m: ApiContext, conn: Connection, a: dict[str, Any]) -> A
 async def snapshot_check(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """What restoring this snapshot would replace (nothing is changed): the
     jobs and nodes in it, and those in the cluster now."""
-    _prefer_leader(m)
+    prefer_leader(m)
     state_bytes, meta = _decode_snapshot(a.get("data"))
     try:
         # Off the event loop: a large snapshot takes a while to decode.
@@ -701,7 +595,7 @@ async def snapshot_restore(m: ApiContext, conn: Connection, a: dict[str, Any]) -
     # every replica, when the last part applies (ClusterState.apply_restore).
     # A retry (same client rid) goes on with the same restore: its parts keep
     # their ids, and the parts already applied answer from the dedupe table.
-    rid = _rid(conn, a, "snapshot_restore")
+    rid = request_id(conn, a, "snapshot_restore")
     step = RESTORE_PART_BYTES
     parts = [state_bytes[i : i + step] for i in range(0, len(state_bytes), step)] or [b""]
     head = {"id": rid or uuid.uuid4().hex, "parts": len(parts)}
@@ -743,7 +637,7 @@ async def token_create(m: ApiContext, conn: Connection, a: dict[str, Any]) -> An
             "now": m.clock.now(),
             "unix_user": unix_user,
         },
-        rid=_rid(conn, a, "token_create"),
+        rid=request_id(conn, a, "token_create"),
     )
     if res["id"] != tok.id:
         # A retry of a call that made its token already: answer with that one,
@@ -775,7 +669,7 @@ async def token_ls(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 async def token_revoke(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     res = await m.propose(
-        "token_revoke", {"id": param.string(a, "id")}, rid=_rid(conn, a, "token_revoke")
+        "token_revoke", {"id": param.string(a, "id")}, rid=request_id(conn, a, "token_revoke")
     )
     # Close live connections made with that token.
     m.close_connections(res["id"])
@@ -787,7 +681,7 @@ async def whoami(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return {"user": conn.context.get("user"), "role": conn.context.get("role")}
 
 
-def _prefer_leader(m: ApiContext) -> None:
+def prefer_leader(m: ApiContext) -> None:
     """Reads go to the leader when one is known, so a client reads its own writes."""
     if not m.is_leader():
         addr = m.leader_rpc_addr()

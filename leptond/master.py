@@ -26,7 +26,7 @@ from raft.node import GIL_SWITCH_INTERVAL_S, RaftNode
 from raft.state import ClusterState
 from raft.view import Publisher
 
-from . import api, faults, joins
+from . import api, faults, joins, operate
 from .agents import AgentRegistry
 from .apictx import ApiContext
 from .auth import AuditLog, KeyStore
@@ -47,7 +47,9 @@ from .wire.server import RpcServer
 from .wire.tokens import read_secret_file, read_token_file
 
 log = logging.getLogger("lepton.master")
-_ = joins  # importing it registers the node credential RPCs in api's table
+# Importing these registers their RPCs in api's table: node credentials, and
+# the overview, usage and GPU reset.
+_ = joins, operate
 
 
 class Master:

@@ -41,7 +41,7 @@ class Proposer(Protocol):
         """Commit one command (raft/commands.py) and return what apply
         returned; raises RpcError with a one-line message otherwise.
 
-        `rid`: the request id of a client's logical call (api._rid), so a
+        `rid`: the request id of a client's logical call (api.request_id), so a
         retry is answered, not applied again. wake=True nudges the leader's
         scheduling loop once it committed (it may have freed capacity or
         added work). When this returns, every `StateReader` view taken
