@@ -32,7 +32,6 @@ from .metrics import (
     ClusterCollector,
     MemberCollector,
     RaftMember,
-    SchedulingInfo,
 )
 from .ports import LeaderStatus, StateReader
 from .rpcstats import RpcStats
@@ -57,7 +56,6 @@ class HttpDeps:
         health: Callable[[dict[str, Any]], dict[str, Any]],
         rpc: RpcServer,
         rpc_stats: RpcStats,
-        scheduling: SchedulingInfo,
         loop_errors: Callable[[], int],
         started_at: float,
         clock: Clock,
@@ -72,7 +70,6 @@ class HttpDeps:
         self.health = health
         self.rpc = rpc
         self.rpc_stats = rpc_stats
-        self.scheduling = scheduling
         self.loop_errors = loop_errors
         self.started_at = started_at
         self.clock = clock
@@ -95,11 +92,7 @@ def registry_for(m: HttpDeps) -> CollectorRegistry:
             m.loop_errors,
         )
     )
-    reg.register(
-        ClusterCollector(
-            m.reader, m.leader, m.liveness, m.scheduling, m.cfg.heartbeat_ttl_s, m.clock
-        )
-    )
+    reg.register(ClusterCollector(m.reader, m.leader, m.liveness, m.cfg.heartbeat_ttl_s, m.clock))
     # These register themselves with the registry they are given.
     ProcessCollector(registry=reg)
     PlatformCollector(registry=reg)

@@ -155,7 +155,7 @@ class Master:
         http = HttpServer(
             HttpDeps(
                 cfg, reader, raft, gate, disk, liveness, keys, members.health, rpc, rpc_stats,
-                controllers, lambda: leadership.errors, self.started_at, clock,
+                lambda: leadership.errors, self.started_at, clock,
             )
         )  # fmt: skip
         self._leadership, self._rpc, self._http = leadership, rpc, http

@@ -33,14 +33,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-import scheduler as sch
 from raft import accounting as acct
 from raft.model import NODE_STATES
 from raft.node import RaftCounters, TickStats
 from raft.snapwriter import SnapshotStats
 from raft.view import StateView
 
-from . import views
 from .clock import Clock
 from .disk import DiskGuard
 from .liveness import NodeLiveness
@@ -76,10 +74,6 @@ class RaftMember(Protocol):
 
     @property
     def fsync_seconds(self) -> Histogram: ...
-
-
-class SchedulingInfo(Protocol):
-    policy: sch.Policy
 
 
 def histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
@@ -292,14 +286,12 @@ class ClusterCollector(Collector):
         reader: StateReader,
         leader: LeaderStatus,
         liveness: NodeLiveness,
-        scheduling: SchedulingInfo,
         heartbeat_ttl_s: float,
         clock: Clock,
     ) -> None:
         self.reader = reader
         self.leader = leader
         self.liveness = liveness
-        self.scheduling = scheduling
         self.ttl_s = heartbeat_ttl_s
         self.clock = clock
 
@@ -446,8 +438,31 @@ class ClusterCollector(Collector):
         )
 
     def _users(self, s: StateView) -> Iterator[Metric]:
-        nodes, allocs, pending = views.scheduler_inputs(s)
-        rows = sch.queue_report(nodes, allocs, pending, self.scheduling.policy)
+        # What `leptonctl queue` reports (scheduler.queue_report), counted
+        # straight from the view: building the scheduler's inputs for every
+        # pending task would cost a second per scrape at 100,000 of them.
+        held: dict[str, list[float]] = {}  # user -> [gpus, cpus, mem]
+        for t in s.live_tasks():
+            h = held.setdefault(s.jobs[t.job_id].user, [0.0, 0.0, 0.0])
+            h[0] += len(t.gpus)
+            h[1] += t.cpus
+            h[2] += t.mem_bytes
+        waiting: dict[str, list[int]] = {}  # user -> [tasks, gpus]
+        jobs, tasks = s.jobs, s.tasks
+        for tid in s.pending:
+            j = jobs[tasks[tid].job_id]
+            if j.state in ("pending", "running"):
+                w = waiting.setdefault(j.user, [0, 0])
+                w[0] += 1
+                w[1] += int(j.spec.get("gpus", 0))
+        # Shares are of what can be scheduled: ready nodes, healthy GPUs (as
+        # scheduler.FairShare counts them).
+        ready = [n for n in s.nodes.values() if n.state == "ready"]
+        totals = (
+            float(sum(len(n.gpus) - len(n.gpu_faults) for n in ready)),
+            float(sum(n.cpus for n in ready)),
+            float(sum(n.mem_bytes for n in ready)),
+        )
         fams = {
             "gpus": GaugeMetricFamily("lepton_user_gpus", "GPUs a user's tasks hold", labels=["user"]),
             "pending_gpus": GaugeMetricFamily(
@@ -462,7 +477,12 @@ class ClusterCollector(Collector):
                 labels=["user"],
             ),
         }  # fmt: skip
-        for r in rows:
-            for key, fam in fams.items():
-                fam.add_metric([r.user], getattr(r, key))
+        for user in sorted(set(held) | set(waiting)):
+            h = held.get(user, [0.0, 0.0, 0.0])
+            w = waiting.get(user, [0, 0])
+            share = max((x / t if t > 0 else 0.0) for x, t in zip(h, totals, strict=True))
+            fams["gpus"].add_metric([user], h[0])
+            fams["pending_gpus"].add_metric([user], w[1])
+            fams["pending_tasks"].add_metric([user], w[0])
+            fams["dominant_share"].add_metric([user], share)
         yield from fams.values()
