@@ -70,6 +70,11 @@ class CgroupManager(Protocol):
 
     def create(self, name: str, limits: Limits) -> TaskCgroup: ...
 
+    def limit_tasks(self, mem_bytes: int) -> None:
+        """Hold every task cgroup together to `mem_bytes` of memory (the limit
+        goes on the agent's subtree, their parent). CgroupError says why not."""
+        ...
+
     def sweep(self, keep: set[str]) -> list[str]:
         """Kill and remove every task cgroup not named in `keep` (a restarted
         agent: cgroups of tasks that are over or whose shims are gone)."""
@@ -214,6 +219,17 @@ class V1Cgroups:
         for major, minor in lim.deny_devices:
             write_file(f"{dirs['devices']}/devices.deny", f"c {major}:{minor} rwm")
 
+    def limit_tasks(self, mem_bytes: int) -> None:
+        mem = self.bases["memory"]
+        try:
+            _write_mem_limits(
+                f"{mem}/memory.limit_in_bytes", f"{mem}/memory.memsw.limit_in_bytes", mem_bytes
+            )
+        except OSError as e:
+            raise CgroupError(
+                f"cannot limit the tasks' memory to {mem_bytes} bytes in {mem}: {e.strerror or e}"
+            ) from None
+
     def sweep(self, keep: set[str]) -> list[str]:
         names: set[str] = set()
         for b in set(self.bases.values()):
@@ -330,6 +346,17 @@ class V2Cgroups:
         if lim.pids_max > 0 and "pids" in self.controllers:
             write_file(f"{d}/pids.max", str(lim.pids_max))
 
+    def limit_tasks(self, mem_bytes: int) -> None:
+        if "memory" not in self.controllers:
+            return  # said at start: the memory controller is missing here
+        try:
+            write_file(f"{self.base}/memory.max", str(mem_bytes))
+        except OSError as e:
+            raise CgroupError(
+                f"cannot limit the tasks' memory to {mem_bytes} bytes in {self.base}: "
+                f"{e.strerror or e}"
+            ) from None
+
     def sweep(self, keep: set[str]) -> list[str]:
         try:
             names = {e.name for e in os.scandir(self.base) if e.is_dir()}
@@ -385,6 +412,31 @@ def detect(node_id: str, mode: str = "auto") -> CgroupManager:
         "no usable cgroups: neither a unified (v2) hierarchy with the memory, cpu and "
         "pids controllers nor v1 hierarchies with memory, cpu, pids, devices and freezer"
     )
+
+
+def _write_mem_limits(mem_file: str, memsw_file: str, limit: int) -> None:
+    """Set a v1 memory limit and, where swap is accounted, memory+swap to the
+    same figure. memsw may never be below the memory limit, so which goes
+    first depends on whether the limit grows or shrinks: try one order, then
+    the other."""
+    try:
+        write_file(mem_file, str(limit))
+    except OSError:
+        if not os.path.exists(memsw_file):
+            raise
+        write_file(memsw_file, str(limit))  # growing: memsw makes room first
+        write_file(mem_file, str(limit))
+        return
+    with contextlib.suppress(FileNotFoundError):
+        write_file(memsw_file, str(limit))
+
+
+def default_tasks_mem_bytes(total_bytes: int) -> int:
+    """What all tasks on a host may use together when the admin does not say:
+    its memory less a reserve for the system, the agent and their page cache,
+    10% of it, at least 1 GiB and at most 8 GiB (and never more than half)."""
+    reserve = min(max(total_bytes // 10, 1 << 30), 8 << 30, total_bytes // 2)
+    return total_bytes - reserve
 
 
 def cpu_quota_us(cpus: float) -> int:

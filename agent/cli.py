@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--join-token-file",
         help="join token to trade for this node's credential at its first registration "
-        "(`leptonctl node join-token create`); not read once the credential is saved",
+        "(`leptonctl node join-token create`); deleted once the credential is saved",
     )
     r.add_argument(
         "--data-dir", required=True, help="node id, credential, task dirs, block cache (0700)"
@@ -95,6 +96,23 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_TASK_PIDS_MAX,
         help="most processes and threads one task may have at once",
     )
+    r.add_argument(
+        "--tasks-mem-max",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="memory all tasks on this host may use together, and the limit of a task "
+        "without --mem, e.g. 200G (default: the host's memory less 10%%, at least 1G "
+        "and at most 8G kept for the system); also what the node offers the scheduler",
+    )
+    r.add_argument(
+        "--task-retention",
+        type=_duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="how long a finished task's output and working directory are kept after "
+        "the leader has its exit, e.g. 30m, 12h, 7d (default 1d)",
+    )
     return p
 
 
@@ -106,6 +124,32 @@ def _port(v: str) -> int:
     if not 0 <= n < 65536:
         raise argparse.ArgumentTypeError(f"port out of range: {v}")
     return n
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(v: str) -> int:
+    """'200G', '512M', '1.5GiB' or a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT](?:i?[bB])?|[bB])?\s*", v)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {v!r} (try 200G or 512M)")
+    unit = (m.group(2) or "").lower()[:1]
+    n = int(float(m.group(1)) * _UNITS.get(unit, 1))
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {v!r}")
+    return n
+
+
+def _duration(v: str) -> float:
+    """'90', '90s', '30m', '12h' or '7d' in seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", v)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {v!r} (try 30m, 12h or 7d)")
+    s = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if s <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0s, got {v!r}")
+    return s
 
 
 def _positive_int(v: str) -> int:
@@ -147,6 +191,8 @@ async def _main(args: argparse.Namespace) -> int:
         task_pids_max=args.task_pids_max,
         http_port=args.http_port,
         http_bind=args.http_bind,
+        tasks_mem_max=args.tasks_mem_max,
+        task_retention_s=args.task_retention,
     )
     try:
         agent = Agent(cfg)

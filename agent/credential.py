@@ -6,7 +6,14 @@ node credential bound to its node id; from then on it uses only that. The file
 is 0600 in the agent's 0700 data dir, so a task running as a user cannot read
 it. It is written atomically and durably before first use; an agent that dies
 after the trade but before the write trades again for the same node id, which
-the masters allow without spending a second use of the token.
+the masters allow without spending a second use of the token, as long as the
+node never registered (it cannot have: registering needs the saved credential).
+
+Once the credential is saved the join token file is deleted: a token left on
+a host (a multi-use one above all) could admit other hosts until it expires.
+The id of the token being traded is written first (`joined.json`), so an
+agent that dies between saving its credential and deleting the file deletes
+it at its next start, while a newer token an admin put there is left alone.
 """
 
 from __future__ import annotations
@@ -23,8 +30,12 @@ from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 from leptond.wire.tokens import SecretError, Token, parse_token, read_token_file
 
+from .taskdir import atomic_write_json, read_json
+
 log = logging.getLogger("lepton.agent")
 CREDENTIAL_FILE = "node.credential"
+# The id of the join token this node traded (or is trading) for its credential.
+JOINED_FILE = "joined.json"
 # Refusals that a retry cannot fix: the token is unknown, revoked, expired or used up.
 FINAL = frozenset({"unauthenticated", "forbidden", "conflict", "bad_request"})
 
@@ -66,6 +77,44 @@ def save_credential(data_dir: Path, tok: Token) -> None:
         os.close(dfd)
 
 
+def discard_join_token(path: Path | None, join_id: str) -> None:
+    """Delete the join token file once this node's credential is saved, if it
+    still holds the token that was traded; a failure is said, not fatal."""
+    if path is None:
+        return
+    try:
+        tok = read_token_file(path)
+    except SecretError:
+        return  # gone already, or not a token: nothing of ours to delete
+    if tok.id != join_id:
+        log.warning(
+            "%s holds join token %s, which this node does not use (it has its credential); "
+            "delete it: it can admit other hosts until it expires",
+            path,
+            tok.id,
+        )
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.error(
+            "cannot delete the used join token file %s (%s); delete it by hand: it can admit "
+            "other hosts until it expires",
+            path,
+            exc.strerror or exc,
+        )
+        return
+    log.info("deleted the join token file %s: this node has its credential", path)
+
+
+def joined_with(data_dir: Path) -> str | None:
+    """The id of the join token this node traded (or began to trade), if any."""
+    jid = (read_json(data_dir / JOINED_FILE) or {}).get("join_token")
+    return jid if isinstance(jid, str) else None
+
+
 def read_join_token(path: Path | None) -> Token:
     if path is None:
         raise SecretError(
@@ -81,13 +130,18 @@ async def trade(
     node_id: str,
     data_dir: Path,
     stopping: asyncio.Event,
+    join_file: Path | None = None,
 ) -> Token | None:
-    """Trade the join token for this node's credential and save it.
+    """Trade the join token for this node's credential, save it, and delete
+    the join token file (`join_file`).
 
     Retries with backoff while the masters cannot answer; a refusal no retry
     can fix (an unknown, revoked, expired or used-up token) is logged once and
     retried slowly, so an admin can see it and act. None if stopped first.
     """
+    # Before the trade: whatever happens next, a restart knows which token
+    # file is this node's to delete.
+    atomic_write_json(data_dir / JOINED_FILE, {"join_token": join.id})
     delay = 0.2
     refused = False  # the refusal is logged once, not once per retry
     while not stopping.is_set():
@@ -97,6 +151,7 @@ async def trade(
             tok = parse_token(str(res["credential"]))
             save_credential(data_dir, tok)
             log.info("joined the cluster as node %s; its credential is saved", node_id)
+            discard_join_token(join_file, join.id)
             return tok
         except RpcError as exc:
             if exc.code in FINAL:

@@ -31,8 +31,9 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
 
-from . import credential, gpudev, identity, lease, logserve
-from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, detect
+from . import credential, gpudev, identity, lease, logserve, taskns
+from .cgroup_task import CgroupError
+from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
 from .health import GpuHealth
 from .metrics import AgentHttp
 from .probes import (
@@ -48,6 +49,10 @@ from .taskdir import SPEC, read_json
 from .workdir import WorkdirCache
 
 log = logging.getLogger("lepton.agent")
+# Directories below the data dir that tasks pass through (mode 0711).
+PASSABLE = frozenset({"tasks", "workdirs", "dev"})
+# At most this long between sweeps of the directories of runs long over.
+GC_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,12 @@ class AgentConfig:
     # Task cgroups: "auto" (v2 if usable, else v1), "v1", "v2" or "off".
     cgroups: str = "auto"
     task_pids_max: int = DEFAULT_TASK_PIDS_MAX
+    # Memory all tasks may use together, and the limit of a task that gives
+    # none; 0: the host's memory less a reserve (default_tasks_mem_bytes).
+    tasks_mem_max: int = 0
+    # How long a run's directory (output, working directory) is kept after
+    # the leader has its exit.
+    task_retention_s: float = 86400.0
     # The agent's own HTTP port (/metrics, /healthz); 0: none.
     http_port: int = 7443
     http_bind: str = "0.0.0.0"
@@ -97,7 +108,10 @@ def stable_node_id(data_dir: Path) -> str:
         pass
     nid = "n-" + uuid.uuid4().hex[:12]
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(nid + "\n")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(nid + "\n")
     os.replace(tmp, p)
     return nid
 
@@ -111,6 +125,11 @@ class Agent:
         cred = credential.load_credential(cfg.data_dir)
         # Without a credential yet, the join token is traded for one in run().
         self._join = None if cred is not None else credential.read_join_token(cfg.join_token_file)
+        if cred is not None and cfg.join_token_file is not None:
+            # Died between saving the credential and deleting the token file?
+            credential.discard_join_token(
+                cfg.join_token_file, credential.joined_with(cfg.data_dir) or ""
+            )
         key = cred or self._join
         assert key is not None
         self.name = cfg.node_name or socket.gethostname()
@@ -120,12 +139,26 @@ class Agent:
         if self.switch_users:
             identity.open_path_for_others(cfg.data_dir)  # tasks reach their dirs below
         self.cgroups = self._cgroups()
+        self.tasks_mem = self._tasks_mem()
+        # Each task's own IPC namespace, /dev/shm and /tmp: None when tasks
+        # can have them, else why not (said once, in _log_isolation).
+        self.no_private_tmp = (
+            taskns.probe() if self.switch_users else "the agent is not root (mounts need root)"
+        )
         # Shims end their tasks when the node's lease runs out (agent/lease.py).
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
         self.runner = TaskRunner(
-            cfg.data_dir / "tasks", self.cgroups, lease_file=self.lease_path, clock=clock
+            cfg.data_dir / "tasks",
+            self.cgroups,
+            lease_file=self.lease_path,
+            keep_visible=(cfg.data_dir,),
+            clock=clock,
         )
+        self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
+        self._gc: asyncio.Task[None] | None = None  # the sweep under way
+        # The block cache is the agent's alone (0700) before the store opens it.
+        (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
         # Simulated GPUs take injected faults from a file (agent/health.py).
         faults = cfg.data_dir / "simulate" / "faults"
@@ -141,6 +174,12 @@ class Agent:
             else None
         )
         self.gpu_devices = self._gpu_devices()
+        # Tasks pass through tasks/, workdirs/ and dev/ to their own files;
+        # nothing else below the data dir is theirs to list or read.
+        identity.close_to_others(
+            cfg.data_dir,
+            PASSABLE if self.switch_users else frozenset(),
+        )
         self._log_isolation()
         self.client = ClusterClient(
             parse_addrs(cfg.masters),
@@ -175,6 +214,24 @@ class Agent:
             log.warning("no eBPF device program (%s): tasks get a mount namespace instead", note)
         return mgr
 
+    def _tasks_mem(self) -> int:
+        """Memory for all tasks together, held to it by their parent cgroup;
+        also the limit of a task that gives none. ValueError for a figure
+        over the host's memory."""
+        total = host_stats(self.cfg.data_dir).mem_total_bytes
+        want = self.cfg.tasks_mem_max
+        if want > total:
+            raise ValueError(
+                f"--tasks-mem-max {want} is more than this host's memory ({total} bytes)"
+            )
+        mem = want or default_tasks_mem_bytes(total)
+        if self.cgroups is not None:
+            try:
+                self.cgroups.limit_tasks(mem)
+            except CgroupError as exc:
+                log.warning("%s: tasks are held only to their own limits", exc)
+        return mem
+
     def _gpu_devices(self) -> gpudev.GpuDevices:
         if isinstance(self.probe, SimulatedGpuProbe):
             if not self.switch_users:
@@ -187,7 +244,7 @@ class Agent:
             me = identity.agent_user()
             log.warning(
                 "running as %s (uid %d), not root: tasks run as %s, without cgroup limits "
-                "or GPU device rules",
+                "or GPU device rules, and share /tmp, /dev/shm and IPC with the host",
                 me.name,
                 me.uid,
                 me.name,
@@ -195,12 +252,20 @@ class Agent:
             return
         where = f"cgroup v{self.cgroups.version} under {self.cgroups.base}" if self.cgroups else ""
         log.info(
-            "isolation: tasks run as their users; %s; GPU device rules: %s",
+            "isolation: tasks run as their users; %s; GPU device rules: %s; tasks together "
+            "may use %d bytes of memory, as may one without --mem",
             where or "no cgroups (--cgroups off): limits are not enforced",
             "cgroup"
             if self.cgroups is not None and self.cgroups.filters_devices
             else "private mount namespace",
+            self.tasks_mem,
         )
+        if self.no_private_tmp is not None:
+            log.warning(
+                "tasks cannot get their own /tmp, /dev/shm and IPC namespace here (%s): "
+                "they share the host's, and what they leave there outlives them",
+                self.no_private_tmp,
+            )
 
     def _task_user(self, sp: dict[str, Any]) -> identity.TaskUser | None:
         if not self.switch_users:
@@ -216,7 +281,9 @@ class Agent:
             "name": self.name,
             "addr": self.cfg.advertise_addr or _guess_addr(),
             "cpus": float(hs.cpu_count),
-            "mem_bytes": hs.mem_total_bytes,
+            # What tasks may have, not all the host has (the rest is kept
+            # for the system and this agent): what the scheduler places.
+            "mem_bytes": self.tasks_mem,
             "labels": self.cfg.labels,
             "gpus": [
                 {
@@ -279,7 +346,12 @@ class Agent:
         self.runner.keep_spare()
         if self._join is not None:
             cred = await credential.trade(
-                self.client.addrs, self._join, self.node_id, self.cfg.data_dir, self._stopping
+                self.client.addrs,
+                self._join,
+                self.node_id,
+                self.cfg.data_dir,
+                self._stopping,
+                join_file=self.cfg.join_token_file,
             )
             if cred is None:
                 return  # stopped before it joined
@@ -339,6 +411,7 @@ class Agent:
         while not self._stopping.is_set():
             self._collect_exits(self.runner.poll())
             await self._flush_events()
+            self._collect_garbage()
             sent = lease.now()
             res = await self.client.call(
                 "heartbeat",
@@ -354,6 +427,27 @@ class Agent:
             if res.get("start"):
                 await self._start_tasks(res["start"])
             await wait_event(self.clock, self._stopping, self.cfg.heartbeat_s)
+
+    def _collect_garbage(self) -> None:
+        """Now and then, delete the directories of runs acked longer ago than
+        --task-retention: in a thread and in the background, as a big tree
+        takes a while and heartbeats must not wait for it. One at a time."""
+        now = self.clock.monotonic()
+        if now < self._next_gc or (self._gc is not None and not self._gc.done()):
+            return
+        self._next_gc = now + min(GC_INTERVAL_S, max(1.0, self.cfg.task_retention_s / 2))
+        before = self.clock.now() - self.cfg.task_retention_s
+
+        async def sweep() -> None:
+            try:
+                gone = await asyncio.to_thread(self.runner.collect_garbage, before)
+            except Exception:
+                log.exception("deleting old task directories failed")  # tried again later
+                return
+            if gone:
+                log.info("deleted the directories of %d run(s) that ended long ago", len(gone))
+
+        self._gc = asyncio.get_running_loop().create_task(sweep())
 
     def _renew_lease(self, sent: float, res: Any) -> None:
         """The leader's answer renewed the node's lease: it runs until `lease_s`
@@ -477,6 +571,8 @@ class Agent:
                 )
                 return
             cwd = str(dest / cwd) if cwd else str(dest)
+        # Every task has a memory limit: its own, else what all tasks may use.
+        mem_bytes = _whole(sp.get("mem_bytes")) or self.tasks_mem
         spec = TaskSpec(
             task_id=rid,
             argv=list(sp["argv"]),
@@ -486,10 +582,12 @@ class Agent:
             log_cap_bytes=self.cfg.log_cap_bytes,
             kill_grace_s=self.cfg.kill_grace_s,
             user=user,
-            mem_bytes=_whole(sp.get("mem_bytes")),
+            mem_bytes=mem_bytes,
             cpus=_cpus(sp.get("cpus")),
             pids_max=self.cfg.task_pids_max,
             denied_devices=self.gpu_devices.others(gpus) if user is not None else [],
+            # Sized to the task's memory limit; its pages count against it too.
+            private_tmp_bytes=mem_bytes if self.no_private_tmp is None else 0,
         )
         try:
             self.runner.start(spec)
@@ -577,7 +675,11 @@ class Agent:
         tid = str(a.get("task_id", ""))
         rid = self._latest_run(tid, a.get("attempt"))
         if rid is None:
-            raise RpcError("not_found", f"no output for task {tid} on this host")
+            raise RpcError(
+                "not_found",
+                f"no output for task {tid} on this host (a run's output is kept for "
+                f"{_duration_text(self.cfg.task_retention_s)} after it ends)",
+            )
         tdir = self.runner.task_dir(rid)
         async for item in logserve.serve(
             tdir, a, lambda: rid in self.runner.running(), self._exited, self.clock
@@ -697,6 +799,13 @@ def _whole(v: Any) -> int:
 
 def _cpus(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0.0
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _guess_addr() -> str:

@@ -162,11 +162,13 @@ def probe(parent_dir: str) -> str | None:
     return None
 
 
-def hide_in_private_namespace(paths: list[str], cover: str) -> None:
+def hide_in_private_namespace(paths: list[str], cover: str, own_namespace: bool = True) -> None:
     """For the task's child before exec, as root: a private mount namespace in
     which each of `paths` is covered by `cover` (an empty root-owned file of
     mode 0), so the other GPUs' device files cannot be opened through them.
-    Mounts made here never propagate back to the host (MS_SLAVE)."""
+    Mounts made here never propagate back to the host (MS_SLAVE). With
+    own_namespace=False the caller has made that namespace already (the
+    task's private /tmp, agent/taskns.py)."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(ret: int, what: str) -> None:
@@ -174,8 +176,9 @@ def hide_in_private_namespace(paths: list[str], cover: str) -> None:
             err = ctypes.get_errno()
             raise OSError(err, f"{what}: {os.strerror(err)}")
 
-    check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    check(libc.mount(None, b"/", None, _MS_REC | _MS_SLAVE, None), "making / a slave mount")
+    if own_namespace:
+        check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        check(libc.mount(None, b"/", None, _MS_REC | _MS_SLAVE, None), "making / a slave mount")
     for p in paths:
         if os.path.lexists(p):
             check(libc.mount(os.fsencode(cover), os.fsencode(p), None, _MS_BIND, None), p)

@@ -35,8 +35,9 @@ def simulated(data_dir: Path, count: int) -> GpuDevices:
     """Make (or keep) the simulated GPUs' device files; needs root (mknod)."""
     d = data_dir / "dev"
     try:
-        d.mkdir(mode=0o755, exist_ok=True)
-        os.chmod(d, 0o755)
+        # Passable, not listable: a task opens its own GPUs' files by name.
+        d.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(d, 0o711)
         paths = {}
         for i in range(count):
             p = d / f"nvidia{i}"

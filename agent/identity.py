@@ -130,3 +130,27 @@ def open_path_for_others(d: Path) -> None:
         st = d.stat()
         if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o011 != 0o011:
             os.chmod(d, stat.S_IMODE(st.st_mode) | 0o011)
+
+
+def close_to_others(data_dir: Path, passable: frozenset[str]) -> None:
+    """Nothing directly below the agent's data dir may be listed or read by
+    another account: directories become 0700, or 0711 for those in `passable`
+    (where tasks reach their own directories), and files lose every group and
+    other bit. The block cache, above all, would tell a task which workdir
+    blocks other users' tasks have (ids it could name in a manifest)."""
+    with os.scandir(data_dir) as entries:
+        for e in entries:
+            with contextlib.suppress(OSError):
+                st = e.stat(follow_symlinks=False)
+                if st.st_uid != os.geteuid():
+                    continue  # not ours to change
+                mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISDIR(st.st_mode):
+                    want = 0o711 if e.name in passable else 0o700
+                    want |= mode & 0o700
+                elif stat.S_ISREG(st.st_mode):
+                    want = mode & 0o700
+                else:
+                    continue
+                if want != mode:
+                    os.chmod(e.path, want)

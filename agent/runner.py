@@ -7,7 +7,12 @@ which shim belongs to which task. A restarted agent calls `adopt()` and gets
 back the tasks still running and the exits it has not yet reported.
 
 Exits are delivered at least once: `poll()` keeps returning a finished task
-until `ack()` records (on disk) that the leader has it.
+until `ack()` records (on disk) that the leader has it. The task directories
+are read from disk once (by `adopt()`, or the first `poll()`); from then on
+this object knows which runs ended unacked and when each was acked, so a poll
+touches only the runs that need it, however many old directories there are.
+`collect_garbage()` deletes the directories of runs acked before a time (the
+agent's --task-retention).
 
 With `keep_spare()`, tasks start under a shim started ahead of time
 (agent/spare.py), which saves the interpreter's start-up; without a usable
@@ -67,6 +72,9 @@ log = logging.getLogger("lepton.agent")
 
 SUPERVISOR_LOST = "supervisor lost"
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# A task directory on its way out is renamed to this prefix first (no task id
+# starts with a dot), so it is gone at once and deleted without the lock.
+GONE_PREFIX = ".gone-"
 # A shim that has not written shim.pid this long after spec.json appeared is
 # taken as dead (it normally takes well under a second).
 SHIM_START_TIMEOUT_S = 30.0
@@ -94,6 +102,9 @@ class TaskSpec:
     pids_max: int = 0
     # Device files this task must not open (the host's other GPUs).
     denied_devices: list[str] = field(default_factory=list)
+    # Its own IPC namespace and private /dev/shm and /tmp of this many bytes
+    # each (agent/taskns.py); 0: it shares the host's.
+    private_tmp_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class TaskRunner:
         cgroups: CgroupManager | None = None,
         lease_file: Path | None = None,
         clock: Clock = REAL,
+        keep_visible: tuple[Path, ...] = (),
     ) -> None:
         self.clock = clock
         # Resolved, because shims are recognised by the task dir on their command
@@ -138,6 +150,14 @@ class TaskRunner:
         self.lease_file = Path(lease_file).resolve() if lease_file is not None else None
         self._lock = threading.RLock()
         self._shims: dict[str, _Shim] = {}  # tasks believed running
+        # Directories a task with a private /tmp must still reach there (the
+        # agent's data dir, when it lies below /tmp); its cwd is added to them.
+        self.keep_visible = tuple(str(Path(p).resolve()) for p in keep_visible)
+        # Finished runs whose exit is not acked, and acked runs with when they
+        # were acked: read from disk once (_scan), then kept up to date here.
+        self._unacked: set[str] = set()
+        self._acked: dict[str, float] = {}
+        self._scanned = False
         self._spare = SpareShim(_shim_argv(), self.root, _shim_env())
         self._keep_spare = False
 
@@ -182,6 +202,7 @@ class TaskRunner:
                         f"task {spec.task_id} has an unreported exit in {tdir}; ack it first"
                     )
                 shutil.rmtree(tdir, ignore_errors=True)
+                self._acked.pop(spec.task_id, None)
             cg: TaskCgroup | None = None
             try:
                 body = self._prepare(spec, tdir)
@@ -236,6 +257,8 @@ class TaskRunner:
                 raise RunnerError(f"user {user.name!r} cannot reach {cwd}: {why}")
         body: dict[str, object] = asdict(spec)
         body["cwd"] = cwd
+        if spec.private_tmp_bytes > 0:
+            body["keep_visible"] = [*self.keep_visible, cwd]
         if spec.denied_devices and not (self.cgroups is not None and self.cgroups.filters_devices):
             # No device rules in the kernel: cover the files in the task's
             # own mount namespace instead (the shim does it, as root).
@@ -301,6 +324,8 @@ class TaskRunner:
         """Every finished task whose exit has not been acked, oldest first."""
         with self._lock:
             self._refresh()
+            if not self._scanned:
+                self._scan()
             return self._unacked_exits()
 
     def ack(self, task_id: str) -> None:
@@ -311,10 +336,13 @@ class TaskRunner:
                 return
             if not (tdir / EXIT).exists():
                 raise RunnerError(f"task {task_id} has not finished; nothing to ack")
+            now = self.clock.now()
             try:
-                atomic_write_json(tdir / ACKED, {"acked_at": self.clock.now()})
+                atomic_write_json(tdir / ACKED, {"acked_at": now})
             except OSError as e:
                 raise RunnerError(f"cannot ack task {task_id}: {e.strerror or e}") from None
+            self._unacked.discard(task_id)
+            self._acked[task_id] = now
 
     def cleanup(self, task_id: str) -> None:
         """Remove an acked task's directory (its log goes with it)."""
@@ -324,8 +352,48 @@ class TaskRunner:
                 return
             if not (tdir / ACKED).exists():
                 raise RunnerError(f"task {task_id} is not acked yet; refusing to delete its files")
-            _release_cgroup(tdir)
-            shutil.rmtree(tdir)
+            gone = self._set_aside(task_id)
+        _delete(gone)
+
+    def collect_garbage(self, acked_before: float) -> list[str]:
+        """Delete the directories (output, working directory) of runs whose
+        exits were acked before `acked_before`; returns their ids. The slow
+        part, deleting, happens without the lock (call it off the event loop)."""
+        gone: list[Path] = []
+        done: list[str] = []
+        with self._lock:
+            if not self._scanned:
+                self._scan()
+            for task_id, at in list(self._acked.items()):
+                if at >= acked_before:
+                    continue
+                del self._acked[task_id]
+                if task_id in self._shims or not (self.root / task_id / ACKED).exists():
+                    continue  # started again under the same id since
+                try:
+                    gone.append(self._set_aside(task_id))
+                    done.append(task_id)
+                except OSError as e:
+                    log.warning("cannot delete the directory of %s: %s", task_id, e.strerror or e)
+            # Set aside by an earlier run that died before deleting them.
+            with contextlib.suppress(OSError):
+                gone += [p for p in self.root.iterdir() if p.name.startswith(GONE_PREFIX)]
+        for p in gone:
+            _delete(p)
+        return done
+
+    def _set_aside(self, task_id: str) -> Path:
+        """Under the lock: release the run's cgroup and rename its directory
+        out of the way; the caller deletes it."""
+        tdir = self.root / task_id
+        _release_cgroup(tdir)
+        gone = self.root / f"{GONE_PREFIX}{task_id}"
+        if gone.exists():
+            _delete(gone)
+        os.rename(tdir, gone)
+        self._acked.pop(task_id, None)
+        self._unacked.discard(task_id)
+        return gone
 
     def adopt(self) -> tuple[list[str], list[TaskExit]]:
         """On agent start: find the tasks still running and the exits not yet acked."""
@@ -348,6 +416,7 @@ class TaskRunner:
                 else:
                     self._shims[task_id] = _Shim(-1, None)  # shim.pid not written yet
             self._refresh()
+            self._scan()
             if self.cgroups is not None:
                 # Cgroups of runs that are over (or were never started) go;
                 # those of running tasks stay with their shims.
@@ -413,6 +482,7 @@ class TaskRunner:
             # first and exit.json second cannot misreport a clean exit as lost.
             if (tdir / EXIT).exists() or not tdir.is_dir():
                 del self._shims[task_id]
+                self._ended(task_id)
             elif not alive and shim.spare and not (tdir / SHIM_PID).exists():
                 # The spare died after taking the task but before shim.pid,
                 # hence before starting it: start it again the old way, once.
@@ -424,9 +494,34 @@ class TaskRunner:
                     log.error("task %s: %s", task_id, e)
                     self._supervisor_lost(tdir)
                     del self._shims[task_id]
+                    self._ended(task_id)
             elif not alive:
                 self._supervisor_lost(tdir)
                 del self._shims[task_id]
+                self._ended(task_id)
+
+    def _ended(self, task_id: str) -> None:
+        """A run this runner watched is over: its exit is to be reported."""
+        if (self.root / task_id / EXIT).exists() and not (self.root / task_id / ACKED).exists():
+            self._unacked.add(task_id)
+
+    def _scan(self) -> None:
+        """Learn from disk, once, which runs ended unacked and which were acked when."""
+        self._scanned = True
+        try:
+            entries = list(os.scandir(self.root)) if self.root.is_dir() else []
+        except OSError:
+            return
+        for e in entries:
+            if not _TASK_ID.fullmatch(e.name) or e.name in self._shims:
+                continue
+            try:
+                self._acked[e.name] = os.stat(os.path.join(e.path, ACKED)).st_mtime
+                continue
+            except OSError:
+                pass
+            if os.path.exists(os.path.join(e.path, EXIT)):
+                self._unacked.add(e.name)
 
     def _live_shim(self, tdir: Path) -> psutil.Process | None:
         rec = ProcRecord.load(tdir / SHIM_PID)
@@ -471,16 +566,12 @@ class TaskRunner:
 
     def _unacked_exits(self) -> list[TaskExit]:
         exits: list[TaskExit] = []
-        try:
-            entries = list(self.root.iterdir()) if self.root.is_dir() else []
-        except OSError:
-            return []
-        for tdir in entries:
-            if (tdir / ACKED).exists() or tdir.name in self._shims:
+        for task_id in sorted(self._unacked):
+            obj = read_json(self.root / task_id / EXIT)
+            if obj is None:
+                self._unacked.discard(task_id)  # its directory went
                 continue
-            obj = read_json(tdir / EXIT)
-            if obj is not None:
-                exits.append(_task_exit(tdir.name, obj))
+            exits.append(_task_exit(task_id, obj))
         exits.sort(key=lambda e: (e.finished_at or 0.0, e.task_id))
         return exits
 
@@ -564,6 +655,18 @@ def _discard(tdir: Path, cg: TaskCgroup | None) -> None:
         with contextlib.suppress(OSError):
             cg.remove()
     shutil.rmtree(tdir, ignore_errors=True)
+
+
+def _delete(p: Path) -> None:
+    """Delete a set-aside task directory. The task's own files are in it and
+    the task is over; rmtree works on file descriptors and follows no link,
+    so a tree the task left cannot point it elsewhere."""
+    try:
+        shutil.rmtree(p)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot delete %s: %s", p, e.strerror or e)
 
 
 def _release_cgroup(tdir: Path) -> None:

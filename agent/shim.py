@@ -13,6 +13,8 @@ everything from the task directory.
 
 The shim itself stays root; in the task's child, before exec, it moves the
 child into the task's cgroup (so nothing the task ever runs is outside it),
+gives it a neutral OOM score (the shim may be protected, a task never is),
+its own IPC namespace and private /dev/shm and /tmp (agent/taskns.py),
 covers other GPUs' device files where no device program could be attached,
 and then takes on the task's user (groups, gid, uid). `kill_task` is the one
 way the shim kills its task: the whole cgroup when there is one (nothing
@@ -47,7 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent import devfilter
+from agent import devfilter, taskns
 from agent.cgroup_task import TaskCgroup, size_text
 from agent.cgroup_task import from_json as cgroup_from_json
 from agent.lease import LeaseReader
@@ -122,6 +124,10 @@ class ChildSetup:
     cover: str = ""
     user: dict[str, Any] | None = None  # uid, gid, groups; None: stay as the shim
     cwd: str = ""
+    # The task's own IPC namespace and private /dev/shm and /tmp of this many
+    # bytes each (agent/taskns.py); 0: it shares the host's.
+    private_tmp_bytes: int = 0
+    keep: tuple[str, ...] = ()  # directories below /tmp it must still reach
 
     def __call__(self) -> None:
         step = "joining the task's cgroup"
@@ -129,9 +135,24 @@ class ChildSetup:
             # First, so that nothing the task runs exists outside its cgroup.
             if self.cgroup is not None:
                 self.cgroup.join_self()
+            # The shim may be protected from the OOM killer (the agent's unit
+            # sets OOMScoreAdjust=-999); a task never is. Written as root, it
+            # is also the floor the task cannot go below once it is its user.
+            step = "resetting the task's OOM score"
+            _neutral_oom_score()
+            if self.private_tmp_bytes > 0:
+                step = "giving the task its own /tmp, /dev/shm and IPC namespace"
+                taskns.enter(self.private_tmp_bytes, self.keep)
             if self.hide:
                 step = "hiding other GPUs' device files"
-                devfilter.hide_in_private_namespace(list(self.hide), self.cover)
+                devfilter.hide_in_private_namespace(
+                    list(self.hide), self.cover, own_namespace=self.private_tmp_bytes <= 0
+                )
+            if self.private_tmp_bytes > 0:
+                # The cwd Popen entered is now under a covered /tmp (a data dir
+                # there): enter it again through the new mounts.
+                step = f"entering {self.cwd}"
+                os.chdir(self.cwd)
             if self.user is not None and int(self.user["uid"]) != os.geteuid():
                 step = f"switching to user {self.user['name']}"
                 os.setgroups([int(g) for g in self.user["groups"]])
@@ -147,6 +168,20 @@ class ChildSetup:
             os._exit(126)
         # After the credential change, which clears the parent-death signal.
         _die_with_parent(self.parent)
+
+
+def _neutral_oom_score() -> None:
+    """oom_score_adj 0 for the task. Raising it is always allowed; where
+    lowering a positive one back is not (an agent that is not root), the
+    task is no more protected than the host's other processes, which is fine."""
+    path = "/proc/self/oom_score_adj"
+    try:
+        with open(path, "w") as f:
+            f.write("0")
+    except OSError:
+        with open(path) as f:
+            if int(f.read().strip() or 0) < 0:
+                raise
 
 
 def _die_with_parent(parent: int) -> None:
@@ -273,6 +308,8 @@ class Shim:
             cover=str(self.spec.get("hide_cover") or ""),
             user=user,
             cwd=cwd,
+            private_tmp_bytes=int(self.spec.get("private_tmp_bytes") or 0),
+            keep=tuple(str(k) for k in self.spec.get("keep_visible") or ()),
         )
         self.started_at = clock.now()
         try:

@@ -177,7 +177,8 @@ def main() -> int:
         print("bench/latency.py: isolation needs root; use --isolation off", file=sys.stderr)
         return 2
     # Passable by every account (0711): tasks run as `nobody` reach their dirs.
-    tmp = Path(tempfile.mkdtemp(prefix="lepton-latency-", dir="/tmp"))
+    # Not under /tmp, which is each task's own: the stamps must reach us.
+    tmp = Path(tempfile.mkdtemp(prefix="lepton-latency-", dir="/var/tmp"))
     os.chmod(tmp, 0o711)
     runs: dict[str, dict[str, Any]] = {}
     try:

@@ -83,7 +83,8 @@ def main() -> int:
     ap.add_argument("--ttl", type=float, default=10.0, help="heartbeat TTL in seconds")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="lepton-resched-"))
+    # Not under /tmp, which is each task's own: the tasks' stamps must reach us.
+    tmp = Path(tempfile.mkdtemp(prefix="lepton-resched-", dir="/var/tmp"))
     c = Cluster(tmp / "cluster", n_masters=3, ttl_s=args.ttl)
     runs: list[dict[str, float]] = []
     try:

@@ -51,7 +51,17 @@ async def jobs(
         args["user"] = user
     if limit is not None:
         args["limit"] = limit
-    return list(await c.call("jobs", args, timeout_s=timeout_s))
+    # Page by page: each reply is bounded in bytes, however many jobs match.
+    args["paged"] = True
+    out: list[dict[str, Any]] = []
+    while True:
+        res = await c.call("jobs", args, timeout_s=timeout_s)
+        if isinstance(res, list):  # a master from before pages
+            return out + res
+        out += res["jobs"]
+        if not res.get("next"):
+            return out
+        args["after"] = res["next"]
 
 
 async def status(

@@ -14,12 +14,13 @@ from . import commands
 from .config import ConfigError, load
 from .jobfile import JobFileError
 from .jobs import UsageError
+from .output import say
 
 
 class ArgParser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         # Exit code 2 and one line, which says where the usage is.
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        say(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -429,13 +430,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(_run(args))
     except UsageError as exc:
-        print(f"leptonctl: error: {exc}", file=sys.stderr)
+        say(f"leptonctl: error: {exc}", file=sys.stderr)
         return 2
     except (ConfigError, JobFileError) as exc:
-        print(f"leptonctl: {exc}", file=sys.stderr)
+        say(f"leptonctl: {exc}", file=sys.stderr)
         return 2
     except RpcError as exc:
-        print(f"leptonctl: {_explain(exc)}", file=sys.stderr)
+        say(f"leptonctl: {_explain(exc)}", file=sys.stderr)
         return 2 if exc.code in ("bad_request", "unschedulable") else 1
     except KeyboardInterrupt:
         return 130

@@ -14,7 +14,7 @@ from leptond.wire.client import ClusterClient
 from . import api, jobfile, jobs
 from .jobs import UsageError
 from .logs import Follower, Options
-from .output import ago, emit_json, size, table, until
+from .output import ago, emit_json, say, size, table, until
 
 __all__ = ["UsageError", "dispatch", "node_state"]
 
@@ -198,12 +198,12 @@ async def node(c: ClusterClient, a: argparse.Namespace) -> int:
         c, sub, a.node, force=force, deadline_s=deadline_s, timeout_s=a.timeout
     )
     if res.get("removed") is False and res.get("revoked"):
-        print(f"{a.node}: credential revoked")  # a node id only a credential still named
+        say(f"{a.node}: credential revoked")  # a node id only a credential still named
         return 0
     state = node_state(
         res.get("state", "removed"), res.get("drain_deadline"), bool(res.get("drained"))
     )
-    print(f"{a.node}: {state}")
+    say(f"{a.node}: {state}")
     return 0
 
 
@@ -218,7 +218,7 @@ async def join_token(c: ClusterClient, a: argparse.Namespace) -> int:
         if a.uses < 1:
             raise UsageError(f"--uses must be at least 1, got {a.uses}")
         res = await api.join_token_create(c, ttl_s, a.uses, timeout_s=a.timeout)
-        print(res["token"])
+        say(res["token"])
         return 0
     if a.join_cmd == "ls":
         rows = await api.join_token_ls(c, timeout_s=a.timeout)
@@ -242,7 +242,7 @@ async def join_token(c: ClusterClient, a: argparse.Namespace) -> int:
         )
         return 0
     res = await api.join_token_revoke(c, a.id, timeout_s=a.timeout)
-    print(f"revoked {res['id']}")
+    say(f"revoked {res['id']}")
     return 0
 
 
@@ -265,7 +265,7 @@ async def cluster(c: ClusterClient, a: argparse.Namespace) -> int:
         return await cluster_status(c, a)
     how = "add" if a.cluster_cmd == "add-master" else "remove"
     res = await api.cluster_membership(c, how, a.member, timeout_s=a.timeout)
-    print(next(iter(res.values())))
+    say(next(iter(res.values())))
     return 0
 
 
@@ -279,11 +279,11 @@ async def cluster_status(c: ClusterClient, a: argparse.Namespace) -> int:
         return 0
     leader = st.get("leader")
     if leader:
-        print(f"leader  {leader} (rpc {st.get('leader_rpc') or '-'})")
+        say(f"leader  {leader} (rpc {st.get('leader_rpc') or '-'})")
     else:
-        print(f"leader  none: this is master {st.get('self')}'s own view")
+        say(f"leader  none: this is master {st.get('self')}'s own view")
     quorum = "yes" if st.get("has_quorum") else "no"
-    print(f"term    {st.get('term')}   commit index {st.get('commit_index')}   quorum {quorum}")
+    say(f"term    {st.get('term')}   commit index {st.get('commit_index')}   quorum {quorum}")
     me = {
         "addr": st.get("self"),
         "rpc_addr": st.get("self_rpc"),
@@ -308,7 +308,7 @@ async def cluster_status(c: ClusterClient, a: argparse.Namespace) -> int:
         ],
     )
     for p in st.get("problems", []):
-        print(f"problem: {p}")
+        say(f"problem: {p}")
     return 0
 
 
@@ -349,16 +349,16 @@ async def snapshot(c: ClusterClient, a: argparse.Namespace) -> int:
     if not a.yes:
         if not sys.stdin.isatty():
             raise UsageError(f"{what}; run it again with --yes to go ahead")
-        print(what, file=sys.stderr)
+        say(what, file=sys.stderr)
         try:
             typed = input("type 'restore' to go ahead: ")
         except EOFError:
             typed = ""
         if typed.strip() != "restore":
-            print("leptonctl: not restored; nothing changed", file=sys.stderr)
+            say("leptonctl: not restored; nothing changed", file=sys.stderr)
             return 1
     res = await api.snapshot_restore(c, data, timeout_s=a.timeout)
-    print(f"restored {res['jobs']} job(s) and {res['nodes']} node(s) from {path}")
+    say(f"restored {res['jobs']} job(s) and {res['nodes']} node(s) from {path}")
     return 0
 
 
@@ -383,14 +383,14 @@ async def snapshot_save(c: ClusterClient, a: argparse.Namespace, path: Path) -> 
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    print(f"saved state at index {res['index']} to {path} ({size(len(res['data']))})")
+    say(f"saved state at index {res['index']} to {path} ({size(len(res['data']))})")
     return 0
 
 
 async def token(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.token_cmd == "create":
         res = await api.token_create(c, a.role, a.name, a.unix_user, timeout_s=a.timeout)
-        print(res["token"])
+        say(res["token"])
         return 0
     if a.token_cmd == "ls":
         rows = await api.token_ls(c, timeout_s=a.timeout)
@@ -413,5 +413,5 @@ async def token(c: ClusterClient, a: argparse.Namespace) -> int:
         )
         return 0
     res = await api.token_revoke(c, a.id, timeout_s=a.timeout)
-    print(f"revoked {res['id']}")
+    say(f"revoked {res['id']}")
     return 0

@@ -14,7 +14,7 @@ from leptond.wire.errors import UNSCHEDULABLE, RpcError
 
 from . import api, jobfile
 from .logs import FINAL_JOB_STATES, Follower, Options
-from .output import ago, emit_json, job_state, ran_for, size, table
+from .output import ago, emit_json, job_state, ran_for, say, size, table
 
 
 class UsageError(Exception):
@@ -69,7 +69,7 @@ async def submit(c: ClusterClient, a: argparse.Namespace) -> int:
             c, base / workdir, timeout_s=max(a.timeout, 600), stats=upload
         )
         if a.output != "json":
-            print(f"workdir: {upload_words(upload)}", file=sys.stderr)
+            say(f"workdir: {upload_words(upload)}", file=sys.stderr)
     try:
         res = await api.submit(c, spec, name, queue_anyway=a.queue_anyway, timeout_s=a.timeout)
     except RpcError as exc:
@@ -84,9 +84,9 @@ async def submit(c: ClusterClient, a: argparse.Namespace) -> int:
         emit_json({"id": job_id, **({"upload": upload} if upload else {})})
     elif streaming:
         # stdout is the job's output; the id goes to stderr.
-        print(f"leptonctl: submitted {job_id}; its output follows", file=sys.stderr, flush=True)
+        say(f"leptonctl: submitted {job_id}; its output follows", file=sys.stderr, flush=True)
     else:
-        print(job_id, flush=True)
+        say(job_id, flush=True)
     if not a.wait:
         return 0
     if streaming:
@@ -119,9 +119,9 @@ async def wait_job(c: ClusterClient, job_id: str, a: argparse.Namespace) -> int:
             if st["state"] == "succeeded":
                 return 0
             if st["state"] == "cancelled":
-                print(f"leptonctl: job {job_id} was cancelled", file=sys.stderr)
+                say(f"leptonctl: job {job_id} was cancelled", file=sys.stderr)
                 return 130 if not codes else int(codes[0])
-            print(f"leptonctl: job {job_id} failed: {st.get('message', '')}", file=sys.stderr)
+            say(f"leptonctl: job {job_id} failed: {st.get('message', '')}", file=sys.stderr)
             return int(codes[0]) if codes else 1
         await clock.sleep(delay)
         delay = min(delay * 1.5, 1.0)
@@ -174,7 +174,7 @@ async def jobs(c: ClusterClient, a: argparse.Namespace) -> int:
             sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place
         now = clock.now()
         at = datetime.fromtimestamp(now).strftime("%H:%M:%S")
-        print(f"every {a.interval:g}s, {at} (Ctrl-C stops)")
+        say(f"every {a.interval:g}s, {at} (Ctrl-C stops)")
         table([*JOB_HEADERS, "DURATION"], job_rows(rows))
         if not tty:
             print()
@@ -187,12 +187,12 @@ async def status(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.output == "json":
         emit_json(st)
         return 0
-    print(f"job       {st['id']}  ({st['name']}, by {st['user']})")
-    print(f"state     {job_state(st)}" + (f"  - {st['message']}" if st.get("message") else ""))
-    print(f"command   {' '.join(st['command'])}")
+    say(f"job       {st['id']}  ({st['name']}, by {st['user']})")
+    say(f"state     {job_state(st)}" + (f"  - {st['message']}" if st.get("message") else ""))
+    say(f"command   {' '.join(st['command'])}")
     gpus, nodes = st["gpus"], st["nodes"]
     per = f"{gpus} per node x {nodes} nodes ({gpus * nodes} in all)" if nodes > 1 else str(gpus)
-    print(f"gpus      {per}; priority {st['priority']}")
+    say(f"gpus      {per}; priority {st['priority']}")
     when = [f"submitted {ago(st['submitted_at'])}"]
     if st.get("started_at"):
         when.append(f"started {ago(st['started_at'])}")
@@ -200,9 +200,9 @@ async def status(c: ClusterClient, a: argparse.Namespace) -> int:
         when.append(f"ended {ago(st['finished_at'])}")
     if st.get("started_at"):
         when.append(f"ran {ran_for(st['started_at'], st.get('finished_at'))}")
-    print(f"time      {'; '.join(when)}")
+    say(f"time      {'; '.join(when)}")
     if st.get("reason"):
-        print(f"pending   {st['reason']}")
+        say(f"pending   {st['reason']}")
     table(
         ["RANK", "STATE", "NODE", "GPUS", "EXIT", "ATTEMPT", "STARTED", "ENDED", "MESSAGE"],
         [
@@ -252,7 +252,7 @@ async def cancel(c: ClusterClient, a: argparse.Namespace) -> int:
         rows = await api.jobs(c, states=states, user=user, limit=100_000, timeout_s=a.timeout)
         ids = [r["id"] for r in rows]
         if not ids:
-            print(f"leptonctl: {user} has no {' or '.join(states)} jobs", file=sys.stderr)
+            say(f"leptonctl: {user} has no {' or '.join(states)} jobs", file=sys.stderr)
             return 0
     failed = 0
     for job_id in ids:
@@ -261,8 +261,8 @@ async def cancel(c: ClusterClient, a: argparse.Namespace) -> int:
         except RpcError as exc:
             if exc.code in ("unavailable", "timeout", "no_quorum", "unauthenticated"):
                 raise  # the cluster, not this job: the rest would fail the same way
-            print(f"leptonctl: {job_id}: {exc.message}", file=sys.stderr)
+            say(f"leptonctl: {job_id}: {exc.message}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{res['id']} {res['state']}")
+        say(f"{res['id']} {res['state']}")
     return 1 if failed else 0

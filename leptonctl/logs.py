@@ -19,7 +19,7 @@ from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
 from . import api
-from .output import stamp
+from .output import say, stamp
 
 FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 LIVE_TASK_STATES = frozenset({"assigned", "running"})
@@ -115,7 +115,7 @@ class Follower:
             if once in self.said:
                 return
             self.said.add(once)
-        print(f"leptonctl: {text}", file=sys.stderr, flush=True)
+        say(f"leptonctl: {text}", file=sys.stderr, flush=True)
 
     async def status(self) -> dict[str, Any]:
         return await api.status(self.c, self.job_id, timeout_s=self.timeout_s, brief=True)

@@ -1,4 +1,12 @@
-"""Tables and JSON for people and scripts."""
+"""Tables and JSON for people and scripts.
+
+Everything printed for people that came from the cluster (names, commands,
+messages, labels: other users choose them) goes through `clean`, so that a
+string cannot drive the terminal: a job named with `\x1b]0;...\x07` or
+`\x1b[2J` could retitle it, clear it or fake lines. JSON output is exact JSON,
+which escapes such characters itself. A task's own output (`logs`) is passed
+through as the task wrote it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,38 @@ import json
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from leptond.clock import REAL as clock
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def clean(value: object) -> str:
+    """`value` as text that is safe to print to a terminal: each character
+    that is not printable (control characters, escapes, line and paragraph
+    separators, bidirectional overrides, ...) is written as its escape,
+    `\x1b`, `\n`, `\u202e`. Printable text, any script, is kept as it is."""
+    s = "" if value is None else str(value)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else _escape(c) for c in s)
+
+
+def _escape(c: str) -> str:
+    if c in _NAMED:
+        return _NAMED[c]
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    if o < 0x10000:
+        return f"\\u{o:04x}"
+    return f"\\U{o:08x}"
+
+
+def say(*values: object, file: TextIO | None = None, flush: bool = False) -> None:
+    """print() for text that holds values from the cluster: each one cleaned."""
+    print(*(clean(v) for v in values), file=file, flush=flush)
 
 
 def emit_json(obj: Any) -> None:
@@ -23,7 +60,7 @@ def _default(o: Any) -> Any:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    cells = [[clean(h) for h in headers]] + [[clean(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

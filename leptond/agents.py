@@ -11,6 +11,7 @@ from typing import Any
 
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.model import LIVE_TASK_STATES
+from raft.validate import SpecError, validate_node
 
 from . import views
 from .auth import require
@@ -18,6 +19,7 @@ from .batcher import Batcher
 from .clock import Clock
 from .config import MasterConfig
 from .liveness import NodeLiveness
+from .nodestats import Cleaner
 from .ports import LeaderStatus, Proposer, StateReader
 from .wire.connection import Connection, Handler
 from .wire.errors import BAD_REQUEST, FORBIDDEN, RpcError
@@ -26,6 +28,8 @@ log = logging.getLogger("lepton.master")
 # One task event in a task_events command; apply keeps 1024 characters of
 # its message, and nothing else in an event is long.
 MAX_EVENT_BYTES = 16 * 1024
+# Items of a relayed stream (task output) the leader lets an agent send ahead.
+RELAY_WINDOW = 4
 MAX_GPU_FAULTS = 1024  # GPUs one heartbeat may report faulty
 
 
@@ -113,13 +117,17 @@ class AgentRegistry:
         self._leader.ensure_leader()
         if not isinstance(a, dict) or not isinstance(a.get("node"), dict):
             raise RpcError(BAD_REQUEST, "register needs a node description")
-        node = a["node"]
         # A node credential speaks for one node: the one it was issued to.
         own = conn.context.get("user")
-        if node.get("id") != own:
+        if a["node"].get("id") != own:
             raise RpcError(
                 FORBIDDEN, f"this node credential is node {own}'s; it cannot register another node"
             )
+        try:
+            # What a host may say about itself is bounded (apply checks it too).
+            node = validate_node(a["node"])
+        except SpecError as exc:
+            raise RpcError(BAD_REQUEST, f"node refused: {exc}") from None
         res = await self._proposer.propose(
             "register_node", {"node": node, "now": self._clock.now()}, wake=True
         )
@@ -171,14 +179,15 @@ class AgentRegistry:
         nid = self._registered(conn, "sending heartbeats")
         if not isinstance(a, dict):
             raise RpcError(BAD_REQUEST, "a heartbeat is a map")
-        self.liveness.heard(
-            nid, {"stats": a.get("host"), "gpus": a.get("gpus"), "cache": a.get("cache")}
-        )
+        clean = Cleaner()
+        stats = clean.heartbeat(a)
+        running = clean.runs(a.get("running"))
+        exited = clean.task_ids(a.get("exited"))
+        if clean.dropped:
+            self.liveness.dropped(nid, clean.dropped)
+        self.liveness.heard(nid, stats)
         self._gpu_faults(nid, a.get("gpu_faults"))
-        running = {
-            (r["task_id"], r["attempt"]) for r in a.get("running", []) if isinstance(r, dict)
-        }
-        return self.reconcile(nid, running, set(a.get("exited", [])))
+        return self.reconcile(nid, running, exited)
 
     def _gpu_faults(self, nid: str, reported: Any) -> None:
         """Commit the GPUs the agent found faulty that the state does not
@@ -318,7 +327,9 @@ class AgentRegistry:
         agent = self.conns.get(node_id)
         if agent is None or agent.is_closing():
             raise RpcError("unavailable", "the host is not connected")
-        async for item in agent.stream(method, args):
+        # A small window: the leader holds at most this many of the agent's
+        # items (256 KiB of output each) for a reader that reads slowly.
+        async for item in agent.stream(method, args, window=RELAY_WINDOW):
             yield item
 
     def _notify(self, nid: str, method: str, args: dict[str, Any]) -> None:

@@ -21,10 +21,17 @@ from typing import Any
 import scheduler as sch
 from raft import snapcheck
 from raft import snapshot as snapfile
-from raft.commands import BATCH_BUDGET_BYTES
+from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
 from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
-from raft.validate import SpecError, validate_name, validate_spec, validate_unix_user
+from raft.validate import (
+    SpecError,
+    spec_bytes,
+    validate_labels,
+    validate_name,
+    validate_spec,
+    validate_unix_user,
+)
 
 from . import health, param, views
 from .apictx import ApiContext
@@ -49,6 +56,10 @@ MAX_RANK = 1 << 20
 MAX_TAIL_LINES = 1_000_000
 LOG_STREAMS = ("output", "stderr")
 RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
+# A page of `jobs` holds summaries up to about this many bytes (`page_bytes`
+# may ask for less, or up to the most), so that no reply nears the frame cap.
+JOBS_PAGE_BYTES = 4 << 20
+MAX_JOBS_PAGE_BYTES = 8 << 20
 Method = Callable[[ApiContext, Connection, dict[str, Any]], Awaitable[Any]]
 _REGISTRY: dict[str, tuple[Method, str, bool, bool]] = {}
 
@@ -157,13 +168,27 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     except SpecError as exc:
         raise RpcError(BAD_REQUEST, str(exc)) from None
     user = conn.context["user"]
-    cap = None if conn.context["role"] == "admin" else m.cfg.max_priority_of(user)
+    admin = conn.context["role"] == "admin"
+    cap = None if admin else m.cfg.max_priority_of(user)
     if cap is not None and spec.priority > cap:
         raise RpcError(
             FORBIDDEN, f"priority {spec.priority} is above the cap for {user} ({cap}); ask an admin"
         )
-    if spec.workdir is not None and spec.workdir not in m.view().manifests:
-        raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded")
+    view = m.view()
+    if spec.workdir is not None and (
+        spec.workdir not in view.manifests
+        or (not admin and user not in view.manifest_owners.get(spec.workdir, ()))
+    ):
+        # Only its own user's manifest (admins: any); the same words whether
+        # it does not exist or is someone else's.
+        raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded by {user}")
+    caps = None if admin else [m.cfg.max_pending_jobs, m.cfg.max_pending_spec_bytes]
+    if caps is not None:
+        _refuse_over_pending_caps(view.user_pending.get(user, (0, 0)), user, spec, caps)
+    if spec.mem_bytes == 0:
+        # Decided here, so the committed job (and every replica) has it; before
+        # the fit check, so a default no node can hold is said at once.
+        spec.mem_bytes = m.cfg.default_mem_bytes(spec.gpus, spec.cpus)
     if not param.flag(a, "queue_anyway"):
         _refuse_if_it_never_fits(m, spec)
     rid = a.get("rid")
@@ -177,14 +202,10 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "this token's jobs would run as root, and this cluster does not run tasks as "
             "root (masters: --allow-root-tasks); use a token mapped to another Unix user",
         )
-    per_gpu = m.cfg.default_mem_per_gpu
-    if spec.mem_bytes == 0 and spec.gpus > 0 and per_gpu > 0:
-        # Decided here, so the committed job (and every replica) has it.
-        spec.mem_bytes = spec.gpus * per_gpu
     # The id comes from the client's request id, so a retry after a lost answer
     # or a leader change finds the same job instead of making a second one.
     job_id = "j-" + hashlib.sha256(f"{user}\0{rid}".encode()).hexdigest()[:12]
-    item = {
+    item: dict[str, Any] = {
         "id": job_id,
         "name": name,
         "user": user,
@@ -192,10 +213,37 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         "submitted_at": m.clock.now(),
         "unix_user": unix_user,
     }
+    if admin:
+        item["admin"] = True  # apply lets an admin use any user's workdir
+    if caps is not None:
+        # Checked again at apply, against every submit committed before this
+        # one: concurrent submits cannot all slip under the cap.
+        item["caps"] = caps
     res = await m.submits.submit(item)
     if "error" in res:
         raise RpcError(res["error"]["code"], res["error"]["message"])
     return {"id": job_id}
+
+
+def _refuse_over_pending_caps(
+    pending: tuple[int, int], user: str, spec: JobSpec, caps: list[int]
+) -> None:
+    """The refusal apply would give (ClusterState._check_pending_caps), said
+    before proposing: each user's waiting jobs live on every master."""
+    (n, held), (max_jobs, max_bytes) = pending, caps
+    if max_jobs and n + 1 > max_jobs:
+        raise RpcError(
+            "pending_limit",
+            f"{user} has {n} jobs waiting to start, the most one user may ({max_jobs}); "
+            "cancel some or wait for them to start",
+        )
+    size = spec_bytes(spec.to_wire())
+    if max_bytes and held + size > max_bytes:
+        raise RpcError(
+            "pending_limit",
+            f"{user}'s waiting jobs hold {held} bytes of specs; this one ({size} bytes) "
+            f"would pass the limit of {max_bytes}; cancel some or wait for them to start",
+        )
 
 
 def _refuse_if_it_never_fits(m: ApiContext, spec: JobSpec) -> None:
@@ -225,7 +273,13 @@ def _refuse_if_it_never_fits(m: ApiContext, spec: JobSpec) -> None:
 @method("jobs", "read")
 async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """Jobs, oldest first: the last `limit` of those in `state` (a list) and of
-    `user`; finished jobs older than an hour only with `all`."""
+    `user`; finished jobs older than an hour only with `all`. Commands are
+    cut short (`status` shows a job's whole command).
+
+    A reply holds summaries up to `page_bytes`. With `paged`, it is
+    {"jobs": [...], "next": cursor or None}: ask again with `after` set to
+    the cursor for the next page. Without, it is the list alone: the newest
+    of the selection that fit in one page."""
     # `local`: this master's own replica, e.g. to check that a follower has caught up.
     if not param.flag(a, "local"):
         prefer_leader(m)
@@ -233,6 +287,9 @@ async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     want_all = param.flag(a, "all")
     states = set(param.choices(a, "state", JOB_STATES))
     user = param.string(a, "user")
+    paged = param.flag(a, "paged")
+    after = param.string(a, "after", max_chars=512)
+    budget = param.integer(a, "page_bytes", 1024, MAX_JOBS_PAGE_BYTES, JOBS_PAGE_BYTES)
     recent = m.clock.now() - 3600
     s = m.view()
     js = [
@@ -243,7 +300,47 @@ async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         and (not user or j.user == user)
     ]
     js = js[-limit:]
-    return [views.job_summary(j, s) for j in js]
+    if not paged:
+        # The newest that fit: as a smaller `limit` would give.
+        rows = _fill(s, reversed(js), budget)
+        rows.reverse()
+        return rows
+    start = _after(js, after) if after else 0
+    rows = _fill(s, js[start:], budget)
+    more = start + len(rows) < len(js)
+    last = js[start + len(rows) - 1] if rows else None
+    nxt = f"{last.submitted_at!r}|{last.id}" if more and last is not None else None
+    return {"jobs": rows, "next": nxt}
+
+
+def _fill(s: Any, js: Any, budget: int) -> list[dict[str, Any]]:
+    """Summaries of `js` in order, while they fit in `budget` bytes (at least one)."""
+    rows: list[dict[str, Any]] = []
+    used = 0
+    for j in js:
+        row = views.job_summary(j, s)
+        used += encoded_size(row)
+        if rows and used > budget:
+            break
+        rows.append(row)
+    return rows
+
+
+def _after(js: list[Any], cursor: str) -> int:
+    """Where the page after `cursor` ("submitted_at|job id") starts in `js`."""
+    at_s, _, jid = cursor.partition("|")
+    for i, j in enumerate(js):
+        if j.id == jid:
+            return i + 1
+    # That job is gone (collected): go on from the first one submitted after it.
+    try:
+        at = float(at_s)
+    except ValueError:
+        raise RpcError(BAD_REQUEST, "after must be a cursor from a previous page") from None
+    for i, j in enumerate(js):
+        if (j.submitted_at, j.id) > (at, jid):
+            return i
+    return len(js)
 
 
 @method("status", "read")
@@ -259,7 +356,7 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     job = s.jobs.get(jid)
     if job is None:
         raise RpcError(NOT_FOUND, f"no job {jid!r}")
-    out = views.job_summary(job, s)
+    out = views.job_summary(job, s, whole_command=True)
     full = _may_read(conn, job.user) and not brief
     if not brief:
         out["spec"] = job.spec if full else views.redacted_spec(job)
@@ -337,7 +434,17 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "unavailable", f"the host of task {rank} is not connected; its output is kept there"
         )
     args = {"task_id": f"{jid}.{rank}", "attempt": attempt, **relayed}
-    return m.channel.stream(node_id, "logs", args)
+    return _relay(m, conn.context["user"], node_id, args)
+
+
+async def _relay(m: ApiContext, user: str, node_id: str, args: dict[str, Any]) -> Any:
+    """The agent's stream, under one of the user's relay slots (apictx.RelaySlots)."""
+    m.relays.take(user)
+    try:
+        async for item in m.channel.stream(node_id, "logs", args):
+            yield item
+    finally:
+        m.relays.give(user)
 
 
 def _may_read(conn: Connection, owner: str) -> bool:
@@ -412,6 +519,30 @@ def _drain_deadline_s(v: Any) -> float | None:
             BAD_REQUEST, f"drain deadline must be more than 0s and at most 366d, got {v!r}"
         )
     return float(v)
+
+
+@method("node_label", "admin", mutating=True)
+async def node_label(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """Set (`set`: {name: value}) or remove (`unset`: [name]) a node's admin
+    labels. They win over the labels its host reports for the same name, and
+    only admins set names under `admin/`: a job constrained on such a label
+    never goes to a host only because that host claims it."""
+    m.ensure_leader()
+    ref = param.string(a, "node")
+    try:
+        add = validate_labels(a.get("set"), "labels")
+    except SpecError as exc:
+        raise RpcError(BAD_REQUEST, str(exc)) from None
+    unset = a.get("unset") or []
+    if not isinstance(unset, list) or not all(isinstance(k, str) and len(k) <= 64 for k in unset):
+        raise RpcError(BAD_REQUEST, "unset must be a list of label names")
+    nid = find_node(m, ref)
+    return await m.propose(
+        "node_labels",
+        {"node_id": nid, "set": add, "unset": unset},
+        rid=request_id(conn, a, "node_label"),
+        wake=True,
+    )
 
 
 @method("node_undrain", "admin", mutating=True)

@@ -8,7 +8,7 @@ reach agents only through the NodeChannel. master.py builds one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import scheduler as sch
@@ -23,6 +23,36 @@ from .faults import Faults
 from .liveness import NodeLiveness
 from .ports import LeaderStatus, NodeChannel, Proposer, RaftAdmin, StateReader
 from .wire.errors import RpcError
+
+
+class RelaySlots:
+    """Log streams relayed through this master at once, per user and in all.
+
+    Each holds up to a window of an agent's output items in the leader's
+    memory (agents.RELAY_WINDOW), so their number is what bounds that memory.
+    """
+
+    def __init__(self, per_user: int = 16, total: int = 256) -> None:
+        self.per_user = per_user
+        self.total = total
+        self.open: dict[str, int] = {}
+
+    def take(self, user: str) -> None:
+        mine = self.open.get(user, 0)
+        if mine >= self.per_user:
+            raise RpcError(
+                "busy", f"{user} already follows {mine} log streams; close one and try again"
+            )
+        if sum(self.open.values()) >= self.total:
+            raise RpcError("busy", "this master relays too many log streams; try again later")
+        self.open[user] = mine + 1
+
+    def give(self, user: str) -> None:
+        left = self.open.get(user, 0) - 1
+        if left > 0:
+            self.open[user] = left
+        else:
+            self.open.pop(user, None)
 
 
 class SchedulingInfo(Protocol):
@@ -53,6 +83,7 @@ class ApiContext:
     health: Callable[[dict[str, Any]], dict[str, Any]]
     block_stats: Callable[[], dict[str, Any]]
     clock: Clock
+    relays: RelaySlots = field(default_factory=lambda: RelaySlots())
 
     # -- shorthands the methods use --------------------------------------------
     def view(self) -> StateView:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -14,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from raft.view import StateView
 
+from .audit import AuditLog
 from .clock import REAL, Clock
 from .ports import StateReader
 from .wire.errors import FORBIDDEN, RpcError
@@ -35,8 +33,11 @@ class KeyStore:
     the cluster secret, so a leaked snapshot alone gives no working token.
     """
 
-    def __init__(self, cluster_secret: bytes, admin: Token, reader: StateReader) -> None:
+    def __init__(
+        self, cluster_secret: bytes, admin: Token, reader: StateReader, clock: Clock = REAL
+    ) -> None:
         self._cluster_psk = cluster_psk(cluster_secret)
+        self._clock = clock
         self._seal_key = AESGCM(derive(cluster_secret, b"leptond token seal"))
         self._admin = admin
         self._reader = reader
@@ -47,7 +48,7 @@ class KeyStore:
             return self._cluster_psk
         if key_id == ADMIN_TOKEN_ID:
             return self._admin.psk
-        sealed = self._sealed(self._reader.view(), key_id)
+        sealed = self._sealed(self._reader.view(), key_id, self._clock.now())
         if sealed is None:
             self._cache.pop(key_id, None)
             return None
@@ -76,18 +77,21 @@ class KeyStore:
             return None
 
     @staticmethod
-    def _sealed(s: StateView, key_id: str) -> bytes | None:
+    def _sealed(s: StateView, key_id: str, now: float) -> bytes | None:
         """The sealed secret of a live key id.
 
-        An expired join token still opens its handshake: node_join then says
-        in words that it expired, instead of a bare refused connection.
+        A join token that expired or was revoked opens no handshake: every
+        frame an authenticated peer sends costs the master work, so a key
+        that is good for nothing any more must not buy that. (A connection
+        made before the expiry hears it in words from node_join.)
         """
         tok = s.tokens.get(key_id)
         if tok is not None:
             return None if tok.revoked else tok.sealed
         jt = s.join_tokens.get(key_id)
         if jt is not None:
-            return None if jt.revoked else jt.sealed
+            expired = jt.expires_at is not None and now >= jt.expires_at
+            return None if jt.revoked or expired else jt.sealed
         cred = s.node_creds.get(key_id)
         return cred.sealed if cred is not None else None
 
@@ -127,6 +131,8 @@ class KeyStore:
         return "", ""
 
 
+__all__ = ["AuditLog", "KeyStore", "allowed", "require"]
+
 _REFUSALS = {
     "node": "a node credential may call only its own node's agent RPCs",
     "join": "a join token can only be traded for a node credential (lepton-agent --join-token-file)",
@@ -151,32 +157,3 @@ def require(ctx: dict[str, Any], role: str, is_revoked: Callable[[], bool] | Non
         )
     if is_revoked is not None and is_revoked():
         raise RpcError("unauthenticated", "this token has been revoked")
-
-
-class AuditLog:
-    """Append-only JSON lines: who, what, when, result. One file per master."""
-
-    def __init__(self, path: Path, clock: Clock = REAL) -> None:
-        self.path = path
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the master
-        os.chmod(path, 0o600)
-
-    def record(self, who: str, role: str, action: str, target: Any, result: str) -> None:
-        line = json.dumps(
-            {
-                "ts": round(self._clock.now(), 3),
-                "who": who,
-                "role": role,
-                "action": action,
-                "target": target,
-                "result": result,
-            },
-            default=str,
-        )
-        with self._lock:
-            self._f.write(line + "\n")
-
-    def close(self) -> None:
-        self._f.close()

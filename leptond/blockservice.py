@@ -6,8 +6,17 @@ Blocks never enter the Raft log; only manifests (paths, modes, block ids) do.
 The store shares the data disk with the Raft journal, so uploads are bounded
 three ways, each refused with one line: the store's limit
 (`--block-store-bytes`), each user's quota (`--upload-quota-bytes`, charged
-to whoever uploaded a block first: leptond/uploads.py), and the disk's
+to each user who uploaded a block: leptond/uploads.py), and the disk's
 reserve (`--min-free-disk`, leptond/disk.py).
+
+A user's workdir may name only blocks that user uploaded, and each manifest
+records who committed it: a submit may use only its own user's manifests
+(admins any), checked here and again at apply (raft/state.py).
+
+Memory: a block is decompressed, checked and stored on the block-store
+worker, one at a time, never on the event loop; its declared size and the
+uploader's quota are checked before that. Copies to the other masters that
+start during the upload hold at most `EARLY_PUSH_BYTES` in all.
 """
 
 from __future__ import annotations
@@ -51,6 +60,9 @@ MAX_IDS = 100_000
 # Unreferenced blocks stay this long: an upload in progress has no manifest yet.
 BLOCK_RETENTION_S = 24 * 3600.0
 BLOCK_GC_INTERVAL_S = 600.0
+# Uploaded payloads held for copies to the other masters made during the
+# upload; past this, a block waits for manifest_put to copy it.
+EARLY_PUSH_BYTES = 64 << 20
 T = TypeVar("T")
 
 
@@ -95,6 +107,7 @@ class BlockService:
         # off the event loop but never concurrently with itself.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="blockstore")
         self._push_slots = asyncio.Semaphore(4)
+        self._push_bytes = 0
         self.counters: Counter[str] = Counter()
         # node id -> blocks the leader served it: what its cache likely holds,
         # for cache-aware placement. Leader memory only; a guess, never a promise.
@@ -118,42 +131,61 @@ class BlockService:
     def _role(self, conn: Connection, role: str) -> None:
         require(conn.context, role)
 
+    def _unheld(self, conn: Connection, ids: list[str]) -> set[str]:
+        """The blocks among `ids` the caller may not name: those it did not
+        upload (an admin may name any stored block)."""
+        if conn.context.get("role") == "admin":
+            return set()
+        user = str(conn.context.get("user") or "")
+        return {b for b in ids if not self.ledger.holds(user, b)}
+
     async def blocks_missing(self, conn: Connection, a: Any) -> dict[str, Any]:
+        """The blocks the caller must upload: those not stored, and those it
+        has not uploaded itself (so the answer says nothing of other users'
+        blocks)."""
         self._role(conn, "submit")
         self._leader.ensure_leader()
         ids = _ids(a)
-        return {"missing": self.store.missing(ids)}
+        want = set(self.store.missing(ids)) | self._unheld(conn, ids)
+        return {"missing": [b for b in dict.fromkeys(ids) if b in want]}
 
     async def block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
         self._leader.ensure_leader()
         self._disk.check_new_work()
-        bid, data = self._unpack(a)
+        bid, payload, compressed, size = _declared(a)
         user = str(conn.context.get("user") or "?")
-        await self._io(self._put, bid, data, user, True)
+        # Before anything is decompressed: what the block says it will take.
+        self._check_quota(user, bid, size)
+        await self._io(self._put_payload, bid, payload, compressed, user, True)
         self.counters["upload_blocks"] += 1
-        self.counters["upload_bytes"] += len(data)
+        self.counters["upload_bytes"] += size
         # Start copying to the other masters now, overlapping the rest of the
         # upload; manifest_put later checks what is still missing and waits.
-        task = asyncio.get_running_loop().create_task(
-            self._early_push(bid, a["data"], bool(a.get("z")), user)
-        )
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        if self._push_bytes + len(payload) <= EARLY_PUSH_BYTES:
+            self._push_bytes += len(payload)
+            task = asyncio.get_running_loop().create_task(
+                self._early_push(bid, payload, compressed, user)
+            )
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
         return {"ok": True}
 
     async def _early_push(self, bid: str, payload: bytes, compressed: bool, user: str) -> None:
-        async with self._push_slots:
-            for addr in self._peers_of.peer_rpc_addrs():
-                try:
-                    conn = await self._peer(addr)
-                    await conn.call(
-                        "peer_block_put",
-                        {"id": bid, "data": payload, "z": compressed, "user": user},
-                        timeout_s=60,
-                    )
-                except RpcError as exc:
-                    log.debug("early copy of %s to %s: %s", bid[:12], addr, exc)
+        try:
+            async with self._push_slots:
+                for addr in self._peers_of.peer_rpc_addrs():
+                    try:
+                        conn = await self._peer(addr)
+                        await conn.call(
+                            "peer_block_put",
+                            {"id": bid, "data": payload, "z": compressed, "user": user},
+                            timeout_s=60,
+                        )
+                    except RpcError as exc:
+                        log.debug("early copy of %s to %s: %s", bid[:12], addr, exc)
+        finally:
+            self._push_bytes -= len(payload)
 
     async def manifest_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "submit")
@@ -165,15 +197,18 @@ class BlockService:
         except WorkdirError as exc:
             raise RpcError(BAD_REQUEST, f"workdir manifest refused: {exc}") from None
         ids = manifest_blocks(manifest)
-        missing = self.store.missing(ids)
+        # Not stored, or stored for others only: the same answer, so that a
+        # manifest is no probe of other users' blocks.
+        missing = set(self.store.missing(ids)) | self._unheld(conn, ids)
         if missing:
             raise RpcError(BAD_REQUEST, f"{len(missing)} block(s) of the workdir were not uploaded")
         if self._pushes:
             await asyncio.wait(list(self._pushes), timeout=60)
         await self._replicate(ids)
         mid = manifest_id(manifest)
+        user = str(conn.context.get("user") or "")
         await self._proposer.propose(
-            "put_manifest", {"id": mid, "manifest": dict(manifest)}, timeout_s=30
+            "put_manifest", {"id": mid, "manifest": dict(manifest), "user": user}, timeout_s=30
         )
         return {"id": mid, "blocks": len(ids)}
 
@@ -212,7 +247,7 @@ class BlockService:
             if data is None:
                 raise RpcError("internal", f"block {bid[:12]} vanished from this master")
             payload, compressed = pack_block(data)
-            args = {"id": bid, "data": payload, "z": compressed, "user": self.ledger.owner(bid)}
+            args = {"id": bid, "data": payload, "z": compressed, "users": self.ledger.holders(bid)}
             async with sem:
                 await conn.call("peer_block_put", args, timeout_s=60)
 
@@ -237,11 +272,17 @@ class BlockService:
     async def peer_block_put(self, conn: Connection, a: Any) -> dict[str, Any]:
         self._role(conn, "cluster")
         self._disk.check_new_work()
-        bid, data = self._unpack(a)
+        bid, payload, compressed, _ = _declared(a)
         # The leader checked the uploader's quota; here the upload is charged
-        # to them too, so that whichever master leads next knows their usage.
-        user = a.get("user")
-        await self._io(self._put, bid, data, user if isinstance(user, str) else None, False)
+        # to them too, so that whichever master leads next knows their usage
+        # and what their manifests may name.
+        users = a.get("users")
+        if not isinstance(users, list):
+            users = [a.get("user")]
+        users = [u for u in users[:10_000] if isinstance(u, str) and 0 < len(u) <= 256]
+        await self._io(self._put_payload, bid, payload, compressed, None, False)
+        if users:
+            await self._io(self._charge_all, bid, users)
         return {"ok": True}
 
     async def peer_block_get(self, conn: Connection, a: Any) -> dict[str, Any]:
@@ -300,28 +341,43 @@ class BlockService:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- helpers ---------------------------------------------------------------------
-    def _unpack(self, a: Any) -> tuple[str, bytes]:
-        if not isinstance(a, dict) or not isinstance(a.get("data"), bytes):
-            raise RpcError(BAD_REQUEST, "block_put needs id and data")
-        bid = _one_id(a)
+    def _check_quota(self, user: str, bid: str, size: int) -> None:
+        """Refuse a block that would take `user` over their upload quota."""
+        quota = self.quota_bytes
+        if quota <= 0 or self.ledger.holds(user, bid):
+            return
+        held = self.ledger.usage[user]
+        if held + size > quota:
+            self.counters["refused_quota"] += 1
+            raise RpcError(
+                "quota",
+                f"upload quota used up: {user}'s workdir blocks hold {mib(held)} of "
+                f"{mib(quota)}; blocks no job uses are removed after a day",
+            )
+
+    def _put_payload(
+        self, bid: str, payload: bytes, compressed: bool, user: str | None, check_quota: bool
+    ) -> None:
+        """Decompress, check and store a block (block-store thread only: one
+        block at a time is ever decompressed)."""
         try:
-            return bid, unpack_block(a["data"], bool(a.get("z")), MAX_BLOCK_SIZE)
+            data = unpack_block(payload, compressed, MAX_BLOCK_SIZE)
         except BlockCorrupt as exc:
             raise RpcError(BAD_REQUEST, f"block {bid[:12]} refused: {exc}") from None
+        self._put(bid, data, user, check_quota)
+
+    def _charge_all(self, bid: str, users: list[str]) -> None:
+        size = self.store.size_of(bid)
+        if size is None:
+            return
+        for user in users:
+            self.ledger.charge(bid, user, size)
 
     def _put(self, bid: str, data: bytes, user: str | None, check_quota: bool) -> None:
         """Store a block and charge it to `user` (block-store thread only, so the
         quota check and the charge are one step)."""
-        quota = self.quota_bytes
-        if check_quota and user is not None and quota > 0 and bid not in self.store:
-            held = self.ledger.usage[user]
-            if held + len(data) > quota:
-                self.counters["refused_quota"] += 1
-                raise RpcError(
-                    "quota",
-                    f"upload quota used up: {user}'s workdir blocks hold {mib(held)} of "
-                    f"{mib(quota)}; blocks no job uses are removed after a day",
-                )
+        if check_quota and user is not None:
+            self._check_quota(user, bid, len(data))
         try:
             self.store.put(bid, data)
         except BlockCorrupt as exc:
@@ -392,6 +448,29 @@ def _ids(a: Any) -> list[str]:
     if not isinstance(ids, list) or len(ids) > MAX_IDS or not all(is_block_id(x) for x in ids):
         raise RpcError(BAD_REQUEST, f"ids must be a list of at most {MAX_IDS} block ids")
     return ids
+
+
+def _declared(a: Any) -> tuple[str, bytes, bool, int]:
+    """(id, payload, compressed, size) of a block upload, its size as the
+    payload declares it (lz4's size header): checked before anything is
+    decompressed."""
+    if not isinstance(a, dict) or not isinstance(a.get("data"), bytes):
+        raise RpcError(BAD_REQUEST, "block_put needs id and data")
+    bid = _one_id(a)
+    payload = a["data"]
+    compressed = bool(a.get("z"))
+    size = len(payload)
+    if compressed:
+        if len(payload) < 4:
+            raise RpcError(BAD_REQUEST, f"block {bid[:12]} refused: too short to hold its size")
+        size = int.from_bytes(payload[:4], "little")
+    if size > MAX_BLOCK_SIZE:
+        raise RpcError(
+            BAD_REQUEST,
+            f"block {bid[:12]} refused: it declares {size} bytes, over the "
+            f"{MAX_BLOCK_SIZE >> 20} MiB cap",
+        )
+    return bid, payload, compressed, size
 
 
 def _one_id(a: Any) -> str:

@@ -124,6 +124,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.max_pending_jobs < 0:
+        print("leptond: --max-pending-jobs must not be negative", file=sys.stderr)
+        return 2
+    if args.audit_log_size < 1 << 20:
+        print("leptond: --audit-log-size must be at least 1M", file=sys.stderr)
+        return 2
     if not 0.3 < args.raft_min_timeout < args.raft_max_timeout:
         print("leptond: need 0.3 < --raft-min-timeout < --raft-max-timeout", file=sys.stderr)
         return 2
@@ -160,6 +166,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_root_tasks=args.allow_root_tasks,
         default_mem_per_gpu=args.default_mem_per_gpu,
         fair_share_half_life_s=args.fair_share_half_life,
+        default_mem_per_cpu=args.default_mem_per_cpu,
+        max_pending_jobs=args.max_pending_jobs,
+        max_pending_spec_bytes=args.max_pending_spec_bytes,
+        audit_log_bytes=args.audit_log_size,
     )
     try:
         cfg.check()
@@ -343,7 +353,40 @@ def parser() -> argparse.ArgumentParser:
         type=_size,
         default=0,
         metavar="SIZE",
-        help="memory limit per GPU for jobs without --mem, e.g. 32G (default 0: none)",
+        help="memory limit per GPU for jobs with GPUs and without --mem, e.g. 32G "
+        "(default 0: none; the host's limit for all its tasks applies)",
+    )
+    r.add_argument(
+        "--default-mem-per-cpu",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="memory limit per CPU for jobs without --mem (and GPU jobs when there is no "
+        "--default-mem-per-gpu), e.g. 4G (default 0: none; the host's limit for all its "
+        "tasks applies)",
+    )
+    r.add_argument(
+        "--max-pending-jobs",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="jobs each user may have waiting to start; more submits are refused "
+        "(default 10000, 0: no cap)",
+    )
+    r.add_argument(
+        "--max-pending-spec-bytes",
+        type=_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="bytes of job specs (commands, env) each user's waiting jobs may hold "
+        "(default 64M, 0: no cap)",
+    )
+    r.add_argument(
+        "--audit-log-size",
+        type=_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="rotate the audit log at this size, keeping four old files (default 64M)",
     )
     r.add_argument(
         "--fair-share-half-life",

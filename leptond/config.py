@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from raft.validate import MAX_MEM
+
 
 @dataclass(frozen=True)
 class MasterConfig:
@@ -55,13 +57,31 @@ class MasterConfig:
     # Whether tasks may run as uid 0 (a token mapped to root, such as the
     # admin token `leptond init` writes). Agents refuse uid 0 without it.
     allow_root_tasks: bool = False
-    # Memory limit per GPU for jobs that give no --mem; 0: none.
+    # Memory limit per GPU for jobs with GPUs that give no --mem, and per CPU
+    # for the others (and for GPU jobs without a per-GPU default); 0: none
+    # (agents still hold a task without one to the host's limit for tasks).
     default_mem_per_gpu: int = 0
     # Fair share counts each user's recent usage, decayed with this
     # half-life (Slurm's PriorityDecayHalfLife); 0: only what runs now.
     fair_share_half_life_s: float = 0.0
     # How long usage per user and day is kept (it outlives the jobs).
     usage_retention_s: float = 400 * 86400.0
+    # Each user's jobs waiting to start, and the bytes of their specs: a
+    # submit over either is refused (they live in every master's memory and
+    # in every snapshot). 0: no cap.
+    max_pending_jobs: int = 10_000
+    max_pending_spec_bytes: int = 64 << 20
+    # The audit log is rotated at this size (leptond/audit.py).
+    audit_log_bytes: int = 64 << 20
+    default_mem_per_cpu: int = 0
+
+    def default_mem_bytes(self, gpus: int, cpus: float) -> int:
+        """The memory limit of a job that gives none (0: none)."""
+        if gpus > 0 and self.default_mem_per_gpu > 0:
+            mem = gpus * self.default_mem_per_gpu
+        else:
+            mem = int(cpus * self.default_mem_per_cpu)
+        return min(mem, MAX_MEM)  # what a spec may ask for
 
     # Highest priority each user may submit at (`--max-priority user=N`), and
     # for users not named (`--default-max-priority N`; None: no cap). Admins

@@ -245,11 +245,17 @@ class DevCluster:
         if st.get("pid") != mine:
             raise DevError(f"another master (pid {st.get('pid')}) answers on {self.rpc}")
         # Agents never see the cluster key: each trades a join token for its own
-        # node credential (kept in its data dir, so a restart needs no new token).
-        res = self.call("join_token_create", {"ttl_s": 3600, "uses": max(agents, 1)})
-        join = d / "join.token"
-        _write_private(join, str(res["token"]) + "\n")
+        # node credential (kept in its data dir, so a restart needs no new
+        # token), from a file of its own that it deletes after the trade.
+        new = [i for i in range(agents) if not (d / f"agent-{i}" / "node.credential").exists()]
+        token = ""
+        if new:
+            res = self.call("join_token_create", {"ttl_s": 3600, "uses": len(new)})
+            token = str(res["token"]) + "\n"
         for i in range(agents):
+            join = d / f"agent-{i}.join.token"
+            if i in new:
+                _write_private(join, token)
             argv = [
                 py, "-m", "agent.cli", "run",
                 "--masters", self.rpc,

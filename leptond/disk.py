@@ -37,6 +37,9 @@ class DiskState:
     reserve_bytes: int
     read_only: bool
     journal_error: str | None
+    # What the audit log takes on this disk (leptond/audit.py): it is
+    # rotated by size, and writes no refusals while the disk is low.
+    audit_bytes: int = 0
 
     @property
     def low(self) -> bool:
@@ -78,7 +81,9 @@ class DiskGuard:
         reserve_bytes: int,
         journal_error: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = REAL.monotonic,
+        audit_bytes: Callable[[], int] = lambda: 0,
     ) -> None:
+        self._audit_bytes = audit_bytes
         self.path = path
         self.reserve_bytes = reserve_bytes
         self._journal_error = journal_error
@@ -100,7 +105,14 @@ class DiskGuard:
             read_only = bool(st.f_flag & os.ST_RDONLY)
         except OSError:
             free, read_only = 0, False
-        return DiskState(str(self.path), free, self.reserve_bytes, read_only, self._journal_error())
+        return DiskState(
+            str(self.path),
+            free,
+            self.reserve_bytes,
+            read_only,
+            self._journal_error(),
+            self._audit_bytes(),
+        )
 
     def check_new_work(self) -> None:
         """Raise the one-line refusal of new jobs and uploads when the disk is low."""

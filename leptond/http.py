@@ -16,7 +16,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from raft.errors import RaftError
@@ -97,15 +97,18 @@ def registry_for(m: HttpDeps) -> CollectorRegistry:
     ProcessCollector(registry=reg)
     PlatformCollector(registry=reg)
     GCCollector(registry=reg)
-    reg.register(RpcBudgetCollector(m.rpc))
+    reg.register(RpcBudgetCollector(m.rpc, m.liveness))
     return reg
 
 
 class RpcBudgetCollector(Collector):
-    """What partly received RPC frames hold (--max-buffered-bytes)."""
+    """What this master's connections hold in memory: partly received RPC
+    frames (--max-buffered-bytes), unread replies, and what it dropped from
+    agents' heartbeats."""
 
-    def __init__(self, rpc: RpcServer) -> None:
+    def __init__(self, rpc: RpcServer, liveness: NodeLiveness) -> None:
         self.rpc = rpc
+        self.liveness = liveness
 
     def collect(self) -> Iterator[Metric]:
         budget = self.rpc.budget
@@ -118,6 +121,23 @@ class RpcBudgetCollector(Collector):
             "lepton_rpc_partial_frame_waiting",
             "RPC connections waiting for room to receive a large frame",
             value=budget.waiting,
+        )
+        output = self.rpc.output
+        yield GaugeMetricFamily(
+            "lepton_rpc_unsent_reply_bytes",
+            "Bytes of RPC replies waiting for their peers to read them",
+            value=output.used,
+        )
+        yield CounterMetricFamily(
+            "lepton_rpc_slow_readers_closed",
+            "RPC connections closed for leaving too many replies unread",
+            value=output.closed,
+        )
+        # Heartbeats come to the leader; each master counts what it dropped.
+        yield CounterMetricFamily(
+            "lepton_heartbeat_values_dropped",
+            "Values in agents' heartbeats left out as malformed",
+            value=self.liveness.dropped_values,
         )
 
 
@@ -233,8 +253,10 @@ class HttpServer:
         if not self._authorized(request):
             return self._refuse()
         v = self.m.reader.view()
-        out = [views.job_summary(j, v) for j in v.jobs.values()]
-        return web.json_response(out[-1000:])
+        # The newest thousand, summarised (commands cut short): not a summary
+        # of every job in the state only to keep the last of them.
+        recent = list(v.jobs.values())[-1000:]
+        return web.json_response([views.job_summary(j, v) for j in recent])
 
     async def nodes(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

@@ -89,7 +89,9 @@ async def join_token_revoke(m: ApiContext, conn: Connection, a: dict[str, Any]) 
 async def node_join(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """Trade the join token this connection authenticated with for a node
     credential bound to `node_id`. Trading again for a node the token already
-    admitted spends no use and replaces that node's credential."""
+    admitted spends no use and replaces that node's credential, but only while
+    that node has never registered (an agent that died before saving it);
+    apply refuses it afterwards (raft/nodecreds.py)."""
     m.ensure_leader()
     try:
         node_id = validate_name(a.get("node_id"), "node id")

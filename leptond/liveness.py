@@ -7,10 +7,13 @@ a new leader starts from `reset`, which gives every node a full TTL.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from .clock import Clock
+
+log = logging.getLogger("lepton.master")
 
 
 class NodeLiveness:
@@ -18,6 +21,9 @@ class NodeLiveness:
         self._clock = clock
         self.last_seen: dict[str, float] = {}  # node id -> clock.monotonic()
         self.live: dict[str, dict[str, Any]] = {}  # node id -> last stats
+        # Heartbeat values dropped at arrival as malformed (nodestats.py), ever.
+        self.dropped_values = 0
+        self.dropped_by_node: dict[str, int] = {}
 
     def reset(self, node_ids: Iterable[str], grace_s: float) -> None:
         """A new leader: every node counts as heard from `grace_s` from now."""
@@ -28,6 +34,19 @@ class NodeLiveness:
         self.last_seen[node_id] = now
         if stats is not None:
             self.live[node_id] = {**stats, "at": now}
+
+    def dropped(self, node_id: str, n: int) -> None:
+        """Count values of a node's heartbeat that were left out as malformed."""
+        first = node_id not in self.dropped_by_node
+        self.dropped_values += n
+        self.dropped_by_node[node_id] = self.dropped_by_node.get(node_id, 0) + n
+        if first:
+            log.warning(
+                "node %s sent a heartbeat with %d malformed value(s); they are dropped "
+                "(counted in lepton_heartbeat_values_dropped_total)",
+                node_id,
+                n,
+            )
 
     def silent_for(self, node_id: str) -> float:
         """Seconds since the node was last heard from (a node never heard of

@@ -60,7 +60,7 @@ class Master:
         self.admin = read_token_file(cfg.admin_token_file)
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = ClusterState()
-        self.audit = AuditLog(cfg.data_dir / "audit.log", clock)
+        self.audit = AuditLog(cfg.data_dir / "audit.log", clock, max_bytes=cfg.audit_log_bytes)
         self.faults = faults.from_env()  # test builds only; inert otherwise
         self.started_at = clock.now()
         self._stop = asyncio.Event()
@@ -93,12 +93,19 @@ class Master:
         )
         reader = Publisher(self.state, raft.lock)
         disk = DiskGuard(
-            cfg.data_dir, cfg.min_free_disk_bytes, lambda: raft.journal.write_error, clock.monotonic
+            cfg.data_dir,
+            cfg.min_free_disk_bytes,
+            lambda: raft.journal.write_error,
+            clock.monotonic,
+            audit_bytes=self.audit.files_bytes,
         )
+        # Under the reserve, refused calls are no longer written to the audit
+        # log (only counted): what is left is for the journal.
+        self.audit.disk_low = lambda: disk.state().low
         gate = LeaderGate(cfg, raft, reader)
         wakeup = asyncio.Event()
         proposer = RaftProposer(raft, clock, gate.not_leader, wakeup.set, cfg.commit_timeout_s)
-        keys = KeyStore(self.secret, self.admin, reader)
+        keys = KeyStore(self.secret, self.admin, reader, clock)
         liveness = NodeLiveness(clock)
         members = Members(cfg, self.secret, raft, reader, proposer, gate, disk, clock)
         blocks = BlockService(cfg, self.secret, proposer, reader, gate, disk, members, clock)

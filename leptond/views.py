@@ -7,6 +7,7 @@ results are plain values.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,7 @@ def node_view(
             for g in n.gpus
             if g["index"] not in faulty
         ),
-        labels=dict(n.labels),
+        labels=dict(n.effective_labels()),
         schedulable=n.state == "ready",
         cached_blocks=cached,
     )
@@ -105,9 +106,18 @@ def scheduler_inputs(
     return nodes, allocs, pending
 
 
-def gang_port(job_id: str) -> int:
-    """A rendezvous port for a gang's rank 0, stable for the job."""
-    return 20000 + int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") % 20000
+# Below Linux's default ephemeral range (32768-60999): a port picked from
+# inside it collides with whatever outgoing connection the kernel handed that
+# number to, and torch's store then fails with EADDRINUSE.
+GANG_PORT_LO, GANG_PORT_HI = 20000, 32768
+
+
+def gang_port(job_id: str, attempt: int = 0) -> int:
+    """A rendezvous port for a gang's rank 0, stable for one attempt of the
+    job. A retry gets another port, so a port taken on rank 0's host costs
+    one attempt, not all of them."""
+    digest = hashlib.sha256(f"{job_id}/{attempt}".encode()).digest()
+    return GANG_PORT_LO + int.from_bytes(digest[:4], "big") % (GANG_PORT_HI - GANG_PORT_LO)
 
 
 def torch_env(s: StateView, job: Job, t: Task, nnodes: int) -> dict[str, str]:
@@ -127,7 +137,7 @@ def torch_env(s: StateView, job: Job, t: Task, nnodes: int) -> dict[str, str]:
         rank0 = s.tasks[job.tasks[0]]
         node = s.nodes.get(rank0.node_id) if rank0.node_id else None
         host = node.addr if node is not None else "127.0.0.1"
-        addr, port = host or "127.0.0.1", str(gang_port(job.id))
+        addr, port = host or "127.0.0.1", str(gang_port(job.id, rank0.attempt))
         env.update(
             {
                 "MASTER_ADDR": addr,
@@ -184,12 +194,14 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
     }
 
 
-def job_summary(j: Job, s: StateView | None = None) -> dict[str, Any]:
+def job_summary(j: Job, s: StateView | None = None, whole_command: bool = False) -> dict[str, Any]:
     """A job as `jobs`, `status` and -o json show it: one source for all three.
 
     With the state: `started_at`, when its current run started (the first
     rank to start; None before), and `stopping`, how many of its tasks are
-    live with a stop asked for (a cancelled job whose tasks still exit)."""
+    live with a stop asked for (a cancelled job whose tasks still exit).
+    Its command is cut short (`command_cut`: True) unless `whole_command`: a
+    listing of many jobs must not carry a quarter MiB of command line each."""
     sp = j.spec
     started: float | None = None
     stopping = 0
@@ -201,6 +213,10 @@ def job_summary(j: Job, s: StateView | None = None) -> dict[str, Any]:
             if t.state in LIVE_TASK_STATES and t.stop is not None:
                 stopping += 1
     gpus, nodes = sp.get("gpus", 0), sp.get("nodes", 1)
+    argv = sp.get("argv", [])
+    cut = False
+    if not whole_command:
+        argv, cut = short_command(argv)
     return {
         "id": j.id,
         "name": j.name,
@@ -215,20 +231,46 @@ def job_summary(j: Job, s: StateView | None = None) -> dict[str, Any]:
         "gpus_total": gpus * nodes,
         "nodes": nodes,
         "priority": sp.get("priority", 0),
-        "command": sp.get("argv", []),
+        "command": argv,
+        "command_cut": cut,
         "message": j.message,
         "retries": sp.get("retries", 0),
         "retries_left": j.retries_left,
     }
 
 
+# What a listing shows of each job's command, in characters.
+LISTED_COMMAND_CHARS = 256
+
+
+def short_command(argv: list[str]) -> tuple[list[str], bool]:
+    """The first arguments of a command, up to LISTED_COMMAND_CHARS in all
+    (the last one cut with "..."); and whether anything was left out."""
+    out: list[str] = []
+    left = LISTED_COMMAND_CHARS
+    for arg in argv:
+        if len(arg) > left:
+            out.append(arg[:left] + "...")
+            return out, True
+        out.append(arg)
+        left -= len(arg) + 1
+        if left <= 0 and len(out) < len(argv):
+            out.append("...")
+            return out, True
+    return out, False
+
+
 REDACTED = "<redacted>"
 
 
 def redacted_spec(j: Job) -> dict[str, Any]:
-    """A job's spec as people other than its owner see it: env names, no values."""
+    """A job's spec as people other than its owner see it: env names, no
+    values, and not its workdir's manifest id (that id would let a submit use
+    those files, were it not checked; nobody else needs it)."""
     spec = dict(j.spec)
     spec["env"] = dict.fromkeys(spec.get("env") or {}, REDACTED)
+    if spec.get("workdir"):
+        spec["workdir"] = REDACTED
     return spec
 
 
@@ -253,18 +295,25 @@ def task_detail(s: StateView, t: Task) -> dict[str, Any]:
     }
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str, Any]:
+    """A node as `nodes` shows it. What its agent last reported is checked at
+    arrival (leptond/nodestats.py); this still takes only what has the right
+    shape, so one host's bad report never breaks the listing for everyone."""
     held, cpus_used, mem_used = s.node_usage(n.id)
-    if n.state == "down":
+    if n.state == "down" or not isinstance(live, dict):
         live = None  # its last heartbeat is stale: show no utilisation at all
-    stats = (live or {}).get("stats") or {}
-    gpu_stats = (live or {}).get("gpus") or []
+    stats = (live or {}).get("stats")
+    stats = stats if isinstance(stats, dict) else {}
+    gpu_stats = (live or {}).get("gpus")
+    gpu_stats = [g for g in gpu_stats if isinstance(g, dict)] if isinstance(gpu_stats, list) else []
     # -1: the GPU could not tell (off the bus, an old driver).
-    utils = [
-        u
-        for g in gpu_stats
-        if isinstance(g, dict) and isinstance(u := g.get("util_pct", 0), int | float) and u >= 0
-    ]
+    utils = [g["util_pct"] for g in gpu_stats if _number(g.get("util_pct")) and g["util_pct"] >= 0]
+    cache = (live or {}).get("cache")
+    age = (live or {}).get("age_s")
     faulty = {int(f["index"]) for f in n.gpu_faults}
     return {
         "id": n.id,
@@ -273,7 +322,8 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "drain_deadline": n.drain_deadline,
         "drain_reason": n.drain_reason,
         "addr": n.addr,
-        "labels": dict(n.labels),
+        "labels": dict(n.effective_labels()),
+        "admin_labels": dict(n.admin_labels),
         "gpus_total": len(n.gpus),
         "gpus_used": len(held),
         # Free: neither held nor unhealthy (an unhealthy GPU may still be held
@@ -291,8 +341,8 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "reason": n.reason,
         "gpus": gpu_stats,
         "host": stats,
-        "cache": (live or {}).get("cache") or {},
-        "last_heartbeat_s": (live or {}).get("age_s"),
+        "cache": cache if isinstance(cache, dict) else {},
+        "last_heartbeat_s": age if _number(age) else None,
     }
 
 

@@ -23,7 +23,10 @@ import msgpack
 # Version 2: validation limits count bytes of the encoded command, not
 # characters (raft/validate.py keeps version 1's limits for replaying old
 # journals: a command applies the same way whatever release replays it).
-COMMAND_VERSION = 2
+# Version 3: a submit may use only a workdir manifest its own user committed
+# (admins any), and register_node bounds what a host says about itself
+# (raft.validate.validate_node).
+COMMAND_VERSION = 3
 # The largest command apply will decode: a sanity bound, far above what any
 # release proposes, so old journals with large entries still replay.
 MAX_COMMAND_BYTES = 64 * 1024 * 1024

@@ -104,6 +104,16 @@ class Node(Record):
     # Nothing is placed on them; only `leptonctl node gpu reset` (after a
     # burn-in on the host) clears one. It outlives re-registrations.
     gpu_faults: list[dict[str, Any]] = field(default_factory=list)
+    # Labels an admin set (`node_label`): they win over the host's own for
+    # the same name, and only admins set names under raft.validate's
+    # ADMIN_LABEL_PREFIX. They outlive the host registering again.
+    admin_labels: dict[str, str] = field(default_factory=dict)
+
+    def effective_labels(self) -> dict[str, str]:
+        """The labels placement and listings use: the host's, then the admin's."""
+        if not self.admin_labels:
+            return self.labels
+        return {**self.labels, **self.admin_labels}
 
 
 @dataclass(slots=True)
@@ -212,6 +222,10 @@ class NodeCredential(Record):
     sealed: bytes
     issued_at: float
     join_token: str  # the join token it was traded for
+    # Whether the node ever registered with it. Until then the trade may be
+    # made again (an agent that died before saving its credential); after,
+    # never: a join token left on a host must not buy another node's key.
+    registered: bool = False
 
 
 @dataclass(slots=True)

@@ -10,15 +10,21 @@ Rules:
 - a join token admits at most `max_uses` distinct node ids, and none once it
   has expired (by the proposer's clock) or been revoked;
 - trading again for a node id the token already admitted spends no use, as
-  long as that node still holds the credential from this token: an agent that
-  crashed between the master issuing its credential and saving it can trade
-  again. The new credential replaces the old one;
+  long as that node still holds the credential from this token and has never
+  registered with it: an agent that crashed between the master issuing its
+  credential and saving it never registered (registering needs the saved
+  credential), so it can trade again and the new credential replaces the old
+  one. Once the node has registered, its credential is never traded for again:
+  a join token left on one host (or a multi-use fleet token) must not buy
+  another node's credential. Such a node rejoins only after `node rm`, with a
+  new join token;
 - a node holds at most one credential; `revoke_node` (from `node rm`) deletes
   it, and the token that admitted the node cannot bring it back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +114,15 @@ def apply_node_join(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             "forbidden",
             f"node {node_id} was removed; it needs a new join token to join again",
         )
+    if node_id in s.nodes or (held is not None and s.node_creds[held].registered):
+        # Registered (or registered once and left): the node holds a saved
+        # credential, so a trade now can only be someone else asking for it.
+        raise ArgError(
+            "conflict",
+            f"node {node_id} has registered already, so its credential cannot be traded "
+            "for again; to replace it, `leptonctl node rm` the node and join with a new "
+            "join token",
+        )
     if not again:
         if held is not None:
             raise ArgError(
@@ -131,6 +146,16 @@ def apply_node_join(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     )
     s.node_cred_of[node_id] = cred_id
     return {"node_id": node_id, "cred_id": cred_id, "again": again, "replaced": held}
+
+
+def note_registered(s: ClusterState, node_id: str) -> None:
+    """The node registered: from now on its credential is never traded for
+    again. Called by register_node after its checks; never raises. The record
+    is replaced, not changed in place, as published views may share it."""
+    cid = s.node_cred_of.get(node_id)
+    cred = s.node_creds.get(cid) if cid is not None else None
+    if cred is not None and not cred.registered:
+        s.node_creds[cred.id] = dataclasses.replace(cred, registered=True)
 
 
 def revoke_node(s: ClusterState, node_id: str) -> str | None:

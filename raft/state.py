@@ -38,8 +38,16 @@ from .model import (
     Token,
     UsageDay,
 )
-from .validate import SpecError, validate_name, validate_spec, validate_unix_user
-from .view import SNAPSHOT_VERSION, StateReads, StateView
+from .validate import (
+    SpecError,
+    spec_bytes,
+    validate_labels,
+    validate_name,
+    validate_node,
+    validate_spec,
+    validate_unix_user,
+)
+from .view import READABLE_SNAPSHOT_VERSIONS, StateReads, StateView
 
 log = logging.getLogger("lepton.raft")
 
@@ -76,6 +84,9 @@ class ClusterState(StateReads):
         # Cumulative counters and usage by (user, day) (raft/accounting.py).
         self.counters: CowMap[str, float] = CowMap()
         self.usage: CowMap[tuple[str, int], UsageDay] = _records()
+        # manifest id -> the users who committed it (sorted): a submit may use
+        # only its own user's (raft/commands.py, version 3).
+        self.manifest_owners: CowMap[str, tuple[str, ...]] = CowMap()
         self.recent = RecentResults()
         # Parts of a snapshot being restored (apply_restore), or None. Replaced,
         # never mutated in place: views share it.
@@ -86,6 +97,9 @@ class ClusterState(StateReads):
         self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
         self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
         self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
+        # user -> (jobs waiting to start, bytes of their specs): what the
+        # per-user caps a submit carries are checked against.
+        self.user_pending: CowMap[str, tuple[int, int]] = CowMap()
         # Bumped by every command that can free capacity or change nodes. Local
         # (not in snapshots): the leader's scheduler uses it to skip tasks that
         # did not fit last time when nothing could have made room since.
@@ -140,8 +154,11 @@ class ClusterState(StateReads):
             return error("internal", f"{cmd.op} failed: {exc}")
 
     # -- nodes ----------------------------------------------------------------
-    def apply_register_node(self, a: dict[str, Any], index: int) -> Result:
-        n = a["node"]
+    def apply_register_node(
+        self, a: dict[str, Any], index: int, version: int = COMMAND_VERSION
+    ) -> Result:
+        # Version 3 on: bounded GPUs, CPUs, memory and labels (raft/validate.py).
+        n = validate_node(a["node"]) if version >= 3 else a["node"]
         node_id = _str(n, "id")
         gpus = [_gpu(g) for g in n.get("gpus", [])]
         if len({g["index"] for g in gpus}) != len(gpus):
@@ -183,6 +200,7 @@ class ClusterState(StateReads):
             node.updated_at = now
             node.reason = node.drain_reason or ""
         requeued = self._fit_live_tasks(node, now)
+        nc.note_registered(self, node_id)
         return {
             "node_id": node_id,
             "state": node.state,
@@ -294,6 +312,20 @@ class ClusterState(StateReads):
             "drained": node.drain_reason is not None,
         }
 
+    def apply_node_labels(self, a: dict[str, Any], index: int) -> Result:
+        """Set (`set`, a map) and remove (`unset`, a list) a node's admin labels."""
+        node = self._node(a)
+        add = validate_labels(a.get("set"), "admin labels")
+        unset = a.get("unset") or []
+        if not isinstance(unset, list) or not all(isinstance(k, str) for k in unset):
+            raise ArgError("bad_request", "unset must be a list of label names")
+        merged = {k: v for k, v in node.admin_labels.items() if k not in set(unset)}
+        merged.update(add)
+        validate_labels(merged, "admin labels")  # the whole set stays within the bounds
+        node = self.nodes.writable(node.id)
+        node.admin_labels = merged  # replaced, never changed in place (views share it)
+        return {"node_id": node.id, "admin_labels": dict(merged)}
+
     def apply_drain_expired(self, a: dict[str, Any], index: int) -> Result:
         """The drain deadline of a node has passed (by the proposer's clock): ask
         every live task still on it to stop; each goes back to pending when it
@@ -375,7 +407,9 @@ class ClusterState(StateReads):
         for j in a["jobs"]:
             try:
                 out.append(self._submit(j, version))
-            except (SpecError, ArgError) as exc:
+            except ArgError as exc:
+                out.append(error(exc.code, str(exc)))
+            except SpecError as exc:
                 out.append(error("bad_request", str(exc)))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # One malformed job must not fail the batch after earlier jobs
@@ -401,8 +435,21 @@ class ClusterState(StateReads):
             raise ArgError(
                 "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
             )
+        if (
+            version >= 3
+            and spec.workdir is not None
+            and not j.get("admin")
+            and job.user not in self.manifest_owners.get(spec.workdir, ())
+        ):
+            # Another user's manifest would give this job their files. The
+            # same words as for an unknown one: no probe of who uploaded what.
+            raise ArgError(
+                "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
+            )
+        self._check_pending_caps(job, j.get("caps"))
         self.jobs[job_id] = job
         acct.job_submitted(self)
+        self._pending_changed(job, was_pending=False)
         for rank in range(spec.nodes):
             t = Task(
                 id=f"{job_id}.{rank}",
@@ -417,6 +464,47 @@ class ClusterState(StateReads):
             self.pending[t.id] = None
         return {"id": job_id}
 
+    def _check_pending_caps(self, job: Job, caps: Any) -> None:
+        """`caps` = [jobs, bytes] (0: no cap), decided by the proposer from its
+        flags, so every replica refuses the same submits."""
+        if caps is None:
+            return
+        if not (
+            isinstance(caps, list)
+            and len(caps) == 2
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in caps)
+        ):
+            raise ArgError("bad_request", "caps must be [jobs, bytes]")
+        max_jobs, max_bytes = caps
+        n, held = self.user_pending.get(job.user, (0, 0))
+        if max_jobs and n + 1 > max_jobs:
+            raise ArgError(
+                "pending_limit",
+                f"{job.user} has {n} jobs waiting to start, the most one user may "
+                f"({max_jobs}); cancel some or wait for them to start",
+            )
+        size = spec_bytes(job.spec)
+        if max_bytes and held + size > max_bytes:
+            raise ArgError(
+                "pending_limit",
+                f"{job.user}'s waiting jobs hold {held} bytes of specs; this one "
+                f"({size} bytes) would pass the limit of {max_bytes}; cancel some or "
+                "wait for them to start",
+            )
+
+    def _pending_changed(self, job: Job, was_pending: bool) -> None:
+        """Keep user_pending in step with a job entering or leaving `pending`."""
+        now_pending = job.state == "pending"
+        if was_pending == now_pending:
+            return
+        n, held = self.user_pending.get(job.user, (0, 0))
+        size = spec_bytes(job.spec)
+        n, held = (n + 1, held + size) if now_pending else (n - 1, held - size)
+        if n > 0:
+            self.user_pending[job.user] = (n, held)
+        else:
+            self.user_pending.pop(job.user, None)
+
     def apply_cancel_job(self, a: dict[str, Any], index: int) -> Result:
         job = self.jobs.get(_str(a, "job_id"))
         if job is None:
@@ -430,7 +518,9 @@ class ClusterState(StateReads):
             raise ArgError("conflict", f"job {job.id} already {job.state}")
         now = float(a["now"])
         job = self.jobs.writable(job.id)
+        was_pending = job.state == "pending"
         job.state = "cancelled"
+        self._pending_changed(job, was_pending)
         job.message = f"cancelled by {a.get('user', '?')}"
         for tid in job.tasks:
             state = self.tasks[tid].state
@@ -468,6 +558,7 @@ class ClusterState(StateReads):
             still_used = {j.spec.get("workdir") for j in self.jobs.values()}
             for mid in dropped_workdirs - still_used:
                 self.manifests.pop(mid, None)
+                self.manifest_owners.pop(mid, None)
         # Join tokens long expired go the same way; usage records only after
         # their own, longer, retention (`usage_before`, when given).
         joins = nc.gc_join_tokens(self, before)
@@ -545,10 +636,18 @@ class ClusterState(StateReads):
         return {"ok": True}
 
     def apply_put_manifest(self, a: dict[str, Any], index: int) -> Result:
+        """Commit a workdir manifest for `user` (the same content committed by
+        several users is one manifest with several owners)."""
         mid = _str(a, "id")
         if not isinstance(a["manifest"], dict):
             raise ArgError("bad_request", "manifest must be a map")
+        user = a.get("user")
+        if user is not None:
+            user = _str(a, "user")
         self.manifests.setdefault(mid, a["manifest"])
+        owners = self.manifest_owners.get(mid, ())
+        if user is not None and user not in owners:
+            self.manifest_owners[mid] = tuple(sorted({*owners, user}))
         return {"id": mid}
 
     def apply_restore(self, a: dict[str, Any], index: int) -> Result:
@@ -644,6 +743,8 @@ class ClusterState(StateReads):
                 manifests=self.manifests.frozen(),
                 counters=self.counters.frozen(),
                 usage=self.usage.frozen(),
+                manifest_owners=self.manifest_owners.frozen(),
+                user_pending=self.user_pending.frozen(),
                 gpu_owner=self.gpu_owner.frozen(),
                 node_tasks=self.node_tasks.frozen(),
                 pending=self.pending.frozen(),
@@ -681,6 +782,8 @@ class ClusterState(StateReads):
             self.manifests,
             self.counters,
             self.usage,
+            self.manifest_owners,
+            self.user_pending,
             self.gpu_owner,
             self.node_tasks,
             self.pending,
@@ -693,7 +796,7 @@ class ClusterState(StateReads):
     def restore(self, data: bytes) -> None:
         try:
             obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-            if not isinstance(obj, dict) or obj.get("v") != SNAPSHOT_VERSION:
+            if not isinstance(obj, dict) or obj.get("v") not in READABLE_SNAPSHOT_VERSIONS:
                 raise ValueError("not a leptond state snapshot of a known version")
             nodes = {n["id"]: Node.from_wire(n) for n in obj["nodes"]}
             jobs = {j["id"]: Job.from_wire(j) for j in obj["jobs"]}
@@ -711,6 +814,11 @@ class ClusterState(StateReads):
             usage = {(u.user, u.day): u for u in map(UsageDay.from_wire, obj.get("usage") or [])}
             if not all(isinstance(u, str) and isinstance(d, int) for u, d in usage):
                 raise ValueError("usage records need a user name and a day number")
+            owners = {
+                str(k): tuple(sorted(str(u) for u in v))
+                for k, v in (obj.get("manifest_owners") or {}).items()
+                if k in manifests and isinstance(v, list | tuple)
+            }
             applied_index = int(obj.get("applied_index", 0))
             restoring = obj.get("restoring")
             if restoring is not None and not (
@@ -735,6 +843,7 @@ class ClusterState(StateReads):
         self.manifests = CowMap.adopt(manifests)
         self.counters = CowMap.adopt(counters)
         self.usage = _cow(usage)
+        self.manifest_owners = CowMap.adopt(owners)
         self.recent = recent
         self.restoring = restoring
         self.applied_index = applied_index
@@ -746,6 +855,11 @@ class ClusterState(StateReads):
         gpu_owner: dict[tuple[str, int], str] = {}
         node_tasks: dict[str, set[str]] = {nid: set() for nid in self.nodes}
         pending: dict[str, None] = {}
+        user_pending: dict[str, tuple[int, int]] = {}
+        for j in self.jobs.values():
+            if j.state == "pending":
+                n, held = user_pending.get(j.user, (0, 0))
+                user_pending[j.user] = (n + 1, held + spec_bytes(j.spec))
         for t in self.tasks.values():
             if t.state == "pending":
                 pending[t.id] = None
@@ -757,6 +871,7 @@ class ClusterState(StateReads):
         self.gpu_owner = CowMap.adopt(gpu_owner)
         self.node_tasks = CowMap.adopt(node_tasks, clone=set.copy)
         self.pending = CowMap.adopt(pending)
+        self.user_pending = CowMap.adopt(user_pending)
 
     def digest(self) -> bytes:
         """A canonical encoding for comparing replicas in tests."""
@@ -794,7 +909,7 @@ def _gpu(g: Any) -> dict[str, Any]:
 
 # Ops whose apply takes the command's format version: those that validate
 # with limits a release may change (raft/validate.py).
-VERSIONED_OPS = frozenset({"submit_jobs"})
+VERSIONED_OPS = frozenset({"submit_jobs", "register_node"})
 CAPACITY_OPS = frozenset(
     {
         "register_node",
@@ -811,6 +926,7 @@ OPS = frozenset(
     {
         "register_node",
         "node_state",
+        "node_labels",
         "drain_expired",
         "node_down",
         "remove_node",

@@ -351,7 +351,9 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
             finished_at = finished_at or now
     if (state, message, finished_at) != (job.state, job.message, job.finished_at):
         ended = job.finished_at is None and finished_at is not None
+        was_pending = job.state == "pending"
         job = s.jobs.writable(job.id)
         job.state, job.message, job.finished_at = state, message, finished_at
         if ended:
             accounting.job_ended(s, job, now)
+        s._pending_changed(job, was_pending)

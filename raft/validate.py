@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from .commands import COMMAND_VERSION, human_bytes
+from .commands import COMMAND_VERSION, encoded_size, human_bytes
 from .model import JobSpec
 
 MAX_GPUS = 1024
@@ -62,16 +62,22 @@ class SpecError(ValueError):
     """A user mistake in a job spec; the message is one line meant for people."""
 
 
+def _shown(v: Any) -> str:
+    """A value as an error message quotes it: a megabyte name is not echoed back."""
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _num(spec: dict[str, Any], key: str, lo: float, hi: float, integer: bool, default: Any) -> Any:
     v = spec.get(key, default)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise SpecError(f"{key} must be a number, got {v!r}")
+        raise SpecError(f"{key} must be a number, got {_shown(v)}")
     if isinstance(v, int) and not -(2**63) <= v < 2**64:  # JSON ints can be beyond a float
         raise SpecError(f"{key} must be between {lo:g} and {hi:g}")
     if integer and (not float(v).is_integer()):
-        raise SpecError(f"{key} must be a whole number, got {v!r}")
+        raise SpecError(f"{key} must be a whole number, got {_shown(v)}")
     if not lo <= v <= hi:
         raise SpecError(f"{key} must be between {lo:g} and {hi:g}, got {v:g}")
     return int(v) if integer else float(v)
@@ -86,7 +92,7 @@ def _str_map(
     out: dict[str, str] = {}
     for k, val in v.items():
         if not isinstance(k, str) or not key_re.match(k):
-            raise SpecError(f"{key}: {k!r} is not a valid {what} name")
+            raise SpecError(f"{key}: {_shown(k)} is not a valid {what} name")
         too_long = max_chars is not None and isinstance(val, str) and len(val) > max_chars
         if not isinstance(val, str) or too_long or "\x00" in val:
             raise SpecError(f"{key}: value of {k} must be a string")
@@ -195,16 +201,130 @@ def validate_spec(spec: Any, version: int = COMMAND_VERSION) -> JobSpec:
     return out
 
 
+def spec_bytes(spec: dict[str, Any]) -> int:
+    """What a job's spec weighs in the per-user pending caps: its encoding."""
+    try:
+        return encoded_size(spec)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def validate_unix_user(name: Any) -> str:
     if not isinstance(name, str) or not UNIX_USER.match(name):
         raise SpecError(
             "a Unix user name is 1-32 letters, digits, '_', '.' or '-', starting with a "
-            f"letter or '_', got {name!r}"
+            f"letter or '_', got {_shown(name)}"
         )
     return name
 
 
 def validate_name(name: Any, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME.match(name):
-        raise SpecError(f"{what} must be 1-128 letters, digits, '.', '_' or '-', got {name!r}")
+        raise SpecError(
+            f"{what} must be 1-128 letters, digits, '.', '_' or '-', got {_shown(name)}"
+        )
     return name
+
+
+# What a host may say about itself when it registers (version 3 on): a
+# compromised host must not be able to make node listings, metrics or
+# placement misbehave with absurd figures or endless labels.
+MAX_NODE_GPUS = 256
+MAX_NODE_CPUS = MAX_CPUS
+MAX_NODE_MEM = MAX_MEM
+MAX_GPU_INDEX = 1023
+MAX_GPU_TEXT = 128
+MAX_NODE_LABELS = 64
+MAX_LABEL_VALUE_BYTES = 256
+MAX_ADDR_CHARS = 256
+# Labels under this prefix are set by admins only (`node_label`); a host's
+# own claims to them are ignored, so a job constrained on one never goes to a
+# host only because that host says so.
+ADMIN_LABEL_PREFIX = "admin/"
+
+
+def _text(v: Any, what: str, limit: int) -> str:
+    if not isinstance(v, str) or len(v) > limit or not v.isprintable():
+        raise SpecError(f"{what} must be printable text of at most {limit} characters")
+    return v
+
+
+def validate_labels(v: Any, what: str = "labels") -> dict[str, str]:
+    """Node labels: at most MAX_NODE_LABELS, names as job constraints take them,
+    values short printable text."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise SpecError(f"{what} must be a map of label names to values")
+    if len(v) > MAX_NODE_LABELS:
+        raise SpecError(f"at most {MAX_NODE_LABELS} {what}, got {len(v)}")
+    out: dict[str, str] = {}
+    for k, val in v.items():
+        if not isinstance(k, str) or not LABEL.match(k):
+            raise SpecError(f"{what}: {_shown(k)} is not a valid label name")
+        if not isinstance(val, str) or not val.isprintable():
+            raise SpecError(f"{what}: the value of {k} must be printable text")
+        if len(val.encode("utf-8", "replace")) > MAX_LABEL_VALUE_BYTES:
+            raise SpecError(f"{what}: the value of {k} is over {MAX_LABEL_VALUE_BYTES} bytes")
+        out[k] = val
+    return out
+
+
+def _gpu_of(g: Any) -> dict[str, Any]:
+    if not isinstance(g, dict):
+        raise SpecError("each GPU of a node must be a map")
+    index = g.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_GPU_INDEX:
+        raise SpecError(f"GPU index must be from 0 to {MAX_GPU_INDEX}, got {_shown(index)}")
+    mem = g.get("mem_bytes", 0)
+    if isinstance(mem, bool) or not isinstance(mem, int) or not 0 <= mem <= MAX_NODE_MEM:
+        raise SpecError(f"GPU {index}: mem_bytes must be a whole number of bytes up to 64 TiB")
+    domain = g.get("domain", -1)
+    if isinstance(domain, bool) or not isinstance(domain, int) or not -1 <= domain <= 1 << 20:
+        raise SpecError(f"GPU {index}: domain must be a small whole number")
+    return {
+        "index": index,
+        "uuid": _text(g.get("uuid", ""), f"GPU {index} uuid", MAX_GPU_TEXT),
+        "model": _text(g.get("model", ""), f"GPU {index} model", MAX_GPU_TEXT),
+        "mem_bytes": mem,
+        "domain": domain,
+    }
+
+
+def validate_node(n: Any) -> dict[str, Any]:
+    """What a registering host says about itself, checked and normalized:
+    {id, name, addr, cpus, mem_bytes, gpus, labels}. Labels under
+    ADMIN_LABEL_PREFIX are dropped: only admins set those."""
+    if not isinstance(n, dict):
+        raise SpecError("a node description must be a map")
+    nid = n.get("id")
+    if not isinstance(nid, str) or not NAME.match(nid):
+        raise SpecError(
+            f"node id must be 1-128 letters, digits, '.', '_' or '-', got {_shown(nid)}"
+        )
+    gpus = n.get("gpus") or []
+    if not isinstance(gpus, list) or len(gpus) > MAX_NODE_GPUS:
+        raise SpecError(f"a node has at most {MAX_NODE_GPUS} GPUs")
+    cpus = n.get("cpus")
+    if (
+        isinstance(cpus, bool)
+        or not isinstance(cpus, int | float)
+        or not 0 <= cpus <= MAX_NODE_CPUS
+    ):
+        raise SpecError(f"node cpus must be from 0 to {MAX_NODE_CPUS}, got {_shown(cpus)}")
+    mem = n.get("mem_bytes")
+    if isinstance(mem, bool) or not isinstance(mem, int) or not 0 <= mem <= MAX_NODE_MEM:
+        raise SpecError(f"node mem_bytes must be from 0 to 64 TiB, got {_shown(mem)}")
+    out_gpus = [_gpu_of(g) for g in gpus]
+    if len({g["index"] for g in out_gpus}) != len(out_gpus):
+        raise SpecError("node GPU indexes must be distinct")
+    labels = validate_labels(n.get("labels"))
+    return {
+        "id": nid,
+        "name": validate_name(n.get("name"), "node name"),
+        "addr": _text(n.get("addr", ""), "node addr", MAX_ADDR_CHARS),
+        "cpus": float(cpus),
+        "mem_bytes": mem,
+        "gpus": out_gpus,
+        "labels": {k: v for k, v in labels.items() if not k.startswith(ADMIN_LABEL_PREFIX)},
+    }

@@ -33,7 +33,10 @@ from .model import (
 if TYPE_CHECKING:
     from .dedupe import FrozenResults
 
-SNAPSHOT_VERSION = 1
+# Version 2 adds `manifest_owners` (who committed each workdir manifest);
+# version 1 snapshots still restore (their manifests have no owners).
+SNAPSHOT_VERSION = 2
+READABLE_SNAPSHOT_VERSIONS = frozenset({1, 2})
 # Records packed per chunk of an encoded snapshot: small enough that the
 # encoding thread lets others (the Raft thread) run between chunks.
 RECORDS_PER_CHUNK = 512
@@ -98,6 +101,7 @@ class StateView(StateReads):
         "gpu_owner",
         "jobs",
         "join_tokens",
+        "manifest_owners",
         "manifests",
         "members",
         "node_cred_of",
@@ -110,6 +114,7 @@ class StateView(StateReads):
         "tasks",
         "tokens",
         "usage",
+        "user_pending",
     )
 
     def __init__(
@@ -125,6 +130,8 @@ class StateView(StateReads):
         manifests: Mapping[str, dict[str, Any]],
         counters: Mapping[str, float],
         usage: Mapping[tuple[str, int], UsageDay],
+        manifest_owners: Mapping[str, tuple[str, ...]],
+        user_pending: Mapping[str, tuple[int, int]],
         gpu_owner: Mapping[tuple[str, int], str],
         node_tasks: Mapping[str, Set[str]],
         pending: Mapping[str, None],
@@ -146,6 +153,9 @@ class StateView(StateReads):
         # Cumulative counters and per-user, per-day usage (raft/accounting.py).
         self.counters = counters
         self.usage = usage
+        self.manifest_owners = manifest_owners
+        # Derived (not in snapshots): each user's waiting jobs and spec bytes.
+        self.user_pending = user_pending
         self.gpu_owner = gpu_owner
         self.node_tasks = node_tasks
         self.pending = pending
@@ -182,7 +192,7 @@ class StateView(StateReads):
         ]
         # The keys and their order are the snapshot format (SNAPSHOT_VERSION);
         # "counters" and "usage" came last, and snapshots without them load.
-        p.pack_map_header(14)
+        p.pack_map_header(15)
         p.pack("v")
         p.pack(SNAPSHOT_VERSION)
         p.pack("applied_index")
@@ -197,6 +207,8 @@ class StateView(StateReads):
                     p.reset()
         p.pack("manifests")
         p.pack(dict(self.manifests))
+        p.pack("manifest_owners")
+        p.pack({k: list(v) for k, v in self.manifest_owners.items()})
         p.pack("recent")
         p.pack(self.recent.to_wire())
         p.pack("restoring")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,17 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]
         if rep is not None and rep.failed:
             print(c.logs())
         c.close()
+
+
+@pytest.fixture
+def shared_path() -> Iterator[Path]:
+    """A fresh directory a test and its tasks both see: not under /tmp, which
+    is each task's own (agent/taskns.py), so not tmp_path."""
+    d = Path(tempfile.mkdtemp(prefix="lepton-test-", dir="/var/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

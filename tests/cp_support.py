@@ -94,8 +94,14 @@ def module_cluster(
 
 def local_job_ids(addr: str, token: str) -> list[str]:
     """Job ids in this master's own replica, duplicates kept (they would be a bug)."""
-    rows = rpc(addr, token, "jobs", {"all": True, "local": True, "limit": 10**9}, timeout_s=20)
-    return [r["id"] for r in rows]
+    args: dict[str, Any] = {"all": True, "local": True, "limit": 10**9, "paged": True}
+    ids: list[str] = []
+    while True:  # page by page: one reply holds a few MiB of summaries
+        page = rpc(addr, token, "jobs", args, timeout_s=20)
+        ids += [r["id"] for r in page["jobs"]]
+        if not page["next"]:
+            return ids
+        args["after"] = page["next"]
 
 
 def wait_replicas_hold(

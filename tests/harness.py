@@ -55,6 +55,13 @@ def wait_for(cond: Callable[[], T], timeout_s: float, what: str, interval_s: flo
         time.sleep(interval_s)
 
 
+def _write_new(path: Path, text: str) -> None:
+    """A new 0600 file (a token): refuses to replace one that exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
@@ -237,19 +244,32 @@ class Cluster:
         m.proc.stop()
         m.proc.start()
 
-    def join_token_file(self) -> Path:
-        """One join token for every agent this cluster starts, made on first use
-        (the masters must be up). Agents keep their credential in their data
-        dir, so a restarted agent does not trade it again."""
+    def join_token_file(self, agent: str | None = None) -> Path:
+        """One multi-use join token for every agent this cluster starts, made
+        on first use (the masters must be up). Each agent gets its own copy
+        (`agent`), as hosts of a fleet would: an agent deletes its copy once it
+        has its credential, which it keeps in its data dir, so a restarted
+        agent does not trade again."""
         path = self.root / "join.token"
         if not path.exists():
             res = self.rpc("join_token_create", {"ttl_s": 86400, "uses": None})
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(res["token"] + "\n")
-        return path
+            _write_new(path, res["token"] + "\n")
+        if agent is None:
+            return path
+        mine = self.root / f"join-{agent}.token"
+        if not (self.root / f"agent-{agent}" / "node.credential").exists() and not mine.exists():
+            _write_new(mine, path.read_text())
+        return mine
 
-    def start_agent(self, name: str, gpus: str = "2", extra: list[str] | None = None) -> Proc:
+    def start_agent(
+        self,
+        name: str,
+        gpus: str = "2",
+        extra: list[str] | None = None,
+        wrap: list[str] | None = None,
+    ) -> Proc:
+        """Start an agent; `wrap` goes before its command (a program that execs
+        the rest, such as `choom -n -999 --`, as its systemd unit would)."""
         extra = list(extra or [])
         if "--http-port" not in extra:
             # Every agent serves /metrics; many share this host.
@@ -258,6 +278,7 @@ class Cluster:
         p = Proc(
             name,
             [
+                *(wrap or []),
                 sys.executable,
                 "-m",
                 "agent.cli",
@@ -265,7 +286,7 @@ class Cluster:
                 "--masters",
                 self.addrs,
                 "--join-token-file",
-                str(self.join_token_file()),
+                str(self.join_token_file(name)),
                 "--data-dir",
                 str(self.root / f"agent-{name}"),
                 "--node-name",

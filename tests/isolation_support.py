@@ -52,9 +52,11 @@ def unix_users(*tags: str) -> Iterator[list[pwd.struct_passwd]]:
 
 
 @contextlib.contextmanager
-def passable_dir(prefix: str) -> Iterator[Path]:
-    """A fresh directory under /tmp that other accounts may pass through."""
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+def passable_dir(prefix: str, under: str = "/tmp") -> Iterator[Path]:
+    """A fresh directory under /tmp (or `under`) that other accounts may pass
+    through. A task has a /tmp of its own, so what it should see of the host
+    (other than the agent's data dir) must live elsewhere, such as /var/tmp."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=under))
     try:
         os.chmod(d, 0o711)
         yield d

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from leptonctl.commands import node_state
+from leptonctl.output import clean, table
 from leptond.wire.tokens import SECRET_LEN, parse_token
 from tests.harness import ROOT, env
 
@@ -265,3 +266,27 @@ def test_a_url_for_an_address_is_refused_with_a_hint(addr: str, words: list[str]
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain text", "plain text"),
+        ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("\x7f\x9b\u00a0", "\\x7f\\x9b\\xa0"),
+        ("rtl\u202eoverride\u2028", "rtl\\u202eoverride\\u2028"),
+        ("\U000e0001 tag", "\\U000e0001 tag"),
+        ("日本語 \U0001f680 é", "日本語 \U0001f680 é"),
+        (None, ""),
+        (42, "42"),
+    ],
+)
+def test_clean_escapes_what_could_drive_a_terminal(raw: object, shown: str) -> None:
+    assert clean(raw) == shown
+
+
+def test_a_table_cell_cannot_forge_a_row(capsys: pytest.CaptureFixture[str]) -> None:
+    table(["ID", "NAME"], [["j-1", "x\nj-2  forged\x1b[2K"]])
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["ID   NAME", "j-1  x\\nj-2  forged\\x1b[2K"]

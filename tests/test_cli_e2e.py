@@ -8,6 +8,7 @@ wrong port, a traceback from `snapshot save`, and the smaller ones.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -367,3 +368,27 @@ def test_cluster_status_is_the_same_table_from_any_master(cluster: Cluster) -> N
         assert sorted(r[:3] for r in rows) == want, (m.rpc_addr, rows)
         # Lag is the leader's view of every member: known for all of them.
         assert all(r[3] != "-" and r[4] != "-" and r[5] == "ok" for r in rows), rows
+
+
+# Another user's command line, as a terminal would take it: a new window
+# title, a cleared screen, a line overwritten and a forged one, a reversed
+# run of text, a C1 control sequence. Printable text (any script) stays.
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\rfake\nline\u202eevil\x9b31m \U0001f680 é"
+
+
+def test_leptonctl_escapes_what_it_prints_from_the_cluster(c: Cluster) -> None:
+    job = c.submit("--name", "hostile", "--", "sh", "-c", "true", HOSTILE)
+    c.wait_job(job, FINAL)
+    status = c.ctl("status", job).stdout
+    listed = c.ctl("jobs", "--all").stdout
+    refused = c.ctl("cancel", HOSTILE, check=False)
+    assert refused.returncode != 0
+    for text in (status, listed, refused.stderr):
+        bad = [ch for ch in text if not (ch.isprintable() or ch == "\n")]
+        assert bad == [], (bad, text)
+    want = "\\x1b]0;pwned\\x07\\x1b[2J\\rfake\\nline\\u202eevil\\x9b31m \U0001f680 é"
+    assert want in status, status
+    assert want in refused.stderr, refused.stderr
+    assert len(lines(refused.stderr)) == 1
+    # JSON stays exact: the same command line, character for character.
+    assert json.loads(c.ctl("status", job, "-o", "json").stdout)["command"][-1] == HOSTILE

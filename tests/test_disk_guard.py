@@ -105,25 +105,28 @@ def test_the_block_store_limit_refuses_new_blocks_only(tmp_path: Path) -> None:
     store.put(block_id(c), c)
 
 
-def test_the_upload_ledger_charges_the_first_uploader_and_survives_a_restart(
+def test_the_upload_ledger_charges_each_holder_and_survives_a_restart(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "owners.log"
     led = UploadLedger(path, stored=set())
     led.charge("b1", "mallory", 100)
     led.charge("b2", "mallory", 50)
-    led.charge("b1", "eve", 100)  # the same content: charged once, to the first
+    led.charge("b1", "eve", 100)  # the same content uploaded by eve: hers too
+    led.charge("b1", "eve", 100)  # again: nothing more
     led.charge("b3", "eve", 10)
-    assert dict(led.usage) == {"mallory": 150, "eve": 10}
+    assert dict(led.usage) == {"mallory": 150, "eve": 110}
+    assert led.holds("eve", "b1") and not led.holds("eve", "b2")
     led.close()
     # Only blocks still stored count after a restart; a torn last line is skipped.
     with open(path, "a") as f:
         f.write('["b4", "eve"')
     again = UploadLedger(path, stored={"b1", "b3"})
-    assert dict(again.usage) == {"mallory": 100, "eve": 10}
-    assert again.owner("b1") == "mallory" and again.owner("b2") is None
+    assert dict(again.usage) == {"mallory": 100, "eve": 110}
+    assert again.holders("b1") == ["eve", "mallory"] and again.holders("b2") == []
     again.retain({"b3"})  # garbage collection removed b1
     assert dict(again.usage) == {"eve": 10}
+    assert not again.holds("mallory", "b1")
     again.close()
     assert UploadLedger(path, stored={"b3"}).usage == {"eve": 10}
 

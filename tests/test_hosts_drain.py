@@ -269,9 +269,11 @@ def test_a_drained_node_whose_agent_dies_and_returns_stays_drained(drains: Clust
     assert c.wait_job(job, {"succeeded", "failed"})["state"] == "succeeded"
 
 
-def test_an_agent_leaving_keeps_the_admins_drain_deadline(drains: Cluster) -> None:
+def test_an_agent_leaving_keeps_the_admins_drain_deadline(
+    drains: Cluster, shared_path: Path
+) -> None:
     c = drains
-    marker = c.root / "leaver-termed"
+    marker = shared_path / "leaver-termed"
     # A long kill grace and a task that outlives SIGTERM hold the node between
     # the agent's leave and its deregistration, long enough to look at it.
     p = c.start_agent(

@@ -98,8 +98,8 @@ def test_leader_kill_keeps_the_task_and_records_its_exit(faults: Cluster) -> Non
     wait_for(lambda: faults.ctl_json("cluster", "status")["has_quorum"], 30, "quorum")
 
 
-def test_agent_restarted_after_kill9_adopts_its_task(faults: Cluster, tmp_path: Path) -> None:
-    marker = tmp_path / "runs"
+def test_agent_restarted_after_kill9_adopts_its_task(faults: Cluster, shared_path: Path) -> None:
+    marker = shared_path / "runs"
     job = faults.submit(
         "--gpus", "1", "--", "sh", "-c", f"echo run >> {marker}; sleep 5; exit 3"
     )  # fmt: skip

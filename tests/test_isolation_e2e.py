@@ -66,8 +66,13 @@ class Iso:
 
 @pytest.fixture(scope="module")
 def iso() -> Iterator[Iso]:
-    with passable_dir("lepton-iso-") as top, unix_users("alice") as (alice,):
-        secret = top / "secret"
+    with (
+        passable_dir("lepton-iso-") as top,
+        passable_dir("lepton-iso-", under="/var/tmp") as outside,
+        unix_users("alice") as (alice,),
+    ):
+        # Outside /tmp: a task has a /tmp of its own, and must meet the file.
+        secret = outside / "secret"
         secret.write_text("s3cret\n")
         os.chmod(secret, 0o600)
         c = Cluster(top / "cluster", n_masters=1, ttl_s=5.0)
@@ -163,19 +168,42 @@ def test_a_task_runs_as_its_user_and_its_files_are_its_own(iso: Iso) -> None:
     assert out[5] == str(rd / "work")
 
 
-def test_a_task_cannot_read_the_node_credential_or_list_the_agents_files(iso: Iso) -> None:
+def test_a_task_cannot_read_the_node_credential_or_list_the_agents_files(
+    iso: Iso, tmp_path: Path
+) -> None:
     c = iso.cluster
     data = c.root / f"agent-{V1}"
     cred = data / "node.credential"
     assert cred.exists()
+    # A workdir puts blocks in the host's cache: their ids are what a task
+    # could name in a manifest of its own to get another user's files.
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "data.txt").write_text("someone else's\n" * 100)
+    wd = iso.submit(V1, "--workdir", str(tmp_path / "wd"), "--", "true")
+    assert c.wait_job(wd, {"succeeded", "failed"}, timeout_s=120)["state"] == "succeeded"
+    cached = [p for p in (data / "blocks").rglob("*") if p.is_file() and len(p.name) == 64]
+    assert cached, "the workdir's block is not in the cache"
     script = (
-        f"cat {cred} 2>&1; ls {data} 2>&1; ls {data / 'tasks'} 2>&1; cat {data}/lease.json 2>&1"
+        f"cat {cred} 2>&1; ls {data} 2>&1; ls {data / 'tasks'} 2>&1; cat {data}/lease.json 2>&1; "
+        f"ls {data / 'blocks'} 2>&1; find {data / 'blocks'} -type f 2>&1; "
+        f"cat {cached[0]} 2>&1; ls {data / 'dev'} 2>&1; cat {data}/node_id 2>&1"
     )
     job = iso.submit(V1, "--", "sh", "-c", script, token=iso.alice)
     c.wait_job(job, {"succeeded", "failed"})
     out = c.ctl("logs", job).stdout
-    assert out.count("Permission denied") == 4, out
-    assert "ltk_" not in out and "node_id" not in out, out
+    assert out.count("Permission denied") == 9, out
+    # A listing would name joined.json, and the block only in cat's refusal.
+    assert "ltk_" not in out and "joined.json" not in out, out
+    assert out.count(cached[0].name) == 1, out
+    assert "someone else" not in out and (data / "node_id").read_text().strip() not in out
+    # Nothing directly below the data dir is listable or readable by others;
+    # tasks only pass through the three directories their own files are in.
+    for p in data.iterdir():
+        mode = p.lstat().st_mode & 0o777
+        if p.is_char_device():
+            continue
+        want = 0o711 if p.name in ("tasks", "workdirs", "dev") else 0o700
+        assert mode & 0o077 == (want & 0o077), f"{p} has mode {mode:o}"
 
 
 def test_a_task_workdir_is_handed_to_its_user(iso: Iso, tmp_path: Path) -> None:
@@ -216,14 +244,14 @@ def test_a_missing_account_fails_the_task_at_once_with_the_reason(iso: Iso) -> N
     assert not iso.run_dir(V1, job).exists()  # nothing was started
 
 
-def test_root_tasks_need_allow_root_tasks_and_memory_defaults_per_gpu() -> None:
+def test_root_tasks_need_allow_root_tasks_and_memory_defaults_per_gpu_and_cpu() -> None:
     with passable_dir("lepton-noroot-") as top:
         c = Cluster(
             top / "cluster",
             n_masters=1,
             ttl_s=5.0,
             allow_root_tasks=False,
-            master_args=["--default-mem-per-gpu", "1G"],
+            master_args=["--default-mem-per-gpu", "1G", "--default-mem-per-cpu", "256M"],
         )
         try:
             c.start_masters()
@@ -239,11 +267,14 @@ def test_root_tasks_need_allow_root_tasks_and_memory_defaults_per_gpu() -> None:
             tok = c.ctl(
                 "token", "create", "--role", "submit", "--name", "carl", "--unix-user", "nobody"
             ).stdout.strip()
-            # Jobs without --mem get the default per GPU; --mem and GPU-less jobs keep theirs.
+            # Jobs without --mem get the default per GPU, or per CPU without
+            # GPUs; --mem keeps its own.
             for args, want in (
                 (["--gpus", "2"], 2 << 30),
                 (["--gpus", "2", "--mem", "5M"], 5 << 20),
-                ([], 0),
+                ([], 256 << 20),
+                (["--cpus", "3"], 768 << 20),
+                (["--cpus", "0.5", "--mem", "1G"], 1 << 30),
             ):
                 job = c.submit(*args, "--", "true", token=tok)
                 assert c.status(job)["spec"]["mem_bytes"] == want, args
@@ -510,6 +541,9 @@ def test_leptond_dev_as_a_normal_user_runs_tasks_as_that_user() -> None:
                 "the job to succeed",
             )
             assert ctl("logs", job).strip() == user.pw_name
+            # Without root there are no mount namespaces: said once, and on.
+            agent_log = (data / "logs" / "agent-0.log").read_text()
+            assert agent_log.count("share /tmp, /dev/shm and IPC with the host") == 1, agent_log
         finally:
             dev.send_signal(signal.SIGTERM)
             try:

@@ -89,6 +89,27 @@ def test_agents_hold_a_node_credential_and_no_cluster_key(creds: Cluster) -> Non
         assert cred_file.stat().st_uid == os.getuid()
         assert TOKEN.match(cred_file.read_text().strip())
         assert node["id"] == (data_dir / "node_id").read_text().strip()
+        # Its join token file went once the credential was saved: nothing on
+        # the host can admit another one.
+        assert not (creds.root / f"join-{name}.token").exists()
+        assert "deleted the join token file" in agent.log.read_text()
+
+
+def test_a_join_token_cannot_buy_the_credential_of_a_node_that_registered(creds: Cluster) -> None:
+    # The fleet token both agents joined with admits any number of hosts and
+    # has not expired: what a compromised host would use to become h2.
+    fleet = parse_token(creds.join_token_file().read_text())
+    h2 = node_by_name(creds, "h2")
+    assert h2 is not None
+    mine = cred_of(creds, "h2")
+    exc = refusal(creds, fleet, "node_join", {"node_id": h2["id"]})
+    assert exc.code == "conflict" and "registered already" in exc.message, exc.message
+    # h2 keeps its credential: its connection was not taken away from it.
+    assert cred_of(creds, "h2") == mine
+    n = node_by_name(creds, "h2")
+    assert n is not None and n["state"] == "ready"
+    h2_log = next(a for a in creds.agents if a.name == "h2").log.read_text()
+    assert "refused this node's credential" not in h2_log
 
 
 def test_a_node_credential_can_call_nothing_but_its_own_node_rpcs(creds: Cluster) -> None:
@@ -267,13 +288,21 @@ def test_join_tokens_expire_and_admit_only_as_many_hosts_as_their_uses(creds: Cl
     assert (listed[one.id]["used"], listed[one.id]["max_uses"]) == (1, 1)
     # A join token is good for nothing but the trade.
     assert refusal(creds, one, "jobs").code == "forbidden"
-    # TTL: a token that lives one second admits nobody after it.
+    # TTL: a token that lives one second admits nobody after it; it does not
+    # even open a connection any more (an authenticated peer costs the master work).
     short = parse_token(creds.ctl("node", "join-token", "create", "--ttl", "1s").stdout)
     wait_for(
-        lambda: "expired" in refusal(creds, short, "node_join", {"node_id": "n-test-c"}).message,
+        lambda: (
+            refusal(creds, short, "node_join", {"node_id": "n-test-c"}).code == "unauthenticated"
+        ),
         30,
         "the one-second join token to expire",
     )
+    assert "expired" in refusal(creds, short, "whoami").message
+    # Without --uses a join token admits one host.
+    dflt = parse_token(creds.ctl("node", "join-token", "create").stdout)
+    assert call_as(creds, dflt, "node_join", {"node_id": "n-test-e"})["node_id"] == "n-test-e"
+    assert "used up" in refusal(creds, dflt, "node_join", {"node_id": "n-test-f"}).message
     # Revoked: its handshake fails.
     rev = parse_token(creds.ctl("node", "join-token", "create").stdout)
     creds.ctl("node", "join-token", "revoke", rev.id)
@@ -284,37 +313,47 @@ def test_join_tokens_expire_and_admit_only_as_many_hosts_as_their_uses(creds: Cl
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
-def test_an_agent_that_lost_its_credential_before_saving_it_trades_again(
+def test_an_agent_that_died_before_saving_its_credential_joins_as_itself(
     creds: Cluster,
 ) -> None:
+    token = creds.ctl("node", "join-token", "create", "--uses", "1").stdout
     token_file = creds.root / "one-use.token"
-    token_file.write_text(creds.ctl("node", "join-token", "create", "--uses", "1").stdout)
-    extra = ["--labels", "host=h4"]
+    token_file.write_text(token)
+    data = creds.root / "agent-h4"
+    data.mkdir(mode=0o700)
+    # A directory where the credential's temporary file goes: the masters
+    # issue the credential, and the agent cannot save it (as if it died then).
+    blocker = data / "node.credential.tmp"
+    blocker.mkdir()
 
     def start() -> Proc:
         # The harness's own --join-token-file comes first; this one wins.
         return creds.start_agent(
-            "h4", gpus="1", extra=[*extra, "--join-token-file", str(token_file)]
+            "h4", gpus="1", extra=["--labels", "host=h4", "--join-token-file", str(token_file)]
         )
 
-    def said(p: Proc, what: str) -> int:
-        return p.log.read_text().count(what)
-
     p = start()
-    wait_for(lambda: said(p, "registered as") == 1, 60, "h4 to register")
-    node_id = (creds.root / "agent-h4" / "node_id").read_text().strip()
-    # As if it had died between the master's answer and its write.
-    p.stop()
-    (creds.root / "agent-h4" / "node.credential").unlink()
+    wait_for(lambda: "cannot keep the node credential" in p.log.read_text(), 60, "the failed save")
+    listed = {r["id"]: r for r in creds.ctl_json("node", "join-token", "ls")}
+    assert listed[parse_token(token).id]["used"] == 1  # the masters did issue it
+    p.kill9()
+    assert not (data / "node.credential").exists() and token_file.exists()
+    node_id = (data / "node_id").read_text().strip()
+    blocker.rmdir()
     p = start()
-    wait_for(lambda: said(p, "registered as") == 2, 60, "h4 to register again")
-    assert said(p, "joined the cluster") == 2
+    wait_for(lambda: "registered as" in p.log.read_text(), 60, "h4 to register")
     n = node_by_name(creds, "h4")
     assert n is not None and n["id"] == node_id and n["state"] == "ready", n
     listed = {r["id"]: r for r in creds.ctl_json("node", "join-token", "ls")}
-    assert listed[parse_token(token_file.read_text()).id]["used"] == 1
-    # A second host with that token is refused: its one use went to h4, once.
-    p5 = creds.start_agent("h5", gpus="1", extra=["--join-token-file", str(token_file)])
+    assert listed[parse_token(token).id]["used"] == 1  # still its one use, spent once
+    assert not token_file.exists()  # deleted once the credential was saved
+    # The token cannot be traded for h4 again, now that it registered ...
+    exc = refusal(creds, parse_token(token), "node_join", {"node_id": node_id})
+    assert exc.code == "conflict", exc.message
+    # ... nor admit a second host: its one use went to h4.
+    other = creds.root / "h5.token"
+    other.write_text(token)
+    p5 = creds.start_agent("h5", gpus="1", extra=["--join-token-file", str(other)])
     wait_for(lambda: "used up" in p5.log.read_text(), 60, "h5 to be refused")
     assert node_by_name(creds, "h5") is None
     p5.stop()

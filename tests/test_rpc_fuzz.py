@@ -46,6 +46,7 @@ TYPED = frozenset(
         "unregistered",
         "not_started",
         "quota",
+        "pending_limit",
         "store_full",
         "too_large",
         "busy",
@@ -60,7 +61,8 @@ ARG_NAMES = [
     "spec", "name", "rid", "queue_anyway", "all", "limit", "state", "user", "local",
     "node", "node_id", "deadline_s", "force", "reason", "addr", "health", "data", "role",
     "id", "ids", "ttl_s", "uses", "z", "manifest", "raft_addr", "rpc_addr", "http_addr",
-    "host", "gpus", "cache", "running", "exited", "events", "yes",
+    "host", "gpus", "cache", "running", "exited", "events", "yes", "set", "unset", "paged",
+    "after", "page_bytes",
 ]  # fmt: skip
 
 

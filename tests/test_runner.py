@@ -360,6 +360,45 @@ def test_exits_are_reported_until_acked_even_across_restarts(root: Path) -> None
     assert TaskRunner(root).adopt() == ([], [])
 
 
+def test_a_poll_reads_only_the_runs_it_knows_not_every_old_directory(root: Path) -> None:
+    a = TaskRunner(root)
+    a.start(spec("t1", ["true"]))
+    exit_of(a, "t1")
+    a.ack("t1")
+    assert a.adopt() == ([], [])
+    # A finished, unacked run appears on disk behind the runner's back (no
+    # runner of this agent ran it). Polls do not rescan the task dirs ...
+    planted = root / "t9"
+    planted.mkdir()
+    (planted / "spec.json").write_text("{}")
+    (planted / "exit.json").write_text('{"exit_code": 0, "message": "planted"}')
+    for _ in range(3):
+        assert a.poll() == []
+    # ... only a runner that starts (reads the dirs once) reports it.
+    assert [e.task_id for e in TaskRunner(root).adopt()[1]] == ["t9"]
+
+
+def test_collect_garbage_deletes_runs_acked_before_the_time_given(root: Path) -> None:
+    a = TaskRunner(root)
+    for t in ("t1", "t2"):
+        a.start(spec(t, ["sh", "-c", "echo out; echo scratch > left"]))
+        exit_of(a, t)
+    a.ack("t1")
+    acked_at = time.time()
+    assert a.collect_garbage(acked_at - 60) == []  # acked too recently
+    assert a.collect_garbage(acked_at + 1) == ["t1"]
+    assert not (root / "t1").exists()
+    assert (root / "t2" / "work" / "left").exists()  # not acked: kept whatever its age
+    assert [e.task_id for e in a.poll()] == ["t2"]
+    a.ack("t2")
+    # A restarted runner learns the ack times from disk, once.
+    b = TaskRunner(root)
+    b.adopt()
+    assert b.collect_garbage(time.time() - 3600) == []
+    assert b.collect_garbage(time.time() + 1) == ["t2"]
+    assert sorted(p.name for p in root.iterdir()) == []
+
+
 def test_an_acked_task_id_can_run_again(runner: TaskRunner) -> None:
     runner.start(spec("t1", ["sh", "-c", "exit 3"]))
     exit_of(runner, "t1")

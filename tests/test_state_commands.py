@@ -229,7 +229,7 @@ def test_submit_with_unknown_workdir_manifest_is_refused() -> None:
     [result] = h.ok("submit_jobs", {"jobs": [job]})["results"]
     assert is_error(result, "bad_request")
     assert not h.state.jobs
-    h.ok("put_manifest", {"id": "m9", "manifest": {}})
+    h.ok("put_manifest", {"id": "m9", "manifest": {}, "user": "a"})
     assert h.ok("submit_jobs", {"jobs": [job]})["results"] == [{"id": "j"}]
 
 

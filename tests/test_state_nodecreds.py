@@ -74,6 +74,41 @@ def test_trading_again_for_the_same_node_spends_no_use_and_replaces_the_credenti
     assert is_error(join(h, "n-b", "nb1"), "forbidden")
 
 
+def test_once_a_node_registered_no_token_trades_for_it_again() -> None:
+    # A multi-use fleet token admitted n-a and n-b; whoever still holds it
+    # (root on n-b, say) must not get n-a's credential by asking for n-a's id.
+    h = Harness()
+    make_join(h, uses=None)
+    join(h, "n-a", "na1")
+    join(h, "n-b", "nb1")
+    h.register("n-a")
+    assert h.state.node_creds["na1"].registered
+    assert not h.state.node_creds["nb1"].registered
+    before = h.state.snapshot()
+    res = join(h, "n-a", "evil")
+    assert is_error(res, "conflict") and "registered already" in res["error"]["message"], res
+    assert same_records(before, h.state)
+    assert h.state.node_cred_of == {"n-a": "na1", "n-b": "nb1"}
+    # The same after it left on its own (leave-on-stop keeps its credential).
+    h.ok("remove_node", {"node_id": "n-a", "force": True})
+    assert "n-a" not in h.state.nodes
+    res = join(h, "n-a", "evil")
+    assert is_error(res, "conflict"), res
+    assert h.state.node_cred_of["n-a"] == "na1"
+    # The record was replaced, not changed in place: a view taken before
+    # registration still shows it unregistered.
+    view = h.state.node_creds["nb1"]
+    h.register("n-b")
+    assert not view.registered and h.state.node_creds["nb1"].registered
+    # A node that registered without a credential of this token is refused too.
+    h.register("n-c")
+    assert is_error(join(h, "n-c", "nc1"), "conflict")
+    # Registration is remembered across a snapshot and a restore.
+    fresh = ClusterState()
+    fresh.restore(h.state.snapshot())
+    assert fresh.node_creds["na1"].registered and fresh.node_creds["nb1"].registered
+
+
 def test_node_rm_revokes_the_credential_and_the_old_token_cannot_bring_it_back() -> None:
     h = Harness()
     make_join(h, uses=5)

@@ -32,6 +32,8 @@ def contents(s: StateView | ClusterState, recent: bool) -> bytes:
     parts: list[Any] = [[r.to_wire() for r in getattr(s, name).values()] for name in RECORD_MAPS]
     parts += [
         dict(s.manifests),
+        {k: list(v) for k, v in s.manifest_owners.items()},
+        sorted([k, list(v)] for k, v in s.user_pending.items()),
         sorted([n, g, t] for (n, g), t in s.gpu_owner.items()),
         {k: sorted(v) for k, v in s.node_tasks.items()},
         list(s.pending),
@@ -49,13 +51,15 @@ def contents(s: StateView | ClusterState, recent: bool) -> bytes:
 
 def legacy_snapshot(s: ClusterState) -> bytes:
     """The snapshot as ClusterState.snapshot() packed it before views existed:
-    one msgpack.packb of the whole map. The format must not change."""
+    one msgpack.packb of the whole map. The format changes only with
+    SNAPSHOT_VERSION."""
     return msgpack.packb(
         {
             "v": SNAPSHOT_VERSION,
             "applied_index": s.applied_index,
             **{name: [r.to_wire() for r in getattr(s, name).values()] for name in RECORD_MAPS},
             "manifests": dict(s.manifests),
+            "manifest_owners": {k: list(v) for k, v in s.manifest_owners.items()},
             "recent": s.recent.to_wire(),
             "restoring": s.restoring,
             "counters": dict(s.counters),
@@ -178,3 +182,13 @@ def test_views_are_read_only() -> None:
     else:
         raise AssertionError("a view's map took a write")
     assert list(v.nodes) == ["n1"]
+
+
+def test_gang_ports_avoid_the_kernels_ephemeral_range_and_change_per_attempt() -> None:
+    from leptond.views import gang_port
+
+    lo, hi = 32768, 60999  # Linux's default ip_local_port_range
+    ports = [gang_port(f"j-{i:012x}", a) for i in range(2000) for a in (0, 1)]
+    assert not [p for p in ports if lo <= p <= hi]
+    assert all(1024 < p < 65536 for p in ports)
+    assert sum(gang_port(f"j-{i:012x}", 0) != gang_port(f"j-{i:012x}", 1) for i in range(200)) > 190

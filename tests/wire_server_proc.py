@@ -9,6 +9,7 @@ Handlers:
   stream({"n", "size", "zeros"}) -> yields n items (ints, or `size` bytes each)
   stream({"sizes": [...]})       -> yields random bytes of each size in turn
   sink(blob)             -> len(blob)
+  blob(n)                -> n random bytes (a small request, a large reply)
   stats()                -> {"server": server.stats(), "rss": bytes}
 """
 
@@ -57,6 +58,11 @@ async def sink(conn: Connection, args: Any) -> int:
     return len(args) if isinstance(args, bytes | str | list | dict) else 0
 
 
+async def blob(conn: Connection, args: Any) -> bytes:
+    n = int(args) if isinstance(args, int) else 0
+    return os.urandom(n)
+
+
 def read_psk(path: str | None) -> bytes:
     text = Path(path).read_text() if path else os.environ.get("LEPTON_TEST_PSK", "")
     psk = bytes.fromhex(text.strip())
@@ -76,7 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
         return {"server": server.stats(), "rss": proc.memory_info().rss}
 
     server = RpcServer(
-        {"echo": echo, "stream": stream, "sink": sink, "stats": stats},
+        {"echo": echo, "stream": stream, "sink": sink, "blob": blob, "stats": stats},
         lambda key_id: psk if key_id == KEY_ID else None,
         max_connections=args.max_connections,
         handshake_timeout_s=args.handshake_timeout_s,
@@ -84,6 +90,7 @@ async def serve(args: argparse.Namespace) -> None:
         sealed=not args.plain,
         max_buffered_bytes=args.max_buffered_bytes,
         frame_timeout_s=args.frame_timeout_s,
+        max_pending_output=args.max_pending_output,
     )
     port = await server.start("127.0.0.1", args.port)
     print(port, flush=True)
@@ -104,6 +111,7 @@ def main() -> None:
     p.add_argument("--idle-timeout-s", type=float, default=120.0)
     p.add_argument("--max-buffered-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument("--frame-timeout-s", type=float, default=60.0)
+    p.add_argument("--max-pending-output", type=int, default=64 * 1024 * 1024)
     p.add_argument("--plain", action="store_true", help="no sealing (benchmark baseline)")
     args = p.parse_args()
     logging.basicConfig(

@@ -160,6 +160,10 @@ class BlockStore:
     def ids(self) -> list[str]:
         return list(self._sizes)
 
+    def size_of(self, block_id: str) -> int | None:
+        """The stored block's size in bytes, or None when it is not stored."""
+        return self._sizes.get(block_id)
+
     @property
     def bytes_on_disk(self) -> int:
         return self._bytes

@@ -75,3 +75,29 @@ class BufferBudget:
             who, n = self._waiting.popleft()
             self.used += n
             who.budget_granted(n)
+
+
+class OutputMeter:
+    """Bytes waiting to be sent, all connections together, against `limit`.
+
+    Each connection reports the size of its write buffer when it writes and
+    when the buffer drains (asyncio's resume_writing), so the total is exact
+    to within each transport's low-water mark. A peer that does not read its
+    replies makes its connection's buffer grow: the connection stops reading
+    new requests from it, and is closed once its own buffer passes its cap or
+    the total passes this one (see connection.Connection._account_output).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("the output limit must be positive")
+        self.limit = limit
+        self.used = 0
+        self.closed = 0  # connections closed for not reading their replies, ever
+
+    def change(self, delta: int) -> None:
+        self.used = max(0, self.used + delta)
+
+    @property
+    def over(self) -> bool:
+        return self.used > self.limit

@@ -12,6 +12,13 @@ Batch:     flags byte 0x02, then for each message: u32 big-endian length |
            flags byte 0 | msgpack map.  Several small messages in one sealed
            frame: one AEAD call for all of them.  Sent only to a peer that
            said in its hello that it reads them (see `connection`).
+
+What one frame may cost its receiver is bounded, not only its size: a 66 KB
+lz4 frame of msgpack empty arrays unpacks into 16 million Python lists (1.2
+GiB, seconds of CPU). A receiver that does not trust its peer passes
+`max_items`: the msgpack containers and their elements in one frame, all its
+messages together, may not pass it (counted as they are built, so unpacking
+stops at the cap), and a batch holds at most `MAX_BATCH_ITEMS` messages.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ FLAG_LZ4 = 0x01
 FLAG_BATCH = 0x02
 # Bodies up to this size (and never compressed ones) may travel in a batch.
 BATCH_ITEM_MAX = 16 * 1024
+# Messages in one batch frame: a sender starts a new batch at this count, a
+# receiver refuses more (each message costs a dispatch on its event loop).
+MAX_BATCH_ITEMS = 1024
+# Bodies up to this size are unpacked without counting their items: they
+# cannot hold more than this many, and counting costs a call per container.
+COUNT_ITEMS_ABOVE = 64 * 1024
 _LEN = struct.Struct(">I")
 TAG_LEN = 16
 # cryptography >= 45 can seal into a caller's buffer, which saves a copy of
@@ -190,8 +203,71 @@ def encode_body(msg: dict[str, Any], compress: bool = True) -> bytes:
     return b"\x00" + raw
 
 
-def decode_body(plain: bytes | memoryview, max_body: int = MAX_BODY) -> dict[str, Any]:
-    """Inverse of encode_body. Any defect is a ProtocolError, never anything else."""
+def decoded_size(plain: bytes | memoryview) -> int:
+    """The bytes a frame's body takes once decompressed (what its lz4 header
+    claims; checked against the cap when it is decoded), read before any
+    decompression, so that a receiver can reserve room for it first."""
+    if len(plain) >= 5 and plain[0] == FLAG_LZ4:
+        return max(len(plain), int.from_bytes(plain[1:5], "little"))
+    return len(plain)
+
+
+class _TooManyItems(Exception):
+    pass
+
+
+class ItemCounter:
+    """Counts msgpack containers and their elements as they are unpacked, and
+    stops the unpacking once they pass `limit` (one counter per frame: the
+    messages of a batch share it)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def list_hook(self, v: list[Any]) -> list[Any]:
+        self.left -= 1 + len(v)
+        if self.left < 0:
+            raise _TooManyItems
+        return v
+
+    def object_hook(self, v: dict[Any, Any]) -> dict[Any, Any]:
+        self.left -= 1 + len(v)
+        if self.left < 0:
+            raise _TooManyItems
+        return v
+
+
+def _unpack(body: memoryview, items: ItemCounter | None) -> Any:
+    n = len(body)
+    if items is None or n <= COUNT_ITEMS_ABOVE:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    # Each element takes at least one byte, and no single container may hold
+    # more than the whole frame may: both bound the work done before a hook
+    # runs (hooks run as each container is complete, innermost first).
+    most = min(n, items.left + 1)
+    return msgpack.unpackb(
+        body,
+        raw=False,
+        strict_map_key=False,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=most,
+        max_map_len=min(n // 2, most),
+        max_ext_len=0,
+        list_hook=items.list_hook,
+        object_hook=items.object_hook,
+    )
+
+
+def decode_body(
+    plain: bytes | memoryview, max_body: int = MAX_BODY, items: ItemCounter | None = None
+) -> dict[str, Any]:
+    """Inverse of encode_body. Any defect is a ProtocolError, never anything else.
+
+    `items`: a counter that bounds the msgpack items unpacked (see the module
+    docstring); None: unbounded, for peers that are trusted."""
     if not plain:
         raise ProtocolError("empty_body", "empty frame body")
     flags = plain[0]
@@ -211,8 +287,17 @@ def decode_body(plain: bytes | memoryview, max_body: int = MAX_BODY) -> dict[str
         except Exception as exc:  # lz4 raises LZ4BlockError or ValueError
             raise ProtocolError("bad_lz4", f"lz4 body does not decompress: {exc}") from None
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        msg = _unpack(body, items)
+    except _TooManyItems:
+        raise ProtocolError(
+            "too_many_items", "frame holds too many msgpack items for this receiver"
+        ) from None
     except Exception as exc:  # msgpack raises several unrelated types
+        if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
+            # A container longer than the counter allows: msgpack's own check.
+            raise ProtocolError(
+                "too_many_items", "frame holds too many msgpack items for this receiver"
+            ) from None
         raise ProtocolError("bad_msgpack", f"body is not msgpack: {type(exc).__name__}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("not_a_map", "body is not a map")
@@ -221,11 +306,15 @@ def decode_body(plain: bytes | memoryview, max_body: int = MAX_BODY) -> dict[str
     return msg
 
 
-def decode_messages(plain: bytes, max_body: int = MAX_BODY) -> list[dict[str, Any]]:
+def decode_messages(
+    plain: bytes, max_body: int = MAX_BODY, max_items: int | None = None
+) -> list[dict[str, Any]]:
     """The messages of one opened frame: one, or a batch's several, in order.
-    Any defect in any of them is a ProtocolError, never anything else."""
+    Any defect in any of them is a ProtocolError, never anything else.
+    `max_items`: the most msgpack items the whole frame may unpack into."""
+    items = None if max_items is None else ItemCounter(max_items)
     if not plain or plain[0] != FLAG_BATCH:
-        return [decode_body(plain, max_body)]
+        return [decode_body(plain, max_body, items)]
     out: list[dict[str, Any]] = []
     n = len(plain)
     pos = 1
@@ -242,7 +331,19 @@ def decode_messages(plain: bytes, max_body: int = MAX_BODY) -> list[dict[str, An
             # Compressed bodies never travel in a batch: one frame can then
             # never expand into many decompressions.
             raise ProtocolError("bad_batch", "batch entry with flags set")
-        out.append(decode_body(view[start:pos], max_body))
+        if len(out) >= MAX_BATCH_ITEMS:
+            raise ProtocolError("bad_batch", f"batch of more than {MAX_BATCH_ITEMS} messages")
+        if items is not None and n > COUNT_ITEMS_ABOVE and length <= COUNT_ITEMS_ABOVE:
+            # Small entries are not counted one by one, but the whole batch is.
+            msg = decode_body(view[start:pos], max_body, None)
+            items.left -= length
+            if items.left < 0:
+                raise ProtocolError(
+                    "too_many_items", "frame holds too many msgpack items for this receiver"
+                )
+            out.append(msg)
+            continue
+        out.append(decode_body(view[start:pos], max_body, items))
     if not out:
         raise ProtocolError("bad_batch", "empty batch")
     return out

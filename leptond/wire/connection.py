@@ -6,6 +6,7 @@ other side registered, push notifications, or stream results. Messages:
   {"t": "q", "i": id, "m": method, "a": args}        request
   {"t": "r", "i": id, "r": result} | {..., "e": err}  response (ends a stream)
   {"t": "s", "i": id, "d": item}                      stream item
+  {"t": "c", "i": id, "n": count}                     stream credit: n more items
   {"t": "x", "i": id}                                 cancel a call or stream
   {"t": "n", "m": method, "a": args}                  notification, no reply
   {"t": "p"} / {"t": "o"}                              ping / pong
@@ -20,6 +21,22 @@ hellos right after connecting.
 
 A frame that breaks any rule closes the connection and is counted; it never
 raises out of the event loop and never reaches a handler.
+
+Flow control: a stream request may carry a window, "w": n. The side serving
+the stream then sends at most n items that the caller has not yet credited
+("c" messages, sent as the caller consumes items), and the caller refuses a
+stream that overruns its window. A relay (the leader passing an agent's log
+stream to leptonctl) thereby holds at most one window of items per stream,
+however slowly its reader reads.
+
+A server-side connection also bounds what its peer can make it hold:
+- frames over `UNCOUNTED_FRAME` are received, decompressed and served under
+  reservations from the server-wide budget (budget.py), each held until the
+  requests the frame carried have been answered;
+- a frame unpacks into at most `REQUEST_MAX_ITEMS` msgpack items (codec.py);
+- while its replies wait to be sent (the peer does not read them) it reads no
+  new requests, and past `MAX_PENDING_OUTPUT` bytes waiting, or with the
+  server-wide total of waiting replies over its cap, it is closed.
 """
 
 from __future__ import annotations
@@ -34,16 +51,20 @@ from typing import Any, cast
 
 from ..clock import REAL, Timer
 from . import handshake as hs
-from .budget import UNCOUNTED_FRAME, BufferBudget
+from .budget import UNCOUNTED_FRAME, BufferBudget, OutputMeter
 from .codec import (
     BATCH_ITEM_MAX,
+    MAX_BATCH_ITEMS,
+    MAX_BODY,
     MAX_FRAME,
+    TAG_LEN,
     BatchBuilder,
     FrameReader,
     Opener,
     PlainCodec,
     Sealer,
     decode_messages,
+    decoded_size,
     encode_body,
     frame,
 )
@@ -74,7 +95,63 @@ MAX_IN_FLIGHT = 4096
 # loop iteration.
 FLUSH_AT = 256 * 1024
 BIG_FRAME = 64 * 1024
+# What one frame from a peer may unpack into (codec.ItemCounter), on the
+# server side. The largest legitimate requests (a 1 MB workdir manifest,
+# 100k block ids) hold well under it; unpacking this many items takes a
+# fraction of a second, not the seconds a frame of 16 million takes.
+REQUEST_MAX_ITEMS = 1 << 20
+# Bytes of replies a server-side connection may have waiting for its peer to
+# read them before it is closed: a few of the largest frames.
+MAX_PENDING_OUTPUT = 4 * MAX_FRAME
+# Stream items a caller lets the server send ahead of its reading, by
+# default, and the most a caller may ask for.
+STREAM_WINDOW = 64
+MAX_STREAM_WINDOW = 1024
+TOO_LARGE = "too_large"
 _STREAM_END = object()
+
+
+class FrameTooLarge(RpcError):
+    """A message that would not fit in one frame; it is not sent."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            TOO_LARGE,
+            f"the message is {size} bytes, over the {MAX_FRAME >> 20} MiB frame cap; "
+            "ask for less at a time (a smaller page or limit)",
+        )
+
+
+class _Credit:
+    """The items a stream's caller still lets us send (its window, topped up
+    by its "c" messages)."""
+
+    __slots__ = ("left", "waiter")
+
+    def __init__(self, window: int) -> None:
+        self.left = window
+        self.waiter: asyncio.Future[None] | None = None
+
+    def add(self, n: int) -> None:
+        self.left = min(self.left + n, MAX_STREAM_WINDOW)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self.left <= 0:
+            self.waiter = loop.create_future()
+            await self.waiter
+        self.left -= 1
+
+
+class _Inbound:
+    """A stream this side called: items received and not yet consumed."""
+
+    __slots__ = ("queue", "window")
+
+    def __init__(self, window: int) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.window = window
 
 
 class Connection(asyncio.Protocol):
@@ -94,6 +171,9 @@ class Connection(asyncio.Protocol):
         sealed: bool = True,
         budget: BufferBudget | None = None,
         frame_timeout_s: float = 60.0,
+        max_items: int | None = None,
+        output: OutputMeter | None = None,
+        max_pending_output: int | None = None,
     ) -> None:
         self.is_client = is_client
         self.handlers: Mapping[str, Handler] = handlers or {}
@@ -112,6 +192,17 @@ class Connection(asyncio.Protocol):
         self._held = 0  # bytes reserved for the frame being received
         self._waiting_budget = False
         self._frame_timer: Timer | None = None
+        # An opened frame waiting for a reservation before it is decoded, and
+        # the reservation granted for it.
+        self._stash: bytes | None = None
+        self._decode_held = 0
+        self._max_items = max_items
+        # Why reading is paused: "budget" (waiting for a reservation) and
+        # "output" (the peer does not read our replies; servers only).
+        self._read_pauses: set[str] = set()
+        self._output = output
+        self._max_pending_output = max_pending_output
+        self._out_counted = 0  # our write buffer's size as last told to `output`
         self._hs = hs.HandshakeState()
         self._sealer: Sealer | PlainCodec | None = None if sealed else PlainCodec()
         self._opener: Opener | PlainCodec | None = None if sealed else PlainCodec()
@@ -124,7 +215,8 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self._streams: dict[int, _Inbound] = {}
+        self._credits: dict[int, _Credit] = {}
         self._served: dict[int, asyncio.Task[None]] = {}
         self._notified: set[asyncio.Task[None]] = set()
         self._out = bytearray()
@@ -169,6 +261,14 @@ class Connection(asyncio.Protocol):
         try:
             if self.is_client and self._opener is None and self._head.startswith(b"HTTP/"):
                 raise ProtocolError("wrong_port", f"{self._where()} {WRONG_PORT_HTTP}")
+            if self._stash is not None:
+                if self._waiting_budget:
+                    return
+                plain, self._stash = self._stash, None
+                held, self._decode_held = self._decode_held, 0
+                self._deliver(plain, held)
+                if self.transport is None or self.transport.is_closing():
+                    return
             # One frame at a time: the handshake raises the frame cap, and a
             # frame right behind the hello in the same read must see the new cap.
             while True:
@@ -182,14 +282,47 @@ class Connection(asyncio.Protocol):
                 if self._opener is None:
                     self._handshake_frame(payload)
                 else:
-                    for msg in decode_messages(self._opener.open(payload)):
-                        self._message(msg)
-                        if self.transport is None or self.transport.is_closing():
+                    plain = self._opener.open(payload)
+                    del payload
+                    need = decoded_size(plain) if self._budget is not None else 0
+                    if self._budget is not None and UNCOUNTED_FRAME < need <= MAX_BODY:
+                        # Decoded, then held by its requests' handlers: reserve
+                        # it first (the frame's own reservation went back above).
+                        # A larger claim is refused by the decoder unreserved.
+                        if not self._budget.reserve(self, need):
+                            self._stash = plain
+                            self._waiting_budget = True
+                            self._pause_reading("budget")
                             return
+                        self._deliver(plain, need)
+                    else:
+                        self._deliver(plain, 0)
                 if self.transport is None or self.transport.is_closing():
                     return
         except ProtocolError as exc:
             self._protocol_error(exc)
+
+    def _deliver(self, plain: bytes, held: int) -> None:
+        """Decode one opened frame and act on its messages. `held`: bytes
+        reserved for it, given back once the requests it carried are answered
+        (their arguments live that long)."""
+        try:
+            msgs = decode_messages(plain, max_items=self._max_items)
+        except ProtocolError:
+            self._budget_release(held)
+            raise
+        del plain
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for msg in msgs:
+                task = self._message(msg, big=held > 0)
+                if task is not None:
+                    tasks.append(task)
+                if self.transport is None or self.transport.is_closing():
+                    break
+        finally:
+            if held:
+                _release_when_done(self, tasks, held)
 
     # -- the server-wide budget for partial frames --------------------------
     def _reserve(self) -> bool:
@@ -206,8 +339,7 @@ class Connection(asyncio.Protocol):
             return True
         if not self._budget.reserve(self, n):
             self._waiting_budget = True
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.pause_reading()
+            self._pause_reading("budget")
             return False
         self._hold(n)
         return True
@@ -217,8 +349,11 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             self._budget_release(n)
             return
-        self._hold(n)
-        self.transport.resume_reading()
+        if self._stash is not None:
+            self._decode_held = n  # for the opened frame waiting to be decoded
+        else:
+            self._hold(n)
+        self._resume_reading("budget")
         # What was read before the pause (the frame's first bytes) is processed now.
         self.loop.call_soon(self._process)
 
@@ -250,6 +385,18 @@ class Connection(asyncio.Protocol):
         if self._budget is not None and n:
             self._budget.release(n)
 
+    def _pause_reading(self, why: str) -> None:
+        if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._read_pauses.add(why)
+
+    def _resume_reading(self, why: str) -> None:
+        if why not in self._read_pauses:
+            return
+        self._read_pauses.discard(why)
+        if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def eof_received(self) -> bool | None:
         if self._reader.buffered:
             self._protocol_error(
@@ -266,12 +413,50 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._paused is None:
             self._paused = self.loop.create_future()
+        if not self.is_client:
+            # A peer that does not read our replies sends no new requests
+            # either. Servers only: if both ends did this, two peers with full
+            # buffers could each wait for the other to read first.
+            self._pause_reading("output")
+        # Called from inside transport.write: count, but close (if need be)
+        # only once the write has returned (_send checks again).
+        self._account_output(may_close=False)
 
     def resume_writing(self) -> None:
         if self._paused is not None:
             if not self._paused.done():
                 self._paused.set_result(None)
             self._paused = None
+        self._resume_reading("output")
+        self._account_output(may_close=False)
+
+    def _account_output(self, may_close: bool = True) -> None:
+        """Tell the server-wide meter how much waits to be sent, and close a
+        connection whose peer leaves too much unread (servers only)."""
+        if self._max_pending_output is None:
+            return
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        size = t.get_write_buffer_size()
+        meter = self._output
+        if meter is not None:
+            meter.change(size - self._out_counted)
+        self._out_counted = size
+        if not may_close:
+            return
+        over_own = size > self._max_pending_output
+        if over_own or (meter is not None and meter.over and self._paused is not None):
+            if meter is not None:
+                meter.closed += 1
+            what = "its cap" if over_own else "the server's cap on unsent replies"
+            self._protocol_error(
+                ProtocolError(
+                    "slow_reader",
+                    f"the peer left {size} bytes of replies unread, over {what}",
+                ),
+                abort=True,
+            )
 
     # -- handshake --------------------------------------------------------
     def _handshake_frame(self, payload: bytes) -> None:
@@ -279,7 +464,11 @@ class Connection(asyncio.Protocol):
             status, nonce, pub = hs.parse_server_hello(payload)
             if status == hs.STATUS_UNKNOWN_KEY:
                 self._fail_ready(
-                    RpcError("unauthenticated", f"the cluster does not know key id {self.key_id!r}")
+                    RpcError(
+                        "unauthenticated",
+                        f"the cluster does not know key id {self.key_id!r} "
+                        "(it was revoked, has expired, or never existed)",
+                    )
                 )
                 self.close()
                 return
@@ -334,7 +523,9 @@ class Connection(asyncio.Protocol):
             self._protocol_error(ProtocolError("handshake_timeout", "no handshake in time"))
 
     # -- messages ---------------------------------------------------------
-    def _message(self, msg: dict[str, Any]) -> None:
+    def _message(self, msg: dict[str, Any], big: bool = False) -> asyncio.Task[None] | None:
+        """Act on one message; returns the task it started, if any (`big`:
+        its frame holds a reservation until that task ends)."""
         t = msg["t"]
         if not self._authenticated:
             # The first sealed message proves the peer holds the key.
@@ -342,17 +533,20 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError("no_hello", "expected hello")
             self._hello(msg)
             self._opened()
-            return
+            return None
         if t == "r":
             self._on_response(msg)
         elif t == "s":
-            q = self._streams.get(_int(msg, "i"))
-            if q is not None:
-                q.put_nowait(msg.get("d"))
+            self._on_stream_item(_int(msg, "i"), msg.get("d"))
+        elif t == "c":
+            credit = self._credits.get(_int(msg, "i"))
+            n = msg.get("n")
+            if credit is not None and isinstance(n, int) and 0 < n <= MAX_STREAM_WINDOW:
+                credit.add(n)
         elif t == "q":
-            self._on_request(msg)
+            return self._on_request(msg, big)
         elif t == "n":
-            self._on_notify(msg)
+            return self._on_notify(msg)
         elif t == "x":
             task = self._served.pop(_int(msg, "i"), None)
             if task is not None:
@@ -365,6 +559,22 @@ class Connection(asyncio.Protocol):
             pass
         else:
             raise ProtocolError("bad_type", f"unknown message type {t!r}")
+        return None
+
+    def _on_stream_item(self, i: int, item: Any) -> None:
+        inbound = self._streams.get(i)
+        if inbound is None:
+            return
+        if inbound.queue.qsize() >= inbound.window:
+            # The peer sent more than we credited it: a relay must never buffer
+            # without bound behind a slow reader. The stream ends in an error.
+            del self._streams[i]
+            inbound.queue.put_nowait(
+                RpcError("protocol", f"the peer overran this stream's window of {inbound.window}")
+            )
+            self._cancel_remote(i)
+            return
+        inbound.queue.put_nowait(item)
 
     def _on_response(self, msg: dict[str, Any]) -> None:
         i = _int(msg, "i")
@@ -378,11 +588,11 @@ class Connection(asyncio.Protocol):
             else:
                 fut.set_result(msg.get("r"))
             return
-        q = self._streams.get(i)
-        if q is not None:
-            q.put_nowait(RpcError.from_wire(err) if err is not None else _STREAM_END)
+        inbound = self._streams.get(i)
+        if inbound is not None:
+            inbound.queue.put_nowait(RpcError.from_wire(err) if err is not None else _STREAM_END)
 
-    def _on_request(self, msg: dict[str, Any]) -> None:
+    def _on_request(self, msg: dict[str, Any], big: bool = False) -> asyncio.Task[None] | None:
         i = _int(msg, "i")
         method = msg.get("m")
         if not isinstance(method, str):
@@ -391,7 +601,7 @@ class Connection(asyncio.Protocol):
             self._send(
                 {"t": "r", "i": i, "e": {"code": "busy", "message": "too many requests in flight"}}
             )
-            return
+            return None
         handler = self.handlers.get(method)
         if handler is None:
             self._send(
@@ -401,16 +611,41 @@ class Connection(asyncio.Protocol):
                     "e": {"code": UNKNOWN_METHOD, "message": f"unknown method {method!r}"},
                 }
             )
-            return
+            return None
         if i in self._served:
             raise ProtocolError("dup_id", "request id reused while in flight")
-        self._served[i] = self.loop.create_task(self._serve(i, method, handler, msg.get("a")))
+        w = msg.get("w")
+        window = w if isinstance(w, int) and 0 < w <= MAX_STREAM_WINDOW else None
+        task = self.loop.create_task(
+            self._serve(i, method, handler, msg.get("a"), window, big),
+            name=f"rpc {method}",
+        )
+        self._served[i] = task
+        return task
 
-    async def _serve(self, i: int, method: str, handler: Handler, args: Any) -> None:
+    async def _serve(
+        self,
+        i: int,
+        method: str,
+        handler: Handler,
+        args: Any,
+        window: int | None = None,
+        big: bool = False,
+    ) -> None:
         try:
             out = handler(self, args)
             if inspect.isasyncgen(out):
+                if big:
+                    # A stream may run for hours: it must not hold a share of
+                    # the server's buffer budget that long (its frame would).
+                    await out.aclose()
+                    raise RpcError(
+                        "bad_request", f"{method}: the request is too large for a stream"
+                    )
+                credit = None if window is None else self._credits.setdefault(i, _Credit(window))
                 async for item in out:
+                    if credit is not None:
+                        await credit.take(self.loop)
                     self._send({"t": "s", "i": i, "d": item})
                     if self._paused is not None:
                         await self._paused
@@ -422,39 +657,52 @@ class Connection(asyncio.Protocol):
             reply = {"t": "r", "i": i, "e": exc.to_wire()}
         except asyncio.CancelledError:
             self._served.pop(i, None)
+            self._credits.pop(i, None)
             raise
         except Exception as exc:
             log.exception("handler %s failed", method)
             reply = {
                 "t": "r",
                 "i": i,
-                "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"},
+                "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"[:1024]},
             }
         self._served.pop(i, None)
+        self._credits.pop(i, None)
         if not self.is_closing():
-            self._send(reply)
+            try:
+                self._send(reply)
+            except FrameTooLarge as exc:
+                # Answer in words: dropping the connection would fail every
+                # other call on it too.
+                log.warning("reply to %s not sent: %s", method, exc)
+                self._send({"t": "r", "i": i, "e": exc.to_wire()})
 
-    def _on_notify(self, msg: dict[str, Any]) -> None:
+    def _on_notify(self, msg: dict[str, Any]) -> asyncio.Task[None] | None:
         method = msg.get("m")
         handler = self.handlers.get(method) if isinstance(method, str) else None
         if handler is None:
-            return
+            return None
         coro = handler(self, msg.get("a"))
-        if inspect.isawaitable(coro):
-            task = self.loop.create_task(_quiet(coro, str(method)))
-            self._notified.add(task)
-            task.add_done_callback(self._notified.discard)
+        if not inspect.isawaitable(coro):
+            return None
+        task = self.loop.create_task(_quiet(coro, str(method)))
+        self._notified.add(task)
+        task.add_done_callback(self._notified.discard)
+        return task
 
     # -- sending ----------------------------------------------------------
     def _send(self, msg: dict[str, Any], compress: bool = True) -> None:
         if self.transport is None or self.transport.is_closing() or self._sealer is None:
             raise ConnectionLost()
         body = encode_body(msg, compress)
+        if len(body) + TAG_LEN > MAX_FRAME or decoded_size(body) > MAX_BODY:
+            # Over the cap sealed, or once the peer decompresses it.
+            raise FrameTooLarge(max(len(body), decoded_size(body)))
         if self._peer_batches and body[0] == 0 and len(body) <= BATCH_ITEM_MAX:
             # Sealed at the flush with whatever else this loop iteration
             # sends: one AEAD call for all of them.
             self._batch.add(body)
-            if len(self._batch) >= FLUSH_AT:
+            if len(self._batch) >= FLUSH_AT or self._batch.count >= MAX_BATCH_ITEMS:
                 self._flush()
             elif not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -467,6 +715,7 @@ class Connection(asyncio.Protocol):
             # the output buffer would cost more than the extra write.
             self._flush()
             self.transport.write(framed)
+            self._account_output()
             return
         # Small frames are gathered into one buffer and written once per loop
         # iteration: one send() for many replies, not one per frame.
@@ -493,6 +742,7 @@ class Connection(asyncio.Protocol):
             self._out = bytearray()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(out)
+                self._account_output()
 
     def _write_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -521,13 +771,25 @@ class Connection(asyncio.Protocol):
             self._calls.pop(i, None)
 
     async def stream(
-        self, method: str, args: Any = None, item_timeout_s: float | None = None
+        self,
+        method: str,
+        args: Any = None,
+        item_timeout_s: float | None = None,
+        window: int = STREAM_WINDOW,
     ) -> AsyncIterator[Any]:
+        """The items of a streaming call. At most `window` items are sent
+        ahead of what the caller has consumed (module docstring)."""
+        if not 0 < window <= MAX_STREAM_WINDOW:
+            raise ValueError(f"a stream window is 1-{MAX_STREAM_WINDOW} items")
         i = next(self._ids)
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        self._streams[i] = q
+        inbound = _Inbound(window)
+        q = inbound.queue
+        self._streams[i] = inbound
+        # Credit goes back in steps of half a window, not item by item.
+        step = max(1, window // 2)
+        consumed = 0
         try:
-            self._send({"t": "q", "i": i, "m": method, "a": args})
+            self._send({"t": "q", "i": i, "m": method, "a": args, "w": window})
             while True:
                 item = await asyncio.wait_for(q.get(), item_timeout_s)
                 if item is _STREAM_END:
@@ -535,6 +797,10 @@ class Connection(asyncio.Protocol):
                 if isinstance(item, RpcError):
                     raise item
                 yield item
+                consumed += 1
+                if consumed >= step and not self.is_closing() and i in self._streams:
+                    self._send({"t": "c", "i": i, "n": consumed})
+                    consumed = 0
         except TimeoutError:
             raise RpcError("timeout", f"{method} stream stalled") from None
         finally:
@@ -576,7 +842,9 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     # -- failure ----------------------------------------------------------
-    def _protocol_error(self, exc: ProtocolError) -> None:
+    def _protocol_error(self, exc: ProtocolError, abort: bool = False) -> None:
+        """Close the connection for a broken rule. `abort`: drop what waits to
+        be sent (a peer that does not read it), instead of flushing it."""
         self.error_reason = exc.reason
         if self._on_error is not None:
             self._on_error(self, exc)
@@ -593,8 +861,11 @@ class Connection(asyncio.Protocol):
                     msg = f"{self._where()} {WRONG_PORT_OTHER} (it sent {self._head!r})"
             self._fail_ready(RpcError(code, msg))
         if self.transport is not None:
-            # A server hello sent just before must still go out; close flushes it.
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                # A server hello sent just before must still go out; close flushes it.
+                self.transport.close()
 
     def _where(self) -> str:
         if self.peer is None:
@@ -614,6 +885,12 @@ class Connection(asyncio.Protocol):
             self._budget.forget(self)
             self._waiting_budget = False
             self._release_budget()
+            self._stash = None
+            held, self._decode_held = self._decode_held, 0
+            self._budget_release(held)
+        if self._output is not None:
+            self._output.change(-self._out_counted)
+            self._out_counted = 0
         if self.is_client and not self._head:
             # Closed without a byte, not even a refusal: not a leptond RPC port.
             self._fail_ready(RpcError(WRONG_PORT, f"{self._where()} {WRONG_PORT_SILENT}"))
@@ -626,11 +903,12 @@ class Connection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(err)
         self._calls.clear()
-        for q in self._streams.values():
-            q.put_nowait(err)
+        for inbound in self._streams.values():
+            inbound.queue.put_nowait(err)
         for task in [*self._served.values(), *self._notified]:
             task.cancel()
         self._served.clear()
+        self._credits.clear()
         if self._paused is not None and not self._paused.done():
             self._paused.set_exception(err)
             self._paused.exception()
@@ -643,6 +921,24 @@ class Connection(asyncio.Protocol):
 
 class _CallTimeout(Exception):
     pass
+
+
+def _release_when_done(conn: Connection, tasks: list[asyncio.Task[None]], n: int) -> None:
+    """Give `n` reserved bytes back once every task has ended (now, if none)."""
+    left = [t for t in tasks if not t.done()]
+    if not left:
+        conn._budget_release(n)
+        return
+    pending = len(left)
+
+    def one_done(_: asyncio.Task[None]) -> None:
+        nonlocal pending
+        pending -= 1
+        if pending == 0:
+            conn._budget_release(n)
+
+    for t in left:
+        t.add_done_callback(one_done)
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:

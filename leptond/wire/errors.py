@@ -6,6 +6,9 @@ one-line message; the CLI prints the message alone.
 
 from __future__ import annotations
 
+# The longest error message sent; longer ones are cut.
+MAX_MESSAGE_CHARS = 1024
+
 
 class RpcError(Exception):
     """A typed error reply: `{code, message}` on the wire."""
@@ -17,7 +20,12 @@ class RpcError(Exception):
         self.extra = extra
 
     def to_wire(self) -> dict[str, object]:
-        out: dict[str, object] = {"code": self.code, "message": self.message}
+        message = self.message
+        if len(message) > MAX_MESSAGE_CHARS:
+            # One line for people, whatever a handler put in it (a quoted
+            # argument of megabytes, say).
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+        out: dict[str, object] = {"code": self.code, "message": message}
         out.update(self.extra)
         return out
 

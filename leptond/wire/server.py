@@ -8,9 +8,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 from ..clock import REAL
-from .budget import BufferBudget
+from .budget import BufferBudget, OutputMeter
 from .codec import MAX_FRAME
-from .connection import Connection, Handler, PskLookup
+from .connection import MAX_PENDING_OUTPUT, REQUEST_MAX_ITEMS, Connection, Handler, PskLookup
 from .errors import ProtocolError
 
 log = logging.getLogger("lepton.wire")
@@ -44,7 +44,11 @@ class RpcServer:
     are open at once (the next one is closed at accept). Partly received large
     frames hold at most `max_buffered_bytes` in all: a connection whose frame
     does not fit stops reading until it does, and one that does not finish a
-    reserved frame within `frame_timeout_s` is closed (see budget.py).
+    reserved frame within `frame_timeout_s` is closed (see budget.py); the
+    same budget holds large frames while their requests are served. Replies
+    waiting for a peer that does not read them hold at most
+    `max_pending_output` per connection and `max_buffered_bytes` in all
+    (connection.py). A frame unpacks into at most `max_items` msgpack items.
     """
 
     def __init__(
@@ -60,6 +64,8 @@ class RpcServer:
         sealed: bool = True,
         max_buffered_bytes: int = 256 * 1024 * 1024,
         frame_timeout_s: float = 60.0,
+        max_pending_output: int = MAX_PENDING_OUTPUT,
+        max_items: int = REQUEST_MAX_ITEMS,
     ) -> None:
         if max_buffered_bytes < MAX_FRAME:
             raise ValueError(
@@ -75,6 +81,9 @@ class RpcServer:
         self.on_disconnect = on_disconnect
         self.sealed = sealed
         self.budget = BufferBudget(max_buffered_bytes)
+        self.output = OutputMeter(max_buffered_bytes)
+        self.max_pending_output = max_pending_output
+        self.max_items = max_items
         self.frame_timeout_s = frame_timeout_s
         self.connections: set[Connection] = set()
         self.counters: Counter[str] = Counter()
@@ -102,6 +111,9 @@ class RpcServer:
             sealed=self.sealed,
             budget=self.budget,
             frame_timeout_s=self.frame_timeout_s,
+            max_items=self.max_items,
+            output=self.output,
+            max_pending_output=self.max_pending_output,
         )
         if len(self.connections) >= self.max_connections:
             self.counters["over_capacity"] += 1
@@ -166,5 +178,7 @@ class RpcServer:
             "buffered_bytes_reserved": self.budget.used,
             "buffer_waiting": self.budget.waiting,
             "buffer_waits": self.budget.waits,
+            "unsent_reply_bytes": self.output.used,
+            "closed_slow_readers": self.output.closed,
             **self.counters,
         }
