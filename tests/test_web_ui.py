@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
-from leptond.web.app import static_dir
-from leptond.wire.tokens import Token
+from leptond.web.app import ADMIN_ONLY, static_dir
+from leptond.wire.tokens import Token, parse_token
 from tests.cdp import Browser, chromium
 from tests.harness import Cluster, Master, wait_for
 from tests.test_hosts_e2e import module_cluster
@@ -162,6 +163,44 @@ def test_changes_need_the_csrf_token_and_this_origin(web: Cluster) -> None:
     assert v.request("/ui/api/session")[0] == 401
 
 
+def test_only_admins_cancel_drain_or_undrain(web: Cluster) -> None:
+    bob = person(web, "submit", "bob")
+    job = web.submit("--", "sleep", "600", token=bob)
+    web.wait_job(job, {"running", "pending"})
+    for tok in (bob, person(web, "read", "ivy")):
+        v = signed_in(web, tok)
+        csrf = {"X-CSRF-Token": v.json("/ui/api/session")[1]["csrf"]}
+        # Even the job's owner: in the UI these are an operator's actions.
+        for path in (f"/ui/api/jobs/{job}/cancel", "/ui/api/nodes/h1/drain"):
+            status, body = v.post(path, csrf)
+            assert status == 403 and body["error"]["message"] == ADMIN_ONLY, (path, body)
+    assert web.status(job)["state"] in ("pending", "running")
+    assert next(n for n in web.nodes() if n["name"] == "h1")["state"] == "ready"
+    web.ctl("cancel", job)
+
+
+def test_a_refused_sign_in_says_the_same_whatever_the_token(web: Cluster) -> None:
+    m = follower(web)
+    revoked = person(web, "read", "frank")
+    web.ctl("token", "revoke", revoked.split("_")[1])
+    admin = parse_token(web.admin_token)
+    tokens = {
+        "never issued": Token("deadbeef", bytes(32)),
+        "a real id with a wrong secret": Token(admin.id, bytes(32)),
+        "revoked": parse_token(revoked),
+        "a host's credential": parse_token((web.root / "agent-h1" / "node.credential").read_text()),
+    }
+    fails = value(scrape(m.http), "lepton_auth_failures_total", via="http") or 0
+    answers = {}
+    for what, tok in tokens.items():
+        status, _, body = Visitor(f"http://127.0.0.1:{m.http}").sign_in(str(tok))
+        answers[what] = (status, tuple(re.findall(rb'data-error="[^"]*"', body)))
+    assert set(answers.values()) == {(401, (b'data-error="the cluster refused this token"',))}, (
+        answers
+    )
+    assert value(scrape(m.http), "lepton_auth_failures_total", via="http") == fails + len(tokens)
+
+
 def test_everything_the_ui_loads_ships_with_leptond(web: Cluster) -> None:
     v = signed_in(web, web.admin_token)
     status, headers, body = v.request("/")
@@ -220,11 +259,12 @@ def test_a_revoked_token_ends_its_session(web: Cluster) -> None:
 
 
 # -- in a browser --------------------------------------------------------------------
-@pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
+    """One Chromium for the module's browser tests (each signs in afresh)."""
     if chromium() is None:
         pytest.skip("chromium is not installed (apt-get install chromium): browser tests skipped")
-    b = Browser(tmp_path / "chromium")
+    b = Browser(tmp_path_factory.mktemp("chromium"))
     try:
         await b.start()
         yield b
@@ -232,7 +272,13 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
         await b.close()
 
 
+# The browser tests share the browser's event loop.
+in_browser = pytest.mark.asyncio(loop_scope="module")
+
+
 async def sign_in(b: Browser, base: str, token: str) -> None:
+    # No session left from an earlier test: the sign-in page would send us on.
+    await b.send("Network.clearBrowserCookies")
     await b.goto(base + "/signin")
     await b.type("#token", token)
     await b.click("#signin")
@@ -244,6 +290,7 @@ async def sign_out(b: Browser) -> None:
     await b.wait("location.pathname === '/signin'", "the sign-in page")
 
 
+@in_browser
 async def test_sign_in_and_follow_a_job_to_its_end_without_a_reload(
     web: Cluster, browser: Browser, tmp_path: Path
 ) -> None:
@@ -251,6 +298,7 @@ async def test_sign_in_and_follow_a_job_to_its_end_without_a_reload(
     base = f"http://127.0.0.1:{follower(web).http}"
     shots = tmp_path / "screenshots"
     shots.mkdir()
+    await b.send("Network.clearBrowserCookies")
     await b.goto(base + "/")
     await b.wait("location.pathname === '/signin'", "a redirect to sign in")
     await b.screenshot(shots / "signin.png")
@@ -315,6 +363,7 @@ async def test_sign_in_and_follow_a_job_to_its_end_without_a_reload(
     assert all(p.stat().st_size > 1000 for p in shots.iterdir())
 
 
+@in_browser
 async def test_admins_cancel_and_drain_and_read_tokens_are_refused(
     web: Cluster, browser: Browser, tmp_path: Path
 ) -> None:
@@ -332,7 +381,7 @@ async def test_admins_cancel_and_drain_and_read_tokens_are_refused(
     )
     await b.click("#cancel")
     await b.wait(
-        "document.querySelector('#status').textContent.includes('needs a token with role submit')",
+        "document.querySelector('#status').textContent.includes('only admins cancel jobs')",
         "the refusal",
     )
     await b.screenshot(shots / "refused.png")
@@ -356,3 +405,55 @@ async def test_admins_cancel_and_drain_and_read_tokens_are_refused(
     await b.click("button.undrain[data-node=h1]")
     await b.wait("!document.querySelector('.drain-state')", "the undrain")
     assert next(n for n in web.nodes() if n["name"] == "h1")["state"] == "ready"
+
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@in_browser
+async def test_text_from_the_cluster_is_shown_as_text(
+    web: Cluster, browser: Browser, tmp_path: Path
+) -> None:
+    b = browser
+    base = f"http://127.0.0.1:{follower(web).http}"
+    # A job named after its program (here markup), a command and output with
+    # markup, a node label with markup (admins' labels are free text).
+    named = web.submit("--", XSS)
+    web.wait_job(named, {"failed"})
+    noisy = web.submit("--", "sh", "-c", f"echo '{XSS}'; echo '<script>window.pwned=1</script>'")
+    web.wait_job(noisy, {"succeeded"})
+    web.rpc("node_label", {"node": "h1", "set": {"note": XSS}})
+    try:
+        # The page shell puts the job id from the address in an attribute.
+        v = signed_in(web, web.admin_token)
+        status, _, body = v.request("/jobs/" + urllib.parse.quote(XSS))
+        assert status == 200 and b"<img" not in body
+        assert b'data-job="&lt;img src=x onerror=alert(1)&gt;"' in body
+        await sign_in(b, base, web.admin_token)
+        no_markup = "!document.querySelector('main img, main script, main b')"
+        texts = (
+            "[...document.querySelectorAll('main td, main p, main pre')].map(e => e.textContent)"
+        )
+        await b.goto(base + "/jobs?state=failed")
+        await b.wait(f"{texts}.includes({json.dumps(XSS)})", "the job's name as text")
+        assert await b.eval(no_markup)
+        await b.screenshot(tmp_path / "escaped-jobs.png")
+        await b.goto(f"{base}/jobs/{named}")
+        await b.wait("document.querySelector('#job-state [data-state=failed]')", "the job")
+        assert XSS in await b.text("main section p")
+        assert await b.eval(no_markup)
+        await b.goto(f"{base}/jobs/{noisy}")
+        await b.wait(
+            "document.querySelector('#log').textContent.includes('window.pwned')", "the log"
+        )
+        assert await b.text("#log") == f"{XSS}\n<script>window.pwned=1</script>\n"
+        assert await b.eval(no_markup)
+        await b.screenshot(tmp_path / "escaped-log.png")
+        await b.goto(base + "/nodes")
+        await b.wait("document.querySelector('section.node[data-node=h1] .labels')", "labels")
+        assert f"note={XSS}" in await b.text("section.node[data-node=h1] .labels")
+        assert await b.eval(no_markup)
+        assert await b.eval("window.pwned === undefined")
+        await b.screenshot(tmp_path / "escaped-nodes.png")
+    finally:
+        web.rpc("node_label", {"node": "h1", "unset": ["note"]})

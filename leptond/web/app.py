@@ -13,7 +13,9 @@ pages read, with no build step and nothing fetched from elsewhere.
   follower serves the UI as well: the RPC client follows the leader.
 - Changes (cancel, drain, undrain, sign-out) are POSTs that must carry the
   session's CSRF token in X-CSRF-Token and, when the browser sends one, an
-  Origin of this very host.
+  Origin of this very host. Cancel, drain and undrain are for admins only.
+- A token that does not sign in gets one answer whatever the reason, so
+  the form tells nobody which token ids exist.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ HTTP_STATUS = {
     "not_leader": 503,
     "timeout": 504,
 }
+# RPC errors that mean "not this token" at sign-in (leptond/wire/connection.py:
+# an unknown or revoked key id and a wrong secret are both unauthenticated;
+# a host's credential may not call whoami).
+REFUSED = frozenset({"unauthenticated", "forbidden"})
+ADMIN_ONLY = (
+    "only admins cancel jobs and drain or undrain nodes in the web UI "
+    "(leptonctl cancel cancels your own jobs)"
+)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -142,14 +152,12 @@ class WebUI:
             who = await client.call("whoami", {}, timeout_s=CALL_TIMEOUT_S)
         except RpcError as exc:
             await client.close()
-            if exc.code == "unauthenticated":
-                self._auth_failed()
-                return self._html("signin", error="the cluster refused this token", status=401)
+            if exc.code in REFUSED:
+                return self._refused()
             return self._html("signin", error=f"cannot sign in: {exc.message}", status=503)
-        if who.get("role") not in ("read", "submit", "admin"):
+        if not isinstance(who, dict) or who.get("role") not in ("read", "submit", "admin"):
             await client.close()
-            self._auth_failed()
-            return self._html("signin", error="sign in with a person's token", status=401)
+            return self._refused()
         s = await self.sessions.add(client, str(who["user"]), str(who["role"]))
         resp = web.HTTPSeeOther("/")
         resp.set_cookie(
@@ -157,6 +165,13 @@ class WebUI:
         )
         log.info("web UI: %s (%s) signed in", s.user, s.role)
         raise resp
+
+    def _refused(self) -> web.Response:
+        """One answer for every token that does not sign in: unknown, revoked,
+        a wrong secret, a host's credential. Which it was is not said, so the
+        form cannot be used to learn which token ids exist."""
+        self._auth_failed()
+        return self._html("signin", error="the cluster refused this token", status=401)
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
         s = await self._session(request)
@@ -194,6 +209,9 @@ class WebUI:
                 _same_origin(request) and s.csrf_ok(request.headers.get("X-CSRF-Token"))
             ):
                 return _error("forbidden", "this change needs the page's CSRF token", 403)
+            if change and s.role != "admin":
+                # The UI's actions are an operator's (leptonctl cancels one's own jobs).
+                return _error("forbidden", ADMIN_ONLY, 403)
             try:
                 out = await fn(s, request)
             except RpcError as exc:

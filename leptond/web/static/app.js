@@ -201,6 +201,8 @@ async function nodes() {
       h("h2", {}, n.name, " ", badge(n.state)),
       h("p", { text: "CPUs " + n.cpus_used + " / " + n.cpus + ", memory " + bytes(n.mem_used_bytes) + " / " + bytes(n.mem_bytes) +
         (n.last_heartbeat_s !== null && n.last_heartbeat_s !== undefined ? ", heard from " + n.last_heartbeat_s + "s ago" : "") }),
+      Object.keys(n.labels || {}).length ? h("p", { class: "labels", text: "Labels: " +
+        Object.entries(n.labels).map(([k, v]) => k + "=" + v).join(", ") }) : null,
       drain ? h("p", { class: "drain-state", text: drain }) : null,
       table(["GPU", "Utilisation", "Memory", "Temperature", "Task", "Health"], rows),
       actions.length ? h("div", { class: "actions" }, actions) : null);
