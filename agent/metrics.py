@@ -176,30 +176,30 @@ class AgentCollector(Collector):
         )
 
     def _cache(self) -> Iterator[Metric]:
-        c = self.agent.cache_stats()
-        for key, doc in (
-            ("hits", "Workdir block cache hits"),
-            ("misses", "Workdir block cache misses"),
-            ("evictions", "Blocks the workdir cache evicted"),
-            ("evicted_bytes", "Bytes the workdir cache evicted"),
+        c = self.agent.cache_stats()  # agent/workdir.py: WorkdirCache.stats
+        disk = c.get("disk") or {}
+        for name, doc, v in (
+            ("hits", "Blocks tasks needed that the workdir cache had", c.get("hits")),
+            ("misses", "Blocks tasks needed that were fetched from the masters", c.get("misses")),
+            ("fetched_bytes", "Bytes of blocks fetched from the masters", c.get("fetched_bytes")),
+            ("evictions", "Blocks the workdir cache evicted", disk.get("evictions")),
+            ("evicted_bytes", "Bytes the workdir cache evicted", disk.get("evicted_bytes")),
         ):
-            yield CounterMetricFamily(
-                f"lepton_agent_block_cache_{key}", doc, value=float(c.get(key, 0))
-            )
+            yield CounterMetricFamily(f"lepton_agent_block_cache_{name}", doc, value=float(v or 0))
         yield GaugeMetricFamily(
             "lepton_agent_block_cache_bytes",
             "Bytes in the workdir block cache",
-            value=c.get("bytes", 0),
+            value=c.get("bytes_on_disk") or 0,
         )
         yield GaugeMetricFamily(
             "lepton_agent_block_cache_capacity_bytes",
             "The workdir block cache's budget (--cache-bytes)",
-            value=c.get("capacity_bytes", 0),
+            value=c.get("disk_budget_bytes") or 0,
         )
         yield GaugeMetricFamily(
             "lepton_agent_block_cache_blocks",
             "Blocks in the workdir block cache",
-            value=c.get("items", 0),
+            value=c.get("blocks") or 0,
         )
 
 

@@ -139,10 +139,38 @@ def test_promtool_finds_nothing_wrong_on_any_endpoint(obs: Cluster) -> None:
         )
         assert value(agent, "lepton_agent_gpu_healthy", gpu=gpu, model="Simulated A100") == 1
         assert value(agent, "lepton_agent_gpu_utilization_ratio", gpu=gpu) == 0.95
-        assert value(agent, "lepton_agent_block_cache_hits_total") is not None
         assert value(text, "lepton_user_gpus", user="admin") == 1
     finally:
         obs.ctl("cancel", job)
+
+
+def test_an_agent_counts_its_block_cache_hits_misses_and_bytes(
+    obs: Cluster, tmp_path: Path
+) -> None:
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "data.bin").write_bytes(b"leptond" * 40_000)
+    port = obs.agent_http_ports["h1"]
+    before = scrape(port)
+    obs.rpc("node_label", {"node": "h1", "set": {"pin": "h1"}})
+    try:
+        for _ in range(2):
+            job = obs.submit("--constraint", "pin=h1", "--workdir", str(wd), "--", "true")
+            obs.wait_job(job, {"succeeded"})
+    finally:
+        obs.rpc("node_label", {"node": "h1", "unset": ["pin"]})
+    after = scrape(port)
+
+    def grew(name: str) -> float:
+        return (value(after, name) or 0) - (value(before, name) or 0)
+
+    # The first run fetched the file's blocks; the second found them all here.
+    misses = grew("lepton_agent_block_cache_misses_total")
+    assert misses >= 1
+    assert grew("lepton_agent_block_cache_hits_total") >= misses
+    assert grew("lepton_agent_block_cache_fetched_bytes_total") > 0
+    assert (value(after, "lepton_agent_block_cache_bytes") or 0) > 0
+    assert (value(after, "lepton_agent_block_cache_blocks") or 0) >= misses
 
 
 def test_the_cluster_series_come_from_the_leader_only(obs: Cluster) -> None:
