@@ -14,7 +14,7 @@ from leptond.wire.client import ClusterClient
 from . import api, jobfile, jobs
 from .jobs import UsageError
 from .logs import Follower, Options
-from .output import ago, emit_json, say, size, table, until
+from .output import ago, clean, emit_json, say, size, table, until
 
 __all__ = ["UsageError", "dispatch", "node_state"]
 
@@ -122,7 +122,8 @@ async def usage(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.output == "csv":
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(cols)
-        w.writerows([[r.get(k, "") for k in cols] for r in flat])
+        # Cleaned as the table is: a name may hold terminal escapes.
+        w.writerows([[clean(r.get(k, "")) for k in cols] for r in flat])
         return 0
     table(
         [k.replace("_", " ").upper() for k in cols],
@@ -164,7 +165,7 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
         ],
     )
     for line in faults:
-        print(line)
+        say(line)
     return 0
 
 
@@ -188,7 +189,7 @@ async def node(c: ClusterClient, a: argparse.Namespace) -> int:
         return await join_token(c, a)
     if sub == "gpu":
         res = await api.gpu_reset(c, a.node, a.gpu)
-        print(f"{res['node']}: GPU {res['gpu']} {res['state']} ({res['burn_in']})")
+        say(f"{res['node']}: GPU {res['gpu']} {res['state']} ({res['burn_in']})")
         return 0
     deadline_s = None
     if getattr(a, "deadline", None) is not None:

@@ -18,7 +18,7 @@ from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
-from .output import duration, size
+from .output import clean, duration, size
 
 REFRESH_S = 1.0
 QUIT_KEYS = {ord("q"), ord("Q"), 27}  # 27: Esc
@@ -98,7 +98,9 @@ def render(ov: dict[str, Any], width: int, height: int, now: float) -> list[str]
             f"{j['gpus_total']:>4}  {_ago(now, j['submitted_at']):>8}  "
             f"{j.get('reason') or 'waiting for the next scheduling pass'}"
         )
-    out = [_cut(line, width) for line in lines]
+    # Names, reasons and messages come from other users and from hosts: no
+    # character of theirs may drive the terminal (leptonctl/output.py).
+    out = [_cut(clean(line), width) for line in lines]
     if len(out) > height:
         out = [*out[: height - 1], _cut(f"... {len(out) - height + 1} more lines", width)]
     return out

@@ -74,6 +74,13 @@ def test_render_draws_gpus_as_a_grid_and_says_why_jobs_wait() -> None:
     assert len(small) == 5 and all(len(line) <= 30 for line in small)
     assert small[-1].startswith("... ")
     assert gpu_cells(node("n", used=1, total=2)) == "#."
+    # Names and reasons come from other users and hosts: none drives the terminal.
+    ov["running"][0]["name"] = "\x1b[2Jgone"
+    ov["nodes"][0]["gpu_faults"][0]["reason"] = "Xid 79\nforged line\x1b]0;title\x07"
+    lines = render(ov, 200, 40, now=1090.0)
+    assert not any(c in line for line in lines for c in "\x1b\x07\n")
+    assert any("\\x1b[2Jgone" in line for line in lines)
+    assert any("Xid 79\\nforged line\\x1b]0;title\\x07" in line for line in lines)
 
 
 @pytest.fixture(scope="module")

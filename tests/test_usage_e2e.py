@@ -63,6 +63,13 @@ def test_usage_per_user_and_per_job_in_every_format(uc: Cluster) -> None:
     assert {"job": job, "user": "alice", "state": "succeeded"}.items() <= next(
         r for r in jobs if r["job"] == job
     ).items()
+    # A job named with a terminal escape (its program's name) prints escaped,
+    # in the table and in CSV alike.
+    odd = uc.submit("--", "\x1b[2Jgone", token=alice)
+    uc.wait_job(odd, {"failed"})
+    for fmt in ("table", "csv"):
+        out = uc.ctl("usage", "--by", "job", "-o", fmt).stdout
+        assert "\x1b" not in out and "\\x1b[2Jgone" in out, (fmt, out)
     # Anyone may read usage; mistakes are one line.
     reader = uc.ctl("token", "create", "--role", "read", "--name", "auditor").stdout.strip()
     assert "alice" in uc.ctl("usage", token=reader).stdout
