@@ -20,6 +20,7 @@ pages read, with no build step and nothing fetched from elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -263,14 +264,19 @@ class WebUI:
         args = {"job_id": jid, "rank": rank, "tail_lines": LOG_TAIL_LINES, "follow": False}
         chunks: list[bytes] = []
         size = 0
+        # aclosing: a tail cut short ends its stream now, not at garbage
+        # collection (the leader holds a relay slot per user while it runs).
+        stream = s.client.stream("logs", args, item_timeout_s=CALL_TIMEOUT_S)
         try:
-            async for item in s.client.stream("logs", args, item_timeout_s=CALL_TIMEOUT_S):
-                data = item.get("data", b"") if isinstance(item, dict) else b""
-                if isinstance(data, bytes):
-                    chunks.append(data)
-                    size += len(data)
-                    if size > MAX_LOG_BYTES:
-                        break
+            # An async generator, though typed as the AsyncIterator it is used as.
+            async with contextlib.aclosing(stream) as items:  # type: ignore[type-var]
+                async for item in items:
+                    data = item.get("data", b"") if isinstance(item, dict) else b""
+                    if isinstance(data, bytes):
+                        chunks.append(data)
+                        size += len(data)
+                        if size > MAX_LOG_BYTES:
+                            break
         except RpcError as exc:
             if exc.code == "not_started":
                 return {"text": "", "note": exc.message}
