@@ -31,6 +31,15 @@ MAX_EVENT_BYTES = 16 * 1024
 # Items of a relayed stream (task output) the leader lets an agent send ahead.
 RELAY_WINDOW = 4
 MAX_GPU_FAULTS = 1024  # GPUs one heartbeat may report faulty
+MAX_FAULT_REASON_CHARS = 256
+
+
+def _fault_reason(v: Any) -> str:
+    """A host's words for a GPU fault, as every listing, log line and page
+    shows them: short, on one line, printable (the host may be compromised)."""
+    if not isinstance(v, str) or not v.strip():
+        return "unhealthy"
+    return "".join(c if c.isprintable() else " " for c in v[:MAX_FAULT_REASON_CHARS]).strip()
 
 
 def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
@@ -210,7 +219,7 @@ class AgentRegistry:
         for f in reported[:MAX_GPU_FAULTS]:
             idx = f.get("index") if isinstance(f, dict) else None
             if isinstance(idx, int) and not isinstance(idx, bool) and idx in valid - have:
-                new.append({"index": idx, "reason": str(f.get("reason") or "unhealthy")[:256]})
+                new.append({"index": idx, "reason": _fault_reason(f.get("reason"))})
         if not new:
             return
         try:
