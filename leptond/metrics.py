@@ -356,7 +356,10 @@ class ClusterCollector(Collector):
             stats = live.get(n.id)
             if n.state == "down" or stats is None or now - stats["at"] > self.ttl_s:
                 continue
-            for gpu in stats.get("gpus") or []:
+            # Checked at arrival (nodestats.py); still, a scrape must never
+            # fail over one host's report.
+            gpu_stats = stats.get("gpus")
+            for gpu in gpu_stats if isinstance(gpu_stats, list) else []:
                 if not isinstance(gpu, dict):
                     continue
                 for name, (_, key, scale) in GPU_FIELDS.items():
