@@ -335,16 +335,22 @@ async def test_sign_in_and_follow_a_job_to_its_end_without_a_reload(
     await b.wait("document.querySelector('#log').textContent.includes('bye')", "the whole log")
     assert await b.eval("window.sameDocument === true"), "the page was reloaded"
     await b.screenshot(shots / "job.png")
-    # The other pages.
-    for path, ready, name in (
-        ("/nodes", "document.querySelector('section.node[data-node=h1] table')", "nodes"),
-        ("/jobs?state=succeeded", f"document.querySelector('a[href=\"/jobs/{job}\"]')", "jobs"),
-        ("/queue", "document.querySelector('main table')", "queue"),
-        ("/usage", "document.querySelector('table.usage tbody tr')", "usage"),
-    ):
-        await b.goto(base + path)
-        await b.wait(ready, f"the {name} page")
-        await b.screenshot(shots / f"{name}.png")
+    # The other pages, with one job holding both GPUs and one waiting for them.
+    held = web.submit("--gpus", "2", "--", "sleep", "600")
+    web.wait_job(held, {"running"})
+    waiting = web.submit("--gpus", "1", "--", "true")
+    try:
+        for path, ready, name in (
+            ("/nodes", "document.querySelector('section.node[data-node=h1] table a')", "nodes"),
+            ("/jobs?state=succeeded", f"document.querySelector('a[href=\"/jobs/{job}\"]')", "jobs"),
+            ("/queue", "document.querySelectorAll('main table tbody tr').length > 0", "queue"),
+            ("/usage", "document.querySelector('table.usage tbody tr')", "usage"),
+        ):
+            await b.goto(base + path)
+            await b.wait(ready, f"the {name} page")
+            await b.screenshot(shots / f"{name}.png")
+    finally:
+        web.ctl("cancel", held, waiting)
     assert sorted(p.name for p in shots.iterdir()) == sorted(
         f"{n}.png"
         for n in (
