@@ -369,7 +369,7 @@ class ClusterCollector(Collector):
         yield from (node_state, gpus, held, bad, age)
         yield gauge(
             "lepton_gpus",
-            "GPUs that can take work: on nodes that are up, not marked unhealthy",
+            "GPUs on nodes that are up (ready or draining), less those marked unhealthy",
             usable,
         )
         yield gauge("lepton_gpus_allocated", "GPUs held by live tasks", allocated)
