@@ -80,6 +80,17 @@ def parser() -> argparse.ArgumentParser:
         "off runs tasks without enforced memory, CPU and pids limits",
     )
     r.add_argument(
+        "--http-port",
+        type=_port,
+        default=7443,
+        help="port of the agent's /metrics and /healthz (default 7443; 0: none)",
+    )
+    r.add_argument(
+        "--http-bind",
+        default="0.0.0.0",
+        help="address the agent's HTTP port listens on (default 0.0.0.0)",
+    )
+    r.add_argument(
         "--task-pids-max",
         type=_positive_int,
         default=DEFAULT_TASK_PIDS_MAX,
@@ -112,6 +123,16 @@ def parser() -> argparse.ArgumentParser:
         "directory); repeatable",
     )
     return p
+
+
+def _port(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {v!r}") from None
+    if not 0 <= n < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range: {v}")
+    return n
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -185,6 +206,8 @@ async def _main(args: argparse.Namespace) -> int:
         cache_policy=args.cache_policy,
         cgroups=args.cgroups,
         task_pids_max=args.task_pids_max,
+        http_port=args.http_port,
+        http_bind=args.http_bind,
         tasks_mem_max=args.tasks_mem_max,
         task_retention_s=args.task_retention,
         keep_visible=keep,
@@ -200,6 +223,16 @@ async def _main(args: argparse.Namespace) -> int:
             "(--cgroups off runs tasks without enforced limits)",
             file=sys.stderr,
         )
+        return 1
+    try:
+        await agent.start_http()
+    except OSError as exc:
+        print(
+            f"lepton-agent: cannot serve /metrics on {args.http_bind}:{args.http_port}: "
+            f"{exc.strerror or exc} (--http-port picks another port, 0 none)",
+            file=sys.stderr,
+        )
+        agent.runner.close()
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
