@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from .runner import TaskExit, TaskSpec
+from .runner import TaskExit, TaskSpec, TaskUsage
 
 
 class Runner(Protocol):
@@ -62,6 +62,10 @@ class Runner(Protocol):
         ...
 
     def adopt(self) -> tuple[list[str], list[TaskExit]]: ...
+
+    def usage(self) -> dict[str, TaskUsage]:
+        """CPU time and memory of each running run's processes (/metrics)."""
+        ...
 
     def keep_spare(self) -> None: ...
 

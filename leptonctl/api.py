@@ -108,6 +108,12 @@ async def queue(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[
     return list(await c.call("queue", {}, timeout_s=timeout_s))
 
 
+async def usage(
+    c: ClusterClient, since_s: float, by: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    return dict(await c.call("usage", {"since_s": since_s, "by": by}, timeout_s=timeout_s))
+
+
 async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     return dict(await c.call("whoami", {}, timeout_s=timeout_s))
 
@@ -115,6 +121,13 @@ async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict
 # -- nodes ------------------------------------------------------------------------
 async def nodes(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
     return list(await c.call("nodes", {}, timeout_s=timeout_s))
+
+
+async def gpu_reset(
+    c: ClusterClient, node: str, gpu: int, timeout_s: float = 360.0
+) -> dict[str, Any]:
+    """The burn-in runs on the host first: this may take minutes."""
+    return dict(await c.call("node_gpu_reset", {"node": node, "gpu": gpu}, timeout_s=timeout_s))
 
 
 async def node_change(

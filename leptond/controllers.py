@@ -16,11 +16,12 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import scheduler as sch
+from raft import accounting as acct
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.tasks import preempted_for
 from raft.view import StateView
 
-from . import views
+from . import usage, views
 from .clock import Clock, wait_event
 from .config import MasterConfig
 from .holds import Holds
@@ -33,6 +34,10 @@ FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
 IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
 MEMBERS_EVERY_S = 60.0
+# Decayed usage for fair share is recomputed when runs ended since (at most
+# every DECAY_MIN_GAP_S), and every DECAY_EVERY_S as the days age.
+DECAY_EVERY_S = 60.0
+DECAY_MIN_GAP_S = 2.0
 
 
 class BlockInfo(Protocol):
@@ -79,6 +84,8 @@ class Controllers:
         self._last_full = 0.0
         self._settled = -1  # state generation of the last full pass that planned nothing
         self.plans = 0
+        self._decayed_at = -DECAY_EVERY_S
+        self._decayed_for: tuple[float, float] = (-1.0, -1.0)
         self.policy = sch.Policy(
             preemption=cfg.preemption,
             quotas=dict(cfg.quotas),
@@ -161,8 +168,13 @@ class Controllers:
                 "member_info",
                 {"raft_addr": cfg.raft_addr, "rpc_addr": cfg.rpc_addr, "http_addr": cfg.http_addr},
             )
-        # Forget finished jobs past their retention, now and then.
-        await self._proposer.propose("gc_jobs", {"before": self._clock.now() - cfg.job_retention_s})
+        # Forget finished jobs past their retention, now and then, and usage
+        # records past theirs.
+        now = self._clock.now()
+        await self._proposer.propose(
+            "gc_jobs",
+            {"before": now - cfg.job_retention_s, "usage_before": now - cfg.usage_retention_s},
+        )
         await self._clock.sleep(MEMBERS_EVERY_S)
 
     # -- scheduling -----------------------------------------------------------------
@@ -191,6 +203,7 @@ class Controllers:
         nodes, allocs, pending = views.scheduler_inputs(
             s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip, self._inputs
         )
+        self._decay_usage(s)
         stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
         self._epoch = epoch
         if self._learn_preemptions:
@@ -240,6 +253,24 @@ class Controllers:
         if plan.placements or plan.preemptions:
             await self._commit(plan)
         self._dispatch_stops()
+
+    def _decay_usage(self, s: StateView) -> None:
+        """With --fair-share-half-life, the policy carries each user's decayed
+        share of recent usage (leptond/usage.py), refreshed now and then:
+        usage changes only when runs end, and days decay slowly."""
+        half_life = self._cfg.fair_share_half_life_s
+        if half_life <= 0:
+            return
+        now = self._clock.monotonic()
+        used = (s.counters.get(acct.GPU_SECONDS, 0), s.counters.get(acct.CPU_SECONDS, 0))
+        since = now - self._decayed_at
+        if since < DECAY_EVERY_S and (used == self._decayed_for or since < DECAY_MIN_GAP_S):
+            return
+        self._decayed_at, self._decayed_for = now, used
+        shares = usage.past_shares(s, self._clock.now(), half_life)
+        if shares != self.policy.past_shares:
+            self.policy = replace(self.policy, past_shares=shares)
+            self._stuck = set()  # the order changed: look at everything again
 
     @staticmethod
     def _stops_outstanding(s: StateView) -> bool:

@@ -99,6 +99,11 @@ class Node(Record):
     # not undone by a reboot (as Nomad and Kubernetes keep a drain or cordon).
     # state is "draining" only with a drain, "ready" only without one.
     drain_reason: str | None = None
+    # GPUs its agent found faulty (an Xid, a double-bit ECC error, retired
+    # pages pending, a GPU off the bus): {index, reason, at}, in index order.
+    # Nothing is placed on them; only `leptonctl node gpu reset` (after a
+    # burn-in on the host) clears one. It outlives re-registrations.
+    gpu_faults: list[dict[str, Any]] = field(default_factory=list)
     # Labels an admin set (`node_label`): they win over the host's own for
     # the same name, and only admins set names under raft.validate's
     # ADMIN_LABEL_PREFIX. They outlive the host registering again.
@@ -146,6 +151,10 @@ class Job(Record):
     # The Unix account its tasks run as on every host: the submitting
     # token's mapping at submit time ("" only in jobs older than mappings).
     unix_user: str = ""
+    # GPU- and CPU-seconds its tasks' runs used, every attempt that ended
+    # (raft/accounting.py); what is running now is not in them yet.
+    gpu_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -169,6 +178,9 @@ class Task(Record):
     stop: str | None = None
     preemptions: int = 0
     priority: int = 0
+    # When its first attempt started running (the agent's clock): the
+    # submit-to-start histogram observes each task once, at that moment.
+    first_started_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -214,6 +226,19 @@ class NodeCredential(Record):
     # made again (an agent that died before saving its credential); after,
     # never: a join token left on a host must not buy another node's key.
     registered: bool = False
+
+
+@dataclass(slots=True)
+class UsageDay(Record):
+    """What one user used on one UTC day (raft/accounting.py): it outlives the
+    jobs, which are forgotten after their retention."""
+
+    user: str
+    day: int  # days since the epoch, UTC
+    gpu_s: float = 0.0
+    cpu_s: float = 0.0
+    # Jobs that ended that day, by final state.
+    jobs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

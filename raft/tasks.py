@@ -10,8 +10,10 @@ after calls that may have changed it, so published views never change.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+from . import accounting
 from .cow import add_to, discard_from
 from .model import FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 
@@ -32,6 +34,7 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         if s.jobs[t.job_id].spec.get("preemptible") is False:
             continue
         preempting.append(t.id)
+        accounting.preempted(s)
         evict(s, t, "preempt", f"{PREEMPTED_FOR}{p.get('for_task', '?')}", now)
     # Group placements by job so a gang is placed whole or not at all.
     by_job: dict[str, list[dict[str, Any]]] = {}
@@ -117,12 +120,15 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
         ):
             return "wrong GPU list"
         valid = {g["index"] for g in node.gpus}
+        broken = {int(f["index"]) for f in node.gpu_faults}
         if node.id not in claimed:
             claimed[node.id] = s.node_usage(node.id)
         held, cpus, mem = claimed[node.id]
         for g in gpus:
             if g not in valid:
                 return f"node {node.name} has no GPU {g}"
+            if g in broken:
+                return f"GPU {g} on {node.name} is unhealthy"
             if g in held:
                 return f"GPU {g} on {node.name} is taken"
         if cpus + t.cpus > node.cpus + 1e-9 or mem + t.mem_bytes > node.mem_bytes:
@@ -153,6 +159,7 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             if t.state == "assigned":
                 t = s.tasks.writable(task_id)
                 t.state, t.started_at = "running", at
+                accounting.task_started(s, t, s.jobs[t.job_id], at)
                 refresh_job(s, s.jobs[t.job_id], when)
                 applied += 1
         elif kind == "exited":
@@ -173,7 +180,10 @@ def _event_fields(ev: dict[str, Any]) -> tuple[str, int, float, int | None]:
         raise ValueError("exit_code out of range")
     if "state" not in ev:
         raise KeyError("state")
-    return str(ev["task_id"]), int(ev["attempt"]), float(ev["at"]), code
+    at = float(ev["at"])
+    if not math.isfinite(at):
+        raise ValueError("event time must be finite")
+    return str(ev["task_id"]), int(ev["attempt"]), at, code
 
 
 def _release(s: ClusterState, t: Task) -> None:
@@ -188,6 +198,7 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     _release(s, t)
     if t.node_id is not None:
         discard_from(s.node_tasks, t.node_id, t.id)
+    accounting.rescheduled(s)
     t.state, t.node_id, t.gpus, t.stop = "pending", None, [], None
     t.message = message
     s.pending[t.id] = None
@@ -206,8 +217,9 @@ def preempted_for(t: Task) -> str | None:
 
 
 # Stops that are no fault of the task: it goes back to pending without spending
-# a retry, and the rest of its gang restarts with it.
-REQUEUE_STOPS = frozenset({"preempt", "drain", "shrink"})
+# a retry, and the rest of its gang restarts with it. "gpu": one of its GPUs
+# was found faulty (raft/gpuhealth.py).
+REQUEUE_STOPS = frozenset({"preempt", "drain", "shrink", "gpu"})
 
 
 def evict(s: ClusterState, t: Task, how: str, message: str, now: float) -> None:
@@ -258,6 +270,18 @@ def task_exited(
     stop = t.stop
     how = f"(exit {code})" if started else "before it started"
     t.exit_code, t.finished_at = code, now if at is None else at
+    requeue = job.state not in ("cancelled", "failed")
+    if stop in REQUEUE_STOPS and requeue:
+        reason = "preempted" if stop == "preempt" else "evicted"
+    elif stop == "gang" and requeue:
+        reason = "evicted"
+    elif stop == "cancel" or job.state == "cancelled":
+        reason = "cancelled"
+    else:
+        reason = accounting.end_reason(stop, outcome, message)
+    # The run is charged from its start to its end by its host's clock.
+    accounting.attempt_ended(s, t, job, reason, t.finished_at)
+    job = s.jobs[t.job_id]  # charging the run may have copied it
     if stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
         if stop == "preempt":
             t.preemptions += 1
@@ -266,6 +290,8 @@ def task_exited(
             node = s.nodes.get(t.node_id or "")
             where = node.name if node is not None else t.node_id
             note = f"stopped at the drain deadline of node {where} {how}"
+        elif stop == "gpu":
+            note = f"stopped {how}: {t.message or 'a GPU of its node became unhealthy'}"
         else:
             note = message
         _requeue(s, t, f"{note}; waiting to run again")
@@ -347,7 +373,10 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
         if state in ("succeeded", "failed") and all(st in FINAL_TASK_STATES for st in states):
             finished_at = finished_at or now
     if (state, message, finished_at) != (job.state, job.message, job.finished_at):
+        ended = job.finished_at is None and finished_at is not None
         was_pending = job.state == "pending"
         job = s.jobs.writable(job.id)
         job.state, job.message, job.finished_at = state, message, finished_at
+        if ended:
+            accounting.job_ended(s, job, now)
         s._pending_changed(job, was_pending)

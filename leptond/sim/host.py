@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.runner import RunnerError, TaskExit, TaskSpec
+from agent.runner import RunnerError, TaskExit, TaskSpec, TaskUsage
 from agent.shim import LEASE_RAN_OUT, describe_exit
 
 from .trace import Trace
@@ -352,6 +352,9 @@ class SimRunner:
     def adopt(self) -> tuple[list[str], list[TaskExit]]:
         self._known = set(self.host.live)
         return sorted(self._known), self._unacked()
+
+    def usage(self) -> dict[str, TaskUsage]:
+        return {}  # simulated processes use nothing; nobody scrapes a simulated agent
 
     def keep_spare(self) -> None:
         pass  # spares only save the interpreter's start-up (SHIM_START_S covers it)

@@ -21,6 +21,8 @@ from typing import Any, cast
 
 from agent import gpudev
 from agent.daemon import Agent, AgentConfig
+from agent.health import GpuHealth
+from agent.metrics import AgentHttp
 from agent.probes import GpuProbe
 from agent.workdir import WorkdirCache
 
@@ -74,6 +76,10 @@ class SimAgent(Agent):
         self._gc = None
         self.workdirs = cast(WorkdirCache, _NoBlocks())
         self.probe = cast(GpuProbe, _NoGpuProbe())
+        # No fault is ever recorded here (its file would be under a path
+        # that cannot exist), nor an NVML event; the HTTP port never opens.
+        self.health = GpuHealth(cfg.data_dir, clock)
+        self.nvml_events = None
         self.gpu_devices = gpudev.GpuDevices(None, {})
         self.client = ClusterClient(
             parse_addrs(masters),
@@ -83,13 +89,14 @@ class SimAgent(Agent):
             clock=clock,
             dial=net.dialer(host.name, clock),
         )
+        self.http = AgentHttp(self, self._healthz)
         self._init_loop_state()
 
     def describe(self) -> dict[str, Any]:
         return self.host.describe()
 
     def host_report(self) -> dict[str, Any]:
-        return {"host": {}, "gpus": [], "cache": {}}
+        return {"host": {}, "gpus": [], "gpu_faults": [], "cache": {}}
 
 
 class SimNode:
