@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,9 @@ log = logging.getLogger("lepton.agent")
 PASSABLE = frozenset({"tasks", "workdirs", "dev"})
 # At most this long between sweeps of the directories of runs long over.
 GC_INTERVAL_S = 60.0
+# Context tag of the connections that carry this node's registration and
+# heartbeats: closing one of them cuts the lease first (_closing_connection).
+LEASED = "leased"
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,11 @@ class Agent:
         # Shims end their tasks when the node's lease runs out (agent/lease.py).
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
+        # The leader's disconnect confirm window (agent/lease.py), once known.
+        self.confirm_s: float | None = None
+        # Whether the shims here see this agent die at once: only then may
+        # the leader judge this node by the fast path.
+        self.fences_disconnect = lease.can_watch_agents()
         self.runner = TaskRunner(
             cfg.data_dir / "tasks",
             self.cgroups,
@@ -158,6 +167,7 @@ class Agent:
             key_id=key.id,
             psk=key.psk,
             handlers={"start": self._on_start, "stop": self._on_stop, "logs": self._on_logs},
+            on_local_close=self._closing_connection,
         )
         self.events: list[dict[str, Any]] = []  # reported until committed
         self.registered_on: Connection | None = None
@@ -330,7 +340,14 @@ class Agent:
     async def _register(self) -> None:
         sent = lease.now()
         res = await self.client.call(
-            "agent_register", {"node": self.describe(), "running": self.running()}, timeout_s=30
+            "agent_register",
+            {
+                "node": self.describe(),
+                "running": self.running(),
+                "fences_disconnect": self.fences_disconnect,
+            },
+            timeout_s=30,
+            tag=LEASED,
         )
         self._renew_lease(sent, res)
         self.registered_on = self.client.conn
@@ -361,6 +378,7 @@ class Agent:
                 self._heartbeat_body(),
                 timeout_s=10,
                 attempt_timeout_s=self._heartbeat_attempt_s(),
+                tag=LEASED,
             )
             self._renew_lease(sent, res)
             self.state = res.get("state", self.state)
@@ -399,12 +417,43 @@ class Agent:
         if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or lease_s <= 0:
             return  # no renewal in this answer
         self.lease_s = float(lease_s)
+        confirm = res.get("confirm_s")
+        ok = isinstance(confirm, int | float) and not isinstance(confirm, bool) and confirm > 0
+        self.confirm_s = float(confirm) if ok and self.fences_disconnect else None
         try:
-            lease.write_lease(self.lease_path, sent + lease_s, lease_s)
+            lease.write_lease(
+                self.lease_path, sent + lease_s, lease_s, sent=sent, confirm_s=self.confirm_s
+            )
         except OSError as exc:
             # The shims see the old lease run out: the tasks stop, as they must
             # when this host cannot show that the leader still wants them.
             log.error("cannot write the node's lease to %s: %s", self.lease_path, exc)
+
+    def _closing_connection(self, conn: Connection) -> None:
+        """We are about to close a connection that registered or heartbeated:
+        the leader, reading its end, declares this node down `confirm_s` (and
+        a margin) later unless we register again in time. Cut the lease to
+        end by then, before the end can reach the leader (agent/lease.py)."""
+        if not conn.context.get(LEASED) or self.confirm_s is None:
+            return
+        try:
+            if lease.cap_lease(self.lease_path, lease.now() + self.confirm_s):
+                log.warning(
+                    "closing the connection to the leader: tasks here stop in %gs "
+                    "unless this agent registers again",
+                    self.confirm_s,
+                )
+        except OSError as exc:
+            # Cannot cut it: the old lease stands, so the leader must not see
+            # this connection end. Drop it without a word (a reset, which the
+            # leader does not act on) and let the TTL judge the node.
+            log.error("cannot cut the node's lease in %s: %s", self.lease_path, exc)
+            if conn.transport is not None:
+                with contextlib.suppress(OSError):
+                    sock = conn.transport.get_extra_info("socket")
+                    if sock is not None:
+                        linger_off = struct.pack("ii", 1, 0)  # on, 0 s: close sends a reset
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_off)
 
     def _heartbeat_attempt_s(self) -> float:
         """How long one heartbeat attempt may wait for an answer: a leader that

@@ -27,6 +27,17 @@ class MasterConfig:
     # notice and kill). None: derived from the TTL (see task_lease_s).
     lease_s: float | None = None
     lease_margin_s: float | None = None
+    # Fast path (agent/lease.py, "Disconnects"): when the leader reads an
+    # end-of-stream from a node's agent connection (the agent closed it, or
+    # died and its kernel did), the node is suspect at once and declared down
+    # after this window plus `disconnect_margin_s`, unless the agent registers
+    # again meanwhile. The agent (or, when it died, each shim) cuts the lease
+    # to end within the window, so the tasks are dead by then. 0: off (only
+    # the TTL applies).
+    disconnect_confirm_s: float = 1.0
+    # What the margin covers: a shim noticing the agent's death (it waits on
+    # a pidfd, so at once unless starved of CPU) and killing its task.
+    disconnect_margin_s: float = 0.5
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
     preemption: bool = True
@@ -100,6 +111,14 @@ class MasterConfig:
         return self.heartbeat_ttl_s - 2 * self.margin_s
 
     @property
+    def disconnect_down_s(self) -> float | None:
+        """Seconds from reading a node's end-of-stream to declaring it down;
+        None when the fast path is off."""
+        if self.disconnect_confirm_s <= 0:
+            return None
+        return self.disconnect_confirm_s + self.disconnect_margin_s
+
+    @property
     def lease_contact_s(self) -> float:
         """A leader renews leases only while a majority answered it this
         recently; a new leader waits this much longer than the TTL before
@@ -115,6 +134,14 @@ class MasterConfig:
             raise ValueError(
                 f"the task lease ({lease:g}s) must be at least 1s: agents renew it about "
                 "once a second (raise --heartbeat-ttl or --task-lease)"
+            )
+        if self.disconnect_confirm_s < 0 or self.disconnect_margin_s < 0:
+            raise ValueError("--disconnect-confirm and --disconnect-margin must not be negative")
+        if self.disconnect_confirm_s > 0 and self.disconnect_margin_s < 0.2:
+            raise ValueError(
+                f"--disconnect-margin ({self.disconnect_margin_s:g}s) must be at least 0.2s: "
+                "it is the time a host's task supervisors have to kill the tasks of a node "
+                "whose agent went away before the leader runs them elsewhere"
             )
         if ttl <= lease + margin:
             raise ValueError(

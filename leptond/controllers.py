@@ -89,24 +89,53 @@ class Controllers:
 
     # -- liveness ---------------------------------------------------------------
     async def liveness_pass(self) -> None:
-        ttl = self._cfg.heartbeat_ttl_s
-        await self._clock.sleep(min(0.5, ttl / 4))
-        nodes = [(n.id, n.name) for n in self._reader.view().nodes.values() if n.state != "down"]
-        for nid, name in nodes:
-            silent = self._liveness.silent_for(nid)
-            if silent > ttl:
-                log.warning("node %s silent for %.1fs: marking it down", name, silent)
-                res = await self._proposer.propose(
-                    "node_down",
-                    {
-                        "node_id": nid,
-                        "now": self._clock.now(),
-                        "reason": f"no heartbeat for {ttl:g}s",
-                    },
-                    wake=True,
-                )
-                if res.get("lost"):
-                    log.warning("node %s down: %d task(s) lost", name, len(res["lost"]))
+        """Declare down the nodes silent for the TTL, and those whose agent
+        closed its connection (or died) and did not register again within the
+        confirm window plus its margin. Both wait longer than the node's lease
+        can last in that case (agent/lease.py), so its tasks are dead first."""
+        cfg, live = self._cfg, self._liveness
+        ttl = cfg.heartbeat_ttl_s
+        # A suspect node is judged to within a tick of its deadline.
+        await self._clock.sleep(0.05 if live.suspects else min(0.5, ttl / 4))
+        fast = cfg.disconnect_down_s
+        nodes = [n for n in self._reader.view().nodes.values() if n.state != "down"]
+        for node in nodes:
+            nid = node.id
+            silent = live.silent_for(nid)
+            suspect = live.suspect_for(nid)
+            if fast is not None and suspect is not None and suspect > fast:
+                why = f"its agent went away and was not back within {cfg.disconnect_confirm_s:g}s"
+            elif silent > ttl:
+                why = f"no heartbeat for {ttl:g}s"
+            else:
+                # A proposal that failed may still have been committed: a
+                # condemned node gets no lease until that cannot happen.
+                at = live.condemned.get(nid)
+                if at is not None and self._clock.monotonic() - at > 2 * cfg.commit_timeout_s:
+                    del live.condemned[nid]
+                continue
+            log.warning("node %s: %s: marking it down", node.name, why)
+            live.condemned[nid] = self._clock.monotonic()
+            res = await self._proposer.propose(
+                "node_down",
+                {
+                    "node_id": nid,
+                    "now": self._clock.now(),
+                    "reason": why,
+                    # Void if the node registered again since this view.
+                    "if_updated_at": node.updated_at,
+                },
+                wake=True,
+            )
+            # Applied (or void): a heartbeat now meets the node down, or
+            # registered again, so its answers may renew the lease again.
+            live.condemned.pop(nid, None)
+            if res.get("stale"):
+                log.info("node %s registered again meanwhile: not down", node.name)
+                continue
+            live.suspects.pop(nid, None)
+            if res.get("lost"):
+                log.warning("node %s down: %d task(s) lost", node.name, len(res["lost"]))
 
     # -- drain deadlines ----------------------------------------------------------
     async def drain_pass(self) -> None:
