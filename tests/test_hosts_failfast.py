@@ -1,0 +1,155 @@
+"""Fast failure handling on real masters and agents (agent/lease.py, "Disconnects").
+
+An agent killed with kill -9 closes nothing itself: its kernel closes its
+connection, the leader reads the end and declares the node down after the
+confirm window, and meanwhile the task's shim, which saw the agent's pidfd
+turn readable, has cut the lease and killed the task. A restarted agent that
+registers again within the window keeps its task.
+
+The window is 4 s here (TTL 12 s), so that an agent restart on a busy machine
+is back within it; the default (1 s) is measured by bench/reschedule.py.
+Nothing here asserts a time: the order of events is read from the tasks' own
+lines (pid and time) and from the node's recorded reason.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.shim import LEASE_RAN_OUT
+from agent.taskdir import EXIT, read_json
+from tests.harness import Cluster, wait_for
+from tests.test_hosts_e2e import kill_task_leftovers, wait_task
+from tests.test_hosts_lease import agent, alive, lines, starts, submit_ticker
+
+CONFIRM_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def failfast(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
+    c = Cluster(
+        tmp_path_factory.mktemp("hosts-failfast") / "cluster",
+        n_masters=3,
+        ttl_s=12.0,
+        master_args=["--disconnect-confirm", str(CONFIRM_S)],
+    )
+    failed_before = request.session.testsfailed
+    try:
+        c.start_masters()
+        for name in ("f1", "f2"):
+            c.start_agent(name, gpus="1")
+        c.wait_nodes_ready(2, timeout_s=60)
+        yield c
+    finally:
+        if request.session.testsfailed > failed_before:
+            print(c.logs())
+        c.close()
+        kill_task_leftovers(c)
+
+
+def node(c: Cluster, name: str) -> dict[str, object]:
+    return next(n for n in c.nodes() if n["name"] == name)
+
+
+def restart_agent(c: Cluster, name: str) -> None:
+    old = agent(c, name)
+    old.stop()
+    c.agents.remove(old)
+    c.start_agent(name, gpus="1")
+
+
+def test_a_killed_agents_task_is_dead_before_it_runs_elsewhere(
+    failfast: Cluster, shared_path: Path
+) -> None:
+    c = failfast
+    out = shared_path / "ticks"
+    job = submit_ticker(c, out, retries=1)
+    host = wait_task(c, job, {"running"})["node"]
+    wait_for(lambda: len(starts(out)) == 1, 60, "the first attempt to start")
+    agent(c, host).kill9()
+    wait_for(lambda: len(starts(out)) == 2, 60, "the second attempt to start elsewhere")
+    (first, _), (second, second_at) = starts(out)
+    t = wait_task(c, job, {"running"})
+    assert t["attempt"] == 2 and t["node"] != host, t
+    # Down by the fast path (the TTL is 12 s, far longer than it took).
+    down = node(c, host)
+    assert down["state"] == "down" and "went away" in str(down["reason"]), down
+    # Dead before the second attempt began, killed by its shim for the cut lease.
+    last_first = max(at for _, pid, at in lines(out) if pid == first)
+    assert last_first < second_at, (last_first, second_at)
+    assert not alive(first) and alive(second)
+    ended = read_json(c.root / f"agent-{host}" / "tasks" / f"{job}.0_a1" / EXIT)
+    assert ended is not None and ended["message"] == LEASE_RAN_OUT, ended
+    assert ended["finished_at"] < second_at
+    c.ctl("cancel", job)
+    wait_task(c, job, {"cancelled"})
+    c.agents.remove(agent(c, host))
+    c.start_agent(host, gpus="1")
+    c.wait_nodes_ready(2, timeout_s=60)
+
+
+def test_an_agent_restarted_within_the_window_keeps_its_task(
+    failfast: Cluster, shared_path: Path
+) -> None:
+    c = failfast
+    out = shared_path / "ticks"
+    job = submit_ticker(c, out, retries=1)
+    host = wait_task(c, job, {"running"})["node"]
+    wait_for(lambda: len(starts(out)) == 1, 60, "the task to start")
+    lease_file = c.root / f"agent-{host}" / "lease.json"
+    before = read_json(lease_file)
+    assert before is not None and "agent" in before, before
+    restart_agent(c, host)  # SIGTERM, then a new agent on the same data dir
+    # The new agent renewed the lease for itself...
+    wait_for(
+        lambda: (b := read_json(lease_file)) is not None and b.get("agent") != before["agent"],
+        60,
+        "the restarted agent to renew the lease",
+    )
+    # ...and the task ran on, well past the window, with no second attempt.
+    pid = starts(out)[0][0]
+    seen = len(lines(out))
+    ticks_per_window = int(CONFIRM_S / 0.05)
+    wait_for(lambda: len(lines(out)) > seen + 2 * ticks_per_window, 60, "the task to tick on")
+    assert alive(pid)
+    assert len(starts(out)) == 1
+    t = wait_task(c, job, {"running"})
+    assert t["attempt"] == 1 and t["node"] == host, t
+    assert node(c, host)["state"] == "ready"
+    c.ctl("cancel", job)
+    wait_task(c, job, {"cancelled"})
+
+
+def test_an_agent_that_closes_its_connection_cuts_its_lease_first(
+    failfast: Cluster, shared_path: Path
+) -> None:
+    """SIGSTOP the leader: the agent's heartbeat times out and it closes its
+    connection itself; the lease file is cut at that moment (the leader
+    cannot read that end until it runs again, and then judges the node by it)."""
+    c = failfast
+    host = "f1"
+    lease_file = c.root / f"agent-{host}" / "lease.json"
+    leader = c.wait_leader()
+    leader.proc.signal(signal.SIGSTOP)
+    try:
+        cut = wait_for(
+            lambda: (b := read_json(lease_file)) is not None and "capped_at" in b and b,
+            60,
+            "the agent to cut its lease as it gives up on the stopped leader",
+        )
+        assert float(cut["expires"]) - float(cut["sent"]) < float(cut["lease_s"]), cut
+    finally:
+        leader.proc.signal(signal.SIGCONT)
+    # Back with a new (or the same) leader, registered again, renewed in full.
+    wait_for(
+        lambda: (b := read_json(lease_file)) is not None and "capped_at" not in b,
+        60,
+        "a full lease again",
+    )
+    c.wait_nodes_ready(2, timeout_s=60)
