@@ -30,7 +30,7 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
 
-from . import credential, gpudev, identity, lease, logserve, taskns
+from . import credential, gpudev, identity, lease, logserve, stalls, taskns
 from .cgroup_task import CgroupError
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
@@ -282,9 +282,18 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------
     async def run(self) -> None:
+        stall_s = stalls.from_env()
+        staller = None
+        if stall_s is not None:
+            log.warning("test stalls of up to %gs are on (%s)", stall_s, stalls.ENV)
+            staller = asyncio.get_running_loop().create_task(
+                stalls.stall_now_and_then(self.clock, stall_s)
+            )
         try:
             await self._run()
         finally:
+            if staller is not None:
+                staller.cancel()
             self.runner.close()  # the spare shim goes with the agent
             if self.cgroups is not None and not self.runner.running():
                 self.cgroups.close()
