@@ -168,7 +168,10 @@ def run_stall(duration_s: float, stall_s: float, ttl_s: float, confirm_s: float)
             for n in ("r1", "r2")
         ]
         stalls = [
-            float(ln.split()[-1].rstrip("s")) for lg in logs for ln in lg if "test stall" in ln
+            float(ln.split()[-1].rstrip("s"))
+            for lg in logs
+            for ln in lg
+            if "blocking the event loop" in ln
         ]
         tasks = [c.status(j)["tasks"][0] for j in jobs]
         restarted = sum(t["attempt"] != 1 or t["state"] != "running" for t in tasks)

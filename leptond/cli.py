@@ -246,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--raft-port", type=_port, default=7442, help="Raft port (default 7442)")
     r.add_argument("--peers", default="", help="other masters as HOST:RAFTPORT,...")
     r.add_argument(
-        "--heartbeat-ttl", type=float, default=10.0, help="seconds of silence before a node is down"
+        "--heartbeat-ttl", type=float, default=4.0, help="seconds of silence before a node is down"
     )
     r.add_argument(
         "--task-lease",

@@ -20,7 +20,11 @@ class MasterConfig:
     http_port: int = 7440
     raft_port: int = 7442
     peers: tuple[str, ...] = ()  # other masters' HOST:RAFTPORT
-    heartbeat_ttl_s: float = 10.0
+    # Silence after which a node is down (a stopped or cut-off host closes
+    # nothing, so only this applies). Agents heartbeat every second; 4 s
+    # leaves room for event-loop stalls of a second or more
+    # (bench/reschedule.py --cause stall) with a lease of 3.2 s.
+    heartbeat_ttl_s: float = 4.0
     # Fencing (agent/lease.py): a node's tasks are killed by their shims when
     # its lease, renewed by the leader's heartbeat answers, runs out; the TTL
     # must be longer than the lease plus the margin (the time a shim needs to
