@@ -150,6 +150,7 @@ class Agent:
         )
         self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
         self._gc: asyncio.Task[None] | None = None  # the sweep under way
+        self._flusher: asyncio.Task[None] | None = None  # task events being reported
         # The block cache is the agent's alone (0700) before the store opens it.
         (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
@@ -379,7 +380,7 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         while not self._stopping.is_set():
             self._collect_exits(self.runner.poll())
-            await self._flush_events()
+            self._flush_soon()
             self._collect_garbage()
             sent = lease.now()
             res = await self.client.call(
@@ -397,6 +398,21 @@ class Agent:
             if res.get("start"):
                 await self._start_tasks(res["start"])
             await wait_event(self.clock, self._stopping, self.cfg.heartbeat_s)
+
+    def _flush_soon(self) -> None:
+        """Report task events in the background: a commit that takes a while
+        must not hold up the heartbeat, or a TTL of a few seconds would judge
+        this node silent. One flush at a time; what fails is sent again."""
+        if self._flusher is not None and not self._flusher.done():
+            return
+
+        async def flush() -> None:
+            try:
+                await self._flush_events()
+            except RpcError as exc:
+                log.debug("task events not reported yet: %s", exc)  # sent again next time
+
+        self._flusher = asyncio.get_running_loop().create_task(flush())
 
     def _collect_garbage(self) -> None:
         """Now and then, delete the directories of runs acked longer ago than
