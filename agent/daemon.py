@@ -43,8 +43,11 @@ log = logging.getLogger("lepton.agent")
 PASSABLE = frozenset({"tasks", "workdirs", "dev"})
 # At most this long between sweeps of the directories of runs long over.
 GC_INTERVAL_S = 60.0
-# Context tag of the connections that carry this node's registration and
-# heartbeats: closing one of them cuts the lease first (_closing_connection).
+# Context tag of the connections a registration was sent on (heartbeats
+# follow on the same one): the leader may hold any of them as the node's, so
+# closing one cuts the lease first (_closing_connection). A connection that
+# never carried a registration is no node's to the leader: closing it cuts
+# nothing (such as one to a new leader that answered "unregistered").
 LEASED = "leased"
 
 
@@ -141,6 +144,7 @@ class Agent:
         # Whether the shims here see this agent die at once: only then may
         # the leader judge this node by the fast path.
         self.fences_disconnect = lease.can_watch_agents()
+        self._handing_over = False  # a planned stop is under way (_hand_over)
         self.runner = TaskRunner(
             cfg.data_dir / "tasks",
             self.cgroups,
@@ -345,7 +349,10 @@ class Agent:
                 # Backoff with jitter so a restarted leader is not hit by every agent at once.
                 await self.clock.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
-        await self._leave_if_asked()
+        if self.cfg.leave_on_stop:
+            await self._leave_if_asked()
+        else:
+            self._hand_over()
 
     async def _register(self) -> None:
         sent = lease.now()
@@ -388,7 +395,6 @@ class Agent:
                 self._heartbeat_body(),
                 timeout_s=10,
                 attempt_timeout_s=self._heartbeat_attempt_s(),
-                tag=LEASED,
             )
             self._renew_lease(sent, res)
             self.state = res.get("state", self.state)
@@ -454,12 +460,33 @@ class Agent:
             # when this host cannot show that the leader still wants them.
             log.error("cannot write the node's lease to %s: %s", self.lease_path, exc)
 
+    def _hand_over(self) -> None:
+        """A planned stop (`systemctl restart`): the next agent is to adopt
+        the tasks. Its start-up may take longer than the disconnect window,
+        so this stop must not look like a death to the leader or the shims:
+        the lease file says the exit is planned (shims then keep the lease
+        as it is, agent/lease.py), and the registered connection ends with a
+        reset, on which the leader does not act. Only the TTL and the lease,
+        which the next agent renews when it registers, apply, as for a
+        stopped host. Order: the mark first, then the reset."""
+        self._handing_over = True
+        try:
+            lease.mark_handover(self.lease_path)
+        except OSError as exc:
+            log.error("cannot mark the lease in %s as handed over: %s", self.lease_path, exc)
+            return  # the shims treat the exit as a death: safe, if costly
+        conn = self.client.conn
+        if conn is not None and conn.context.get(LEASED):
+            _reset(conn)  # without a cut: the lease stands for the next agent
+        self.client.conn = None
+        log.info("stopping: the node's tasks keep running for the next agent to adopt")
+
     def _closing_connection(self, conn: Connection) -> None:
-        """We are about to close a connection that registered or heartbeated:
+        """We are about to close a connection a registration was sent on:
         the leader, reading its end, declares this node down `confirm_s` (and
         a margin) later unless we register again in time. Cut the lease to
         end by then, before the end can reach the leader (agent/lease.py)."""
-        if not conn.context.get(LEASED) or self.confirm_s is None:
+        if not conn.context.get(LEASED) or self.confirm_s is None or self._handing_over:
             return
         try:
             if lease.cap_lease(self.lease_path, lease.now() + self.confirm_s):
@@ -473,12 +500,7 @@ class Agent:
             # this connection end. Drop it without a word (a reset, which the
             # leader does not act on) and let the TTL judge the node.
             log.error("cannot cut the node's lease in %s: %s", self.lease_path, exc)
-            if conn.transport is not None:
-                with contextlib.suppress(OSError):
-                    sock = conn.transport.get_extra_info("socket")
-                    if sock is not None:
-                        linger_off = struct.pack("ii", 1, 0)  # on, 0 s: close sends a reset
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_off)
+            _linger_zero(conn)
 
     def _heartbeat_attempt_s(self) -> float:
         """How long one heartbeat attempt may wait for an answer: a leader that
@@ -742,6 +764,23 @@ class Agent:
             log.warning("could not leave the cluster cleanly: %s", exc)
         finally:
             await self.client.close()
+
+
+def _linger_zero(conn: Connection) -> None:
+    """Make the connection end with a reset when it is closed."""
+    if conn.transport is None:
+        return
+    with contextlib.suppress(OSError):
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None:
+            linger_off = struct.pack("ii", 1, 0)  # on, 0 s: close sends a reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_off)
+
+
+def _reset(conn: Connection) -> None:
+    """End the connection now with a reset (no end-of-stream the leader acts on)."""
+    _linger_zero(conn)
+    conn.abort()
 
 
 def _exit_event(

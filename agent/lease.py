@@ -37,6 +37,10 @@ reset, which anything on the path could forge, does not count). So:
   `systemctl restart` that is back within the window keeps its tasks.
 - A stopped agent (SIGSTOP) or a silent host closes nothing: only the TTL and
   the lease apply.
+- A planned stop (SIGTERM without leave-on-stop, as `systemctl restart` sends)
+  marks the lease file `handover` and ends the registered connection with a
+  reset: neither the leader nor the shims act on that, so the next agent has
+  the rest of the lease, not only the window, to register and renew it.
 
 Either way a task is dead before the leader can declare its node down.
 """
@@ -140,6 +144,19 @@ def cap_lease(path: Path, until: float) -> bool:
     return True
 
 
+def mark_handover(path: Path) -> None:
+    """The agent that wrote the lease stops on purpose and another one is to
+    take over: shims keep the lease as it is when it exits (only a renewal by
+    the next agent extends it). Only this process's own lease is marked: an
+    agent that never renewed the lease must not vouch for the one before it,
+    which may have died (and whose shims have cut the lease)."""
+    body = _read(path)
+    if body is None or _agent_of(body) != (os.getpid(), start_ticks(os.getpid())):
+        return
+    body["handover"] = True
+    _replace(path, body)
+
+
 def _number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
@@ -208,8 +225,11 @@ class LeaseReader:
         exp = float(body["expires"])  # type: ignore[arg-type]
         confirm = body.get("confirm_s")
         agent = _agent_of(body)
-        if not _number(confirm) or agent is None:
-            return exp  # written without the fast path
+        if not _number(confirm) or agent is None or body.get("handover") is True:
+            # Written without the fast path, or by an agent that stopped on
+            # purpose (ending its connection with a reset, which the leader
+            # does not act on): only the lease itself counts.
+            return exp
         assert isinstance(confirm, int | float)
         self.poll_agent()
         if self._gone_at is not None:

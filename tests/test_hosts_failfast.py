@@ -4,9 +4,11 @@ An agent killed with kill -9 closes nothing itself: its kernel closes its
 connection, the leader reads the end and declares the node down after the
 confirm window, and meanwhile the task's shim, which saw the agent's pidfd
 turn readable, has cut the lease and killed the task. A restarted agent that
-registers again within the window keeps its task.
+registers again within the window keeps its task, and one stopped on purpose
+hands its tasks over to the next agent whenever that one comes (within the
+lease).
 
-The window is 4 s here (TTL 12 s), so that an agent restart on a busy machine
+The window is 4 s here (TTL 20 s, a lease of 18 s), so that an agent restart on a busy machine
 is back within it; the default (1 s) is measured by bench/reschedule.py.
 Nothing here asserts a time: the order of events is read from the tasks' own
 lines (pid and time) and from the node's recorded reason.
@@ -27,6 +29,8 @@ from tests.test_hosts_e2e import kill_task_leftovers, wait_task
 from tests.test_hosts_lease import agent, alive, lines, starts, submit_ticker
 
 CONFIRM_S = 4.0
+MARGIN_S = 0.5  # leptond's default --disconnect-margin
+TICKS_PER_WINDOW = int(CONFIRM_S / 0.05)  # the ticker writes a line every 50 ms
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def failfast(
     c = Cluster(
         tmp_path_factory.mktemp("hosts-failfast") / "cluster",
         n_masters=3,
-        ttl_s=12.0,
+        ttl_s=20.0,
         master_args=["--disconnect-confirm", str(CONFIRM_S)],
     )
     failed_before = request.session.testsfailed
@@ -57,11 +61,25 @@ def node(c: Cluster, name: str) -> dict[str, object]:
     return next(n for n in c.nodes() if n["name"] == name)
 
 
-def restart_agent(c: Cluster, name: str) -> None:
+def restart_agent(c: Cluster, name: str, kill: bool) -> None:
+    """kill -9 and start again at once (a crash and its restart), or stop it
+    (SIGTERM, as `systemctl stop` does) and start again."""
     old = agent(c, name)
-    old.stop()
+    if kill:
+        old.kill9()
+    else:
+        old.stop()
     c.agents.remove(old)
     c.start_agent(name, gpus="1")
+
+
+def ticks_of(out: Path, pid: int) -> int:
+    return sum(1 for _, p, _ in lines(out) if p == pid)
+
+
+def renewed_by_another_agent(lease_file: Path, before: dict[str, object]) -> bool:
+    b = read_json(lease_file)
+    return b is not None and b.get("agent") != before["agent"] and "handover" not in b
 
 
 def test_a_killed_agents_task_is_dead_before_it_runs_elsewhere(
@@ -77,7 +95,7 @@ def test_a_killed_agents_task_is_dead_before_it_runs_elsewhere(
     (first, _), (second, second_at) = starts(out)
     t = wait_task(c, job, {"running"})
     assert t["attempt"] == 2 and t["node"] != host, t
-    # Down by the fast path (the TTL is 12 s, far longer than it took).
+    # Down by the fast path (the TTL is 20 s, far longer than it took).
     down = node(c, host)
     assert down["state"] == "down" and "went away" in str(down["reason"]), down
     # Dead before the second attempt began, killed by its shim for the cut lease.
@@ -94,9 +112,11 @@ def test_a_killed_agents_task_is_dead_before_it_runs_elsewhere(
     c.wait_nodes_ready(2, timeout_s=60)
 
 
-def test_an_agent_restarted_within_the_window_keeps_its_task(
+def test_an_agent_killed_and_restarted_within_the_window_keeps_its_task(
     failfast: Cluster, shared_path: Path
 ) -> None:
+    """The shims cut the lease when the agent dies; the new agent registers
+    within the window and renews it, which lifts the cut."""
     c = failfast
     out = shared_path / "ticks"
     job = submit_ticker(c, out, retries=1)
@@ -105,23 +125,59 @@ def test_an_agent_restarted_within_the_window_keeps_its_task(
     lease_file = c.root / f"agent-{host}" / "lease.json"
     before = read_json(lease_file)
     assert before is not None and "agent" in before, before
-    restart_agent(c, host)  # SIGTERM, then a new agent on the same data dir
-    # The new agent renewed the lease for itself...
+    restart_agent(c, host, kill=True)
     wait_for(
-        lambda: (b := read_json(lease_file)) is not None and b.get("agent") != before["agent"],
+        lambda: renewed_by_another_agent(lease_file, before),
         60,
         "the restarted agent to renew the lease",
     )
-    # ...and the task ran on, well past the window, with no second attempt.
+    # The task runs on, well past the window, with no second attempt.
     pid = starts(out)[0][0]
-    seen = len(lines(out))
-    ticks_per_window = int(CONFIRM_S / 0.05)
-    wait_for(lambda: len(lines(out)) > seen + 2 * ticks_per_window, 60, "the task to tick on")
+    seen = ticks_of(out, pid)
+    wait_for(lambda: ticks_of(out, pid) > seen + 2 * TICKS_PER_WINDOW, 60, "the task to tick on")
     assert alive(pid)
     assert len(starts(out)) == 1
     t = wait_task(c, job, {"running"})
     assert t["attempt"] == 1 and t["node"] == host, t
     assert node(c, host)["state"] == "ready"
+    c.ctl("cancel", job)
+    wait_task(c, job, {"cancelled"})
+
+
+def test_an_agent_stopped_on_purpose_hands_its_tasks_to_the_next_one(
+    failfast: Cluster, shared_path: Path
+) -> None:
+    """SIGTERM: the agent marks its lease as handed over and resets its
+    connection, so neither its shims nor the leader treat the stop as a
+    death. The task outlives the window with no agent at all, and the next
+    agent adopts it."""
+    c = failfast
+    out = shared_path / "ticks"
+    job = submit_ticker(c, out, retries=1)
+    host = wait_task(c, job, {"running"})["node"]
+    wait_for(lambda: len(starts(out)) == 1, 60, "the task to start")
+    lease_file = c.root / f"agent-{host}" / "lease.json"
+    old = agent(c, host)
+    old.stop()
+    c.agents.remove(old)
+    before = read_json(lease_file)
+    assert before is not None and before.get("handover") is True, before
+    # Longer than the window plus its margin, with no agent on the host.
+    first = starts(out)[0][0]
+    seen = ticks_of(out, first)
+    past = TICKS_PER_WINDOW + 3 * int(MARGIN_S / 0.05)
+    wait_for(lambda: ticks_of(out, first) > seen + past, 60, "the task to tick on")
+    assert node(c, host)["state"] == "ready"  # the leader did not act on the reset
+    c.start_agent(host, gpus="1")
+    wait_for(
+        lambda: renewed_by_another_agent(lease_file, before),
+        60,
+        "the next agent to renew the lease",
+    )
+    pid = starts(out)[0][0]
+    assert alive(pid) and len(starts(out)) == 1
+    t = wait_task(c, job, {"running"})
+    assert t["attempt"] == 1 and t["node"] == host, t
     c.ctl("cancel", job)
     wait_task(c, job, {"cancelled"})
 

@@ -196,3 +196,39 @@ def test_cap_lease_only_shortens(tmp_path: Path) -> None:
     assert not lease.cap_lease(path, 200.0)
     assert lease.cap_lease(path, 50.0)
     assert lease.read_expiry(path) == 50.0
+
+
+HANDING_OVER = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from agent import lease\n"
+    "lease.write_lease(Path(sys.argv[1]), lease.now() + 3600, 3600, sent=lease.now(), "
+    "confirm_s=1.0)\n"
+    "lease.mark_handover(Path(sys.argv[1]))\n"
+)
+
+
+def test_a_lease_handed_over_is_not_cut_when_its_agent_exits(tmp_path: Path) -> None:
+    path = tmp_path / lease.LEASE_FILE
+    subprocess.run([sys.executable, "-c", HANDING_OVER, str(path)], env=env(), cwd=ROOT, check=True)
+    body = json.loads(path.read_text())
+    assert body["handover"] is True
+    exp = lease.LeaseReader(path).expires()  # its writer has exited
+    assert exp is not None and exp > lease.now() + 3000
+
+
+def test_an_agent_marks_only_its_own_lease_as_handed_over(tmp_path: Path) -> None:
+    """A new agent that never renewed the lease must not vouch for the old
+    one, which may have died (its shims have cut the lease)."""
+    path = tmp_path / lease.LEASE_FILE
+    subprocess.run(
+        [sys.executable, "-c", AGENT.replace("time.sleep(600)", "pass"), str(path), "1.0"],
+        env=env(),
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    lease.mark_handover(path)
+    assert "handover" not in json.loads(path.read_text())
+    exp = lease.LeaseReader(path).expires()
+    assert exp is not None and exp <= lease.now() + 1.0
