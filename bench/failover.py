@@ -8,8 +8,9 @@ leaves a quorum. For each kill: time to the first write acknowledged by a
 master other than the killed one, and (from the master logs) time until the
 new leader announced itself. Baselines beside it: the Raft election timeout
 range the masters run with, and (unless --no-baseline) the same kills on a
-second cluster whose followers wait for their election timeout when the
-leader's connection ends, as before (RaftNode's fast_election=False).
+second cluster as the masters were before: followers wait for their election
+timeout when the leader's connection ends (RaftNode's fast_election=False),
+and reconnect to a peer once a second.
 
     .venv/bin/python bench/failover.py [--kills 20] [--raft-timeouts MIN,MAX] [--no-baseline] [--json]
 """
@@ -120,7 +121,9 @@ sys.exit(main(sys.argv[1:]))
 def run(kills: int, timeouts: tuple[float, float] | None, fast: bool = True) -> dict[str, Any]:
     cfg = MasterConfig(Path("."), Path("."), Path("."))
     lo, hi = timeouts or (cfg.raft_min_timeout_s, cfg.raft_max_timeout_s)
-    overrides: dict[str, Any] = {} if fast else {"fast_election": False}
+    # The baseline is the code before: no fast election, and a reconnect to
+    # a peer once a second (MasterConfig.raft_connection_retry_s).
+    overrides: dict[str, Any] = {} if fast else {"fast_election": False, "connection_retry_s": 1.0}
     if timeouts is not None:
         overrides.update(raft_min_timeout_s=lo, raft_max_timeout_s=hi)
     with tempfile.TemporaryDirectory(prefix="lepton-failover-") as tmp:

@@ -54,6 +54,12 @@ class MasterConfig:
     # (bench/failover.py); pysyncobj needs the minimum above 3 heartbeats (0.3 s).
     raft_min_timeout_s: float = 0.35
     raft_max_timeout_s: float = 0.8
+    # How often a master tries again to connect to a peer it has no
+    # connection to. pysyncobj lets only the peer with the larger address
+    # connect, so a restarted master takes part in votes only once the
+    # others reconnect to it: at 1 s, a leader lost soon after a restart
+    # could wait that long for an election (bench/failover.py).
+    raft_connection_retry_s: float = 0.2
     # Raft log entries between snapshots (pysyncobj log compaction); the
     # journal and a restart's replay stay bounded by about this many entries.
     snapshot_every: int = 5000
