@@ -6,7 +6,8 @@ confirm window, and meanwhile the task's shim, which saw the agent's pidfd
 turn readable, has cut the lease and killed the task. A restarted agent that
 registers again within the window keeps its task, and one stopped on purpose
 hands its tasks over to the next agent whenever that one comes (within the
-lease).
+lease). An agent whose event loop stalls for up to a second is never judged
+down with the default TTL.
 
 The window is 4 s here (TTL 20 s, a lease of 18 s), so that an agent restart on a busy machine
 is back within it; the default (1 s) is measured by bench/reschedule.py.
@@ -23,11 +24,14 @@ from pathlib import Path
 import pytest
 
 from agent.shim import LEASE_RAN_OUT
+from agent.stalls import ENV as STALL_ENV
 from agent.taskdir import EXIT, read_json
+from leptond.config import MasterConfig
 from tests.harness import Cluster, wait_for
 from tests.test_hosts_e2e import kill_task_leftovers, wait_task
 from tests.test_hosts_lease import agent, alive, lines, starts, submit_ticker
 
+DEFAULTS = MasterConfig(data_dir=Path("."), secret_file=Path("."), admin_token_file=Path("."))
 CONFIRM_S = 4.0
 MARGIN_S = 0.5  # leptond's default --disconnect-margin
 TICKS_PER_WINDOW = int(CONFIRM_S / 0.05)  # the ticker writes a line every 50 ms
@@ -209,3 +213,52 @@ def test_an_agent_that_closes_its_connection_cuts_its_lease_first(
         "a full lease again",
     )
     c.wait_nodes_ready(2, timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def stalling(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
+    """One master with the default TTL; one agent whose event loop stalls for
+    up to 1 s at random moments (agent/stalls.py)."""
+    c = Cluster(
+        tmp_path_factory.mktemp("hosts-stall") / "cluster",
+        n_masters=1,
+        ttl_s=DEFAULTS.heartbeat_ttl_s,
+    )
+    failed_before = request.session.testsfailed
+    try:
+        c.start_masters()
+        c.start_agent("s1", gpus="1", extra_env={STALL_ENV: "1.0"})
+        c.wait_nodes_ready(1, timeout_s=60)
+        yield c
+    finally:
+        if request.session.testsfailed > failed_before:
+            print(c.logs())
+        c.close()
+        kill_task_leftovers(c)
+
+
+def test_an_agent_whose_event_loop_stalls_for_a_second_is_never_judged_down(
+    stalling: Cluster, shared_path: Path
+) -> None:
+    c = stalling
+    out = shared_path / "ticks"
+    job = submit_ticker(c, out, retries=1)
+    wait_task(c, job, {"running"})
+    wait_for(lambda: len(starts(out)) == 1, 60, "the task to start")
+    agent_log = c.root / "agent-s1.log"
+
+    def stalls() -> int:
+        return agent_log.read_text(errors="replace").count("blocking the event loop")
+
+    n = stalls()
+    wait_for(lambda: stalls() >= n + 6, 120, "six more stalls of the agent's event loop")
+    master_log = c.root / "master-0.log"
+    assert "marking it down" not in master_log.read_text(errors="replace")
+    assert node(c, "s1")["state"] == "ready"
+    t = wait_task(c, job, {"running"})
+    assert t["attempt"] == 1, t  # never killed by its lease either
+    assert len(starts(out)) == 1 and alive(starts(out)[0][0])
+    c.ctl("cancel", job)
+    wait_task(c, job, {"cancelled"})
