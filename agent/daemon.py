@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import socket
-import struct
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -155,6 +154,7 @@ class Agent:
         self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
         self._gc: asyncio.Task[None] | None = None  # the sweep under way
         self._flusher: asyncio.Task[None] | None = None  # task events being reported
+        self._staller: asyncio.Task[None] | None = None  # test stalls (agent/stalls.py)
         # The block cache is the agent's alone (0700) before the store opens it.
         (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
@@ -172,9 +172,10 @@ class Agent:
             key_id=key.id,
             psk=key.psk,
             handlers={"start": self._on_start, "stop": self._on_stop, "logs": self._on_logs},
-            on_local_close=self._closing_connection,
         )
         self.events: list[dict[str, Any]] = []  # reported until committed
+        # Closing a connection a registration went out on cuts the lease first.
+        self.client.on_local_close = self._closing_connection
         self.registered_on: Connection | None = None
         self.state = "unknown"
         self._stopping = asyncio.Event()
@@ -287,23 +288,15 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------
     async def run(self) -> None:
-        stall_s = stalls.from_env()
-        staller = None
-        if stall_s is not None:
-            log.warning("test stalls of up to %gs are on (%s)", stall_s, stalls.ENV)
-            staller = asyncio.get_running_loop().create_task(
-                stalls.stall_now_and_then(self.clock, stall_s)
-            )
         try:
             await self._run()
         finally:
-            if staller is not None:
-                staller.cancel()
             self.runner.close()  # the spare shim goes with the agent
             if self.cgroups is not None and not self.runner.running():
                 self.cgroups.close()
 
     async def _run(self) -> None:
+        self._start_test_stalls()
         running, exits = self.runner.adopt()
         if running or exits:
             log.info(
@@ -405,6 +398,15 @@ class Agent:
                 await self._start_tasks(res["start"])
             await wait_event(self.clock, self._stopping, self.cfg.heartbeat_s)
 
+    def _start_test_stalls(self) -> None:
+        """Benchmarks only: stall our own event loop now and then (agent/stalls.py)."""
+        stall_s = stalls.from_env()
+        if stall_s is not None:
+            log.warning("test stalls of up to %gs are on (%s)", stall_s, stalls.ENV)
+            self._staller = asyncio.get_running_loop().create_task(
+                stalls.stall_now_and_then(self.clock, stall_s)
+            )
+
     def _flush_soon(self) -> None:
         """Report task events in the background: a commit that takes a while
         must not hold up the heartbeat, or a TTL of a few seconds would judge
@@ -477,7 +479,7 @@ class Agent:
             return  # the shims treat the exit as a death: safe, if costly
         conn = self.client.conn
         if conn is not None and conn.context.get(LEASED):
-            _reset(conn)  # without a cut: the lease stands for the next agent
+            conn.reset()  # without a cut: the lease stands for the next agent
         self.client.conn = None
         log.info("stopping: the node's tasks keep running for the next agent to adopt")
 
@@ -500,7 +502,7 @@ class Agent:
             # this connection end. Drop it without a word (a reset, which the
             # leader does not act on) and let the TTL judge the node.
             log.error("cannot cut the node's lease in %s: %s", self.lease_path, exc)
-            _linger_zero(conn)
+            conn.reset_on_close()
 
     def _heartbeat_attempt_s(self) -> float:
         """How long one heartbeat attempt may wait for an answer: a leader that
@@ -764,23 +766,6 @@ class Agent:
             log.warning("could not leave the cluster cleanly: %s", exc)
         finally:
             await self.client.close()
-
-
-def _linger_zero(conn: Connection) -> None:
-    """Make the connection end with a reset when it is closed."""
-    if conn.transport is None:
-        return
-    with contextlib.suppress(OSError):
-        sock = conn.transport.get_extra_info("socket")
-        if sock is not None:
-            linger_off = struct.pack("ii", 1, 0)  # on, 0 s: close sends a reset
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_off)
-
-
-def _reset(conn: Connection) -> None:
-    """End the connection now with a reset (no end-of-stream the leader acts on)."""
-    _linger_zero(conn)
-    conn.abort()
 
 
 def _exit_event(

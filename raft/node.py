@@ -390,10 +390,11 @@ class RaftNode:
     # -- leadership -----------------------------------------------------------
 
     def _on_state_changed(self, old: int, new: int) -> None:
-        names = ("follower", "candidate", "leader")
-        log.info("raft: %s -> %s in term %d", names[old], names[new], self._obj.raftCurrentTerm)
         if new != 2 and self._announced_leader:  # 2 = _RAFT_STATE.LEADER
             self._announce(False)
+        # How each election went, for reading failovers from the logs.
+        names = ("follower", "candidate", "leader")
+        log.info("raft: %s -> %s in term %d", names[old], names[new], self._obj.raftCurrentTerm)
 
     def _on_tick(self) -> None:
         # Raft thread, every tick. Announce leadership only once everything

@@ -46,6 +46,8 @@ import contextlib
 import inspect
 import itertools
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -853,6 +855,22 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self._closing_here()
             self.transport.abort()
+
+    def reset_on_close(self) -> None:
+        """Make our close send a reset (SO_LINGER 0) instead of an end-of-stream:
+        a peer that acts on our end-of-stream (the leader on an agent's) must
+        not see one."""
+        if self.transport is None:
+            return
+        with contextlib.suppress(OSError):
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def reset(self) -> None:
+        """End the connection now with a reset."""
+        self.reset_on_close()
+        self.abort()
 
     def _closing_here(self) -> None:
         """We are about to end the connection (not a reaction to the peer's end)."""
