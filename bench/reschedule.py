@@ -13,6 +13,10 @@ Causes (`--cause`):
   margin (`--disconnect-confirm`, agent/lease.py "Disconnects").
 - `pause`: SIGSTOP of the agent (a silent host: nothing is closed); only the
   heartbeat TTL applies.
+- `restart`: SIGTERM of the agent and a new one started at once on the same
+  data dir (`systemctl restart`); counts the restarts whose task was kept
+  (same attempt, same process) and times the gap until the new agent renewed
+  the lease. The baseline is the same on a cluster with the old settings.
 - `stall`: no failure. Every agent's event loop blocks for up to `--stall`
   seconds at random moments, for `--duration` seconds, each running a task;
   counts the nodes wrongly declared down and the tasks wrongly killed (the
@@ -155,6 +159,66 @@ def run_cause(cause: str, reps: int, ttl_s: float, confirm_s: float, quiet: bool
     }
 
 
+def restart_once(c: Cluster, tmp: Path, i: int) -> dict[str, Any]:
+    mark = tmp / f"restart{i}"
+    mark.unlink(missing_ok=True)
+    script = f"echo $$ > {mark}; exec sleep 600"
+    job = c.submit("--gpus", "1", "--retries", "1", "--", "sh", "-c", script)
+    wait_for(lambda: mark.exists() and mark.read_text().strip(), 60, "the task to start")
+    pid = int(mark.read_text())
+    host = c.status(job)["tasks"][0]["node"]
+    lease_file = c.root / f"agent-{host}" / "lease.json"
+    old = agent_of(c, host)
+    stopped_at = time.time()
+    old.stop()
+    c.agents.remove(old)
+    c.start_agent(host, gpus="4")
+
+    def renewed() -> float:
+        # A renewal written after the stop: only the new agent can have.
+        try:
+            at = float(json.loads(lease_file.read_text())["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+        return at if at > stopped_at else 0.0
+
+    renewed_at = wait_for(renewed, 120, "the new agent to renew the lease")
+    wait_for(lambda: sum(n["state"] == "ready" for n in c.nodes()) == 2, 120, f"{host} to be back")
+    t = c.status(job)["tasks"][0]
+    kept = t["attempt"] == 1 and t["state"] == "running" and os.path.exists(f"/proc/{pid}")
+    c.ctl("cancel", job)
+    c.wait_job(job, {"cancelled", "failed", "succeeded"})
+    return {"gap_s": renewed_at - stopped_at, "kept": kept}
+
+
+def run_restart(reps: int, ttl_s: float, confirm_s: float, quiet: bool) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="lepton-resched-", dir="/var/tmp"))
+    runs: list[dict[str, Any]] = []
+    c = None
+    try:
+        c = start_cluster(tmp, ttl_s, confirm_s, {})
+        for i in range(reps):
+            runs.append(restart_once(c, tmp, i))
+            if not quiet:
+                r = runs[-1]
+                print(
+                    f"  restart rep {i}: lease renewed after {r['gap_s']:.2f} s, kept {r['kept']}"
+                )
+    finally:
+        if c is not None:
+            c.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    gaps = [r["gap_s"] for r in runs]
+    return {
+        "ttl_s": ttl_s,
+        "confirm_s": confirm_s,
+        "reps": reps,
+        "kept": sum(r["kept"] for r in runs),
+        "gap_median_s": round(statistics.median(gaps), 2),
+        "gap_max_s": round(max(gaps), 2),
+    }
+
+
 def run_stall(duration_s: float, stall_s: float, ttl_s: float, confirm_s: float) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="lepton-resched-", dir="/var/tmp"))
     c = None
@@ -205,7 +269,7 @@ def run_stall(duration_s: float, stall_s: float, ttl_s: float, confirm_s: float)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cause", choices=("kill", "pause", "stall"), default="kill")
+    ap.add_argument("--cause", choices=("kill", "pause", "restart", "stall"), default="kill")
     ap.add_argument("--reps", type=int, default=10, help="repetitions (kill, pause)")
     ap.add_argument("--baseline-reps", type=int, default=3, help="repetitions of the baseline")
     ap.add_argument(
@@ -244,6 +308,23 @@ def main() -> int:
         print("met" if res["ok"] else "NOT met")
         return 0
     quiet = args.json
+    if args.cause == "restart":
+        new = run_restart(args.reps, args.ttl, args.disconnect_confirm, quiet)
+        base = None
+        if args.baseline_reps > 0:
+            base = run_restart(args.baseline_reps, BASELINE["ttl_s"], BASELINE["confirm_s"], quiet)
+        res.update(new)
+        res["baseline"] = base
+        res["ok"] = new["kept"] == new["reps"]
+        if args.json:
+            print(json.dumps(res))
+            return 0
+        print("SIGTERM of an agent and a new one at once: tasks kept")
+        print(f"{'':34}{'new':>10}{'baseline':>10}")
+        for k in ("kept", "reps", "gap_median_s", "gap_max_s"):
+            print(f"{k:34}{new[k]:>10}{(base[k] if base else '-'):>10}")
+        print("met (every task kept)" if res["ok"] else "NOT met")
+        return 0
     new = run_cause(args.cause, args.reps, args.ttl, args.disconnect_confirm, quiet)
     base = (
         run_cause(args.cause, args.baseline_reps, BASELINE["ttl_s"], BASELINE["confirm_s"], quiet)
