@@ -30,6 +30,7 @@ FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
 IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
 MEMBERS_EVERY_S = 60.0
+SUSPECT_TICK_S = 0.05  # how often suspect nodes are looked at (liveness_pass)
 
 
 class BlockInfo(Protocol):
@@ -71,6 +72,7 @@ class Controllers:
         self._stuck: set[str] = set()  # left pending by the passes since the last full one
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
+        self._next_liveness = 0.0  # monotonic time of the next look at every node
         self.plans = 0
         self.policy = sch.Policy(
             preemption=cfg.preemption,
@@ -82,7 +84,7 @@ class Controllers:
         """A new term of leadership: nothing remembered from an earlier one
         (another leader may have placed, preempted or freed anything since)."""
         self.reasons, self.preempting, self._stuck = {}, {}, set()
-        self._epoch, self._last_full = -1, 0.0
+        self._epoch, self._last_full, self._next_liveness = -1, 0.0, 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -95,10 +97,19 @@ class Controllers:
         can last in that case (agent/lease.py), so its tasks are dead first."""
         cfg, live = self._cfg, self._liveness
         ttl = cfg.heartbeat_ttl_s
-        # A suspect node is judged to within a tick of its deadline.
-        await self._clock.sleep(0.05 if live.suspects else min(0.5, ttl / 4))
+        period = min(0.5, ttl / 4)
+        # A suspect node is judged to within a tick of its deadline; the
+        # other nodes are looked at every `period` only (there may be many).
+        await self._clock.sleep(SUSPECT_TICK_S if live.suspects else period)
         fast = cfg.disconnect_down_s
-        nodes = [n for n in self._reader.view().nodes.values() if n.state != "down"]
+        known = self._reader.view().nodes
+        for nid in [x for x in live.suspects if x not in known or known[x].state == "down"]:
+            del live.suspects[nid]  # down already (or removed): nothing to judge
+        if self._clock.monotonic() >= self._next_liveness:
+            self._next_liveness = self._clock.monotonic() + period
+            nodes = [n for n in known.values() if n.state != "down"]
+        else:
+            nodes = [known[x] for x in list(live.suspects)]
         for node in nodes:
             nid = node.id
             silent = live.silent_for(nid)
