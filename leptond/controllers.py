@@ -30,7 +30,6 @@ FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
 IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
 MEMBERS_EVERY_S = 60.0
-SUSPECT_TICK_S = 0.05  # how often suspect nodes are looked at (liveness_pass)
 
 
 class BlockInfo(Protocol):
@@ -43,6 +42,10 @@ class BlockInfo(Protocol):
     def block_sets(self, view: StateView) -> dict[str, frozenset[str]]:
         """Manifest id -> its block ids."""
         ...
+
+
+# How often nodes whose agent went away are looked at (liveness_pass).
+SUSPECT_TICK_S = 0.05
 
 
 class Controllers:
