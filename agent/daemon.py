@@ -31,7 +31,7 @@ from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
 
-from . import credential, gpudev, identity, lease, logserve, taskns
+from . import credential, gpudev, identity, lease, logserve, stalls, taskns
 from .cgroup_task import CgroupError
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
 from .health import GpuHealth
@@ -54,6 +54,12 @@ log = logging.getLogger("lepton.agent")
 PASSABLE = frozenset({"tasks", "workdirs", "dev"})
 # At most this long between sweeps of the directories of runs long over.
 GC_INTERVAL_S = 60.0
+# Context tag of the connections a registration was sent on (heartbeats
+# follow on the same one): the leader may hold any of them as the node's, so
+# closing one cuts the lease first (_closing_connection). A connection that
+# never carried a registration is no node's to the leader: closing it cuts
+# nothing (such as one to a new leader that answered "unregistered").
+LEASED = "leased"
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,9 @@ class Agent:
         self.lease_path = cfg.data_dir / lease.LEASE_FILE
         self.lease_s: float | None = None
         self.fence = lease.LeaseFile(self.lease_path)
+        # Whether the shims here see this agent die at once: only then may
+        # the leader judge this node by the fast path.
+        self.fences_disconnect = lease.can_watch_agents()
         self.runner = TaskRunner(
             cfg.data_dir / "tasks",
             self.cgroups,
@@ -169,6 +178,7 @@ class Agent:
         )
         self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
         self._gc: asyncio.Task[None] | None = None  # the sweep under way
+        self._staller: asyncio.Task[None] | None = None  # test stalls (agent/stalls.py)
         # The block cache is the agent's alone (0700) before the store opens it.
         (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
@@ -212,6 +222,12 @@ class Agent:
         """What the register/heartbeat/start logic keeps in memory (lost with
         the agent; the runner and the leader hold the rest)."""
         self.events: list[dict[str, Any]] = []  # reported until committed
+        self._flusher: asyncio.Task[None] | None = None  # task events being reported
+        # The leader's disconnect confirm window (agent/lease.py), once known.
+        self.confirm_s: float | None = None
+        self._handing_over = False  # a planned stop is under way (_hand_over)
+        # Closing a connection a registration went out on cuts the lease first.
+        self.client.on_local_close = self._closing_connection
         self.registered_on: Connection | None = None
         self.state = "unknown"
         self._stopping = asyncio.Event()
@@ -355,6 +371,7 @@ class Agent:
                 self.cgroups.close()
 
     async def _run(self) -> None:
+        self._start_test_stalls()
         running, exits = self.runner.adopt()
         if running or exits:
             log.info(
@@ -400,12 +417,22 @@ class Agent:
                 # Backoff with jitter so a restarted leader is not hit by every agent at once.
                 await self.clock.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
-        await self._leave_if_asked()
+        if self.cfg.leave_on_stop:
+            await self._leave_if_asked()
+        else:
+            self._hand_over()
 
     async def _register(self) -> None:
         sent = self.fence.now()
         res = await self.client.call(
-            "agent_register", {"node": self.describe(), "running": self.running()}, timeout_s=30
+            "agent_register",
+            {
+                "node": self.describe(),
+                "running": self.running(),
+                "fences_disconnect": self.fences_disconnect,
+            },
+            timeout_s=30,
+            tag=LEASED,
         )
         self._renew_lease(sent, res)
         self.registered_on = self.client.conn
@@ -428,7 +455,7 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         while not self._stopping.is_set():
             self._collect_exits(self.runner.poll())
-            await self._flush_events()
+            self._flush_soon()
             self._collect_garbage()
             sent = self.fence.now()
             res = await self.client.call(
@@ -445,6 +472,30 @@ class Agent:
             if res.get("start"):
                 await self._start_tasks(res["start"])
             await wait_event(self.clock, self._stopping, self.cfg.heartbeat_s)
+
+    def _start_test_stalls(self) -> None:
+        """Benchmarks only: stall our own event loop now and then (agent/stalls.py)."""
+        stall_s = stalls.from_env()
+        if stall_s is not None:
+            log.warning("test stalls of up to %gs are on (%s)", stall_s, stalls.ENV)
+            self._staller = asyncio.get_running_loop().create_task(
+                stalls.stall_now_and_then(self.clock, stall_s)
+            )
+
+    def _flush_soon(self) -> None:
+        """Report task events in the background: a commit that takes a while
+        must not hold up the heartbeat, or a TTL of a few seconds would judge
+        this node silent. One flush at a time; what fails is sent again."""
+        if self._flusher is not None and not self._flusher.done():
+            return
+
+        async def flush() -> None:
+            try:
+                await self._flush_events()
+            except RpcError as exc:
+                log.debug("task events not reported yet: %s", exc)  # sent again next time
+
+        self._flusher = asyncio.get_running_loop().create_task(flush())
 
     def _collect_garbage(self) -> None:
         """Now and then, delete the directories of runs acked longer ago than
@@ -474,12 +525,57 @@ class Agent:
         if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or lease_s <= 0:
             return  # no renewal in this answer
         self.lease_s = float(lease_s)
+        confirm = res.get("confirm_s")
+        ok = isinstance(confirm, int | float) and not isinstance(confirm, bool) and confirm > 0
+        self.confirm_s = float(confirm) if ok and self.fences_disconnect else None
         try:
-            self.fence.write(sent + lease_s, lease_s)
+            self.fence.write(sent + lease_s, lease_s, sent=sent, confirm_s=self.confirm_s)
         except OSError as exc:
             # The shims see the old lease run out: the tasks stop, as they must
             # when this host cannot show that the leader still wants them.
             log.error("cannot write the node's lease to %s: %s", self.lease_path, exc)
+
+    def _hand_over(self) -> None:
+        """A planned stop (`systemctl restart`): the next agent is to adopt
+        the tasks. Its start-up may take longer than the disconnect window,
+        so this stop must not look like a death to the leader or the shims:
+        the lease file says the exit is planned (shims then keep the lease
+        as it is, agent/lease.py), and the registered connection ends with a
+        reset, on which the leader does not act. Only the TTL and the lease,
+        which the next agent renews when it registers, apply, as for a
+        stopped host. Order: the mark first, then the reset."""
+        self._handing_over = True
+        try:
+            self.fence.mark_handover()
+        except OSError as exc:
+            log.error("cannot mark the lease in %s as handed over: %s", self.lease_path, exc)
+            return  # the shims treat the exit as a death: safe, if costly
+        conn = self.client.conn
+        if conn is not None and conn.context.get(LEASED):
+            conn.reset()  # without a cut: the lease stands for the next agent
+        self.client.conn = None
+        log.info("stopping: the node's tasks keep running for the next agent to adopt")
+
+    def _closing_connection(self, conn: Connection) -> None:
+        """We are about to close a connection a registration was sent on:
+        the leader, reading its end, declares this node down `confirm_s` (and
+        a margin) later unless we register again in time. Cut the lease to
+        end by then, before the end can reach the leader (agent/lease.py)."""
+        if not conn.context.get(LEASED) or self.confirm_s is None or self._handing_over:
+            return
+        try:
+            if self.fence.cap(self.fence.now() + self.confirm_s):
+                log.warning(
+                    "closing the connection to the leader: tasks here stop in %gs "
+                    "unless this agent registers again",
+                    self.confirm_s,
+                )
+        except OSError as exc:
+            # Cannot cut it: the old lease stands, so the leader must not see
+            # this connection end. Drop it without a word (a reset, which the
+            # leader does not act on) and let the TTL judge the node.
+            log.error("cannot cut the node's lease in %s: %s", self.lease_path, exc)
+            conn.reset_on_close()
 
     def _heartbeat_attempt_s(self) -> float:
         """How long one heartbeat attempt may wait for an answer: a leader that

@@ -14,12 +14,42 @@ view of the lease always ends before the leader's. The clock is
 CLOCK_BOOTTIME, shared by every process on the host and, unlike
 CLOCK_MONOTONIC, still running while the host is suspended; the boot id in
 the file makes a lease from before a reboot worthless.
+
+Disconnects (the fast path, leptond/config.py `disconnect_confirm_s`). When
+the leader reads an end-of-stream on a node's agent connection, the node is
+suspect at once and declared down `confirm_s` plus a margin later, unless it
+registers again. That end-of-stream can only come from this host: the agent
+closed the connection itself, or the agent died and its kernel closed it (a
+reset, which anything on the path could forge, does not count). So:
+
+- The agent cuts the lease to end `confirm_s` from now just *before* it closes
+  a connection on which it registered (`cap_lease`); the leader reads the end
+  later still, and waits `confirm_s` plus the margin from then.
+- An agent that dies cannot cut anything, so each shim watches the agent named
+  in the lease file through a pidfd (`LeaseReader`): the moment it exits, the
+  shim's lease ends `confirm_s` from then, whatever the file says. The kernel
+  closes the dead agent's sockets before its pidfd turns readable, but only
+  the reading (on another host) of that end starts the leader's count, and
+  the margin covers the shim's delay in noticing and its kill.
+- Only a lease renewed on a request sent after the shim saw the agent go
+  (`sent` in the file), by another agent process (a restart that registered
+  again, which clears the leader's suspicion), lifts that cut: so a
+  `systemctl restart` that is back within the window keeps its tasks.
+- A stopped agent (SIGSTOP) or a silent host closes nothing: only the TTL and
+  the lease apply.
+- A planned stop (SIGTERM without leave-on-stop, as `systemctl restart` sends)
+  marks the lease file `handover` and ends the registered connection with a
+  reset: neither the leader nor the shims act on that, so the next agent has
+  the rest of the lease, not only the window, to register and renew it.
+
+Either way a task is dead before the leader can declare its node down.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 from pathlib import Path
 
 from leptond.clock import REAL, boottime
@@ -40,16 +70,103 @@ def boot_id() -> str:
         return ""
 
 
-def write_lease(path: Path, expires: float, lease_s: float) -> None:
+def start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (/proc/PID/stat):
+    with the pid, names one process for good (pids are reused)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # Fields after the command name, which may itself hold spaces or parens.
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def can_watch_agents() -> bool:
+    """Whether shims here can see the agent die at once (a pidfd): the
+    agent offers the fast path only then."""
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):
+        return False
+    os.close(fd)
+    return start_ticks(os.getpid()) is not None
+
+
+def write_lease(
+    path: Path,
+    expires: float,
+    lease_s: float,
+    *,
+    sent: float | None = None,
+    confirm_s: float | None = None,
+) -> None:
     """Atomically replace the lease file. Not fsynced: after a crash of the
-    host the boot id no longer matches, and the tasks are gone anyway."""
+    host the boot id no longer matches, and the tasks are gone anyway.
+
+    `sent`: when the renewing request was sent (now() clock). `confirm_s`:
+    how soon the lease must end once this agent is gone (None: the fast path
+    is off). The writing agent names itself, for the shims to watch."""
+    body: dict[str, object] = {
+        "expires": expires,
+        "lease_s": lease_s,
+        "boot_id": boot_id(),
+        "at": REAL.now(),
+    }
+    if sent is not None:
+        body["sent"] = sent
+    if confirm_s is not None and confirm_s > 0:
+        body["confirm_s"] = confirm_s
+        body["agent"] = [os.getpid(), start_ticks(os.getpid())]
+    _replace(path, body)
+
+
+def _replace(path: Path, body: dict[str, object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    body = {"expires": expires, "lease_s": lease_s, "boot_id": boot_id(), "at": REAL.now()}
     # 0600: only the root shims read it; tasks running as users have no business there.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(body))
     os.replace(tmp, path)
+
+
+def cap_lease(path: Path, until: float) -> bool:
+    """Make the lease end by `until` (now() clock) at the latest; True when it
+    was cut. An unreadable file is left alone: no shim honours it anyway."""
+    body = _read(path)
+    if body is None or not _number(body.get("expires")):
+        return False
+    if float(body["expires"]) <= until:  # type: ignore[arg-type]
+        return False
+    body["expires"] = until
+    body["capped_at"] = REAL.now()
+    _replace(path, body)
+    return True
+
+
+def mark_handover(path: Path) -> None:
+    """The agent that wrote the lease stops on purpose and another one is to
+    take over: shims keep the lease as it is when it exits (only a renewal by
+    the next agent extends it). Only this process's own lease is marked: an
+    agent that never renewed the lease must not vouch for the one before it,
+    which may have died (and whose shims have cut the lease)."""
+    body = _read(path)
+    if body is None or _agent_of(body) != (os.getpid(), start_ticks(os.getpid())):
+        return
+    body["handover"] = True
+    _replace(path, body)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _read(path: Path) -> dict[str, object] | None:
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def read_expiry(path: Path) -> float | None:
@@ -77,29 +194,132 @@ class LeaseFile:
     def now(self) -> float:
         return now()
 
-    def write(self, expires: float, lease_s: float) -> None:
-        write_lease(self.path, expires, lease_s)
+    def write(
+        self,
+        expires: float,
+        lease_s: float,
+        *,
+        sent: float | None = None,
+        confirm_s: float | None = None,
+    ) -> None:
+        write_lease(self.path, expires, lease_s, sent=sent, confirm_s=confirm_s)
+
+    def cap(self, until: float) -> bool:
+        return cap_lease(self.path, until)
+
+    def mark_handover(self) -> None:
+        mark_handover(self.path)
 
 
 class LeaseReader:
-    """A shim's view of the lease file: read again only when the file changes."""
+    """A shim's view of the lease file (read again only when the file
+    changes) and of the agent that wrote it (see "Disconnects" above)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._stamp: tuple[int, int] | None = None
-        self._expires: float | None = None
+        self._body: dict[str, object] | None = None
+        self._agent: tuple[int, int] | None = None  # (pid, start ticks) watched
+        self._pidfd: int | None = None
+        # When this shim saw the watched agent gone, and which agent it was.
+        self._gone_at: float | None = None
+        self._gone: tuple[int, int] | None = None
 
-    def expires(self) -> float | None:
+    def fileno(self) -> int | None:
+        """A pidfd that turns readable when the watched agent exits (for select)."""
+        return self._pidfd
+
+    def _load(self) -> dict[str, object] | None:
         try:
             st = os.stat(self.path)
             stamp = (st.st_ino, st.st_mtime_ns)
         except OSError:
-            self._stamp, self._expires = None, None
+            self._stamp, self._body = None, None
             return None
         if stamp != self._stamp:
-            self._stamp, self._expires = stamp, read_expiry(self.path)
-        return self._expires
+            body = _read(self.path)
+            if body is not None and (
+                body.get("boot_id", "") != boot_id() or not _number(body.get("expires"))
+            ):
+                body = None
+            self._stamp, self._body = stamp, body
+        return self._body
+
+    def expires(self) -> float | None:
+        body = self._load()
+        if body is None:
+            return None
+        exp = float(body["expires"])  # type: ignore[arg-type]
+        confirm = body.get("confirm_s")
+        agent = _agent_of(body)
+        if not _number(confirm) or agent is None or body.get("handover") is True:
+            # Written without the fast path, or by an agent that stopped on
+            # purpose (ending its connection with a reset, which the leader
+            # does not act on): only the lease itself counts.
+            return exp
+        assert isinstance(confirm, int | float)
+        self.poll_agent()
+        if self._gone_at is not None:
+            sent = body.get("sent")
+            if agent != self._gone and _number(sent) and float(sent) > self._gone_at:  # type: ignore[arg-type]
+                # Another agent registered again after this one went, and
+                # the leader renewed the lease for it: back to normal.
+                self._gone_at, self._gone = None, None
+            else:
+                return min(exp, self._gone_at + float(confirm))
+        if agent != self._agent:
+            self._watch(agent)
+            if self._gone_at is not None:
+                return min(exp, self._gone_at + float(confirm))
+        return exp
 
     def expired(self) -> bool:
         exp = self.expires()
         return exp is None or now() >= exp
+
+    def poll_agent(self) -> None:
+        """Notice, without waiting, that the watched agent has exited."""
+        fd = self._pidfd
+        if fd is not None and select.select([fd], [], [], 0)[0]:
+            self._went(now())
+
+    def _watch(self, agent: tuple[int, int]) -> None:
+        self._close()
+        self._agent = agent
+        pid, ticks = agent
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._went(now())  # gone already (or it cannot be watched: same)
+            return
+        # The pidfd names the process that had this pid when it was opened:
+        # only if that one started when the file says is it the agent.
+        if start_ticks(pid) != ticks:
+            os.close(fd)
+            self._went(now())
+            return
+        self._pidfd = fd
+
+    def _went(self, at: float) -> None:
+        if self._gone_at is None:
+            self._gone_at, self._gone = at, self._agent
+        self._close()
+
+    def _close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def close(self) -> None:
+        self._close()
+
+
+def _agent_of(body: dict[str, object]) -> tuple[int, int] | None:
+    a = body.get("agent")
+    if (
+        isinstance(a, list)
+        and len(a) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in a)
+    ):
+        return (a[0], a[1])
+    return None

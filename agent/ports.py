@@ -79,7 +79,26 @@ class Lease(Protocol):
         """The clock the lease is measured on (shared with the supervisors)."""
         ...
 
-    def write(self, expires: float, lease_s: float) -> None:
+    def write(
+        self,
+        expires: float,
+        lease_s: float,
+        *,
+        sent: float | None = None,
+        confirm_s: float | None = None,
+    ) -> None:
         """The lease now runs out at `expires` on `now()`'s clock; OSError
-        when it cannot be recorded (the supervisors then see the old one)."""
+        when it cannot be recorded (the supervisors then see the old one).
+        `sent`: when the renewing request went out; `confirm_s`: how soon the
+        lease must end once this agent is gone (None: that fast path is off)."""
+        ...
+
+    def cap(self, until: float) -> bool:
+        """End the lease by `until` at the latest (this agent is closing its
+        connection to the leader); whether it was cut. OSError as write's."""
+        ...
+
+    def mark_handover(self) -> None:
+        """A planned stop: the next agent adopts the tasks, so the supervisors
+        keep the lease as it is rather than treat this exit as a death."""
         ...

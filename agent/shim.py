@@ -23,8 +23,10 @@ survives through setsid or a double fork), else the task's process group.
 Fencing: when the spec names a lease file (agent/lease.py), the shim ends the
 whole task at once when the node's lease runs out, whatever the agent is
 doing (it may be stopped or dead), and does not start a task without a lease.
-The leader declares the node down only later, so no task is still running
-when its replacement starts elsewhere.
+It also watches the agent that wrote the lease: when that agent dies, the
+lease ends within the disconnect confirm window unless a restarted agent
+renews it. The leader declares the node down only later, so no task is still
+running when its replacement starts elsewhere.
 
 Ordering rules (the runner relies on them):
 - shim.pid is written only after the signal handlers are installed, so a
@@ -356,7 +358,14 @@ class Shim:
         next_stop_check = 0.0
         next_lease_check = 0.0
         while True:
-            readable, _, _ = select.select(fds, [], [], TICK_S)
+            # The agent's pidfd wakes us the moment the agent exits (lease.py).
+            agent_fd = self.lease.fileno() if self.lease is not None else None
+            watched = fds if agent_fd is None else [*fds, agent_fd]
+            readable, _, _ = select.select(watched, [], [], TICK_S)
+            if agent_fd is not None and agent_fd in readable:
+                assert self.lease is not None
+                self.lease.poll_agent()
+                next_lease_check = 0.0  # look at the lease now
             for fd in (out_fd, err_fd):
                 if fd in readable and not self._pump(fd, log, fd == err_fd):
                     fds.remove(fd)  # EOF: the task closed it, it may still run

@@ -119,6 +119,20 @@ class AgentRegistry:
         nid = conn.context.get("node_id")
         if nid and self.conns.get(nid) is conn:
             del self.conns[nid]
+            # We read the agent's end-of-stream: its process closed the
+            # connection (and cut its lease first) or died (and its shims cut
+            # the lease when they saw it go). Not our own close, not a reset.
+            if (
+                conn.peer_closed
+                and conn.context.get("fences_disconnect")
+                and self._cfg.disconnect_down_s is not None
+            ):
+                self.liveness.suspect(nid)
+                log.warning(
+                    "node %s closed its connection: down in %gs unless it registers again",
+                    nid,
+                    self._cfg.disconnect_down_s,
+                )
 
     # -- handlers ---------------------------------------------------------------
     async def register(self, conn: Connection, a: Any) -> dict[str, Any]:
@@ -142,11 +156,14 @@ class AgentRegistry:
         )
         nid = res["node_id"]
         old = self.conns.get(nid)
-        if old is not None and old is not conn:
-            old.close()
+        # Only an agent that cuts its own lease when its connection ends (and
+        # whose shims do when it dies) may be judged by the fast path.
+        conn.context["fences_disconnect"] = a.get("fences_disconnect") is True
         self.conns[nid] = conn
+        if old is not None and old is not conn:
+            old.close()  # ours, and no longer the node's: no suspicion from it
         conn.context["node_id"] = nid
-        self.liveness.heard(nid)
+        self.liveness.registered(nid)
         v = self._reader.view()
         allow_root = self._cfg.allow_root_tasks
         should_run = [views.launch_spec(v, v.tasks[x["task_id"]], allow_root) for x in res["tasks"]]
@@ -165,14 +182,20 @@ class AgentRegistry:
                 requeued[0]["reason"],
             )
         out = {"node_id": nid, "state": res["state"], "tasks": should_run, "masters": masters}
-        return self._with_lease(out)
+        return self._with_lease(out, nid)
 
-    def _with_lease(self, answer: dict[str, Any]) -> dict[str, Any]:
+    def _with_lease(self, answer: dict[str, Any], nid: str) -> dict[str, Any]:
         """Renew the node's lease in this answer (agent/lease.py), if this
         master may: a leader that has not heard from a majority lately may
-        already be deposed, and the new one counts the node's TTL without it."""
+        already be deposed, and the new one counts the node's TTL without it.
+        Nor is a node's lease renewed while it is being declared down."""
+        if nid in self.liveness.condemned:
+            return answer
         if self._may_renew_leases(self._cfg.lease_contact_s):
             answer["lease_s"] = self._cfg.task_lease_s
+            if self._cfg.disconnect_confirm_s > 0:
+                # How soon the lease must end once the agent's connection does.
+                answer["confirm_s"] = self._cfg.disconnect_confirm_s
         return answer
 
     def _registered(self, conn: Connection, what: str) -> str:
@@ -274,7 +297,7 @@ class AgentRegistry:
             "state": node.state,
             "grace_s": self._cfg.kill_grace_s,
         }
-        return self._with_lease(answer)
+        return self._with_lease(answer, nid)
 
     async def task_events(self, conn: Connection, a: Any) -> dict[str, Any]:
         nid = self._registered(conn, "reporting task events")

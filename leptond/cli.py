@@ -163,6 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         min_free_disk_bytes=args.min_free_disk,
         lease_s=args.task_lease,
         lease_margin_s=args.lease_margin,
+        disconnect_confirm_s=args.disconnect_confirm,
+        disconnect_margin_s=args.disconnect_margin,
         allow_root_tasks=args.allow_root_tasks,
         default_mem_per_gpu=args.default_mem_per_gpu,
         fair_share_half_life_s=args.fair_share_half_life,
@@ -257,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--raft-port", type=_port, default=7442, help="Raft port (default 7442)")
     r.add_argument("--peers", default="", help="other masters as HOST:RAFTPORT,...")
     r.add_argument(
-        "--heartbeat-ttl", type=float, default=10.0, help="seconds of silence before a node is down"
+        "--heartbeat-ttl", type=float, default=4.0, help="seconds of silence before a node is down"
     )
     r.add_argument(
         "--task-lease",
@@ -272,6 +274,20 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds between a lease running out and the TTL (default: a tenth "
         "of the TTL, at most 1)",
+    )
+    r.add_argument(
+        "--disconnect-confirm",
+        type=float,
+        default=1.0,
+        help="seconds a node whose agent closed its connection (or died) has to "
+        "register again before it is declared down; 0: wait for the TTL (default 1)",
+    )
+    r.add_argument(
+        "--disconnect-margin",
+        type=float,
+        default=0.5,
+        help="seconds added to --disconnect-confirm for the host's task supervisors "
+        "to kill its tasks (default 0.5)",
     )
     r.add_argument(
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"

@@ -20,13 +20,28 @@ class MasterConfig:
     http_port: int = 7440
     raft_port: int = 7442
     peers: tuple[str, ...] = ()  # other masters' HOST:RAFTPORT
-    heartbeat_ttl_s: float = 10.0
+    # Silence after which a node is down (a stopped or cut-off host closes
+    # nothing, so only this applies). Agents heartbeat every second; 4 s
+    # leaves room for event-loop stalls of a second or more
+    # (bench/reschedule.py --cause stall) with a lease of 3.2 s.
+    heartbeat_ttl_s: float = 4.0
     # Fencing (agent/lease.py): a node's tasks are killed by their shims when
     # its lease, renewed by the leader's heartbeat answers, runs out; the TTL
     # must be longer than the lease plus the margin (the time a shim needs to
     # notice and kill). None: derived from the TTL (see task_lease_s).
     lease_s: float | None = None
     lease_margin_s: float | None = None
+    # Fast path (agent/lease.py, "Disconnects"): when the leader reads an
+    # end-of-stream from a node's agent connection (the agent closed it, or
+    # died and its kernel did), the node is suspect at once and declared down
+    # after this window plus `disconnect_margin_s`, unless the agent registers
+    # again meanwhile. The agent (or, when it died, each shim) cuts the lease
+    # to end within the window, so the tasks are dead by then. 0: off (only
+    # the TTL applies).
+    disconnect_confirm_s: float = 1.0
+    # What the margin covers: a shim noticing the agent's death (it waits on
+    # a pidfd, so at once unless starved of CPU) and killing its task.
+    disconnect_margin_s: float = 0.5
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
     preemption: bool = True
@@ -39,6 +54,12 @@ class MasterConfig:
     # (bench/failover.py); pysyncobj needs the minimum above 3 heartbeats (0.3 s).
     raft_min_timeout_s: float = 0.35
     raft_max_timeout_s: float = 0.8
+    # How often a master tries again to connect to a peer it has no
+    # connection to. pysyncobj lets only the peer with the larger address
+    # connect, so a restarted master takes part in votes only once the
+    # others reconnect to it: at 1 s, a leader lost soon after a restart
+    # could wait that long for an election (bench/failover.py).
+    raft_connection_retry_s: float = 0.2
     # Raft log entries between snapshots (pysyncobj log compaction); the
     # journal and a restart's replay stay bounded by about this many entries.
     snapshot_every: int = 5000
@@ -105,6 +126,14 @@ class MasterConfig:
         return self.heartbeat_ttl_s - 2 * self.margin_s
 
     @property
+    def disconnect_down_s(self) -> float | None:
+        """Seconds from reading a node's end-of-stream to declaring it down;
+        None when the fast path is off."""
+        if self.disconnect_confirm_s <= 0:
+            return None
+        return self.disconnect_confirm_s + self.disconnect_margin_s
+
+    @property
     def lease_contact_s(self) -> float:
         """A leader renews leases only while a majority answered it this
         recently; a new leader waits this much longer than the TTL before
@@ -120,6 +149,14 @@ class MasterConfig:
             raise ValueError(
                 f"the task lease ({lease:g}s) must be at least 1s: agents renew it about "
                 "once a second (raise --heartbeat-ttl or --task-lease)"
+            )
+        if self.disconnect_confirm_s < 0 or self.disconnect_margin_s < 0:
+            raise ValueError("--disconnect-confirm and --disconnect-margin must not be negative")
+        if self.disconnect_confirm_s > 0 and self.disconnect_margin_s < 0.2:
+            raise ValueError(
+                f"--disconnect-margin ({self.disconnect_margin_s:g}s) must be at least 0.2s: "
+                "it is the time a host's task supervisors have to kill the tasks of a node "
+                "whose agent went away before the leader runs them elsewhere"
             )
         if ttl <= lease + margin:
             raise ValueError(

@@ -52,6 +52,10 @@ class BlockInfo(Protocol):
         ...
 
 
+# How often nodes whose agent went away are looked at (liveness_pass).
+SUSPECT_TICK_S = 0.05
+
+
 class Controllers:
     def __init__(
         self,
@@ -83,6 +87,7 @@ class Controllers:
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
         self._settled = -1  # state generation of the last full pass that planned nothing
+        self._next_liveness = 0.0  # monotonic time of the next look at every node
         self.plans = 0
         self._decayed_at = -DECAY_EVERY_S
         self._decayed_for: tuple[float, float] = (-1.0, -1.0)
@@ -99,30 +104,69 @@ class Controllers:
         self.holds.reset()
         self._learn_preemptions = True
         self._epoch, self._last_full, self._settled = -1, 0.0, -1
+        self._next_liveness = 0.0
 
     def wake(self) -> None:
         self._wake.set()
 
     # -- liveness ---------------------------------------------------------------
     async def liveness_pass(self) -> None:
-        ttl = self._cfg.heartbeat_ttl_s
-        await self._clock.sleep(min(0.5, ttl / 4))
-        nodes = [(n.id, n.name) for n in self._reader.view().nodes.values() if n.state != "down"]
-        for nid, name in nodes:
-            silent = self._liveness.silent_for(nid)
-            if silent > ttl:
-                log.warning("node %s silent for %.1fs: marking it down", name, silent)
-                res = await self._proposer.propose(
-                    "node_down",
-                    {
-                        "node_id": nid,
-                        "now": self._clock.now(),
-                        "reason": f"no heartbeat for {ttl:g}s",
-                    },
-                    wake=True,
-                )
-                if res.get("lost"):
-                    log.warning("node %s down: %d task(s) lost", name, len(res["lost"]))
+        """Declare down the nodes silent for the TTL, and those whose agent
+        closed its connection (or died) and did not register again within the
+        confirm window plus its margin. Both wait longer than the node's lease
+        can last in that case (agent/lease.py), so its tasks are dead first."""
+        cfg, live = self._cfg, self._liveness
+        ttl = cfg.heartbeat_ttl_s
+        period = min(0.5, ttl / 4)
+        # A suspect node is judged to within a tick of its deadline; the
+        # other nodes are looked at every `period` only (there may be many).
+        await self._clock.sleep(SUSPECT_TICK_S if live.suspects else period)
+        fast = cfg.disconnect_down_s
+        known = self._reader.view().nodes
+        for nid in [x for x in live.suspects if x not in known or known[x].state == "down"]:
+            del live.suspects[nid]  # down already (or removed): nothing to judge
+        if self._clock.monotonic() >= self._next_liveness:
+            self._next_liveness = self._clock.monotonic() + period
+            nodes = [n for n in known.values() if n.state != "down"]
+        else:
+            nodes = [known[x] for x in list(live.suspects)]
+        for node in nodes:
+            nid = node.id
+            silent = live.silent_for(nid)
+            suspect = live.suspect_for(nid)
+            if fast is not None and suspect is not None and suspect > fast:
+                why = f"its agent went away and was not back within {cfg.disconnect_confirm_s:g}s"
+            elif silent > ttl:
+                why = f"no heartbeat for {ttl:g}s"
+            else:
+                # A proposal that failed may still have been committed: a
+                # condemned node gets no lease until that cannot happen.
+                at = live.condemned.get(nid)
+                if at is not None and self._clock.monotonic() - at > 2 * cfg.commit_timeout_s:
+                    del live.condemned[nid]
+                continue
+            log.warning("node %s: %s: marking it down", node.name, why)
+            live.condemned[nid] = self._clock.monotonic()
+            res = await self._proposer.propose(
+                "node_down",
+                {
+                    "node_id": nid,
+                    "now": self._clock.now(),
+                    "reason": why,
+                    # Void if the node registered again since this view.
+                    "if_updated_at": node.updated_at,
+                },
+                wake=True,
+            )
+            # Applied (or void): a heartbeat now meets the node down, or
+            # registered again, so its answers may renew the lease again.
+            live.condemned.pop(nid, None)
+            if res.get("stale"):
+                log.info("node %s registered again meanwhile: not down", node.name)
+                continue
+            live.suspects.pop(nid, None)
+            if res.get("lost"):
+                log.warning("node %s down: %d task(s) lost", node.name, len(res["lost"]))
 
     # -- drain deadlines ----------------------------------------------------------
     async def drain_pass(self) -> None:

@@ -24,10 +24,37 @@ class NodeLiveness:
         # Heartbeat values dropped at arrival as malformed (nodestats.py), ever.
         self.dropped_values = 0
         self.dropped_by_node: dict[str, int] = {}
+        # Nodes whose agent connection ended from the agent's side (the leader
+        # read its end-of-stream): node id -> clock.monotonic() when it did.
+        # Such a node is declared down after the confirm window unless it
+        # registers again (controllers.liveness_pass).
+        self.suspects: dict[str, float] = {}
+        # Nodes the liveness loop is declaring down right now: their heartbeat
+        # answers renew no lease, or a renewal could land after the node_down
+        # that requeues their tasks.
+        # node id -> clock.monotonic() when its node_down was proposed.
+        self.condemned: dict[str, float] = {}
 
     def reset(self, node_ids: Iterable[str], grace_s: float) -> None:
         """A new leader: every node counts as heard from `grace_s` from now."""
         self.last_seen = dict.fromkeys(node_ids, self._clock.monotonic() + grace_s)
+        self.suspects, self.condemned = {}, {}
+
+    def suspect(self, node_id: str) -> None:
+        """The node's agent closed its connection (or died): count from now."""
+        self.suspects.setdefault(node_id, self._clock.monotonic())
+
+    def registered(self, node_id: str) -> None:
+        """The node registered again: no longer suspect, heard from now. (A
+        node_down already proposed stays condemned: it may still apply, after
+        this registration, so the answer must not renew the lease.)"""
+        self.suspects.pop(node_id, None)
+        self.heard(node_id)
+
+    def suspect_for(self, node_id: str) -> float | None:
+        """Seconds since the node became suspect; None when it is not."""
+        at = self.suspects.get(node_id)
+        return None if at is None else self._clock.monotonic() - at
 
     def heard(self, node_id: str, stats: dict[str, Any] | None = None) -> None:
         now = self._clock.monotonic()

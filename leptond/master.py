@@ -89,6 +89,7 @@ class Master:
             loop=loop,
             raft_min_timeout_s=cfg.raft_min_timeout_s,
             raft_max_timeout_s=cfg.raft_max_timeout_s,
+            connection_retry_s=cfg.raft_connection_retry_s,
             log_compaction_min_entries=cfg.snapshot_every,
         )
         reader = Publisher(self.state, raft.lock)

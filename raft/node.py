@@ -70,6 +70,12 @@ APPEND_BATCH_BYTES = 3 * MAX_ENTRY_BYTES
 # How long add_member waits for a just-started master to answer the Raft
 # handshake before it refuses the address.
 PROBE_TIMEOUT_S = 5.0
+# A follower that loses its connection to the leader stands for election
+# after LEADER_LOST_BASE_S plus LEADER_LOST_STAGGER_S times its rank among the
+# remaining members (_ShellSyncObj.leader_lost). The stagger is longer than a
+# vote request and its answer take on a busy machine.
+LEADER_LOST_BASE_S = 0.02
+LEADER_LOST_STAGGER_S = 0.15
 JOURNAL_NAME = "raft.journal"
 SNAPSHOT_NAME = "raft.snapshot"
 # A tick gap (time between two passes of pysyncobj's loop) over this is slow:
@@ -183,6 +189,37 @@ class _ShellSyncObj(SyncObj):
         """Read a SyncObj private attribute (pysyncobj pinned to 0.3.17)."""
         return getattr(self, "_SyncObj__" + name)
 
+    def leader_lost(self, node: Any) -> None:
+        """Raft thread: the connection to `node` ended (closed, reset, or
+        silent past pysyncobj's connectionTimeout).
+
+        When `node` is our leader, nothing from it can reach us until the
+        connection is made again, so our election timeout would fire anyway;
+        firing it now instead (a leader killed with kill -9 is seen at once,
+        its kernel closes its sockets) is what makes failovers short. It is
+        safe in Raft: no election timing is part of its safety. To keep the
+        remaining members from splitting the vote, they go in a fixed order,
+        LEADER_LOST_STAGGER_S apart: the lowest address first. A candidate
+        whose log is behind is refused, and the next one stands after it.
+        """
+        if self.private("raftState") != _pso._RAFT_STATE.FOLLOWER or node != self.private(
+            "raftLeader"
+        ):
+            return
+        me = self.private("selfNode")
+        if me is None:
+            return
+        others = [n.address for n in self.private("otherNodes") if n != node]
+        rank = sorted([me.address, *others]).index(me.address)
+        deadline = _pso.monotonicTime() + LEADER_LOST_BASE_S + rank * LEADER_LOST_STAGGER_S
+        if deadline < self.private("raftElectionDeadline"):
+            self._SyncObj__raftElectionDeadline = deadline
+            log.info(
+                "lost the connection to the leader %s: election in %.2fs",
+                node,
+                deadline - _pso.monotonicTime(),
+            )
+
 
 class RaftNode:
     """A master's Raft membership: propose commands, watch leadership.
@@ -209,10 +246,12 @@ class RaftNode:
         log_compaction_min_time_s: float = 600.0,
         background_snapshots: bool = True,
         clock: Clock = REAL,
+        fast_election: bool = True,
     ) -> None:
         """`background_snapshots=False` encodes and writes snapshots on the
-        Raft thread (the way pysyncobj does); only for comparison in
-        bench/snapshot.py. `clock` must be the real one in production:
+        Raft thread (the way pysyncobj does), and `fast_election=False` waits
+        for the election timeout after the leader's connection ended
+        (_ShellSyncObj.leader_lost); both only for comparison in benchmarks. `clock` must be the real one in production:
         pysyncobj compares its own monotonic clock readings with ours."""
         password = derive_password(secret)  # refuses an empty secret first
         self._state = state
@@ -274,6 +313,8 @@ class RaftNode:
             commandsWaitLeader=False,
         )
         self._obj = _ShellSyncObj(self._apply, self.journal, self_addr, peers, conf)
+        if fast_election:
+            self._obj.private("transport").on_peer_lost = self._obj.leader_lost
         self._obj.addOnTickCallback(self._on_tick)
 
     def _initial_members(self, peers: Sequence[str]) -> list[str]:
@@ -372,6 +413,9 @@ class RaftNode:
             self.counters.elections += 1
         if new != 2 and self._announced_leader:  # 2 = _RAFT_STATE.LEADER
             self._announce(False)
+        # How each election went, for reading failovers from the logs.
+        names = ("follower", "candidate", "leader")
+        log.info("raft: %s -> %s in term %d", names[old], names[new], self._obj.raftCurrentTerm)
 
     def _on_tick(self) -> None:
         # Raft thread, every tick. Announce leadership only once everything

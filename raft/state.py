@@ -348,6 +348,14 @@ class ClusterState(StateReads):
         now = float(a["now"])
         if node.state == "down":
             return {"node_id": node.id, "lost": []}
+        # The leader judged the node from a view in which it was last updated
+        # at `if_updated_at`. A registration committed since (the agent came
+        # back and got a fresh lease in its answer) makes that judgement
+        # stale: downing it now would requeue tasks that still run there.
+        seen = a.get("if_updated_at")
+        stale = isinstance(seen, int | float) and not isinstance(seen, bool)
+        if stale and node.updated_at != seen:
+            return {"node_id": node.id, "lost": [], "stale": True}
         # Its drain, if any, stays (drain_reason, drain_deadline): it applies
         # again when the node comes back.
         node = self.nodes.writable(node.id)

@@ -224,6 +224,18 @@ class SyncBeforeSendTransport(TCPTransport):
         self._pending_incoming: dict[TcpConnection, None] = {}
         super().__init__(syncObj, selfNode, otherNodes)
 
+    def setOnNodeDisconnectedCallback(self, callback: Any) -> None:
+        # SyncObj registers its own callback here; `on_peer_lost` (set by
+        # the owner afterwards) runs after it, on the Raft thread.
+        def both(node: Any) -> None:
+            if callback is not None:
+                callback(node)
+            hook = getattr(self, "on_peer_lost", None)
+            if hook is not None:
+                hook(node)
+
+        super().setOnNodeDisconnectedCallback(both)
+
     def send(self, node: Any, message: Any) -> bool:
         # Ordering rule: fsync BEFORE the message is queued on the socket.
         self._journal.sync_if_needed()

@@ -267,6 +267,7 @@ class Cluster:
         gpus: str = "2",
         extra: list[str] | None = None,
         wrap: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> Proc:
         """Start an agent; `wrap` goes before its command (a program that execs
         the rest, such as `choom -n -999 --`, as its systemd unit would)."""
@@ -304,6 +305,7 @@ class Cluster:
                 *extra,
             ],
             self.root / f"agent-{name}.log",
+            extra_env=dict(extra_env or {}),
         )
         p.start()
         self.agents.append(p)

@@ -130,17 +130,15 @@ def test_agent_kill9_marks_node_down_and_retries_elsewhere(faults: Cluster) -> N
     once = faults.submit("--gpus", "1", "--constraint", f"host={host}", "--", "sleep", "120")
     wait_task(faults, once, {"running"})
     assert_no_gpu_shared(faults)
-    killed_at = time.monotonic()
     agent(faults, host).kill9()
-    wait_for(
-        lambda: (n := node_by_name(faults, host)) is not None and n["state"] == "down",
+    down = wait_for(
+        lambda: (n := node_by_name(faults, host)) is not None and n["state"] == "down" and n,
         TTL_S + 15,
         f"{host} down",
     )
-    # Not before its TTL: the last heartbeat came at most one period (1 s)
-    # before the kill. (How soon after the TTL depends on the machine.)
-    down_after_s = time.monotonic() - killed_at
-    assert down_after_s >= TTL_S - 1.5, f"{host} was judged down after {down_after_s:.1f}s"
+    # The agent's kernel closed its connection: down by the disconnect
+    # confirm window, not the TTL (agent/lease.py, "Disconnects").
+    assert "went away" in down["reason"], down
     lost = faults.wait_job(once, {"failed"})["tasks"][0]
     assert lost["state"] == "lost", lost
     assert "went down" in lost["message"]

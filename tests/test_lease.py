@@ -133,3 +133,102 @@ def test_a_master_refuses_a_ttl_not_longer_than_lease_and_margin(tmp_path: Path)
         "margin (0.3s): a node's tasks must be dead before the leader declares it down "
         "and runs them elsewhere"
     ]
+
+
+AGENT = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from agent import lease\n"
+    "lease.write_lease(Path(sys.argv[1]), lease.now() + 3600, 3600, sent=lease.now(), "
+    "confirm_s=float(sys.argv[2]))\n"
+    "print('written', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_a_reader_cuts_the_lease_when_its_agent_dies_until_a_new_agent_renews_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / lease.LEASE_FILE
+    agent = subprocess.Popen(
+        [sys.executable, "-c", AGENT, str(path), "2.5"],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert agent.stdout is not None and agent.stdout.readline() == b"written\n"
+        reader = lease.LeaseReader(path)
+        exp = reader.expires()
+        assert exp is not None and exp > lease.now() + 3000
+        assert reader.fileno() is not None  # watching the agent's pidfd
+    finally:
+        agent.kill()
+        agent.wait()
+    gone = lease.now()
+    wait_for(lambda: (e := reader.expires()) is not None and e < gone + 3000, "the cut")
+    cut = reader.expires()
+    assert cut is not None and gone <= cut <= lease.now() + 2.5
+    # A renewal by this process (another agent), on a request sent after the
+    # death, lifts the cut; one sent before it would not.
+    lease.write_lease(path, lease.now() + 3600, 3600, sent=gone - 1, confirm_s=2.5)
+    assert reader.expires() == cut
+    lease.write_lease(path, lease.now() + 3600, 3600, sent=lease.now(), confirm_s=2.5)
+    exp = reader.expires()
+    assert exp is not None and exp > lease.now() + 3000
+    reader.close()
+
+
+def test_a_lease_from_an_agent_that_is_gone_already_is_cut_at_once(tmp_path: Path) -> None:
+    path = tmp_path / lease.LEASE_FILE
+    lease.write_lease(path, lease.now() + 3600, 3600, sent=lease.now(), confirm_s=1.0)
+    body = json.loads(path.read_text())
+    body["agent"] = [body["agent"][0], body["agent"][1] + 1]  # same pid, another process
+    path.write_text(json.dumps(body))
+    exp = lease.LeaseReader(path).expires()
+    assert exp is not None and exp <= lease.now() + 1.0
+
+
+def test_cap_lease_only_shortens(tmp_path: Path) -> None:
+    path = tmp_path / lease.LEASE_FILE
+    assert not lease.cap_lease(path, 5.0)  # no lease: nothing to cut
+    lease.write_lease(path, 100.0, 10.0)
+    assert not lease.cap_lease(path, 200.0)
+    assert lease.cap_lease(path, 50.0)
+    assert lease.read_expiry(path) == 50.0
+
+
+HANDING_OVER = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from agent import lease\n"
+    "lease.write_lease(Path(sys.argv[1]), lease.now() + 3600, 3600, sent=lease.now(), "
+    "confirm_s=1.0)\n"
+    "lease.mark_handover(Path(sys.argv[1]))\n"
+)
+
+
+def test_a_lease_handed_over_is_not_cut_when_its_agent_exits(tmp_path: Path) -> None:
+    path = tmp_path / lease.LEASE_FILE
+    subprocess.run([sys.executable, "-c", HANDING_OVER, str(path)], env=env(), cwd=ROOT, check=True)
+    body = json.loads(path.read_text())
+    assert body["handover"] is True
+    exp = lease.LeaseReader(path).expires()  # its writer has exited
+    assert exp is not None and exp > lease.now() + 3000
+
+
+def test_an_agent_marks_only_its_own_lease_as_handed_over(tmp_path: Path) -> None:
+    """A new agent that never renewed the lease must not vouch for the old
+    one, which may have died (its shims have cut the lease)."""
+    path = tmp_path / lease.LEASE_FILE
+    subprocess.run(
+        [sys.executable, "-c", AGENT.replace("time.sleep(600)", "pass"), str(path), "1.0"],
+        env=env(),
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    lease.mark_handover(path)
+    assert "handover" not in json.loads(path.read_text())
+    exp = lease.LeaseReader(path).expires()
+    assert exp is not None and exp <= lease.now() + 1.0

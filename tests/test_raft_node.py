@@ -381,3 +381,33 @@ async def test_leader_that_loses_quorum_fails_fast_and_steps_down(nodes: Nodes) 
         5.0,
         "on_leadership(False)",
     )
+
+
+@pytest.mark.timeout(120)
+async def test_followers_stand_at_once_in_address_order_when_the_leader_is_gone(
+    nodes: Nodes,
+) -> None:
+    """The leader's connection ends (here it shuts down; kill -9 closes it the
+    same way): its followers stand for election without waiting for their
+    election timeout, the lowest address first (raft/node.py leader_lost)."""
+    from pysyncobj.monotonic import monotonic
+
+    cluster = nodes.cluster(3)
+    leader = await nodes.leader(cluster)
+    await write(leader, "r1", "before")
+    followers = [n for n in cluster if n is not leader]
+    # Election timeouts far beyond this test's waits: only the fast path can
+    # elect anyone now. Each follower's next heartbeat from the leader sets
+    # its deadline from the new range.
+    for f in followers:
+        conf = f._obj.private("conf")
+        conf.raftMinTimeout, conf.raftMaxTimeout = 600.0, 900.0
+    await eventually(
+        lambda: all(f._obj.private("raftElectionDeadline") > monotonic() + 300 for f in followers),
+        10.0,
+        "the followers to take the long timeouts",
+    )
+    leader.close()
+    new = await nodes.leader(followers, timeout_s=60.0)
+    assert new.self_addr == min(f.self_addr for f in followers)
+    assert (await write(new, "r2", "after"))["len"] == 2

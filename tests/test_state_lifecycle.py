@@ -439,3 +439,23 @@ def test_gc_keeps_a_cancelled_job_whose_task_still_runs() -> None:
     assert h.ok("gc_jobs", {"before": h.now + 100}) == {"removed": 1}
     assert h.state.gpu_owner == {}
     check_invariants(h.state)
+
+
+def test_node_down_judged_before_the_node_registered_again_is_void() -> None:
+    """The leader decides from a view; a registration committed after that
+    view (the agent came back and its answer renewed its lease) voids it."""
+    h = Harness()
+    h.register("n1")
+    h.submit("j", gpus=1, retries=1)
+    h.run("j.0", "n1", [0])
+    seen = h.state.nodes["n1"].updated_at
+    h.register("n1")  # back before the node_down below was applied
+    res = h.ok("node_down", {"node_id": "n1", "if_updated_at": seen})
+    assert res == {"node_id": "n1", "lost": [], "stale": True}
+    assert h.state.nodes["n1"].state == "ready"
+    assert h.task("j.0").state == "running"
+    # Judged from the newest view, it applies.
+    now_seen = h.state.nodes["n1"].updated_at
+    res = h.ok("node_down", {"node_id": "n1", "if_updated_at": now_seen})
+    assert res["lost"] == ["j.0"] and h.state.nodes["n1"].state == "down"
+    check_invariants(h.state)

@@ -153,12 +153,29 @@ class SimHost:
         """CLOCK_BOOTTIME: it does not jump with the wall clock."""
         return self.world_clock.monotonic()
 
-    def write(self, expires: float, lease_s: float) -> None:
+    def write(
+        self,
+        expires: float,
+        lease_s: float,
+        *,
+        sent: float | None = None,
+        confirm_s: float | None = None,
+    ) -> None:
         self.lease_expires = expires
         if self._lease_timer is not None:
             self._lease_timer.cancel()
         wait = expires - self.now() + self._rng.uniform(0.0, SHIM_TICK_S)
         self._lease_timer = self.world_clock.call_later(wait, self._lease_check)
+
+    def cap(self, until: float) -> bool:
+        if self.lease_expires is None or self.lease_expires <= until:
+            return False
+        self.write(until, until - self.now())
+        return True
+
+    def mark_handover(self) -> None:
+        """Simulated supervisors do not watch their agent (the agents here
+        never take the disconnect fast path): nothing to hand over."""
 
     def lease_valid(self) -> bool:
         return self.lease_expires is not None and self.now() < self.lease_expires

@@ -101,7 +101,10 @@ class Network:
             psk: bytes,
             handlers: Mapping[str, Handler] | None = None,
             timeout_s: float = 5.0,
+            on_local_close: Callable[[Connection], None] | None = None,
         ) -> Connection:
+            # on_local_close: simulated agents never take the disconnect fast
+            # path (sim/node.py), so nothing needs to run before a close.
             server = self.servers.get(host)
             if server is None:
                 raise RpcError("unavailable", f"cannot reach {host}:{port}: no such host")
@@ -194,6 +197,13 @@ class ClientEnd:
         self._teardown()
         if self.peer_end is not None:
             self.net.send(self.me, self.peer, self.peer_end.peer_closed, sure=True)
+
+    def reset(self) -> None:
+        """An abortive close (a planned stop's); the master hears a close."""
+        self.close()
+
+    def reset_on_close(self) -> None:
+        """Real connections then close with a reset; here a close is a close."""
 
     def abort(self) -> None:
         """The process died: its side is gone; the master hears of it as a close."""

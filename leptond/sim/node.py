@@ -71,6 +71,11 @@ class SimAgent(Agent):
         self.lease_path = Path("/sim") / host.name / "lease.json"
         self.lease_s = None
         self.fence = host
+        # Simulated supervisors cannot watch their agent die, so these agents
+        # never take the leader's disconnect fast path (agent/lease.py): the
+        # TTL and the lease judge them, as hosts without pidfds are judged.
+        self.fences_disconnect = False
+        self._staller = None
         self.runner = SimRunner(host)
         self._next_gc = 0.0
         self._gc = None

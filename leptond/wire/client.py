@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..clock import REAL, Clock
@@ -76,6 +76,7 @@ class Dial(Protocol):
         psk: bytes,
         handlers: Mapping[str, Handler] | None = None,
         timeout_s: float = 5.0,
+        on_local_close: Callable[[Connection], None] | None = None,
     ) -> Connection: ...
 
 
@@ -95,7 +96,11 @@ class ClusterClient:
         connect_timeout_s: float = 3.0,
         clock: Clock = REAL,
         dial: Dial = open_connection,
+        on_local_close: Callable[[Connection], None] | None = None,
     ) -> None:
+        """`on_local_close` runs on every connection this client opens, just
+        before the client's side starts closing it (Connection.on_local_close)."""
+        self.on_local_close = on_local_close
         self.addrs = list(addrs)
         self.key_id = key_id
         self.psk = psk
@@ -135,6 +140,7 @@ class ClusterClient:
                         psk=self.psk,
                         handlers=self.handlers,
                         timeout_s=self.connect_timeout_s,
+                        on_local_close=self.on_local_close,
                     )
                     self.current = addr
                     return self.conn
@@ -152,12 +158,14 @@ class ClusterClient:
         *,
         timeout_s: float = 15.0,
         attempt_timeout_s: float = 6.0,
+        tag: str | None = None,
     ) -> Any:
         """Call on the leader, following redirects and retrying until the deadline.
 
         Map arguments get a request id (`rid`) unless they carry one: made once
         here, it is the same on every retry, so a write whose answer was lost
-        is not applied twice.
+        is not applied twice. `tag`: set to True in the context of every
+        connection the call is sent on (before it is sent).
         """
         if isinstance(args, dict) and "rid" not in args:
             args = {**args, "rid": uuid.uuid4().hex}
@@ -173,6 +181,8 @@ class ClusterClient:
             try:
                 conn = await asyncio.wait_for(self.connection(prefer), left)
                 prefer = None
+                if tag is not None:
+                    conn.context[tag] = True
                 return await conn.call(
                     method, args, timeout_s=min(attempt_timeout_s, max(left, 0.01))
                 )

@@ -46,6 +46,8 @@ import contextlib
 import inspect
 import itertools
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -233,6 +235,15 @@ class Connection(asyncio.Protocol):
         self.peer: tuple[str, int] | None = None
         self.context: dict[str, Any] = {}  # application data: token, node id...
         self.error_reason: str | None = None
+        # Who ended the connection. `peer_closed`: we read the peer's
+        # end-of-stream before closing our side (its process closed the
+        # socket, or died and its kernel did); a reset is not counted, as
+        # anything on the path can forge one. `on_local_close` runs once,
+        # synchronously, before our side starts closing (and so before our
+        # end-of-stream can reach the peer): agents cut their lease there.
+        self.peer_closed = False
+        self.closed_locally = False
+        self.on_local_close: Callable[[Connection], None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -398,6 +409,8 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
+        if not self.closed_locally:
+            self.peer_closed = True
         if self._reader.buffered:
             self._protocol_error(
                 ProtocolError(
@@ -834,12 +847,41 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self._closing_here()
             self._flush()
             self.transport.close()
 
     def abort(self) -> None:
         if self.transport is not None:
+            self._closing_here()
             self.transport.abort()
+
+    def reset_on_close(self) -> None:
+        """Make our close send a reset (SO_LINGER 0) instead of an end-of-stream:
+        a peer that acts on our end-of-stream (the leader on an agent's) must
+        not see one."""
+        if self.transport is None:
+            return
+        with contextlib.suppress(OSError):
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def reset(self) -> None:
+        """End the connection now with a reset."""
+        self.reset_on_close()
+        self.abort()
+
+    def _closing_here(self) -> None:
+        """We are about to end the connection (not a reaction to the peer's end)."""
+        if self.closed_locally or self.peer_closed:
+            return
+        self.closed_locally = True
+        if self.on_local_close is not None:
+            try:
+                self.on_local_close(self)
+            except Exception:
+                log.exception("on_local_close hook failed")
 
     # -- failure ----------------------------------------------------------
     def _protocol_error(self, exc: ProtocolError, abort: bool = False) -> None:
@@ -861,6 +903,7 @@ class Connection(asyncio.Protocol):
                     msg = f"{self._where()} {WRONG_PORT_OTHER} (it sent {self._head!r})"
             self._fail_ready(RpcError(code, msg))
         if self.transport is not None:
+            self._closing_here()
             if abort:
                 self.transport.abort()
             else:
@@ -970,21 +1013,28 @@ async def open_connection(
     timeout_s: float = 5.0,
     sealed: bool = True,
     on_close: Callable[[Connection], None] | None = None,
+    on_local_close: Callable[[Connection], None] | None = None,
 ) -> Connection:
     """Connect and complete the handshake, or raise RpcError with a clear message."""
     loop = asyncio.get_running_loop()
+
+    def make() -> Connection:
+        conn = Connection(
+            is_client=True,
+            handlers=handlers,
+            psk=psk,
+            key_id=key_id,
+            handshake_timeout_s=timeout_s,
+            sealed=sealed,
+            on_close=on_close,
+        )
+        conn.on_local_close = on_local_close
+        return conn
+
     try:
         _, conn = await asyncio.wait_for(
             loop.create_connection(
-                lambda: Connection(
-                    is_client=True,
-                    handlers=handlers,
-                    psk=psk,
-                    key_id=key_id,
-                    handshake_timeout_s=timeout_s,
-                    sealed=sealed,
-                    on_close=on_close,
-                ),
+                make,
                 host,
                 port,
             ),
