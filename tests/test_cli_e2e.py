@@ -364,10 +364,22 @@ def test_cluster_status_is_the_same_table_from_any_master(cluster: Cluster) -> N
         [m.raft_addr, m.rpc_addr, "leader" if m is leader else "follower"] for m in cluster.masters
     )
     for m in cluster.masters:
-        rows = table_from(m.rpc_addr)
-        assert sorted(r[:3] for r in rows) == want, (m.rpc_addr, rows)
-        # Lag is the leader's view of every member: known for all of them.
-        assert all(r[3] != "-" and r[4] != "-" and r[5] == "ok" for r in rows), rows
+        seen: list[list[str]] = []
+
+        def whole(addr: str = m.rpc_addr, seen: list[list[str]] = seen) -> bool:
+            # A loaded host may drop a Raft connection for a moment, and the
+            # leader then shows that member unreachable until it reconnects:
+            # the table must come out whole once the cluster is.
+            seen[:] = table_from(addr)
+            # Lag is the leader's view of every member: known for all of them.
+            return sorted(r[:3] for r in seen) == want and all(
+                r[3] != "-" and r[4] != "-" and r[5] == "ok" for r in seen
+            )
+
+        try:
+            wait_for(whole, 60, f"the whole table from {m.rpc_addr}", interval_s=0.5)
+        except AssertionError:
+            raise AssertionError((m.rpc_addr, seen, want)) from None
 
 
 # Another user's command line, as a terminal would take it: a new window
