@@ -27,6 +27,7 @@ from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
 from raft.validate import (
     SpecError,
     spec_bytes,
+    stored_spec,
     validate_labels,
     validate_name,
     validate_spec,
@@ -237,7 +238,7 @@ def _refuse_over_pending_caps(
             f"{user} has {n} jobs waiting to start, the most one user may ({max_jobs}); "
             "cancel some or wait for them to start",
         )
-    size = spec_bytes(spec.to_wire())
+    size = spec_bytes(stored_spec(spec))
     if max_bytes and held + size > max_bytes:
         raise RpcError(
             "pending_limit",

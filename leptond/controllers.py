@@ -173,8 +173,9 @@ class Controllers:
         skip = self._stuck if epoch == self._epoch and not full else set()
         if not skip:
             self._last_full = now
+        held: dict[str, str] = {}  # tasks not offered: dependencies, array limits
         nodes, allocs, pending = views.scheduler_inputs(
-            s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip=skip
+            s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip=skip, held=held
         )
         stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
         self._epoch = epoch
@@ -201,6 +202,7 @@ class Controllers:
         else:
             self._stuck = {t for t in plan.reasons if t not in gangs}
             self.reasons = dict(plan.reasons)
+        self.reasons.update(held)
         for tid, victims in self.preempting.items():
             self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"
         if plan.placements or plan.preemptions:

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import scheduler as sch
+from raft import arrays
 from raft.model import LIVE_TASK_STATES, Job, Node, Task
 from raft.view import StateView
 
@@ -42,8 +43,13 @@ def scheduler_inputs(
     cached: dict[str, frozenset[str]] | None = None,
     block_sets: dict[str, frozenset[str]] | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
+    held: dict[str, str] | None = None,
 ) -> tuple[list[sch.NodeView], list[sch.Allocation], list[sch.TaskRequest]]:
+    """What the scheduler decides on. Pending tasks it may not place yet are
+    left out: those of a job waiting for others (raft/workloads.py), and
+    those of an array over its --max-running; `held` gets their reasons."""
     cached = cached or {}
+    live_of: dict[str, int] = {}  # live tasks per job
     nodes = [node_view(n, cached.get(n.id, frozenset())) for n in s.nodes.values()]
     allocs: list[sch.Allocation] = []
     for tids in s.node_tasks.values():
@@ -51,6 +57,7 @@ def scheduler_inputs(
             t = s.tasks[tid]
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
                 job = s.jobs[t.job_id]
+                live_of[t.job_id] = live_of.get(t.job_id, 0) + 1
                 allocs.append(
                     sch.Allocation(
                         task_id=t.id,
@@ -67,14 +74,30 @@ def scheduler_inputs(
                 )
     pending: list[sch.TaskRequest] = []
     block_sets = block_sets or {}
+    room: dict[str, int] = {}  # tasks each limited array may still start
     for tid in s.pending:
-        if tid in skip:
-            continue
         t = s.tasks[tid]
         job = s.jobs[t.job_id]
         if job.state not in ("pending", "running"):
             continue
         sp = job.spec
+        if job.waiting_on:
+            if held is not None:
+                held[tid] = waiting_reason(job)
+            continue
+        limit = sp.get("max_running")
+        if limit is not None:
+            left = room.setdefault(job.id, limit - live_of.get(job.id, 0))
+            if left <= 0:
+                if held is not None:
+                    held[tid] = (
+                        f"array limit: {live_of.get(job.id, 0)} of its tasks are running "
+                        f"(--max-running {limit})"
+                    )
+                continue
+            room[job.id] = left - 1
+        if tid in skip:
+            continue
         pending.append(
             sch.TaskRequest(
                 task_id=t.id,
@@ -97,6 +120,14 @@ def scheduler_inputs(
             )
         )
     return nodes, allocs, pending
+
+
+def waiting_reason(job: Job) -> str:
+    """The pending reason of a job waiting for others: the first one named."""
+    dep = job.waiting_on[0]
+    how = "succeed" if dep in (job.spec.get("after_ok") or ()) else "end"
+    more = f" (and {len(job.waiting_on) - 1} more)" if len(job.waiting_on) > 1 else ""
+    return f"waiting for job {dep} to {how}{more}"
 
 
 # Below Linux's default ephemeral range (32768-60999): a port picked from
@@ -154,16 +185,22 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
     sp = job.spec
     nnodes = int(sp.get("nodes", 1))
     env = dict(sp.get("env") or {})
+    # An array's task is a job of one task whose rank is 0; its index is
+    # LEPTON_ARRAY_INDEX (the task's rank in the state).
+    rank = 0 if sp.get("array") is not None else t.rank
     env.update(
         {
             "LEPTON_JOB_ID": job.id,
             "LEPTON_TASK_ID": t.id,
-            "LEPTON_TASK_RANK": str(t.rank),
+            "LEPTON_TASK_RANK": str(rank),
             "LEPTON_NNODES": str(nnodes),
-            "LEPTON_NODE_RANK": str(t.rank),
+            "LEPTON_NODE_RANK": str(rank),
             "LEPTON_ATTEMPT": str(t.attempt),
         }
     )
+    if sp.get("array") is not None:
+        env["LEPTON_ARRAY_INDEX"] = str(t.rank)
+        env["LEPTON_ARRAY_TASK_COUNT"] = str(len(job.tasks))
     env.update(torch_env(s, job, t, nnodes))
     manifest = s.manifests.get(sp["workdir"]) if sp.get("workdir") else None
     return {
@@ -205,6 +242,12 @@ def job_summary(j: Job, s: StateView | None = None, whole_command: bool = False)
             if t.state in LIVE_TASK_STATES and t.stop is not None:
                 stopping += 1
     gpus, nodes = sp.get("gpus", 0), sp.get("nodes", 1)
+    array = sp.get("array")
+    counts: dict[str, int] = {}
+    if array is not None and s is not None:
+        for tid in j.tasks:
+            st = s.tasks[tid].state
+            counts[st] = counts.get(st, 0) + 1
     argv = sp.get("argv", [])
     cut = False
     if not whole_command:
@@ -228,6 +271,16 @@ def job_summary(j: Job, s: StateView | None = None, whole_command: bool = False)
         "message": j.message,
         "retries": sp.get("retries", 0),
         "retries_left": j.retries_left,
+        # Job arrays: the indexes (as --array takes them), how many tasks,
+        # and how many are in each state.
+        "array": arrays.describe(array) if array is not None else None,
+        "array_tasks": len(j.tasks) if array is not None else None,
+        "task_states": counts,
+        "max_running": sp.get("max_running"),
+        # Dependencies: what it waits for, and which of those have not ended.
+        "after_ok": list(sp.get("after_ok") or []),
+        "after_any": list(sp.get("after_any") or []),
+        "waiting_on": list(j.waiting_on),
     }
 
 

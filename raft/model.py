@@ -129,6 +129,16 @@ class JobSpec(Record):
     time_limit_s: float | None = None
     workdir: str | None = None  # manifest id
     cwd: str | None = None
+    # Command format 4 on (raft/validate.py). A job array: the indexes its
+    # tasks take, as [first, last, step] ranges (inclusive), one task per
+    # index; the spec is stored once for all of them. None: no array.
+    array: list[list[int]] | None = None
+    # The most tasks of an array that may be live at once; None: no limit.
+    max_running: int | None = None
+    # Jobs this one waits for: after_ok until each succeeded (one that fails
+    # fails this job), after_any until each ended, whatever its state.
+    after_ok: list[str] = field(default_factory=list)
+    after_any: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -146,6 +156,10 @@ class Job(Record):
     # The Unix account its tasks run as on every host: the submitting
     # token's mapping at submit time ("" only in jobs older than mappings).
     unix_user: str = ""
+    # Ids of the jobs in its spec's after_ok/after_any that have not ended
+    # yet (sorted): its tasks are not offered to the scheduler while any is
+    # left. Replaced, never changed in place (views share it).
+    waiting_on: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -169,6 +183,9 @@ class Task(Record):
     stop: str | None = None
     preemptions: int = 0
     priority: int = 0
+    # Retries this task of a job array has spent (an array's retries are per
+    # task; other jobs spend the job's retries_left).
+    retries_used: int = 0
 
 
 @dataclass(slots=True)

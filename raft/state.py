@@ -17,6 +17,7 @@ import msgpack
 
 from . import nodecreds as nc
 from . import tasks as tl
+from . import workloads as wl
 from .commands import COMMAND_VERSION, BadCommand, Command, decode
 from .cow import CowMap, discard_from
 from .dedupe import RecentResults
@@ -38,6 +39,7 @@ from .model import (
 from .validate import (
     SpecError,
     spec_bytes,
+    stored_spec,
     validate_labels,
     validate_name,
     validate_node,
@@ -91,6 +93,9 @@ class ClusterState(StateReads):
         self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
         self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
         self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
+        # job id -> the jobs whose waiting_on names it (raft/workloads.py).
+        # Only apply reads it, never a view, so a plain dict of sets.
+        self.dependents: dict[str, set[str]] = {}
         # user -> (jobs waiting to start, bytes of their specs): what the
         # per-user caps a submit carries are checked against.
         self.user_pending: CowMap[str, tuple[int, int]] = CowMap()
@@ -420,7 +425,7 @@ class ClusterState(StateReads):
             id=job_id,
             name=str(j.get("name") or spec.argv[0].rsplit("/", 1)[-1])[:128],
             user=_str(j, "user"),
-            spec=spec.to_wire(),
+            spec=stored_spec(spec),
             submitted_at=float(j["submitted_at"]),
             retries_left=spec.retries,
             unix_user=validate_unix_user(j["unix_user"]) if j.get("unix_user") else "",
@@ -441,17 +446,11 @@ class ClusterState(StateReads):
                 "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
             )
         self._check_pending_caps(job, j.get("caps"))
+        job.waiting_on = wl.dependencies(self, job_id, job.spec)
         self.jobs[job_id] = job
         self._pending_changed(job, was_pending=False)
-        for rank in range(spec.nodes):
-            t = Task(
-                id=f"{job_id}.{rank}",
-                job_id=job_id,
-                rank=rank,
-                cpus=spec.cpus,
-                mem_bytes=spec.mem_bytes,
-                priority=spec.priority,
-            )
+        wl.add_dependents(self, job)
+        for t in wl.new_tasks(job_id, job.spec):
             self.tasks[t.id] = t
             job.tasks.append(t.id)
             self.pending[t.id] = None
@@ -510,6 +509,8 @@ class ClusterState(StateReads):
         if job.state in FINAL_JOB_STATES:
             raise ArgError("conflict", f"job {job.id} already {job.state}")
         now = float(a["now"])
+        if a.get("index") is not None:
+            return self._cancel_index(job, a["index"], str(a.get("user", "?")), now)
         job = self.jobs.writable(job.id)
         was_pending = job.state == "pending"
         job.state = "cancelled"
@@ -525,6 +526,21 @@ class ClusterState(StateReads):
                 tl.request_stop(self, self.tasks.writable(tid), "cancel", now)
         tl.refresh_job(self, job, now)
         return {"id": job.id, "state": job.state}
+
+    def _cancel_index(self, job: Job, index: Any, user: str, now: float) -> Result:
+        """Cancel one task of an array; the others go on."""
+        t = wl.task_of(self, job, index)
+        if t.state in FINAL_TASK_STATES:
+            raise ArgError("conflict", f"task {index} of job {job.id} already {t.state}")
+        if t.state == "pending":
+            self.pending.pop(t.id, None)
+            t = self.tasks.writable(t.id)
+            t.state, t.finished_at = "cancelled", now
+            t.message = f"cancelled by {user} before it started"
+        elif t.stop is None:
+            tl.request_stop(self, self.tasks.writable(t.id), "cancel", now, f"cancelled by {user}")
+        tl.refresh_job(self, job, now)
+        return {"id": job.id, "index": index, "state": self.tasks[t.id].state}
 
     def apply_gc_jobs(self, a: dict[str, Any], index: int) -> Result:
         """Forget finished jobs older than `before` (the proposer's clock)."""
@@ -824,7 +840,9 @@ class ClusterState(StateReads):
         node_tasks: dict[str, set[str]] = {nid: set() for nid in self.nodes}
         pending: dict[str, None] = {}
         user_pending: dict[str, tuple[int, int]] = {}
+        self.dependents = {}
         for j in self.jobs.values():
+            wl.add_dependents(self, j)
             if j.state == "pending":
                 n, held = user_pending.get(j.user, (0, 0))
                 user_pending[j.user] = (n + 1, held + spec_bytes(j.spec))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import workloads as wl
 from .cow import add_to, discard_from
 from .model import FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 
@@ -33,17 +34,19 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             continue
         preempting.append(t.id)
         evict(s, t, "preempt", f"preempted for {p.get('for_task', '?')}", now)
-    # Group placements by job so a gang is placed whole or not at all.
+    # Group placements by job so a gang is placed whole or not at all; the
+    # tasks of an array are placed one by one.
     by_job: dict[str, list[dict[str, Any]]] = {}
     for p in a.get("placements", []):
         t = s.tasks.get(str(p["task_id"]))
         if t is None:
             dropped.append({"task_id": str(p["task_id"]), "reason": "no such task"})
             continue
-        by_job.setdefault(t.job_id, []).append(p)
-    for job_id, group in by_job.items():
-        job = s.jobs[job_id]
-        reason = _check_group(s, job, group)
+        by_job.setdefault(t.id if wl.is_array(s.jobs[t.job_id]) else t.job_id, []).append(p)
+    live: dict[str, int] = {}  # live tasks of each array with a max_running
+    for group in by_job.values():
+        job = s.jobs[s.tasks[str(group[0]["task_id"])].job_id]
+        reason = _check_group(s, job, group) or _over_max_running(s, job, live)
         if reason:
             dropped.extend({"task_id": str(p["task_id"]), "reason": reason} for p in group)
             continue
@@ -60,8 +63,23 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             for g in gpus:
                 s.gpu_owner[(node_id, g)] = t.id
             placed.append(t.id)
+        if job.id in live:
+            live[job.id] += 1
         refresh_job(s, job, now)
     return {"placed": placed, "dropped": dropped, "preempting": preempting}
+
+
+def _over_max_running(s: ClusterState, job: Job, live: dict[str, int]) -> str:
+    """Why one more task of this array cannot start ('' when it can): the
+    scheduler keeps to --max-running, and apply checks it again."""
+    limit = job.spec.get("max_running")
+    if limit is None:
+        return ""
+    if job.id not in live:
+        live[job.id] = wl.array_live(s, job)
+    if live[job.id] >= limit:
+        return f"array limit: {live[job.id]} of its tasks are running (--max-running {limit})"
+    return ""
 
 
 def _check_plan_shape(a: dict[str, Any]) -> None:
@@ -257,7 +275,12 @@ def task_exited(
     elif outcome == "succeeded":
         _release(s, t)
         t.state, t.message = "succeeded", message
-    elif job.retries_left > 0 and job.state not in ("cancelled", "failed"):
+    elif wl.is_array(job) and t.retries_used < int(job.spec.get("retries", 0)):
+        # An array's retries are per task: one bad index spends its own.
+        t.retries_used += 1
+        left = int(job.spec.get("retries", 0)) - t.retries_used
+        _requeue(s, t, f"{outcome}: {message or f'exit {code}'}; retrying ({left} retries left)")
+    elif not wl.is_array(job) and job.retries_left > 0 and job.state not in ("cancelled", "failed"):
         job = s.jobs.writable(job.id)
         job.retries_left -= 1
         _requeue(
@@ -283,7 +306,10 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str, now: float) ->
 
     A gang is placed only when every rank is pending, so on a restart ("gang")
     ranks that already succeeded run again too; otherwise the job never runs.
+    The tasks of an array are no gang: each goes its own way.
     """
+    if int(job.spec.get("nodes", 1)) <= 1:
+        return
     for tid in job.tasks:
         if tid == failed.id:
             continue
@@ -311,6 +337,10 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
     if state == "cancelled":
         if all(st in FINAL_TASK_STATES for st in states) and finished_at is None:
             finished_at = now
+    elif wl.is_array(job):
+        state, message = wl.array_outcome(s, job, states)
+        if state in ("succeeded", "failed", "cancelled"):
+            finished_at = finished_at or now
     else:
         if any(st in ("failed", "lost") for st in states):
             state = "failed"
@@ -327,5 +357,8 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
     if (state, message, finished_at) != (job.state, job.message, job.finished_at):
         was_pending = job.state == "pending"
         job = s.jobs.writable(job.id)
+        ended = job.finished_at is None and finished_at is not None
         job.state, job.message, job.finished_at = state, message, finished_at
         s._pending_changed(job, was_pending)
+        if ended:
+            wl.release_dependents(s, job.id, now)
