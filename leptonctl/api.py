@@ -65,17 +65,28 @@ async def jobs(
 
 
 async def status(
-    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, brief: bool = False
+    c: ClusterClient,
+    job_id: str,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    brief: bool = False,
+    index: int | None = None,
 ) -> dict[str, Any]:
-    """brief: states, tasks and times without the spec (no audited read)."""
-    args = {"job_id": job_id, "brief": True} if brief else {"job_id": job_id}
+    """brief: states, tasks and times without the spec (no audited read).
+    index: one task of a job array (its only entry in `tasks`)."""
+    args: dict[str, Any] = {"job_id": job_id, "brief": True} if brief else {"job_id": job_id}
+    if index is not None:
+        args["index"] = index
     return dict(await c.call("status", args, timeout_s=timeout_s))
 
 
 async def cancel(
-    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
+    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, index: int | None = None
 ) -> dict[str, Any]:
-    return dict(await c.call("cancel", {"job_id": job_id}, timeout_s=timeout_s))
+    """Cancel a job, or with `index` one task of a job array."""
+    args: dict[str, Any] = {"job_id": job_id}
+    if index is not None:
+        args["index"] = index
+    return dict(await c.call("cancel", args, timeout_s=timeout_s))
 
 
 def logs(
@@ -83,6 +94,7 @@ def logs(
     job_id: str,
     rank: int,
     *,
+    index: int | None = None,
     follow: bool = False,
     offset: int = 0,
     stream: str = "output",
@@ -101,6 +113,8 @@ def logs(
     }
     if tail_lines is not None:
         args["tail_lines"] = tail_lines
+    if index is not None:
+        args["index"] = index
     return c.stream("logs", args)
 
 

@@ -144,6 +144,37 @@ def _submit(sub: Any) -> None:
     )
     s.add_argument("--time-limit", help="stop the tasks after this long, e.g. 90s, 30m, 2h")
     s.add_argument(
+        "--array",
+        metavar="INDEXES",
+        help="a job array: one task per index, e.g. 0-999, 0-999:10 (a step) or 1,5,9; "
+        "each task gets LEPTON_ARRAY_INDEX",
+    )
+    s.add_argument(
+        "--max-running",
+        type=_count("--max-running", 1, 1_000_000),
+        metavar="N",
+        help="with --array: at most N of its tasks run at once",
+    )
+    s.add_argument(
+        "--after",
+        action="append",
+        metavar="JOB[,JOB]",
+        help="start after these jobs ended, whatever their state (repeatable)",
+    )
+    s.add_argument(
+        "--after-any",
+        action="append",
+        metavar="JOB[,JOB]",
+        help="the same as --after",
+    )
+    s.add_argument(
+        "--after-ok",
+        action="append",
+        metavar="JOB[,JOB]",
+        help="start after these jobs succeeded (an array: every task); if one fails, "
+        "this job fails without running (repeatable)",
+    )
+    s.add_argument(
         "--workdir",
         help="directory to send with the job; tasks start in a copy of it "
         "(without it they start in an empty directory of their own)",
@@ -223,6 +254,7 @@ def parser() -> ArgParser:
     _out(j)
     st = sub.add_parser("status", help="one job in detail")
     st.add_argument("job", help="the job id")
+    st.add_argument("--index", type=_count("--index", 0, 9_999_999), help=INDEX_HELP)
     _out(st)
     c = sub.add_parser(
         "cancel",
@@ -233,6 +265,11 @@ def parser() -> ArgParser:
     c.add_argument("jobs", nargs="*", metavar="JOB", help="job ids")
     c.add_argument("--user", help="cancel this user's jobs (someone else's: admins only)")
     c.add_argument(
+        "--index",
+        type=_count("--index", 0, 9_999_999),
+        help="only this task of a job array (one JOB); the others go on",
+    )
+    c.add_argument(
         "--state",
         action="append",
         choices=["pending", "running"],
@@ -241,6 +278,7 @@ def parser() -> ArgParser:
     lg = sub.add_parser("logs", help="a job's output")
     lg.add_argument("job", help="the job id")
     lg.add_argument("--rank", type=_count("--rank", 0, 1 << 20), help="which task (default 0)")
+    lg.add_argument("--index", type=_count("--index", 0, 9_999_999), help=INDEX_HELP)
     lg.add_argument(
         "--all", action="store_true", help="every rank, each line prefixed with its rank: [r1]"
     )
@@ -343,6 +381,9 @@ def parser() -> ArgParser:
     _out(tksub.add_parser("ls", help="list tokens"))
     tksub.add_parser("revoke", help="revoke a token").add_argument("id", help="the token's id")
     return p
+
+
+INDEX_HELP = "which task of a job array (its LEPTON_ARRAY_INDEX)"
 
 
 def submit_flags() -> set[str]:

@@ -48,6 +48,8 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
 async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.all and a.rank is not None:
         raise UsageError("--rank and --all: choose one")
+    if a.index is not None and (a.all or a.rank is not None):
+        raise UsageError("--index names one task of an array: no --rank or --all with it")
     if a.tail is not None and a.tail < 0:
         raise UsageError(f"--tail takes a number of lines, 0 or more, got {a.tail}")
     opts = Options(
@@ -57,6 +59,7 @@ async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
         tail=a.tail,
         timestamps=a.timestamps,
         hint_ranks=a.rank is None,
+        index=a.index,
     )
     return await Follower(c, a.job, opts, a.timeout).run()
 

@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from raft.arrays import ArrayError, parse_array
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # job.toml keys -> spec fields; every other key is an error.
@@ -28,6 +30,11 @@ TOML_KEYS = {
     "time_limit",
     "workdir",
     "cwd",
+    "array",
+    "max_running",
+    "after",
+    "after_any",
+    "after_ok",
 }
 
 
@@ -65,6 +72,19 @@ def parse_kv(items: list[str], what: str) -> dict[str, str]:
         if not sep or not k:
             raise JobFileError(f"{what} takes K=V, got {item!r}")
         out[k] = v
+    return out
+
+
+def job_ids(v: Any) -> list[str]:
+    """Job ids from flags (repeatable, each JOB[,JOB]) or a job.toml list or string."""
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else list(v)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise JobFileError(f"a dependency is a job id, got {item!r}")
+        out += [x.strip() for x in item.split(",") if x.strip()]
     return out
 
 
@@ -106,5 +126,18 @@ def to_spec(d: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         spec["env"] = dict(d["env"])
     if d.get("constraints"):
         spec["constraints"] = dict(d["constraints"])
+    if d.get("array") is not None:
+        try:
+            spec["array"] = parse_array(str(d["array"]))
+        except ArrayError as exc:
+            raise JobFileError(str(exc)) from None
+    if d.get("max_running") is not None:
+        spec["max_running"] = d["max_running"]
+    # --after is --after-any: after the jobs ended, in whatever state.
+    after_any = job_ids(d.get("after")) + job_ids(d.get("after_any"))
+    if after_any:
+        spec["after_any"] = list(dict.fromkeys(after_any))
+    if d.get("after_ok"):
+        spec["after_ok"] = list(dict.fromkeys(job_ids(d["after_ok"])))
     name = d.get("name")
     return (str(name) if name is not None else None), spec

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 import scheduler as sch
-from raft import snapcheck
+from raft import arrays, snapcheck
 from raft import snapshot as snapfile
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
@@ -54,6 +54,8 @@ log = logging.getLogger("lepton.master")
 MAX_DRAIN_DEADLINE_S = 366 * 86400
 MAX_JOBS_LISTED = 2**63 - 1  # no cap of its own: a limit only trims the list
 MAX_RANK = 1 << 20
+# The most tasks `status` lists for a job array (its failed ones).
+MAX_LISTED_TASKS = 1000
 MAX_TAIL_LINES = 1_000_000
 LOG_STREAMS = ("output", "stderr")
 RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
@@ -351,6 +353,7 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     _prefer_leader(m)
     jid = param.string(a, "job_id")
     brief = param.flag(a, "brief")
+    index = _index(a)
     reasons = m.scheduling.reasons
     s = m.view()
     job = s.jobs.get(jid)
@@ -360,7 +363,13 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     full = _may_read(conn, job.user) and not brief
     if not brief:
         out["spec"] = job.spec if full else views.redacted_spec(job)
-    out["tasks"] = [views.task_detail(s, s.tasks[t]) for t in job.tasks]
+    if index is not None:
+        out["tasks"] = [views.task_detail(s, _array_task(s, job, index))]
+    elif job.spec.get("array") is not None:
+        # An array lists its failed tasks; the counts say the rest.
+        out["tasks"], out["tasks_cut"] = views.failed_tasks(s, job, MAX_LISTED_TASKS)
+    else:
+        out["tasks"] = [views.task_detail(s, s.tasks[t]) for t in job.tasks]
     if full:
         _audit_read(m, conn, job.id, job.user, "status")
     for t in out["tasks"]:
@@ -369,12 +378,37 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     pend = [t for t in out["tasks"] if t.get("reason")]
     if pend and job.state == "pending":
         out["reason"] = pend[0]["reason"]
+    elif job.state in ("pending", "running") and index is None:
+        # An array's waiting tasks are not listed: the first one's reason.
+        first = next((t for t in job.tasks if t in reasons and t in s.pending), None)
+        if first is not None:
+            out["reason"] = reasons[first]
     return out
+
+
+def _index(a: dict[str, Any]) -> int | None:
+    """The `index` argument: one task of a job array, or None."""
+    if a.get("index") is None:
+        return None
+    return param.integer(a, "index", 0, arrays.MAX_ARRAY_INDEX, 0)
+
+
+def _array_task(s: Any, job: Any, index: int) -> Any:
+    """The task of `job` with this array index, or a one-line error."""
+    if job.spec.get("array") is None:
+        raise RpcError(BAD_REQUEST, f"job {job.id} is not an array; it has no --index")
+    t = s.tasks.get(f"{job.id}.{index}")
+    if t is None or t.job_id != job.id:
+        indexes = arrays.describe(job.spec["array"])
+        raise RpcError(NOT_FOUND, f"job {job.id} has no index {index} (it has {indexes[:80]})")
+    return t
 
 
 @method("cancel", "submit", mutating=True)
 async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """Cancel a job, or with `index` one task of a job array."""
     m.ensure_leader()
+    index = _index(a)
     return await m.propose(
         "cancel_job",
         {
@@ -382,6 +416,7 @@ async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "user": conn.context["user"],
             "admin": conn.context["role"] == "admin",
             "now": m.clock.now(),
+            **({"index": index} if index is not None else {}),
         },
         rid=_rid(conn, a, "cancel"),
         wake=True,
@@ -400,6 +435,7 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     jid = param.string(a, "job_id")
     rank = param.integer(a, "rank", 0, MAX_RANK, 0)
+    index = _index(a)
     relayed = {
         "offset": param.integer(a, "offset", -(2**62), 2**62, 0),
         "follow": param.flag(a, "follow"),
@@ -413,9 +449,14 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     job = s.jobs.get(jid)
     if job is None:
         raise RpcError(NOT_FOUND, f"no job {jid!r}")
-    if not 0 <= rank < len(job.tasks):
+    if index is not None:
+        t = _array_task(s, job, index)
+        rank, what = index, f"index {index}"
+    elif not 0 <= rank < len(job.tasks):
         raise RpcError(BAD_REQUEST, f"job {jid} has ranks 0-{len(job.tasks) - 1}")
-    t = s.tasks[job.tasks[rank]]
+    else:
+        t = s.tasks[job.tasks[rank]]
+        what = f"task {rank}"
     node_id, attempt, state, job_state = t.node_id, t.attempt, t.state, job.state
     if not _may_read(conn, job.user):
         raise RpcError(
@@ -426,14 +467,14 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     if node_id is None or attempt == 0:
         raise RpcError(
             "not_started",
-            f"task {rank} of {jid} has not started ({state})",
+            f"{what} of {jid} has not started ({state})",
             job_state=job_state,
         )
     if not m.channel.is_connected(node_id):
         raise RpcError(
-            "unavailable", f"the host of task {rank} is not connected; its output is kept there"
+            "unavailable", f"the host of {what} is not connected; its output is kept there"
         )
-    args = {"task_id": f"{jid}.{rank}", "attempt": attempt, **relayed}
+    args = {"task_id": t.id, "attempt": attempt, **relayed}
     return _relay(m, conn.context["user"], node_id, args)
 
 

@@ -340,6 +340,18 @@ def task_detail(s: StateView, t: Task) -> dict[str, Any]:
     }
 
 
+def failed_tasks(s: StateView, job: Job, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """The failed and lost tasks of a job (up to `limit`), and whether more were left out."""
+    out: list[dict[str, Any]] = []
+    for tid in job.tasks:
+        t = s.tasks[tid]
+        if t.state in ("failed", "lost"):
+            if len(out) == limit:
+                return out, True
+            out.append(task_detail(s, t))
+    return out, False
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
