@@ -35,9 +35,7 @@ def live(st: dict[str, Any]) -> int:
 def test_an_array_runs_every_index_within_its_limit_and_names_the_failed_one(c: Cluster) -> None:
     # Index 3 fails; each task runs long enough for the limit to matter.
     script = 'echo "index=$LEPTON_ARRAY_INDEX"; sleep 1; [ "$LEPTON_ARRAY_INDEX" != 3 ]'
-    job = c.submit(
-        "--array", "0-6", "--max-running", "2", "--gpus", "1", "--", "sh", "-c", script
-    )
+    job = c.submit("--array", "0-6", "--max-running", "2", "--gpus", "1", "--", "sh", "-c", script)
     seen_reason = False
     most = 0
 
