@@ -34,7 +34,7 @@ from .cgroup_task import CgroupError
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
-from .taskdir import SPEC, read_json
+from .taskdir import SPEC, read_json, warn_signum
 from .workdir import WorkdirCache
 
 log = logging.getLogger("lepton.agent")
@@ -157,7 +157,12 @@ class Agent:
             parse_addrs(cfg.masters),
             key_id=key.id,
             psk=key.psk,
-            handlers={"start": self._on_start, "stop": self._on_stop, "logs": self._on_logs},
+            handlers={
+                "start": self._on_start,
+                "stop": self._on_stop,
+                "warn": self._on_warn,
+                "logs": self._on_logs,
+            },
         )
         self.events: list[dict[str, Any]] = []  # reported until committed
         self.registered_on: Connection | None = None
@@ -519,6 +524,8 @@ class Agent:
             env=env,
             cwd=cwd,
             time_limit_s=sp.get("time_limit_s"),
+            warn_signal=warn_signum(sp.get("signal")),
+            warn_before_s=_seconds(sp.get("signal_before_s")),
             log_cap_bytes=self.cfg.log_cap_bytes,
             kill_grace_s=self.cfg.kill_grace_s,
             user=user,
@@ -546,13 +553,15 @@ class Agent:
         )
         log.info("started %s on GPUs [%s]", rid, env["CUDA_VISIBLE_DEVICES"])
 
-    def _stop_task(self, task_id: str, grace_s: Any = None, attempt: int | None = None) -> None:
+    def _stop_task(
+        self, task_id: str, grace_s: Any = None, attempt: int | None = None, warn: bool = False
+    ) -> None:
         """Stop a task's runs here: one attempt, or every attempt when none is given."""
         for rid in self.runner.running():
             tid, a = split_run_id(rid)
             if tid == task_id and (attempt is None or a == attempt):
                 try:
-                    self.runner.stop(rid, float(grace_s) if grace_s is not None else None)
+                    self.runner.stop(rid, float(grace_s) if grace_s is not None else None, warn)
                 except RunnerError as exc:
                     log.warning("cannot stop %s: %s", rid, exc)
 
@@ -567,6 +576,8 @@ class Agent:
             ev = _exit_event(
                 tid, attempt, ex.exit_code, ex.message, ex.finished_at or self.clock.now()
             )
+            if ex.warned:
+                ev["warned"] = True  # exit 0 after a warning asks to run again
             ev["rid"] = ex.task_id
             self.events.append(ev)
         if exits:
@@ -606,8 +617,28 @@ class Agent:
 
     async def _on_stop(self, conn: Connection, a: Any) -> None:
         if isinstance(a, dict):
+            # `warned`: {task id: grace} of tasks preempted with a warning
+            # signal: they get it, and that grace, instead of SIGTERM.
+            warned = a.get("warned")
+            warned = warned if isinstance(warned, dict) else {}
             for tid in a.get("tasks", []):
-                self._stop_task(str(tid), a.get("grace_s"))
+                grace = warned.get(tid)
+                if isinstance(grace, int | float) and not isinstance(grace, bool) and grace >= 0:
+                    self._stop_task(str(tid), grace, warn=True)
+                else:
+                    self._stop_task(str(tid), a.get("grace_s"))
+
+    async def _on_warn(self, conn: Connection, a: Any) -> None:
+        """The leader asks for tasks' warning signals now (a drain deadline is near)."""
+        if not isinstance(a, dict) or not isinstance(a.get("tasks"), list):
+            return
+        for tid in a["tasks"]:
+            for rid in self.runner.running():
+                if split_run_id(rid)[0] == str(tid):
+                    try:
+                        self.runner.warn(rid)
+                    except RunnerError as exc:
+                        log.warning("cannot warn %s: %s", rid, exc)
 
     async def _on_logs(self, conn: Connection, a: Any) -> AsyncIterator[Any]:
         if not isinstance(a, dict):
@@ -681,6 +712,10 @@ def _exit_event(
         "message": message,
         "at": at,
     }
+
+
+def _seconds(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0.0
 
 
 def _whole(v: Any) -> int:

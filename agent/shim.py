@@ -61,6 +61,7 @@ from agent.taskdir import (
     SPEC,
     STOP,
     TASK_PID,
+    WARN,
     ProcRecord,
     atomic_write_json,
     read_json,
@@ -236,6 +237,9 @@ class Shim:
         self.started_at = clock.now()
         self.lease: LeaseReader | None = None
         self.lease_killed = False
+        # Whether the task was sent its warning signal (exit.json says so:
+        # an exit 0 after it asks to run again).
+        self.warned = False
         self._wake_r, self._wake_w = os.pipe()
 
     # ------------------------------------------------------------ signals
@@ -352,6 +356,13 @@ class Shim:
         raw_limit = self.spec.get("time_limit_s")
         limit_s = float(raw_limit) if raw_limit is not None else None
         deadline = started + limit_s if limit_s is not None else None
+        raw_sig = self.spec.get("warn_signal")
+        warn_sig = int(raw_sig) if raw_sig is not None else None
+        # The warning goes warn_before_s ahead of the time limit (at once
+        # when the limit is shorter than that).
+        warn_at = None
+        if warn_sig is not None and deadline is not None:
+            warn_at = deadline - float(self.spec.get("warn_before_s") or 0.0)
         fds = [out_fd, err_fd, self._wake_r]
         next_stop_check = 0.0
         next_lease_check = 0.0
@@ -363,6 +374,12 @@ class Shim:
             if self._wake_r in readable:
                 self._drain_wakeups()
             now = clock.monotonic()
+            if (
+                self.stop is None
+                and warn_sig is not None
+                and self._warn_due(warn_sig, warn_at, now, next_stop_check)
+            ):
+                self.warn(warn_sig)
             if self.stop is None:
                 if self.stop_signalled or (now >= next_stop_check and self._stop_file()):
                     self.request_stop("stopped by request", self._stop_grace_s(), proc.pid)
@@ -425,9 +442,32 @@ class Shim:
             return float(grace)
         return float(self.spec["kill_grace_s"])
 
+    def _warn_due(self, sig: int, warn_at: float | None, now: float, check_at: float) -> bool:
+        """Whether the warning signal is due: its time before the limit came,
+        or the leader asked for it (a drain deadline is near)."""
+        if self.warned:
+            return False
+        if warn_at is not None and now >= warn_at:
+            return True
+        return now >= check_at and (self.dir / WARN).exists()
+
+    def warn(self, sig: int) -> None:
+        """Send the task its warning signal, once: it may checkpoint and exit."""
+        self.warned = True
+        print(f"leptond: sent {signal.Signals(sig).name} to the task as its warning")
+        self.kill_task(sig)
+
     def request_stop(self, reason: str, grace_s: float, pgid: int) -> None:
         self.stop = StopRequest(reason, grace_s)
         self.kill_at = clock.monotonic() + grace_s
+        req = read_json(self.dir / STOP) or {}
+        warn_sig = self.spec.get("warn_signal")
+        if req.get("warn") is True and warn_sig is not None:
+            # A preemption of a task that asked for a warning: the signal
+            # instead of SIGTERM (once), then SIGKILL after the grace.
+            if not self.warned:
+                self.warn(int(warn_sig))
+            return
         self.kill_task(signal.SIGTERM)
 
     def kill_task(self, sig: int) -> None:
@@ -507,6 +547,7 @@ class Shim:
                 "started_at": self.started_at,
                 "finished_at": clock.now(),
                 "message": message,
+                "warned": self.warned,
             },
             exclusive=True,  # a runner may already have declared this task lost
         )

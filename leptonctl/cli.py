@@ -144,6 +144,19 @@ def _submit(sub: Any) -> None:
     )
     s.add_argument("--time-limit", help="stop the tasks after this long, e.g. 90s, 30m, 2h")
     s.add_argument(
+        "--signal",
+        metavar="NAME@DURATION",
+        help="warn the tasks with this signal DURATION before their time limit, a drain "
+        "deadline or a preemption, e.g. USR1@120s; a task that exits 0 after it, or "
+        "exits 85 at any time, runs again without spending a retry (LEPTON_RESTART_COUNT)",
+    )
+    s.add_argument(
+        "--preempt-grace",
+        metavar="DURATION",
+        help="with --signal: how long a preemption waits for the task to exit after the "
+        "signal (at most the cluster's maximum; default the --signal lead time)",
+    )
+    s.add_argument(
         "--array",
         metavar="INDEXES",
         help="a job array: one task per index, e.g. 0-999, 0-999:10 (a step) or 1,5,9; "

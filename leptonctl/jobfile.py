@@ -35,6 +35,8 @@ TOML_KEYS = {
     "after",
     "after_any",
     "after_ok",
+    "signal",
+    "preempt_grace",
 }
 
 
@@ -73,6 +75,15 @@ def parse_kv(items: list[str], what: str) -> dict[str, str]:
             raise JobFileError(f"{what} takes K=V, got {item!r}")
         out[k] = v
     return out
+
+
+def parse_signal(text: Any) -> tuple[str, float]:
+    """'USR1@120s' (or SIGUSR1@2m) -> ('USR1', 120.0)."""
+    name, at, when = str(text).partition("@")
+    name = name.strip().upper().removeprefix("SIG")
+    if not at or not name or not when:
+        raise JobFileError(f"--signal takes NAME@DURATION, e.g. USR1@120s, got {str(text)[:40]!r}")
+    return name, parse_duration(when)
 
 
 def job_ids(v: Any) -> list[str]:
@@ -131,6 +142,10 @@ def to_spec(d: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
             spec["array"] = parse_array(str(d["array"]))
         except ArrayError as exc:
             raise JobFileError(str(exc)) from None
+    if d.get("signal") is not None:
+        spec["signal"], spec["signal_before_s"] = parse_signal(d["signal"])
+    if d.get("preempt_grace") is not None:
+        spec["preempt_grace_s"] = parse_duration(d["preempt_grace"])
     if d.get("max_running") is not None:
         spec["max_running"] = d["max_running"]
     # --after is --after-any: after the jobs ended, in whatever state.

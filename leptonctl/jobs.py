@@ -38,6 +38,8 @@ def build_spec(a: argparse.Namespace) -> tuple[str | None, dict[str, Any], str |
         "no_preempt": a.no_preempt,
         "time_limit": a.time_limit,
         "workdir": a.workdir,
+        "signal": a.signal,
+        "preempt_grace": a.preempt_grace,
         "array": a.array,
         "max_running": a.max_running,
         "after": a.after,

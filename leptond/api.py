@@ -172,6 +172,13 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         raise RpcError(BAD_REQUEST, str(exc)) from None
     user = conn.context["user"]
     admin = conn.context["role"] == "admin"
+    most = m.cfg.max_preempt_grace_s
+    if spec.preempt_grace_s is not None and spec.preempt_grace_s > most:
+        raise RpcError(
+            BAD_REQUEST,
+            f"--preempt-grace {spec.preempt_grace_s:g}s is over this cluster's maximum "
+            f"of {most:g}s (masters: --max-preempt-grace)",
+        )
     cap = None if admin else m.cfg.max_priority_of(user)
     if cap is not None and spec.priority > cap:
         raise RpcError(

@@ -115,6 +115,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.max_pending_jobs < 0:
         print("leptond: --max-pending-jobs must not be negative", file=sys.stderr)
         return 2
+    if not 0 <= args.max_preempt_grace <= 86400:
+        print("leptond: --max-preempt-grace must be from 0 to 86400 seconds", file=sys.stderr)
+        return 2
     if args.audit_log_size < 1 << 20:
         print("leptond: --audit-log-size must be at least 1M", file=sys.stderr)
         return 2
@@ -133,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         peers=peers,
         heartbeat_ttl_s=args.heartbeat_ttl,
         kill_grace_s=args.kill_grace,
+        max_preempt_grace_s=args.max_preempt_grace,
         preemption=not args.no_preemption,
         quotas=quotas,
         no_preempt=args.no_preempt_protects,
@@ -262,6 +266,13 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+    )
+    r.add_argument(
+        "--max-preempt-grace",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="the longest a preemption waits for a job's --preempt-grace (default 300)",
     )
     r.add_argument(
         "--no-preemption", action="store_true", help="never stop work for higher priority work"

@@ -29,6 +29,10 @@ class MasterConfig:
     lease_margin_s: float | None = None
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
+    # The longest a preemption waits for a victim that asked for a warning
+    # signal (--preempt-grace) to checkpoint and exit; submits over it are
+    # refused.
+    max_preempt_grace_s: float = 300.0
     preemption: bool = True
     # What --no-preempt costs: protection only while the user is within quota
     # ("within-quota"), or always ("always").

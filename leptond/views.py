@@ -13,6 +13,7 @@ from typing import Any
 import scheduler as sch
 from raft import arrays
 from raft.model import LIVE_TASK_STATES, Job, Node, Task
+from raft.tasks import REQUEUE_EXIT
 from raft.view import StateView
 
 
@@ -196,6 +197,10 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
             "LEPTON_NNODES": str(nnodes),
             "LEPTON_NODE_RANK": str(rank),
             "LEPTON_ATTEMPT": str(t.attempt),
+            # Resuming from a checkpoint: how many times it was requeued
+            # through no fault of its own, and the exit code that asks for one.
+            "LEPTON_RESTART_COUNT": str(t.restarts),
+            "LEPTON_REQUEUE_EXIT": str(REQUEUE_EXIT),
         }
     )
     if sp.get("array") is not None:
@@ -212,6 +217,9 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
         "env": env,
         "gpus": list(t.gpus),
         "time_limit_s": sp.get("time_limit_s"),
+        # The warning before its time limit (the agent sends it).
+        "signal": sp.get("signal"),
+        "signal_before_s": sp.get("signal_before_s"),
         "cwd": sp.get("cwd"),
         "workdir": sp.get("workdir"),
         "manifest": manifest,
@@ -337,6 +345,7 @@ def task_detail(s: StateView, t: Task) -> dict[str, Any]:
         # Only a live task can be stopping (an ended one never shows it).
         "stopping": t.stop if t.state in LIVE_TASK_STATES else None,
         "preemptions": t.preemptions,
+        "restarts": t.restarts,
     }
 
 

@@ -139,6 +139,13 @@ class JobSpec(Record):
     # fails this job), after_any until each ended, whatever its state.
     after_ok: list[str] = field(default_factory=list)
     after_any: list[str] = field(default_factory=list)
+    # A warning before an ending: this signal (a name such as USR1) goes to
+    # the task signal_before_s before its time limit or a drain deadline,
+    # and at a preemption, after which the preemptor waits up to
+    # preempt_grace_s (at most the masters' maximum) for it to exit.
+    signal: str | None = None
+    signal_before_s: float | None = None
+    preempt_grace_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -186,6 +193,10 @@ class Task(Record):
     # Retries this task of a job array has spent (an array's retries are per
     # task; other jobs spend the job's retries_left).
     retries_used: int = 0
+    # Times it went back to pending through no fault of its own: stopped
+    # for a preemption, a drain or a shrink, or ended after a warning signal
+    # with exit 0 or at any time with REQUEUE_EXIT (LEPTON_RESTART_COUNT).
+    restarts: int = 0
 
 
 @dataclass(slots=True)

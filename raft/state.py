@@ -576,8 +576,10 @@ class ClusterState(StateReads):
     def apply_plan(self, a: dict[str, Any], index: int) -> Result:
         return tl.apply_plan(self, a)
 
-    def apply_task_events(self, a: dict[str, Any], index: int) -> Result:
-        return tl.apply_task_events(self, a)
+    def apply_task_events(
+        self, a: dict[str, Any], index: int, version: int = COMMAND_VERSION
+    ) -> Result:
+        return tl.apply_task_events(self, a, version)
 
     # -- tokens, members, manifests ----------------------------------------------
     def apply_token_create(self, a: dict[str, Any], index: int) -> Result:
@@ -895,7 +897,7 @@ def _gpu(g: Any) -> dict[str, Any]:
 
 # Ops whose apply takes the command's format version: those that validate
 # with limits a release may change (raft/validate.py).
-VERSIONED_OPS = frozenset({"submit_jobs", "register_node"})
+VERSIONED_OPS = frozenset({"submit_jobs", "register_node", "task_events"})
 CAPACITY_OPS = frozenset(
     {
         "register_node",

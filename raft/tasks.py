@@ -149,7 +149,17 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
     return ""
 
 
-def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
+# A task that exits with this code asks to run again from its checkpoint: it
+# goes back to pending without spending a retry (command format 4 on), as
+# does one that exits 0 after a warning signal (an event's `warned`).
+REQUEUE_EXIT = 85
+REQUEUE_SINCE_VERSION = 4
+# Requeues a task may ask for; past it, exit 85 is a failure like any other,
+# so a task that always asks cannot hold its resources forever.
+MAX_RESTARTS = 1000
+
+
+def apply_task_events(s: ClusterState, a: dict[str, Any], version: int) -> dict[str, Any]:
     applied = 0
     stale = 0
     # Convert every event before applying any: a malformed one applies none.
@@ -170,7 +180,11 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         elif kind == "exited":
             if t.state in LIVE_TASK_STATES:
                 outcome = "succeeded" if code == 0 else "failed"
-                task_exited(s, t, outcome, code, str(ev.get("message", ""))[:1024], at)
+                asked = version >= REQUEUE_SINCE_VERSION and (
+                    code == REQUEUE_EXIT or (code == 0 and ev.get("warned") is True)
+                )
+                msg = str(ev.get("message", ""))[:1024]
+                task_exited(s, t, outcome, code, msg, at, requeue=asked)
                 applied += 1
         else:
             stale += 1
@@ -244,17 +258,31 @@ def task_exited(
     message: str,
     now: float,
     started: bool = True,
+    requeue: bool = False,
 ) -> None:
     """A live task stopped (or was lost). Decide its next state and its job's.
 
     started=False: a stop ended it before it started (see request_stop).
+    requeue: it asked to run again from its checkpoint (REQUEUE_EXIT, or
+    exit 0 after a warning signal); it does, unless a stop says otherwise.
     """
     t = s.tasks.writable(t.id)
     job = s.jobs[t.job_id]
     stop = t.stop
     how = f"(exit {code})" if started else "before it started"
     t.exit_code, t.finished_at = code, now
-    if stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
+    if (
+        requeue
+        and stop is None
+        and job.state not in ("cancelled", "failed")
+        and t.restarts < MAX_RESTARTS
+    ):
+        t.restarts += 1
+        why = f"exit {code}" if code != 0 else "exit 0 after the warning signal"
+        _requeue(s, t, f"asked to run again ({why}); waiting to run again")
+        _stop_gang(s, job, t, "gang", now)
+    elif stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
+        t.restarts += 1
         if stop == "preempt":
             t.preemptions += 1
             note = f"preempted {how}"

@@ -38,7 +38,19 @@ MAX_PATH_BYTES = 4096
 # Version 4: job arrays and dependencies. A job waits for at most this many
 # jobs; a job id is what the API makes ("j-" and 12 hex digits), with room.
 WORKLOAD_FIELDS_SINCE = 4
-WORKLOAD_FIELDS = ("array", "max_running", "after_ok", "after_any")
+WORKLOAD_FIELDS = (
+    "array",
+    "max_running",
+    "after_ok",
+    "after_any",
+    "signal",
+    "signal_before_s",
+    "preempt_grace_s",
+)
+# Signals a task may ask to be warned with (--signal NAME@DURATION).
+WARN_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "ALRM")
+MAX_SIGNAL_BEFORE_S = 7 * 86400.0
+MAX_PREEMPT_GRACE_S = 86400.0
 MAX_DEPENDENCIES = 64
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -241,6 +253,17 @@ def _workload_fields(spec: dict[str, Any], out: JobSpec) -> None:
         setattr(out, key, list(ids))
     if len(seen) > MAX_DEPENDENCIES:
         raise SpecError(f"a job waits for at most {MAX_DEPENDENCIES} jobs, got {len(seen)}")
+    sig = spec.get("signal")
+    if sig is not None:
+        if not isinstance(sig, str) or sig not in WARN_SIGNALS:
+            raise SpecError(f"signal must be one of {', '.join(WARN_SIGNALS)}, got {_shown(sig)}")
+        out.signal = sig
+        out.signal_before_s = _num(spec, "signal_before_s", 1, MAX_SIGNAL_BEFORE_S, False, None)
+        if out.signal_before_s is None:
+            raise SpecError("a warning signal needs a time before the end: --signal USR1@120s")
+    elif spec.get("signal_before_s") is not None:
+        raise SpecError("signal_before_s needs a signal: --signal USR1@120s")
+    out.preempt_grace_s = _num(spec, "preempt_grace_s", 0, MAX_PREEMPT_GRACE_S, False, None)
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:

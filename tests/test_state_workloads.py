@@ -293,3 +293,104 @@ def test_dependencies_survive_a_snapshot_and_restore() -> None:
     finish(h, "a.0", 1)
     assert h.job("b").state == "failed"
     check_invariants(h.state)
+
+
+# -- requeue after a warning or on exit 85 -----------------------------------------------------
+
+
+def exited(h: Harness, task_id: str, code: int, warned: bool = False, v: int | None = None) -> Any:
+    t = h.task(task_id)
+    ev: dict[str, Any] = {
+        "task_id": task_id,
+        "attempt": t.attempt,
+        "node_id": t.node_id,
+        "state": "exited",
+        "exit_code": code,
+        "at": h.now,
+    }
+    if warned:
+        ev["warned"] = True
+    data = msgpack.unpackb(encode("task_events", {"events": [ev]}))
+    if v is not None:
+        data["v"] = v
+    return h.raw(msgpack.packb(data))
+
+
+def test_exit_85_runs_again_without_spending_a_retry() -> None:
+    h = cluster()
+    submit(h, "a", retries=0)
+    h.run("a.0", "n1", [])
+    exited(h, "a.0", 85)
+    t = h.task("a.0")
+    assert (t.state, t.restarts, t.retries_used) == ("pending", 1, 0)
+    assert h.job("a").retries_left == 0 and h.job("a").state == "pending"
+    h.run("a.0", "n1", [])
+    env = views.launch_spec(h.state.freeze(), h.task("a.0"))["env"]
+    assert env["LEPTON_RESTART_COUNT"] == "1" and env["LEPTON_REQUEUE_EXIT"] == "85"
+    exited(h, "a.0", 0)
+    assert h.job("a").state == "succeeded"
+    check_invariants(h.state)
+
+
+def test_exit_0_after_the_warning_runs_again_and_without_it_succeeds() -> None:
+    h = cluster()
+    submit(h, "a", signal="USR1", signal_before_s=120)
+    h.run("a.0", "n1", [])
+    exited(h, "a.0", 0, warned=True)
+    assert (h.task("a.0").state, h.task("a.0").restarts) == ("pending", 1)
+    h.run("a.0", "n1", [])
+    exited(h, "a.0", 0)
+    assert h.job("a").state == "succeeded"
+
+
+def test_exit_85_of_an_old_command_format_is_a_failure() -> None:
+    h = cluster()
+    submit(h, "a")
+    h.run("a.0", "n1", [])
+    exited(h, "a.0", 85, v=3)
+    assert h.task("a.0").state == "failed"
+
+
+def test_a_cancel_wins_over_a_requeue() -> None:
+    h = cluster()
+    submit(h, "a")
+    h.run("a.0", "n1", [])
+    h.ok("cancel_job", {"job_id": "a", "user": "alice"})
+    exited(h, "a.0", 85)
+    assert h.task("a.0").state == "cancelled"
+
+
+def test_requeues_are_bounded() -> None:
+    from raft.tasks import MAX_RESTARTS
+
+    h = cluster()
+    submit(h, "a")
+    h.run("a.0", "n1", [])
+    h.state.tasks.writable("a.0").restarts = MAX_RESTARTS
+    exited(h, "a.0", 85)
+    assert h.task("a.0").state == "failed"
+
+
+def test_a_preemption_counts_as_a_restart() -> None:
+    h = cluster()
+    submit(h, "a")
+    h.run("a.0", "n1", [])
+    h.plan(preemptions=["a.0"])
+    exited(h, "a.0", 0, warned=True)
+    assert (h.task("a.0").state, h.task("a.0").restarts) == ("pending", 1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"signal": "KILL", "signal_before_s": 5}, "signal must be one of"),
+        ({"signal": "USR1"}, "needs a time before the end"),
+        ({"signal_before_s": 5}, "needs a signal"),
+        ({"signal": "USR1", "signal_before_s": 0}, "signal_before_s"),
+        ({"preempt_grace_s": -1}, "preempt_grace_s"),
+    ],
+)
+def test_bad_signal_fields_are_refused(spec: dict[str, Any], words: str) -> None:
+    h = cluster()
+    res = submit(h, "a", **spec)
+    assert is_error(res, "bad_request") and words in res["error"]["message"], res

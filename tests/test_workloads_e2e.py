@@ -5,7 +5,9 @@ dependencies hold a job with the reason named and outlive the leader."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +122,48 @@ def test_unknown_or_bad_dependencies_are_one_line_and_change_nothing(c: Cluster)
         err = out.stderr.strip()
         assert words in err and len(err.splitlines()) == 1, (args, err)
     assert len(c.ctl_json("jobs", "--all")) == before
+
+
+# Counts to 30, a step per 0.1 s, from its checkpoint; on SIGUSR1 it writes
+# the checkpoint and exits 0.
+CHECKPOINTING = """
+n=0
+trap 'echo $n > "$1/ck"; echo "checkpoint n=$n"; exit 0' USR1
+[ -e "$1/ck" ] && n=$(cat "$1/ck")
+echo "start n=$n restart=$LEPTON_RESTART_COUNT"
+while [ $n -lt 30 ]; do sleep 0.1 & wait $!; n=$((n+1)); done
+echo "done n=$n"
+"""
+
+
+def test_a_checkpointing_task_is_warned_before_its_time_limit_and_resumes(
+    c: Cluster, shared_path: Path
+) -> None:
+    # Warned 2 s into each run: the count cannot finish in one.
+    job = c.submit(
+        "--time-limit", "10s", "--signal", "USR1@8s", "--cpus", "0.1", "--mem", "64M",
+        "--", "sh", "-c", CHECKPOINTING, "checkpointing", str(shared_path),
+    )  # fmt: skip
+    st = c.wait_job(job, FINAL, timeout_s=120)
+    assert st["state"] == "succeeded", st
+    t = st["tasks"][0]
+    assert t["restarts"] >= 1 and st["retries_left"] == 0
+    out = c.ctl("logs", job).stdout
+    # The last run resumed from a checkpoint and told how often it restarted.
+    start = re.search(r"start n=(\d+) restart=(\d+)", out)
+    assert start is not None and int(start.group(1)) > 0, out
+    assert int(start.group(2)) == t["restarts"]
+    assert out.endswith("done n=30\n")
+
+
+def test_exit_85_runs_again_without_spending_a_retry(c: Cluster) -> None:
+    script = '[ "$LEPTON_RESTART_COUNT" = 2 ] || exit 85; echo "run $LEPTON_ATTEMPT"'
+    job = c.submit("--cpus", "0.1", "--mem", "64M", "--", "sh", "-c", script)
+    st = c.wait_job(job, FINAL)
+    assert st["state"] == "succeeded" and st["tasks"][0]["restarts"] == 2
+    assert c.ctl("logs", job).stdout == "run 3\n"
+
+
+def test_a_preempt_grace_over_the_maximum_is_refused(c: Cluster) -> None:
+    out = c.ctl("submit", "--signal", "USR1@1m", "--preempt-grace", "1h", "--", "true", check=False)
+    assert out.returncode != 0 and "over this cluster's maximum of 300s" in out.stderr
