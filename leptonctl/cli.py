@@ -7,11 +7,11 @@ import shlex
 import sys
 from typing import Any
 
-from leptond.wire.client import ClusterClient, parse_addrs
+from leptond.client import AsyncClient
+from leptond.client.config import ConfigError
 from leptond.wire.errors import RpcError
 
 from . import commands
-from .config import ConfigError, load
 from .jobfile import JobFileError
 from .jobs import UsageError
 from .output import say
@@ -426,14 +426,11 @@ def check_submit_command(command: list[str]) -> list[str]:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    cfg = load(args.addr, args.token)
+    # The SDK's client: the same configuration, connection and calls as
+    # Python programs get (leptond.client).
+    client = AsyncClient(args.addr, args.token, timeout_s=args.timeout)
     try:
-        addrs = parse_addrs(cfg.addrs)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    client = ClusterClient(addrs, key_id=cfg.token.id, psk=cfg.token.psk)
-    try:
-        return await commands.dispatch(client, args)
+        return await commands.dispatch(client.wire, args)
     finally:
         await client.close()
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from leptond.client import calls as api
 from leptond.wire.client import ClusterClient
 
-from . import api, jobfile, jobs
+from . import jobfile, jobs
 from .jobs import UsageError
 from .logs import Follower, Options
 from .output import ago, emit_json, say, size, table, until

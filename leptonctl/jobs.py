@@ -8,11 +8,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from leptond.client import calls as api
 from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import UNSCHEDULABLE, RpcError
 
-from . import api, jobfile
+from . import jobfile
 from .logs import FINAL_JOB_STATES, Follower, Options
 from .output import ago, emit_json, job_state, ran_for, say, size, table
 

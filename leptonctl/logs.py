@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from leptond.client import calls as api
 from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
-from . import api
 from .output import say, stamp
 
 FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
