@@ -34,6 +34,7 @@ from .cgroup_task import CgroupError
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
 from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
 from .runner import RunnerError, TaskRunner, TaskSpec
+from .sessions import SessionError, Sessions
 from .taskdir import SPEC, read_json, warn_signum
 from .workdir import WorkdirCache
 
@@ -162,8 +163,12 @@ class Agent:
                 "stop": self._on_stop,
                 "warn": self._on_warn,
                 "logs": self._on_logs,
+                "attach": self._on_attach,
+                "exec": self._on_exec,
+                "tty_input": self._on_tty_input,
             },
         )
+        self.sessions = Sessions()  # interactive sessions (agent/sessions.py)
         self.events: list[dict[str, Any]] = []  # reported until committed
         self.registered_on: Connection | None = None
         self.state = "unknown"
@@ -526,6 +531,8 @@ class Agent:
             time_limit_s=sp.get("time_limit_s"),
             warn_signal=warn_signum(sp.get("signal")),
             warn_before_s=_seconds(sp.get("signal_before_s")),
+            tty=sp.get("tty") is True,
+            tty_size=tty_size(sp.get("tty_size")),
             log_cap_bytes=self.cfg.log_cap_bytes,
             kill_grace_s=self.cfg.kill_grace_s,
             user=user,
@@ -657,6 +664,50 @@ class Agent:
         ):
             yield item
 
+    def _running_dir(self, a: Any) -> tuple[str, Path]:
+        """The task id and directory of the running attempt a session names."""
+        if not isinstance(a, dict):
+            raise RpcError("bad_request", "a session needs a task id")
+        tid = str(a.get("task_id", ""))
+        attempt = a.get("attempt")
+        rid = self._latest_run(tid, attempt)
+        if rid is None or rid not in self.runner.running():
+            raise RpcError("not_found", f"task {tid} is not running on this host")
+        return tid, self.runner.task_dir(rid)
+
+    async def _on_attach(self, conn: Connection, a: Any) -> AsyncIterator[Any]:
+        tid, tdir = self._running_dir(a)
+        rows, cols = _size(a)
+        try:
+            async for item in self.sessions.attach(tdir, tid, _session(a), rows, cols):
+                yield item
+        except SessionError as exc:
+            raise RpcError("conflict", str(exc)) from None
+
+    async def _on_exec(self, conn: Connection, a: Any) -> AsyncIterator[Any]:
+        tid, tdir = self._running_dir(a)
+        argv = a.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(x, str) for x in argv):
+            raise RpcError("bad_request", "exec needs a command")
+        rows, cols = _size(a)
+        log.info("exec in %s: %s", tid, argv[:8])
+        try:
+            async for item in self.sessions.exec(
+                tdir, tid, _session(a), argv, a.get("tty") is True, rows, cols
+            ):
+                yield item
+        except SessionError as exc:
+            raise RpcError("conflict", str(exc)) from None
+
+    async def _on_tty_input(self, conn: Connection, a: Any) -> None:
+        if not isinstance(a, dict):
+            return
+        data = a.get("data") or b""
+        if not isinstance(data, bytes):
+            return
+        rows, cols = _size(a, default=(0, 0))
+        self.sessions.input(str(a.get("task_id", "")), _session(a), data, rows, cols)
+
     async def _exited(self) -> None:
         """A followed task ended: report its exit now rather than at the next
         heartbeat, so `logs -f` returns with the job's final state committed."""
@@ -712,6 +763,31 @@ def _exit_event(
         "message": message,
         "at": at,
     }
+
+
+def _session(a: dict[str, Any]) -> str:
+    s = a.get("session")
+    if not isinstance(s, str) or not 8 <= len(s) <= 64:
+        raise RpcError("bad_request", "a session id is 8-64 characters")
+    return s
+
+
+def _size(a: dict[str, Any], default: tuple[int, int] = (24, 80)) -> tuple[int, int]:
+    """A terminal's [rows, cols] from a session's arguments."""
+    rows, cols = a.get("rows"), a.get("cols")
+    ok = all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10_000 for v in (rows, cols)
+    )
+    return (int(rows), int(cols)) if ok else default  # type: ignore[arg-type]
+
+
+def tty_size(v: Any) -> list[int] | None:
+    """A launch spec's tty_size, checked: [rows, cols] or None."""
+    if isinstance(v, list) and len(v) == 2:
+        rows, cols = v
+        if all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 10_000 for x in v):
+            return [rows, cols]
+    return None
 
 
 def _seconds(v: Any) -> float:

@@ -101,6 +101,9 @@ class TaskSpec:
     # None: none.
     warn_signal: int | None = None
     warn_before_s: float = 0.0
+    # An interactive task: on a PTY of this size [rows, cols] (agent/tty.py).
+    tty: bool = False
+    tty_size: list[int] | None = None
     log_cap_bytes: int = 16 << 20
     kill_grace_s: float = 10.0
     user: TaskUser | None = None  # None: run as the agent's own account

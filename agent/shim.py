@@ -67,6 +67,7 @@ from agent.taskdir import (
     read_json,
 )
 from agent.tasklog import STDERR, RotatingLog
+from agent.tty import ShimTerminal, make_controlling_terminal
 from leptond.clock import REAL as clock
 
 # How often the stop file and the clock are looked at when nothing else
@@ -129,10 +130,15 @@ class ChildSetup:
     # bytes each (agent/taskns.py); 0: it shares the host's.
     private_tmp_bytes: int = 0
     keep: tuple[str, ...] = ()  # directories below /tmp it must still reach
+    tty: bool = False  # fd 0 is a PTY slave to make the controlling terminal
 
     def __call__(self) -> None:
         step = "joining the task's cgroup"
         try:
+            if self.tty:
+                step = "taking its terminal"
+                make_controlling_terminal()
+                step = "joining the task's cgroup"
             # First, so that nothing the task runs exists outside its cgroup.
             if self.cgroup is not None:
                 self.cgroup.join_self()
@@ -240,6 +246,7 @@ class Shim:
         # Whether the task was sent its warning signal (exit.json says so:
         # an exit 0 after it asks to run again).
         self.warned = False
+        self.term: ShimTerminal | None = None  # an interactive task's terminal
         self._wake_r, self._wake_w = os.pipe()
 
     # ------------------------------------------------------------ signals
@@ -314,7 +321,10 @@ class Shim:
             cwd=cwd,
             private_tmp_bytes=int(self.spec.get("private_tmp_bytes") or 0),
             keep=tuple(str(k) for k in self.spec.get("keep_visible") or ()),
+            tty=bool(self.spec.get("tty")),
         )
+        if setup.tty:
+            return self.supervise_terminal(argv, env, cwd, setup, log)
         self.started_at = clock.now()
         try:
             proc = subprocess.Popen(
@@ -337,6 +347,50 @@ class Shim:
         rec.save(self.dir / TASK_PID)
         assert proc.stdout is not None and proc.stderr is not None
         returncode = self.loop(proc, proc.stdout.fileno(), proc.stderr.fileno(), log)
+        code, sig = exit_code_of(returncode)
+        return code, sig, self.message(returncode, log)
+
+    def supervise_terminal(
+        self, argv: list[str], env: dict[str, str], cwd: str, setup: ChildSetup, log: Output
+    ) -> tuple[int | None, int | None, str]:
+        """An interactive task: on a PTY of its own (agent/tty.py), in a new
+        session whose id is its process group, as stops expect."""
+        size = self.spec.get("tty_size") or [24, 80]
+        term = ShimTerminal(self.dir, int(size[0]), int(size[1]))
+        env.setdefault("TERM", str(self.spec.get("term") or "xterm-256color"))
+        self.started_at = clock.now()
+        try:
+            slave = term.child_side()
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                preexec_fn=setup,
+                close_fds=True,
+            )
+        except OSError as e:
+            term.close()
+            code, msg = self.start_error(e, argv[0], cwd)
+            log.write(msg.encode() + b"\n", err=True)
+            return code, None, msg
+        term.started()
+        self.task_pid = proc.pid
+        rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, clock.now())
+        rec.save(self.dir / TASK_PID)
+        # The terminal is the task's only output; the loop wants two, so the
+        # second is a pipe already at its end.
+        none_r, none_w = os.pipe()
+        os.close(none_w)
+        self.term = term
+        try:
+            returncode = self.loop(proc, term.master, none_r, log)
+        finally:
+            os.close(none_r)
+            term.close()
         code, sig = exit_code_of(returncode)
         return code, sig, self.message(returncode, log)
 
@@ -367,10 +421,14 @@ class Shim:
         next_stop_check = 0.0
         next_lease_check = 0.0
         while True:
-            readable, _, _ = select.select(fds, [], [], TICK_S)
+            term_fds = self.term.fds() if self.term is not None else []
+            readable, _, _ = select.select(fds + term_fds, [], [], TICK_S)
             for fd in (out_fd, err_fd):
                 if fd in readable and not self._pump(fd, log, fd == err_fd):
                     fds.remove(fd)  # EOF: the task closed it, it may still run
+            for fd in term_fds:
+                if fd in readable and self.term is not None:
+                    self.term.readable(fd)
             if self._wake_r in readable:
                 self._drain_wakeups()
             now = clock.monotonic()
@@ -414,8 +472,14 @@ class Shim:
             data = os.read(fd, 65536)
         except BlockingIOError:
             return True
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            data = b""  # a PTY master once every slave side closed: its EOF
         if data:
             log.write(data, err)
+            if self.term is not None and not err:
+                self.term.output(data)
         return bool(data)
 
     def _drain(self, out_fd: int, err_fd: int, log: Output, fds: list[int]) -> None:

@@ -89,6 +89,73 @@ def _submit(sub: Any) -> None:
         help="submit a job: leptonctl submit --gpus 2 -- python train.py",
         description="Submit a job; its flags go before the command, the command after --.",
     )
+    _job_flags(s)
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="stream the job's output (rank 0, or every rank with --all) until it ends, "
+        "then exit with its exit code",
+    )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="with --wait: every rank's output, each line prefixed [rN]",
+    )
+    s.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="with --wait: print only the job id, show no output",
+    )
+    _out(s)
+    _command(s)
+
+
+def _run_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a job and attach to it: leptonctl run --gpus 1 -it -- bash",
+        description="Place a job like submit, wait for it to start and attach this terminal "
+        "to it (with -t, on a terminal of its own on the host); the job ends when the "
+        "session does. Exits with the job's exit code.",
+    )
+    _job_flags(r)
+    _session_flags(r)
+    _command(r)
+
+
+def _exec_parser(sub: Any) -> None:
+    e = sub.add_parser(
+        "exec",
+        help="run a command inside a running task: leptonctl exec JOB -it -- bash",
+        description="Run a command in a running task's environment: as its user, in its "
+        "cgroup, namespaces and GPUs. Exits with the command's exit code.",
+    )
+    e.add_argument("job", help="the job id")
+    e.add_argument("--rank", type=_count("--rank", 0, 1 << 20), help="which task (default 0)")
+    _session_flags(e)
+    _command(e)
+
+
+def _session_flags(p: Any) -> None:
+    p.add_argument(
+        "-i", "--interactive", action="store_true", help="send this terminal's input (with -t)"
+    )
+    p.add_argument(
+        "-t", "--tty", action="store_true", help="a terminal on the host: window size, Ctrl-C"
+    )
+
+
+def _command(p: Any) -> None:
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the command and its arguments, after --",
+    )
+
+
+def _job_flags(s: Any) -> None:
+    """The flags of a job's spec, shared by submit and run."""
     s.add_argument("-f", "--file", help="job.toml with the same fields as the flags")
     s.add_argument("--name", help="a name for the job (letters, digits, . _ -)")
     s.add_argument(
@@ -197,29 +264,6 @@ def _submit(sub: Any) -> None:
         action="store_true",
         help="accept a job that no node the cluster knows could run (it waits for one)",
     )
-    s.add_argument(
-        "--wait",
-        action="store_true",
-        help="stream the job's output (rank 0, or every rank with --all) until it ends, "
-        "then exit with its exit code",
-    )
-    s.add_argument(
-        "--all",
-        action="store_true",
-        help="with --wait: every rank's output, each line prefixed [rN]",
-    )
-    s.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="with --wait: print only the job id, show no output",
-    )
-    _out(s)
-    s.add_argument(
-        "command",
-        nargs=argparse.REMAINDER,
-        help="the command and its arguments, after --",
-    )
 
 
 def parser() -> ArgParser:
@@ -238,6 +282,8 @@ def parser() -> ArgParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgParser)
 
     _submit(sub)
+    _run_parser(sub)
+    _exec_parser(sub)
 
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument(
@@ -425,6 +471,31 @@ def check_submit_command(command: list[str]) -> list[str]:
     return command
 
 
+def exec_command(args: argparse.Namespace) -> list[str]:
+    """The command of an exec. Flags after the job id (`exec J -it -- sh`)
+    reach here with it (argparse keeps everything after J together): take
+    them off, up to `--` or the first word that is no flag of exec's."""
+    words = list(args.command)
+    while words:
+        w = words.pop(0)
+        if w == "--":
+            return words
+        if w in ("-i", "--interactive"):
+            args.interactive = True
+        elif w in ("-t", "--tty"):
+            args.tty = True
+        elif w in ("-it", "-ti"):
+            args.interactive = args.tty = True
+        elif w == "--rank" or w.startswith("--rank="):
+            value = w.partition("=")[2] if "=" in w else (words.pop(0) if words else "")
+            if not value.isdigit():
+                raise UsageError(f"--rank takes a task's rank, 0 or more, got {value!r}")
+            args.rank = int(value)
+        else:
+            return [w, *words]
+    return []
+
+
 async def _run(args: argparse.Namespace) -> int:
     # The SDK's client: the same configuration, connection and calls as
     # Python programs get (leptond.client).
@@ -438,8 +509,10 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.cmd == "submit":
+        if args.cmd in ("submit", "run"):
             args.command = check_submit_command(args.command)
+        elif args.cmd == "exec":
+            args.command = exec_command(args)
         from leptond.wire.loop import run
 
         return run(_run(args))

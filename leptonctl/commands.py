@@ -11,7 +11,7 @@ from typing import Any
 from leptond.client import calls as api
 from leptond.wire.client import ClusterClient
 
-from . import jobfile, jobs
+from . import interactive, jobfile, jobs
 from .jobs import UsageError
 from .logs import Follower, Options
 from .output import ago, emit_json, say, size, table, until
@@ -23,6 +23,10 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
     cmd = a.cmd
     if cmd == "submit":
         return await jobs.submit(c, a)
+    if cmd == "run":
+        return await interactive.run(c, a)
+    if cmd == "exec":
+        return await interactive.exec_in(c, a)
     if cmd == "jobs":
         return await jobs.jobs(c, a)
     if cmd == "status":

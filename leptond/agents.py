@@ -268,6 +268,9 @@ class AgentRegistry:
             args["warned"] = warned
         self._notify(node_id, "stop", args)
 
+    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
+        self._notify(node_id, "tty_input", args)
+
     def push_warn(self, node_id: str, task_ids: list[str]) -> None:
         self._notify(node_id, "warn", {"tasks": task_ids})
 

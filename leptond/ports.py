@@ -77,6 +77,10 @@ class NodeChannel(Protocol):
         grace (seconds) instead of SIGTERM and the kill grace."""
         ...
 
+    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
+        """Keystrokes or a window size for an interactive session there."""
+        ...
+
     def push_warn(self, node_id: str, task_ids: list[str]) -> None:
         """Send tasks their warning signal now (a drain deadline is near)."""
         ...

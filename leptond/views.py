@@ -220,6 +220,8 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
         # The warning before its time limit (the agent sends it).
         "signal": sp.get("signal"),
         "signal_before_s": sp.get("signal_before_s"),
+        "tty": sp.get("tty", False),
+        "tty_size": sp.get("tty_size"),
         "cwd": sp.get("cwd"),
         "workdir": sp.get("workdir"),
         "manifest": manifest,

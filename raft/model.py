@@ -146,6 +146,10 @@ class JobSpec(Record):
     signal: str | None = None
     signal_before_s: float | None = None
     preempt_grace_s: float | None = None
+    # An interactive task (`leptonctl run -t`): it runs on a terminal of
+    # this size [rows, cols], which the leader's `attach` connects to.
+    tty: bool = False
+    tty_size: list[int] | None = None
 
 
 @dataclass(slots=True)

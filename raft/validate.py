@@ -46,6 +46,8 @@ WORKLOAD_FIELDS = (
     "signal",
     "signal_before_s",
     "preempt_grace_s",
+    "tty",
+    "tty_size",
 )
 # Signals a task may ask to be warned with (--signal NAME@DURATION).
 WARN_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "ALRM")
@@ -264,6 +266,23 @@ def _workload_fields(spec: dict[str, Any], out: JobSpec) -> None:
     elif spec.get("signal_before_s") is not None:
         raise SpecError("signal_before_s needs a signal: --signal USR1@120s")
     out.preempt_grace_s = _num(spec, "preempt_grace_s", 0, MAX_PREEMPT_GRACE_S, False, None)
+    _terminal(spec, out)
+
+
+def _terminal(spec: dict[str, Any], out: JobSpec) -> None:
+    tty, size = spec.get("tty", False), spec.get("tty_size")
+    if not isinstance(tty, bool):
+        raise SpecError("tty must be true or false")
+    if size is not None and not (
+        tty
+        and isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 10_000 for x in size)
+    ):
+        raise SpecError("tty_size is [rows, columns] of a terminal (with tty)")
+    if tty and (out.nodes != 1 or out.array is not None):
+        raise SpecError("an interactive job is one task: no --nodes or --array with -t")
+    out.tty, out.tty_size = tty, list(size) if size is not None else None
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:

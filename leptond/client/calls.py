@@ -136,6 +136,49 @@ def logs(
     return _stream(c, "logs", args)
 
 
+# -- interactive sessions -------------------------------------------------------------
+def attach(
+    c: ClusterClient, job_id: str, session: str, rows: int, cols: int
+) -> AsyncIterator[dict[str, Any]]:
+    """An interactive job's terminal: items {data} until its task ends."""
+    args = {"job_id": job_id, "session": session, "rows": rows, "cols": cols}
+    return _stream(c, "attach", args)
+
+
+def exec_in(
+    c: ClusterClient,
+    job_id: str,
+    argv: list[str],
+    session: str,
+    *,
+    rank: int = 0,
+    tty: bool = False,
+    rows: int = 24,
+    cols: int = 80,
+) -> AsyncIterator[dict[str, Any]]:
+    """A command inside a running task: items {data}, then {exit}."""
+    args = {"job_id": job_id, "rank": rank, "argv": argv, "session": session, "tty": tty}
+    args.update(rows=rows, cols=cols)
+    return _stream(c, "exec", args)
+
+
+async def tty_input(
+    c: ClusterClient,
+    job_id: str,
+    session: str,
+    data: bytes = b"",
+    *,
+    rank: int = 0,
+    size: tuple[int, int] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Keystrokes, or a new window size, for a session."""
+    args: dict[str, Any] = {"job_id": job_id, "session": session, "data": data, "rank": rank}
+    if size is not None:
+        args["rows"], args["cols"] = size
+    await _call(c, "tty_input", args, timeout_s=timeout_s)
+
+
 async def queue(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
     return list(await _call(c, "queue", {}, timeout_s=timeout_s))
 
