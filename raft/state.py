@@ -93,6 +93,9 @@ class ClusterState(StateReads):
         self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
         self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
         self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
+        # job id -> {task state: how many of its tasks are in it}, kept by
+        # raft.tasks.set_state: an array's state without a look at each task.
+        self.job_counts: dict[str, dict[str, int]] = {}
         # job id -> the jobs whose waiting_on names it (raft/workloads.py).
         # Only apply reads it, never a view, so a plain dict of sets.
         self.dependents: dict[str, set[str]] = {}
@@ -454,6 +457,7 @@ class ClusterState(StateReads):
             self.tasks[t.id] = t
             job.tasks.append(t.id)
             self.pending[t.id] = None
+        self.job_counts[job_id] = {"pending": len(job.tasks)}
         return {"id": job_id}
 
     def _check_pending_caps(self, job: Job, caps: Any) -> None:
@@ -521,7 +525,8 @@ class ClusterState(StateReads):
             if state == "pending":
                 self.pending.pop(tid, None)
                 t = self.tasks.writable(tid)
-                t.state, t.finished_at, t.message = "cancelled", now, "cancelled before it started"
+                tl.set_state(self, t, "cancelled")
+                t.finished_at, t.message = now, "cancelled before it started"
             elif state in LIVE_TASK_STATES:
                 tl.request_stop(self, self.tasks.writable(tid), "cancel", now)
         tl.refresh_job(self, job, now)
@@ -535,7 +540,8 @@ class ClusterState(StateReads):
         if t.state == "pending":
             self.pending.pop(t.id, None)
             t = self.tasks.writable(t.id)
-            t.state, t.finished_at = "cancelled", now
+            tl.set_state(self, t, "cancelled")
+            t.finished_at = now
             t.message = f"cancelled by {user} before it started"
         elif t.stop is None:
             tl.request_stop(self, self.tasks.writable(t.id), "cancel", now, f"cancelled by {user}")
@@ -557,6 +563,7 @@ class ClusterState(StateReads):
             job = self.jobs[jid]
             if job.spec.get("workdir"):
                 dropped_workdirs.add(job.spec["workdir"])
+            self.job_counts.pop(jid, None)
             for tid in self.jobs.pop(jid).tasks:
                 t = self.tasks.pop(tid)
                 if t.node_id is not None:
@@ -843,6 +850,10 @@ class ClusterState(StateReads):
         pending: dict[str, None] = {}
         user_pending: dict[str, tuple[int, int]] = {}
         self.dependents = {}
+        self.job_counts = {}
+        for t in self.tasks.values():
+            counts = self.job_counts.setdefault(t.job_id, {})
+            counts[t.state] = counts.get(t.state, 0) + 1
         for j in self.jobs.values():
             wl.add_dependents(self, j)
             if j.state == "pending":

@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from .state import ClusterState
 
 
+def set_state(s: ClusterState, t: Task, state: str) -> None:
+    """The one way apply changes a task's state: it keeps the count of its
+    job's tasks in each state (ClusterState.job_counts) in step, so an
+    array's state is known without looking at every task."""
+    counts = s.job_counts.get(t.job_id)
+    if counts is not None:
+        counts[t.state] = counts.get(t.state, 0) - 1
+        counts[state] = counts.get(state, 0) + 1
+    t.state = state
+
+
 def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     now = float(a["now"])
     _check_plan_shape(a)  # a malformed plan applies nothing, not its first half
@@ -54,7 +65,8 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             t = s.tasks.writable(str(p["task_id"]))
             node_id = str(p["node_id"])
             gpus = [int(g) for g in p["gpus"]]
-            t.state, t.node_id, t.gpus = "assigned", node_id, gpus
+            set_state(s, t, "assigned")
+            t.node_id, t.gpus = node_id, gpus
             t.attempt += 1
             t.assigned_at, t.started_at, t.finished_at = now, None, None
             t.exit_code, t.message, t.stop = None, "", None
@@ -174,7 +186,8 @@ def apply_task_events(s: ClusterState, a: dict[str, Any], version: int) -> dict[
         if kind == "running":
             if t.state == "assigned":
                 t = s.tasks.writable(task_id)
-                t.state, t.started_at = "running", at
+                set_state(s, t, "running")
+                t.started_at = at
                 refresh_job(s, s.jobs[t.job_id], at)
                 applied += 1
         elif kind == "exited":
@@ -213,7 +226,8 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     _release(s, t)
     if t.node_id is not None:
         discard_from(s.node_tasks, t.node_id, t.id)
-    t.state, t.node_id, t.gpus, t.stop = "pending", None, [], None
+    set_state(s, t, "pending")
+    t.node_id, t.gpus, t.stop = None, [], None
     t.message = message
     s.pending[t.id] = None
 
@@ -298,11 +312,12 @@ def task_exited(
         _requeue(s, t, "restarting with its gang")
     elif stop == "cancel" or job.state == "cancelled":
         _release(s, t)
-        t.state = "cancelled"
+        set_state(s, t, "cancelled")
         t.message = message or ("cancelled" if started else "cancelled before it started")
     elif outcome == "succeeded":
         _release(s, t)
-        t.state, t.message = "succeeded", message
+        set_state(s, t, "succeeded")
+        t.message = message
     elif wl.is_array(job) and t.retries_used < int(job.spec.get("retries", 0)):
         # An array's retries are per task: one bad index spends its own.
         t.retries_used += 1
@@ -319,7 +334,8 @@ def task_exited(
         _stop_gang(s, job, t, "gang", now)
     else:
         _release(s, t)
-        t.state, t.message = outcome, message
+        set_state(s, t, outcome)
+        t.message = message
         _stop_gang(s, job, t, "cancel", now)
     if t.state in FINAL_TASK_STATES:
         # An ended task has nothing left to stop: a stop is a request to a live
@@ -349,7 +365,8 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str, now: float) ->
         elif other.state == "pending" and how == "cancel":
             s.pending.pop(tid, None)
             other = s.tasks.writable(tid)
-            other.state, other.message = "cancelled", f"gang member {failed.rank} failed"
+            set_state(s, other, "cancelled")
+            other.message = f"gang member {failed.rank} failed"
         elif other.state == "succeeded" and how == "gang":
             _requeue(s, other, f"restarting with its gang (rank {failed.rank} stopped)")
 
@@ -360,13 +377,17 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
     Reads the job afresh by id (the one passed may be a copy that a nested
     call has since replaced) and writes it only when something changes."""
     job = s.jobs[job.id]
-    states = [s.tasks[tid].state for tid in job.tasks]
     state, message, finished_at = job.state, job.message, job.finished_at
+    if wl.is_array(job):
+        # A count per state, not a look at each of (maybe) 100,000 tasks.
+        states = [st for st, n in s.job_counts.get(job.id, {}).items() if n > 0]
+    else:
+        states = [s.tasks[tid].state for tid in job.tasks]
     if state == "cancelled":
         if all(st in FINAL_TASK_STATES for st in states) and finished_at is None:
             finished_at = now
     elif wl.is_array(job):
-        state, message = wl.array_outcome(s, job, states)
+        state, message = wl.array_outcome(s, job)
         if state in ("succeeded", "failed", "cancelled"):
             finished_at = finished_at or now
     else:

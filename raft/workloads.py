@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import arrays
+from . import arrays, tasks
 from .errors import ArgError
 from .model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 
@@ -108,7 +108,8 @@ def _fail_waiting(s: ClusterState, job: Job, why: str, now: float) -> None:
         if s.tasks[tid].state == "pending":
             s.pending.pop(tid, None)
             t = s.tasks.writable(tid)
-            t.state, t.finished_at, t.message = "cancelled", now, f"never started: {why}"
+            tasks.set_state(s, t, "cancelled")
+            t.finished_at, t.message = now, f"never started: {why}"
     job.state, job.message, job.finished_at = "failed", why, now
     s._pending_changed(job, was_pending=True)
     # Its own dependents go on waiting for nothing else from it.
@@ -119,29 +120,38 @@ def _fail_waiting(s: ClusterState, job: Job, why: str, now: float) -> None:
     job.waiting_on = []
 
 
-def array_outcome(s: ClusterState, job: Job, states: list[str]) -> tuple[str, str]:
-    """An array's state and message from its tasks' states (it is not
-    cancelled): it runs until every task has ended, and succeeded only if
-    every task did."""
-    if all(st in FINAL_TASK_STATES for st in states):
-        bad = [s.tasks[tid] for tid in job.tasks if s.tasks[tid].state in ("failed", "lost")]
-        if bad:
+def array_outcome(s: ClusterState, job: Job) -> tuple[str, str]:
+    """An array's state and message from the counts of its tasks' states (it
+    is not cancelled): it runs until every task has ended, and succeeded
+    only if every task did. O(1) until it ends, then one pass to name the
+    failed indexes."""
+    counts = s.job_counts.get(job.id, {})
+    ended = sum(counts.get(st, 0) for st in FINAL_TASK_STATES)
+    if ended == len(job.tasks):
+        n_bad = counts.get("failed", 0) + counts.get("lost", 0)
+        if n_bad:
+            bad = []
+            for tid in job.tasks:
+                if s.tasks[tid].state in ("failed", "lost"):
+                    bad.append(s.tasks[tid])
+                    if len(bad) > NAMED_FAILURES:
+                        break
             named = ", ".join(str(t.rank) for t in bad[:NAMED_FAILURES])
-            more = ", ..." if len(bad) > NAMED_FAILURES else ""
+            more = ", ..." if n_bad > NAMED_FAILURES else ""
             first = f"index {bad[0].rank} {bad[0].state}: {bad[0].message}"
-            return "failed", f"{len(bad)} of {len(states)} tasks failed ({named}{more}); {first}"[
-                :1024
-            ]
-        if all(st == "succeeded" for st in states):
+            msg = f"{n_bad} of {len(job.tasks)} tasks failed ({named}{more}); {first}"
+            return "failed", msg[:1024]
+        if counts.get("succeeded", 0) == len(job.tasks):
             return "succeeded", ""
         return "cancelled", job.message or "some tasks were cancelled"
-    if any(st in LIVE_TASK_STATES or st in FINAL_TASK_STATES for st in states):
+    if ended or array_live(s, job):
         return "running", job.message
     return "pending", job.message
 
 
 def array_live(s: ClusterState, job: Job) -> int:
-    return sum(1 for tid in job.tasks if s.tasks[tid].state in LIVE_TASK_STATES)
+    counts = s.job_counts.get(job.id, {})
+    return sum(counts.get(st, 0) for st in LIVE_TASK_STATES)
 
 
 def task_of(s: ClusterState, job: Job, index: Any) -> Task:

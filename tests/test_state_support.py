@@ -202,6 +202,12 @@ def check_invariants(state: ClusterState) -> None:
         valid = {g["index"] for g in node.gpus}
         assert {g for (n, g) in held if n == node_id} <= valid
     assert indexes(state) == reindexed(state)
+    counted: dict[str, dict[str, int]] = {}
+    for t in state.tasks.values():
+        per_job = counted.setdefault(t.job_id, {})
+        per_job[t.state] = per_job.get(t.state, 0) + 1
+    kept = {j: {k: n for k, n in c.items() if n} for j, c in state.job_counts.items()}
+    assert kept == counted, (kept, counted)
     for job in state.jobs.values():
         tasks = [state.tasks[tid] for tid in job.tasks]
         states = [t.state for t in tasks]
