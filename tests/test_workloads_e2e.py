@@ -167,3 +167,62 @@ def test_exit_85_runs_again_without_spending_a_retry(c: Cluster) -> None:
 def test_a_preempt_grace_over_the_maximum_is_refused(c: Cluster) -> None:
     out = c.ctl("submit", "--signal", "USR1@1m", "--preempt-grace", "1h", "--", "true", check=False)
     assert out.returncode != 0 and "over this cluster's maximum of 300s" in out.stderr
+
+
+# Says which signal it got, in a file that outlives its attempts; on USR1 it
+# checkpoints (a second) and exits 0.
+WARNED = """
+echo "start restart=$LEPTON_RESTART_COUNT" >> "$1/events"
+trap 'echo "got USR1" >> "$1/events"; sleep 1; exit 0' USR1
+trap 'echo "got TERM" >> "$1/events"; exit 143' TERM
+while :; do sleep 0.1 & wait $!; done
+"""
+
+
+def events(shared: Path) -> list[str]:
+    p = shared / "events"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def test_a_preempted_task_gets_its_signal_and_grace_and_runs_again(
+    c: Cluster, shared_path: Path
+) -> None:
+    low = c.submit(
+        "--gpus", "4", "--cpus", "0.1", "--mem", "64M", "--signal", "USR1@30s",
+        "--preempt-grace", "20s", "--", "sh", "-c", WARNED, "warned", str(shared_path),
+    )  # fmt: skip
+    wait_for(lambda: events(shared_path) == ["start restart=0"], 60, "the task to start")
+    high = c.submit("--gpus", "1", "--priority", "100", "--cpus", "0.1", "--", "true")
+    assert c.wait_job(high, FINAL, timeout_s=90)["state"] == "succeeded"
+    st = wait_for(
+        lambda: (s := c.status(low))["tasks"][0]["attempt"] >= 2 and s, 90, "the task again"
+    )
+    t = st["tasks"][0]
+    assert (t["preemptions"], t["restarts"]) == (1, 1)
+    wait_for(lambda: "start restart=1" in events(shared_path), 60, "the second start")
+    assert events(shared_path)[:3] == ["start restart=0", "got USR1", "start restart=1"]
+    c.ctl("cancel", low)
+    c.wait_job(low, FINAL)
+
+
+def test_a_drain_deadline_is_warned_ahead(c: Cluster, shared_path: Path) -> None:
+    job = c.submit(
+        "--cpus", "0.1", "--mem", "64M", "--signal", "USR1@55s",
+        "--", "sh", "-c", WARNED, "warned", str(shared_path),
+    )  # fmt: skip
+    wait_for(lambda: events(shared_path) == ["start restart=0"], 60, "the task to start")
+    node = c.status(job)["tasks"][0]["node"]
+    c.ctl("node", "drain", node, "--deadline", "60s")
+    try:
+        # Warned 55 s ahead of the deadline, so about 5 s into the drain; it
+        # checkpoints and goes back to pending (its node is draining).
+        wait_for(lambda: "got USR1" in events(shared_path), 60, "the warning")
+        st = wait_for(
+            lambda: (s := c.status(job))["tasks"][0]["state"] == "pending" and s, 60, "requeued"
+        )
+        assert st["tasks"][0]["restarts"] == 1 and "got TERM" not in events(shared_path)
+    finally:
+        c.ctl("node", "undrain", node)
+    wait_for(lambda: "start restart=1" in events(shared_path), 60, "the run after the drain")
+    c.ctl("cancel", job)
+    c.wait_job(job, FINAL)
