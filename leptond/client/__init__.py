@@ -22,7 +22,7 @@ from .errors import (
     Unschedulable,
 )
 from .sync import Client, Job
-from .types import JobInfo, NodeInfo, TaskInfo
+from .types import JobInfo, NodeInfo, SubmitOptions, TaskInfo
 
 __all__ = [
     "AsyncClient",
@@ -39,6 +39,7 @@ __all__ = [
     "NotFound",
     "NotStarted",
     "PendingLimit",
+    "SubmitOptions",
     "TaskInfo",
     "Timeout",
     "Unauthenticated",

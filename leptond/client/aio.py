@@ -13,7 +13,7 @@ the leader and retries; errors are the typed exceptions of errors.py.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leptond.clock import REAL, Clock
 from leptond.wire.client import ClusterClient, parse_addrs
@@ -22,7 +22,10 @@ from raft.arrays import ArrayError, parse_array
 from . import calls
 from .config import ConfigError, load
 from .errors import BadRequest, NotStarted, Timeout, Unavailable
-from .types import FINAL_JOB_STATES, JobInfo, NodeInfo
+from .types import FINAL_JOB_STATES, JobInfo, NodeInfo, SubmitOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 LIVE_TASK_STATES = frozenset({"assigned", "running"})
 # How often wait() and a log follower look at a job again, at most.
@@ -62,61 +65,26 @@ class AsyncClient:
         await self.wire.close()
 
     # -- jobs ---------------------------------------------------------------------
-    async def submit(
-        self,
-        command: Sequence[str],
-        *,
-        name: str | None = None,
-        gpus: int = 0,
-        cpus: float | None = None,
-        mem_bytes: int | None = None,
-        nodes: int = 1,
-        priority: int = 0,
-        retries: int = 0,
-        env: dict[str, str] | None = None,
-        gpu_type: str | None = None,
-        constraints: dict[str, str] | None = None,
-        time_limit_s: float | None = None,
-        array: str | None = None,
-        max_running: int | None = None,
-        after_ok: Sequence[str] = (),
-        after_any: Sequence[str] = (),
-        signal: str | None = None,
-        signal_before_s: float | None = None,
-        preempt_grace_s: float | None = None,
-        preemptible: bool = True,
-        queue_anyway: bool = False,
-    ) -> AsyncJob:
-        """Submit a job (the same fields as `leptonctl submit`); its handle.
-        `array` as --array takes it ("0-999", "0-99:10", "1,5,9")."""
+    async def submit(self, command: Sequence[str], **options: Unpack[SubmitOptions]) -> AsyncJob:
+        """Submit a job (the fields of `leptonctl submit`, SubmitOptions); its handle."""
         if isinstance(command, str):
             raise BadRequest(
                 "bad_request", "command is a list of arguments, e.g. ['python', 'x.py']"
             )
-        spec: dict[str, Any] = {"argv": list(command), "gpus": gpus, "nodes": nodes}
-        spec.update(priority=priority, retries=retries, preemptible=preemptible)
-        optional = {
-            "cpus": cpus,
-            "mem_bytes": mem_bytes,
-            "env": env,
-            "gpu_type": gpu_type,
-            "constraints": constraints,
-            "time_limit_s": time_limit_s,
-            "max_running": max_running,
-            "signal": signal,
-            "signal_before_s": signal_before_s,
-            "preempt_grace_s": preempt_grace_s,
-        }
-        spec.update({k: v for k, v in optional.items() if v is not None})
+        opts: dict[str, Any] = dict(options)
+        name = opts.pop("name", None)
+        queue_anyway = bool(opts.pop("queue_anyway", False))
+        array = opts.pop("array", None)
+        # The rest are spec fields by the same names; the masters check them.
+        spec: dict[str, Any] = {"argv": list(command), **opts}
         if array is not None:
             try:
                 spec["array"] = parse_array(array)
             except ArrayError as exc:
                 raise BadRequest("bad_request", str(exc)) from None
-        if after_ok:
-            spec["after_ok"] = list(after_ok)
-        if after_any:
-            spec["after_any"] = list(after_any)
+        for key in ("after_ok", "after_any"):
+            if key in spec:
+                spec[key] = list(spec[key])
         res = await calls.submit(
             self.wire, spec, name, queue_anyway=queue_anyway, timeout_s=self.timeout_s
         )

@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .aio import AsyncClient
-from .types import JobInfo, NodeInfo
+from .types import JobInfo, NodeInfo, SubmitOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
 # How long close() waits for the client's thread to finish.
@@ -71,9 +74,9 @@ class Client:
             self._loop.close()
 
     # -- jobs -----------------------------------------------------------------------
-    def submit(self, command: Sequence[str], **spec: Any) -> Job:
-        """Submit a job; the same keywords as AsyncClient.submit."""
-        job = self._run(self._aio.submit(command, **spec))
+    def submit(self, command: Sequence[str], **options: Unpack[SubmitOptions]) -> Job:
+        """Submit a job (the fields of `leptonctl submit`, SubmitOptions); its handle."""
+        job = self._run(self._aio.submit(command, **options))
         return Job(self, job.id)
 
     def job(self, job_id: str) -> Job:

@@ -6,10 +6,39 @@ cluster said is lost to a field not listed here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class SubmitOptions(TypedDict, total=False):
+    """What `submit` takes besides the command: the fields of `leptonctl submit`.
+    `array` as --array takes it ("0-999", "0-99:10", "1,5,9")."""
+
+    name: str
+    gpus: int
+    cpus: float
+    mem_bytes: int
+    nodes: int
+    priority: int
+    retries: int
+    env: dict[str, str]
+    gpu_type: str
+    gpu_mem_min: int
+    constraints: dict[str, str]
+    spread: bool
+    preemptible: bool
+    time_limit_s: float
+    array: str
+    max_running: int
+    after_ok: Sequence[str]
+    after_any: Sequence[str]
+    signal: str
+    signal_before_s: float
+    preempt_grace_s: float
+    queue_anyway: bool
 
 
 def _opt_float(v: Any) -> float | None:
