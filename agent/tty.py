@@ -99,6 +99,9 @@ class ShimTerminal:
                 os.unlink(socket_path(task_dir, dirfd))
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.listener.bind(socket_path(task_dir, dirfd))
+            # Root's alone, whatever the umask: connecting takes write
+            # permission, and no task may type into another's terminal.
+            os.chmod(socket_path(task_dir, dirfd), 0o600)
         finally:
             os.close(dirfd)
         self.listener.listen(2)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import shlex
+import stat
 import subprocess
 import sys
 import uuid
@@ -125,6 +126,14 @@ def test_run_it_is_a_terminal_with_size_and_ctrl_c_and_ends_with_the_session(
     try:
         t.wait(r"(?m)^lt\$$")  # the prompt (tmux drops trailing blanks)
         job = newest_job(c)
+        # The terminal's socket is root's alone: no task can type into it.
+        sock = c.root / "agent-h1" / "tasks" / f"{job}.0_a1" / "tty.sock"
+        st_mode = sock.stat()
+        assert (stat.S_ISSOCK(st_mode.st_mode), st_mode.st_mode & 0o777, st_mode.st_uid) == (
+            True,
+            0o600,
+            0,
+        )
         t.keys("echo hello-$((6*7))", "Enter")
         t.wait(r"\nhello-42")
         # A real terminal: the pane's size, then a new one after a resize.
