@@ -192,7 +192,11 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         # Only its own user's manifest (admins: any); the same words whether
         # it does not exist or is someone else's.
         raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded by {user}")
-    caps = None if admin else [m.cfg.max_pending_jobs, m.cfg.max_pending_spec_bytes]
+    caps = (
+        None
+        if admin
+        else [m.cfg.max_pending_jobs, m.cfg.max_pending_spec_bytes, m.cfg.max_pending_tasks]
+    )
     if caps is not None:
         _refuse_over_pending_caps(view.user_pending.get(user, (0, 0)), user, spec, caps)
     if spec.mem_bytes == 0:
@@ -240,7 +244,7 @@ def _refuse_over_pending_caps(
 ) -> None:
     """The refusal apply would give (ClusterState._check_pending_caps), said
     before proposing: each user's waiting jobs live on every master."""
-    (n, held), (max_jobs, max_bytes) = pending, caps
+    (n, held), (max_jobs, max_bytes) = pending, caps[:2]
     if max_jobs and n + 1 > max_jobs:
         raise RpcError(
             "pending_limit",

@@ -112,8 +112,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.max_pending_jobs < 0:
-        print("leptond: --max-pending-jobs must not be negative", file=sys.stderr)
+    if args.max_pending_jobs < 0 or args.max_pending_tasks < 0:
+        print(
+            "leptond: --max-pending-jobs and --max-pending-tasks must not be negative",
+            file=sys.stderr,
+        )
         return 2
     if not 0 <= args.max_preempt_grace <= 86400:
         print("leptond: --max-preempt-grace must be from 0 to 86400 seconds", file=sys.stderr)
@@ -160,6 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         default_mem_per_cpu=args.default_mem_per_cpu,
         max_pending_jobs=args.max_pending_jobs,
         max_pending_spec_bytes=args.max_pending_spec_bytes,
+        max_pending_tasks=args.max_pending_tasks,
         audit_log_bytes=args.audit_log_size,
     )
     try:
@@ -378,6 +382,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="bytes of job specs (commands, env) each user's waiting jobs may hold "
         "(default 64M, 0: no cap)",
+    )
+    r.add_argument(
+        "--max-pending-tasks",
+        type=int,
+        default=200_000,
+        metavar="N",
+        help="tasks each user may have waiting to start, counting each task of an array; "
+        "more submits are refused (default 200000, 0: no cap)",
     )
     r.add_argument(
         "--audit-log-size",

@@ -70,6 +70,8 @@ class MasterConfig:
     # in every snapshot). 0: no cap.
     max_pending_jobs: int = 10_000
     max_pending_spec_bytes: int = 64 << 20
+    # Each user's tasks waiting to start (an array counts each of its tasks).
+    max_pending_tasks: int = 200_000
     # The audit log is rotated at this size (leptond/audit.py).
     audit_log_bytes: int = 64 << 20
     default_mem_per_cpu: int = 0

@@ -39,6 +39,7 @@ from .model import (
 from .validate import (
     SpecError,
     spec_bytes,
+    spec_tasks,
     stored_spec,
     validate_labels,
     validate_name,
@@ -93,6 +94,9 @@ class ClusterState(StateReads):
         self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
         self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
         self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
+        # user -> tasks of theirs in state pending (an array's count), kept by
+        # raft.tasks.set_state: what a submit's task cap is checked against.
+        self.user_pending_tasks: dict[str, int] = {}
         # job id -> {task state: how many of its tasks are in it}, kept by
         # raft.tasks.set_state: an array's state without a look at each task.
         self.job_counts: dict[str, dict[str, int]] = {}
@@ -448,7 +452,7 @@ class ClusterState(StateReads):
             raise ArgError(
                 "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
             )
-        self._check_pending_caps(job, j.get("caps"))
+        self._check_pending_caps(job, j.get("caps"), spec_tasks(job.spec))
         job.waiting_on = wl.dependencies(self, job_id, job.spec)
         self.jobs[job_id] = job
         self._pending_changed(job, was_pending=False)
@@ -458,20 +462,38 @@ class ClusterState(StateReads):
             job.tasks.append(t.id)
             self.pending[t.id] = None
         self.job_counts[job_id] = {"pending": len(job.tasks)}
+        self.note_pending_tasks(job.user, len(job.tasks))
         return {"id": job_id}
 
-    def _check_pending_caps(self, job: Job, caps: Any) -> None:
-        """`caps` = [jobs, bytes] (0: no cap), decided by the proposer from its
-        flags, so every replica refuses the same submits."""
+    def note_pending_tasks(self, user: str, delta: int) -> None:
+        n = self.user_pending_tasks.get(user, 0) + delta
+        if n > 0:
+            self.user_pending_tasks[user] = n
+        else:
+            self.user_pending_tasks.pop(user, None)
+
+    def _check_pending_caps(self, job: Job, caps: Any, tasks: int) -> None:
+        """`caps` = [jobs, bytes] or [jobs, bytes, tasks] (0: no cap), decided
+        by the proposer from its flags, so every replica refuses the same
+        submits. The task cap (command format 4 on) bounds what arrays add:
+        each counts as one job however many tasks it has."""
         if caps is None:
             return
         if not (
             isinstance(caps, list)
-            and len(caps) == 2
+            and len(caps) in (2, 3)
             and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in caps)
         ):
-            raise ArgError("bad_request", "caps must be [jobs, bytes]")
-        max_jobs, max_bytes = caps
+            raise ArgError("bad_request", "caps must be [jobs, bytes] or [jobs, bytes, tasks]")
+        max_tasks = caps[2] if len(caps) == 3 else 0
+        waiting = self.user_pending_tasks.get(job.user, 0)
+        if max_tasks and waiting + tasks > max_tasks:
+            raise ArgError(
+                "pending_limit",
+                f"{job.user} has {waiting} tasks waiting to start; this job's {tasks} would "
+                f"pass the limit of {max_tasks}; cancel some or wait for them to start",
+            )
+        max_jobs, max_bytes = caps[0], caps[1]
         n, held = self.user_pending.get(job.user, (0, 0))
         if max_jobs and n + 1 > max_jobs:
             raise ArgError(
@@ -565,6 +587,8 @@ class ClusterState(StateReads):
                 dropped_workdirs.add(job.spec["workdir"])
             self.job_counts.pop(jid, None)
             for tid in self.jobs.pop(jid).tasks:
+                if self.tasks[tid].state == "pending":  # never: a final job has none
+                    self.note_pending_tasks(job.user, -1)
                 t = self.tasks.pop(tid)
                 if t.node_id is not None:
                     discard_from(self.node_tasks, t.node_id, tid)
@@ -851,9 +875,12 @@ class ClusterState(StateReads):
         user_pending: dict[str, tuple[int, int]] = {}
         self.dependents = {}
         self.job_counts = {}
+        self.user_pending_tasks = {}
         for t in self.tasks.values():
             counts = self.job_counts.setdefault(t.job_id, {})
             counts[t.state] = counts.get(t.state, 0) + 1
+            if t.state == "pending" and t.job_id in self.jobs:
+                self.note_pending_tasks(self.jobs[t.job_id].user, 1)
         for j in self.jobs.values():
             wl.add_dependents(self, j)
             if j.state == "pending":

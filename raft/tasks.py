@@ -28,6 +28,8 @@ def set_state(s: ClusterState, t: Task, state: str) -> None:
     if counts is not None:
         counts[t.state] = counts.get(t.state, 0) - 1
         counts[state] = counts.get(state, 0) + 1
+    if (t.state == "pending") != (state == "pending"):
+        s.note_pending_tasks(s.jobs[t.job_id].user, 1 if state == "pending" else -1)
     t.state = state
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from .arrays import ArrayError, check_ranges
+from .arrays import ArrayError, check_ranges, count
 from .commands import COMMAND_VERSION, encoded_size, human_bytes
 from .model import JobSpec
 
@@ -294,6 +294,13 @@ def stored_spec(spec: JobSpec) -> dict[str, Any]:
         if not out[key]:
             del out[key]
     return out
+
+
+def spec_tasks(spec: dict[str, Any]) -> int:
+    """How many tasks a stored spec makes: an array's indexes, or its gang."""
+    if spec.get("array") is not None:
+        return count(spec["array"])
+    return int(spec.get("nodes", 1))
 
 
 def spec_bytes(spec: dict[str, Any]) -> int:

@@ -208,6 +208,12 @@ def check_invariants(state: ClusterState) -> None:
         per_job[t.state] = per_job.get(t.state, 0) + 1
     kept = {j: {k: n for k, n in c.items() if n} for j, c in state.job_counts.items()}
     assert kept == counted, (kept, counted)
+    waiting: dict[str, int] = {}
+    for t in state.tasks.values():
+        if t.state == "pending":
+            user = state.jobs[t.job_id].user
+            waiting[user] = waiting.get(user, 0) + 1
+    assert state.user_pending_tasks == waiting, (state.user_pending_tasks, waiting)
     for job in state.jobs.values():
         tasks = [state.tasks[tid] for tid in job.tasks]
         states = [t.state for t in tasks]

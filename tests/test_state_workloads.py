@@ -394,3 +394,25 @@ def test_bad_signal_fields_are_refused(spec: dict[str, Any], words: str) -> None
     h = cluster()
     res = submit(h, "a", **spec)
     assert is_error(res, "bad_request") and words in res["error"]["message"], res
+
+
+def test_the_task_cap_counts_every_task_of_an_array() -> None:
+    h = cluster()
+    caps = [0, 0, 15]
+
+    def with_caps(job_id: str, **spec: Any) -> Any:
+        spec.setdefault("argv", ["true"])
+        job = {"id": job_id, "user": "alice", "spec": spec, "submitted_at": h.now, "caps": caps}
+        return h.cmd("submit_jobs", {"jobs": [job]})["results"][0]
+
+    assert with_caps("a", array=[[0, 9, 1]]) == {"id": "a"}
+    res = with_caps("b", array=[[0, 9, 1]])
+    assert is_error(res, "pending_limit") and "has 10 tasks waiting" in res["error"]["message"]
+    assert "b" not in h.state.jobs
+    assert with_caps("c", nodes=2) == {"id": "c"}  # 12 of 15
+    finish(h, "a.0", 0)  # one started: room for one more
+    assert h.state.user_pending_tasks == {"alice": 11}
+    h.ok("cancel_job", {"job_id": "a", "user": "alice"})
+    assert h.state.user_pending_tasks == {"alice": 2}
+    assert with_caps("d", array=[[0, 12, 1]]) == {"id": "d"}
+    check_invariants(h.state)
