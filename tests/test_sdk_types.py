@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def mypy(*paths: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-error-summary", *paths],
+        # No cache: mypy would find a module of the same name from an earlier run.
+        [sys.executable, "-m", "mypy", "--no-error-summary", "--cache-dir=/dev/null", *paths],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,7 +32,7 @@ def test_the_sdk_and_its_example_type_check(tmp_path: Path) -> None:
     out = mypy("leptond/client", "examples/sdk.py", str(misuse))
     errors = [line for line in out.stdout.splitlines() if ": error:" in line]
     # The package and the example are clean; both mistakes in the misuse are found.
-    assert all(line.startswith(str(misuse)) for line in errors), out.stdout
+    assert all(line.startswith(str(misuse)) for line in errors), (str(misuse), out.stdout)
     assert len(errors) == 2, out.stdout
     assert "Incompatible types in assignment" in errors[0]
     assert 'Argument "gpus" to "submit" of "Client" has incompatible type "str"' in errors[1]
