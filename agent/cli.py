@@ -80,6 +80,17 @@ def parser() -> argparse.ArgumentParser:
         "off runs tasks without enforced memory, CPU and pids limits",
     )
     r.add_argument(
+        "--http-port",
+        type=_port,
+        default=7443,
+        help="port of the agent's /metrics and /healthz (default 7443; 0: none)",
+    )
+    r.add_argument(
+        "--http-bind",
+        default="0.0.0.0",
+        help="address the agent's HTTP port listens on (default 0.0.0.0)",
+    )
+    r.add_argument(
         "--task-pids-max",
         type=_positive_int,
         default=DEFAULT_TASK_PIDS_MAX,
@@ -102,7 +113,26 @@ def parser() -> argparse.ArgumentParser:
         help="how long a finished task's output and working directory are kept after "
         "the leader has its exit, e.g. 30m, 12h, 7d (default 1d)",
     )
+    r.add_argument(
+        "--keep-visible",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory under /tmp or /dev/shm that tasks still see at its path "
+        "through their private /tmp and /dev/shm (a shared scratch or software "
+        "directory); repeatable",
+    )
     return p
+
+
+def _port(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {v!r}") from None
+    if not 0 <= n < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range: {v}")
+    return n
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -152,6 +182,14 @@ async def _main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"lepton-agent: --simulate-gpus: {exc}", file=sys.stderr)
             return 2
+    keep = tuple(Path(k) for k in args.keep_visible)
+    bad = next((k for k in keep if not k.is_absolute() or not k.is_dir()), None)
+    if bad is not None:
+        print(
+            f"lepton-agent: --keep-visible: {str(bad)!r} is not an absolute path to a directory",
+            file=sys.stderr,
+        )
+        return 2
     cfg = AgentConfig(
         masters=args.masters,
         join_token_file=Path(args.join_token_file) if args.join_token_file else None,
@@ -168,8 +206,11 @@ async def _main(args: argparse.Namespace) -> int:
         cache_policy=args.cache_policy,
         cgroups=args.cgroups,
         task_pids_max=args.task_pids_max,
+        http_port=args.http_port,
+        http_bind=args.http_bind,
         tasks_mem_max=args.tasks_mem_max,
         task_retention_s=args.task_retention,
+        keep_visible=keep,
     )
     try:
         agent = Agent(cfg)
@@ -182,6 +223,16 @@ async def _main(args: argparse.Namespace) -> int:
             "(--cgroups off runs tasks without enforced limits)",
             file=sys.stderr,
         )
+        return 1
+    try:
+        await agent.start_http()
+    except OSError as exc:
+        print(
+            f"lepton-agent: cannot serve /metrics on {args.http_bind}:{args.http_port}: "
+            f"{exc.strerror or exc} (--http-port picks another port, 0 none)",
+            file=sys.stderr,
+        )
+        agent.runner.close()
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +34,16 @@ from leptond.wire.errors import RpcError
 from . import credential, gpudev, identity, lease, logserve, taskns
 from .cgroup_task import CgroupError
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
-from .probes import GpuProbe, SimulatedGpuProbe, host_stats, make_gpu_probe
+from .health import GpuHealth
+from .metrics import AgentHttp
+from .probes import (
+    GpuProbe,
+    NvmlEventWatcher,
+    NvmlProbe,
+    SimulatedGpuProbe,
+    host_stats,
+    make_gpu_probe,
+)
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .sessions import SessionError, Sessions
 from .taskdir import SPEC, read_json, warn_signum
@@ -70,6 +81,14 @@ class AgentConfig:
     # How long a run's directory (output, working directory) is kept after
     # the leader has its exit.
     task_retention_s: float = 86400.0
+    # Directories under /tmp or /dev/shm that tasks still see at their paths
+    # through their private ones (a shared scratch or software directory).
+    keep_visible: tuple[Path, ...] = ()
+    # The agent's own HTTP port (/metrics, /healthz); 0: none.
+    http_port: int = 7443
+    http_bind: str = "0.0.0.0"
+    # How long a GPU's burn-in may take before the reset is refused.
+    burn_in_timeout_s: float = 300.0
 
 
 def run_id(task_id: str, attempt: int) -> str:
@@ -137,7 +156,9 @@ class Agent:
             cfg.data_dir / "tasks",
             self.cgroups,
             lease_file=self.lease_path,
-            keep_visible=(cfg.data_dir,),
+            # The agent's own Python installation too: the shim runs from it,
+            # and a dev cluster's tasks run its `python` (say from a clone in /tmp).
+            keep_visible=(cfg.data_dir, Path(sys.prefix), *cfg.keep_visible),
             clock=clock,
         )
         self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
@@ -145,7 +166,19 @@ class Agent:
         # The block cache is the agent's alone (0700) before the store opens it.
         (cfg.data_dir / "blocks").mkdir(mode=0o700, exist_ok=True)
         self.workdirs = WorkdirCache(cfg.data_dir / "blocks", cfg.cache_bytes, cfg.cache_policy)
-        self.probe: GpuProbe = make_gpu_probe(cfg.simulate_gpus, seed=self.name + self.node_id)
+        # Simulated GPUs take injected faults from a file (agent/health.py).
+        faults = cfg.data_dir / "simulate" / "faults"
+        if cfg.simulate_gpus:
+            faults.parent.mkdir(mode=0o700, exist_ok=True)
+        self.probe: GpuProbe = make_gpu_probe(
+            cfg.simulate_gpus, seed=self.name + self.node_id, fault_file=faults
+        )
+        self.health = GpuHealth(cfg.data_dir, clock)
+        self.nvml_events = (
+            NvmlEventWatcher(self.probe, self.health.record)
+            if isinstance(self.probe, NvmlProbe)
+            else None
+        )
         self.gpu_devices = self._gpu_devices()
         # Tasks pass through tasks/, workdirs/ and dev/ to their own files;
         # nothing else below the data dir is theirs to list or read.
@@ -166,9 +199,11 @@ class Agent:
                 "attach": self._on_attach,
                 "exec": self._on_exec,
                 "tty_input": self._on_tty_input,
+                "gpu_reset": self._on_gpu_reset,
             },
         )
         self.sessions = Sessions()  # interactive sessions (agent/sessions.py)
+        self.http = AgentHttp(self, self._healthz)
         self.events: list[dict[str, Any]] = []  # reported until committed
         self.registered_on: Connection | None = None
         self.state = "unknown"
@@ -280,11 +315,34 @@ class Agent:
             out.append({"task_id": tid, "attempt": attempt})
         return out
 
+    def cache_stats(self) -> dict[str, Any]:
+        return self.workdirs.stats()
+
+    def _healthz(self) -> dict[str, Any]:
+        registered = self.state in ("ready", "draining")
+        return {
+            "ok": registered,
+            "node": self.name,
+            "node_id": self.node_id,
+            "state": self.state,
+            "gpu_faults": self.health.report(),
+        }
+
     # -- main loop ----------------------------------------------------------------
+    async def start_http(self) -> None:
+        """Serve /metrics and /healthz; OSError when the port is taken."""
+        if self.cfg.http_port:
+            await self.http.start(self.cfg.http_bind, self.cfg.http_port)
+
     async def run(self) -> None:
+        if self.nvml_events is not None:
+            self.nvml_events.start()
         try:
             await self._run()
         finally:
+            if self.nvml_events is not None:
+                self.nvml_events.close()
+            await self.http.close()
             self.runner.close()  # the spare shim goes with the agent
             if self.cgroups is not None and not self.runner.running():
                 self.cgroups.close()
@@ -425,10 +483,13 @@ class Agent:
         return min(6.0, max(1.0, self.lease_s / 3))
 
     def _heartbeat_body(self) -> dict[str, Any]:
+        for ev in self.probe.poll_health():
+            self.health.record(ev)
         gpus = self.probe.gpus()
         return {
             "host": asdict(host_stats(self.cfg.data_dir)),
             "gpus": [asdict(g) for g in gpus],
+            "gpu_faults": self.health.report(),
             "running": self.running(),
             "exited": sorted({e["task_id"] for e in self.events if e["state"] == "exited"}),
             "cache": self.workdirs.stats(),
@@ -707,6 +768,56 @@ class Agent:
             return
         rows, cols = _size(a, default=(0, 0))
         self.sessions.input(str(a.get("task_id", "")), _session(a), data, rows, cols)
+
+    async def _on_gpu_reset(self, conn: Connection, a: Any) -> dict[str, Any]:
+        """The leader asks to put a GPU back in service (`leptonctl node gpu
+        reset`): it must pass a burn-in first (agent/burnin.py)."""
+        index = a.get("gpu") if isinstance(a, dict) else None
+        count = len(self.probe.gpus())
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise RpcError("bad_request", f"{self.name} has GPUs 0-{count - 1}, not {index!r}")
+        ok, note = await self._burn_in(index)
+        if not ok:
+            log.error("GPU %d failed its burn-in: %s; it stays unhealthy", index, note)
+            raise RpcError(
+                "conflict",
+                f"GPU {index} of {self.name} failed its burn-in ({note}); it stays unhealthy",
+            )
+        self.health.clear(index)
+        log.info("GPU %d is back in service: %s", index, note)
+        return {"gpu": index, "note": note}
+
+    async def _burn_in(self, index: int) -> tuple[bool, str]:
+        argv = [sys.executable, "-m", "agent.burnin"]
+        env = dict(os.environ)
+        if isinstance(self.probe, SimulatedGpuProbe):
+            self.probe.reset(index)
+            if index in self.probe.fail_burnin:
+                self.probe.fail_burnin.discard(index)
+                return False, "an injected burn-in fault (simulated GPU)"
+            argv += ["--device", "cpu", "--matmul", "256", "--pattern-bytes", str(16 << 20)]
+        else:
+            env.update(CUDA_VISIBLE_DEVICES=str(index), CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.cfg.burn_in_timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return False, f"it did not finish within {self.cfg.burn_in_timeout_s:g}s"
+        lines = out.decode("utf-8", "replace").strip().splitlines()
+        try:
+            res = json.loads(lines[-1])
+            return bool(res["ok"]), str(res["note"])
+        except (IndexError, ValueError, KeyError, TypeError):
+            tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            return False, f"the burn-in exited {proc.returncode}: {tail[0][:300]}"
 
     async def _exited(self) -> None:
         """A followed task ended: report its exit now rather than at the next

@@ -19,6 +19,8 @@ from typing import Any, Protocol, TypeVar
 
 import psutil
 
+from .health import GpuEvent, read_fault_file
+
 log = logging.getLogger("lepton.agent")
 
 GiB = 1 << 30
@@ -44,12 +46,19 @@ class GpuStat:
     power_w: float
     ecc_errors: int  # volatile corrected + uncorrected; -1 when unsupported
     domain: int  # NUMA/NVLink domain for topology-aware placement; -1 unknown
+    # Volatile ECC error counts (since the driver loaded); -1 when unsupported.
+    ecc_corrected: int = -1
+    ecc_uncorrected: int = -1
 
 
 class GpuProbe(Protocol):
     name: str
 
     def gpus(self) -> list[GpuStat]: ...
+
+    def poll_health(self) -> list[GpuEvent]:
+        """Faults found by looking (agent/health.py), checked every heartbeat."""
+        ...
 
     def close(self) -> None: ...
 
@@ -123,6 +132,7 @@ class NvmlProbe:
         mem = self._field(lambda: nv.nvmlDeviceGetMemoryInfo(h), None)
         util = self._field(lambda: nv.nvmlDeviceGetUtilizationRates(h), None)
         power_mw = self._field(lambda: float(nv.nvmlDeviceGetPowerUsage(h)), -1000.0)
+        ecc = self._ecc(h)
         return GpuStat(
             index=index,
             uuid=_text(self._field(lambda: nv.nvmlDeviceGetUUID(h), "")),
@@ -135,19 +145,56 @@ class NvmlProbe:
                 lambda: int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)), -1
             ),
             power_w=power_mw / 1000.0,
-            ecc_errors=self._ecc_errors(h),
+            ecc_errors=-1 if min(ecc) < 0 else sum(ecc),
             domain=self._domain(h),
+            ecc_corrected=ecc[0],
+            ecc_uncorrected=ecc[1],
         )
 
-    def _ecc_errors(self, h: Any) -> int:
+    def _ecc(self, h: Any) -> tuple[int, int]:
+        """Volatile (corrected, uncorrected) ECC errors; -1s when ECC is off
+        or unsupported (most consumer cards)."""
         nv = self._nvml
-        total = 0
+        out = []
         for kind in (nv.NVML_MEMORY_ERROR_TYPE_CORRECTED, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED):
             try:
-                total += int(nv.nvmlDeviceGetTotalEccErrors(h, kind, nv.NVML_VOLATILE_ECC))
+                out.append(int(nv.nvmlDeviceGetTotalEccErrors(h, kind, nv.NVML_VOLATILE_ECC)))
             except nv.NVMLError:
-                return -1  # ECC off or unsupported (most consumer cards)
-        return total
+                return -1, -1
+        return out[0], out[1]
+
+    def poll_health(self) -> list[GpuEvent]:
+        """A GPU off the bus, retired pages pending, row remapping failed."""
+        nv = self._nvml
+        out: list[GpuEvent] = []
+        with self._lock:
+            if self._closed:
+                return out
+            try:
+                count = int(nv.nvmlDeviceGetCount())
+            except nv.NVMLError:
+                return out
+            for i in range(count):
+                try:
+                    h = nv.nvmlDeviceGetHandleByIndex(i)
+                    nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
+                except nv.NVMLError as e:
+                    if _is_lost(nv, e):
+                        out.append(GpuEvent("lost", i))
+                    continue
+                out.extend(self._memory_health(i, h))
+        return out
+
+    def _memory_health(self, index: int, h: Any) -> list[GpuEvent]:
+        nv = self._nvml
+        out = []
+        pending = self._field(lambda: nv.nvmlDeviceGetRetiredPagesPendingStatus(h), 0)
+        if pending == getattr(nv, "NVML_FEATURE_ENABLED", 1):
+            out.append(GpuEvent("retired_pages", index))
+        rows = self._field(lambda: nv.nvmlDeviceGetRemappedRows(h), None)
+        if isinstance(rows, tuple | list) and len(rows) >= 4 and rows[3]:
+            out.append(GpuEvent("remap_failed", index))
+        return out
 
     def _domain(self, h: Any) -> int:
         # GPUs on one NUMA node share a PCIe root complex and, on HGX boards,
@@ -168,6 +215,91 @@ class NvmlProbe:
                 self._nvml.nvmlShutdown()
             except self._nvml.NVMLError as e:
                 log.debug("nvmlShutdown failed: %s", e)
+
+
+class NvmlEventWatcher:
+    """NVML events on a thread of their own: critical Xids and ECC errors go
+    to `sink` (GpuHealth.record) as they happen. The thread waits at most
+    `wait_ms` at a time, so `close` ends it within that."""
+
+    def __init__(self, probe: NvmlProbe, sink: Callable[[GpuEvent], None], wait_ms: int = 1000):
+        self._nv = probe._nvml
+        self._sink = sink
+        self._wait_ms = wait_ms
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
+        self.registered: list[int] = []  # GPU indexes whose events are watched
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self._wait_ms / 1000 + 1)
+
+    def _register(self) -> Any:
+        nv = self._nv
+        wanted = (
+            nv.nvmlEventTypeXidCriticalError
+            | nv.nvmlEventTypeDoubleBitEccError
+            | nv.nvmlEventTypeSingleBitEccError
+        )
+        es = nv.nvmlEventSetCreate()
+        for i in range(int(nv.nvmlDeviceGetCount())):
+            try:
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                supported = int(nv.nvmlDeviceGetSupportedEventTypes(h))
+                nv.nvmlDeviceRegisterEvents(h, wanted & supported, es)
+                self.registered.append(i)
+            except nv.NVMLError as e:
+                log.warning("GPU %d: NVML events unavailable (%s); polling only", i, e)
+        return es
+
+    def _run(self) -> None:
+        nv = self._nv
+        try:
+            es = self._register()
+        except Exception as e:  # NVMLError subclasses, a driver without events
+            log.warning("NVML events unavailable (%s); GPU health is polled only", e)
+            return
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = nv.nvmlEventSetWait_v2(es, self._wait_ms)
+                except nv.NVMLError as e:
+                    if getattr(e, "value", None) == nv.NVML_ERROR_TIMEOUT:
+                        continue
+                    log.warning("waiting for NVML events failed (%s); polling only", e)
+                    return
+                ev = self._event(data)
+                if ev is not None:
+                    self._sink(ev)
+        finally:
+            try:
+                nv.nvmlEventSetFree(es)
+            except nv.NVMLError:
+                pass
+
+    def _event(self, data: Any) -> GpuEvent | None:
+        nv = self._nv
+        try:
+            index = int(nv.nvmlDeviceGetIndex(data.device))
+        except nv.NVMLError:
+            return None
+        kind = int(data.eventType)
+        if kind & nv.nvmlEventTypeXidCriticalError:
+            return GpuEvent("xid", index, int(data.eventData))
+        if kind & nv.nvmlEventTypeDoubleBitEccError:
+            return GpuEvent("ecc_dbe", index)
+        if kind & nv.nvmlEventTypeSingleBitEccError:
+            return GpuEvent("ecc_sbe", index)
+        return None
+
+
+def _is_lost(nv: Any, e: Exception) -> bool:
+    lost = getattr(nv, "NVML_ERROR_GPU_IS_LOST", 15)
+    return getattr(e, "value", None) == lost
 
 
 def _text(v: Any) -> str:
@@ -224,6 +356,7 @@ class SimulatedGpuProbe:
         model: str = DEFAULT_SIM_MODEL,
         mem_bytes: int = DEFAULT_SIM_MEM_BYTES,
         seed: str = "",
+        fault_file: Path | None = None,
     ) -> None:
         if count < 0:
             raise ValueError(f"simulated GPU count must be >= 0, got {count}")
@@ -234,6 +367,12 @@ class SimulatedGpuProbe:
         self.mem_bytes = mem_bytes
         self._uuids = [simulated_uuid(seed, i) for i in range(count)]
         self._busy: frozenset[int] = frozenset()
+        # Injected faults (agent/health.py's fault file): GPUs off the bus,
+        # ECC error counts, and GPUs whose next burn-in fails.
+        self.fault_file = fault_file
+        self.lost: set[int] = set()
+        self.ecc = [[0, 0] for _ in range(count)]  # [corrected, uncorrected] per GPU
+        self.fail_burnin: set[int] = set()
 
     def set_busy(self, indices: Iterable[int]) -> None:
         """Mark which GPUs tasks hold; busy GPUs report load, idle ones none."""
@@ -248,19 +387,45 @@ class SimulatedGpuProbe:
         return [self._stat(i, i in busy) for i in range(self.count)]
 
     def _stat(self, i: int, busy: bool) -> GpuStat:
+        corrected, uncorrected = self.ecc[i]
+        if i in self.lost:  # off the bus: NVML would answer nothing
+            busy = False
         return GpuStat(
             index=i,
             uuid=self._uuids[i],
             name=self.model,
             mem_total_bytes=self.mem_bytes,
             mem_used_bytes=self.mem_bytes * 9 // 10 if busy else 0,
-            util_pct=95 if busy else 0,
+            util_pct=-1 if i in self.lost else 95 if busy else 0,
             mem_util_pct=60 if busy else 0,
-            temperature_c=70 if busy else 35,
+            temperature_c=-1 if i in self.lost else 70 if busy else 35,
             power_w=300.0 if busy else 60.0,
-            ecc_errors=0,
+            ecc_errors=corrected + uncorrected,
             domain=i // SIM_GPUS_PER_DOMAIN,
+            ecc_corrected=corrected,
+            ecc_uncorrected=uncorrected,
         )
+
+    def poll_health(self) -> list[GpuEvent]:
+        """The faults written to the fault file since the last poll; each one
+        also changes what the simulated GPU reports."""
+        if self.fault_file is None:
+            return []
+        out = []
+        for ev in read_fault_file(self.fault_file, self.count):
+            if ev.kind == "burnin_fail":
+                self.fail_burnin.add(ev.gpu)
+                continue
+            if ev.kind == "lost":
+                self.lost.add(ev.gpu)
+            elif ev.kind in ("ecc_sbe", "ecc_dbe"):
+                self.ecc[ev.gpu][ev.kind == "ecc_dbe"] += 1
+            out.append(ev)
+        return out
+
+    def reset(self, index: int) -> None:
+        """What a GPU reset does to a simulated GPU: back on the bus."""
+        self.lost.discard(index)
 
     def close(self) -> None:
         pass
@@ -312,11 +477,12 @@ def parse_simulate_spec(spec: str) -> tuple[int, str, int]:
     return count, model, mem
 
 
-def make_gpu_probe(simulate: str | None, seed: str) -> GpuProbe:
-    """Simulated GPUs when asked for, else NVML, else a probe with no GPUs."""
+def make_gpu_probe(simulate: str | None, seed: str, fault_file: Path | None = None) -> GpuProbe:
+    """Simulated GPUs when asked for (taking faults from `fault_file`), else
+    NVML, else a probe with no GPUs."""
     if simulate:
         count, model, mem = parse_simulate_spec(simulate)
-        return SimulatedGpuProbe(count, model, mem, seed=seed)
+        return SimulatedGpuProbe(count, model, mem, seed=seed, fault_file=fault_file)
     probe = open_nvml()
     if probe is not None:
         return probe

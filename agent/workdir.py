@@ -38,6 +38,11 @@ class WorkdirCache:
             raise ValueError(f"cache policy must be lru or lfu, not {policy!r}")
         self.store = BlockStore(root, disk_budget_bytes=budget_bytes, policy=policy)  # type: ignore[arg-type]
         self.pins: dict[str, list[str]] = {}  # run id -> pinned blocks
+        # Blocks tasks needed that were here (hits) or had to be fetched
+        # (misses), and the bytes fetched: the cache's worth, on /metrics.
+        self.hits = 0
+        self.misses = 0
+        self.fetched_bytes = 0
 
     async def prepare(self, run_id: str, manifest_obj: Any, dest: Path, conn: Connection) -> None:
         """Fetch what is missing and write the tree into dest. WorkdirError on any problem."""
@@ -46,6 +51,9 @@ class WorkdirCache:
         self.store.pin(ids)
         self.pins[run_id] = ids
         missing = self.store.missing(ids)
+        unique = len(set(ids))
+        self.hits += unique - len(missing)
+        self.misses += len(missing)
         sem = asyncio.Semaphore(PARALLEL)
 
         async def fetch(bid: str) -> None:
@@ -55,6 +63,7 @@ class WorkdirCache:
                         res = await conn.call("block_get", {"id": bid}, timeout_s=120)
                         data = unpack_block(res["data"], bool(res.get("z")), MAX_BLOCK_SIZE)
                         self.store.put(bid, data)  # verifies the hash
+                        self.fetched_bytes += len(data)
                         return
                     except BlockCorrupt as exc:
                         log.warning(
@@ -90,4 +99,10 @@ class WorkdirCache:
             self.store.unpin(ids)
 
     def stats(self) -> dict[str, Any]:
-        return asdict(self.store.stats())
+        """The store's figures (its tiers as maps) and the workdir counters."""
+        return {
+            **asdict(self.store.stats()),
+            "hits": self.hits,
+            "misses": self.misses,
+            "fetched_bytes": self.fetched_bytes,
+        }

@@ -364,6 +364,32 @@ def parser() -> ArgParser:
     q = sub.add_parser("queue", help="usage, fair share and pending work per user")
     _out(q)
 
+    sub.add_parser(
+        "top",
+        help="the cluster on one screen, refreshed every second (q quits)",
+        description="Nodes and their GPUs as a grid (# in use, . free, x unhealthy, - node "
+        "down), running jobs, and pending jobs with why they wait. Refreshes every second; "
+        "q quits.",
+    )
+    us = sub.add_parser(
+        "usage",
+        help="GPU-hours, CPU-hours and jobs by final state, per user or per job",
+        description="What each user used (GPU-hours, CPU-hours, jobs by final state) over "
+        "the last --since, counted by whole UTC days; it outlives the jobs themselves. "
+        "--by job lists the jobs the cluster still holds. Work running now counts up to now.",
+    )
+    us.add_argument(
+        "--since", default="7d", metavar="DURATION", help="how far back, e.g. 1d, 7d, 30d (7d)"
+    )
+    us.add_argument("--by", choices=["user", "job"], default="user", help="one row per (user)")
+    us.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="table for people (default), json or csv for scripts",
+    )
+
     n = sub.add_parser("nodes", help="list nodes: GPUs, CPUs and memory as used/total")
     _out(n)
     nd = sub.add_parser("node", help="drain, undrain or remove a node; join tokens for new ones")
@@ -382,6 +408,17 @@ def parser() -> ArgParser:
             x.add_argument(
                 "--force", action="store_true", help="even with tasks on it (they are lost)"
             )
+    gp = ndsub.add_parser("gpu", help="put an unhealthy GPU back in service (admin)")
+    gpsub = gp.add_subparsers(dest="gpu_cmd", required=True, parser_class=ArgParser)
+    gr = gpsub.add_parser(
+        "reset",
+        help="run a burn-in on the GPU and, if it passes, mark it healthy",
+        description="The host's agent runs a short burn-in on the GPU (a torch matmul and a "
+        "memory pattern check; skipped with a note where torch is not installed). If it "
+        "passes, the GPU is marked healthy and takes work again.",
+    )
+    gr.add_argument("node", help="node name or id")
+    gr.add_argument("gpu", type=_count("GPU", 0, 1 << 20), help="the GPU's index")
     jt = ndsub.add_parser("join-token", help="tokens that let a new host join (admin)")
     jtsub = jt.add_subparsers(dest="join_cmd", required=True, parser_class=ArgParser)
     jc = jtsub.add_parser(

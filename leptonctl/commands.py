@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from leptond.wire.client import ClusterClient
 from . import interactive, jobfile, jobs
 from .jobs import UsageError
 from .logs import Follower, Options
-from .output import ago, emit_json, say, size, table, until
+from .output import ago, clean, emit_json, say, size, table, until
 
 __all__ = ["UsageError", "dispatch", "node_state"]
 
@@ -37,6 +38,14 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
         return await logs(c, a)
     if cmd == "queue":
         return await queue(c, a)
+    if cmd == "usage":
+        return await usage(c, a)
+    if cmd == "top":
+        if not sys.stdout.isatty():
+            raise UsageError("top draws on a terminal; for scripts use nodes, jobs or queue")
+        from . import top
+
+        return await top.run(c, a.timeout)
     if cmd == "nodes":
         return await nodes(c, a)
     if cmd in ("node", "drain"):
@@ -74,8 +83,12 @@ async def queue(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.output == "json":
         emit_json(rows)
         return 0
+    # With --fair-share-half-life on the masters, the decayed usage the
+    # scheduler adds to each share shows too.
+    past = any(r.get("past_share") for r in rows)
     table(
-        ["USER", "GPUS", "CPUS", "MEM", "SHARE", "PENDING", "PENDING GPUS", "QUOTA"],
+        ["USER", "GPUS", "CPUS", "MEM", "SHARE", "PENDING", "PENDING GPUS", "QUOTA"]
+        + (["PAST USAGE"] if past else []),
         [
             [
                 r["user"],
@@ -87,8 +100,42 @@ async def queue(c: ClusterClient, a: argparse.Namespace) -> int:
                 r["pending_gpus"],
                 r.get("quota_gpus") or "-",
             ]
+            + ([f"{r.get('past_share', 0.0):.3f}"] if past else [])
             for r in rows
         ],
+    )
+    return 0
+
+
+USAGE_COLUMNS = {
+    "user": ["user", "gpu_hours", "cpu_hours", "succeeded", "failed", "cancelled", "running_tasks"],
+    "job": ["job", "name", "user", "state", "gpu_hours", "cpu_hours"],
+}
+
+
+async def usage(c: ClusterClient, a: argparse.Namespace) -> int:
+    try:
+        since_s = jobfile.parse_duration(a.since)
+    except jobfile.JobFileError:
+        raise UsageError(f"--since: not a duration: {a.since!r} (try 1d, 7d or 30d)") from None
+    if not 0 < since_s <= 3650 * 86400:
+        raise UsageError(f"--since must be more than 0s and at most 3650d, got {a.since!r}")
+    res = await api.usage(c, since_s, a.by, timeout_s=a.timeout)
+    rows = res["rows"]
+    if a.output == "json":
+        emit_json(rows)
+        return 0
+    cols = USAGE_COLUMNS[a.by]
+    flat = [{**r, **(r.get("jobs") or {})} for r in rows]
+    if a.output == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        # Cleaned as the table is: a name may hold terminal escapes.
+        w.writerows([[clean(r.get(k, "")) for k in cols] for r in flat])
+        return 0
+    table(
+        [k.replace("_", " ").upper() for k in cols],
+        [[f"{r[k]:.2f}" if k.endswith("_hours") else r.get(k, "") for k in cols] for r in flat],
     )
     return 0
 
@@ -101,6 +148,12 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
         return 0
     # Every resource as used/total; utilisation only for what is up (a down
     # node's last figures are stale).
+    faults = [
+        f"{r['name']}: GPU {f['index']} unhealthy: {f['reason']} "
+        f"(leptonctl node gpu reset {r['name']} {f['index']})"
+        for r in rows
+        for f in r.get("gpu_faults") or []
+    ]
     table(
         ["NAME", "ID", "STATE", "GPUS", "GPU UTIL", "MODEL", "CPUS", "MEM", "LABELS"],
         [
@@ -108,7 +161,8 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
                 r["name"],
                 r["id"],
                 node_state(r["state"], r.get("drain_deadline"), r.get("drain_reason") is not None),
-                f"{r['gpus_total'] - r['gpus_free']}/{r['gpus_total']}",
+                f"{r['gpus_used']}/{r['gpus_total']}"
+                + (f" ({r['gpus_unhealthy']} unhealthy)" if r.get("gpus_unhealthy") else ""),
                 "-" if r.get("gpu_util_pct") is None else f"{r['gpu_util_pct']:.0f}%",
                 ",".join(r["gpu_models"]) or "-",
                 f"{r['cpus_used']:g}/{r['cpus']:g}",
@@ -118,6 +172,8 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
             for r in rows
         ],
     )
+    for line in faults:
+        say(line)
     return 0
 
 
@@ -139,6 +195,10 @@ async def node(c: ClusterClient, a: argparse.Namespace) -> int:
     sub = "drain" if a.cmd == "drain" else a.node_cmd
     if sub == "join-token":
         return await join_token(c, a)
+    if sub == "gpu":
+        res = await api.gpu_reset(c, a.node, a.gpu)
+        say(f"{res['node']}: GPU {res['gpu']} {res['state']} ({res['burn_in']})")
+        return 0
     deadline_s = None
     if getattr(a, "deadline", None) is not None:
         deadline_s = drain_deadline_s(a.deadline)  # before anything is sent

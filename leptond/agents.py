@@ -30,6 +30,16 @@ log = logging.getLogger("lepton.master")
 MAX_EVENT_BYTES = 16 * 1024
 # Items of a relayed stream (task output) the leader lets an agent send ahead.
 RELAY_WINDOW = 4
+MAX_GPU_FAULTS = 1024  # GPUs one heartbeat may report faulty
+MAX_FAULT_REASON_CHARS = 256
+
+
+def _fault_reason(v: Any) -> str:
+    """A host's words for a GPU fault, as every listing, log line and page
+    shows them: short, on one line, printable (the host may be compromised)."""
+    if not isinstance(v, str) or not v.strip():
+        return "unhealthy"
+    return "".join(c if c.isprintable() else " " for c in v[:MAX_FAULT_REASON_CHARS]).strip()
 
 
 def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
@@ -68,6 +78,8 @@ class AgentRegistry:
         self._may_renew_leases = may_renew_leases
         self._clock = clock
         self.conns: dict[str, Connection] = {}  # node id -> agent connection (leader only)
+        # Node id -> the commit of GPU faults it reported, while one is under way.
+        self._marking: dict[str, asyncio.Task[None]] = {}
         self.events: Batcher[dict[str, Any], int] | None = None
 
     def handlers(self) -> dict[str, Handler]:
@@ -92,6 +104,10 @@ class AgentRegistry:
         self.events.start()
 
     async def step_down(self) -> None:
+        for task in list(self._marking.values()):
+            task.cancel()
+        await asyncio.gather(*self._marking.values(), return_exceptions=True)
+        self._marking.clear()
         if self.events is not None:
             await self.events.close()
             self.events = None
@@ -179,7 +195,50 @@ class AgentRegistry:
         if clean.dropped:
             self.liveness.dropped(nid, clean.dropped)
         self.liveness.heard(nid, stats)
+        self._gpu_faults(nid, a.get("gpu_faults"))
         return self.reconcile(nid, running, exited)
+
+    def _gpu_faults(self, nid: str, reported: Any) -> None:
+        """Commit the GPUs the agent found faulty that the state does not
+        mark yet (raft/gpuhealth.py), in the background: the heartbeat is
+        answered at once. Only a reset clears a mark, so what the agent no
+        longer reports changes nothing here."""
+        if not isinstance(reported, list) or not reported or nid in self._marking:
+            return
+        task = asyncio.get_running_loop().create_task(self._mark_faulty(nid, reported))
+        self._marking[nid] = task
+        task.add_done_callback(lambda _: self._marking.pop(nid, None))
+
+    async def _mark_faulty(self, nid: str, reported: list[Any]) -> None:
+        node = self._reader.view().nodes.get(nid)
+        if node is None:
+            return
+        have = {int(f["index"]) for f in node.gpu_faults}
+        valid = {g["index"] for g in node.gpus}
+        new = []
+        for f in reported[:MAX_GPU_FAULTS]:
+            idx = f.get("index") if isinstance(f, dict) else None
+            if isinstance(idx, int) and not isinstance(idx, bool) and idx in valid - have:
+                new.append({"index": idx, "reason": _fault_reason(f.get("reason"))})
+        if not new:
+            return
+        try:
+            res = await self._proposer.propose(
+                "gpu_health",
+                {"node_id": nid, "unhealthy": new, "now": self._clock.now()},
+                wake=True,  # the scheduling pass pushes the stops
+            )
+        except RpcError as exc:
+            log.warning("node %s: GPU faults not recorded yet: %s", node.name, exc)
+            return
+        for f in new:
+            log.error("node %s: GPU %d marked unhealthy: %s", node.name, f["index"], f["reason"])
+        if res.get("stopping"):
+            log.warning(
+                "node %s: stopping %d task(s) on unhealthy GPUs to run them elsewhere",
+                node.name,
+                len(res["stopping"]),
+            )
 
     def reconcile(
         self, nid: str, running: set[tuple[str, int]], exited: set[str]
@@ -277,6 +336,12 @@ class AgentRegistry:
     def is_connected(self, node_id: str) -> bool:
         conn = self.conns.get(node_id)
         return conn is not None and not conn.is_closing()
+
+    async def call(self, node_id: str, method: str, args: dict[str, Any], timeout_s: float) -> Any:
+        agent = self.conns.get(node_id)
+        if agent is None or agent.is_closing():
+            raise RpcError("unavailable", "the host is not connected")
+        return await agent.call(method, args, timeout_s=timeout_s)
 
     async def stream(self, node_id: str, method: str, args: dict[str, Any]) -> AsyncIterator[Any]:
         agent = self.conns.get(node_id)

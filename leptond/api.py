@@ -134,7 +134,7 @@ async def _call(
     return out
 
 
-def _rid(conn: Connection, a: dict[str, Any], method: str) -> str | None:
+def request_id(conn: Connection, a: dict[str, Any], method: str) -> str | None:
     """The request id under which a mutating call's result is remembered.
 
     The client makes one id per logical call and sends it with every retry
@@ -277,7 +277,8 @@ def _refuse_if_it_never_fits(m: ApiContext, spec: JobSpec) -> None:
         constraints=dict(spec.constraints),
         gang_size=spec.nodes,
     )
-    nodes = [views.node_view(n) for n in m.view().nodes.values()]
+    # Unhealthy GPUs count: they come back after a reset.
+    nodes = [views.node_view(n, with_faulty=True) for n in m.view().nodes.values()]
     why = sch.never_fits(nodes, req)
     if why is not None:
         raise RpcError(UNSCHEDULABLE, f"no node can ever run this job: {why}")
@@ -295,7 +296,7 @@ async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     of the selection that fit in one page."""
     # `local`: this master's own replica, e.g. to check that a follower has caught up.
     if not param.flag(a, "local"):
-        _prefer_leader(m)
+        prefer_leader(m)
     limit = param.integer(a, "limit", 1, MAX_JOBS_LISTED, 1000)
     want_all = param.flag(a, "all")
     states = set(param.choices(a, "state", JOB_STATES))
@@ -361,7 +362,7 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """One job in detail. `brief`: without its spec (env values), so not a
     read of another user's private parts (no audit record): what `logs -f`
     polls while it follows a job."""
-    _prefer_leader(m)
+    prefer_leader(m)
     jid = param.string(a, "job_id")
     brief = param.flag(a, "brief")
     index = _index(a)
@@ -429,7 +430,7 @@ async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "now": m.clock.now(),
             **({"index": index} if index is not None else {}),
         },
-        rid=_rid(conn, a, "cancel"),
+        rid=request_id(conn, a, "cancel"),
         wake=True,
     )
 
@@ -514,7 +515,7 @@ def _audit_read(m: ApiContext, conn: Connection, job_id: str, owner: str, what: 
 
 @method("queue", "read")
 async def queue(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    prefer_leader(m)
     nodes, allocs, pending = views.scheduler_inputs(m.view())
     policy = m.scheduling.policy
     return [asdict(u) for u in sch.queue_report(nodes, allocs, pending, policy)]
@@ -523,12 +524,12 @@ async def queue(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 # -- nodes ------------------------------------------------------------------------
 @method("nodes", "read")
 async def nodes(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    prefer_leader(m)
     s = m.view()
     return [views.node_summary(s, n, m.liveness.stats(n.id)) for n in s.nodes.values()]
 
 
-def _find_node(m: ApiContext, ref: str) -> str:
+def find_node(m: ApiContext, ref: str) -> str:
     s = m.view()
     if ref in s.nodes:
         return ref
@@ -549,13 +550,13 @@ async def node_drain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     deadline_s = _drain_deadline_s(a.get("deadline_s"))
     reason = param.string(a, "reason", max_chars=1024) or "drained"
-    nid = _find_node(m, param.string(a, "node"))
+    nid = find_node(m, param.string(a, "node"))
     now = m.clock.now()
     cmd: dict[str, Any] = {"node_id": nid, "state": "draining", "now": now, "reason": reason}
     if deadline_s is not None:
         # Decided here, once: apply must not read a clock.
         cmd["deadline"] = now + deadline_s
-    return await m.propose("node_state", cmd, rid=_rid(conn, a, "node_drain"))
+    return await m.propose("node_state", cmd, rid=request_id(conn, a, "node_drain"))
 
 
 def _drain_deadline_s(v: Any) -> float | None:
@@ -588,11 +589,11 @@ async def node_label(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     unset = a.get("unset") or []
     if not isinstance(unset, list) or not all(isinstance(k, str) and len(k) <= 64 for k in unset):
         raise RpcError(BAD_REQUEST, "unset must be a list of label names")
-    nid = _find_node(m, ref)
+    nid = find_node(m, ref)
     return await m.propose(
         "node_labels",
         {"node_id": nid, "set": add, "unset": unset},
-        rid=_rid(conn, a, "node_label"),
+        rid=request_id(conn, a, "node_label"),
         wake=True,
     )
 
@@ -600,11 +601,11 @@ async def node_label(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 @method("node_undrain", "admin", mutating=True)
 async def node_undrain(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
-    nid = _find_node(m, param.string(a, "node"))
+    nid = find_node(m, param.string(a, "node"))
     return await m.propose(
         "node_state",
         {"node_id": nid, "state": "ready", "now": m.clock.now()},
-        rid=_rid(conn, a, "node_undrain"),
+        rid=request_id(conn, a, "node_undrain"),
         wake=True,
     )
 
@@ -616,7 +617,7 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     A node id that only a credential still names (its agent deregistered
     itself) has that credential revoked."""
     m.ensure_leader()
-    rid = _rid(conn, a, "node_rm")
+    rid = request_id(conn, a, "node_rm")
     if rid is not None and m.answered(rid):
         # A retry of a removal that went through: the node is gone, so it
         # cannot be looked up again; the remembered answer is all there is.
@@ -626,7 +627,7 @@ async def node_rm(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         force = param.flag(a, "force")
         s = m.view()
         orphan = ref not in s.nodes and ref in s.node_cred_of
-        nid = ref if orphan else _find_node(m, ref)
+        nid = ref if orphan else find_node(m, ref)
         res = await m.propose(
             "remove_node",
             {"node_id": nid, "now": m.clock.now(), "force": force, "revoke": True},
@@ -647,7 +648,7 @@ async def cluster_status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> 
     that knows the leader sends the caller there: only the leader knows how
     far behind each member is, so the answer is the same from any master."""
     if param.flag(a, "from_leader"):
-        _prefer_leader(m)
+        prefer_leader(m)
     want_health = param.flag(a, "health")
     st = m.raft.status()
     mine = m.health(st)
@@ -727,7 +728,7 @@ async def _membership(m: ApiContext, change: Awaitable[None]) -> None:
 # -- backups ---------------------------------------------------------------------
 @method("snapshot_save", "admin")
 async def snapshot_save(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
-    _prefer_leader(m)
+    prefer_leader(m)
     # The view is encoded off the event loop and with no lock held: a large
     # state takes seconds to encode, and apply goes on meanwhile.
     s = m.reader.snapshot_view()
@@ -743,7 +744,7 @@ async def snapshot_save(m: ApiContext, conn: Connection, a: dict[str, Any]) -> A
 async def snapshot_check(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     """What restoring this snapshot would replace (nothing is changed): the
     jobs and nodes in it, and those in the cluster now."""
-    _prefer_leader(m)
+    prefer_leader(m)
     state_bytes, meta = _decode_snapshot(a.get("data"))
     try:
         # Off the event loop: a large snapshot takes a while to decode.
@@ -778,7 +779,7 @@ async def snapshot_restore(m: ApiContext, conn: Connection, a: dict[str, Any]) -
     # every replica, when the last part applies (ClusterState.apply_restore).
     # A retry (same client rid) goes on with the same restore: its parts keep
     # their ids, and the parts already applied answer from the dedupe table.
-    rid = _rid(conn, a, "snapshot_restore")
+    rid = request_id(conn, a, "snapshot_restore")
     step = RESTORE_PART_BYTES
     parts = [state_bytes[i : i + step] for i in range(0, len(state_bytes), step)] or [b""]
     head = {"id": rid or uuid.uuid4().hex, "parts": len(parts)}
@@ -820,7 +821,7 @@ async def token_create(m: ApiContext, conn: Connection, a: dict[str, Any]) -> An
             "now": m.clock.now(),
             "unix_user": unix_user,
         },
-        rid=_rid(conn, a, "token_create"),
+        rid=request_id(conn, a, "token_create"),
     )
     if res["id"] != tok.id:
         # A retry of a call that made its token already: answer with that one,
@@ -852,7 +853,7 @@ async def token_ls(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 async def token_revoke(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     res = await m.propose(
-        "token_revoke", {"id": param.string(a, "id")}, rid=_rid(conn, a, "token_revoke")
+        "token_revoke", {"id": param.string(a, "id")}, rid=request_id(conn, a, "token_revoke")
     )
     # Close live connections made with that token.
     m.close_connections(res["id"])
@@ -864,7 +865,7 @@ async def whoami(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     return {"user": conn.context.get("user"), "role": conn.context.get("role")}
 
 
-def _prefer_leader(m: ApiContext) -> None:
+def prefer_leader(m: ApiContext) -> None:
     """Reads go to the leader when one is known, so a client reads its own writes."""
     if not m.is_leader():
         addr = m.leader_rpc_addr()

@@ -66,6 +66,18 @@ def _size(v: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _duration(v: str) -> float:
+    from leptonctl.jobfile import JobFileError, parse_duration
+
+    try:
+        seconds = parse_duration(v)
+    except JobFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 <= seconds <= 3650 * 86400:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 3650d, got {v!r}")
+    return seconds
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from raft.errors import RaftError
 
@@ -160,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lease_margin_s=args.lease_margin,
         allow_root_tasks=args.allow_root_tasks,
         default_mem_per_gpu=args.default_mem_per_gpu,
+        fair_share_half_life_s=args.fair_share_half_life,
         default_mem_per_cpu=args.default_mem_per_cpu,
         max_pending_jobs=args.max_pending_jobs,
         max_pending_spec_bytes=args.max_pending_spec_bytes,
@@ -398,6 +411,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="rotate the audit log at this size, keeping four old files (default 64M)",
     )
+    r.add_argument(
+        "--fair-share-half-life",
+        type=_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="let fair share count each user's recent usage, decayed with this half-life "
+        "(e.g. 1d, like Slurm's PriorityDecayHalfLife; default 0: only what runs now)",
+    )
     r.set_defaults(fn=cmd_run)
     rc = sub.add_parser(
         "recover",
@@ -433,6 +454,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--rpc-port", type=_port, default=7441, help="the master's RPC port")
     d.add_argument("--http-port", type=_port, default=7440, help="the master's HTTP port")
     d.add_argument("--raft-port", type=_port, default=7442, help="the master's Raft port")
+    d.add_argument(
+        "--agent-http-port",
+        type=_port,
+        default=7443,
+        help="agent dev-N serves /metrics on this port + N (default 7443; 0: none)",
+    )
     d.add_argument(
         "--no-restart",
         action="store_true",

@@ -65,6 +65,11 @@ class MasterConfig:
     # for the others (and for GPU jobs without a per-GPU default); 0: none
     # (agents still hold a task without one to the host's limit for tasks).
     default_mem_per_gpu: int = 0
+    # Fair share counts each user's recent usage, decayed with this
+    # half-life (Slurm's PriorityDecayHalfLife); 0: only what runs now.
+    fair_share_half_life_s: float = 0.0
+    # How long usage per user and day is kept (it outlives the jobs).
+    usage_retention_s: float = 400 * 86400.0
     # Each user's jobs waiting to start, and the bytes of their specs: a
     # submit over either is refused (they live in every master's memory and
     # in every snapshot). 0: no cap.

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any, Protocol
 
 import scheduler as sch
+from raft import accounting as acct
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.view import StateView
 
-from . import views
+from . import usage, views
 from .clock import Clock, wait_event
 from .config import MasterConfig
 from .liveness import NodeLiveness
@@ -30,6 +32,10 @@ FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
 IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
 MEMBERS_EVERY_S = 60.0
+# Decayed usage for fair share is recomputed when runs ended since (at most
+# every DECAY_MIN_GAP_S), and every DECAY_EVERY_S as the days age.
+DECAY_EVERY_S = 60.0
+DECAY_MIN_GAP_S = 2.0
 
 
 class BlockInfo(Protocol):
@@ -72,6 +78,8 @@ class Controllers:
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
         self.plans = 0
+        self._decayed_at = -DECAY_EVERY_S
+        self._decayed_for: tuple[float, float] = (-1.0, -1.0)
         self.policy = sch.Policy(
             preemption=cfg.preemption,
             quotas=dict(cfg.quotas),
@@ -170,8 +178,13 @@ class Controllers:
                 "member_info",
                 {"raft_addr": cfg.raft_addr, "rpc_addr": cfg.rpc_addr, "http_addr": cfg.http_addr},
             )
-        # Forget finished jobs past their retention, now and then.
-        await self._proposer.propose("gc_jobs", {"before": self._clock.now() - cfg.job_retention_s})
+        # Forget finished jobs past their retention, now and then, and usage
+        # records past theirs.
+        now = self._clock.now()
+        await self._proposer.propose(
+            "gc_jobs",
+            {"before": now - cfg.job_retention_s, "usage_before": now - cfg.usage_retention_s},
+        )
         await self._clock.sleep(MEMBERS_EVERY_S)
 
     # -- scheduling -----------------------------------------------------------------
@@ -195,6 +208,7 @@ class Controllers:
         nodes, allocs, pending = views.scheduler_inputs(
             s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip=skip, held=held
         )
+        self._decay_usage(s)
         stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
         self._epoch = epoch
         # A task whose victims are still stopping waits for them rather than
@@ -226,6 +240,24 @@ class Controllers:
         if plan.placements or plan.preemptions:
             await self._commit(plan)
         self._dispatch_stops()
+
+    def _decay_usage(self, s: StateView) -> None:
+        """With --fair-share-half-life, the policy carries each user's decayed
+        share of recent usage (leptond/usage.py), refreshed now and then:
+        usage changes only when runs end, and days decay slowly."""
+        half_life = self._cfg.fair_share_half_life_s
+        if half_life <= 0:
+            return
+        now = self._clock.monotonic()
+        used = (s.counters.get(acct.GPU_SECONDS, 0), s.counters.get(acct.CPU_SECONDS, 0))
+        since = now - self._decayed_at
+        if since < DECAY_EVERY_S and (used == self._decayed_for or since < DECAY_MIN_GAP_S):
+            return
+        self._decayed_at, self._decayed_for = now, used
+        shares = usage.past_shares(s, self._clock.now(), half_life)
+        if shares != self.policy.past_shares:
+            self.policy = replace(self.policy, past_shares=shares)
+            self._stuck = set()  # the order changed: look at everything again
 
     @staticmethod
     def _stops_outstanding(s: StateView) -> bool:

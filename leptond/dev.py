@@ -264,6 +264,8 @@ class DevCluster:
                 "--node-name", f"dev-{i}",
                 "--advertise-addr", "127.0.0.1",
                 "--kill-grace", "3",
+                "--http-port", str(args.agent_http_port + i if args.agent_http_port else 0),
+                "--http-bind", "127.0.0.1",
             ]  # fmt: skip
             if simulate:
                 argv += ["--simulate-gpus", simulate]
@@ -363,12 +365,17 @@ def run_dev(args: argparse.Namespace) -> int:
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_data_dir(d)
+        agent_ports = {
+            f"--agent-http-port (agent dev-{i})": args.agent_http_port + i
+            for i in range(args.agents if args.agent_http_port else 0)
+        }
         check_ports(
             "127.0.0.1",
             {
                 "--rpc-port": args.rpc_port,
                 "--http-port": args.http_port,
                 "--raft-port": args.raft_port,
+                **agent_ports,
             },
         )
         gpu_line, cfg_path = dev.start()

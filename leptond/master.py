@@ -26,7 +26,7 @@ from raft.node import GIL_SWITCH_INTERVAL_S, RaftNode
 from raft.state import ClusterState
 from raft.view import Publisher
 
-from . import api, faults, joins
+from . import api, faults, joins, operate
 from . import interactive as _interactive  # noqa: F401  (registers its RPC methods)
 from .agents import AgentRegistry
 from .apictx import ApiContext
@@ -42,12 +42,15 @@ from .leadership import LeaderGate, Leadership
 from .liveness import NodeLiveness
 from .members import Members
 from .proposer import RaftProposer
+from .rpcstats import RpcStats
 from .wire.connection import Connection
 from .wire.server import RpcServer
 from .wire.tokens import read_secret_file, read_token_file
 
 log = logging.getLogger("lepton.master")
-_ = joins  # importing it registers the node credential RPCs in api's table
+# Importing these registers their RPCs in api's table: node credentials, and
+# the overview, usage and GPU reset.
+_ = joins, operate
 
 
 class Master:
@@ -148,8 +151,10 @@ class Master:
         def on_connect(conn: Connection) -> None:
             conn.context["user"], conn.context["role"] = keys.identity(conn.key_id)
 
+        rpc_stats = RpcStats()
+        table = {**api.handlers(ctx), **agents.handlers(), **blocks.handlers()}
         rpc = sessions.server = RpcServer(
-            {**api.handlers(ctx), **agents.handlers(), **blocks.handlers(), **members.handlers()},
+            rpc_stats.wrap({**table, **members.handlers()}),
             keys.psk,
             on_connect=on_connect,
             on_disconnect=agents.on_disconnect,
@@ -157,8 +162,8 @@ class Master:
         )
         http = HttpServer(
             HttpDeps(
-                reader, raft, gate, disk, liveness, keys, members.health, rpc.budget,
-                self.started_at, clock, rpc.output,
+                cfg, reader, raft, gate, disk, liveness, keys, members.health, rpc, rpc_stats,
+                lambda: leadership.errors, self.started_at, clock,
             )
         )  # fmt: skip
         self._leadership, self._rpc, self._http = leadership, rpc, http

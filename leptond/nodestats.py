@@ -33,6 +33,8 @@ GPU_NUMBERS: dict[str, tuple[float, float]] = {
     "temperature_c": (-1, 1000),
     "power_w": (-1, 1e6),
     "ecc_errors": (-1, BIG),
+    "ecc_corrected": (-1, BIG),
+    "ecc_uncorrected": (-1, BIG),
     "domain": (-1, 1 << 20),
 }
 GPU_TEXT = frozenset({"uuid", "name"})
@@ -83,14 +85,19 @@ class Cleaner:
                 self.dropped += 1
         return out
 
-    def flat(self, v: Any) -> dict[str, float | int | str]:
-        """A map of names to finite numbers or short text (cache stats)."""
-        out: dict[str, float | int | str] = {}
+    def flat(self, v: Any, depth: int = 1) -> dict[str, Any]:
+        """A map of names to finite numbers, short text, or (`depth` levels
+        down) such maps: the block cache's stats, whose hot and disk tiers
+        are maps of their own. None is a value not set (no limit, no hot
+        tier): left out, not counted as malformed."""
+        out: dict[str, Any] = {}
         for k, x in self._map(v):
             number = _finite(x) and abs(x) <= BIG
             if number or (isinstance(x, str) and len(x) <= MAX_TEXT_CHARS and x.isprintable()):
                 out[k] = x
-            else:
+            elif isinstance(x, dict) and depth > 0:
+                out[k] = self.flat(x, depth - 1)
+            elif x is not None:
                 self.dropped += 1
         return out
 

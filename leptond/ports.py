@@ -41,7 +41,7 @@ class Proposer(Protocol):
         """Commit one command (raft/commands.py) and return what apply
         returned; raises RpcError with a one-line message otherwise.
 
-        `rid`: the request id of a client's logical call (api._rid), so a
+        `rid`: the request id of a client's logical call (api.request_id), so a
         retry is answered, not applied again. wake=True nudges the leader's
         scheduling loop once it committed (it may have freed capacity or
         added work). When this returns, every `StateReader` view taken
@@ -86,6 +86,11 @@ class NodeChannel(Protocol):
         ...
 
     def is_connected(self, node_id: str) -> bool: ...
+
+    async def call(self, node_id: str, method: str, args: dict[str, Any], timeout_s: float) -> Any:
+        """One request to the node's agent and its answer; RpcError
+        `unavailable` when it is not connected."""
+        ...
 
     def stream(self, node_id: str, method: str, args: dict[str, Any]) -> AsyncIterator[Any]:
         """Relay a stream from the node's agent (task output); RpcError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import scheduler as sch
@@ -17,7 +18,12 @@ from raft.tasks import REQUEUE_EXIT
 from raft.view import StateView
 
 
-def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
+def node_view(
+    n: Node, cached: frozenset[str] = frozenset(), with_faulty: bool = False
+) -> sch.NodeView:
+    """The node as the scheduler sees it: without its unhealthy GPUs, which
+    take no work (`with_faulty`: with them, for "could this ever fit")."""
+    faulty = set() if with_faulty else {int(f["index"]) for f in n.gpu_faults}
     return sch.NodeView(
         node_id=n.id,
         name=n.name,
@@ -32,6 +38,7 @@ def node_view(n: Node, cached: frozenset[str] = frozenset()) -> sch.NodeView:
                 domain=g.get("domain", -1),
             )
             for g in n.gpus
+            if g["index"] not in faulty
         ),
         labels=dict(n.effective_labels()),
         schedulable=n.state == "ready",
@@ -192,6 +199,7 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
     env.update(
         {
             "LEPTON_JOB_ID": job.id,
+            "LEPTON_USER": job.user,
             "LEPTON_TASK_ID": t.id,
             "LEPTON_TASK_RANK": str(rank),
             "LEPTON_NNODES": str(nnodes),
@@ -378,9 +386,11 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
     stats = stats if isinstance(stats, dict) else {}
     gpu_stats = (live or {}).get("gpus")
     gpu_stats = [g for g in gpu_stats if isinstance(g, dict)] if isinstance(gpu_stats, list) else []
-    utils = [g["util_pct"] for g in gpu_stats if _number(g.get("util_pct"))]
+    # -1: the GPU could not tell (off the bus, an old driver).
+    utils = [g["util_pct"] for g in gpu_stats if _number(g.get("util_pct")) and g["util_pct"] >= 0]
     cache = (live or {}).get("cache")
     age = (live or {}).get("age_s")
+    faulty = {int(f["index"]) for f in n.gpu_faults}
     return {
         "id": n.id,
         "name": n.name,
@@ -392,7 +402,11 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "admin_labels": dict(n.admin_labels),
         "gpus_total": len(n.gpus),
         "gpus_used": len(held),
-        "gpus_free": len(n.gpus) - len(held),
+        # Free: neither held nor unhealthy (an unhealthy GPU may still be held
+        # by a task that is stopping).
+        "gpus_free": len({g["index"] for g in n.gpus} - held - faulty),
+        "gpus_unhealthy": len(faulty),
+        "gpu_faults": [dict(f) for f in n.gpu_faults],
         "gpu_models": sorted({g["model"] for g in n.gpus}),
         # None: nothing known (no GPUs, no heartbeat yet, or the node is down).
         "gpu_util_pct": round(sum(utils) / len(utils), 1) if utils else None,
@@ -405,4 +419,54 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "host": stats,
         "cache": cache if isinstance(cache, dict) else {},
         "last_heartbeat_s": age if _number(age) else None,
+    }
+
+
+def job_row(s: StateView, j: Job, reasons: dict[str, str] | None = None) -> dict[str, Any]:
+    """A job for the overview (`leptonctl top`, the web UI): its summary, the
+    nodes its live tasks run on, and why it waits when it does."""
+    out = job_summary(j, s)
+    nodes = []
+    placed = []
+    for tid in j.tasks:
+        t = s.tasks[tid]
+        if t.state in LIVE_TASK_STATES and t.node_id:
+            node = s.nodes.get(t.node_id)
+            name = node.name if node else t.node_id
+            nodes.append(name)
+            placed.append({"rank": t.rank, "node": name, "gpus": list(t.gpus)})
+    out["on"] = nodes
+    out["placed"] = placed
+    if reasons is not None and j.state == "pending":
+        out["reason"] = next((reasons[tid] for tid in j.tasks if tid in reasons), "")
+    return out
+
+
+def overview(
+    s: StateView,
+    stats: Callable[[str], dict[str, Any] | None],
+    reasons: dict[str, str],
+    limit: int,
+) -> dict[str, Any]:
+    """The cluster at a glance: every node (with its GPUs' figures), GPU
+    totals, and the running and pending jobs (the oldest `limit` of each)."""
+    nodes = [node_summary(s, n, stats(n.id)) for n in s.nodes.values()]
+    up = [n for n in s.nodes.values() if n.state != "down"]
+    running: list[Job] = []
+    pending: list[Job] = []
+    for j in s.jobs.values():
+        if j.state == "running":
+            running.append(j)
+        elif j.state == "pending":
+            pending.append(j)
+    return {
+        "nodes": nodes,
+        "gpus": {
+            "total": sum(len(n.gpus) - len(n.gpu_faults) for n in up),
+            "allocated": len(s.gpu_owner),
+            "unhealthy": sum(len(n.gpu_faults) for n in s.nodes.values()),
+        },
+        "running": [job_row(s, j) for j in running[:limit]],
+        "pending": [job_row(s, j, reasons) for j in pending[:limit]],
+        "counts": {"running": len(running), "pending": len(pending)},
     }

@@ -54,7 +54,9 @@ from typing import Any, overload
 
 import msgpack
 
+from leptond.clock import REAL, Clock
 from leptond.fsutil import atomic_write, fsync_dir
+from leptond.stats import Histogram
 from raft.errors import JournalCorrupt, JournalError
 
 log = logging.getLogger(__name__)
@@ -141,8 +143,11 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes]]:
 class DurableJournal:
     """pysyncobj journal backed by an fsynced, append-only record file."""
 
-    def __init__(self, path: Path, on_synced: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, path: Path, on_synced: Callable[[int], None] | None = None, clock: Clock = REAL
+    ) -> None:
         self.path = Path(path)
+        self._clock = clock
         # Test hook: told the durable file size after every fsync, so a test
         # can cut the file there to simulate a power loss.
         self.on_synced = on_synced
@@ -156,6 +161,8 @@ class DurableJournal:
         # deletions, term); commit-index records alone need no fsync.
         self._must_sync = False
         self.fsync_count = 0
+        # Time each sync of appended records took: the write and its fsync.
+        self.fsync_seconds = Histogram()
         self.synced_size = 0  # bytes of the file known to be on disk
         # The last sync's failure (ENOSPC, EIO...), None once one succeeds:
         # a master with a journal it cannot write is not healthy.
@@ -238,10 +245,12 @@ class DurableJournal:
             if not self._pending or self._fd < 0:
                 return
             view = memoryview(bytes(self._pending))
+            began = self._clock.monotonic()
             try:
                 while view:
                     view = view[os.write(self._fd, view) :]
                 os.fsync(self._fd)
+                self.fsync_seconds.observe(self._clock.monotonic() - began)
             except OSError as exc:
                 # A full disk can take part of the records: cut them off, or
                 # the retry would append the whole batch after a torn copy.

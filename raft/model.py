@@ -99,6 +99,11 @@ class Node(Record):
     # not undone by a reboot (as Nomad and Kubernetes keep a drain or cordon).
     # state is "draining" only with a drain, "ready" only without one.
     drain_reason: str | None = None
+    # GPUs its agent found faulty (an Xid, a double-bit ECC error, retired
+    # pages pending, a GPU off the bus): {index, reason, at}, in index order.
+    # Nothing is placed on them; only `leptonctl node gpu reset` (after a
+    # burn-in on the host) clears one. It outlives re-registrations.
+    gpu_faults: list[dict[str, Any]] = field(default_factory=list)
     # Labels an admin set (`node_label`): they win over the host's own for
     # the same name, and only admins set names under raft.validate's
     # ADMIN_LABEL_PREFIX. They outlive the host registering again.
@@ -171,6 +176,10 @@ class Job(Record):
     # yet (sorted): its tasks are not offered to the scheduler while any is
     # left. Replaced, never changed in place (views share it).
     waiting_on: list[str] = field(default_factory=list)
+    # GPU- and CPU-seconds its tasks' runs used, every attempt that ended
+    # (raft/accounting.py); what is running now is not in them yet.
+    gpu_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -201,6 +210,9 @@ class Task(Record):
     # for a preemption, a drain or a shrink, or ended after a warning signal
     # with exit 0 or at any time with REQUEUE_EXIT (LEPTON_RESTART_COUNT).
     restarts: int = 0
+    # When its first attempt started running (the agent's clock): the
+    # submit-to-start histogram observes each task once, at that moment.
+    first_started_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -246,6 +258,19 @@ class NodeCredential(Record):
     # made again (an agent that died before saving its credential); after,
     # never: a join token left on a host must not buy another node's key.
     registered: bool = False
+
+
+@dataclass(slots=True)
+class UsageDay(Record):
+    """What one user used on one UTC day (raft/accounting.py): it outlives the
+    jobs, which are forgotten after their retention."""
+
+    user: str
+    day: int  # days since the epoch, UTC
+    gpu_s: float = 0.0
+    cpu_s: float = 0.0
+    # Jobs that ended that day, by final state.
+    jobs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from pysyncobj.config import FAIL_REASON
 
 from leptond.clock import REAL, Clock
 from leptond.fsutil import fsync_dir
+from leptond.stats import Histogram
 from raft.commands import MAX_ENTRY_BYTES, human_bytes
 from raft.errors import (
     EntryTooLarge,
@@ -98,6 +99,16 @@ class TickStats:
     max_gap_s: float = 0.0
     slow: int = 0  # gaps over SLOW_TICK_S
     last: float = 0.0
+
+
+@dataclass
+class RaftCounters:
+    """What this member has seen since it started (its own, for /metrics)."""
+
+    elections: int = 0  # times it stood for election (became a candidate)
+    leader_changes: int = 0  # times the leader it knows changed (to another, or to none)
+    leader: str | None = None  # the last leader seen, to notice a change
+    apply_seconds: Histogram = field(default_factory=Histogram)
 
 
 def derive_password(secret: bytes) -> str:
@@ -207,6 +218,7 @@ class RaftNode:
         self._state = state
         self._clock = clock
         self.ticks = TickStats()
+        self.counters = RaftCounters()
         self.self_addr = self_addr
         self.lock = threading.RLock()  # held while applying; readers take it too
         self._on_leadership = on_leadership
@@ -231,7 +243,7 @@ class RaftNode:
                 self._snapshot_path, self._freeze, background=background_snapshots, clock=clock
             )
             self._snapshots.remove_leftovers(str(self._snapshot_path) + ".tmp")
-            self.journal = DurableJournal(self.data_dir / JOURNAL_NAME)
+            self.journal = DurableJournal(self.data_dir / JOURNAL_NAME, clock=clock)
             self._check_snapshot_on_start()
         except BaseException:
             os.close(self._lock_fd)
@@ -289,8 +301,11 @@ class RaftNode:
         # Runs on the Raft thread. Must never raise: an exception escaping a
         # replicated method stops pysyncobj from ever applying the next entry.
         try:
+            began = self._clock.monotonic()
             with self.lock:
-                return self._state.apply(command, index)
+                out = self._state.apply(command, index)
+            self.counters.apply_seconds.observe(self._clock.monotonic() - began)
+            return out
         except Exception as e:
             log.exception("apply of entry %d failed; treating it as a no-op", index)
             return {"error": {"code": "apply_failed", "message": f"{type(e).__name__}: {e}"}}
@@ -323,6 +338,10 @@ class RaftNode:
     def snapshot_stats(self) -> SnapshotStats:
         return self._snapshots.stats
 
+    @property
+    def fsync_seconds(self) -> Histogram:
+        return self.journal.fsync_seconds
+
     def _deserialize(self, path: str) -> tuple[Any, Any, list[str]]:
         # The file may have been received from the leader and renamed into
         # place by pysyncobj without fsync (serializer.py setTransmissionData);
@@ -349,6 +368,8 @@ class RaftNode:
     # -- leadership -----------------------------------------------------------
 
     def _on_state_changed(self, old: int, new: int) -> None:
+        if new == 1:  # 1 = _RAFT_STATE.CANDIDATE: this member stands for election
+            self.counters.elections += 1
         if new != 2 and self._announced_leader:  # 2 = _RAFT_STATE.LEADER
             self._announce(False)
 
@@ -358,6 +379,7 @@ class RaftNode:
         # (the no-op pysyncobj appends on election) committing proves that.
         try:
             self._measure_tick()
+            self._watch_leader()
             obj = self._obj
             if not obj._isLeader():
                 if self._announced_leader:
@@ -373,6 +395,14 @@ class RaftNode:
                 self._announce(True)
         except Exception:
             log.exception("leadership monitor failed")
+
+    def _watch_leader(self) -> None:
+        node = self._obj._getLeader()
+        leader = None if node is None else str(node.id)
+        c = self.counters
+        if leader != c.leader:
+            c.leader_changes += 1
+            c.leader = leader
 
     def _measure_tick(self) -> None:
         now = self._clock.monotonic()

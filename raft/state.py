@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from . import accounting as acct
+from . import gpuhealth
 from . import nodecreds as nc
 from . import tasks as tl
 from . import workloads as wl
@@ -35,6 +37,7 @@ from .model import (
     NodeCredential,
     Task,
     Token,
+    UsageDay,
 )
 from .validate import (
     SpecError,
@@ -60,7 +63,7 @@ def error(code: str, message: str) -> Result:
     return {"error": {"code": code, "message": message}}
 
 
-def _records() -> CowMap[str, Any]:
+def _records() -> CowMap[Any, Any]:
     return _cow({})
 
 
@@ -81,6 +84,9 @@ class ClusterState(StateReads):
         self.join_tokens: CowMap[str, JoinToken] = _records()
         self.node_creds: CowMap[str, NodeCredential] = _records()  # by handshake key id
         self.manifests: CowMap[str, dict[str, Any]] = CowMap()  # never changed once put
+        # Cumulative counters and usage by (user, day) (raft/accounting.py).
+        self.counters: CowMap[str, float] = CowMap()
+        self.usage: CowMap[tuple[str, int], UsageDay] = _records()
         # manifest id -> the users who committed it (sorted): a submit may use
         # only its own user's (raft/commands.py, version 3).
         self.manifest_owners: CowMap[str, tuple[str, ...]] = CowMap()
@@ -455,6 +461,7 @@ class ClusterState(StateReads):
         self._check_pending_caps(job, j.get("caps"), spec_tasks(job.spec))
         job.waiting_on = wl.dependencies(self, job_id, job.spec)
         self.jobs[job_id] = job
+        acct.job_submitted(self)
         self._pending_changed(job, was_pending=False)
         wl.add_dependents(self, job)
         for t in wl.new_tasks(job_id, job.spec):
@@ -599,9 +606,18 @@ class ClusterState(StateReads):
             for mid in dropped_workdirs - still_used:
                 self.manifests.pop(mid, None)
                 self.manifest_owners.pop(mid, None)
-        # Join tokens long expired go the same way.
+        # Join tokens long expired go the same way; usage records only after
+        # their own, longer, retention (`usage_before`, when given).
         joins = nc.gc_join_tokens(self, before)
-        return {"removed": len(gone), **({"join_tokens_removed": joins} if joins else {})}
+        usage_before = a.get("usage_before")
+        days = 0
+        if isinstance(usage_before, int | float) and not isinstance(usage_before, bool):
+            days = acct.forget_usage_before(self, float(usage_before))
+        return {
+            "removed": len(gone),
+            **({"join_tokens_removed": joins} if joins else {}),
+            **({"usage_days_removed": days} if days else {}),
+        }
 
     # -- scheduling -------------------------------------------------------------
     def apply_plan(self, a: dict[str, Any], index: int) -> Result:
@@ -611,6 +627,9 @@ class ClusterState(StateReads):
         self, a: dict[str, Any], index: int, version: int = COMMAND_VERSION
     ) -> Result:
         return tl.apply_task_events(self, a, version)
+
+    def apply_gpu_health(self, a: dict[str, Any], index: int) -> Result:
+        return gpuhealth.apply_gpu_health(self, self._node(a), a)
 
     # -- tokens, members, manifests ----------------------------------------------
     def apply_token_create(self, a: dict[str, Any], index: int) -> Result:
@@ -771,6 +790,8 @@ class ClusterState(StateReads):
                 join_tokens=self.join_tokens.frozen(),
                 node_creds=self.node_creds.frozen(),
                 manifests=self.manifests.frozen(),
+                counters=self.counters.frozen(),
+                usage=self.usage.frozen(),
                 manifest_owners=self.manifest_owners.frozen(),
                 user_pending=self.user_pending.frozen(),
                 gpu_owner=self.gpu_owner.frozen(),
@@ -808,6 +829,8 @@ class ClusterState(StateReads):
             self.join_tokens,
             self.node_creds,
             self.manifests,
+            self.counters,
+            self.usage,
             self.manifest_owners,
             self.user_pending,
             self.gpu_owner,
@@ -833,6 +856,13 @@ class ClusterState(StateReads):
             creds = {c["id"]: NodeCredential.from_wire(c) for c in obj.get("node_creds") or []}
             recent = RecentResults.from_wire(obj["recent"])
             manifests = dict(obj.get("manifests") or {})
+            # Snapshots from before accounting have neither: both start empty.
+            counters = {str(k): v for k, v in (obj.get("counters") or {}).items()}
+            if not all(isinstance(v, int | float) for v in counters.values()):
+                raise ValueError("counters must be numbers")
+            usage = {(u.user, u.day): u for u in map(UsageDay.from_wire, obj.get("usage") or [])}
+            if not all(isinstance(u, str) and isinstance(d, int) for u, d in usage):
+                raise ValueError("usage records need a user name and a day number")
             owners = {
                 str(k): tuple(sorted(str(u) for u in v))
                 for k, v in (obj.get("manifest_owners") or {}).items()
@@ -860,6 +890,8 @@ class ClusterState(StateReads):
         self.tokens, self.members = _cow(tokens), _cow(members)
         self.join_tokens, self.node_creds = _cow(joins), _cow(creds)
         self.manifests = CowMap.adopt(manifests)
+        self.counters = CowMap.adopt(counters)
+        self.usage = _cow(usage)
         self.manifest_owners = CowMap.adopt(owners)
         self.recent = recent
         self.restoring = restoring
@@ -904,7 +936,7 @@ class ClusterState(StateReads):
         return self.snapshot()
 
 
-def _cow(records: dict[str, Any]) -> CowMap[str, Any]:
+def _cow(records: dict[Any, Any]) -> CowMap[Any, Any]:
     return CowMap.adopt(records, clone=lambda r: r.clone())
 
 
@@ -945,6 +977,7 @@ CAPACITY_OPS = frozenset(
         "task_events",
         "cancel_job",
         "restore",
+        "gpu_health",
     }
 )
 OPS = frozenset(
@@ -969,6 +1002,7 @@ OPS = frozenset(
         "member_remove",
         "put_manifest",
         "restore",
+        "gpu_health",
         "noop",
     }
 )

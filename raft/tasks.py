@@ -10,8 +10,10 @@ after calls that may have changed it, so published views never change.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+from . import accounting
 from . import workloads as wl
 from .cow import add_to, discard_from
 from .model import FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
@@ -23,7 +25,11 @@ if TYPE_CHECKING:
 def set_state(s: ClusterState, t: Task, state: str) -> None:
     """The one way apply changes a task's state: it keeps the count of its
     job's tasks in each state (ClusterState.job_counts) in step, so an
-    array's state is known without looking at every task."""
+    array's state is known without looking at every task.
+
+    The cumulative counters (raft/accounting.py) are not kept here: they
+    need to know why (an attempt's end reason, its times), so the callers
+    that know it count each event once, next to their set_state."""
     counts = s.job_counts.get(t.job_id)
     if counts is not None:
         counts[t.state] = counts.get(t.state, 0) - 1
@@ -46,6 +52,7 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         if s.jobs[t.job_id].spec.get("preemptible") is False:
             continue
         preempting.append(t.id)
+        accounting.preempted(s)
         evict(s, t, "preempt", f"preempted for {p.get('for_task', '?')}", now)
     # Group placements by job so a gang is placed whole or not at all; the
     # tasks of an array are placed one by one.
@@ -149,12 +156,15 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
         ):
             return "wrong GPU list"
         valid = {g["index"] for g in node.gpus}
+        broken = {int(f["index"]) for f in node.gpu_faults}
         if node.id not in claimed:
             claimed[node.id] = s.node_usage(node.id)
         held, cpus, mem = claimed[node.id]
         for g in gpus:
             if g not in valid:
                 return f"node {node.name} has no GPU {g}"
+            if g in broken:
+                return f"GPU {g} on {node.name} is unhealthy"
             if g in held:
                 return f"GPU {g} on {node.name} is taken"
         if cpus + t.cpus > node.cpus + 1e-9 or mem + t.mem_bytes > node.mem_bytes:
@@ -190,6 +200,7 @@ def apply_task_events(s: ClusterState, a: dict[str, Any], version: int) -> dict[
                 t = s.tasks.writable(task_id)
                 set_state(s, t, "running")
                 t.started_at = at
+                accounting.task_started(s, t, s.jobs[t.job_id], at)
                 refresh_job(s, s.jobs[t.job_id], at)
                 applied += 1
         elif kind == "exited":
@@ -213,7 +224,10 @@ def _event_fields(ev: dict[str, Any]) -> tuple[str, int, float, int | None]:
         raise ValueError("exit_code out of range")
     if "state" not in ev:
         raise KeyError("state")
-    return str(ev["task_id"]), int(ev["attempt"]), float(ev["at"]), code
+    at = float(ev["at"])
+    if not math.isfinite(at):
+        raise ValueError("event time must be finite")
+    return str(ev["task_id"]), int(ev["attempt"]), at, code
 
 
 def _release(s: ClusterState, t: Task) -> None:
@@ -228,6 +242,7 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     _release(s, t)
     if t.node_id is not None:
         discard_from(s.node_tasks, t.node_id, t.id)
+    accounting.rescheduled(s)
     set_state(s, t, "pending")
     t.node_id, t.gpus, t.stop = None, [], None
     t.message = message
@@ -235,8 +250,9 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
 
 
 # Stops that are no fault of the task: it goes back to pending without spending
-# a retry, and the rest of its gang restarts with it.
-REQUEUE_STOPS = frozenset({"preempt", "drain", "shrink"})
+# a retry, and the rest of its gang restarts with it. "gpu": one of its GPUs
+# was found faulty (raft/gpuhealth.py).
+REQUEUE_STOPS = frozenset({"preempt", "drain", "shrink", "gpu"})
 
 
 def evict(s: ClusterState, t: Task, how: str, message: str, now: float) -> None:
@@ -287,12 +303,23 @@ def task_exited(
     stop = t.stop
     how = f"(exit {code})" if started else "before it started"
     t.exit_code, t.finished_at = code, now
-    if (
-        requeue
-        and stop is None
-        and job.state not in ("cancelled", "failed")
-        and t.restarts < MAX_RESTARTS
-    ):
+    going_on = job.state not in ("cancelled", "failed")
+    asked = requeue and stop is None and going_on and t.restarts < MAX_RESTARTS
+    # Each attempt that ends is counted once, by the reason it ended, and
+    # its run charged, before the branches below decide what comes next.
+    if asked:
+        reason = "requeued"
+    elif stop in REQUEUE_STOPS and going_on:
+        reason = "preempted" if stop == "preempt" else "evicted"
+    elif stop == "gang" and going_on:
+        reason = "evicted"
+    elif stop == "cancel" or job.state == "cancelled":
+        reason = "cancelled"
+    else:
+        reason = accounting.end_reason(stop, outcome, message)
+    accounting.attempt_ended(s, t, job, reason, now)
+    job = s.jobs[t.job_id]  # charging the run may have copied it
+    if asked:
         t.restarts += 1
         why = f"exit {code}" if code != 0 else "exit 0 after the warning signal"
         _requeue(s, t, f"asked to run again ({why}); waiting to run again")
@@ -306,6 +333,8 @@ def task_exited(
             node = s.nodes.get(t.node_id or "")
             where = node.name if node is not None else t.node_id
             note = f"stopped at the drain deadline of node {where} {how}"
+        elif stop == "gpu":
+            note = f"stopped {how}: {t.message or 'a GPU of its node became unhealthy'}"
         else:
             note = message
         _requeue(s, t, f"{note}; waiting to run again")
@@ -410,6 +439,8 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
         job = s.jobs.writable(job.id)
         ended = job.finished_at is None and finished_at is not None
         job.state, job.message, job.finished_at = state, message, finished_at
+        if ended:
+            accounting.job_ended(s, job, now)
         s._pending_changed(job, was_pending)
         if ended:
             wl.release_dependents(s, job.id, now)

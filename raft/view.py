@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from .model import LIVE_TASK_STATES, Job, JoinToken, Member, Node, NodeCredential, Task, Token
+from .model import (
+    LIVE_TASK_STATES,
+    Job,
+    JoinToken,
+    Member,
+    Node,
+    NodeCredential,
+    Task,
+    Token,
+    UsageDay,
+)
 
 if TYPE_CHECKING:
     from .dedupe import FrozenResults
@@ -86,6 +96,7 @@ class StateView(StateReads):
     __slots__ = (
         "applied_index",
         "capacity_epoch",
+        "counters",
         "generation",
         "gpu_owner",
         "jobs",
@@ -102,6 +113,7 @@ class StateView(StateReads):
         "restoring",
         "tasks",
         "tokens",
+        "usage",
         "user_pending",
     )
 
@@ -116,6 +128,8 @@ class StateView(StateReads):
         join_tokens: Mapping[str, JoinToken],
         node_creds: Mapping[str, NodeCredential],
         manifests: Mapping[str, dict[str, Any]],
+        counters: Mapping[str, float],
+        usage: Mapping[tuple[str, int], UsageDay],
         manifest_owners: Mapping[str, tuple[str, ...]],
         user_pending: Mapping[str, tuple[int, int]],
         gpu_owner: Mapping[tuple[str, int], str],
@@ -136,6 +150,9 @@ class StateView(StateReads):
         self.join_tokens = join_tokens
         self.node_creds = node_creds
         self.manifests = manifests
+        # Cumulative counters and per-user, per-day usage (raft/accounting.py).
+        self.counters = counters
+        self.usage = usage
         self.manifest_owners = manifest_owners
         # Derived (not in snapshots): each user's waiting jobs and spec bytes.
         self.user_pending = user_pending
@@ -173,8 +190,9 @@ class StateView(StateReads):
             ("join_tokens", self.join_tokens),
             ("node_creds", self.node_creds),
         ]
-        # The keys and their order are the snapshot format (SNAPSHOT_VERSION).
-        p.pack_map_header(13)
+        # The keys and their order are the snapshot format (SNAPSHOT_VERSION);
+        # "counters" and "usage" came last, and snapshots without them load.
+        p.pack_map_header(15)
         p.pack("v")
         p.pack(SNAPSHOT_VERSION)
         p.pack("applied_index")
@@ -195,6 +213,10 @@ class StateView(StateReads):
         p.pack(self.recent.to_wire())
         p.pack("restoring")
         p.pack(self.restoring)
+        p.pack("counters")
+        p.pack(dict(self.counters))
+        p.pack("usage")
+        p.pack([u.to_wire() for u in self.usage.values()])
         yield p.bytes()
 
     def encode(self) -> bytes:

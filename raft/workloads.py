@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import arrays, tasks
+from . import accounting, arrays, tasks
 from .errors import ArgError
 from .model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 
@@ -111,6 +111,7 @@ def _fail_waiting(s: ClusterState, job: Job, why: str, now: float) -> None:
             tasks.set_state(s, t, "cancelled")
             t.finished_at, t.message = now, f"never started: {why}"
     job.state, job.message, job.finished_at = "failed", why, now
+    accounting.job_ended(s, job, now)  # it ends here, not through refresh_job
     s._pending_changed(job, was_pending=True)
     # Its own dependents go on waiting for nothing else from it.
     for dep in job.waiting_on:

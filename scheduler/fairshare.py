@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -222,6 +223,7 @@ class FairShare:
         # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
         self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas
+        self.past: Mapping[str, float] = policy.past_shares
         self.held: dict[str, Held] = {}
         self.shares: dict[str, float] = {}  # dominant share, kept current by charge()
         for a in allocations:
@@ -243,13 +245,16 @@ class FairShare:
             share = cs
         if ms > share:
             share = ms
+        if self.past:
+            share += self.past.get(user, 0.0)
         self.shares[user] = share
 
     def holds(self, user: str) -> Held:
         return self.held.get(user, _NOTHING_HELD)
 
     def share(self, user: str) -> float:
-        return self.shares.get(user, 0.0)
+        """The dominant share, plus the user's decayed past usage if any."""
+        return self.shares.get(user, self.past.get(user, 0.0) if self.past else 0.0)
 
     def within_quota(self, user: str) -> bool:
         q = self.quotas.get(user)
@@ -316,6 +321,7 @@ class FairShare:
                 if q is None:
                     q = queues[user] = []
                 q.append(entry)
+            past = self.past
             heap: list[tuple[float, float, str, str]] = []
             pos: dict[str, int] = {}
             for user, q in queues.items():
@@ -345,7 +351,9 @@ class FairShare:
                 pos[user] = k
                 if k < n:
                     e = q[k]
-                    heapq.heapreplace(heap, (shares.get(user, 0.0), e[0], e[1], user))
+                    heapq.heapreplace(
+                        heap, (shares.get(user, past.get(user, 0.0)), e[0], e[1], user)
+                    )
                 else:
                     heapq.heappop(heap)
 
@@ -356,13 +364,15 @@ def queue_report(
     pending: Sequence[TaskRequest],
     policy: Policy = DEFAULT_POLICY,
 ) -> list[UserShare]:
-    """Per-user holdings and demand for `leptonctl queue`, largest share first."""
-    fair = FairShare(nodes, allocations, policy)
+    """Per-user holdings and demand for `leptonctl queue`, largest share first.
+    `dominant_share` is what the user holds now; `past_share` the decayed
+    usage the scheduler adds to it (policy.past_shares)."""
+    fair = FairShare(nodes, allocations, replace(policy, past_shares={}))
     waiting: dict[str, tuple[int, int]] = {}
     for t in pending:
         n, g = waiting.get(t.user, (0, 0))
         waiting[t.user] = (n + 1, g + t.gpus)
-    users = sorted(set(fair.held) | set(waiting))
+    users = sorted(set(fair.held) | set(waiting) | set(policy.past_shares))
     rows = [
         UserShare(
             user=u,
@@ -373,6 +383,7 @@ def queue_report(
             pending_tasks=waiting.get(u, (0, 0))[0],
             pending_gpus=waiting.get(u, (0, 0))[1],
             quota_gpus=policy.quotas.get(u),
+            past_share=policy.past_shares.get(u, 0.0),
         )
         for u in users
     ]

@@ -78,6 +78,10 @@ class Policy:
     # A --no-preempt task is only protected while its user is within quota.
     no_preempt_only_within_quota: bool = True
     backfill: bool = True
+    # Each user's share of recent usage, decayed with a half-life (0 to 1;
+    # Slurm's PriorityDecayHalfLife): added to the dominant share, so a user
+    # who used a lot lately yields to one who did not. Empty: off.
+    past_shares: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class UserShare:
     pending_tasks: int
     pending_gpus: int
     quota_gpus: int | None
+    past_share: float = 0.0  # decayed recent usage (Policy.past_shares)
 
 
 DEFAULT_POLICY = Policy()

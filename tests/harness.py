@@ -156,6 +156,8 @@ class Cluster:
     allow_root_tasks: bool = True
     masters: list[Master] = field(default_factory=list)
     agents: list[Proc] = field(default_factory=list)
+    # Agent name -> its /metrics port (kept across restarts of that agent).
+    agent_http_ports: dict[str, int] = field(default_factory=dict)
     extra: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -268,6 +270,11 @@ class Cluster:
     ) -> Proc:
         """Start an agent; `wrap` goes before its command (a program that execs
         the rest, such as `choom -n -999 --`, as its systemd unit would)."""
+        extra = list(extra or [])
+        if "--http-port" not in extra:
+            # Every agent serves /metrics; many share this host.
+            port = self.agent_http_ports.setdefault(name, free_ports(1)[0])
+            extra += ["--http-port", str(port), "--http-bind", "127.0.0.1"]
         p = Proc(
             name,
             [
@@ -290,7 +297,11 @@ class Cluster:
                 gpus,
                 "--kill-grace",
                 "2",
-                *(extra or []),
+                # Tasks run the tests' scripts from the checkout, which may be a
+                # clone under /tmp: tasks have a private /tmp of their own.
+                "--keep-visible",
+                str(ROOT),
+                *extra,
             ],
             self.root / f"agent-{name}.log",
         )

@@ -61,7 +61,7 @@ def start_dev(root: Path, *extra: str, ports: list[int] | None = None) -> Dev:
     argv = [
         sys.executable, "-m", "leptond.cli", "dev", "--data-dir", str(data),
         "--rpc-port", str(ports[0]), "--http-port", str(ports[1]), "--raft-port", str(ports[2]),
-        "--simulate-gpus", "1", *extra,
+        "--simulate-gpus", "1", "--agent-http-port", "0", *extra,
     ]  # fmt: skip
     with open(out, "ab") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=e, cwd=ROOT)

@@ -223,15 +223,15 @@ def test_nodes_json_healthz_and_metrics(hosts: Cluster) -> None:
         text = r.read().decode()
     for name in (
         "lepton_nodes",
-        "lepton_gpus_total",
+        "lepton_gpus",
         "lepton_gpus_allocated",
         "lepton_jobs",
-        "lepton_gpu_utilization_pct",
+        "lepton_gpu_utilization_ratio",
         "lepton_submit_to_start_seconds_bucket",
         "lepton_raft_term",
     ):
         assert re.search(rf"^{name}[{{ ]", text, re.M), f"{name} missing from /metrics"
-    assert re.search(r"^lepton_gpus_total 8(\.0)?$", text, re.M), "8 GPUs in total"
+    assert re.search(r"^lepton_gpus 8(\.0)?$", text, re.M), "8 GPUs in total"
     assert re.search(r'^lepton_nodes\{state="ready"\} 2(\.0)?$', text, re.M)
 
 

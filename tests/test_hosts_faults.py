@@ -264,7 +264,7 @@ def test_agent_with_a_wrong_join_token_is_refused(faults: Cluster, tmp_path: Pat
             sys.executable, "-m", "agent.cli", "run", "--masters", faults.addrs,
             "--join-token-file", str(forged),
             "--data-dir", str(faults.root / "agent-intruder"), "--node-name", "intruder",
-            "--simulate-gpus", "4",
+            "--simulate-gpus", "4", "--http-port", "0",
         ],
         faults.root / "agent-intruder.log",
     )  # fmt: skip

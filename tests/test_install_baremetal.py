@@ -128,7 +128,8 @@ class Site:
                 "LEPTON_MASTERS": f"127.0.0.1:{self.ports['rpc']}",
                 # No NVIDIA GPU on this machine.
                 "LEPTON_AGENT_ARGS": "--simulate-gpus 2 --advertise-addr 127.0.0.1 "
-                "--node-name baremetal-gpu1",
+                f"--node-name baremetal-gpu1 --http-bind 127.0.0.1 "
+                f"--http-port {self.ports['agent_http']}",
             },
         }.get(name, {})
         for key, value in settings.items():
@@ -227,8 +228,9 @@ def site() -> Iterator[Site]:
             (top / host / d).mkdir(parents=True)
     os.symlink(ROOT / "systemd", top / "work" / "systemd")
     os.symlink(ROOT, top / "work" / "leptond")  # `./leptond`: a checkout
-    rpc, http, raft = free_ports(3)
-    s = Site(top, f"lpt{os.getpid() % 100000}", {"rpc": rpc, "http": http, "raft": raft})
+    rpc, http, raft, agent_http = free_ports(4)
+    ports = {"rpc": rpc, "http": http, "raft": raft, "agent_http": agent_http}
+    s = Site(top, f"lpt{os.getpid() % 100000}", ports)
     blocks = readme_blocks()
     assert len(blocks) == len(HOSTS), "the README's install steps changed: update HOSTS"
     try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ class Lo:
     cluster: Cluster
     user: str
     token: str  # the user's submit token
+    kept: Path  # under /tmp, kept visible to tasks by --keep-visible
 
     def run_dir(self, job: str) -> Path:
         return self.cluster.root / f"agent-{HOST}" / "tasks" / f"{job}.0_a1"
@@ -47,7 +50,14 @@ class Lo:
 
 @pytest.fixture(scope="module")
 def lo() -> Iterator[Lo]:
-    with passable_dir("lepton-lo-") as top, unix_users("carol") as (carol,):
+    with (
+        passable_dir("lepton-lo-") as top,
+        unix_users("carol") as (carol,),
+        tempfile.TemporaryDirectory(prefix="lepton-kept-", dir="/tmp") as kept,
+    ):
+        # A host directory under /tmp the admin keeps visible to tasks.
+        os.chmod(kept, 0o755)
+        (Path(kept) / "shared.txt").write_text("shared with tasks\n")
         c = Cluster(top / "cluster", n_masters=1, ttl_s=5.0)
         try:
             c.start_masters()
@@ -57,6 +67,7 @@ def lo() -> Iterator[Lo]:
                 extra=[
                     "--tasks-mem-max", str(TASKS_MEM),
                     "--task-retention", f"{RETENTION_S}s",
+                    "--keep-visible", kept,
                 ],
                 wrap=["choom", "-n", str(AGENT_OOM_SCORE), "--"],
             )  # fmt: skip
@@ -65,7 +76,7 @@ def lo() -> Iterator[Lo]:
                 "token", "create", "--role", "submit", "--name", "carol",
                 "--unix-user", carol.pw_name,
             ).stdout.strip()  # fmt: skip
-            yield Lo(c, carol.pw_name, tok)
+            yield Lo(c, carol.pw_name, tok, Path(kept))
         finally:
             c.close()
 
@@ -141,6 +152,32 @@ def test_the_private_tmp_and_dev_shm_are_sized_to_the_tasks_memory(lo: Lo) -> No
         assert not (Path("/dev/shm") / mark).exists()
     finally:
         (Path("/dev/shm") / mark).unlink(missing_ok=True)
+
+
+def test_a_directory_kept_visible_is_seen_through_the_private_tmp(lo: Lo) -> None:
+    hidden = Path("/tmp") / f"lo-hidden-{os.getpid()}"
+    hidden.write_text("not for tasks\n")
+    try:
+        st, out = lo.run(f"cat {lo.kept}/shared.txt; cat {hidden} 2>&1; df -k {lo.kept} /tmp")
+        assert st["state"] == "succeeded", (st, out)
+        assert "shared with tasks" in out and "not for tasks" not in out, out
+        assert "No such file or directory" in out, out
+    finally:
+        hidden.unlink(missing_ok=True)
+
+
+def test_the_agent_refuses_a_keep_visible_that_is_not_a_directory(tmp_path: Path) -> None:
+    for bad in ("relative/dir", str(tmp_path / "missing")):
+        r = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "run", "--masters", "127.0.0.1:1",
+             "--data-dir", str(tmp_path / "d"), "--keep-visible", bad],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2, r
+        assert r.stderr.strip().splitlines() == [
+            f"lepton-agent: --keep-visible: {bad!r} is not an absolute path to a directory"
+        ], r.stderr
+        assert not (tmp_path / "d").exists()
 
 
 # ------------------------------------------------------------------ memory

@@ -580,6 +580,21 @@ def test_a_compromised_host_cannot_break_node_views_or_claim_admin_labels(
                 assert r.status == 200
         assert metric(c, "lepton_heartbeat_values_dropped") >= 5
         assert c.ctl("nodes", token=users.raw("reader")).returncode == 0
+        # A GPU fault's words are cut to one short printable line; a fault
+        # for a GPU the node does not have, or of the wrong shape, is ignored.
+        host.call("agent_register", {"node": node(gpus=[gpu]), "running": []})
+        faults = [{"index": 0, "reason": "Xid 79\n\x1b[2Jforged" + "x" * 100_000}]
+        faults += [{"index": 7, "reason": "no such GPU"}, "junk", {"index": True}]
+        host.call("heartbeat", {"gpu_faults": faults})
+        marked = wait_for(
+            lambda: next(n for n in c.nodes() if n["id"] == "n-evil")["gpu_faults"],
+            30,
+            "the fault committed",
+        )
+        assert [f["index"] for f in marked] == [0]
+        reason = marked[0]["reason"]
+        assert reason.startswith("Xid 79  [2Jforged") and len(reason) <= 256
+        assert reason.isprintable()
         # The admin's word counts: set, the label is the node's, and wins.
         c.rpc("node_label", {"node": "n-evil", "set": {"admin/secure": "no", "zone": "b"}})
         evil = next(n for n in c.nodes() if n["id"] == "n-evil")

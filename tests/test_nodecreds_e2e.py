@@ -115,6 +115,8 @@ def test_a_join_token_cannot_buy_the_credential_of_a_node_that_registered(creds:
 def test_a_node_credential_can_call_nothing_but_its_own_node_rpcs(creds: Cluster) -> None:
     tok = cred_of(creds, "h1")
     job = creds.submit("--", "true")
+    # Settled first: a job that ends meanwhile would change the listing too.
+    creds.wait_job(job, {"succeeded"})
     before = creds.ctl_json("jobs", "--all")
     for method, args in (
         ("submit", {"spec": {"argv": ["id"]}, "rid": "x" * 16}),

@@ -40,7 +40,7 @@ USERS = ["alice", "bob"]
 ARG_KEYS = [
     "node", "node_id", "state", "now", "jobs", "job_id", "user", "admin", "events",
     "placements", "preemptions", "before", "id", "role", "sealed", "name", "force",
-    "deadline", "leave", "reason",
+    "deadline", "leave", "reason", "unhealthy", "healthy", "usage_before",
 ]  # fmt: skip
 
 junk = st.recursive(
@@ -283,6 +283,25 @@ class ReplicatedClusterState(RuleBasedStateMachine):
         task_id = data.draw(st.sampled_from(self.live_tasks()))
         self.apply("plan", {"preemptions": [{"task_id": task_id, "for_task": "x"}]})
 
+    @precondition(lambda self: self.a.nodes)
+    @rule(data=st.data(), heal=st.booleans())
+    def gpu_health(self, data: st.DataObject, heal: bool) -> None:
+        """An agent finds a GPU faulty (sometimes one the node lacks), or a reset heals one."""
+        node = data.draw(st.sampled_from(sorted(self.a.nodes)))
+        idx = data.draw(st.integers(0, 4))
+        if heal:
+            self.apply("gpu_health", {"node_id": node, "healthy": [idx]})
+            assert idx not in {f["index"] for f in self.a.nodes[node].gpu_faults}
+            return
+        has = idx in {g["index"] for g in self.a.nodes[node].gpus}
+        result = self.apply(
+            "gpu_health", {"node_id": node, "unhealthy": [{"index": idx, "reason": "Xid 79"}]}
+        )
+        assert is_error(result, "bad_request") == (not has), result
+        for tid in [] if not has else result["stopping"]:
+            t = self.a.tasks[tid]
+            assert idx in t.gpus or t.state == "pending", t
+
     @precondition(lambda self: self.a.tasks)
     @rule(data=st.data())
     def task_events(self, data: st.DataObject) -> None:
@@ -339,7 +358,9 @@ class ReplicatedClusterState(RuleBasedStateMachine):
     @rule(data=st.data(), chore=st.sampled_from(["gc", "replay", "replay", "restore"]))
     def housekeeping(self, data: st.DataObject, chore: str) -> None:
         if chore == "gc":
-            self.apply("gc_jobs", {"before": self.now - data.draw(st.integers(0, 30))})
+            before = self.now - data.draw(st.integers(0, 30))
+            usage_before = data.draw(st.sampled_from([None, before, before + 86400 * 2]))
+            self.apply("gc_jobs", {"before": before, "usage_before": usage_before})
         elif chore == "replay":
             # A client retrying after a lost answer gets the first answer, applied once.
             command = data.draw(st.sampled_from(sorted(self.first_result)))

@@ -263,3 +263,30 @@ def check_invariants(state: ClusterState) -> None:
             assert t.stop is None, t
         if t.stop == "preempt":
             assert state.jobs[t.job_id].spec["preemptible"], t
+        node = state.nodes.get(t.node_id or "")
+        if node is not None and t.state in LIVE_TASK_STATES:
+            # A faulty GPU takes no new work; a task already on it is stopping.
+            broken = {f["index"] for f in node.gpu_faults}
+            if broken.intersection(t.gpus):
+                assert t.stop is not None, t
+    check_accounting(state)
+
+
+def check_accounting(state: ClusterState) -> None:
+    """Counters and usage only ever hold finite, non-negative numbers, and the
+    histogram's buckets add up to its count."""
+    import math
+
+    from raft import accounting as acct
+
+    c = state.counters
+    assert all(math.isfinite(v) and v >= 0 for v in c.values()), dict(c)
+    buckets = sum(c.get(acct.bucket_key(i), 0) for i in range(len(acct.START_BUCKETS_S)))
+    assert buckets <= c.get(acct.START_COUNT, 0)
+    # Each task is observed once, when it first runs (a restore starts the
+    # counters from the snapshot's, so this holds across restores too).
+    started = sum(1 for t in state.tasks.values() if t.first_started_at is not None)
+    assert c.get(acct.START_COUNT, 0) >= started, (dict(c), started)
+    for (user, day), u in state.usage.items():
+        assert (u.user, u.day) == (user, day)
+        assert u.gpu_s >= 0 and u.cpu_s >= 0 and math.isfinite(u.gpu_s + u.cpu_s), u

@@ -41,6 +41,8 @@ def contents(s: StateView | ClusterState, recent: bool) -> bytes:
         s.restoring,
         s.applied_index,
         s.capacity_epoch,
+        dict(s.counters),
+        [u.to_wire() for u in s.usage.values()],
     ]
     if recent:
         parts.append(s.recent.to_wire() if s.recent is not None else None)
@@ -60,6 +62,8 @@ def legacy_snapshot(s: ClusterState) -> bytes:
             "manifest_owners": {k: list(v) for k, v in s.manifest_owners.items()},
             "recent": s.recent.to_wire(),
             "restoring": s.restoring,
+            "counters": dict(s.counters),
+            "usage": [u.to_wire() for u in s.usage.values()],
         },
         use_bin_type=True,
     )

@@ -183,6 +183,17 @@ async def queue(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[
     return list(await _call(c, "queue", {}, timeout_s=timeout_s))
 
 
+async def usage(
+    c: ClusterClient, since_s: float, by: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    return dict(await _call(c, "usage", {"since_s": since_s, "by": by}, timeout_s=timeout_s))
+
+
+async def overview(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Nodes, running and pending jobs in one answer (what `leptonctl top` draws)."""
+    return dict(await _call(c, "overview", {}, timeout_s=timeout_s))
+
+
 async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     return dict(await _call(c, "whoami", {}, timeout_s=timeout_s))
 
@@ -190,6 +201,13 @@ async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict
 # -- nodes ------------------------------------------------------------------------
 async def nodes(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
     return list(await _call(c, "nodes", {}, timeout_s=timeout_s))
+
+
+async def gpu_reset(
+    c: ClusterClient, node: str, gpu: int, timeout_s: float = 360.0
+) -> dict[str, Any]:
+    """The burn-in runs on the host first: this may take minutes."""
+    return dict(await _call(c, "node_gpu_reset", {"node": node, "gpu": gpu}, timeout_s=timeout_s))
 
 
 async def node_change(

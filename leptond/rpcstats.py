@@ -1,0 +1,68 @@
+"""Counts of RPC requests and their errors by method, for /metrics.
+
+`RpcStats.wrap` puts a counter around every handler of the RPC table (the
+people's API, the agents', the masters'): a call is counted when it arrives
+and, if it ends in an error, by the error's code. Methods come from the
+table, codes from the RpcError codes, so the label sets stay small whatever
+a client sends; an unknown method is answered by the connection before any
+handler and is not counted here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any
+
+from .wire.connection import Connection, Handler
+from .wire.errors import INTERNAL, RpcError
+
+
+class RpcStats:
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[tuple[str, str]] = Counter()
+
+    def wrap(self, handlers: Mapping[str, Handler]) -> dict[str, Handler]:
+        return {name: self._counted(name, h) for name, h in handlers.items()}
+
+    def _counted(self, name: str, handler: Handler) -> Handler:
+        def call(conn: Connection, args: Any) -> Any:
+            self.requests[name] += 1
+            try:
+                out = handler(conn, args)
+            except RpcError as exc:
+                self.errors[name, exc.code] += 1
+                raise
+            if inspect.isasyncgen(out):
+                return self._stream(name, out)
+            assert inspect.isawaitable(out)
+            return self._await(name, out)
+
+        return call
+
+    async def _await(self, name: str, out: Awaitable[Any]) -> Any:
+        try:
+            return await out
+        except RpcError as exc:
+            self.errors[name, exc.code] += 1
+            raise
+        except Exception:
+            self.errors[name, INTERNAL] += 1
+            raise
+
+    async def _stream(self, name: str, gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for item in gen:
+                yield item
+        except RpcError as exc:
+            self.errors[name, exc.code] += 1
+            raise
+        except Exception:
+            self.errors[name, INTERNAL] += 1
+            raise
+
+    def failures(self, code: str) -> int:
+        """Errors with this code, every method together."""
+        return sum(n for (_, c), n in list(self.errors.items()) if c == code)
