@@ -411,7 +411,8 @@ class ClusterCollector(Collector):
         ended = CounterMetricFamily(
             "lepton_tasks_ended",
             "Task runs that ended, by reason (evicted: stopped to run again elsewhere "
-            "at no cost to its retries: a drain deadline, a faulty GPU, a gang restart)",
+            "at no cost to its retries: a drain deadline, a faulty GPU, a gang restart; "
+            "requeued: it asked to run again from its checkpoint)",
             labels=["reason"],
         )
         for reason in acct.END_REASONS:

@@ -205,3 +205,53 @@ def test_a_snapshot_from_before_accounting_still_loads() -> None:
     # And it goes on counting from there.
     old.apply(encode("noop", {}), 99)
     assert old.snapshot()  # packs
+
+
+# -- arrays, requeues and dependencies (raft/workloads.py) ---------------------------
+def test_an_array_counts_each_attempt_once_and_observes_each_task_once() -> None:
+    h = Harness()
+    h.register("n1", gpus=8)
+    h.submit("a", gpus=1, retries=1, array=[[0, 2, 1]])
+    h.run("a.0", "n1", [0])
+    h.event("a.0", "exited", exit_code=0)
+    h.run("a.1", "n1", [1])
+    h.event("a.1", "exited", exit_code=1)  # spends a.1's own retry
+    assert h.task("a.1").state == "pending" and h.task("a.1").retries_used == 1
+    h.run("a.1", "n1", [1])
+    h.event("a.1", "exited", exit_code=0)
+    h.run("a.2", "n1", [2])
+    h.event("a.2", "exited", exit_code=85)  # asks to run again from its checkpoint
+    t = h.task("a.2")
+    assert (t.state, t.restarts, t.retries_used) == ("pending", 1, 0)
+    h.run("a.2", "n1", [5])
+    h.ok("gpu_health", {"node_id": "n1", "unhealthy": [{"index": 5, "reason": "Xid 48"}]})
+    h.event("a.2", "exited", exit_code=143)  # stopped for its faulty GPU: no retry spent
+    t = h.task("a.2")
+    assert (t.state, t.restarts, t.retries_used) == ("pending", 2, 0)
+    h.run("a.2", "n1", [6])
+    h.event("a.2", "exited", exit_code=0)
+    assert h.job("a").state == "succeeded"
+    c = counters(h)
+    assert c[acct.TASKS_STARTED] == 6 and c[acct.START_COUNT] == 3
+    assert c[acct.ended_key("succeeded")] == 3
+    for reason in ("failed", "requeued", "evicted"):
+        assert c[acct.ended_key(reason)] == 1, (reason, c)
+    assert c[acct.RESCHEDULES] == 3
+    assert c[acct.JOBS_SUBMITTED] == 1 and c[acct.job_ended_key("succeeded")] == 1
+    assert [u.jobs for u in h.state.usage.values()] == [{"succeeded": 1}]
+    assert {k: n for k, n in h.state.job_counts["a"].items() if n} == {"succeeded": 3}
+    assert h.state.user_pending_tasks.get("alice", 0) == 0
+
+
+def test_a_job_failed_by_its_dependency_ends_once_in_the_counters_and_usage() -> None:
+    h = Harness()
+    h.register("n1", gpus=8)
+    h.submit("a", gpus=1, retries=0)
+    h.submit("b", gpus=1, after_ok=["a"])
+    h.run("a.0", "n1", [0])
+    h.event("a.0", "exited", exit_code=1)
+    assert h.job("b").state == "failed"
+    c = counters(h)
+    assert c[acct.job_ended_key("failed")] == 2
+    assert c[acct.ended_key("failed")] == 1  # b's task never ran: no attempt ended
+    assert [u.jobs for u in h.state.usage.values()] == [{"failed": 2}]
