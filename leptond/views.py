@@ -422,21 +422,31 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
     }
 
 
+# Live tasks the overview lists one by one for a job (an array may have
+# thousands; its counts by state say the rest).
+MAX_PLACED = 64
+
+
 def job_row(s: StateView, j: Job, reasons: dict[str, str] | None = None) -> dict[str, Any]:
     """A job for the overview (`leptonctl top`, the web UI): its summary, the
-    nodes its live tasks run on, and why it waits when it does."""
+    nodes its live tasks run on (each once), the GPUs they hold, and why it
+    waits when it does."""
     out = job_summary(j, s)
-    nodes = []
-    placed = []
+    nodes: dict[str, None] = {}  # in the order of its tasks, each node once
+    placed: list[dict[str, Any]] = []
+    held = 0
     for tid in j.tasks:
         t = s.tasks[tid]
         if t.state in LIVE_TASK_STATES and t.node_id:
             node = s.nodes.get(t.node_id)
             name = node.name if node else t.node_id
-            nodes.append(name)
-            placed.append({"rank": t.rank, "node": name, "gpus": list(t.gpus)})
-    out["on"] = nodes
+            nodes[name] = None
+            held += len(t.gpus)
+            if len(placed) < MAX_PLACED:
+                placed.append({"rank": t.rank, "node": name, "gpus": list(t.gpus)})
+    out["on"] = list(nodes)
     out["placed"] = placed
+    out["gpus_held"] = held
     if reasons is not None and j.state == "pending":
         out["reason"] = next((reasons[tid] for tid in j.tasks if tid in reasons), "")
     return out
