@@ -255,3 +255,38 @@ def test_a_job_failed_by_its_dependency_ends_once_in_the_counters_and_usage() ->
     assert c[acct.job_ended_key("failed")] == 2
     assert c[acct.ended_key("failed")] == 1  # b's task never ran: no attempt ended
     assert [u.jobs for u in h.state.usage.values()] == [{"failed": 2}]
+
+
+def test_a_snapshot_carries_both_arrays_and_accounting() -> None:
+    """Every field and key either side added survives a snapshot: counters and
+    usage, a GPU fault, an array's per-task retries and restarts, a job's
+    dependencies and charged seconds; and what restore derives (counts per
+    job and per user, dependents) is what apply had kept."""
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=1, retries=2, array=[[0, 3, 1]], max_running=3)
+    h.submit("b", gpus=1, after_ok=["a"])
+    h.run("a.0", "n1", [0])
+    h.event("a.0", "exited", exit_code=1)
+    h.run("a.1", "n1", [1])
+    h.event("a.1", "exited", exit_code=85)
+    h.run("a.2", "n1", [2])
+    h.ok("gpu_health", {"node_id": "n1", "unhealthy": [{"index": 3, "reason": "Xid 79"}]})
+    other = ClusterState()
+    other.restore(h.state.snapshot())
+    assert other.snapshot() == h.state.snapshot()
+    assert (other.tasks["a.0"].retries_used, other.tasks["a.1"].restarts) == (1, 1)
+    assert other.tasks["a.2"].first_started_at == h.task("a.2").first_started_at is not None
+    assert other.jobs["b"].waiting_on == ["a"] and other.dependents == {"a": {"b"}}
+    assert other.jobs["a"].gpu_s == h.job("a").gpu_s > 0
+    assert dict(other.counters) == dict(h.state.counters)
+    assert dict(other.usage) == dict(h.state.usage) != {}
+    assert other.nodes["n1"].gpu_faults == h.state.nodes["n1"].gpu_faults != []
+
+    def nonzero(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {j: {st: n for st, n in c.items() if n} for j, c in counts.items()}
+
+    assert nonzero(other.job_counts) == nonzero(h.state.job_counts)
+    assert other.user_pending_tasks == h.state.user_pending_tasks
+    view = other.freeze()
+    assert dict(view.counters) == dict(h.state.counters) and len(view.usage) == len(h.state.usage)
