@@ -46,7 +46,8 @@ from .probes import (
     make_gpu_probe,
 )
 from .runner import RunnerError, TaskRunner, TaskSpec
-from .taskdir import SPEC, read_json
+from .sessions import SessionError, Sessions
+from .taskdir import SPEC, read_json, warn_signum
 from .workdir import WorkdirCache
 
 log = logging.getLogger("lepton.agent")
@@ -210,11 +211,16 @@ class Agent:
             handlers={
                 "start": self._on_start,
                 "stop": self._on_stop,
+                "warn": self._on_warn,
                 "logs": self._on_logs,
+                "attach": self._on_attach,
+                "exec": self._on_exec,
+                "tty_input": self._on_tty_input,
                 "gpu_reset": self._on_gpu_reset,
             },
             clock=clock,
         )
+        self.sessions = Sessions()  # interactive sessions (agent/sessions.py)
         self.http = AgentHttp(self, self._healthz)
         self._init_loop_state()
 
@@ -696,6 +702,10 @@ class Agent:
             env=env,
             cwd=cwd,
             time_limit_s=sp.get("time_limit_s"),
+            warn_signal=warn_signum(sp.get("signal")),
+            warn_before_s=_seconds(sp.get("signal_before_s")),
+            tty=sp.get("tty") is True,
+            tty_size=tty_size(sp.get("tty_size")),
             log_cap_bytes=self.cfg.log_cap_bytes,
             kill_grace_s=self.cfg.kill_grace_s,
             user=user,
@@ -756,13 +766,15 @@ class Agent:
                 return ",".join(map(str, sorted(busy)))
             await self.clock.sleep(0.1)
 
-    def _stop_task(self, task_id: str, grace_s: Any = None, attempt: int | None = None) -> None:
+    def _stop_task(
+        self, task_id: str, grace_s: Any = None, attempt: int | None = None, warn: bool = False
+    ) -> None:
         """Stop a task's runs here: one attempt, or every attempt when none is given."""
         for rid in self.runner.running():
             tid, a = split_run_id(rid)
             if tid == task_id and (attempt is None or a == attempt):
                 try:
-                    self.runner.stop(rid, float(grace_s) if grace_s is not None else None)
+                    self.runner.stop(rid, float(grace_s) if grace_s is not None else None, warn)
                 except RunnerError as exc:
                     log.warning("cannot stop %s: %s", rid, exc)
 
@@ -777,6 +789,8 @@ class Agent:
             ev = _exit_event(
                 tid, attempt, ex.exit_code, ex.message, ex.finished_at or self.clock.now()
             )
+            if ex.warned:
+                ev["warned"] = True  # exit 0 after a warning asks to run again
             ev["rid"] = ex.task_id
             self.events.append(ev)
         if exits:
@@ -816,8 +830,28 @@ class Agent:
 
     async def _on_stop(self, conn: Connection, a: Any) -> None:
         if isinstance(a, dict):
+            # `warned`: {task id: grace} of tasks preempted with a warning
+            # signal: they get it, and that grace, instead of SIGTERM.
+            warned = a.get("warned")
+            warned = warned if isinstance(warned, dict) else {}
             for tid in a.get("tasks", []):
-                self._stop_task(str(tid), a.get("grace_s"))
+                grace = warned.get(tid)
+                if isinstance(grace, int | float) and not isinstance(grace, bool) and grace >= 0:
+                    self._stop_task(str(tid), grace, warn=True)
+                else:
+                    self._stop_task(str(tid), a.get("grace_s"))
+
+    async def _on_warn(self, conn: Connection, a: Any) -> None:
+        """The leader asks for tasks' warning signals now (a drain deadline is near)."""
+        if not isinstance(a, dict) or not isinstance(a.get("tasks"), list):
+            return
+        for tid in a["tasks"]:
+            for rid in self.runner.running():
+                if split_run_id(rid)[0] == str(tid):
+                    try:
+                        self.runner.warn(rid)
+                    except RunnerError as exc:
+                        log.warning("cannot warn %s: %s", rid, exc)
 
     async def _on_logs(self, conn: Connection, a: Any) -> AsyncIterator[Any]:
         if not isinstance(a, dict):
@@ -835,6 +869,50 @@ class Agent:
             tdir, a, lambda: rid in self.runner.running(), self._exited, self.clock
         ):
             yield item
+
+    def _running_dir(self, a: Any) -> tuple[str, Path]:
+        """The task id and directory of the running attempt a session names."""
+        if not isinstance(a, dict):
+            raise RpcError("bad_request", "a session needs a task id")
+        tid = str(a.get("task_id", ""))
+        attempt = a.get("attempt")
+        rid = self._latest_run(tid, attempt)
+        if rid is None or rid not in self.runner.running():
+            raise RpcError("not_found", f"task {tid} is not running on this host")
+        return tid, self.runner.task_dir(rid)
+
+    async def _on_attach(self, conn: Connection, a: Any) -> AsyncIterator[Any]:
+        tid, tdir = self._running_dir(a)
+        rows, cols = _size(a)
+        try:
+            async for item in self.sessions.attach(tdir, tid, _session(a), rows, cols):
+                yield item
+        except SessionError as exc:
+            raise RpcError("conflict", str(exc)) from None
+
+    async def _on_exec(self, conn: Connection, a: Any) -> AsyncIterator[Any]:
+        tid, tdir = self._running_dir(a)
+        argv = a.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(x, str) for x in argv):
+            raise RpcError("bad_request", "exec needs a command")
+        rows, cols = _size(a)
+        log.info("exec in %s: %s", tid, argv[:8])
+        try:
+            async for item in self.sessions.exec(
+                tdir, tid, _session(a), argv, a.get("tty") is True, rows, cols
+            ):
+                yield item
+        except SessionError as exc:
+            raise RpcError("conflict", str(exc)) from None
+
+    async def _on_tty_input(self, conn: Connection, a: Any) -> None:
+        if not isinstance(a, dict):
+            return
+        data = a.get("data") or b""
+        if not isinstance(data, bytes):
+            return
+        rows, cols = _size(a, default=(0, 0))
+        self.sessions.input(str(a.get("task_id", "")), _session(a), data, rows, cols)
 
     async def _on_gpu_reset(self, conn: Connection, a: Any) -> dict[str, Any]:
         """The leader asks to put a GPU back in service (`leptonctl node gpu
@@ -941,6 +1019,35 @@ def _exit_event(
         "message": message,
         "at": at,
     }
+
+
+def _session(a: dict[str, Any]) -> str:
+    s = a.get("session")
+    if not isinstance(s, str) or not 8 <= len(s) <= 64:
+        raise RpcError("bad_request", "a session id is 8-64 characters")
+    return s
+
+
+def _size(a: dict[str, Any], default: tuple[int, int] = (24, 80)) -> tuple[int, int]:
+    """A terminal's [rows, cols] from a session's arguments."""
+    rows, cols = a.get("rows"), a.get("cols")
+    ok = all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10_000 for v in (rows, cols)
+    )
+    return (int(rows), int(cols)) if ok else default  # type: ignore[arg-type]
+
+
+def tty_size(v: Any) -> list[int] | None:
+    """A launch spec's tty_size, checked: [rows, cols] or None."""
+    if isinstance(v, list) and len(v) == 2:
+        rows, cols = v
+        if all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 10_000 for x in v):
+            return [rows, cols]
+    return None
+
+
+def _seconds(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0.0
 
 
 def _whole(v: Any) -> int:

@@ -35,8 +35,13 @@ class Runner(Protocol):
         """Start a run; RunnerError (one line) when it cannot."""
         ...
 
-    def stop(self, task_id: str, grace_s: float | None = None) -> None:
-        """Ask a run to stop: SIGTERM, then SIGKILL after the grace."""
+    def stop(self, task_id: str, grace_s: float | None = None, warn: bool = False) -> None:
+        """Ask a run to stop: SIGTERM (with `warn`, its warning signal
+        instead), then SIGKILL after the grace."""
+        ...
+
+    def warn(self, task_id: str) -> None:
+        """Ask a run's supervisor to send the task its warning signal (once)."""
         ...
 
     def kill_all_not_in(self, keep: set[str]) -> list[str]: ...

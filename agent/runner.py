@@ -60,6 +60,8 @@ from agent.taskdir import (
     SPEC,
     STOP,
     TASK_PID,
+    WARN,
+    WARN_SIGNUMS,
     WORK,
     ProcRecord,
     atomic_write_json,
@@ -94,6 +96,14 @@ class TaskSpec:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None  # None: TASK_DIR/work, created by the runner
     time_limit_s: float | None = None
+    # The warning before an ending: this signal number goes to the task
+    # warn_before_s before its time limit, or when the leader asks (WARN);
+    # None: none.
+    warn_signal: int | None = None
+    warn_before_s: float = 0.0
+    # An interactive task: on a PTY of this size [rows, cols] (agent/tty.py).
+    tty: bool = False
+    tty_size: list[int] | None = None
     log_cap_bytes: int = 16 << 20
     kill_grace_s: float = 10.0
     user: TaskUser | None = None  # None: run as the agent's own account
@@ -115,6 +125,8 @@ class TaskExit:
     message: str
     started_at: float | None
     finished_at: float | None
+    # Whether it had been sent its warning signal before it ended.
+    warned: bool = False
 
 
 @dataclass(frozen=True)
@@ -285,8 +297,21 @@ class TaskRunner:
 
     # -------------------------------------------------------------- stop
 
-    def stop(self, task_id: str, grace_s: float | None = None) -> None:
+    def warn(self, task_id: str) -> None:
+        """Ask the task's shim to send the task its warning signal (once)."""
+        tdir = self.task_dir(task_id)
+        with self._lock:
+            if not tdir.is_dir() or (tdir / EXIT).exists():
+                return
+            try:
+                atomic_write_json(tdir / WARN, {}, durable=False)
+            except OSError as e:
+                raise RunnerError(f"cannot warn task {task_id}: {e.strerror or e}") from None
+
+    def stop(self, task_id: str, grace_s: float | None = None, warn: bool = False) -> None:
         """Ask the task's shim to stop it: SIGTERM, then SIGKILL after the grace.
+        With `warn`, its warning signal first instead of SIGTERM (a preemption
+        of a task that asked for one), then SIGKILL after the grace.
 
         The request is a file, so it holds even if the shim is still starting
         or this agent dies right after; the signal only makes it prompt.
@@ -295,7 +320,9 @@ class TaskRunner:
         with self._lock:
             if not tdir.is_dir() or (tdir / EXIT).exists():
                 return
-            body = {"grace_s": grace_s} if grace_s is not None else {}
+            body: dict[str, object] = {"grace_s": grace_s} if grace_s is not None else {}
+            if warn:
+                body["warn"] = True
             try:
                 atomic_write_json(tdir / STOP, body, durable=False)
             except OSError as e:
@@ -600,6 +627,8 @@ def _validate(spec: TaskSpec) -> None:
         raise RunnerError(f"task {spec.task_id}: kill_grace_s must be >= 0")
     if spec.time_limit_s is not None and spec.time_limit_s <= 0:
         raise RunnerError(f"task {spec.task_id}: time_limit_s must be > 0 (or unset)")
+    if spec.warn_signal is not None and spec.warn_signal not in WARN_SIGNUMS:
+        raise RunnerError(f"task {spec.task_id}: warn_signal {spec.warn_signal} is not allowed")
 
 
 def _shim_argv() -> list[str]:
@@ -657,6 +686,7 @@ def _task_exit(task_id: str, obj: dict[str, object]) -> TaskExit:
         message=str(obj.get("message", "")),
         started_at=num("started_at"),
         finished_at=num("finished_at"),
+        warned=obj.get("warned") is True,
     )
 
 

@@ -63,11 +63,13 @@ from agent.taskdir import (
     SPEC,
     STOP,
     TASK_PID,
+    WARN,
     ProcRecord,
     atomic_write_json,
     read_json,
 )
 from agent.tasklog import STDERR, RotatingLog
+from agent.tty import ShimTerminal, make_controlling_terminal
 from leptond.clock import REAL as clock
 
 # How often the stop file and the clock are looked at when nothing else
@@ -130,10 +132,15 @@ class ChildSetup:
     # bytes each (agent/taskns.py); 0: it shares the host's.
     private_tmp_bytes: int = 0
     keep: tuple[str, ...] = ()  # directories below /tmp it must still reach
+    tty: bool = False  # fd 0 is a PTY slave to make the controlling terminal
 
     def __call__(self) -> None:
         step = "joining the task's cgroup"
         try:
+            if self.tty:
+                step = "taking its terminal"
+                make_controlling_terminal()
+                step = "joining the task's cgroup"
             # First, so that nothing the task runs exists outside its cgroup.
             if self.cgroup is not None:
                 self.cgroup.join_self()
@@ -238,6 +245,10 @@ class Shim:
         self.started_at = clock.now()
         self.lease: LeaseReader | None = None
         self.lease_killed = False
+        # Whether the task was sent its warning signal (exit.json says so:
+        # an exit 0 after it asks to run again).
+        self.warned = False
+        self.term: ShimTerminal | None = None  # an interactive task's terminal
         self._wake_r, self._wake_w = os.pipe()
 
     # ------------------------------------------------------------ signals
@@ -312,7 +323,10 @@ class Shim:
             cwd=cwd,
             private_tmp_bytes=int(self.spec.get("private_tmp_bytes") or 0),
             keep=tuple(str(k) for k in self.spec.get("keep_visible") or ()),
+            tty=bool(self.spec.get("tty")),
         )
+        if setup.tty:
+            return self.supervise_terminal(argv, env, cwd, setup, log)
         self.started_at = clock.now()
         try:
             proc = subprocess.Popen(
@@ -338,6 +352,50 @@ class Shim:
         code, sig = exit_code_of(returncode)
         return code, sig, self.message(returncode, log)
 
+    def supervise_terminal(
+        self, argv: list[str], env: dict[str, str], cwd: str, setup: ChildSetup, log: Output
+    ) -> tuple[int | None, int | None, str]:
+        """An interactive task: on a PTY of its own (agent/tty.py), in a new
+        session whose id is its process group, as stops expect."""
+        size = self.spec.get("tty_size") or [24, 80]
+        term = ShimTerminal(self.dir, int(size[0]), int(size[1]))
+        env.setdefault("TERM", str(self.spec.get("term") or "xterm-256color"))
+        self.started_at = clock.now()
+        try:
+            slave = term.child_side()
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                preexec_fn=setup,
+                close_fds=True,
+            )
+        except OSError as e:
+            term.close()
+            code, msg = self.start_error(e, argv[0], cwd)
+            log.write(msg.encode() + b"\n", err=True)
+            return code, None, msg
+        term.started()
+        self.task_pid = proc.pid
+        rec = ProcRecord.of(proc.pid) or ProcRecord(proc.pid, clock.now())
+        rec.save(self.dir / TASK_PID)
+        # The terminal is the task's only output; the loop wants two, so the
+        # second is a pipe already at its end.
+        none_r, none_w = os.pipe()
+        os.close(none_w)
+        self.term = term
+        try:
+            returncode = self.loop(proc, term.master, none_r, log)
+        finally:
+            os.close(none_r)
+            term.close()
+        code, sig = exit_code_of(returncode)
+        return code, sig, self.message(returncode, log)
+
     @staticmethod
     def start_error(e: OSError, cmd: str, cwd: str) -> tuple[int, str]:
         # subprocess reports a failed chdir with the directory as filename.
@@ -354,13 +412,21 @@ class Shim:
         raw_limit = self.spec.get("time_limit_s")
         limit_s = float(raw_limit) if raw_limit is not None else None
         deadline = started + limit_s if limit_s is not None else None
+        raw_sig = self.spec.get("warn_signal")
+        warn_sig = int(raw_sig) if raw_sig is not None else None
+        # The warning goes warn_before_s ahead of the time limit (at once
+        # when the limit is shorter than that).
+        warn_at = None
+        if warn_sig is not None and deadline is not None:
+            warn_at = deadline - float(self.spec.get("warn_before_s") or 0.0)
         fds = [out_fd, err_fd, self._wake_r]
         next_stop_check = 0.0
         next_lease_check = 0.0
         while True:
             # The agent's pidfd wakes us the moment the agent exits (lease.py).
             agent_fd = self.lease.fileno() if self.lease is not None else None
-            watched = fds if agent_fd is None else [*fds, agent_fd]
+            term_fds = self.term.fds() if self.term is not None else []
+            watched = fds + term_fds if agent_fd is None else [*fds, *term_fds, agent_fd]
             readable, _, _ = select.select(watched, [], [], TICK_S)
             if agent_fd is not None and agent_fd in readable:
                 assert self.lease is not None
@@ -369,9 +435,18 @@ class Shim:
             for fd in (out_fd, err_fd):
                 if fd in readable and not self._pump(fd, log, fd == err_fd):
                     fds.remove(fd)  # EOF: the task closed it, it may still run
+            for fd in term_fds:
+                if fd in readable and self.term is not None:
+                    self.term.readable(fd)
             if self._wake_r in readable:
                 self._drain_wakeups()
             now = clock.monotonic()
+            if (
+                self.stop is None
+                and warn_sig is not None
+                and self._warn_due(warn_sig, warn_at, now, next_stop_check)
+            ):
+                self.warn(warn_sig)
             if self.stop is None:
                 if self.stop_signalled or (now >= next_stop_check and self._stop_file()):
                     self.request_stop("stopped by request", self._stop_grace_s(), proc.pid)
@@ -406,8 +481,14 @@ class Shim:
             data = os.read(fd, 65536)
         except BlockingIOError:
             return True
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            data = b""  # a PTY master once every slave side closed: its EOF
         if data:
             log.write(data, err)
+            if self.term is not None and not err:
+                self.term.output(data)
         return bool(data)
 
     def _drain(self, out_fd: int, err_fd: int, log: Output, fds: list[int]) -> None:
@@ -434,9 +515,32 @@ class Shim:
             return float(grace)
         return float(self.spec["kill_grace_s"])
 
+    def _warn_due(self, sig: int, warn_at: float | None, now: float, check_at: float) -> bool:
+        """Whether the warning signal is due: its time before the limit came,
+        or the leader asked for it (a drain deadline is near)."""
+        if self.warned:
+            return False
+        if warn_at is not None and now >= warn_at:
+            return True
+        return now >= check_at and (self.dir / WARN).exists()
+
+    def warn(self, sig: int) -> None:
+        """Send the task its warning signal, once: it may checkpoint and exit."""
+        self.warned = True
+        print(f"leptond: sent {signal.Signals(sig).name} to the task as its warning")
+        self.kill_task(sig)
+
     def request_stop(self, reason: str, grace_s: float, pgid: int) -> None:
         self.stop = StopRequest(reason, grace_s)
         self.kill_at = clock.monotonic() + grace_s
+        req = read_json(self.dir / STOP) or {}
+        warn_sig = self.spec.get("warn_signal")
+        if req.get("warn") is True and warn_sig is not None:
+            # A preemption of a task that asked for a warning: the signal
+            # instead of SIGTERM (once), then SIGKILL after the grace.
+            if not self.warned:
+                self.warn(int(warn_sig))
+            return
         self.kill_task(signal.SIGTERM)
 
     def kill_task(self, sig: int) -> None:
@@ -516,6 +620,7 @@ class Shim:
                 "started_at": self.started_at,
                 "finished_at": clock.now(),
                 "message": message,
+                "warned": self.warned,
             },
             exclusive=True,  # a runner may already have declared this task lost
         )

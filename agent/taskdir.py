@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,21 @@ SHIM_PID = "shim.pid"
 TASK_PID = "task.pid"
 EXIT = "exit.json"
 STOP = "stop"
+# The leader asks for the task's warning signal now (a drain deadline is
+# near): the shim sends it once, as it does before the time limit.
+WARN = "warn"
+# The signals a task may be warned with (the masters accept these names).
+WARN_SIGNAL_NAMES = ("USR1", "USR2", "TERM", "INT", "HUP", "ALRM")
+WARN_SIGNUMS = frozenset(int(signal.Signals[f"SIG{n}"]) for n in WARN_SIGNAL_NAMES)
+
+
+def warn_signum(name: object) -> int | None:
+    """The number of a warning signal named by the leader, or None."""
+    if isinstance(name, str) and name in WARN_SIGNAL_NAMES:
+        return int(signal.Signals[f"SIG{name}"])
+    return None
+
+
 ACKED = "acked"
 SHIM_LOG = "shim.log"
 WORK = "work"

@@ -7,11 +7,11 @@ import shlex
 import sys
 from typing import Any
 
-from leptond.wire.client import ClusterClient, parse_addrs
+from leptond.client import AsyncClient
+from leptond.client.config import ConfigError
 from leptond.wire.errors import RpcError
 
 from . import commands
-from .config import ConfigError, load
 from .jobfile import JobFileError
 from .jobs import UsageError
 from .output import say
@@ -89,6 +89,73 @@ def _submit(sub: Any) -> None:
         help="submit a job: leptonctl submit --gpus 2 -- python train.py",
         description="Submit a job; its flags go before the command, the command after --.",
     )
+    _job_flags(s)
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="stream the job's output (rank 0, or every rank with --all) until it ends, "
+        "then exit with its exit code",
+    )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="with --wait: every rank's output, each line prefixed [rN]",
+    )
+    s.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="with --wait: print only the job id, show no output",
+    )
+    _out(s)
+    _command(s)
+
+
+def _run_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a job and attach to it: leptonctl run --gpus 1 -it -- bash",
+        description="Place a job like submit, wait for it to start and attach this terminal "
+        "to it (with -t, on a terminal of its own on the host); the job ends when the "
+        "session does. Exits with the job's exit code.",
+    )
+    _job_flags(r)
+    _session_flags(r)
+    _command(r)
+
+
+def _exec_parser(sub: Any) -> None:
+    e = sub.add_parser(
+        "exec",
+        help="run a command inside a running task: leptonctl exec JOB -it -- bash",
+        description="Run a command in a running task's environment: as its user, in its "
+        "cgroup, namespaces and GPUs. Exits with the command's exit code.",
+    )
+    e.add_argument("job", help="the job id")
+    e.add_argument("--rank", type=_count("--rank", 0, 1 << 20), help="which task (default 0)")
+    _session_flags(e)
+    _command(e)
+
+
+def _session_flags(p: Any) -> None:
+    p.add_argument(
+        "-i", "--interactive", action="store_true", help="send this terminal's input (with -t)"
+    )
+    p.add_argument(
+        "-t", "--tty", action="store_true", help="a terminal on the host: window size, Ctrl-C"
+    )
+
+
+def _command(p: Any) -> None:
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the command and its arguments, after --",
+    )
+
+
+def _job_flags(s: Any) -> None:
+    """The flags of a job's spec, shared by submit and run."""
     s.add_argument("-f", "--file", help="job.toml with the same fields as the flags")
     s.add_argument("--name", help="a name for the job (letters, digits, . _ -)")
     s.add_argument(
@@ -144,6 +211,50 @@ def _submit(sub: Any) -> None:
     )
     s.add_argument("--time-limit", help="stop the tasks after this long, e.g. 90s, 30m, 2h")
     s.add_argument(
+        "--signal",
+        metavar="NAME@DURATION",
+        help="warn the tasks with this signal DURATION before their time limit, a drain "
+        "deadline or a preemption, e.g. USR1@120s; a task that exits 0 after it, or "
+        "exits 85 at any time, runs again without spending a retry (LEPTON_RESTART_COUNT)",
+    )
+    s.add_argument(
+        "--preempt-grace",
+        metavar="DURATION",
+        help="with --signal: how long a preemption waits for the task to exit after the "
+        "signal (at most the cluster's maximum; default the --signal lead time)",
+    )
+    s.add_argument(
+        "--array",
+        metavar="INDEXES",
+        help="a job array: one task per index, e.g. 0-999, 0-999:10 (a step) or 1,5,9; "
+        "each task gets LEPTON_ARRAY_INDEX",
+    )
+    s.add_argument(
+        "--max-running",
+        type=_count("--max-running", 1, 1_000_000),
+        metavar="N",
+        help="with --array: at most N of its tasks run at once",
+    )
+    s.add_argument(
+        "--after",
+        action="append",
+        metavar="JOB[,JOB]",
+        help="start after these jobs ended, whatever their state (repeatable)",
+    )
+    s.add_argument(
+        "--after-any",
+        action="append",
+        metavar="JOB[,JOB]",
+        help="the same as --after",
+    )
+    s.add_argument(
+        "--after-ok",
+        action="append",
+        metavar="JOB[,JOB]",
+        help="start after these jobs succeeded (an array: every task); if one fails, "
+        "this job fails without running (repeatable)",
+    )
+    s.add_argument(
         "--workdir",
         help="directory to send with the job; tasks start in a copy of it "
         "(without it they start in an empty directory of their own)",
@@ -152,29 +263,6 @@ def _submit(sub: Any) -> None:
         "--queue-anyway",
         action="store_true",
         help="accept a job that no node the cluster knows could run (it waits for one)",
-    )
-    s.add_argument(
-        "--wait",
-        action="store_true",
-        help="stream the job's output (rank 0, or every rank with --all) until it ends, "
-        "then exit with its exit code",
-    )
-    s.add_argument(
-        "--all",
-        action="store_true",
-        help="with --wait: every rank's output, each line prefixed [rN]",
-    )
-    s.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="with --wait: print only the job id, show no output",
-    )
-    _out(s)
-    s.add_argument(
-        "command",
-        nargs=argparse.REMAINDER,
-        help="the command and its arguments, after --",
     )
 
 
@@ -194,6 +282,8 @@ def parser() -> ArgParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgParser)
 
     _submit(sub)
+    _run_parser(sub)
+    _exec_parser(sub)
 
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument(
@@ -223,6 +313,7 @@ def parser() -> ArgParser:
     _out(j)
     st = sub.add_parser("status", help="one job in detail")
     st.add_argument("job", help="the job id")
+    st.add_argument("--index", type=_count("--index", 0, 9_999_999), help=INDEX_HELP)
     _out(st)
     c = sub.add_parser(
         "cancel",
@@ -233,6 +324,11 @@ def parser() -> ArgParser:
     c.add_argument("jobs", nargs="*", metavar="JOB", help="job ids")
     c.add_argument("--user", help="cancel this user's jobs (someone else's: admins only)")
     c.add_argument(
+        "--index",
+        type=_count("--index", 0, 9_999_999),
+        help="only this task of a job array (one JOB); the others go on",
+    )
+    c.add_argument(
         "--state",
         action="append",
         choices=["pending", "running"],
@@ -241,6 +337,7 @@ def parser() -> ArgParser:
     lg = sub.add_parser("logs", help="a job's output")
     lg.add_argument("job", help="the job id")
     lg.add_argument("--rank", type=_count("--rank", 0, 1 << 20), help="which task (default 0)")
+    lg.add_argument("--index", type=_count("--index", 0, 9_999_999), help=INDEX_HELP)
     lg.add_argument(
         "--all", action="store_true", help="every rank, each line prefixed with its rank: [r1]"
     )
@@ -382,6 +479,9 @@ def parser() -> ArgParser:
     return p
 
 
+INDEX_HELP = "which task of a job array (its LEPTON_ARRAY_INDEX)"
+
+
 def submit_flags() -> set[str]:
     """Every option string of `submit`, e.g. --gpus, -f."""
     sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[
@@ -408,15 +508,37 @@ def check_submit_command(command: list[str]) -> list[str]:
     return command
 
 
+def exec_command(args: argparse.Namespace) -> list[str]:
+    """The command of an exec. Flags after the job id (`exec J -it -- sh`)
+    reach here with it (argparse keeps everything after J together): take
+    them off, up to `--` or the first word that is no flag of exec's."""
+    words = list(args.command)
+    while words:
+        w = words.pop(0)
+        if w == "--":
+            return words
+        if w in ("-i", "--interactive"):
+            args.interactive = True
+        elif w in ("-t", "--tty"):
+            args.tty = True
+        elif w in ("-it", "-ti"):
+            args.interactive = args.tty = True
+        elif w == "--rank" or w.startswith("--rank="):
+            value = w.partition("=")[2] if "=" in w else (words.pop(0) if words else "")
+            if not value.isdigit():
+                raise UsageError(f"--rank takes a task's rank, 0 or more, got {value!r}")
+            args.rank = int(value)
+        else:
+            return [w, *words]
+    return []
+
+
 async def _run(args: argparse.Namespace) -> int:
-    cfg = load(args.addr, args.token)
+    # The SDK's client: the same configuration, connection and calls as
+    # Python programs get (leptond.client).
+    client = AsyncClient(args.addr, args.token, timeout_s=args.timeout)
     try:
-        addrs = parse_addrs(cfg.addrs)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    client = ClusterClient(addrs, key_id=cfg.token.id, psk=cfg.token.psk)
-    try:
-        return await commands.dispatch(client, args)
+        return await commands.dispatch(client.wire, args)
     finally:
         await client.close()
 
@@ -424,8 +546,10 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.cmd == "submit":
+        if args.cmd in ("submit", "run"):
             args.command = check_submit_command(args.command)
+        elif args.cmd == "exec":
+            args.command = exec_command(args)
         from leptond.wire.loop import run
 
         return run(_run(args))

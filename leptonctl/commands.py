@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from leptond.client import calls as api
 from leptond.wire.client import ClusterClient
 
-from . import api, jobfile, jobs
+from . import interactive, jobfile, jobs
 from .jobs import UsageError
 from .logs import Follower, Options
 from .output import ago, clean, emit_json, say, size, table, until
@@ -23,6 +24,10 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
     cmd = a.cmd
     if cmd == "submit":
         return await jobs.submit(c, a)
+    if cmd == "run":
+        return await interactive.run(c, a)
+    if cmd == "exec":
+        return await interactive.exec_in(c, a)
     if cmd == "jobs":
         return await jobs.jobs(c, a)
     if cmd == "status":
@@ -57,6 +62,8 @@ async def dispatch(c: ClusterClient, a: argparse.Namespace) -> int:
 async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
     if a.all and a.rank is not None:
         raise UsageError("--rank and --all: choose one")
+    if a.index is not None and (a.all or a.rank is not None):
+        raise UsageError("--index names one task of an array: no --rank or --all with it")
     if a.tail is not None and a.tail < 0:
         raise UsageError(f"--tail takes a number of lines, 0 or more, got {a.tail}")
     opts = Options(
@@ -66,6 +73,7 @@ async def logs(c: ClusterClient, a: argparse.Namespace) -> int:
         tail=a.tail,
         timestamps=a.timestamps,
         hint_ranks=a.rank is None,
+        index=a.index,
     )
     return await Follower(c, a.job, opts, a.timeout).run()
 

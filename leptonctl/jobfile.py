@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from raft.arrays import ArrayError, parse_array
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # job.toml keys -> spec fields; every other key is an error.
@@ -28,6 +30,13 @@ TOML_KEYS = {
     "time_limit",
     "workdir",
     "cwd",
+    "array",
+    "max_running",
+    "after",
+    "after_any",
+    "after_ok",
+    "signal",
+    "preempt_grace",
 }
 
 
@@ -65,6 +74,28 @@ def parse_kv(items: list[str], what: str) -> dict[str, str]:
         if not sep or not k:
             raise JobFileError(f"{what} takes K=V, got {item!r}")
         out[k] = v
+    return out
+
+
+def parse_signal(text: Any) -> tuple[str, float]:
+    """'USR1@120s' (or SIGUSR1@2m) -> ('USR1', 120.0)."""
+    name, at, when = str(text).partition("@")
+    name = name.strip().upper().removeprefix("SIG")
+    if not at or not name or not when:
+        raise JobFileError(f"--signal takes NAME@DURATION, e.g. USR1@120s, got {str(text)[:40]!r}")
+    return name, parse_duration(when)
+
+
+def job_ids(v: Any) -> list[str]:
+    """Job ids from flags (repeatable, each JOB[,JOB]) or a job.toml list or string."""
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else list(v)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise JobFileError(f"a dependency is a job id, got {item!r}")
+        out += [x.strip() for x in item.split(",") if x.strip()]
     return out
 
 
@@ -106,5 +137,22 @@ def to_spec(d: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         spec["env"] = dict(d["env"])
     if d.get("constraints"):
         spec["constraints"] = dict(d["constraints"])
+    if d.get("array") is not None:
+        try:
+            spec["array"] = parse_array(str(d["array"]))
+        except ArrayError as exc:
+            raise JobFileError(str(exc)) from None
+    if d.get("signal") is not None:
+        spec["signal"], spec["signal_before_s"] = parse_signal(d["signal"])
+    if d.get("preempt_grace") is not None:
+        spec["preempt_grace_s"] = parse_duration(d["preempt_grace"])
+    if d.get("max_running") is not None:
+        spec["max_running"] = d["max_running"]
+    # --after is --after-any: after the jobs ended, in whatever state.
+    after_any = job_ids(d.get("after")) + job_ids(d.get("after_any"))
+    if after_any:
+        spec["after_any"] = list(dict.fromkeys(after_any))
+    if d.get("after_ok"):
+        spec["after_ok"] = list(dict.fromkeys(job_ids(d["after_ok"])))
     name = d.get("name")
     return (str(name) if name is not None else None), spec

@@ -8,11 +8,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from leptond.client import calls as api
 from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import UNSCHEDULABLE, RpcError
 
-from . import api, jobfile
+from . import jobfile
 from .logs import FINAL_JOB_STATES, Follower, Options
 from .output import ago, emit_json, job_state, ran_for, say, size, table
 
@@ -38,6 +39,13 @@ def build_spec(a: argparse.Namespace) -> tuple[str | None, dict[str, Any], str |
         "no_preempt": a.no_preempt,
         "time_limit": a.time_limit,
         "workdir": a.workdir,
+        "signal": a.signal,
+        "preempt_grace": a.preempt_grace,
+        "array": a.array,
+        "max_running": a.max_running,
+        "after": a.after,
+        "after_any": a.after_any,
+        "after_ok": a.after_ok,
     }
     d.update({k: v for k, v in flags.items() if v is not None})
     if a.env:
@@ -89,7 +97,13 @@ async def submit(c: ClusterClient, a: argparse.Namespace) -> int:
         say(job_id, flush=True)
     if not a.wait:
         return 0
-    if streaming:
+    if streaming and spec.get("array") is not None:
+        say(
+            f"leptonctl: an array's tasks are many: `leptonctl logs {job_id} --index I` "
+            "shows one; waiting for all of them",
+            file=sys.stderr,
+        )
+    elif streaming:
         ranks = None if a.all else [0]
         opts = Options(ranks=ranks, follow=True, hint_ranks=False)
         await Follower(c, job_id, opts, a.timeout).run()
@@ -134,7 +148,7 @@ def job_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
             r["id"],
             r["name"],
             r["user"],
-            job_state(r),
+            job_state(r) + (f" [{task_counts(r)}]" if r.get("array") is not None else ""),
             r.get("gpus_total", r["gpus"]),
             r["nodes"],
             ago(r["submitted_at"]),
@@ -183,7 +197,7 @@ async def jobs(c: ClusterClient, a: argparse.Namespace) -> int:
 
 
 async def status(c: ClusterClient, a: argparse.Namespace) -> int:
-    st = await api.status(c, a.job, timeout_s=a.timeout)
+    st = await api.status(c, a.job, timeout_s=a.timeout, index=a.index)
     if a.output == "json":
         emit_json(st)
         return 0
@@ -201,10 +215,31 @@ async def status(c: ClusterClient, a: argparse.Namespace) -> int:
     if st.get("started_at"):
         when.append(f"ran {ran_for(st['started_at'], st.get('finished_at'))}")
     say(f"time      {'; '.join(when)}")
+    if st.get("waiting_on"):
+        say(f"waits for {', '.join(st['waiting_on'])}")
     if st.get("reason"):
         say(f"pending   {st['reason']}")
+    if st.get("array") is not None:
+        limit = f"; at most {st['max_running']} at once" if st.get("max_running") else ""
+        say(f"array     {st['array_tasks']} tasks ({st['array']}){limit}")
+        say(f"tasks     {task_counts(st)}")
+        if a.index is None:
+            if not st["tasks"]:
+                return 0
+            more = " (the first of them)" if st.get("tasks_cut") else ""
+            say(f"failed tasks{more}:")
     table(
-        ["RANK", "STATE", "NODE", "GPUS", "EXIT", "ATTEMPT", "STARTED", "ENDED", "MESSAGE"],
+        [
+            "INDEX" if st.get("array") is not None else "RANK",
+            "STATE",
+            "NODE",
+            "GPUS",
+            "EXIT",
+            "ATTEMPT",
+            "STARTED",
+            "ENDED",
+            "MESSAGE",
+        ],
         [
             [
                 t["rank"],
@@ -221,6 +256,13 @@ async def status(c: ClusterClient, a: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+def task_counts(r: dict[str, Any]) -> str:
+    """An array's tasks by state: `3 running, 90 pending, 7 succeeded`."""
+    order = ["running", "assigned", "pending", "succeeded", "failed", "lost", "cancelled"]
+    counts = r.get("task_states") or {}
+    return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
 
 
 def task_message(t: dict[str, Any]) -> str:
@@ -240,6 +282,12 @@ async def cancel(c: ClusterClient, a: argparse.Namespace) -> int:
     if not a.jobs and not filtered:
         raise UsageError("cancel what? give job ids, or --user U and/or --state pending")
     ids = list(dict.fromkeys(a.jobs))
+    if a.index is not None:
+        if filtered or len(ids) != 1:
+            raise UsageError("--index names a task of one job array: give exactly one JOB")
+        res = await api.cancel(c, ids[0], timeout_s=a.timeout, index=a.index)
+        say(f"{res['id']} --index {res['index']} {res['state']}")
+        return 0
     if filtered:
         me = await api.whoami(c, timeout_s=a.timeout)
         user = a.user or me["user"]

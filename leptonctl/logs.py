@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from leptond.client import calls as api
 from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
-from . import api
 from .output import say, stamp
 
 FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -38,6 +38,7 @@ class Options:
     tail: int | None = None
     timestamps: bool = False
     hint_ranks: bool = True  # say so when other ranks exist
+    index: int | None = None  # one task of a job array (ranks is then [0])
 
 
 class Lines:
@@ -118,10 +119,22 @@ class Follower:
         say(f"leptonctl: {text}", file=sys.stderr, flush=True)
 
     async def status(self) -> dict[str, Any]:
-        return await api.status(self.c, self.job_id, timeout_s=self.timeout_s, brief=True)
+        return await api.status(
+            self.c, self.job_id, timeout_s=self.timeout_s, brief=True, index=self.opts.index
+        )
+
+    def what(self, rank: int) -> str:
+        """How notes name the task whose output this is."""
+        return f"rank {rank}" if self.opts.index is None else f"index {self.opts.index}"
 
     async def run(self) -> int:
         st = await self.status()
+        if st.get("array") is not None and self.opts.index is None:
+            raise RpcError(
+                "bad_request",
+                f"job {self.job_id} is an array of {st['array_tasks']} tasks "
+                f"({st['array']}): give --index I for one task's output",
+            )
         n = len(st["tasks"])
         ranks = list(range(n)) if self.opts.ranks is None else list(self.opts.ranks)
         for r in ranks:
@@ -158,7 +171,7 @@ class Follower:
             state = exc.extra.get("job_state")
             if state in FINAL_JOB_STATES:
                 self.note(
-                    f"rank {rank} of {self.job_id} never started (the job {state}); no output"
+                    f"{self.what(rank)} of {self.job_id} never started (the job {state}); no output"
                 )
             else:
                 self.note(f"{exc.message}: no output yet (-f waits for it)")
@@ -169,6 +182,7 @@ class Follower:
             self.c,
             self.job_id,
             rank,
+            index=self.opts.index,
             follow=self.opts.follow,
             offset=offset,
             stream=self.opts.stream,
@@ -183,7 +197,7 @@ class Follower:
             t = st["tasks"][rank]
             if attempt and t["attempt"] != attempt:
                 offset, tail = 0, None  # a new attempt: its output from the start
-                self.note(f"rank {rank} of {self.job_id} runs again (attempt {t['attempt']})")
+                self.note(f"{self.what(rank)} of {self.job_id} runs again (attempt {t['attempt']})")
             attempt = t["attempt"]
             ended = st["state"] in FINAL_JOB_STATES and t["state"] not in LIVE_TASK_STATES
             if ended and (t["node"] is None or attempt == 0):
@@ -205,10 +219,12 @@ class Follower:
                         st["tasks"][rank]["state"] not in LIVE_TASK_STATES
                     ):
                         # Nothing will change by waiting: say so and stop.
-                        self.note(f"rank {rank}: {exc.message}")
+                        self.note(f"{self.what(rank)}: {exc.message}")
                         self.failed = True
                         return
-                    self.note(f"rank {rank}: {exc.message}; waiting", once=f"{rank}:{exc.code}")
+                    self.note(
+                        f"{self.what(rank)}: {exc.message}; waiting", once=f"{rank}:{exc.code}"
+                    )
                 else:
                     raise
                 await clock.sleep(POLL_S)

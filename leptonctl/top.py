@@ -14,6 +14,7 @@ import curses
 from datetime import UTC, datetime
 from typing import Any
 
+from leptond.client import calls as api
 from leptond.clock import REAL as clock
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
@@ -53,6 +54,21 @@ def _ago(now: float, ts: float | None) -> str:
     return "-" if not ts else duration(max(0.0, now - ts))
 
 
+# The order an array's counts by state are shown in.
+TASK_STATES = (
+    "running", "assigned", "pending", "succeeded", "failed", "lost", "cancelled", "preempted",
+)  # fmt: skip
+
+
+def array_note(j: dict[str, Any]) -> str:
+    """An array's tasks by state, as "array 0-99: 8 running, 92 pending" ('' for other jobs)."""
+    if not j.get("array"):
+        return ""
+    counts = j.get("task_states") or {}
+    parts = [f"{counts[st]} {st}" for st in TASK_STATES if counts.get(st)]
+    return f"array {j['array']}: {', '.join(parts) or 'no tasks'}"
+
+
 def render(ov: dict[str, Any], width: int, height: int, now: float) -> list[str]:
     """The screen's lines for one `overview` answer."""
     nodes = ov["nodes"]
@@ -86,9 +102,14 @@ def render(ov: dict[str, Any], width: int, height: int, now: float) -> list[str]
     lines += ["", f"RUNNING ({counts['running']})"]
     lines.append(f"  {'JOB':<16} {'USER':<12} {'NAME':<16} {'GPUS':>4}  {'RUNNING':>8}  NODES")
     for j in ov["running"]:
+        # An array holds the GPUs of its live tasks, not its spec's per-task count.
+        gpus = j.get("gpus_held", j["gpus_total"]) if j.get("array") else j["gpus_total"]
+        where = ",".join(j["on"]) or "-"
+        if j.get("array"):
+            where = f"{where}  [{array_note(j)}]"
         lines.append(
             f"  {j['id']:<16} {_cut(j['user'], 12):<12} {_cut(j['name'], 16):<16} "
-            f"{j['gpus_total']:>4}  {_ago(now, j['started_at']):>8}  {','.join(j['on']) or '-'}"
+            f"{gpus:>4}  {_ago(now, j['started_at']):>8}  {where}"
         )
     lines += ["", f"PENDING ({counts['pending']})"]
     lines.append(f"  {'JOB':<16} {'USER':<12} {'NAME':<16} {'GPUS':>4}  {'WAITING':>8}  WHY")
@@ -97,6 +118,7 @@ def render(ov: dict[str, Any], width: int, height: int, now: float) -> list[str]
             f"  {j['id']:<16} {_cut(j['user'], 12):<12} {_cut(j['name'], 16):<16} "
             f"{j['gpus_total']:>4}  {_ago(now, j['submitted_at']):>8}  "
             f"{j.get('reason') or 'waiting for the next scheduling pass'}"
+            + (f"  [{array_note(j)}]" if j.get("array") else "")
         )
     # Names, reasons and messages come from other users and from hosts: no
     # character of theirs may drive the terminal (leptonctl/output.py).
@@ -119,7 +141,7 @@ async def run(c: ClusterClient, timeout_s: float) -> int:
             pass  # terminals that cannot hide the cursor
         while True:
             try:
-                ov = await c.call("overview", {}, timeout_s=timeout_s)
+                ov = await api.overview(c, timeout_s=timeout_s)
                 lines = render(ov, *_size(screen), clock.now())
             except RpcError as exc:
                 lines = [f"leptond top - cannot reach the cluster: {exc.message}", "", "q quits"]

@@ -10,10 +10,10 @@ from typing import Any
 
 from leptond.blocks import WorkdirError, pack_block, read_block, scan_workdir
 from leptond.blocks.scan import DEFAULT_MAX_BYTES
+from leptond.client import calls as api
 from leptond.wire.client import ClusterClient
 from leptond.wire.errors import RpcError
 
-from . import api
 from .output import size
 
 PARALLEL = 8

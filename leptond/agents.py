@@ -345,8 +345,19 @@ class AgentRegistry:
     def push_start(self, node_id: str, specs: list[dict[str, Any]]) -> None:
         self._notify(node_id, "start", {"tasks": specs})
 
-    def push_stop(self, node_id: str, task_ids: list[str]) -> None:
-        self._notify(node_id, "stop", {"tasks": task_ids, "grace_s": self._cfg.kill_grace_s})
+    def push_stop(
+        self, node_id: str, task_ids: list[str], warned: dict[str, float] | None = None
+    ) -> None:
+        args: dict[str, Any] = {"tasks": task_ids, "grace_s": self._cfg.kill_grace_s}
+        if warned:
+            args["warned"] = warned
+        self._notify(node_id, "stop", args)
+
+    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
+        self._notify(node_id, "tty_input", args)
+
+    def push_warn(self, node_id: str, task_ids: list[str]) -> None:
+        self._notify(node_id, "warn", {"tasks": task_ids})
 
     def is_connected(self, node_id: str) -> bool:
         conn = self.conns.get(node_id)

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 import scheduler as sch
-from raft import snapcheck
+from raft import arrays, snapcheck
 from raft import snapshot as snapfile
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
@@ -27,6 +27,7 @@ from raft.model import FINAL_JOB_STATES, JOB_STATES, JobSpec
 from raft.validate import (
     SpecError,
     spec_bytes,
+    stored_spec,
     validate_labels,
     validate_name,
     validate_spec,
@@ -53,6 +54,8 @@ log = logging.getLogger("lepton.master")
 MAX_DRAIN_DEADLINE_S = 366 * 86400
 MAX_JOBS_LISTED = 2**63 - 1  # no cap of its own: a limit only trims the list
 MAX_RANK = 1 << 20
+# The most tasks `status` lists for a job array (its failed ones).
+MAX_LISTED_TASKS = 1000
 MAX_TAIL_LINES = 1_000_000
 LOG_STREAMS = ("output", "stderr")
 RESTORE_PART_BYTES = BATCH_BUDGET_BYTES
@@ -169,6 +172,13 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         raise RpcError(BAD_REQUEST, str(exc)) from None
     user = conn.context["user"]
     admin = conn.context["role"] == "admin"
+    most = m.cfg.max_preempt_grace_s
+    if spec.preempt_grace_s is not None and spec.preempt_grace_s > most:
+        raise RpcError(
+            BAD_REQUEST,
+            f"--preempt-grace {spec.preempt_grace_s:g}s is over this cluster's maximum "
+            f"of {most:g}s (masters: --max-preempt-grace)",
+        )
     cap = None if admin else m.cfg.max_priority_of(user)
     if cap is not None and spec.priority > cap:
         raise RpcError(
@@ -182,7 +192,11 @@ async def submit(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         # Only its own user's manifest (admins: any); the same words whether
         # it does not exist or is someone else's.
         raise RpcError(BAD_REQUEST, f"workdir {spec.workdir} was not uploaded by {user}")
-    caps = None if admin else [m.cfg.max_pending_jobs, m.cfg.max_pending_spec_bytes]
+    caps = (
+        None
+        if admin
+        else [m.cfg.max_pending_jobs, m.cfg.max_pending_spec_bytes, m.cfg.max_pending_tasks]
+    )
     if caps is not None:
         _refuse_over_pending_caps(view.user_pending.get(user, (0, 0)), user, spec, caps)
     if spec.mem_bytes == 0:
@@ -230,14 +244,14 @@ def _refuse_over_pending_caps(
 ) -> None:
     """The refusal apply would give (ClusterState._check_pending_caps), said
     before proposing: each user's waiting jobs live on every master."""
-    (n, held), (max_jobs, max_bytes) = pending, caps
+    (n, held), (max_jobs, max_bytes) = pending, caps[:2]
     if max_jobs and n + 1 > max_jobs:
         raise RpcError(
             "pending_limit",
             f"{user} has {n} jobs waiting to start, the most one user may ({max_jobs}); "
             "cancel some or wait for them to start",
         )
-    size = spec_bytes(spec.to_wire())
+    size = spec_bytes(stored_spec(spec))
     if max_bytes and held + size > max_bytes:
         raise RpcError(
             "pending_limit",
@@ -351,6 +365,7 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     prefer_leader(m)
     jid = param.string(a, "job_id")
     brief = param.flag(a, "brief")
+    index = _index(a)
     reasons = m.scheduling.reasons
     s = m.view()
     job = s.jobs.get(jid)
@@ -360,7 +375,13 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     full = _may_read(conn, job.user) and not brief
     if not brief:
         out["spec"] = job.spec if full else views.redacted_spec(job)
-    out["tasks"] = [views.task_detail(s, s.tasks[t]) for t in job.tasks]
+    if index is not None:
+        out["tasks"] = [views.task_detail(s, _array_task(s, job, index))]
+    elif job.spec.get("array") is not None:
+        # An array lists its failed tasks; the counts say the rest.
+        out["tasks"], out["tasks_cut"] = views.failed_tasks(s, job, MAX_LISTED_TASKS)
+    else:
+        out["tasks"] = [views.task_detail(s, s.tasks[t]) for t in job.tasks]
     if full:
         _audit_read(m, conn, job.id, job.user, "status")
     for t in out["tasks"]:
@@ -369,12 +390,37 @@ async def status(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     pend = [t for t in out["tasks"] if t.get("reason")]
     if pend and job.state == "pending":
         out["reason"] = pend[0]["reason"]
+    elif job.state in ("pending", "running") and index is None:
+        # An array's waiting tasks are not listed: the first one's reason.
+        first = next((t for t in job.tasks if t in reasons and t in s.pending), None)
+        if first is not None:
+            out["reason"] = reasons[first]
     return out
+
+
+def _index(a: dict[str, Any]) -> int | None:
+    """The `index` argument: one task of a job array, or None."""
+    if a.get("index") is None:
+        return None
+    return param.integer(a, "index", 0, arrays.MAX_ARRAY_INDEX, 0)
+
+
+def _array_task(s: Any, job: Any, index: int) -> Any:
+    """The task of `job` with this array index, or a one-line error."""
+    if job.spec.get("array") is None:
+        raise RpcError(BAD_REQUEST, f"job {job.id} is not an array; it has no --index")
+    t = s.tasks.get(f"{job.id}.{index}")
+    if t is None or t.job_id != job.id:
+        indexes = arrays.describe(job.spec["array"])
+        raise RpcError(NOT_FOUND, f"job {job.id} has no index {index} (it has {indexes[:80]})")
+    return t
 
 
 @method("cancel", "submit", mutating=True)
 async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """Cancel a job, or with `index` one task of a job array."""
     m.ensure_leader()
+    index = _index(a)
     return await m.propose(
         "cancel_job",
         {
@@ -382,6 +428,7 @@ async def cancel(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "user": conn.context["user"],
             "admin": conn.context["role"] == "admin",
             "now": m.clock.now(),
+            **({"index": index} if index is not None else {}),
         },
         rid=request_id(conn, a, "cancel"),
         wake=True,
@@ -400,6 +447,7 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     m.ensure_leader()
     jid = param.string(a, "job_id")
     rank = param.integer(a, "rank", 0, MAX_RANK, 0)
+    index = _index(a)
     relayed = {
         "offset": param.integer(a, "offset", -(2**62), 2**62, 0),
         "follow": param.flag(a, "follow"),
@@ -413,9 +461,14 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     job = s.jobs.get(jid)
     if job is None:
         raise RpcError(NOT_FOUND, f"no job {jid!r}")
-    if not 0 <= rank < len(job.tasks):
+    if index is not None:
+        t = _array_task(s, job, index)
+        rank, what = index, f"index {index}"
+    elif not 0 <= rank < len(job.tasks):
         raise RpcError(BAD_REQUEST, f"job {jid} has ranks 0-{len(job.tasks) - 1}")
-    t = s.tasks[job.tasks[rank]]
+    else:
+        t = s.tasks[job.tasks[rank]]
+        what = f"task {rank}"
     node_id, attempt, state, job_state = t.node_id, t.attempt, t.state, job.state
     if not _may_read(conn, job.user):
         raise RpcError(
@@ -426,14 +479,14 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     if node_id is None or attempt == 0:
         raise RpcError(
             "not_started",
-            f"task {rank} of {jid} has not started ({state})",
+            f"{what} of {jid} has not started ({state})",
             job_state=job_state,
         )
     if not m.channel.is_connected(node_id):
         raise RpcError(
-            "unavailable", f"the host of task {rank} is not connected; its output is kept there"
+            "unavailable", f"the host of {what} is not connected; its output is kept there"
         )
-    args = {"task_id": f"{jid}.{rank}", "attempt": attempt, **relayed}
+    args = {"task_id": t.id, "attempt": attempt, **relayed}
     return _relay(m, conn.context["user"], node_id, args)
 
 

@@ -124,8 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.max_pending_jobs < 0:
-        print("leptond: --max-pending-jobs must not be negative", file=sys.stderr)
+    if args.max_pending_jobs < 0 or args.max_pending_tasks < 0:
+        print(
+            "leptond: --max-pending-jobs and --max-pending-tasks must not be negative",
+            file=sys.stderr,
+        )
+        return 2
+    if not 0 <= args.max_preempt_grace <= 86400:
+        print("leptond: --max-preempt-grace must be from 0 to 86400 seconds", file=sys.stderr)
         return 2
     if args.audit_log_size < 1 << 20:
         print("leptond: --audit-log-size must be at least 1M", file=sys.stderr)
@@ -145,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         peers=peers,
         heartbeat_ttl_s=args.heartbeat_ttl,
         kill_grace_s=args.kill_grace,
+        max_preempt_grace_s=args.max_preempt_grace,
         preemption=not args.no_preemption,
         quotas=quotas,
         no_preempt=args.no_preempt_protects,
@@ -171,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         default_mem_per_cpu=args.default_mem_per_cpu,
         max_pending_jobs=args.max_pending_jobs,
         max_pending_spec_bytes=args.max_pending_spec_bytes,
+        max_pending_tasks=args.max_pending_tasks,
         audit_log_bytes=args.audit_log_size,
     )
     try:
@@ -293,6 +301,13 @@ def parser() -> argparse.ArgumentParser:
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
     r.add_argument(
+        "--max-preempt-grace",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="the longest a preemption waits for a job's --preempt-grace (default 300)",
+    )
+    r.add_argument(
         "--no-preemption", action="store_true", help="never stop work for higher priority work"
     )
     r.add_argument(
@@ -396,6 +411,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="bytes of job specs (commands, env) each user's waiting jobs may hold "
         "(default 64M, 0: no cap)",
+    )
+    r.add_argument(
+        "--max-pending-tasks",
+        type=int,
+        default=200_000,
+        metavar="N",
+        help="tasks each user may have waiting to start, counting each task of an array; "
+        "more submits are refused (default 200000, 0: no cap)",
     )
     r.add_argument(
         "--audit-log-size",

@@ -44,6 +44,10 @@ class MasterConfig:
     disconnect_margin_s: float = 0.5
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
+    # The longest a preemption waits for a victim that asked for a warning
+    # signal (--preempt-grace) to checkpoint and exit; submits over it are
+    # refused.
+    max_preempt_grace_s: float = 300.0
     preemption: bool = True
     # What --no-preempt costs: protection only while the user is within quota
     # ("within-quota"), or always ("always").
@@ -92,6 +96,8 @@ class MasterConfig:
     # in every snapshot). 0: no cap.
     max_pending_jobs: int = 10_000
     max_pending_spec_bytes: int = 64 << 20
+    # Each user's tasks waiting to start (an array counts each of its tasks).
+    max_pending_tasks: int = 200_000
     # The audit log is rotated at this size (leptond/audit.py).
     audit_log_bytes: int = 64 << 20
     default_mem_per_cpu: int = 0

@@ -179,6 +179,7 @@ class Controllers:
         await self._clock.sleep(DRAIN_CHECK_EVERY_S)
         now = self._clock.now()
         s = self._reader.view()
+        self._warn_before_drain(s, now)
         due = [
             (n.id, n.name)
             for n in s.nodes.values()
@@ -202,6 +203,23 @@ class Controllers:
                 )
         if due:
             self.wake()  # the scheduling pass pushes the stops to the agents
+
+    def _warn_before_drain(self, s: StateView, now: float) -> None:
+        """Tasks that asked for a warning signal get it signal_before_s ahead
+        of their node's drain deadline. Pushed again every pass until the
+        deadline (the agent's shim sends it once), so a lost push or a new
+        leader costs at most one pass of lateness."""
+        for n in s.nodes.values():
+            if n.state != "draining" or n.drain_deadline is None:
+                continue
+            due = []
+            for t in s.stoppable_tasks(n.id):
+                sp = s.jobs[t.job_id].spec
+                lead = sp.get("signal_before_s") if sp.get("signal") is not None else None
+                if lead is not None and n.drain_deadline - float(lead) <= now:
+                    due.append(t.id)
+            if due:
+                self._channel.push_warn(n.id, due)
 
     # -- membership ---------------------------------------------------------------
     async def members_pass(self) -> None:
@@ -244,8 +262,14 @@ class Controllers:
             return
         if not skip:
             self._last_full = now
+        held: dict[str, str] = {}  # tasks not offered: dependencies, array limits
         nodes, allocs, pending = views.scheduler_inputs(
-            s, self._blocks.cached_sets(), self._blocks.block_sets(s), skip, self._inputs
+            s,
+            self._blocks.cached_sets(),
+            self._blocks.block_sets(s),
+            skip=skip,
+            cache=self._inputs,
+            held=held,
         )
         self._decay_usage(s)
         stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
@@ -289,6 +313,7 @@ class Controllers:
         else:
             self._stuck = {t for t in plan.reasons if t not in gangs}
             self.reasons = dict(plan.reasons)
+        self.reasons.update(held)
         for tid, victims in self.preempting.items():
             self.reasons[tid] = f"waiting for {len(victims)} preempted task(s) to stop"
         self.reasons.update(gang_waits)
@@ -353,11 +378,29 @@ class Controllers:
 
     def _dispatch_stops(self) -> None:
         by_node: dict[str, list[str]] = {}
-        for t in self._reader.view().live_tasks():
+        warned: dict[str, dict[str, float]] = {}
+        s = self._reader.view()
+        for t in s.live_tasks():
             if t.stop is not None and t.node_id:
                 by_node.setdefault(t.node_id, []).append(t.id)
+                grace = (
+                    self._preempt_grace_s(s.jobs[t.job_id].spec) if t.stop == "preempt" else None
+                )
+                if grace is not None:
+                    warned.setdefault(t.node_id, {})[t.id] = grace
         for nid, tids in by_node.items():
-            self._channel.push_stop(nid, tids)
+            self._channel.push_stop(nid, tids, warned.get(nid))
+
+    def _preempt_grace_s(self, spec: dict[str, Any]) -> float | None:
+        """How long a preempted task of this spec has after its warning signal
+        (None: it asked for none, and is stopped as any other). Its own
+        --preempt-grace, else its --signal lead time, at most the maximum."""
+        if spec.get("signal") is None:
+            return None
+        want = spec.get("preempt_grace_s")
+        if want is None:
+            want = spec.get("signal_before_s") or self._cfg.kill_grace_s
+        return min(float(want), self._cfg.max_preempt_grace_s)
 
 
 def _preemptions_under_way(s: StateView) -> dict[str, set[str]]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leptonctl import config as client_config
+from leptond.client import config as client_config
 
 from .clock import REAL as clock
 from .wire.client import ClusterClient

@@ -27,6 +27,7 @@ from raft.state import ClusterState
 from raft.view import Publisher
 
 from . import api, faults, joins, operate
+from . import interactive as _interactive  # noqa: F401  (registers its RPC methods)
 from .agents import AgentRegistry
 from .apictx import ApiContext
 from .auth import AuditLog, KeyStore

@@ -411,7 +411,8 @@ class ClusterCollector(Collector):
         ended = CounterMetricFamily(
             "lepton_tasks_ended",
             "Task runs that ended, by reason (evicted: stopped to run again elsewhere "
-            "at no cost to its retries: a drain deadline, a faulty GPU, a gang restart)",
+            "at no cost to its retries: a drain deadline, a faulty GPU, a gang restart; "
+            "requeued: it asked to run again from its checkpoint)",
             labels=["reason"],
         )
         for reason in acct.END_REASONS:
@@ -445,19 +446,31 @@ class ClusterCollector(Collector):
         # straight from the view: building the scheduler's inputs for every
         # pending task would cost a second per scrape at 100,000 of them.
         held: dict[str, list[float]] = {}  # user -> [gpus, cpus, mem]
+        live_of: dict[str, int] = {}  # live tasks per job
         for t in s.live_tasks():
             h = held.setdefault(s.jobs[t.job_id].user, [0.0, 0.0, 0.0])
             h[0] += len(t.gpus)
             h[1] += t.cpus
             h[2] += t.mem_bytes
+            live_of[t.job_id] = live_of.get(t.job_id, 0) + 1
         waiting: dict[str, list[int]] = {}  # user -> [tasks, gpus]
         jobs, tasks = s.jobs, s.tasks
+        room: dict[str, int] = {}  # tasks each --max-running array may still start
         for tid in s.pending:
             j = jobs[tasks[tid].job_id]
-            if j.state in ("pending", "running"):
-                w = waiting.setdefault(j.user, [0, 0])
-                w[0] += 1
-                w[1] += int(j.spec.get("gpus", 0))
+            # As views.scheduler_inputs: a job waiting for others, and an
+            # array's tasks over its --max-running, are not offered yet.
+            if j.state not in ("pending", "running") or j.waiting_on:
+                continue
+            limit = j.spec.get("max_running")
+            if limit is not None:
+                left = room.setdefault(j.id, limit - live_of.get(j.id, 0))
+                if left <= 0:
+                    continue
+                room[j.id] = left - 1
+            w = waiting.setdefault(j.user, [0, 0])
+            w[0] += 1
+            w[1] += int(j.spec.get("gpus", 0))
         # Shares are of what can be scheduled: ready nodes, healthy GPUs (as
         # scheduler.FairShare counts them).
         ready = [n for n in s.nodes.values() if n.state == "ready"]
@@ -469,10 +482,15 @@ class ClusterCollector(Collector):
         fams = {
             "gpus": GaugeMetricFamily("lepton_user_gpus", "GPUs a user's tasks hold", labels=["user"]),
             "pending_gpus": GaugeMetricFamily(
-                "lepton_user_pending_gpus", "GPUs a user's pending tasks ask for", labels=["user"]
+                "lepton_user_pending_gpus",
+                "GPUs a user's pending tasks ask for (those the scheduler may place now)",
+                labels=["user"],
             ),
             "pending_tasks": GaugeMetricFamily(
-                "lepton_user_pending_tasks", "A user's pending tasks", labels=["user"]
+                "lepton_user_pending_tasks",
+                "A user's pending tasks that the scheduler may place now (not those of a job "
+                "waiting for another, nor an array's over its --max-running)",
+                labels=["user"],
             ),
             "dominant_share": GaugeMetricFamily(
                 "lepton_user_dominant_share",

@@ -70,7 +70,20 @@ class NodeChannel(Protocol):
 
     def push_start(self, node_id: str, specs: list[dict[str, Any]]) -> None: ...
 
-    def push_stop(self, node_id: str, task_ids: list[str]) -> None: ...
+    def push_stop(
+        self, node_id: str, task_ids: list[str], warned: dict[str, float] | None = None
+    ) -> None:
+        """Stop tasks; those in `warned` get their warning signal and that
+        grace (seconds) instead of SIGTERM and the kill grace."""
+        ...
+
+    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
+        """Keystrokes or a window size for an interactive session there."""
+        ...
+
+    def push_warn(self, node_id: str, task_ids: list[str]) -> None:
+        """Send tasks their warning signal now (a drain deadline is near)."""
+        ...
 
     def is_connected(self, node_id: str) -> bool: ...
 

@@ -84,7 +84,9 @@ def by_job(s: StateView, now: float, since_s: float) -> list[dict[str, Any]]:
         if j.state in FINAL_JOB_STATES and (j.finished_at or 0.0) < since:
             continue
         gpu_s, cpu_s = j.gpu_s, j.cpu_s
-        for tid in j.tasks:
+        # A job that has ended runs nothing: no need to look at its (maybe
+        # 100,000 array) tasks.
+        for tid in j.tasks if j.finished_at is None else ():
             t = s.tasks[tid]
             secs = _running_seconds(t, 0.0, now)
             gpu_s += len(t.gpus) * secs

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import scheduler as sch
+from raft import arrays
 from raft.model import LIVE_TASK_STATES, Job, Node, Task
+from raft.tasks import REQUEUE_EXIT
 from raft.view import StateView
 
 
@@ -65,7 +67,11 @@ def scheduler_inputs(
     block_sets: dict[str, frozenset[str]] | None = None,
     skip: set[str] | frozenset[str] = frozenset(),
     cache: InputCache | None = None,
+    held: dict[str, str] | None = None,
 ) -> tuple[list[sch.NodeView], list[sch.Allocation], list[sch.TaskRequest]]:
+    """What the scheduler decides on. Pending tasks it may not place yet are
+    left out: those of a job waiting for others (raft/workloads.py), and
+    those of an array over its --max-running; `held` gets their reasons."""
     cached = cached or {}
     block_sets = block_sets or {}
     c = cache or InputCache()
@@ -79,6 +85,7 @@ def scheduler_inputs(
             hit = (n, blocks, node_view(n, blocks))
         node_seen[n.id] = hit
         nodes.append(hit[2])
+    live_of: dict[str, int] = {}  # live tasks per job
     allocs: list[sch.Allocation] = []
     alloc_seen: dict[str, tuple[Task, Job, sch.Allocation]] = {}
     for tids in s.node_tasks.values():
@@ -86,6 +93,7 @@ def scheduler_inputs(
             t = s.tasks[tid]
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
                 job = s.jobs[t.job_id]
+                live_of[t.job_id] = live_of.get(t.job_id, 0) + 1
                 a = c.allocs.get(tid)
                 if a is None or a[0] is not t or a[1] is not job:
                     a = (t, job, _allocation(t, job))
@@ -93,12 +101,28 @@ def scheduler_inputs(
                 allocs.append(a[2])
     pending: list[sch.TaskRequest] = []
     request_seen: dict[str, tuple[Task, Job, frozenset[str], sch.TaskRequest]] = {}
+    room: dict[str, int] = {}  # tasks each limited array may still start
     for tid in s.pending:
-        if tid in skip:
-            continue
         t = s.tasks[tid]
         job = s.jobs[t.job_id]
         if job.state not in ("pending", "running"):
+            continue
+        if job.waiting_on:
+            if held is not None:
+                held[tid] = waiting_reason(job)
+            continue
+        limit = job.spec.get("max_running")
+        if limit is not None:
+            left = room.setdefault(job.id, limit - live_of.get(job.id, 0))
+            if left <= 0:
+                if held is not None:
+                    held[tid] = (
+                        f"array limit: {live_of.get(job.id, 0)} of its tasks are running "
+                        f"(--max-running {limit})"
+                    )
+                continue
+            room[job.id] = left - 1
+        if tid in skip:
             continue
         blocks = block_sets.get(str(job.spec.get("workdir")), no_blocks)
         r = c.requests.get(tid)
@@ -111,6 +135,14 @@ def scheduler_inputs(
         # Skipped tasks stay: the next full pass wants them again.
         cache.requests = {**c.requests, **request_seen} if skip else request_seen
     return nodes, allocs, pending
+
+
+def waiting_reason(job: Job) -> str:
+    """The pending reason of a job waiting for others: the first one named."""
+    dep = job.waiting_on[0]
+    how = "succeed" if dep in (job.spec.get("after_ok") or ()) else "end"
+    more = f" (and {len(job.waiting_on) - 1} more)" if len(job.waiting_on) > 1 else ""
+    return f"waiting for job {dep} to {how}{more}"
 
 
 def _allocation(t: Task, job: Job) -> sch.Allocation:
@@ -207,17 +239,27 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
     sp = job.spec
     nnodes = int(sp.get("nodes", 1))
     env = dict(sp.get("env") or {})
+    # An array's task is a job of one task whose rank is 0; its index is
+    # LEPTON_ARRAY_INDEX (the task's rank in the state).
+    rank = 0 if sp.get("array") is not None else t.rank
     env.update(
         {
             "LEPTON_JOB_ID": job.id,
             "LEPTON_USER": job.user,
             "LEPTON_TASK_ID": t.id,
-            "LEPTON_TASK_RANK": str(t.rank),
+            "LEPTON_TASK_RANK": str(rank),
             "LEPTON_NNODES": str(nnodes),
-            "LEPTON_NODE_RANK": str(t.rank),
+            "LEPTON_NODE_RANK": str(rank),
             "LEPTON_ATTEMPT": str(t.attempt),
+            # Resuming from a checkpoint: how many times it was requeued
+            # through no fault of its own, and the exit code that asks for one.
+            "LEPTON_RESTART_COUNT": str(t.restarts),
+            "LEPTON_REQUEUE_EXIT": str(REQUEUE_EXIT),
         }
     )
+    if sp.get("array") is not None:
+        env["LEPTON_ARRAY_INDEX"] = str(t.rank)
+        env["LEPTON_ARRAY_TASK_COUNT"] = str(len(job.tasks))
     env.update(torch_env(s, job, t, nnodes))
     manifest = s.manifests.get(sp["workdir"]) if sp.get("workdir") else None
     return {
@@ -229,6 +271,11 @@ def launch_spec(s: StateView, t: Task, allow_root: bool = False) -> dict[str, An
         "env": env,
         "gpus": list(t.gpus),
         "time_limit_s": sp.get("time_limit_s"),
+        # The warning before its time limit (the agent sends it).
+        "signal": sp.get("signal"),
+        "signal_before_s": sp.get("signal_before_s"),
+        "tty": sp.get("tty", False),
+        "tty_size": sp.get("tty_size"),
         "cwd": sp.get("cwd"),
         "workdir": sp.get("workdir"),
         "manifest": manifest,
@@ -259,6 +306,12 @@ def job_summary(j: Job, s: StateView | None = None, whole_command: bool = False)
             if t.state in LIVE_TASK_STATES and t.stop is not None:
                 stopping += 1
     gpus, nodes = sp.get("gpus", 0), sp.get("nodes", 1)
+    array = sp.get("array")
+    counts: dict[str, int] = {}
+    if array is not None and s is not None:
+        for tid in j.tasks:
+            st = s.tasks[tid].state
+            counts[st] = counts.get(st, 0) + 1
     argv = sp.get("argv", [])
     cut = False
     if not whole_command:
@@ -282,6 +335,16 @@ def job_summary(j: Job, s: StateView | None = None, whole_command: bool = False)
         "message": j.message,
         "retries": sp.get("retries", 0),
         "retries_left": j.retries_left,
+        # Job arrays: the indexes (as --array takes them), how many tasks,
+        # and how many are in each state.
+        "array": arrays.describe(array) if array is not None else None,
+        "array_tasks": len(j.tasks) if array is not None else None,
+        "task_states": counts,
+        "max_running": sp.get("max_running"),
+        # Dependencies: what it waits for, and which of those have not ended.
+        "after_ok": list(sp.get("after_ok") or []),
+        "after_any": list(sp.get("after_any") or []),
+        "waiting_on": list(j.waiting_on),
     }
 
 
@@ -338,7 +401,20 @@ def task_detail(s: StateView, t: Task) -> dict[str, Any]:
         # Only a live task can be stopping (an ended one never shows it).
         "stopping": t.stop if t.state in LIVE_TASK_STATES else None,
         "preemptions": t.preemptions,
+        "restarts": t.restarts,
     }
+
+
+def failed_tasks(s: StateView, job: Job, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """The failed and lost tasks of a job (up to `limit`), and whether more were left out."""
+    out: list[dict[str, Any]] = []
+    for tid in job.tasks:
+        t = s.tasks[tid]
+        if t.state in ("failed", "lost"):
+            if len(out) == limit:
+                return out, True
+            out.append(task_detail(s, t))
+    return out, False
 
 
 def _number(v: Any) -> bool:
@@ -392,21 +468,31 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
     }
 
 
+# Live tasks the overview lists one by one for a job (an array may have
+# thousands; its counts by state say the rest).
+MAX_PLACED = 64
+
+
 def job_row(s: StateView, j: Job, reasons: dict[str, str] | None = None) -> dict[str, Any]:
     """A job for the overview (`leptonctl top`, the web UI): its summary, the
-    nodes its live tasks run on, and why it waits when it does."""
+    nodes its live tasks run on (each once), the GPUs they hold, and why it
+    waits when it does."""
     out = job_summary(j, s)
-    nodes = []
-    placed = []
+    nodes: dict[str, None] = {}  # in the order of its tasks, each node once
+    placed: list[dict[str, Any]] = []
+    held = 0
     for tid in j.tasks:
         t = s.tasks[tid]
         if t.state in LIVE_TASK_STATES and t.node_id:
             node = s.nodes.get(t.node_id)
             name = node.name if node else t.node_id
-            nodes.append(name)
-            placed.append({"rank": t.rank, "node": name, "gpus": list(t.gpus)})
-    out["on"] = nodes
+            nodes[name] = None
+            held += len(t.gpus)
+            if len(placed) < MAX_PLACED:
+                placed.append({"rank": t.rank, "node": name, "gpus": list(t.gpus)})
+    out["on"] = list(nodes)
     out["placed"] = placed
+    out["gpus_held"] = held
     if reasons is not None and j.state == "pending":
         out["reason"] = next((reasons[tid] for tid in j.tasks if tid in reasons), "")
     return out

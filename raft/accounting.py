@@ -38,8 +38,11 @@ START_BUCKETS_S = (
 )  # fmt: skip
 # Why an attempt ended. "evicted": stopped to run again elsewhere at no cost
 # to its retries (a drain deadline, a node back with less, a faulty GPU, a
-# gang member's restart).
-END_REASONS = ("succeeded", "failed", "oom", "preempted", "lost", "cancelled", "evicted")
+# gang member's restart). "requeued": the task asked to run again from its
+# checkpoint (exit 85, or exit 0 after its warning signal), also at no cost.
+END_REASONS = (
+    "succeeded", "failed", "oom", "preempted", "lost", "cancelled", "evicted", "requeued",
+)  # fmt: skip
 
 JOBS_SUBMITTED = "jobs_submitted"
 TASKS_STARTED = "tasks_started"

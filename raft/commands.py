@@ -26,7 +26,9 @@ import msgpack
 # Version 3: a submit may use only a workdir manifest its own user committed
 # (admins any), and register_node bounds what a host says about itself
 # (raft.validate.validate_node).
-COMMAND_VERSION = 3
+# Version 4: job specs may carry an array and dependencies (after_ok,
+# after_any), and a cancel may name one task of an array.
+COMMAND_VERSION = 4
 # The largest command apply will decode: a sanity bound, far above what any
 # release proposes, so old journals with large entries still replay.
 MAX_COMMAND_BYTES = 64 * 1024 * 1024

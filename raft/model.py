@@ -134,6 +134,27 @@ class JobSpec(Record):
     time_limit_s: float | None = None
     workdir: str | None = None  # manifest id
     cwd: str | None = None
+    # Command format 4 on (raft/validate.py). A job array: the indexes its
+    # tasks take, as [first, last, step] ranges (inclusive), one task per
+    # index; the spec is stored once for all of them. None: no array.
+    array: list[list[int]] | None = None
+    # The most tasks of an array that may be live at once; None: no limit.
+    max_running: int | None = None
+    # Jobs this one waits for: after_ok until each succeeded (one that fails
+    # fails this job), after_any until each ended, whatever its state.
+    after_ok: list[str] = field(default_factory=list)
+    after_any: list[str] = field(default_factory=list)
+    # A warning before an ending: this signal (a name such as USR1) goes to
+    # the task signal_before_s before its time limit or a drain deadline,
+    # and at a preemption, after which the preemptor waits up to
+    # preempt_grace_s (at most the masters' maximum) for it to exit.
+    signal: str | None = None
+    signal_before_s: float | None = None
+    preempt_grace_s: float | None = None
+    # An interactive task (`leptonctl run -t`): it runs on a terminal of
+    # this size [rows, cols], which the leader's `attach` connects to.
+    tty: bool = False
+    tty_size: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -151,6 +172,10 @@ class Job(Record):
     # The Unix account its tasks run as on every host: the submitting
     # token's mapping at submit time ("" only in jobs older than mappings).
     unix_user: str = ""
+    # Ids of the jobs in its spec's after_ok/after_any that have not ended
+    # yet (sorted): its tasks are not offered to the scheduler while any is
+    # left. Replaced, never changed in place (views share it).
+    waiting_on: list[str] = field(default_factory=list)
     # GPU- and CPU-seconds its tasks' runs used, every attempt that ended
     # (raft/accounting.py); what is running now is not in them yet.
     gpu_s: float = 0.0
@@ -178,6 +203,13 @@ class Task(Record):
     stop: str | None = None
     preemptions: int = 0
     priority: int = 0
+    # Retries this task of a job array has spent (an array's retries are per
+    # task; other jobs spend the job's retries_left).
+    retries_used: int = 0
+    # Times it went back to pending through no fault of its own: stopped
+    # for a preemption, a drain or a shrink, or ended after a warning signal
+    # with exit 0 or at any time with REQUEUE_EXIT (LEPTON_RESTART_COUNT).
+    restarts: int = 0
     # When its first attempt started running (the agent's clock): the
     # submit-to-start histogram observes each task once, at that moment.
     first_started_at: float | None = None

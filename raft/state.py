@@ -19,6 +19,7 @@ from . import accounting as acct
 from . import gpuhealth
 from . import nodecreds as nc
 from . import tasks as tl
+from . import workloads as wl
 from .commands import COMMAND_VERSION, BadCommand, Command, decode
 from .cow import CowMap, discard_from
 from .dedupe import RecentResults
@@ -41,6 +42,8 @@ from .model import (
 from .validate import (
     SpecError,
     spec_bytes,
+    spec_tasks,
+    stored_spec,
     validate_labels,
     validate_name,
     validate_node,
@@ -97,6 +100,15 @@ class ClusterState(StateReads):
         self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
         self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
         self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
+        # user -> tasks of theirs in state pending (an array's count), kept by
+        # raft.tasks.set_state: what a submit's task cap is checked against.
+        self.user_pending_tasks: dict[str, int] = {}
+        # job id -> {task state: how many of its tasks are in it}, kept by
+        # raft.tasks.set_state: an array's state without a look at each task.
+        self.job_counts: dict[str, dict[str, int]] = {}
+        # job id -> the jobs whose waiting_on names it (raft/workloads.py).
+        # Only apply reads it, never a view, so a plain dict of sets.
+        self.dependents: dict[str, set[str]] = {}
         # user -> (jobs waiting to start, bytes of their specs): what the
         # per-user caps a submit carries are checked against.
         self.user_pending: CowMap[str, tuple[int, int]] = CowMap()
@@ -434,7 +446,7 @@ class ClusterState(StateReads):
             id=job_id,
             name=str(j.get("name") or spec.argv[0].rsplit("/", 1)[-1])[:128],
             user=_str(j, "user"),
-            spec=spec.to_wire(),
+            spec=stored_spec(spec),
             submitted_at=float(j["submitted_at"]),
             retries_left=spec.retries,
             unix_user=validate_unix_user(j["unix_user"]) if j.get("unix_user") else "",
@@ -454,36 +466,49 @@ class ClusterState(StateReads):
             raise ArgError(
                 "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
             )
-        self._check_pending_caps(job, j.get("caps"))
+        self._check_pending_caps(job, j.get("caps"), spec_tasks(job.spec))
+        job.waiting_on = wl.dependencies(self, job_id, job.spec)
         self.jobs[job_id] = job
         acct.job_submitted(self)
         self._pending_changed(job, was_pending=False)
-        for rank in range(spec.nodes):
-            t = Task(
-                id=f"{job_id}.{rank}",
-                job_id=job_id,
-                rank=rank,
-                cpus=spec.cpus,
-                mem_bytes=spec.mem_bytes,
-                priority=spec.priority,
-            )
+        wl.add_dependents(self, job)
+        for t in wl.new_tasks(job_id, job.spec):
             self.tasks[t.id] = t
             job.tasks.append(t.id)
             self.pending[t.id] = None
+        self.job_counts[job_id] = {"pending": len(job.tasks)}
+        self.note_pending_tasks(job.user, len(job.tasks))
         return {"id": job_id}
 
-    def _check_pending_caps(self, job: Job, caps: Any) -> None:
-        """`caps` = [jobs, bytes] (0: no cap), decided by the proposer from its
-        flags, so every replica refuses the same submits."""
+    def note_pending_tasks(self, user: str, delta: int) -> None:
+        n = self.user_pending_tasks.get(user, 0) + delta
+        if n > 0:
+            self.user_pending_tasks[user] = n
+        else:
+            self.user_pending_tasks.pop(user, None)
+
+    def _check_pending_caps(self, job: Job, caps: Any, tasks: int) -> None:
+        """`caps` = [jobs, bytes] or [jobs, bytes, tasks] (0: no cap), decided
+        by the proposer from its flags, so every replica refuses the same
+        submits. The task cap (command format 4 on) bounds what arrays add:
+        each counts as one job however many tasks it has."""
         if caps is None:
             return
         if not (
             isinstance(caps, list)
-            and len(caps) == 2
+            and len(caps) in (2, 3)
             and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in caps)
         ):
-            raise ArgError("bad_request", "caps must be [jobs, bytes]")
-        max_jobs, max_bytes = caps
+            raise ArgError("bad_request", "caps must be [jobs, bytes] or [jobs, bytes, tasks]")
+        max_tasks = caps[2] if len(caps) == 3 else 0
+        waiting = self.user_pending_tasks.get(job.user, 0)
+        if max_tasks and waiting + tasks > max_tasks:
+            raise ArgError(
+                "pending_limit",
+                f"{job.user} has {waiting} tasks waiting to start; this job's {tasks} would "
+                f"pass the limit of {max_tasks}; cancel some or wait for them to start",
+            )
+        max_jobs, max_bytes = caps[0], caps[1]
         n, held = self.user_pending.get(job.user, (0, 0))
         if max_jobs and n + 1 > max_jobs:
             raise ArgError(
@@ -525,6 +550,8 @@ class ClusterState(StateReads):
         if job.state in FINAL_JOB_STATES:
             raise ArgError("conflict", f"job {job.id} already {job.state}")
         now = float(a["now"])
+        if a.get("index") is not None:
+            return self._cancel_index(job, a["index"], str(a.get("user", "?")), now)
         job = self.jobs.writable(job.id)
         was_pending = job.state == "pending"
         job.state = "cancelled"
@@ -535,11 +562,28 @@ class ClusterState(StateReads):
             if state == "pending":
                 self.pending.pop(tid, None)
                 t = self.tasks.writable(tid)
-                t.state, t.finished_at, t.message = "cancelled", now, "cancelled before it started"
+                tl.set_state(self, t, "cancelled")
+                t.finished_at, t.message = now, "cancelled before it started"
             elif state in LIVE_TASK_STATES:
                 tl.request_stop(self, self.tasks.writable(tid), "cancel", now)
         tl.refresh_job(self, job, now)
         return {"id": job.id, "state": job.state}
+
+    def _cancel_index(self, job: Job, index: Any, user: str, now: float) -> Result:
+        """Cancel one task of an array; the others go on."""
+        t = wl.task_of(self, job, index)
+        if t.state in FINAL_TASK_STATES:
+            raise ArgError("conflict", f"task {index} of job {job.id} already {t.state}")
+        if t.state == "pending":
+            self.pending.pop(t.id, None)
+            t = self.tasks.writable(t.id)
+            tl.set_state(self, t, "cancelled")
+            t.finished_at = now
+            t.message = f"cancelled by {user} before it started"
+        elif t.stop is None:
+            tl.request_stop(self, self.tasks.writable(t.id), "cancel", now, f"cancelled by {user}")
+        tl.refresh_job(self, job, now)
+        return {"id": job.id, "index": index, "state": self.tasks[t.id].state}
 
     def apply_gc_jobs(self, a: dict[str, Any], index: int) -> Result:
         """Forget finished jobs older than `before` (the proposer's clock)."""
@@ -556,7 +600,10 @@ class ClusterState(StateReads):
             job = self.jobs[jid]
             if job.spec.get("workdir"):
                 dropped_workdirs.add(job.spec["workdir"])
+            self.job_counts.pop(jid, None)
             for tid in self.jobs.pop(jid).tasks:
+                if self.tasks[tid].state == "pending":  # never: a final job has none
+                    self.note_pending_tasks(job.user, -1)
                 t = self.tasks.pop(tid)
                 if t.node_id is not None:
                     discard_from(self.node_tasks, t.node_id, tid)
@@ -584,8 +631,10 @@ class ClusterState(StateReads):
     def apply_plan(self, a: dict[str, Any], index: int) -> Result:
         return tl.apply_plan(self, a)
 
-    def apply_task_events(self, a: dict[str, Any], index: int) -> Result:
-        return tl.apply_task_events(self, a)
+    def apply_task_events(
+        self, a: dict[str, Any], index: int, version: int = COMMAND_VERSION
+    ) -> Result:
+        return tl.apply_task_events(self, a, version)
 
     def apply_gpu_health(self, a: dict[str, Any], index: int) -> Result:
         return gpuhealth.apply_gpu_health(self, self._node(a), a)
@@ -864,7 +913,16 @@ class ClusterState(StateReads):
         node_tasks: dict[str, set[str]] = {nid: set() for nid in self.nodes}
         pending: dict[str, None] = {}
         user_pending: dict[str, tuple[int, int]] = {}
+        self.dependents = {}
+        self.job_counts = {}
+        self.user_pending_tasks = {}
+        for t in self.tasks.values():
+            counts = self.job_counts.setdefault(t.job_id, {})
+            counts[t.state] = counts.get(t.state, 0) + 1
+            if t.state == "pending" and t.job_id in self.jobs:
+                self.note_pending_tasks(self.jobs[t.job_id].user, 1)
         for j in self.jobs.values():
+            wl.add_dependents(self, j)
             if j.state == "pending":
                 n, held = user_pending.get(j.user, (0, 0))
                 user_pending[j.user] = (n + 1, held + spec_bytes(j.spec))
@@ -917,7 +975,7 @@ def _gpu(g: Any) -> dict[str, Any]:
 
 # Ops whose apply takes the command's format version: those that validate
 # with limits a release may change (raft/validate.py).
-VERSIONED_OPS = frozenset({"submit_jobs", "register_node"})
+VERSIONED_OPS = frozenset({"submit_jobs", "register_node", "task_events"})
 CAPACITY_OPS = frozenset(
     {
         "register_node",

@@ -14,11 +14,29 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import accounting
+from . import workloads as wl
 from .cow import add_to, discard_from
 from .model import FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 
 if TYPE_CHECKING:
     from .state import ClusterState
+
+
+def set_state(s: ClusterState, t: Task, state: str) -> None:
+    """The one way apply changes a task's state: it keeps the count of its
+    job's tasks in each state (ClusterState.job_counts) in step, so an
+    array's state is known without looking at every task.
+
+    The cumulative counters (raft/accounting.py) are not kept here: they
+    need to know why (an attempt's end reason, its times), so the callers
+    that know it count each event once, next to their set_state."""
+    counts = s.job_counts.get(t.job_id)
+    if counts is not None:
+        counts[t.state] = counts.get(t.state, 0) - 1
+        counts[state] = counts.get(state, 0) + 1
+    if (t.state == "pending") != (state == "pending"):
+        s.note_pending_tasks(s.jobs[t.job_id].user, 1 if state == "pending" else -1)
+    t.state = state
 
 
 def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
@@ -36,17 +54,19 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         preempting.append(t.id)
         accounting.preempted(s)
         evict(s, t, "preempt", f"{PREEMPTED_FOR}{p.get('for_task', '?')}", now)
-    # Group placements by job so a gang is placed whole or not at all.
+    # Group placements by job so a gang is placed whole or not at all; the
+    # tasks of an array are placed one by one.
     by_job: dict[str, list[dict[str, Any]]] = {}
     for p in a.get("placements", []):
         t = s.tasks.get(str(p["task_id"]))
         if t is None:
             dropped.append({"task_id": str(p["task_id"]), "reason": "no such task"})
             continue
-        by_job.setdefault(t.job_id, []).append(p)
-    for job_id, group in by_job.items():
-        job = s.jobs[job_id]
-        reason = _check_group(s, job, group)
+        by_job.setdefault(t.id if wl.is_array(s.jobs[t.job_id]) else t.job_id, []).append(p)
+    live: dict[str, int] = {}  # live tasks of each array with a max_running
+    for group in by_job.values():
+        job = s.jobs[s.tasks[str(group[0]["task_id"])].job_id]
+        reason = _check_group(s, job, group) or _over_max_running(s, job, live)
         if reason:
             dropped.extend({"task_id": str(p["task_id"]), "reason": reason} for p in group)
             continue
@@ -54,7 +74,8 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             t = s.tasks.writable(str(p["task_id"]))
             node_id = str(p["node_id"])
             gpus = [int(g) for g in p["gpus"]]
-            t.state, t.node_id, t.gpus = "assigned", node_id, gpus
+            set_state(s, t, "assigned")
+            t.node_id, t.gpus = node_id, gpus
             t.attempt += 1
             t.assigned_at, t.started_at, t.finished_at = now, None, None
             t.exit_code, t.message, t.stop = None, "", None
@@ -63,8 +84,23 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             for g in gpus:
                 s.gpu_owner[(node_id, g)] = t.id
             placed.append(t.id)
+        if job.id in live:
+            live[job.id] += 1
         refresh_job(s, job, now)
     return {"placed": placed, "dropped": dropped, "preempting": preempting}
+
+
+def _over_max_running(s: ClusterState, job: Job, live: dict[str, int]) -> str:
+    """Why one more task of this array cannot start ('' when it can): the
+    scheduler keeps to --max-running, and apply checks it again."""
+    limit = job.spec.get("max_running")
+    if limit is None:
+        return ""
+    if job.id not in live:
+        live[job.id] = wl.array_live(s, job)
+    if live[job.id] >= limit:
+        return f"array limit: {live[job.id]} of its tasks are running (--max-running {limit})"
+    return ""
 
 
 def _check_plan_shape(a: dict[str, Any]) -> None:
@@ -137,7 +173,17 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
     return ""
 
 
-def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
+# A task that exits with this code asks to run again from its checkpoint: it
+# goes back to pending without spending a retry (command format 4 on), as
+# does one that exits 0 after a warning signal (an event's `warned`).
+REQUEUE_EXIT = 85
+REQUEUE_SINCE_VERSION = 4
+# Requeues a task may ask for; past it, exit 85 is a failure like any other,
+# so a task that always asks cannot hold its resources forever.
+MAX_RESTARTS = 1000
+
+
+def apply_task_events(s: ClusterState, a: dict[str, Any], version: int) -> dict[str, Any]:
     applied = 0
     stale = 0
     # The proposer's clock (the leader's): the job's times follow it, not the
@@ -158,15 +204,19 @@ def apply_task_events(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
         if kind == "running":
             if t.state == "assigned":
                 t = s.tasks.writable(task_id)
-                t.state, t.started_at = "running", at
+                set_state(s, t, "running")
+                t.started_at = at
                 accounting.task_started(s, t, s.jobs[t.job_id], at)
                 refresh_job(s, s.jobs[t.job_id], when)
                 applied += 1
         elif kind == "exited":
             if t.state in LIVE_TASK_STATES:
                 outcome = "succeeded" if code == 0 else "failed"
-                message = str(ev.get("message", ""))[:1024]
-                task_exited(s, t, outcome, code, message, when, at=at)
+                asked = version >= REQUEUE_SINCE_VERSION and (
+                    code == REQUEUE_EXIT or (code == 0 and ev.get("warned") is True)
+                )
+                msg = str(ev.get("message", ""))[:1024]
+                task_exited(s, t, outcome, code, msg, when, at=at, requeue=asked)
                 applied += 1
         else:
             stale += 1
@@ -199,7 +249,8 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     if t.node_id is not None:
         discard_from(s.node_tasks, t.node_id, t.id)
     accounting.rescheduled(s)
-    t.state, t.node_id, t.gpus, t.stop = "pending", None, [], None
+    set_state(s, t, "pending")
+    t.node_id, t.gpus, t.stop = None, [], None
     t.message = message
     s.pending[t.id] = None
 
@@ -258,22 +309,30 @@ def task_exited(
     now: float,
     started: bool = True,
     at: float | None = None,
+    requeue: bool = False,
 ) -> None:
     """A live task stopped (or was lost). Decide its next state and its job's.
 
     started=False: a stop ended it before it started (see request_stop).
     `at`: when it ended by its host's clock (an exit the agent reported);
     everything else, the job's times included, goes by `now`.
+    requeue: it asked to run again from its checkpoint (REQUEUE_EXIT, or
+    exit 0 after a warning signal); it does, unless a stop says otherwise.
     """
     t = s.tasks.writable(t.id)
     job = s.jobs[t.job_id]
     stop = t.stop
     how = f"(exit {code})" if started else "before it started"
     t.exit_code, t.finished_at = code, now if at is None else at
-    requeue = job.state not in ("cancelled", "failed")
-    if stop in REQUEUE_STOPS and requeue:
+    going_on = job.state not in ("cancelled", "failed")
+    asked = requeue and stop is None and going_on and t.restarts < MAX_RESTARTS
+    # Each attempt that ends is counted once, by the reason it ended, and
+    # its run charged, before the branches below decide what comes next.
+    if asked:
+        reason = "requeued"
+    elif stop in REQUEUE_STOPS and going_on:
         reason = "preempted" if stop == "preempt" else "evicted"
-    elif stop == "gang" and requeue:
+    elif stop == "gang" and going_on:
         reason = "evicted"
     elif stop == "cancel" or job.state == "cancelled":
         reason = "cancelled"
@@ -282,7 +341,13 @@ def task_exited(
     # The run is charged from its start to its end by its host's clock.
     accounting.attempt_ended(s, t, job, reason, t.finished_at)
     job = s.jobs[t.job_id]  # charging the run may have copied it
-    if stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
+    if asked:
+        t.restarts += 1
+        why = f"exit {code}" if code != 0 else "exit 0 after the warning signal"
+        _requeue(s, t, f"asked to run again ({why}); waiting to run again")
+        _stop_gang(s, job, t, "gang", now)
+    elif stop in REQUEUE_STOPS and job.state not in ("cancelled", "failed"):
+        t.restarts += 1
         if stop == "preempt":
             t.preemptions += 1
             note = f"preempted {how}"
@@ -300,12 +365,18 @@ def task_exited(
         _requeue(s, t, "restarting with its gang")
     elif stop == "cancel" or job.state == "cancelled":
         _release(s, t)
-        t.state = "cancelled"
+        set_state(s, t, "cancelled")
         t.message = message or ("cancelled" if started else "cancelled before it started")
     elif outcome == "succeeded":
         _release(s, t)
-        t.state, t.message = "succeeded", message
-    elif job.retries_left > 0 and job.state not in ("cancelled", "failed"):
+        set_state(s, t, "succeeded")
+        t.message = message
+    elif wl.is_array(job) and t.retries_used < int(job.spec.get("retries", 0)):
+        # An array's retries are per task: one bad index spends its own.
+        t.retries_used += 1
+        left = int(job.spec.get("retries", 0)) - t.retries_used
+        _requeue(s, t, f"{outcome}: {message or f'exit {code}'}; retrying ({left} retries left)")
+    elif not wl.is_array(job) and job.retries_left > 0 and job.state not in ("cancelled", "failed"):
         job = s.jobs.writable(job.id)
         job.retries_left -= 1
         _requeue(
@@ -316,7 +387,8 @@ def task_exited(
         _stop_gang(s, job, t, "gang", now)
     else:
         _release(s, t)
-        t.state, t.message = outcome, message
+        set_state(s, t, outcome)
+        t.message = message
         _stop_gang(s, job, t, "cancel", now)
     if t.state in FINAL_TASK_STATES:
         # An ended task has nothing left to stop: a stop is a request to a live
@@ -331,7 +403,10 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str, now: float) ->
 
     A gang is placed only when every rank is pending, so on a restart ("gang")
     ranks that already succeeded run again too; otherwise the job never runs.
+    The tasks of an array are no gang: each goes its own way.
     """
+    if int(job.spec.get("nodes", 1)) <= 1:
+        return
     for tid in job.tasks:
         if tid == failed.id:
             continue
@@ -343,7 +418,8 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str, now: float) ->
         elif other.state == "pending" and how == "cancel":
             s.pending.pop(tid, None)
             other = s.tasks.writable(tid)
-            other.state, other.message = "cancelled", f"gang member {failed.rank} failed"
+            set_state(s, other, "cancelled")
+            other.message = f"gang member {failed.rank} failed"
         elif other.state == "succeeded" and how == "gang":
             _requeue(s, other, f"restarting with its gang (rank {failed.rank} stopped)")
 
@@ -354,11 +430,19 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
     Reads the job afresh by id (the one passed may be a copy that a nested
     call has since replaced) and writes it only when something changes."""
     job = s.jobs[job.id]
-    states = [s.tasks[tid].state for tid in job.tasks]
     state, message, finished_at = job.state, job.message, job.finished_at
+    if wl.is_array(job):
+        # A count per state, not a look at each of (maybe) 100,000 tasks.
+        states = [st for st, n in s.job_counts.get(job.id, {}).items() if n > 0]
+    else:
+        states = [s.tasks[tid].state for tid in job.tasks]
     if state == "cancelled":
         if all(st in FINAL_TASK_STATES for st in states) and finished_at is None:
             finished_at = now
+    elif wl.is_array(job):
+        state, message = wl.array_outcome(s, job)
+        if state in ("succeeded", "failed", "cancelled"):
+            finished_at = finished_at or now
     else:
         if any(st in ("failed", "lost") for st in states):
             state = "failed"
@@ -373,10 +457,12 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
         if state in ("succeeded", "failed") and all(st in FINAL_TASK_STATES for st in states):
             finished_at = finished_at or now
     if (state, message, finished_at) != (job.state, job.message, job.finished_at):
-        ended = job.finished_at is None and finished_at is not None
         was_pending = job.state == "pending"
         job = s.jobs.writable(job.id)
+        ended = job.finished_at is None and finished_at is not None
         job.state, job.message, job.finished_at = state, message, finished_at
         if ended:
             accounting.job_ended(s, job, now)
         s._pending_changed(job, was_pending)
+        if ended:
+            wl.release_dependents(s, job.id, now)

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from .arrays import ArrayError, check_ranges, count
 from .commands import COMMAND_VERSION, encoded_size, human_bytes
 from .model import JobSpec
 
@@ -34,6 +35,26 @@ MAX_SPEC_BYTES = 384 * 1024
 MAX_CONSTRAINTS = 256
 MAX_CONSTRAINT_VALUE_BYTES = 1024
 MAX_PATH_BYTES = 4096
+# Version 4: job arrays and dependencies. A job waits for at most this many
+# jobs; a job id is what the API makes ("j-" and 12 hex digits), with room.
+WORKLOAD_FIELDS_SINCE = 4
+WORKLOAD_FIELDS = (
+    "array",
+    "max_running",
+    "after_ok",
+    "after_any",
+    "signal",
+    "signal_before_s",
+    "preempt_grace_s",
+    "tty",
+    "tty_size",
+)
+# Signals a task may ask to be warned with (--signal NAME@DURATION).
+WARN_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "ALRM")
+MAX_SIGNAL_BEFORE_S = 7 * 86400.0
+MAX_PREEMPT_GRACE_S = 86400.0
+MAX_DEPENDENCIES = 64
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -141,7 +162,7 @@ def _check_sizes_v2(out: JobSpec) -> None:
             raise SpecError(f"{opt} is over {human_bytes(MAX_PATH_BYTES)}")
     if out.gpu_type is not None and len(out.gpu_type.encode("utf-8", "replace")) > 64:
         raise SpecError("gpu_type must be a short string such as A100")
-    size = _encoded_size(out.to_wire(), "job spec")
+    size = _encoded_size(stored_spec(out), "job spec")
     if size > MAX_SPEC_BYTES:
         raise SpecError(
             f"job spec is {human_bytes(size)}; the limit is {human_bytes(MAX_SPEC_BYTES)}"
@@ -155,6 +176,10 @@ def validate_spec(spec: Any, version: int = COMMAND_VERSION) -> JobSpec:
     if not isinstance(spec, dict):
         raise SpecError("job spec must be a map")
     known = set(JobSpec.__dataclass_fields__)
+    if version < WORKLOAD_FIELDS_SINCE:
+        # Older formats had no arrays or dependencies: a replayed entry is
+        # refused as it was when it was written.
+        known -= set(WORKLOAD_FIELDS)
     unknown = sorted(str(k) for k in spec if k not in known)
     if unknown:
         raise SpecError(f"unknown job field(s): {', '.join(unknown)}")
@@ -196,9 +221,86 @@ def validate_spec(spec: Any, version: int = COMMAND_VERSION) -> JobSpec:
         workdir=spec.get("workdir"),
         cwd=spec.get("cwd"),
     )
+    if version >= WORKLOAD_FIELDS_SINCE:
+        _workload_fields(spec, out)
     if not v1:
         _check_sizes_v2(out)
     return out
+
+
+def _workload_fields(spec: dict[str, Any], out: JobSpec) -> None:
+    """Arrays and dependencies (version 4 on), checked into `out`."""
+    if spec.get("array") is not None:
+        try:
+            out.array = check_ranges(spec["array"])
+        except ArrayError as exc:
+            raise SpecError(str(exc)) from None
+        if out.nodes != 1:
+            raise SpecError("an array's tasks run on one node each: --array takes no --nodes")
+    if spec.get("max_running") is not None:
+        if out.array is None:
+            raise SpecError("--max-running limits the tasks of an array: give --array too")
+        out.max_running = _num(spec, "max_running", 1, 1_000_000, True, None)
+    seen: set[str] = set()
+    for key in ("after_ok", "after_any"):
+        ids = spec.get(key) or []
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise SpecError(f"{key} must be a list of job ids")
+        for jid in ids:
+            if not JOB_ID.match(jid):
+                raise SpecError(f"{_shown(jid)} is not a job id")
+            if jid in seen:
+                raise SpecError(f"job {jid} is named twice in the dependencies")
+            seen.add(jid)
+        setattr(out, key, list(ids))
+    if len(seen) > MAX_DEPENDENCIES:
+        raise SpecError(f"a job waits for at most {MAX_DEPENDENCIES} jobs, got {len(seen)}")
+    sig = spec.get("signal")
+    if sig is not None:
+        if not isinstance(sig, str) or sig not in WARN_SIGNALS:
+            raise SpecError(f"signal must be one of {', '.join(WARN_SIGNALS)}, got {_shown(sig)}")
+        out.signal = sig
+        out.signal_before_s = _num(spec, "signal_before_s", 1, MAX_SIGNAL_BEFORE_S, False, None)
+        if out.signal_before_s is None:
+            raise SpecError("a warning signal needs a time before the end: --signal USR1@120s")
+    elif spec.get("signal_before_s") is not None:
+        raise SpecError("signal_before_s needs a signal: --signal USR1@120s")
+    out.preempt_grace_s = _num(spec, "preempt_grace_s", 0, MAX_PREEMPT_GRACE_S, False, None)
+    _terminal(spec, out)
+
+
+def _terminal(spec: dict[str, Any], out: JobSpec) -> None:
+    tty, size = spec.get("tty", False), spec.get("tty_size")
+    if not isinstance(tty, bool):
+        raise SpecError("tty must be true or false")
+    if size is not None and not (
+        tty
+        and isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 10_000 for x in size)
+    ):
+        raise SpecError("tty_size is [rows, columns] of a terminal (with tty)")
+    if tty and (out.nodes != 1 or out.array is not None):
+        raise SpecError("an interactive job is one task: no --nodes or --array with -t")
+    out.tty, out.tty_size = tty, list(size) if size is not None else None
+
+
+def stored_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as a job keeps it: without the version-4 fields left at their
+    defaults, so a job without an array or dependencies is stored (and
+    weighs, in the per-user caps) exactly as before they existed."""
+    out = spec.to_wire()
+    for key in WORKLOAD_FIELDS:
+        if not out[key]:
+            del out[key]
+    return out
+
+
+def spec_tasks(spec: dict[str, Any]) -> int:
+    """How many tasks a stored spec makes: an array's indexes, or its gang."""
+    if spec.get("array") is not None:
+        return count(spec["array"])
+    return int(spec.get("nodes", 1))
 
 
 def spec_bytes(spec: dict[str, Any]) -> int:

@@ -50,8 +50,16 @@ class Channel:
     def push_start(self, node_id: str, specs: list[dict[str, Any]]) -> None:
         self.started += [s["task_id"] for s in specs]
 
-    def push_stop(self, node_id: str, task_ids: list[str]) -> None:
+    def push_stop(
+        self, node_id: str, task_ids: list[str], warned: dict[str, float] | None = None
+    ) -> None:
         self.stops.append((node_id, task_ids))
+
+    def push_warn(self, node_id: str, task_ids: list[str]) -> None:
+        raise AssertionError("no warning signals here")
+
+    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
+        raise AssertionError("no interactive sessions here")
 
     def is_connected(self, node_id: str) -> bool:
         return True

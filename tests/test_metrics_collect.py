@@ -83,3 +83,23 @@ def test_capacity_leaves_out_down_nodes_and_unhealthy_gpus(busy: Harness) -> Non
 
 def test_a_follower_exports_no_cluster_series(busy: Harness) -> None:
     assert "lepton_" not in exposition(busy, leads=False)
+
+
+def test_per_user_pending_leaves_out_what_the_scheduler_holds_back_as_queue_does() -> None:
+    """An array over its --max-running and a job waiting for another are
+    pending, but neither is work the scheduler may place yet: `queue` leaves
+    them out, and so do the per-user series."""
+    h = Harness()
+    h.register("n1", gpus=4, cpus=16.0)
+    h.submit("arr", user="erin", gpus=1, array=[[0, 9, 1]], max_running=3)
+    h.run("arr.0", "n1", [0])
+    h.submit("first", user="frank", gpus=1)
+    h.submit("then", user="frank", gpus=2, after_ok=["first"])
+    text = exposition(h)
+    nodes, allocs, pending = views.scheduler_inputs(h.state.freeze())
+    rows = {r.user: r for r in sch.queue_report(nodes, allocs, pending, sch.Policy())}
+    assert (rows["erin"].pending_tasks, rows["frank"].pending_tasks) == (2, 1)
+    for r in rows.values():
+        assert value(text, "lepton_user_pending_gpus", user=r.user) == r.pending_gpus
+        assert value(text, "lepton_user_pending_tasks", user=r.user) == r.pending_tasks
+    assert value(text, "lepton_tasks", state="pending") == 9 + 2  # every pending task

@@ -205,3 +205,88 @@ def test_a_snapshot_from_before_accounting_still_loads() -> None:
     # And it goes on counting from there.
     old.apply(encode("noop", {}), 99)
     assert old.snapshot()  # packs
+
+
+# -- arrays, requeues and dependencies (raft/workloads.py) ---------------------------
+def test_an_array_counts_each_attempt_once_and_observes_each_task_once() -> None:
+    h = Harness()
+    h.register("n1", gpus=8)
+    h.submit("a", gpus=1, retries=1, array=[[0, 2, 1]])
+    h.run("a.0", "n1", [0])
+    h.event("a.0", "exited", exit_code=0)
+    h.run("a.1", "n1", [1])
+    h.event("a.1", "exited", exit_code=1)  # spends a.1's own retry
+    assert h.task("a.1").state == "pending" and h.task("a.1").retries_used == 1
+    h.run("a.1", "n1", [1])
+    h.event("a.1", "exited", exit_code=0)
+    h.run("a.2", "n1", [2])
+    h.event("a.2", "exited", exit_code=85)  # asks to run again from its checkpoint
+    t = h.task("a.2")
+    assert (t.state, t.restarts, t.retries_used) == ("pending", 1, 0)
+    h.run("a.2", "n1", [5])
+    h.ok("gpu_health", {"node_id": "n1", "unhealthy": [{"index": 5, "reason": "Xid 48"}]})
+    h.event("a.2", "exited", exit_code=143)  # stopped for its faulty GPU: no retry spent
+    t = h.task("a.2")
+    assert (t.state, t.restarts, t.retries_used) == ("pending", 2, 0)
+    h.run("a.2", "n1", [6])
+    h.event("a.2", "exited", exit_code=0)
+    assert h.job("a").state == "succeeded"
+    c = counters(h)
+    assert c[acct.TASKS_STARTED] == 6 and c[acct.START_COUNT] == 3
+    assert c[acct.ended_key("succeeded")] == 3
+    for reason in ("failed", "requeued", "evicted"):
+        assert c[acct.ended_key(reason)] == 1, (reason, c)
+    assert c[acct.RESCHEDULES] == 3
+    assert c[acct.JOBS_SUBMITTED] == 1 and c[acct.job_ended_key("succeeded")] == 1
+    assert [u.jobs for u in h.state.usage.values()] == [{"succeeded": 1}]
+    assert {k: n for k, n in h.state.job_counts["a"].items() if n} == {"succeeded": 3}
+    assert h.state.user_pending_tasks.get("alice", 0) == 0
+
+
+def test_a_job_failed_by_its_dependency_ends_once_in_the_counters_and_usage() -> None:
+    h = Harness()
+    h.register("n1", gpus=8)
+    h.submit("a", gpus=1, retries=0)
+    h.submit("b", gpus=1, after_ok=["a"])
+    h.run("a.0", "n1", [0])
+    h.event("a.0", "exited", exit_code=1)
+    assert h.job("b").state == "failed"
+    c = counters(h)
+    assert c[acct.job_ended_key("failed")] == 2
+    assert c[acct.ended_key("failed")] == 1  # b's task never ran: no attempt ended
+    assert [u.jobs for u in h.state.usage.values()] == [{"failed": 2}]
+
+
+def test_a_snapshot_carries_both_arrays_and_accounting() -> None:
+    """Every field and key either side added survives a snapshot: counters and
+    usage, a GPU fault, an array's per-task retries and restarts, a job's
+    dependencies and charged seconds; and what restore derives (counts per
+    job and per user, dependents) is what apply had kept."""
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=1, retries=2, array=[[0, 3, 1]], max_running=3)
+    h.submit("b", gpus=1, after_ok=["a"])
+    h.run("a.0", "n1", [0])
+    h.event("a.0", "exited", exit_code=1)
+    h.run("a.1", "n1", [1])
+    h.event("a.1", "exited", exit_code=85)
+    h.run("a.2", "n1", [2])
+    h.ok("gpu_health", {"node_id": "n1", "unhealthy": [{"index": 3, "reason": "Xid 79"}]})
+    other = ClusterState()
+    other.restore(h.state.snapshot())
+    assert other.snapshot() == h.state.snapshot()
+    assert (other.tasks["a.0"].retries_used, other.tasks["a.1"].restarts) == (1, 1)
+    assert other.tasks["a.2"].first_started_at == h.task("a.2").first_started_at is not None
+    assert other.jobs["b"].waiting_on == ["a"] and other.dependents == {"a": {"b"}}
+    assert other.jobs["a"].gpu_s == h.job("a").gpu_s > 0
+    assert dict(other.counters) == dict(h.state.counters)
+    assert dict(other.usage) == dict(h.state.usage) != {}
+    assert other.nodes["n1"].gpu_faults == h.state.nodes["n1"].gpu_faults != []
+
+    def nonzero(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {j: {st: n for st, n in c.items() if n} for j, c in counts.items()}
+
+    assert nonzero(other.job_counts) == nonzero(h.state.job_counts)
+    assert other.user_pending_tasks == h.state.user_pending_tasks
+    view = other.freeze()
+    assert dict(view.counters) == dict(h.state.counters) and len(view.usage) == len(h.state.usage)

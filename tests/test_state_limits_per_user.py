@@ -106,9 +106,9 @@ def test_spec_bytes_are_capped_per_user_and_rebuilt_on_restore() -> None:
 
 
 def job_spec(argv: list[str]) -> dict[str, Any]:
-    from raft.validate import validate_spec
+    from raft.validate import stored_spec, validate_spec
 
-    return validate_spec({"argv": argv}).to_wire()
+    return stored_spec(validate_spec({"argv": argv}))
 
 
 def test_a_registration_is_bounded_and_admin_labels_are_the_admins() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 
+from raft import arrays
 from raft.commands import encode
 from raft.model import FINAL_TASK_STATES, LIVE_TASK_STATES, NODE_STATES
 from raft.state import ClusterState
@@ -166,6 +167,19 @@ def expected_job_state(job_state: str, task_states: list[str]) -> str | None:
     return None
 
 
+def expected_array_state(job_state: str, task_states: list[str]) -> str | None:
+    """An array runs until every task ended; it failed if any task did."""
+    if job_state == "cancelled":
+        return "cancelled"
+    if all(s in FINAL_TASK_STATES for s in task_states):
+        if any(s in ("failed", "lost") for s in task_states):
+            return "failed"
+        return "succeeded" if all(s == "succeeded" for s in task_states) else "cancelled"
+    if all(s == "pending" for s in task_states):
+        return "pending"
+    return "running"
+
+
 def check_invariants(state: ClusterState) -> None:
     """DESIGN §7 and the bookkeeping ClusterState promises, checked from scratch."""
     held: dict[tuple[str, int], str] = {}
@@ -188,11 +202,36 @@ def check_invariants(state: ClusterState) -> None:
         valid = {g["index"] for g in node.gpus}
         assert {g for (n, g) in held if n == node_id} <= valid
     assert indexes(state) == reindexed(state)
+    counted: dict[str, dict[str, int]] = {}
+    for t in state.tasks.values():
+        per_job = counted.setdefault(t.job_id, {})
+        per_job[t.state] = per_job.get(t.state, 0) + 1
+    kept = {j: {k: n for k, n in c.items() if n} for j, c in state.job_counts.items()}
+    assert kept == counted, (kept, counted)
+    waiting: dict[str, int] = {}
+    for t in state.tasks.values():
+        if t.state == "pending":
+            user = state.jobs[t.job_id].user
+            waiting[user] = waiting.get(user, 0) + 1
+    assert state.user_pending_tasks == waiting, (state.user_pending_tasks, waiting)
     for job in state.jobs.values():
         tasks = [state.tasks[tid] for tid in job.tasks]
         states = [t.state for t in tasks]
-        assert len(tasks) == job.spec["nodes"], job
-        assert job.state == expected_job_state(job.state, states), (job, states)
+        if job.spec.get("array") is not None:
+            assert len(tasks) == arrays.count(job.spec["array"]), job
+            assert job.state == expected_array_state(job.state, states), (job, states)
+        elif job.state == "failed" and job.message.startswith("dependency "):
+            # Failed while waiting: none of its tasks ever started.
+            assert set(states) == {"cancelled"}, (job, states)
+        else:
+            assert len(tasks) == job.spec["nodes"], job
+            assert job.state == expected_job_state(job.state, states), (job, states)
+        for dep in job.waiting_on:
+            other = state.jobs.get(dep)
+            assert other is None or other.finished_at is None or job.state != "pending", (
+                job,
+                dep,
+            )
         if job.state in ("cancelled", "failed"):
             assert "pending" not in states, (job, states)
             assert all(t.stop is not None for t in tasks if t.state in LIVE_TASK_STATES)

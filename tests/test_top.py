@@ -83,6 +83,35 @@ def test_render_draws_gpus_as_a_grid_and_says_why_jobs_wait() -> None:
     assert any("Xid 79\\nforged line\\x1b]0;title\\x07" in line for line in lines)
 
 
+def test_render_shows_an_array_as_one_row_with_its_counts() -> None:
+    array = {"array": "0-999", "array_tasks": 1000, "gpus_total": 1, "name": "sweep"}
+    ov = {
+        "cluster": {"leader": None},
+        "gpus": {"total": 8, "allocated": 8, "unhealthy": 0},
+        "nodes": [node("gpu-1", used=4), node("gpu-2", used=4)],
+        "running": [
+            {
+                **array, "id": "j-a", "user": "alice", "started_at": 1000.0,
+                "on": ["gpu-1", "gpu-2"], "gpus_held": 8,
+                "task_states": {"running": 8, "pending": 900, "succeeded": 90, "failed": 2},
+            },
+        ],
+        "pending": [
+            {
+                **array, "id": "j-b", "user": "bob", "submitted_at": 1000.0, "reason": "",
+                "task_states": {"pending": 1000},
+            },
+        ],
+        "counts": {"running": 1, "pending": 1},
+    }  # fmt: skip
+    lines = render(ov, 200, 40, now=1090.0)
+    run = next(line for line in lines if " j-a " in line)
+    assert "   8  " in run and "gpu-1,gpu-2" in run
+    assert "[array 0-999: 8 running, 900 pending, 90 succeeded, 2 failed]" in run
+    pend = next(line for line in lines if " j-b " in line)
+    assert pend.endswith("[array 0-999: 1000 pending]")
+
+
 @pytest.fixture(scope="module")
 def tc(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest

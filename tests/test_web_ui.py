@@ -463,3 +463,47 @@ async def test_text_from_the_cluster_is_shown_as_text(
         await b.screenshot(tmp_path / "escaped-nodes.png")
     finally:
         web.rpc("node_label", {"node": "h1", "unset": ["note"]})
+
+
+@in_browser
+async def test_an_array_shows_as_one_job_with_its_counts_and_its_tasks_output_by_index(
+    web: Cluster, browser: Browser
+) -> None:
+    b = browser
+    base = f"http://127.0.0.1:{follower(web).http}"
+    done = web.submit(
+        "--array", "0-2", "--", "sh", "-c",
+        'echo "task $LEPTON_ARRAY_INDEX"; exit $((LEPTON_ARRAY_INDEX == 1))',
+    )  # fmt: skip
+    web.wait_job(done, {"failed"})
+    live = web.submit("--array", "0-3", "--cpus", "0.25", "--mem", "64M", "--", "sleep", "600")
+    v = signed_in(web, web.admin_token)
+    try:
+        status, rows = v.json("/ui/api/jobs?state=failed")
+        row = next(r for r in rows if r["id"] == done)
+        assert status == 200 and row["array"] == "0-2"
+        assert row["task_states"] == {"succeeded": 2, "failed": 1}
+        status, st = v.json(f"/ui/api/jobs/{done}")
+        assert status == 200 and [t["rank"] for t in st["tasks"]] == [1]
+        assert v.json(f"/ui/api/jobs/{done}/logs?index=2")[1]["text"] == "task 2\n"
+        status, body = v.json(f"/ui/api/jobs/{done}/logs?index=7")
+        assert status == 404 and "has no index 7" in body["error"]["message"]
+
+        def running_row() -> Any:
+            ov = v.json("/ui/api/overview")[1]
+            r = next((r for r in ov["running"] if r["id"] == live), None)
+            return r if r is not None and r["task_states"].get("running") == 4 else None
+
+        r = wait_for(running_row, 60, "the array's 4 tasks running")
+        assert r["on"] == ["h1"] and r["gpus_held"] == 0 and len(r["placed"]) == 4
+        # The job page names the array's counts and reads a task's output by index.
+        await sign_in(b, base, web.admin_token)
+        await b.goto(f"{base}/jobs/{done}")
+        await b.wait("document.querySelector('#job-array')", "the array's counts")
+        assert "array 0-2: 2 succeeded, 1 failed" in await b.text("#job-array")
+        await b.wait("document.querySelector('#log').textContent === 'task 1\\n'", "index 1")
+        await b.goto(base + "/jobs?state=running")
+        await b.wait("document.querySelector('.array-note')", "the running array's row")
+        assert "array 0-3: 4 running" in await b.text(".array-note")
+    finally:
+        web.ctl("cancel", live)

@@ -72,8 +72,12 @@ def test_workdir_resubmit_uploads_only_changes_and_second_host_needs_no_upload(
     assert up3["blocks"] == 0
     st3 = cluster.wait_job(str(third["id"]), {"succeeded", "failed"})
     assert st3["state"] == "succeeded" and st3["tasks"][0]["node"] == "h2"
-    nodes = {n["name"]: n for n in cluster.nodes()}
-    assert nodes["h2"]["cache"]["blocks"] == 5
+    # The cache figures come with h2's next heartbeat: wait for it.
+    wait_for(
+        lambda: {n["name"]: n for n in cluster.nodes()}["h2"]["cache"].get("blocks") == 5,
+        30,
+        "h2's heartbeat to report its 5 cached blocks",
+    )
 
 
 def test_workdir_bad_input_is_refused_before_upload(cluster: Cluster, tmp_path: Path) -> None:

@@ -298,7 +298,11 @@ class SimRunner:
         self._known.add(spec.task_id)
         return p.pid
 
-    def stop(self, task_id: str, grace_s: float | None = None) -> None:
+    def warn(self, task_id: str) -> None:
+        """Simulated tasks ask for no warning signal (the simulation's jobs
+        set no --signal), so there is nothing to send."""
+
+    def stop(self, task_id: str, grace_s: float | None = None, warn: bool = False) -> None:
         p = self.host.procs.get(task_id)
         if p is None or not p.alive:
             return

@@ -260,8 +260,12 @@ class WebUI:
 
     async def logs(self, s: Session, request: web.Request) -> Any:
         jid = request.match_info["job"]
-        rank = _int(request.query.get("rank", "0"), "rank")
-        args = {"job_id": jid, "rank": rank, "tail_lines": LOG_TAIL_LINES, "follow": False}
+        args: dict[str, Any] = {"job_id": jid, "tail_lines": LOG_TAIL_LINES, "follow": False}
+        # A task of a job array is named by its index; of other jobs, by rank.
+        if "index" in request.query:
+            args["index"] = _int(request.query["index"], "index")
+        else:
+            args["rank"] = _int(request.query.get("rank", "0"), "rank")
         chunks: list[bytes] = []
         size = 0
         # aclosing: a tail cut short ends its stream now, not at garbage

@@ -224,6 +224,14 @@ function jobsFilters() {
   return { state: q.get("state") || "", user: q.get("user") || "" };
 }
 
+// An array's tasks by state, as "array 0-99: 8 running, 92 pending".
+const TASK_STATES = ["running", "assigned", "pending", "succeeded", "failed", "lost", "cancelled", "preempted"];
+function arrayNote(j) {
+  const c = j.task_states || {};
+  const parts = TASK_STATES.filter((s) => c[s]).map((s) => c[s] + " " + s);
+  return h("span", { class: "array-note", text: "array " + j.array + ": " + (parts.join(", ") || "no tasks") });
+}
+
 async function jobs() {
   const f = jobsFilters();
   const qs = new URLSearchParams();
@@ -248,7 +256,8 @@ async function jobs() {
   const now = Date.now() / 1000;
   document.getElementById("jobs-table").replaceChildren(
     table(["Job", "Name", "User", "State", "GPUs", "Submitted", "Ran"], list.slice().reverse().map((j) => [
-      jobLink(j.id), j.name, j.user, badge(j.state), String(j.gpus_total), when(j.submitted_at),
+      jobLink(j.id), j.name, j.user, j.array ? [badge(j.state), " ", arrayNote(j)] : badge(j.state),
+      String(j.gpus_total), when(j.submitted_at),
       j.started_at ? dur((j.finished_at || now) - j.started_at) : "-"]), "grid jobs"));
 }
 
@@ -256,6 +265,7 @@ async function jobs() {
 // more after it ended; each read of someone else's output is in the audit log.
 const LOG_POLL_MS = 4000;
 let logRank = 0;
+let logIndexOf = "";  // the array whose index logRank is
 let logState = { rank: -1, at: 0, final: false, text: "", note: "", error: false };
 
 async function job() {
@@ -263,8 +273,14 @@ async function job() {
   // brief: without the spec, so polling it is not an audited read.
   const st = await api("/ui/api/jobs/" + encodeURIComponent(id) + "?brief=1");
   const live = st.state === "pending" || st.state === "running";
+  // An array lists only its failed tasks; its output is read by index (the
+  // rank of an array's task is its index), any index typed in.
+  const isArray = Boolean(st.array);
   const ranks = st.tasks.map((t) => t.rank);
-  if (!ranks.includes(logRank)) logRank = 0;
+  if (isArray && logIndexOf !== id) {
+    logIndexOf = id;
+    logRank = ranks.length ? ranks[0] : (parseInt(st.array, 10) || 0);
+  } else if (!isArray && !ranks.includes(logRank)) logRank = 0;
   let logBox = document.getElementById("log");
   const keepScroll = logBox && logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 4;
   const head = h("section", {},
@@ -272,13 +288,17 @@ async function job() {
     h("p", { text: st.name + " by " + st.user + ": " + (st.command || []).join(" ") }),
     st.reason ? h("p", { class: "reason", id: "job-reason", text: "Waiting: " + st.reason }) : null,
     st.message ? h("p", { class: "message", text: st.message }) : null,
+    isArray ? h("p", { id: "job-array" }, arrayNote(st), " (" + st.array_tasks + " tasks)") : null,
     h("p", { text: "Submitted " + when(st.submitted_at) + "; started " + when(st.started_at) + "; ended " + when(st.finished_at) }),
     live ? h("button", { id: "cancel", text: "Cancel job", onclick: () => act("/ui/api/jobs/" + encodeURIComponent(id) + "/cancel", {}, id + " cancelled") }) : null);
-  const tasks = section("Tasks", table(["Rank", "State", "Node", "GPUs", "Attempt", "Exit", "Started", "Ended", "Message"],
+  const tasks = section(isArray ? "Failed tasks" : "Tasks", table([isArray ? "Index" : "Rank", "State", "Node", "GPUs", "Attempt", "Exit", "Started", "Ended", "Message"],
     st.tasks.map((t) => [String(t.rank), badge(t.state), t.node || "-", t.gpus.join(",") || "-", String(t.attempt),
       t.exit_code === null ? "-" : String(t.exit_code), when(t.started_at), when(t.finished_at), t.reason || t.message || ""])));
-  const picker = h("select", { id: "log-rank", onchange: (ev) => { logRank = Number(ev.target.value); refresh(); } },
-    ranks.map((r) => h("option", { value: r, selected: r === logRank, text: "rank " + r })));
+  const picker = isArray
+    ? h("label", {}, "index ", h("input", { id: "log-index", type: "number", min: "0", value: logRank,
+      onchange: (ev) => { logRank = Number(ev.target.value); refresh(); } }))
+    : h("select", { id: "log-rank", onchange: (ev) => { logRank = Number(ev.target.value); refresh(); } },
+      ranks.map((r) => h("option", { value: r, selected: r === logRank, text: "rank " + r })));
   logBox = h("pre", { id: "log", class: "log" });
   const logNote = h("p", { id: "log-note", class: "note" });
   main.replaceChildren(head, tasks, section("Output (last lines)", picker, logNote, logBox));
@@ -286,7 +306,7 @@ async function job() {
   const due = logState.rank !== logRank || (!logState.final && now - logState.at >= LOG_POLL_MS);
   if (due) {
     try {
-      const lg = await api("/ui/api/jobs/" + encodeURIComponent(id) + "/logs?rank=" + logRank);
+      const lg = await api("/ui/api/jobs/" + encodeURIComponent(id) + "/logs?" + (isArray ? "index=" : "rank=") + logRank);
       logState = { rank: logRank, at: now, final: !live, text: lg.text, note: lg.note || "", error: false };
     } catch (e) {
       logState = { rank: logRank, at: now, final: !live, text: "", note: e.message, error: true };

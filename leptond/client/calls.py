@@ -1,10 +1,10 @@
-"""Every call leptonctl makes to the cluster, in one place: the method names,
-the shape of their arguments and the time each may take.
+"""Every call a client makes to the cluster, in one place: the method names,
+the shape of their arguments and the time each may take. The SDK's clients
+(aio.py, sync.py) and every leptonctl command call only these.
 
 Each function takes a `ClusterClient` (leptond.wire.client), which follows
-the leader and retries; writes carry one request id for all their retries
-(the client adds it). The commands (commands.py, jobs.py, logs.py) and the
-workdir upload call only these.
+the leader and retries; writes carry one request id for all their retries.
+Errors come out typed (errors.py): each is still an RpcError.
 """
 
 from __future__ import annotations
@@ -14,9 +14,27 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from leptond.wire.client import ClusterClient
+from leptond.wire.errors import RpcError
+
+from .errors import typed
 
 DEFAULT_TIMEOUT_S = 20.0
 SLOW_TIMEOUT_S = 60.0
+
+
+async def _call(c: ClusterClient, method: str, args: Any, **kw: Any) -> Any:
+    try:
+        return await c.call(method, args, **kw)
+    except RpcError as exc:
+        raise typed(exc) from None
+
+
+async def _stream(c: ClusterClient, method: str, args: Any) -> AsyncIterator[Any]:
+    try:
+        async for item in c.stream(method, args):
+            yield item
+    except RpcError as exc:
+        raise typed(exc) from None
 
 
 # -- jobs ------------------------------------------------------------------------
@@ -32,7 +50,7 @@ async def submit(
     args: dict[str, Any] = {"spec": spec, "name": name, "rid": uuid.uuid4().hex}
     if queue_anyway:
         args["queue_anyway"] = True
-    return dict(await c.call("submit", args, timeout_s=timeout_s))
+    return dict(await _call(c, "submit", args, timeout_s=timeout_s))
 
 
 async def jobs(
@@ -55,7 +73,7 @@ async def jobs(
     args["paged"] = True
     out: list[dict[str, Any]] = []
     while True:
-        res = await c.call("jobs", args, timeout_s=timeout_s)
+        res = await _call(c, "jobs", args, timeout_s=timeout_s)
         if isinstance(res, list):  # a master from before pages
             return out + res
         out += res["jobs"]
@@ -65,17 +83,28 @@ async def jobs(
 
 
 async def status(
-    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, brief: bool = False
+    c: ClusterClient,
+    job_id: str,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    brief: bool = False,
+    index: int | None = None,
 ) -> dict[str, Any]:
-    """brief: states, tasks and times without the spec (no audited read)."""
-    args = {"job_id": job_id, "brief": True} if brief else {"job_id": job_id}
-    return dict(await c.call("status", args, timeout_s=timeout_s))
+    """brief: states, tasks and times without the spec (no audited read).
+    index: one task of a job array (its only entry in `tasks`)."""
+    args: dict[str, Any] = {"job_id": job_id, "brief": True} if brief else {"job_id": job_id}
+    if index is not None:
+        args["index"] = index
+    return dict(await _call(c, "status", args, timeout_s=timeout_s))
 
 
 async def cancel(
-    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
+    c: ClusterClient, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, index: int | None = None
 ) -> dict[str, Any]:
-    return dict(await c.call("cancel", {"job_id": job_id}, timeout_s=timeout_s))
+    """Cancel a job, or with `index` one task of a job array."""
+    args: dict[str, Any] = {"job_id": job_id}
+    if index is not None:
+        args["index"] = index
+    return dict(await _call(c, "cancel", args, timeout_s=timeout_s))
 
 
 def logs(
@@ -83,6 +112,7 @@ def logs(
     job_id: str,
     rank: int,
     *,
+    index: int | None = None,
     follow: bool = False,
     offset: int = 0,
     stream: str = "output",
@@ -101,33 +131,83 @@ def logs(
     }
     if tail_lines is not None:
         args["tail_lines"] = tail_lines
-    return c.stream("logs", args)
+    if index is not None:
+        args["index"] = index
+    return _stream(c, "logs", args)
+
+
+# -- interactive sessions -------------------------------------------------------------
+def attach(
+    c: ClusterClient, job_id: str, session: str, rows: int, cols: int
+) -> AsyncIterator[dict[str, Any]]:
+    """An interactive job's terminal: items {data} until its task ends."""
+    args = {"job_id": job_id, "session": session, "rows": rows, "cols": cols}
+    return _stream(c, "attach", args)
+
+
+def exec_in(
+    c: ClusterClient,
+    job_id: str,
+    argv: list[str],
+    session: str,
+    *,
+    rank: int = 0,
+    tty: bool = False,
+    rows: int = 24,
+    cols: int = 80,
+) -> AsyncIterator[dict[str, Any]]:
+    """A command inside a running task: items {data}, then {exit}."""
+    args = {"job_id": job_id, "rank": rank, "argv": argv, "session": session, "tty": tty}
+    args.update(rows=rows, cols=cols)
+    return _stream(c, "exec", args)
+
+
+async def tty_input(
+    c: ClusterClient,
+    job_id: str,
+    session: str,
+    data: bytes = b"",
+    *,
+    rank: int = 0,
+    size: tuple[int, int] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Keystrokes, or a new window size, for a session."""
+    args: dict[str, Any] = {"job_id": job_id, "session": session, "data": data, "rank": rank}
+    if size is not None:
+        args["rows"], args["cols"] = size
+    await _call(c, "tty_input", args, timeout_s=timeout_s)
 
 
 async def queue(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
-    return list(await c.call("queue", {}, timeout_s=timeout_s))
+    return list(await _call(c, "queue", {}, timeout_s=timeout_s))
 
 
 async def usage(
     c: ClusterClient, since_s: float, by: str, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> dict[str, Any]:
-    return dict(await c.call("usage", {"since_s": since_s, "by": by}, timeout_s=timeout_s))
+    return dict(await _call(c, "usage", {"since_s": since_s, "by": by}, timeout_s=timeout_s))
+
+
+async def overview(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Nodes, running and pending jobs in one answer (what `leptonctl top` draws)."""
+    return dict(await _call(c, "overview", {}, timeout_s=timeout_s))
 
 
 async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    return dict(await c.call("whoami", {}, timeout_s=timeout_s))
+    return dict(await _call(c, "whoami", {}, timeout_s=timeout_s))
 
 
 # -- nodes ------------------------------------------------------------------------
 async def nodes(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
-    return list(await c.call("nodes", {}, timeout_s=timeout_s))
+    return list(await _call(c, "nodes", {}, timeout_s=timeout_s))
 
 
 async def gpu_reset(
     c: ClusterClient, node: str, gpu: int, timeout_s: float = 360.0
 ) -> dict[str, Any]:
     """The burn-in runs on the host first: this may take minutes."""
-    return dict(await c.call("node_gpu_reset", {"node": node, "gpu": gpu}, timeout_s=timeout_s))
+    return dict(await _call(c, "node_gpu_reset", {"node": node, "gpu": gpu}, timeout_s=timeout_s))
 
 
 async def node_change(
@@ -144,26 +224,26 @@ async def node_change(
     args: dict[str, Any] = {"node": node, "force": force}
     if deadline_s is not None:
         args["deadline_s"] = deadline_s
-    return dict(await c.call(method, args, timeout_s=timeout_s))
+    return dict(await _call(c, method, args, timeout_s=timeout_s))
 
 
 async def join_token_create(
     c: ClusterClient, ttl_s: float, uses: int, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> dict[str, Any]:
     args = {"ttl_s": ttl_s, "uses": uses}
-    return dict(await c.call("join_token_create", args, timeout_s=timeout_s))
+    return dict(await _call(c, "join_token_create", args, timeout_s=timeout_s))
 
 
 async def join_token_ls(
     c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> list[dict[str, Any]]:
-    return list(await c.call("join_token_ls", {}, timeout_s=timeout_s))
+    return list(await _call(c, "join_token_ls", {}, timeout_s=timeout_s))
 
 
 async def join_token_revoke(
     c: ClusterClient, token_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> dict[str, Any]:
-    return dict(await c.call("join_token_revoke", {"id": token_id}, timeout_s=timeout_s))
+    return dict(await _call(c, "join_token_revoke", {"id": token_id}, timeout_s=timeout_s))
 
 
 # -- cluster ----------------------------------------------------------------------
@@ -171,7 +251,7 @@ async def cluster_status(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S)
     """The leader's view when there is a leader (the same from any master),
     else the answering master's own; with every member's health."""
     args = {"health": True, "from_leader": True}
-    return dict(await c.call("cluster_status", args, timeout_s=timeout_s))
+    return dict(await _call(c, "cluster_status", args, timeout_s=timeout_s))
 
 
 async def cluster_membership(
@@ -182,12 +262,12 @@ async def cluster_membership(
     # One attempt may take a while: the leader waits for a just-started
     # master to answer the Raft handshake, then for the change to commit.
     wait_s = max(timeout_s, 30)
-    res = await c.call(method, {"addr": member}, timeout_s=wait_s, attempt_timeout_s=wait_s)
+    res = await _call(c, method, {"addr": member}, timeout_s=wait_s, attempt_timeout_s=wait_s)
     return dict(res)
 
 
 async def snapshot_save(c: ClusterClient, timeout_s: float = SLOW_TIMEOUT_S) -> dict[str, Any]:
-    return dict(await c.call("snapshot_save", {}, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+    return dict(await _call(c, "snapshot_save", {}, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
 
 
 async def snapshot_check(
@@ -195,14 +275,14 @@ async def snapshot_check(
 ) -> dict[str, Any]:
     """What a restore of `data` would replace, without changing anything."""
     args = {"data": data}
-    return dict(await c.call("snapshot_check", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+    return dict(await _call(c, "snapshot_check", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
 
 
 async def snapshot_restore(
     c: ClusterClient, data: bytes, timeout_s: float = SLOW_TIMEOUT_S
 ) -> dict[str, Any]:
     args = {"data": data}
-    return dict(await c.call("snapshot_restore", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+    return dict(await _call(c, "snapshot_restore", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
 
 
 # -- tokens -----------------------------------------------------------------------
@@ -214,22 +294,22 @@ async def token_create(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
     args = {"role": role, "name": name, "unix_user": unix_user}
-    return dict(await c.call("token_create", args, timeout_s=timeout_s))
+    return dict(await _call(c, "token_create", args, timeout_s=timeout_s))
 
 
 async def token_ls(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
-    return list(await c.call("token_ls", {}, timeout_s=timeout_s))
+    return list(await _call(c, "token_ls", {}, timeout_s=timeout_s))
 
 
 async def token_revoke(
     c: ClusterClient, token_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> dict[str, Any]:
-    return dict(await c.call("token_revoke", {"id": token_id}, timeout_s=timeout_s))
+    return dict(await _call(c, "token_revoke", {"id": token_id}, timeout_s=timeout_s))
 
 
 # -- workdir blocks ---------------------------------------------------------------
 async def blocks_missing(c: ClusterClient, ids: list[str], timeout_s: float) -> list[str]:
-    res = await c.call("blocks_missing", {"ids": ids}, timeout_s=timeout_s)
+    res = await _call(c, "blocks_missing", {"ids": ids}, timeout_s=timeout_s)
     return list(res["missing"])
 
 
@@ -237,9 +317,9 @@ async def block_put(
     c: ClusterClient, block_id: str, payload: bytes, compressed: bool, timeout_s: float
 ) -> None:
     args = {"id": block_id, "data": payload, "z": compressed}
-    await c.call("block_put", args, timeout_s=timeout_s)
+    await _call(c, "block_put", args, timeout_s=timeout_s)
 
 
 async def manifest_put(c: ClusterClient, manifest: dict[str, Any], timeout_s: float) -> str:
-    res = await c.call("manifest_put", {"manifest": manifest}, timeout_s=timeout_s)
+    res = await _call(c, "manifest_put", {"manifest": manifest}, timeout_s=timeout_s)
     return str(res["id"])
