@@ -13,6 +13,12 @@ from tests.harness import Cluster, wait_for
 from tests.isolation_support import passable_dir, unix_users
 
 PROBE = "id -u; id -g; cat /proc/self/cgroup; readlink /proc/self/ns/mnt; echo gpus=$CUDA_VISIBLE_DEVICES"
+# Opens each simulated GPU's device file: the task's own gives ENXIO (no
+# driver behind it), another's EPERM (the device rules of the task's cgroup).
+DEVICES = (
+    'for i in 0 1; do if [ "$i" = "$CUDA_VISIBLE_DEVICES" ]; then w=own; else w=other; fi; '
+    'echo "$w: $(head -c0 "$LEPTON_GPU_DEVICE_DIR/nvidia$i" 2>&1 && echo opened)"; done'
+)
 
 
 @dataclass
@@ -56,6 +62,13 @@ def test_exec_runs_as_the_tasks_user_in_its_cgroup_and_namespaces(u: Users) -> N
     assert own.splitlines()[0] == str(u.uid)
     out = c.ctl("exec", job, "--", "sh", "-c", PROBE, token=u.alice)
     assert out.stdout == own
+    # Its GPU devices are the task's: its own GPU only.
+    devs = c.ctl("exec", job, "--", "sh", "-c", DEVICES, token=u.alice).stdout.splitlines()
+    assert len(devs) == 2, devs
+    mine = next(d for d in devs if d.startswith("own: "))
+    theirs = next(d for d in devs if d.startswith("other: "))
+    assert "No such device or address" in mine, devs
+    assert "Operation not permitted" in theirs, devs
     # Someone else's token may not enter it; an admin may (and is audited).
     other = c.ctl("exec", job, "--", "true", token=u.bob, check=False)
     assert other.returncode == 1
