@@ -113,8 +113,11 @@ def heartbeat_body(i: int) -> dict[str, Any]:
 class Fleet:
     """Agents `first`..`first + n - 1`, simulated in one worker process."""
 
-    def __init__(self, host: str, port: int, join: Token, first: int, n: int) -> None:
+    def __init__(
+        self, host: str, port: int, join: Token, first: int, n: int, stats_every: int
+    ) -> None:
         self.host, self.port, self.join = host, port, join
+        self.stats_every = stats_every
         self.ids = range(first, first + n)
         self.conns: list[Connection] = []
         self.registered = 0
@@ -139,11 +142,13 @@ class Fleet:
         nxt = loop.time()
         # Bodies are made ahead: this process must keep up with its beats.
         bodies = [heartbeat_body(i) for _ in range(3)]
+        bare = {"running": [], "exited": []}  # liveness only, no stats
         k = 0
         while not self.stop.is_set() and i not in self.paused:
             k += 1
             try:
-                await conn.call("heartbeat", bodies[k % 3], timeout_s=30)
+                body = bodies[k % 3] if k % self.stats_every == 1 % self.stats_every else bare
+                await conn.call("heartbeat", body, timeout_s=30)
                 self.beats += 1
             except (RpcError, OSError, TimeoutError) as exc:
                 self.errors += 1
@@ -213,11 +218,13 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-async def worker(host: str, port: int, token: str, first: int, n: int, conc: int) -> int:
+async def worker(
+    host: str, port: int, token: str, first: int, n: int, conc: int, stats_every: int
+) -> int:
     """A worker process: simulates its agents, reports its counts as one JSON
     line a second on stdout, and takes orders on stdin (`pause I`: agent I
     stops heartbeating without closing its connection; end of input: stop)."""
-    fleet = Fleet(host, port, parse_token(token), first, n)
+    fleet = Fleet(host, port, parse_token(token), first, n, stats_every)
     sem = asyncio.Semaphore(conc)
     tasks = [asyncio.create_task(fleet.agent(i, sem)) for i in fleet.ids]
     loop = asyncio.get_running_loop()
@@ -269,7 +276,9 @@ class Workers:
         self.readers: list[asyncio.Task[None]] = []
         self.fatal: str | None = None
 
-    async def start(self, port: int, token: str, n: int, procs: int, conc: int) -> None:
+    async def start(
+        self, port: int, token: str, n: int, procs: int, conc: int, stats_every: int
+    ) -> None:
         share = -(-n // procs)
         for w in range(procs):
             first, count = w * share, min(share, n - w * share)
@@ -278,6 +287,7 @@ class Workers:
             p = await asyncio.create_subprocess_exec(
                 sys.executable, __file__, "--worker", "--port", str(port), "--token", token,
                 "--first", str(first), "--agents", str(count), "--concurrency", str(conc),
+                "--stats-every", str(stats_every),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             self.procs.append(p)
@@ -354,7 +364,9 @@ async def detect_silent(c: Cluster, ws: Workers, i: int, share: int) -> dict[str
     raise SystemExit(f"heartbeats: silent node {nid} was not declared down within 60 s")
 
 
-async def bench(c: Cluster, n: int, window_s: float, procs: int, conc: int) -> dict[str, Any]:
+async def bench(
+    c: Cluster, n: int, window_s: float, procs: int, conc: int, stats_every: int
+) -> dict[str, Any]:
     leader = c.wait_leader()
     idle_pct, _ = await measure(leader.proc.pid, window_s)
     # Uses to spare: a trade whose answer was lost is retried.
@@ -363,7 +375,7 @@ async def bench(c: Cluster, n: int, window_s: float, procs: int, conc: int) -> d
     try:
         lp = psutil.Process(leader.proc.pid)
         t0, lc0 = time.monotonic(), cpu_s(lp)
-        await ws.start(leader.rpc, token, n, procs, conc)
+        await ws.start(leader.rpc, token, n, procs, conc, stats_every)
         while ws.total("registered") < n:
             ws.check()
             await asyncio.sleep(0.1)
@@ -382,6 +394,7 @@ async def bench(c: Cluster, n: int, window_s: float, procs: int, conc: int) -> d
         await ws.stop()
     return {
         "agents": n,
+        "stats_every": stats_every,
         "worker_processes": len(ws.procs),
         "window_s": round(took_s, 1),
         "leader_cpu_pct": round(busy_pct, 1),
@@ -410,6 +423,12 @@ def main() -> int:
     ap.add_argument(
         "--concurrency", type=int, default=64, help="registrations in flight per process"
     )
+    ap.add_argument(
+        "--stats-every",
+        type=int,
+        default=1,
+        help="host and GPU stats in every Kth heartbeat, liveness only in the others",
+    )
     ap.add_argument("--ttl", type=float, default=4.0, help="the masters' --heartbeat-ttl")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -417,22 +436,33 @@ def main() -> int:
     ap.add_argument("--token", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.agents < 1 or args.procs < 0 or args.concurrency < 1:
-        print("heartbeats: --agents and --concurrency must be positive", file=sys.stderr)
+    if args.agents < 1 or args.procs < 0 or args.concurrency < 1 or args.stats_every < 1:
+        print(
+            "heartbeats: --agents, --concurrency and --stats-every must be positive",
+            file=sys.stderr,
+        )
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 2 * args.agents + 1000))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     if args.worker:
         return run(
-            worker("127.0.0.1", args.port, args.token, args.first, args.agents, args.concurrency)
+            worker(
+                "127.0.0.1",
+                args.port,
+                args.token,
+                args.first,
+                args.agents,
+                args.concurrency,
+                args.stats_every,
+            )
         )
     procs = args.procs or max(1, -(-args.agents // 2500))
     tmp = Path(tempfile.mkdtemp(prefix="lepton-hb-"))
     c = Cluster(tmp / "cluster", n_masters=args.masters, ttl_s=args.ttl)
     try:
         c.start_masters()
-        res = run(bench(c, args.agents, args.window, procs, args.concurrency))
+        res = run(bench(c, args.agents, args.window, procs, args.concurrency, args.stats_every))
     finally:
         c.close()
         shutil.rmtree(tmp, ignore_errors=True)
