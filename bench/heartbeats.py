@@ -261,6 +261,9 @@ async def worker(
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(fleet.stop.wait(), 1.0)
     order_task.cancel()
+    # Agents still joining (or waiting to) stop too; beating ones end a call.
+    for t in tasks:
+        t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for conn in fleet.conns:
         conn.close()
@@ -364,8 +367,29 @@ async def detect_silent(c: Cluster, ws: Workers, i: int, share: int) -> dict[str
     raise SystemExit(f"heartbeats: silent node {nid} was not declared down within 60 s")
 
 
+class NotRegistered(Exception):
+    def __init__(self, registered: int, n: int, took_s: float, leader_pct: float) -> None:
+        super().__init__(
+            f"{registered:,} of {n:,} agents registered after {took_s:.0f} s "
+            f"(leader at {leader_pct:.0f}% of one core meanwhile)"
+        )
+        self.figures = {
+            "agents": n,
+            "registered": registered,
+            "register_s": None,
+            "register_waited_s": round(took_s, 1),
+            "register_leader_cpu_pct": round(leader_pct, 1),
+        }
+
+
 async def bench(
-    c: Cluster, n: int, window_s: float, procs: int, conc: int, stats_every: int
+    c: Cluster,
+    n: int,
+    window_s: float,
+    procs: int,
+    conc: int,
+    stats_every: int,
+    register_timeout_s: float,
 ) -> dict[str, Any]:
     leader = c.wait_leader()
     idle_pct, _ = await measure(leader.proc.pid, window_s)
@@ -378,6 +402,11 @@ async def bench(
         await ws.start(leader.rpc, token, n, procs, conc, stats_every)
         while ws.total("registered") < n:
             ws.check()
+            if time.monotonic() - t0 > register_timeout_s:
+                took = time.monotonic() - t0
+                raise NotRegistered(
+                    ws.total("registered"), n, took, 100.0 * (cpu_s(lp) - lc0) / took
+                )
             await asyncio.sleep(0.1)
         register_s = time.monotonic() - t0
         register_cpu_pct = 100.0 * (cpu_s(lp) - lc0) / register_s
@@ -429,6 +458,12 @@ def main() -> int:
         default=1,
         help="host and GPU stats in every Kth heartbeat, liveness only in the others",
     )
+    ap.add_argument(
+        "--register-timeout",
+        type=float,
+        default=180.0,
+        help="seconds for all agents to register before the run stops, with one line",
+    )
     ap.add_argument("--ttl", type=float, default=4.0, help="the masters' --heartbeat-ttl")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -462,7 +497,23 @@ def main() -> int:
     c = Cluster(tmp / "cluster", n_masters=args.masters, ttl_s=args.ttl)
     try:
         c.start_masters()
-        res = run(bench(c, args.agents, args.window, procs, args.concurrency, args.stats_every))
+        res = run(
+            bench(
+                c,
+                args.agents,
+                args.window,
+                procs,
+                args.concurrency,
+                args.stats_every,
+                args.register_timeout,
+            )
+        )
+    except NotRegistered as exc:
+        print(f"heartbeats: {exc}", file=sys.stderr)
+        if args.json:
+            load = [round(x, 2) for x in psutil.getloadavg()]
+            print(json.dumps({"bench": "heartbeats", **exc.figures, "load_avg": load, "ok": False}))
+        return 1
     finally:
         c.close()
         shutil.rmtree(tmp, ignore_errors=True)
