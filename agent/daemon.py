@@ -141,8 +141,6 @@ class Agent:
     def __init__(self, cfg: AgentConfig, clock: Clock = REAL) -> None:
         self.cfg = cfg
         self.clock = clock
-        # When the next heartbeat carries host and GPU figures (clock.monotonic()).
-        self._stats_next = float("-inf")
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.node_id = stable_node_id(cfg.data_dir)
         cred = credential.load_credential(cfg.data_dir)
@@ -238,6 +236,8 @@ class Agent:
         self.client.on_local_close = self._closing_connection
         self.registered_on: Connection | None = None
         self.state = "unknown"
+        # When the next heartbeat carries host and GPU figures (clock.monotonic()).
+        self._stats_next = float("-inf")
         self._stopping = asyncio.Event()
         self._workdir_lock = asyncio.Lock()
         self._preparing: set[str] = set()  # run ids being prepared or started
