@@ -1,13 +1,20 @@
 """Leader CPU under heartbeats: many simulated agents against one real leader.
 
 A real `leptond run` master (single member unless --masters 3) on loopback;
-this process plays N agents (default 2,000), each with its own sealed RPC
-connection under its own node credential, traded (as lepton-agent does) for
-one join token made with --uses N. Every agent joins and registers (two Raft
-commits each) and then heartbeats at 1 Hz with host and 8 GPU stats, as lepton-agent
-does. The leader's CPU is read with psutil over a window (default 25 s) and
-reported in percent of one core; the baseline is the same leader's CPU over
-the same window with no agents connected, measured first in the same run.
+worker processes (one per 2,500 agents unless --procs) play N agents (default
+2,000), each with its own sealed RPC connection under its own node credential,
+traded (as lepton-agent does) for one join token. Every agent joins and
+registers (two Raft commits each; retried with backoff, as lepton-agent does,
+while the leader is too busy to answer) and then heartbeats at 1 Hz, with
+host and 8 GPU stats in every 5th heartbeat as lepton-agent sends them
+(--stats-every 1: in every one, as before). The leader's CPU is read with
+psutil over a window (default 25 s) and reported in percent of one core; the
+baseline is the same leader's CPU over the same window with no agents
+connected, measured first in the same run. Then one agent goes silent
+without closing its connection (a stopped host) and the time until the
+leader declares its node down is measured, with the number of other nodes
+declared down meanwhile. Agents not all registered within --register-timeout
+end the run with one line (and, with --json, how many did).
 
     .venv/bin/python bench/heartbeats.py [--agents 2000] [--window 25] [--json]
 """
@@ -455,8 +462,9 @@ def main() -> int:
     ap.add_argument(
         "--stats-every",
         type=int,
-        default=1,
-        help="host and GPU stats in every Kth heartbeat, liveness only in the others",
+        default=5,
+        help="host and GPU stats in every Kth heartbeat, liveness only in the others "
+        "(lepton-agent's default is every 5 s; 1: every heartbeat, as before)",
     )
     ap.add_argument(
         "--register-timeout",
