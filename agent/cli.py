@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--stats-every",
         type=float,
-        default=5.0,
+        default=10.0,
         metavar="SECONDS",
         help="host and GPU figures in one heartbeat this often; the others carry "
         "liveness, tasks and GPU faults only",

@@ -76,9 +76,9 @@ class AgentConfig:
     # Host and GPU figures travel in one heartbeat every stats_s seconds (and
     # in the first after each registration); the others carry liveness, tasks
     # and GPU faults only, and the leader keeps the last figures. Decoding
-    # and checking the figures was half of a leader's work per heartbeat
-    # (docs/benchmarks.md, 10,000 hosts).
-    stats_s: float = 5.0
+    # and checking the figures was about 40 % of a leader's work per
+    # heartbeat (docs/benchmarks.md, 10,000 hosts).
+    stats_s: float = 10.0
     leave_on_stop: bool = False
     log_cap_bytes: int = 64 << 20
     kill_grace_s: float = 10.0

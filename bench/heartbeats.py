@@ -6,7 +6,7 @@ worker processes (one per 2,500 agents unless --procs) play N agents (default
 traded (as lepton-agent does) for one join token. Every agent joins and
 registers (two Raft commits each; retried with backoff, as lepton-agent does,
 while the leader is too busy to answer) and then heartbeats at 1 Hz, with
-host and 8 GPU stats in every 5th heartbeat as lepton-agent sends them
+host and 8 GPU stats in every 10th heartbeat as lepton-agent sends them
 (--stats-every 1: in every one, as before). The leader's CPU is read with
 psutil over a window (default 25 s) and reported in percent of one core; the
 baseline is the same leader's CPU over the same window with no agents
@@ -462,9 +462,9 @@ def main() -> int:
     ap.add_argument(
         "--stats-every",
         type=int,
-        default=5,
+        default=10,
         help="host and GPU stats in every Kth heartbeat, liveness only in the others "
-        "(lepton-agent's default is every 5 s; 1: every heartbeat, as before)",
+        "(lepton-agent's default is every 10 s; 1: every heartbeat, as before)",
     )
     ap.add_argument(
         "--register-timeout",
