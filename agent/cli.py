@@ -58,6 +58,14 @@ def parser() -> argparse.ArgumentParser:
         help="pretend to have these GPUs (for trying things out)",
     )
     r.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    r.add_argument(
+        "--stats-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="host and GPU figures in one heartbeat this often; the others carry "
+        "liveness, tasks and GPU faults only",
+    )
     r.add_argument("--leave-on-stop", action="store_true", help="drain and deregister on SIGTERM")
     r.add_argument("--log-cap", type=int, default=64 << 20, help="bytes of output kept per task")
     r.add_argument(
@@ -182,6 +190,9 @@ async def _main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"lepton-agent: --simulate-gpus: {exc}", file=sys.stderr)
             return 2
+    if not 0 <= args.stats_every <= 3600:
+        print("lepton-agent: --stats-every must be between 0 and 3600 seconds", file=sys.stderr)
+        return 2
     keep = tuple(Path(k) for k in args.keep_visible)
     bad = next((k for k in keep if not k.is_absolute() or not k.is_dir()), None)
     if bad is not None:
@@ -199,6 +210,7 @@ async def _main(args: argparse.Namespace) -> int:
         advertise_addr=args.advertise_addr,
         simulate_gpus=args.simulate_gpus,
         heartbeat_s=args.heartbeat,
+        stats_s=args.stats_every,
         leave_on_stop=args.leave_on_stop,
         log_cap_bytes=args.log_cap,
         kill_grace_s=args.kill_grace,

@@ -30,6 +30,7 @@ log = logging.getLogger("lepton.master")
 MAX_EVENT_BYTES = 16 * 1024
 # Items of a relayed stream (task output) the leader lets an agent send ahead.
 RELAY_WINDOW = 4
+STATS_KEYS = ("host", "gpus", "cache")  # what nodestats.Cleaner.heartbeat reads
 MAX_GPU_FAULTS = 1024  # GPUs one heartbeat may report faulty
 MAX_FAULT_REASON_CHARS = 256
 
@@ -212,7 +213,9 @@ class AgentRegistry:
         if not isinstance(a, dict):
             raise RpcError(BAD_REQUEST, "a heartbeat is a map")
         clean = Cleaner()
-        stats = clean.heartbeat(a)
+        # A heartbeat without host, GPU and cache figures (agents send them
+        # every few seconds) keeps the last ones; it still counts as heard.
+        stats = clean.heartbeat(a) if any(k in a for k in STATS_KEYS) else None
         running = clean.runs(a.get("running"))
         exited = clean.task_ids(a.get("exited"))
         if clean.dropped:

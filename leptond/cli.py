@@ -124,6 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.max_connections < 16:
+        print("leptond: --max-connections must be at least 16", file=sys.stderr)
+        return 2
     if args.max_pending_jobs < 0 or args.max_pending_tasks < 0:
         print(
             "leptond: --max-pending-jobs and --max-pending-tasks must not be negative",
@@ -165,6 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             None if args.default_max_priority is None else int(args.default_max_priority)
         ),
         max_buffered_bytes=args.max_buffered_bytes,
+        max_connections=args.max_connections,
         block_store_bytes=args.block_store_bytes,
         upload_quota_bytes=args.upload_quota_bytes,
         min_free_disk_bytes=args.min_free_disk,
@@ -373,6 +377,13 @@ def parser() -> argparse.ArgumentParser:
         default=256 << 20,
         help="RPC: bytes all connections together may hold in partly received frames "
         "(at least 16M, one largest frame)",
+    )
+    r.add_argument(
+        "--max-connections",
+        type=int,
+        default=16384,
+        help="RPC connections open at once (one per agent, plus clients); the open-file "
+        "limit is raised to fit, up to its hard limit",
     )
     r.add_argument(
         "--allow-root-tasks",

@@ -78,6 +78,9 @@ class MasterConfig:
     min_free_disk_bytes: int = 512 << 20
     # RPC: bytes all connections together may hold in partly received frames.
     max_buffered_bytes: int = 256 << 20
+    # RPC: connections open at once (each agent holds one). The master raises
+    # its open-file limit to fit them, up to the hard limit (fdlimit.py).
+    max_connections: int = 16384
     block_cache_policy: Literal["lru", "lfu"] = "lru"
     # Whether tasks may run as uid 0 (a token mapped to root, such as the
     # admin token `leptond init` writes). Agents refuse uid 0 without it.

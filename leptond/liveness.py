@@ -82,8 +82,11 @@ class NodeLiveness:
         return now - self.last_seen.setdefault(node_id, now)
 
     def stats(self, node_id: str) -> dict[str, Any] | None:
-        """The node's last reported stats, with their age in `age_s`."""
+        """The node's last reported stats, with the time since the node was
+        last heard from in `age_s` (figures come every few seconds, liveness
+        every second)."""
         live = self.live.get(node_id)
         if live is None:
             return None
-        return dict(live, age_s=round(self._clock.monotonic() - live["at"], 1))
+        heard = max(live["at"], self.last_seen.get(node_id, live["at"]))
+        return dict(live, age_s=round(self._clock.monotonic() - heard, 1))

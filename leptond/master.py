@@ -37,6 +37,7 @@ from .clock import REAL, Clock
 from .config import MasterConfig
 from .controllers import Controllers
 from .disk import DiskGuard
+from .fdlimit import fit_connections
 from .http import HttpDeps, HttpServer
 from .leadership import LeaderGate, Leadership
 from .liveness import NodeLiveness
@@ -160,6 +161,7 @@ class Master:
             on_connect=on_connect,
             on_disconnect=agents.on_disconnect,
             max_buffered_bytes=cfg.max_buffered_bytes,
+            max_connections=fit_connections(cfg.max_connections),
         )
         http = HttpServer(
             HttpDeps(

@@ -353,8 +353,10 @@ class ClusterCollector(Collector):
                 age.add_metric(who, max(0.0, now - seen[n.id]))
             # A down node's last figures are stale, and so are those of a node
             # not heard from within the TTL: better no series than a wrong one.
+            # (Figures come every few seconds, liveness every second.)
             stats = live.get(n.id)
-            if n.state == "down" or stats is None or now - stats["at"] > self.ttl_s:
+            heard = seen.get(n.id, stats["at"] if stats is not None else 0.0)
+            if n.state == "down" or stats is None or now - heard > self.ttl_s:
                 continue
             # Checked at arrival (nodestats.py); still, a scrape must never
             # fail over one host's report.

@@ -39,3 +39,10 @@ def test_bench_help_runs_without_pytest(bench: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout, out.stdout[-500:]
+
+
+def test_no_benchmark_shadows_a_standard_module() -> None:
+    # `python bench/x.py` puts bench/ first on sys.path: a bench/array.py
+    # would be what `socket` gets for `import array`, in every other bench.
+    shadowing = [b.name for b in BENCHES if b.stem in sys.stdlib_module_names]
+    assert shadowing == []

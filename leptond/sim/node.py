@@ -103,6 +103,9 @@ class SimAgent(Agent):
     def host_report(self) -> dict[str, Any]:
         return {"host": {}, "gpus": [], "gpu_faults": [], "cache": {}}
 
+    def gpu_faults(self) -> list[dict[str, Any]]:
+        return []
+
 
 class SimNode:
     """One host and the life of its agent process."""

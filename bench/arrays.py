@@ -15,7 +15,7 @@ simulated GPUs each (32 one-GPU slots), on loopback; every task is
 - rss_mib_per_10k: the leader's RSS growth from before the submits to after
   the last acknowledgement, per 10,000 tasks.
 
-    .venv/bin/python bench/array.py [--tasks 10000] [--window 20] [--inflight 64] [--json]
+    .venv/bin/python bench/arrays.py [--tasks 10000] [--window 20] [--inflight 64] [--json]
 """
 
 from __future__ import annotations
