@@ -544,11 +544,11 @@ class Shim:
         self.kill_task(signal.SIGTERM)
 
     def kill_task(self, sig: int) -> None:
-        """Signal the whole task: every process in its cgroup (SIGKILL: the
-        cgroup's kill, which nothing escapes by forking) when it has one, and
-        its process group either way. Every stop, time limit and end of the
+        """Signal the whole task: every process in its cgroup once (SIGKILL:
+        the cgroup's kill, which nothing escapes by forking) when it has one,
+        else its process group. Every stop, time limit and end of the
         task goes through here."""
-        if self.task_pid is not None:
+        if (self.cgroup is None or sig == signal.SIGKILL) and self.task_pid is not None:
             _killpg(self.task_pid, sig)
         if self.cgroup is None:
             return
@@ -556,10 +556,17 @@ class Shim:
             if sig == signal.SIGKILL:
                 if not self.cgroup.kill():
                     print(f"leptond: task cgroup not empty after kill: {self.cgroup.pids()}")
-            else:
-                self.cgroup.signal(sig)
+                return
+            # Once, to each process: its process group lies inside its cgroup,
+            # and a second SIGTERM or warning signal means something to many
+            # programs (torchrun and most shells stop harder on the second).
+            pids = self.cgroup.pids()
+            self.cgroup.signal(sig)
         except OSError as e:
             print(f"leptond: cannot signal the task's cgroup: {e}")  # goes to shim.log
+            pids = set()
+        if self.task_pid is not None and self.task_pid not in pids:
+            _killpg(self.task_pid, sig)  # not in its cgroup yet (it joins before exec)
 
     def release_cgroup(self) -> None:
         """Remove the task's cgroup once it is empty (the runner retries later
