@@ -31,6 +31,7 @@ print(
     f"nproc={os.environ.get('PET_NPROC_PER_NODE')}",
     flush=True,
 )
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -55,6 +56,11 @@ print(
     f"in_step={all(torch.equal(w, x) for x in same)}",
     flush=True,
 )
+# Tear down as torch's own examples do: every rank done, DDP's reducer gone,
+# then the group (else a rank may abort in gloo's teardown: "terminate called
+# without an active exception").
+dist.barrier()
+del model, loss
 dist.destroy_process_group()
 """
 
