@@ -111,3 +111,26 @@ def test_a_plain_ddp_script_finds_local_rank(c: Cluster, tmp_path: Path) -> None
         "rank=0 local_rank=0 world=2 in_step=True",
         "rank=1 local_rank=0 world=2 in_step=True",
     ], out
+
+
+def test_exec_rank_enters_that_ranks_task_on_its_own_node(c: Cluster) -> None:
+    job = c.submit(
+        "--nodes", "2", "--cpus", "0.1", "--mem", "64M", "--", "sh", "-c", "sleep 600"
+    )  # fmt: skip
+    try:
+        c.wait_job(job, {"running"}, timeout_s=120)
+        nodes = {t["rank"]: t["node"] for t in c.status(job)["tasks"]}
+        assert len(set(nodes.values())) == 2, nodes
+        names = {n["id"]: n["name"] for n in c.nodes()}
+        probe = 'echo "$LEPTON_TASK_RANK $LEPTON_TASK_ID"'
+        for rank in (0, 1):
+            out = c.ctl("exec", job, "--rank", str(rank), "--", "sh", "-c", probe).stdout.split()
+            assert out == [str(rank), f"{job}.{rank}"], out
+        # The rank's task dir lies on its own node's agent.
+        for rank, node in nodes.items():
+            host = names.get(node, node)
+            assert (c.root / f"agent-{host}" / "tasks" / f"{job}.{rank}_a1").is_dir()
+        bad = c.ctl("exec", job, "--rank", "2", "--", "true", check=False)
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad
+    finally:
+        c.ctl("cancel", job, check=False)
