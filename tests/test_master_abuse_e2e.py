@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import struct
-import threading
 import time
 import urllib.request
 import uuid
@@ -36,7 +35,6 @@ from typing import Any
 
 import lz4.block
 import msgpack
-import psutil
 import pytest
 
 from leptond.blocks.manifest import manifest_id
@@ -45,42 +43,12 @@ from leptond.wire.connection import open_connection
 from leptond.wire.errors import RpcError
 from leptond.wire.tokens import Token, parse_token
 from tests.harness import Cluster, wait_for
+from tests.rss_support import PeakRss
 from tests.wire_raw import RawPeer
 
 MiB = 1024 * 1024
 MAX_PENDING_JOBS = 6
 MAX_PENDING_SPEC = 800 * 1024  # three quarter-MiB specs, not four
-
-
-class PeakRss:
-    """The most memory a process held while the block ran (sampled)."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.01)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    @property
-    def growth_mib(self) -> int:
-        return (self.peak - self.base) >> 20
 
 
 class Users:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import lz4.block
 import msgpack
-import psutil
 import pytest
 import uvloop
 
@@ -30,41 +28,11 @@ from leptond.wire.codec import (
     ProtocolError,
     decode_messages,
 )
+from tests.rss_support import PeakRss
 from tests.wire_raw import RawPeer, ServerProc, counter, server_process, wait_until
 
 MiB = 1024 * 1024
 PSK = b"k" * 32
-
-
-class PeakRss:
-    """The most memory a process held while the block ran (sampled)."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.01)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
 
 
 def bomb_body(i: int, n: int, method: str = "echo") -> bytes:
