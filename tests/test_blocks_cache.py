@@ -114,6 +114,18 @@ def test_negative_size_is_refused(policy: Any) -> None:
         cache.put("a", "A", -1)
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_negative_size_on_a_stored_key_changes_nothing(policy: Any, pinned: bool) -> None:
+    # Lean path (nothing pinned) and general path (a pin elsewhere) alike.
+    cache = filled(policy, 10, "ab")
+    if pinned:
+        cache.pin("b")
+    with pytest.raises(ValueError, match="size must be >= 0"):
+        cache.put("a", "A2", -1)
+    assert cache.peek("a") == "A" and cache.size_of("a") == 1 and cache.bytes_used == 2
+
+
 # -- pinning ---------------------------------------------------------------------
 
 

@@ -301,10 +301,11 @@ class ByteCache(Generic[K, V]):
 
     def _put_careful(self, key: K, value: V, size: int) -> None:
         """``put`` while pins or a callback exist: the general path."""
+        if size < 0:
+            raise _bad_size(size)  # before a stored value is replaced
         if key in self._values:
             self.discard(key)  # replacing: the new value starts afresh
-        needs_room = self.bytes_used + size > self._capacity or size < 0
-        if needs_room and not self._admit(key, size):
+        if self.bytes_used + size > self._capacity and not self._admit(key, size):
             return
         self._values[key] = value
         self._account(size, 0, 0)
@@ -316,10 +317,9 @@ class ByteCache(Generic[K, V]):
     def _admit(self, key: K, size: int) -> bool:
         """Make room for a new item of ``size``; False if it is not to be stored.
 
-        Slow path of ``put``, taken only when the item does not fit as is.
+        Slow path of ``put``, taken only when the item does not fit as is
+        (so ``size`` > 0: ``_put_careful`` refuses negative sizes first).
         """
-        if size < 0:
-            raise _bad_size(size)
         cap = self._capacity
         if size > cap:
             return False  # would evict everything and still not fit
@@ -377,63 +377,63 @@ class ByteCache(Generic[K, V]):
 def _lru_paths(values: dict[K, V], order: OrderedDict[K, int], cap: int) -> _Paths[K, V]:
     """The LRU hot paths and their counters, as closures over ``values`` (key ->
     value) and ``order`` (evictable key -> size, least recent first)."""
-    hits = misses = used = evictions = evicted_bytes = 0
-    values_get = values.get
+    hits = misses = evictions = evicted_bytes = 0
+    room = cap  # capacity - bytes used: one compare decides whether to evict
     move_to_end = order.move_to_end
     popitem = order.popitem
     order_pop = order.pop
 
     def get(key: K) -> V | None:
+        # ``in`` then ``[]`` rather than one ``values.get``: a miss (the
+        # common case under a cold trace) then costs an operator, not a call.
         nonlocal hits, misses
-        value = values_get(key)
-        if value is None:
-            misses += 1
-            return None
-        hits += 1
-        try:
-            move_to_end(key)
-        except KeyError:
-            pass  # pinned: outside the eviction order until unpinned
-        return value
+        if key in values:
+            hits += 1
+            try:
+                move_to_end(key)
+            except KeyError:
+                pass  # pinned: outside the eviction order until unpinned
+            return values[key]
+        misses += 1
+        return None
 
     def fast_put(key: K, value: V, size: int) -> None:
         # Only while nothing is pinned and there is no callback: then every
-        # stored key is in ``order`` and the cache is within budget.
-        nonlocal used, evictions, evicted_bytes
+        # stored key is in ``order`` and the cache is within budget (room >= 0).
+        nonlocal room, evictions, evicted_bytes
         if key in values:
+            if size < 0:
+                raise _bad_size(size)  # before the old value goes
             # discard, written out: the new value starts as most recent.
             del values[key]
-            used -= order_pop(key)
-        total = used + size
-        if total > cap:  # then size > 0, since used <= cap
+            room += order_pop(key)
+        if size > room:
             if size > cap:
                 return  # would evict everything and still not fit
             # Terminates before the order runs dry, since size <= cap.
             victim, victim_size = popitem(False)
             del values[victim]
-            total -= victim_size
-            freed = victim_size
-            count = 1
-            while total > cap:  # more than one victim: items of mixed sizes
+            room += victim_size
+            evictions += 1
+            evicted_bytes += victim_size
+            while size > room:  # more than one victim: items of mixed sizes
                 victim, victim_size = popitem(False)
                 del values[victim]
-                total -= victim_size
-                freed += victim_size
-                count += 1
-            evictions += count
-            evicted_bytes += freed
+                room += victim_size
+                evictions += 1
+                evicted_bytes += victim_size
         elif size < 0:
             raise _bad_size(size)
         values[key] = value
         order[key] = size
-        used = total
+        room -= size
 
     def totals() -> _Totals:
-        return _Totals(hits, misses, used, evictions, evicted_bytes)
+        return _Totals(hits, misses, cap - room, evictions, evicted_bytes)
 
     def account(used_delta: int, evicted: int, freed: int) -> None:
-        nonlocal used, evictions, evicted_bytes
-        used += used_delta
+        nonlocal room, evictions, evicted_bytes
+        room -= used_delta
         evictions += evicted
         evicted_bytes += freed
 
@@ -529,9 +529,9 @@ def _lfu_paths(
     Also returns ``new_bucket(freq, prev)`` and ``drop_bucket(bucket)`` for
     the cold paths: they share the one spare bucket kept in a cell here.
     """
-    hits = misses = used = evictions = evicted_bytes = 0
+    hits = misses = evictions = evicted_bytes = 0
+    room = cap  # capacity - bytes used
     spare: _Bucket | None = None  # one emptied bucket, so moving up rarely allocates
-    values_get = values.get
 
     def new_bucket(freq: int, prev: _Bucket) -> _Bucket:
         nonlocal spare
@@ -561,8 +561,7 @@ def _lfu_paths(
         # Only while nothing is pinned: then every stored key is in its
         # bucket's ``items`` and no bucket holds pinned keys.
         nonlocal hits, misses, spare
-        value = values_get(key)
-        if value is None:
+        if key not in values:  # an operator, not a call: see LRU's get
             misses += 1
             return None
         hits += 1
@@ -573,7 +572,7 @@ def _lfu_paths(
         if nxt.freq != freq:
             if len(items) == 1:
                 bucket.freq = freq  # alone in its bucket: renumber, no move
-                return value
+                return values[key]
             # new_bucket(freq, bucket), written out: this is the hot path.
             fresh = spare
             if fresh is None:
@@ -594,13 +593,13 @@ def _lfu_paths(
             prev.next = nxt
             nxt.prev = prev
             spare = bucket
-        return value
+        return values[key]
 
     def get(key: K) -> V | None:
         # The general get, for while pins exist: pinned keys keep counting
         # uses in their bucket's ``pinned`` map.
         nonlocal hits, misses
-        value = values_get(key)
+        value = values.get(key)
         if value is None:
             misses += 1
             return None
@@ -628,18 +627,19 @@ def _lfu_paths(
     def fast_put(key: K, value: V, size: int) -> None:
         # Only while nothing is pinned and there is no callback: then no
         # bucket holds a pinned key and the cache is within budget.
-        nonlocal used, evictions, evicted_bytes
+        nonlocal room, evictions, evicted_bytes
         if key in values:
+            if size < 0:
+                raise _bad_size(size)  # before the old value goes
             # discard, written out: the new value starts with one use.
             del values[key]
             bucket = bucket_of.pop(key)
             items = bucket.items
-            used -= items.pop(key)
+            room += items.pop(key)
             if not items:
                 drop_bucket(bucket)
-        total = used + size
         head = root.next
-        if total > cap:  # then size > 0, since used <= cap
+        if size > room:  # then size > 0, since room >= 0
             if size > cap:
                 return
             # With no pins the lowest bucket always has evictable keys.
@@ -647,44 +647,38 @@ def _lfu_paths(
             victim, victim_size = items.popitem(False)
             del bucket_of[victim]
             del values[victim]
-            total -= victim_size
+            room += victim_size
+            evictions += 1
+            evicted_bytes += victim_size
             if not items:
                 drop_bucket(head)
                 head = root.next
-            if total > cap:  # more than one victim: items of mixed sizes
-                count = 1
-                freed = victim_size
-                while total > cap:
-                    items = head.items
-                    victim, victim_size = items.popitem(False)
-                    if not items:
-                        drop_bucket(head)
-                        head = root.next
-                    del bucket_of[victim]
-                    del values[victim]
-                    total -= victim_size
-                    freed += victim_size
-                    count += 1
-                evictions += count
-                evicted_bytes += freed
-            else:
+            while size > room:  # more than one victim: items of mixed sizes
+                items = head.items
+                victim, victim_size = items.popitem(False)
+                if not items:
+                    drop_bucket(head)
+                    head = root.next
+                del bucket_of[victim]
+                del values[victim]
+                room += victim_size
                 evictions += 1
                 evicted_bytes += victim_size
         elif size < 0:
             raise _bad_size(size)
         values[key] = value
-        used = total
+        room -= size
         if head.freq != 1:
             head = new_bucket(1, root)
         head.items[key] = size
         bucket_of[key] = head
 
     def totals() -> _Totals:
-        return _Totals(hits, misses, used, evictions, evicted_bytes)
+        return _Totals(hits, misses, cap - room, evictions, evicted_bytes)
 
     def account(used_delta: int, evicted: int, freed: int) -> None:
-        nonlocal used, evictions, evicted_bytes
-        used += used_delta
+        nonlocal room, evictions, evicted_bytes
+        room -= used_delta
         evictions += evicted
         evicted_bytes += freed
 
