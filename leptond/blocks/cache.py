@@ -32,6 +32,14 @@ the cache.  The cold paths (pins, ``discard``, ``stats``, eviction with a
 callback) reach the same cells through two small accessor closures,
 ``_totals`` and ``_account``.
 
+The puts keep the free room (capacity less bytes used) rather than the bytes
+used, so one compare of the new size against it decides whether to evict,
+and they count what goes in rather than what is evicted: evictions and
+evicted bytes follow (what went in, less what left by a replacement or a
+discard, less what is still here), so an eviction updates no counter of its
+own.  Each counter update costs an int allocation; this leaves one fewer on
+a miss that evicts.
+
 The lean ``put`` is only correct while nothing is pinned and there is no
 ``on_evict``, and LFU's lean ``get`` while nothing is pinned (LRU's ``get``
 copes with pins at no cost).  Rather than test for that on every call,
@@ -88,6 +96,12 @@ class _Totals(NamedTuple):
     evicted_bytes: int
 
 
+# What happened to an item, as the cold paths report it to ``account``.
+_STORED = 0  # it went in
+_DROPPED = 1  # it left, replaced or discarded: not an eviction
+_EVICTED = 2
+
+
 class _Paths(NamedTuple, Generic[K, V]):
     """What a policy's closure factory hands to ``ByteCache._bind``."""
 
@@ -95,7 +109,7 @@ class _Paths(NamedTuple, Generic[K, V]):
     fast_get: Callable[[K], V | None]  # valid only with no pins
     fast_put: Callable[[K, V, int], None]  # valid only with no pins and no on_evict
     totals: Callable[[], _Totals]
-    account: Callable[[int, int, int], None]  # (bytes delta, evictions, evicted bytes)
+    account: Callable[[int, int], None]  # (_STORED, _DROPPED or _EVICTED; the item's size)
 
 
 def _bad_size(size: int) -> ValueError:
@@ -136,7 +150,7 @@ class ByteCache(Generic[K, V]):
     _fast_get: Callable[[K], V | None]
     _fast_put: Callable[[K, V, int], None]
     _totals: Callable[[], _Totals]
-    _account: Callable[[int, int, int], None]
+    _account: Callable[[int, int], None]
 
     def __new__(
         cls,
@@ -280,7 +294,7 @@ class ByteCache(Generic[K, V]):
         """
         if self._values.pop(key, None) is not None:
             size = self._forget(key)
-            self._account(-size, 0, 0)
+            self._account(_DROPPED, size)
             if key in self._pins:
                 self._pinned_bytes -= size
 
@@ -308,7 +322,7 @@ class ByteCache(Generic[K, V]):
         if self.bytes_used + size > self._capacity and not self._admit(key, size):
             return
         self._values[key] = value
-        self._account(size, 0, 0)
+        self._account(_STORED, size)
         pinned = key in self._pins
         if pinned:
             self._pinned_bytes += size
@@ -341,7 +355,7 @@ class ByteCache(Generic[K, V]):
                 return  # everything left is pinned: over budget for now
             key, size = victim
             value = values.pop(key)
-            self._account(-size, 1, size)
+            self._account(_EVICTED, size)
             if on_evict is not None:
                 on_evict(key, value)
 
@@ -377,8 +391,11 @@ class ByteCache(Generic[K, V]):
 def _lru_paths(values: dict[K, V], order: OrderedDict[K, int], cap: int) -> _Paths[K, V]:
     """The LRU hot paths and their counters, as closures over ``values`` (key ->
     value) and ``order`` (evictable key -> size, least recent first)."""
-    hits = misses = evictions = evicted_bytes = 0
+    hits = misses = 0
     room = cap  # capacity - bytes used: one compare decides whether to evict
+    # Evictions are not counted as they happen (see ``totals``): only what
+    # goes in, and what leaves otherwise (rare: a replacement or a discard).
+    stored = stored_bytes = dropped = dropped_bytes = 0
     move_to_end = order.move_to_end
     popitem = order.popitem
     order_pop = order.pop
@@ -400,13 +417,16 @@ def _lru_paths(values: dict[K, V], order: OrderedDict[K, int], cap: int) -> _Pat
     def fast_put(key: K, value: V, size: int) -> None:
         # Only while nothing is pinned and there is no callback: then every
         # stored key is in ``order`` and the cache is within budget (room >= 0).
-        nonlocal room, evictions, evicted_bytes
+        nonlocal room, stored, stored_bytes, dropped, dropped_bytes
         if key in values:
             if size < 0:
                 raise _bad_size(size)  # before the old value goes
             # discard, written out: the new value starts as most recent.
             del values[key]
-            room += order_pop(key)
+            old_size = order_pop(key)
+            room += old_size
+            dropped += 1
+            dropped_bytes += old_size
         if size > room:
             if size > cap:
                 return  # would evict everything and still not fit
@@ -414,28 +434,35 @@ def _lru_paths(values: dict[K, V], order: OrderedDict[K, int], cap: int) -> _Pat
             victim, victim_size = popitem(False)
             del values[victim]
             room += victim_size
-            evictions += 1
-            evicted_bytes += victim_size
             while size > room:  # more than one victim: items of mixed sizes
                 victim, victim_size = popitem(False)
                 del values[victim]
                 room += victim_size
-                evictions += 1
-                evicted_bytes += victim_size
         elif size < 0:
             raise _bad_size(size)
         values[key] = value
         order[key] = size
         room -= size
+        stored += 1
+        stored_bytes += size
 
     def totals() -> _Totals:
-        return _Totals(hits, misses, cap - room, evictions, evicted_bytes)
+        used = cap - room
+        # Whatever went in, did not leave otherwise and is not here was evicted.
+        evictions = stored - dropped - len(values)
+        return _Totals(hits, misses, used, evictions, stored_bytes - dropped_bytes - used)
 
-    def account(used_delta: int, evicted: int, freed: int) -> None:
-        nonlocal room, evictions, evicted_bytes
-        room -= used_delta
-        evictions += evicted
-        evicted_bytes += freed
+    def account(event: int, size: int) -> None:
+        nonlocal room, stored, stored_bytes, dropped, dropped_bytes
+        if event == _STORED:
+            room -= size
+            stored += 1
+            stored_bytes += size
+            return
+        room += size
+        if event == _DROPPED:
+            dropped += 1
+            dropped_bytes += size
 
     # ``get`` copes with pinned keys (they sit outside ``order``), so it
     # serves as the lean one too.
@@ -529,8 +556,11 @@ def _lfu_paths(
     Also returns ``new_bucket(freq, prev)`` and ``drop_bucket(bucket)`` for
     the cold paths: they share the one spare bucket kept in a cell here.
     """
-    hits = misses = evictions = evicted_bytes = 0
-    room = cap  # capacity - bytes used
+    hits = misses = 0
+    room = cap  # capacity - bytes used: one compare decides whether to evict
+    # Evictions are not counted as they happen (see ``totals``): only what
+    # goes in, and what leaves otherwise (rare: a replacement or a discard).
+    stored = stored_bytes = dropped = dropped_bytes = 0
     spare: _Bucket | None = None  # one emptied bucket, so moving up rarely allocates
 
     def new_bucket(freq: int, prev: _Bucket) -> _Bucket:
@@ -627,7 +657,7 @@ def _lfu_paths(
     def fast_put(key: K, value: V, size: int) -> None:
         # Only while nothing is pinned and there is no callback: then no
         # bucket holds a pinned key and the cache is within budget.
-        nonlocal room, evictions, evicted_bytes
+        nonlocal room, stored, stored_bytes, dropped, dropped_bytes
         if key in values:
             if size < 0:
                 raise _bad_size(size)  # before the old value goes
@@ -635,7 +665,10 @@ def _lfu_paths(
             del values[key]
             bucket = bucket_of.pop(key)
             items = bucket.items
-            room += items.pop(key)
+            old_size = items.pop(key)
+            room += old_size
+            dropped += 1
+            dropped_bytes += old_size
             if not items:
                 drop_bucket(bucket)
         head = root.next
@@ -648,8 +681,6 @@ def _lfu_paths(
             del bucket_of[victim]
             del values[victim]
             room += victim_size
-            evictions += 1
-            evicted_bytes += victim_size
             if not items:
                 drop_bucket(head)
                 head = root.next
@@ -662,25 +693,34 @@ def _lfu_paths(
                 del bucket_of[victim]
                 del values[victim]
                 room += victim_size
-                evictions += 1
-                evicted_bytes += victim_size
         elif size < 0:
             raise _bad_size(size)
         values[key] = value
         room -= size
+        stored += 1
+        stored_bytes += size
         if head.freq != 1:
             head = new_bucket(1, root)
         head.items[key] = size
         bucket_of[key] = head
 
     def totals() -> _Totals:
-        return _Totals(hits, misses, cap - room, evictions, evicted_bytes)
+        used = cap - room
+        # Whatever went in, did not leave otherwise and is not here was evicted.
+        evictions = stored - dropped - len(values)
+        return _Totals(hits, misses, used, evictions, stored_bytes - dropped_bytes - used)
 
-    def account(used_delta: int, evicted: int, freed: int) -> None:
-        nonlocal room, evictions, evicted_bytes
-        room -= used_delta
-        evictions += evicted
-        evicted_bytes += freed
+    def account(event: int, size: int) -> None:
+        nonlocal room, stored, stored_bytes, dropped, dropped_bytes
+        if event == _STORED:
+            room -= size
+            stored += 1
+            stored_bytes += size
+            return
+        room += size
+        if event == _DROPPED:
+            dropped += 1
+            dropped_bytes += size
 
     return _Paths(get, fast_get, fast_put, totals, account), new_bucket, drop_bucket
 
