@@ -37,8 +37,8 @@ used, so one compare of the new size against it decides whether to evict,
 and they count what goes in rather than what is evicted: evictions and
 evicted bytes follow (what went in, less what left by a replacement or a
 discard, less what is still here), so an eviction updates no counter of its
-own.  Each counter update costs an int allocation; this leaves one fewer on
-a miss that evicts.
+own.  The eviction loop is then as short as it can be, and the counters
+are updated once per put, outside any branch.
 
 The lean ``put`` is only correct while nothing is pinned and there is no
 ``on_evict``, and LFU's lean ``get`` while nothing is pinned (LRU's ``get``
