@@ -682,8 +682,15 @@ def _lfu_paths(
             del values[victim]
             room += victim_size
             if not items:
-                drop_bucket(head)
-                head = root.next
+                if size <= room:
+                    # The common case (new keys are the usual victims, so the
+                    # lowest bucket is often a single key): the emptied lowest
+                    # bucket takes the new key, renumbered to one use, instead
+                    # of being unlinked and another linked in its place.
+                    head.freq = 1
+                else:
+                    drop_bucket(head)
+                    head = root.next
             while size > room:  # more than one victim: items of mixed sizes
                 items = head.items
                 victim, victim_size = items.popitem(False)
