@@ -16,7 +16,8 @@ Invariants kept by every operation:
   cache is then over its budget (``over_budget``) until pins are released.
 
 ``on_evict`` runs after the evicted item has left the cache; it must not call
-back into the same cache.  Values must not be ``None``: ``get`` returns
+back into the same cache.  Not thread-safe: one owner (an event loop or one
+thread) calls it, as ``BlockStore`` does.  Values must not be ``None``: ``get`` returns
 ``None`` for a miss.
 
 Why ``get`` and ``put`` are closures
