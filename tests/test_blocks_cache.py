@@ -265,6 +265,22 @@ ops = st.lists(
 )
 
 
+def check_lfu_buckets(cache: ByteCache[int, int]) -> None:
+    """LFU's bucket list: counts strictly rising from the head, no empty
+    bucket left linked (a lean put takes the head's first key without
+    looking further), and every stored key in the bucket it is mapped to."""
+    assert isinstance(cache, LFUByteCache)
+    root, seen, last = cache._root, set(), 0
+    bucket = root.next
+    while bucket is not root:
+        keys = set(bucket.items) | set(bucket.pinned or ())
+        assert bucket.freq > last and keys, (last, bucket.freq, keys)
+        assert all(cache._bucket_of[k] is bucket for k in keys)
+        seen |= keys
+        last, bucket = bucket.freq, bucket.next
+    assert seen == set(cache.keys()) == set(cache._bucket_of)
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("with_callback", [False, True])
 @settings(max_examples=200, deadline=None)
@@ -298,6 +314,8 @@ def test_matches_reference_model(
         assert sorted(cache.keys()) == sorted(model.items)
         assert cache.bytes_used == model.used()
         assert all(cache.size_of(k) == v[0] for k, v in model.items.items())
+        if isinstance(cache, LFUByteCache):
+            check_lfu_buckets(cache)
         if with_callback:
             assert evicted == model.evicted
     assert cache.stats().evictions == len(model.evicted)
@@ -364,5 +382,6 @@ def test_counters_match_model_as_pins_come_and_go(
         assert sorted(cache.keys()) == sorted(model.items)
         if isinstance(cache, LFUByteCache):
             assert all(cache.use_count(k) == v[1] for k, v in model.items.items())
+            check_lfu_buckets(cache)
         if with_callback:
             assert evicted == model.evicted
