@@ -28,8 +28,12 @@ from tests.test_hosts_e2e import (
 )
 
 # Long enough that an agent restarted at once is back before it: the node
-# must come back as itself, not be judged down in between.
+# must come back as itself (keeping its tasks), not be judged down in between.
+# The agent's end-of-stream would cut that to the disconnect window (1 s by
+# default, which a Python restart on a loaded machine can miss), so the window
+# is the TTL here too; tests/test_hosts_failfast.py covers the short one.
 TTL_S = 6.0
+SLOW_RESTARTS = ["--disconnect-confirm", str(TTL_S)]
 NODES = ("h1", "h2", "h3")
 TRAP = "trap 'echo got TERM; exit 143' TERM; echo attempt $LEPTON_ATTEMPT; while true; do sleep 0.1; done"
 
@@ -38,7 +42,9 @@ TRAP = "trap 'echo got TERM; exit 143' TERM; echo attempt $LEPTON_ATTEMPT; while
 def drains(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Cluster]:
-    with module_cluster(tmp_path_factory.mktemp("hosts-drain"), request, ttl_s=TTL_S) as c:
+    with module_cluster(
+        tmp_path_factory.mktemp("hosts-drain"), request, ttl_s=TTL_S, master_args=SLOW_RESTARTS
+    ) as c:
         for name in NODES:
             start_agent(c, name, gpus="4" if name == "h3" else "2")
         c.wait_nodes_ready(3, timeout_s=60)

@@ -101,9 +101,12 @@ def wait_task(c: Cluster, job: str, states: set[str], timeout_s: float = 60) -> 
 
 @contextlib.contextmanager
 def module_cluster(
-    tmp: Path, request: pytest.FixtureRequest, ttl_s: float = 3.0
+    tmp: Path,
+    request: pytest.FixtureRequest,
+    ttl_s: float = 3.0,
+    master_args: list[str] | None = None,
 ) -> Iterator[Cluster]:
-    c = Cluster(tmp / "cluster", n_masters=3, ttl_s=ttl_s)
+    c = Cluster(tmp / "cluster", n_masters=3, ttl_s=ttl_s, master_args=master_args or [])
     failed_before = request.session.testsfailed
     try:
         c.start_masters()
