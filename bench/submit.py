@@ -6,7 +6,12 @@ Beside it, from the same run: the engine's ceiling, the raw commands per second
 of a 3-process RaftNode cluster with a trivial state machine
 (tests/raft_kv_proc.py) proposing one command per request, concurrently.
 
-    .venv/bin/python bench/submit.py [--duration 20] [--procs 2] [--conns 4] [--inflight 32] [--json]
+With --etcd, also the durable put rate of a 3-member etcd cluster with the same
+client shape (bench/etcd_baseline.py; 256 in flight), run just before the
+submits, and the ratio of submits/s to etcd puts/s ("skipped" when etcd is not
+installed).
+
+    .venv/bin/python bench/submit.py [--duration 20] [--procs 2] [--conns 4] [--inflight 32] [--etcd] [--json]
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.etcd_baseline import bench_etcd  # noqa: E402
 from leptond.wire.errors import RpcError  # noqa: E402
 from tests import raft_kv_proc as kv  # noqa: E402
 from tests.cp_support import SPEC, client  # noqa: E402
 from tests.harness import Cluster  # noqa: E402
 
 TARGET_JOBS_PER_S = 5000
+# Issue 15, target 3: submits/s >= etcd's durable puts/s, p99 <= 100 ms.
+TARGET_ETCD_RATIO = 1.0
+TARGET_P99_MS = 100.0
 WARMUP_S = 2.0
 
 
@@ -194,11 +203,29 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=32, help="submits in flight per connection")
     ap.add_argument("--raw-duration", type=float, default=None, help="default: --duration")
     ap.add_argument("--raw-concurrency", type=int, default=64)
+    ap.add_argument(
+        "--etcd",
+        action="store_true",
+        help="also run bench/etcd_baseline.py (same client shape) and report submits/etcd",
+    )
+    ap.add_argument("--etcd-client", choices=("auto", "aetcd", "gateway"), default="auto")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args()
     raw = bench_raw(a.raw_duration or a.duration, a.raw_concurrency)
+    etcd: dict[str, Any] = {}
+    if a.etcd:
+        load0 = _load()
+        etcd = bench_etcd(a.duration, a.procs, a.conns, a.inflight, a.etcd_client)
+        etcd = {"etcd_skipped": etcd["skipped"]} if "skipped" in etcd else etcd
+        etcd["etcd_load_avg"] = [load0, _load()]
+    load0 = _load()
     sub = bench_leptond(a.duration, a.procs, a.conns, a.inflight)
-    r = {**sub, **raw, "duration_s": a.duration, "target_jobs_per_s": TARGET_JOBS_PER_S}
+    sub["load_avg"] = [load0, _load()]
+    r = {**sub, **raw, "duration_s": a.duration, "target_jobs_per_s": TARGET_JOBS_PER_S, **etcd}
+    if etcd.get("etcd_puts_per_s"):
+        r["submit_vs_etcd"] = round(r["jobs_per_s"] / etcd["etcd_puts_per_s"], 3)
+        r["target_submit_vs_etcd"] = TARGET_ETCD_RATIO
+        r["target_p99_ms"] = TARGET_P99_MS
     if a.json:
         print(json.dumps(r))
         return 0
@@ -212,9 +239,26 @@ def main() -> int:
         f"{'raw RaftNode commands (' + str(r['raw_concurrency']) + ' in flight)':46}"
         f"{r['raw_commands_per_s']:>10}{'':>9}{r['raw_p99_ms']!s:>9}"
     )
+    if "etcd_puts_per_s" in r:
+        label = f"etcd {r['etcd_version']} durable puts ({r['etcd_client']}, {r['etcd_in_flight']} in flight)"
+        print(f"{label:46}{r['etcd_puts_per_s']:>10}{r['etcd_p50_ms']!s:>9}{r['etcd_p99_ms']!s:>9}")
+    elif "etcd_skipped" in r:
+        print(f"etcd baseline skipped: {r['etcd_skipped']}")
     print(f"leader CPU per acknowledged job: {r['leader_cpu_ms_per_job']} ms")
     print(f"target: >= {TARGET_JOBS_PER_S} jobs/s; client errors retried: {r['errors']}")
+    if "submit_vs_etcd" in r:
+        print(
+            f"submits / etcd puts: {r['submit_vs_etcd']} (target >= {TARGET_ETCD_RATIO:g}); "
+            f"submit p99 {r['p99_ms']} ms (target <= {TARGET_P99_MS:g} ms); "
+            f"etcd errors retried: {r['etcd_errors']}"
+        )
+    print(f"load average (1 min) before/after: submits {r['load_avg']}", end="")
+    print(f", etcd {r['etcd_load_avg']}" if "etcd_load_avg" in r else "")
     return 0
+
+
+def _load() -> float:
+    return round(psutil.getloadavg()[0], 2)
 
 
 if __name__ == "__main__":

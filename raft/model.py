@@ -34,8 +34,15 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 _GETTERS: dict[type, Any] = {}
 
 
+# Immutable leaf types, returned as they are. Most fields hold one, so they
+# are told apart by one set lookup before any isinstance chain or call.
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def _plain(v: Any) -> Any:
     """A copy of a msgpack-able value that shares no list or dict with the record."""
+    if type(v) in _SCALARS:
+        return v
     if isinstance(v, list):
         return [_plain(x) for x in v]
     if isinstance(v, dict):
@@ -57,7 +64,11 @@ class Record:
         names = _FIELD_NAMES.get(cls)
         if names is None:
             names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
-        return {k: _plain(getattr(self, k)) for k in names}
+        out: dict[str, Any] = {}
+        for k in names:
+            v = getattr(self, k)
+            out[k] = v if type(v) in _SCALARS else _plain(v)
+        return out
 
     def clone(self: T) -> T:
         """A shallow copy, for copy-on-write in apply (raft/cow.py). Fields

@@ -43,11 +43,10 @@ from .validate import (
     SpecError,
     spec_bytes,
     spec_tasks,
-    stored_spec,
     validate_labels,
     validate_name,
     validate_node,
-    validate_spec,
+    validate_stored_spec,
     validate_unix_user,
 )
 from .view import READABLE_SNAPSHOT_VERSIONS, StateReads, StateView
@@ -441,12 +440,12 @@ class ClusterState(StateReads):
         job_id = _str(j, "id")
         if job_id in self.jobs:
             return {"id": job_id}
-        spec = validate_spec(j["spec"], version)
+        spec, stored = validate_stored_spec(j["spec"], version)
         job = Job(
             id=job_id,
             name=str(j.get("name") or spec.argv[0].rsplit("/", 1)[-1])[:128],
             user=_str(j, "user"),
-            spec=stored_spec(spec),
+            spec=stored,
             submitted_at=float(j["submitted_at"]),
             retries_left=spec.retries,
             unix_user=validate_unix_user(j["unix_user"]) if j.get("unix_user") else "",

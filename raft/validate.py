@@ -141,8 +141,9 @@ def _encoded_size(value: Any, what: str) -> int:
         raise SpecError(f"{what} cannot be encoded: text must be valid UTF-8") from None
 
 
-def _check_sizes_v2(out: JobSpec) -> None:
-    """Version 2 limits, in bytes of the encoded command."""
+def _check_sizes_v2(out: JobSpec) -> dict[str, Any]:
+    """Version 2 limits, in bytes of the encoded command; returns the stored
+    spec it measured (stored_spec(out)), which apply keeps."""
     size = _encoded_size(out.argv, "command") + _encoded_size(out.env, "env")
     if size > MAX_COMMAND_ENV_BYTES:
         raise SpecError(
@@ -162,16 +163,26 @@ def _check_sizes_v2(out: JobSpec) -> None:
             raise SpecError(f"{opt} is over {human_bytes(MAX_PATH_BYTES)}")
     if out.gpu_type is not None and len(out.gpu_type.encode("utf-8", "replace")) > 64:
         raise SpecError("gpu_type must be a short string such as A100")
-    size = _encoded_size(stored_spec(out), "job spec")
+    stored = stored_spec(out)
+    size = _encoded_size(stored, "job spec")
     if size > MAX_SPEC_BYTES:
         raise SpecError(
             f"job spec is {human_bytes(size)}; the limit is {human_bytes(MAX_SPEC_BYTES)}"
         )
+    return stored
 
 
 def validate_spec(spec: Any, version: int = COMMAND_VERSION) -> JobSpec:
     """The typed spec, or SpecError with one line. `version` is the command
     format whose limits apply (apply passes the command's own `v`)."""
+    return validate_stored_spec(spec, version)[0]
+
+
+def validate_stored_spec(
+    spec: Any, version: int = COMMAND_VERSION
+) -> tuple[JobSpec, dict[str, Any]]:
+    """validate_spec, and the spec as a job keeps it (stored_spec), made once:
+    the size check encodes it anyway, and apply keeps it."""
     v1 = version <= 1
     if not isinstance(spec, dict):
         raise SpecError("job spec must be a map")
@@ -223,9 +234,7 @@ def validate_spec(spec: Any, version: int = COMMAND_VERSION) -> JobSpec:
     )
     if version >= WORKLOAD_FIELDS_SINCE:
         _workload_fields(spec, out)
-    if not v1:
-        _check_sizes_v2(out)
-    return out
+    return out, (stored_spec(out) if v1 else _check_sizes_v2(out))
 
 
 def _workload_fields(spec: dict[str, Any], out: JobSpec) -> None:

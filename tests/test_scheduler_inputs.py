@@ -7,6 +7,8 @@ inputs must always equal inputs made afresh from the same view.
 
 from __future__ import annotations
 
+from typing import Any
+
 from leptond.views import InputCache, scheduler_inputs
 from scheduler import Allocation, NodeView, TaskRequest
 from tests.test_state_support import Harness
@@ -65,3 +67,54 @@ def test_unchanged_records_give_the_same_inputs_again() -> None:
     n2, a2, p2 = scheduler_inputs(h.state.freeze(), cache=cache)
     assert n2[0] is n1[0] and a2[0] is a1[0] and p2[0] is p1[0]
     assert [r.task_id for r in p2] == ["b.0", "c.0"]
+
+
+class CountingTasks(dict[str, Any]):
+    """A view's task table that counts which tasks a pass looked up."""
+
+    def __init__(self, tasks: Any) -> None:
+        super().__init__(tasks.items())
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def incremental(s: Any, cache: InputCache, skip: set[str]) -> tuple[Inputs, dict[str, str]]:
+    held: dict[str, str] = {}
+    got = scheduler_inputs(s, skip=skip, cache=cache, held=held)
+    fresh_held: dict[str, str] = {}
+    assert got == scheduler_inputs(s, skip=skip, held=fresh_held)
+    assert held == fresh_held
+    return got, held
+
+
+def test_an_incremental_pass_reads_only_new_and_limited_tasks() -> None:
+    # A leader under a stream of submits runs a pass per batch; the tasks that
+    # did not fit before (skip) must cost it nothing, or each pass is
+    # O(pending). Tasks of an array with --max-running are still counted, in
+    # order, so the limit holds the same tasks back as a fresh pass would.
+    h = Harness()
+    h.register("n1", gpus=1)
+    for i in range(50):
+        h.submit(f"big{i}", gpus=8)  # fits nowhere
+    h.submit("arr", gpus=8, array=[[0, 3, 1]], max_running=2)
+    cache = InputCache()
+    s = h.state.freeze()
+    (_, _, pending), _ = incremental(s, cache, set())
+    skip = {r.task_id for r in pending}  # none of them fits on n1
+    assert len(skip) == 52  # 50 jobs and the two array tasks under the limit
+    h.submit("new", gpus=1)
+    s = h.state.freeze()
+    tasks = CountingTasks(s.tasks)
+    s.tasks = tasks
+    held: dict[str, str] = {}
+    got = scheduler_inputs(s, skip=skip, cache=cache, held=held)
+    looked_up = tasks.read - {"new.0"}
+    assert [r.task_id for r in got[2]] == ["new.0"]
+    assert set(held) == {"arr.2", "arr.3"}
+    assert "--max-running 2" in held["arr.2"]
+    fresh_held: dict[str, str] = {}  # the same as a pass without the cache
+    assert got == scheduler_inputs(s, skip=skip, held=fresh_held) and held == fresh_held
+    assert looked_up == {f"arr.{i}" for i in range(4)}, sorted(looked_up)[:10]
