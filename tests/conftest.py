@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import sim_budget
 from tests.harness import Cluster
+
+BUDGET = pytest.StashKey[sim_budget.BudgetRun]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,6 +30,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The simulation budget runs beside the other tests (tests/sim_budget.py).
+    if session.config.option.collectonly:
+        return
+    if any(item.nodeid == sim_budget.TEST_ID for item in session.items):
+        session.config.stash[BUDGET] = sim_budget.BudgetRun()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(BUDGET, None)
+    if run is not None:
+        run.stop()
+
+
+@pytest.fixture
+def sim_budget_run(request: pytest.FixtureRequest) -> sim_budget.BudgetRun | None:
+    """The simulation budget started when collection ended, if it was."""
+    return request.config.stash.get(BUDGET, None)
 
 
 @pytest.fixture
