@@ -173,8 +173,8 @@ class SimNode:
 
     def _exited(self, task: asyncio.Task[None]) -> None:
         """The agent's run ended by itself (a planned stop): the process exits."""
-        if task is not self.task:
-            return  # killed: crash() has seen to it
+        if task is not self.task or task.cancelled():
+            return  # killed (crash() has seen to it), or the run is over
         self.trace(f"{self.name} agent exited")
         self._gone()
         if self._restart_in_s is not None:
