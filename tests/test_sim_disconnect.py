@@ -13,7 +13,10 @@ one submit), with every invariant checked after each step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
+
+import pytest
 
 from leptond.sim.node import SimNode
 from leptond.sim.world import SimConfig, World
@@ -21,6 +24,16 @@ from leptond.sim.world import SimConfig, World
 CFG = SimConfig()
 HANG = {"argv": ["sim-task", "hang", "0", "1"], "gpus": 4, "cpus": 1.0, "mem_bytes": 0}
 DOWN_AFTER_S = 1.0 + 0.5  # MasterConfig's disconnect confirm window and margin
+
+
+@pytest.fixture(autouse=True)
+def seeded_backoff() -> Iterator[None]:
+    """The agents' backoff jitter comes from the global generator, seeded
+    as a run seeds it (leptond.sim.run), so each scenario repeats exactly."""
+    saved = random.getstate()
+    random.seed("disconnect:global")
+    yield
+    random.setstate(saved)
 
 
 def advance(world: World, seconds: float, until: Callable[[], bool] | None = None) -> bool:
