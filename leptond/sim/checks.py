@@ -251,8 +251,10 @@ class Checker:
             if why:
                 return why
         for h, rid in self._busy_hosts:
-            if h.lease_expires is None or now > h.lease_expires + self.lease_slack_s:
-                return f"{rid} runs on {h.name} past its lease ({h.lease_expires})"
+            # As its supervisors see the lease: cut short when the agent died.
+            ends = h.lease_ends()
+            if ends is None or now > ends + self.lease_slack_s:
+                return f"{rid} runs on {h.name} past its lease ({ends})"
         twice: dict[str, float] = {}
         for tid, (other, name) in self._doubled.items():
             # A stop ends a task that has not started yet at once

@@ -30,6 +30,7 @@ FAULTS: tuple[tuple[str, float], ...] = (
     ("depose", 0.008),
     ("slow", 0.008),
     ("clock", 0.010),
+    ("restart", 0.010),
 )
 
 
@@ -63,6 +64,7 @@ class Chaos:
             "depose": self._depose,
             "slow": self._slow,
             "clock": self._clock,
+            "restart": self._restart_planned,
         }
 
     def storm(self) -> None:
@@ -122,6 +124,13 @@ class Chaos:
     def _restart(self, n: SimNode, lives: int) -> None:
         if not n.up and n.lives == lives:
             n.start()
+
+    def _restart_planned(self) -> None:
+        """`systemctl restart` of an agent: it hands over, and the next one
+        starts 0.2-5 s after it exited."""
+        n = self.rng.choice(self.nodes)
+        if n.up and not n.clock.paused:
+            n.stop(self.rng.uniform(0.2, 5.0))
 
     def _pause(self) -> None:
         n = self.rng.choice(self.nodes)

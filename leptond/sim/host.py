@@ -123,7 +123,21 @@ class SimHost:
         self.version = 0  # moves whenever a run starts, runs or ends
         self.acked: dict[str, float] = {}  # run id -> when acked (the agent's wall clock)
         self.unacked: dict[str, SimProc] = {}  # ended runs whose exit the leader lacks
+        # The lease file (agent/lease.py): when it runs out, when the request
+        # that renewed it went out, the leader's disconnect confirm window
+        # (None: the fast path is off), the agent that wrote it (its life
+        # number, SimNode.lives), and whether that agent handed over.
         self.lease_expires: float | None = None
+        self.lease_sent: float | None = None
+        self.lease_confirm_s: float | None = None
+        self.lease_agent: int | None = None
+        self.lease_handover = False
+        # What the supervisors see of the agent (LeaseReader): the agent
+        # process now running (None: none), and when the one the lease names
+        # died, and which one it was.
+        self.agent: int | None = None
+        self.agent_gone_at: float | None = None
+        self.agent_gone: int | None = None
         self._lease_timer: Any = None
         self._pids = itertools.count(1000)
         self._rng = random.Random(f"{seed}:{node_id}")  # when supervisors look at the lease
@@ -161,24 +175,72 @@ class SimHost:
         sent: float | None = None,
         confirm_s: float | None = None,
     ) -> None:
+        """The running agent renews the lease (agent.lease.write_lease)."""
         self.lease_expires = expires
-        if self._lease_timer is not None:
-            self._lease_timer.cancel()
-        wait = expires - self.now() + self._rng.uniform(0.0, SHIM_TICK_S)
-        self._lease_timer = self.world_clock.call_later(wait, self._lease_check)
+        self.lease_sent = sent
+        fast = confirm_s is not None and confirm_s > 0
+        self.lease_confirm_s = confirm_s if fast else None
+        self.lease_agent = self.agent if fast else None
+        self.lease_handover = False
+        self._watch_lease()
 
     def cap(self, until: float) -> bool:
+        """agent.lease.cap_lease: only the expiry changes."""
         if self.lease_expires is None or self.lease_expires <= until:
             return False
-        self.write(until, until - self.now())
+        self.lease_expires = until
+        self._watch_lease()
         return True
 
     def mark_handover(self) -> None:
-        """Simulated supervisors do not watch their agent (the agents here
-        never take the disconnect fast path): nothing to hand over."""
+        """agent.lease.mark_handover: only a lease the running agent wrote."""
+        if self.lease_agent is not None and self.lease_agent == self.agent:
+            self.lease_handover = True
+
+    def agent_started(self, life: int) -> None:
+        self.agent = life
+
+    def agent_died(self) -> None:
+        """The agent process is gone: each supervisor watching it (a pidfd)
+        sees that at once, and, unless it handed over, ends its run
+        `confirm_s` later (LeaseReader.expires) unless the next agent renews
+        the lease first."""
+        life, self.agent = self.agent, None
+        if life is not None and life == self.lease_agent and self.agent_gone_at is None:
+            self.agent_gone_at, self.agent_gone = self.now(), life
+            self._watch_lease()
+
+    def lease_ends(self) -> float | None:
+        """When the supervisors take the lease to run out (LeaseReader.expires)."""
+        exp = self.lease_expires
+        confirm = self.lease_confirm_s
+        if exp is None or confirm is None or self.lease_agent is None or self.lease_handover:
+            return exp
+        gone = self.agent_gone_at
+        if gone is not None:
+            sent = self.lease_sent
+            if self.lease_agent != self.agent_gone and sent is not None and sent > gone:
+                # The next agent registered and the leader renewed the lease.
+                self.agent_gone_at = self.agent_gone = None
+            else:
+                return min(exp, gone + confirm)
+        return exp
 
     def lease_valid(self) -> bool:
-        return self.lease_expires is not None and self.now() < self.lease_expires
+        ends = self.lease_ends()
+        return ends is not None and self.now() < ends
+
+    def _watch_lease(self) -> None:
+        """The supervisors look at the lease again when it runs out (each
+        within a tick of it)."""
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        ends = self.lease_ends()
+        if ends is None:
+            self._lease_timer = None
+            return
+        wait = ends - self.now() + self._rng.uniform(0.0, SHIM_TICK_S)
+        self._lease_timer = self.world_clock.call_later(wait, self._lease_check)
 
     def _lease_check(self) -> None:
         self._lease_timer = None

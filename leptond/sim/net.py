@@ -103,8 +103,6 @@ class Network:
             timeout_s: float = 5.0,
             on_local_close: Callable[[Connection], None] | None = None,
         ) -> Connection:
-            # on_local_close: simulated agents never take the disconnect fast
-            # path (sim/node.py), so nothing needs to run before a close.
             server = self.servers.get(host)
             if server is None:
                 raise RpcError("unavailable", f"cannot reach {host}:{port}: no such host")
@@ -117,6 +115,7 @@ class Network:
                 await clock.sleep(max(0.0, timeout_s - rtt))
                 raise RpcError("unavailable", f"cannot reach {host}:{port}: timed out")
             client = ClientEnd(self, me, host, clock, dict(handlers or {}))
+            client.on_local_close = on_local_close
             server_end = ServerEnd(self, host, me, key_id, server, client)
             client.peer_end = server_end
             server_end.handlers = server.accept(server_end)
@@ -135,7 +134,15 @@ def _expire(fut: asyncio.Future[Any]) -> None:
 
 
 class ClientEnd:
-    """The calling side of a connection (an agent's or a person's)."""
+    """The calling side of a connection (an agent's or a person's).
+
+    How it ends matters to the master (leptond.wire.connection): a close
+    from this side, or the death of its process (whose kernel closes the
+    socket), reaches the master as an end-of-stream (`peer_closed` there); a
+    reset (`reset`, or a close after `reset_on_close`) does not count as
+    one. `on_local_close` runs just before this side closes or resets, as
+    Connection's does, but not when the process dies (`died`): a dead agent
+    runs nothing."""
 
     def __init__(
         self, net: Network, me: str, peer: str, clock: SimClock, handlers: dict[str, Handler]
@@ -147,6 +154,9 @@ class ClientEnd:
         self.handlers = handlers
         self.peer_end: ServerEnd | None = None
         self.closed = False
+        self.closed_locally = False
+        self.on_local_close: Callable[[Connection], None] | None = None
+        self._rst = False  # this side's close sends a reset
         self.context: dict[str, Any] = {}
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -194,22 +204,42 @@ class ClientEnd:
     def close(self) -> None:
         if self.closed:
             return
-        self._teardown()
-        if self.peer_end is not None:
-            self.net.send(self.me, self.peer, self.peer_end.peer_closed, sure=True)
+        self._closing_here()
+        self._end(fin=not self._rst)
 
     def reset(self) -> None:
-        """An abortive close (a planned stop's); the master hears a close."""
+        """End the connection now with a reset (a planned stop's)."""
+        self._rst = True
+        self.close()
+
+    def abort(self) -> None:
+        """Connection.abort: this side ends it at once (with an end-of-stream
+        unless `reset_on_close` was asked)."""
         self.close()
 
     def reset_on_close(self) -> None:
-        """Real connections then close with a reset; here a close is a close."""
+        """Make this side's close send a reset instead of an end-of-stream."""
+        self._rst = True
 
-    def abort(self) -> None:
-        """The process died: its side is gone; the master hears of it as a close."""
-        self.close()
+    def died(self) -> None:
+        """The process died (kill -9): nothing of it runs, and its kernel
+        closes the socket, which the master reads as an end-of-stream."""
+        if not self.closed:
+            self._end(fin=True)
 
-    def peer_closed(self) -> None:
+    def _closing_here(self) -> None:
+        if self.closed_locally:
+            return
+        self.closed_locally = True
+        if self.on_local_close is not None:
+            self.on_local_close(cast(Connection, self))
+
+    def _end(self, fin: bool) -> None:
+        self._teardown()
+        if self.peer_end is not None:
+            self.net.send(self.me, self.peer, self.peer_end.ended_by_peer, fin, sure=True)
+
+    def ended_by_peer(self) -> None:
         self._teardown()
 
     def _teardown(self) -> None:
@@ -237,6 +267,9 @@ class ServerEnd:
         self.context: dict[str, Any] = {}
         self.handlers: dict[str, Handler] = {}
         self.closed = False
+        # Connection.peer_closed: the agent's end-of-stream was read here
+        # (not a reset, not our own close).
+        self.peer_closed = False
         self._served: dict[int, asyncio.Task[None]] = {}
 
     def is_closing(self) -> bool:
@@ -281,13 +314,16 @@ class ServerEnd:
         if self.closed:
             return
         self._teardown()
-        self.net.send(self.me, self.peer, self.client.peer_closed, sure=True)
+        self.net.send(self.me, self.peer, self.client.ended_by_peer, sure=True)
 
     def abort(self) -> None:
         self.close()
 
-    def peer_closed(self) -> None:
+    def ended_by_peer(self, fin: bool) -> None:
+        """The other side ended the connection: with an end-of-stream (`fin`)
+        or a reset."""
         if not self.closed:
+            self.peer_closed = fin
             self._teardown()
 
     def _teardown(self) -> None:

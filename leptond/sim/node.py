@@ -9,8 +9,12 @@ host: data dir, credential, cgroups, GPU probes; SimAgent sets the same
 attributes to simulated ones instead, and runs the same loop state setup.)
 
 `SimNode` is what happens to the agent process: it starts, crashes (kill -9:
-its tasks run on under their supervisors), restarts, is paused (SIGSTOP),
-and sees its host's wall clock jump.
+its tasks run on under their supervisors, which cut their lease short
+unless the next agent registers within the leader's confirm window, and its
+kernel ends its connection with an end-of-stream), stops on purpose (SIGTERM,
+as `systemctl restart` sends: it hands its tasks over to the next agent),
+restarts, is paused (SIGSTOP: its connection stays open), and sees its
+host's wall clock jump.
 """
 
 from __future__ import annotations
@@ -71,10 +75,10 @@ class SimAgent(Agent):
         self.lease_path = Path("/sim") / host.name / "lease.json"
         self.lease_s = None
         self.fence = host
-        # Simulated supervisors cannot watch their agent die, so these agents
-        # never take the leader's disconnect fast path (agent/lease.py): the
-        # TTL and the lease judge them, as hosts without pidfds are judged.
-        self.fences_disconnect = False
+        # The simulated supervisors watch their agent as shims do with a
+        # pidfd (SimHost.agent_died), so these agents offer the leader's
+        # disconnect fast path (agent/lease.py), as a real one does.
+        self.fences_disconnect = True
         self._staller = None
         self.runner = SimRunner(host)
         self._next_gc = 0.0
@@ -122,6 +126,7 @@ class SimNode:
         self.agent: SimAgent | None = None
         self.task: asyncio.Task[None] | None = None
         self.lives = 0
+        self._restart_in_s: float | None = None  # after a planned stop
 
     @property
     def name(self) -> str:
@@ -133,25 +138,56 @@ class SimNode:
 
     def start(self) -> None:
         self.lives += 1
+        self.host.agent_started(self.lives)
         self.agent = SimAgent(self.host, self.cfg, self.clock, self.net, self.masters)
         self.task = self.clock.loop.create_task(self.agent.run())
+        self.task.add_done_callback(self._exited)
         self.trace(f"{self.name} agent starts")
 
     def crash(self) -> None:
-        """kill -9 of the agent: everything in it stops; the runs go on."""
+        """kill -9 of the agent: everything in it stops at once; the runs go
+        on, and the kernel closes its connection (an end-of-stream)."""
         agent, task = self.agent, self.task
         if agent is None or task is None:
             return
         self.trace(f"{self.name} agent killed")
-        task.cancel()
-        for t in list(agent._starting):
-            t.cancel()
         conn = agent.client.conn
         if conn is not None:
-            cast(ClientEnd, conn).abort()
-        self.agent = self.task = None
+            cast(ClientEnd, conn).died()
+        for t in (task, *agent._starting, agent._flusher, agent._gc):
+            if t is not None:
+                t.cancel()
+        self._restart_in_s = None
+        self._gone()
         if self.clock.paused:
             self.clock.resume()
+
+    def stop(self, restart_in_s: float) -> None:
+        """SIGTERM without leave-on-stop (`systemctl restart`): the agent's
+        own stop, which hands the node's tasks over to the next agent; that
+        one starts `restart_in_s` after this one has exited."""
+        if self.agent is not None and not self.clock.paused:
+            self.trace(f"{self.name} agent stops (to hand over)")
+            self._restart_in_s = restart_in_s
+            self.agent.request_stop()
+
+    def _exited(self, task: asyncio.Task[None]) -> None:
+        """The agent's run ended by itself (a planned stop): the process exits."""
+        if task is not self.task or task.cancelled():
+            return  # killed (crash() has seen to it), or the run is over
+        self.trace(f"{self.name} agent exited")
+        self._gone()
+        if self._restart_in_s is not None:
+            self.host.world_clock.call_later(self._restart_in_s, self._respawn, self.lives)
+            self._restart_in_s = None
+
+    def _respawn(self, lives: int) -> None:
+        if not self.up and self.lives == lives:
+            self.start()
+
+    def _gone(self) -> None:
+        self.agent = self.task = None
+        self.host.agent_died()
 
     def pause(self) -> None:
         if self.agent is not None and not self.clock.paused:

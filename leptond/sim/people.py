@@ -109,8 +109,6 @@ class People:
             return
         rng = self.rng
         who = rng.choice(USERS)
-        rid = self._rid()
-        name = f"w{self._seq}"
         kind = rng.choices(("ok", "fail", "flaky", "oom", "hang"), (55, 8, 12, 5, 20))[0]
         seconds = round(rng.uniform(1.0, 40.0), 2)
         term = "ignore" if rng.random() < 0.15 else str(round(rng.uniform(0.0, 2.0), 2))
@@ -126,13 +124,20 @@ class People:
         }
         if kind == "hang" and rng.random() < 0.5:
             spec["time_limit_s"] = round(rng.uniform(5.0, 60.0), 1)
+        self.submit_spec(who, spec, f"{kind} {seconds}s")
+
+    def submit_spec(self, who: str, spec: dict[str, Any], what: str = "") -> str:
+        """Submit `spec` as `who`, in the background; the job's id."""
+        rid = self._rid()
+        name = f"w{self._seq}"
         job_id = "j-" + hashlib.sha256(f"{who}\0{rid}".encode()).hexdigest()[:12]
         self.ledger.sent[name] = job_id
         what = (
-            f"submit {name} {job_id} {spec['nodes']}x{spec['gpus']} gpus p{spec['priority']} "
-            f"{kind} {seconds}s"
-        )
+            f"submit {name} {job_id} {spec.get('nodes', 1)}x{spec.get('gpus', 0)} gpus "
+            f"p{spec.get('priority', 0)} {what}"
+        ).rstrip()
         self._spawn(self._submit(who, what, name, job_id, spec, rid))
+        return job_id
 
     async def _submit(
         self, who: str, what: str, name: str, job_id: str, spec: dict[str, Any], rid: str
