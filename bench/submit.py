@@ -32,7 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.etcd_baseline import bench_etcd  # noqa: E402
+from bench.etcd_baseline import bench_etcd, pct  # noqa: E402
 from leptond.wire.errors import RpcError  # noqa: E402
 from tests import raft_kv_proc as kv  # noqa: E402
 from tests.cp_support import SPEC, client  # noqa: E402
@@ -43,13 +43,6 @@ TARGET_JOBS_PER_S = 5000
 TARGET_ETCD_RATIO = 1.0
 TARGET_P99_MS = 100.0
 WARMUP_S = 2.0
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[max(0, min(len(s) - 1, round(p / 100 * (len(s) - 1))))]
 
 
 # -- leptond submits ------------------------------------------------------------------
