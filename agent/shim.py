@@ -52,7 +52,7 @@ from types import FrameType
 from typing import Any
 
 from agent import devfilter, taskns
-from agent.cgroup_task import TaskCgroup, size_text
+from agent.cgroup_task import TaskCgroup, signal_pids, size_text
 from agent.cgroup_task import from_json as cgroup_from_json
 from agent.lease import LeaseReader
 from agent.taskdir import (
@@ -557,16 +557,21 @@ class Shim:
                 if not self.cgroup.kill():
                     print(f"leptond: task cgroup not empty after kill: {self.cgroup.pids()}")
                 return
-            # Once, to each process: its process group lies inside its cgroup,
-            # and a second SIGTERM or warning signal means something to many
-            # programs (torchrun and most shells stop harder on the second).
             pids = self.cgroup.pids()
-            self.cgroup.signal(sig)
         except OSError as e:
             print(f"leptond: cannot signal the task's cgroup: {e}")  # goes to shim.log
             pids = set()
-        if self.task_pid is not None and self.task_pid not in pids:
-            _killpg(self.task_pid, sig)  # not in its cgroup yet (it joins before exec)
+        # Once, to each process: a second SIGTERM or warning signal means
+        # something to many programs (torchrun and most shells stop harder on
+        # the second). The task's process group first, in one call, so that a
+        # shell and its children get it together: signalled one by one, a
+        # shell could wake from its child's death before its own signal came
+        # and print "Terminated" into the task's log. Then the members of its
+        # cgroup outside that group (setsid, setpgid). A task not in its
+        # cgroup yet (it joins before exec) is all in its group.
+        if self.task_pid is not None:
+            _killpg(self.task_pid, sig)
+        signal_pids({p for p in pids if _pgid(p) != self.task_pid}, sig)
 
     def release_cgroup(self) -> None:
         """Remove the task's cgroup once it is empty (the runner retries later
@@ -631,6 +636,14 @@ class Shim:
             },
             exclusive=True,  # a runner may already have declared this task lost
         )
+
+
+def _pgid(pid: int) -> int | None:
+    """The process group of `pid`, or None once it is gone."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _killpg(pgid: int, sig: int) -> None:
