@@ -272,7 +272,7 @@ class Controllers:
             held=held,
         )
         self._decay_usage(s)
-        stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
+        stopping = {t.id for t in s.stopping_tasks() if t.stop == "preempt"}
         self._epoch = epoch
         if self._learn_preemptions:
             # Preemptions an earlier leader made may still be under way: their
@@ -343,7 +343,10 @@ class Controllers:
 
     @staticmethod
     def _stops_outstanding(s: StateView) -> bool:
-        return any(t.stop is not None for t in s.live_tasks())
+        # From the state's index of stops, not a walk over every node's
+        # tasks: each registration wakes this pass, and with N nodes that
+        # walk made registering N nodes cost O(N^2).
+        return bool(s.stopping_tasks())
 
     async def _commit(self, plan: sch.Plan) -> None:
         dropped: list[dict[str, str]] = []
@@ -380,8 +383,8 @@ class Controllers:
         by_node: dict[str, list[str]] = {}
         warned: dict[str, dict[str, float]] = {}
         s = self._reader.view()
-        for t in s.live_tasks():
-            if t.stop is not None and t.node_id:
+        for t in s.stopping_tasks():
+            if t.node_id:
                 by_node.setdefault(t.node_id, []).append(t.id)
                 grace = (
                     self._preempt_grace_s(s.jobs[t.job_id].spec) if t.stop == "preempt" else None

@@ -99,6 +99,10 @@ class ClusterState(StateReads):
         self.gpu_owner: CowMap[tuple[str, int], str] = CowMap()
         self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
         self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
+        # Tasks carrying a stop (all live: an ended task never carries one),
+        # kept by raft.tasks.note_stop: the leader pushes stops from it
+        # without walking every node's tasks.
+        self.stopping: CowMap[str, None] = CowMap()
         self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
         # user -> tasks of theirs in state pending (an array's count), kept by
         # raft.tasks.set_state: what a submit's task cap is checked against.
@@ -264,6 +268,7 @@ class ClusterState(StateReads):
                 continue  # already stopped with another member of its gang
             if t.stop is None:
                 t.stop = "shrink"
+                tl.note_stop(self, t)
             tl.task_exited(self, t, "lost", None, why, now)
             requeued.append({"task_id": t.id, "reason": why})
         return requeued
@@ -605,6 +610,7 @@ class ClusterState(StateReads):
                 if self.tasks[tid].state == "pending":  # never: a final job has none
                     self.note_pending_tasks(job.user, -1)
                 t = self.tasks.pop(tid)
+                self.stopping.pop(tid, None)  # never there: a final job's tasks carry no stop
                 if t.node_id is not None:
                     discard_from(self.node_tasks, t.node_id, tid)
         # A workdir manifest goes with the last job that used it (never one that
@@ -805,6 +811,7 @@ class ClusterState(StateReads):
                 gpu_owner=self.gpu_owner.frozen(),
                 node_tasks=self.node_tasks.frozen(),
                 pending=self.pending.frozen(),
+                stopping=self.stopping.frozen(),
                 node_cred_of=self.node_cred_of.frozen(),
                 restoring=self.restoring,
                 applied_index=self.applied_index,
@@ -844,6 +851,7 @@ class ClusterState(StateReads):
             self.gpu_owner,
             self.node_tasks,
             self.pending,
+            self.stopping,
             self.node_cred_of,
         )
 
@@ -912,6 +920,7 @@ class ClusterState(StateReads):
         gpu_owner: dict[tuple[str, int], str] = {}
         node_tasks: dict[str, set[str]] = {nid: set() for nid in self.nodes}
         pending: dict[str, None] = {}
+        stopping: dict[str, None] = {}
         user_pending: dict[str, tuple[int, int]] = {}
         self.dependents = {}
         self.job_counts = {}
@@ -929,6 +938,8 @@ class ClusterState(StateReads):
         for t in self.tasks.values():
             if t.state == "pending":
                 pending[t.id] = None
+            if t.stop is not None:
+                stopping[t.id] = None
             if t.node_id is not None and t.node_id in node_tasks:
                 node_tasks[t.node_id].add(t.id)
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
@@ -937,6 +948,7 @@ class ClusterState(StateReads):
         self.gpu_owner = CowMap.adopt(gpu_owner)
         self.node_tasks = CowMap.adopt(node_tasks, clone=set.copy)
         self.pending = CowMap.adopt(pending)
+        self.stopping = CowMap.adopt(stopping)
         self.user_pending = CowMap.adopt(user_pending)
 
     def digest(self) -> bytes:
