@@ -33,6 +33,13 @@ log = logging.getLogger("lepton.master")
 FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
 IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
+# A full pass (one that looks at every node and pending task) is followed by
+# a gap of this many times what it took before a wake-up starts the next:
+# full passes take at most 1/(1+3) of the leader's time however often
+# commits wake them, and a burst of registrations or task exits meanwhile is
+# one pass, not one each. A small cluster's passes take a millisecond, so
+# the gap is a few milliseconds there.
+FULL_PASS_GAP_FACTOR = 3.0
 MEMBERS_EVERY_S = 60.0
 # Decayed usage for fair share is recomputed when runs ended since (at most
 # every DECAY_MIN_GAP_S), and every DECAY_EVERY_S as the days age.
@@ -87,6 +94,7 @@ class Controllers:
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
         self._settled = -1  # state generation of the last full pass that planned nothing
+        self._full_not_before = 0.0  # monotonic time before which a wake-up waits (pacing)
         self._next_liveness = 0.0  # monotonic time of the next look at every node
         self.plans = 0
         self._decayed_at = -DECAY_EVERY_S
@@ -104,6 +112,7 @@ class Controllers:
         self.holds.reset()
         self._learn_preemptions = True
         self._epoch, self._last_full, self._settled = -1, 0.0, -1
+        self._full_not_before = 0.0
         self._next_liveness = 0.0
 
     def wake(self) -> None:
@@ -243,6 +252,12 @@ class Controllers:
     async def scheduling_pass(self) -> None:
         # Now and then, look at everything again even with no wake-up.
         full = not await wait_event(self._clock, self._wake, IDLE_PASS_EVERY_S)
+        wait_s = self._full_not_before - self._clock.monotonic()
+        if wait_s > 0 and self._reader.view().capacity_epoch != self._epoch:
+            # The pass to come is a full one, and the last one was recent:
+            # the commits that wake it meanwhile (each registration does)
+            # are taken by one pass at the end of the gap.
+            await self._clock.sleep(wait_s)
         self._wake.clear()
         s = self._reader.view()
         if not s.pending and not self._stops_outstanding(s):
@@ -262,6 +277,7 @@ class Controllers:
             return
         if not skip:
             self._last_full = now
+        started = self._clock.monotonic()
         held: dict[str, str] = {}  # tasks not offered: dependencies, array limits
         nodes, allocs, pending = views.scheduler_inputs(
             s,
@@ -295,6 +311,9 @@ class Controllers:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
+        if not skip:
+            took = self._clock.monotonic() - started
+            self._full_not_before = self._clock.monotonic() + FULL_PASS_GAP_FACTOR * took
         if nominated:
             plan = replace(plan, placements=(*nominated, *plan.placements))
         for pr in plan.preemptions:
