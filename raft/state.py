@@ -113,6 +113,9 @@ class ClusterState(StateReads):
         # job id -> the jobs whose waiting_on names it (raft/workloads.py).
         # Only apply reads it, never a view, so a plain dict of sets.
         self.dependents: dict[str, set[str]] = {}
+        # Removed node id -> the (ended) tasks that still name it, for when
+        # it joins again. Only apply reads it: a plain dict of sets.
+        self.removed_node_tasks: dict[str, set[str]] = {}
         # user -> (jobs waiting to start, bytes of their specs): what the
         # per-user caps a submit carries are checked against.
         self.user_pending: CowMap[str, tuple[int, int]] = CowMap()
@@ -200,8 +203,9 @@ class ClusterState(StateReads):
             )
             self.nodes[node_id] = node
             # A node removed and joining again may still be named by finished
-            # tasks; index them as _reindex would.
-            self.node_tasks[node_id] = {t.id for t in self.tasks.values() if t.node_id == node_id}
+            # tasks; index them as _reindex would (kept at removal: a look at
+            # every task here made each new node cost O(tasks) in apply).
+            self.node_tasks[node_id] = self.removed_node_tasks.pop(node_id, set())
         else:
             # Everything that can fail comes before the first write.
             name = validate_name(n.get("name"), "node name")
@@ -413,7 +417,10 @@ class ClusterState(StateReads):
                 self, self.tasks.writable(tid), "lost", None, f"lost: node {node.name} removed", now
             )
         del self.nodes[node.id]
-        self.node_tasks.pop(node.id, None)
+        named = self.node_tasks.pop(node.id, None)
+        if named:
+            # A copy: views may share the set. Only ended tasks are left in it.
+            self.removed_node_tasks[node.id] = set(named)
         if not revoke:
             return {"node_id": node.id, "removed": True}
         return {"node_id": node.id, "removed": True, "revoked": nc.revoke_node(self, node.id)}
@@ -613,6 +620,11 @@ class ClusterState(StateReads):
                 self.stopping.pop(tid, None)  # never there: a final job's tasks carry no stop
                 if t.node_id is not None:
                     discard_from(self.node_tasks, t.node_id, tid)
+                    named = self.removed_node_tasks.get(t.node_id)
+                    if named is not None:
+                        named.discard(tid)
+                        if not named:
+                            del self.removed_node_tasks[t.node_id]
         # A workdir manifest goes with the last job that used it (never one that
         # no job has used yet: it may be about to be submitted).
         if dropped_workdirs:
@@ -923,6 +935,7 @@ class ClusterState(StateReads):
         stopping: dict[str, None] = {}
         user_pending: dict[str, tuple[int, int]] = {}
         self.dependents = {}
+        self.removed_node_tasks = {}
         self.job_counts = {}
         self.user_pending_tasks = {}
         for t in self.tasks.values():
@@ -942,6 +955,8 @@ class ClusterState(StateReads):
                 stopping[t.id] = None
             if t.node_id is not None and t.node_id in node_tasks:
                 node_tasks[t.node_id].add(t.id)
+            elif t.node_id is not None:
+                self.removed_node_tasks.setdefault(t.node_id, set()).add(t.id)
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
                 for g in t.gpus:
                     gpu_owner[(t.node_id, g)] = t.id

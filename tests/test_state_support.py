@@ -203,6 +203,11 @@ def check_invariants(state: ClusterState) -> None:
         valid = {g["index"] for g in node.gpus}
         assert {g for (n, g) in held if n == node_id} <= valid
     assert indexes(state) == reindexed(state)
+    gone: dict[str, set[str]] = {}
+    for t in state.tasks.values():
+        if t.node_id is not None and t.node_id not in state.nodes:
+            gone.setdefault(t.node_id, set()).add(t.id)
+    assert state.removed_node_tasks == gone, (state.removed_node_tasks, gone)
     carrying = {t.id for t in state.tasks.values() if t.stop is not None}
     assert set(state.stopping) == carrying, (set(state.stopping), carrying)
     counted: dict[str, dict[str, int]] = {}
