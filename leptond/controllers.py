@@ -40,6 +40,7 @@ IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
 # one pass, not one each. A small cluster's passes take a millisecond, so
 # the gap is a few milliseconds there.
 FULL_PASS_GAP_FACTOR = 3.0
+MAX_FULL_PASS_GAP_S = 1.0  # a pass slowed by a busy machine delays the next no more than this
 MEMBERS_EVERY_S = 60.0
 # Decayed usage for fair share is recomputed when runs ended since (at most
 # every DECAY_MIN_GAP_S), and every DECAY_EVERY_S as the days age.
@@ -313,7 +314,8 @@ class Controllers:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
         if not skip:
             took = self._clock.monotonic() - started
-            self._full_not_before = self._clock.monotonic() + FULL_PASS_GAP_FACTOR * took
+            gap = min(MAX_FULL_PASS_GAP_S, FULL_PASS_GAP_FACTOR * took)
+            self._full_not_before = self._clock.monotonic() + gap
         if nominated:
             plan = replace(plan, placements=(*nominated, *plan.placements))
         for pr in plan.preemptions:
