@@ -430,7 +430,7 @@ class Controllers:
 def _preemptions_under_way(s: StateView) -> dict[str, set[str]]:
     """Pending task -> its victims that still stop, as the state tells it."""
     out: dict[str, set[str]] = {}
-    for t in s.live_tasks():
+    for t in s.stopping_tasks():  # a preemption's victims carry its stop
         for_task = preempted_for(t)
         if for_task is not None and for_task in s.pending:
             out.setdefault(for_task, set()).add(t.id)
