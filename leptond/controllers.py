@@ -33,6 +33,14 @@ log = logging.getLogger("lepton.master")
 FULL_PASS_EVERY_S = 5.0  # look at every pending task again at least this often
 DRAIN_CHECK_EVERY_S = 0.5  # how late after its drain deadline a node's tasks get their stop
 IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
+# A full pass (one that looks at every node and pending task) is followed by
+# a gap of this many times what it took before a wake-up starts the next:
+# full passes take at most 1/(1+3) of the leader's time however often
+# commits wake them, and a burst of registrations or task exits meanwhile is
+# one pass, not one each. A small cluster's passes take a millisecond, so
+# the gap is a few milliseconds there.
+FULL_PASS_GAP_FACTOR = 3.0
+MAX_FULL_PASS_GAP_S = 1.0  # a pass slowed by a busy machine delays the next no more than this
 MEMBERS_EVERY_S = 60.0
 # Decayed usage for fair share is recomputed when runs ended since (at most
 # every DECAY_MIN_GAP_S), and every DECAY_EVERY_S as the days age.
@@ -87,6 +95,7 @@ class Controllers:
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
         self._settled = -1  # state generation of the last full pass that planned nothing
+        self._full_not_before = 0.0  # monotonic time before which a wake-up waits (pacing)
         self._next_liveness = 0.0  # monotonic time of the next look at every node
         self.plans = 0
         self._decayed_at = -DECAY_EVERY_S
@@ -104,6 +113,7 @@ class Controllers:
         self.holds.reset()
         self._learn_preemptions = True
         self._epoch, self._last_full, self._settled = -1, 0.0, -1
+        self._full_not_before = 0.0
         self._next_liveness = 0.0
 
     def wake(self) -> None:
@@ -243,6 +253,12 @@ class Controllers:
     async def scheduling_pass(self) -> None:
         # Now and then, look at everything again even with no wake-up.
         full = not await wait_event(self._clock, self._wake, IDLE_PASS_EVERY_S)
+        wait_s = self._full_not_before - self._clock.monotonic()
+        if wait_s > 0 and self._reader.view().capacity_epoch != self._epoch:
+            # The pass to come is a full one, and the last one was recent:
+            # the commits that wake it meanwhile (each registration does)
+            # are taken by one pass at the end of the gap.
+            await self._clock.sleep(wait_s)
         self._wake.clear()
         s = self._reader.view()
         if not s.pending and not self._stops_outstanding(s):
@@ -262,6 +278,7 @@ class Controllers:
             return
         if not skip:
             self._last_full = now
+        started = self._clock.monotonic()
         held: dict[str, str] = {}  # tasks not offered: dependencies, array limits
         nodes, allocs, pending = views.scheduler_inputs(
             s,
@@ -272,7 +289,7 @@ class Controllers:
             held=held,
         )
         self._decay_usage(s)
-        stopping = {t.id for t in s.live_tasks() if t.stop == "preempt"}
+        stopping = {t.id for t in s.stopping_tasks() if t.stop == "preempt"}
         self._epoch = epoch
         if self._learn_preemptions:
             # Preemptions an earlier leader made may still be under way: their
@@ -295,6 +312,10 @@ class Controllers:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
+        if not skip:
+            took = self._clock.monotonic() - started
+            gap = min(MAX_FULL_PASS_GAP_S, FULL_PASS_GAP_FACTOR * took)
+            self._full_not_before = self._clock.monotonic() + gap
         if nominated:
             plan = replace(plan, placements=(*nominated, *plan.placements))
         for pr in plan.preemptions:
@@ -343,7 +364,10 @@ class Controllers:
 
     @staticmethod
     def _stops_outstanding(s: StateView) -> bool:
-        return any(t.stop is not None for t in s.live_tasks())
+        # From the state's index of stops, not a walk over every node's
+        # tasks: each registration wakes this pass, and with N nodes that
+        # walk made registering N nodes cost O(N^2).
+        return bool(s.stopping_tasks())
 
     async def _commit(self, plan: sch.Plan) -> None:
         dropped: list[dict[str, str]] = []
@@ -380,8 +404,8 @@ class Controllers:
         by_node: dict[str, list[str]] = {}
         warned: dict[str, dict[str, float]] = {}
         s = self._reader.view()
-        for t in s.live_tasks():
-            if t.stop is not None and t.node_id:
+        for t in s.stopping_tasks():
+            if t.node_id:
                 by_node.setdefault(t.node_id, []).append(t.id)
                 grace = (
                     self._preempt_grace_s(s.jobs[t.job_id].spec) if t.stop == "preempt" else None
@@ -406,7 +430,7 @@ class Controllers:
 def _preemptions_under_way(s: StateView) -> dict[str, set[str]]:
     """Pending task -> its victims that still stop, as the state tells it."""
     out: dict[str, set[str]] = {}
-    for t in s.live_tasks():
+    for t in s.stopping_tasks():  # a preemption's victims carry its stop
         for_task = preempted_for(t)
         if for_task is not None and for_task in s.pending:
             out.setdefault(for_task, set()).add(t.id)

@@ -98,6 +98,10 @@ class ClusterState(StateReads):
         self.gpu_owner: CowMap[tuple[str, int], str] = CowMap()
         self.node_tasks: CowMap[str, set[str]] = CowMap(clone=set.copy)
         self.pending: CowMap[str, None] = CowMap()  # insertion-ordered set of pending task ids
+        # Tasks carrying a stop (all live: an ended task never carries one),
+        # kept by raft.tasks.note_stop: the leader pushes stops from it
+        # without walking every node's tasks.
+        self.stopping: CowMap[str, None] = CowMap()
         self.node_cred_of: CowMap[str, str] = CowMap()  # node id -> its credential's key id
         # user -> tasks of theirs in state pending (an array's count), kept by
         # raft.tasks.set_state: what a submit's task cap is checked against.
@@ -108,6 +112,9 @@ class ClusterState(StateReads):
         # job id -> the jobs whose waiting_on names it (raft/workloads.py).
         # Only apply reads it, never a view, so a plain dict of sets.
         self.dependents: dict[str, set[str]] = {}
+        # Removed node id -> the (ended) tasks that still name it, for when
+        # it joins again. Only apply reads it: a plain dict of sets.
+        self.removed_node_tasks: dict[str, set[str]] = {}
         # user -> (jobs waiting to start, bytes of their specs): what the
         # per-user caps a submit carries are checked against.
         self.user_pending: CowMap[str, tuple[int, int]] = CowMap()
@@ -195,8 +202,9 @@ class ClusterState(StateReads):
             )
             self.nodes[node_id] = node
             # A node removed and joining again may still be named by finished
-            # tasks; index them as _reindex would.
-            self.node_tasks[node_id] = {t.id for t in self.tasks.values() if t.node_id == node_id}
+            # tasks; index them as _reindex would (kept at removal: a look at
+            # every task here made each new node cost O(tasks) in apply).
+            self.node_tasks[node_id] = self.removed_node_tasks.pop(node_id, set())
         else:
             # Everything that can fail comes before the first write.
             name = validate_name(n.get("name"), "node name")
@@ -263,6 +271,7 @@ class ClusterState(StateReads):
                 continue  # already stopped with another member of its gang
             if t.stop is None:
                 t.stop = "shrink"
+                tl.note_stop(self, t)
             tl.task_exited(self, t, "lost", None, why, now)
             requeued.append({"task_id": t.id, "reason": why})
         return requeued
@@ -407,7 +416,10 @@ class ClusterState(StateReads):
                 self, self.tasks.writable(tid), "lost", None, f"lost: node {node.name} removed", now
             )
         del self.nodes[node.id]
-        self.node_tasks.pop(node.id, None)
+        named = self.node_tasks.pop(node.id, None)
+        if named:
+            # A copy: views may share the set. Only ended tasks are left in it.
+            self.removed_node_tasks[node.id] = set(named)
         if not revoke:
             return {"node_id": node.id, "removed": True}
         return {"node_id": node.id, "removed": True, "revoked": nc.revoke_node(self, node.id)}
@@ -604,8 +616,14 @@ class ClusterState(StateReads):
                 if self.tasks[tid].state == "pending":  # never: a final job has none
                     self.note_pending_tasks(job.user, -1)
                 t = self.tasks.pop(tid)
+                self.stopping.pop(tid, None)  # never there: a final job's tasks carry no stop
                 if t.node_id is not None:
                     discard_from(self.node_tasks, t.node_id, tid)
+                    named = self.removed_node_tasks.get(t.node_id)
+                    if named is not None:
+                        named.discard(tid)
+                        if not named:
+                            del self.removed_node_tasks[t.node_id]
         # A workdir manifest goes with the last job that used it (never one that
         # no job has used yet: it may be about to be submitted).
         if dropped_workdirs:
@@ -804,6 +822,7 @@ class ClusterState(StateReads):
                 gpu_owner=self.gpu_owner.frozen(),
                 node_tasks=self.node_tasks.frozen(),
                 pending=self.pending.frozen(),
+                stopping=self.stopping.frozen(),
                 node_cred_of=self.node_cred_of.frozen(),
                 restoring=self.restoring,
                 applied_index=self.applied_index,
@@ -843,6 +862,7 @@ class ClusterState(StateReads):
             self.gpu_owner,
             self.node_tasks,
             self.pending,
+            self.stopping,
             self.node_cred_of,
         )
 
@@ -911,8 +931,10 @@ class ClusterState(StateReads):
         gpu_owner: dict[tuple[str, int], str] = {}
         node_tasks: dict[str, set[str]] = {nid: set() for nid in self.nodes}
         pending: dict[str, None] = {}
+        stopping: dict[str, None] = {}
         user_pending: dict[str, tuple[int, int]] = {}
         self.dependents = {}
+        self.removed_node_tasks = {}
         self.job_counts = {}
         self.user_pending_tasks = {}
         for t in self.tasks.values():
@@ -928,14 +950,19 @@ class ClusterState(StateReads):
         for t in self.tasks.values():
             if t.state == "pending":
                 pending[t.id] = None
+            if t.stop is not None:
+                stopping[t.id] = None
             if t.node_id is not None and t.node_id in node_tasks:
                 node_tasks[t.node_id].add(t.id)
+            elif t.node_id is not None:
+                self.removed_node_tasks.setdefault(t.node_id, set()).add(t.id)
             if t.state in LIVE_TASK_STATES and t.node_id is not None:
                 for g in t.gpus:
                     gpu_owner[(t.node_id, g)] = t.id
         self.gpu_owner = CowMap.adopt(gpu_owner)
         self.node_tasks = CowMap.adopt(node_tasks, clone=set.copy)
         self.pending = CowMap.adopt(pending)
+        self.stopping = CowMap.adopt(stopping)
         self.user_pending = CowMap.adopt(user_pending)
 
     def digest(self) -> bytes:

@@ -39,6 +39,16 @@ def set_state(s: ClusterState, t: Task, state: str) -> None:
     t.state = state
 
 
+def note_stop(s: ClusterState, t: Task) -> None:
+    """Keep ClusterState.stopping in step with `t.stop`: every write of a
+    task's stop is followed by this, so the leader finds the stops to push
+    without a look at every node's tasks."""
+    if t.stop is None:
+        s.stopping.pop(t.id, None)
+    elif t.id not in s.stopping:
+        s.stopping[t.id] = None
+
+
 def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
     now = float(a["now"])
     _check_plan_shape(a)  # a malformed plan applies nothing, not its first half
@@ -79,6 +89,7 @@ def apply_plan(s: ClusterState, a: dict[str, Any]) -> dict[str, Any]:
             t.attempt += 1
             t.assigned_at, t.started_at, t.finished_at = now, None, None
             t.exit_code, t.message, t.stop = None, "", None
+            note_stop(s, t)
             s.pending.pop(t.id, None)
             add_to(s.node_tasks, node_id, t.id)
             for g in gpus:
@@ -251,6 +262,7 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     accounting.rescheduled(s)
     set_state(s, t, "pending")
     t.node_id, t.gpus, t.stop = None, [], None
+    note_stop(s, t)
     t.message = message
     s.pending[t.id] = None
 
@@ -296,6 +308,7 @@ def request_stop(s: ClusterState, t: Task, how: str, now: float, message: str = 
     """
     t = s.tasks.writable(t.id)
     t.stop = how
+    note_stop(s, t)
     if t.state == "assigned":
         task_exited(s, t, "failed", None, message, now, started=False)
 
@@ -395,6 +408,7 @@ def task_exited(
         # task, and one left behind would read "stopping" forever (DESIGN §6).
         # Nothing reads the stop of an ended task, so no decision changes.
         t.stop = None
+        note_stop(s, t)
     refresh_job(s, job, now)
 
 

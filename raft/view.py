@@ -49,6 +49,7 @@ class StateReads:
     jobs: Mapping[str, Job]
     tasks: Mapping[str, Task]
     node_tasks: Mapping[str, Set[str]]
+    stopping: Mapping[str, None]
 
     def node_usage(self, node_id: str) -> tuple[set[int], float, int]:
         """GPUs held, CPUs and memory used by live tasks on a node."""
@@ -78,6 +79,12 @@ class StateReads:
         """Live tasks on the node with no stop asked for yet, in id order."""
         tasks = (self.tasks[tid] for tid in sorted(self.node_tasks.get(node_id, ())))
         return [t for t in tasks if t.state in LIVE_TASK_STATES and t.stop is None]
+
+    def stopping_tasks(self) -> list[Task]:
+        """Live tasks that carry a stop: O(stops), not O(nodes + tasks)."""
+        tasks = self.tasks
+        out = [tasks[tid] for tid in self.stopping if tid in tasks]
+        return [t for t in out if t.stop is not None and t.state in LIVE_TASK_STATES]
 
     def live_tasks(self) -> list[Task]:
         """Every live (assigned or running) task, node by node."""
@@ -111,6 +118,7 @@ class StateView(StateReads):
         "pending",
         "recent",
         "restoring",
+        "stopping",
         "tasks",
         "tokens",
         "usage",
@@ -135,6 +143,7 @@ class StateView(StateReads):
         gpu_owner: Mapping[tuple[str, int], str],
         node_tasks: Mapping[str, Set[str]],
         pending: Mapping[str, None],
+        stopping: Mapping[str, None],
         node_cred_of: Mapping[str, str],
         restoring: dict[str, Any] | None,
         applied_index: int,
@@ -159,6 +168,8 @@ class StateView(StateReads):
         self.gpu_owner = gpu_owner
         self.node_tasks = node_tasks
         self.pending = pending
+        # Tasks carrying a stop (derived, not in snapshots).
+        self.stopping = stopping
         self.node_cred_of = node_cred_of
         # Replaced, never mutated, by apply (ClusterState._restore_part).
         self.restoring = restoring

@@ -359,6 +359,13 @@ def test_a_down_node_has_no_utilisation_and_no_capacity(obs: Cluster) -> None:
     assert value(text, "lepton_nodes", state="down") == 1
     assert value(text, "lepton_gpus") == 4  # h1 and h2 only
     assert not [k for k in samples(text) if k.startswith("lepton_gpu_") and 'node="h3"' in k]
+    # `nodes` lists only the states asked for (10,000 nodes whole are over
+    # the frame cap); a state that does not exist is one clear line.
+    assert [n["name"] for n in obs.rpc("nodes", {"state": ["down"]})] == ["h3"]
+    assert "h3" not in {n["name"] for n in obs.rpc("nodes", {"state": "ready"})}
+    assert len(obs.rpc("nodes", {})) == len(obs.agents)
+    with pytest.raises(RpcError, match="'gone' is not one of ready, draining, down"):
+        obs.rpc("nodes", {"state": ["gone"]})
 
 
 def test_counters_and_the_histogram_go_on_across_a_change_of_leader(obs: Cluster) -> None:

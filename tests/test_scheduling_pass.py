@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,47 @@ def test_an_idle_pass_over_a_state_it_planned_nothing_for_is_not_redone(
     h.submit("small", gpus=1)
     ld.idle_pass()
     assert len(passes) == 2
+
+
+def test_a_burst_of_registrations_with_work_waiting_costs_a_few_passes_not_one_each(
+    ld: Leader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each registration commits and wakes the pass, and frees capacity, so
+    each asks for a full one (every node, every pending task). Passes are
+    paced by what they cost: 100 registrations 5 ms apart, with passes that
+    take 20 ms, are taken by a few passes, and the work still gets placed."""
+    passes: list[float] = []
+    real = scheduler.schedule
+
+    def costly(*args: Any) -> scheduler.Plan:
+        passes.append(ld.clock.monotonic())
+        ld.loop.now.t += 0.02  # this pass takes 20 ms (virtual time)
+        return real(*args)
+
+    monkeypatch.setattr(scheduler, "schedule", costly)
+    h = ld.h
+    h.submit("big", gpus=16)  # fits nowhere, ever: every pass has work to look at
+
+    async def scenario() -> None:
+        loop_task = asyncio.ensure_future(_passes_forever(ld))
+        for i in range(100):
+            h.register(f"n{i:03d}", gpus=1)
+            ld.c.wake()  # as the Proposer does after each registration commits
+            await ld.clock.sleep(0.005)
+        h.submit("small", gpus=1)
+        ld.c.wake()
+        await ld.clock.sleep(1.0)
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+
+    ld.run(scenario())
+    # 0.5 s of registrations, passes of 20 ms each followed by a 60 ms gap:
+    # about one pass per 80 ms, not one per registration.
+    assert 2 <= len(passes) <= 15, len(passes)
+    assert ld.task("small.0").state == "assigned"
+    assert ld.c.reasons["big.0"]
+
+
+async def _passes_forever(ld: Leader) -> None:
+    while True:
+        await ld.c.scheduling_pass()

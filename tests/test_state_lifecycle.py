@@ -189,6 +189,21 @@ def test_node_that_is_removed_and_joins_again_has_consistent_indexes() -> None:
     h.ok("remove_node", {"node_id": "n1"})
     h.register("n1")
     check_invariants(h.state)
+    assert h.state.node_tasks["n1"] == {"j1.0"}
+
+
+def test_tasks_of_a_removed_node_gone_by_gc_are_not_its_again_when_it_joins() -> None:
+    h = one_node()
+    h.submit("j1")
+    h.run("j1.0", "n1", [])
+    h.event("j1.0", "exited", 0)
+    h.ok("remove_node", {"node_id": "n1"})
+    assert h.state.removed_node_tasks == {"n1": {"j1.0"}}
+    h.ok("gc_jobs", {"before": h.now + 1})
+    assert h.state.removed_node_tasks == {}
+    h.register("n1")
+    assert h.state.node_tasks["n1"] == set()
+    check_invariants(h.state)
 
 
 # -- gangs -------------------------------------------------------------------------------

@@ -135,17 +135,18 @@ def same_records(before: bytes, state: ClusterState) -> bool:
     return records(old) == records(state)
 
 
-def indexes(state: ClusterState) -> tuple[Any, Any, Any]:
-    # pending is compared as a set: its order is not in the snapshot, so a
-    # restored replica lists requeued tasks in submission order instead.
+def indexes(state: ClusterState) -> tuple[Any, Any, Any, Any]:
+    # pending and stopping are compared as sets: their order is not in the
+    # snapshot, so a restored replica lists requeued tasks in submission order.
     return (
         dict(state.gpu_owner),
         {k: set(v) for k, v in state.node_tasks.items()},
         set(state.pending),
+        set(state.stopping),
     )
 
 
-def reindexed(state: ClusterState) -> tuple[Any, Any, Any]:
+def reindexed(state: ClusterState) -> tuple[Any, Any, Any, Any]:
     """What the derived indexes would be if rebuilt from the records alone."""
     fresh = ClusterState()
     fresh.restore(state.snapshot())
@@ -202,6 +203,13 @@ def check_invariants(state: ClusterState) -> None:
         valid = {g["index"] for g in node.gpus}
         assert {g for (n, g) in held if n == node_id} <= valid
     assert indexes(state) == reindexed(state)
+    gone: dict[str, set[str]] = {}
+    for t in state.tasks.values():
+        if t.node_id is not None and t.node_id not in state.nodes:
+            gone.setdefault(t.node_id, set()).add(t.id)
+    assert state.removed_node_tasks == gone, (state.removed_node_tasks, gone)
+    carrying = {t.id for t in state.tasks.values() if t.stop is not None}
+    assert set(state.stopping) == carrying, (set(state.stopping), carrying)
     counted: dict[str, dict[str, int]] = {}
     for t in state.tasks.values():
         per_job = counted.setdefault(t.job_id, {})
