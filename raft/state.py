@@ -491,6 +491,15 @@ class ClusterState(StateReads):
         self.note_pending_tasks(job.user, len(job.tasks))
         return {"id": job_id}
 
+    def unset_aside(self, node_id: str, tid: str) -> None:
+        """`tid` no longer belongs to the removed node `node_id` (gone by gc,
+        or sent to run again): a node that joins again must not get it back."""
+        named = self.removed_node_tasks.get(node_id)
+        if named is not None:
+            named.discard(tid)
+            if not named:
+                del self.removed_node_tasks[node_id]
+
     def note_pending_tasks(self, user: str, delta: int) -> None:
         n = self.user_pending_tasks.get(user, 0) + delta
         if n > 0:
@@ -619,11 +628,7 @@ class ClusterState(StateReads):
                 self.stopping.pop(tid, None)  # never there: a final job's tasks carry no stop
                 if t.node_id is not None:
                     discard_from(self.node_tasks, t.node_id, tid)
-                    named = self.removed_node_tasks.get(t.node_id)
-                    if named is not None:
-                        named.discard(tid)
-                        if not named:
-                            del self.removed_node_tasks[t.node_id]
+                    self.unset_aside(t.node_id, tid)
         # A workdir manifest goes with the last job that used it (never one that
         # no job has used yet: it may be about to be submitted).
         if dropped_workdirs:

@@ -259,6 +259,9 @@ def _requeue(s: ClusterState, t: Task, message: str) -> None:
     _release(s, t)
     if t.node_id is not None:
         discard_from(s.node_tasks, t.node_id, t.id)
+        # An ended task of a removed node can run again (a gang restarting
+        # its ranks that had succeeded): it is that node's no more.
+        s.unset_aside(t.node_id, t.id)
     accounting.rescheduled(s)
     set_state(s, t, "pending")
     t.node_id, t.gpus, t.stop = None, [], None

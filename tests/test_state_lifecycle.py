@@ -287,6 +287,23 @@ def test_gang_rank_that_already_succeeded_reruns_when_another_rank_retries() -> 
     check_invariants(h.state)
 
 
+def test_a_finished_rank_of_a_removed_node_that_runs_again_is_not_given_back_to_it() -> None:
+    h = gang_cluster(retries=1)
+    start_gang(h)
+    h.event("g.0", "exited", 0)
+    h.ok("remove_node", {"node_id": "n1"})  # g.0 ended there: no drain needed
+    h.event("g.1", "exited", 1)  # the gang restarts, g.0 with it
+    assert h.task("g.0").state == "pending"
+    assert h.plan([("g.0", "n3", [0, 1]), ("g.1", "n2", [0, 1])])["placed"] == ["g.0", "g.1"]
+    h.register("n1")
+    assert h.state.node_tasks["n1"] == set()
+    check_invariants(h.state)
+    # Its return loses nothing of g.0's, which runs on n3.
+    h.ok("node_down", {"node_id": "n1"})
+    assert (h.task("g.0").state, h.task("g.0").node_id) == ("assigned", "n3")
+    check_invariants(h.state)
+
+
 def test_preempting_one_gang_rank_restarts_the_whole_gang() -> None:
     h = gang_cluster()
     start_gang(h)
