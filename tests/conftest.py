@@ -36,6 +36,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # The simulation budget runs beside the other tests (tests/sim_budget.py).
     if session.config.option.collectonly:
         return
+    # Under pytest-xdist every worker collects every test but runs only its
+    # share, and which worker gets tests/test_sim.py is not known here: each
+    # would start its own budget run. There the test starts it itself
+    # (sim_budget.wait_budget), and the other workers fill the idle core.
+    if hasattr(session.config, "workerinput"):
+        return
     if any(item.nodeid == sim_budget.TEST_ID for item in session.items):
         session.config.stash[BUDGET] = sim_budget.BudgetRun()
 
