@@ -37,24 +37,39 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     # Under pytest-xdist every worker collects every test but runs only its
-    # share, and which worker gets tests/test_sim.py is not known here: each
-    # would start its own budget run. There the test starts it itself
-    # (sim_budget.wait_budget), and the other workers fill the idle core.
+    # share: the controller starts the run (sim_budget.XdistBudget).
     if hasattr(session.config, "workerinput"):
         return
     if any(item.nodeid == sim_budget.TEST_ID for item in session.items):
         session.config.stash[BUDGET] = sim_budget.BudgetRun()
 
 
+XDIST_BUDGET = pytest.StashKey[sim_budget.XdistBudget]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Its hooks are called only in pytest-xdist's controller, so only there
+    # (and only where pytest-xdist is, which declares them).
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.stash[XDIST_BUDGET] = sim_budget.XdistBudget()
+        config.pluginmanager.register(config.stash[XDIST_BUDGET], "lepton-sim-budget")
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     run = config.stash.get(BUDGET, None)
     if run is not None:
         run.stop()
+    shared = config.stash.get(XDIST_BUDGET, None)
+    if shared is not None:
+        shared.stop()
 
 
 @pytest.fixture
-def sim_budget_run(request: pytest.FixtureRequest) -> sim_budget.BudgetRun | None:
+def sim_budget_run(request: pytest.FixtureRequest) -> sim_budget.Budget | None:
     """The simulation budget started when collection ended, if it was."""
+    into = getattr(request.config, "workerinput", {}).get(sim_budget.XdistBudget.KEY)
+    if into is not None and (Path(into) / "out").exists():
+        return sim_budget.SharedBudget(Path(into))
     return request.config.stash.get(BUDGET, None)
 
 

@@ -63,7 +63,7 @@ def test_the_hash_seed_is_pinned_for_a_replay() -> None:
 
 @pytest.mark.timeout(0)  # the wait below has its own
 def test_the_budget_of_seeds_keeps_every_invariant(
-    sim_budget_run: sim_budget.BudgetRun | None,
+    sim_budget_run: sim_budget.Budget | None,
 ) -> None:
     # Started when collection ended and run beside the other tests
     # (tests/sim_budget.py); its deadline counts from here, long enough for a
