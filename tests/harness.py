@@ -24,16 +24,47 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
+# Ports handed out by free_ports: below Linux's ephemeral range (32768 and
+# up by default), so no outgoing connection takes one between its pick and
+# its daemon's bind, and a slice of their own to each pytest-xdist worker
+# (and to a process outside xdist), so that two workers never pick the same
+# one. Within a slice they go round in turn: a port comes back only after
+# the slice's other ports did, long after the test that used it ended.
+_PORT_LOW, _PORT_HIGH, _PORT_SLICES = 10_000, 32_000, 8
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1"...
+    index = int(worker[2:]) + 1 if worker[2:].isdigit() else 0
+    size = (_PORT_HIGH - _PORT_LOW) // _PORT_SLICES
+    start = _PORT_LOW + (index % _PORT_SLICES) * size
+    return range(start, start + size)
+
+
+_port_next: list[int] = []  # the next port to try, per process
+
+
 def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """`n` distinct ports on 127.0.0.1 that nothing listens on or is bound
+    to now, for daemons that this test starts."""
+    span = _port_slice()
+    if not _port_next:
+        # A random start, so that processes that run in turn in the same
+        # slice (benches, a test rerun) do not all begin at its first port.
+        _port_next.append(span.start + int.from_bytes(os.urandom(2), "big") % len(span))
+    ports: list[int] = []
+    for _ in range(len(span)):
+        if len(ports) == n:
+            return ports
+        port = _port_next[0]
+        _port_next[0] = span.start + (port + 1 - span.start) % len(span)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken by something else; try the next
+        ports.append(port)
+    raise RuntimeError(f"no {n} free ports in {span.start}-{span.stop - 1}")
 
 
 def wait_for(cond: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:

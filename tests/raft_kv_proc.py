@@ -204,9 +204,9 @@ def main() -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from tests.harness import free_ports  # its per-worker slice of ports
+
+    return free_ports(1)[0]
 
 
 def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, step_s: float = 0.05) -> Any:
