@@ -72,9 +72,13 @@ def array_note(j: dict[str, Any]) -> str:
 def render(ov: dict[str, Any], width: int, height: int, now: float) -> list[str]:
     """The screen's lines for one `overview` answer."""
     nodes = ov["nodes"]
-    by_state: dict[str, int] = {}
-    for n in nodes:
-        by_state[n["state"]] = by_state.get(n["state"], 0) + 1
+    # Counted by the master over every node: the list may hold only the
+    # first of many (a master from before the counts: count the list).
+    by_state: dict[str, int] = dict(ov.get("node_counts") or {})
+    if not by_state:
+        for n in nodes:
+            by_state[n["state"]] = by_state.get(n["state"], 0) + 1
+    total = sum(by_state.values())
     g = ov["gpus"]
     clock_s = datetime.fromtimestamp(now, UTC).strftime("%H:%M:%S")
     states = ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())) or "none"
@@ -84,7 +88,11 @@ def render(ov: dict[str, Any], width: int, height: int, now: float) -> list[str]
         + (f", {g['unhealthy']} unhealthy" if g["unhealthy"] else "")
     )
     lines = [f"leptond top - {clock_s} UTC - q quits", summary, ""]
-    lines.append(f"NODES ({len(nodes)})")
+    lines.append(
+        f"NODES ({total})"
+        if total == len(nodes)
+        else f"NODES ({total}; the first {len(nodes)} below, leptonctl nodes lists all)"
+    )
     name_w = max([4, *(len(n["name"]) for n in nodes)])
     for n in nodes:
         util = "-" if n.get("gpu_util_pct") is None else f"{n['gpu_util_pct']:.0f}%"

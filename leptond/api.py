@@ -524,17 +524,50 @@ async def queue(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 # -- nodes ------------------------------------------------------------------------
 @method("nodes", "read")
 async def nodes(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
+    """Nodes in the order they joined; only those in `state` (a list) when
+    given. A reply holds summaries up to `page_bytes` (10,000 nodes listed
+    whole are about 22 MB, over the frame cap). With `paged`, it is
+    {"nodes": [...], "next": cursor or None}: ask again with `after` set to
+    the cursor for the next page. Without, it is the list alone: the first
+    of the selection that fit in one page."""
     prefer_leader(m)
-    # Only the nodes in these states, when given: 10,000 nodes listed whole
-    # are over the RPC frame cap, and one who asks which are down or
-    # draining need not take the rest.
     states = set(param.choices(a, "state", NODE_STATES))
+    paged = param.flag(a, "paged")
+    after = param.string(a, "after", max_chars=512)
+    budget = param.integer(a, "page_bytes", 1024, MAX_JOBS_PAGE_BYTES, JOBS_PAGE_BYTES)
     s = m.view()
-    return [
-        views.node_summary(s, n, m.liveness.stats(n.id))
-        for n in s.nodes.values()
-        if not states or n.state in states
-    ]
+    ns = [n for n in s.nodes.values() if not states or n.state in states]
+    start = _node_after(ns, after) if paged and after else 0
+    rows: list[dict[str, Any]] = []
+    used = 0
+    for n in ns[start:]:
+        row = views.node_summary(s, n, m.liveness.stats(n.id))
+        used += encoded_size(row)
+        if rows and used > budget:
+            break
+        rows.append(row)
+    if not paged:
+        return rows
+    end = start + len(rows)
+    more = end < len(ns)
+    return {"nodes": rows, "next": f"{end}|{ns[end - 1].id}" if more and rows else None}
+
+
+def _node_after(ns: list[Any], cursor: str) -> int:
+    """Where the page after `cursor` ("position|node id") starts in `ns`."""
+    at_s, _, nid = cursor.partition("|")
+    try:
+        at = int(at_s)
+    except ValueError:
+        raise RpcError(BAD_REQUEST, "after must be a cursor from a previous page") from None
+    if 0 < at <= len(ns) and ns[at - 1].id == nid:
+        return at
+    for i, n in enumerate(ns):
+        if n.id == nid:
+            return i + 1
+    # That node is gone (removed since): go on from where it stood, so that
+    # nothing after it is skipped (the one that took its place may come twice).
+    return max(0, min(at - 1, len(ns)))
 
 
 def find_node(m: ApiContext, ref: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import scheduler as sch
 from raft import arrays
+from raft.commands import encoded_size
 from raft.model import LIVE_TASK_STATES, Job, Node, Task
 from raft.tasks import REQUEUE_EXIT
 from raft.view import StateView
@@ -522,10 +523,23 @@ def overview(
     stats: Callable[[str], dict[str, Any] | None],
     reasons: dict[str, str],
     limit: int,
+    node_bytes: int,
 ) -> dict[str, Any]:
-    """The cluster at a glance: every node (with its GPUs' figures), GPU
-    totals, and the running and pending jobs (the oldest `limit` of each)."""
-    nodes = [node_summary(s, n, stats(n.id)) for n in s.nodes.values()]
+    """The cluster at a glance: the nodes (with their GPUs' figures) that fit
+    in `node_bytes`, how many there are in each state, GPU totals, and the
+    running and pending jobs (the oldest `limit` of each)."""
+    nodes: list[dict[str, Any]] = []
+    used = 0
+    by_state: dict[str, int] = {}
+    for n in s.nodes.values():
+        by_state[n.state] = by_state.get(n.state, 0) + 1
+        if used <= node_bytes:
+            row = node_summary(s, n, stats(n.id))
+            used += encoded_size(row)
+            # At least one; past the budget the rest are only counted (at
+            # 10,000 nodes the whole list is over the RPC frame cap).
+            if not nodes or used <= node_bytes:
+                nodes.append(row)
     up = [n for n in s.nodes.values() if n.state != "down"]
     running: list[Job] = []
     pending: list[Job] = []
@@ -536,6 +550,7 @@ def overview(
             pending.append(j)
     return {
         "nodes": nodes,
+        "node_counts": by_state,
         "gpus": {
             "total": sum(len(n.gpus) - len(n.gpu_faults) for n in up),
             "allocated": len(s.gpu_owner),

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from leptond.wire.client import ClusterClient, parse_addrs
+from leptond.wire.errors import RpcError
 from leptond.wire.tokens import parse_token
 from tests.harness import Cluster, env, wait_for
 
@@ -192,6 +193,31 @@ def test_gang_gloo_all_reduce(hosts: Cluster) -> None:
     assert st["state"] == "succeeded", (st, logs)
     assert "rank 0 of 2: sum 3" in logs[0]
     assert "rank 1 of 2: sum 3" in logs[1]
+
+
+def test_nodes_and_the_overview_are_bounded_in_bytes_and_nodes_pages_through_all(
+    hosts: Cluster,
+) -> None:
+    # One node's summary is over 1 KiB: the smallest page holds one.
+    whole = rpc(hosts, "nodes")
+    assert len(whole) == 2
+    page = rpc(hosts, "nodes", {"paged": True, "page_bytes": 1024})
+    seen = list(page["nodes"])
+    while page["next"]:
+        page = rpc(hosts, "nodes", {"paged": True, "page_bytes": 1024, "after": page["next"]})
+        assert len(page["nodes"]) == 1
+        seen += page["nodes"]
+    assert [n["id"] for n in seen] == [n["id"] for n in whole]
+    # Without pages: the first that fit.
+    assert [n["id"] for n in rpc(hosts, "nodes", {"page_bytes": 1024})] == [whole[0]["id"]]
+    for bad in ("nonsense", "x|y"):
+        with pytest.raises(RpcError, match="after must be a cursor from a previous page"):
+            rpc(hosts, "nodes", {"paged": True, "after": bad})
+    # The overview lists what fits and counts all.
+    ov = rpc(hosts, "overview", {"node_bytes": 1024})
+    assert [n["id"] for n in ov["nodes"]] == [whole[0]["id"]]
+    assert ov["node_counts"] == {"ready": 2}
+    assert len(rpc(hosts, "overview")["nodes"]) == 2
 
 
 def test_nodes_json_healthz_and_metrics(hosts: Cluster) -> None:

@@ -112,6 +112,25 @@ def test_render_shows_an_array_as_one_row_with_its_counts() -> None:
     assert pend.endswith("[array 0-999: 1000 pending]")
 
 
+def test_render_counts_every_node_when_the_master_lists_only_the_first() -> None:
+    # A large cluster: `overview` lists the nodes that fit in its byte budget
+    # and counts all of them by state.
+    ov = {
+        "cluster": {"leader": None},
+        "gpus": {"total": 0, "allocated": 0, "unhealthy": 0},
+        "nodes": [node("gpu-1"), node("gpu-2")],
+        "node_counts": {"ready": 9000, "down": 1000},
+        "running": [], "pending": [],
+        "counts": {"running": 0, "pending": 0},
+    }  # fmt: skip
+    lines = render(ov, 200, 40, now=1090.0)
+    assert "nodes: down 1000, ready 9000" in lines[1]
+    assert "NODES (10000; the first 2 below, leptonctl nodes lists all)" in lines
+    # All of them listed: the plain count, as before.
+    ov["node_counts"] = {"ready": 2}
+    assert "NODES (2)" in render(ov, 200, 40, now=1090.0)
+
+
 @pytest.fixture(scope="module")
 def tc(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest

@@ -199,8 +199,25 @@ async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict
 
 
 # -- nodes ------------------------------------------------------------------------
-async def nodes(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
-    return list(await _call(c, "nodes", {}, timeout_s=timeout_s))
+async def nodes(
+    c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S, states: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    args: dict[str, Any] = {"paged": True}
+    if states:
+        args["state"] = list(states)
+    # Page by page, as jobs: each reply is bounded in bytes, however many nodes.
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while True:
+        res = await _call(c, "nodes", args, timeout_s=timeout_s)
+        if isinstance(res, list):  # a master from before pages
+            return out + res
+        # A node removed between two pages can bring one back twice.
+        out += [r for r in res["nodes"] if r["id"] not in seen]
+        seen.update(r["id"] for r in res["nodes"])
+        if not res.get("next"):
+            return out
+        args["after"] = res["next"]
 
 
 async def gpu_reset(

@@ -129,8 +129,12 @@ function heatColor(util) {
 
 async function overview() {
   const ov = await api("/ui/api/overview");
-  const states = {};
-  for (const n of ov.nodes) states[n.state] = (states[n.state] || 0) + 1;
+  // Counted by the master over every node: the list holds only the first
+  // of a large cluster's nodes.
+  const states = Object.assign({}, ov.node_counts || {});
+  if (!ov.node_counts) for (const n of ov.nodes) states[n.state] = (states[n.state] || 0) + 1;
+  const total = Object.values(states).reduce((a, b) => a + b, 0);
+  const more = total - ov.nodes.length;
   const masters = table(["Master (Raft)", "RPC", "Role", "Reachable", "Lag"], ov.cluster.masters.map((m) => [
     m.raft_addr, m.rpc_addr || "-", badge(m.role), m.connected ? "yes" : "no", m.lag === undefined || m.lag === null ? "-" : String(m.lag)]));
   const heat = h("div", { class: "heatmap", id: "heatmap" }, ov.nodes.map((n) => {
@@ -158,7 +162,8 @@ async function overview() {
         h("span", {}, h("a", { href: "/jobs?state=running", text: ov.counts.running + " running" }), ", ",
           h("a", { href: "/jobs?state=pending", text: ov.counts.pending + " pending" })))),
     section("GPU utilisation by node", heat,
-      h("p", { class: "legend", text: "Each square is a GPU: darker is busier; red is unhealthy; grey is on a node that is down." })),
+      h("p", { class: "legend", text: "Each square is a GPU: darker is busier; red is unhealthy; grey is on a node that is down." +
+        (more > 0 ? " The first " + ov.nodes.length + " of " + total + " nodes are shown." : "") })),
     section("Masters", masters));
 }
 
@@ -206,7 +211,12 @@ async function nodes() {
       drain ? h("p", { class: "drain-state", text: drain }) : null,
       table(["GPU", "Utilisation", "Memory", "Temperature", "Task", "Health"], rows),
       actions.length ? h("div", { class: "actions" }, actions) : null);
-  }));
+  }), ...(() => {
+    // A large cluster: the master sends the first nodes and counts the rest.
+    const total = Object.values(ov.node_counts || {}).reduce((a, b) => a + b, 0);
+    return total > ov.nodes.length ? [h("p", { class: "legend", id: "nodes-more",
+      text: "The first " + ov.nodes.length + " of " + total + " nodes are shown; leptonctl nodes lists them all." })] : [];
+  })());
 }
 
 async function act(path, payload, done) {
