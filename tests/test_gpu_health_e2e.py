@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from leptond.operate import BURN_IN_WAIT_S
 from tests.harness import Cluster, wait_for
 from tests.test_metrics_e2e import scrape, value
 
@@ -129,7 +130,9 @@ def test_reset_runs_a_burn_in_and_puts_the_gpu_back(gh: Cluster) -> None:
     assert out.returncode == 1 and "failed its burn-in" in out.stderr, out.stderr
     assert 3 in faults(gh)
     # One that passes (torch on the CPU for a simulated GPU) brings it back.
-    out = gh.ctl("node", "gpu", "reset", "h1", "3")
+    # It loads torch, which takes long on a busy machine: the master waits
+    # for the burn-in up to its own limit (BURN_IN_WAIT_S), and so does this.
+    out = gh.ctl("node", "gpu", "reset", "h1", "3", timeout_s=BURN_IN_WAIT_S + 30)
     assert "h1: GPU 3 healthy (burn-in passed on the CPU" in out.stdout, out.stdout
     assert 3 not in faults(gh)
     wait_for(
