@@ -145,13 +145,13 @@ def _copy(h: Histogram) -> Histogram:
     return c
 
 
-def install(policy: str = "tuned") -> GcStats:
+def install(policy: str = "tuned", *, unfreeze_floor: int = UNFREEZE_FLOOR) -> GcStats:
     """Record the collector's pauses in this process and, with "tuned",
     apply the policy above; "stock" leaves CPython's collector as it is.
     Once per process (the collector is the process's), from its entry point."""
     if policy not in ("tuned", "stock"):
         raise ValueError(f"unknown gc policy {policy!r}: tuned or stock")
-    stats = GcStats(freeze=policy == "tuned")
+    stats = GcStats(freeze=policy == "tuned", unfreeze_floor=unfreeze_floor)
     gc.callbacks.append(stats.callback)
     if stats.freeze:
         # What start-up made (modules, classes, functions) lives as long as
