@@ -19,7 +19,7 @@ What `install` does ("tuned"):
    generations (CPython's thresholds: at most some 7,000 objects), so no
    pause grows with the state. Freezing after full collections only was
    measured too: each full collection still walked everything promoted since
-   the last one, pauses of 50-500 ms at 256 submits in flight.
+   the last one, pauses of up to 250-650 ms at 256 submits in flight.
 2. The bound. A frozen object that later becomes part of an unreachable
    cycle is not freed while it is frozen (objects freed by reference
    counting leave the permanent generation at once: only cycles stay). When
