@@ -11,7 +11,11 @@ client shape (bench/etcd_baseline.py; 256 in flight), run just before the
 submits, and the ratio of submits/s to etcd puts/s ("skipped" when etcd is not
 installed).
 
-    .venv/bin/python bench/submit.py [--duration 20] [--procs 2] [--conns 4] [--inflight 32] [--etcd] [--json]
+With --gc-stats, each master's garbage-collection pauses in the measured
+window, from its /metrics (`gc` key); --gc-policy stock runs the masters with
+CPython's own collector settings, to compare.
+
+    .venv/bin/python bench/submit.py [--duration 20] [--procs 2] [--conns 4] [--inflight 32] [--etcd] [--gc-stats] [--gc-policy tuned|stock] [--json]
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,6 +49,9 @@ TARGET_JOBS_PER_S = 5000
 TARGET_ETCD_RATIO = 1.0
 TARGET_P99_MS = 100.0
 WARMUP_S = 2.0
+# Histogram buckets (upper bounds as /metrics writes them) whose complement
+# the gc stats report: collections longer than 50, 100 and 250 ms.
+LONG = {"0.05": 50, "0.1": 100, "0.25": 250}
 
 
 # -- leptond submits ------------------------------------------------------------------
@@ -87,9 +96,18 @@ async def _work(
     return {"lat": lat, "errors": errors}
 
 
-def bench_leptond(duration_s: float, procs: int, conns: int, inflight: int) -> dict[str, Any]:
+def bench_leptond(
+    duration_s: float,
+    procs: int,
+    conns: int,
+    inflight: int,
+    gc_policy: str | None = None,
+    gc_stats: bool = False,
+) -> dict[str, Any]:
+    gc_args = ["--gc-policy", gc_policy] if gc_policy else []
+    gc: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lepton-submit-") as tmp:
-        c = Cluster(Path(tmp) / "cluster", n_masters=3)
+        c = Cluster(Path(tmp) / "cluster", n_masters=3, master_args=gc_args)
         try:
             lead = c.start_masters(timeout_s=60)
             ctx = mp.get_context("spawn")
@@ -109,16 +127,19 @@ def bench_leptond(duration_s: float, procs: int, conns: int, inflight: int) -> d
             # this hardly depends on what else the machine is running.
             leader_proc = psutil.Process(lead.proc.pid)
             time.sleep(max(0.0, start - time.time()))
+            gc0 = _gc_scrape(c) if gc_stats else []
             cpu0 = _cpu(leader_proc)
             time.sleep(max(0.0, end - time.time()))
             cpu1 = _cpu(leader_proc)
+            gc = _gc_window(c, lead, gc0, _gc_scrape(c)) if gc_stats else []
             results = [q.get(timeout=duration_s + 120) for _ in ps]
             for p in ps:
                 p.join(30)
         finally:
             c.close()
     lat = [x for r in results for x in r["lat"]]
-    return {
+    out = {"gc": gc} if gc_stats else {}
+    return out | {
         "jobs": len(lat),
         "jobs_per_s": round(len(lat) / duration_s, 1),
         "p50_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
@@ -128,6 +149,52 @@ def bench_leptond(duration_s: float, procs: int, conns: int, inflight: int) -> d
         "clients": procs * conns,
         "in_flight": procs * conns * inflight,
     }
+
+
+def _gc_scrape(c: Cluster) -> list[dict[str, float]]:
+    """Each master's garbage-collector series from its /metrics (leptond/gcpolicy.py)."""
+    out = []
+    for m in c.masters:
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.http}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        raw: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name.startswith("lepton_gc_"):
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+                    raw[f"{smp.name}{{{labels}}}"] = smp.value
+        out.append(raw)
+    return out
+
+
+def _gc_window(
+    c: Cluster, lead: Any, before: list[dict[str, float]], after: list[dict[str, float]]
+) -> list[dict[str, Any]]:
+    """Per master, the collections in the measured window by generation: how
+    many, their total pause, how many took longer than 50/100/250 ms; and the
+    longest pause since start, the frozen objects and the unfreezes."""
+    out = []
+    for m, b, a in zip(c.masters, before, after, strict=True):
+        g: dict[str, Any] = {"master": m.index, "leader": m is lead}
+        for gen in (0, 1, 2):
+            lab = f"generation={gen}"
+
+            def d(name: str, lab: str) -> float:
+                key = f"{name}{{{lab}}}"
+                return a.get(key, 0.0) - b.get(key, 0.0)  # noqa: B023 (called at once)
+
+            n = d("lepton_gc_pause_seconds_count", lab)
+            g[f"gen{gen}_collections"] = int(n)
+            g[f"gen{gen}_pause_s"] = round(d("lepton_gc_pause_seconds_sum", lab), 3)
+            for le, ms in LONG.items():
+                below = d("lepton_gc_pause_seconds_bucket", f"{lab},le={le}")
+                g[f"gen{gen}_over_{ms}ms"] = int(n - below)
+            mx = a.get(f"lepton_gc_pause_max_seconds{{{lab}}}", 0.0)
+            g[f"gen{gen}_max_pause_since_start_ms"] = round(mx * 1000, 1)
+        g["frozen_objects"] = int(a.get("lepton_gc_frozen_objects{}", 0))
+        g["unfreezes"] = int(a.get("lepton_gc_unfreezes_total{}", 0))
+        out.append(g)
+    return out
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -202,6 +269,17 @@ def main() -> int:
         help="also run bench/etcd_baseline.py (same client shape) and report submits/etcd",
     )
     ap.add_argument("--etcd-client", choices=("auto", "aetcd", "gateway"), default="auto")
+    ap.add_argument(
+        "--gc-policy",
+        choices=("tuned", "stock"),
+        default=None,
+        help="the masters' --gc-policy (default: theirs, tuned)",
+    )
+    ap.add_argument(
+        "--gc-stats",
+        action="store_true",
+        help="report each master's garbage-collection pauses in the measured window (key gc)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args()
     raw = bench_raw(a.raw_duration or a.duration, a.raw_concurrency)
@@ -212,7 +290,7 @@ def main() -> int:
         etcd = {"etcd_skipped": etcd["skipped"]} if "skipped" in etcd else etcd
         etcd["etcd_load_avg"] = [load0, _load()]
     load0 = _load()
-    sub = bench_leptond(a.duration, a.procs, a.conns, a.inflight)
+    sub = bench_leptond(a.duration, a.procs, a.conns, a.inflight, a.gc_policy, a.gc_stats)
     sub["load_avg"] = [load0, _load()]
     r = {**sub, **raw, "duration_s": a.duration, "target_jobs_per_s": TARGET_JOBS_PER_S, **etcd}
     if etcd.get("etcd_puts_per_s"):
@@ -244,6 +322,16 @@ def main() -> int:
             f"submits / etcd puts: {r['submit_vs_etcd']} (target >= {TARGET_ETCD_RATIO:g}); "
             f"submit p99 {r['p99_ms']} ms (target <= {TARGET_P99_MS:g} ms); "
             f"etcd errors retried: {r['etcd_errors']}"
+        )
+    for g in r.get("gc", []):
+        print(
+            f"master {g['master']}{' (leader)' if g['leader'] else ''}: "
+            + "; ".join(
+                f"gen{n}: {g[f'gen{n}_collections']} in {g[f'gen{n}_pause_s']} s, "
+                f"{g[f'gen{n}_over_100ms']} over 100 ms"
+                for n in (0, 1, 2)
+            )
+            + f"; frozen objects {g['frozen_objects']}, unfreezes {g['unfreezes']}"
         )
     print(f"load average (1 min) before/after: submits {r['load_avg']}", end="")
     print(f", etcd {r['etcd_load_avg']}" if "etcd_load_avg" in r else "")

@@ -26,10 +26,12 @@ from .auth import ROLE_RANK, KeyStore
 from .clock import Clock
 from .config import MasterConfig
 from .disk import DiskGuard
+from .gcpolicy import GcStats
 from .liveness import NodeLiveness
 from .metrics import (
     TEXT_FORMAT,
     ClusterCollector,
+    GcPauseCollector,
     MemberCollector,
     RaftMember,
 )
@@ -59,6 +61,7 @@ class HttpDeps:
         loop_errors: Callable[[], int],
         started_at: float,
         clock: Clock,
+        gc_stats: GcStats | None = None,
     ) -> None:
         self.cfg = cfg
         self.reader = reader
@@ -73,6 +76,7 @@ class HttpDeps:
         self.loop_errors = loop_errors
         self.started_at = started_at
         self.clock = clock
+        self.gc_stats = gc_stats
         self.auth_failures = 0  # bearer tokens and sign-ins refused
 
 
@@ -97,6 +101,8 @@ def registry_for(m: HttpDeps) -> CollectorRegistry:
     ProcessCollector(registry=reg)
     PlatformCollector(registry=reg)
     GCCollector(registry=reg)
+    if m.gc_stats is not None:
+        reg.register(GcPauseCollector(m.gc_stats))
     reg.register(RpcBudgetCollector(m.rpc, m.liveness))
     return reg
 

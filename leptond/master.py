@@ -38,6 +38,7 @@ from .config import MasterConfig
 from .controllers import Controllers
 from .disk import DiskGuard
 from .fdlimit import fit_connections
+from .gcpolicy import GcStats
 from .http import HttpDeps, HttpServer
 from .leadership import LeaderGate, Leadership
 from .liveness import NodeLiveness
@@ -55,8 +56,11 @@ _ = joins, operate
 
 
 class Master:
-    def __init__(self, cfg: MasterConfig, clock: Clock = REAL) -> None:
+    def __init__(
+        self, cfg: MasterConfig, clock: Clock = REAL, gc_stats: GcStats | None = None
+    ) -> None:
         self.cfg = cfg
+        self.gc_stats = gc_stats  # the process's collector (leptond/gcpolicy.py), for /metrics
         self.clock = clock
         self.secret = read_secret_file(cfg.secret_file)
         self.admin = read_token_file(cfg.admin_token_file)
@@ -166,7 +170,7 @@ class Master:
         http = HttpServer(
             HttpDeps(
                 cfg, reader, raft, gate, disk, liveness, keys, members.health, rpc, rpc_stats,
-                lambda: leadership.errors, self.started_at, clock,
+                lambda: leadership.errors, self.started_at, clock, self.gc_stats,
             )
         )  # fmt: skip
         self._leadership, self._rpc, self._http = leadership, rpc, http

@@ -41,6 +41,7 @@ from raft.view import StateView
 
 from .clock import Clock
 from .disk import DiskGuard
+from .gcpolicy import GcStats
 from .liveness import NodeLiveness
 from .ports import LeaderStatus, StateReader
 from .rpcstats import RpcStats
@@ -58,7 +59,7 @@ GPU_FIELDS = {
 # or its first sealed frame does not open (a wrong secret).
 RPC_AUTH_REJECTS = ("rejected_unknown_key", "rejected_bad_seal")
 NODE = ["node", "node_id"]
-__all__ = ["TEXT_FORMAT", "ClusterCollector", "MemberCollector"]
+__all__ = ["TEXT_FORMAT", "ClusterCollector", "GcPauseCollector", "MemberCollector"]
 
 
 class RaftMember(Protocol):
@@ -245,6 +246,46 @@ class MemberCollector(Collector):
         auth.add_metric(["rpc"], rpc_fails + self.rpc.failures("unauthenticated"))
         auth.add_metric(["http"], self.http_auth_failures())
         yield auth
+
+
+class GcPauseCollector(Collector):
+    """How long this process's garbage collections stopped it (every thread
+    waits for one), by generation, and the freezing policy's state
+    (leptond/gcpolicy.py). prometheus_client's GCCollector counts the
+    collections and the objects; it has no durations."""
+
+    def __init__(self, stats: GcStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.stats.snapshot()
+        pauses = HistogramMetricFamily(
+            "lepton_gc_pause_seconds",
+            "Time each garbage collection held this process, by generation (2: full)",
+            labels=["generation"],
+        )
+        longest = GaugeMetricFamily(
+            "lepton_gc_pause_max_seconds",
+            "Longest garbage collection pause since start, by generation",
+            labels=["generation"],
+        )
+        for gen, h in snap["pauses"].items():
+            buckets, total = h.cumulative()
+            pauses.add_metric([str(gen)], [(_le(b), n) for b, n in buckets], total)
+            longest.add_metric([str(gen)], snap["max_pause_s"][gen])
+        yield pauses
+        yield longest
+        yield gauge(
+            "lepton_gc_frozen_objects",
+            "Objects frozen out of the collector's walks after the last full collection "
+            "(0 with --gc-policy stock)",
+            snap["frozen"],
+        )
+        yield counter(
+            "lepton_gc_unfreezes",
+            "Full collections that walked every object again, to free cycles among frozen objects",
+            snap["unfreezes"],
+        )
 
 
 def raft_loop_metrics(ticks: TickStats, snaps: SnapshotStats) -> Iterator[Metric]:

@@ -144,6 +144,23 @@ def test_promtool_finds_nothing_wrong_on_any_endpoint(obs: Cluster) -> None:
         obs.ctl("cancel", job)
 
 
+def test_each_master_times_its_garbage_collections_and_freezes_its_state(obs: Cluster) -> None:
+    for m in obs.masters:
+        if not m.proc.alive():
+            continue
+        text = scrape(m.http)
+        # The master has run for a while: young collections have run and
+        # been timed, and (--gc-policy tuned, the default) what survived
+        # them, start-up's objects and the state, is frozen.
+        count = value(text, "lepton_gc_pause_seconds_count", generation="0")
+        assert count is not None and count > 0, m.index
+        assert value(text, "lepton_gc_pause_seconds_count", generation="2") is not None
+        assert value(text, "lepton_gc_pause_max_seconds", generation="0") is not None
+        frozen = value(text, "lepton_gc_frozen_objects")
+        assert frozen is not None and frozen > 10_000, (m.index, frozen)
+        assert value(text, "lepton_gc_unfreezes_total") is not None
+
+
 def test_an_agent_counts_its_block_cache_hits_misses_and_bytes(
     obs: Cluster, tmp_path: Path
 ) -> None:

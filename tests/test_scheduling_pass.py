@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import scheduler
+from leptond import controllers
 from tests.controllers_support import Leader
 
 pytestmark = pytest.mark.timeout(60)
@@ -95,3 +96,35 @@ def test_a_burst_of_registrations_with_work_waiting_costs_a_few_passes_not_one_e
 async def _passes_forever(ld: Leader) -> None:
     while True:
         await ld.c.scheduling_pass()
+
+
+def test_a_full_pass_over_a_long_queue_reads_it_in_a_thread_and_plans_the_same(
+    ld: Leader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threaded: list[str] = []
+    real = asyncio.to_thread
+
+    async def noted(fn: Any, *args: Any, **kw: Any) -> Any:
+        threaded.append(getattr(fn, "__name__", "?"))
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(asyncio, "to_thread", noted)
+    h = ld.h
+    h.register("n1", gpus=2)
+    n = controllers.FULL_PASS_IN_THREAD_PENDING + 10
+    h.now += 1.0
+    jobs = [
+        {
+            "id": f"j{i:05d}",
+            "user": "alice",
+            "spec": {"argv": ["true"], "gpus": 1},
+            "submitted_at": h.now,
+        }
+        for i in range(n)
+    ]
+    h.ok("submit_jobs", {"jobs": jobs})
+    ld.idle_pass()
+    assert "inputs" in threaded
+    # The two oldest are placed, the rest wait with a reason, as inline.
+    assert [ld.task(f"j{i:05d}.0").state for i in range(3)] == ["assigned", "assigned", "pending"]
+    assert ld.c.reasons[f"j{n - 1:05d}.0"]
