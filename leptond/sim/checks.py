@@ -80,7 +80,7 @@ class Checker:
         self._busy_hosts: list[tuple[SimHost, str]] = []  # hosts running something, a run
         self._doubled: dict[str, tuple[str, str]] = {}  # task -> the two hosts it runs on
         self._gen = -1
-        self._seen: tuple[int, ...] = ()
+        self._seen: tuple[int, tuple[int, ...]] = (-1, ())
         self._log_marks: deque[tuple[float, int]] = deque()
         self.final_seen: dict[str, float] = {}  # job id -> its finished_at
         self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
@@ -100,9 +100,13 @@ class Checker:
         why = self._pace(now) or self.preemptions.problem
         if why:
             return why
-        v = self.raft.oracle.freeze()
-        if v.generation != self._gen:
-            self._gen = v.generation
+        # Only apply writes the log's state: unless its generation moved, the
+        # checks of the state would see what they saw a step ago.
+        oracle = self.raft.oracle
+        gen = oracle.generation
+        if gen != self._gen:
+            self._gen = gen
+            v = oracle.freeze()
             why = (
                 self._gpus(v)
                 or self._stops(v)
@@ -115,10 +119,10 @@ class Checker:
         why = self._hosts(now)
         if why:
             return why
-        seen = (v.generation, *(n.host.version for n in self.nodes))
+        seen = (gen, self._host_versions)
         if seen != self._seen:
             self._seen = seen
-            self._track(v, now)
+            self._track(oracle.freeze(), now)
         return None
 
     def _pace(self, now: float) -> str | None:
