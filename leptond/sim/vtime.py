@@ -4,9 +4,11 @@
 `asyncio.wait_for` all behave as usual) whose `time()` is a number kept
 here. When nothing is ready to run, the loop would wait in its selector for
 the next timer; here it moves the clock to that timer instead and goes on at
-once (`_run_once`). Nothing waits for real time, and one thread runs every
-callback in an order fixed by the program and its inputs (trio's MockClock
-with autojump, FoundationDB's simulated time).
+once (`run_until`, `_run_once`). Nothing waits for real time, and one thread
+runs every callback in an order fixed by the program and its inputs: what
+is ready in the order it was made ready, then timers in the order of their
+time, and those due at the same time in the order they were set (trio's
+MockClock with autojump, FoundationDB's simulated time).
 
 Work sent to a thread (`asyncio.to_thread`, `run_in_executor`) runs inline,
 so the simulation never has a second thread whose timing could change the
