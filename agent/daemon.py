@@ -506,6 +506,8 @@ class Agent:
         this node silent. One flush at a time; what fails is sent again."""
         if self._flusher is not None and not self._flusher.done():
             return
+        if not self.events or self.registered_on is None:
+            return  # nothing to report (most heartbeats): no task for it
 
         async def flush() -> None:
             try:

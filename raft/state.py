@@ -118,9 +118,11 @@ class ClusterState(StateReads):
         # user -> (jobs waiting to start, bytes of their specs): what the
         # per-user caps a submit carries are checked against.
         self.user_pending: CowMap[str, tuple[int, int]] = CowMap()
-        # Bumped by every command that can free capacity or change nodes. Local
-        # (not in snapshots): the leader's scheduler uses it to skip tasks that
-        # did not fit last time when nothing could have made room since.
+        # Bumped by every command that can free capacity or change nodes (and
+        # by task_events only when a task ended: a task that starts holds what
+        # it held when placed). Local (not in snapshots): the leader's
+        # scheduler uses it to skip tasks that did not fit last time when
+        # nothing could have made room since.
         self.capacity_epoch = 0
         # Local count of applies and restores, moved after each one's writes:
         # a reader whose view has this generation needs no newer one.
@@ -1013,7 +1015,6 @@ CAPACITY_OPS = frozenset(
         "node_state",
         "node_down",
         "remove_node",
-        "task_events",
         "cancel_job",
         "restore",
         "gpu_health",

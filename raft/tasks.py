@@ -197,6 +197,7 @@ MAX_RESTARTS = 1000
 def apply_task_events(s: ClusterState, a: dict[str, Any], version: int) -> dict[str, Any]:
     applied = 0
     stale = 0
+    ended = False
     # The proposer's clock (the leader's): the job's times follow it, not the
     # host's, which may be far off. A job finished by a host clock an hour
     # slow would otherwise be collected an hour early (gc_jobs goes by the
@@ -229,8 +230,13 @@ def apply_task_events(s: ClusterState, a: dict[str, Any], version: int) -> dict[
                 msg = str(ev.get("message", ""))[:1024]
                 task_exited(s, t, outcome, code, msg, when, at=at, requeue=asked)
                 applied += 1
+                ended = True
         else:
             stale += 1
+    if ended:
+        # Only an end frees room (ClusterState.capacity_epoch): a start, the
+        # bulk of these commands, leaves what did not fit before unplaceable.
+        s.capacity_epoch += 1
     return {"applied": applied, "stale": stale}
 
 

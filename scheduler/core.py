@@ -428,6 +428,10 @@ def schedule(
 ) -> Plan:
     """Plan placements and preemptions for `pending` on a snapshot.  Pure and
     deterministic: the same arguments always give the same Plan."""
+    if not pending:
+        # Nothing to place and nothing to preempt for: a leader's incremental
+        # pass whose tasks all wait as before pays nothing for the cluster.
+        return Plan((), (), {})
     with _cycle_collector_paused():
         return _Pass(nodes, allocations, policy).run(pending)
 

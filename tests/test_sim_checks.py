@@ -63,6 +63,27 @@ def test_a_job_whose_state_disagrees_with_its_tasks_fails() -> None:
     assert why is not None and "not every task succeeded" in why
 
 
+def test_a_job_whose_task_changes_under_it_later_fails() -> None:
+    # The checker looks again only at jobs whose record or tasks' records
+    # changed since it last found them right: a task changed alone counts.
+    h = running_pair()
+    h.event("a.0", "exited", exit_code=0)
+    now = h.state.jobs["a"].finished_at - EPOCH  # the masters' clock, as it finished
+    c = checker(h.state)
+    assert c.step(now) is None
+    h.state.tasks.writable("a.0").state = "failed"
+    h.state.generation += 1  # as apply moves it
+    why = c.step(now + 1)
+    assert why is not None and "job a is succeeded" in why and "not every task succeeded" in why
+    h.state.tasks.writable("a.0").state = "succeeded"
+    h.state.generation += 1
+    assert c.step(now + 2) is None
+    h.state.jobs.writable("b").state = "pending"
+    h.state.generation += 1
+    why = c.step(now + 3)
+    assert why is not None and "job b is pending" in why
+
+
 def test_an_acknowledged_job_that_vanishes_fails() -> None:
     h = Harness()
     h.register("n1", gpus=4)

@@ -491,3 +491,25 @@ def test_node_down_judged_before_the_node_registered_again_is_void() -> None:
     res = h.ok("node_down", {"node_id": "n1", "if_updated_at": now_seen})
     assert res["lost"] == ["j.0"] and h.state.nodes["n1"].state == "down"
     check_invariants(h.state)
+
+
+def test_the_capacity_epoch_moves_when_a_task_ends_not_when_it_starts() -> None:
+    # The leader's pass skips tasks that did not fit while the epoch stands
+    # still; a start frees nothing, an exit (or a node going down) does.
+    h = Harness()
+    h.register("n1", gpus=2)
+    h.submit("a", gpus=1)
+    h.submit("b", gpus=1)
+    assert h.plan([("a.0", "n1", [0]), ("b.0", "n1", [1])])["placed"] == ["a.0", "b.0"]
+    epoch = h.state.capacity_epoch
+    h.event("a.0", "running")
+    h.event("b.0", "running")
+    assert h.state.capacity_epoch == epoch
+    h.event("a.0", "running")  # again: stale, nothing applied
+    h.event("a.0", "exited", exit_code=0)
+    assert h.state.capacity_epoch == epoch + 1
+    assert h.task("a.0").state == "succeeded"
+    h.event("a.0", "exited", exit_code=0)  # a late duplicate frees nothing more
+    assert h.state.capacity_epoch == epoch + 1
+    h.ok("node_down", {"node_id": "n1", "now": h.now, "reason": "test"})
+    assert h.state.capacity_epoch == epoch + 2

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import scheduler as sch
-from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES
+from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job
 from raft.view import StateView
 
 from .. import views
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .raftmodel import SimRaft
 
 EPS = 1e-6
+_version = attrgetter("version")
 # The most entries the simulated cluster may commit in a second: its work
 # needs under 30; a hot loop commits a hundred.
 MAX_COMMITS_PER_S = 60
@@ -80,7 +82,7 @@ class Checker:
         self._busy_hosts: list[tuple[SimHost, str]] = []  # hosts running something, a run
         self._doubled: dict[str, tuple[str, str]] = {}  # task -> the two hosts it runs on
         self._gen = -1
-        self._seen: tuple[int, ...] = ()
+        self._seen: tuple[int, tuple[int, ...]] = (-1, ())
         self._log_marks: deque[tuple[float, int]] = deque()
         self.final_seen: dict[str, float] = {}  # job id -> its finished_at
         self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
@@ -88,6 +90,8 @@ class Checker:
         self.idle_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with no run
         self.preemptions = PreemptionWatch(raft.oracle)  # fed each commit (SimRaft.watchers)
         self._inputs = views.InputCache()
+        self._agreed: dict[str, tuple[object, ...]] = {}  # job -> records last found right
+        self._hosts_of_nodes = [n.host for n in nodes]
         self.checks = 0
 
     def committed(self, term: int, index: int, data: bytes, result: object) -> None:
@@ -100,9 +104,13 @@ class Checker:
         why = self._pace(now) or self.preemptions.problem
         if why:
             return why
-        v = self.raft.oracle.freeze()
-        if v.generation != self._gen:
-            self._gen = v.generation
+        # Only apply writes the log's state: unless its generation moved, the
+        # checks of the state would see what they saw a step ago.
+        oracle = self.raft.oracle
+        gen = oracle.generation
+        if gen != self._gen:
+            self._gen = gen
+            v = oracle.freeze()
             why = (
                 self._gpus(v)
                 or self._stops(v)
@@ -115,10 +123,10 @@ class Checker:
         why = self._hosts(now)
         if why:
             return why
-        seen = (v.generation, *(n.host.version for n in self.nodes))
+        seen = (gen, self._host_versions)
         if seen != self._seen:
             self._seen = seen
-            self._track(v, now)
+            self._track(oracle.freeze(), now)
         return None
 
     def _pace(self, now: float) -> str | None:
@@ -192,32 +200,56 @@ class Checker:
         return None
 
     def _agreement(self, v: StateView) -> str | None:
+        # Records are copied on write (raft/cow.py): a job whose record and
+        # tasks' records are the very objects it was last found right with
+        # is right still, and most of them are at each commit.
+        tasks = v.tasks
+        seen = self._agreed
+        agreed: dict[str, tuple[object, ...]] = {}
         for j in v.jobs.values():
-            states = [v.tasks[tid].state for tid in j.tasks]
-            live = [v.tasks[tid] for tid in j.tasks if v.tasks[tid].state in LIVE_TASK_STATES]
-            final = all(st in FINAL_TASK_STATES for st in states)
-            why = ""
-            if j.state in FINAL_JOB_STATES:
-                if "pending" in states:
-                    why = "a task is still pending"
-                elif any(t.stop is None for t in live):
-                    why = "a task still runs and nothing stops it"
-            if j.state == "succeeded" and any(st != "succeeded" for st in states):
-                why = "not every task succeeded"
-            elif j.state == "failed" and not any(st in ("failed", "lost") for st in states):
-                why = "no task failed"
-            elif j.state == "pending" and any(st != "pending" for st in states):
-                why = "not every task is pending"
-            elif j.state == "running" and (
-                all(st == "pending" for st in states)
-                or all(st == "succeeded" for st in states)
-                or any(st in ("failed", "lost") for st in states)
-            ):
-                why = "its tasks are not running"
-            if not why and (j.finished_at is not None) != (j.state in FINAL_JOB_STATES and final):
-                why = f"finished_at is {j.finished_at}"
+            records = (j, *[tasks[tid] for tid in j.tasks])
+            before = seen.get(j.id)
+            if before is not None and len(before) == len(records):
+                for a, b in zip(before, records, strict=True):
+                    if a is not b:
+                        break
+                else:
+                    agreed[j.id] = records
+                    continue
+            why = self._job_agrees(v, j)
             if why:
-                return f"job {j.id} is {j.state} but its tasks are {states}: {why}"
+                return why
+            agreed[j.id] = records
+        self._agreed = agreed
+        return None
+
+    @staticmethod
+    def _job_agrees(v: StateView, j: Job) -> str | None:
+        states = [v.tasks[tid].state for tid in j.tasks]
+        live = [v.tasks[tid] for tid in j.tasks if v.tasks[tid].state in LIVE_TASK_STATES]
+        final = all(st in FINAL_TASK_STATES for st in states)
+        why = ""
+        if j.state in FINAL_JOB_STATES:
+            if "pending" in states:
+                why = "a task is still pending"
+            elif any(t.stop is None for t in live):
+                why = "a task still runs and nothing stops it"
+        if j.state == "succeeded" and any(st != "succeeded" for st in states):
+            why = "not every task succeeded"
+        elif j.state == "failed" and not any(st in ("failed", "lost") for st in states):
+            why = "no task failed"
+        elif j.state == "pending" and any(st != "pending" for st in states):
+            why = "not every task is pending"
+        elif j.state == "running" and (
+            all(st == "pending" for st in states)
+            or all(st == "succeeded" for st in states)
+            or any(st in ("failed", "lost") for st in states)
+        ):
+            why = "its tasks are not running"
+        if not why and (j.finished_at is not None) != (j.state in FINAL_JOB_STATES and final):
+            why = f"finished_at is {j.finished_at}"
+        if why:
+            return f"job {j.id} is {j.state} but its tasks are {states}: {why}"
         return None
 
     def _queue(self, v: StateView) -> str | None:
@@ -244,7 +276,7 @@ class Checker:
     def _hosts(self, now: float) -> str | None:
         # What runs where changes only when a host's version moves; leases
         # run out with time, so they are looked at every step.
-        versions = tuple(n.host.version for n in self.nodes)
+        versions = tuple(map(_version, self._hosts_of_nodes))
         if versions != self._host_versions:
             self._host_versions = versions
             why = self._host_runs()

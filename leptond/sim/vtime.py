@@ -4,9 +4,11 @@
 `asyncio.wait_for` all behave as usual) whose `time()` is a number kept
 here. When nothing is ready to run, the loop would wait in its selector for
 the next timer; here it moves the clock to that timer instead and goes on at
-once (`_run_once`). Nothing waits for real time, and one thread runs every
-callback in an order fixed by the program and its inputs (trio's MockClock
-with autojump, FoundationDB's simulated time).
+once (`run_until`, `_run_once`). Nothing waits for real time, and one thread
+runs every callback in an order fixed by the program and its inputs: what
+is ready in the order it was made ready, then timers in the order of their
+time, and those due at the same time in the order they were set (trio's
+MockClock with autojump, FoundationDB's simulated time).
 
 Work sent to a thread (`asyncio.to_thread`, `run_in_executor`) runs inline,
 so the simulation never has a second thread whose timing could change the
@@ -24,7 +26,9 @@ import asyncio
 import collections
 import concurrent.futures
 import heapq
+import itertools
 import selectors
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -65,59 +69,68 @@ class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
 
 
 class VirtualLoop(asyncio.SelectorEventLoop):
-    # BaseEventLoop's own state, which _run_once works on (not in its stubs).
-    _scheduled: list[Any]  # asyncio.TimerHandle, whose _when and _scheduled it reads
+    """Its timers are kept as (when, sequence, handle) in a heap: they come
+    due in the order of their time, and those due at the same time in the
+    order they were set (asyncio's own heap compares handles by time alone,
+    in Python, which was a tenth of the loop's cost here)."""
+
+    # BaseEventLoop's own state, which the methods below work on (not in its stubs).
+    _scheduled: list[Any]  # (when, seq, asyncio.TimerHandle), a heap
     _timer_cancelled_count: int
     _ready: collections.deque[Any]
     _stopping: bool
     _clock_resolution: float
+    _thread_id: int | None
+    _check_closed: Callable[[], None]
 
     def __init__(self) -> None:
         self.now = _Now()
+        self._seq = itertools.count()
         # It registers the loop's self-pipe but is never polled: with no I/O,
-        # _run_once moves the clock to the next timer instead of waiting.
+        # the loop moves the clock to the next timer instead of waiting.
         super().__init__(selectors.SelectSelector())
         self.set_default_executor(_InlineExecutor())
 
     def time(self) -> float:
         return self.now.t
 
-    def _run_once(self) -> None:
-        """One iteration of the loop: asyncio's own (BaseEventLoop._run_once),
-        step for step and heap operation for heap operation, so that timers
-        due at the same instant run in the same order, but without the
-        debug branch and the selector call: with no I/O, polling is moving
-        the clock to the next timer. It runs tens of thousands of times a
-        simulated minute, and this is most of the loop's own cost."""
+    def call_at(  # type: ignore[override]  # the same, in looser types
+        self, when: float, callback: Callable[..., Any], *args: Any, context: Any = None
+    ) -> asyncio.TimerHandle:
+        self._check_closed()
+        timer = asyncio.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._scheduled, (when, next(self._seq), timer))
+        timer._scheduled = True  # type: ignore[attr-defined]
+        return timer
+
+    def _drop_cancelled(self) -> list[Any]:
+        """Drop cancelled timers: all of them when they are most of the heap
+        (asyncio's rule), else those at its head. The heap, as it now is."""
         scheduled = self._scheduled
         n = len(scheduled)
         if n > _MIN_SCHEDULED and self._timer_cancelled_count / n > _MIN_CANCELLED_FRACTION:
-            # Drop the cancelled timers at once when they are most of them.
             kept = []
-            for handle in scheduled:
-                if handle._cancelled:
-                    handle._scheduled = False
+            for entry in scheduled:
+                if entry[2]._cancelled:
+                    entry[2]._scheduled = False
                 else:
-                    kept.append(handle)
+                    kept.append(entry)
             heapq.heapify(kept)
             self._scheduled = scheduled = kept
             self._timer_cancelled_count = 0
         else:
-            while scheduled and scheduled[0]._cancelled:
+            while scheduled and scheduled[0][2]._cancelled:
                 self._timer_cancelled_count -= 1
-                heapq.heappop(scheduled)._scheduled = False
+                heapq.heappop(scheduled)[2]._scheduled = False
+        return scheduled
+
+    def _run_ready(self, scheduled: list[Any]) -> None:
+        """Move the timers due now to the ready queue, then run what was
+        ready (not what those callbacks make ready: that is the next round)."""
         ready = self._ready
-        now = self.now
-        if not ready and not self._stopping:
-            if not scheduled:
-                raise SimDeadlock("no timer is scheduled and no callback is ready")
-            # The selector's wait: the clock jumps to the next timer.
-            timeout = min(max(0.0, scheduled[0]._when - now.t), _MAX_SELECT_S)
-            if timeout > 0:
-                now.t += timeout
-        end = now.t + self._clock_resolution
-        while scheduled and scheduled[0]._when < end:
-            handle = heapq.heappop(scheduled)
+        end = self.now.t + self._clock_resolution
+        while scheduled and scheduled[0][0] < end:
+            handle = heapq.heappop(scheduled)[2]
             handle._scheduled = False
             ready.append(handle)
         for _ in range(len(ready)):
@@ -125,13 +138,53 @@ class VirtualLoop(asyncio.SelectorEventLoop):
             if not handle._cancelled:
                 handle._run()
 
+    def _run_once(self) -> None:
+        """One iteration of the loop, for run_forever (run_until_complete):
+        with no I/O, polling is moving the clock to the next timer."""
+        scheduled = self._drop_cancelled()
+        if not self._ready and not self._stopping:
+            if not scheduled:
+                raise SimDeadlock("no timer is scheduled and no callback is ready")
+            when = min(scheduled[0][0], self.now.t + _MAX_SELECT_S)
+            if when > self.now.t:
+                self.now.t = when
+        self._run_ready(scheduled)
+
     def run_until(self, t: float) -> None:
-        """Run every callback due up to virtual time `t`, then stop there."""
-        if t > self.now.t:
-            self.call_at(t, self.stop)
-            self.run_forever()
-        if self.now.t < t:  # the stop ran early in an iteration: settle on t
-            self.now.t = t
+        """Run every callback due up to virtual time `t`, and what they make
+        ready at that time, then stop there.
+
+        The loop runs as run_forever would (it is the running loop while its
+        callbacks run), but without a stop callback and run_forever's set-up
+        on each call (a simulation calls this once a step), and one timer at
+        a time: callbacks made ready run before the next timer, in the order
+        they were made ready; timers run in the order of (time, setting)."""
+        now = self.now
+        ready = self._ready
+        self._check_closed()
+        self._thread_id = threading.get_ident()
+        asyncio.events._set_running_loop(self)
+        try:
+            while True:
+                if ready:
+                    for _ in range(len(ready)):
+                        handle = ready.popleft()
+                        if not handle._cancelled:
+                            handle._run()
+                    continue
+                scheduled = self._drop_cancelled()
+                if not scheduled or scheduled[0][0] > t:
+                    break  # nothing more to do up to t
+                when, _, handle = heapq.heappop(scheduled)
+                handle._scheduled = False
+                if when > now.t:
+                    now.t = when
+                handle._run()
+        finally:
+            asyncio.events._set_running_loop(None)
+            self._thread_id = None
+        if now.t < t:
+            now.t = t
 
 
 class _Held:

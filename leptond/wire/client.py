@@ -114,6 +114,20 @@ class ClusterClient:
         self._clock = clock
         self._dial = dial
 
+    def _open_connection(self, prefer: tuple[str, int] | None) -> Connection | None:
+        """The connection `connection(prefer)` would return at once, if there
+        is one and nobody is dialling: most calls take it without the task
+        and the timer that a wait for a dial costs."""
+        conn = self.conn
+        if (
+            conn is not None
+            and not conn.is_closing()
+            and prefer in (None, self.current)
+            and not self._lock.locked()
+        ):
+            return conn
+        return None
+
     async def connection(self, prefer: tuple[str, int] | None = None) -> Connection:
         async with self._lock:
             if (
@@ -179,7 +193,9 @@ class ClusterClient:
             if left <= 0:
                 raise last or RpcError("timeout", f"{method}: no answer within {timeout_s:g}s")
             try:
-                conn = await asyncio.wait_for(self.connection(prefer), left)
+                conn = self._open_connection(prefer)
+                if conn is None:
+                    conn = await asyncio.wait_for(self.connection(prefer), left)
                 prefer = None
                 if tag is not None:
                     conn.context[tag] = True
