@@ -67,6 +67,14 @@ def free_ports(n: int) -> list[int]:
     raise RuntimeError(f"no {n} free ports in {span.start}-{span.stop - 1}")
 
 
+def _listens(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for(cond: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
     """Poll `cond` until it returns something truthy; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -269,6 +277,9 @@ class Cluster:
         m.proc.argv = self._master_argv(m, peers)
         self.masters.append(m)
         m.proc.start()
+        # add-master checks that the newcomer answers at its Raft address:
+        # wait until it listens (a loaded machine starts Python slowly).
+        wait_for(lambda: _listens(raft), 60, f"master-{index} to listen on its Raft port")
         return m
 
     def restart_master(self, m: Master) -> None:

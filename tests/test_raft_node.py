@@ -128,6 +128,9 @@ async def test_three_nodes_elect_a_leader_and_followers_redirect(nodes: Nodes) -
     assert result["len"] == 1 and result["index"] > 1
 
     for follower in (n for n in cluster if n is not leader):
+        # A follower learns who leads from the leader's appends: on a loaded
+        # machine it may not have heard one yet.
+        await eventually(lambda f=follower: f.leader() == leader.self_addr, 20, "the leader known")
         with pytest.raises(NotLeader) as info:
             await write(follower, "r2", "nope")
         assert info.value.leader == leader.self_addr
