@@ -708,36 +708,44 @@ def _lfu_paths(
             del values[victim]
             room += victim_size
             freq = head.freq
-            if freq != 1:  # rare: most victims were never hit
-                gone_hits += freq - 1
-            if not items:
-                if size <= room:
-                    # The common case (new keys are the usual victims, so the
+            if items and size <= room:
+                # The common case: one victim, from a bucket that keeps others.
+                if freq != 1:  # rare: most victims were never hit
+                    gone_hits += freq - 1  # the victim's uses leave with it
+                    head = new_bucket(1, root)
+            else:
+                if freq != 1:
+                    gone_hits += freq - 1
+                if not items and size <= room:
+                    # Common too (new keys are the usual victims, so the
                     # lowest bucket is often a single key): the emptied lowest
                     # bucket takes the new key, renumbered to one use, instead
                     # of being unlinked and another linked in its place.
                     head.freq = 1
                 else:
-                    drop_bucket(head)
-                    head = root.next
-            while size > room:  # more than one victim: items of mixed sizes
-                items = head.items
-                victim, victim_size = od_popitem(items, False)
-                gone_hits += head.freq - 1
-                if not items:
-                    drop_bucket(head)
-                    head = root.next
-                del bucket_of[victim]
-                del values[victim]
-                room += victim_size
+                    if not items:
+                        drop_bucket(head)
+                        head = root.next
+                    while size > room:  # more than one victim: items of mixed sizes
+                        items = head.items
+                        victim, victim_size = od_popitem(items, False)
+                        gone_hits += head.freq - 1
+                        if not items:
+                            drop_bucket(head)
+                            head = root.next
+                        del bucket_of[victim]
+                        del values[victim]
+                        room += victim_size
+                    if head.freq != 1:
+                        head = new_bucket(1, root)
         elif size < 0:
             raise _bad_size(size)
+        elif head.freq != 1:
+            head = new_bucket(1, root)
         values[key] = value
         room -= size
         stored += 1
         stored_bytes += size
-        if head.freq != 1:
-            head = new_bucket(1, root)
         head.items[key] = size
         bucket_of[key] = head
 
