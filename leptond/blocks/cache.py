@@ -30,8 +30,9 @@ Each policy therefore builds its ``get`` and a lean ``put`` as closures
 instance slots: the hot paths read and write the counters and the byte total
 as closure cells and call pre-bound dict methods, and touch no attribute of
 the cache.  The cold paths (pins, ``discard``, ``stats``, eviction with a
-callback) reach the same cells through two small accessor closures,
-``_totals`` and ``_account``.
+callback) reach the same cells through small accessor closures: ``_totals``,
+``_used`` (the byte total alone) and ``_account``, and for LFU ``_gone``,
+since LFU derives its hit count from the use counts (see ``_lfu_paths``).
 
 The puts keep the free room (capacity less bytes used) rather than the bytes
 used, so one compare of the new size against it decides whether to evict,
