@@ -321,6 +321,63 @@ def test_matches_reference_model(
     assert cache.stats().evictions == len(model.evicted)
 
 
+lean_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["get", "get", "get", "put", "put", "discard"]),
+        st.integers(0, 5),
+        st.integers(0, 3),
+    ),
+    max_size=100,
+)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@settings(max_examples=300, deadline=None)
+@given(cap=st.integers(0, 6), script=lean_ops)
+def test_hits_of_keys_that_leave_are_kept(
+    policy: Any, cap: int, script: list[tuple[str, int, int]]
+) -> None:
+    """No pins and no callback, so only the lean paths run, and gets are
+    frequent enough that keys which were hit leave in every way: evicted
+    from a bucket that keeps other keys or empties, one victim or several,
+    replaced, discarded.  LFU derives its hit count from the use counts, so
+    each of those must keep the uses of the key that left."""
+    cache: ByteCache[int, int] = ByteCache(cap, policy)
+    model = ReferenceCache(cap, policy)
+    hits = misses = 0
+    for op, key, size in script:
+        if op == "get":
+            got = model.get(key)
+            assert cache.get(key) == got
+            hits += got is not None
+            misses += got is None
+        elif op == "put":
+            cache.put(key, key, size)
+            model.put(key, size)
+        else:
+            cache.discard(key)
+            model.discard(key)
+        s = cache.stats()
+        assert (cache.hits, s.hits, s.misses) == (hits, hits, misses)
+        assert cache.bytes_used == s.bytes == model.used()
+        if isinstance(cache, LFUByteCache):
+            assert all(cache.use_count(k) == v[1] for k, v in model.items.items())
+
+
+def test_lfu_keeps_the_hits_of_a_victim_whose_bucket_keeps_others() -> None:
+    """The common eviction, one victim from a bucket that keeps other keys,
+    here with a victim that was hit: its use must stay in the hit count."""
+    cache: ByteCache[str, str] = ByteCache(2, "lfu")
+    for key in "ab":
+        cache.put(key, key, 1)
+    for key in "ab":
+        assert cache.get(key) == key
+    cache.put("c", "c", 1)  # a and b both have two uses; a got there first
+    assert sorted(cache.keys()) == ["b", "c"]
+    assert (cache.use_count("b"), cache.use_count("c")) == (2, 1)
+    assert cache.hits == cache.stats().hits == 2
+
+
 pin_heavy_ops = st.lists(
     st.tuples(
         st.sampled_from(["get", "get", "put", "put", "pin", "unpin", "unpin", "discard"]),

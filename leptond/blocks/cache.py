@@ -30,8 +30,9 @@ Each policy therefore builds its ``get`` and a lean ``put`` as closures
 instance slots: the hot paths read and write the counters and the byte total
 as closure cells and call pre-bound dict methods, and touch no attribute of
 the cache.  The cold paths (pins, ``discard``, ``stats``, eviction with a
-callback) reach the same cells through two small accessor closures,
-``_totals`` and ``_account``.
+callback) reach the same cells through small accessor closures: ``_totals``,
+``_used`` (the byte total alone) and ``_account``, and for LFU ``_gone``,
+since LFU derives its hit count from the use counts (see ``_lfu_paths``).
 
 The puts keep the free room (capacity less bytes used) rather than the bytes
 used, so one compare of the new size against it decides whether to evict,
@@ -110,6 +111,7 @@ class _Paths(NamedTuple, Generic[K, V]):
     fast_get: Callable[[K], V | None]  # valid only with no pins
     fast_put: Callable[[K, V, int], None]  # valid only with no pins and no on_evict
     totals: Callable[[], _Totals]
+    used: Callable[[], int]  # bytes_used alone: cheaper than ``totals`` for LFU
     account: Callable[[int, int], None]  # (_STORED, _DROPPED or _EVICTED; the item's size)
 
 
@@ -136,6 +138,7 @@ class ByteCache(Generic[K, V]):
         "_pinned_bytes",
         "_pins",
         "_totals",
+        "_used",
         "_values",
         "get",
         "put",
@@ -151,6 +154,7 @@ class ByteCache(Generic[K, V]):
     _fast_get: Callable[[K], V | None]
     _fast_put: Callable[[K, V, int], None]
     _totals: Callable[[], _Totals]
+    _used: Callable[[], int]
     _account: Callable[[int, int], None]
 
     def __new__(
@@ -186,6 +190,7 @@ class ByteCache(Generic[K, V]):
         self._fast_get = paths.fast_get
         self._fast_put = paths.fast_put
         self._totals = paths.totals
+        self._used = paths.used
         self._account = paths.account
         self._choose_paths()
 
@@ -221,7 +226,7 @@ class ByteCache(Generic[K, V]):
 
     @property
     def bytes_used(self) -> int:
-        return self._totals().used
+        return self._used()
 
     # -- shared, policy-independent parts ---------------------------------
 
@@ -465,9 +470,12 @@ def _lru_paths(values: dict[K, V], order: OrderedDict[K, int], cap: int) -> _Pat
             dropped += 1
             dropped_bytes += size
 
+    def used() -> int:
+        return cap - room
+
     # ``get`` copes with pinned keys (they sit outside ``order``), so it
     # serves as the lean one too.
-    return _Paths(get, get, fast_put, totals, account)
+    return _Paths(get, get, fast_put, totals, used, account)
 
 
 class LRUByteCache(ByteCache[K, V]):
@@ -550,19 +558,38 @@ class _Bucket:
 
 def _lfu_paths(
     values: dict[K, V], bucket_of: dict[K, _Bucket], root: _Bucket, cap: int
-) -> tuple[_Paths[K, V], Callable[[int, _Bucket], _Bucket], Callable[[_Bucket], None]]:
+) -> tuple[
+    _Paths[K, V],
+    Callable[[int, _Bucket], _Bucket],
+    Callable[[_Bucket], None],
+    Callable[[int], None],
+]:
     """The LFU hot paths and their counters, as closures over ``values``,
     ``bucket_of`` (key -> its bucket) and the bucket list at ``root``.
 
     Also returns ``new_bucket(freq, prev)`` and ``drop_bucket(bucket)`` for
-    the cold paths: they share the one spare bucket kept in a cell here.
+    the cold paths, which share the one spare bucket kept in a cell here,
+    and ``gone(freq)``, which they call for a key that leaves (see below).
+
+    Hits are not counted: every hit adds one to its key's use count and
+    nothing else does, so the hits are the uses of the stored keys (count
+    less one, summed over the buckets when asked) plus those of the keys
+    that have left, which ``gone_hits`` adds up as each key leaves.  A hit
+    then updates no counter; ``hits += 1`` on a count past CPython's cached
+    small ints allocates a new int each time.  A key usually leaves from the
+    lowest bucket with a count of one, which adds nothing.
     """
-    hits = misses = 0
+    misses = gone_hits = 0
     room = cap  # capacity - bytes used: one compare decides whether to evict
     # Evictions are not counted as they happen (see ``totals``): only what
     # goes in, and what leaves otherwise (rare: a replacement or a discard).
     stored = stored_bytes = dropped = dropped_bytes = 0
     spare: _Bucket | None = None  # one emptied bucket, so moving up rarely allocates
+    # Called unbound: a method looked up on an OrderedDict is not specialised
+    # by CPython 3.11 (its instances have a ``__dict__``), and the hot paths
+    # call them on a different bucket each time, so they cannot be pre-bound.
+    od_pop = OrderedDict.pop
+    od_popitem = OrderedDict.popitem
 
     def new_bucket(freq: int, prev: _Bucket) -> _Bucket:
         nonlocal spare
@@ -591,11 +618,10 @@ def _lfu_paths(
     def fast_get(key: K) -> V | None:
         # Only while nothing is pinned: then every stored key is in its
         # bucket's ``items`` and no bucket holds pinned keys.
-        nonlocal hits, misses, spare
+        nonlocal misses, spare
         if key not in values:  # an operator, not a call: see LRU's get
             misses += 1
             return None
-        hits += 1
         bucket = bucket_of[key]
         freq = bucket.freq + 1
         nxt = bucket.next
@@ -615,7 +641,7 @@ def _lfu_paths(
             fresh.next = nxt
             bucket.next = nxt.prev = fresh
             nxt = fresh
-        nxt.items[key] = items.pop(key)
+        nxt.items[key] = od_pop(items, key)
         bucket_of[key] = nxt
         if not items:
             # drop_bucket(bucket), written out.  Its ``pinned``, if any, is
@@ -629,12 +655,11 @@ def _lfu_paths(
     def get(key: K) -> V | None:
         # The general get, for while pins exist: pinned keys keep counting
         # uses in their bucket's ``pinned`` map.
-        nonlocal hits, misses
+        nonlocal misses
         value = values.get(key)
         if value is None:
             misses += 1
             return None
-        hits += 1
         bucket = bucket_of[key]
         freq = bucket.freq + 1
         nxt = bucket.next
@@ -658,13 +683,14 @@ def _lfu_paths(
     def fast_put(key: K, value: V, size: int) -> None:
         # Only while nothing is pinned and there is no callback: then no
         # bucket holds a pinned key and the cache is within budget.
-        nonlocal room, stored, stored_bytes, dropped, dropped_bytes
+        nonlocal room, stored, stored_bytes, dropped, dropped_bytes, gone_hits
         if key in values:
             if size < 0:
                 raise _bad_size(size)  # before the old value goes
             # discard, written out: the new value starts with one use.
             del values[key]
             bucket = bucket_of.pop(key)
+            gone_hits += bucket.freq - 1
             items = bucket.items
             old_size = items.pop(key)
             room += old_size
@@ -678,37 +704,49 @@ def _lfu_paths(
                 return
             # With no pins the lowest bucket always has evictable keys.
             items = head.items
-            victim, victim_size = items.popitem(False)
+            victim, victim_size = od_popitem(items, False)
             del bucket_of[victim]
             del values[victim]
             room += victim_size
-            if not items:
-                if size <= room:
-                    # The common case (new keys are the usual victims, so the
+            freq = head.freq
+            if items and size <= room:
+                # The common case: one victim, from a bucket that keeps others.
+                if freq != 1:  # rare: most victims were never hit
+                    gone_hits += freq - 1  # the victim's uses leave with it
+                    head = new_bucket(1, root)
+            else:
+                if freq != 1:
+                    gone_hits += freq - 1
+                if not items and size <= room:
+                    # Common too (new keys are the usual victims, so the
                     # lowest bucket is often a single key): the emptied lowest
                     # bucket takes the new key, renumbered to one use, instead
                     # of being unlinked and another linked in its place.
                     head.freq = 1
                 else:
-                    drop_bucket(head)
-                    head = root.next
-            while size > room:  # more than one victim: items of mixed sizes
-                items = head.items
-                victim, victim_size = items.popitem(False)
-                if not items:
-                    drop_bucket(head)
-                    head = root.next
-                del bucket_of[victim]
-                del values[victim]
-                room += victim_size
+                    if not items:
+                        drop_bucket(head)
+                        head = root.next
+                    while size > room:  # more than one victim: items of mixed sizes
+                        items = head.items
+                        victim, victim_size = od_popitem(items, False)
+                        gone_hits += head.freq - 1
+                        if not items:
+                            drop_bucket(head)
+                            head = root.next
+                        del bucket_of[victim]
+                        del values[victim]
+                        room += victim_size
+                    if head.freq != 1:
+                        head = new_bucket(1, root)
         elif size < 0:
             raise _bad_size(size)
+        elif head.freq != 1:
+            head = new_bucket(1, root)
         values[key] = value
         room -= size
         stored += 1
         stored_bytes += size
-        if head.freq != 1:
-            head = new_bucket(1, root)
         head.items[key] = size
         bucket_of[key] = head
 
@@ -716,7 +754,18 @@ def _lfu_paths(
         used = cap - room
         # Whatever went in, did not leave otherwise and is not here was evicted.
         evictions = stored - dropped - len(values)
+        # The uses of the stored keys, pinned or not (a walk over the buckets,
+        # which are far fewer than the keys), and of those that have left.
+        hits = gone_hits
+        bucket = root.next
+        while bucket is not root:
+            pinned = bucket.pinned
+            hits += (bucket.freq - 1) * (len(bucket.items) + (len(pinned) if pinned else 0))
+            bucket = bucket.next
         return _Totals(hits, misses, used, evictions, stored_bytes - dropped_bytes - used)
+
+    def used() -> int:
+        return cap - room
 
     def account(event: int, size: int) -> None:
         nonlocal room, stored, stored_bytes, dropped, dropped_bytes
@@ -730,7 +779,13 @@ def _lfu_paths(
             dropped += 1
             dropped_bytes += size
 
-    return _Paths(get, fast_get, fast_put, totals, account), new_bucket, drop_bucket
+    def gone(freq: int) -> None:
+        """A key with use count ``freq`` left: keep its hits."""
+        nonlocal gone_hits
+        gone_hits += freq - 1
+
+    paths = _Paths(get, fast_get, fast_put, totals, used, account)
+    return paths, new_bucket, drop_bucket, gone
 
 
 class LFUByteCache(ByteCache[K, V]):
@@ -751,7 +806,7 @@ class LFUByteCache(ByteCache[K, V]):
     deleted slots.
     """
 
-    __slots__ = ("_bucket_of", "_drop_bucket", "_new_bucket", "_root")
+    __slots__ = ("_bucket_of", "_drop_bucket", "_gone", "_new_bucket", "_root")
     policy = "lfu"
 
     def __init__(
@@ -763,7 +818,7 @@ class LFUByteCache(ByteCache[K, V]):
         super().__init__(capacity_bytes, policy, on_evict)
         self._bucket_of: dict[K, _Bucket] = {}
         self._root = _Bucket(0)  # sentinel: root.next is the lowest count
-        paths, self._new_bucket, self._drop_bucket = _lfu_paths(
+        paths, self._new_bucket, self._drop_bucket, self._gone = _lfu_paths(
             self._values, self._bucket_of, self._root, capacity_bytes
         )
         self._bind(paths)
@@ -803,6 +858,7 @@ class LFUByteCache(ByteCache[K, V]):
 
     def _forget(self, key: K) -> int:
         bucket = self._bucket_of.pop(key)
+        self._gone(bucket.freq)
         size = bucket.items.pop(key, None)
         if size is None:
             size = bucket.pinned_map().pop(key)
@@ -818,6 +874,7 @@ class LFUByteCache(ByteCache[K, V]):
         if bucket is root:
             return None
         key, size = bucket.items.popitem(False)
+        self._gone(bucket.freq)
         if not bucket.items and not bucket.pinned:
             self._drop_bucket(bucket)
         del self._bucket_of[key]
