@@ -208,7 +208,10 @@ class AgentRegistry:
             raise RpcError("unregistered", f"register before {what}")
         return str(nid)
 
-    async def heartbeat(self, conn: Connection, a: Any) -> dict[str, Any]:
+    def heartbeat(self, conn: Connection, a: Any) -> dict[str, Any]:
+        """A plain function, so the connection serves it inline, without a
+        task of its own: every agent sends one a second, and at thousands of
+        agents the task per request was a good part of the leader's work."""
         nid = self._registered(conn, "sending heartbeats")
         if not isinstance(a, dict):
             raise RpcError(BAD_REQUEST, "a heartbeat is a map")

@@ -35,10 +35,14 @@ class RpcStats:
             except RpcError as exc:
                 self.errors[name, exc.code] += 1
                 raise
+            except Exception:
+                self.errors[name, INTERNAL] += 1
+                raise
             if inspect.isasyncgen(out):
                 return self._stream(name, out)
-            assert inspect.isawaitable(out)
-            return self._await(name, out)
+            if inspect.isawaitable(out):
+                return self._await(name, out)
+            return out  # a plain function's answer (served inline, see Handler)
 
         return call
 

@@ -84,9 +84,15 @@ from .errors import (
 
 log = logging.getLogger("lepton.wire")
 
+# A handler returns a coroutine (served as its own task), an async iterator
+# (a stream), or, as a plain function, its answer: that one runs inline, in
+# the read that brought its request, with no task of its own (no current
+# task either, so no asyncio.timeout or TaskGroup in it). Cheap synchronous
+# work that arrives often (agents' heartbeats) is served that way.
 Handler = (
     Callable[["Connection", Any], Awaitable[Any]]
     | Callable[["Connection", Any], AsyncIterator[Any]]
+    | Callable[["Connection", Any], dict[str, Any]]
 )
 PskLookup = Callable[[str], bytes | None]
 # Before authentication a peer gets tiny frames only, so an unauthenticated
@@ -263,7 +269,16 @@ class Connection(asyncio.Protocol):
         if len(self._head) < 8:
             self._head += data[: 8 - len(self._head)]
         self._reader.append(data)
-        self._process()
+        if self._flush_scheduled:
+            self._process()
+            return
+        # What this read's requests answer inline is written once, at the
+        # end of the read, not from a callback scheduled for each of them.
+        self._flush_scheduled = True
+        try:
+            self._process()
+        finally:
+            self._flush()
 
     def _process(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -627,10 +642,22 @@ class Connection(asyncio.Protocol):
             return None
         if i in self._served:
             raise ProtocolError("dup_id", "request id reused while in flight")
+        try:
+            out = handler(self, msg.get("a"))
+        except RpcError as exc:
+            self._answer(i, method, {"t": "r", "i": i, "e": exc.to_wire()})
+            return None
+        except Exception as exc:
+            self._answer(i, method, _internal(i, method, exc))
+            return None
+        if not (inspect.isawaitable(out) or inspect.isasyncgen(out)):
+            # A plain function's answer: sent now, no task (see Handler).
+            self._answer(i, method, {"t": "r", "i": i, "r": out})
+            return None
         w = msg.get("w")
         window = w if isinstance(w, int) and 0 < w <= MAX_STREAM_WINDOW else None
         task = self.loop.create_task(
-            self._serve(i, method, handler, msg.get("a"), window, big),
+            self._serve(i, method, out, window, big),
             name=f"rpc {method}",
         )
         self._served[i] = task
@@ -640,13 +667,11 @@ class Connection(asyncio.Protocol):
         self,
         i: int,
         method: str,
-        handler: Handler,
-        args: Any,
+        out: Awaitable[Any] | AsyncIterator[Any],
         window: int | None = None,
         big: bool = False,
     ) -> None:
         try:
-            out = handler(self, args)
             if inspect.isasyncgen(out):
                 if big:
                     # A stream may run for hours: it must not hold a share of
@@ -673,14 +698,12 @@ class Connection(asyncio.Protocol):
             self._credits.pop(i, None)
             raise
         except Exception as exc:
-            log.exception("handler %s failed", method)
-            reply = {
-                "t": "r",
-                "i": i,
-                "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"[:1024]},
-            }
+            reply = _internal(i, method, exc)
         self._served.pop(i, None)
         self._credits.pop(i, None)
+        self._answer(i, method, reply)
+
+    def _answer(self, i: int, method: str, reply: dict[str, Any]) -> None:
         if not self.is_closing():
             try:
                 self._send(reply)
@@ -987,6 +1010,16 @@ def _release_when_done(conn: Connection, tasks: list[asyncio.Task[None]], n: int
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(_CallTimeout())
+
+
+def _internal(i: int, method: str, exc: Exception) -> dict[str, Any]:
+    """The answer to a request whose handler failed: a bug, logged in full."""
+    log.error("handler %s failed", method, exc_info=exc)
+    return {
+        "t": "r",
+        "i": i,
+        "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"[:1024]},
+    }
 
 
 def _int(msg: dict[str, Any], key: str) -> int:
