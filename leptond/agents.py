@@ -218,7 +218,7 @@ class AgentRegistry:
         clean = Cleaner()
         # A heartbeat without host, GPU and cache figures (agents send them
         # every few seconds) keeps the last ones; it still counts as heard.
-        stats = clean.heartbeat(a) if any(k in a for k in STATS_KEYS) else None
+        stats = clean.heartbeat(a) if not a.keys().isdisjoint(STATS_KEYS) else None
         running = clean.runs(a.get("running"))
         exited = clean.task_ids(a.get("exited"))
         if clean.dropped:
