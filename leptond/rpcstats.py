@@ -38,6 +38,8 @@ class RpcStats:
             except Exception:
                 self.errors[name, INTERNAL] += 1
                 raise
+            if type(out) is dict:
+                return out  # a plain function's answer (served inline, see Handler)
             if inspect.isasyncgen(out):
                 return self._stream(name, out)
             if inspect.isawaitable(out):

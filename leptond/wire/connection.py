@@ -650,7 +650,7 @@ class Connection(asyncio.Protocol):
         except Exception as exc:
             self._answer(i, method, _internal(i, method, exc))
             return None
-        if not (inspect.isawaitable(out) or inspect.isasyncgen(out)):
+        if type(out) is dict or not (inspect.isawaitable(out) or inspect.isasyncgen(out)):
             # A plain function's answer: sent now, no task (see Handler).
             self._answer(i, method, {"t": "r", "i": i, "r": out})
             return None
