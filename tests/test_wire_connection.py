@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -247,7 +248,12 @@ async def _plain_function_handlers_are_answered_inline_without_a_task() -> None:
         return {"echo": args}
 
     stats = RpcStats()
-    server, port = await start(stats.wrap({"beat": beat, "echo": echo}))
+    wrapped = stats.wrap({"beat": beat, "echo": echo})
+    # Counting keeps each handler's kind, so the connection serves it as it
+    # would serve the handler itself.
+    assert inspect.iscoroutinefunction(wrapped["echo"])
+    assert not inspect.iscoroutinefunction(wrapped["beat"])
+    server, port = await start(wrapped)
     try:
         conn = await connect(port)
         assert await conn.call("beat", 7) == {"echo": 7}

@@ -117,6 +117,7 @@ STREAM_WINDOW = 64
 MAX_STREAM_WINDOW = 1024
 TOO_LARGE = "too_large"
 _STREAM_END = object()
+_NOT_YET = object()
 
 
 class FrameTooLarge(RpcError):
@@ -226,6 +227,7 @@ class Connection(asyncio.Protocol):
         self._streams: dict[int, _Inbound] = {}
         self._credits: dict[int, _Credit] = {}
         self._served: dict[int, asyncio.Task[None]] = {}
+        self._plain: dict[str, bool] = {}  # method -> handler is a plain function
         self._notified: set[asyncio.Task[None]] = set()
         self._out = bytearray()
         # Small bodies gathered for the next write, sealed there as one frame
@@ -642,36 +644,58 @@ class Connection(asyncio.Protocol):
             return None
         if i in self._served:
             raise ProtocolError("dup_id", "request id reused while in flight")
-        try:
-            out = handler(self, msg.get("a"))
-        except RpcError as exc:
-            self._answer(i, method, {"t": "r", "i": i, "e": exc.to_wire()})
-            return None
-        except Exception as exc:
-            self._answer(i, method, _internal(i, method, exc))
-            return None
-        if type(out) is dict or not (inspect.isawaitable(out) or inspect.isasyncgen(out)):
-            # A plain function's answer: sent now, no task (see Handler).
-            self._answer(i, method, {"t": "r", "i": i, "r": out})
-            return None
+        args = msg.get("a")
+        out: Any = _NOT_YET
+        if self._is_plain(method, handler):
+            try:
+                out = handler(self, args)
+            except RpcError as exc:
+                self._answer(i, method, {"t": "r", "i": i, "e": exc.to_wire()})
+                return None
+            except Exception as exc:
+                self._answer(i, method, _internal(i, method, exc))
+                return None
+            if type(out) is dict or not (inspect.isawaitable(out) or inspect.isasyncgen(out)):
+                # A plain function's answer: sent now, no task (see Handler).
+                self._answer(i, method, {"t": "r", "i": i, "r": out})
+                return None
+            # A plain function that returned an awaitable: served by a task.
         w = msg.get("w")
         window = w if isinstance(w, int) and 0 < w <= MAX_STREAM_WINDOW else None
         task = self.loop.create_task(
-            self._serve(i, method, out, window, big),
+            self._serve(i, method, handler, args, window, big, out),
             name=f"rpc {method}",
         )
         self._served[i] = task
         return task
 
+    def _is_plain(self, method: str, handler: Handler) -> bool:
+        """Whether the handler is a plain function (answered inline), not a
+        coroutine or async generator function (served by a task, which calls
+        it). Asked once per method and connection."""
+        plain = self._plain.get(method)
+        if plain is None:
+            kind = cast(Any, handler)
+            plain = not (inspect.iscoroutinefunction(kind) or inspect.isasyncgenfunction(kind))
+            self._plain[method] = plain
+        return plain
+
     async def _serve(
         self,
         i: int,
         method: str,
-        out: Awaitable[Any] | AsyncIterator[Any],
+        handler: Handler,
+        args: Any,
         window: int | None = None,
         big: bool = False,
+        out: Any = _NOT_YET,
     ) -> None:
+        """Serve one request in its own task. `out`: what a plain function
+        returned when it was an awaitable (the handler is not called again);
+        _NOT_YET: call the handler here."""
         try:
+            if out is _NOT_YET:
+                out = handler(self, args)
             if inspect.isasyncgen(out):
                 if big:
                     # A stream may run for hours: it must not hold a share of
