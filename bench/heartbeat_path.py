@@ -117,12 +117,21 @@ class Agent:
         self.to_server, self.to_client = Pipe(), Pipe()
         self.server.connection_made(self.to_client)
         self.client.connection_made(self.to_server)
-        while self.to_server.deliver(self.server) | self.to_client.deliver(self.client):
-            pass
-        assert self.server.ready.done() and self.client.ready.done()
-        self.server.context.update(role="node", user=node_id, node_id=node_id)
-        self.to_client.counting = True
+        self.node_id = node_id
         self.i = 0
+
+    async def handshake(self) -> None:
+        """Pass the hellos back and forth until both sides are ready (replies
+        may wait for the loop's next turn)."""
+        for _ in range(100):
+            if self.server.ready.done() and self.client.ready.done() and not self.to_server.pending:
+                break
+            if not (self.to_server.deliver(self.server) | self.to_client.deliver(self.client)):
+                await asyncio.sleep(0)
+        else:
+            raise RuntimeError("the in-memory handshake did not complete")
+        self.server.context.update(role="node", user=self.node_id, node_id=self.node_id)
+        self.to_client.counting = True
 
     def frames(self, n: int, body: dict[str, Any]) -> list[bytes]:
         """`n` sealed heartbeat requests, in the order the server must read them."""
@@ -164,6 +173,8 @@ async def measure(handler: Handler, n: int, repeat: int) -> tuple[float, int]:
     server's writes per heartbeat * 1000 (one reply, one write each)."""
     handlers = RpcStats().wrap({"heartbeat": handler})
     agents = [Agent(handlers, describe(i)["id"]) for i in range(n)]
+    for a in agents:
+        await a.handshake()
     bare = {"running": [], "exited": []}
     best = float("inf")
     writes0 = sum(a.to_client.writes for a in agents)
