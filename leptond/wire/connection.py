@@ -84,11 +84,12 @@ from .errors import (
 
 log = logging.getLogger("lepton.wire")
 
-# A handler returns a coroutine (served as its own task), an async iterator
-# (a stream), or, as a plain function, its answer: that one runs inline, in
-# the read that brought its request, with no task of its own (no current
-# task either, so no asyncio.timeout or TaskGroup in it). Cheap synchronous
-# work that arrives often (agents' heartbeats) is served that way.
+# A handler is a coroutine function or an async generator function (a
+# stream), called in its own task, or a plain function returning its answer:
+# that one is called inline, in the read that brought its request, with no
+# task of its own (no current task either, so no asyncio.timeout or
+# TaskGroup in it). Cheap synchronous work that arrives often (agents'
+# heartbeats) is served that way.
 Handler = (
     Callable[["Connection", Any], Awaitable[Any]]
     | Callable[["Connection", Any], AsyncIterator[Any]]
