@@ -143,11 +143,22 @@ class Controllers:
             del live.suspects[nid]  # down already (or removed): nothing to judge
         if self._clock.monotonic() >= self._next_liveness:
             self._next_liveness = self._clock.monotonic() + period
-            nodes = [n for n in known.values() if n.state != "down"]
+            judged = [n.id for n in known.values() if n.state != "down"]
         else:
-            nodes = [known[x] for x in list(live.suspects)]
-        for node in nodes:
-            nid = node.id
+            judged = list(live.suspects)
+        # At 10,000 nodes this runs twice a second: the scan is one pass of
+        # dict reads (NodeLiveness.overdue); only what it finds is looked at
+        # again, one node at a time, with the clock read afresh.
+        overdue = live.overdue(judged, ttl, fast)
+        # A proposal that failed may still have been committed: a condemned
+        # node gets no lease until that cannot happen.
+        if live.condemned:
+            looked_at, late = set(judged), set(overdue)
+            for nid in [x for x in live.condemned if x in looked_at and x not in late]:
+                if self._clock.monotonic() - live.condemned[nid] > 2 * cfg.commit_timeout_s:
+                    del live.condemned[nid]
+        for nid in overdue:
+            node = known[nid]
             silent = live.silent_for(nid)
             suspect = live.suspect_for(nid)
             if fast is not None and suspect is not None and suspect > fast:
@@ -155,12 +166,7 @@ class Controllers:
             elif silent > ttl:
                 why = f"no heartbeat for {ttl:g}s"
             else:
-                # A proposal that failed may still have been committed: a
-                # condemned node gets no lease until that cannot happen.
-                at = live.condemned.get(nid)
-                if at is not None and self._clock.monotonic() - at > 2 * cfg.commit_timeout_s:
-                    del live.condemned[nid]
-                continue
+                continue  # heard from (or registered again) since the scan
             log.warning("node %s: %s: marking it down", node.name, why)
             live.condemned[nid] = self._clock.monotonic()
             res = await self._proposer.propose(

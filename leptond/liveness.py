@@ -62,6 +62,27 @@ class NodeLiveness:
         if stats is not None:
             self.live[node_id] = {**stats, "at": now}
 
+    def overdue(self, node_ids: Iterable[str], ttl_s: float, confirm_s: float | None) -> list[str]:
+        """The nodes among `node_ids`, in their order, silent for more than
+        `ttl_s` or suspect for more than `confirm_s` (None: suspicion alone
+        condemns nobody): what `silent_for` and `suspect_for` would say of
+        each, read with one clock reading, as plain dict lookups (the
+        liveness loop asks about every node twice a second)."""
+        now = self._clock.monotonic()
+        seen, suspects = self.last_seen, self.suspects
+        out = []
+        for nid in node_ids:
+            heard = seen.get(nid)
+            if heard is None:
+                heard = seen[nid] = now  # never heard of: counts from now
+            if now - heard > ttl_s:
+                out.append(nid)
+            elif confirm_s is not None:
+                since = suspects.get(nid)
+                if since is not None and now - since > confirm_s:
+                    out.append(nid)
+        return out
+
     def dropped(self, node_id: str, n: int) -> None:
         """Count values of a node's heartbeat that were left out as malformed."""
         first = node_id not in self.dropped_by_node

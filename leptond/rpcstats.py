@@ -28,17 +28,58 @@ class RpcStats:
         return {name: self._counted(name, h) for name, h in handlers.items()}
 
     def _counted(self, name: str, handler: Handler) -> Handler:
+        """The handler with its calls and errors counted, of the same kind: a
+        coroutine function stays one, and so does an async generator function
+        or a plain function, so the connection serves it as it would serve
+        the handler itself (a plain function inline, see wire.connection)."""
+        fn: Any = handler
+        if inspect.iscoroutinefunction(fn):
+
+            async def call_async(conn: Connection, args: Any) -> Any:
+                self.requests[name] += 1
+                try:
+                    return await fn(conn, args)
+                except RpcError as exc:
+                    self.errors[name, exc.code] += 1
+                    raise
+                except Exception:
+                    self.errors[name, INTERNAL] += 1
+                    raise
+
+            return call_async
+        if inspect.isasyncgenfunction(fn):
+
+            async def call_stream(conn: Connection, args: Any) -> AsyncIterator[Any]:
+                self.requests[name] += 1
+                try:
+                    async for item in fn(conn, args):
+                        yield item
+                except RpcError as exc:
+                    self.errors[name, exc.code] += 1
+                    raise
+                except Exception:
+                    self.errors[name, INTERNAL] += 1
+                    raise
+
+            return call_stream
+
         def call(conn: Connection, args: Any) -> Any:
             self.requests[name] += 1
             try:
-                out = handler(conn, args)
+                out = fn(conn, args)
             except RpcError as exc:
                 self.errors[name, exc.code] += 1
                 raise
+            except Exception:
+                self.errors[name, INTERNAL] += 1
+                raise
+            if type(out) is dict:
+                return out  # a plain function's answer
             if inspect.isasyncgen(out):
                 return self._stream(name, out)
-            assert inspect.isawaitable(out)
-            return self._await(name, out)
+            if inspect.isawaitable(out):
+                return self._await(name, out)
+            return out
 
         return call
 

@@ -31,6 +31,8 @@ def test_a_small_fleet_in_two_processes_reports_every_figure() -> None:
     assert res["agents"] == 40 and res["stats_every"] == 10
     assert res["register_s"] is not None and res["register_all_s"] == res["register_s"]
     assert res["heartbeat_errors"] == 0 and res["heartbeats_per_s"] > 0
+    assert 0 <= res["leader_system_cpu_pct"] <= res["leader_cpu_pct"]
+    assert res["register_leader_cpu_s"] >= 0
     # The silent agent's node was declared down, and no other.
     assert res["detect_silent_s"] > 0 and res["false_down"] == 0
     assert "Traceback" not in out.stderr

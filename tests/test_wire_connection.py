@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from leptond.rpcstats import RpcStats
 from leptond.wire import Connection, RpcError, RpcServer, open_connection
+from leptond.wire.codec import FrameReader, decode_messages, encode_body, frame
 from leptond.wire.connection import FLUSH_AT
 
 PSK = b"k" * 32
@@ -223,3 +226,106 @@ async def _calls_in_flight_fail_when_the_server_goes_away() -> None:
     with pytest.raises(RpcError) as err:
         await asyncio.wait_for(call, 5)
     assert err.value.code == "unavailable"
+
+
+def test_plain_function_handlers_are_answered_inline_without_a_task(run: Runner) -> None:
+    run(_plain_function_handlers_are_answered_inline_without_a_task())
+
+
+async def _plain_function_handlers_are_answered_inline_without_a_task() -> None:
+    # A handler that is a plain function (the leader's heartbeat) is served
+    # in the read that brought its request: no task, and its answer is the
+    # reply. Its errors are answered as a coroutine's are, the connection
+    # lives on, and RpcStats counts it like any other.
+    tasks_seen: list[asyncio.Task[Any] | None] = []
+
+    def beat(conn: Connection, args: Any) -> dict[str, Any]:
+        tasks_seen.append(asyncio.current_task())
+        if args == "refuse":
+            raise RpcError("unregistered", "register before sending heartbeats")
+        if args == "bug":
+            raise KeyError("oops")
+        return {"echo": args}
+
+    stats = RpcStats()
+    wrapped = stats.wrap({"beat": beat, "echo": echo})
+    # Counting keeps each handler's kind, so the connection serves it as it
+    # would serve the handler itself.
+    assert inspect.iscoroutinefunction(wrapped["echo"])
+    assert not inspect.iscoroutinefunction(wrapped["beat"])
+    server, port = await start(wrapped)
+    try:
+        conn = await connect(port)
+        assert await conn.call("beat", 7) == {"echo": 7}
+        assert tasks_seen == [None]
+        with pytest.raises(RpcError) as err:
+            await conn.call("beat", "refuse")
+        assert (err.value.code, str(err.value)) == (
+            "unregistered",
+            "register before sending heartbeats",
+        )
+        with pytest.raises(RpcError) as err:
+            await conn.call("beat", "bug")
+        assert err.value.code == "internal"
+        # Inline and task-served requests in the same frames, answered in full.
+        calls = [conn.call("beat" if k % 2 else "echo", k) for k in range(300)]
+        assert await asyncio.gather(*calls) == [{"echo": k} if k % 2 else k for k in range(300)]
+        assert stats.requests["beat"] == 153
+        assert stats.errors["beat", "unregistered"] == 1
+        assert stats.errors["beat", "internal"] == 1
+        assert set(tasks_seen) == {None}
+        conn.close()
+    finally:
+        await server.close()
+
+
+class _Transport(asyncio.Transport):
+    """Records what the connection writes, and when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+
+def test_answers_to_one_read_are_written_before_the_read_returns() -> None:
+    async def body() -> None:
+        # The answers a read's requests get inline leave in one write at the
+        # end of that read, not from a callback of a later loop iteration.
+        def beat(conn: Connection, args: Any) -> Any:
+            return args
+
+        conn = Connection(is_client=False, handlers={"beat": beat}, sealed=False)
+        transport = _Transport()
+        conn.connection_made(transport)
+        hello = frame(encode_body({"t": "h", "b": 1}))
+        conn.data_received(hello + frame(encode_body({"t": "q", "i": 1, "m": "beat", "a": 5})))
+        assert len(transport.writes) == 1
+        got = FrameReader().feed(transport.writes[0])
+        assert [decode_messages(f) for f in got] == [
+            [{"t": "h", "b": 1}, {"t": "r", "i": 1, "r": 5}]
+        ]
+        conn.data_received(
+            b"".join(frame(encode_body({"t": "q", "i": i, "m": "beat", "a": i})) for i in (2, 3))
+        )
+        assert len(transport.writes) == 2
+        (batch,) = FrameReader().feed(transport.writes[1])
+        assert decode_messages(batch) == [{"t": "r", "i": 2, "r": 2}, {"t": "r", "i": 3, "r": 3}]
+        conn.connection_lost(None)
+
+    asyncio.run(body())

@@ -291,8 +291,11 @@ class ServerEnd:
         result: Any = None
         try:
             out = handler(cast(Connection, self), args)
-            assert inspect.isawaitable(out), f"{method} is a stream; the simulation has none"
-            result = await out
+            assert not inspect.isasyncgen(out), f"{method} is a stream; the simulation has none"
+            # A plain function's answer is the result (the real connection
+            # serves those inline; here they run in this task's first step,
+            # as a coroutine that never waits would).
+            result = await out if inspect.isawaitable(out) else out
         except RpcError as exc:
             err = exc.to_wire()
         except asyncio.CancelledError:

@@ -352,27 +352,40 @@ def decode_messages(
 class BatchBuilder:
     """Gathers small encoded bodies (flags byte 0 | msgpack) for one sealed frame."""
 
-    __slots__ = ("_buf", "count")
+    __slots__ = ("_buf", "_first", "count")
 
     def __init__(self) -> None:
-        self._buf = bytearray(b"\x02")
+        # A lone body (the usual case: one reply per read) is kept as it is
+        # and sealed as it is; a batch is built once a second one comes.
+        self._first = b""
+        self._buf: bytearray | None = None
         self.count = 0
 
     def add(self, body: bytes) -> None:
-        self._buf += _LEN.pack(len(body))
-        self._buf += body
+        if self.count == 0:
+            self._first = body
+        else:
+            if self._buf is None:
+                first = self._first
+                self._buf = bytearray(b"\x02")
+                self._buf += _LEN.pack(len(first))
+                self._buf += first
+            self._buf += _LEN.pack(len(body))
+            self._buf += body
         self.count += 1
 
     def __len__(self) -> int:
-        return len(self._buf)
+        """The bytes of the batch frame's plaintext so far."""
+        if self._buf is not None:
+            return len(self._buf)
+        return 5 + len(self._first) if self.count else 1
 
     def take(self) -> bytes | bytearray:
         """The plaintext to seal (a lone body goes as it is, not as a batch of
         one), and the builder starts afresh."""
-        buf = self._buf
-        self._buf = bytearray(b"\x02")
-        count, self.count = self.count, 0
-        return bytes(buf[5:]) if count == 1 else buf
+        out: bytes | bytearray = self._first if self._buf is None else self._buf
+        self._first, self._buf, self.count = b"", None, 0
+        return out
 
 
 class Sealer:

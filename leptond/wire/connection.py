@@ -84,9 +84,16 @@ from .errors import (
 
 log = logging.getLogger("lepton.wire")
 
+# A handler is a coroutine function or an async generator function (a
+# stream), called in its own task, or a plain function returning its answer:
+# that one is called inline, in the read that brought its request, with no
+# task of its own (no current task either, so no asyncio.timeout or
+# TaskGroup in it). Cheap synchronous work that arrives often (agents'
+# heartbeats) is served that way.
 Handler = (
     Callable[["Connection", Any], Awaitable[Any]]
     | Callable[["Connection", Any], AsyncIterator[Any]]
+    | Callable[["Connection", Any], dict[str, Any]]
 )
 PskLookup = Callable[[str], bytes | None]
 # Before authentication a peer gets tiny frames only, so an unauthenticated
@@ -111,6 +118,7 @@ STREAM_WINDOW = 64
 MAX_STREAM_WINDOW = 1024
 TOO_LARGE = "too_large"
 _STREAM_END = object()
+_NOT_YET = object()
 
 
 class FrameTooLarge(RpcError):
@@ -220,6 +228,7 @@ class Connection(asyncio.Protocol):
         self._streams: dict[int, _Inbound] = {}
         self._credits: dict[int, _Credit] = {}
         self._served: dict[int, asyncio.Task[None]] = {}
+        self._plain: dict[str, bool] = {}  # method -> handler is a plain function
         self._notified: set[asyncio.Task[None]] = set()
         self._out = bytearray()
         # Small bodies gathered for the next write, sealed there as one frame
@@ -263,7 +272,16 @@ class Connection(asyncio.Protocol):
         if len(self._head) < 8:
             self._head += data[: 8 - len(self._head)]
         self._reader.append(data)
-        self._process()
+        if self._flush_scheduled:
+            self._process()
+            return
+        # What this read's requests answer inline is written once, at the
+        # end of the read, not from a callback scheduled for each of them.
+        self._flush_scheduled = True
+        try:
+            self._process()
+        finally:
+            self._flush()
 
     def _process(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -627,14 +645,41 @@ class Connection(asyncio.Protocol):
             return None
         if i in self._served:
             raise ProtocolError("dup_id", "request id reused while in flight")
+        args = msg.get("a")
+        out: Any = _NOT_YET
+        if self._is_plain(method, handler):
+            try:
+                out = handler(self, args)
+            except RpcError as exc:
+                self._answer(i, method, {"t": "r", "i": i, "e": exc.to_wire()})
+                return None
+            except Exception as exc:
+                self._answer(i, method, _internal(i, method, exc))
+                return None
+            if type(out) is dict or not (inspect.isawaitable(out) or inspect.isasyncgen(out)):
+                # A plain function's answer: sent now, no task (see Handler).
+                self._answer(i, method, {"t": "r", "i": i, "r": out})
+                return None
+            # A plain function that returned an awaitable: served by a task.
         w = msg.get("w")
         window = w if isinstance(w, int) and 0 < w <= MAX_STREAM_WINDOW else None
         task = self.loop.create_task(
-            self._serve(i, method, handler, msg.get("a"), window, big),
+            self._serve(i, method, handler, args, window, big, out),
             name=f"rpc {method}",
         )
         self._served[i] = task
         return task
+
+    def _is_plain(self, method: str, handler: Handler) -> bool:
+        """Whether the handler is a plain function (answered inline), not a
+        coroutine or async generator function (served by a task, which calls
+        it). Asked once per method and connection."""
+        plain = self._plain.get(method)
+        if plain is None:
+            kind = cast(Any, handler)
+            plain = not (inspect.iscoroutinefunction(kind) or inspect.isasyncgenfunction(kind))
+            self._plain[method] = plain
+        return plain
 
     async def _serve(
         self,
@@ -644,9 +689,14 @@ class Connection(asyncio.Protocol):
         args: Any,
         window: int | None = None,
         big: bool = False,
+        out: Any = _NOT_YET,
     ) -> None:
+        """Serve one request in its own task. `out`: what a plain function
+        returned when it was an awaitable (the handler is not called again);
+        _NOT_YET: call the handler here."""
         try:
-            out = handler(self, args)
+            if out is _NOT_YET:
+                out = handler(self, args)
             if inspect.isasyncgen(out):
                 if big:
                     # A stream may run for hours: it must not hold a share of
@@ -673,14 +723,12 @@ class Connection(asyncio.Protocol):
             self._credits.pop(i, None)
             raise
         except Exception as exc:
-            log.exception("handler %s failed", method)
-            reply = {
-                "t": "r",
-                "i": i,
-                "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"[:1024]},
-            }
+            reply = _internal(i, method, exc)
         self._served.pop(i, None)
         self._credits.pop(i, None)
+        self._answer(i, method, reply)
+
+    def _answer(self, i: int, method: str, reply: dict[str, Any]) -> None:
         if not self.is_closing():
             try:
                 self._send(reply)
@@ -987,6 +1035,16 @@ def _release_when_done(conn: Connection, tasks: list[asyncio.Task[None]], n: int
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(_CallTimeout())
+
+
+def _internal(i: int, method: str, exc: Exception) -> dict[str, Any]:
+    """The answer to a request whose handler failed: a bug, logged in full."""
+    log.error("handler %s failed", method, exc_info=exc)
+    return {
+        "t": "r",
+        "i": i,
+        "e": {"code": INTERNAL, "message": f"internal error in {method}: {exc}"[:1024]},
+    }
 
 
 def _int(msg: dict[str, Any], key: str) -> int:
