@@ -55,6 +55,9 @@ log = logging.getLogger("lepton.agent")
 PASSABLE = frozenset({"tasks", "workdirs", "dev"})
 # At most this long between sweeps of the directories of runs long over.
 GC_INTERVAL_S = 60.0
+# A simulated GPU's burn-in made slow (`burnin-slow gpu=I`): longer than a
+# client's usual attempt (6 s), which a reset must outwait, not retry.
+SLOW_BURN_IN_S = 8.0
 # Context tag of the connections a registration was sent on (heartbeats
 # follow on the same one): the leader may hold any of them as the node's, so
 # closing one cuts the lease first (_closing_connection). A connection that
@@ -960,6 +963,11 @@ class Agent:
             if index in self.probe.fail_burnin:
                 self.probe.fail_burnin.discard(index)
                 return False, "an injected burn-in fault (simulated GPU)"
+            if index in self.probe.slow_burnin:
+                # Slow until one burn-in gets past it: one cancelled meanwhile
+                # (its caller gave up) leaves the next one as slow.
+                await self.clock.sleep(SLOW_BURN_IN_S)
+                self.probe.slow_burnin.discard(index)
             argv += ["--device", "cpu", "--matmul", "256", "--pattern-bytes", str(16 << 20)]
         else:
             env.update(CUDA_VISIBLE_DEVICES=str(index), CUDA_DEVICE_ORDER="PCI_BUS_ID")

@@ -53,13 +53,14 @@ XID_WORDS = {
 }
 FAULT_HELP = (
     "one fault per line: 'xid N gpu=I', 'ecc dbe gpu=I', 'ecc sbe gpu=I', "
-    "'retired-pages gpu=I', 'lost gpu=I' or 'burnin-fail gpu=I'"
+    "'retired-pages gpu=I', 'lost gpu=I', 'burnin-fail gpu=I' or 'burnin-slow gpu=I'"
 )
 
 
 @dataclass(frozen=True)
 class GpuEvent:
-    """kind: xid, ecc_dbe, ecc_sbe, retired_pages, remap_failed, lost, burnin_fail."""
+    """kind: xid, ecc_dbe, ecc_sbe, retired_pages, remap_failed, lost,
+    burnin_fail, burnin_slow (the last two: simulated GPUs' next burn-in)."""
 
     kind: str
     gpu: int
@@ -169,6 +170,7 @@ def parse_fault(line: str, gpu_count: int) -> GpuEvent:
         ("retired-pages",): "retired_pages",
         ("lost",): "lost",
         ("burnin-fail",): "burnin_fail",
+        ("burnin-slow",): "burnin_slow",
     }
     kind = kinds.get(tuple(rest))
     if kind is None:

@@ -373,6 +373,9 @@ class SimulatedGpuProbe:
         self.lost: set[int] = set()
         self.ecc = [[0, 0] for _ in range(count)]  # [corrected, uncorrected] per GPU
         self.fail_burnin: set[int] = set()
+        # GPUs whose burn-ins take SLOW_BURN_IN_S longer (as a real one on a
+        # loaded host or a large GPU does), until one gets past that.
+        self.slow_burnin: set[int] = set()
 
     def set_busy(self, indices: Iterable[int]) -> None:
         """Mark which GPUs tasks hold; busy GPUs report load, idle ones none."""
@@ -415,6 +418,9 @@ class SimulatedGpuProbe:
         for ev in read_fault_file(self.fault_file, self.count):
             if ev.kind == "burnin_fail":
                 self.fail_burnin.add(ev.gpu)
+                continue
+            if ev.kind == "burnin_slow":
+                self.slow_burnin.add(ev.gpu)
                 continue
             if ev.kind == "lost":
                 self.lost.add(ev.gpu)

@@ -130,11 +130,17 @@ def test_reset_runs_a_burn_in_and_puts_the_gpu_back(gh: Cluster) -> None:
     assert out.returncode == 1 and "failed its burn-in" in out.stderr, out.stderr
     assert 3 in faults(gh)
     # One that passes (torch on the CPU for a simulated GPU) brings it back.
-    # It loads torch, which takes long on a busy machine: the master waits
-    # for the burn-in up to its own limit (BURN_IN_WAIT_S), and so does this.
+    # This one takes longer than a client's usual attempt (6 s), as loading
+    # torch alone can on a busy host: leptonctl waits for it, and the host
+    # runs it once (each retry used to start another, and none was ever
+    # recorded). The master waits for it up to its own limit, and so does this.
+    inject(gh, "burnin-slow gpu=3\n")
+    wait_for(lambda: (gh.root / "agent-h1" / "simulate" / "faults").stat().st_size == 0, 30, "read")
     out = gh.ctl("node", "gpu", "reset", "h1", "3", timeout_s=BURN_IN_WAIT_S + 30)
     assert "h1: GPU 3 healthy (burn-in passed on the CPU" in out.stdout, out.stdout
     assert 3 not in faults(gh)
+    passed = (gh.root / "agent-h1.log").read_text().count("GPU 3 is back in service")
+    assert passed == 1, f"{passed} burn-ins passed for one reset"
     wait_for(
         lambda: value(agent_metrics(gh), "lepton_agent_gpu_healthy", gpu="3") == 1,
         30,

@@ -224,7 +224,13 @@ async def gpu_reset(
     c: ClusterClient, node: str, gpu: int, timeout_s: float = 360.0
 ) -> dict[str, Any]:
     """The burn-in runs on the host first: this may take minutes."""
-    return dict(await _call(c, "node_gpu_reset", {"node": node, "gpu": gpu}, timeout_s=timeout_s))
+    # One attempt for the whole wait: a retry after the usual 6 s would give up
+    # on a burn-in still running and start another on the host (under load,
+    # loading torch alone can take longer: each retry started one more).
+    args = {"node": node, "gpu": gpu}
+    return dict(
+        await _call(c, "node_gpu_reset", args, timeout_s=timeout_s, attempt_timeout_s=timeout_s)
+    )
 
 
 async def node_change(
@@ -284,7 +290,10 @@ async def cluster_membership(
 
 
 async def snapshot_save(c: ClusterClient, timeout_s: float = SLOW_TIMEOUT_S) -> dict[str, Any]:
-    return dict(await _call(c, "snapshot_save", {}, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+    # A large state takes longer than one usual attempt (6 s) to write or
+    # read: one attempt for the whole wait, not a new one every 6 s.
+    slow = max(timeout_s, SLOW_TIMEOUT_S)
+    return dict(await _call(c, "snapshot_save", {}, timeout_s=slow, attempt_timeout_s=slow))
 
 
 async def snapshot_check(
@@ -292,14 +301,16 @@ async def snapshot_check(
 ) -> dict[str, Any]:
     """What a restore of `data` would replace, without changing anything."""
     args = {"data": data}
-    return dict(await _call(c, "snapshot_check", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+    slow = max(timeout_s, SLOW_TIMEOUT_S)  # one attempt (snapshot_save says why)
+    return dict(await _call(c, "snapshot_check", args, timeout_s=slow, attempt_timeout_s=slow))
 
 
 async def snapshot_restore(
     c: ClusterClient, data: bytes, timeout_s: float = SLOW_TIMEOUT_S
 ) -> dict[str, Any]:
     args = {"data": data}
-    return dict(await _call(c, "snapshot_restore", args, timeout_s=max(timeout_s, SLOW_TIMEOUT_S)))
+    slow = max(timeout_s, SLOW_TIMEOUT_S)  # one attempt (snapshot_save says why)
+    return dict(await _call(c, "snapshot_restore", args, timeout_s=slow, attempt_timeout_s=slow))
 
 
 # -- tokens -----------------------------------------------------------------------
