@@ -43,9 +43,10 @@ What `install` does ("tuned"):
 from __future__ import annotations
 
 import gc
-import time
+from collections.abc import Callable
 from typing import Any
 
+from .clock import RealClock
 from .stats import Histogram
 
 # Unfreeze when the frozen count reaches this multiple of the last whole walk's.
@@ -68,12 +69,14 @@ class GcStats:
         freeze: bool,
         unfreeze_factor: float = UNFREEZE_FACTOR,
         unfreeze_floor: int = UNFREEZE_FLOOR,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         if unfreeze_factor <= 1.0:
             raise ValueError("unfreeze_factor must be more than 1")
         self.freeze = freeze
         self.unfreeze_factor = unfreeze_factor
         self.unfreeze_floor = unfreeze_floor
+        self._monotonic = monotonic or RealClock().monotonic  # times the pauses
         self.pauses = {g: Histogram() for g in GENERATIONS}
         self.max_pause_s = dict.fromkeys(GENERATIONS, 0.0)
         self.frozen = 0  # frozen objects: exact after a walk, else an upper bound
@@ -87,10 +90,10 @@ class GcStats:
         # Runs inside the collection's bracket, holding the GIL; never raises
         # (an exception here would be printed on every collection).
         if phase == "start":
-            self._t0 = time.perf_counter()
+            self._t0 = self._monotonic()
             return
         gen = int(info.get("generation", 0))
-        elapsed = time.perf_counter() - self._t0
+        elapsed = self._monotonic() - self._t0
         self.pauses[gen].observe(elapsed)
         if elapsed > self.max_pause_s[gen]:
             self.max_pause_s[gen] = elapsed

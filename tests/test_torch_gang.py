@@ -62,6 +62,11 @@ print(
 dist.barrier()
 del model, loss
 dist.destroy_process_group()
+# Still seen once in a whole run, after all of that: the same abort as the
+# interpreter tore down (gloo's threads meet C++ destructors, a torch
+# matter, not what this test is about). What was to be said is said: leave
+# without running those destructors.
+os._exit(0)
 """
 
 
