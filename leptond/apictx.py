@@ -7,6 +7,7 @@ reach agents only through the NodeChannel. master.py builds one.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -84,6 +85,9 @@ class ApiContext:
     block_stats: Callable[[], dict[str, Any]]
     clock: Clock
     relays: RelaySlots = field(default_factory=lambda: RelaySlots())
+    # GPU resets under way, by (node id, GPU): a second reset of the same GPU
+    # waits for the first one's burn-in instead of starting another.
+    gpu_resets: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
 
     # -- shorthands the methods use --------------------------------------------
     def view(self) -> StateView:

@@ -8,6 +8,7 @@ checks and audit apply.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from . import param, usage, views
@@ -109,12 +110,34 @@ async def node_gpu_reset(m: ApiContext, conn: Connection, a: dict[str, Any]) -> 
             f"node {node.name} is not connected; the burn-in runs on the host, so a reset "
             "needs its agent",
         )
+    key = (nid, gpu)
+    running = m.gpu_resets.get(key)
+    if running is None:
+        # Its own task, shielded from the caller: a caller that goes away
+        # does not stop a burn-in half way, and its result is still recorded.
+        running = asyncio.ensure_future(_reset(m, nid, node.name, gpu, rid))
+        m.gpu_resets[key] = running
+        running.add_done_callback(lambda f: _reset_done(m, key, f))
+    return await asyncio.shield(running)
+
+
+def _reset_done(m: ApiContext, key: tuple[str, int], f: asyncio.Future[Any]) -> None:
+    if m.gpu_resets.get(key) is f:
+        del m.gpu_resets[key]
+    if not f.cancelled():
+        f.exception()  # retrieved: its callers (if any are left) got it
+
+
+async def _reset(
+    m: ApiContext, nid: str, node_name: str, gpu: int, rid: str | None
+) -> dict[str, Any]:
+    """The burn-in on the host, then the GPU recorded healthy."""
     try:
         res = await m.channel.call(nid, "gpu_reset", {"gpu": gpu}, timeout_s=BURN_IN_WAIT_S)
     except RpcError as exc:
         if exc.code in ("unavailable", "timeout"):
             raise RpcError(
-                CONFLICT, f"node {node.name}: the burn-in got no answer ({exc.message})"
+                CONFLICT, f"node {node_name}: the burn-in got no answer ({exc.message})"
             ) from None
         raise
     note = str(res.get("note", "")) if isinstance(res, dict) else ""
@@ -124,4 +147,4 @@ async def node_gpu_reset(m: ApiContext, conn: Connection, a: dict[str, Any]) -> 
         rid=rid,
         wake=True,
     )
-    return {"node": node.name, "gpu": gpu, "state": "healthy", "burn_in": note}
+    return {"node": node_name, "gpu": gpu, "state": "healthy", "burn_in": note}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -141,6 +142,29 @@ def test_reset_runs_a_burn_in_and_puts_the_gpu_back(gh: Cluster) -> None:
     assert 3 not in faults(gh)
     passed = (gh.root / "agent-h1.log").read_text().count("GPU 3 is back in service")
     assert passed == 1, f"{passed} burn-ins passed for one reset"
+    # Two resets of the same GPU at once (two admins, say): one burn-in.
+    inject(gh, "ecc dbe gpu=3\n")
+    wait_for(lambda: 3 in faults(gh), 30, "GPU 3 marked unhealthy again")
+    inject(gh, "burnin-slow gpu=3\n")
+    wait_for(lambda: (gh.root / "agent-h1" / "simulate" / "faults").stat().st_size == 0, 30, "read")
+    with ThreadPoolExecutor(2) as pool:
+        both = list(
+            pool.map(
+                lambda _: gh.ctl(
+                    "node", "gpu", "reset", "h1", "3", timeout_s=BURN_IN_WAIT_S + 30, check=False
+                ),
+                range(2),
+            )
+        )
+    for out in both:
+        # The one that came second either waited for the first one's burn-in
+        # or, on a machine slow to start it, found the GPU healthy already.
+        assert (out.returncode == 0 and "GPU 3 healthy" in out.stdout) or (
+            out.returncode == 1 and "healthy; there is nothing to reset" in out.stderr
+        ), (out.stdout, out.stderr)
+    assert any(out.returncode == 0 for out in both)
+    passed = (gh.root / "agent-h1.log").read_text().count("GPU 3 is back in service")
+    assert passed == 2, f"{passed - 1} burn-ins passed for two resets at once"
     wait_for(
         lambda: value(agent_metrics(gh), "lepton_agent_gpu_healthy", gpu="3") == 1,
         30,
