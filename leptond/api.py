@@ -21,7 +21,7 @@ from typing import Any
 import scheduler as sch
 from raft import arrays, snapcheck
 from raft import snapshot as snapfile
-from raft.commands import BATCH_BUDGET_BYTES, encoded_size
+from raft.commands import BATCH_BUDGET_BYTES
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
 from raft.model import FINAL_JOB_STATES, JOB_STATES, NODE_STATES, JobSpec
 from raft.validate import (
@@ -329,15 +329,7 @@ async def jobs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
 
 def _fill(s: Any, js: Any, budget: int) -> list[dict[str, Any]]:
     """Summaries of `js` in order, while they fit in `budget` bytes (at least one)."""
-    rows: list[dict[str, Any]] = []
-    used = 0
-    for j in js:
-        row = views.job_summary(j, s)
-        used += encoded_size(row)
-        if rows and used > budget:
-            break
-        rows.append(row)
-    return rows
+    return views.fill((views.job_summary(j, s) for j in js), budget)
 
 
 def _after(js: list[Any], cursor: str) -> int:
@@ -538,14 +530,9 @@ async def nodes(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
     s = m.view()
     ns = [n for n in s.nodes.values() if not states or n.state in states]
     start = _node_after(ns, after) if paged and after else 0
-    rows: list[dict[str, Any]] = []
-    used = 0
-    for n in ns[start:]:
-        row = views.node_summary(s, n, m.liveness.stats(n.id))
-        used += encoded_size(row)
-        if rows and used > budget:
-            break
-        rows.append(row)
+    rows = views.fill(
+        (views.node_summary(s, n, m.liveness.stats(n.id)) for n in ns[start:]), budget
+    )
     if not paged:
         return rows
     end = start + len(rows)

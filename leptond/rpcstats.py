@@ -39,11 +39,8 @@ class RpcStats:
                 self.requests[name] += 1
                 try:
                     return await fn(conn, args)
-                except RpcError as exc:
-                    self.errors[name, exc.code] += 1
-                    raise
-                except Exception:
-                    self.errors[name, INTERNAL] += 1
+                except Exception as exc:
+                    self._failed(name, exc)
                     raise
 
             return call_async
@@ -54,11 +51,8 @@ class RpcStats:
                 try:
                     async for item in fn(conn, args):
                         yield item
-                except RpcError as exc:
-                    self.errors[name, exc.code] += 1
-                    raise
-                except Exception:
-                    self.errors[name, INTERNAL] += 1
+                except Exception as exc:
+                    self._failed(name, exc)
                     raise
 
             return call_stream
@@ -67,11 +61,8 @@ class RpcStats:
             self.requests[name] += 1
             try:
                 out = fn(conn, args)
-            except RpcError as exc:
-                self.errors[name, exc.code] += 1
-                raise
-            except Exception:
-                self.errors[name, INTERNAL] += 1
+            except Exception as exc:
+                self._failed(name, exc)
                 raise
             if type(out) is dict:
                 return out  # a plain function's answer
@@ -86,23 +77,21 @@ class RpcStats:
     async def _await(self, name: str, out: Awaitable[Any]) -> Any:
         try:
             return await out
-        except RpcError as exc:
-            self.errors[name, exc.code] += 1
-            raise
-        except Exception:
-            self.errors[name, INTERNAL] += 1
+        except Exception as exc:
+            self._failed(name, exc)
             raise
 
     async def _stream(self, name: str, gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
         try:
             async for item in gen:
                 yield item
-        except RpcError as exc:
-            self.errors[name, exc.code] += 1
+        except Exception as exc:
+            self._failed(name, exc)
             raise
-        except Exception:
-            self.errors[name, INTERNAL] += 1
-            raise
+
+    def _failed(self, name: str, exc: Exception) -> None:
+        """Count an error of `name` by its code (INTERNAL: not an RpcError)."""
+        self.errors[name, exc.code if isinstance(exc, RpcError) else INTERNAL] += 1
 
     def failures(self, code: str) -> int:
         """Errors with this code, every method together."""

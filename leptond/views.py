@@ -518,6 +518,19 @@ def job_row(s: StateView, j: Job, reasons: dict[str, str] | None = None) -> dict
     return out
 
 
+def fill(rows: Iterable[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The rows, in order, while they fit in `budget` bytes once encoded (at
+    least one). `rows` may be lazy: those past the budget are never made."""
+    out: list[dict[str, Any]] = []
+    used = 0
+    for row in rows:
+        used += encoded_size(row)
+        if out and used > budget:
+            break
+        out.append(row)
+    return out
+
+
 def overview(
     s: StateView,
     stats: Callable[[str], dict[str, Any] | None],
@@ -528,18 +541,12 @@ def overview(
     """The cluster at a glance: the nodes (with their GPUs' figures) that fit
     in `node_bytes`, how many there are in each state, GPU totals, and the
     running and pending jobs (the oldest `limit` of each)."""
-    nodes: list[dict[str, Any]] = []
-    used = 0
+    # Past the budget the nodes are only counted (at 10,000 nodes the whole
+    # list is over the RPC frame cap).
+    nodes = fill((node_summary(s, n, stats(n.id)) for n in s.nodes.values()), node_bytes)
     by_state: dict[str, int] = {}
     for n in s.nodes.values():
         by_state[n.state] = by_state.get(n.state, 0) + 1
-        if used <= node_bytes:
-            row = node_summary(s, n, stats(n.id))
-            used += encoded_size(row)
-            # At least one; past the budget the rest are only counted (at
-            # 10,000 nodes the whole list is over the RPC frame cap).
-            if not nodes or used <= node_bytes:
-                nodes.append(row)
     up = [n for n in s.nodes.values() if n.state != "down"]
     running: list[Job] = []
     pending: list[Job] = []

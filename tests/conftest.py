@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import sim_budget
+from tests.controllers_support import Leader
 from tests.harness import Cluster
 
 BUDGET = pytest.StashKey[sim_budget.BudgetRun]()
@@ -103,3 +104,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     rep = outcome.get_result()  # type: ignore[attr-defined]
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def ld(tmp_path: Path) -> Iterator[Leader]:
+    """The leader's controllers on a real state (tests/controllers_support.py)."""
+    leader = Leader(tmp_path)
+    yield leader
+    leader.close()

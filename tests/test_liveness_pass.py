@@ -4,9 +4,6 @@ down, and which it leaves alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from leptond.liveness import NodeLiveness
@@ -14,13 +11,6 @@ from leptond.sim.vtime import SimClock, VirtualLoop
 from tests.controllers_support import Leader
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def ld(tmp_path: Path) -> Iterator[Leader]:
-    leader = Leader(tmp_path)
-    yield leader
-    leader.close()
 
 
 def states(ld: Leader) -> dict[str, str]:

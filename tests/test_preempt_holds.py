@@ -8,21 +8,11 @@ tasks on one or two nodes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from tests.controllers_support import Leader
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def ld(tmp_path: Path) -> Iterator[Leader]:
-    leader = Leader(tmp_path)
-    yield leader
-    leader.close()
 
 
 def test_a_victim_that_had_not_started_does_not_take_its_room_back(ld: Leader) -> None:

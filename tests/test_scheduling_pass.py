@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,13 +13,6 @@ from leptond import controllers
 from tests.controllers_support import Leader
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def ld(tmp_path: Path) -> Iterator[Leader]:
-    leader = Leader(tmp_path)
-    yield leader
-    leader.close()
 
 
 def test_an_idle_pass_over_a_state_it_planned_nothing_for_is_not_redone(

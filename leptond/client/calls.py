@@ -69,14 +69,24 @@ async def jobs(
         args["user"] = user
     if limit is not None:
         args["limit"] = limit
-    # Page by page: each reply is bounded in bytes, however many jobs match.
-    args["paged"] = True
+    return await _pages(c, "jobs", args, timeout_s)
+
+
+async def _pages(
+    c: ClusterClient, method: str, args: dict[str, Any], timeout_s: float
+) -> list[dict[str, Any]]:
+    """Every row of a paged listing (`jobs`, `nodes`), page by page: each
+    reply is bounded in bytes, however many rows there are."""
+    args = {**args, "paged": True}
     out: list[dict[str, Any]] = []
+    seen: set[str] = set()
     while True:
-        res = await _call(c, "jobs", args, timeout_s=timeout_s)
+        res = await _call(c, method, args, timeout_s=timeout_s)
         if isinstance(res, list):  # a master from before pages
             return out + res
-        out += res["jobs"]
+        # A row removed between two pages can bring one back twice (nodes).
+        out += [r for r in res[method] if r["id"] not in seen]
+        seen.update(r["id"] for r in res[method])
         if not res.get("next"):
             return out
         args["after"] = res["next"]
@@ -202,22 +212,8 @@ async def whoami(c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict
 async def nodes(
     c: ClusterClient, timeout_s: float = DEFAULT_TIMEOUT_S, states: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
-    args: dict[str, Any] = {"paged": True}
-    if states:
-        args["state"] = list(states)
-    # Page by page, as jobs: each reply is bounded in bytes, however many nodes.
-    out: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    while True:
-        res = await _call(c, "nodes", args, timeout_s=timeout_s)
-        if isinstance(res, list):  # a master from before pages
-            return out + res
-        # A node removed between two pages can bring one back twice.
-        out += [r for r in res["nodes"] if r["id"] not in seen]
-        seen.update(r["id"] for r in res["nodes"])
-        if not res.get("next"):
-            return out
-        args["after"] = res["next"]
+    args: dict[str, Any] = {"state": list(states)} if states else {}
+    return await _pages(c, "nodes", args, timeout_s)
 
 
 async def gpu_reset(
