@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ class Iso:
     user: str  # the Unix account alice's token maps to
     alice: str  # her submit token
     secret: Path  # a root-only 0600 file
+    escape: Path  # escape.sh where alice can read it
 
     def agent_proc(self, name: str) -> Proc:
         return next(p for p in self.cluster.agents if p.name == name)
@@ -75,6 +77,10 @@ def iso() -> Iterator[Iso]:
         secret = outside / "secret"
         secret.write_text("s3cret\n")
         os.chmod(secret, 0o600)
+        # alice runs escape.sh; the checkout may be a 0700 directory of root's.
+        escape = outside / "escape.sh"
+        shutil.copyfile(ESCAPE, escape)
+        os.chmod(escape, 0o644)
         c = Cluster(top / "cluster", n_masters=1, ttl_s=5.0)
         try:
             c.start_masters()
@@ -95,7 +101,7 @@ def iso() -> Iterator[Iso]:
                 "--unix-user",
                 alice.pw_name,
             ).stdout.strip()
-            yield Iso(c, top, alice.pw_name, tok, secret)
+            yield Iso(c, top, alice.pw_name, tok, secret, escape)
         finally:
             c.close()
 
@@ -360,7 +366,7 @@ def test_a_fork_bomb_stops_at_the_pids_limit_and_the_host_carries_on(iso: Iso) -
 @pytest.mark.parametrize("host", [V1, V2])
 def test_a_setsid_double_forked_child_is_gone_after_cancel(iso: Iso, host: str) -> None:
     c = iso.cluster
-    job = iso.submit(host, "--", "sh", str(ESCAPE), "child.pid", token=iso.alice)
+    job = iso.submit(host, "--", "sh", str(iso.escape), "child.pid", token=iso.alice)
     pid, born = _escaped_pid(iso, host, job)
     dirs = iso.cgroup_dirs(host, job)
     c.ctl("cancel", job)
@@ -371,7 +377,7 @@ def test_a_setsid_double_forked_child_is_gone_after_cancel(iso: Iso, host: str) 
 
 def test_a_setsid_double_forked_child_is_gone_after_preemption(iso: Iso) -> None:
     c = iso.cluster
-    low = iso.submit(V1, "--gpus", "4", "--", "sh", str(ESCAPE), "child.pid", token=iso.alice)
+    low = iso.submit(V1, "--gpus", "4", "--", "sh", str(iso.escape), "child.pid", token=iso.alice)
     high = ""
     try:
         pid, born = _escaped_pid(iso, V1, low)
@@ -395,7 +401,7 @@ def test_a_setsid_double_forked_child_is_gone_after_the_time_limit(iso: Iso) -> 
     c = iso.cluster
     limit_s = 3
     job = iso.submit(
-        V1, "--time-limit", f"{limit_s}s", "--", "sh", str(ESCAPE), "child.pid", token=iso.alice
+        V1, "--time-limit", f"{limit_s}s", "--", "sh", str(iso.escape), "child.pid", token=iso.alice
     )
     pid, born = _escaped_pid(iso, V1, job)
     # The job reads running once its task is placed; the start time comes
@@ -437,7 +443,7 @@ def test_a_task_opens_its_own_gpu_and_gets_eperm_on_the_others(iso: Iso, host: s
 @pytest.mark.parametrize("host", [V1, V2])
 def test_a_restarted_agent_readopts_its_tasks_cgroups(iso: Iso, host: str) -> None:
     c = iso.cluster
-    job = iso.submit(host, "--", "sh", str(ESCAPE), "child.pid", token=iso.alice)
+    job = iso.submit(host, "--", "sh", str(iso.escape), "child.pid", token=iso.alice)
     pid, born = _escaped_pid(iso, host, job)
     dirs = iso.cgroup_dirs(host, job)
     agent = iso.agent_proc(host)
