@@ -165,10 +165,11 @@ class Checker:
         return None
 
     def _jobs(self, v: StateView, now: float) -> str | None:
-        names = Counter(j.name for j in v.jobs.values())
-        for name, n in names.items():
-            if n > 1 and (name in self.ledger.acked or name in self.ledger.sent):
-                return f"job {name} is in the state {n} times"
+        names = [j.name for j in v.jobs.values()]
+        if len(set(names)) != len(names):  # some name twice: which, and is it ours
+            for name, n in Counter(names).items():
+                if n > 1 and (name in self.ledger.acked or name in self.ledger.sent):
+                    return f"job {name} is in the state {n} times"
         wall = EPOCH + now  # the masters' clock
         for j in v.jobs.values():
             if j.state not in FINAL_JOB_STATES or j.finished_at is None:
@@ -203,22 +204,17 @@ class Checker:
         # Records are copied on write (raft/cow.py): a job whose record and
         # tasks' records are the very objects it was last found right with
         # is right still, and most of them are at each commit.
-        tasks = v.tasks
+        # (Tuples compare item by item, each by identity first, in C; a
+        # record that is a copy equal to the one seen is as right as it.)
+        task_of = v.tasks.__getitem__
         seen = self._agreed
         agreed: dict[str, tuple[object, ...]] = {}
         for j in v.jobs.values():
-            records = (j, *[tasks[tid] for tid in j.tasks])
-            before = seen.get(j.id)
-            if before is not None and len(before) == len(records):
-                for a, b in zip(before, records, strict=True):
-                    if a is not b:
-                        break
-                else:
-                    agreed[j.id] = records
-                    continue
-            why = self._job_agrees(v, j)
-            if why:
-                return why
+            records = (j, *map(task_of, j.tasks))
+            if seen.get(j.id) != records:
+                why = self._job_agrees(v, j)
+                if why:
+                    return why
             agreed[j.id] = records
         self._agreed = agreed
         return None

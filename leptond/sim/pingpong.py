@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from raft.commands import BadCommand, decode
 from raft.model import Task
+
+from .raftmodel import decoded
 
 
 class Tasks(Protocol):
@@ -66,10 +67,9 @@ class PreemptionWatch:
         if term != self.term:
             self.term = term
             self.claims.clear()
-        try:
-            cmd = decode(data)
-        except BadCommand:
-            return
+        cmd = decoded(data)
+        if isinstance(cmd, str):
+            return  # not a command: apply refused it
         if cmd.op in RESETS:
             self.claims.clear()
             return

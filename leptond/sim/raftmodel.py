@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from raft.commands import MAX_ENTRY_BYTES
+from raft.commands import MAX_ENTRY_BYTES, BadCommand, Command, decode
 from raft.errors import EntryTooLarge, MembershipError, NoQuorum, NotLeader, ProposeTimeout
 from raft.state import ClusterState
 
@@ -356,6 +356,26 @@ class SimRaft:
 
     def slow_commits(self, seconds: float) -> None:
         self.slow_until = max(self.slow_until, self.clock.monotonic() + seconds)
+
+
+_last_decoded: tuple[bytes | None, Command | str] = (None, "")
+
+
+def decoded(data: bytes) -> Command | str:
+    """The command of a committed entry, or why it is none: decoded once for
+    the simulation's own readers of each commit (its trace line, the
+    checker's watch), which read it and change nothing. The masters' apply
+    decodes its own, as a replica does."""
+    global _last_decoded
+    last, cmd = _last_decoded
+    if last is data:
+        return cmd
+    try:
+        cmd = decode(data)
+    except BadCommand as exc:
+        cmd = str(exc)
+    _last_decoded = (data, cmd)
+    return cmd
 
 
 def _settle(fut: asyncio.Future[tuple[str, Any]], value: tuple[str, Any]) -> None:

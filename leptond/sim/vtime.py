@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import heapq
 import itertools
 import selectors
@@ -68,6 +69,53 @@ class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
         return fut
 
 
+class _Handle(asyncio.Handle):
+    """asyncio's Handle without the debug-mode checks (the virtual loop never
+    runs in debug mode): a simulated second makes hundreds of them, and
+    asking the loop `get_debug()` for each was a good part of their cost."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        callback: Callable[..., Any],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context | None = None,
+    ) -> None:
+        self._context = contextvars.copy_context() if context is None else context
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+
+
+class _TimerHandle(asyncio.TimerHandle):
+    """asyncio's TimerHandle likewise, made already marked as scheduled."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., Any],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context | None = None,
+    ) -> None:
+        self._context = contextvars.copy_context() if context is None else context
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = True
+
+
 class VirtualLoop(asyncio.SelectorEventLoop):
     """Its timers are kept as (when, sequence, handle) in a heap: they come
     due in the order of their time, and those due at the same time in the
@@ -94,13 +142,21 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self.now.t
 
+    def call_soon(  # type: ignore[override]  # the same, in looser types
+        self, callback: Callable[..., Any], *args: Any, context: Any = None
+    ) -> asyncio.Handle:
+        # BaseEventLoop.call_soon, less its debug-mode branches.
+        self._check_closed()
+        handle = _Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
     def call_at(  # type: ignore[override]  # the same, in looser types
         self, when: float, callback: Callable[..., Any], *args: Any, context: Any = None
     ) -> asyncio.TimerHandle:
         self._check_closed()
-        timer = asyncio.TimerHandle(when, callback, args, self, context)
+        timer = _TimerHandle(when, callback, args, self, context)
         heapq.heappush(self._scheduled, (when, next(self._seq), timer))
-        timer._scheduled = True  # type: ignore[attr-defined]
         return timer
 
     def _drop_cancelled(self) -> list[Any]:
@@ -172,8 +228,14 @@ class VirtualLoop(asyncio.SelectorEventLoop):
                         if not handle._cancelled:
                             handle._run()
                     continue
-                scheduled = self._drop_cancelled()
-                if not scheduled or scheduled[0][0] > t:
+                scheduled = self._scheduled
+                if not scheduled:
+                    break
+                if scheduled[0][2]._cancelled or len(scheduled) > _MIN_SCHEDULED:
+                    scheduled = self._drop_cancelled()
+                    if not scheduled:
+                        break
+                if scheduled[0][0] > t:
                     break  # nothing more to do up to t
                 when, _, handle = heapq.heappop(scheduled)
                 handle._scheduled = False

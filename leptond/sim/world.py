@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.daemon import AgentConfig
-from raft.commands import BadCommand, decode, encode
+from raft.commands import encode
 from raft.model import FINAL_JOB_STATES
 
 from .checks import Checker
@@ -35,7 +35,7 @@ from .masters import SimMaster
 from .net import Network
 from .node import SimNode
 from .people import People, token_commands
-from .raftmodel import SimRaft
+from .raftmodel import SimRaft, decoded
 from .trace import Trace
 from .vtime import HostClock, SimClock, SimDeadlock, VirtualLoop
 
@@ -315,10 +315,9 @@ class World:
 
 def describe(data: bytes) -> str:
     """A committed command in a few words (no request ids: they are random)."""
-    try:
-        cmd = decode(data)
-    except BadCommand as exc:
-        return f"? {exc}"
+    cmd = decoded(data)
+    if isinstance(cmd, str):
+        return f"? {cmd}"
     a = cmd.args
     op = cmd.op
     try:

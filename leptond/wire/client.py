@@ -12,8 +12,8 @@ a given id once and answer every attempt with that first result.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -182,7 +182,8 @@ class ClusterClient:
         connection the call is sent on (before it is sent).
         """
         if isinstance(args, dict) and "rid" not in args:
-            args = {**args, "rid": uuid.uuid4().hex}
+            # 128 random bits in hex (uuid4().hex without the UUID object).
+            args = {**args, "rid": os.urandom(16).hex()}
         clock = self._clock
         deadline = clock.monotonic() + timeout_s
         prefer: tuple[str, int] | None = None
