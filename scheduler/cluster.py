@@ -93,7 +93,23 @@ class _Build:
 GpuKey = tuple[int, str, int, int]
 
 
+# Builds made by earlier passes, by their GPUs: a cluster has a few kinds of
+# machine, and a pass every few seconds would work each out again. Bounded:
+# cleared whole when a cluster of very many kinds fills it.
+_BUILDS: dict[tuple[GpuKey, ...], _Build] = {}
+_MAX_BUILDS = 4096
+
+
 def _build_of(gpus: tuple[GpuKey, ...]) -> _Build:
+    b = _BUILDS.get(gpus)
+    if b is None:
+        if len(_BUILDS) >= _MAX_BUILDS:
+            _BUILDS.clear()
+        b = _BUILDS[gpus] = _new_build(gpus)
+    return b
+
+
+def _new_build(gpus: tuple[GpuKey, ...]) -> _Build:
     info = {x: (model.lower(), mem, dom) for x, model, mem, dom in gpus}
     counts: dict[tuple[str, int], int] = {}
     for _, model, mem, _ in gpus:

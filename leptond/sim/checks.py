@@ -283,6 +283,10 @@ class Checker:
             ends = h.lease_ends()
             if ends is None or now > ends + self.lease_slack_s:
                 return f"{rid} runs on {h.name} past its lease ({ends})"
+        if not self._doubled:  # most steps: no task runs on two hosts
+            if self.twice:
+                self.twice = {}
+            return None
         twice: dict[str, float] = {}
         for tid, (other, name) in self._doubled.items():
             # A stop ends a task that has not started yet at once

@@ -24,6 +24,7 @@ import inspect
 import itertools
 import random
 from collections.abc import Callable, Mapping
+from types import CoroutineType
 from typing import Any, Protocol, cast
 
 from ..wire.connection import Connection, Handler
@@ -80,8 +81,9 @@ class Network:
             return
         copies = 2 if not sure and self.dup and rng.random() < self.dup else 1
         clock = self.clocks.get(dst, self.clock)
+        lo, hi = LATENCY_S
         for _ in range(copies):
-            delay = rng.uniform(*LATENCY_S)
+            delay = lo + (hi - lo) * rng.random()  # rng.uniform(lo, hi), in line
             if self.late and rng.random() < self.late:
                 delay += rng.uniform(*LATE_S)
             clock.call_later(delay, self._arrive, src, dst, fn, args)
@@ -292,11 +294,15 @@ class ServerEnd:
         result: Any = None
         try:
             out = handler(cast(Connection, self), args)
-            assert not inspect.isasyncgen(out), f"{method} is a stream; the simulation has none"
             # A plain function's answer is the result (the real connection
             # serves those inline; here they run in this task's first step,
-            # as a coroutine that never waits would).
-            result = await out if inspect.isawaitable(out) else out
+            # as a coroutine that never waits would). Most handlers are
+            # coroutines: told apart by their type before inspect's checks.
+            if type(out) is CoroutineType:
+                result = await out
+            else:
+                assert not inspect.isasyncgen(out), f"{method} is a stream; the simulation has none"
+                result = await out if inspect.isawaitable(out) else out
         except RpcError as exc:
             err = exc.to_wire()
         except asyncio.CancelledError:

@@ -30,6 +30,7 @@ import heapq
 import itertools
 import selectors
 import threading
+from asyncio import format_helpers
 from collections.abc import Callable
 from typing import Any
 
@@ -114,6 +115,24 @@ class _TimerHandle(asyncio.TimerHandle):
         self._source_traceback = None
         self._when = when
         self._scheduled = True
+
+    def cancel(self) -> None:
+        # TimerHandle.cancel and the loop's count of cancelled timers, in one
+        # call instead of three (timeouts that did not fire are most timers).
+        if not self._cancelled:
+            if self._scheduled:
+                self._loop._timer_cancelled_count += 1  # type: ignore[attr-defined]
+            self._cancelled = True
+            self._callback = None  # type: ignore[assignment]
+            self._args = None  # type: ignore[assignment]
+
+
+def _report(handle: asyncio.Handle, exc: BaseException) -> None:
+    """What Handle._run does with what a callback raised: hand it to the
+    loop's exception handler, in the same words."""
+    cb = format_helpers._format_callback_source(handle._callback, handle._args)  # type: ignore[attr-defined]
+    context = {"message": f"Exception in callback {cb}", "exception": exc, "handle": handle}
+    handle._loop.call_exception_handler(context)  # type: ignore[attr-defined]
 
 
 class VirtualLoop(asyncio.SelectorEventLoop):
@@ -223,10 +242,16 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         try:
             while True:
                 if ready:
+                    # Handle._run in line: one call less for every callback.
                     for _ in range(len(ready)):
                         handle = ready.popleft()
                         if not handle._cancelled:
-                            handle._run()
+                            try:
+                                handle._context.run(handle._callback, *handle._args)
+                            except (SystemExit, KeyboardInterrupt):
+                                raise
+                            except BaseException as exc:
+                                _report(handle, exc)
                     continue
                 scheduled = self._scheduled
                 if not scheduled:
@@ -241,7 +266,12 @@ class VirtualLoop(asyncio.SelectorEventLoop):
                 handle._scheduled = False
                 if when > now.t:
                     now.t = when
-                handle._run()
+                try:
+                    handle._context.run(handle._callback, *handle._args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    _report(handle, exc)
         finally:
             asyncio.events._set_running_loop(None)
             self._thread_id = None
@@ -289,10 +319,12 @@ class SimClock:
             timer.cancel()
 
     def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._timer(delay_s, fn, *args)
+        # _timer's work in line (HostClock has its own): a timer is set for
+        # every message, call and sleep.
+        return self.loop.call_at(self._now.t + (delay_s if delay_s > 0.0 else 0.0), fn, *args)
 
     def _timer(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.loop.call_at(self._now.t + max(0.0, delay_s), fn, *args)
+        return self.loop.call_at(self._now.t + (delay_s if delay_s > 0.0 else 0.0), fn, *args)
 
     def block(self, seconds: float) -> None:
         raise RuntimeError("nothing may block the simulation's only thread")
@@ -314,9 +346,14 @@ class HostClock(SimClock):
     def now(self) -> float:
         return EPOCH + self._now.t + self.offset_s
 
+    def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._timer(delay_s, fn, *args)
+
     def _timer(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
         held = _Held(fn, args)
-        held.handle = self.loop.call_at(self._now.t + max(0.0, delay_s), self._fire, held)
+        held.handle = self.loop.call_at(
+            self._now.t + (delay_s if delay_s > 0.0 else 0.0), self._fire, held
+        )
         return held
 
     def _fire(self, held: _Held) -> None:
