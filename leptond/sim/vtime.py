@@ -146,6 +146,7 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     _timer_cancelled_count: int
     _ready: collections.deque[Any]
     _stopping: bool
+    _closed: bool
     _clock_resolution: float
     _thread_id: int | None
     _check_closed: Callable[[], None]
@@ -165,7 +166,8 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self, callback: Callable[..., Any], *args: Any, context: Any = None
     ) -> asyncio.Handle:
         # BaseEventLoop.call_soon, less its debug-mode branches.
-        self._check_closed()
+        if self._closed:
+            self._check_closed()  # raises
         handle = _Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
@@ -173,7 +175,8 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     def call_at(  # type: ignore[override]  # the same, in looser types
         self, when: float, callback: Callable[..., Any], *args: Any, context: Any = None
     ) -> asyncio.TimerHandle:
-        self._check_closed()
+        if self._closed:
+            self._check_closed()  # raises
         timer = _TimerHandle(when, callback, args, self, context)
         heapq.heappush(self._scheduled, (when, next(self._seq), timer))
         return timer
