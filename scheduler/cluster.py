@@ -123,6 +123,33 @@ def _new_build(gpus: tuple[GpuKey, ...]) -> _Build:
     )
 
 
+class _ByShape:
+    """Per shape, what it may use in one layout of pools (Cluster)."""
+
+    __slots__ = ("plain", "roomy", "shape_pools", "usable_sets", "whole_sets")
+
+    def __init__(self) -> None:
+        self.shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
+        self.whole_sets: dict[Shape, frozenset[int]] = {}
+        self.usable_sets: dict[Shape, frozenset[int]] = {}
+        self.roomy: dict[Shape, int] = {}
+        self.plain: dict[Shape, tuple[int, bool]] = {}  # (roomy pools as bits, any mixed)
+
+
+# Kept from pass to pass, bounded (cleared whole when full): per layout of
+# pools, the answers per shape; the GPUs picked per (build, free GPUs, count).
+PoolLayout = tuple[
+    tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...], float, int], ...
+]
+_BY_LAYOUT: dict[PoolLayout, _ByShape] = {}
+_MAX_LAYOUTS = 64
+_MAX_SHAPES = 4096
+PickKey = tuple["_Build", tuple[int, ...], int]
+_PICKS: dict[PickKey, tuple[int, ...]] = {}
+_PICKS_LEFT: dict[PickKey, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+_MAX_PICKS = 16384
+
+
 _indices = attrgetter("indices")
 _makeup = attrgetter("makeup")
 _NOTHING: frozenset[int] = frozenset()
@@ -234,18 +261,32 @@ class Cluster:
             for f, k in enumerate(p.live):
                 if k:
                     self.pools_at[f] |= 1 << pid
-        self._shape_pools: dict[Shape, tuple[list[int], list[int]]] = {}
-        self._whole_sets: dict[Shape, frozenset[int]] = {}
-        self._usable_sets: dict[Shape, frozenset[int]] = {}
+        # What a shape may use depends only on the pools' labels, make-up and
+        # largest node: answers kept from earlier passes over pools like
+        # these (read only, as the answers of this pass are).
+        layout = tuple(
+            [(k[0], k[1], p.max_cpus, p.max_mem) for k, p in zip(members, self.pools, strict=True)]
+        )
+        by_shape = _BY_LAYOUT.get(layout)
+        if by_shape is None or len(by_shape.shape_pools) > _MAX_SHAPES:
+            if len(_BY_LAYOUT) >= _MAX_LAYOUTS:
+                _BY_LAYOUT.clear()
+            by_shape = _BY_LAYOUT[layout] = _ByShape()
+        self._shape_pools = by_shape.shape_pools
+        self._whole_sets = by_shape.whole_sets
+        self._usable_sets = by_shape.usable_sets
+        self._roomy = by_shape.roomy
+        self._plain = by_shape.plain
         self._block_holders: dict[str, list[int]] | None = None
         self._pool_arrays: dict[int, np.ndarray] = {}
-        self._roomy: dict[Shape, int] = {}
-        self._plain: dict[Shape, tuple[int, bool]] = {}  # (roomy pools as bits, any mixed)
-        self._picks: dict[tuple[_Build, tuple[int, ...], int], tuple[int, ...]] = {}
+        # GPUs picked on a node, by its build, its free GPUs and the count:
+        # the same on every pass (_Build objects are kept, _build_of).
+        if len(_PICKS) > _MAX_PICKS:
+            _PICKS.clear()
+            _PICKS_LEFT.clear()
+        self._picks = _PICKS
         # The same key -> (GPUs picked, GPUs left free), for fit_and_take.
-        self._picks_left: dict[
-            tuple[_Build, tuple[int, ...], int], tuple[tuple[int, ...], tuple[int, ...]]
-        ] = {}
+        self._picks_left = _PICKS_LEFT
 
     # -- matching ---------------------------------------------------------
 

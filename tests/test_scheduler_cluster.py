@@ -173,3 +173,26 @@ def test_node_choice_matches_a_scan_of_every_node(
         if got is not None and give_back:
             cl.give(got[0], got[1], t.cpus, t.mem_bytes)
         assert_buckets_consistent(cl)
+
+
+def test_a_pass_uses_what_earlier_passes_learnt_only_of_the_same_pools() -> None:
+    # What a shape may use is kept from pass to pass per layout of pools;
+    # two layouts that differ only in their largest node's CPUs or memory
+    # must not share it: a task that fits nowhere on the small node fits on
+    # the big one, and the other way round, in either order.
+    def nodes(cpus: float, mem: int) -> list[NodeView]:
+        gpus = tuple(Gpu(k, f"GPU-{k}", *MODELS[0]) for k in range(8))
+        return [NodeView("h0", "h0", cpus, mem, gpus, labels={"zone": "a"})]
+
+    big_cpu = task("t", gpus=1, cpus=32.0, mem_bytes=8 * GIB)
+    big_mem = task("u", gpus=1, cpus=1.0, mem_bytes=128 * GIB)
+    for first, then in [
+        ((16.0, 64 * GIB), (64.0, 256 * GIB)),
+        ((64.0, 256 * GIB), (16.0, 64 * GIB)),
+    ]:
+        for cpus, mem in (first, then, first):
+            fits = cpus >= 32.0
+            for t in (big_cpu, big_mem):
+                cl = Cluster(nodes(cpus, mem), [])
+                got = cl.fit_and_take(shape_of(t), t.cpus, t.mem_bytes)
+                assert (got is not None) == fits, (cpus, mem, t.task_id)
