@@ -214,3 +214,36 @@ def test_a_preemptor_that_stops_more_while_its_victims_still_stop_fails() -> Non
         f"p.0 preempted b.0 at commit {h.index} while a.0, preempted for it before, "
         "still stop: more work stopped than it needs"
     )
+
+
+def test_the_virtual_loop_runs_callbacks_in_order_and_reports_what_they_raise() -> None:
+    # The loop runs callbacks itself (not through Handle._run): ready ones in
+    # the order they were made ready, timers by (time, setting), cancelled
+    # ones never, and what a callback raises reaches the exception handler
+    # in asyncio's words, without stopping the loop.
+    loop = VirtualLoop()
+    clock = SimClock(loop)
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, ctx: reported.append(ctx["message"]))
+    ran: list[str] = []
+
+    def boom() -> None:
+        ran.append("boom")
+        raise ValueError("bad")
+
+    clock.call_later(2.0, ran.append, "t2")
+    clock.call_later(1.0, ran.append, "t1a")
+    clock.call_later(1.0, boom)
+    clock.call_later(1.0, ran.append, "t1b")
+    gone = clock.call_later(1.5, ran.append, "cancelled")
+    loop.call_soon(ran.append, "soon")
+    gone.cancel()
+    gone.cancel()  # twice: counted once
+    assert loop._timer_cancelled_count == 1
+    loop.run_until(1.5)
+    assert ran == ["soon", "t1a", "boom", "t1b"] and clock.monotonic() == 1.5
+    assert len(reported) == 1 and reported[0].startswith("Exception in callback ")
+    assert "boom" in reported[0]
+    loop.run_until(3.0)
+    assert ran[-1] == "t2" and "cancelled" not in ran
+    loop.close()
