@@ -97,7 +97,7 @@ GpuKey = tuple[int, str, int, int]
 # machine, and a pass every few seconds would work each out again. Bounded:
 # cleared whole when a cluster of very many kinds fills it.
 _BUILDS: dict[tuple[GpuKey, ...], _Build] = {}
-_MAX_BUILDS = 4096
+_MAX_BUILDS = 1024
 
 
 def _build_of(gpus: tuple[GpuKey, ...]) -> _Build:
@@ -142,12 +142,12 @@ PoolLayout = tuple[
     tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...], float, int], ...
 ]
 _BY_LAYOUT: dict[PoolLayout, _ByShape] = {}
-_MAX_LAYOUTS = 64
-_MAX_SHAPES = 4096
+_MAX_LAYOUTS = 16
+_MAX_SHAPES = 1024
 PickKey = tuple["_Build", tuple[int, ...], int]
 _PICKS: dict[PickKey, tuple[int, ...]] = {}
 _PICKS_LEFT: dict[PickKey, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-_MAX_PICKS = 16384
+_MAX_PICKS = 4096
 
 
 _indices = attrgetter("indices")
