@@ -183,6 +183,14 @@ class MasterConfig:
         return f"{self.host}:{self.raft_port}"
 
     @property
+    def raft_bind_addr(self) -> str:
+        """Where the Raft port listens: the address peers dial, unless --bind
+        asks for every interface."""
+        if self.bind in ("0.0.0.0", "::"):
+            return f"{self.bind}:{self.raft_port}"
+        return self.raft_addr
+
+    @property
     def rpc_addr(self) -> str:
         return f"{self.host}:{self.rpc_port}"
 

@@ -97,6 +97,7 @@ class Master:
             raft_max_timeout_s=cfg.raft_max_timeout_s,
             connection_retry_s=cfg.raft_connection_retry_s,
             log_compaction_min_entries=cfg.snapshot_every,
+            bind_addr=cfg.raft_bind_addr,
         )
         reader = Publisher(self.state, raft.lock)
         disk = DiskGuard(

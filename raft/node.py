@@ -247,8 +247,11 @@ class RaftNode:
         background_snapshots: bool = True,
         clock: Clock = REAL,
         fast_election: bool = True,
+        bind_addr: str | None = None,
     ) -> None:
-        """`background_snapshots=False` encodes and writes snapshots on the
+        """`bind_addr` ("host:port") is where the Raft port listens; by default
+        `self_addr`, the address peers dial (pysyncobj itself would listen on
+        every interface). `background_snapshots=False` encodes and writes snapshots on the
         Raft thread (the way pysyncobj does), and `fast_election=False` waits
         for the election timeout after the leader's connection ended
         (_ShellSyncObj.leader_lost); both only for comparison in benchmarks. `clock` must be the real one in production:
@@ -311,6 +314,7 @@ class RaftNode:
             logCompactionMinTime=log_compaction_min_time_s,
             onStateChanged=self._on_state_changed,
             commandsWaitLeader=False,
+            bindAddress=bind_addr or self_addr,
         )
         self._obj = _ShellSyncObj(self._apply, self.journal, self_addr, peers, conf)
         if fast_election:

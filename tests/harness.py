@@ -8,6 +8,7 @@ condition with a deadline; nothing sleeps and then asserts.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
@@ -73,6 +74,28 @@ def _listens(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def listening_on(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port`, from
+    /proc/net/tcp{,6} (psutil formats them with socket.inet_ntop, which
+    pysyncobj replaces when imported)."""
+    found: set[str] = set()
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.IPv6Address(words) if v6 else ipaddress.IPv4Address(words)))
+    return found
 
 
 def wait_for(cond: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:

@@ -15,7 +15,7 @@ import pytest
 
 from raft.node import RaftNode
 from tests.cp_support import local_job_ids, module_cluster
-from tests.harness import Cluster, free_ports, wait_for
+from tests.harness import Cluster, free_ports, listening_on, wait_for
 from tests.raft_kv_proc import KVStateMachine
 
 pytestmark = pytest.mark.timeout(300)
@@ -97,3 +97,12 @@ def test_no_change_may_leave_fewer_reachable_masters_than_a_quorum(cluster: Clus
     finally:
         down.proc.start()
     wait_for(lambda: all(members(cluster).values()), 60, "every member connected again")
+
+
+def test_each_master_listens_only_on_the_address_it_was_given(cluster: Cluster) -> None:
+    # pysyncobj listens on every interface unless told otherwise; masters
+    # bound to 127.0.0.1 must not expose their Raft ports (where pysyncobj's
+    # code reads what strangers send) on any other address.
+    for m in cluster.masters:
+        for port in (m.raft, m.rpc, m.http):
+            assert listening_on(port) == {"127.0.0.1"}, (m.index, port, listening_on(port))

@@ -24,6 +24,7 @@ import pytest
 from raft.errors import NoQuorum, NotLeader, SnapshotError
 from raft.node import RaftNode, derive_password
 from raft.snapshot import write_snapshot_file
+from tests.harness import listening_on
 from tests.raft_kv_proc import KVStateMachine, free_port, kv_command
 
 SECRET = b"cluster-secret-for-tests"
@@ -414,3 +415,23 @@ async def test_followers_stand_at_once_in_address_order_when_the_leader_is_gone(
     new = await nodes.leader(followers, timeout_s=60.0)
     assert new.self_addr == min(f.self_addr for f in followers)
     assert (await write(new, "r2", "after"))["len"] == 2
+
+
+async def test_the_raft_port_listens_on_the_nodes_own_address(nodes: Nodes) -> None:
+    node = nodes.cluster(1)[0]
+    port = int(node.self_addr.rsplit(":", 1)[1])
+    # Not 0.0.0.0, where pysyncobj listens unless given an address.
+    where = await eventually(lambda: listening_on(port), 15, "the Raft port to listen")
+    assert where == {"127.0.0.1"}
+
+
+def test_a_master_binds_raft_where_peers_dial_it_unless_bound_to_every_interface() -> None:
+    from leptond.config import MasterConfig
+
+    here = Path(".")
+    cfg = MasterConfig(here, here, here, bind="127.0.0.1", advertise="10.0.0.5", raft_port=7442)
+    assert cfg.raft_bind_addr == "10.0.0.5:7442"  # not every interface
+    cfg = MasterConfig(here, here, here, bind="10.0.0.6", raft_port=7442)
+    assert cfg.raft_bind_addr == "10.0.0.6:7442"
+    cfg = MasterConfig(here, here, here, bind="0.0.0.0", advertise="10.0.0.5", raft_port=7442)
+    assert cfg.raft_bind_addr == "0.0.0.0:7442"  # asked for by --bind
