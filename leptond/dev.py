@@ -214,7 +214,7 @@ class DevCluster:
         args, d = self.args, self.d
         key, tok = _ensure_secrets(d)
         simulate, agents, gpu_line = _gpu_plan(args)
-        self.log_dir.mkdir(exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True, mode=0o700)
         py = sys.executable
         self.master = Child(
             "master",
@@ -363,7 +363,10 @@ def run_dev(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = False
     try:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0711: tasks run as their users in the agents' task dirs under it;
+        # what is secret in it (keys, tokens, the masters' data, logs) is
+        # root's alone already.
+        d.mkdir(parents=True, exist_ok=True, mode=0o711)
         lock_data_dir(d)
         agent_ports = {
             f"--agent-http-port (agent dev-{i})": args.agent_http_port + i

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.harness import ROOT, env, free_ports, wait_for
+from tests.isolation_support import passable_dir, unix_users
 
 
 @dataclass
@@ -130,6 +131,31 @@ def test_a_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
         assert not (d.data / "master").exists()  # nothing was started
     finally:
         held.close()
+
+
+def test_a_dev_cluster_run_by_root_runs_other_users_tasks(tmp_path: Path) -> None:
+    # Its data dir holds the agents' task dirs: others pass through it (its
+    # secrets and logs stay root's), or every non-root task fails at start.
+    with passable_dir("lepton-dev-") as top, unix_users("dev") as (user,):
+        d = start_dev(top)
+        try:
+            wait_for(lambda: "cluster is up" in d.text(), 120, "the dev cluster to come up")
+            assert (d.data.stat().st_mode & 0o777, (d.data / "logs").stat().st_mode & 0o777) == (
+                0o711,
+                0o700,
+            )
+            made = d.ctl(
+                "token", "create", "--role", "submit", "--name", "u", "--unix-user", user.pw_name
+            )
+            assert made.returncode == 0, made.stderr
+            d.env["LEPTON_TOKEN"] = made.stdout.strip()
+            ran = d.ctl("submit", "--wait", "--", "id", "-un")
+            assert (ran.returncode, ran.stdout.strip()) == (0, user.pw_name), (
+                ran.stdout,
+                ran.stderr,
+            )
+        finally:
+            stop(d)
 
 
 def test_cluster_status_on_the_dev_cluster_shows_its_master(dev: Dev) -> None:
