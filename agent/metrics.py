@@ -32,6 +32,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from leptond.httplog import quiet_bad_requests
 from leptond.stats import TEXT_FORMAT
 
 from .health import GpuHealth
@@ -218,6 +219,7 @@ class AgentHttp:
         self.runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
+        quiet_bad_requests()  # anyone may send this port anything
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
         try:

@@ -27,6 +27,7 @@ from .clock import Clock
 from .config import MasterConfig
 from .disk import DiskGuard
 from .gcpolicy import GcStats
+from .httplog import quiet_bad_requests
 from .liveness import NodeLiveness
 from .metrics import (
     TEXT_FORMAT,
@@ -166,6 +167,7 @@ class HttpServer:
         self.runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
+        quiet_bad_requests()  # anyone may send this port anything
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, host, port).start()

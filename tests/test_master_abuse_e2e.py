@@ -26,6 +26,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import struct
 import time
 import urllib.request
@@ -574,3 +575,24 @@ def test_a_compromised_host_cannot_break_node_views_or_claim_admin_labels(
     finally:
         host.close()
         c.rpc("node_rm", {"node": "n-evil", "force": True})
+
+
+def test_malformed_http_requests_get_one_short_log_line_now_and_then(
+    env: tuple[Cluster, Users],
+) -> None:
+    # No token needed: anyone may send the HTTP port a header over 8 KiB.
+    c, _ = env
+    m = c.masters[0]
+    before = m.proc.log.read_text(errors="replace")
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", m.http), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 100_000 + b"\r\n\r\n")
+            assert b" 400 " in s.recv(64), "refused"
+    # The port still serves; the log says so in single lines, without the
+    # client's bytes or a traceback (how few lines: tests/test_httplog.py).
+    with socket.create_connection(("127.0.0.1", m.http), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b" 200 " in s.recv(64)
+    new = m.proc.log.read_text(errors="replace")[len(before) :]
+    lines = [ln for ln in new.splitlines() if "malformed HTTP request" in ln]
+    assert 1 <= len(lines) <= 5 and "aaaa" not in new and "Traceback" not in new, new[-3000:]
