@@ -68,6 +68,7 @@ from agent.taskdir import (
     is_shim_of,
     read_json,
 )
+from agent.taskns import PRIVATE_DIRS, below
 from leptond.clock import REAL, Clock
 
 log = logging.getLogger("lepton.agent")
@@ -249,6 +250,8 @@ class TaskRunner:
     def _prepare(self, spec: TaskSpec, tdir: Path) -> dict[str, object]:
         """Make the run's directory and its working directory; the spec.json body."""
         user = spec.user
+        if spec.private_tmp_bytes > 0 and spec.cwd is not None:
+            _check_cwd_outside_private_dirs(spec.cwd, self.keep_visible)
         other = user is not None and user.uid != os.geteuid()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         tdir.mkdir(mode=0o700)
@@ -635,6 +638,19 @@ def _shim_argv() -> list[str]:
     # -S: no site initialisation (.pth files can cost 100 ms); the shim needs
     # only the standard library and this package.
     return [sys.executable, "-S", "-m", SHIM_MODULE]
+
+
+def _check_cwd_outside_private_dirs(cwd: str, kept: tuple[str, ...]) -> None:
+    """A task's /tmp and /dev/shm are its own: a working directory in the
+    host's would be bound through them (it is kept visible), a way around
+    their privacy for any path a submit names. Only what the agent itself
+    keeps visible (its data dir, --keep-visible) may be there."""
+    path = os.path.abspath(cwd)
+    if any(below(path, d) for d in PRIVATE_DIRS) and not any(below(path, k) for k in kept):
+        raise RunnerError(
+            f"cwd {path} is in the host's /tmp or /dev/shm, which the task does not see "
+            "(it has its own): give a directory elsewhere, or a workdir"
+        )
 
 
 def _start_shim(tdir: Path) -> subprocess.Popen[bytes]:

@@ -65,7 +65,7 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _below(path: str, top: str) -> bool:
+def below(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
@@ -74,9 +74,9 @@ def _kept(keep: Sequence[str]) -> list[str]:
     only (one below another is carried along with it)."""
     out: list[str] = []
     for k in sorted({os.path.abspath(k) for k in keep if k}):
-        if not any(_below(k, d) for d in PRIVATE_DIRS) or not os.path.isdir(k):
+        if not any(below(k, d) for d in PRIVATE_DIRS) or not os.path.isdir(k):
             continue
-        if any(_below(k, o) for o in out):
+        if any(below(k, o) for o in out):
             continue
         out.append(k)
     return out
@@ -85,10 +85,10 @@ def _kept(keep: Sequence[str]) -> list[str]:
 def _parents(path: str) -> list[_Parent]:
     """The directories from below the private dir down to `path`'s parent,
     with their host modes and owners, outermost first."""
-    top = next(d for d in PRIVATE_DIRS if _below(path, d))
+    top = next(d for d in PRIVATE_DIRS if below(path, d))
     out: list[_Parent] = []
     d = os.path.dirname(path)
-    while _below(d, top) and d != top:
+    while below(d, top) and d != top:
         st = os.stat(d)
         out.append(_Parent(d, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
         d = os.path.dirname(d)

@@ -12,6 +12,7 @@ Tasks run as a Unix account made for this module and removed after it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,35 @@ def test_a_directory_kept_visible_is_seen_through_the_private_tmp(lo: Lo) -> Non
         assert "No such file or directory" in out, out
     finally:
         hidden.unlink(missing_ok=True)
+
+
+def test_a_cwd_in_the_hosts_tmp_is_refused_not_bound_through_the_private_one(
+    lo: Lo, tmp_path: Path
+) -> None:
+    # A job file may name any absolute cwd; one in the host's /tmp would be
+    # kept visible, a hole in the task's own /tmp.
+    hostdir = Path(tempfile.mkdtemp(prefix="lo-cwd-", dir="/tmp"))
+    try:
+        os.chmod(hostdir, 0o777)
+        job_toml = tmp_path / "job.toml"
+        job_toml.write_text(f'command = "sh -c \'echo x > planted; pwd\'"\ncwd = "{hostdir}"\n')
+        job = lo.cluster.submit("-f", str(job_toml), token=lo.token)
+        st = lo.cluster.wait_job(job, {"succeeded", "failed"}, timeout_s=60)
+        task = st["tasks"][0]  # type: ignore[index]
+        assert st["state"] == "failed", st
+        assert task["message"] == (
+            f"cwd {hostdir} is in the host's /tmp or /dev/shm, which the task does not see "
+            "(it has its own): give a directory elsewhere, or a workdir"
+        ), task
+        assert not (hostdir / "planted").exists()
+        # One the admin keeps visible is the host's on purpose.
+        job_toml.write_text(f'command = "sh -c \'cat shared.txt\'"\ncwd = "{lo.kept}"\n')
+        job = lo.cluster.submit("-f", str(job_toml), token=lo.token)
+        st = lo.cluster.wait_job(job, {"succeeded", "failed"}, timeout_s=60)
+        assert st["state"] == "succeeded", st
+        assert "shared with tasks" in lo.cluster.ctl("logs", job, token=lo.token).stdout
+    finally:
+        shutil.rmtree(hostdir, ignore_errors=True)
 
 
 def test_the_agent_refuses_a_keep_visible_that_is_not_a_directory(tmp_path: Path) -> None:
