@@ -51,10 +51,15 @@ from .stats import Histogram
 
 # Unfreeze when the frozen count reaches this multiple of the last whole walk's.
 UNFREEZE_FACTOR = 2.0
-# Frozen objects under which no whole walk is forced (some 20-40 MiB): a
-# master's start-up and a small cluster's state stay under it, and would
-# otherwise be walked at every doubling.
-UNFREEZE_FLOOR = 200_000
+# Frozen objects under which no whole walk is forced: a master's start-up
+# and a cluster's state up to some 140,000 1-task jobs stay under it, and
+# would otherwise be walked at every doubling. At 200,000, a master taking
+# 3,000 submits/s from an empty state walked its whole heap two or three
+# times in its first 25 s (250-700 ms each on a loaded 2-core host, both
+# followers at about the same moment, so commits stopped). What it costs:
+# frozen garbage cycles may reach this many objects (100-200 MiB if every
+# one were garbage) before a walk frees them, where 200,000 allowed a fifth.
+UNFREEZE_FLOOR = 1_000_000
 GENERATIONS = (0, 1, 2)
 __all__ = ["GcStats", "install"]
 
