@@ -70,6 +70,39 @@ def test_a_growing_state_under_the_floor_is_frozen_and_never_walked_whole() -> N
     assert r["frozen"] >= 500_000, r
 
 
+# A live state just under the bound, and objects that live long enough to be
+# frozen and are then freed by reference counting (requests, connections):
+# the running sum of frozen objects passes the bound again and again while
+# the true count stays under it.
+NEAR_THE_BOUND = """
+import collections, gc, json
+from leptond import gcpolicy
+stats = gcpolicy.install("tuned", unfreeze_floor=400_000)
+state = [[i] for i in range(375_000)]
+recent = collections.deque(maxlen=3)
+while stats.pauses[1].count < 300:
+    recent.append([[] for _ in range(3_000)])  # and the oldest batch is freed
+print(json.dumps({"middle": stats.pauses[1].count, "recounts": stats.recounts,
+                  "unfreezes": stats.unfreezes}))
+"""
+
+
+def test_the_frozen_objects_are_not_counted_at_every_collection_near_the_bound() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", NEAR_THE_BOUND],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    # Each count walks every frozen object; one per collection made the
+    # collections O(heap) again (254 of 300 here). Now one per 1/16 of the
+    # bound frozen since the last (85 of 300).
+    assert r["unfreezes"] == 0 and 1 <= r["recounts"] <= r["middle"] // 2, r
+
+
 def test_the_stock_policy_freezes_nothing_and_frees_the_same_cycles() -> None:
     r = run_proc("stock")
     assert r["first_round_freed"] is True, r
