@@ -141,7 +141,7 @@ class GcStats:
         # that much (and one collection's survivors).
         self.frozen = gc.get_freeze_count()
         self.recounts += 1
-        self._recount_at = self.frozen + limit // RECOUNT_DIVISOR
+        self._recount_at = self.frozen + int(limit) // RECOUNT_DIVISOR
         if self.frozen > limit:
             # O(1): all of it joins the oldest generation, and CPython's next
             # full collection (after 10 middle ones; freezing resets that
