@@ -44,6 +44,16 @@ IDLE_PASS_EVERY_S = 2.0  # a scheduling pass with no wake-up, now and then
 # the gap is a few milliseconds there.
 FULL_PASS_GAP_FACTOR = 3.0
 MAX_FULL_PASS_GAP_S = 1.0  # a pass slowed by a busy machine delays the next no more than this
+# An incremental pass (what is new since the last one, after a submit batch
+# commits) still costs O(pending): it sets aside the tasks known not to fit
+# by set operations over all of them (views.scheduler_inputs). At 256 submits
+# in flight a batch commits every few milliseconds, so with 100,000 pending a
+# pass per batch took a quarter of the leader's CPU. The next one waits this
+# many times what the last took: at most 1/(1+10) of the leader's time, and
+# a stream of batches is taken a few at a time. A small queue's pass takes
+# well under a millisecond, so the wait there is too.
+INCR_PASS_GAP_FACTOR = 10.0
+MAX_INCR_PASS_GAP_S = 0.25  # new work waits for a pass no more than this
 MEMBERS_EVERY_S = 60.0
 # Decayed usage for fair share is recomputed when runs ended since (at most
 # every DECAY_MIN_GAP_S), and every DECAY_EVERY_S as the days age.
@@ -102,6 +112,7 @@ class Controllers:
         self._last_full = 0.0
         self._settled = -1  # state generation of the last full pass that planned nothing
         self._full_not_before = 0.0  # monotonic time before which a wake-up waits (pacing)
+        self._incr_not_before = 0.0  # the same for an incremental pass
         self._next_liveness = 0.0  # monotonic time of the next look at every node
         self.plans = 0
         self._decayed_at = -DECAY_EVERY_S
@@ -119,7 +130,7 @@ class Controllers:
         self.holds.reset()
         self._learn_preemptions = True
         self._epoch, self._last_full, self._settled = -1, 0.0, -1
-        self._full_not_before = 0.0
+        self._full_not_before = self._incr_not_before = 0.0
         self._next_liveness = 0.0
 
     def wake(self) -> None:
@@ -265,11 +276,14 @@ class Controllers:
     async def scheduling_pass(self) -> None:
         # Now and then, look at everything again even with no wake-up.
         full = not await wait_event(self._clock, self._wake, IDLE_PASS_EVERY_S)
-        wait_s = self._full_not_before - self._clock.monotonic()
-        if wait_s > 0 and self._reader.view().capacity_epoch != self._epoch:
-            # The pass to come is a full one, and the last one was recent:
-            # the commits that wake it meanwhile (each registration does)
-            # are taken by one pass at the end of the gap.
+        if self._reader.view().capacity_epoch != self._epoch:
+            wait_s = self._full_not_before - self._clock.monotonic()
+        else:
+            wait_s = 0.0 if full else self._incr_not_before - self._clock.monotonic()
+        if wait_s > 0:
+            # The last pass was recent: the commits that wake this one
+            # meanwhile (each registration, each submit batch) are taken by
+            # one pass at the end of the gap.
             await self._clock.sleep(wait_s)
         self._wake.clear()
         s = self._reader.view()
@@ -332,10 +346,13 @@ class Controllers:
             plan = await asyncio.to_thread(sch.schedule, nodes, allocs, pending, self.policy)
         else:
             plan = sch.schedule(nodes, allocs, pending, self.policy)
+        took = self._clock.monotonic() - started
         if not skip:
-            took = self._clock.monotonic() - started
             gap = min(MAX_FULL_PASS_GAP_S, FULL_PASS_GAP_FACTOR * took)
             self._full_not_before = self._clock.monotonic() + gap
+        else:
+            gap = min(MAX_INCR_PASS_GAP_S, INCR_PASS_GAP_FACTOR * took)
+            self._incr_not_before = self._clock.monotonic() + gap
         if nominated:
             plan = replace(plan, placements=(*nominated, *plan.placements))
         for pr in plan.preemptions:

@@ -28,7 +28,8 @@ What `install` does ("tuned"):
    everything is unfrozen and nothing is frozen again until CPython's next
    full collection has walked the whole heap and freed those cycles. Frozen
    garbage is so at most max(floor, (factor - 1) x the live heap at that
-   walk); the whole walks, the only pauses that grow with the heap, come
+   walk), passed by at most 1/RECOUNT_DIVISOR of it (the frozen objects are
+   counted exactly only now and then: a count walks all of them); the whole walks, the only pauses that grow with the heap, come
    when it has doubled: amortised O(1) per object, like a growing array,
    and none while the state stays the same size (then the frozen count
    grows only by leaked cycles).
@@ -51,10 +52,18 @@ from .stats import Histogram
 
 # Unfreeze when the frozen count reaches this multiple of the last whole walk's.
 UNFREEZE_FACTOR = 2.0
-# Frozen objects under which no whole walk is forced (some 20-40 MiB): a
-# master's start-up and a small cluster's state stay under it, and would
-# otherwise be walked at every doubling.
-UNFREEZE_FLOOR = 200_000
+# Frozen objects under which no whole walk is forced: a master's start-up
+# and a cluster's state up to some 140,000 1-task jobs stay under it, and
+# would otherwise be walked at every doubling. At 200,000, a master taking
+# 3,000 submits/s from an empty state walked its whole heap two or three
+# times in its first 25 s (250-700 ms each on a loaded 2-core host, both
+# followers at about the same moment, so commits stopped). What it costs:
+# frozen garbage cycles may reach this many objects (100-200 MiB if every
+# one were garbage) before a walk frees them, where 200,000 allowed a fifth.
+UNFREEZE_FLOOR = 1_000_000
+# A count of the frozen objects waits until this fraction of the limit has
+# been frozen since the last (see _freeze_survivors).
+RECOUNT_DIVISOR = 16
 GENERATIONS = (0, 1, 2)
 __all__ = ["GcStats", "install"]
 
@@ -82,6 +91,8 @@ class GcStats:
         self.frozen = 0  # frozen objects: exact after a walk, else an upper bound
         self.base = 0  # frozen after the last collection that walked everything
         self.unfreezes = 0
+        self.recounts = 0  # exact counts of the frozen objects
+        self._recount_at = 0  # `frozen` at which the next count may be made
         # Unfrozen, waiting for a full collection to walk everything.
         self.thawed = True
         self._t0 = 0.0
@@ -105,6 +116,7 @@ class GcStats:
                 gc.freeze()
                 self.frozen = self.base = gc.get_freeze_count()
                 self.thawed = False
+                self._recount_at = 0
             return
         self._freeze_survivors()
 
@@ -117,10 +129,19 @@ class GcStats:
         limit = max(self.unfreeze_floor, self.unfreeze_factor * self.base)
         if self.frozen <= limit:
             return
+        if self.frozen < self._recount_at:
+            return
         # `frozen` only adds, but frozen objects freed by reference counting
-        # have left: count them (a walk of the list, ~2 ms at 300,000
-        # objects, once per `limit - frozen` promotions) before deciding.
+        # have left: count them (a walk of the whole list, 5-10 ms at
+        # 1,000,000 objects) before deciding. While the true count sits just
+        # under the limit the sum passes it again at the next collection, and
+        # a count at each one cost a master 8 % of its CPU: the next count
+        # waits until another 1/RECOUNT_DIVISOR of the limit was frozen, so
+        # it costs O(1) per frozen object, and the bound may be passed by
+        # that much (and one collection's survivors).
         self.frozen = gc.get_freeze_count()
+        self.recounts += 1
+        self._recount_at = self.frozen + int(limit) // RECOUNT_DIVISOR
         if self.frozen > limit:
             # O(1): all of it joins the oldest generation, and CPython's next
             # full collection (after 10 middle ones; freezing resets that

@@ -84,6 +84,49 @@ def test_a_burst_of_registrations_with_work_waiting_costs_a_few_passes_not_one_e
     assert ld.c.reasons["big.0"]
 
 
+def test_a_stream_of_submit_batches_costs_a_few_incremental_passes_not_one_each(
+    ld: Leader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each submit batch commits and wakes the pass, but frees no capacity,
+    so each asks only for an incremental one, which still costs O(pending).
+    Those are paced by what they cost too: 100 batches 5 ms apart, with
+    passes that take 20 ms, are taken by a few passes, and every new task is
+    still looked at (it gets a reason, or a node)."""
+    passes: list[float] = []
+    real = scheduler.schedule
+
+    def costly(*args: Any) -> scheduler.Plan:
+        passes.append(ld.clock.monotonic())
+        ld.loop.now.t += 0.02  # this pass takes 20 ms (virtual time)
+        return real(*args)
+
+    h = ld.h
+    h.register("n1", gpus=1)
+    h.submit("big", gpus=16)  # fits nowhere, ever
+    ld.idle_pass()  # the full pass: from here on, only submits commit
+
+    monkeypatch.setattr(scheduler, "schedule", costly)
+
+    async def scenario() -> None:
+        loop_task = asyncio.ensure_future(_passes_forever(ld))
+        for i in range(100):
+            h.submit(f"w{i:03d}", gpus=8)  # fits nowhere either
+            ld.c.wake()  # as the Proposer does after each submit batch commits
+            await ld.clock.sleep(0.005)
+        h.submit("small", gpus=1)
+        ld.c.wake()
+        await ld.clock.sleep(1.0)
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+
+    ld.run(scenario())
+    # 0.5 s of batches, passes of 20 ms each followed by a 200 ms gap: about
+    # one pass per 220 ms; back to back they would be 25 or more.
+    assert 2 <= len(passes) <= 10, len(passes)
+    assert ld.task("small.0").state == "assigned"
+    assert all(ld.c.reasons[f"w{i:03d}.0"] for i in range(100))
+
+
 async def _passes_forever(ld: Leader) -> None:
     while True:
         await ld.c.scheduling_pass()
