@@ -412,6 +412,7 @@ async def detect_silent(c: Cluster, ws: Workers, i: int, share: int) -> dict[str
     ws.pause(i, share)
     t0 = time.monotonic()
     deadline = t0 + 60
+    failed = 0  # polls the leader did not answer
     while time.monotonic() < deadline:
         ws.check()
         # Only the nodes not ready: 10,000 listed whole are over the frame cap.
@@ -420,13 +421,24 @@ async def detect_silent(c: Cluster, ws: Workers, i: int, share: int) -> dict[str
         except RpcError:
             # A busy leader (or machine) may miss a poll's handshake
             # deadline; the next poll asks again, until the deadline above.
+            failed += 1
             await asyncio.sleep(0.2)
             continue
         down = {n["id"] for n in nodes if n["state"] != "ready"}
         if nid in down:
-            return {"detect_silent_s": round(time.monotonic() - t0, 2), "false_down": len(down) - 1}
+            return {
+                "detect_silent_s": round(time.monotonic() - t0, 2),
+                "false_down": len(down) - 1,
+                "detect_polls_failed": failed,
+            }
         await asyncio.sleep(0.2)
-    raise SystemExit(f"heartbeats: silent node {nid} was not declared down within 60 s")
+    # The figures measured before stay in the report; the run is not ok.
+    print(
+        f"heartbeats: silent node {nid} was not declared down within 60 s "
+        f"({failed} poll(s) of the leader failed)",
+        file=sys.stderr,
+    )
+    return {"detect_silent_s": None, "false_down": None, "detect_polls_failed": failed}
 
 
 class NotRegistered(Exception):
@@ -615,12 +627,14 @@ def main() -> int:
     res["ok"] = (
         res["leader_cpu_pct"] <= TARGET_PCT
         and res["register_s"] <= TARGET_REGISTER_S
+        and res["detect_silent_s"] is not None
         and res["detect_silent_s"] <= TARGET_DETECT_S
         and res["false_down"] == 0
     )
+    done = 0 if res["detect_silent_s"] is not None else 1  # the stderr line says why
     if args.json:
         print(json.dumps(res))
-        return 0
+        return done
     print(
         f"{args.agents} simulated agents heartbeating to one leader (at most "
         f"{rate:g} a second, or 1 Hz each when fewer)"
@@ -635,15 +649,15 @@ def main() -> int:
     print(f"{'heartbeat errors':34}{res['heartbeat_errors']:>10}")
     print(f"{'simulating process CPU, %':34}{res['client_cpu_pct']:>10}")
     print(f"{'registering all agents, s':34}{res['register_s']:>10}")
-    print(f"{'silent host declared down, s':34}{res['detect_silent_s']:>10}")
-    print(f"{'other nodes declared down':34}{res['false_down']:>10}")
+    print(f"{'silent host declared down, s':34}{res['detect_silent_s']!s:>10}")
+    print(f"{'other nodes declared down':34}{res['false_down']!s:>10}")
     print(f"{'load average (1, 5, 15 min)':34}{res['load_avg']!s:>10}")
     print(
         f"targets: leader CPU <= {TARGET_PCT:g}% of one core, registration <= "
         f"{TARGET_REGISTER_S:g} s, silent host down <= {TARGET_DETECT_S:g} s, no other down: "
         + ("met" if res["ok"] else "NOT met")
     )
-    return 0
+    return done
 
 
 if __name__ == "__main__":
