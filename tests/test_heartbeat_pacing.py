@@ -79,8 +79,8 @@ def test_the_agent_clamps_an_interval_its_lease_cannot_cover(asked: float) -> No
     every, why = pacing.adopt(asked, 1.0, 3.2)
     assert math.isclose(every * (1 + pacing.JITTER), 3.2 / 2.5)
     assert "too long for a lease" in why and len(why) < 200
-    # Without a lease yet it keeps its own interval.
-    assert pacing.adopt(asked, 1.0, None)[0] == 1.0
+    # Without a lease yet it keeps its own interval, and says nothing.
+    assert pacing.adopt(asked, 1.0, None) == (1.0, "")
 
 
 def test_sleeps_are_jittered_only_when_paced() -> None:

@@ -70,10 +70,14 @@ def adopt(asked: Any, own_s: float, lease_s: float | None) -> tuple[float, str]:
         return own_s, f"ignored the leader's heartbeat interval {asked!r}: negative"
     if asked <= own_s:
         return own_s, ""
+    if lease_s is None:
+        # No lease granted yet (a leader that has not heard from a quorum
+        # lately grants none): nothing bounds a longer interval, so keep our
+        # own until one is. Not the leader's mistake: nothing to say.
+        return own_s, ""
     # The agent's own guard: its lease is renewed only by heartbeat answers,
     # so it never sleeps long enough to let it run out, whatever it is told.
-    # Without a lease yet it keeps its own interval.
-    limit = own_s if lease_s is None else max(own_s, lease_s / LEASE_SHARE / (1 + JITTER))
+    limit = max(own_s, lease_s / LEASE_SHARE / (1 + JITTER))
     if asked > limit:
         return limit, (
             f"the leader's heartbeat interval {asked:g}s is too long for a lease of "
