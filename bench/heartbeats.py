@@ -413,15 +413,17 @@ async def detect_silent(c: Cluster, ws: Workers, i: int, share: int) -> dict[str
     t0 = time.monotonic()
     deadline = t0 + 60
     failed = 0  # polls the leader did not answer
+    last_error = ""
     while time.monotonic() < deadline:
         ws.check()
         # Only the nodes not ready: 10,000 listed whole are over the frame cap.
         try:
             nodes = c.rpc("nodes", {"state": ["draining", "down"]}, timeout_s=30)
-        except RpcError:
+        except RpcError as exc:
             # A busy leader (or machine) may miss a poll's handshake
             # deadline; the next poll asks again, until the deadline above.
             failed += 1
+            last_error = one_line(exc)
             await asyncio.sleep(0.2)
             continue
         down = {n["id"] for n in nodes if n["state"] != "ready"}
@@ -435,10 +437,15 @@ async def detect_silent(c: Cluster, ws: Workers, i: int, share: int) -> dict[str
     # The figures measured before stay in the report; the run is not ok.
     print(
         f"heartbeats: silent node {nid} was not declared down within 60 s "
-        f"({failed} poll(s) of the leader failed)",
+        f"({failed} poll(s) of the leader failed; the last: {last_error or 'none'})",
         file=sys.stderr,
     )
-    return {"detect_silent_s": None, "false_down": None, "detect_polls_failed": failed}
+    return {
+        "detect_silent_s": None,
+        "false_down": None,
+        "detect_polls_failed": failed,
+        "detect_last_error": last_error,
+    }
 
 
 class NotRegistered(Exception):
