@@ -47,10 +47,11 @@ class MasterConfig:
     disconnect_margin_s: float = 0.5
     # Heartbeats all agents together send each second, at most: the leader
     # asks each agent for an interval of live nodes / this (never more than
-    # the TTL and the lease allow, leptond/wire/pacing.py). 8,000 keeps a
-    # leader at 10,000 nodes near half a core at 0.066 ms per heartbeat
-    # (docs/benchmarks.md, 10,000 hosts); below 8,000 nodes agents keep their
-    # own 1 s. 0: off (agents keep their own interval).
+    # the TTL and the lease allow, leptond/wire/pacing.py). Below 8,000
+    # nodes agents keep their own 1 s; at 10,000 with the default TTL the cap
+    # (1.219 s) binds first, about 8,200 a second, which cut the leader's CPU
+    # from 66.6 to 61.3 % of a core (docs/benchmarks.md, "Heartbeat pacing").
+    # 0: off (agents keep their own interval).
     max_heartbeats_per_s: float = 8000.0
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
