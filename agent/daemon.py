@@ -27,6 +27,7 @@ from typing import Any
 from leptond.blocks import WorkdirError
 from leptond.blocks.manifest import check_relative_path
 from leptond.clock import REAL, Clock, wait_event
+from leptond.wire import pacing
 from leptond.wire.client import ClusterClient, parse_addrs
 from leptond.wire.connection import Connection
 from leptond.wire.errors import RpcError
@@ -247,6 +248,10 @@ class Agent:
         self.state = "unknown"
         # When the next heartbeat carries host and GPU figures (clock.monotonic()).
         self._stats_next = float("-inf")
+        # Seconds between heartbeats: our own, or longer when the leader paces
+        # its agents (leptond/wire/pacing.py); what was last logged about it.
+        self.heartbeat_every_s = self._pace_logged_s = self.cfg.heartbeat_s
+        self._pace_bad = False
         self._stopping = asyncio.Event()
         self._workdir_lock = asyncio.Lock()
         self._preparing: set[str] = set()  # run ids being prepared or started
@@ -452,6 +457,7 @@ class Agent:
             tag=LEASED,
         )
         self._renew_lease(sent, res)
+        self._adopt_pace(res)
         self._stats_next = float("-inf")  # a new leader may have no figures yet
         self.registered_on = self.client.conn
         self.state = res.get("state", "ready")
@@ -484,6 +490,7 @@ class Agent:
                 attempt_timeout_s=self._heartbeat_attempt_s(),
             )
             self._renew_lease(sent, res)
+            self._adopt_pace(res)
             if with_stats:
                 self._stats_next = self.clock.monotonic() + self.cfg.stats_s
             self.state = res.get("state", self.state)
@@ -492,7 +499,25 @@ class Agent:
                     self._stop_task(str(item[0]), res.get("grace_s"), attempt=int(item[1]))
             if res.get("start"):
                 await self._start_tasks(res["start"])
-            await wait_event(self.clock, self._stopping, self.cfg.heartbeat_s)
+            pause = pacing.sleep_s(self.heartbeat_every_s, self.cfg.heartbeat_s, random.random)
+            await wait_event(self.clock, self._stopping, pause)
+
+    def _adopt_pace(self, res: Any) -> None:
+        """Heartbeat as often as the leader's answer asks (after the lease in
+        it is taken: the lease bounds the interval), or at our own interval
+        when it asks nothing (an older leader). A bad value is ignored or
+        clamped, with one log line until the answers are good again; a good
+        one is logged when it moves by a fifth or more (it follows the number
+        of nodes, a little with each one that comes or goes)."""
+        asked = res.get("heartbeat_s") if isinstance(res, dict) else None
+        every, why = pacing.adopt(asked, self.cfg.heartbeat_s, self.lease_s)
+        if why and not self._pace_bad:
+            log.warning("%s", why)
+        self._pace_bad = bool(why)
+        if abs(every - self._pace_logged_s) >= 0.2 * self._pace_logged_s:
+            log.info("heartbeating every %gs, as the leader asks", every)
+            self._pace_logged_s = every
+        self.heartbeat_every_s = every
 
     def _start_test_stalls(self) -> None:
         """Benchmarks only: stall our own event loop now and then (agent/stalls.py)."""
@@ -777,7 +802,7 @@ class Agent:
         want = set(gpus)
         if not want:
             return ""
-        deadline = self.clock.monotonic() + self.cfg.kill_grace_s + 3 * self.cfg.heartbeat_s + 2
+        deadline = self.clock.monotonic() + self.cfg.kill_grace_s + 3 * self.heartbeat_every_s + 2
         while True:
             busy: set[int] = set()
             for r in self.runner.running():

@@ -21,6 +21,7 @@ from .config import MasterConfig
 from .liveness import NodeLiveness
 from .nodestats import Cleaner
 from .ports import LeaderStatus, Proposer, StateReader
+from .wire import pacing
 from .wire.connection import Connection, Handler
 from .wire.errors import BAD_REQUEST, FORBIDDEN, RpcError
 
@@ -82,6 +83,8 @@ class AgentRegistry:
         # Node id -> the commit of GPU faults it reported, while one is under way.
         self._marking: dict[str, asyncio.Task[None]] = {}
         self.events: Batcher[dict[str, Any], int] | None = None
+        # Heartbeat pacing (leptond/wire/pacing.py): fixed by the settings.
+        self._pace_cap_s = cfg.heartbeat_cap_s
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -183,7 +186,16 @@ class AgentRegistry:
                 requeued[0]["reason"],
             )
         out = {"node_id": nid, "state": res["state"], "tasks": should_run, "masters": masters}
-        return self._with_lease(out, nid)
+        return self._with_lease(self._paced(out), nid)
+
+    def _paced(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """Ask the agent for the interval that keeps all agents together at
+        or under --max-heartbeats-per-second (leptond/wire/pacing.py): every
+        agent connection to this leader counts as a live node."""
+        rate = self._cfg.max_heartbeats_per_s
+        if rate > 0:
+            answer["heartbeat_s"] = pacing.interval_s(len(self.conns), rate, self._pace_cap_s)
+        return answer
 
     def _with_lease(self, answer: dict[str, Any], nid: str) -> dict[str, Any]:
         """Renew the node's lease in this answer (agent/lease.py), if this
@@ -303,7 +315,7 @@ class AgentRegistry:
             "state": node.state,
             "grace_s": self._cfg.kill_grace_s,
         }
-        return self._with_lease(answer, nid)
+        return self._with_lease(self._paced(answer), nid)
 
     async def task_events(self, conn: Connection, a: Any) -> dict[str, Any]:
         nid = self._registered(conn, "reporting task events")

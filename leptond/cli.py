@@ -176,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lease_s=args.task_lease,
         lease_margin_s=args.lease_margin,
         disconnect_confirm_s=args.disconnect_confirm,
+        max_heartbeats_per_s=args.max_heartbeats_per_second,
         disconnect_margin_s=args.disconnect_margin,
         allow_root_tasks=args.allow_root_tasks,
         default_mem_per_gpu=args.default_mem_per_gpu,
@@ -290,6 +291,14 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds between a lease running out and the TTL (default: a tenth "
         "of the TTL, at most 1)",
+    )
+    r.add_argument(
+        "--max-heartbeats-per-second",
+        type=float,
+        default=8000.0,
+        help="heartbeats all agents together send a second, at most: past this many "
+        "nodes, each agent is asked to heartbeat every nodes/rate seconds, never longer "
+        "than a third of the TTL and 40%% of the task lease; 0: off (default 8000)",
     )
     r.add_argument(
         "--disconnect-confirm",

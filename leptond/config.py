@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from raft.validate import MAX_MEM
+
+from .wire import pacing
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,14 @@ class MasterConfig:
     # What the margin covers: a shim noticing the agent's death (it waits on
     # a pidfd, so at once unless starved of CPU) and killing its task.
     disconnect_margin_s: float = 0.5
+    # Heartbeats all agents together send each second, at most: the leader
+    # asks each agent for an interval of live nodes / this (never more than
+    # the TTL and the lease allow, leptond/wire/pacing.py). Below 8,000
+    # nodes agents keep their own 1 s; at 10,000 with the default TTL the cap
+    # (1.219 s) binds first, about 8,200 a second, which cut the leader's CPU
+    # from 66.6 to 61.3 % of a core (docs/benchmarks.md, "Heartbeat pacing").
+    # 0: off (agents keep their own interval).
+    max_heartbeats_per_s: float = 8000.0
     commit_timeout_s: float = 5.0
     kill_grace_s: float = 10.0
     # The longest a preemption waits for a victim that asked for a warning
@@ -135,6 +146,11 @@ class MasterConfig:
         return self.heartbeat_ttl_s - 2 * self.margin_s
 
     @property
+    def heartbeat_cap_s(self) -> float:
+        """The longest heartbeat interval this leader asks of an agent."""
+        return pacing.cap_s(self.heartbeat_ttl_s, self.task_lease_s)
+
+    @property
     def disconnect_down_s(self) -> float | None:
         """Seconds from reading a node's end-of-stream to declaring it down;
         None when the fast path is off."""
@@ -166,6 +182,11 @@ class MasterConfig:
                 f"--disconnect-margin ({self.disconnect_margin_s:g}s) must be at least 0.2s: "
                 "it is the time a host's task supervisors have to kill the tasks of a node "
                 "whose agent went away before the leader runs them elsewhere"
+            )
+        if not math.isfinite(self.max_heartbeats_per_s) or self.max_heartbeats_per_s < 0:
+            raise ValueError(
+                f"--max-heartbeats-per-second ({self.max_heartbeats_per_s:g}) must be a "
+                "number of heartbeats a second, 0 or more (0: agents keep their own interval)"
             )
         if ttl <= lease + margin:
             raise ValueError(
