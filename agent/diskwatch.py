@@ -63,7 +63,8 @@ class DiskWatch:
         if s is None or not s.low:
             return None
         return {
-            "reason": s.reason(),
+            # Stable while the disk stays low: the leader acts on changes.
+            "reason": f"disk full: less than {mib(s.reserve_bytes)} free in {s.path}",
             "free_bytes": s.free_bytes,
             "reserve_bytes": s.reserve_bytes,
         }
