@@ -15,6 +15,9 @@ from .runner import RunnerError, TaskRunner
 from .taskdir import WORK
 
 log = logging.getLogger("agent.disk")
+# A task whose files take less than this is not what filled the disk: it is
+# never evicted for it (the space went to something else on the host).
+MIN_EVICT_BYTES = 1 << 20
 
 
 class DiskWatch:
@@ -75,10 +78,10 @@ class DiskWatch:
             lambda: {rid: sum(usage(d) for d in ds) for rid, ds in dirs.items()}
         )
         rid = max(used, key=lambda r: (used[r], r), default=None)
-        if rid is None or used[rid] == 0:
+        if rid is None or used[rid] < MIN_EVICT_BYTES:
             if not self._said_nothing_to_evict:
                 log.warning(
-                    "%s, and no running task's files take any of it: nothing to evict", s.reason()
+                    "%s, and no running task's files take much of it: nothing to evict", s.reason()
                 )
                 self._said_nothing_to_evict = True
             return
