@@ -73,6 +73,12 @@ class DiskWatch:
         }
 
     async def _evict(self, s: DiskSpace, running: list[str]) -> None:
+        try:
+            await self._evict_one(s, running)
+        except Exception:
+            log.exception("evicting a task for the disk failed")  # tried again next heartbeat
+
+    async def _evict_one(self, s: DiskSpace, running: list[str]) -> None:
         dirs = {rid: self._dirs(rid) for rid in running}
         used = await asyncio.to_thread(
             lambda: {rid: sum(usage(d) for d in ds) for rid, ds in dirs.items()}
