@@ -48,6 +48,7 @@ from .probes import (
 )
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .sessions import SessionError, Sessions
+from .shim import LEASE_RAN_OUT
 from .taskdir import SPEC, read_json, warn_signum
 from .workdir import WorkdirCache
 
@@ -830,6 +831,10 @@ class Agent:
             )
             if ex.warned:
                 ev["warned"] = True  # exit 0 after a warning asks to run again
+            if ex.message == LEASE_RAN_OUT:
+                # Killed because the node's lease ran out (the host could not
+                # renew it): lost with the node, not a failure of the task.
+                ev["lost"] = True
             ev["rid"] = ex.task_id
             self.events.append(ev)
         if exits:

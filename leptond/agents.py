@@ -49,7 +49,10 @@ def _disk_low(v: Any) -> str | None:
     if not isinstance(v, dict):
         return None
     reason = v.get("reason")
-    return reason[:200] if isinstance(reason, str) and reason else "disk full"
+    if not isinstance(reason, str) or not reason.strip():
+        return "disk full"
+    # Shown in listings and logs: short, on one line, printable.
+    return "".join(c if c.isprintable() else " " for c in reason[:200]).strip()
 
 
 def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
