@@ -109,7 +109,7 @@ class AgentConfig:
     burn_in_timeout_s: float = 300.0
     # Free space kept on the data dir's disk: under it, the task whose files
     # take the most is evicted and no new task comes (agent/diskguard.py).
-    # None: 5 % of the disk, at least 1 GiB, at most a quarter of it.
+    # None: 5 % of the disk, at least 1 GiB, at most 10 GiB and a quarter of it.
     disk_reserve_bytes: int | None = None
 
 

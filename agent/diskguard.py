@@ -31,11 +31,16 @@ from pathlib import Path
 
 MiB = 1 << 20
 GiB = 1 << 30
-# The reserve when none is given: 5 % of the file system, at least 1 GiB
-# (what sshd, journald, package updates and the agent's own files need), but
-# never over a quarter of the disk, so a small disk is not always "full".
+# The reserve when none is given: 5 % of the file system (kubelet evicts at
+# 10 %; free space here is f_bavail, which already leaves out what ext4 keeps
+# for root), at least 1 GiB (what sshd, journald, the running tasks' capped
+# logs and the agent's own files need), at most 10 GiB (several seconds of
+# writes at disk speed: more than a heartbeat, which is what the reserve
+# must outlast), and never over a quarter of the disk, so that a small disk
+# is not always "full".
 DEFAULT_RESERVE_FRACTION = 0.05
 DEFAULT_RESERVE_FLOOR = 1 * GiB
+DEFAULT_RESERVE_CEILING = 10 * GiB
 DEFAULT_RESERVE_CAP_FRACTION = 0.25
 # Entries one measurement looks at per working directory: a task with
 # millions of files is measured in part (what it has beyond is not counted),
@@ -67,7 +72,7 @@ def mib(n: int) -> str:
 
 def default_reserve(total_bytes: int) -> int:
     want = max(DEFAULT_RESERVE_FLOOR, int(total_bytes * DEFAULT_RESERVE_FRACTION))
-    return min(want, int(total_bytes * DEFAULT_RESERVE_CAP_FRACTION))
+    return min(want, DEFAULT_RESERVE_CEILING, int(total_bytes * DEFAULT_RESERVE_CAP_FRACTION))
 
 
 def space(path: Path, reserve_bytes: int | None) -> DiskSpace:
