@@ -122,6 +122,15 @@ def parser() -> argparse.ArgumentParser:
         "the leader has its exit, e.g. 30m, 12h, 7d (default 1d)",
     )
     r.add_argument(
+        "--disk-reserve",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="free space kept on the data dir's disk, e.g. 20G: under it the task whose "
+        "files take the most there is stopped (evicted) and the node takes no new task "
+        "until space is back (default: 5%% of the disk, at least 1G, at most 10G and a quarter of it)",
+    )
+    r.add_argument(
         "--keep-visible",
         action="append",
         default=[],
@@ -222,6 +231,7 @@ async def _main(args: argparse.Namespace) -> int:
         http_bind=args.http_bind,
         tasks_mem_max=args.tasks_mem_max,
         task_retention_s=args.task_retention,
+        disk_reserve_bytes=args.disk_reserve,
         keep_visible=keep,
     )
     try:

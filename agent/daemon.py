@@ -35,6 +35,7 @@ from leptond.wire.errors import RpcError
 from . import credential, gpudev, identity, lease, logserve, stalls, taskns
 from .cgroup_task import CgroupError
 from .cgroups import DEFAULT_TASK_PIDS_MAX, CgroupManager, default_tasks_mem_bytes, detect
+from .diskwatch import DiskWatch
 from .health import GpuHealth
 from .metrics import AgentHttp
 from .ports import Lease, Runner
@@ -48,6 +49,7 @@ from .probes import (
 )
 from .runner import RunnerError, TaskRunner, TaskSpec
 from .sessions import SessionError, Sessions
+from .shim import LEASE_RAN_OUT
 from .taskdir import SPEC, read_json, warn_signum
 from .workdir import WorkdirCache
 
@@ -106,6 +108,10 @@ class AgentConfig:
     http_bind: str = "0.0.0.0"
     # How long a GPU's burn-in may take before the reset is refused.
     burn_in_timeout_s: float = 300.0
+    # Free space kept on the data dir's disk: under it, the task whose files
+    # take the most is evicted and no new task comes (agent/diskguard.py).
+    # None: 5 % of the disk, at least 1 GiB, at most 10 GiB and a quarter of it.
+    disk_reserve_bytes: int | None = None
 
 
 def run_id(task_id: str, attempt: int) -> str:
@@ -142,6 +148,8 @@ class Agent:
     # shims and the lease file here, simulated ones in leptond/sim.
     runner: Runner
     fence: Lease
+    # The disk watchdog (agent/diskwatch.py); None where there is no real disk.
+    disk: DiskWatch | None = None
 
     def __init__(self, cfg: AgentConfig, clock: Clock = REAL) -> None:
         self.cfg = cfg
@@ -187,6 +195,7 @@ class Agent:
             keep_visible=(cfg.data_dir, Path(sys.prefix), *cfg.keep_visible),
             clock=clock,
         )
+        self.disk = DiskWatch(cfg.data_dir, cfg.disk_reserve_bytes, self.runner)
         self._next_gc = 0.0  # monotonic time of the next sweep of old task dirs
         self._gc: asyncio.Task[None] | None = None  # the sweep under way
         self._staller: asyncio.Task[None] | None = None  # test stalls (agent/stalls.py)
@@ -481,6 +490,8 @@ class Agent:
             self._collect_exits(self.runner.poll())
             self._flush_soon()
             self._collect_garbage()
+            if self.disk is not None:
+                self.disk.check()
             sent = self.fence.now()
             with_stats = self.clock.monotonic() >= self._stats_next
             res = await self.client.call(
@@ -635,11 +646,15 @@ class Agent:
 
     def _heartbeat_body(self, with_stats: bool = True) -> dict[str, Any]:
         report = self.host_report() if with_stats else {"gpu_faults": self.gpu_faults()}
-        return {
+        body = {
             **report,
             "running": self.running(),
             "exited": sorted({e["task_id"] for e in self.events if e["state"] == "exited"}),
         }
+        low = self.disk.condition() if self.disk is not None else None
+        if low is not None:
+            body["disk_low"] = low  # the leader places nothing here meanwhile
+        return body
 
     def host_report(self) -> dict[str, Any]:
         """What a heartbeat says of the host itself: its load, its GPUs and
@@ -828,6 +843,8 @@ class Agent:
 
     def _collect_exits(self, exits: list[Any]) -> None:
         for ex in exits:
+            if self.disk is not None:
+                self.disk.ended(ex.task_id)
             tid, attempt = split_run_id(ex.task_id)
             if any(
                 e["task_id"] == tid and e["attempt"] == attempt and e["state"] == "exited"
@@ -839,6 +856,10 @@ class Agent:
             )
             if ex.warned:
                 ev["warned"] = True  # exit 0 after a warning asks to run again
+            if ex.message == LEASE_RAN_OUT:
+                # Killed because the node's lease ran out (the host could not
+                # renew it): lost with the node, not a failure of the task.
+                ev["lost"] = True
             ev["rid"] = ex.task_id
             self.events.append(ev)
         if exits:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import zlib
 from pathlib import Path
 
 from leptond.clock import REAL, boottime
@@ -121,13 +122,85 @@ def write_lease(
     _replace(path, body)
 
 
+# The file has a fixed size and is rewritten in place (pwrite), so renewing a
+# lease never needs a new disk block: a task that fills the data dir's file
+# system must not stop the agent from renewing it, or every task on the host
+# dies with the lease. Only the first write (or one over a file of another
+# size, from an older agent) creates it, through a temp file and a rename.
+LEASE_SIZE = 4096
+# A reader may see a write half done (a read and a pwrite of the same page are
+# not atomic with each other), so each record starts with the CRC-32 of the
+# rest of its JSON, at a fixed place: readers that know it skip a torn record;
+# older readers still parse the file as one JSON object (padded with spaces).
+_CRC_HEAD = b'{"crc": "'
+_CRC_LEN = len(_CRC_HEAD) + 8 + len(b'", ')
+
+
+def encode(body: dict[str, object]) -> bytes:
+    """The file's bytes for `body`: LEASE_SIZE bytes, checksummed, padded."""
+    payload = json.dumps(body).encode()[1:]  # after its "{"
+    data = _CRC_HEAD + b"%08x" % zlib.crc32(payload) + b'", ' + payload
+    if len(data) > LEASE_SIZE:
+        raise ValueError(f"a lease record of {len(data)} bytes is over {LEASE_SIZE}")
+    return data.ljust(LEASE_SIZE, b" ")
+
+
+def decode(raw: bytes) -> dict[str, object] | None:
+    """The lease in `raw`; None when it is garbled or torn. A record without
+    a checksum (written whole by a rename) is taken as it is."""
+    if raw.startswith(_CRC_HEAD):
+        payload = raw[_CRC_LEN:].rstrip(b" ")
+        try:
+            crc = int(raw[len(_CRC_HEAD) : len(_CRC_HEAD) + 8], 16)
+        except ValueError:
+            return None
+        if zlib.crc32(payload) != crc:
+            return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    body.pop("crc", None)
+    return body
+
+
 def _replace(path: Path, body: dict[str, object]) -> None:
+    data = encode(body)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fd = -1
+    if fd >= 0:
+        try:
+            if os.fstat(fd).st_size == LEASE_SIZE:
+                # In place: the blocks are the file's already (made real at
+                # creation), so this needs no free space. Not fsynced: after
+                # a crash of the host the boot id no longer matches anyway.
+                os.pwrite(fd, data, 0)
+                return
+        finally:
+            os.close(fd)
     tmp = path.with_name(path.name + ".tmp")
     # 0600: only the root shims read it; tasks running as users have no business there.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(body))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.pwrite(fd, data, 0)
+        # Once, so that the file's blocks are allocated on the disk and not
+        # only reserved: later rewrites in place then need none.
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def _read_raw(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(LEASE_SIZE + 1)
+    except OSError:
+        return None
 
 
 def cap_lease(path: Path, until: float) -> bool:
@@ -162,18 +235,29 @@ def _number(v: object) -> bool:
 
 
 def _read(path: Path) -> dict[str, object] | None:
-    try:
-        body = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return body if isinstance(body, dict) else None
+    """The lease in the file, read again (a few times) if a write was under
+    way: None when there is none, or it stays garbled."""
+    for _ in range(_TORN_RETRIES):
+        raw = _read_raw(path)
+        if raw is None:
+            return None
+        body = decode(raw)
+        if body is not None:
+            return body
+    return None
+
+
+# A torn read lasts as long as one pwrite of 4 KiB: a retry or two sees it done.
+_TORN_RETRIES = 3
 
 
 def read_expiry(path: Path) -> float | None:
     """When the lease runs out on `now()`'s clock; None when there is no valid
     lease (no file, a garbled one, or one written before this boot)."""
+    body = _read(path)
+    if body is None:
+        return None
     try:
-        body = json.loads(path.read_text())
         expires = body["expires"]
         if body.get("boot_id", "") != boot_id():
             return None
@@ -217,7 +301,7 @@ class LeaseReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._raw: bytes | None = None
         self._body: dict[str, object] | None = None
         self._agent: tuple[int, int] | None = None  # (pid, start ticks) watched
         self._pidfd: int | None = None
@@ -230,19 +314,28 @@ class LeaseReader:
         return self._pidfd
 
     def _load(self) -> dict[str, object] | None:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_mtime_ns)
-        except OSError:
-            self._stamp, self._body = None, None
+        # Read on every look: the file is rewritten in place, so neither its
+        # inode nor (within the clock's grain) its mtime tells a new lease.
+        raw = _read_raw(self.path)
+        if raw is None:
+            self._raw, self._body = None, None
             return None
-        if stamp != self._stamp:
-            body = _read(self.path)
+        if raw != self._raw:
+            body = decode(raw)
+            for _ in range(_TORN_RETRIES - 1):
+                if body is not None:
+                    break
+                raw = _read_raw(self.path) or b""
+                body = decode(raw)
+            if body is None and raw.startswith(_CRC_HEAD) and self._body is not None:
+                # Still torn (a writer under way): the last whole lease,
+                # for this look only; the next reads the file again.
+                return self._body
             if body is not None and (
                 body.get("boot_id", "") != boot_id() or not _number(body.get("expires"))
             ):
                 body = None
-            self._stamp, self._body = stamp, body
+            self._raw, self._body = raw, body
         return self._body
 
     def expires(self) -> float | None:

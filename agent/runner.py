@@ -311,7 +311,13 @@ class TaskRunner:
             except OSError as e:
                 raise RunnerError(f"cannot warn task {task_id}: {e.strerror or e}") from None
 
-    def stop(self, task_id: str, grace_s: float | None = None, warn: bool = False) -> None:
+    def stop(
+        self,
+        task_id: str,
+        grace_s: float | None = None,
+        warn: bool = False,
+        reason: str | None = None,
+    ) -> None:
         """Ask the task's shim to stop it: SIGTERM, then SIGKILL after the grace.
         With `warn`, its warning signal first instead of SIGTERM (a preemption
         of a task that asked for one), then SIGKILL after the grace.
@@ -326,6 +332,8 @@ class TaskRunner:
             body: dict[str, object] = {"grace_s": grace_s} if grace_s is not None else {}
             if warn:
                 body["warn"] = True
+            if reason is not None:
+                body["reason"] = reason  # the exit's message, instead of "stopped by request"
             try:
                 atomic_write_json(tdir / STOP, body, durable=False)
             except OSError as e:

@@ -449,7 +449,7 @@ class Shim:
                 self.warn(warn_sig)
             if self.stop is None:
                 if self.stop_signalled or (now >= next_stop_check and self._stop_file()):
-                    self.request_stop("stopped by request", self._stop_grace_s(), proc.pid)
+                    self.request_stop(self._stop_reason(), self._stop_grace_s(), proc.pid)
                 elif deadline is not None and now >= deadline:
                     self.request_stop(
                         f"time limit of {limit_s:g}s exceeded",
@@ -507,6 +507,13 @@ class Shim:
 
     def _stop_file(self) -> bool:
         return (self.dir / STOP).exists()
+
+    def _stop_reason(self) -> str:
+        """Why the agent stops the task (an eviction says so), or the default."""
+        reason = (read_json(self.dir / STOP) or {}).get("reason")
+        if isinstance(reason, str) and reason:
+            return reason[:512]
+        return "stopped by request"
 
     def _stop_grace_s(self) -> float:
         req = read_json(self.dir / STOP) or {}

@@ -154,13 +154,15 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
         for r in rows
         for f in r.get("gpu_faults") or []
     ]
+    full = [f"{r['name']}: takes no new tasks: {r['disk_low']}" for r in rows if r.get("disk_low")]
     table(
         ["NAME", "ID", "STATE", "GPUS", "GPU UTIL", "MODEL", "CPUS", "MEM", "LABELS"],
         [
             [
                 r["name"],
                 r["id"],
-                node_state(r["state"], r.get("drain_deadline"), r.get("drain_reason") is not None),
+                node_state(r["state"], r.get("drain_deadline"), r.get("drain_reason") is not None)
+                + (" (disk full)" if r.get("disk_low") else ""),
                 f"{r['gpus_used']}/{r['gpus_total']}"
                 + (f" ({r['gpus_unhealthy']} unhealthy)" if r.get("gpus_unhealthy") else ""),
                 "-" if r.get("gpu_util_pct") is None else f"{r['gpu_util_pct']:.0f}%",
@@ -172,7 +174,7 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
             for r in rows
         ],
     )
-    for line in faults:
+    for line in faults + full:
         say(line)
     return 0
 

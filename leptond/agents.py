@@ -44,6 +44,18 @@ def _fault_reason(v: Any) -> str:
     return "".join(c if c.isprintable() else " " for c in v[:MAX_FAULT_REASON_CHARS]).strip()
 
 
+def _disk_low(v: Any) -> str | None:
+    """Why the node's data disk is under its reserve (agent/diskwatch.py), or
+    None when the heartbeat says nothing of it."""
+    if not isinstance(v, dict):
+        return None
+    reason = v.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        return "disk full"
+    # Shown in listings and logs: short, on one line, printable.
+    return "".join(c if c.isprintable() else " " for c in reason[:200]).strip()
+
+
 def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
     """The event as proposed: its message cut as apply would cut it, so a
     batch of events stays within one Raft entry; refused when still large."""
@@ -236,6 +248,7 @@ class AgentRegistry:
         if clean.dropped:
             self.liveness.dropped(nid, clean.dropped)
         self.liveness.heard(nid, stats)
+        self.liveness.report_disk(nid, _disk_low(a.get("disk_low")))
         self._gpu_faults(nid, a.get("gpu_faults"))
         return self.reconcile(nid, running, exited)
 

@@ -111,6 +111,7 @@ class Controllers:
         self._epoch = -1  # ClusterState.capacity_epoch at the last pass
         self._last_full = 0.0
         self._settled = -1  # state generation of the last full pass that planned nothing
+        self._disk_epoch = -1  # NodeLiveness.disk_epoch the last pass saw
         self._full_not_before = 0.0  # monotonic time before which a wake-up waits (pacing)
         self._incr_not_before = 0.0  # the same for an incremental pass
         self._next_liveness = 0.0  # monotonic time of the next look at every node
@@ -290,6 +291,11 @@ class Controllers:
         if not s.pending and not self._stops_outstanding(s):
             return
         epoch = s.capacity_epoch
+        if self._liveness.disk_epoch != self._disk_epoch:
+            # A node's disk went under its reserve or came back: what did not
+            # fit may now, so every pending task is looked at again.
+            self._disk_epoch = self._liveness.disk_epoch
+            self._epoch, self._settled = -1, -1
         # Tasks that did not fit last pass cannot fit now unless something
         # freed capacity since: with thousands pending, a pass per submit
         # batch would otherwise cost O(pending) each time.
@@ -322,6 +328,10 @@ class Controllers:
             nodes, allocs, pending = await asyncio.to_thread(inputs)
         else:
             nodes, allocs, pending = inputs()
+        low = self._liveness.disk_low
+        if low:
+            # Nodes whose data disk is under its reserve take nothing new.
+            nodes = [replace(n, schedulable=False) if n.node_id in low else n for n in nodes]
         self._decay_usage(s)
         stopping = {t.id for t in s.stopping_tasks() if t.stop == "preempt"}
         self._epoch = epoch

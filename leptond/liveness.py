@@ -8,7 +8,7 @@ a new leader starts from `reset`, which gives every node a full TTL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .clock import Clock
@@ -34,11 +34,21 @@ class NodeLiveness:
         # that requeues their tasks.
         # node id -> clock.monotonic() when its node_down was proposed.
         self.condemned: dict[str, float] = {}
+        # Nodes whose agent reports its data disk under its reserve
+        # (agent/diskguard.py): node id -> why. Nothing is placed on them;
+        # in memory only, as heartbeats are: a new leader hears it again
+        # within a heartbeat. `disk_epoch` counts changes, so that the
+        # scheduler looks at every pending task again when one ends.
+        self.disk_low: dict[str, str] = {}
+        self.disk_epoch = 0
+        self.on_disk_change: Callable[[], None] | None = None
 
     def reset(self, node_ids: Iterable[str], grace_s: float) -> None:
         """A new leader: every node counts as heard from `grace_s` from now."""
         self.last_seen = dict.fromkeys(node_ids, self._clock.monotonic() + grace_s)
         self.suspects, self.condemned = {}, {}
+        self.disk_low = {}
+        self.disk_epoch += 1
 
     def suspect(self, node_id: str) -> None:
         """The node's agent closed its connection (or died): count from now."""
@@ -83,6 +93,22 @@ class NodeLiveness:
                     out.append(nid)
         return out
 
+    def report_disk(self, node_id: str, low: str | None) -> None:
+        """What a heartbeat says of the node's data disk: why it is under its
+        reserve, or None when it is not."""
+        if self.disk_low.get(node_id) == low:
+            return
+        if low is None:
+            del self.disk_low[node_id]
+            log.info("node %s: its disk has room again; it takes tasks again", node_id)
+        else:
+            if node_id not in self.disk_low:
+                log.warning("node %s takes no new tasks: %s", node_id, low)
+            self.disk_low[node_id] = low
+        self.disk_epoch += 1
+        if self.on_disk_change is not None:
+            self.on_disk_change()
+
     def dropped(self, node_id: str, n: int) -> None:
         """Count values of a node's heartbeat that were left out as malformed."""
         first = node_id not in self.dropped_by_node
@@ -110,4 +136,8 @@ class NodeLiveness:
         if live is None:
             return None
         heard = max(live["at"], self.last_seen.get(node_id, live["at"]))
-        return dict(live, age_s=round(self._clock.monotonic() - heard, 1))
+        out = dict(live, age_s=round(self._clock.monotonic() - heard, 1))
+        low = self.disk_low.get(node_id)
+        if low is not None:
+            out["disk_low"] = low
+        return out

@@ -121,6 +121,7 @@ class Master:
             cfg, proposer, reader, gate, liveness, raft.heard_from_majority_within, clock
         )
         controllers = Controllers(cfg, proposer, reader, agents, liveness, blocks, wakeup, clock)
+        liveness.on_disk_change = controllers.wake
         leadership = Leadership(gate, reader, agents, controllers, clock)
 
         async def flush_submits(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -485,6 +485,9 @@ def node_summary(s: StateView, n: Node, live: dict[str, Any] | None) -> dict[str
         "host": stats,
         "cache": cache if isinstance(cache, dict) else {},
         "last_heartbeat_s": age if _number(age) else None,
+        # Why the node takes no new task while it is up: its data disk is
+        # under its reserve (agent/diskguard.py); None when it is not.
+        "disk_low": low if isinstance(low := (live or {}).get("disk_low"), str) else None,
     }
 
 

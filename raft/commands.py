@@ -28,7 +28,7 @@ import msgpack
 # (raft.validate.validate_node).
 # Version 4: job specs may carry an array and dependencies (after_ok,
 # after_any), and a cancel may name one task of an array.
-COMMAND_VERSION = 4
+COMMAND_VERSION = 5
 # The largest command apply will decode: a sanity bound, far above what any
 # release proposes, so old journals with large entries still replay.
 MAX_COMMAND_BYTES = 64 * 1024 * 1024

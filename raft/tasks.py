@@ -189,6 +189,11 @@ def _check_group(s: ClusterState, job: Job, group: list[dict[str, Any]]) -> str:
 # does one that exits 0 after a warning signal (an event's `warned`).
 REQUEUE_EXIT = 85
 REQUEUE_SINCE_VERSION = 4
+# From this command version on, an exit event with `lost: true` (its shim
+# killed it when the node's lease ran out on the host, agent/lease.py) ends
+# the attempt `lost`, as a node declared down does: the node failed it, not
+# the task. Earlier commands applied such an event as a plain failure.
+LOST_SINCE_VERSION = 5
 # Requeues a task may ask for; past it, exit 85 is a failure like any other,
 # so a task that always asks cannot hold its resources forever.
 MAX_RESTARTS = 1000
@@ -224,6 +229,8 @@ def apply_task_events(s: ClusterState, a: dict[str, Any], version: int) -> dict[
         elif kind == "exited":
             if t.state in LIVE_TASK_STATES:
                 outcome = "succeeded" if code == 0 else "failed"
+                if code != 0 and version >= LOST_SINCE_VERSION and ev.get("lost") is True:
+                    outcome = "lost"
                 asked = version >= REQUEUE_SINCE_VERSION and (
                     code == REQUEUE_EXIT or (code == 0 and ev.get("warned") is True)
                 )

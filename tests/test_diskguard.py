@@ -1,0 +1,49 @@
+"""What the agent's disk watchdog measures and frees (agent/diskguard.py),
+on real files: sparse files count what they take, symlinks are never
+followed, and a file with another hard link is left alone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.diskguard import GiB, MiB, default_reserve, release, usage
+
+TB = 1 << 40
+
+
+def test_the_default_reserve_is_5_percent_within_its_bounds() -> None:
+    assert default_reserve(100 * GiB) == 5 * GiB
+    assert default_reserve(10 * GiB) == 1 * GiB  # the floor
+    assert default_reserve(4 * TB) == 10 * GiB  # the ceiling
+    assert default_reserve(64 * MiB) == 16 * MiB  # a quarter of a small disk
+
+
+def test_usage_counts_blocks_and_release_frees_them_without_leaving_the_tree(
+    tmp_path: Path,
+) -> None:
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    (work / "sub").mkdir(parents=True)
+    outside.mkdir()
+    big = work / "sub" / "big"
+    big.write_bytes(b"\x01" * (4 * MiB))
+    sparse = work / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB long, nothing allocated
+    precious = outside / "precious"
+    precious.write_bytes(b"\x02" * MiB)
+    (work / "link").symlink_to(outside)
+    (work / "file-link").symlink_to(precious)
+    shared = outside / "shared"
+    shared.write_bytes(b"\x03" * MiB)
+    os.link(shared, work / "shared")
+    used = usage(work)
+    assert 5 * MiB <= used < 6 * MiB, used  # big and the hard link, not the sparse file
+    with open(big, "ab") as held:  # still open in a task: truncation frees it anyway
+        freed = release(work)
+        assert os.fstat(held.fileno()).st_blocks == 0
+    assert 4 * MiB <= freed < 5 * MiB, freed
+    assert big.stat().st_size == 0
+    assert precious.read_bytes() == b"\x02" * MiB
+    assert shared.read_bytes() == b"\x03" * MiB
+    assert usage(work) < 2 * MiB
