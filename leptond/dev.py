@@ -266,6 +266,9 @@ class DevCluster:
                 "--kill-grace", "3",
                 "--http-port", str(args.agent_http_port + i if args.agent_http_port else 0),
                 "--http-bind", "127.0.0.1",
+                # A laptop's disk, not a GPU host's: the default reserve (up
+                # to 10 GiB) would leave a nearly full one with no node.
+                "--disk-reserve", "256M",
             ]  # fmt: skip
             if simulate:
                 argv += ["--simulate-gpus", simulate]

@@ -341,6 +341,10 @@ class Cluster:
             # Every agent serves /metrics; many share this host.
             port = self.agent_http_ports.setdefault(name, free_ports(1)[0])
             extra += ["--http-port", str(port), "--http-bind", "127.0.0.1"]
+        if "--disk-reserve" not in extra:
+            # The default reserve (up to 10 GiB) is for a host's data disk; a
+            # test machine with less free would make every test node full.
+            extra += ["--disk-reserve", "256M"]
         p = Proc(
             name,
             [
