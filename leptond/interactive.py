@@ -31,6 +31,9 @@ MAX_INPUT_BYTES = 64 * 1024
 MAX_EXEC_ARGV_BYTES = 64 * 1024
 MAX_TTY_SIDE = 10_000
 _background: set[asyncio.Task[Any]] = set()
+# The methods the leader serves when a client sends them as notifications
+# (no reply): keystrokes only. Everything else must be a call (connection.py).
+NOTIFIED = ("tty_input",)
 
 
 def _job_task(m: ApiContext, conn: Connection, a: dict[str, Any]) -> tuple[Any, Any]:
