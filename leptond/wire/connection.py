@@ -945,6 +945,13 @@ class Connection(asyncio.Protocol):
         return len(self._out) + (len(self._batch) if self._batch.count else 0)
 
     @property
+    def queued_output(self) -> int:
+        """Bytes sent on this connection that have not reached the socket yet:
+        the transport's buffer and what waits for the next write."""
+        t = self.transport
+        return self.pending_output + (0 if t is None else t.get_write_buffer_size())
+
+    @property
     def busy(self) -> bool:
         """Whether calls, streams or served requests are in flight on this connection."""
         return bool(self._calls or self._streams or self._served)
