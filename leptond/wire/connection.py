@@ -433,7 +433,7 @@ class Connection(asyncio.Protocol):
 
     def _budget_release(self, n: int) -> None:
         if self._budget is not None and n:
-            self._budget.release(n)
+            self._budget.release(n, self.key_id)
 
     def _pause_reading(self, why: str) -> None:
         if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
