@@ -34,6 +34,7 @@ from .output import say
 
 START_POLL_S = 0.25
 INPUT_BYTES = 4096
+INPUT_RETRY_S = 0.05
 
 
 def _size() -> tuple[int, int]:
@@ -195,7 +196,15 @@ async def _send_input(c: ClusterClient, job_id: str, session: str, rank: int, ra
     try:
         while True:
             data, size = await queue.get()
-            await api.tty_input(c, job_id, session, data, rank=rank, size=size)
+            while True:
+                try:
+                    await api.tty_input(c, job_id, session, data, rank=rank, size=size)
+                    break
+                except RpcError as exc:
+                    if exc.code != "busy":
+                        raise
+                    # The host is behind on input: the same keys again, in order.
+                    await clock.sleep(INPUT_RETRY_S)
     finally:
         loop.remove_reader(fd)
         loop.remove_signal_handler(signal.SIGWINCH)

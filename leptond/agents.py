@@ -31,6 +31,11 @@ log = logging.getLogger("lepton.master")
 MAX_EVENT_BYTES = 16 * 1024
 # Items of a relayed stream (task output) the leader lets an agent send ahead.
 RELAY_WINDOW = 4
+# Users' keystrokes are forwarded to an agent only while its connection has
+# less than this queued: far under the cap that closes a connection whose
+# peer does not read (wire MAX_PENDING_OUTPUT), so a user flooding input at
+# their own session gets `busy` and the host's connection stays up.
+MAX_QUEUED_FOR_INPUT = 1024 * 1024
 STATS_KEYS = ("host", "gpus", "cache")  # what nodestats.Cleaner.heartbeat reads
 MAX_GPU_FAULTS = 1024  # GPUs one heartbeat may report faulty
 MAX_FAULT_REASON_CHARS = 256
@@ -384,8 +389,12 @@ class AgentRegistry:
             args["warned"] = warned
         self._notify(node_id, "stop", args)
 
-    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
+    def push_input(self, node_id: str, args: dict[str, Any]) -> bool:
+        conn = self.conns.get(node_id)
+        if conn is not None and conn.queued_output > MAX_QUEUED_FOR_INPUT:
+            return False
         self._notify(node_id, "tty_input", args)
+        return True
 
     def push_warn(self, node_id: str, task_ids: list[str]) -> None:
         self._notify(node_id, "warn", {"tasks": task_ids})

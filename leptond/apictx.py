@@ -8,6 +8,7 @@ reach agents only through the NodeChannel. master.py builds one.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -85,6 +86,9 @@ class ApiContext:
     block_stats: Callable[[], dict[str, Any]]
     clock: Clock
     relays: RelaySlots = field(default_factory=lambda: RelaySlots())
+    # Interactive sessions this leader relays now, by (task id, session id),
+    # with how many relays of each: input for any other is refused here.
+    sessions: Counter[tuple[str, str]] = field(default_factory=Counter)
     # GPU resets under way, by (node id, GPU): a second reset of the same GPU
     # waits for the first one's burn-in instead of starting another.
     gpu_resets: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = field(default_factory=dict)

@@ -31,6 +31,9 @@ MAX_INPUT_BYTES = 64 * 1024
 MAX_EXEC_ARGV_BYTES = 64 * 1024
 MAX_TTY_SIDE = 10_000
 _background: set[asyncio.Task[Any]] = set()
+# The methods the leader serves when a client sends them as notifications
+# (no reply): keystrokes only. Everything else must be a call (connection.py).
+NOTIFIED = ("tty_input",)
 
 
 def _job_task(m: ApiContext, conn: Connection, a: dict[str, Any]) -> tuple[Any, Any]:
@@ -124,10 +127,15 @@ async def tty_input(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
         raise RpcError(BAD_REQUEST, f"input is bytes, at most {MAX_INPUT_BYTES} at a time")
     if t.node_id is None:
         raise RpcError("not_started", f"task {t.rank} of job {job.id} is {t.state}")
-    args: dict[str, Any] = {"task_id": t.id, "session": _session(a), "data": data}
+    session = _session(a)
+    if (t.id, session) not in m.sessions:
+        # Nothing would read it: refused here rather than sent to the host.
+        raise RpcError(NOT_FOUND, f"no session {session!r} open on job {job.id} rank {t.rank}")
+    args: dict[str, Any] = {"task_id": t.id, "session": session, "data": data}
     if a.get("rows") is not None or a.get("cols") is not None:
         args.update(_size(a))
-    m.channel.push_input(t.node_id, args)
+    if not m.channel.push_input(t.node_id, args):
+        raise RpcError("busy", "the host is behind on input; send it again shortly")
     return {"ok": True}
 
 
@@ -141,6 +149,8 @@ async def _relay(
 ) -> AsyncIterator[Any]:
     user = conn.context["user"]
     m.relays.take(user)
+    key = (str(args["task_id"]), str(args["session"]))
+    m.sessions[key] += 1
     ended = False
     try:
         async for item in m.channel.stream(node_id, method_name, args):
@@ -148,6 +158,9 @@ async def _relay(
         ended = True
     finally:
         m.relays.give(user)
+        m.sessions[key] -= 1
+        if m.sessions[key] <= 0:
+            del m.sessions[key]
         if end_job is not None and not ended:
             _cancel_later(m, end_job, user)
 

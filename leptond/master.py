@@ -27,7 +27,7 @@ from raft.state import ClusterState
 from raft.view import Publisher
 
 from . import api, faults, joins, operate
-from . import interactive as _interactive  # noqa: F401  (registers its RPC methods)
+from . import interactive as _interactive  # registers its RPC methods
 from .agents import AgentRegistry
 from .apictx import ApiContext
 from .auth import AuditLog, KeyStore
@@ -168,6 +168,7 @@ class Master:
             on_disconnect=agents.on_disconnect,
             max_buffered_bytes=cfg.max_buffered_bytes,
             max_connections=fit_connections(cfg.max_connections),
+            notifications=_interactive.NOTIFIED,
         )
         http = HttpServer(
             HttpDeps(

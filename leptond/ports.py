@@ -77,8 +77,11 @@ class NodeChannel(Protocol):
         grace (seconds) instead of SIGTERM and the kill grace."""
         ...
 
-    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
-        """Keystrokes or a window size for an interactive session there."""
+    def push_input(self, node_id: str, args: dict[str, Any]) -> bool:
+        """Keystrokes or a window size for an interactive session there.
+        False, and nothing sent: the connection to that agent already has
+        more queued than user input may add to (it would be cut off as a
+        slow reader, and every session and stream on the host with it)."""
         ...
 
     def push_warn(self, node_id: str, task_ids: list[str]) -> None:

@@ -58,7 +58,7 @@ class Channel:
     def push_warn(self, node_id: str, task_ids: list[str]) -> None:
         raise AssertionError("no warning signals here")
 
-    def push_input(self, node_id: str, args: dict[str, Any]) -> None:
+    def push_input(self, node_id: str, args: dict[str, Any]) -> bool:
         raise AssertionError("no interactive sessions here")
 
     def is_connected(self, node_id: str) -> bool:

@@ -22,7 +22,10 @@ MiB = 1024 * 1024
 
 
 class Rec:
-    def __init__(self) -> None:
+    """A waiter; each has a key of its own unless told."""
+
+    def __init__(self, key_id: str = "") -> None:
+        self.key_id = key_id or f"key-{id(self)}"
         self.granted: list[int] = []
 
     def budget_granted(self, n: int) -> None:
@@ -37,12 +40,27 @@ def test_budget_grants_in_arrival_order_and_never_over_the_limit() -> None:
     # Fits by itself, but must not jump ahead of the waiting big one.
     assert not b.reserve(small, 10)
     assert (b.used, b.waiting) == (60, 2)
-    b.release(60)
+    b.release(60, first.key_id)
     assert big.granted == [50] and small.granted == [10]
     assert (b.used, b.waiting) == (60, 0)
-    b.release(50)
-    b.release(10)
+    b.release(50, big.key_id)
+    b.release(10, small.key_id)
     assert b.used == 0
+
+
+def test_one_key_holds_at_most_its_share_and_does_not_hold_up_others() -> None:
+    b = BufferBudget(100)  # a share of 25 per key
+    m1, m2, m3, alice = Rec("mallory"), Rec("mallory"), Rec("mallory"), Rec("alice")
+    assert b.reserve(m1, 20)
+    assert not b.reserve(m2, 20)  # over mallory's share, though the budget has room
+    assert b.reserve(alice, 25)  # not held up by mallory's waiter
+    # One reservation of any size when the key holds nothing else.
+    assert b.reserve(Rec("bob"), 40)
+    b.release(20, "mallory")
+    assert m2.granted == [20] and not b.reserve(m3, 10)
+    b.release(20, "mallory")
+    assert m3.granted == [10]
+    assert b.used == 25 + 40 + 10
 
 
 def test_budget_forgets_a_closed_waiter_and_grants_the_next() -> None:

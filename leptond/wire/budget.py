@@ -10,6 +10,13 @@ earlier frames complete or their connections close. Frames up to
 `UNCOUNTED_FRAME` need no reservation: each connection holds at most one of
 those plus one socket read, and the connection cap bounds how many there are.
 
+No key (token) may hold more than a quarter of the budget (`share`), or one
+reservation of any size when it holds nothing else: otherwise one token's
+connections, each announcing a large frame and sending it slowly, would take
+the whole budget and every other user's large frames (workdir uploads) would
+wait behind them. A waiter held back by its own key's share does not hold up
+the waiters behind it.
+
 Pure bookkeeping: no sockets, no clock. The connection owns the I/O (pausing,
 resuming) and the deadline that stops one sender from holding a reservation
 forever.
@@ -26,6 +33,8 @@ UNCOUNTED_FRAME = 64 * 1024
 
 
 class Waiter(Protocol):
+    key_id: str
+
     def budget_granted(self, n: int) -> None:
         """The `n` bytes asked for are now reserved for this waiter."""
 
@@ -39,7 +48,17 @@ class BufferBudget:
         self.limit = limit
         self.used = 0
         self.waits = 0  # reservations that had to wait, ever
+        self.share = max(1, limit // 4)
         self._waiting: deque[tuple[Waiter, int]] = deque()
+        self._by_key: dict[str, int] = {}
+
+    def _key_fits(self, key: str, n: int) -> bool:
+        held = self._by_key.get(key, 0)
+        return held == 0 or held + n <= self.share
+
+    def _take(self, key: str, n: int) -> None:
+        self.used += n
+        self._by_key[key] = self._by_key.get(key, 0) + n
 
     def reserve(self, who: Waiter, n: int) -> bool:
         """Reserve `n` bytes now (True), or queue `who` to be granted them later.
@@ -49,15 +68,25 @@ class BufferBudget:
         """
         if n > self.limit:
             raise ValueError(f"a reservation of {n} bytes can never fit a budget of {self.limit}")
-        if not self._waiting and self.used + n <= self.limit:
-            self.used += n
+        key = who.key_id
+        if (
+            self.used + n <= self.limit
+            and self._key_fits(key, n)
+            and not any(self._key_fits(w.key_id, m) for w, m in self._waiting)
+        ):
+            self._take(key, n)
             return True
         self._waiting.append((who, n))
         self.waits += 1
         return False
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, key: str) -> None:
         self.used = max(0, self.used - n)
+        left = self._by_key.get(key, 0) - n
+        if left > 0:
+            self._by_key[key] = left
+        else:
+            self._by_key.pop(key, None)
         self._grant()
 
     def forget(self, who: Waiter) -> None:
@@ -71,9 +100,20 @@ class BufferBudget:
         return len(self._waiting)
 
     def _grant(self) -> None:
-        while self._waiting and self.used + self._waiting[0][1] <= self.limit:
-            who, n = self._waiting.popleft()
-            self.used += n
+        """Grant waiters in arrival order, skipping those over their key's
+        share; the first other one that does not fit stops the grants."""
+        while True:
+            first = next(
+                (e for e in self._waiting if self._key_fits(e[0].key_id, e[1])),
+                None,
+            )
+            if first is None:
+                return
+            who, n = first
+            if self.used + n > self.limit:
+                return
+            self._waiting.remove(first)
+            self._take(who.key_id, n)
             who.budget_granted(n)
 
 

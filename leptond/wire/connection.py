@@ -34,6 +34,10 @@ A server-side connection also bounds what its peer can make it hold:
   reservations from the server-wide budget (budget.py), each held until the
   requests the frame carried have been answered;
 - a frame unpacks into at most `REQUEST_MAX_ITEMS` msgpack items (codec.py);
+- it serves as notifications only the methods it was told to (`notifications`;
+  others are dropped, with a rate-limited log line), at most
+  `MAX_NOTIFY_IN_FLIGHT` at a time: at that many it stops reading (the rest
+  of the frame waits, decoded) until one ends;
 - while its replies wait to be sent (the peer does not read them) it reads no
   new requests, and past `MAX_PENDING_OUTPUT` bytes waiting, or with the
   server-wide total of waiting replies over its cap, it is closed.
@@ -42,13 +46,14 @@ A server-side connection also bounds what its peer can make it hold:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import itertools
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any, cast
 
 from ..clock import REAL, Timer
@@ -81,8 +86,10 @@ from .errors import (
     ProtocolError,
     RpcError,
 )
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("lepton.wire")
+_dropped = RateLimitedLog(log)
 
 # A handler is a coroutine function or an async generator function (a
 # stream), called in its own task, or a plain function returning its answer:
@@ -100,6 +107,11 @@ PskLookup = Callable[[str], bytes | None]
 # client cannot make us buffer megabytes.
 HANDSHAKE_MAX_FRAME = 256
 MAX_IN_FLIGHT = 4096
+# Notifications a connection serves at once. A notification has no reply, so
+# nothing else slows a peer that sends them without end: at this many the
+# connection stops reading until one ends. Keystrokes, the only kind the
+# leader serves, take well under a millisecond each.
+MAX_NOTIFY_IN_FLIGHT = 64
 # Pending output beyond this is written at once instead of at the end of the
 # loop iteration.
 FLUSH_AT = 256 * 1024
@@ -184,9 +196,13 @@ class Connection(asyncio.Protocol):
         max_items: int | None = None,
         output: OutputMeter | None = None,
         max_pending_output: int | None = None,
+        notifications: Collection[str] | None = None,
     ) -> None:
         self.is_client = is_client
         self.handlers: Mapping[str, Handler] = handlers or {}
+        # The methods served when they come as notifications; None: any
+        # handler (a client's, whose peer is the server it chose to trust).
+        self._notifications = None if notifications is None else frozenset(notifications)
         self.key_id = key_id
         self._psk = psk
         self._psk_lookup = psk_lookup
@@ -230,6 +246,9 @@ class Connection(asyncio.Protocol):
         self._served: dict[int, asyncio.Task[None]] = {}
         self._plain: dict[str, bool] = {}  # method -> handler is a plain function
         self._notified: set[asyncio.Task[None]] = set()
+        # Notifications decoded while at MAX_NOTIFY_IN_FLIGHT, started as
+        # others end (server side only).
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque()
         self._out = bytearray()
         # Small bodies gathered for the next write, sealed there as one frame
         # (once the peer's hello said it reads batches).
@@ -301,6 +320,8 @@ class Connection(asyncio.Protocol):
             # One frame at a time: the handshake raises the frame cap, and a
             # frame right behind the hello in the same read must see the new cap.
             while True:
+                if "notify" in self._read_pauses:
+                    return  # resumed by _notify_done, which processes the rest
                 if self._budget is not None and not self._held and not self._reserve():
                     return  # reading paused until the budget grants the frame
                 payload = reader.next()
@@ -412,7 +433,7 @@ class Connection(asyncio.Protocol):
 
     def _budget_release(self, n: int) -> None:
         if self._budget is not None and n:
-            self._budget.release(n)
+            self._budget.release(n, self.key_id)
 
     def _pause_reading(self, why: str) -> None:
         if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
@@ -743,13 +764,51 @@ class Connection(asyncio.Protocol):
         handler = self.handlers.get(method) if isinstance(method, str) else None
         if handler is None:
             return None
+        if self._notifications is not None and method not in self._notifications:
+            # Dropped, not served without a reply: a peer could otherwise make
+            # us do any call's work (a `jobs` listing) while paying nothing.
+            # The connection stays open, as an unknown notification's does.
+            _dropped.warning(
+                "notification",
+                f"dropped notifications of {str(method)[:64]!r} from {self._where()}: "
+                "not a method served as a notification",
+            )
+            return None
+        if self._notifications is not None and (
+            self._backlog or len(self._notified) >= MAX_NOTIFY_IN_FLIGHT
+        ):
+            # At the cap: the rest of this frame waits (it is decoded
+            # already, so that costs nothing more) and no more is read.
+            self._backlog.append(msg)
+            self._pause_reading("notify")
+            return None
+        return self._start_notify(handler, msg)
+
+    def _start_notify(self, handler: Handler, msg: dict[str, Any]) -> asyncio.Task[None] | None:
+        method = str(msg.get("m"))
         coro = handler(self, msg.get("a"))
         if not inspect.isawaitable(coro):
             return None
-        task = self.loop.create_task(_quiet(coro, str(method)))
+        task = self.loop.create_task(_quiet(coro, method))
         self._notified.add(task)
-        task.add_done_callback(self._notified.discard)
+        task.add_done_callback(self._notify_done)
+        if self._notifications is not None and len(self._notified) >= MAX_NOTIFY_IN_FLIGHT:
+            self._pause_reading("notify")
         return task
+
+    def _notify_done(self, task: asyncio.Task[None]) -> None:
+        self._notified.discard(task)
+        if "notify" not in self._read_pauses or self.is_closing():
+            return
+        while self._backlog and len(self._notified) < MAX_NOTIFY_IN_FLIGHT:
+            msg = self._backlog.popleft()
+            handler = self.handlers.get(str(msg.get("m")))
+            if handler is not None:
+                self._start_notify(handler, msg)
+        if not self._backlog and len(self._notified) < MAX_NOTIFY_IN_FLIGHT:
+            self._resume_reading("notify")
+            # What was read before the pause is processed now.
+            self.loop.call_soon(self._process)
 
     # -- sending ----------------------------------------------------------
     def _send(self, msg: dict[str, Any], compress: bool = True) -> None:
@@ -886,6 +945,13 @@ class Connection(asyncio.Protocol):
         return len(self._out) + (len(self._batch) if self._batch.count else 0)
 
     @property
+    def queued_output(self) -> int:
+        """Bytes sent on this connection that have not reached the socket yet:
+        the transport's buffer and what waits for the next write."""
+        t = self.transport
+        return self.pending_output + (0 if t is None else t.get_write_buffer_size())
+
+    @property
     def busy(self) -> bool:
         """Whether calls, streams or served requests are in flight on this connection."""
         return bool(self._calls or self._streams or self._served)
@@ -998,6 +1064,7 @@ class Connection(asyncio.Protocol):
             inbound.queue.put_nowait(err)
         for task in [*self._served.values(), *self._notified]:
             task.cancel()
+        self._backlog.clear()
         self._served.clear()
         self._credits.clear()
         if self._paused is not None and not self._paused.done():

@@ -5,35 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from ..clock import REAL
 from .budget import BufferBudget, OutputMeter
 from .codec import MAX_FRAME
 from .connection import MAX_PENDING_OUTPUT, REQUEST_MAX_ITEMS, Connection, Handler, PskLookup
 from .errors import ProtocolError
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("lepton.wire")
-
-
-class RateLimitedLog:
-    """At most one line per reason per interval, with a count of what was held back."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
-        self._log = logger
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._held: Counter[str] = Counter()
-
-    def warning(self, reason: str, msg: str) -> None:
-        now = REAL.monotonic()
-        if now - self._last.get(reason, -1e18) < self._interval_s:
-            self._held[reason] += 1
-            return
-        self._last[reason] = now
-        held = self._held.pop(reason, 0)
-        suffix = f" ({held} more like it since the last line)" if held else ""
-        self._log.warning("%s%s", msg, suffix)
 
 
 class RpcServer:
@@ -49,6 +30,8 @@ class RpcServer:
     waiting for a peer that does not read them hold at most
     `max_pending_output` per connection and `max_buffered_bytes` in all
     (connection.py). A frame unpacks into at most `max_items` msgpack items.
+    Only the methods in `notifications` are served when sent as notifications,
+    at most `MAX_NOTIFY_IN_FLIGHT` at a time per connection (connection.py).
     """
 
     def __init__(
@@ -66,6 +49,7 @@ class RpcServer:
         frame_timeout_s: float = 60.0,
         max_pending_output: int = MAX_PENDING_OUTPUT,
         max_items: int = REQUEST_MAX_ITEMS,
+        notifications: Collection[str] = (),
     ) -> None:
         if max_buffered_bytes < MAX_FRAME:
             raise ValueError(
@@ -84,6 +68,9 @@ class RpcServer:
         self.output = OutputMeter(max_buffered_bytes)
         self.max_pending_output = max_pending_output
         self.max_items = max_items
+        # The only methods a client may send as notifications (no reply):
+        # anything else sent that way is dropped (connection.py).
+        self.notifications = frozenset(notifications)
         self.frame_timeout_s = frame_timeout_s
         self.connections: set[Connection] = set()
         self.counters: Counter[str] = Counter()
@@ -114,6 +101,7 @@ class RpcServer:
             max_items=self.max_items,
             output=self.output,
             max_pending_output=self.max_pending_output,
+            notifications=self.notifications,
         )
         if len(self.connections) >= self.max_connections:
             self.counters["over_capacity"] += 1
