@@ -188,6 +188,24 @@ def _positive_int(v: str) -> int:
     return n
 
 
+def _reserve_over_disk(data_dir: Path, reserve: int | None) -> str | None:
+    """Why a reserve given is no good: one the size of the data dir's whole
+    disk or more would hold the node full for ever and evict every task."""
+    if reserve is None:
+        return None
+    where = data_dir.absolute()
+    while not where.exists():  # the data dir may not be made yet
+        where = where.parent
+    st = os.statvfs(where)
+    total = st.f_blocks * st.f_frsize
+    if reserve < total:
+        return None
+    return (
+        f"{reserve} bytes is not less than the whole disk under {where} ({total} bytes): "
+        "the node would never take a task"
+    )
+
+
 async def _main(args: argparse.Namespace) -> int:
     from .cgroup_task import CgroupError
     from .daemon import Agent, AgentConfig
@@ -209,6 +227,10 @@ async def _main(args: argparse.Namespace) -> int:
             f"lepton-agent: --keep-visible: {str(bad)!r} is not an absolute path to a directory",
             file=sys.stderr,
         )
+        return 2
+    too_big = _reserve_over_disk(Path(args.data_dir), args.disk_reserve)
+    if too_big is not None:
+        print(f"lepton-agent: --disk-reserve: {too_big}", file=sys.stderr)
         return 2
     cfg = AgentConfig(
         masters=args.masters,

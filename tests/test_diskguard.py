@@ -47,3 +47,19 @@ def test_usage_counts_blocks_and_release_frees_them_without_leaving_the_tree(
     assert precious.read_bytes() == b"\x02" * MiB
     assert shared.read_bytes() == b"\x03" * MiB
     assert usage(work) < 2 * MiB
+
+
+def test_the_agent_refuses_a_reserve_as_big_as_its_disk(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    total = os.statvfs(tmp_path).f_blocks * os.statvfs(tmp_path).f_frsize
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--masters", "127.0.0.1:1",
+         "--data-dir", str(tmp_path / "d"), "--disk-reserve", str(total)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lepton-agent: --disk-reserve: "), r.stderr
+    assert "never take a task" in lines[0] and not (tmp_path / "d").exists()
