@@ -255,7 +255,9 @@ def test_a_full_disk_on_an_agent_fails_the_task_and_the_agent_goes_on(
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
-        agent = cluster.start_agent("small", gpus="1", extra=["--data-dir", str(disk / "agent")])
+        # A reserve this small disk can keep: what fills it here is a workdir.
+        extra = ["--data-dir", str(disk / "agent"), "--disk-reserve", "512K"]
+        agent = cluster.start_agent("small", gpus="1", extra=extra)
         wait_for(
             lambda: any(n["name"] == "small" and n["state"] == "ready" for n in cluster.nodes()),
             60,
