@@ -29,6 +29,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from leptond.disk import mib
+
 MiB = 1 << 20
 GiB = 1 << 30
 # The reserve when none is given: 5 % of the file system (kubelet evicts at
@@ -64,10 +66,6 @@ class DiskSpace:
             f"disk full: {mib(self.free_bytes)} free in {self.path}, "
             f"under the reserve of {mib(self.reserve_bytes)}"
         )
-
-
-def mib(n: int) -> str:
-    return f"{n / MiB:.0f} MiB"
 
 
 def default_reserve(total_bytes: int) -> int:

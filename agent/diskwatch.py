@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .diskguard import DiskSpace, eviction_message, mib, release, space, usage
+from leptond.disk import mib
+
+from .diskguard import DiskSpace, eviction_message, release, space, usage
 from .runner import RunnerError, TaskRunner
 from .taskdir import WORK
 

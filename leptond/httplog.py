@@ -16,6 +16,8 @@ import logging
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .wire.ratelog import Throttle
+
 EVERY_S = 10.0
 
 
@@ -26,21 +28,17 @@ class BadRequestLines(logging.Filter):
 
     def __init__(self, every_s: float = EVERY_S) -> None:
         super().__init__()
-        self.every_s = every_s
-        self._next = 0.0
-        self._left_out = 0
+        self._throttle = Throttle(every_s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
-        if record.created < self._next:
-            self._left_out += 1
+        left_out = self._throttle.admit("bad request", record.created)
+        if left_out is None:
             return False
-        self._next = record.created + self.every_s
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-        more = f" ({self._left_out} more left out)" if self._left_out else ""
-        self._left_out = 0
+        more = f" ({left_out} more left out)" if left_out else ""
         record.msg = "refused a malformed HTTP request from %s: %s %s%s"
         record.args = (remote, exc.code, type(exc).__name__, more)
         record.exc_info = None
