@@ -41,12 +41,13 @@ MAX_GPU_FAULTS = 1024  # GPUs one heartbeat may report faulty
 MAX_FAULT_REASON_CHARS = 256
 
 
-def _fault_reason(v: Any) -> str:
-    """A host's words for a GPU fault, as every listing, log line and page
-    shows them: short, on one line, printable (the host may be compromised)."""
+def _host_words(v: Any, default: str, limit: int = MAX_FAULT_REASON_CHARS) -> str:
+    """A host's words (why a GPU is faulty, why its disk is full), as every
+    listing, log line and page shows them: short, on one line, printable
+    (the host may be compromised); `default` when it gave none."""
     if not isinstance(v, str) or not v.strip():
-        return "unhealthy"
-    return "".join(c if c.isprintable() else " " for c in v[:MAX_FAULT_REASON_CHARS]).strip()
+        return default
+    return "".join(c if c.isprintable() else " " for c in v[:limit]).strip()
 
 
 def _disk_low(v: Any) -> str | None:
@@ -54,11 +55,7 @@ def _disk_low(v: Any) -> str | None:
     None when the heartbeat says nothing of it."""
     if not isinstance(v, dict):
         return None
-    reason = v.get("reason")
-    if not isinstance(reason, str) or not reason.strip():
-        return "disk full"
-    # Shown in listings and logs: short, on one line, printable.
-    return "".join(c if c.isprintable() else " " for c in reason[:200]).strip()
+    return _host_words(v.get("reason"), "disk full", 200)
 
 
 def _bounded_event(e: dict[str, Any], node_id: str) -> dict[str, Any]:
@@ -278,7 +275,7 @@ class AgentRegistry:
         for f in reported[:MAX_GPU_FAULTS]:
             idx = f.get("index") if isinstance(f, dict) else None
             if isinstance(idx, int) and not isinstance(idx, bool) and idx in valid - have:
-                new.append({"index": idx, "reason": _fault_reason(f.get("reason"))})
+                new.append({"index": idx, "reason": _host_words(f.get("reason"), "unhealthy")})
         if not new:
             return
         try:
