@@ -128,6 +128,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.max_connections < 16:
         print("leptond: --max-connections must be at least 16", file=sys.stderr)
         return 2
+    if args.max_connections_per_key < 0:
+        print("leptond: --max-connections-per-key must be 0 (no cap) or more", file=sys.stderr)
+        return 2
     if args.max_pending_jobs < 0 or args.max_pending_tasks < 0:
         print(
             "leptond: --max-pending-jobs and --max-pending-tasks must not be negative",
@@ -170,6 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ),
         max_buffered_bytes=args.max_buffered_bytes,
         max_connections=args.max_connections,
+        max_connections_per_key=args.max_connections_per_key,
         block_store_bytes=args.block_store_bytes,
         upload_quota_bytes=args.upload_quota_bytes,
         min_free_disk_bytes=args.min_free_disk,
@@ -397,6 +401,13 @@ def parser() -> argparse.ArgumentParser:
         default=16384,
         help="RPC connections open at once (one per agent, plus clients); the open-file "
         "limit is raised to fit, up to its hard limit",
+    )
+    r.add_argument(
+        "--max-connections-per-key",
+        type=int,
+        default=256,
+        help="RPC connections one token or node key may hold open at once (0: no cap), so "
+        "that one user cannot take every connection from the others and the agents",
     )
     r.add_argument(
         "--allow-root-tasks",

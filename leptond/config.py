@@ -92,6 +92,10 @@ class MasterConfig:
     # RPC: connections open at once (each agent holds one). The master raises
     # its open-file limit to fit them, up to the hard limit (fdlimit.py).
     max_connections: int = 16384
+    # RPC: authenticated connections one key may hold at once (0: no cap), so
+    # that one token cannot take every slot: an agent holds one, a leptonctl
+    # command one, each `logs -f` or `exec` one more.
+    max_connections_per_key: int = 256
     block_cache_policy: Literal["lru", "lfu"] = "lru"
     # Whether tasks may run as uid 0 (a token mapped to root, such as the
     # admin token `leptond init` writes). Agents refuse uid 0 without it.

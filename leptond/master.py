@@ -168,6 +168,7 @@ class Master:
             on_disconnect=agents.on_disconnect,
             max_buffered_bytes=cfg.max_buffered_bytes,
             max_connections=fit_connections(cfg.max_connections),
+            max_connections_per_key=cfg.max_connections_per_key,
             notifications=_interactive.NOTIFIED,
         )
         http = HttpServer(

@@ -58,6 +58,7 @@ HTTP_STATUS = {
     "no_quorum": 503,
     "not_leader": 503,
     "timeout": 504,
+    "too_many_connections": 429,
 }
 # RPC errors that mean "not this token" at sign-in (leptond/wire/connection.py:
 # an unknown or revoked key id and a wrong secret are both unauthenticated;

@@ -159,7 +159,8 @@ class ClusterClient:
                     self.current = addr
                     return self.conn
                 except RpcError as exc:
-                    if exc.code == "unauthenticated":
+                    # Another master would not help: followers send us back.
+                    if exc.code in ("unauthenticated", "too_many_connections"):
                         raise
                     last = exc
                     self._next = (self._next + 1) % n

@@ -197,8 +197,11 @@ class Connection(asyncio.Protocol):
         output: OutputMeter | None = None,
         max_pending_output: int | None = None,
         notifications: Collection[str] | None = None,
+        admit_key: Callable[[str], bool] | None = None,
     ) -> None:
         self.is_client = is_client
+        # Server side: whether a known key may open one more connection.
+        self._admit_key = admit_key
         self.handlers: Mapping[str, Handler] = handlers or {}
         # The methods served when they come as notifications; None: any
         # handler (a client's, whose peer is the server it chose to trust).
@@ -524,6 +527,16 @@ class Connection(asyncio.Protocol):
                 )
                 self.close()
                 return
+            if status == hs.STATUS_KEY_LIMIT:
+                self._fail_ready(
+                    RpcError(
+                        "too_many_connections",
+                        f"this master already has the most connections it allows one key "
+                        f"open with key id {self.key_id!r}; close some and try again",
+                    )
+                )
+                self.close()
+                return
             if status != hs.STATUS_OK:
                 self._fail_ready(RpcError("unavailable", "server is busy, try again"))
                 self.close()
@@ -538,6 +551,12 @@ class Connection(asyncio.Protocol):
             if psk is None:
                 self._write_raw(frame(hs.server_hello(self._hs, hs.STATUS_UNKNOWN_KEY)))
                 self._protocol_error(ProtocolError("unknown_key", f"unknown key id {key_id!r}"))
+                return
+            if self._admit_key is not None and not self._admit_key(key_id):
+                self._write_raw(frame(hs.server_hello(self._hs, hs.STATUS_KEY_LIMIT)))
+                self._protocol_error(
+                    ProtocolError("key_limit", f"key id {key_id!r} has its most connections open")
+                )
                 return
             self.key_id = key_id
             keys = hs.derive_keys(self._hs, pub, nonce, psk, is_client=False)

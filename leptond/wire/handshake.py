@@ -30,6 +30,8 @@ MAX_KEY_ID = 64
 STATUS_OK = 0
 STATUS_UNKNOWN_KEY = 1
 STATUS_BUSY = 2
+# The key already holds as many connections as the server allows one key.
+STATUS_KEY_LIMIT = 3
 _INFO = b"leptond rpc v1"
 
 

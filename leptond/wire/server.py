@@ -22,7 +22,12 @@ class RpcServer:
 
     Limits: a handshake must finish within `handshake_timeout_s`; a connection
     with no traffic for `idle_timeout_s` is closed; at most `max_connections`
-    are open at once (the next one is closed at accept). Partly received large
+    are open at once (the next one is closed at accept), and at most
+    `max_connections_per_key` of them authenticated with one key (0: no such
+    cap), so that one token cannot take every slot from the others, agents'
+    included: the next one with that key is refused in the handshake, in words
+    its client shows. Only authenticated connections count, so a peer that
+    knows a key id but not its secret cannot use up that key's share. Partly received large
     frames hold at most `max_buffered_bytes` in all: a connection whose frame
     does not fit stops reading until it does, and one that does not finish a
     reserved frame within `frame_timeout_s` is closed (see budget.py); the
@@ -40,6 +45,7 @@ class RpcServer:
         psk_lookup: PskLookup,
         *,
         max_connections: int = 4096,
+        max_connections_per_key: int = 0,
         handshake_timeout_s: float = 5.0,
         idle_timeout_s: float = 120.0,
         on_connect: Callable[[Connection], None] | None = None,
@@ -59,6 +65,10 @@ class RpcServer:
         self.handlers = handlers
         self.psk_lookup = psk_lookup
         self.max_connections = max_connections
+        self.max_connections_per_key = max_connections_per_key
+        # Authenticated connections per key id (those in `_keyed`).
+        self._per_key: Counter[str] = Counter()
+        self._keyed: set[Connection] = set()
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.on_connect = on_connect
@@ -102,6 +112,7 @@ class RpcServer:
             output=self.output,
             max_pending_output=self.max_pending_output,
             notifications=self.notifications,
+            admit_key=self._admit_key if self.max_connections_per_key else None,
         )
         if len(self.connections) >= self.max_connections:
             self.counters["over_capacity"] += 1
@@ -116,9 +127,27 @@ class RpcServer:
         self.counters["accepted"] += 1
         return conn
 
+    def _admit_key(self, key_id: str) -> bool:
+        return self._per_key[key_id] < self.max_connections_per_key
+
     def _on_ready(self, conn: Connection, fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None or conn not in self.connections:
             return
+        if self.max_connections_per_key:
+            # Several handshakes of one key may pass the check at the hello
+            # before any of them is counted: the count is settled here.
+            if not self._admit_key(conn.key_id):
+                self.counters["over_key_capacity"] += 1
+                self._log.warning(
+                    "over_key_capacity",
+                    f"closing a connection with key id {conn.key_id!r}: "
+                    f"{self.max_connections_per_key} already open with it",
+                )
+                self.connections.discard(conn)
+                conn.abort()
+                return
+            self._per_key[conn.key_id] += 1
+            self._keyed.add(conn)
         self.counters["authenticated"] += 1
         if self.on_connect is not None:
             self.on_connect(conn)
@@ -130,6 +159,11 @@ class RpcServer:
         self._log.warning(exc.reason, f"closed connection from {peer} [{exc.reason}]: {exc}")
 
     def _on_close(self, conn: Connection) -> None:
+        if conn in self._keyed:
+            self._keyed.discard(conn)
+            self._per_key[conn.key_id] -= 1
+            if self._per_key[conn.key_id] <= 0:
+                del self._per_key[conn.key_id]
         if conn in self.connections:
             self.connections.discard(conn)
             if (
