@@ -1,8 +1,9 @@
-"""One key cannot take every connection a master serves: past
+"""No one peer can take every connection a master serves. Past
 `max_connections_per_key` the next connection with that key is refused in the
 handshake, in words the client shows, while other keys still get in. Only
 connections that proved the key count, so knowing a key id is not enough to
-use up its share. Real sockets on 127.0.0.1."""
+use up its share. And connections that never finish their handshake hold at
+most a pool of their own, oldest dropped first. Real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -195,3 +196,38 @@ def test_leptond_refuses_a_negative_cap_in_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip() == "leptond: --max-connections-per-key must be 0 (no cap) or more"
     assert not (tmp_path / "data").exists()
+
+
+def test_a_flood_of_unfinished_handshakes_holds_only_its_pool() -> None:
+    async def body() -> None:
+        server = RpcServer({"echo": echo}, KEYS.get, max_connections=64, max_handshakes=8)
+        port = await server.start("127.0.0.1", 0)
+        flood: list[asyncio.StreamWriter] = []
+        conns: list[Connection] = []
+        try:
+            # Twice the whole cap of connections that never say a word.
+            for _ in range(128):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                flood.append(writer)
+            await until(lambda: server.counters["accepted"] >= 128, "the flood to be accepted")
+            assert len(server._handshaking) <= 8
+            assert server.counters["handshakes_dropped"] >= 120
+            assert server.counters["over_capacity"] == 0
+            # Real peers still get in, and their connections stay.
+            for key in ("alice", "bob", "alice"):
+                conns.append(await dial(port, key))
+            for _ in range(16):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                flood.append(writer)
+            await until(lambda: server.counters["accepted"] >= 147, "the second flood")
+            assert [await c.call("echo", 1) for c in conns] == [
+                ["alice", 1], ["bob", 1], ["alice", 1]
+            ]  # fmt: skip
+        finally:
+            for w in flood:
+                w.close()
+            for c in conns:
+                c.close()
+            await server.close()
+
+    run(body())

@@ -27,7 +27,13 @@ class RpcServer:
     cap), so that one token cannot take every slot from the others, agents'
     included: the next one with that key is refused in the handshake, in words
     its client shows. Only authenticated connections count, so a peer that
-    knows a key id but not its secret cannot use up that key's share. Partly received large
+    knows a key id but not its secret cannot use up that key's share. At most
+    `max_handshakes` connections are still in their handshake: past that the
+    oldest of them is dropped to make room (as a SYN queue drops its oldest
+    embryonic entry), so a flood of connections that never authenticate holds
+    only that many slots, and a real peer, whose handshake takes a round trip
+    or two, gets in unless the flood turns over that whole pool in that time.
+    Partly received large
     frames hold at most `max_buffered_bytes` in all: a connection whose frame
     does not fit stops reading until it does, and one that does not finish a
     reserved frame within `frame_timeout_s` is closed (see budget.py); the
@@ -46,6 +52,7 @@ class RpcServer:
         *,
         max_connections: int = 4096,
         max_connections_per_key: int = 0,
+        max_handshakes: int | None = None,
         handshake_timeout_s: float = 5.0,
         idle_timeout_s: float = 120.0,
         on_connect: Callable[[Connection], None] | None = None,
@@ -69,6 +76,12 @@ class RpcServer:
         # Authenticated connections per key id (those in `_keyed`).
         self._per_key: Counter[str] = Counter()
         self._keyed: set[Connection] = set()
+        # Connections still in their handshake, oldest first (a dict keeps
+        # insertion order and removes in O(1)).
+        self.max_handshakes = (
+            max(64, max_connections // 4) if max_handshakes is None else max_handshakes
+        )
+        self._handshaking: dict[Connection, None] = {}
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.on_connect = on_connect
@@ -114,6 +127,11 @@ class RpcServer:
             notifications=self.notifications,
             admit_key=self._admit_key if self.max_connections_per_key else None,
         )
+        if self._handshaking and (
+            len(self._handshaking) >= self.max_handshakes
+            or len(self.connections) >= self.max_connections
+        ):
+            self._drop_oldest_handshake()
         if len(self.connections) >= self.max_connections:
             self.counters["over_capacity"] += 1
             self._log.warning(
@@ -123,14 +141,28 @@ class RpcServer:
             asyncio.get_running_loop().call_soon(conn.abort)
         else:
             self.connections.add(conn)
+            self._handshaking[conn] = None
             conn.ready.add_done_callback(lambda fut: self._on_ready(conn, fut))
         self.counters["accepted"] += 1
         return conn
+
+    def _drop_oldest_handshake(self) -> None:
+        oldest = next(iter(self._handshaking))
+        del self._handshaking[oldest]
+        self.connections.discard(oldest)
+        self.counters["handshakes_dropped"] += 1
+        self._log.warning(
+            "handshakes_dropped",
+            f"dropping the oldest unfinished handshake: {self.max_handshakes} "
+            "connections are in their handshake at once",
+        )
+        asyncio.get_running_loop().call_soon(oldest.abort)
 
     def _admit_key(self, key_id: str) -> bool:
         return self._per_key[key_id] < self.max_connections_per_key
 
     def _on_ready(self, conn: Connection, fut: asyncio.Future[None]) -> None:
+        self._handshaking.pop(conn, None)
         if fut.cancelled() or fut.exception() is not None or conn not in self.connections:
             return
         if self.max_connections_per_key:
@@ -159,6 +191,7 @@ class RpcServer:
         self._log.warning(exc.reason, f"closed connection from {peer} [{exc.reason}]: {exc}")
 
     def _on_close(self, conn: Connection) -> None:
+        self._handshaking.pop(conn, None)
         if conn in self._keyed:
             self._keyed.discard(conn)
             self._per_key[conn.key_id] -= 1
