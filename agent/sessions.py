@@ -27,9 +27,11 @@ MAX_SESSIONS = 64
 READ_BYTES = 65536
 # After an exec'd command exits, its output is still read while it keeps
 # coming: up to DRAIN_IDLE_S between reads and DRAIN_MAX_S in all. What it
-# wrote before it exited is already in the pipe or PTY, so this only bounds
-# how long a background child that keeps writing can hold the session open.
-DRAIN_IDLE_S = 0.2
+# wrote before it exited is in a pipe at once (a PTY hands it on within a
+# moment, a busy host's workqueue permitting). Without a background child
+# the end (EOF, or EIO on a PTY) comes at once and nothing waits; with one,
+# this bounds how long one that keeps writing can hold the session open.
+DRAIN_IDLE_S = 0.5
 DRAIN_MAX_S = 2.0
 
 
