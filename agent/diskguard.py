@@ -204,25 +204,30 @@ def _entries(root: Path, max_entries: int) -> Iterator[tuple[int, str, os.stat_r
         while stack and seen < max_entries:
             dfd = stack.pop()
             try:
-                names = os.listdir(dfd)
+                # An iterator, not a list: a directory of millions of names
+                # is looked at in part without holding them all in memory.
+                scan = os.scandir(dfd)
             except OSError:
-                names = []
+                os.close(dfd)
+                continue
             try:
-                for name in names:
-                    seen += 1
-                    if seen > max_entries:
-                        break
-                    try:
-                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                        if st.st_dev != dev:
+                with scan:
+                    for entry in scan:
+                        name = entry.name
+                        seen += 1
+                        if seen > max_entries:
+                            break
+                        try:
+                            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                            if st.st_dev != dev:
+                                continue
+                            if stat.S_ISDIR(st.st_mode):
+                                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                stack.append(os.open(name, flags, dir_fd=dfd))
+                                continue
+                        except OSError:
                             continue
-                        if stat.S_ISDIR(st.st_mode):
-                            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                            stack.append(os.open(name, flags, dir_fd=dfd))
-                            continue
-                    except OSError:
-                        continue
-                    yield dfd, name, st
+                        yield dfd, name, st
             finally:
                 os.close(dfd)
     finally:
