@@ -128,7 +128,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="free space kept on the data dir's disk, e.g. 20G: under it the task whose "
         "files take the most there is stopped (evicted) and the node takes no new task "
-        "until space is back (default: 5%% of the disk, at least 1G, at most 10G and a quarter of it)",
+        "until space is back (default: 5%% of the disk, at least 1G, at most 10G and a quarter of it); "
+        "free inodes are watched the same way, against 5%% of the disk's inodes (at least 10,000, "
+        "at most 1,000,000)",
     )
     r.add_argument(
         "--keep-visible",

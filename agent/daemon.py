@@ -111,6 +111,7 @@ class AgentConfig:
     # Free space kept on the data dir's disk: under it, the task whose files
     # take the most is evicted and no new task comes (agent/diskguard.py).
     # None: 5 % of the disk, at least 1 GiB, at most 10 GiB and a quarter of it.
+    # Inodes have a reserve of their own (agent/diskguard.py), always the default.
     disk_reserve_bytes: int | None = None
 
 

@@ -1,6 +1,7 @@
 """The agent's disk watchdog (agent/diskguard.py has the why): one statvfs
-per heartbeat, and under the reserve, the eviction of the task whose files
-take the most of the data dir's disk."""
+per heartbeat, and under the reserve (of bytes, or of inodes), the eviction
+of the task whose files take the most of what is short on the data dir's
+disk."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from leptond.disk import mib
 
-from .diskguard import DiskSpace, eviction_message, release, space, usage
+from .diskguard import DiskSpace, Usage, eviction_message, measure, release, remove_files, space
 from .runner import RunnerError, TaskRunner
 from .taskdir import WORK
 
@@ -20,6 +21,8 @@ log = logging.getLogger("agent.disk")
 # A task whose files take less than this is not what filled the disk: it is
 # never evicted for it (the space went to something else on the host).
 MIN_EVICT_BYTES = 1 << 20
+# The same when inodes are short: fewer files than this is not what took them.
+MIN_EVICT_FILES = 1000
 
 
 class DiskWatch:
@@ -49,10 +52,13 @@ class DiskWatch:
             log.warning("%s: no new tasks here until space is freed", s.reason())
         elif was_low and not s.low:
             log.info(
-                "the disk of %s has %s free again (reserve %s): taking tasks again",
+                "the disk of %s has %s and %d inodes free again (reserves %s, %d): "
+                "taking tasks again",
                 s.path,
                 mib(s.free_bytes),
+                s.free_inodes,
                 mib(s.reserve_bytes),
+                s.inode_reserve,
             )
             self._said_nothing_to_evict = False
         if not s.low or (self._job is not None and not self._job.done()):
@@ -67,11 +73,18 @@ class DiskWatch:
         s = self.space
         if s is None or not s.low:
             return None
+        # Stable while the disk stays low the same way: the leader acts on
+        # changes. Its first words say which ran short (leptonctl nodes).
+        if s.short_of_inodes:
+            reason = f"inodes full: fewer than {s.inode_reserve} inodes free in {s.path}"
+        else:
+            reason = f"disk full: less than {mib(s.reserve_bytes)} free in {s.path}"
         return {
-            # Stable while the disk stays low: the leader acts on changes.
-            "reason": f"disk full: less than {mib(s.reserve_bytes)} free in {s.path}",
+            "reason": reason,
             "free_bytes": s.free_bytes,
             "reserve_bytes": s.reserve_bytes,
+            "free_inodes": s.free_inodes,
+            "inode_reserve": s.inode_reserve,
         }
 
     async def _evict(self, s: DiskSpace, running: list[str]) -> None:
@@ -83,10 +96,15 @@ class DiskWatch:
     async def _evict_one(self, s: DiskSpace, running: list[str]) -> None:
         dirs = {rid: self._dirs(rid) for rid in running}
         used = await asyncio.to_thread(
-            lambda: {rid: sum(usage(d) for d in ds) for rid, ds in dirs.items()}
+            lambda: {rid: sum((measure(d) for d in ds), Usage()) for rid, ds in dirs.items()}
         )
-        rid = max(used, key=lambda r: (used[r], r), default=None)
-        if rid is None or used[rid] < MIN_EVICT_BYTES:
+        inodes = s.short_of_inodes
+
+        def size(rid: str) -> int:
+            return used[rid].files if inodes else used[rid].bytes
+
+        rid = max(used, key=lambda r: (size(r), r), default=None)
+        if rid is None or size(rid) < (MIN_EVICT_FILES if inodes else MIN_EVICT_BYTES):
             if not self._said_nothing_to_evict:
                 log.warning(
                     "%s, and no running task's files take much of it: nothing to evict", s.reason()
@@ -95,9 +113,15 @@ class DiskWatch:
             return
         msg = eviction_message(s, used[rid])
         log.warning("task %s %s", rid, msg)
-        # Space first: the stop itself writes a file, as does the exit.
-        freed = await asyncio.to_thread(lambda: sum(release(d) for d in dirs[rid]))
-        log.info("task %s: truncated its files, %s freed", rid, mib(freed))
+        # Room first: the stop itself writes a file, as does the exit. An
+        # empty file holds an inode until it is removed; blocks come back
+        # by truncation even from files the task still holds open.
+        if inodes:
+            gone = await asyncio.to_thread(lambda: sum(remove_files(d) for d in dirs[rid]))
+            log.info("task %s: removed %d of its files", rid, gone)
+        else:
+            freed = await asyncio.to_thread(lambda: sum(release(d) for d in dirs[rid]))
+            log.info("task %s: truncated its files, %s freed", rid, mib(freed))
         self.evicting[rid] = msg
         try:
             self.runner.stop(rid, 0.0, reason=msg)

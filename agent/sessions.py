@@ -25,6 +25,14 @@ from .tty import DATA, FrameError, Frames, frame, set_winsize, socket_path, wins
 # Sessions one agent serves at once (each holds a socket or a process).
 MAX_SESSIONS = 64
 READ_BYTES = 65536
+# After an exec'd command exits, its output is still read while it keeps
+# coming: up to DRAIN_IDLE_S between reads and DRAIN_MAX_S in all. What it
+# wrote before it exited is in a pipe at once (a PTY hands it on within a
+# moment, a busy host's workqueue permitting). Without a background child
+# the end (EOF, or EIO on a PTY) comes at once and nothing waits; with one,
+# this bounds how long one that keeps writing can hold the session open.
+DRAIN_IDLE_S = 0.5
+DRAIN_MAX_S = 2.0
 
 
 class SessionError(Exception):
@@ -113,29 +121,32 @@ class Sessions:
     ) -> AsyncIterator[dict[str, Any]]:
         """Run argv inside the task (agent/execin.py); its output, then {"exit": code}."""
         helper = [sys.executable, "-m", "agent.execin", str(task_dir), "--", *argv]
-        master = slave = -1
+        # Both paths read one fd the agent owns (a PTY master, or a pipe's read
+        # end), so the session can close it when the command exits even while
+        # a child it left in the background still holds the other side.
         if tty:
-            master, slave = os.openpty()
-            set_winsize(master, rows, cols)
-            os.set_blocking(master, False)
+            out, slave = os.openpty()
+            set_winsize(out, rows, cols)
+            stdin: int = slave
+        else:
+            out, slave = os.pipe()
+            stdin = asyncio.subprocess.DEVNULL
+        os.set_blocking(out, False)
+        try:
             proc = await asyncio.create_subprocess_exec(
                 *helper,
-                stdin=slave,
+                stdin=stdin,
                 stdout=slave,
                 stderr=slave,
                 start_new_session=True,
                 env=_helper_env(tty),
             )
+        except BaseException:
+            os.close(out)
+            raise
+        finally:
             os.close(slave)
-        else:
-            proc = await asyncio.create_subprocess_exec(
-                *helper,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                env=_helper_env(tty),
-            )
+        master = out if tty else -1
 
         def send(data: bytes) -> None:
             if master >= 0:
@@ -152,13 +163,11 @@ class Sessions:
         except SessionError:
             proc.kill()
             await proc.wait()
-            if master >= 0:
-                os.close(master)
+            os.close(out)
             raise
         try:
             yield {"ready": True}
-            chunks = _read_master(master) if tty else _read_pipe(proc)
-            async for data in chunks:
+            async for data in _output_until_exit(out, proc):
                 yield {"data": data}
             yield {"exit": await proc.wait()}
         finally:
@@ -168,9 +177,10 @@ class Sessions:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)
                 await proc.wait()
-            if master >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(master)
+            # What the command left running keeps running in the task (its
+            # cgroup, killed with the task); it loses only this session's output.
+            with contextlib.suppress(OSError):
+                os.close(out)
 
 
 def _helper_env(tty: bool) -> dict[str, str]:
@@ -183,33 +193,60 @@ def _helper_env(tty: bool) -> dict[str, str]:
     return env
 
 
-async def _read_master(master: int) -> AsyncIterator[bytes]:
+async def _read_fd(fd: int) -> bytes:
+    """The next bytes on a non-blocking fd; b"" at its end (EIO: a PTY whose
+    every slave side is closed)."""
     loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-    loop.add_reader(master, ready.set)
+    while True:
+        try:
+            return os.read(fd, READ_BYTES)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if e.errno == errno.EIO:
+                return b""
+            raise
+        readable = loop.create_future()
+        loop.add_reader(fd, _wake, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+
+
+def _wake(readable: asyncio.Future[None]) -> None:
+    if not readable.done():
+        readable.set_result(None)
+
+
+async def _output_until_exit(fd: int, proc: asyncio.subprocess.Process) -> AsyncIterator[bytes]:
+    """fd's output until its end or until proc exits, as `docker exec` does:
+    a child the command left in the background may hold the PTY or pipe open
+    for ever, so once proc has exited only what arrives within a short,
+    bounded drain is still delivered."""
+    exited = asyncio.ensure_future(proc.wait())
+    read = asyncio.ensure_future(_read_fd(fd))
     try:
         while True:
-            await ready.wait()
-            ready.clear()
-            try:
-                data = os.read(master, READ_BYTES)
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                if e.errno == errno.EIO:  # every slave side closed: the end
-                    return
-                raise
+            await asyncio.wait({read, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                break  # the command exited; its last output may be in flight
+            data = read.result()
             if not data:
                 return
             yield data
+            read = asyncio.ensure_future(_read_fd(fd))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_MAX_S
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.wait({read}, timeout=min(DRAIN_IDLE_S, left))
+            if not read.done():
+                return  # nothing more for a moment: the session ends
+            data = read.result()
+            if not data:
+                return
+            yield data
+            read = asyncio.ensure_future(_read_fd(fd))
     finally:
-        loop.remove_reader(master)
-
-
-async def _read_pipe(proc: asyncio.subprocess.Process) -> AsyncIterator[bytes]:
-    assert proc.stdout is not None
-    while True:
-        data = await proc.stdout.read(READ_BYTES)
-        if not data:
-            return
-        yield data
+        read.cancel()
+        exited.cancel()

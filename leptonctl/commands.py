@@ -162,7 +162,7 @@ async def nodes(c: ClusterClient, a: argparse.Namespace) -> int:
                 r["name"],
                 r["id"],
                 node_state(r["state"], r.get("drain_deadline"), r.get("drain_reason") is not None)
-                + (" (disk full)" if r.get("disk_low") else ""),
+                + disk_tag(r.get("disk_low")),
                 f"{r['gpus_used']}/{r['gpus_total']}"
                 + (f" ({r['gpus_unhealthy']} unhealthy)" if r.get("gpus_unhealthy") else ""),
                 "-" if r.get("gpu_util_pct") is None else f"{r['gpu_util_pct']:.0f}%",
@@ -255,6 +255,14 @@ async def join_token(c: ClusterClient, a: argparse.Namespace) -> int:
     res = await api.join_token_revoke(c, a.id, timeout_s=a.timeout)
     say(f"revoked {res['id']}")
     return 0
+
+
+def disk_tag(low: Any) -> str:
+    """The STATE column's note for a node under its disk reserve: which one
+    ran short, bytes or inodes (the agent's reason says it first)."""
+    if not low:
+        return ""
+    return " (inodes full)" if str(low).startswith("inodes full") else " (disk full)"
 
 
 def node_state(state: str, drain_deadline: float | None, drained: bool = False) -> str:

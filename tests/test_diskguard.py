@@ -7,7 +7,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.diskguard import GiB, MiB, default_reserve, release, usage
+from agent.diskguard import (
+    DiskSpace,
+    GiB,
+    MiB,
+    Usage,
+    default_inode_reserve,
+    default_reserve,
+    eviction_message,
+    measure,
+    release,
+    remove_files,
+    usage,
+)
 
 TB = 1 << 40
 
@@ -63,3 +75,45 @@ def test_the_agent_refuses_a_reserve_as_big_as_its_disk(tmp_path: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lepton-agent: --disk-reserve: "), r.stderr
     assert "never take a task" in lines[0] and not (tmp_path / "d").exists()
+
+
+def test_the_default_inode_reserve_is_5_percent_within_its_bounds() -> None:
+    assert default_inode_reserve(1_000_000) == 50_000
+    assert default_inode_reserve(100_000) == 10_000  # the floor
+    assert default_inode_reserve(100_000_000) == 1_000_000  # the ceiling
+    assert default_inode_reserve(20_000) == 5_000  # a quarter of a small file system
+    assert default_inode_reserve(0) == 0  # inodes made as needed: no reserve
+
+
+def test_inodes_short_or_not_and_which_is_shorter() -> None:
+    def disk(free_b: int, free_i: int, inode_reserve: int = 100) -> DiskSpace:
+        return DiskSpace("/d", free_b, 100 * MiB, 10 * MiB, free_i, 1000, inode_reserve)
+
+    assert not disk(50 * MiB, 500).low
+    only_inodes = disk(50 * MiB, 5)
+    assert only_inodes.low and only_inodes.short_of_inodes
+    assert only_inodes.reason().startswith("inodes full: 5 of 1000 inodes free in /d")
+    assert "had 5 inodes free, under its reserve of 100; this task had 7 files" in (
+        eviction_message(only_inodes, Usage(0, 7))
+    )
+    assert not disk(5 * MiB, 500).short_of_inodes  # bytes are what is short
+    assert disk(5 * MiB, 5).short_of_inodes  # 5 % of its inode reserve, 50 % of bytes'
+    assert not disk(1 * MiB, 90).short_of_inodes  # 10 % of bytes', 90 % of inodes'
+    assert not disk(50 * MiB, 0, inode_reserve=0).low  # no inode reserve
+
+
+def test_measure_counts_files_and_remove_files_stays_in_the_tree(tmp_path: Path) -> None:
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    (work / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for i in range(50):
+        (work / "sub" / str(i)).touch()
+    precious = outside / "precious"
+    precious.write_bytes(b"p")
+    (work / "link").symlink_to(outside)
+    (work / "file-link").symlink_to(precious)
+    assert measure(work).files == 1 + 1 + 50 + 2  # work, sub, the files, the links
+    assert measure(work, max_entries=10).files <= 11
+    assert remove_files(work) == 52
+    assert sorted(p.name for p in work.rglob("*")) == ["sub"]
+    assert precious.read_bytes() == b"p" and outside.is_dir()

@@ -20,7 +20,8 @@ import pytest
 from agent.shim import LEASE_RAN_OUT
 from agent.taskdir import EXIT, read_json
 from tests.harness import Cluster, Proc, wait_for
-from tests.test_hosts_e2e import module_cluster, wait_task
+from tests.test_hosts_e2e import module_cluster, task0, wait_task
+from tests.test_metrics_e2e import scrape, value
 
 # Appends "<what> <pid> <time>" lines: one "start", then a "tick" every 50 ms.
 TICKER = (
@@ -122,6 +123,57 @@ def test_a_paused_agents_task_is_dead_before_it_runs_again(
         f"{host} ready again",
     )
     c.ctl("cancel", job)
+
+
+def ended(c: Cluster, reason: str) -> float:
+    """How many task attempts the cluster has seen end for `reason`."""
+    return value(scrape(c.wait_leader().http), "lepton_tasks_ended_total", reason=reason) or 0.0
+
+
+def test_a_task_whose_nodes_lease_ran_out_ends_lost_and_runs_once(
+    leases: Cluster, shared_path: Path
+) -> None:
+    c = leases
+    out = shared_path / "ticks"
+    job = submit_ticker(c, out, retries=1)
+    host = wait_task(c, job, {"running"})["node"]
+    wait_for(lambda: len(starts(out)) == 1, 60, "the first attempt to start")
+    lost, failed = ended(c, "lost"), ended(c, "failed")
+    paused = agent(c, host)
+    paused.signal(signal.SIGSTOP)
+    try:
+        t = wait_for(
+            lambda: (t := task0(c, job))["attempt"] == 2 and t["state"] == "running" and t,
+            60,
+            "the retry to run",
+        )
+        # Its node went silent past the TTL: the attempt is lost, not failed,
+        # and the retry it is owed runs on the other node.
+        assert t["node"] != host, t
+        assert (ended(c, "lost"), ended(c, "failed")) == (lost + 1, failed), (lost, failed)
+        wait_for(lambda: len(starts(out)) == 2, 60, "the retry to start")
+        (first, _), (second, second_at) = starts(out)
+        assert not alive(first)  # fenced by its lease, its agent still stopped
+    finally:
+        paused.signal(signal.SIGCONT)
+    wait_for(
+        lambda: any(n["name"] == host and n["state"] == "ready" for n in c.nodes()),
+        60,
+        f"{host} ready again",
+    )
+    # Resumed, the agent reports the old attempt's end and reconciles: nothing
+    # of it runs again, and the retry is left as it was.
+    seen = len(lines(out))
+    wait_for(lambda: len(lines(out)) > seen + 40, 60, "the retry to tick on")
+    assert [pid for pid, _ in starts(out)] == [first, second]
+    assert max(at for _, pid, at in lines(out) if pid == first) < second_at
+    assert not alive(first) and alive(second)
+    again = task0(c, job)
+    assert (again["state"], again["attempt"], again["node"]) == ("running", 2, t["node"]), again
+    assert ended(c, "lost") == lost + 1
+    c.ctl("cancel", job)
+    wait_task(c, job, {"cancelled"})
+    wait_for(lambda: not alive(second), 60, "the retry to end with the job")
 
 
 def test_a_leader_change_kills_no_task(long_leases: Cluster, shared_path: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from leptond.client import AsyncClient, LeptonError, calls
@@ -211,6 +212,56 @@ def test_exec_enters_the_task_its_user_cgroup_and_namespaces(c: Cluster, tmp_pat
     assert c.status(job)["state"] == "running"  # exec sessions do not end the task
     c.ctl("cancel", job)
     c.wait_job(job, FINAL)
+
+
+def sleeping(pid: int, seconds: str) -> bool:
+    """pid is a live (not zombie) `sleep SECONDS`: a pid reused by another
+    process does not count."""
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and p.cmdline() == ["sleep", seconds]
+    except psutil.Error:
+        return False
+
+
+def test_exec_ends_when_its_command_exits_though_a_child_runs_on(
+    c: Cluster, tmp_path: Path
+) -> None:
+    job = c.submit("--cpus", "0.1", "--mem", "64M", "--", "sleep", "600")
+    c.wait_job(job, {"running"})
+    # Without a terminal: the background sleep holds the output pipe, yet the
+    # exec returns the command's status after its output (docker exec's way).
+    out = c.ctl(
+        "exec", job, "--", "sh", "-c", "sleep 782 & echo $!; echo started; exit 5",
+        check=False, timeout_s=60,
+    )  # fmt: skip
+    assert out.returncode == 5, out
+    piped, said = out.stdout.split()
+    assert said == "started" and sleeping(int(piped), "782")
+    # With one: a child that ignores the hangup holds the terminal open.
+    t = Tmux(
+        tmp_path,
+        ctl_command(
+            c, "exec", job, "-it", "--", "sh", "-c",
+            'trap "" HUP; sleep 783 & echo pid=$!; echo started',
+            then="; echo EXIT=$?; sleep 600",
+        ),
+    )  # fmt: skip
+    try:
+        found = t.wait(r"pid=(\d+)\s+started\s+EXIT=0")
+    finally:
+        t.close()
+    held = int(found.group(1))
+    assert sleeping(held, "783")
+    assert c.status(job)["state"] == "running"
+    # Both children live in the task: cancelling it leaves neither behind.
+    c.ctl("cancel", job)
+    c.wait_job(job, FINAL)
+    wait_for(
+        lambda: not sleeping(int(piped), "782") and not sleeping(held, "783"),
+        60,
+        "the exec's background children to end with the task",
+    )
 
 
 def test_sessions_refuse_what_they_cannot_do(c: Cluster) -> None:

@@ -17,10 +17,12 @@ MiB = 1 << 20
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size_bytes: int) -> Iterator[Path]:
+def tmpfs(path: Path, size_bytes: int, inodes: int | None = None) -> Iterator[Path]:
+    """`inodes`: how many files it can hold (nr_inodes), None: tmpfs's default."""
     path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size_bytes},mode=0700" + ("" if inodes is None else f",nr_inodes={inodes}")
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0700", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
         check=True,
         capture_output=True,
     )
@@ -53,4 +55,24 @@ def fill(path: Path, leave_bytes: int = 0, name: str = "filler") -> Path:
                 if exc.errno != errno.ENOSPC:
                     raise
                 break
+    return target
+
+
+def free_inodes(path: Path) -> int:
+    return os.statvfs(path).f_favail
+
+
+def fill_inodes(path: Path, leave: int, name: str = "inode-filler") -> Path:
+    """A directory of empty files that leaves about `leave` inodes free."""
+    target = path / name
+    target.mkdir(exist_ok=True)
+    i = 0
+    while free_inodes(path) > leave:
+        try:
+            (target / str(i)).touch()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            break
+        i += 1
     return target
