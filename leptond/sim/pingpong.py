@@ -30,7 +30,7 @@ from .raftmodel import decoded
 
 
 class Tasks(Protocol):
-    """The state the watch reads (the checker's copy of the log, applied)."""
+    """The state the watch reads (the committed log applied: SimRaft.oracle)."""
 
     @property
     def tasks(self) -> Mapping[str, Task]: ...
