@@ -88,7 +88,8 @@ class Checker:
         self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
         self.orphan_seen: dict[tuple[str, str], float] = {}  # (node, run) the state has not
         self.idle_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with no run
-        self.preemptions = PreemptionWatch(raft.oracle)  # fed each commit (SimRaft.watchers)
+        # Fed each commit (SimRaft.watchers); reads the log's state as of it.
+        self.preemptions = PreemptionWatch(lambda: raft.oracle)
         self._inputs = views.InputCache()
         self._agreed: dict[str, tuple[object, ...]] = {}  # job -> records last found right
         self._hosts_of_nodes = [n.host for n in nodes]

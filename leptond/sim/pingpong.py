@@ -21,7 +21,7 @@ so it judges what happened, not what a plan asked for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from raft.model import Task
@@ -30,7 +30,7 @@ from .raftmodel import decoded
 
 
 class Tasks(Protocol):
-    """The state the watch reads (the checker's copy of the log, applied)."""
+    """The state the watch reads (the committed log applied: SimRaft.oracle)."""
 
     @property
     def tasks(self) -> Mapping[str, Task]: ...
@@ -53,7 +53,7 @@ RESETS = frozenset(
 
 
 class PreemptionWatch:
-    def __init__(self, state: Tasks) -> None:
+    def __init__(self, state: Callable[[], Tasks]) -> None:
         self.state = state  # the committed log applied, up to the command seen
         # Preemptor -> its victims that were still stopping: (task, attempt).
         self.stopping_for: dict[str, set[tuple[str, int]]] = {}
@@ -105,7 +105,7 @@ class PreemptionWatch:
                 )
 
     def _more_than_needed(self, victims: list[str], wanted_by: dict[str, str], index: int) -> None:
-        tasks = self.state.tasks
+        tasks = self.state().tasks
         for victim in victims:
             for_task = wanted_by.get(victim, "?")
             earlier = self.stopping_for.get(for_task, set())

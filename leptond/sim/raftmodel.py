@@ -157,7 +157,10 @@ class SimRaft:
         self.term = 0
         self.leader: Member | None = None  # who leads `term` (None: no one yet)
         self.term_leader: Member | None = None  # who was elected in `term`
-        self.oracle = ClusterState()  # every committed entry, applied at once
+        # The log's own copy of the state, applied only when no replica can
+        # stand for it (see `oracle`), and how many entries it has applied.
+        self._own = ClusterState()
+        self._own_applied = 0
         self.slow_until = -1.0  # commits are slow until then (a fault)
         self.describe: Callable[[bytes], str] = lambda data: ""
         # Told of every commit: (term, index, command, what apply returned).
@@ -206,20 +209,63 @@ class SimRaft:
                     self.trace(f"{m.addr} leads term {m.leading}")
                     m.on_leadership(True)
                 continue
-            p.index = self._commit(p.term, p.data)
-            _settle(p.fut, ("ok", m.catch_up(p.index)))
+            p.index, result = self._commit(p.term, p.data, m)
+            _settle(p.fut, ("ok", result))
 
-    def _commit(self, term: int, data: bytes) -> int:
+    def _commit(self, term: int, data: bytes, by: Member | None = None) -> tuple[int, Any]:
+        """Commit one entry; its index and what apply returned. The leader
+        `by` that committed it applies it at once (as it would right after)."""
         self.log.append((term, data))
         index = len(self.log)
-        result = self.oracle.apply(data, index)
-        for watch in self.watchers:
-            watch(term, index, data, result)
         for m in self.members:
             if not m.isolated:
                 m.known = index
+        if by is not None:
+            result = by.catch_up(index)
+        elif self.watchers:
+            result = self._bring_up_to(index)[1]
+        else:
+            result = None  # nobody reads it: the replicas apply it when they catch up
+        for watch in self.watchers:
+            watch(term, index, data, result)
         self.trace(f"commit {index} t{term} {self.describe(data)}")
-        return index
+        return index, result
+
+    # -- the log's state ----------------------------------------------------------------
+    @property
+    def oracle(self) -> ClusterState:
+        """The committed log applied in order (what the checker judges).
+
+        Apply is deterministic, so a replica that has applied exactly the
+        log holds this state: its state stands for the log's, and no entry
+        is applied a fourth time for the checker. Only where no replica has
+        applied every entry, nor can without anyone noticing, does the log
+        apply its own copy. converged() compares every replica with it (and
+        so with each other) once they have all caught up."""
+        return self._bring_up_to(len(self.log))[0]
+
+    def _bring_up_to(self, end: int) -> tuple[ClusterState, Any]:
+        """A state that has applied the first `end` entries (all the log has),
+        and the result of the last entry applied on the way (None if none)."""
+        members = self.members
+        lead = self.leader
+        if lead is not None and lead.applied == end:
+            return lead.state, None
+        for m in members:
+            if m.applied == end:
+                return m.state, None
+        # A member that knows every entry is committed applies them when
+        # anyone next reads its view (masters._Reader): applying them now
+        # changes nothing it can tell, unless it has proposals waiting, whose
+        # results come from its own apply of their entries.
+        for m in members:
+            if m.known == end and not m.pending and m.applied < end:
+                return m.state, m.catch_up(end)
+        result: Any = None
+        while self._own_applied < end:
+            self._own_applied += 1
+            result = self._own.apply(self.log[self._own_applied - 1][1], self._own_applied)
+        return self._own, result
 
     # -- leadership ----------------------------------------------------------------
     def start(self, first: Member) -> None:
@@ -292,7 +338,7 @@ class SimRaft:
             keep = len(entries) if prev is new else self.rng.randint(0, len(entries))
             for p in entries[:keep]:
                 assert p.data is not None
-                p.index = self._commit(p.term, p.data)
+                p.index = self._commit(p.term, p.data)[0]
         for m in self.members:
             if m is not new and not m.isolated and (m.leading is not None or m.pending):
                 self._step_down(m, learned=True)
