@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from leptond.clock import REAL
+
 from .tty import DATA, FrameError, Frames, frame, set_winsize, socket_path, winsize_frame
 
 # Sessions one agent serves at once (each holds a socket or a process).
@@ -236,9 +238,8 @@ async def _output_until_exit(fd: int, proc: asyncio.subprocess.Process) -> Async
                 return
             yield data
             read = asyncio.ensure_future(_read_fd(fd))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_MAX_S
-        while (left := deadline - loop.time()) > 0:
+        deadline = REAL.monotonic() + DRAIN_MAX_S
+        while (left := deadline - REAL.monotonic()) > 0:
             await asyncio.wait({read}, timeout=min(DRAIN_IDLE_S, left))
             if not read.done():
                 return  # nothing more for a moment: the session ends
