@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
 import scheduler as sch
 from raft import accounting as acct
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
+from raft.model import Node
 from raft.tasks import preempted_for
 from raft.view import StateView
 
@@ -115,6 +117,16 @@ class Controllers:
         self._full_not_before = 0.0  # monotonic time before which a wake-up waits (pacing)
         self._incr_not_before = 0.0  # the same for an incremental pass
         self._next_liveness = 0.0  # monotonic time of the next look at every node
+        # Per-node lists that depend on the nodes' records only, kept with the
+        # (immutable) map of the view they were made from: heartbeats commit
+        # nothing, so at 10,000 nodes the same map is looked at twice a second
+        # by each of the liveness and drain loops for minutes on end, and a
+        # Python walk of it each time was a cost that grew with the cluster,
+        # not with the heartbeat rate.
+        self._judged_of: Mapping[str, Node] | None = None
+        self._judged: list[str] = []  # nodes not down, in that map
+        self._draining_of: Mapping[str, Node] | None = None
+        self._draining: list[Node] = []  # nodes draining, in that map
         self.plans = 0
         self._decayed_at = -DECAY_EVERY_S
         self._decayed_for: tuple[float, float] = (-1.0, -1.0)
@@ -133,6 +145,7 @@ class Controllers:
         self._epoch, self._last_full, self._settled = -1, 0.0, -1
         self._full_not_before = self._incr_not_before = 0.0
         self._next_liveness = 0.0
+        self._judged_of = self._draining_of = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -155,7 +168,10 @@ class Controllers:
             del live.suspects[nid]  # down already (or removed): nothing to judge
         if self._clock.monotonic() >= self._next_liveness:
             self._next_liveness = self._clock.monotonic() + period
-            judged = [n.id for n in known.values() if n.state != "down"]
+            if known is not self._judged_of:
+                self._judged = [n.id for n in known.values() if n.state != "down"]
+                self._judged_of = known
+            judged = self._judged
         else:
             judged = list(live.suspects)
         # At 10,000 nodes this runs twice a second: the scan is one pass of
@@ -213,14 +229,16 @@ class Controllers:
         await self._clock.sleep(DRAIN_CHECK_EVERY_S)
         now = self._clock.now()
         s = self._reader.view()
-        self._warn_before_drain(s, now)
+        if s.nodes is not self._draining_of:
+            self._draining = [n for n in s.nodes.values() if n.state == "draining"]
+            self._draining_of = s.nodes
+        if not self._draining:
+            return
+        self._warn_before_drain(s, self._draining, now)
         due = [
             (n.id, n.name)
-            for n in s.nodes.values()
-            if n.state == "draining"
-            and n.drain_deadline is not None
-            and n.drain_deadline <= now
-            and s.stoppable_tasks(n.id)
+            for n in self._draining
+            if n.drain_deadline is not None and n.drain_deadline <= now and s.stoppable_tasks(n.id)
         ]
         for nid, name in due:
             try:
@@ -238,13 +256,14 @@ class Controllers:
         if due:
             self.wake()  # the scheduling pass pushes the stops to the agents
 
-    def _warn_before_drain(self, s: StateView, now: float) -> None:
+    def _warn_before_drain(self, s: StateView, draining: list[Node], now: float) -> None:
         """Tasks that asked for a warning signal get it signal_before_s ahead
-        of their node's drain deadline. Pushed again every pass until the
-        deadline (the agent's shim sends it once), so a lost push or a new
-        leader costs at most one pass of lateness."""
-        for n in s.nodes.values():
-            if n.state != "draining" or n.drain_deadline is None:
+        of their node's drain deadline (`draining`: the view's draining
+        nodes). Pushed again every pass until the deadline (the agent's shim
+        sends it once), so a lost push or a new leader costs at most one pass
+        of lateness."""
+        for n in draining:
+            if n.drain_deadline is None:
                 continue
             due = []
             for t in s.stoppable_tasks(n.id):

@@ -38,6 +38,8 @@ def test_a_small_fleet_in_two_processes_reports_every_figure() -> None:
     assert res["register_leader_cpu_s"] >= 0
     # The silent agent's node was declared down, and no other.
     assert res["detect_silent_s"] > 0 and res["false_down"] == 0
+    # The slowest poll of the leader is reported, and within the whole wait.
+    assert 0 <= res["detect_poll_max_s"] <= res["detect_silent_s"]
     assert "Traceback" not in out.stderr
     # 40 agents are far below the default rate: each keeps its own 1 s.
     assert res["max_heartbeats_per_s"] == 8000

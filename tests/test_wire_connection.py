@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -13,6 +14,7 @@ import uvloop
 
 from leptond.rpcstats import RpcStats
 from leptond.wire import Connection, RpcError, RpcServer, open_connection
+from leptond.wire.client import ClusterClient
 from leptond.wire.codec import FrameReader, decode_messages, encode_body, frame
 from leptond.wire.connection import FLUSH_AT
 
@@ -226,6 +228,58 @@ async def _calls_in_flight_fail_when_the_server_goes_away() -> None:
     with pytest.raises(RpcError) as err:
         await asyncio.wait_for(call, 5)
     assert err.value.code == "unavailable"
+
+
+def test_a_handshake_not_answered_in_time_is_retried_by_the_cluster_client(run: Runner) -> None:
+    run(_a_handshake_not_answered_in_time_is_retried_by_the_cluster_client())
+
+
+async def _a_handshake_not_answered_in_time_is_retried_by_the_cluster_client() -> None:
+    # A leader too busy to answer a handshake within the client's connect
+    # timeout (10,000 agents on a loaded machine) is a transient state: the
+    # call is retried until its own deadline, as for a master that is down,
+    # instead of ending at once with a protocol error. Here a relay in front
+    # of a real server plays the busy leader: it accepts the first connection
+    # and says nothing on it until the client gives up; later ones it relays.
+    server, port = await start({"echo": echo})
+    accepted = 0
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        if accepted == 1:
+            with contextlib.suppress(OSError):
+                while await r.read(65536):  # the client's hello, then its end
+                    pass
+            w.close()
+            return
+        ur, uw = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    front = await asyncio.start_server(relay, "127.0.0.1", 0)
+    front_port = front.sockets[0].getsockname()[1]
+    client = ClusterClient(
+        [("127.0.0.1", front_port)], key_id="cluster", psk=PSK, connect_timeout_s=1.0
+    )
+    try:
+        with pytest.raises(RpcError) as err:
+            await open_connection("127.0.0.1", front_port, key_id="cluster", psk=PSK, timeout_s=1.0)
+        assert err.value.code == "unavailable"
+        assert "did not complete the handshake in 1s (a busy master" in str(err.value)
+        accepted = 0  # the client's first connection meets the silent one again
+        assert await client.call("echo", [1, "x"], timeout_s=30) == [1, "x"]
+        assert accepted >= 2
+    finally:
+        await client.close()
+        front.close()
+        await server.close()
 
 
 def test_plain_function_handlers_are_answered_inline_without_a_task(run: Runner) -> None:

@@ -591,6 +591,12 @@ class Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         if not self._authenticated:
+            if self.is_client:
+                # A master too busy to answer in time (a leader serving
+                # 10,000 agents on a loaded machine) is a transient state:
+                # `unavailable`, which ClusterClient retries until the call's
+                # deadline, not a protocol error that ends the call at once.
+                self._fail_ready(handshake_late(self._where(), self._handshake_timeout_s))
             self._protocol_error(ProtocolError("handshake_timeout", "no handshake in time"))
 
     # -- messages ---------------------------------------------------------
@@ -1147,6 +1153,17 @@ async def _quiet(coro: Awaitable[Any], method: str) -> None:
         log.exception("notification handler %s failed", method)
 
 
+def handshake_late(where: str, timeout_s: float) -> RpcError:
+    """The client's error for a handshake not finished in time. Retryable
+    (`unavailable`): the usual cause is a busy master; the hint covers the
+    other one, a port whose listener never answers."""
+    return RpcError(
+        "unavailable",
+        f"{where} did not complete the handshake in {timeout_s:g}s (a busy master, "
+        "or not leptond's RPC port: 7441 by default)",
+    )
+
+
 async def open_connection(
     host: str,
     port: int,
@@ -1194,11 +1211,7 @@ async def open_connection(
         await asyncio.wait_for(asyncio.shield(conn.ready), timeout_s)
     except TimeoutError:
         conn.abort()
-        raise RpcError(
-            "unavailable",
-            f"{host}:{port} did not complete the handshake in {timeout_s:g}s "
-            "(is it leptond's RPC port, 7441 by default?)",
-        ) from None
+        raise handshake_late(f"{host}:{port}", timeout_s) from None
     except RpcError:
         conn.abort()
         raise
