@@ -74,6 +74,15 @@ def submit_ticker(c: Cluster, out: Path) -> str:
     return c.submit("--cpus", "0.1", "--", sys.executable, "-c", TICKER, str(out))
 
 
+def victim_ran_on(c: Cluster, out: Path, pid: int, victim: str) -> None:
+    """The other task never stopped: it ticks on in its first attempt."""
+    seen = ticks(out, pid)
+    wait_for(lambda: ticks(out, pid) > seen + 20, 60, "the victim to tick on")
+    assert alive(pid) and len(starts(out)) == 1
+    v = task0(c, victim)
+    assert v["state"] == "running" and v["attempt"] == 1, v
+
+
 def test_the_task_that_fills_the_disk_is_evicted_and_the_other_runs_on(
     small: Cluster, shared_path: Path
 ) -> None:
@@ -101,11 +110,7 @@ def test_the_task_that_fills_the_disk_is_evicted_and_the_other_runs_on(
     assert (tdir / "output.log").exists()
     wait_for(lambda: free_bytes(c.root / f"agent-{HOST}") > RESERVE, 60, "the space to come back")
     # The other task never stopped.
-    seen = ticks(out, pid)
-    wait_for(lambda: ticks(out, pid) > seen + 20, 60, "the victim to tick on")
-    assert alive(pid) and len(starts(out)) == 1
-    v = task0(c, victim)
-    assert v["state"] == "running" and v["attempt"] == 1, v
+    victim_ran_on(c, out, pid, victim)
     c.ctl("cancel", victim)
     c.ctl("cancel", hog, check=False)
     wait_task(c, victim, {"cancelled"})
@@ -163,11 +168,7 @@ def test_the_task_that_takes_the_inodes_is_evicted_and_the_other_runs_on(
     wait_for(lambda: not (tdir / "work").exists(), 60, "the evicted task's work dir to go")
     wait_for(lambda: free_inodes(data) > INODE_RESERVE, 60, "the inodes to come back")
     assert free_bytes(data) > RESERVE
-    seen = ticks(out, pid)
-    wait_for(lambda: ticks(out, pid) > seen + 20, 60, "the victim to tick on")
-    assert alive(pid) and len(starts(out)) == 1
-    v = task0(c, victim)
-    assert v["state"] == "running" and v["attempt"] == 1, v
+    victim_ran_on(c, out, pid, victim)
     c.ctl("cancel", victim)
     wait_task(c, victim, {"cancelled"})
 

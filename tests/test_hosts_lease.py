@@ -91,14 +91,29 @@ def submit_ticker(c: Cluster, out: Path, retries: int) -> str:
     )  # fmt: skip
 
 
+def start_ticker(c: Cluster, out: Path) -> tuple[str, str]:
+    """A ticker job with one retry, running its first attempt: (job, its node)."""
+    job = submit_ticker(c, out, retries=1)
+    host = wait_task(c, job, {"running"})["node"]
+    wait_for(lambda: len(starts(out)) == 1, 60, "the first attempt to start")
+    return job, host
+
+
+def wait_ready(c: Cluster, host: str) -> None:
+    """Wait for a resumed agent's node to be ready again."""
+    wait_for(
+        lambda: any(n["name"] == host and n["state"] == "ready" for n in c.nodes()),
+        60,
+        f"{host} ready again",
+    )
+
+
 def test_a_paused_agents_task_is_dead_before_it_runs_again(
     leases: Cluster, shared_path: Path
 ) -> None:
     c = leases
     out = shared_path / "ticks"
-    job = submit_ticker(c, out, retries=1)
-    host = wait_task(c, job, {"running"})["node"]
-    wait_for(lambda: len(starts(out)) == 1, 60, "the first attempt to start")
+    job, host = start_ticker(c, out)
     paused = agent(c, host)
     paused.signal(signal.SIGSTOP)
     try:
@@ -117,11 +132,7 @@ def test_a_paused_agents_task_is_dead_before_it_runs_again(
         assert paused.alive()  # stopped all along, never killed
     finally:
         paused.signal(signal.SIGCONT)
-    wait_for(
-        lambda: any(n["name"] == host and n["state"] == "ready" for n in c.nodes()),
-        60,
-        f"{host} ready again",
-    )
+    wait_ready(c, host)
     c.ctl("cancel", job)
 
 
@@ -135,9 +146,7 @@ def test_a_task_whose_nodes_lease_ran_out_ends_lost_and_runs_once(
 ) -> None:
     c = leases
     out = shared_path / "ticks"
-    job = submit_ticker(c, out, retries=1)
-    host = wait_task(c, job, {"running"})["node"]
-    wait_for(lambda: len(starts(out)) == 1, 60, "the first attempt to start")
+    job, host = start_ticker(c, out)
     lost, failed = ended(c, "lost"), ended(c, "failed")
     paused = agent(c, host)
     paused.signal(signal.SIGSTOP)
@@ -156,11 +165,7 @@ def test_a_task_whose_nodes_lease_ran_out_ends_lost_and_runs_once(
         assert not alive(first)  # fenced by its lease, its agent still stopped
     finally:
         paused.signal(signal.SIGCONT)
-    wait_for(
-        lambda: any(n["name"] == host and n["state"] == "ready" for n in c.nodes()),
-        60,
-        f"{host} ready again",
-    )
+    wait_ready(c, host)
     # Resumed, the agent reports the old attempt's end and reconciles: nothing
     # of it runs again, and the retry is left as it was.
     seen = len(lines(out))

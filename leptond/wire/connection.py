@@ -531,8 +531,8 @@ class Connection(asyncio.Protocol):
                 self._fail_ready(
                     RpcError(
                         "too_many_connections",
-                        f"this master already has the most connections it allows one key "
-                        f"open with key id {self.key_id!r}; close some and try again",
+                        f"this master already has as many connections open with key id "
+                        f"{self.key_id!r} as it allows one key; close some and try again",
                     )
                 )
                 self.close()
