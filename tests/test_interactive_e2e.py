@@ -151,9 +151,14 @@ def test_run_it_is_a_terminal_with_size_and_ctrl_c_and_ends_with_the_session(
         # Ctrl-C stops the remote foreground job, not the session.
         t.keys("sleep 300; echo not-interrupted", "Enter")
         wait_for(lambda: "sleep 300" in t.pane(), 30, "the sleep to start")
+        prompts = len(re.findall(r"(?m)^lt\$", t.pane()))
         t.keys("C-c")
+        # The shell redraws its prompt after the interrupt; keys typed before
+        # that are echoed by the terminal ahead of the prompt, and the answer
+        # then follows the prompt on its line, so wait for it first.
+        wait_for(lambda: len(re.findall(r"(?m)^lt\$", t.pane())) > prompts, 30, "a new prompt")
         t.keys("echo after-$((1+1))", "Enter")
-        t.wait(r"\nafter-2")
+        t.wait(r"(?m)(^|\s)after-2$")
         # Interrupted: the line after the sleep never ran (only its echo shows).
         assert not re.search(r"(?m)^not-interrupted$", t.pane())
         t.keys("exit 3", "Enter")
