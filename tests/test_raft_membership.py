@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raft.errors import JournalError, MembershipError
+from raft.errors import JournalError, MembershipError, RaftError
 from raft.journal import DurableJournal
 from raft.membership import (
     lock_data_dir,
@@ -20,7 +20,7 @@ from raft.membership import (
 )
 from raft.node import RaftNode
 from raft.snapshot import read_snapshot_file, write_snapshot_file
-from tests.raft_kv_proc import KVStateMachine, free_port
+from tests.raft_kv_proc import KVStateMachine, free_port, kv_command
 
 NO_OP, MEMBERSHIP, REGULAR = b"\x01", b"\x02", b"\x00"
 
@@ -121,11 +121,22 @@ async def test_one_membership_change_at_a_time(tmp_path: Path) -> None:
         for a in addrs
     ]
     try:
-        deadline = time.monotonic() + 20
-        while not any(n.is_leader() for n in nodes):
-            assert time.monotonic() < deadline, "no leader"
-            await asyncio.sleep(0.05)
-        leader = next(n for n in nodes if n.is_leader())
+        # A leader takes no membership change before its term's no-op entry is
+        # applied (pysyncobj refuses it outright), so make it commit one entry
+        # of its own first: that entry is applied after the no-op.
+        deadline = time.monotonic() + 30
+        leader = None
+        while leader is None:
+            assert time.monotonic() < deadline, "no leader committed an entry"
+            candidates = [n for n in nodes if n.is_leader()]
+            if not candidates:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await candidates[0].propose(kv_command("first", "k", "v"), timeout_s=5.0)
+                leader = candidates[0]
+            except RaftError:  # not leader any more, or no commit in time
+                await asyncio.sleep(0.05)
         followers = [n for n in nodes if n is not leader]
         for f in followers:
             f.close()
