@@ -19,10 +19,14 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .types import Allocation, NodeView, TaskRequest
+
+if TYPE_CHECKING:
+    from .explain import _Kind
 
 EPS = 1e-9
 # Up to this many nodes, whole-cluster questions are asked in plain Python:
@@ -182,6 +186,11 @@ class _Frame:
     # Per pool: (labels, GPU make-up, its nodes, GPUs per node, largest CPUs, memory).
     pools: list[tuple[dict[str, str], tuple[tuple[str, int, int], ...], list[int], int, float, int]]
     layout: PoolLayout
+    # For scheduler/explain.py, which asks the same of every pass over these
+    # nodes: the kinds of node, and the reasons no waiting fixes, by (shape,
+    # the GPU model as the request spells it).
+    kinds: list[_Kind] | None = None
+    static_reasons: dict[tuple[Shape, str | None], str | None] = field(default_factory=dict)
 
 
 # Frames of the last few lists of node views, by the ids of the views (a
@@ -289,7 +298,7 @@ class Cluster:
     def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
         # The nodes' part, shared with earlier passes over the same views
         # (read only: a pass changes only what is free and the pools' buckets).
-        frame = _frame_of(nodes)
+        frame = self.frame = _frame_of(nodes)
         self.nodes = frame.nodes
         n = len(self.nodes)
         self.build = frame.build

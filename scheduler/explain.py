@@ -17,6 +17,7 @@ from .cluster import EPS, SMALL_CLUSTER, Cluster, Shape, gpu_matches, labels_ok
 from .types import TaskRequest
 
 GIB = 1 << 30
+_MAX_STATIC = 4096  # static reasons kept per list of nodes (cleared whole when full)
 
 
 def fmt_bytes(n: int) -> str:
@@ -141,7 +142,12 @@ class Explainer:
         hit = self.cache.get(shape)
         if hit is None:
             if self.kinds is None:
-                self.kinds, self.claimed = _kinds(self.cl), _claimed(self.cl)
+                # The kinds of node come from the nodes alone: kept with them
+                # for later passes (Cluster.frame), as are static reasons.
+                frame = self.cl.frame
+                if frame.kinds is None:
+                    frame.kinds = _kinds(self.cl)
+                self.kinds, self.claimed = frame.kinds, _claimed(self.cl)
             hit = self.cache[shape] = explain_shape(self.cl, self.kinds, self.claimed, task, shape)
         return hit
 
@@ -149,7 +155,15 @@ class Explainer:
 def explain_shape(
     cl: Cluster, kinds: list[_Kind], claimed: list[Claimed], task: TaskRequest, shape: Shape
 ) -> str:
-    static = _static_reason(kinds, task, shape)
+    known = cl.frame.static_reasons
+    key = (shape, task.gpu_type)
+    if key in known:
+        static = known[key]
+    else:
+        static = _static_reason(kinds, task, shape)
+        if len(known) >= _MAX_STATIC:
+            known.clear()
+        known[key] = static
     if static is not None:
         return static
     g = shape[0]
