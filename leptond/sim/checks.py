@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 EPS = 1e-6
 # What runs on a host, and its lease: each moves when that changed.
 _versions = attrgetter("version", "lease_version")
+_count = attrgetter("count")
 # The most entries the simulated cluster may commit in a second: its work
 # needs under 30; a hot loop commits a hundred.
 MAX_COMMITS_PER_S = 60
@@ -120,6 +121,10 @@ class Checker:
         self._inputs = views.InputCache()
         self._agreed: dict[str, tuple[object, ...]] = {}  # job -> records last found right
         self._hosts_of_nodes = [n.host for n in nodes]
+        # The hosts' change counts (one, shared, in a World): each only grows,
+        # so their sum moves whenever one does.
+        self._changes = list(dict.fromkeys(h.changes for h in self._hosts_of_nodes))
+        self._changes_seen = -1
         self._policy: object = None
         self.checks = 0
 
@@ -349,19 +354,13 @@ class Checker:
 
     def _hosts(self, now: float) -> str | None:
         # What runs where changes only when a host's version moves, and its
-        # lease only when its lease version does; a lease runs out with time:
-        # a run outlives it at the first step past when it ends.
-        versions = tuple(map(_versions, self._hosts_of_nodes))
-        if versions != self._host_versions:
-            self._host_versions = versions
-            runs = [v for v, _ in versions]
-            why = None
-            if runs != self._run_versions:
-                self._run_versions = runs
-                why = self._host_runs()
-            self._lease_due = min(
-                (_lease_limit(h, self.lease_slack_s) for h, _ in self._busy_hosts), default=INF
-            )
+        # lease only when its lease version does (either moves the hosts'
+        # change count); a lease runs out with time: a run outlives it at
+        # the first step past when it ends.
+        changed = sum(map(_count, self._changes))
+        if changed != self._changes_seen:
+            self._changes_seen = changed
+            why = self._host_moved()
             if why:
                 return why
         if now > self._lease_due:
@@ -389,6 +388,21 @@ class Checker:
                 )
         self.twice = twice
         return None
+
+    def _host_moved(self) -> str | None:
+        versions = tuple(map(_versions, self._hosts_of_nodes))
+        if versions == self._host_versions:
+            return None
+        self._host_versions = versions
+        runs = [v for v, _ in versions]
+        why = None
+        if runs != self._run_versions:
+            self._run_versions = runs
+            why = self._host_runs()
+        self._lease_due = min(
+            (_lease_limit(h, self.lease_slack_s) for h, _ in self._busy_hosts), default=INF
+        )
+        return why
 
     def _host_runs(self) -> str | None:
         """After a run started, ran or ended somewhere: no GPU used by two runs

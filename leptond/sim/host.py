@@ -96,6 +96,17 @@ class SimProc:
         return self.state != "exited"
 
 
+class Changes:
+    """A count that moves whenever the runs or the lease of any host sharing
+    it change: the checker looks at the hosts again only then (or when the
+    time passes a lease's end), not at every step."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class SimHost:
     def __init__(
         self,
@@ -108,7 +119,9 @@ class SimHost:
         clock: HostClock,
         seed: int,
         trace: Trace,
+        changes: Changes | None = None,
     ) -> None:
+        self.changes = changes or Changes()
         self.node_id = node_id
         self.name = name
         self.gpus = gpus
@@ -188,6 +201,7 @@ class SimHost:
         self.lease_agent = self.agent if fast else None
         self.lease_handover = False
         self.lease_version += 1
+        self.changes.count += 1
         self._watch_lease()
 
     def cap(self, until: float) -> bool:
@@ -196,6 +210,7 @@ class SimHost:
             return False
         self.lease_expires = until
         self.lease_version += 1
+        self.changes.count += 1
         self._watch_lease()
         return True
 
@@ -204,6 +219,7 @@ class SimHost:
         if self.lease_agent is not None and self.lease_agent == self.agent:
             self.lease_handover = True
             self.lease_version += 1
+            self.changes.count += 1
 
     def agent_started(self, life: int) -> None:
         self.agent = life
@@ -217,6 +233,7 @@ class SimHost:
         if life is not None and life == self.lease_agent and self.agent_gone_at is None:
             self.agent_gone_at, self.agent_gone = self.now(), life
             self.lease_version += 1
+            self.changes.count += 1
             self._watch_lease()
 
     def lease_ends(self) -> float | None:
@@ -268,6 +285,7 @@ class SimHost:
         self.procs[p.rid] = p
         self.live[p.rid] = p
         self.version += 1
+        self.changes.count += 1
         self.acked.pop(p.rid, None)
         p.timers.append(self.world_clock.call_later(p.fate.start_s, self._launch, p))
         return p
@@ -283,6 +301,7 @@ class SimHost:
             return
         p.state = "running"
         self.version += 1
+        self.changes.count += 1
         p.started_at = self.clock.now()
         self.trace(f"{self.name} run {p.rid} gpus {list(p.gpus)}")
         f = p.fate
@@ -335,6 +354,7 @@ class SimHost:
         del self.live[p.rid]
         self.unacked[p.rid] = p
         self.version += 1
+        self.changes.count += 1
         p.exit = {
             "exit_code": code,
             "signal": sig,
