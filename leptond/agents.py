@@ -369,8 +369,13 @@ class AgentRegistry:
 
     async def _flush_events(self, evs: list[dict[str, Any]]) -> list[int]:
         # `now`: apply keeps the jobs' times on this clock, not the hosts' (raft/tasks.py).
+        # Only an end wakes the scheduling pass: a start frees nothing and
+        # sets no stop (a stop on a task not yet started ends it at apply),
+        # so the pass it woke planned what the last one did. Starts are the
+        # bulk of these commands: each placement reports one.
+        ended = any(e.get("state") != "running" for e in evs)
         await self._proposer.propose(
-            "task_events", {"events": evs, "now": self._clock.now()}, wake=True
+            "task_events", {"events": evs, "now": self._clock.now()}, wake=ended
         )
         return [0] * len(evs)
 

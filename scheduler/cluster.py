@@ -19,12 +19,20 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .types import Allocation, NodeView, TaskRequest
 
+if TYPE_CHECKING:
+    from .explain import _Kind
+
 EPS = 1e-9
+# Up to this many nodes, whole-cluster questions are asked in plain Python:
+# numpy's fixed cost per call is more than the work on a handful of nodes.
+# The answers are the same either way.
+SMALL_CLUSTER = 64
 
 # (gpus, cpus, mem_bytes, gpu_type lower-cased or None, gpu_mem_min, constraints)
 Shape = tuple[int, float, int, str | None, int, tuple[tuple[str, str], ...]]
@@ -155,42 +163,159 @@ _makeup = attrgetter("makeup")
 _NOTHING: frozenset[int] = frozenset()
 
 
+@dataclass(eq=False)
+class _Frame:
+    """What a Cluster takes from its nodes alone, whatever runs on them:
+    worked out once per list of node views and kept for the passes after it
+    (read only), as long as each node's view is the very same object (a
+    NodeView is immutable; the leader keeps one per unchanged node record,
+    leptond/views.py InputCache)."""
+
+    nodes: list[NodeView]
+    node_ids: list[str]
+    cpus: list[float]
+    mems: list[int]
+    build: list[_Build]
+    index_of: dict[str, int]
+    gpu_info: list[Mapping[int, GpuFacts]]
+    multi_domain: list[bool]
+    free: list[tuple[int, ...]]  # every GPU, per node
+    labels_key: list[tuple[tuple[str, str], ...]]
+    unschedulable: list[int]
+    pool_of: list[int]
+    # Per pool: (labels, GPU make-up, its nodes, GPUs per node, largest CPUs, memory).
+    pools: list[tuple[dict[str, str], tuple[tuple[str, int, int], ...], list[int], int, float, int]]
+    layout: PoolLayout
+    # For scheduler/explain.py, which asks the same of every pass over these
+    # nodes: the kinds of node, and the reasons no waiting fixes, by (shape,
+    # the GPU model as the request spells it).
+    kinds: list[_Kind] | None = None
+    static_reasons: dict[tuple[Shape, str | None], str | None] = field(default_factory=dict)
+
+
+# Frames of the last few lists of node views, by the ids of the views (a
+# frame holds its views, so no other object can have one of those ids while
+# it is kept). A leader and its followers' readers make a few lists at most.
+_FRAMES: dict[tuple[int, ...], _Frame] = {}
+_MAX_FRAMES = 8
+
+
+def _frame_of(nodes: Sequence[NodeView]) -> _Frame:
+    key = tuple(map(id, nodes))
+    f = _FRAMES.get(key)
+    if f is None:
+        if len(_FRAMES) >= _MAX_FRAMES:
+            _FRAMES.clear()
+        f = _FRAMES[key] = _new_frame(list(nodes))
+    return f
+
+
+def _new_frame(nodes: list[NodeView]) -> _Frame:
+    n = len(nodes)
+    # One trip over the nodes, reading attributes in line (an attrgetter
+    # call costs about twice as much); C-level maps over what it read.
+    node_ids: list[str] = []
+    cpus: list[float] = []
+    mems: list[int] = []
+    node_labels: list[Mapping[str, str]] = []
+    schedulable: list[bool] = []
+    builds: dict[tuple[GpuKey, ...], _Build] = {}
+    build: list[_Build] = []
+    for nd in nodes:
+        node_ids.append(nd.node_id)
+        cpus.append(nd.cpus)
+        mems.append(nd.mem_bytes)
+        node_labels.append(nd.labels)
+        schedulable.append(nd.schedulable)
+        # Clusters are made of a few kinds of machine: facts per GPU are
+        # worked out once per kind and shared by its nodes (read-only).
+        key = tuple([(g.index, g.model, g.mem_bytes, g.domain) for g in nd.gpus])
+        b = builds.get(key)
+        if b is None:
+            b = builds[key] = _build_of(key)
+        build.append(b)
+    # Labels as sorted items; nodes share few distinct label sets.
+    sorted_labels: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+    labels_key: list[tuple[tuple[str, str], ...]] = []
+    for labels in node_labels:
+        items = tuple(labels.items())
+        lkey = sorted_labels.get(items)
+        if lkey is None:
+            lkey = sorted_labels[items] = tuple(sorted(items))
+        labels_key.append(lkey)
+    # Pools: schedulable nodes grouped by (labels, GPU make-up), numbered
+    # in the order of their first node.
+    PoolKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...]]
+    members: dict[PoolKey, list[int]] = {}
+    pool_keys: list[PoolKey] = list(zip(labels_key, map(_makeup, build), strict=True))
+    unschedulable: list[int] = []  # nodes in no pool: draining or down
+    for i in range(n):
+        if schedulable[i]:
+            m = members.get(pool_keys[i])
+            if m is None:
+                members[pool_keys[i]] = [i]
+            else:
+                m.append(i)
+        else:
+            unschedulable.append(i)
+    pool_of = [-1] * n
+    pools = []
+    for pid, ((_, makeup), idx) in enumerate(members.items()):
+        for i in idx:
+            pool_of[i] = pid
+        pools.append(
+            (
+                dict(nodes[idx[0]].labels),
+                makeup,
+                idx,
+                sum(c for _, _, c in makeup),
+                max(0.0, max(map(cpus.__getitem__, idx))),
+                max(0, max(map(mems.__getitem__, idx))),
+            )
+        )
+    # What a shape may use depends only on the pools' labels, make-up and
+    # largest node.
+    layout = tuple([(k[0], k[1], p[4], p[5]) for k, p in zip(members, pools, strict=True)])
+    return _Frame(
+        nodes=nodes,
+        node_ids=node_ids,
+        cpus=cpus,
+        mems=mems,
+        build=build,
+        index_of=dict(zip(node_ids, range(n), strict=True)),
+        gpu_info=[b.info for b in build],
+        multi_domain=[b.multi_domain for b in build],
+        free=list(map(_indices, build)),
+        labels_key=labels_key,
+        unschedulable=unschedulable,
+        pool_of=pool_of,
+        pools=pools,
+        layout=layout,
+    )
+
+
 class Cluster:
     def __init__(self, nodes: Sequence[NodeView], allocations: Sequence[Allocation]) -> None:
-        self.nodes = list(nodes)
+        # The nodes' part, shared with earlier passes over the same views
+        # (read only: a pass changes only what is free and the pools' buckets).
+        frame = self.frame = _frame_of(nodes)
+        self.nodes = frame.nodes
         n = len(self.nodes)
-        # One trip over the nodes, reading attributes in line (an attrgetter
-        # call costs about twice as much); C-level maps over what it read.
-        node_ids: list[str] = []
-        cpus: list[float] = []
-        mems: list[int] = []
-        node_labels: list[Mapping[str, str]] = []
-        schedulable: list[bool] = []
-        builds: dict[tuple[GpuKey, ...], _Build] = {}
-        self.build: list[_Build] = []
-        for nd in self.nodes:
-            node_ids.append(nd.node_id)
-            cpus.append(nd.cpus)
-            mems.append(nd.mem_bytes)
-            node_labels.append(nd.labels)
-            schedulable.append(nd.schedulable)
-            # Clusters are made of a few kinds of machine: facts per GPU are
-            # worked out once per kind and shared by its nodes (read-only).
-            key = tuple([(g.index, g.model, g.mem_bytes, g.domain) for g in nd.gpus])
-            b = builds.get(key)
-            if b is None:
-                b = builds[key] = _build_of(key)
-            self.build.append(b)
-        self.node_ids = node_ids
+        self.build = frame.build
+        self.node_ids = frame.node_ids
+        cpus, mems = frame.cpus, frame.mems
         self.node_cpus, self.node_mem = cpus, mems  # as the view has them
-        self.index_of: dict[str, int] = dict(zip(node_ids, range(n), strict=True))
-        self.gpu_info: list[Mapping[int, GpuFacts]] = [b.info for b in self.build]
-        self.multi_domain = [b.multi_domain for b in self.build]
+        self.index_of = frame.index_of
+        self.gpu_info = frame.gpu_info
+        self.multi_domain = frame.multi_domain
+        self.labels_key = frame.labels_key
+        self.unschedulable = frame.unschedulable
+        self.pool_of = frame.pool_of
         self.free_cpu = list(map(float, cpus))
         self.free_mem: list[int] = list(mems)
         # Free GPU indices per node, sorted; tuples, replaced whole on change
         # (a pick is remembered by them, and evictions are stamped with them).
-        self.free: list[tuple[int, ...]] = list(map(_indices, self.build))
+        self.free: list[tuple[int, ...]] = list(frame.free)
         used: dict[int, set[int]] = {}
         self.allocs_on: list[list[Allocation]] = [[] for _ in range(n)]
         for a in allocations:
@@ -209,48 +334,20 @@ class Cluster:
         self.nfree = np.array(self.nfree_l, dtype=np.int64)
         self.claims: dict[int, list[Claim]] = {}
         self.pools: list[Pool] = []
-        self.pool_of = [-1] * n
-        # Labels as sorted items; nodes share few distinct label sets.
-        sorted_labels: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
-        self.labels_key: list[tuple[tuple[str, str], ...]] = []
-        for labels in node_labels:
-            items = tuple(labels.items())
-            lkey = sorted_labels.get(items)
-            if lkey is None:
-                lkey = sorted_labels[items] = tuple(sorted(items))
-            self.labels_key.append(lkey)
-        # Pools: schedulable nodes grouped by (labels, GPU make-up), numbered
-        # in the order of their first node.
-        PoolKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...]]
-        members: dict[PoolKey, list[int]] = {}
-        pool_keys: list[PoolKey] = list(zip(self.labels_key, map(_makeup, self.build), strict=True))
-        self.unschedulable: list[int] = []  # nodes in no pool: draining or down
-        for i in range(n):
-            if schedulable[i]:
-                m = members.get(pool_keys[i])
-                if m is None:
-                    members[pool_keys[i]] = [i]
-                else:
-                    m.append(i)
-            else:
-                self.unschedulable.append(i)
-        nfree_l, pool_of = self.nfree_l, self.pool_of
-        for pid, ((_, makeup), idx) in enumerate(members.items()):
-            total = sum(c for _, _, c in makeup)
+        nfree_l = self.nfree_l
+        for labels, makeup, idx, total, max_cpus, max_mem in frame.pools:
             buckets: list[list[int]] = [[] for _ in range(total + 1)]
             for i in idx:
                 buckets[nfree_l[i]].append(i)  # appended in index order: a heap
-                pool_of[i] = pid
-            live = list(map(len, buckets))
             self.pools.append(
                 Pool(
-                    dict(self.nodes[idx[0]].labels),
+                    labels,
                     makeup,
                     nodes=idx,
                     buckets=buckets,
-                    live=live,
-                    max_cpus=max(0.0, max(map(cpus.__getitem__, idx))),
-                    max_mem=max(0, max(map(mems.__getitem__, idx))),
+                    live=list(map(len, buckets)),
+                    max_cpus=max_cpus,
+                    max_mem=max_mem,
                 )
             )
         # Free count f -> bit set of the pools with a node that has f free:
@@ -264,9 +361,7 @@ class Cluster:
         # What a shape may use depends only on the pools' labels, make-up and
         # largest node: answers kept from earlier passes over pools like
         # these (read only, as the answers of this pass are).
-        layout = tuple(
-            [(k[0], k[1], p.max_cpus, p.max_mem) for k, p in zip(members, self.pools, strict=True)]
-        )
+        layout = frame.layout
         by_shape = _BY_LAYOUT.get(layout)
         if by_shape is None or len(by_shape.shape_pools) > _MAX_SHAPES:
             if len(_BY_LAYOUT) >= _MAX_LAYOUTS:

@@ -11,14 +11,13 @@ backfilled around the hold instead of starving it.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import repeat
 from operator import itemgetter
 
 import numpy as np
 
-from .cluster import Claim, Cluster, Shape
+from .cluster import SMALL_CLUSTER, Claim, Cluster, Shape
 from .explain import Explainer, gang_reason, preempting_reason, quota_reason
 from .fairshare import Backlog, Entry, FairShare, Unit, build_backlog
 from .preempt import Preemptor
@@ -32,6 +31,10 @@ from .types import (
     Preemption,
     TaskRequest,
 )
+
+# Until a gang hold needs them, a pass's per-node arrays are these (read only).
+_NO_FLOATS = np.zeros(0)
+_NO_INTS = np.zeros(0, dtype=np.int64)
 
 
 class _Pass:
@@ -73,9 +76,10 @@ class _Pass:
         self.gang_held = False
         # Filled in by the first hold: per node, when its running work started
         # (inf when idle), and its size.
-        self._started: np.ndarray | None = None
-        self._node_cpus = np.zeros(0)
-        self._node_mem = np.zeros(0, dtype=np.int64)
+        # (A list on a small cluster, arrays on a large one.)
+        self._started_l: list[float] | None = None
+        self._started = self._node_cpus = _NO_FLOATS
+        self._node_mem = _NO_INTS
 
     def run(self, pending: Sequence[TaskRequest]) -> Plan:
         backlog = build_backlog(pending)
@@ -348,9 +352,14 @@ class _Pass:
         cl = self.cl
         whole, mixed = cl.shape_pools(shape)
         count = 0
+        small, nfree = len(cl.nodes) <= SMALL_CLUSTER, cl.nfree_l
         for pid in whole:
-            idx = cl.pool_nodes(pid)
-            for i in idx[cl.nfree[idx] >= shape[0]].tolist():
+            if small:
+                roomy = [i for i in cl.pools[pid].nodes if nfree[i] >= shape[0]]
+            else:
+                idx = cl.pool_nodes(pid)
+                roomy = idx[cl.nfree[idx] >= shape[0]].tolist()
+            for i in roomy:
                 count += i not in exclude and cl.fits_cpu_mem(i, shape)
         for pid in mixed:
             for i in cl.pools[pid].nodes:
@@ -366,15 +375,17 @@ class _Pass:
         the most matching free GPUs now, then the ones whose running work
         started earliest (likely to end first).  False when it could never fit."""
         cl = self.cl
-        if self._started is None:
+        if self._started_l is None:
             # Most nodes run nothing: visit only those that do.
             started = [float("inf")] * len(cl.nodes)
             for i, running in enumerate(cl.allocs_on):
                 if running:
                     started[i] = min(a.started_at for a in running)
-            self._started = np.array(started, dtype=np.float64)
-            self._node_cpus = np.array(cl.node_cpus, dtype=np.float64)
-            self._node_mem = np.array(cl.node_mem, dtype=np.int64)
+            self._started_l = started
+            if len(cl.nodes) > SMALL_CLUSTER:
+                self._started = np.array(started, dtype=np.float64)
+                self._node_cpus = np.array(cl.node_cpus, dtype=np.float64)
+                self._node_mem = np.array(cl.node_mem, dtype=np.int64)
         taken: set[int] = set(busy)
         picks: list[tuple[int, Shape]] = []
         ranked: dict[Shape, list[int]] = {}
@@ -399,8 +410,9 @@ class _Pass:
         """Nodes big enough for `shape`, best first by the key
         (-min(matching free GPUs, wanted), earliest start of running work, index)."""
         cl = self.cl
-        assert self._started is not None
         whole, mixed = cl.shape_pools(shape)
+        if len(cl.nodes) <= SMALL_CLUSTER:
+            return self._rank_few(shape, whole, mixed)
         idx: list[int] = []
         have: list[int] = []
         for pid in whole:
@@ -419,6 +431,24 @@ class _Pass:
         order = np.lexsort((nodes, started, -np.minimum(have_arr, shape[0])))
         return nodes[order].tolist()
 
+    def _rank_few(self, shape: Shape, whole: list[int], mixed: list[int]) -> list[int]:
+        """_rank_for_hold on a cluster of a few nodes, without numpy (whose
+        fixed cost per call is most of the work there): the same order."""
+        cl, want = self.cl, shape[0]
+        cpus, mem, started = cl.node_cpus, cl.node_mem, self._started_l
+        assert started is not None
+        keyed: list[tuple[int, float, int]] = []
+        for pid in whole:
+            for i in cl.pools[pid].nodes:
+                if cpus[i] >= shape[1] and mem[i] >= shape[2]:
+                    keyed.append((-min(cl.nfree_l[i], want), started[i], i))
+        for pid in mixed:
+            for i in cl.pools[pid].nodes:
+                if cpus[i] >= shape[1] and mem[i] >= shape[2]:
+                    keyed.append((-min(len(cl.matching_free(i, shape)), want), started[i], i))
+        keyed.sort()
+        return [i for _, _, i in keyed]
+
 
 def schedule(
     nodes: Sequence[NodeView],
@@ -432,21 +462,16 @@ def schedule(
         # Nothing to place and nothing to preempt for: a leader's incremental
         # pass whose tasks all wait as before pays nothing for the cluster.
         return Plan((), (), {})
-    with _cycle_collector_paused():
-        return _Pass(nodes, allocations, policy).run(pending)
-
-
-@contextmanager
-def _cycle_collector_paused() -> Iterator[None]:
-    """A pass keeps every object it makes until it returns, so the collector
-    reclaims nothing while it runs; but the allocations alone trigger full
-    collections that walk the caller's whole heap (the view: one object per
-    node, GPU and task), a third of the pass at 100,000 tasks.  The pass
-    makes no reference cycles worth collecting early."""
+    # A pass keeps every object it makes until it returns, so the collector
+    # reclaims nothing while it runs; but the allocations alone trigger full
+    # collections that walk the caller's whole heap (the view: one object per
+    # node, GPU and task), a third of the pass at 100,000 tasks.  The pass
+    # makes no reference cycles worth collecting early.  (Paused in line: a
+    # context manager costs a twentieth of a pass over a dozen tasks.)
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        return _Pass(nodes, allocations, policy).run(pending)
     finally:
         if was_enabled:
             gc.enable()

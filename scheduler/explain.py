@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cluster import EPS, Cluster, Shape, gpu_matches, labels_ok
+from .cluster import EPS, SMALL_CLUSTER, Cluster, Shape, gpu_matches, labels_ok
 from .types import TaskRequest
 
 GIB = 1 << 30
+_MAX_STATIC = 4096  # static reasons kept per list of nodes (cleared whole when full)
 
 
 def fmt_bytes(n: int) -> str:
@@ -132,13 +133,21 @@ class Explainer:
 
     def __init__(self, cl: Cluster) -> None:
         self.cl = cl
-        self.kinds = _kinds(cl)
-        self.claimed = _claimed(cl)
+        # Read at the first question (a pass that placed everything asks none).
+        self.kinds: list[_Kind] | None = None
+        self.claimed: list[Claimed] = []
         self.cache: dict[Shape, str] = {}
 
     def __call__(self, task: TaskRequest, shape: Shape) -> str:
         hit = self.cache.get(shape)
         if hit is None:
+            if self.kinds is None:
+                # The kinds of node come from the nodes alone: kept with them
+                # for later passes (Cluster.frame), as are static reasons.
+                frame = self.cl.frame
+                if frame.kinds is None:
+                    frame.kinds = _kinds(self.cl)
+                self.kinds, self.claimed = frame.kinds, _claimed(self.cl)
             hit = self.cache[shape] = explain_shape(self.cl, self.kinds, self.claimed, task, shape)
         return hit
 
@@ -146,7 +155,15 @@ class Explainer:
 def explain_shape(
     cl: Cluster, kinds: list[_Kind], claimed: list[Claimed], task: TaskRequest, shape: Shape
 ) -> str:
-    static = _static_reason(kinds, task, shape)
+    known = cl.frame.static_reasons
+    key = (shape, task.gpu_type)
+    if key in known:
+        static = known[key]
+    else:
+        static = _static_reason(kinds, task, shape)
+        if len(known) >= _MAX_STATIC:
+            known.clear()
+        known[key] = static
     if static is not None:
         return static
     g = shape[0]
@@ -160,11 +177,19 @@ def explain_shape(
             return f"reserved for {cl.claims[held[0]][0].owner}"
     if g > 0:
         best_n, best_i = -1, -1
+        small, nfree = len(cl.nodes) <= SMALL_CLUSTER, cl.nfree_l
         for pid in whole:
-            idx = cl.pool_nodes(pid)
-            counts = cl.nfree[idx]
-            k = int(np.argmax(counts))
-            n, i = int(counts[k]), int(idx[k])
+            # The pool's first node with the most free GPUs (numpy's fixed
+            # cost is most of the work on a few nodes: plain Python there).
+            if small:
+                members = cl.pools[pid].nodes
+                n = max(map(nfree.__getitem__, members))
+                i = next(x for x in members if nfree[x] == n)
+            else:
+                idx = cl.pool_nodes(pid)
+                counts = cl.nfree[idx]
+                k = int(np.argmax(counts))
+                n, i = int(counts[k]), int(idx[k])
             if n > best_n or (n == best_n and i < best_i):
                 best_n, best_i = n, i
         for pid in mixed:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from operator import attrgetter
+from types import MappingProxyType
 from typing import NamedTuple
 
 from .cluster import Shape, shape_of
@@ -208,11 +208,17 @@ class Held:
 
 
 _NOTHING_HELD = Held()
+_NO_PAST: Mapping[str, float] = MappingProxyType({})
 
 
 class FairShare:
     def __init__(
-        self, nodes: Sequence[NodeView], allocations: Sequence[Allocation], policy: Policy
+        self,
+        nodes: Sequence[NodeView],
+        allocations: Sequence[Allocation],
+        policy: Policy,
+        *,
+        past: bool = True,
     ) -> None:
         # Shares are of what the cluster has in use: the nodes that take work
         # and those whose live tasks are counted (a draining node's). Counting
@@ -228,7 +234,9 @@ class FairShare:
         # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
         self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas
-        self.past: Mapping[str, float] = policy.past_shares
+        # Without `past`: shares of what is held now only (the policy's
+        # past usage left out, as queue_report shows them).
+        self.past: Mapping[str, float] = policy.past_shares if past else _NO_PAST
         self.held: dict[str, Held] = {}
         self.shares: dict[str, float] = {}  # dominant share, kept current by charge()
         for a in allocations:
@@ -372,25 +380,28 @@ def queue_report(
     """Per-user holdings and demand for `leptonctl queue`, largest share first.
     `dominant_share` is what the user holds now; `past_share` the decayed
     usage the scheduler adds to it (policy.past_shares)."""
-    fair = FairShare(nodes, allocations, replace(policy, past_shares={}))
+    fair = FairShare(nodes, allocations, policy, past=False)
     waiting: dict[str, tuple[int, int]] = {}
     for t in pending:
         n, g = waiting.get(t.user, (0, 0))
         waiting[t.user] = (n + 1, g + t.gpus)
     users = sorted(set(fair.held) | set(waiting) | set(policy.past_shares))
-    rows = [
-        UserShare(
-            user=u,
-            gpus=fair.holds(u).gpus,
-            cpus=fair.holds(u).cpus,
-            mem_bytes=fair.holds(u).mem_bytes,
-            dominant_share=fair.share(u),
-            pending_tasks=waiting.get(u, (0, 0))[0],
-            pending_gpus=waiting.get(u, (0, 0))[1],
-            quota_gpus=policy.quotas.get(u),
-            past_share=policy.past_shares.get(u, 0.0),
+    rows = []
+    for u in users:
+        held = fair.holds(u)
+        tasks, gpus = waiting.get(u, (0, 0))
+        rows.append(
+            UserShare(
+                user=u,
+                gpus=held.gpus,
+                cpus=held.cpus,
+                mem_bytes=held.mem_bytes,
+                dominant_share=fair.share(u),
+                pending_tasks=tasks,
+                pending_gpus=gpus,
+                quota_gpus=policy.quotas.get(u),
+                past_share=policy.past_shares.get(u, 0.0),
+            )
         )
-        for u in users
-    ]
     rows.sort(key=lambda r: (-r.dominant_share, r.user))
     return rows

@@ -47,7 +47,9 @@ if TYPE_CHECKING:
     from .raftmodel import SimRaft
 
 EPS = 1e-6
-_version = attrgetter("version")
+# What runs on a host, and its lease: each moves when that changed.
+_versions = attrgetter("version", "lease_version")
+_count = attrgetter("count")
 # The most entries the simulated cluster may commit in a second: its work
 # needs under 30; a hot loop commits a hundred.
 MAX_COMMITS_PER_S = 60
@@ -55,6 +57,20 @@ MAX_COMMITS_PER_S = 60
 # its commit: commit timeouts, slow commits, and entries adopted by the next
 # leader after an election.
 MAX_COMMIT_DELAY_S = 30.0
+
+
+INF = float("inf")
+
+
+def _lease_limit(h: SimHost, slack_s: float) -> float:
+    """The time past which a run on `h` outlives its lease (-inf: it has none)."""
+    ends = h.lease_ends()
+    return -INF if ends is None else ends + slack_s
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """The very same objects, item by item (not equal ones: maps compare by content)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 class Checker:
@@ -78,12 +94,24 @@ class Checker:
         self.lease_slack_s = lease_slack_s  # how late a supervisor may notice its lease ran out
         self.lease_s = lease_s
         self.twice: dict[str, float] = {}  # task running on two nodes -> since when
-        self._host_versions: tuple[int, ...] = ()
+        self._host_versions: tuple[tuple[int, int], ...] = ()
+        self._run_versions: list[int] = []  # the first of each of _host_versions
         self._busy_hosts: list[tuple[SimHost, str]] = []  # hosts running something, a run
+        # The first time past which a busy host's run outlives its lease (as
+        # it stood at the last look; -inf: one has no lease).
+        self._lease_due = INF
         self._doubled: dict[str, tuple[str, str]] = {}  # task -> the two hosts it runs on
         self._gen = -1
-        self._seen: tuple[int, tuple[int, ...]] = (-1, ())
-        self._log_marks: deque[tuple[float, int]] = deque()
+        # The maps of the view last found right (compared by identity: a map
+        # that changed is a new object, raft/cow.py); None: look at all again.
+        self._maps: tuple[object, ...] | None = None
+        self._ledger_seen: tuple[dict[str, str], dict[str, str]] = ({}, {})
+        self._tracked: tuple[object, ...] = ()  # what _track last looked at
+        # The log's length at each step where it grew, with the step before
+        # it: (time, length, time of the step before or None, length then).
+        self._log_marks: deque[tuple[float, int, float | None, int]] = deque()
+        self._log_len = -1
+        self._last_step: float | None = None
         self.final_seen: dict[str, float] = {}  # job id -> its finished_at
         self.stop_seen: dict[tuple[str, int], float] = {}  # live (task, attempt) with a stop
         self.orphan_seen: dict[tuple[str, str], float] = {}  # (node, run) the state has not
@@ -93,6 +121,11 @@ class Checker:
         self._inputs = views.InputCache()
         self._agreed: dict[str, tuple[object, ...]] = {}  # job -> records last found right
         self._hosts_of_nodes = [n.host for n in nodes]
+        # The hosts' change counts (one, shared, in a World): each only grows,
+        # so their sum moves whenever one does.
+        self._changes = list(dict.fromkeys(h.changes for h in self._hosts_of_nodes))
+        self._changes_seen = -1
+        self._policy: object = None
         self.checks = 0
 
     def committed(self, term: int, index: int, data: bytes, result: object) -> None:
@@ -109,36 +142,85 @@ class Checker:
         # checks of the state would see what they saw a step ago.
         oracle = self.raft.oracle
         gen = oracle.generation
+        v = None
         if gen != self._gen:
             self._gen = gen
             v = oracle.freeze()
-            why = (
-                self._gpus(v)
-                or self._stops(v)
-                or self._jobs(v, now)
-                or self._agreement(v)
-                or self._queue(v)
-            )
+            why = self._state(v, now)
             if why:
                 return why
         why = self._hosts(now)
         if why:
             return why
-        seen = (gen, self._host_versions)
-        if seen != self._seen:
-            self._seen = seen
-            self._track(oracle.freeze(), now)
+        # What _track reads: the live tasks (tasks, node_tasks) and the hosts' runs.
+        if v is not None or not self._tracked or self._tracked[2] is not self._run_versions:
+            v = v or oracle.freeze()
+            tracked = (v.tasks, v.node_tasks, self._run_versions)
+            if not _same(tracked, self._tracked):
+                self._tracked = tracked
+                self._track(v, now)
+        return None
+
+    def _state(self, v: StateView, now: float) -> str | None:
+        """The checks of the log's state, each run again only when a map it
+        reads is another object than when it last passed (copy on write: a
+        map written since is a new one, raft/cow.py), so what it would find
+        is what it found: each is as strong as run at every commit, and a
+        broken state is reported at the same step."""
+        maps = (v.nodes, v.jobs, v.tasks, v.node_tasks, v.gpu_owner, v.pending)
+        last = self._maps
+        moved = (
+            [True] * 6 if last is None else [a is not b for a, b in zip(maps, last, strict=True)]
+        )
+        nodes, jobs, tasks, node_tasks, gpu_owner, pending = moved
+        ledger = self.ledger
+        told = ledger.acked != self._ledger_seen[0] or ledger.sent != self._ledger_seen[1]
+        policy = self.masters[0].controllers.policy
+        self._maps = None  # unless every check passes
+        why = (
+            (self._gpus(v) if tasks or node_tasks or gpu_owner else None)
+            or (self._stops(v) if tasks else None)
+            or (self._jobs(v, now) if jobs or told else None)
+            or (self._agreement(v) if jobs or tasks else None)
+            or (
+                self._queue(v)
+                if nodes or jobs or tasks or node_tasks or pending or policy is not self._policy
+                else None
+            )
+        )
+        if why:
+            return why
+        self._maps = maps
+        self._ledger_seen = (dict(ledger.acked), dict(ledger.sent))
+        self._policy = policy
         return None
 
     def _pace(self, now: float) -> str | None:
         """A control plane in a hot loop (a plan dropped and proposed again at
         once, forever) keeps every invariant but fills the log: the workload
-        here commits a few dozen entries a second at most."""
+        here commits a few dozen entries a second at most.
+
+        What grew over the last second: the log's length now less its length
+        at the first step within that second. The log only grows, so that
+        can only pass the limit at a step where it grew: only those steps
+        are noted, each with the length at the step before it (the first
+        step within the second, unless that was the step itself)."""
+        size, before = len(self.raft.log), self._last_step
+        self._last_step = now
+        if size == self._log_len:
+            return None
         marks = self._log_marks
-        marks.append((now, len(self.raft.log)))
-        while marks[0][0] < now - 1.0:
+        marks.append((now, size, before, self._log_len))
+        self._log_len = size
+        since = now - 1.0
+        while marks[0][0] < since:
             marks.popleft()
-        grown = marks[-1][1] - marks[0][1]
+        _, first, prev_at, prev_size = marks[0]
+        # The first growth within the second came at a step of its own; the
+        # steps before it within the second had the length before it.
+        if prev_at is not None and not prev_at < since:
+            first = prev_size
+        grown = size - first
         if grown > MAX_COMMITS_PER_S:
             return f"{grown} entries committed within a second: a hot loop"
         return None
@@ -271,19 +353,22 @@ class Checker:
         return None
 
     def _hosts(self, now: float) -> str | None:
-        # What runs where changes only when a host's version moves; leases
-        # run out with time, so they are looked at every step.
-        versions = tuple(map(_version, self._hosts_of_nodes))
-        if versions != self._host_versions:
-            self._host_versions = versions
-            why = self._host_runs()
+        # What runs where changes only when a host's version moves, and its
+        # lease only when its lease version does (either moves the hosts'
+        # change count); a lease runs out with time: a run outlives it at
+        # the first step past when it ends.
+        changed = sum(map(_count, self._changes))
+        if changed != self._changes_seen:
+            self._changes_seen = changed
+            why = self._host_moved()
             if why:
                 return why
-        for h, rid in self._busy_hosts:
-            # As its supervisors see the lease: cut short when the agent died.
-            ends = h.lease_ends()
-            if ends is None or now > ends + self.lease_slack_s:
-                return f"{rid} runs on {h.name} past its lease ({ends})"
+        if now > self._lease_due:
+            for h, rid in self._busy_hosts:
+                # As its supervisors see the lease: cut short when the agent died.
+                ends = h.lease_ends()
+                if ends is None or now > ends + self.lease_slack_s:
+                    return f"{rid} runs on {h.name} past its lease ({ends})"
         if not self._doubled:  # most steps: no task runs on two hosts
             if self.twice:
                 self.twice = {}
@@ -303,6 +388,21 @@ class Checker:
                 )
         self.twice = twice
         return None
+
+    def _host_moved(self) -> str | None:
+        versions = tuple(map(_versions, self._hosts_of_nodes))
+        if versions == self._host_versions:
+            return None
+        self._host_versions = versions
+        runs = [v for v, _ in versions]
+        why = None
+        if runs != self._run_versions:
+            self._run_versions = runs
+            why = self._host_runs()
+        self._lease_due = min(
+            (_lease_limit(h, self.lease_slack_s) for h, _ in self._busy_hosts), default=INF
+        )
+        return why
 
     def _host_runs(self) -> str | None:
         """After a run started, ran or ended somewhere: no GPU used by two runs
@@ -374,10 +474,13 @@ class Checker:
         for (tid, attempt), since in sorted(self.idle_seen.items()):
             if since <= late:
                 return f"live task {tid} (attempt {attempt}) has no run, since {since:.1f}"
-        want = self.raft.oracle.digest()
+        log_state = self.raft.oracle
+        want = log_state.digest()
         for m in self.masters:
             m.member.known = len(self.raft.log)
             m.member.catch_up()
-            if m.state.digest() != want:
+            # The log's state is usually a replica's (SimRaft.oracle): that one
+            # is not encoded a second time to be compared with itself.
+            if m.state is not log_state and m.state.digest() != want:
                 return f"{m.name}'s state differs from the log's at index {m.member.applied}"
         return None

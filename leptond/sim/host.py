@@ -96,6 +96,17 @@ class SimProc:
         return self.state != "exited"
 
 
+class Changes:
+    """A count that moves whenever the runs or the lease of any host sharing
+    it change: the checker looks at the hosts again only then (or when the
+    time passes a lease's end), not at every step."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class SimHost:
     def __init__(
         self,
@@ -108,7 +119,9 @@ class SimHost:
         clock: HostClock,
         seed: int,
         trace: Trace,
+        changes: Changes | None = None,
     ) -> None:
+        self.changes = changes or Changes()
         self.node_id = node_id
         self.name = name
         self.gpus = gpus
@@ -138,6 +151,11 @@ class SimHost:
         self.agent: int | None = None
         self.agent_gone_at: float | None = None
         self.agent_gone: int | None = None
+        # Moves whenever what lease_ends() answers may have changed (the
+        # fields above are written only by write, cap, mark_handover and
+        # agent_died): the checker looks at the lease again only then, or
+        # when the time passes when it ends.
+        self.lease_version = 0
         self._lease_timer: Any = None
         self._pids = itertools.count(1000)
         self._rng = random.Random(f"{seed}:{node_id}")  # when supervisors look at the lease
@@ -182,6 +200,8 @@ class SimHost:
         self.lease_confirm_s = confirm_s if fast else None
         self.lease_agent = self.agent if fast else None
         self.lease_handover = False
+        self.lease_version += 1
+        self.changes.count += 1
         self._watch_lease()
 
     def cap(self, until: float) -> bool:
@@ -189,6 +209,8 @@ class SimHost:
         if self.lease_expires is None or self.lease_expires <= until:
             return False
         self.lease_expires = until
+        self.lease_version += 1
+        self.changes.count += 1
         self._watch_lease()
         return True
 
@@ -196,6 +218,8 @@ class SimHost:
         """agent.lease.mark_handover: only a lease the running agent wrote."""
         if self.lease_agent is not None and self.lease_agent == self.agent:
             self.lease_handover = True
+            self.lease_version += 1
+            self.changes.count += 1
 
     def agent_started(self, life: int) -> None:
         self.agent = life
@@ -208,6 +232,8 @@ class SimHost:
         life, self.agent = self.agent, None
         if life is not None and life == self.lease_agent and self.agent_gone_at is None:
             self.agent_gone_at, self.agent_gone = self.now(), life
+            self.lease_version += 1
+            self.changes.count += 1
             self._watch_lease()
 
     def lease_ends(self) -> float | None:
@@ -221,6 +247,8 @@ class SimHost:
             sent = self.lease_sent
             if self.lease_agent != self.agent_gone and sent is not None and sent > gone:
                 # The next agent registered and the leader renewed the lease.
+                # (Forgotten when first asked: write() asks at once, through
+                # _watch_lease; the answer is the same before and after.)
                 self.agent_gone_at = self.agent_gone = None
             else:
                 return min(exp, gone + confirm)
@@ -257,6 +285,7 @@ class SimHost:
         self.procs[p.rid] = p
         self.live[p.rid] = p
         self.version += 1
+        self.changes.count += 1
         self.acked.pop(p.rid, None)
         p.timers.append(self.world_clock.call_later(p.fate.start_s, self._launch, p))
         return p
@@ -272,6 +301,7 @@ class SimHost:
             return
         p.state = "running"
         self.version += 1
+        self.changes.count += 1
         p.started_at = self.clock.now()
         self.trace(f"{self.name} run {p.rid} gpus {list(p.gpus)}")
         f = p.fate
@@ -324,6 +354,7 @@ class SimHost:
         del self.live[p.rid]
         self.unacked[p.rid] = p
         self.version += 1
+        self.changes.count += 1
         p.exit = {
             "exit_code": code,
             "signal": sig,

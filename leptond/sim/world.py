@@ -30,7 +30,7 @@ from raft.model import FINAL_JOB_STATES
 
 from .checks import Checker
 from .faults import Chaos
-from .host import SHIM_TICK_S, SimHost
+from .host import SHIM_TICK_S, Changes, SimHost
 from .masters import SimMaster
 from .net import Network
 from .node import SimNode
@@ -139,10 +139,13 @@ class World:
             self.net.servers[m.name] = m
         addrs = ",".join(m.rpc_addr for m in self.masters)
         self.nodes: list[SimNode] = []
+        changes = Changes()  # one for every host: the checker reads one count a step
         for i, (gpus, cpus, mem) in enumerate(cfg.nodes):
             name = f"n{i}"
             hclock = HostClock(self.loop)
-            host = SimHost(f"node-{i}", name, gpus, cpus, mem, self.clock, hclock, seed, self.trace)
+            host = SimHost(
+                f"node-{i}", name, gpus, cpus, mem, self.clock, hclock, seed, self.trace, changes
+            )
             self.net.clocks[name] = hclock
             acfg = AgentConfig(
                 masters=addrs,
