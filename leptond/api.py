@@ -479,15 +479,36 @@ async def logs(m: ApiContext, conn: Connection, a: dict[str, Any]) -> Any:
             "unavailable", f"the host of {what} is not connected; its output is kept there"
         )
     args = {"task_id": t.id, "attempt": attempt, **relayed}
-    return _relay(m, conn.context["user"], node_id, args)
+    # Placed, but its agent may not have started it yet (the start is on its
+    # way): the agent then has no output for it, which is "not started yet".
+    not_yet = (
+        RpcError("not_started", f"{what} of {jid} has not started yet", job_state=job_state)
+        if state == "assigned"
+        else None
+    )
+    return _relay(m, conn.context["user"], node_id, args, not_yet)
 
 
-async def _relay(m: ApiContext, user: str, node_id: str, args: dict[str, Any]) -> Any:
-    """The agent's stream, under one of the user's relay slots (apictx.RelaySlots)."""
+async def _relay(
+    m: ApiContext,
+    user: str,
+    node_id: str,
+    args: dict[str, Any],
+    not_yet: RpcError | None = None,
+) -> Any:
+    """The agent's stream, under one of the user's relay slots (apictx.RelaySlots).
+    `not_yet`: what to answer instead when the agent knows no such run."""
     m.relays.take(user)
     try:
-        async for item in m.channel.stream(node_id, "logs", args):
-            yield item
+        got = False
+        try:
+            async for item in m.channel.stream(node_id, "logs", args):
+                got = True
+                yield item
+        except RpcError as exc:
+            if got or not_yet is None or exc.code != NOT_FOUND:
+                raise
+            raise not_yet from None
     finally:
         m.relays.give(user)
 
