@@ -157,9 +157,12 @@ def explain_shape(
 ) -> str:
     known = cl.frame.static_reasons
     key = (shape, task.gpu_type)
-    if key in known:
+    try:
+        # One lookup, not `in` then `[]`: a pass still running in a thread
+        # after leadership was lost and regained can share this frame with
+        # the next pass, which may clear `known` between the two.
         static = known[key]
-    else:
+    except KeyError:
         static = _static_reason(kinds, task, shape)
         if len(known) >= _MAX_STATIC:
             known.clear()
