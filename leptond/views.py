@@ -47,23 +47,6 @@ def node_view(
     )
 
 
-def _same_to_scheduler(a: Node, b: Node) -> bool:
-    """Whether node_view makes the same view of `b` as of `a` (every field it
-    reads is equal, numbers of the same type)."""
-    return (
-        a.id == b.id
-        and a.name == b.name
-        and a.state == b.state
-        and a.cpus == b.cpus
-        and type(a.cpus) is type(b.cpus)
-        and a.mem_bytes == b.mem_bytes
-        and a.gpus == b.gpus
-        and a.gpu_faults == b.gpu_faults
-        and a.labels == b.labels
-        and a.admin_labels == b.admin_labels
-    )
-
-
 class InputCache:
     """Scheduler inputs kept from one pass to the next while the records they
     were made from are the same objects.
@@ -102,13 +85,13 @@ def scheduler_inputs(
         blocks = cached.get(n.id, no_blocks)
         hit = c.nodes.get(n.id)
         if hit is None or hit[0] is not n or hit[1] != blocks:
-            if hit is not None and hit[1] == blocks and _same_to_scheduler(hit[0], n):
+            view = node_view(n, blocks)
+            if hit is not None and hit[2] == view:
                 # A new record (a heartbeat's time, a reason) the scheduler
                 # sees as before: the same view object, which the scheduler
                 # keeps what it took from nodes by (scheduler/cluster.py).
-                hit = (n, blocks, hit[2])
-            else:
-                hit = (n, blocks, node_view(n, blocks))
+                view = hit[2]
+            hit = (n, blocks, view)
         node_seen[n.id] = hit
         nodes.append(hit[2])
     live_of: dict[str, int] = {}  # live tasks per job
