@@ -266,6 +266,15 @@ class CowMap(dict[K, V], Generic[K, V]):
         raise TypeError("CowMap is not pickled: snapshots are msgpack of records")
 
 
+def frozen_all(maps: Iterable[CowMap[Any, Any]]) -> list[Mapping[Any, Any]]:
+    """`m.frozen()` of each map, in order. A map not written since its last
+    copy has no value of its own (`_own` is empty: every write marks it
+    changed) and its copy is the one it made then: taken as it is, without a
+    call. A view is made after every apply, and most of its maps are
+    unchanged by any one command."""
+    return [m.frozen() if m._changed else m._frozen for m in maps]  # type: ignore[misc]
+
+
 def add_to(m: CowMap[K, set[Any]], key: K, item: Any) -> None:
     """Add `item` to the set under `key` (created when missing), copy on write."""
     if key in m:

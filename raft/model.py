@@ -54,6 +54,14 @@ def _plain(v: Any) -> Any:
     return v  # str, bytes, int, float, bool, None: immutable
 
 
+def _getter(cls: type) -> Any:
+    """An attrgetter of every field of a record class, in field order."""
+    get = _GETTERS.get(cls)
+    if get is None:
+        get = _GETTERS[cls] = attrgetter(*(f.name for f in fields(cls)))
+    return get
+
+
 class Record:
     _names: ClassVar[tuple[str, ...]] = ()
 
@@ -70,16 +78,25 @@ class Record:
             out[k] = v if type(v) in _SCALARS else _plain(v)
         return out
 
+    def wire_fields(self) -> dict[str, Any]:
+        """The fields as `to_wire` maps them, for an encoder to pack at once:
+        lists and dicts are the record's own, not copies (msgpack packs them
+        to the same bytes), so the map must be neither changed nor kept.
+        No field holds a record (records hold only msgpack values), which
+        `to_wire` would have turned into a map."""
+        cls = type(self)
+        names = _FIELD_NAMES.get(cls)
+        if names is None:
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+        return dict(zip(names, _getter(cls)(self), strict=True))
+
     def clone(self: T) -> T:
         """A shallow copy, for copy-on-write in apply (raft/cow.py). Fields
         holding lists or dicts are replaced, never mutated, by apply, so
         sharing them is safe. (Every record has more than one field, so the
         getter returns a tuple.)"""
         cls = type(self)
-        get = _GETTERS.get(cls)
-        if get is None:
-            get = _GETTERS[cls] = attrgetter(*(f.name for f in fields(self)))  # type: ignore[arg-type]
-        return cls(*get(self))
+        return cls(*_getter(cls)(self))
 
     @classmethod
     def from_wire(cls: type[T], obj: dict[str, Any]) -> T:

@@ -21,7 +21,7 @@ from . import nodecreds as nc
 from . import tasks as tl
 from . import workloads as wl
 from .commands import COMMAND_VERSION, BadCommand, Command, decode
-from .cow import CowMap, discard_from
+from .cow import CowMap, discard_from, frozen_all
 from .dedupe import RecentResults
 from .errors import ArgError
 from .model import (
@@ -813,24 +813,43 @@ class ClusterState(StateReads):
         """
         v = self._view
         if v is None or v.generation != self.generation or self._maps_changed():
+            (
+                nodes,
+                jobs,
+                tasks,
+                tokens,
+                members,
+                join_tokens,
+                node_creds,
+                manifests,
+                counters,
+                usage,
+                manifest_owners,
+                user_pending,
+                gpu_owner,
+                node_tasks,
+                pending,
+                stopping,
+                node_cred_of,
+            ) = frozen_all(self._maps())
             v = self._view = StateView(
-                nodes=self.nodes.frozen(),
-                jobs=self.jobs.frozen(),
-                tasks=self.tasks.frozen(),
-                tokens=self.tokens.frozen(),
-                members=self.members.frozen(),
-                join_tokens=self.join_tokens.frozen(),
-                node_creds=self.node_creds.frozen(),
-                manifests=self.manifests.frozen(),
-                counters=self.counters.frozen(),
-                usage=self.usage.frozen(),
-                manifest_owners=self.manifest_owners.frozen(),
-                user_pending=self.user_pending.frozen(),
-                gpu_owner=self.gpu_owner.frozen(),
-                node_tasks=self.node_tasks.frozen(),
-                pending=self.pending.frozen(),
-                stopping=self.stopping.frozen(),
-                node_cred_of=self.node_cred_of.frozen(),
+                nodes=nodes,
+                jobs=jobs,
+                tasks=tasks,
+                tokens=tokens,
+                members=members,
+                join_tokens=join_tokens,
+                node_creds=node_creds,
+                manifests=manifests,
+                counters=counters,
+                usage=usage,
+                manifest_owners=manifest_owners,
+                user_pending=user_pending,
+                gpu_owner=gpu_owner,
+                node_tasks=node_tasks,
+                pending=pending,
+                stopping=stopping,
+                node_cred_of=node_cred_of,
                 restoring=self.restoring,
                 applied_index=self.applied_index,
                 capacity_epoch=self.capacity_epoch,

@@ -144,6 +144,24 @@ def _encoded_size(value: Any, what: str) -> int:
 def _check_sizes_v2(out: JobSpec) -> dict[str, Any]:
     """Version 2 limits, in bytes of the encoded command; returns the stored
     spec it measured (stored_spec(out)), which apply keeps."""
+    stored = stored_spec(out)
+    whole: int | None = None  # None: the checks below say which part cannot be encoded
+    try:
+        whole = len(msgpack.packb(stored, use_bin_type=True))
+    except (UnicodeEncodeError, ValueError, TypeError, OverflowError):
+        pass
+    # The usual spec is far smaller than the smallest limit on a part of
+    # it, and every part (argv and env together, a constraint value, a
+    # path) packs within the whole: each check below would pass, so they
+    # are not run (each encodes its part again). The constraints' count and
+    # gpu_type's bytes are no encoded size: checked as below.
+    if (
+        whole is not None
+        and whole <= MAX_CONSTRAINT_VALUE_BYTES
+        and len(out.constraints) <= MAX_CONSTRAINTS
+        and (out.gpu_type is None or len(out.gpu_type.encode("utf-8", "replace")) <= 64)
+    ):
+        return stored
     size = _encoded_size(out.argv, "command") + _encoded_size(out.env, "env")
     if size > MAX_COMMAND_ENV_BYTES:
         raise SpecError(
@@ -163,8 +181,7 @@ def _check_sizes_v2(out: JobSpec) -> dict[str, Any]:
             raise SpecError(f"{opt} is over {human_bytes(MAX_PATH_BYTES)}")
     if out.gpu_type is not None and len(out.gpu_type.encode("utf-8", "replace")) > 64:
         raise SpecError("gpu_type must be a short string such as A100")
-    stored = stored_spec(out)
-    size = _encoded_size(stored, "job spec")
+    size = _encoded_size(stored, "job spec") if whole is None else whole
     if size > MAX_SPEC_BYTES:
         raise SpecError(
             f"job spec is {human_bytes(size)}; the limit is {human_bytes(MAX_SPEC_BYTES)}"
@@ -297,8 +314,12 @@ def _terminal(spec: dict[str, Any], out: JobSpec) -> None:
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
     """The spec as a job keeps it: without the version-4 fields left at their
     defaults, so a job without an array or dependencies is stored (and
-    weighs, in the per-user caps) exactly as before they existed."""
-    out = spec.to_wire()
+    weighs, in the per-user caps) exactly as before they existed.
+
+    It shares its lists and maps with `spec` (validate_stored_spec builds
+    them fresh, and the job keeps them unchanged): copying them would only
+    make garbage."""
+    out = spec.wire_fields()
     for key in WORKLOAD_FIELDS:
         if not out[key]:
             del out[key]

@@ -212,7 +212,8 @@ class StateView(StateReads):
             p.pack(key)
             p.pack_array_header(len(recs))
             for i, rec in enumerate(recs.values(), 1):
-                p.pack(rec.to_wire())
+                # The same bytes as rec.to_wire(), without copying its lists.
+                p.pack(rec.wire_fields())
                 if i % RECORDS_PER_CHUNK == 0:
                     yield p.bytes()
                     p.reset()
@@ -227,7 +228,7 @@ class StateView(StateReads):
         p.pack("counters")
         p.pack(dict(self.counters))
         p.pack("usage")
-        p.pack([u.to_wire() for u in self.usage.values()])
+        p.pack([u.wire_fields() for u in self.usage.values()])
         yield p.bytes()
 
     def encode(self) -> bytes:
