@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -42,8 +41,11 @@ MAX_ENTRY_BYTES = 1024 * 1024
 BATCH_BUDGET_BYTES = MAX_ENTRY_BYTES - 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
+    """One decoded command. A named tuple, not a frozen dataclass: as
+    immutable, and made in a third of the time (every replica decodes every
+    committed entry)."""
+
     op: str
     v: int
     rid: str

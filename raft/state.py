@@ -154,7 +154,8 @@ class ClusterState(StateReads):
         return result
 
     def _dispatch(self, cmd: Command, index: int) -> Any:
-        fn = getattr(self, f"apply_{cmd.op}", None) if cmd.op in OPS else None
+        name = _HANDLERS.get(cmd.op)
+        fn = None if name is None else getattr(self, name, None)
         if fn is None:
             return error("unknown_op", f"unknown command op {cmd.op!r}")
         try:
@@ -1065,4 +1066,6 @@ OPS = frozenset(
         "noop",
     }
 )
+# The method that applies each op, named once rather than per command.
+_HANDLERS = {op: f"apply_{op}" for op in OPS}
 _ = NODE_STATES

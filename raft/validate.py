@@ -93,6 +93,13 @@ def _num(spec: dict[str, Any], key: str, lo: float, hi: float, integer: bool, de
     v = spec.get(key, default)
     if v is None:
         return default
+    # The usual number, a plain int or float within the bounds (which lie
+    # inside int64), passes every check below: answered at once. Anything
+    # else (a bool, an int subclass, NaN, a fraction where a whole number is
+    # due, out of bounds) takes the checks, which say what is wrong.
+    t = type(v)
+    if (t is int or (t is float and (not integer or v.is_integer()))) and lo <= v <= hi:
+        return int(v) if integer else float(v)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise SpecError(f"{key} must be a number, got {_shown(v)}")
     if isinstance(v, int) and not -(2**63) <= v < 2**64:  # JSON ints can be beyond a float
@@ -203,13 +210,11 @@ def validate_stored_spec(
     v1 = version <= 1
     if not isinstance(spec, dict):
         raise SpecError("job spec must be a map")
-    known = set(JobSpec.__dataclass_fields__)
-    if version < WORKLOAD_FIELDS_SINCE:
-        # Older formats had no arrays or dependencies: a replayed entry is
-        # refused as it was when it was written.
-        known -= set(WORKLOAD_FIELDS)
-    unknown = sorted(str(k) for k in spec if k not in known)
-    if unknown:
+    # Older formats had no arrays or dependencies: a replayed entry is
+    # refused as it was when it was written.
+    known = _SPEC_FIELDS if version >= WORKLOAD_FIELDS_SINCE else _SPEC_FIELDS_BEFORE_WORKLOADS
+    if not known.issuperset(spec):
+        unknown = sorted(str(k) for k in spec if k not in known)
         raise SpecError(f"unknown job field(s): {', '.join(unknown)}")
     argv = spec.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -254,6 +259,10 @@ def validate_stored_spec(
     return out, (stored_spec(out) if v1 else _check_sizes_v2(out))
 
 
+_SPEC_FIELDS = frozenset(JobSpec.__dataclass_fields__)
+_SPEC_FIELDS_BEFORE_WORKLOADS = _SPEC_FIELDS - frozenset(WORKLOAD_FIELDS)
+
+
 def _workload_fields(spec: dict[str, Any], out: JobSpec) -> None:
     """Arrays and dependencies (version 4 on), checked into `out`."""
     if spec.get("array") is not None:
@@ -270,6 +279,9 @@ def _workload_fields(spec: dict[str, Any], out: JobSpec) -> None:
     seen: set[str] = set()
     for key in ("after_ok", "after_any"):
         ids = spec.get(key) or []
+        if not ids:  # the usual case: no dependency of this kind
+            setattr(out, key, [])
+            continue
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise SpecError(f"{key} must be a list of job ids")
         for jid in ids:
