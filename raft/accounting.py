@@ -76,7 +76,10 @@ def day_of(t: float) -> int | None:
 
 
 def _sane(t: float) -> bool:
-    return isinstance(t, int | float) and math.isfinite(t) and 0 <= t < MAX_TIME
+    return isinstance(t, _NUMBERS) and math.isfinite(t) and 0 <= t < MAX_TIME
+
+
+_NUMBERS = (int, float)  # a tuple: `int | float` would be built at each call
 
 
 # -- events of the task lifecycle (raft/tasks.py calls these) ---------------------

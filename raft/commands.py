@@ -93,9 +93,14 @@ def human_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
+# Tuples, not `bytes | bytearray`: a union is built anew at each call.
+_BUFFERS = (bytes, bytearray, memoryview)
+_NUMBERS = (int, float)
+
+
 def decode(data: bytes) -> Command:
     """Parse command bytes; any defect is a BadCommand with a one-line reason."""
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if not isinstance(data, _BUFFERS):
         raise BadCommand("command is not bytes")
     if len(data) > MAX_COMMAND_BYTES:
         raise BadCommand("command too large")
@@ -119,6 +124,6 @@ def decode(data: bytes) -> Command:
     if not isinstance(args, dict):
         raise BadCommand("command args are not a map")
     at = obj.get("at")
-    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+    if isinstance(at, bool) or not isinstance(at, _NUMBERS) or not math.isfinite(at):
         at = None  # optional: a command without a usable time ages by count alone
     return Command(op, v, rid, args, None if at is None else float(at), obj.get("dedupe") is True)

@@ -35,6 +35,7 @@ from .model import (
     Member,
     Node,
     NodeCredential,
+    Record,
     Task,
     Token,
     UsageDay,
@@ -998,7 +999,8 @@ class ClusterState(StateReads):
 
 
 def _cow(records: dict[Any, Any]) -> CowMap[Any, Any]:
-    return CowMap.adopt(records, clone=lambda r: r.clone())
+    # The method itself, not a lambda around it: one call less per copy.
+    return CowMap.adopt(records, clone=Record.clone)
 
 
 def _str(d: dict[str, Any], key: str) -> str:

@@ -454,6 +454,11 @@ def _stop_gang(s: ClusterState, job: Job, failed: Task, how: str, now: float) ->
             _requeue(s, other, f"restarting with its gang (rank {failed.rank} stopped)")
 
 
+_FAILED = frozenset({"failed", "lost"})
+_SUCCEEDED = frozenset({"succeeded"})
+_PENDING = frozenset({"pending"})
+
+
 def refresh_job(s: ClusterState, job: Job, now: float) -> None:
     """Bring the job's state in line with its tasks' states.
 
@@ -461,30 +466,33 @@ def refresh_job(s: ClusterState, job: Job, now: float) -> None:
     call has since replaced) and writes it only when something changes."""
     job = s.jobs[job.id]
     state, message, finished_at = job.state, job.message, job.finished_at
-    if wl.is_array(job):
+    array = wl.is_array(job)
+    # The set of states its tasks are in: which states, not how many, decide.
+    if array:
         # A count per state, not a look at each of (maybe) 100,000 tasks.
-        states = [st for st, n in s.job_counts.get(job.id, {}).items() if n > 0]
+        states = {st for st, n in s.job_counts.get(job.id, {}).items() if n > 0}
     else:
-        states = [s.tasks[tid].state for tid in job.tasks]
+        tasks = s.tasks
+        states = {tasks[tid].state for tid in job.tasks}
     if state == "cancelled":
-        if all(st in FINAL_TASK_STATES for st in states) and finished_at is None:
+        if states <= FINAL_TASK_STATES and finished_at is None:
             finished_at = now
-    elif wl.is_array(job):
+    elif array:
         state, message = wl.array_outcome(s, job)
         if state in ("succeeded", "failed", "cancelled"):
             finished_at = finished_at or now
     else:
-        if any(st in ("failed", "lost") for st in states):
+        if not states.isdisjoint(_FAILED):
             state = "failed"
-            failed = [s.tasks[tid] for tid in job.tasks if s.tasks[tid].state in ("failed", "lost")]
+            failed = [s.tasks[tid] for tid in job.tasks if s.tasks[tid].state in _FAILED]
             message = f"task {failed[0].rank} {failed[0].state}: {failed[0].message}"[:1024]
-        elif all(st == "succeeded" for st in states):
+        elif states <= _SUCCEEDED:
             state = "succeeded"
-        elif any(st in LIVE_TASK_STATES for st in states):
+        elif not states.isdisjoint(LIVE_TASK_STATES):
             state = "running"
-        elif all(st == "pending" for st in states):
+        elif states <= _PENDING:
             state = "pending"
-        if state in ("succeeded", "failed") and all(st in FINAL_TASK_STATES for st in states):
+        if state in ("succeeded", "failed") and states <= FINAL_TASK_STATES:
             finished_at = finished_at or now
     if (state, message, finished_at) != (job.state, job.message, job.finished_at):
         was_pending = job.state == "pending"
