@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from operator import attrgetter
 from typing import Any
 
 import msgpack
@@ -119,6 +120,10 @@ class ClusterState(StateReads):
         # user -> (jobs waiting to start, bytes of their specs): what the
         # per-user caps a submit carries are checked against.
         self.user_pending: CowMap[str, tuple[int, int]] = CowMap()
+        # job id -> spec_bytes of its spec, which never changes: what it
+        # weighs in user_pending, encoded once at submit instead of at each
+        # change of its pending state. Only apply reads it; rebuilt lazily.
+        self.spec_sizes: dict[str, int] = {}
         # Bumped by every command that can free capacity or change nodes (and
         # by task_events only when a task ended: a task that starts holds what
         # it held when placed). Local (not in snapshots): the leader's
@@ -182,10 +187,15 @@ class ClusterState(StateReads):
         # Version 3 on: bounded GPUs, CPUs, memory and labels (raft/validate.py).
         n = validate_node(a["node"]) if version >= 3 else a["node"]
         node_id = _str(n, "id")
-        gpus = [_gpu(g) for g in n.get("gpus", [])]
-        if len({g["index"] for g in gpus}) != len(gpus):
-            raise ArgError("bad_request", "node GPU indexes must be distinct")
-        labels = {str(k): str(v) for k, v in (n.get("labels") or {}).items()}
+        if version >= 3:
+            # validate_node made them afresh: GPUs in the form _gpu gives
+            # (distinct indexes) and labels of strings, kept as they are.
+            gpus, labels = n["gpus"], n["labels"]
+        else:
+            gpus = [_gpu(g) for g in n.get("gpus", [])]
+            if len({g["index"] for g in gpus}) != len(gpus):
+                raise ArgError("bad_request", "node GPU indexes must be distinct")
+            labels = {str(k): str(v) for k, v in (n.get("labels") or {}).items()}
         now = float(a["now"])
         cpus, mem_bytes = float(n["cpus"]), _int64(n["mem_bytes"])
         # NaN or negative capacity would defeat the capacity check in apply_plan.
@@ -481,9 +491,11 @@ class ClusterState(StateReads):
             raise ArgError(
                 "bad_request", f"workdir manifest {spec.workdir} is not known to the cluster"
             )
-        self._check_pending_caps(job, j.get("caps"), spec_tasks(job.spec))
+        size = spec_bytes(job.spec)
+        self._check_pending_caps(job, j.get("caps"), spec_tasks(job.spec), size)
         job.waiting_on = wl.dependencies(self, job_id, job.spec)
         self.jobs[job_id] = job
+        self.spec_sizes[job_id] = size
         acct.job_submitted(self)
         self._pending_changed(job, was_pending=False)
         wl.add_dependents(self, job)
@@ -511,7 +523,7 @@ class ClusterState(StateReads):
         else:
             self.user_pending_tasks.pop(user, None)
 
-    def _check_pending_caps(self, job: Job, caps: Any, tasks: int) -> None:
+    def _check_pending_caps(self, job: Job, caps: Any, tasks: int, size: int) -> None:
         """`caps` = [jobs, bytes] or [jobs, bytes, tasks] (0: no cap), decided
         by the proposer from its flags, so every replica refuses the same
         submits. The task cap (command format 4 on) bounds what arrays add:
@@ -540,7 +552,6 @@ class ClusterState(StateReads):
                 f"{job.user} has {n} jobs waiting to start, the most one user may "
                 f"({max_jobs}); cancel some or wait for them to start",
             )
-        size = spec_bytes(job.spec)
         if max_bytes and held + size > max_bytes:
             raise ArgError(
                 "pending_limit",
@@ -555,7 +566,9 @@ class ClusterState(StateReads):
         if was_pending == now_pending:
             return
         n, held = self.user_pending.get(job.user, (0, 0))
-        size = spec_bytes(job.spec)
+        size = self.spec_sizes.get(job.id)
+        if size is None:
+            size = self.spec_sizes[job.id] = spec_bytes(job.spec)
         n, held = (n + 1, held + size) if now_pending else (n - 1, held - size)
         if n > 0:
             self.user_pending[job.user] = (n, held)
@@ -625,6 +638,7 @@ class ClusterState(StateReads):
             if job.spec.get("workdir"):
                 dropped_workdirs.add(job.spec["workdir"])
             self.job_counts.pop(jid, None)
+            self.spec_sizes.pop(jid, None)
             for tid in self.jobs.pop(jid).tasks:
                 if self.tasks[tid].state == "pending":  # never: a final job has none
                     self.note_pending_tasks(job.user, -1)
@@ -874,25 +888,8 @@ class ClusterState(StateReads):
         return any(m._changed for m in self._maps())
 
     def _maps(self) -> tuple[CowMap[Any, Any], ...]:
-        return (
-            self.nodes,
-            self.jobs,
-            self.tasks,
-            self.tokens,
-            self.members,
-            self.join_tokens,
-            self.node_creds,
-            self.manifests,
-            self.counters,
-            self.usage,
-            self.manifest_owners,
-            self.user_pending,
-            self.gpu_owner,
-            self.node_tasks,
-            self.pending,
-            self.stopping,
-            self.node_cred_of,
-        )
+        maps: tuple[CowMap[Any, Any], ...] = _MAPS(self)
+        return maps
 
     def snapshot(self) -> bytes:
         return self.freeze(for_snapshot=True).encode()
@@ -965,6 +962,7 @@ class ClusterState(StateReads):
         self.removed_node_tasks = {}
         self.job_counts = {}
         self.user_pending_tasks = {}
+        self.spec_sizes = {}
         for t in self.tasks.values():
             counts = self.job_counts.setdefault(t.job_id, {})
             counts[t.state] = counts.get(t.state, 0) + 1
@@ -996,6 +994,28 @@ class ClusterState(StateReads):
     def digest(self) -> bytes:
         """A canonical encoding for comparing replicas in tests."""
         return self.snapshot()
+
+
+# Every map of the state, in the order freeze() takes them (one C call).
+_MAPS = attrgetter(
+    "nodes",
+    "jobs",
+    "tasks",
+    "tokens",
+    "members",
+    "join_tokens",
+    "node_creds",
+    "manifests",
+    "counters",
+    "usage",
+    "manifest_owners",
+    "user_pending",
+    "gpu_owner",
+    "node_tasks",
+    "pending",
+    "stopping",
+    "node_cred_of",
+)
 
 
 def _cow(records: dict[Any, Any]) -> CowMap[Any, Any]:
