@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any, NamedTuple
 
 import msgpack
@@ -72,12 +73,28 @@ def encode(op: str, args: dict[str, Any], rid: str | None = None, at: float | No
         cmd["at"] = float(at)
     if rid:
         cmd["dedupe"] = True
-    return msgpack.packb(cmd, use_bin_type=True)
+    return packb(cmd)
 
 
 def encoded_size(value: Any) -> int:
     """Bytes `value` takes inside a command (msgpack, as `encode` packs it)."""
-    return len(msgpack.packb(value, use_bin_type=True))
+    return len(packb(value))
+
+
+_local = threading.local()
+
+
+def packb(value: Any) -> bytes:
+    """msgpack.packb(value, use_bin_type=True), the same bytes and errors,
+    with one Packer per thread: packb makes a new one (with a 256 KiB buffer)
+    at each call, and every command proposed, every size checked and every
+    spec validated packs. A Packer empties its buffer after each pack, one
+    that raised included; it keeps the buffer's size (at most a command's)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    out: bytes = packer.pack(value)
+    return out
 
 
 def human_bytes(n: int) -> str:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import msgpack
-
 from .arrays import ArrayError, check_ranges, count
-from .commands import COMMAND_VERSION, encoded_size, human_bytes
+from .commands import COMMAND_VERSION, encoded_size, human_bytes, packb
 from .model import JobSpec
 
 MAX_GPUS = 1024
@@ -142,7 +140,7 @@ def _env(spec: dict[str, Any], v1: bool) -> dict[str, str]:
 
 def _encoded_size(value: Any, what: str) -> int:
     try:
-        return len(msgpack.packb(value, use_bin_type=True))
+        return len(packb(value))
     except (UnicodeEncodeError, ValueError, TypeError, OverflowError):
         # A lone surrogate from JSON, say: it could not be stored anyway.
         raise SpecError(f"{what} cannot be encoded: text must be valid UTF-8") from None
@@ -154,7 +152,7 @@ def _check_sizes_v2(out: JobSpec) -> dict[str, Any]:
     stored = stored_spec(out)
     whole: int | None = None  # None: the checks below say which part cannot be encoded
     try:
-        whole = len(msgpack.packb(stored, use_bin_type=True))
+        whole = len(packb(stored))
     except (UnicodeEncodeError, ValueError, TypeError, OverflowError):
         pass
     # The usual spec is far smaller than the smallest limit on a part of
