@@ -89,11 +89,15 @@ def packb(value: Any) -> bytes:
     with one Packer per thread: packb makes a new one (with a 256 KiB buffer)
     at each call, and every command proposed, every size checked and every
     spec validated packs. A Packer empties its buffer after each pack, one
-    that raised included; it keeps the buffer's size (at most a command's)."""
+    that raised included, but keeps its size: after a large value (a
+    megabytes-long argv whose size is being checked) the Packer is let go,
+    so no thread holds more than about an entry's worth."""
     packer = getattr(_local, "packer", None)
     if packer is None:
         packer = _local.packer = msgpack.Packer(use_bin_type=True)
     out: bytes = packer.pack(value)
+    if len(out) > MAX_ENTRY_BYTES:
+        _local.packer = None
     return out
 
 

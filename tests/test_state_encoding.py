@@ -99,6 +99,12 @@ def test_packb_gives_msgpacks_bytes_and_errors_also_after_a_failed_pack(bad: Any
         assert packb(value) == plain_pack(value)
 
 
+def test_packb_packs_large_values_and_small_ones_after_them() -> None:
+    big = ["x" * (3 << 20)]  # more than an entry: its Packer is let go
+    assert packb(big) == plain_pack(big)
+    assert packb({"a": 1}) == plain_pack({"a": 1})
+
+
 def test_a_small_spec_still_has_its_gpu_type_bytes_and_constraint_count_checked() -> None:
     # 33 characters of two bytes each: within 64 characters, over 64 bytes.
     with pytest.raises(SpecError, match="gpu_type"):
