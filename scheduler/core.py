@@ -48,7 +48,12 @@ class _Pass:
         self.node_ids = self.cl.node_ids
         self.policy = policy
         self.fair = FairShare(nodes, allocations, policy)
-        self.pre = Preemptor(self.cl, allocations, policy) if policy.preemption else None
+        # Made at the first question for it (_preemptor): many passes ask
+        # none, as what fits nowhere has often nothing below it to evict.
+        self.preemption = policy.preemption
+        self._allocations = allocations
+        self._pre: Preemptor | None = None
+        self._lowest: int | None = None  # the lowest priority that runs (_may_evict)
         # job -> nodes it runs on; after the allocations, only the jobs in
         # `watched` (gangs and spread tasks, who ask) are kept up to date.
         self.job_nodes: dict[str, set[int]] = {}
@@ -204,10 +209,11 @@ class _Pass:
         can get nothing (FairShare.order then never queues their tasks)."""
         # A shape that fit nowhere higher up fits nowhere now; with no open
         # victim below this priority, it can evict nothing either.
-        if self.pre is None or not self.pre.victims_below(prio):
-            for c in backlog.levels[prio]:
-                if backlog.shapes[c] in self.no_fit:
-                    self.dead[c] = True
+        no_fit, shapes = self.no_fit, backlog.shapes
+        unfit = [c for c in backlog.levels[prio] if shapes[c] in no_fit]
+        if unfit and not (self._may_evict(prio) and self._preemptor().victims_below(prio)):
+            for c in unfit:
+                self.dead[c] = True
         # Likewise a gang alike to one that could not start (and with no
         # running task of its own to keep away from).
         if self.no_gang:
@@ -218,11 +224,29 @@ class _Pass:
                 ):
                     dead_gangs[gang] = True
 
+    def _preemptor(self) -> Preemptor:
+        # What it knows comes from the allocations and the nodes, which do
+        # not change in a pass, and from what it took itself: made late, it
+        # answers as one made at the start would.
+        if self._pre is None:
+            self._pre = Preemptor(self.cl, self._allocations, self.policy)
+        return self._pre
+
+    def _may_evict(self, priority: int) -> bool:
+        """False when work at `priority` can evict nothing: preemption is off,
+        or nothing runs at a lower priority (Preemptor.find would find no
+        victim; most passes then need no Preemptor at all)."""
+        if not self.preemption or not self._allocations:
+            return False
+        if self._lowest is None:
+            self._lowest = min([a.priority for a in self._allocations])
+        return priority > self._lowest
+
     def _fits_nowhere(self, shape: Shape) -> None:
         self.no_fit.add(shape)
         for c in self.classes_of_shape.get(shape, ()):
             self.fitless[c] = True
-            if self.pre is None:
+            if not self.preemption:
                 self.dead[c] = True
 
     def _evicts_nothing(self, shape: Shape, priority: int) -> None:
@@ -269,15 +293,16 @@ class _Pass:
                 cl.take(i, gpus, t.cpus, t.mem_bytes)
                 self._grant(t, i, gpus)
                 return
-        if self.pre is not None and (shape, t.priority) not in self.no_evict:
-            ev = self.pre.find(shape, t.priority)
-            if ev is None:
+        if self.preemption and (shape, t.priority) not in self.no_evict:
+            pre = self._preemptor() if self._may_evict(t.priority) else None
+            ev = None if pre is None else pre.find(shape, t.priority)
+            if ev is None or pre is None:
                 self._evicts_nothing(shape, t.priority)
             else:
-                self.pre.take(ev)
+                pre.take(ev)
                 node = cl.nodes[ev.node]
                 for k in ev.victims:
-                    a = self.pre.allocs[k]
+                    a = pre.allocs[k]
                     self.preemptions.append(Preemption(a.task_id, node.node_id, t.task_id, ev.gpus))
                 # The victims' resources stay busy until they stop; hold the free
                 # part of what the task needs too, so nobody else takes it.

@@ -1,0 +1,72 @@
+"""Work a pass leaves out, or takes from an earlier pass, changes no plan.
+
+A leader plans every time a commit may have freed or asked for something,
+mostly over the same nodes and much the same work. Each shortcut here skips
+what cannot change the answer; each test holds the pass to one that does the
+work, and checks that the work is in fact skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest
+from scheduler.core import _Pass
+from tests.test_scheduler_classes import crowded
+from tests.test_scheduler_properties import assert_valid, clusters
+from tests.test_scheduler_support import alloc, node, task
+
+
+class AlwaysAsksThePreemptor(_Pass):
+    """The pass with its Preemptor made up front and asked about every shape
+    that fits nowhere, whatever runs below the task's priority."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        if self.preemption:
+            self._preemptor()
+
+    def _may_evict(self, priority: int) -> bool:
+        return self.preemption
+
+
+def both(
+    nodes: Sequence[NodeView],
+    allocs: Sequence[Allocation],
+    pending: Sequence[TaskRequest],
+    policy: Policy,
+) -> tuple[Plan, Plan, _Pass]:
+    fast = _Pass(nodes, allocs, policy)
+    slow = AlwaysAsksThePreemptor(nodes, allocs, policy)
+    return fast.run(pending), slow.run(pending), fast
+
+
+@settings(max_examples=120, deadline=None)
+@given(clusters(), crowded(), st.booleans())
+def test_a_pass_that_skips_the_preemptor_plans_the_same(
+    cluster: tuple[list[NodeView], list[Allocation]], pending: list[TaskRequest], preempt: bool
+) -> None:
+    nodes, allocs = cluster
+    fast, slow, _ = both(nodes, allocs, pending, Policy(preemption=preempt))
+    assert fast == slow
+    assert list(fast.reasons.items()) == list(slow.reasons.items())
+    assert_valid(nodes, allocs, pending, fast)
+
+
+def test_no_preemptor_when_nothing_runs_below_the_waiting_work() -> None:
+    nodes = [node("h0")]
+    allocs = [alloc("run", "h0", range(8), priority=1)]
+    pending = [task("a", gpus=8, priority=1), task("b", gpus=2, priority=0)]
+    fast, slow, p = both(nodes, allocs, pending, Policy())
+    assert fast == slow
+    assert fast.placements == () and set(fast.reasons) == {"a", "b"}
+    assert p._pre is None
+    # One task above what runs: now there is something to evict.
+    pending.append(task("c", gpus=8, priority=2))
+    fast, slow, p = both(nodes, allocs, pending, Policy())
+    assert fast == slow
+    assert [(x.task_id, x.for_task) for x in fast.preemptions] == [("run", "c")]
+    assert p._pre is not None
