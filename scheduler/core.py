@@ -47,7 +47,7 @@ class _Pass:
         self.cl = Cluster(nodes, allocations)
         self.node_ids = self.cl.node_ids
         self.policy = policy
-        self.fair = FairShare(nodes, allocations, policy)
+        self.fair = FairShare(nodes, allocations, policy, frame=self.cl.frame)
         # Made at the first question for it (_preemptor): many passes ask
         # none, as what fits nowhere has often nothing below it to evict.
         self.preemption = policy.preemption

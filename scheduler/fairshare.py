@@ -15,7 +15,7 @@ from operator import attrgetter
 from types import MappingProxyType
 from typing import NamedTuple
 
-from .cluster import Shape, shape_of
+from .cluster import Frame, Shape, shape_of
 from .types import DEFAULT_POLICY, Allocation, NodeView, Policy, TaskRequest, UserShare
 
 
@@ -208,6 +208,19 @@ class Held:
 
 
 _NOTHING_HELD = Held()
+_MAX_TOTALS = 64  # per frame (cleared whole when full)
+
+
+def _in_use(nodes: Sequence[NodeView], holding: set[str]) -> tuple[float, float, float]:
+    """GPUs, CPUs and memory of the nodes that take work or hold some."""
+    live = [nd for nd in nodes if nd.schedulable or nd.node_id in holding]
+    return (
+        float(sum(len(nd.gpus) for nd in live)),
+        float(sum(nd.cpus for nd in live)),
+        float(sum(nd.mem_bytes for nd in live)),
+    )
+
+
 _NO_PAST: Mapping[str, float] = MappingProxyType({})
 
 
@@ -219,18 +232,32 @@ class FairShare:
         policy: Policy,
         *,
         past: bool = True,
+        frame: Frame | None = None,
     ) -> None:
+        """`frame`: the nodes' frame (Cluster.frame), which keeps the totals
+        for later passes over the same nodes."""
         # Shares are of what the cluster has in use: the nodes that take work
         # and those whose live tasks are counted (a draining node's). Counting
         # only the first would put users with work on a draining node over
         # 100% of the cluster.
-        holding = {a.node_id for a in allocations}
-        live = [nd for nd in nodes if nd.schedulable or nd.node_id in holding]
-        self.total = (
-            float(sum(len(nd.gpus) for nd in live)),
-            float(sum(nd.cpus for nd in live)),
-            float(sum(nd.mem_bytes for nd in live)),
-        )
+        if frame is None:
+            self.total = _in_use(nodes, {a.node_id for a in allocations})
+        else:
+            # The same sums, kept with the nodes' frame by the unschedulable
+            # nodes that hold work (most passes: none, or the same ones).
+            unsched, ids = frame.unschedulable, frame.node_ids
+            if unsched:
+                holding = {a.node_id for a in allocations}
+                key = tuple([i for i in unsched if ids[i] in holding])
+            else:
+                holding, key = set(), ()
+            totals = frame.totals
+            total = totals.get(key)
+            if total is None:
+                if len(totals) >= _MAX_TOTALS:
+                    totals.clear()
+                total = totals[key] = _in_use(frame.nodes, holding)
+            self.total = total
         # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
         self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas

@@ -14,7 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest
+from scheduler.cluster import Cluster
 from scheduler.core import _Pass
+from scheduler.fairshare import FairShare
+from scheduler.types import DEFAULT_POLICY
 from tests.test_scheduler_classes import crowded
 from tests.test_scheduler_properties import assert_valid, clusters
 from tests.test_scheduler_support import alloc, node, task
@@ -70,3 +73,28 @@ def test_no_preemptor_when_nothing_runs_below_the_waiting_work() -> None:
     assert fast == slow
     assert [(x.task_id, x.for_task) for x in fast.preemptions] == [("run", "c")]
     assert p._pre is not None
+
+
+@settings(max_examples=100, deadline=None)
+@given(clusters(), st.data())
+def test_the_totals_a_frame_keeps_are_those_of_the_allocations_at_hand(
+    cluster: tuple[list[NodeView], list[Allocation]], data: st.DataObject
+) -> None:
+    """Shares are of the nodes that take work and of the unschedulable nodes
+    that hold some: passes over the same nodes with other work running on
+    them get their own totals from the frame, not the first pass's."""
+    nodes, allocs = cluster
+    frame = Cluster(nodes, allocs).frame
+    for some in (allocs, data.draw(st.lists(st.sampled_from(allocs))) if allocs else [], allocs):
+        kept = FairShare(nodes, some, DEFAULT_POLICY, frame=frame)
+        assert kept.total == FairShare(nodes, some, DEFAULT_POLICY).total
+        assert kept.shares == FairShare(nodes, some, DEFAULT_POLICY).shares
+
+
+def test_a_draining_node_counts_only_while_it_holds_work() -> None:
+    nodes = [node("h0"), node("h1", schedulable=False)]
+    busy = [alloc("run", "h1", range(4))]
+    frame = Cluster(nodes, busy).frame
+    assert FairShare(nodes, busy, DEFAULT_POLICY, frame=frame).total[0] == 16.0
+    assert FairShare(nodes, [], DEFAULT_POLICY, frame=frame).total[0] == 8.0
+    assert FairShare(nodes, busy, DEFAULT_POLICY, frame=frame).total[0] == 16.0
