@@ -24,27 +24,38 @@ def node_view(
 ) -> sch.NodeView:
     """The node as the scheduler sees it: without its unhealthy GPUs, which
     take no work (`with_faulty`: with them, for "could this ever fit")."""
-    faulty = set() if with_faulty else {int(f["index"]) for f in n.gpu_faults}
+    faulty = set() if with_faulty or not n.gpu_faults else {int(f["index"]) for f in n.gpu_faults}
     return sch.NodeView(
         node_id=n.id,
         name=n.name,
         cpus=n.cpus,
         mem_bytes=n.mem_bytes,
-        gpus=tuple(
-            sch.Gpu(
-                index=g["index"],
-                uuid=g["uuid"],
-                model=g["model"],
-                mem_bytes=g["mem_bytes"],
-                domain=g.get("domain", -1),
-            )
-            for g in n.gpus
-            if g["index"] not in faulty
-        ),
+        gpus=tuple([_gpu(g) for g in n.gpus if g["index"] not in faulty]),
         labels=dict(n.effective_labels()),
         schedulable=n.state == "ready",
         cached_blocks=cached,
     )
+
+
+# GPUs as the scheduler sees them, by what they are made of: a view is made
+# of a node's record again at each change of the record (a heartbeat's time,
+# a state) and at each submit that checks it could ever fit, and a frozen
+# dataclass costs far more to make than a look-up. Immutable, so shared.
+# Bounded: cleared whole when full (several GPUs for each of 10,000 nodes fit).
+_GPUS: dict[tuple[int, str, str, int, int], sch.Gpu] = {}
+_MAX_GPUS = 1 << 18
+
+
+def _gpu(g: dict[str, Any]) -> sch.Gpu:
+    # raft/validate.py makes index, memory and domain ints and the rest
+    # strings, so equal keys make equal Gpus.
+    key = (g["index"], g["uuid"], g["model"], g["mem_bytes"], g.get("domain", -1))
+    hit = _GPUS.get(key)
+    if hit is None:
+        if len(_GPUS) >= _MAX_GPUS:
+            _GPUS.clear()
+        hit = _GPUS[key] = sch.Gpu(*key)
+    return hit
 
 
 class InputCache:
