@@ -337,8 +337,15 @@ class _Pass:
         # fits iff n nodes each fit that shape; so once n such tasks failed,
         # n or more keep failing for the rest of the pass.  (A trial would
         # leave the state as it found it: skipping it changes nothing.)
-        alike = not busy and shapes.count(shapes[0]) == len(shapes)
-        if not (alike and len(shapes) >= self.gang_too_big.get(shapes[0], len(shapes) + 1)):
+        one_shape = shapes.count(shapes[0]) == len(shapes)
+        alike = not busy and one_shape
+        too_big = alike and len(shapes) >= self.gang_too_big.get(shapes[0], len(shapes) + 1)
+        hosts = self._hosts_first(shapes, busy) if one_shape and not too_big else None
+        if hosts is not None and hosts < len(shapes):
+            too_big = True
+            if alike:
+                self.gang_too_big[shapes[0]] = len(shapes)
+        if not too_big:
             chosen: list[tuple[TaskRequest, int, tuple[int, ...]]] = []
             exclude = set(busy)
             for t, shape in zip(unit.tasks, shapes, strict=True):
@@ -365,13 +372,26 @@ class _Pass:
                 cl.give(i, gpus, t.cpus, t.mem_bytes)
             if alike:
                 self.gang_too_big[shapes[0]] = len(shapes)
-        reason = gang_reason(len(unit.tasks), self._count_hosts(shapes[0], busy))
+        if hosts is None:
+            hosts = self._count_hosts(shapes[0], busy)
+        reason = gang_reason(len(unit.tasks), hosts)
         if self.policy.backfill and not self.gang_held and self._hold_for_gang(unit, shapes, busy):
             self.gang_held = True
         if not busy:
             self.no_gang[key] = reason
         for t in unit.tasks:
             self.reasons[t.task_id] = reason
+
+    def _hosts_first(self, shapes: tuple[Shape, ...], busy: set[int]) -> int | None:
+        """For a gang of n tasks of one shape: the nodes that could host one
+        of them now, when that is cheap to ask before a trial (a few nodes),
+        else None.  The gang fits iff n nodes it does not run on each fit
+        that shape, which is what _count_hosts counts (the count its reason
+        gives), so a count under n spares the trial and its rollback.  (On
+        many nodes the count costs more than a trial that succeeds.)"""
+        if len(self.cl.nodes) > SMALL_CLUSTER:
+            return None
+        return self._count_hosts(shapes[0], busy)
 
     def _count_hosts(self, shape: Shape, exclude: set[int]) -> int:
         cl = self.cl

@@ -9,18 +9,19 @@ work, and checks that the work is in fact skipped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest
-from scheduler.cluster import Cluster
+from scheduler.cluster import Cluster, Shape
 from scheduler.core import _Pass
 from scheduler.fairshare import FairShare
 from scheduler.types import DEFAULT_POLICY
 from tests.test_scheduler_classes import crowded
 from tests.test_scheduler_properties import assert_valid, clusters
-from tests.test_scheduler_support import alloc, node, task
+from tests.test_scheduler_support import alloc, gang, node, task
 
 
 class AlwaysAsksThePreemptor(_Pass):
@@ -98,3 +99,48 @@ def test_a_draining_node_counts_only_while_it_holds_work() -> None:
     assert FairShare(nodes, busy, DEFAULT_POLICY, frame=frame).total[0] == 16.0
     assert FairShare(nodes, [], DEFAULT_POLICY, frame=frame).total[0] == 8.0
     assert FairShare(nodes, busy, DEFAULT_POLICY, frame=frame).total[0] == 16.0
+
+
+class TriesEveryGang(_Pass):
+    """The pass trying every gang task by task, as if no count came first."""
+
+    def _hosts_first(self, shapes: tuple[Shape, ...], busy: set[int]) -> int | None:
+        return None
+
+
+@settings(max_examples=120, deadline=None)
+@given(clusters(), crowded(), st.booleans())
+def test_a_gang_counted_short_of_hosts_plans_as_one_tried(
+    cluster: tuple[list[NodeView], list[Allocation]], pending: list[TaskRequest], backfill: bool
+) -> None:
+    nodes, allocs = cluster
+    policy = Policy(backfill=backfill)
+    fast = _Pass(nodes, allocs, policy).run(pending)
+    slow = TriesEveryGang(nodes, allocs, policy).run(pending)
+    assert fast == slow
+    assert list(fast.reasons.items()) == list(slow.reasons.items())
+    assert fast.reserved == slow.reserved
+    assert_valid(nodes, allocs, pending, fast)
+
+
+def test_a_gang_of_one_shape_with_too_few_hosts_is_not_tried() -> None:
+    """Three 4-GPU tasks, one node with room for one: no task of the gang is
+    placed for a trial and taken back; it holds the nodes closest to fitting."""
+    nodes = [node("h0"), node("h1"), node("h2")]
+    allocs = [alloc("a", "h0", range(5)), alloc("b", "h1", range(4)), alloc("c", "h2", range(6))]
+    pending = gang("big", 3, gpus=4)
+    p = _Pass(nodes, allocs, DEFAULT_POLICY)
+    tried: list[Shape] = []
+    fit_and_take = p.cl.fit_and_take
+
+    def counted(shape: Shape, *args: Any) -> Any:
+        tried.append(shape)
+        return fit_and_take(shape, *args)
+
+    p.cl.fit_and_take = counted  # type: ignore[method-assign]
+    plan = p.run(pending)
+    assert plan.reasons["big-0"] == "gang of 3 nodes; only 1 node can host a task now"
+    assert plan.placements == ()
+    assert plan.reserved == {"h0": (5, 6, 7), "h1": (4, 5, 6, 7), "h2": (6, 7)}
+    assert tried == []
+    assert plan == TriesEveryGang(nodes, allocs, DEFAULT_POLICY).run(pending)
