@@ -9,12 +9,14 @@ work, and checks that the work is in fact skipped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest
+from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest, core, schedule
 from scheduler.cluster import Cluster, Shape
 from scheduler.core import _Pass
 from scheduler.fairshare import FairShare
@@ -144,3 +146,41 @@ def test_a_gang_of_one_shape_with_too_few_hosts_is_not_tried() -> None:
     assert plan.reserved == {"h0": (5, 6, 7), "h1": (4, 5, 6, 7), "h2": (6, 7)}
     assert tried == []
     assert plan == TriesEveryGang(nodes, allocs, DEFAULT_POLICY).run(pending)
+
+
+def test_the_very_inputs_of_the_last_pass_get_its_plan_without_a_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader woken by a commit that changed nothing the scheduler reads
+    asks with the same objects again: the same plan, with no pass; an equal
+    but new object anywhere is a new question."""
+    passes: list[_Pass] = []
+
+    class Counted(_Pass):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            passes.append(self)
+
+    monkeypatch.setattr(core, "_Pass", Counted)
+    nodes = [node("h0"), node("h1", gpus=4)]
+    allocs = [alloc("run", "h0", range(6))]
+    pending = [task("a", gpus=4), task("b", gpus=4, at=1.0), task("c", gpus=2, at=2.0)]
+    policy = Policy()
+    first = schedule(nodes, allocs, pending, policy)
+    assert len(passes) == 1
+    assert [(p.task_id, p.node_id) for p in first.placements] == [("a", "h1"), ("c", "h0")]
+    assert set(first.reasons) == {"b"}
+    # What a caller does with its plan is its own: the next answer is whole.
+    first.reasons.clear()  # type: ignore[attr-defined]
+    again = schedule(list(nodes), list(allocs), list(pending), policy)
+    assert len(passes) == 1
+    assert again == schedule(nodes, allocs, pending, Policy()) and set(again.reasons) == {"b"}
+    assert len(passes) == 2  # an equal policy, not the same object
+    for changed in (
+        ([*nodes[:1], replace(nodes[1])], allocs, pending),
+        (nodes, [replace(allocs[0])], pending),
+        (nodes, allocs, [*pending[:2], replace(pending[2])]),
+        (nodes, allocs, pending[:2]),
+    ):
+        schedule(*changed, policy)
+    assert len(passes) == 6
