@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest, core, schedule
+from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest, core, explain, schedule
 from scheduler.cluster import Cluster, Shape
 from scheduler.core import _Pass
 from scheduler.fairshare import FairShare
@@ -184,3 +184,33 @@ def test_the_very_inputs_of_the_last_pass_get_its_plan_without_a_pass(
     ):
         schedule(*changed, policy)
     assert len(passes) == 6
+
+
+def test_reasons_no_waiting_fixes_follow_the_kinds_of_node_they_were_found_on() -> None:
+    """Such reasons are kept by the kinds of node (pools, and the nodes that
+    are draining or down), so a new list of views with the same kinds reuses
+    them; a down node with other labels is another kind."""
+    wants_b = [task("t", constraints={"zone": "b"})]
+    up = node("h0", labels={"zone": "a"})
+    for down_zone, why in (
+        ("b", "every node that could host it is draining or down"),
+        ("c", "no node has label zone=b"),
+        ("b", "every node that could host it is draining or down"),
+    ):
+        # New view objects each time, as a leader makes after a record changed.
+        nodes = [replace(up), node("h1", labels={"zone": down_zone}, schedulable=False)]
+        assert schedule(nodes, [], wants_b).reasons == {"t": why}
+
+
+@settings(max_examples=100, deadline=None)
+@given(clusters(), crowded(), st.lists(st.booleans(), min_size=5, max_size=5))
+def test_reasons_over_views_alike_to_earlier_ones_are_those_worked_out_afresh(
+    cluster: tuple[list[NodeView], list[Allocation]], pending: list[TaskRequest], flip: list[bool]
+) -> None:
+    nodes, allocs = cluster
+    later = [replace(n, schedulable=n.schedulable != f) for n, f in zip(nodes, flip, strict=False)]
+    for views in (nodes, later, [replace(n) for n in nodes]):
+        kept = _Pass(views, allocs, DEFAULT_POLICY).run(pending)
+        explain._STATIC.clear()
+        afresh = _Pass([replace(n) for n in views], allocs, DEFAULT_POLICY).run(pending)
+        assert list(kept.reasons.items()) == list(afresh.reasons.items())
