@@ -108,13 +108,16 @@ def scheduler_inputs(
     live_of: dict[str, int] = {}  # live tasks per job
     allocs: list[sch.Allocation] = []
     alloc_seen: dict[str, tuple[Task, Job, sch.Allocation]] = {}
+    # Per task of every node (ended ones too, until they are forgotten):
+    # the maps and look-ups read once, outside the loop.
+    tasks, jobs, kept_alloc, live = s.tasks, s.jobs, c.allocs.get, LIVE_TASK_STATES
     for tids in s.node_tasks.values():
         for tid in tids:
-            t = s.tasks[tid]
-            if t.state in LIVE_TASK_STATES and t.node_id is not None:
-                job = s.jobs[t.job_id]
+            t = tasks[tid]
+            if t.state in live and t.node_id is not None:
+                job = jobs[t.job_id]
                 live_of[t.job_id] = live_of.get(t.job_id, 0) + 1
-                a = c.allocs.get(tid)
+                a = kept_alloc(tid)
                 if a is None or a[0] is not t or a[1] is not job:
                     a = (t, job, _allocation(t, job))
                 alloc_seen[tid] = a
@@ -132,9 +135,10 @@ def scheduler_inputs(
     fast = skip & c.plain if skip else set()
     order: Iterable[str] = [t for t in s.pending if t not in fast] if fast else s.pending
     plain_seen: set[str] = set()
+    kept_request = c.requests.get
     for tid in order:
-        t = s.tasks[tid]
-        job = s.jobs[t.job_id]
+        t = tasks[tid]
+        job = jobs[t.job_id]
         if job.state not in ("pending", "running"):
             continue
         if job.waiting_on:
@@ -154,8 +158,10 @@ def scheduler_inputs(
             room[job.id] = left - 1
         if tid in skip:
             continue
-        blocks = block_sets.get(str(job.spec.get("workdir")), no_blocks)
-        r = c.requests.get(tid)
+        blocks = (
+            block_sets.get(str(job.spec.get("workdir")), no_blocks) if block_sets else no_blocks
+        )
+        r = kept_request(tid)
         if r is None or r[0] is not t or r[1] is not job or r[2] != blocks:
             r = (t, job, blocks, _request(t, job, blocks))
         request_seen[tid] = r
