@@ -16,10 +16,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import Allocation, NodeView, Plan, Policy, TaskRequest, core, explain, schedule
+from scheduler import (
+    Allocation,
+    NodeView,
+    Plan,
+    Policy,
+    TaskRequest,
+    core,
+    explain,
+    fairshare,
+    schedule,
+)
 from scheduler.cluster import Cluster, Shape
 from scheduler.core import _Pass
-from scheduler.fairshare import FairShare
+from scheduler.fairshare import FairShare, build_backlog
 from scheduler.types import DEFAULT_POLICY
 from tests.test_scheduler_classes import crowded
 from tests.test_scheduler_properties import assert_valid, clusters
@@ -214,3 +224,31 @@ def test_reasons_over_views_alike_to_earlier_ones_are_those_worked_out_afresh(
         explain._STATIC.clear()
         afresh = _Pass([replace(n) for n in views], allocs, DEFAULT_POLICY).run(pending)
         assert list(kept.reasons.items()) == list(afresh.reasons.items())
+
+
+def test_a_waiting_gang_keeps_its_unit_while_its_requests_are_the_same() -> None:
+    pending = gang("g", 3, gpus=2)
+    first = build_backlog(pending).gangs[0]
+    assert build_backlog(list(pending)).gangs[0] is first
+    # Another order of the same requests (a pass meets them as the state
+    # lists them) is made again, and is the same unit.
+    assert build_backlog(pending[::-1]).gangs[0] == first
+    # A request made again (its job's priority changed) is another question.
+    raised = [*pending[:2], replace(pending[2], priority=7)]
+    unit = build_backlog(raised).gangs[0]
+    assert unit.priority == 7 and unit.tasks[2] is raised[2]
+    assert build_backlog(pending[:2]).gangs[0].tasks == tuple(pending[:2])
+
+
+@settings(max_examples=100, deadline=None)
+@given(crowded(), st.data())
+def test_backlogs_with_kept_gangs_are_those_made_afresh(
+    pending: list[TaskRequest], data: st.DataObject
+) -> None:
+    build_backlog(pending)
+    later = data.draw(st.permutations(pending))
+    later = [replace(t, priority=t.priority + 1) if data.draw(st.booleans()) else t for t in later]
+    later = later[: data.draw(st.integers(0, len(later)))]
+    kept = build_backlog(later)
+    fairshare._GANGS.clear()
+    assert kept == build_backlog(later)
