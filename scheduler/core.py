@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from dataclasses import replace
 from itertools import repeat
 from operator import is_, itemgetter
 
@@ -518,10 +517,9 @@ def schedule(
         and _same(last[2], pending)
     ):
         # The very inputs of the last pass (a leader woken by a commit that
-        # changed nothing the scheduler reads): the same plan, in fresh maps
-        # (a caller may keep and change what it was given).
-        plan = last[4]
-        return replace(plan, reasons=dict(plan.reasons), reserved=dict(plan.reserved))
+        # changed nothing the scheduler reads): the same plan (immutable, as
+        # its inputs are: its maps are read-only Mappings to its callers).
+        return last[4]
     # A pass keeps every object it makes until it returns, so the collector
     # reclaims nothing while it runs; but the allocations alone trigger full
     # collections that walk the caller's whole heap (the view: one object per
@@ -536,7 +534,7 @@ def schedule(
         if was_enabled:
             gc.enable()
     _last = (list(nodes), list(allocations), list(pending), policy, plan)
-    return replace(plan, reasons=dict(plan.reasons), reserved=dict(plan.reserved))
+    return plan
 
 
 # The last pass's inputs and plan. Views, allocations, requests and policies
