@@ -191,12 +191,11 @@ def explain_shape(
         return static
     g = shape[0]
     whole, mixed = cl.shape_pools(shape)
-    whole_set, mixed_set = set(whole), set(mixed)
+    # (Kept per layout of pools from pass to pass: Cluster.whole_pools.)
+    whole_set, usable = cl.whole_pools(shape), cl.usable_pools(shape)
     for held in claimed:
         pid = cl.pool_of[held[0]]
-        if (pid in whole_set or pid in mixed_set) and _fits_with_claims_back(
-            cl, held, shape, g == 0 or pid in whole_set
-        ):
+        if pid in usable and _fits_with_claims_back(cl, held, shape, g == 0 or pid in whole_set):
             return f"reserved for {cl.claims[held[0]][0].owner}"
     if g > 0:
         best_n, best_i = -1, -1
