@@ -507,12 +507,18 @@ def _gang_waits(s: StateView, pending: list[sch.TaskRequest]) -> dict[str, str]:
     """Pending gang ranks whose job still has ranks that are not pending
     (live, stopping to restart with the gang): why each waits."""
     out: dict[str, str] = {}
+    why: dict[str, str | None] = {}  # per gang job, counted once (not once per rank)
     for r in pending:
         if r.gang_size > 1:
-            job = s.jobs[r.job_id]
-            others = sum(1 for tid in job.tasks if s.tasks[tid].state != "pending")
-            if others:
-                out[r.task_id] = f"waiting for {others} other task(s) of its gang to stop"
+            if r.job_id not in why:
+                tasks = s.tasks
+                others = sum(1 for tid in s.jobs[r.job_id].tasks if tasks[tid].state != "pending")
+                why[r.job_id] = (
+                    f"waiting for {others} other task(s) of its gang to stop" if others else None
+                )
+            reason = why[r.job_id]
+            if reason is not None:
+                out[r.task_id] = reason
     return out
 
 

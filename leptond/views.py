@@ -24,27 +24,38 @@ def node_view(
 ) -> sch.NodeView:
     """The node as the scheduler sees it: without its unhealthy GPUs, which
     take no work (`with_faulty`: with them, for "could this ever fit")."""
-    faulty = set() if with_faulty else {int(f["index"]) for f in n.gpu_faults}
+    faulty = set() if with_faulty or not n.gpu_faults else {int(f["index"]) for f in n.gpu_faults}
     return sch.NodeView(
         node_id=n.id,
         name=n.name,
         cpus=n.cpus,
         mem_bytes=n.mem_bytes,
-        gpus=tuple(
-            sch.Gpu(
-                index=g["index"],
-                uuid=g["uuid"],
-                model=g["model"],
-                mem_bytes=g["mem_bytes"],
-                domain=g.get("domain", -1),
-            )
-            for g in n.gpus
-            if g["index"] not in faulty
-        ),
+        gpus=tuple([_gpu(g) for g in n.gpus if g["index"] not in faulty]),
         labels=dict(n.effective_labels()),
         schedulable=n.state == "ready",
         cached_blocks=cached,
     )
+
+
+# GPUs as the scheduler sees them, by what they are made of: a view is made
+# of a node's record again at each change of the record (a heartbeat's time,
+# a state) and at each submit that checks it could ever fit, and a frozen
+# dataclass costs far more to make than a look-up. Immutable, so shared.
+# Bounded: cleared whole when full (several GPUs for each of 10,000 nodes fit).
+_GPUS: dict[tuple[int, str, str, int, int], sch.Gpu] = {}
+_MAX_GPUS = 1 << 18
+
+
+def _gpu(g: dict[str, Any]) -> sch.Gpu:
+    # raft/validate.py makes index, memory and domain ints and the rest
+    # strings, so equal keys make equal Gpus.
+    key = (g["index"], g["uuid"], g["model"], g["mem_bytes"], g.get("domain", -1))
+    hit = _GPUS.get(key)
+    if hit is None:
+        if len(_GPUS) >= _MAX_GPUS:
+            _GPUS.clear()
+        hit = _GPUS[key] = sch.Gpu(*key)
+    return hit
 
 
 class InputCache:
@@ -97,13 +108,16 @@ def scheduler_inputs(
     live_of: dict[str, int] = {}  # live tasks per job
     allocs: list[sch.Allocation] = []
     alloc_seen: dict[str, tuple[Task, Job, sch.Allocation]] = {}
+    # Per task of every node (ended ones too, until they are forgotten):
+    # the maps and look-ups read once, outside the loop.
+    tasks, jobs, kept_alloc, live = s.tasks, s.jobs, c.allocs.get, LIVE_TASK_STATES
     for tids in s.node_tasks.values():
         for tid in tids:
-            t = s.tasks[tid]
-            if t.state in LIVE_TASK_STATES and t.node_id is not None:
-                job = s.jobs[t.job_id]
+            t = tasks[tid]
+            if t.state in live and t.node_id is not None:
+                job = jobs[t.job_id]
                 live_of[t.job_id] = live_of.get(t.job_id, 0) + 1
-                a = c.allocs.get(tid)
+                a = kept_alloc(tid)
                 if a is None or a[0] is not t or a[1] is not job:
                     a = (t, job, _allocation(t, job))
                 alloc_seen[tid] = a
@@ -121,9 +135,10 @@ def scheduler_inputs(
     fast = skip & c.plain if skip else set()
     order: Iterable[str] = [t for t in s.pending if t not in fast] if fast else s.pending
     plain_seen: set[str] = set()
+    kept_request = c.requests.get
     for tid in order:
-        t = s.tasks[tid]
-        job = s.jobs[t.job_id]
+        t = tasks[tid]
+        job = jobs[t.job_id]
         if job.state not in ("pending", "running"):
             continue
         if job.waiting_on:
@@ -143,8 +158,10 @@ def scheduler_inputs(
             room[job.id] = left - 1
         if tid in skip:
             continue
-        blocks = block_sets.get(str(job.spec.get("workdir")), no_blocks)
-        r = c.requests.get(tid)
+        blocks = (
+            block_sets.get(str(job.spec.get("workdir")), no_blocks) if block_sets else no_blocks
+        )
+        r = kept_request(tid)
         if r is None or r[0] is not t or r[1] is not job or r[2] != blocks:
             r = (t, job, blocks, _request(t, job, blocks))
         request_seen[tid] = r

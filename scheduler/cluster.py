@@ -164,7 +164,7 @@ _NOTHING: frozenset[int] = frozenset()
 
 
 @dataclass(eq=False)
-class _Frame:
+class Frame:
     """What a Cluster takes from its nodes alone, whatever runs on them:
     worked out once per list of node views and kept for the passes after it
     (read only), as long as each node's view is the very same object (a
@@ -191,16 +191,21 @@ class _Frame:
     # the GPU model as the request spells it).
     kinds: list[_Kind] | None = None
     static_reasons: dict[tuple[Shape, str | None], str | None] = field(default_factory=dict)
+    # What shapes may use in these pools (_BY_LAYOUT's entry for `layout`).
+    by_shape: _ByShape | None = None
+    # For FairShare: the cluster's GPUs, CPUs and memory in use, by the
+    # unschedulable nodes that hold work (those count too).
+    totals: dict[tuple[int, ...], tuple[float, float, float]] = field(default_factory=dict)
 
 
 # Frames of the last few lists of node views, by the ids of the views (a
 # frame holds its views, so no other object can have one of those ids while
 # it is kept). A leader and its followers' readers make a few lists at most.
-_FRAMES: dict[tuple[int, ...], _Frame] = {}
+_FRAMES: dict[tuple[int, ...], Frame] = {}
 _MAX_FRAMES = 8
 
 
-def _frame_of(nodes: Sequence[NodeView]) -> _Frame:
+def _frame_of(nodes: Sequence[NodeView]) -> Frame:
     key = tuple(map(id, nodes))
     f = _FRAMES.get(key)
     if f is None:
@@ -210,7 +215,7 @@ def _frame_of(nodes: Sequence[NodeView]) -> _Frame:
     return f
 
 
-def _new_frame(nodes: list[NodeView]) -> _Frame:
+def _new_frame(nodes: list[NodeView]) -> Frame:
     n = len(nodes)
     # One trip over the nodes, reading attributes in line (an attrgetter
     # call costs about twice as much); C-level maps over what it read.
@@ -276,7 +281,7 @@ def _new_frame(nodes: list[NodeView]) -> _Frame:
     # What a shape may use depends only on the pools' labels, make-up and
     # largest node.
     layout = tuple([(k[0], k[1], p[4], p[5]) for k, p in zip(members, pools, strict=True)])
-    return _Frame(
+    return Frame(
         nodes=nodes,
         node_ids=node_ids,
         cpus=cpus,
@@ -328,10 +333,11 @@ class Cluster:
             self.allocs_on[i].append(a)
         for i, gone in used.items():
             self.free[i] = tuple([g for g in self.free[i] if g not in gone])
-        # Free GPU count per node twice: a list for the per-task hot path (numpy
-        # scalar access is slow) and an array for whole-cluster questions.
+        # Free GPU count per node: a list for the per-task hot path (numpy
+        # scalar access is slow) and, on a large cluster only, an array for
+        # whole-cluster questions, which a few nodes answer in plain Python.
         self.nfree_l = list(map(len, self.free))
-        self.nfree = np.array(self.nfree_l, dtype=np.int64)
+        self._nfree = np.array(self.nfree_l, dtype=np.int64) if n > SMALL_CLUSTER else None
         self.claims: dict[int, list[Claim]] = {}
         self.pools: list[Pool] = []
         nfree_l = self.nfree_l
@@ -361,12 +367,17 @@ class Cluster:
         # What a shape may use depends only on the pools' labels, make-up and
         # largest node: answers kept from earlier passes over pools like
         # these (read only, as the answers of this pass are).
-        layout = frame.layout
-        by_shape = _BY_LAYOUT.get(layout)
+        # The frame keeps the answers it was given (hashing the layout is
+        # much of a small pass's set-up).
+        by_shape = frame.by_shape
         if by_shape is None or len(by_shape.shape_pools) > _MAX_SHAPES:
-            if len(_BY_LAYOUT) >= _MAX_LAYOUTS:
-                _BY_LAYOUT.clear()
-            by_shape = _BY_LAYOUT[layout] = _ByShape()
+            layout = frame.layout
+            by_shape = _BY_LAYOUT.get(layout)
+            if by_shape is None or len(by_shape.shape_pools) > _MAX_SHAPES:
+                if len(_BY_LAYOUT) >= _MAX_LAYOUTS:
+                    _BY_LAYOUT.clear()
+                by_shape = _BY_LAYOUT[layout] = _ByShape()
+            frame.by_shape = by_shape
         self._shape_pools = by_shape.shape_pools
         self._whole_sets = by_shape.whole_sets
         self._usable_sets = by_shape.usable_sets
@@ -382,6 +393,14 @@ class Cluster:
         self._picks = _PICKS
         # The same key -> (GPUs picked, GPUs left free), for fit_and_take.
         self._picks_left = _PICKS_LEFT
+
+    @property
+    def nfree(self) -> np.ndarray:
+        """Free GPUs per node as an array: kept current on a large cluster,
+        made when asked on a small one."""
+        if self._nfree is None:
+            return np.array(self.nfree_l, dtype=np.int64)
+        return self._nfree
 
     # -- matching ---------------------------------------------------------
 
@@ -459,7 +478,8 @@ class Cluster:
         if f == old:
             return
         self.nfree_l[i] = f
-        self.nfree[i] = f
+        if self._nfree is not None:
+            self._nfree[i] = f
         pid = self.pool_of[i]
         if pid >= 0:
             pool = self.pools[pid]
@@ -679,7 +699,8 @@ class Cluster:
             # _rebucket, inline (the count went down by g).
             old, f = self.nfree_l[i], len(self.free[i])
             self.nfree_l[i] = f
-            self.nfree[i] = f
+            if self._nfree is not None:
+                self._nfree[i] = f
             pid = self.pool_of[i]
             if pid >= 0:
                 pool = self.pools[pid]

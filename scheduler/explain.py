@@ -40,10 +40,22 @@ class _Kind:
     mem_bytes: int
 
 
-def _kinds(cl: Cluster) -> list[_Kind]:
+# The kinds of node, in values: the pools' layout (Frame.layout: labels,
+# GPU make-up, largest CPUs and memory per pool), then per kind of draining
+# or down node its labels, make-up and largest CPUs and memory.
+KindsKey = tuple[object, tuple[tuple[object, ...], ...]]
+# Static reasons by the kinds of node they were worked out on: a list of node
+# views made after a node drained, went down or came back often has the kinds
+# of an earlier one, and each new list would work every reason out again.
+# Bounded: cleared whole when full.
+_STATIC: dict[KindsKey, dict[tuple[Shape, str | None], str | None]] = {}
+_MAX_KIND_SETS = 16
+
+
+def _kinds(cl: Cluster) -> tuple[list[_Kind], KindsKey]:
     """The pools (schedulable nodes alike), then the kinds of node that are
-    draining or down.  Static reasons ask any()/max() of these: the order
-    does not matter."""
+    draining or down, and those in values.  Static reasons ask any()/max()
+    of these: the order does not matter."""
     kinds = [_Kind(p.labels, True, p.makeup, p.max_cpus, p.max_mem) for p in cl.pools]
     # Per kind of unschedulable node: (labels, largest CPUs, largest memory).
     Key = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int, int], ...]]
@@ -60,7 +72,8 @@ def _kinds(cl: Cluster) -> list[_Kind]:
         _Kind(labels, False, makeup, cpus, mem)
         for (_, makeup), (labels, cpus, mem) in found.items()
     )
-    return kinds
+    down = tuple([(lk, makeup, cpus, mem) for (lk, makeup), (_, cpus, mem) in found.items()])
+    return kinds, (cl.frame.layout, down)
 
 
 def _static_reason(kinds: list[_Kind], task: TaskRequest, shape: Shape) -> str | None:
@@ -146,7 +159,14 @@ class Explainer:
                 # for later passes (Cluster.frame), as are static reasons.
                 frame = self.cl.frame
                 if frame.kinds is None:
-                    frame.kinds = _kinds(self.cl)
+                    kinds, key = _kinds(self.cl)
+                    known = _STATIC.get(key)
+                    if known is None:
+                        if len(_STATIC) >= _MAX_KIND_SETS:
+                            _STATIC.clear()
+                        known = _STATIC[key] = {}
+                    frame.static_reasons = known
+                    frame.kinds = kinds
                 self.kinds, self.claimed = frame.kinds, _claimed(self.cl)
             hit = self.cache[shape] = explain_shape(self.cl, self.kinds, self.claimed, task, shape)
         return hit
@@ -171,12 +191,11 @@ def explain_shape(
         return static
     g = shape[0]
     whole, mixed = cl.shape_pools(shape)
-    whole_set, mixed_set = set(whole), set(mixed)
+    # (Kept per layout of pools from pass to pass: Cluster.whole_pools.)
+    whole_set, usable = cl.whole_pools(shape), cl.usable_pools(shape)
     for held in claimed:
         pid = cl.pool_of[held[0]]
-        if (pid in whole_set or pid in mixed_set) and _fits_with_claims_back(
-            cl, held, shape, g == 0 or pid in whole_set
-        ):
+        if pid in usable and _fits_with_claims_back(cl, held, shape, g == 0 or pid in whole_set):
             return f"reserved for {cl.claims[held[0]][0].owner}"
     if g > 0:
         best_n, best_i = -1, -1

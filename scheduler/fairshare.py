@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from operator import attrgetter
+from operator import attrgetter, is_
 from types import MappingProxyType
 from typing import NamedTuple
 
-from .cluster import Shape, shape_of
+from .cluster import Frame, Shape, shape_of
 from .types import DEFAULT_POLICY, Allocation, NodeView, Policy, TaskRequest, UserShare
 
 
@@ -89,28 +89,33 @@ def _gang_units(
     if shape_of_raw is None:
         shape_of_raw = {}
     for job_id, ts in gangs.items():
-        ts.sort(key=_rank_key)
-        oldest = min(map(_age_key, ts))
-        # A gang runs at the priority of its most important member, owned by rank 0's user.
-        prio = max(map(_priority, ts))
-        shapes: list[Shape] = []
-        gpus = 0
-        spread = False
-        for t in ts:
-            raw: tuple[object, ...] = (t.gpus, t.cpus, t.mem_bytes, t.gpu_type, t.gpu_mem_min)
-            c = t.constraints
-            if c:
-                raw = (*raw, *sorted(c.items()))
-            shape = shape_of_raw.get(raw)
-            if shape is None:
-                shape = shape_of_raw[raw] = shape_of(t)
-            shapes.append(shape)
-            gpus += t.gpus
-            if t.spread:
-                spread = True
-        yield Unit(
-            tuple(ts), tuple(shapes), prio, ts[0].user, job_id, oldest, gpus, True, -1, spread
-        )
+        yield _gang_unit(job_id, ts, shape_of_raw)
+
+
+def _gang_unit(
+    job_id: str, ts: list[TaskRequest], shape_of_raw: dict[tuple[object, ...], Shape]
+) -> Unit:
+    """The unit of one gang job (sorts `ts` by rank)."""
+    ts.sort(key=_rank_key)
+    oldest = min(map(_age_key, ts))
+    # A gang runs at the priority of its most important member, owned by rank 0's user.
+    prio = max(map(_priority, ts))
+    shapes: list[Shape] = []
+    gpus = 0
+    spread = False
+    for t in ts:
+        raw: tuple[object, ...] = (t.gpus, t.cpus, t.mem_bytes, t.gpu_type, t.gpu_mem_min)
+        c = t.constraints
+        if c:
+            raw = (*raw, *sorted(c.items()))
+        shape = shape_of_raw.get(raw)
+        if shape is None:
+            shape = shape_of_raw[raw] = shape_of(t)
+        shapes.append(shape)
+        gpus += t.gpus
+        if t.spread:
+            spread = True
+    return Unit(tuple(ts), tuple(shapes), prio, ts[0].user, job_id, oldest, gpus, True, -1, spread)
 
 
 # One queued unit of work: (submitted_at, task_id, seq, cls).  For a single
@@ -120,6 +125,14 @@ def _gang_units(
 # then input order with single tasks before gangs, as a stable sort of the
 # units would.  Plain tuples: a pass queues 100,000 of them.
 Entry = tuple[float, str, int, int]
+
+
+# Gang units made by earlier passes, by job, with the requests they were made
+# of, in the order the pass met them: a gang waits through many passes, and
+# a unit depends on its (immutable) requests alone. Bounded: cleared whole
+# when full.
+_GANGS: dict[str, tuple[tuple[TaskRequest, ...], Unit]] = {}
+_MAX_GANGS = 4096
 
 
 class Backlog(NamedTuple):
@@ -186,7 +199,17 @@ def build_backlog(pending: Sequence[TaskRequest]) -> Backlog:
     gangs: list[Unit] = []
     gang_entries: dict[int, list[tuple[str, Entry, int]]] = {}
     n = len(pending)
-    for unit in _gang_units(gang_tasks):
+    shape_of_raw: dict[tuple[object, ...], Shape] = {}
+    for job_id, ts in gang_tasks.items():
+        kept = _GANGS.get(job_id)
+        if kept is not None and len(kept[0]) == len(ts) and all(map(is_, kept[0], ts)):
+            unit = kept[1]
+        else:
+            asked = tuple(ts)
+            unit = _gang_unit(job_id, ts, shape_of_raw)
+            if len(_GANGS) >= _MAX_GANGS:
+                _GANGS.clear()
+            _GANGS[job_id] = (asked, unit)
         levels.setdefault(unit.priority, [])
         gang_entries.setdefault(unit.priority, []).append(
             (unit.user, (*unit.key, n + len(gangs), -1), len(gangs))
@@ -208,6 +231,19 @@ class Held:
 
 
 _NOTHING_HELD = Held()
+_MAX_TOTALS = 64  # per frame (cleared whole when full)
+
+
+def _in_use(nodes: Sequence[NodeView], holding: set[str]) -> tuple[float, float, float]:
+    """GPUs, CPUs and memory of the nodes that take work or hold some."""
+    live = [nd for nd in nodes if nd.schedulable or nd.node_id in holding]
+    return (
+        float(sum(len(nd.gpus) for nd in live)),
+        float(sum(nd.cpus for nd in live)),
+        float(sum(nd.mem_bytes for nd in live)),
+    )
+
+
 _NO_PAST: Mapping[str, float] = MappingProxyType({})
 
 
@@ -219,18 +255,32 @@ class FairShare:
         policy: Policy,
         *,
         past: bool = True,
+        frame: Frame | None = None,
     ) -> None:
+        """`frame`: the nodes' frame (Cluster.frame), which keeps the totals
+        for later passes over the same nodes."""
         # Shares are of what the cluster has in use: the nodes that take work
         # and those whose live tasks are counted (a draining node's). Counting
         # only the first would put users with work on a draining node over
         # 100% of the cluster.
-        holding = {a.node_id for a in allocations}
-        live = [nd for nd in nodes if nd.schedulable or nd.node_id in holding]
-        self.total = (
-            float(sum(len(nd.gpus) for nd in live)),
-            float(sum(nd.cpus for nd in live)),
-            float(sum(nd.mem_bytes for nd in live)),
-        )
+        if frame is None:
+            self.total = _in_use(nodes, {a.node_id for a in allocations})
+        else:
+            # The same sums, kept with the nodes' frame by the unschedulable
+            # nodes that hold work (most passes: none, or the same ones).
+            unsched, ids = frame.unschedulable, frame.node_ids
+            if unsched:
+                holding = {a.node_id for a in allocations}
+                key = tuple([i for i in unsched if ids[i] in holding])
+            else:
+                holding, key = set(), ()
+            totals = frame.totals
+            total = totals.get(key)
+            if total is None:
+                if len(totals) >= _MAX_TOTALS:
+                    totals.clear()
+                total = totals[key] = _in_use(frame.nodes, holding)
+            self.total = total
         # 1/total, or 0 for a resource the cluster lacks (it then counts for nobody).
         self.inverse = tuple(1.0 / t if t > 0 else 0.0 for t in self.total)
         self.quotas: Mapping[str, int] = policy.quotas

@@ -49,28 +49,26 @@ class Preemptor:
     def __init__(self, cl: Cluster, allocations: Sequence[Allocation], policy: Policy) -> None:
         self.cl = cl
         safe = protected_users(allocations, policy)
-        self.allocs = [a for a in allocations if a.node_id in cl.index_of]
+        index_of = cl.index_of
+        self.allocs = [a for a in allocations if a.node_id in index_of]
         self.is_open = [a.preemptible or a.user not in safe for a in self.allocs]
         self.prio_l = [a.priority for a in self.allocs]
-        self.node_l = [cl.index_of[a.node_id] for a in self.allocs]
-        # Eviction order: lowest priority first, then the most recently started.
-        self.order_key = [(a.priority, -a.started_at, a.task_id) for a in self.allocs]
-        self.on_node: dict[int, list[int]] = {}
-        for k, i in enumerate(self.node_l):
-            self.on_node.setdefault(i, []).append(k)
-        self.alloc_nodes = sorted(self.on_node)  # nodes with any allocation, in node order
-        # Per victim priority level L (ascending), over the open allocations
-        # with priority <= L: per node, how many there are and how many GPUs
-        # they hold.  Kept current by take().
-        n = len(cl.nodes)
-        self.levels: list[int] = sorted(set(self.prio_l))
+        self.levels: list[int] = sorted(set(self.prio_l))  # victim priority levels, ascending
         self.open_at: dict[int, int] = dict.fromkeys(self.levels, 0)  # priority -> open
-        self.count_upto = [[0] * n for _ in self.levels]
-        self.gpus_upto = [[0] * n for _ in self.levels]
-        for k, a in enumerate(self.allocs):
-            if self.is_open[k]:
-                self.open_at[a.priority] += 1
-                self._count(k, 1)
+        for p, is_open in zip(self.prio_l, self.is_open, strict=True):
+            if is_open:
+                self.open_at[p] += 1
+        # The rest is read only by a search with open victims below the
+        # task's priority, which most passes never make (what fits nowhere
+        # usually has nothing below it to evict): worked out at the first
+        # one (_index), from the allocations, which do not change in a pass.
+        self._indexed = False
+        self.node_l: list[int] = []
+        self.order_key: list[tuple[int, float, str]] = []
+        self.on_node: dict[int, list[int]] = {}
+        self.alloc_nodes: list[int] = []
+        self.count_upto: list[list[int]] = []
+        self.gpus_upto: list[list[int]] = []
         # (shape, level index) -> the nodes of alloc_nodes, in node order, that
         # might still make the shape fit at that level in this pass.  Free
         # resources and open victims only shrink during a pass, so a node that
@@ -84,6 +82,27 @@ class Preemptor:
             tuple[Shape, int], dict[int, tuple[tuple[object, ...], Eviction | None]]
         ] = {}
 
+    def _index(self) -> None:
+        """Where each allocation runs, the eviction order and, per victim
+        priority level L (ascending), over the open allocations with priority
+        <= L: per node, how many there are and how many GPUs they hold (kept
+        current by take())."""
+        self._indexed = True
+        cl = self.cl
+        index_of = cl.index_of
+        self.node_l = [index_of[a.node_id] for a in self.allocs]
+        # Eviction order: lowest priority first, then the most recently started.
+        self.order_key = [(a.priority, -a.started_at, a.task_id) for a in self.allocs]
+        for k, i in enumerate(self.node_l):
+            self.on_node.setdefault(i, []).append(k)
+        self.alloc_nodes = sorted(self.on_node)  # nodes with any allocation, in node order
+        n = len(cl.nodes)
+        self.count_upto = [[0] * n for _ in self.levels]
+        self.gpus_upto = [[0] * n for _ in self.levels]
+        for k, is_open in enumerate(self.is_open):
+            if is_open:
+                self._count(k, 1)
+
     def _count(self, k: int, sign: int) -> None:
         i, p, g = self.node_l[k], self.prio_l[k], len(self.allocs[k].gpus)
         for j, level in enumerate(self.levels):
@@ -92,6 +111,8 @@ class Preemptor:
                 self.gpus_upto[j][i] += sign * g
 
     def take(self, ev: Eviction) -> None:
+        if not self._indexed:
+            self._index()
         for k in ev.victims:
             self.is_open[k] = False
             self.open_at[self.prio_l[k]] -= 1
@@ -113,6 +134,8 @@ class Preemptor:
         ]
         if not levels:
             return None
+        if not self._indexed:
+            self._index()
         whole, mixed = cl.shape_pools(shape)
         if not whole and not mixed:
             return None

@@ -11,7 +11,7 @@ from typing import Any
 
 from leptond.views import InputCache, scheduler_inputs
 from scheduler import Allocation, NodeView, TaskRequest
-from tests.test_state_support import Harness
+from tests.test_state_support import GiB, Harness, node_record
 
 Inputs = tuple[list[NodeView], list[Allocation], list[TaskRequest]]
 
@@ -118,3 +118,24 @@ def test_an_incremental_pass_reads_only_new_and_limited_tasks() -> None:
     fresh_held: dict[str, str] = {}  # the same as a pass without the cache
     assert got == scheduler_inputs(s, skip=skip, held=fresh_held) and held == fresh_held
     assert looked_up == {f"arr.{i}" for i in range(4)}, sorted(looked_up)[:10]
+
+
+def test_a_host_registered_again_with_other_gpus_is_seen_with_the_new_ones() -> None:
+    """GPUs are shared between views by what they are made of: a host that
+    comes back with other GPUs at the same indices (another model, memory or
+    NVLink domain) is seen with those, cached or not."""
+    h = Harness()
+    h.register("n1", gpus=2)
+    cache = InputCache()
+    nodes, _, _ = same_as_fresh(h, cache)
+    assert [(g.model, g.mem_bytes, g.domain) for g in nodes[0].gpus] == [("H100", 80 * GiB, -1)] * 2
+    gpus = [
+        {"index": i, "uuid": f"GPU-n1-{i}", "model": "A100", "mem_bytes": 40 * GiB, "domain": i}
+        for i in range(2)
+    ]
+    h.ok("register_node", {"node": {**node_record("n1"), "gpus": gpus}})
+    nodes, _, _ = same_as_fresh(h, cache)
+    assert [(g.index, g.model, g.mem_bytes, g.domain) for g in nodes[0].gpus] == [
+        (0, "A100", 40 * GiB, 0),
+        (1, "A100", 40 * GiB, 1),
+    ]
