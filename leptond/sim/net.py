@@ -300,6 +300,8 @@ class ServerEnd:
             # coroutines: told apart by their type before inspect's checks.
             if type(out) is CoroutineType:
                 result = await out
+            elif type(out) is dict:  # a heartbeat's answer: no awaitable to look for
+                result = out
             else:
                 assert not inspect.isasyncgen(out), f"{method} is a stream; the simulation has none"
                 result = await out if inspect.isawaitable(out) else out
