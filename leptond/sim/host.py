@@ -375,6 +375,11 @@ class SimRunner:
         self.host = host
         self.root = Path("/sim") / host.name / "tasks"
         self._known: set[str] = set()  # runs believed running (TaskRunner._shims)
+        # `running()` as of the host's `version` it was worked out at (-1:
+        # none): a run dies only where the version moves, and `_known` grows
+        # only in `start` and `adopt`, which drop it. Asked twice a heartbeat.
+        self._listed: list[str] = []
+        self._listed_at = -1
 
     def task_dir(self, task_id: str) -> Path:
         return self.root / task_id
@@ -389,6 +394,7 @@ class SimRunner:
             raise RunnerError(f"task {spec.task_id} has an unreported exit; ack it first")
         p = self.host.start(spec)
         self._known.add(spec.task_id)
+        self._listed_at = -1
         return p.pid
 
     def warn(self, task_id: str) -> None:
@@ -409,9 +415,12 @@ class SimRunner:
         return doomed
 
     def running(self) -> list[str]:
-        procs = self.host.procs
-        self._known = {r for r in self._known if r in procs and procs[r].alive}
-        return sorted(self._known)
+        version = self.host.version
+        if self._listed_at != version:
+            procs = self.host.procs
+            self._known = {r for r in self._known if r in procs and procs[r].alive}
+            self._listed, self._listed_at = sorted(self._known), version
+        return list(self._listed)
 
     def poll(self) -> list[TaskExit]:
         self.running()
@@ -465,6 +474,7 @@ class SimRunner:
 
     def adopt(self) -> tuple[list[str], list[TaskExit]]:
         self._known = set(self.host.live)
+        self._listed_at = -1
         return sorted(self._known), self._unacked()
 
     def usage(self) -> dict[str, TaskUsage]:
