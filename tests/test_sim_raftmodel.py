@@ -60,34 +60,3 @@ def test_a_member_with_proposals_waiting_is_not_moved_on() -> None:
     assert all(state is not m.state for m in members)
     assert waiting.applied == 0 and all(m.applied == 0 for m in members)
     assert state.digest() == fresh(raft.log).digest()
-
-
-def test_a_redirect_applies_a_follower_backlog_only_when_it_changes_the_masters() -> None:
-    """masters._GateReader: a follower answers a redirect from the state it
-    has applied while no entry it lacks touches the masters, and catches up
-    first when one does; either way the leader it names is the log's."""
-    import threading
-
-    from leptond.sim.masters import _GateReader
-    from raft.commands import encode
-    from raft.view import Publisher
-
-    raft, (lead, follower, _) = model()
-    gate = _GateReader(Publisher(follower.state, threading.RLock()), follower)
-
-    def member(raft_addr: str, rpc_addr: str) -> bytes:
-        return encode("member_info", {"raft_addr": raft_addr, "rpc_addr": rpc_addr})
-
-    raft._commit(0, member("m0:7442", "m0:7441"))
-    assert raft.members_changed_at == 1
-    assert gate.view().members["m0:7442"].rpc_addr == "m0:7441"
-    assert follower.applied == 1  # the masters changed: it caught up
-    for data in token_commands():
-        raft._commit(0, data)
-    v = gate.view()
-    assert follower.applied == 1 < follower.known  # nothing it lacks moves the masters
-    assert v.members == fresh(raft.log).members
-    raft._commit(0, member("m0:7442", "m0:9999"))
-    assert gate.view().members["m0:7442"].rpc_addr == "m0:9999"
-    assert follower.applied == follower.known == len(raft.log)
-    assert lead.applied == 0  # nobody else was moved

@@ -67,25 +67,6 @@ class _Reader:
         return self._publisher.answered(rid)
 
 
-class _GateReader:
-    """What the LeaderGate reads (the masters, for a redirect to the leader),
-    from the state this follower has applied so far when none of the entries
-    it has yet to apply changes the masters: the answer catching up would
-    give, without applying a backlog (and freezing a view of it) for every
-    redirect. The backlog is applied as before when anything else reads the
-    view."""
-
-    def __init__(self, publisher: Publisher, member: Member) -> None:
-        self._publisher = publisher
-        self._member = member
-
-    def view(self) -> StateView:
-        m = self._member
-        if m.applied < m.known and m.raft.members_changed_at > m.applied:
-            m.catch_up()
-        return self._publisher.view()
-
-
 class _NoBlocks:
     def cached_sets(self) -> dict[str, frozenset[str]]:
         return {}
@@ -180,9 +161,8 @@ class SimMaster:
         self.clock = clock
         self.state = ClusterState()
         self.member = member = raft.add(cfg.raft_addr, self.state)
-        publisher = Publisher(self.state, threading.RLock())
-        self.reader = reader = _Reader(publisher, member)
-        self.gate = gate = LeaderGate(cfg, member, cast(Any, _GateReader(publisher, member)))
+        self.reader = reader = _Reader(Publisher(self.state, threading.RLock()), member)
+        self.gate = gate = LeaderGate(cfg, member, reader)
         wakeup = asyncio.Event()
         self.proposer = proposer = RaftProposer(
             member, clock, gate.not_leader, wakeup.set, cfg.commit_timeout_s

@@ -42,8 +42,6 @@ ELECTION_TIMEOUT_S = (0.35, 0.8)  # MasterConfig's raft_min/max_timeout_s
 LEADER_FALLBACK_S = 3 * ELECTION_TIMEOUT_S[1]  # raft.node: 3 x raft_max_timeout_s
 COMMIT_S = (0.001, 0.02)  # one round trip to a majority and an fsync
 SLOW_COMMIT_S = (0.2, 7.0)  # a slow disk or network: some pass the commit timeout
-# The commands whose apply writes the state's masters (raft/state.py).
-MEMBER_OPS = frozenset({"member_info", "member_remove"})
 
 
 class Proposal:
@@ -164,10 +162,6 @@ class SimRaft:
         self._own = ClusterState()
         self._own_applied = 0
         self.slow_until = -1.0  # commits are slow until then (a fault)
-        # The index of the last committed entry that may change the state's
-        # masters (0: none yet): a replica that has applied it holds the
-        # masters of every later state (masters._GateReader).
-        self.members_changed_at = 0
         self.describe: Callable[[bytes], str] = lambda data: ""
         # Told of every commit: (term, index, command, what apply returned).
         self.watchers: list[Callable[[int, int, bytes, Any], None]] = []
@@ -223,9 +217,6 @@ class SimRaft:
         `by` that committed it applies it at once (as it would right after)."""
         self.log.append((term, data))
         index = len(self.log)
-        cmd = decoded(data)  # decoded once for every reader of this commit
-        if not isinstance(cmd, str) and cmd.op in MEMBER_OPS:
-            self.members_changed_at = index
         for m in self.members:
             if not m.isolated:
                 m.known = index
