@@ -157,6 +157,8 @@ class SimHost:
         # when the time passes when it ends.
         self.lease_version = 0
         self._lease_timer: Any = None
+        self._lease_timer_at = 0.0  # when it fires
+        self._lease_look_at = 0.0  # when the supervisors look at the lease next
         self._pids = itertools.count(1000)
         self._rng = random.Random(f"{seed}:{node_id}")  # when supervisors look at the lease
 
@@ -260,17 +262,36 @@ class SimHost:
 
     def _watch_lease(self) -> None:
         """The supervisors look at the lease again when it runs out (each
-        within a tick of it)."""
-        if self._lease_timer is not None:
-            self._lease_timer.cancel()
+        within a tick of it).
+
+        Every heartbeat renews the lease a little later: a timer already set
+        for earlier stays, and when it fires it only sets itself again for
+        the latest time (`_lease_check`), instead of a timer set and
+        cancelled for every renewal. The look happens at the same time."""
         ends = self.lease_ends()
         if ends is None:
+            if self._lease_timer is not None:
+                self._lease_timer.cancel()
             self._lease_timer = None
             return
-        wait = ends - self.now() + self._rng.uniform(0.0, SHIM_TICK_S)
-        self._lease_timer = self.world_clock.call_later(wait, self._lease_check)
+        now = self.now()
+        wait = ends - now + self._rng.uniform(0.0, SHIM_TICK_S)
+        at = now + (wait if wait > 0.0 else 0.0)  # as call_later would set it
+        self._lease_look_at = at
+        timer = self._lease_timer
+        if timer is not None:
+            if self._lease_timer_at < at and at > now:
+                return
+            timer.cancel()
+        self._lease_timer = self.world_clock.loop.call_at(at, self._lease_check)
+        self._lease_timer_at = at
 
     def _lease_check(self) -> None:
+        at = self._lease_look_at
+        if self.now() < at:  # renewed since this timer was set: look later
+            self._lease_timer = self.world_clock.loop.call_at(at, self._lease_check)
+            self._lease_timer_at = at
+            return
         self._lease_timer = None
         if self.lease_valid():
             return
