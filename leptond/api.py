@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -23,7 +23,7 @@ from raft import arrays, snapcheck
 from raft import snapshot as snapfile
 from raft.commands import BATCH_BUDGET_BYTES
 from raft.errors import MembershipError, NoQuorum, NotLeader, ProposeTimeout, RaftError
-from raft.model import FINAL_JOB_STATES, JOB_STATES, NODE_STATES, JobSpec
+from raft.model import FINAL_JOB_STATES, JOB_STATES, NODE_STATES, JobSpec, Node
 from raft.validate import (
     SpecError,
     spec_bytes,
@@ -260,6 +260,40 @@ def _refuse_over_pending_caps(
         )
 
 
+class _FitNodes:
+    """The nodes as `never_fits` reads them, kept from one submit to the next.
+
+    A published map of nodes, and every record in it, is never changed again
+    (raft/cow.py: apply changes copies), and a view's map is the same object
+    while no node changed: the list made from the same map, or a node's view
+    made from the same record, is what node_view would make again. Every
+    submit read every node afresh before; nodes change far less often."""
+
+    def __init__(self) -> None:
+        self._nodes: Mapping[str, Node] | None = None
+        self._list: list[sch.NodeView] = []
+        self._made: dict[str, tuple[Node, sch.NodeView]] = {}
+
+    def of(self, nodes: Mapping[str, Node]) -> list[sch.NodeView]:
+        if nodes is self._nodes:
+            return self._list
+        made = self._made
+        fresh: dict[str, tuple[Node, sch.NodeView]] = {}
+        out: list[sch.NodeView] = []
+        for nid, n in nodes.items():
+            had = made.get(nid)
+            # Unhealthy GPUs count: they come back after a reset.
+            nv = had[1] if had is not None and had[0] is n else views.node_view(n, with_faulty=True)
+            fresh[nid] = (n, nv)
+            out.append(nv)
+        self._nodes, self._list, self._made = nodes, out, fresh
+        return out
+
+
+# One per process: masters of one process (a simulation) only miss it.
+_FIT_NODES = _FitNodes()
+
+
 def _refuse_if_it_never_fits(m: ApiContext, spec: JobSpec) -> None:
     """A job no known node could ever host would wait forever: refuse it with
     the reason (the client may insist with `queue_anyway`)."""
@@ -277,9 +311,7 @@ def _refuse_if_it_never_fits(m: ApiContext, spec: JobSpec) -> None:
         constraints=dict(spec.constraints),
         gang_size=spec.nodes,
     )
-    # Unhealthy GPUs count: they come back after a reset.
-    nodes = [views.node_view(n, with_faulty=True) for n in m.view().nodes.values()]
-    why = sch.never_fits(nodes, req)
+    why = sch.never_fits(_FIT_NODES.of(m.view().nodes), req)
     if why is not None:
         raise RpcError(UNSCHEDULABLE, f"no node can ever run this job: {why}")
 

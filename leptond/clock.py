@@ -95,7 +95,8 @@ async def wait_event(clock: Clock, event: asyncio.Event, timeout_s: float) -> bo
 
     if event.is_set():
         return True
-    waiter = asyncio.ensure_future(event.wait())
+    # ensure_future's work for a coroutine, without its checks of what it was given.
+    waiter = asyncio.get_running_loop().create_task(event.wait())
     timer = clock.call_later(timeout_s, waiter.cancel)
     try:
         await waiter

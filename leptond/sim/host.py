@@ -157,6 +157,8 @@ class SimHost:
         # when the time passes when it ends.
         self.lease_version = 0
         self._lease_timer: Any = None
+        self._lease_timer_at = 0.0  # when it fires
+        self._lease_look_at = 0.0  # when the supervisors look at the lease next
         self._pids = itertools.count(1000)
         self._rng = random.Random(f"{seed}:{node_id}")  # when supervisors look at the lease
 
@@ -260,17 +262,36 @@ class SimHost:
 
     def _watch_lease(self) -> None:
         """The supervisors look at the lease again when it runs out (each
-        within a tick of it)."""
-        if self._lease_timer is not None:
-            self._lease_timer.cancel()
+        within a tick of it).
+
+        Every heartbeat renews the lease a little later: a timer already set
+        for earlier stays, and when it fires it only sets itself again for
+        the latest time (`_lease_check`), instead of a timer set and
+        cancelled for every renewal. The look happens at the same time."""
         ends = self.lease_ends()
         if ends is None:
+            if self._lease_timer is not None:
+                self._lease_timer.cancel()
             self._lease_timer = None
             return
-        wait = ends - self.now() + self._rng.uniform(0.0, SHIM_TICK_S)
-        self._lease_timer = self.world_clock.call_later(wait, self._lease_check)
+        now = self.now()
+        wait = ends - now + self._rng.uniform(0.0, SHIM_TICK_S)
+        at = now + (wait if wait > 0.0 else 0.0)  # as call_later would set it
+        self._lease_look_at = at
+        timer = self._lease_timer
+        if timer is not None:
+            if self._lease_timer_at < at and at > now:
+                return
+            timer.cancel()
+        self._lease_timer = self.world_clock.loop.call_at(at, self._lease_check)
+        self._lease_timer_at = at
 
     def _lease_check(self) -> None:
+        at = self._lease_look_at
+        if self.now() < at:  # renewed since this timer was set: look later
+            self._lease_timer = self.world_clock.loop.call_at(at, self._lease_check)
+            self._lease_timer_at = at
+            return
         self._lease_timer = None
         if self.lease_valid():
             return
@@ -375,6 +396,11 @@ class SimRunner:
         self.host = host
         self.root = Path("/sim") / host.name / "tasks"
         self._known: set[str] = set()  # runs believed running (TaskRunner._shims)
+        # `running()` as of the host's `version` it was worked out at (-1:
+        # none): a run dies only where the version moves, and `_known` grows
+        # only in `start` and `adopt`, which drop it. Asked twice a heartbeat.
+        self._listed: list[str] = []
+        self._listed_at = -1
 
     def task_dir(self, task_id: str) -> Path:
         return self.root / task_id
@@ -389,6 +415,7 @@ class SimRunner:
             raise RunnerError(f"task {spec.task_id} has an unreported exit; ack it first")
         p = self.host.start(spec)
         self._known.add(spec.task_id)
+        self._listed_at = -1
         return p.pid
 
     def warn(self, task_id: str) -> None:
@@ -409,9 +436,12 @@ class SimRunner:
         return doomed
 
     def running(self) -> list[str]:
-        procs = self.host.procs
-        self._known = {r for r in self._known if r in procs and procs[r].alive}
-        return sorted(self._known)
+        version = self.host.version
+        if self._listed_at != version:
+            procs = self.host.procs
+            self._known = {r for r in self._known if r in procs and procs[r].alive}
+            self._listed, self._listed_at = sorted(self._known), version
+        return list(self._listed)
 
     def poll(self) -> list[TaskExit]:
         self.running()
@@ -465,6 +495,7 @@ class SimRunner:
 
     def adopt(self) -> tuple[list[str], list[TaskExit]]:
         self._known = set(self.host.live)
+        self._listed_at = -1
         return sorted(self._known), self._unacked()
 
     def usage(self) -> dict[str, TaskUsage]:
