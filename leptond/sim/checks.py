@@ -105,7 +105,7 @@ class Checker:
         # The maps of the view last found right (compared by identity: a map
         # that changed is a new object, raft/cow.py); None: look at all again.
         self._maps: tuple[object, ...] | None = None
-        self._ledger_seen: tuple[dict[str, str], dict[str, str]] = ({}, {})
+        self._ledger_seen = (-1, -1)  # the sizes of what people were told, last found right
         self._tracked: tuple[object, ...] = ()  # what _track last looked at
         # The log's length at each step where it grew, with the step before
         # it: (time, length, time of the step before or None, length then).
@@ -174,7 +174,10 @@ class Checker:
         )
         nodes, jobs, tasks, node_tasks, gpu_owner, pending = moved
         ledger = self.ledger
-        told = ledger.acked != self._ledger_seen[0] or ledger.sent != self._ledger_seen[1]
+        # What people were told only grows, a name at a time, each written
+        # once (people.Ledger): its sizes say whether it moved.
+        told_now = (len(ledger.acked), len(ledger.sent))
+        told = told_now != self._ledger_seen
         policy = self.masters[0].controllers.policy
         self._maps = None  # unless every check passes
         why = (
@@ -191,7 +194,7 @@ class Checker:
         if why:
             return why
         self._maps = maps
-        self._ledger_seen = (dict(ledger.acked), dict(ledger.sent))
+        self._ledger_seen = told_now
         self._policy = policy
         return None
 
