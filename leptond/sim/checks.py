@@ -26,10 +26,11 @@ every live task runs; every master that caught up holds the same state.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import scheduler as sch
 from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job
@@ -104,7 +105,9 @@ class Checker:
         self._gen = -1
         # The maps of the view last found right (compared by identity: a map
         # that changed is a new object, raft/cow.py); None: look at all again.
-        self._maps: tuple[object, ...] | None = None
+        self._maps: tuple[Mapping[Any, object], ...] | None = None
+        self._acked_seen = 0  # entries of ledger.acked looked at (in order: it only grows)
+        self._acked_names: dict[str, str] = {}  # acknowledged job id -> its name
         self._ledger_seen = (-1, -1)  # the sizes of what people were told, last found right
         self._tracked: tuple[object, ...] = ()  # what _track last looked at
         # The log's length at each step where it grew, with the step before
@@ -119,7 +122,6 @@ class Checker:
         # Fed each commit (SimRaft.watchers); reads the log's state as of it.
         self.preemptions = PreemptionWatch(lambda: raft.oracle)
         self._inputs = views.InputCache()
-        self._agreed: dict[str, tuple[object, ...]] = {}  # job -> records last found right
         self._hosts_of_nodes = [n.host for n in nodes]
         # The hosts' change counts (one, shared, in a World): each only grows,
         # so their sum moves whenever one does.
@@ -183,8 +185,8 @@ class Checker:
         why = (
             (self._gpus(v) if tasks or node_tasks or gpu_owner else None)
             or (self._stops(v) if tasks else None)
-            or (self._jobs(v, now) if jobs or told else None)
-            or (self._agreement(v) if jobs or tasks else None)
+            or (self._jobs(v, now, last) if jobs or told else None)
+            or (self._agreement(v, last) if jobs or tasks else None)
             or (
                 self._queue(v)
                 if nodes or jobs or tasks or node_tasks or pending or policy is not self._policy
@@ -250,14 +252,26 @@ class Checker:
                 return f"task {t.id} is {t.state} and still has a stop ({t.stop})"
         return None
 
-    def _jobs(self, v: StateView, now: float) -> str | None:
-        names = [j.name for j in v.jobs.values()]
+    def _jobs(
+        self, v: StateView, now: float, last: tuple[Mapping[Any, object], ...] | None
+    ) -> str | None:
+        jobs = v.jobs
+        names = [j.name for j in jobs.values()]
         if len(set(names)) != len(names):  # some name twice: which, and is it ours
             for name, n in Counter(names).items():
                 if n > 1 and (name in self.ledger.acked or name in self.ledger.sent):
                     return f"job {name} is in the state {n} times"
+        # What passed last time passes again unless its job's record changed
+        # or went (a gone job stays gone, and only ages past its retention):
+        # look at those records, and at what people were told since.
+        last_jobs: Mapping[Any, object] = {} if last is None else last[1]
+        if last is None:
+            self._acked_seen = 0
+        job_was = last_jobs.get
+        moved = [j for jid, j in jobs.items() if job_was(jid) is not j]
+        gone = [jid for jid in last_jobs if jid not in jobs]
         wall = EPOCH + now  # the masters' clock
-        for j in v.jobs.values():
+        for j in moved:
             if j.state not in FINAL_JOB_STATES or j.finished_at is None:
                 continue
             if j.id not in self.final_seen:
@@ -270,8 +284,19 @@ class Checker:
                         f"{late:+.1f}s from the commit that finished it"
                     )
             self.final_seen[j.id] = j.finished_at
-        for name, jid in self.ledger.acked.items():
-            job = v.jobs.get(jid)
+        acked = self.ledger.acked
+        name_of = self._acked_names
+        look: list[tuple[str, str]] = []
+        if len(acked) != self._acked_seen:
+            look = list(itertools.islice(acked.items(), self._acked_seen, None))
+            for name, jid in look:
+                name_of[jid] = name
+        for jid in itertools.chain((j.id for j in moved), gone):
+            told = name_of.get(jid)
+            if told is not None:
+                look.append((told, jid))
+        for name, jid in look:
+            job = jobs.get(jid)
             if job is not None:
                 if job.name != name:
                     return f"acknowledged job {jid} is named {job.name}, not {name}"
@@ -284,25 +309,33 @@ class Checker:
                     f"acknowledged job {name} ({jid}) is gone {wall - finished:.1f}s "
                     f"after it finished; the retention is {self.retention_s:g}s"
                 )
+        self._acked_seen = len(acked)
         return None
 
-    def _agreement(self, v: StateView) -> str | None:
+    def _agreement(self, v: StateView, last: tuple[Mapping[Any, object], ...] | None) -> str | None:
         # Records are copied on write (raft/cow.py): a job whose record and
         # tasks' records are the very objects it was last found right with
-        # is right still, and most of them are at each commit.
-        # (Tuples compare item by item, each by identity first, in C; a
-        # record that is a copy equal to the one seen is as right as it.)
-        task_of = v.tasks.__getitem__
-        seen = self._agreed
-        agreed: dict[str, tuple[object, ...]] = {}
-        for j in v.jobs.values():
-            records = (j, *map(task_of, j.tasks))
-            if seen.get(j.id) != records:
+        # is right still, and most of them are at each commit. The records
+        # that changed are found by identity against the maps last found
+        # right (their jobs, for tasks), one look per record.
+        jobs, tasks = v.jobs, v.tasks
+        if last is None:
+            for j in jobs.values():
                 why = self._job_agrees(v, j)
                 if why:
                     return why
-            agreed[j.id] = records
-        self._agreed = agreed
+            return None
+        last_jobs, last_tasks = last[1], last[2]
+        again: set[str] = set()
+        if tasks is not last_tasks:
+            task_was = last_tasks.get
+            again = {t.job_id for tid, t in tasks.items() if task_was(tid) is not t}
+        job_was = last_jobs.get
+        for jid, j in jobs.items():
+            if jid in again or job_was(jid) is not j:
+                why = self._job_agrees(v, j)
+                if why:
+                    return why
         return None
 
     @staticmethod
