@@ -33,7 +33,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import scheduler as sch
-from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job
+from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 from raft.view import StateView
 
 from .. import views
@@ -128,6 +128,7 @@ class Checker:
         self._changes = list(dict.fromkeys(h.changes for h in self._hosts_of_nodes))
         self._changes_seen = -1
         self._policy: object = None
+        self._live: tuple[StateView | None, list[Task]] = (None, [])
         self.checks = 0
 
     def committed(self, term: int, index: int, data: bytes, result: object) -> None:
@@ -200,6 +201,13 @@ class Checker:
         self._policy = policy
         return None
 
+    def _live_tasks(self, v: StateView) -> list[Task]:
+        """The view's live tasks, listed once per view (a walk of every task
+        on a node) for the checks that read them."""
+        if self._live[0] is not v:
+            self._live = (v, v.live_tasks())
+        return self._live[1]
+
     def _pace(self, now: float) -> str | None:
         """A control plane in a hot loop (a plan dropped and proposed again at
         once, forever) keeps every invariant but fills the log: the workload
@@ -232,7 +240,7 @@ class Checker:
 
     def _gpus(self, v: StateView) -> str | None:
         held: dict[tuple[str, int], str] = {}
-        for t in v.live_tasks():
+        for t in self._live_tasks(v):
             if t.node_id is None:
                 return f"live task {t.id} has no node"
             for g in t.gpus:
@@ -371,7 +379,7 @@ class Checker:
         nodes, allocs, pending = views.scheduler_inputs(v, cache=self._inputs)
         policy = self.masters[0].controllers.policy
         rows = sch.queue_report(nodes, allocs, pending, policy)
-        gpus = sum(len(t.gpus) for t in v.live_tasks())
+        gpus = sum(len(t.gpus) for t in self._live_tasks(v))
         waiting = len(pending)
         if sum(r.gpus for r in rows) != gpus:
             return f"queue: users hold {sum(r.gpus for r in rows)} GPUs, live tasks {gpus}"
@@ -472,7 +480,7 @@ class Checker:
         stops: dict[tuple[str, int], float] = {}
         idle: dict[tuple[str, int], float] = {}
         expected: dict[tuple[str, str], int] = {}
-        for t in v.live_tasks():
+        for t in self._live_tasks(v):
             key = (t.id, t.attempt)
             assert t.node_id is not None
             expected[(t.node_id, t.id)] = t.attempt
