@@ -138,7 +138,13 @@ class Checker:
     # -- after every step -------------------------------------------------------------
     def step(self, now: float) -> str | None:
         self.checks += 1
-        why = self._pace(now) or self.preemptions.problem
+        # Most steps commit nothing: the log's pace moves only when it grew.
+        if len(self.raft.log) != self._log_len:
+            why = self._pace(now)
+            if why:
+                return why
+        self._last_step = now
+        why = self.preemptions.problem
         if why:
             return why
         # Only apply writes the log's state: unless its generation moved, the
@@ -152,9 +158,16 @@ class Checker:
             why = self._state(v, now)
             if why:
                 return why
-        why = self._hosts(now)
-        if why:
-            return why
+        # Most steps change no host and pass no lease's end: nothing to look at.
+        if (
+            sum(map(_count, self._changes)) != self._changes_seen
+            or now > self._lease_due
+            or self._doubled
+            or self.twice
+        ):
+            why = self._hosts(now)
+            if why:
+                return why
         # What _track reads: the live tasks (tasks, node_tasks) and the hosts' runs.
         if v is not None or not self._tracked or self._tracked[2] is not self._run_versions:
             v = v or oracle.freeze()
@@ -219,9 +232,6 @@ class Checker:
         are noted, each with the length at the step before it (the first
         step within the second, unless that was the step itself)."""
         size, before = len(self.raft.log), self._last_step
-        self._last_step = now
-        if size == self._log_len:
-            return None
         marks = self._log_marks
         marks.append((now, size, before, self._log_len))
         self._log_len = size
