@@ -96,6 +96,26 @@ def test_an_acknowledged_job_that_vanishes_fails() -> None:
     assert c.step(2.0) == "acknowledged job python (a) is gone, and was not finished a step ago"
 
 
+def test_an_acknowledged_job_renamed_or_gone_early_later_fails() -> None:
+    # The checker looks again only at acknowledged jobs whose record changed
+    # or went since it last found them right, and at those acknowledged since.
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=2)
+    ledger = Ledger(acked={"python": "a"})  # the harness names jobs "python"
+    c = checker(h.state, ledger)
+    assert c.step(1.0) is None
+    h.state.jobs.writable("a").name = "other"
+    h.state.generation += 1  # as apply moves it
+    assert c.step(2.0) == "acknowledged job a is named other, not python"
+    h.state.jobs.writable("a").name = "python"
+    h.state.generation += 1
+    assert c.step(3.0) is None
+    ledger.acked["late"] = "a"  # told after the last look, of a job named python
+    h.state.generation += 1
+    assert c.step(4.0) == "acknowledged job a is named python, not late"
+
+
 def test_a_job_finished_by_a_clock_far_off_fails() -> None:
     h = running_pair()
     h.event("a.0", "exited", exit_code=0)

@@ -26,13 +26,14 @@ every live task runs; every master that caught up holds the same state.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import scheduler as sch
-from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job
+from raft.model import FINAL_JOB_STATES, FINAL_TASK_STATES, LIVE_TASK_STATES, Job, Task
 from raft.view import StateView
 
 from .. import views
@@ -104,8 +105,10 @@ class Checker:
         self._gen = -1
         # The maps of the view last found right (compared by identity: a map
         # that changed is a new object, raft/cow.py); None: look at all again.
-        self._maps: tuple[object, ...] | None = None
-        self._ledger_seen: tuple[dict[str, str], dict[str, str]] = ({}, {})
+        self._maps: tuple[Mapping[Any, object], ...] | None = None
+        self._acked_seen = 0  # entries of ledger.acked looked at (in order: it only grows)
+        self._acked_names: dict[str, str] = {}  # acknowledged job id -> its name
+        self._ledger_seen = (-1, -1)  # the sizes of what people were told, last found right
         self._tracked: tuple[object, ...] = ()  # what _track last looked at
         # The log's length at each step where it grew, with the step before
         # it: (time, length, time of the step before or None, length then).
@@ -119,13 +122,13 @@ class Checker:
         # Fed each commit (SimRaft.watchers); reads the log's state as of it.
         self.preemptions = PreemptionWatch(lambda: raft.oracle)
         self._inputs = views.InputCache()
-        self._agreed: dict[str, tuple[object, ...]] = {}  # job -> records last found right
         self._hosts_of_nodes = [n.host for n in nodes]
         # The hosts' change counts (one, shared, in a World): each only grows,
         # so their sum moves whenever one does.
         self._changes = list(dict.fromkeys(h.changes for h in self._hosts_of_nodes))
         self._changes_seen = -1
         self._policy: object = None
+        self._live: tuple[StateView | None, list[Task]] = (None, [])
         self.checks = 0
 
     def committed(self, term: int, index: int, data: bytes, result: object) -> None:
@@ -135,7 +138,13 @@ class Checker:
     # -- after every step -------------------------------------------------------------
     def step(self, now: float) -> str | None:
         self.checks += 1
-        why = self._pace(now) or self.preemptions.problem
+        # Most steps commit nothing: the log's pace moves only when it grew.
+        if len(self.raft.log) != self._log_len:
+            why = self._pace(now)
+            if why:
+                return why
+        self._last_step = now
+        why = self.preemptions.problem
         if why:
             return why
         # Only apply writes the log's state: unless its generation moved, the
@@ -149,9 +158,16 @@ class Checker:
             why = self._state(v, now)
             if why:
                 return why
-        why = self._hosts(now)
-        if why:
-            return why
+        # Most steps change no host and pass no lease's end: nothing to look at.
+        if (
+            sum(map(_count, self._changes)) != self._changes_seen
+            or now > self._lease_due
+            or self._doubled
+            or self.twice
+        ):
+            why = self._hosts(now)
+            if why:
+                return why
         # What _track reads: the live tasks (tasks, node_tasks) and the hosts' runs.
         if v is not None or not self._tracked or self._tracked[2] is not self._run_versions:
             v = v or oracle.freeze()
@@ -174,14 +190,17 @@ class Checker:
         )
         nodes, jobs, tasks, node_tasks, gpu_owner, pending = moved
         ledger = self.ledger
-        told = ledger.acked != self._ledger_seen[0] or ledger.sent != self._ledger_seen[1]
+        # What people were told only grows, a name at a time, each written
+        # once (people.Ledger): its sizes say whether it moved.
+        told_now = (len(ledger.acked), len(ledger.sent))
+        told = told_now != self._ledger_seen
         policy = self.masters[0].controllers.policy
         self._maps = None  # unless every check passes
         why = (
             (self._gpus(v) if tasks or node_tasks or gpu_owner else None)
             or (self._stops(v) if tasks else None)
-            or (self._jobs(v, now) if jobs or told else None)
-            or (self._agreement(v) if jobs or tasks else None)
+            or (self._jobs(v, now, last) if jobs or told else None)
+            or (self._agreement(v, last) if jobs or tasks else None)
             or (
                 self._queue(v)
                 if nodes or jobs or tasks or node_tasks or pending or policy is not self._policy
@@ -191,9 +210,16 @@ class Checker:
         if why:
             return why
         self._maps = maps
-        self._ledger_seen = (dict(ledger.acked), dict(ledger.sent))
+        self._ledger_seen = told_now
         self._policy = policy
         return None
+
+    def _live_tasks(self, v: StateView) -> list[Task]:
+        """The view's live tasks, listed once per view (a walk of every task
+        on a node) for the checks that read them."""
+        if self._live[0] is not v:
+            self._live = (v, v.live_tasks())
+        return self._live[1]
 
     def _pace(self, now: float) -> str | None:
         """A control plane in a hot loop (a plan dropped and proposed again at
@@ -206,9 +232,6 @@ class Checker:
         are noted, each with the length at the step before it (the first
         step within the second, unless that was the step itself)."""
         size, before = len(self.raft.log), self._last_step
-        self._last_step = now
-        if size == self._log_len:
-            return None
         marks = self._log_marks
         marks.append((now, size, before, self._log_len))
         self._log_len = size
@@ -227,7 +250,7 @@ class Checker:
 
     def _gpus(self, v: StateView) -> str | None:
         held: dict[tuple[str, int], str] = {}
-        for t in v.live_tasks():
+        for t in self._live_tasks(v):
             if t.node_id is None:
                 return f"live task {t.id} has no node"
             for g in t.gpus:
@@ -247,14 +270,26 @@ class Checker:
                 return f"task {t.id} is {t.state} and still has a stop ({t.stop})"
         return None
 
-    def _jobs(self, v: StateView, now: float) -> str | None:
-        names = [j.name for j in v.jobs.values()]
+    def _jobs(
+        self, v: StateView, now: float, last: tuple[Mapping[Any, object], ...] | None
+    ) -> str | None:
+        jobs = v.jobs
+        names = [j.name for j in jobs.values()]
         if len(set(names)) != len(names):  # some name twice: which, and is it ours
             for name, n in Counter(names).items():
                 if n > 1 and (name in self.ledger.acked or name in self.ledger.sent):
                     return f"job {name} is in the state {n} times"
+        # What passed last time passes again unless its job's record changed
+        # or went (a gone job stays gone, and only ages past its retention):
+        # look at those records, and at what people were told since.
+        last_jobs: Mapping[Any, object] = {} if last is None else last[1]
+        if last is None:
+            self._acked_seen = 0
+        job_was = last_jobs.get
+        moved = [j for jid, j in jobs.items() if job_was(jid) is not j]
+        gone = [jid for jid in last_jobs if jid not in jobs]
         wall = EPOCH + now  # the masters' clock
-        for j in v.jobs.values():
+        for j in moved:
             if j.state not in FINAL_JOB_STATES or j.finished_at is None:
                 continue
             if j.id not in self.final_seen:
@@ -267,8 +302,19 @@ class Checker:
                         f"{late:+.1f}s from the commit that finished it"
                     )
             self.final_seen[j.id] = j.finished_at
-        for name, jid in self.ledger.acked.items():
-            job = v.jobs.get(jid)
+        acked = self.ledger.acked
+        name_of = self._acked_names
+        look: list[tuple[str, str]] = []
+        if len(acked) != self._acked_seen:
+            look = list(itertools.islice(acked.items(), self._acked_seen, None))
+            for name, jid in look:
+                name_of[jid] = name
+        for jid in itertools.chain((j.id for j in moved), gone):
+            told = name_of.get(jid)
+            if told is not None:
+                look.append((told, jid))
+        for name, jid in look:
+            job = jobs.get(jid)
             if job is not None:
                 if job.name != name:
                     return f"acknowledged job {jid} is named {job.name}, not {name}"
@@ -281,25 +327,33 @@ class Checker:
                     f"acknowledged job {name} ({jid}) is gone {wall - finished:.1f}s "
                     f"after it finished; the retention is {self.retention_s:g}s"
                 )
+        self._acked_seen = len(acked)
         return None
 
-    def _agreement(self, v: StateView) -> str | None:
+    def _agreement(self, v: StateView, last: tuple[Mapping[Any, object], ...] | None) -> str | None:
         # Records are copied on write (raft/cow.py): a job whose record and
         # tasks' records are the very objects it was last found right with
-        # is right still, and most of them are at each commit.
-        # (Tuples compare item by item, each by identity first, in C; a
-        # record that is a copy equal to the one seen is as right as it.)
-        task_of = v.tasks.__getitem__
-        seen = self._agreed
-        agreed: dict[str, tuple[object, ...]] = {}
-        for j in v.jobs.values():
-            records = (j, *map(task_of, j.tasks))
-            if seen.get(j.id) != records:
+        # is right still, and most of them are at each commit. The records
+        # that changed are found by identity against the maps last found
+        # right (their jobs, for tasks), one look per record.
+        jobs, tasks = v.jobs, v.tasks
+        if last is None:
+            for j in jobs.values():
                 why = self._job_agrees(v, j)
                 if why:
                     return why
-            agreed[j.id] = records
-        self._agreed = agreed
+            return None
+        last_jobs, last_tasks = last[1], last[2]
+        again: set[str] = set()
+        if tasks is not last_tasks:
+            task_was = last_tasks.get
+            again = {t.job_id for tid, t in tasks.items() if task_was(tid) is not t}
+        job_was = last_jobs.get
+        for jid, j in jobs.items():
+            if jid in again or job_was(jid) is not j:
+                why = self._job_agrees(v, j)
+                if why:
+                    return why
         return None
 
     @staticmethod
@@ -335,7 +389,7 @@ class Checker:
         nodes, allocs, pending = views.scheduler_inputs(v, cache=self._inputs)
         policy = self.masters[0].controllers.policy
         rows = sch.queue_report(nodes, allocs, pending, policy)
-        gpus = sum(len(t.gpus) for t in v.live_tasks())
+        gpus = sum(len(t.gpus) for t in self._live_tasks(v))
         waiting = len(pending)
         if sum(r.gpus for r in rows) != gpus:
             return f"queue: users hold {sum(r.gpus for r in rows)} GPUs, live tasks {gpus}"
@@ -436,7 +490,7 @@ class Checker:
         stops: dict[tuple[str, int], float] = {}
         idle: dict[tuple[str, int], float] = {}
         expected: dict[tuple[str, str], int] = {}
-        for t in v.live_tasks():
+        for t in self._live_tasks(v):
             key = (t.id, t.attempt)
             assert t.node_id is not None
             expected[(t.node_id, t.id)] = t.attempt

@@ -47,7 +47,8 @@ def token_commands() -> list[bytes]:
 
 @dataclass
 class Ledger:
-    """What people were told."""
+    """What people were told. Entries are only added, one name at a time,
+    and never changed (names are unique): the checker reads their sizes."""
 
     acked: dict[str, str] = field(default_factory=dict)  # job name -> id, answered
     sent: dict[str, str] = field(default_factory=dict)  # job name -> id, outcome unknown

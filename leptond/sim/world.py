@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 from dataclasses import dataclass, field
@@ -350,9 +351,29 @@ def describe(data: bytes) -> str:
     return op
 
 
+_frozen_start_up = False
+
+
+def _freeze_start_up() -> None:
+    """Freeze what the process holds before its first run, once: as a master
+    does at start (leptond/gcpolicy.py), so that the collector's whole walks
+    during runs walk the runs' objects, not every module, class and function
+    imported (numpy, aiohttp, the product: most of the heap). A collection
+    first frees the garbage there is, so only what lives is frozen; what a
+    run makes is collected as before. Traces do not change: no finalizer of
+    the simulation runs at another time (its objects are not frozen)."""
+    global _frozen_start_up
+    if _frozen_start_up:
+        return
+    _frozen_start_up = True
+    gc.collect()
+    gc.freeze()
+
+
 def run(seed: int, steps: int, cfg: SimConfig | None = None, keep_trace: bool = False) -> SimResult:
     """Run the simulation of `seed` for `steps` steps (or to its first violation)."""
     cfg = cfg or SimConfig()
+    _freeze_start_up()
     saved = random.getstate()
     random.seed(f"{seed}:global")  # the agents' and clients' backoff jitter
     lepton = logging.getLogger("lepton")
