@@ -54,6 +54,14 @@ def _plain(v: Any) -> Any:
     return v  # str, bytes, int, float, bool, None: immutable
 
 
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The field names of a record class, in field order."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
 def _getter(cls: type) -> Any:
     """An attrgetter of every field of a record class, in field order."""
     get = _GETTERS.get(cls)
@@ -68,12 +76,8 @@ class Record:
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies every leaf value, which made
         # it the largest single cost of applying a batch of submits.
-        cls = type(self)
-        names = _FIELD_NAMES.get(cls)
-        if names is None:
-            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
         out: dict[str, Any] = {}
-        for k in names:
+        for k in _field_names(type(self)):
             v = getattr(self, k)
             out[k] = v if type(v) in _SCALARS else _plain(v)
         return out
@@ -85,10 +89,7 @@ class Record:
         No field holds a record (records hold only msgpack values), which
         `to_wire` would have turned into a map."""
         cls = type(self)
-        names = _FIELD_NAMES.get(cls)
-        if names is None:
-            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
-        return dict(zip(names, _getter(cls)(self), strict=True))
+        return dict(zip(_field_names(cls), _getter(cls)(self), strict=True))
 
     def clone(self: T) -> T:
         """A shallow copy, for copy-on-write in apply (raft/cow.py). Fields
