@@ -49,6 +49,20 @@ def test_an_ended_task_with_a_stop_fails() -> None:
     assert checker(h.state).step(1.0) == "task a.0 is succeeded and still has a stop (cancel)"
 
 
+def test_an_assigned_task_with_a_stop_fails() -> None:
+    # Placed, never started, then asked to stop: apply ends it at once, so
+    # one that still carries the stop would hold its GPUs for good.
+    h = Harness()
+    h.register("n1", gpus=4)
+    h.submit("a", gpus=2)
+    h.plan([("a.0", "n1", [0, 1])])
+    assert h.task("a.0").state == "assigned"
+    assert checker(h.state).step(1.0) is None
+    h.state.tasks.writable("a.0").stop = "cancel"
+    why = checker(h.state).step(1.0)
+    assert why == "task a.0 is assigned, never started, and has a stop (cancel)"
+
+
 def test_a_gpu_held_by_two_live_tasks_fails() -> None:
     h = running_pair()
     h.state.tasks.writable("b.0").gpus = [1, 2]

@@ -266,8 +266,16 @@ class Checker:
 
     def _stops(self, v: StateView) -> str | None:
         for t in v.tasks.values():
-            if t.state in FINAL_TASK_STATES and t.stop is not None:
+            if t.stop is None:
+                continue
+            if t.state in FINAL_TASK_STATES:
                 return f"task {t.id} is {t.state} and still has a stop ({t.stop})"
+            if t.state == "assigned":
+                # A stop ends a task that never started when it is applied
+                # (raft/tasks.request_stop): no exit would ever come back for
+                # it, so one that keeps its stop holds its GPUs for good. Seen
+                # here at the step it happens, not at the next calm.
+                return f"task {t.id} is assigned, never started, and has a stop ({t.stop})"
         return None
 
     def _jobs(
