@@ -113,31 +113,54 @@ class Leadership:
         self.errors = 0
 
     async def follow(self, events: asyncio.Queue[bool]) -> None:
-        """Apply leadership changes as raft.node announces them, in order."""
+        """Apply leadership changes as raft.node announces them, in order.
+
+        A change that fails (a bug in taking up or handing over a duty) is
+        logged, counted and tried again until it takes or a newer change
+        arrives: this task must outlive it, or a master Raft elected would
+        never lead (and one deposed never stop leading)."""
         while True:
-            if await events.get():
-                log.info("became leader")
-                self.establish()
-            else:
-                log.info("no longer leader")
-                await self.revoke()
+            leading = await events.get()
+            log.info("became leader" if leading else "no longer leader")
+            while True:
+                try:
+                    if leading:
+                        self.establish()
+                    else:
+                        await self.revoke()
+                    break
+                except Exception:
+                    self.errors += 1
+                    what = "taking up leadership" if leading else "stepping down"
+                    log.exception("%s failed; trying again", what)
+                    await self._clock.sleep(RETRY_AFTER_S)
+                    if not events.empty():
+                        break  # a newer change decides
 
     def establish(self) -> None:
         if self.gate.active:
             return
-        self._agents.lead(list(self._reader.view().nodes))
-        self._loops.reset()
-        self.gate.active = True
-        loops = self._loops
-        passes: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("liveness", loops.liveness_pass),
-            ("drains", loops.drain_pass),
-            ("scheduler", loops.scheduling_pass),
-            ("members", loops.members_pass),
-        ]
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._forever(name, fn)) for name, fn in passes]
-        loops.wake()
+        try:
+            self._agents.lead(list(self._reader.view().nodes))
+            self._loops.reset()
+            self.gate.active = True
+            loops = self._loops
+            passes: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                ("liveness", loops.liveness_pass),
+                ("drains", loops.drain_pass),
+                ("scheduler", loops.scheduling_pass),
+                ("members", loops.members_pass),
+            ]
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._forever(name, fn)) for name, fn in passes]
+            loops.wake()
+        except BaseException:
+            # Half taken up is not leading: the next try starts from nothing.
+            self.gate.active = False
+            for t in self._tasks:
+                t.cancel()
+            self._tasks = []
+            raise
 
     async def revoke(self) -> None:
         self.gate.active = False

@@ -136,3 +136,39 @@ async def test_leadership_starts_and_stops_every_leader_only_activity() -> None:
     finally:
         follower.cancel()
         await leadership.revoke()
+
+
+async def test_a_failure_to_take_up_leadership_is_tried_again_until_it_takes() -> None:
+    # A bug in taking up a duty must not end the task that follows Raft: a
+    # master elected would then never lead.
+    h = Harness()
+    h.register("n1")
+    reader = Publisher(h.state, threading.RLock())
+    raft = Raft()
+    raft.leading = True
+    cfg = MasterConfig(Path("."), Path("."), Path("."), bind="127.0.0.1", rpc_port=7441)
+    gate = LeaderGate(cfg, raft, reader)
+
+    class Flaky(Agents):
+        def lead(self, node_ids: list[str]) -> None:
+            super().lead(node_ids)
+            if len(self.calls) == 1:
+                raise RuntimeError("a bug in taking up the agents")
+
+    agents, loops = Flaky(), Loops()
+    leadership = Leadership(gate, reader, agents, loops, REAL)
+    events: asyncio.Queue[bool] = asyncio.Queue()
+    follower = asyncio.create_task(leadership.follow(events))
+    try:
+        events.put_nowait(True)
+        await until(lambda: loops.passes.get("scheduler", 0) >= 1, "the loops running")
+        assert gate.is_leader() and not follower.done()
+        assert agents.calls == [("lead", ["n1"]), ("lead", ["n1"])]
+        assert loops.resets == 1  # the failed try got no further than the agents
+
+        events.put_nowait(False)
+        await until(lambda: agents.calls[-1] == ("step_down",), "the agents' side stopped")
+        assert not gate.is_leader() and not follower.done()
+    finally:
+        follower.cancel()
+        await leadership.revoke()
