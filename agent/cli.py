@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from leptond.cliargs import OneLineParser, count, number
 from leptond.wire.tokens import SecretError
 
 from .cgroups import DEFAULT_TASK_PIDS_MAX
@@ -29,7 +30,7 @@ def _labels(text: str) -> dict[str, str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lepton-agent", description="leptond host agent")
+    p = OneLineParser(prog="lepton-agent", description="leptond host agent")
     p.add_argument(
         "--log-level",
         default=os.environ.get("LEPTON_LOG", "info"),
@@ -57,22 +58,22 @@ def parser() -> argparse.ArgumentParser:
         metavar="N[:MODEL[:MEM]]",
         help="pretend to have these GPUs (for trying things out)",
     )
-    r.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    r.add_argument("--heartbeat", type=number, default=1.0, help="seconds between heartbeats")
     r.add_argument(
         "--stats-every",
-        type=float,
+        type=number,
         default=10.0,
         metavar="SECONDS",
         help="host and GPU figures in one heartbeat this often; the others carry "
         "liveness, tasks and GPU faults only",
     )
     r.add_argument("--leave-on-stop", action="store_true", help="drain and deregister on SIGTERM")
-    r.add_argument("--log-cap", type=int, default=64 << 20, help="bytes of output kept per task")
+    r.add_argument("--log-cap", type=count, default=64 << 20, help="bytes of output kept per task")
     r.add_argument(
-        "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+        "--kill-grace", type=number, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
     r.add_argument(
-        "--cache-bytes", type=int, default=10 << 30, help="disk budget of the workdir block cache"
+        "--cache-bytes", type=count, default=10 << 30, help="disk budget of the workdir block cache"
     )
     r.add_argument(
         "--cache-policy",

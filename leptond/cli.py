@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cliargs import OneLineParser, count, number
 from .wire.codec import MAX_FRAME
 from .wire.tokens import ADMIN_TOKEN_ID, SECRET_LEN, SecretError, new_token, write_private
 
@@ -51,7 +52,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _port(v: str) -> int:
-    p = int(v)
+    try:
+        p = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {v!r}") from None
     if not 0 <= p < 65536:
         raise argparse.ArgumentTypeError(f"port out of range: {v}")
     return p
@@ -250,9 +254,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="leptond", description="leptond: a cluster manager for GPU machines"
-    )
+    p = OneLineParser(prog="leptond", description="leptond: a cluster manager for GPU machines")
     p.add_argument(
         "--log-level",
         default=os.environ.get("LEPTON_LOG", "info"),
@@ -280,25 +282,25 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--raft-port", type=_port, default=7442, help="Raft port (default 7442)")
     r.add_argument("--peers", default="", help="other masters as HOST:RAFTPORT,...")
     r.add_argument(
-        "--heartbeat-ttl", type=float, default=4.0, help="seconds of silence before a node is down"
+        "--heartbeat-ttl", type=number, default=4.0, help="seconds of silence before a node is down"
     )
     r.add_argument(
         "--task-lease",
-        type=float,
+        type=number,
         default=None,
         help="seconds a node's tasks keep running without word from the leader "
         "(default: the TTL less twice the margin)",
     )
     r.add_argument(
         "--lease-margin",
-        type=float,
+        type=number,
         default=None,
         help="seconds between a lease running out and the TTL (default: a tenth "
         "of the TTL, at most 1)",
     )
     r.add_argument(
         "--max-heartbeats-per-second",
-        type=float,
+        type=number,
         default=8000.0,
         help="heartbeats all agents together send a second, at most: past this many "
         "nodes, each agent is asked to heartbeat every nodes/rate seconds, never longer "
@@ -306,24 +308,24 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--disconnect-confirm",
-        type=float,
+        type=number,
         default=1.0,
         help="seconds a node whose agent closed its connection (or died) has to "
         "register again before it is declared down; 0: wait for the TTL (default 1)",
     )
     r.add_argument(
         "--disconnect-margin",
-        type=float,
+        type=number,
         default=0.5,
         help="seconds added to --disconnect-confirm for the host's task supervisors "
         "to kill its tasks (default 0.5)",
     )
     r.add_argument(
-        "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+        "--kill-grace", type=number, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
     r.add_argument(
         "--max-preempt-grace",
-        type=float,
+        type=number,
         default=300.0,
         metavar="SECONDS",
         help="the longest a preemption waits for a job's --preempt-grace (default 300)",
@@ -350,19 +352,19 @@ def parser() -> argparse.ArgumentParser:
         help="highest priority for users without their own --max-priority (default: no cap)",
     )
     r.add_argument(
-        "--raft-min-timeout", type=float, default=0.35, help="election timeout range, seconds"
+        "--raft-min-timeout", type=number, default=0.35, help="election timeout range, seconds"
     )
     r.add_argument(
-        "--raft-max-timeout", type=float, default=0.8, help="election timeout range, seconds"
+        "--raft-max-timeout", type=number, default=0.8, help="election timeout range, seconds"
     )
     r.add_argument(
         "--snapshot-every",
-        type=int,
+        type=count,
         default=5000,
         help="Raft log entries between state snapshots (log compaction)",
     )
     r.add_argument(
-        "--block-cache-bytes", type=int, default=256 << 20, help="in-memory hot block cache"
+        "--block-cache-bytes", type=count, default=256 << 20, help="in-memory hot block cache"
     )
     r.add_argument(
         "--block-cache-policy",
@@ -397,14 +399,14 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--max-connections",
-        type=int,
+        type=count,
         default=16384,
         help="RPC connections open at once (one per agent, plus clients); the open-file "
         "limit is raised to fit, up to its hard limit",
     )
     r.add_argument(
         "--max-connections-per-key",
-        type=int,
+        type=count,
         default=256,
         help="RPC connections one token or node key may hold open at once (0: no cap), so "
         "that one user cannot take every connection from the others and the agents",
@@ -433,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--max-pending-jobs",
-        type=int,
+        type=count,
         default=10_000,
         metavar="N",
         help="jobs each user may have waiting to start; more submits are refused "
@@ -449,7 +451,7 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--max-pending-tasks",
-        type=int,
+        type=count,
         default=200_000,
         metavar="N",
         help="tasks each user may have waiting to start, counting each task of an array; "
@@ -503,7 +505,7 @@ def parser() -> argparse.ArgumentParser:
         help="where the cluster keeps its secrets, state, logs and a lock "
         "(default .lepton-dev; one dev cluster per data dir)",
     )
-    d.add_argument("--agents", type=int, default=2, help="how many agents (default 2)")
+    d.add_argument("--agents", type=count, default=2, help="how many agents (default 2)")
     d.add_argument(
         "--simulate-gpus",
         default=None,

@@ -37,6 +37,51 @@ def test_each_program_answers_help(prog: str) -> None:
     assert "usage:" in out.stdout
 
 
+DAEMON_MISTAKES = [
+    # (program, argv, what the one line says). A TTL of nan would compare
+    # false with every silence, so no node would ever go down.
+    (
+        "leptond.cli",
+        ["run", "--heartbeat-ttl", "nan"],
+        "argument --heartbeat-ttl: must be a number, 0 or more, not 'nan'",
+    ),
+    (
+        "leptond.cli",
+        ["run", "--kill-grace", "inf"],
+        "argument --kill-grace: must be a number, 0 or more",
+    ),
+    (
+        "leptond.cli",
+        ["run", "--heartbeat-ttl", "-1"],
+        "argument --heartbeat-ttl: must be a number, 0 or more",
+    ),
+    (
+        "leptond.cli",
+        ["run", "--block-cache-bytes", "-5"],
+        "argument --block-cache-bytes: must be a whole number",
+    ),
+    ("leptond.cli", ["run", "--rpc-port", "x"], "a port is a number from 0 to 65535, not 'x'"),
+    ("leptond.cli", ["run"], "the following arguments are required: --data-dir"),
+    ("leptond.cli", ["bogus"], "argument cmd: invalid choice: 'bogus'"),
+    (
+        "agent.cli",
+        ["run", "--masters", "m:1", "--data-dir", "d", "--heartbeat", "nan"],
+        "argument --heartbeat: must be a number",
+    ),
+    ("agent.cli", [], "the following arguments are required: cmd"),
+]
+
+
+@pytest.mark.parametrize(("module", "argv", "says"), DAEMON_MISTAKES)
+def test_a_daemons_bad_argument_is_one_line(module: str, argv: list[str], says: str) -> None:
+    # argparse's own answer is the whole usage, then the error: for
+    # `leptond run` thirty lines above the one that matters.
+    out = run(sys.executable, "-m", module, *argv)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and says in lines[0] and lines[0].endswith("--help)"), out.stderr
+
+
 def test_init_creates_private_secrets_and_refuses_to_overwrite(tmp_path: Path) -> None:
     d = tmp_path / "secrets"
     out = run(sys.executable, "-m", "leptond.cli", "init", str(d))

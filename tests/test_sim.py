@@ -7,6 +7,7 @@ what a test sees is what a replay from the command line sees.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,12 @@ def test_a_violation_prints_the_seed_the_step_a_trace_and_the_digest_last(
     assert "entries committed within a second" in head
     assert "the trace up to it (the last lines):" in out
     assert any(line.startswith("  ") and " commit " in line for line in out)
-    assert any(line.startswith("replay: python -m leptond.sim --seed 3 --steps ") for line in out)
+    # The replay line names this very interpreter, so it works pasted.
+    replay = next(line for line in out if line.startswith("replay: "))
+    words = shlex.split(replay.removeprefix("replay: "))
+    assert os.path.samefile(words[0], sys.executable)
+    step = int(head.split("VIOLATION at step ")[1].split()[0])
+    assert words[1:] == ["-m", "leptond.sim", "--seed", "3", "--steps", str(step + 1), "--trace"]
     assert out[-1].startswith("digest ")
 
 
@@ -120,11 +126,56 @@ def test_a_run_stops_at_its_first_violation(monkeypatch: pytest.MonkeyPatch) -> 
     assert r.violation is not None and r.tail[-1].endswith(f"VIOLATION {r.violation}")
 
 
-def test_bad_arguments_are_one_line() -> None:
+BAD_ARGUMENTS = [
+    (["--seed", "abc"], "a seed is a whole number from 0 to 2**63-1, not 'abc'"),
+    (["--seed", "-1"], "a seed is a whole number"),
+    (["--seed", "99999999999999999999999"], "a seed is a whole number"),
+    (["--seed", "\udcff\x01"], "not '\\udcff\\x01'"),  # bytes that were not UTF-8
+    (["--seed", "1", "--steps", "0"], "steps are a whole number from 1 to 100,000,000"),
+    (["--seed", "1", "--steps", "-5"], "steps are a whole number"),
+    (["--seed", "1", "--steps", "1e9"], "steps are a whole number"),
+    (["--seed", "1", "--steps", "99999999999999999999"], "steps are a whole number"),
+    (["--seeds", "5-3"], "no seeds in '5-3'"),
+    (["--seeds", "1-"], "seeds are N or FIRST-LAST, not '1-'"),
+    (["--seeds", "a-b"], "seeds are N or FIRST-LAST"),
+    (["--seeds", "0-99999999999999999999999"], "seeds go up to 2**63-1"),
+    (["--seeds", "0-1", "--minutes", "nan"], "must be a number, 0 or more, not 'nan'"),
+    (["--seeds", "0-1", "--minutes", "inf"], "must be a number, 0 or more, not 'inf'"),
+    (["--seeds", "0-1", "--minutes", "-1"], "must be a number, 0 or more"),
+    (["--seeds", "0-1", "--minutes", "0"], "minutes are more than 0"),
+    (["--seeds", "0-1", "--jobs", "0"], "processes are a whole number from 1 to"),
+    (["--seeds", "0-1", "--jobs", "10000"], "processes are a whole number from 1 to"),
+    (["--seed", "1", "--jobs", "2"], "--jobs and --minutes go with --seeds, not --seed"),
+    (["--seed", "1", "--minutes", "1"], "--jobs and --minutes go with --seeds, not --seed"),
+    (["--seed", "1", "--seeds", "1-2"], "not allowed with argument --seed"),
+    ([], "one of the arguments --seed --seeds is required"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"), BAD_ARGUMENTS, ids=[" ".join(a) or "none" for a, _ in BAD_ARGUMENTS]
+)
+def test_a_bad_argument_is_one_line_and_runs_nothing(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[Any] = []
+    monkeypatch.setattr(cli, "_one", lambda args: ran.append(args))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and not ran
+    assert err.count("\n") == 1 and err.startswith("python -m leptond.sim: error: "), err
+    assert says in err and err.endswith("(see python -m leptond.sim --help)\n"), err
+
+
+def test_bad_arguments_are_one_line_from_the_command_line() -> None:
     out = sim("--seeds", "5-2")
-    assert out.returncode == 2 and "no seeds in '5-2'" in out.stderr
-    out = sim("--seed", "1", "--steps", "0")
-    assert out.returncode == 2 and out.stderr.strip() == "--steps must be at least 1"
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "python -m leptond.sim: error: argument --seeds: no seeds in '5-2' "
+        "(see python -m leptond.sim --help)"
+    ]
 
 
 def _result(**kw: Any) -> SimResult:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
+import shlex
 import sys
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 
+from ..cliargs import OneLineParser, number
 from ..clock import REAL
 from . import SimResult, run
 
@@ -24,33 +28,88 @@ from . import SimResult, run
 HASH_SEED = "0"
 
 
-def _seeds(text: str) -> list[int]:
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 100_000_000  # about an hour and a half of one core for one seed
+MAX_MINUTES = 1_000_000.0
+
+
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"a seed is a whole number from 0 to 2**63-1, not {text!r}"
+        )
+    return n
+
+
+def _seeds(text: str) -> range:
     lo, sep, hi = text.partition("-")
     try:
         first = int(lo)
         last = int(hi) if sep else first
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds are N or FIRST-LAST, not {text!r}") from None
+    if last > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seeds go up to 2**63-1, not {text!r}")
     if first < 0 or last < first:
         raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
-    return list(range(first, last + 1))
+    return range(first, last + 1)
+
+
+def _steps(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"steps are a whole number from 1 to {MAX_STEPS:,}, not {text!r}"
+        )
+    return n
+
+
+def _max_jobs() -> int:
+    return 4 * (os.cpu_count() or 1)
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= _max_jobs():
+        raise argparse.ArgumentTypeError(
+            f"processes are a whole number from 1 to {_max_jobs()} (4 per CPU), not {text!r}"
+        )
+    return n
+
+
+def _minutes(text: str) -> float:
+    m = number(text)
+    if not 0 < m <= MAX_MINUTES:
+        raise argparse.ArgumentTypeError(
+            f"minutes are more than 0 and at most {MAX_MINUTES:g}, not {text!r}"
+        )
+    return m
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m leptond.sim",
         description="Run the seeded simulation of the control plane (docs/simulator.md).",
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--seed", type=int, help="the seed to run")
+    which.add_argument("--seed", type=_seed, help="the seed to run")
     which.add_argument("--seeds", type=_seeds, help="a range of seeds, FIRST-LAST")
-    p.add_argument("--steps", type=int, default=5000, help="steps per seed (default 5000)")
+    p.add_argument("--steps", type=_steps, default=5000, help="steps per seed (default 5000)")
     p.add_argument("--trace", action="store_true", help="print the whole trace of a seed")
-    p.add_argument("--jobs", type=int, default=1, help="processes for --seeds (default 1)")
+    p.add_argument("--jobs", type=_jobs, help="with --seeds: processes to run them in (default 1)")
     p.add_argument(
         "--minutes",
-        type=float,
-        default=0.0,
+        type=_minutes,
         help="with --seeds: keep going with further seeds until this long has passed",
     )
     return p
@@ -85,49 +144,69 @@ def report(r: SimResult, out: list[str]) -> None:
     if r.trace is None:
         out.append("the trace up to it (the last lines):")
         out.extend(f"  {line}" for line in r.tail)
-    out.append(f"replay: python -m leptond.sim --seed {r.seed} --steps {r.steps} --trace")
+    out.append(f"replay: {_python()} -m leptond.sim --seed {r.seed} --steps {r.steps} --trace")
 
 
-def _results(seeds: list[int], steps: int, trace: bool, jobs: int) -> Iterator[SimResult]:
-    work = [(s, steps, trace) for s in seeds]
+def _python() -> str:
+    """This interpreter, as the replay line names it: relative to where the
+    run was started from when it lies below it (`.venv/bin/python`), so the
+    line works pasted into the same shell; else its full path."""
+    exe = sys.executable or "python3"
+    try:
+        rel = os.path.relpath(exe)
+    except ValueError:  # another drive
+        rel = exe
+    return shlex.quote(exe if rel.startswith("..") else rel)
+
+
+def _results(seeds: range, steps: int, trace: bool, jobs: int) -> Iterator[SimResult]:
+    """Each seed's result, in the order of the seeds. With processes, a few
+    seeds per process are handed out at a time (not the whole range at once:
+    a range of a billion seeds would be a billion futures)."""
     if jobs <= 1:
-        yield from map(_one, work)
+        for seed in seeds:
+            yield _one((seed, steps, trace))
         return
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        yield from pool.map(_one, work)
+        todo = iter(seeds)
+        ahead: deque[Future[SimResult]] = deque()
+        for seed in itertools.islice(todo, 2 * jobs):
+            ahead.append(pool.submit(_one, (seed, steps, trace)))
+        while ahead:
+            r = ahead.popleft().result()
+            for seed in itertools.islice(todo, 1):
+                ahead.append(pool.submit(_one, (seed, steps, trace)))
+            yield r
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.steps < 1:
-        print("--steps must be at least 1", file=sys.stderr)
-        return 2
-    if args.jobs < 1:
-        print("--jobs must be at least 1", file=sys.stderr)
-        return 2
+    p = _parser()
+    args = p.parse_args(argv)
     if args.seed is not None:
+        if args.jobs is not None or args.minutes is not None:
+            p.error("--jobs and --minutes go with --seeds, not --seed")
         out: list[str] = []
         r = _one((args.seed, args.steps, args.trace))
         report(r, out)
         print("\n".join(out))
         print(f"digest {r.digest}")
         return 0 if r.ok else 1
-    seeds: list[int] = args.seeds
-    until = REAL.monotonic() + 60 * args.minutes if args.minutes > 0 else None
+    seeds: range = args.seeds
+    jobs = args.jobs or 1
+    until = None if args.minutes is None else REAL.monotonic() + 60 * args.minutes
     digests = hashlib.sha256()
     failed = ran = 0
     while True:
-        for r in _results(seeds, args.steps, args.trace, args.jobs):
+        for r in _results(seeds, args.steps, args.trace, jobs):
             out = []
             report(r, out)
             print("\n".join(out), flush=True)
             digests.update(f"{r.seed}:{r.digest}\n".encode())
             failed += not r.ok
             ran += 1
-        if until is None or REAL.monotonic() >= until:
+        if until is None or REAL.monotonic() >= until or seeds.stop > MAX_SEED:
             break
-        width = len(seeds)
-        seeds = list(range(seeds[-1] + 1, seeds[-1] + 1 + width))
+        seeds = range(seeds.stop, min(seeds.stop + len(seeds), MAX_SEED + 1))
     print(f"{ran} seeds, {failed} with a violation")
     print(f"digest {digests.hexdigest()[:32]}")
     return 1 if failed else 0

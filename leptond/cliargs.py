@@ -1,0 +1,48 @@
+"""Command lines whose mistakes are one line (DESIGN: bad input gets a clear
+one-line error): argparse prints its whole usage before the error, which for
+`leptond run` is thirty lines that push the one that matters off the screen."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+def one_line(text: str) -> str:
+    """`text` on one line, with bytes that were not UTF-8 (surrogates from
+    the command line) and control characters shown as escapes."""
+    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in out)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with errors as `PROG: error: WHAT (see PROG --help)`, exit 2.
+    Subparsers made from it are of the same kind."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{one_line(f'{self.prog}: error: {message}')} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def number(v: str) -> float:
+    """A finite number, 0 or more (seconds, rates): `nan` would compare false
+    with everything, so a TTL of nan would never let a node go down."""
+    try:
+        x = float(v)
+    except ValueError:
+        x = float("nan")
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, not {v!r}")
+    return x
+
+
+def count(v: str) -> int:
+    """A whole number, 0 or more (bytes, entries, connections)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {v!r}")
+    return n
