@@ -64,6 +64,34 @@ def test_the_hash_seed_is_pinned_for_a_replay() -> None:
     assert digest(other.stdout) == digest(sim("--seed", "11", "--steps", "800").stdout)
 
 
+INSPECT = """
+from leptond.sim import run
+seen = []
+r = run(7, 600, inspect=lambda w: seen.append((w.trace.digest(), len(w.raft.log), w.step_no)))
+assert seen and seen[0][0] == r.digest and seen[0][1] > 0, seen
+print(seen[0][2])
+print("digest", r.digest)
+"""
+
+
+def test_a_replay_in_python_stops_where_the_command_line_does_and_shows_the_world() -> None:
+    # docs/simulator.md: run(seed, steps, inspect=...) hands over the world
+    # where the run stopped; with the hash seed pinned it is the command
+    # line's run, digest for digest.
+    env = dict(os.environ, PYTHONHASHSEED=cli.HASH_SEED)
+    out = subprocess.run(
+        [sys.executable, "-c", INSPECT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[0] == "599"  # the last step's number: steps count from 0
+    assert digest(out.stdout) == digest(sim("--seed", "7", "--steps", "600").stdout)
+
+
 @pytest.mark.timeout(0)  # the wait below has its own
 def test_the_budget_of_seeds_keeps_every_invariant(
     sim_budget_run: sim_budget.Budget | None,

@@ -21,6 +21,7 @@ import contextlib
 import gc
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,8 +371,17 @@ def _freeze_start_up() -> None:
     gc.freeze()
 
 
-def run(seed: int, steps: int, cfg: SimConfig | None = None, keep_trace: bool = False) -> SimResult:
-    """Run the simulation of `seed` for `steps` steps (or to its first violation)."""
+def run(
+    seed: int,
+    steps: int,
+    cfg: SimConfig | None = None,
+    keep_trace: bool = False,
+    inspect: Callable[[World], None] | None = None,
+) -> SimResult:
+    """Run the simulation of `seed` for `steps` steps (or to its first violation).
+
+    `inspect`, when given, is called with the world where the run stopped,
+    before it is closed: a replay to look into (docs/simulator.md)."""
     cfg = cfg or SimConfig()
     _freeze_start_up()
     saved = random.getstate()
@@ -387,6 +397,8 @@ def run(seed: int, steps: int, cfg: SimConfig | None = None, keep_trace: bool = 
         world.boot()
         ran = world.run(steps)
         stats = world.stats()
+        if inspect is not None:
+            inspect(world)
     finally:
         world.close()
         lepton.removeHandler(bugs)
