@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import scheduler as sch
+from raft import commands
 from raft.view import StateView
 
 from .auth import AuditLog, KeyStore
@@ -121,3 +122,20 @@ class ApiContext:
 
     def leader_rpc_addr(self) -> str | None:
         return self.leader.leader_rpc_addr()
+
+
+def submit_batcher(proposer: Proposer) -> Batcher[dict[str, Any], dict[str, Any]]:
+    """Submits arriving together are proposed as one `submit_jobs` entry (up
+    to 5,000 jobs, or the entry's byte budget): one Raft round trip and one
+    fsync for all of them. A master and the simulator's masters both use it."""
+
+    async def flush_submits(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        res = await proposer.propose("submit_jobs", {"jobs": jobs}, wake=True)
+        return list(res["results"])
+
+    return Batcher(
+        flush_submits,
+        max_batch=5000,
+        size_of=commands.encoded_size,
+        max_bytes=commands.BATCH_BUDGET_BYTES,
+    )

@@ -21,7 +21,6 @@ import signal
 import sys
 from typing import Any
 
-from raft import commands
 from raft.node import GIL_SWITCH_INTERVAL_S, RaftNode
 from raft.state import ClusterState
 from raft.view import Publisher
@@ -29,7 +28,7 @@ from raft.view import Publisher
 from . import api, faults, joins, operate
 from . import interactive as _interactive  # registers its RPC methods
 from .agents import AgentRegistry
-from .apictx import ApiContext
+from .apictx import ApiContext, submit_batcher
 from .auth import AuditLog, KeyStore
 from .batcher import Batcher
 from .blockservice import BlockService
@@ -124,16 +123,7 @@ class Master:
         liveness.on_disk_change = controllers.wake
         leadership = Leadership(gate, reader, agents, controllers, clock)
 
-        async def flush_submits(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            res = await proposer.propose("submit_jobs", {"jobs": jobs}, wake=True)
-            return list(res["results"])
-
-        submits = Batcher(
-            flush_submits,
-            max_batch=5000,
-            size_of=commands.encoded_size,
-            max_bytes=commands.BATCH_BUDGET_BYTES,
-        )
+        submits = submit_batcher(proposer)
         sessions = _Sessions()
         ctx = ApiContext(
             cfg=cfg,

@@ -17,15 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from raft import commands
 from raft.state import ClusterState
 from raft.view import Publisher, StateView
 
 from .. import api, joins
 from ..agents import AgentRegistry
-from ..apictx import ApiContext
+from ..apictx import ApiContext, submit_batcher
 from ..auth import AuditLog, KeyStore
-from ..batcher import Batcher
 from ..config import MasterConfig
 from ..controllers import Controllers
 from ..disk import DiskGuard, DiskState
@@ -178,16 +176,7 @@ class SimMaster:
         self.leadership = Leadership(gate, reader, agents, self.loops, clock)
         self.keys = KeyStore(SECRET, ADMIN, reader, clock)
 
-        async def flush_submits(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            res = await proposer.propose("submit_jobs", {"jobs": jobs}, wake=True)
-            return list(res["results"])
-
-        self.submits = Batcher(
-            flush_submits,
-            max_batch=5000,
-            size_of=commands.encoded_size,
-            max_bytes=commands.BATCH_BUDGET_BYTES,
-        )
+        self.submits = submit_batcher(proposer)
         ctx = ApiContext(
             cfg=cfg,
             secret=SECRET,
