@@ -61,5 +61,8 @@ def test_a_bad_stats_interval_is_refused_in_one_line(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     assert out.returncode == 2, out
-    assert out.stderr.strip() == "lepton-agent: --stats-every must be between 0 and 3600 seconds"
+    assert out.stderr.strip() == (
+        "lepton-agent run: error: argument --stats-every: must be a number, 0 or more, "
+        "not '-1' (see lepton-agent run --help)"
+    )
     assert not (tmp_path / "agent").exists()

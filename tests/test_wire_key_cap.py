@@ -194,7 +194,10 @@ def test_leptond_refuses_a_negative_cap_in_one_line(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2
-    assert out.stderr.strip() == "leptond: --max-connections-per-key must be 0 (no cap) or more"
+    assert out.stderr.strip() == (
+        "leptond run: error: argument --max-connections-per-key: must be a whole number, "
+        "0 or more, not '-1' (see leptond run --help)"
+    )
     assert not (tmp_path / "data").exists()
 
 

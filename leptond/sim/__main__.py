@@ -151,7 +151,7 @@ def _python() -> str:
     """This interpreter, as the replay line names it: relative to where the
     run was started from when it lies below it (`.venv/bin/python`), so the
     line works pasted into the same shell; else its full path."""
-    exe = sys.executable or "python3"
+    exe = sys.executable or "python"  # empty where the interpreter cannot tell
     try:
         rel = os.path.relpath(exe)
     except ValueError:  # another drive
