@@ -75,26 +75,42 @@ def _leptond_imports(path: Path) -> set[str]:
     and function bodies included), named by their first part under leptond/:
     `leptond.wire.client` counts as `wire`."""
     rel = path.relative_to(ROOT / "leptond").with_suffix("")
-    package = list(rel.parts[:-1])
+    return _imports_of(path.read_text(), list(rel.parts[:-1]))
+
+
+def _imports_of(text: str, package: list[str]) -> set[str]:
+    """`_leptond_imports` of source `text` in leptond's subpackage `package`
+    (its parts: [] for leptond/ itself)."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(text)):
         names: list[list[str]] = []
         if isinstance(node, ast.Import):
             names = [a.name.split(".") for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                mod = node.module.split(".") if node.module else []
-                if not mod:  # from . import x, y
-                    names = [["leptond", *base, a.name] for a in node.names]
-                else:
-                    names = [["leptond", *base, *mod]]
-            elif node.module:
-                names = [node.module.split(".")]
+            up = len(package) - node.level + 1  # from ..x: the package above
+            base = ["leptond", *package[:up]] if node.level else []
+            mod = [*base, *(node.module.split(".") if node.module else [])]
+            if mod == ["leptond"]:  # from leptond import a, b / from . import a, b
+                names = [[*mod, a.name] for a in node.names if a.name != "*"]
+            else:
+                names = [mod]
         for parts in names:
             if parts[0] == "leptond" and len(parts) > 1:
                 out.add(parts[1])
     return out
+
+
+def test_the_import_check_sees_each_way_of_importing_a_module() -> None:
+    assert _imports_of("from leptond import master", []) == {"master"}
+    assert _imports_of("from leptond import master as m, wire", ["sim"]) == {"master", "wire"}
+    assert _imports_of("def f():\n    from . import master, ports", []) == {"master", "ports"}
+    assert _imports_of("from .. import master", ["sim"]) == {"master"}
+    assert _imports_of("from ..wire import client", ["sim"]) == {"wire"}
+    assert _imports_of("from .host import SimHost", ["sim"]) == {"sim"}
+    assert _imports_of("from .ports import Clock", []) == {"ports"}
+    assert _imports_of("import leptond.master as m", []) == {"master"}
+    assert _imports_of("from leptond.wire.client import Client", []) == {"wire"}
+    assert _imports_of("import leptond\nfrom raft import node", []) == set()
 
 
 def _graph() -> dict[str, set[str]]:
