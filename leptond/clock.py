@@ -4,7 +4,7 @@ A leaf module: it imports nothing from this project, so every package may
 use it (raft/, agent/ and agent/shim.py, which runs under `python -S` with
 only the standard library and this package, included).
 
-No other module reads the time or sleeps directly (tests/test_lint.py
+No other module reads the time or sleeps directly (tests/test_layers.py
 checks it); each takes a `Clock`, normally `REAL`. A simulation passes a
 virtual clock instead and so runs the same code at any speed, with timing
 drawn from a seed.

@@ -283,13 +283,13 @@ class SimHost:
             if self._lease_timer_at < at and at > now:
                 return
             timer.cancel()
-        self._lease_timer = self.world_clock.loop.call_at(at, self._lease_check)
+        self._lease_timer = self.world_clock.call_at(at, self._lease_check)
         self._lease_timer_at = at
 
     def _lease_check(self) -> None:
         at = self._lease_look_at
         if self.now() < at:  # renewed since this timer was set: look later
-            self._lease_timer = self.world_clock.loop.call_at(at, self._lease_check)
+            self._lease_timer = self.world_clock.call_at(at, self._lease_check)
             self._lease_timer_at = at
             return
         self._lease_timer = None

@@ -329,6 +329,12 @@ class SimClock:
     def _timer(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
         return self.loop.call_at(self._now.t + (delay_s if delay_s > 0.0 else 0.0), fn, *args)
 
+    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+        """Run `fn(*args)` at `when` on this clock's `monotonic()` (not in
+        the Clock protocol: for the simulated world, which keeps a time it
+        sets a timer for; a HostClock's pauses do not hold it)."""
+        return self.loop.call_at(when, fn, *args)
+
     def block(self, seconds: float) -> None:
         raise RuntimeError("nothing may block the simulation's only thread")
 
