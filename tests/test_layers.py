@@ -326,8 +326,20 @@ def test_services_read_views_not_the_live_state() -> None:
     # simulation has its own of both: its model of the Raft log and the
     # place where it wires its masters as master.py does.
     own = {ROOT / "leptond" / "sim" / "raftmodel.py", ROOT / "leptond" / "sim" / "masters.py"}
-    live = re.compile(r"\bfrom raft\.state import|\bimport raft\.state\b|\braft\.lock\b")
-    assert live.search("from raft.state import ClusterState")
+    live = re.compile(
+        r"\bfrom raft\.state import|\bimport raft\.state\b|\braft\.lock\b"
+        r"|\bfrom raft import\b.*\bstate\b|\bfrom \.\.?raft import\b.*\bstate\b"
+    )
+    for sample in (
+        "from raft.state import ClusterState",
+        "import raft.state as st",
+        "from raft import state",
+        "from raft import commands, state as st",
+        "with self.raft.lock:",
+    ):
+        assert live.search(sample), sample
+    for sample in ("from raft.view import StateView", "from raft import commands"):
+        assert not live.search(sample), sample
     hits = [
         f"{p.relative_to(ROOT)}:{n}"
         for p in _sources("leptond")
