@@ -220,6 +220,10 @@ async def _main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"lepton-agent: --simulate-gpus: {exc}", file=sys.stderr)
             return 2
+    if not 0.05 <= args.heartbeat <= 60:
+        # 0 would heartbeat in a hot loop; past a minute every TTL has passed.
+        print("lepton-agent: --heartbeat must be between 0.05 and 60 seconds", file=sys.stderr)
+        return 2
     if not 0 <= args.stats_every <= 3600:
         print("lepton-agent: --stats-every must be between 0 and 3600 seconds", file=sys.stderr)
         return 2

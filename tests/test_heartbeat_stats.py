@@ -66,3 +66,22 @@ def test_a_bad_stats_interval_is_refused_in_one_line(tmp_path: Path) -> None:
         "not '-1' (see lepton-agent run --help)"
     )
     assert not (tmp_path / "agent").exists()
+
+
+@pytest.mark.parametrize("every", ["0", "0.001", "61"])
+def test_a_heartbeat_interval_out_of_range_is_refused_in_one_line(
+    tmp_path: Path, every: str
+) -> None:
+    # 0 would send heartbeats in a hot loop at the leader.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--masters", "127.0.0.1:1",
+         "--data-dir", str(tmp_path / "agent"), "--heartbeat", every],
+        capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert out.returncode == 2, out
+    assert out.stderr.strip() == "lepton-agent: --heartbeat must be between 0.05 and 60 seconds"
+    assert not (tmp_path / "agent").exists()
