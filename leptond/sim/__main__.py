@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from ..cliargs import OneLineParser, number
@@ -33,16 +33,22 @@ MAX_STEPS = 100_000_000  # about an hour and a half of one core for one seed
 MAX_MINUTES = 1_000_000.0
 
 
-def _seed(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= MAX_SEED:
-        raise argparse.ArgumentTypeError(
-            f"a seed is a whole number from 0 to 2**63-1, not {text!r}"
-        )
-    return n
+def _whole(what: str, lo: int, hi: int, upto: str) -> Callable[[str], int]:
+    """An argument type: a whole number from `lo` to `hi` (`upto` says `hi`
+    to people), else one line that names `what` and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = lo - 1
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{what} a whole number from {lo} to {upto}, not {text!r}"
+            )
+        return n
+
+    return parse
 
 
 def _seeds(text: str) -> range:
@@ -57,34 +63,6 @@ def _seeds(text: str) -> range:
     if first < 0 or last < first:
         raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
     return range(first, last + 1)
-
-
-def _steps(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= MAX_STEPS:
-        raise argparse.ArgumentTypeError(
-            f"steps are a whole number from 1 to {MAX_STEPS:,}, not {text!r}"
-        )
-    return n
-
-
-def _max_jobs() -> int:
-    return 4 * (os.cpu_count() or 1)
-
-
-def _jobs(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= _max_jobs():
-        raise argparse.ArgumentTypeError(
-            f"processes are a whole number from 1 to {_max_jobs()} (4 per CPU), not {text!r}"
-        )
-    return n
 
 
 def _minutes(text: str) -> float:
@@ -102,11 +80,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the seeded simulation of the control plane (docs/simulator.md).",
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--seed", type=_seed, help="the seed to run")
+    which.add_argument(
+        "--seed", type=_whole("a seed is", 0, MAX_SEED, "2**63-1"), help="the seed to run"
+    )
     which.add_argument("--seeds", type=_seeds, help="a range of seeds, FIRST-LAST")
-    p.add_argument("--steps", type=_steps, default=5000, help="steps per seed (default 5000)")
+    steps = _whole("steps are", 1, MAX_STEPS, f"{MAX_STEPS:,}")
+    p.add_argument("--steps", type=steps, default=5000, help="steps per seed (default 5000)")
     p.add_argument("--trace", action="store_true", help="print the whole trace of a seed")
-    p.add_argument("--jobs", type=_jobs, help="with --seeds: processes to run them in (default 1)")
+    most = 4 * (os.cpu_count() or 1)
+    jobs = _whole("processes are", 1, most, f"{most} (4 per CPU)")
+    p.add_argument("--jobs", type=jobs, help="with --seeds: processes to run them in (default 1)")
     p.add_argument(
         "--minutes",
         type=_minutes,
