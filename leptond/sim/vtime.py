@@ -299,15 +299,13 @@ class VirtualLoop(asyncio.SelectorEventLoop):
 
 class _Held:
     """A timer of a `HostClock`: cancellable, and held while the host's
-    agent is paused."""
+    agent is paused. Made by `HostClock._timer`, field by field."""
 
     __slots__ = ("args", "cancelled", "fn", "handle")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.fn = fn
-        self.args = args
-        self.cancelled = False
-        self.handle: asyncio.TimerHandle | None = None
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    cancelled: bool
+    handle: asyncio.TimerHandle | None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -370,15 +368,19 @@ class HostClock(SimClock):
     def now(self) -> float:
         return EPOCH + self._now.t + self.offset_s
 
-    def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._timer(delay_s, fn, *args)
-
     def _timer(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-        held = _Held(fn, args)
+        # _Held's fields set here, without a call of an __init__ (a Python
+        # frame called from C, for every timer and message of an agent).
+        held = _new(_Held)
+        held.fn = fn
+        held.args = args
+        held.cancelled = False
         held.handle = self.loop.call_at(
             self._now.t + (delay_s if delay_s > 0.0 else 0.0), self._fire, held
         )
         return held
+
+    call_later = _timer  # the same, without a call between
 
     def _fire(self, held: _Held) -> None:
         if held.cancelled:
