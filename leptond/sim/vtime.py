@@ -43,6 +43,9 @@ _MIN_SCHEDULED = 100
 _MIN_CANCELLED_FRACTION = 0.5
 _MAX_SELECT_S = 24 * 3600
 
+_new = object.__new__
+_copy_context = contextvars.copy_context
+
 
 class SimDeadlock(RuntimeError):
     """Nothing is scheduled and nothing can run: every task waits forever."""
@@ -73,48 +76,31 @@ class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
 class _Handle(asyncio.Handle):
     """asyncio's Handle without the debug-mode checks (the virtual loop never
     runs in debug mode): a simulated second makes hundreds of them, and
-    asking the loop `get_debug()` for each was a good part of their cost."""
+    asking the loop `get_debug()` for each was a good part of their cost.
+    Made by `VirtualLoop.call_soon`, field by field."""
 
     __slots__ = ()
-
-    def __init__(
-        self,
-        callback: Callable[..., Any],
-        args: tuple[Any, ...],
-        loop: asyncio.AbstractEventLoop,
-        context: contextvars.Context | None = None,
-    ) -> None:
-        self._context = contextvars.copy_context() if context is None else context
-        self._loop = loop
-        self._callback = callback
-        self._args = args
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
+    # Handle's fields that its stubs leave out (annotations only: the slots
+    # are Handle's).
+    _context: contextvars.Context
+    _loop: asyncio.AbstractEventLoop
+    _callback: Callable[..., Any] | None
+    _repr: str | None
+    _source_traceback: Any
 
 
 class _TimerHandle(asyncio.TimerHandle):
-    """asyncio's TimerHandle likewise, made already marked as scheduled."""
+    """asyncio's TimerHandle likewise, made already marked as scheduled, by
+    `VirtualLoop.call_at`."""
 
     __slots__ = ()
-
-    def __init__(
-        self,
-        when: float,
-        callback: Callable[..., Any],
-        args: tuple[Any, ...],
-        loop: asyncio.AbstractEventLoop,
-        context: contextvars.Context | None = None,
-    ) -> None:
-        self._context = contextvars.copy_context() if context is None else context
-        self._loop = loop
-        self._callback = callback
-        self._args = args
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
-        self._when = when
-        self._scheduled = True
+    _context: contextvars.Context
+    _loop: asyncio.AbstractEventLoop
+    _callback: Callable[..., Any] | None
+    _repr: str | None
+    _source_traceback: Any
+    _when: float
+    _scheduled: bool
 
     def cancel(self) -> None:
         # TimerHandle.cancel and the loop's count of cancelled timers, in one
@@ -123,7 +109,7 @@ class _TimerHandle(asyncio.TimerHandle):
             if self._scheduled:
                 self._loop._timer_cancelled_count += 1  # type: ignore[attr-defined]
             self._cancelled = True
-            self._callback = None  # type: ignore[assignment]
+            self._callback = None
             self._args = None  # type: ignore[assignment]
 
 
@@ -168,7 +154,16 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         # BaseEventLoop.call_soon, less its debug-mode branches.
         if self._closed:
             self._check_closed()  # raises
-        handle = _Handle(callback, args, self, context)
+        # Handle.__init__'s fields set here, without a call of __init__ (a
+        # Python frame, for every callback of the run).
+        handle = _new(_Handle)
+        handle._context = _copy_context() if context is None else context
+        handle._loop = self
+        handle._callback = callback
+        handle._args = args
+        handle._cancelled = False
+        handle._repr = None
+        handle._source_traceback = None
         self._ready.append(handle)
         return handle
 
@@ -177,7 +172,17 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.TimerHandle:
         if self._closed:
             self._check_closed()  # raises
-        timer = _TimerHandle(when, callback, args, self, context)
+        # TimerHandle.__init__'s fields likewise, and scheduled already.
+        timer = _new(_TimerHandle)
+        timer._context = _copy_context() if context is None else context
+        timer._loop = self
+        timer._callback = callback
+        timer._args = args
+        timer._cancelled = False
+        timer._repr = None
+        timer._source_traceback = None
+        timer._when = when
+        timer._scheduled = True
         heapq.heappush(self._scheduled, (when, next(self._seq), timer))
         return timer
 
@@ -240,6 +245,16 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         now = self.now
         ready = self._ready
         self._check_closed()
+        scheduled = self._scheduled
+        if not ready and (not scheduled or scheduled[0][0] > t):
+            # Nothing is due up to t (most steps): the clock moves, and the
+            # loop is never marked as running, which costs two calls of
+            # _set_running_loop, each a getpid() in CPython 3.11. (Cancelled
+            # timers left in the heap are dropped at the next step that runs:
+            # what runs, and in what order, is the same.)
+            if now.t < t:
+                now.t = t
+            return
         self._thread_id = threading.get_ident()
         asyncio.events._set_running_loop(self)
         try:
@@ -284,15 +299,13 @@ class VirtualLoop(asyncio.SelectorEventLoop):
 
 class _Held:
     """A timer of a `HostClock`: cancellable, and held while the host's
-    agent is paused."""
+    agent is paused. Made by `HostClock._timer`, field by field."""
 
     __slots__ = ("args", "cancelled", "fn", "handle")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.fn = fn
-        self.args = args
-        self.cancelled = False
-        self.handle: asyncio.TimerHandle | None = None
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    cancelled: bool
+    handle: asyncio.TimerHandle | None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -355,15 +368,19 @@ class HostClock(SimClock):
     def now(self) -> float:
         return EPOCH + self._now.t + self.offset_s
 
-    def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._timer(delay_s, fn, *args)
-
     def _timer(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-        held = _Held(fn, args)
+        # _Held's fields set here, without a call of an __init__ (a Python
+        # frame called from C, for every timer and message of an agent).
+        held = _new(_Held)
+        held.fn = fn
+        held.args = args
+        held.cancelled = False
         held.handle = self.loop.call_at(
             self._now.t + (delay_s if delay_s > 0.0 else 0.0), self._fire, held
         )
         return held
+
+    call_later = _timer  # the same, without a call between
 
     def _fire(self, held: _Held) -> None:
         if held.cancelled:
