@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from raft.commands import BATCH_BUDGET_BYTES, encoded_size
-from raft.model import LIVE_TASK_STATES
+from raft.model import LIVE_TASK_STATES, Task
 from raft.validate import SpecError, validate_node
 
 from . import views
@@ -99,6 +99,13 @@ class AgentRegistry:
         self.events: Batcher[dict[str, Any], int] | None = None
         # Heartbeat pacing (leptond/wire/pacing.py): fixed by the settings.
         self._pace_cap_s = cfg.heartbeat_cap_s
+        # The interval last asked and the number of connections it was for:
+        # every heartbeat's answer carries it, and it moves only with them.
+        self._paced_for, self._paced_s = -1, 0.0
+        # Lease settings every heartbeat's answer reads, fixed by the settings
+        # (each is a property of MasterConfig, worked out at each read).
+        self._lease_contact_s = cfg.lease_contact_s
+        self._task_lease_s = cfg.task_lease_s
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -112,7 +119,7 @@ class AgentRegistry:
     def lead(self, node_ids: list[str]) -> None:
         """A new leader gives every node a full TTL before judging it, and the
         time in which a deposed leader may still have renewed its lease."""
-        self.liveness.reset(node_ids, self._cfg.lease_contact_s)
+        self.liveness.reset(node_ids, self._lease_contact_s)
         self.events = Batcher(
             self._flush_events,
             max_batch=2000,
@@ -208,7 +215,10 @@ class AgentRegistry:
         agent connection to this leader counts as a live node."""
         rate = self._cfg.max_heartbeats_per_s
         if rate > 0:
-            answer["heartbeat_s"] = pacing.interval_s(len(self.conns), rate, self._pace_cap_s)
+            n = len(self.conns)
+            if n != self._paced_for:
+                self._paced_for, self._paced_s = n, pacing.interval_s(n, rate, self._pace_cap_s)
+            answer["heartbeat_s"] = self._paced_s
         return answer
 
     def _with_lease(self, answer: dict[str, Any], nid: str) -> dict[str, Any]:
@@ -218,8 +228,8 @@ class AgentRegistry:
         Nor is a node's lease renewed while it is being declared down."""
         if nid in self.liveness.condemned:
             return answer
-        if self._may_renew_leases(self._cfg.lease_contact_s):
-            answer["lease_s"] = self._cfg.task_lease_s
+        if self._may_renew_leases(self._lease_contact_s):
+            answer["lease_s"] = self._task_lease_s
             if self._cfg.disconnect_confirm_s > 0:
                 # How soon the lease must end once the agent's connection does.
                 answer["confirm_s"] = self._cfg.disconnect_confirm_s
@@ -310,11 +320,13 @@ class AgentRegistry:
             # Judged down while its connection lived on (a pause, a network
             # blip): registering again is how a returning node reconciles.
             raise RpcError("unregistered", f"node {node.name} was marked down; register again")
-        should = {
-            tid: s.tasks[tid]
-            for tid in s.node_tasks.get(nid, ())
-            if s.tasks[tid].state in LIVE_TASK_STATES
-        }
+        # The node's live tasks, each record read once (this runs per heartbeat).
+        tasks = s.tasks
+        should: dict[str, Task] = {}
+        for tid in s.node_tasks.get(nid, ()):
+            t = tasks[tid]
+            if t.state in LIVE_TASK_STATES:
+                should[tid] = t
         # Runs are (task, attempt): a stale attempt is stopped without
         # touching the current one of the same task.
         for tid, attempt in running:
