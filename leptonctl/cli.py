@@ -7,6 +7,7 @@ import shlex
 import sys
 from typing import Any
 
+from leptond.cliargs import OneLineParser
 from leptond.client import AsyncClient
 from leptond.client.config import ConfigError
 from leptond.wire.errors import RpcError
@@ -15,13 +16,6 @@ from . import commands
 from .jobfile import JobFileError
 from .jobs import UsageError
 from .output import say
-
-
-class ArgParser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        # Exit code 2 and one line, which says where the usage is.
-        say(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def _out(p: argparse.ArgumentParser) -> None:
@@ -266,8 +260,8 @@ def _job_flags(s: Any) -> None:
     )
 
 
-def parser() -> ArgParser:
-    p = ArgParser(prog="leptonctl", description="Use a leptond cluster from the shell")
+def parser() -> OneLineParser:
+    p = OneLineParser(prog="leptonctl", description="Use a leptond cluster from the shell")
     p.add_argument(
         "--version", action="version", version=f"leptonctl {version()}", help="print the version"
     )
@@ -279,7 +273,7 @@ def parser() -> ArgParser:
         default=20.0,
         help="seconds to wait for the cluster (default 20)",
     )
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgParser)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
 
     _submit(sub)
     _run_parser(sub)
@@ -393,7 +387,7 @@ def parser() -> ArgParser:
     n = sub.add_parser("nodes", help="list nodes: GPUs, CPUs and memory as used/total")
     _out(n)
     nd = sub.add_parser("node", help="drain, undrain or remove a node; join tokens for new ones")
-    ndsub = nd.add_subparsers(dest="node_cmd", required=True, parser_class=ArgParser)
+    ndsub = nd.add_subparsers(dest="node_cmd", required=True, parser_class=OneLineParser)
     node_help = {
         "drain": "place nothing new on a node; running tasks finish",
         "undrain": "lift a drain",
@@ -409,7 +403,7 @@ def parser() -> ArgParser:
                 "--force", action="store_true", help="even with tasks on it (they are lost)"
             )
     gp = ndsub.add_parser("gpu", help="put an unhealthy GPU back in service (admin)")
-    gpsub = gp.add_subparsers(dest="gpu_cmd", required=True, parser_class=ArgParser)
+    gpsub = gp.add_subparsers(dest="gpu_cmd", required=True, parser_class=OneLineParser)
     gr = gpsub.add_parser(
         "reset",
         help="run a burn-in on the GPU and, if it passes, mark it healthy",
@@ -420,7 +414,7 @@ def parser() -> ArgParser:
     gr.add_argument("node", help="node name or id")
     gr.add_argument("gpu", type=_count("GPU", 0, 1 << 20), help="the GPU's index")
     jt = ndsub.add_parser("join-token", help="tokens that let a new host join (admin)")
-    jtsub = jt.add_subparsers(dest="join_cmd", required=True, parser_class=ArgParser)
+    jtsub = jt.add_subparsers(dest="join_cmd", required=True, parser_class=OneLineParser)
     jc = jtsub.add_parser(
         "create", help="print a join token for lepton-agent --join-token-file, alone"
     )
@@ -437,7 +431,7 @@ def parser() -> ArgParser:
     _deadline(p_drain)
 
     cl = sub.add_parser("cluster", help="masters and Raft")
-    clsub = cl.add_subparsers(dest="cluster_cmd", required=True, parser_class=ArgParser)
+    clsub = cl.add_subparsers(dest="cluster_cmd", required=True, parser_class=OneLineParser)
     _out(
         clsub.add_parser(
             "status", help="every master, the leader, each one's lag and health (any master)"
@@ -452,7 +446,7 @@ def parser() -> ArgParser:
     )
 
     sn = sub.add_parser("snapshot", help="back up or restore the cluster state (admin)")
-    snsub = sn.add_subparsers(dest="snap_cmd", required=True, parser_class=ArgParser)
+    snsub = sn.add_subparsers(dest="snap_cmd", required=True, parser_class=OneLineParser)
     snsub.add_parser("save", help="write the whole state to FILE").add_argument(
         "file", help="where to write it (0600)"
     )
@@ -465,7 +459,7 @@ def parser() -> ArgParser:
     )
 
     tk = sub.add_parser("token", help="access tokens")
-    tksub = tk.add_subparsers(dest="token_cmd", required=True, parser_class=ArgParser)
+    tksub = tk.add_subparsers(dest="token_cmd", required=True, parser_class=OneLineParser)
     tc = tksub.add_parser("create", help="make a token and print it, alone")
     tc.add_argument(
         "--role", required=True, choices=["admin", "submit", "read"], help="what it may do"

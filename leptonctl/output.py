@@ -17,30 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from leptond.clock import REAL as clock
-
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def clean(value: object) -> str:
-    """`value` as text that is safe to print to a terminal: each character
-    that is not printable (control characters, escapes, line and paragraph
-    separators, bidirectional overrides, ...) is written as its escape,
-    `\x1b`, `\n`, `\u202e`. Printable text, any script, is kept as it is."""
-    s = "" if value is None else str(value)
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else _escape(c) for c in s)
-
-
-def _escape(c: str) -> str:
-    if c in _NAMED:
-        return _NAMED[c]
-    o = ord(c)
-    if o < 0x100:
-        return f"\\x{o:02x}"
-    if o < 0x10000:
-        return f"\\u{o:04x}"
-    return f"\\U{o:08x}"
+from leptond.printable import clean
 
 
 def say(*values: object, file: TextIO | None = None, flush: bool = False) -> None:

@@ -8,12 +8,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-
-def one_line(text: str) -> str:
-    """`text` on one line, with bytes that were not UTF-8 (surrogates from
-    the command line) and control characters shown as escapes."""
-    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in out)
+from .printable import clean
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,7 +16,7 @@ class OneLineParser(argparse.ArgumentParser):
     Subparsers made from it are of the same kind."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{one_line(f'{self.prog}: error: {message}')} (see {self.prog} --help)\n")
+        sys.stderr.write(f"{clean(f'{self.prog}: error: {message} (see {self.prog} --help)')}\n")
         sys.exit(2)
 
 
