@@ -55,9 +55,9 @@ def _port(v: str) -> int:
     try:
         p = int(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {v!r}") from None
+        p = -1
     if not 0 <= p < 65536:
-        raise argparse.ArgumentTypeError(f"port out of range: {v}")
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {v!r}")
     return p
 
 

@@ -37,7 +37,7 @@ def count(v: str) -> int:
     try:
         n = int(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {v!r}") from None
+        n = -1
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {v!r}")
     return n

@@ -157,8 +157,9 @@ def _results(seeds: range, steps: int, trace: bool, jobs: int) -> Iterator[SimRe
             ahead.append(pool.submit(_one, (seed, steps, trace)))
         while ahead:
             r = ahead.popleft().result()
-            for seed in itertools.islice(todo, 1):
-                ahead.append(pool.submit(_one, (seed, steps, trace)))
+            more = next(todo, None)
+            if more is not None:
+                ahead.append(pool.submit(_one, (more, steps, trace)))
             yield r
 
 
