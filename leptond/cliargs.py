@@ -10,13 +10,20 @@ from typing import NoReturn
 
 from .printable import clean
 
+MAX_SHOWN = 500  # characters of an error shown, before its "(see --help)"
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with errors as `PROG: error: WHAT (see PROG --help)`, exit 2.
     Subparsers made from it are of the same kind."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{clean(f'{self.prog}: error: {message} (see {self.prog} --help)')}\n")
+        # argparse quotes the argument it refuses: an argument can be 128 KiB,
+        # and the line is for a person.
+        text = clean(f"{self.prog}: error: {message}")
+        if len(text) > MAX_SHOWN:
+            text = f"{text[:MAX_SHOWN]}... ({len(text) - MAX_SHOWN} more characters)"
+        sys.stderr.write(f"{text} (see {self.prog} --help)\n")
         sys.exit(2)
 
 

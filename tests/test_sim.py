@@ -192,6 +192,16 @@ def test_a_bad_argument_is_one_line_and_runs_nothing(
     assert says in err and err.endswith("(see python -m leptond.sim --help)\n"), err
 
 
+def test_a_huge_bad_argument_is_shown_cut_short(capsys: pytest.CaptureFixture[str]) -> None:
+    # An argument can be 128 KiB of 4-byte characters; the line is for a person.
+    with pytest.raises(SystemExit):
+        cli.main(["--seed", "\U0001f600" * 30_000])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 700, len(err)
+    assert err.startswith("python -m leptond.sim: error: argument --seed: a seed is a whole number")
+    assert "more characters) (see python -m leptond.sim --help)" in err
+
+
 def test_bad_arguments_are_one_line_from_the_command_line() -> None:
     out = sim("--seeds", "5-2")
     assert out.returncode == 2 and out.stdout == ""
