@@ -316,6 +316,7 @@ class Workers:
         self.last: list[dict[str, Any]] = []
         self.readers: list[asyncio.Task[None]] = []
         self.fatal: str | None = None
+        self.reports: list[int] = []  # count lines read from each worker
 
     async def start(
         self, port: int, token: str, n: int, procs: int, conc: int, stats_every: int
@@ -335,6 +336,7 @@ class Workers:
             self.last.append(
                 {"registered": 0, "beats": 0, "errors": 0, "retries": 0, "codes": {}, "cpu_s": 0.0}
             )
+            self.reports.append(0)
             self.readers.append(asyncio.create_task(self._read(len(self.procs) - 1, p)))
 
     async def _read(self, w: int, p: asyncio.subprocess.Process) -> None:
@@ -345,12 +347,26 @@ class Workers:
                 self.fatal = f"simulated agents of worker {w} failed: {msg['fatal']}"
             else:
                 self.last[w] = msg
+                self.reports[w] += 1
         if p.returncode not in (None, 0) and self.fatal is None:
             self.fatal = f"worker {w} exited {p.returncode}"
 
     def check(self) -> None:
         if self.fatal is not None:
             raise SystemExit(f"heartbeats: {self.fatal}")
+
+    async def fresh(self, timeout_s: float = 10.0) -> float:
+        """Wait until every worker has reported again (they report once a
+        second), then the time: counts read before and after a window this
+        way span it, though the window is no longer than a report's period."""
+        seen = list(self.reports)
+        deadline = time.monotonic() + timeout_s
+        while any(now <= then for now, then in zip(self.reports, seen, strict=True)):
+            self.check()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"heartbeats: a worker sent no counts for {timeout_s:g} s")
+            await asyncio.sleep(0.01)
+        return time.monotonic()
 
     def total(self, key: str) -> Any:
         return sum(m[key] for m in self.last)
@@ -500,12 +516,17 @@ async def bench(
         register_cpu_pct = 100.0 * (cpu_s(lp) - lc0) / register_s
         await asyncio.sleep(3.0)  # every agent is in its 1 Hz rhythm
         ws.check()
+        # The workers' counts come once a second: each end of the window is
+        # read from the first counts after it, and the rates are over the span
+        # between those reads (a 1 s window read from the last counts before
+        # it could see none of its beats).
+        t0 = await ws.fresh()
         b0, e0, w0 = ws.total("beats"), ws.total("errors"), ws.total("cpu_s")
         busy_pct, took_s, sys_pct = await measure(leader.proc.pid, window_s)
-        ws.check()
-        rate = (ws.total("beats") - b0) / took_s
+        span_s = await ws.fresh() - t0
+        rate = (ws.total("beats") - b0) / span_s
         errors = ws.total("errors") - e0
-        client_pct = 100.0 * (ws.total("cpu_s") - w0) / took_s
+        client_pct = 100.0 * (ws.total("cpu_s") - w0) / span_s
         pace = ws.pace()  # as during the window
         detect = await detect_silent(c, ws, n - 1, -(-n // procs))
     finally:
